@@ -1,0 +1,432 @@
+//! ed25519 keys: the KEZ primary key, its text form, and its NATS nkey form.
+//!
+//! One key is three things at once: the user's KEZ identity (`ed25519:<hex>`), the signer of their
+//! sigchain, and their NATS credential (`U...` nkey). This module converts between the forms and
+//! never lets a secret escape into `Debug` output.
+
+use std::fmt;
+use std::str::FromStr;
+
+use data_encoding::{BASE32_NOPAD, HEXLOWER};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use zeroize::Zeroizing;
+
+/// Text prefix of a public key: `ed25519:` followed by 64 lowercase hex digits.
+pub const PUBLIC_KEY_PREFIX: &str = "ed25519:";
+/// Text prefix of a secret key file's single line: `ed25519-secret:` then 64 lowercase hex digits.
+pub const SECRET_KEY_PREFIX: &str = "ed25519-secret:";
+/// The nkey prefix byte of a NATS user key (`'U'` once base32-encoded).
+const NKEY_USER_PREFIX_BYTE: u8 = 20 << 3;
+/// Length of a NATS user nkey string: base32 of prefix (1) + key (32) + CRC-16 (2) bytes.
+pub const NKEY_LEN: usize = 56;
+
+/// Why a key could not be parsed or used. Each variant is a distinct, stable failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The text does not start with the expected prefix.
+    #[error("a KEZ key starts with `{expected}` (got {found:?})")]
+    MissingPrefix {
+        /// The prefix the text must start with.
+        expected: &'static str,
+        /// The first characters that were found instead (never a secret).
+        found: String,
+    },
+    /// The hex part is not exactly the expected number of lowercase hex digits.
+    #[error("expected {expected} lowercase hex digits after the prefix, got {found} characters")]
+    BadHexLength {
+        /// Required number of hex digits.
+        expected: usize,
+        /// Number of characters found.
+        found: usize,
+    },
+    /// The hex part holds something other than `0-9a-f` (uppercase is refused: one text per key).
+    #[error("key hex must be lowercase 0-9a-f only")]
+    NotLowercaseHex,
+    /// The 32 bytes are not the encoding of a point on the curve.
+    #[error("these 32 bytes are not a valid ed25519 public key")]
+    InvalidPoint,
+    /// The point has small order: signatures by it prove nothing, so it is never accepted.
+    #[error("this ed25519 public key is a weak (small-order) point and cannot be used")]
+    WeakKey,
+    /// The nkey string is not 56 base32 characters of a NATS user key.
+    #[error("not a NATS user nkey: expected 56 base32 characters starting with 'U'")]
+    BadNkey,
+    /// The nkey's CRC-16 does not match its content (a typo or truncation).
+    #[error("NATS nkey checksum mismatch: the key was mistyped or truncated")]
+    BadNkeyChecksum,
+}
+
+/// An ed25519 public key, valid and not weak. Text form: `ed25519:<64 lowercase hex>`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey([u8; 32]);
+
+impl PublicKey {
+    /// Accepts 32 bytes that decode to a curve point of large order.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| KeyError::InvalidPoint)?;
+        if key.is_weak() {
+            return Err(KeyError::WeakKey);
+        }
+        Ok(PublicKey(*bytes))
+    }
+
+    /// The 32 raw key bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The 64 lowercase hex digits of the key, without prefix (used in NATS subjects).
+    pub fn to_hex(&self) -> String {
+        HEXLOWER.encode(&self.0)
+    }
+
+    /// Checks `signature` over `message` with ed25519's strict rules (`verify_strict`): canonical
+    /// `S`, no small-order `R`, so that every verifier accepts exactly the same signatures.
+    pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), SignatureError> {
+        let key = VerifyingKey::from_bytes(&self.0).map_err(|_| SignatureError)?;
+        let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
+        key.verify_strict(message, &sig).map_err(|_| SignatureError)
+    }
+
+    /// The NATS user nkey (`U` + 55 base32 characters) for this key.
+    pub fn to_nkey(&self) -> String {
+        let mut raw = Vec::with_capacity(35);
+        raw.push(NKEY_USER_PREFIX_BYTE);
+        raw.extend_from_slice(&self.0);
+        raw.extend_from_slice(&crc16_xmodem(&raw).to_le_bytes());
+        BASE32_NOPAD.encode(&raw)
+    }
+
+    /// Parses a NATS user nkey (`U...`, 56 characters) back into the key it names.
+    pub fn from_nkey(nkey: &str) -> Result<Self, KeyError> {
+        if nkey.len() != NKEY_LEN {
+            return Err(KeyError::BadNkey);
+        }
+        let raw = BASE32_NOPAD
+            .decode(nkey.as_bytes())
+            .map_err(|_| KeyError::BadNkey)?;
+        let (body, crc) = raw.split_at(raw.len() - 2);
+        if body.len() != 33 || body[0] != NKEY_USER_PREFIX_BYTE {
+            return Err(KeyError::BadNkey);
+        }
+        if crc16_xmodem(body).to_le_bytes() != [crc[0], crc[1]] {
+            return Err(KeyError::BadNkeyChecksum);
+        }
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&body[1..]);
+        PublicKey::from_bytes(&key)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PUBLIC_KEY_PREFIX}{}", self.to_hex())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+
+    /// Strict: exactly `ed25519:` and 64 lowercase hex digits, nothing around them.
+    fn from_str(text: &str) -> Result<Self, KeyError> {
+        let hex = strip_prefix(text, PUBLIC_KEY_PREFIX)?;
+        PublicKey::from_bytes(&decode_hex32(hex)?)
+    }
+}
+
+impl serde::Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A signature did not verify under the strict rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("signature does not verify")]
+pub struct SignatureError;
+
+/// An ed25519 signature. Text form: 128 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Signature([u8; 64]);
+
+impl Signature {
+    /// Wraps 64 raw signature bytes (`R || S`). Validity is checked only by [`PublicKey::verify`].
+    pub fn from_bytes(bytes: [u8; 64]) -> Self {
+        Signature(bytes)
+    }
+
+    /// The 64 raw bytes.
+    pub fn to_bytes(&self) -> [u8; 64] {
+        self.0
+    }
+}
+
+impl fmt::Display for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&HEXLOWER.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for Signature {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Signature({self})")
+    }
+}
+
+impl FromStr for Signature {
+    type Err = KeyError;
+
+    fn from_str(text: &str) -> Result<Self, KeyError> {
+        Ok(Signature(decode_hex::<64>(text)?))
+    }
+}
+
+/// An ed25519 secret key. Zeroized on drop; its `Debug` shows only the public key.
+pub struct SecretKey(SigningKey);
+
+impl SecretKey {
+    /// A fresh key from the operating system's random number generator.
+    pub fn generate() -> Self {
+        use rand_core::RngCore;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        rand_core::OsRng.fill_bytes(seed.as_mut());
+        SecretKey::from_seed(&seed)
+    }
+
+    /// The key whose 32-byte seed is `seed` (deterministic: for test vectors and key files).
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        SecretKey(SigningKey::from_bytes(seed))
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.0.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` (deterministic ed25519, RFC 8032).
+    pub fn sign(&self, message: &[u8]) -> Signature {
+        use ed25519_dalek::Signer;
+        Signature(self.0.sign(message).to_bytes())
+    }
+
+    /// The key file text: one line, `ed25519-secret:<64 hex>\n`. Zeroized when dropped.
+    pub fn to_key_file(&self) -> Zeroizing<String> {
+        let seed = Zeroizing::new(self.0.to_bytes());
+        let mut text = Zeroizing::new(String::with_capacity(SECRET_KEY_PREFIX.len() + 65));
+        text.push_str(SECRET_KEY_PREFIX);
+        text.push_str(&Zeroizing::new(HEXLOWER.encode(seed.as_ref())));
+        text.push('\n');
+        text
+    }
+
+    /// Parses key file text as written by [`SecretKey::to_key_file`]; one trailing newline is allowed.
+    /// Errors never contain the key material.
+    pub fn from_key_file(text: &str) -> Result<Self, KeyError> {
+        let line = text.strip_suffix('\n').unwrap_or(text);
+        let hex = strip_prefix(line, SECRET_KEY_PREFIX).map_err(|err| match err {
+            KeyError::MissingPrefix { expected, .. } => KeyError::MissingPrefix {
+                expected,
+                found: "(hidden)".into(),
+            },
+            other => other,
+        })?;
+        let seed = Zeroizing::new(decode_hex32(hex)?);
+        Ok(SecretKey::from_seed(&seed))
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey(public: {})", self.public_key())
+    }
+}
+
+fn strip_prefix<'a>(text: &'a str, prefix: &'static str) -> Result<&'a str, KeyError> {
+    text.strip_prefix(prefix)
+        .ok_or_else(|| KeyError::MissingPrefix {
+            expected: prefix,
+            found: text.chars().take(prefix.len()).collect(),
+        })
+}
+
+fn decode_hex32(hex: &str) -> Result<[u8; 32], KeyError> {
+    decode_hex::<32>(hex)
+}
+
+/// Strict lowercase hex of exactly `N` bytes.
+pub(crate) fn decode_hex<const N: usize>(hex: &str) -> Result<[u8; N], KeyError> {
+    if hex.len() != 2 * N {
+        return Err(KeyError::BadHexLength {
+            expected: 2 * N,
+            found: hex.chars().count(),
+        });
+    }
+    let mut out = [0u8; N];
+    HEXLOWER
+        .decode_mut(hex.as_bytes(), &mut out)
+        .map_err(|_| KeyError::NotLowercaseHex)?;
+    Ok(out)
+}
+
+/// CRC-16/XMODEM (poly 0x1021, init 0), the checksum NATS nkeys carry.
+fn crc16_xmodem(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: [u8; 32] = [7u8; 32];
+
+    #[test]
+    fn public_key_text_round_trips() {
+        let key = SecretKey::from_seed(&SEED).public_key();
+        let text = key.to_string();
+        assert!(text.starts_with("ed25519:"));
+        assert_eq!(text.len(), 8 + 64);
+        assert_eq!(text.parse::<PublicKey>().unwrap(), key);
+    }
+
+    #[test]
+    fn public_key_parsing_is_strict() {
+        let good = SecretKey::from_seed(&SEED).public_key().to_string();
+        let upper = format!("ed25519:{}", good[8..].to_uppercase());
+        assert_eq!(upper.parse::<PublicKey>(), Err(KeyError::NotLowercaseHex));
+        assert!(matches!(
+            good.replace("ed25519:", "ED25519:").parse::<PublicKey>(),
+            Err(KeyError::MissingPrefix { .. })
+        ));
+        assert!(matches!(
+            format!(" {good}").parse::<PublicKey>(),
+            Err(KeyError::MissingPrefix { .. })
+        ));
+        assert!(matches!(
+            format!("{good}0").parse::<PublicKey>(),
+            Err(KeyError::BadHexLength {
+                expected: 64,
+                found: 65
+            })
+        ));
+        assert!(matches!(
+            format!("{good}\n").parse::<PublicKey>(),
+            Err(KeyError::BadHexLength { .. })
+        ));
+    }
+
+    #[test]
+    fn weak_and_invalid_points_are_refused() {
+        // The identity point (y = 1) has order 1.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        assert_eq!(PublicKey::from_bytes(&identity), Err(KeyError::WeakKey));
+        // y = 2 is not on the curve.
+        let mut off_curve = [0u8; 32];
+        off_curve[0] = 2;
+        assert_eq!(
+            PublicKey::from_bytes(&off_curve),
+            Err(KeyError::InvalidPoint)
+        );
+    }
+
+    #[test]
+    fn nkey_matches_the_nkeys_crate() {
+        for seed in [[0u8; 32], SEED, [0xffu8; 32]] {
+            let secret = SecretKey::from_seed(&seed);
+            let ours = secret.public_key().to_nkey();
+            let theirs = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, seed)
+                .unwrap()
+                .public_key();
+            assert_eq!(ours, theirs);
+            assert_eq!(ours.len(), NKEY_LEN);
+            assert!(ours.starts_with('U'));
+            assert_eq!(PublicKey::from_nkey(&theirs).unwrap(), secret.public_key());
+        }
+    }
+
+    #[test]
+    fn nkey_parsing_rejects_other_kinds_and_typos() {
+        let nkey = SecretKey::from_seed(&SEED).public_key().to_nkey();
+        let account = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::Account, SEED)
+            .unwrap()
+            .public_key();
+        assert_eq!(PublicKey::from_nkey(&account), Err(KeyError::BadNkey));
+        let mut typo = nkey.clone().into_bytes();
+        typo[10] = if typo[10] == b'A' { b'B' } else { b'A' };
+        assert_eq!(
+            PublicKey::from_nkey(std::str::from_utf8(&typo).unwrap()),
+            Err(KeyError::BadNkeyChecksum)
+        );
+        assert_eq!(PublicKey::from_nkey(&nkey[..55]), Err(KeyError::BadNkey));
+        assert_eq!(
+            PublicKey::from_nkey(&nkey.to_lowercase()),
+            Err(KeyError::BadNkey)
+        );
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_message_and_key() {
+        let secret = SecretKey::from_seed(&SEED);
+        let other = SecretKey::from_seed(&[8u8; 32]);
+        let sig = secret.sign(b"hello");
+        assert_eq!(secret.public_key().verify(b"hello", &sig), Ok(()));
+        assert_eq!(
+            secret.public_key().verify(b"hellO", &sig),
+            Err(SignatureError)
+        );
+        assert_eq!(
+            other.public_key().verify(b"hello", &sig),
+            Err(SignatureError)
+        );
+        let text = sig.to_string();
+        assert_eq!(text.len(), 128);
+        assert_eq!(text.parse::<Signature>().unwrap(), sig);
+    }
+
+    #[test]
+    fn key_file_round_trips_and_hides_the_secret() {
+        let secret = SecretKey::from_seed(&SEED);
+        let file = secret.to_key_file();
+        assert!(file.starts_with("ed25519-secret:"));
+        assert!(file.ends_with('\n'));
+        let back = SecretKey::from_key_file(&file).unwrap();
+        assert_eq!(back.public_key(), secret.public_key());
+        let seed_hex = HEXLOWER.encode(&SEED);
+        assert!(!format!("{secret:?}").contains(&seed_hex));
+        let garbled = format!("nope{}", &file[4..]);
+        let err = SecretKey::from_key_file(&garbled).unwrap_err();
+        assert!(!err.to_string().contains(&seed_hex[..8]));
+    }
+
+    #[test]
+    fn generated_keys_differ() {
+        assert_ne!(
+            SecretKey::generate().public_key(),
+            SecretKey::generate().public_key()
+        );
+    }
+}

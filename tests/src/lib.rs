@@ -1,0 +1,263 @@
+//! Fixtures for end-to-end tests against real `nats-server` processes.
+//!
+//! The main item is [`NatsServer`]: a throw-away `nats-server` with JetStream enabled, listening on a
+//! random loopback port, with its config, log and JetStream store in a temporary directory that is
+//! removed when the fixture is dropped.
+//!
+//! The binary comes from the `KEZ_NATS_SERVER` environment variable if set, otherwise from
+//! `<workspace root>/.tools/venv/bin/nats-server`, which `make test` (or `nats/install.sh`) installs
+//! at the version pinned in `nats/VERSION`. See [`nats_server_binary`].
+//!
+//! ```no_run
+//! let nats = kez_tests::NatsServer::start();
+//! println!("connect to {}", nats.url());
+//! // the server is killed and its files removed when `nats` goes out of scope
+//! ```
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// Environment variable naming a `nats-server` binary to use instead of the one in `.tools/venv`.
+pub const NATS_SERVER_ENV: &str = "KEZ_NATS_SERVER";
+
+/// How long [`NatsServer::start`] waits for the server to report that it is ready.
+pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Log line printed once the client listener is bound; the port follows the last `:`.
+const LISTENING_PREFIX: &str = "Listening for client connections on ";
+/// Log line printed once the server (JetStream included) accepts clients.
+const READY_LINE: &str = "Server is ready";
+
+/// Returns the `nats-server` binary the fixtures run.
+///
+/// That is `$KEZ_NATS_SERVER` if set, otherwise `<workspace root>/.tools/venv/bin/nats-server`.
+///
+/// # Panics
+///
+/// If the chosen file does not exist, with a message saying how to install it.
+pub fn nats_server_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os(NATS_SERVER_ENV) {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "{NATS_SERVER_ENV}={} does not exist; point it at a nats-server binary \
+             (2.10+) or unset it and run `make test` or `nats/install.sh`",
+            path.display()
+        );
+        return path;
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(".tools/venv/bin/nats-server");
+    assert!(
+        path.is_file(),
+        "nats-server not found at {}; run `make test` or `nats/install.sh` from the repository \
+         root to install the pinned version, or set {NATS_SERVER_ENV} to a nats-server binary",
+        path.display()
+    );
+    path
+}
+
+/// A running `nats-server` child process with JetStream, for one test.
+///
+/// It listens on `127.0.0.1` on a port picked by the OS (never the default 4222), has no HTTP
+/// monitoring port and no authentication, and keeps its config, log and JetStream store in a
+/// temporary directory.
+///
+/// Dropping the fixture (also while unwinding from a panic) kills the server, waits for it to exit,
+/// then deletes the directory. A test process killed outright (SIGKILL) cannot do that, and leaves
+/// the server running.
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Child,
+    port: u16,
+    // Declared last so it is removed only after `Drop::drop` has killed the server.
+    dir: TempDir,
+}
+
+impl NatsServer {
+    /// Starts a server with the default fixture config and waits until it is ready.
+    ///
+    /// # Panics
+    ///
+    /// If the binary is missing, cannot be started, exits early, or is not ready within
+    /// [`START_TIMEOUT`]; the message includes the server's log.
+    pub fn start() -> NatsServer {
+        NatsServer::start_with("")
+    }
+
+    /// Like [`NatsServer::start`], with `conf_extra` appended verbatim to the generated config.
+    ///
+    /// Use it for settings a test needs on top of the defaults (accounts, authorization, limits
+    /// such as `max_payload: 2MB`). It must not set `listen`/`port`, `http`, or `jetstream`: the
+    /// fixture owns those.
+    ///
+    /// # Panics
+    ///
+    /// As [`NatsServer::start`], including when the server rejects the config.
+    pub fn start_with(conf_extra: &str) -> NatsServer {
+        let binary = nats_server_binary();
+        let dir = tempfile::Builder::new()
+            .prefix("kez-nats-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("cannot create a temporary directory for nats-server: {e}"));
+        let store_dir = dir.path().join("js");
+        let conf_path = dir.path().join("nats.conf");
+        let log_path = dir.path().join("nats-server.log");
+
+        let mut conf = String::new();
+        // Port -1: the OS picks a free port. No `http` block: no monitoring port.
+        writeln!(conf, "listen: \"127.0.0.1:-1\"").unwrap();
+        writeln!(conf, "server_name: \"kez-test\"").unwrap();
+        writeln!(conf, "jetstream {{").unwrap();
+        writeln!(conf, "  store_dir: {}", conf_string(&store_dir)).unwrap();
+        writeln!(conf, "}}").unwrap();
+        conf.push_str(conf_extra);
+        conf.push('\n');
+        std::fs::write(&conf_path, conf)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf_path.display()));
+
+        // nats-server logs to stderr; both streams go to a file so no pipe can fill up and block it.
+        let log = File::create(&log_path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
+        let log_clone = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot duplicate the log file handle: {e}"));
+        let child = Command::new(&binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_clone))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e}; run `make test` or `nats/install.sh` to (re)install it",
+                    binary.display()
+                )
+            });
+
+        // From here on a panic drops `server`, which kills the child.
+        let mut server = NatsServer {
+            child,
+            port: 0,
+            dir,
+        };
+        server.wait_ready();
+        server
+    }
+
+    /// Polls the log until the server is ready, and learns the port from it.
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let log = self.log();
+            if let Some(port) = log.lines().find_map(parse_listen_port) {
+                self.port = port;
+            }
+            if log.lines().any(|l| l.trim_end().ends_with(READY_LINE)) {
+                assert!(
+                    self.port != 0,
+                    "nats-server is ready but logged no {LISTENING_PREFIX:?} line; log:\n{log}"
+                );
+                return;
+            }
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    panic!("nats-server exited before it was ready ({status}); log:\n{log}")
+                }
+                Ok(None) => {}
+                Err(e) => panic!("cannot check on the nats-server process: {e}; log:\n{log}"),
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "nats-server was not ready within {START_TIMEOUT:?} (no {READY_LINE:?} line); \
+                     log:\n{log}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The client URL, `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port the server listens on (on `127.0.0.1`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The configured JetStream `store_dir`; nats-server keeps its data in `jetstream/` below it.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("js")
+    }
+
+    /// The path of the server's log (its stdout and stderr).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
+    }
+
+    /// The server's log so far; handy in assertion messages.
+    pub fn log(&self) -> String {
+        match std::fs::read(self.log_path()) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => format!("<cannot read {}: {e}>", self.log_path().display()),
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        // SIGKILL: the store is thrown away with the directory, so no graceful shutdown is needed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Parses the port out of `... [INF] Listening for client connections on 127.0.0.1:PORT`.
+fn parse_listen_port(line: &str) -> Option<u16> {
+    let (_, addr) = line.split_once(LISTENING_PREFIX)?;
+    let (_, port) = addr.trim().rsplit_once(':')?;
+    port.parse().ok().filter(|&p| p != 0)
+}
+
+/// Quotes a path as a double-quoted nats-server config string.
+fn conf_string(path: &Path) -> String {
+    let s = path.to_str().unwrap_or_else(|| {
+        panic!(
+            "temporary path {} is not UTF-8; set TMPDIR to a plain path",
+            path.display()
+        )
+    });
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_listen_line() {
+        let line = "[2933] 2026/11/26 13:56:23.085797 [INF] Listening for client connections on \
+                    127.0.0.1:36189";
+        assert_eq!(parse_listen_port(line), Some(36189));
+        assert_eq!(parse_listen_port("[1] [INF] Server is ready"), None);
+        assert_eq!(
+            parse_listen_port("Listening for client connections on 127.0.0.1:0"),
+            None
+        );
+    }
+
+    #[test]
+    fn quotes_config_strings() {
+        assert_eq!(conf_string(Path::new("/tmp/a b")), "\"/tmp/a b\"");
+        assert_eq!(conf_string(Path::new("/tmp/a\"b")), "\"/tmp/a\\\"b\"");
+    }
+}
