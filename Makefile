@@ -12,6 +12,8 @@ tools:
 test: tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# tests/ runs the real kez-chat-server binary (kez_tests::process), so build it first.
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 fmt:

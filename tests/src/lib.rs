@@ -14,10 +14,14 @@
 //! // the server is killed and its files removed when `nats` goes out of scope
 //! ```
 
+pub mod kez_server;
+pub mod process;
+
 use std::fmt::Write as _;
-use std::fs::File;
+use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -27,6 +31,10 @@ pub const NATS_SERVER_ENV: &str = "KEZ_NATS_SERVER";
 
 /// How long [`NatsServer::start`] waits for the server to report that it is ready.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long [`NatsServer::restart`] waits for the old server to exit after SIGTERM before it
+/// kills it.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Log line printed once the client listener is bound; the port follows the last `:`.
 const LISTENING_PREFIX: &str = "Listening for client connections on ";
@@ -76,6 +84,10 @@ pub fn nats_server_binary() -> PathBuf {
 pub struct NatsServer {
     child: Child,
     port: u16,
+    /// Appended to the generated config, kept for restarts.
+    conf_extra: String,
+    /// Where the current run's output starts in the log.
+    log_offset: u64,
     // Declared last so it is removed only after `Drop::drop` has killed the server.
     dir: TempDir,
 }
@@ -101,55 +113,44 @@ impl NatsServer {
     ///
     /// As [`NatsServer::start`], including when the server rejects the config.
     pub fn start_with(conf_extra: &str) -> NatsServer {
-        let binary = nats_server_binary();
         let dir = tempfile::Builder::new()
             .prefix("kez-nats-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temporary directory for nats-server: {e}"));
-        let store_dir = dir.path().join("js");
-        let conf_path = dir.path().join("nats.conf");
-        let log_path = dir.path().join("nats-server.log");
-
-        let mut conf = String::new();
-        // Port -1: the OS picks a free port. No `http` block: no monitoring port.
-        writeln!(conf, "listen: \"127.0.0.1:-1\"").unwrap();
-        writeln!(conf, "server_name: \"kez-test\"").unwrap();
-        writeln!(conf, "jetstream {{").unwrap();
-        writeln!(conf, "  store_dir: {}", conf_string(&store_dir)).unwrap();
-        writeln!(conf, "}}").unwrap();
-        conf.push_str(conf_extra);
-        conf.push('\n');
-        std::fs::write(&conf_path, conf)
-            .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf_path.display()));
-
-        // nats-server logs to stderr; both streams go to a file so no pipe can fill up and block it.
-        let log = File::create(&log_path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log_path.display()));
-        let log_clone = log
-            .try_clone()
-            .unwrap_or_else(|e| panic!("cannot duplicate the log file handle: {e}"));
-        let child = Command::new(&binary)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(log_clone))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e}; run `make test` or `nats/install.sh` to (re)install it",
-                    binary.display()
-                )
-            });
-
+        // Port -1: the OS picks a free port.
+        let (child, log_offset) = spawn_nats_server(dir.path(), "127.0.0.1:-1", conf_extra);
         // From here on a panic drops `server`, which kills the child.
         let mut server = NatsServer {
             child,
             port: 0,
+            conf_extra: conf_extra.to_owned(),
+            log_offset,
             dir,
         };
         server.wait_ready();
         server
+    }
+
+    /// Stops the server and starts a new one on the same port with the same JetStream store, as
+    /// an operator restarting the broker would; returns once the new server is ready.
+    ///
+    /// The stop is graceful: SIGTERM (sent with the `kill` command, so no `unsafe`), after which
+    /// nats-server flushes and closes its JetStream store and exits; only if it has not exited
+    /// within [`STOP_TIMEOUT`] is it killed with SIGKILL. Clients see their connection drop and
+    /// must reconnect by themselves. The new server appends to the same log, after a
+    /// `--- kez-tests: restart ---` marker line.
+    ///
+    /// # Panics
+    ///
+    /// If the old server cannot be stopped or the new one does not become ready (for example
+    /// because something else took the port meanwhile); the message includes the log.
+    pub fn restart(&mut self) {
+        stop_child(&mut self.child, "nats-server", STOP_TIMEOUT);
+        let listen = format!("127.0.0.1:{}", self.port);
+        let (child, log_offset) = spawn_nats_server(self.dir.path(), &listen, &self.conf_extra);
+        self.child = child;
+        self.log_offset = log_offset;
+        self.wait_ready();
     }
 
     /// Polls the log until the server is ready, and learns the port from it.
@@ -157,10 +158,12 @@ impl NatsServer {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             let log = self.log();
-            if let Some(port) = log.lines().find_map(parse_listen_port) {
+            // Only this run's lines: after a restart the log also holds the previous run's.
+            let this_run = log.get(self.log_offset as usize..).unwrap_or("");
+            if let Some(port) = this_run.lines().find_map(parse_listen_port) {
                 self.port = port;
             }
-            if log.lines().any(|l| l.trim_end().ends_with(READY_LINE)) {
+            if this_run.lines().any(|l| l.trim_end().ends_with(READY_LINE)) {
                 assert!(
                     self.port != 0,
                     "nats-server is ready but logged no {LISTENING_PREFIX:?} line; log:\n{log}"
@@ -218,6 +221,95 @@ impl Drop for NatsServer {
         // SIGKILL: the store is thrown away with the directory, so no graceful shutdown is needed.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Writes `<dir>/nats.conf` listening on `listen` with JetStream in `<dir>/js`, then starts
+/// nats-server on it with stdout and stderr appended to `<dir>/nats-server.log`. Returns the child
+/// and the log's length before the start (where this run's output begins).
+fn spawn_nats_server(dir: &Path, listen: &str, conf_extra: &str) -> (Child, u64) {
+    let binary = nats_server_binary();
+    let store_dir = dir.join("js");
+    let conf_path = dir.join("nats.conf");
+    let log_path = dir.join("nats-server.log");
+
+    let mut conf = String::new();
+    // No `http` block: no monitoring port.
+    writeln!(conf, "listen: \"{listen}\"").unwrap();
+    writeln!(conf, "server_name: \"kez-test\"").unwrap();
+    writeln!(conf, "jetstream {{").unwrap();
+    writeln!(conf, "  store_dir: {}", conf_string(&store_dir)).unwrap();
+    writeln!(conf, "}}").unwrap();
+    conf.push_str(conf_extra);
+    conf.push('\n');
+    std::fs::write(&conf_path, conf)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", conf_path.display()));
+
+    // nats-server logs to stderr; both streams go to a file so no pipe can fill up and block it.
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", log_path.display()));
+    let mut log_offset = log
+        .metadata()
+        .unwrap_or_else(|e| panic!("cannot stat {}: {e}", log_path.display()))
+        .len();
+    if log_offset > 0 {
+        let marker = "--- kez-tests: restart ---\n";
+        log.write_all(marker.as_bytes())
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", log_path.display()));
+        log_offset += marker.len() as u64;
+    }
+    let log_clone = log
+        .try_clone()
+        .unwrap_or_else(|e| panic!("cannot duplicate the log file handle: {e}"));
+    let child = Command::new(&binary)
+        .arg("-c")
+        .arg(&conf_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_clone))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e}; run `make test` or `nats/install.sh` to (re)install it",
+                binary.display()
+            )
+        });
+    (child, log_offset)
+}
+
+/// Stops `child` gracefully: SIGTERM through the `kill` command (the crate forbids `unsafe`, so
+/// no `libc::kill`), then waits up to `timeout` for it to exit, then SIGKILLs it.
+///
+/// # Panics
+///
+/// If the process cannot be waited for.
+pub(crate) fn stop_child(child: &mut Child, what: &str, timeout: Duration) -> ExitStatus {
+    if let Ok(Some(status)) = child.try_wait() {
+        return status;
+    }
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                return child
+                    .wait()
+                    .unwrap_or_else(|e| panic!("cannot wait for {what}: {e}"));
+            }
+            Err(e) => panic!("cannot check on {what}: {e}"),
+        }
     }
 }
 

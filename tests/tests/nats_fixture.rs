@@ -85,3 +85,37 @@ async fn start_with_appends_config() {
 fn bad_config_panics_with_the_log() {
     NatsServer::start_with("this_is_not { valid");
 }
+
+#[tokio::test]
+async fn restart_keeps_the_port_and_the_jetstream_store() {
+    let mut nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let store = jetstream::new(client)
+        .create_key_value(kv::Config {
+            bucket: "restart_check".to_string(),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    store.put("alice", "before".into()).await.unwrap();
+
+    let port = nats.port();
+    nats.restart();
+    assert_eq!(nats.port(), port);
+    assert_eq!(nats.url(), format!("nats://127.0.0.1:{port}"));
+    let log = nats.log();
+    assert!(log.contains("--- kez-tests: restart ---"), "log:\n{log}");
+    // Both runs are in the one log, and the old one shut down cleanly (SIGTERM, not SIGKILL).
+    assert_eq!(log.matches("Server is ready").count(), 2, "log:\n{log}");
+    assert!(log.contains("Server Exiting"), "log:\n{log}");
+
+    // A fresh client finds the data.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let store = jetstream::new(client)
+        .get_key_value("restart_check")
+        .await
+        .unwrap_or_else(|e| panic!("bucket gone after restart: {e}; log:\n{}", nats.log()));
+    let value = store.get("alice").await.unwrap();
+    assert_eq!(value.as_deref(), Some(&b"before"[..]));
+}

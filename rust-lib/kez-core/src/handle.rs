@@ -345,6 +345,11 @@ fn check_name(raw: &str, offset: usize) -> Result<String, HandleError> {
     Ok(name)
 }
 
+/// Checks and normalises a domain on its own (rule 7), e.g. a server's configured domain.
+pub fn parse_domain(raw: &str) -> Result<String, HandleError> {
+    check_domain(raw, 0)
+}
+
 fn check_domain(raw: &str, offset: usize) -> Result<String, HandleError> {
     if raw.is_empty() {
         return Err(HandleError::EmptyDomain);

@@ -8,8 +8,9 @@
 pub mod canonical;
 pub mod handle;
 pub mod key;
+pub mod registry;
 pub mod sigchain;
 
-pub use handle::Handle;
+pub use handle::{Handle, HandleError};
 pub use key::{KeyError, PublicKey, SecretKey, Signature};
 pub use sigchain::{ChainError, ChainErrorKind, Op, Sigchain, SignedLink, UnsignedLink};

@@ -1,0 +1,285 @@
+//! The wire layer: decode a request, call the store, encode the answer. PROTOCOL.md §5.
+
+use bytes::Bytes;
+use kez_core::registry::{REGISTRATION_WINDOW_SECS, RegistrationRequest};
+use kez_core::sigchain::MAX_LINK_BYTES;
+use kez_core::{Handle, PublicKey};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::error::ApiError;
+use crate::store::{ChainHead, HandleRecord, Registered, Store};
+
+/// Largest request body any endpoint accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Most link bytes one `kez.sigchain.get` answer carries; `more` says when to ask again.
+pub const MAX_CHAIN_PAGE_BYTES: usize = 256 * 1024;
+
+/// Every endpoint, by subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `kez.registry.register`
+    Register,
+    /// `kez.registry.lookup`
+    Lookup,
+    /// `kez.registry.whois`
+    Whois,
+    /// `kez.sigchain.append`
+    Append,
+    /// `kez.sigchain.get`
+    GetChain,
+    /// `kez.sigchain.head`
+    Head,
+    /// `kez.server.info`
+    Info,
+}
+
+/// One NATS micro-service: its name, subject prefix and endpoints.
+pub struct ServiceSpec {
+    /// Service name, as `$SRV.PING.<name>` finds it.
+    pub name: &'static str,
+    /// Subject prefix of its endpoints.
+    pub prefix: &'static str,
+    /// Shown by `$SRV.INFO`.
+    pub description: &'static str,
+    /// Endpoint name (the last subject token) and its route.
+    pub endpoints: &'static [(&'static str, Route)],
+}
+
+/// Every service the server runs.
+pub const SERVICES: &[ServiceSpec] = &[
+    ServiceSpec {
+        name: "kez-registry",
+        prefix: "kez.registry",
+        description: "Handle registry: register, lookup, whois",
+        endpoints: &[
+            ("register", Route::Register),
+            ("lookup", Route::Lookup),
+            ("whois", Route::Whois),
+        ],
+    },
+    ServiceSpec {
+        name: "kez-sigchain",
+        prefix: "kez.sigchain",
+        description: "Sigchain store: append, get, head",
+        endpoints: &[
+            ("append", Route::Append),
+            ("get", Route::GetChain),
+            ("head", Route::Head),
+        ],
+    },
+    ServiceSpec {
+        name: "kez-server",
+        prefix: "kez.server",
+        description: "Server information",
+        endpoints: &[("info", Route::Info)],
+    },
+];
+
+/// What every handler can use.
+pub struct Context {
+    /// The buckets.
+    pub store: Store,
+    /// The domain this server serves.
+    pub domain: String,
+}
+
+/// A handle, its key and its sigchain head: the answer of lookup and whois.
+#[derive(Debug, Serialize)]
+struct Profile {
+    #[serde(flatten)]
+    record: HandleRecord,
+    sigchain: Option<ChainHead>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupRequest {
+    handle: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyRequest {
+    key: PublicKey,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetChainRequest {
+    key: PublicKey,
+    #[serde(default = "first_seq")]
+    from_seq: u64,
+}
+
+fn first_seq() -> u64 {
+    1
+}
+
+#[derive(Serialize)]
+struct ChainPage {
+    key: PublicKey,
+    from_seq: u64,
+    /// Each link's exact bytes as a UTF-8 string.
+    links: Vec<String>,
+    more: bool,
+}
+
+#[derive(Serialize)]
+struct HeadAnswer {
+    key: PublicKey,
+    #[serde(flatten)]
+    head: ChainHead,
+}
+
+#[derive(Serialize)]
+struct ServerInfo<'a> {
+    domain: &'a str,
+    version: &'static str,
+    limits: Limits,
+}
+
+#[derive(Serialize)]
+struct Limits {
+    max_request_bytes: usize,
+    max_link_bytes: usize,
+    max_chain_page_bytes: usize,
+    registration_window_secs: u64,
+}
+
+/// Answers one request.
+pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Result<Bytes, ApiError> {
+    if body.len() > MAX_REQUEST_BYTES {
+        return Err(ApiError::new(
+            413,
+            "too_large",
+            format!(
+                "request is {} bytes; the limit is {MAX_REQUEST_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    match route {
+        Route::Register => {
+            let request: RegistrationRequest = parse(body)?;
+            let handle = request.verify(&ctx.domain, now)?;
+            let record = match ctx.store.register(&handle, request.key, now).await? {
+                Registered::New(record) => {
+                    tracing::info!(handle = %record.handle, key = %record.key, "registered");
+                    record
+                }
+                Registered::Existing(record) => record,
+            };
+            answer(&record)
+        }
+        Route::Lookup => {
+            let request: LookupRequest = parse(body)?;
+            let handle = Handle::parse(&request.handle, &ctx.domain)
+                .map_err(|err| ApiError::new(400, err.code(), err.to_string()))?;
+            if handle.domain() != ctx.domain {
+                return Err(ApiError::not_found(format!(
+                    "{handle} is not on this server ({}); ask its own home server",
+                    ctx.domain
+                )));
+            }
+            let record = ctx
+                .store
+                .handle(handle.name())
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("{handle} is not registered")))?;
+            profile(ctx, record).await
+        }
+        Route::Whois => {
+            let request: KeyRequest = parse(body)?;
+            let record = ctx.store.whois(request.key).await?.ok_or_else(|| {
+                ApiError::not_found(format!("{} has no handle on this server", request.key))
+            })?;
+            profile(ctx, record).await
+        }
+        Route::Append => {
+            if body.len() > MAX_LINK_BYTES {
+                return Err(ApiError::new(
+                    413,
+                    "too_large",
+                    format!(
+                        "link is {} bytes; the limit is {MAX_LINK_BYTES}",
+                        body.len()
+                    ),
+                ));
+            }
+            let head = ctx.store.append(body).await?;
+            answer(&head)
+        }
+        Route::GetChain => {
+            let request: GetChainRequest = parse(body)?;
+            if request.from_seq == 0 {
+                return Err(ApiError::malformed("from_seq counts from 1"));
+            }
+            let links = ctx.store.links(request.key).await?;
+            if links.is_empty() {
+                return Err(ApiError::not_found(format!(
+                    "{} has no sigchain on this server",
+                    request.key
+                )));
+            }
+            let mut page = ChainPage {
+                key: request.key,
+                from_seq: request.from_seq,
+                links: Vec::new(),
+                more: false,
+            };
+            let mut size = 0;
+            for link in links.iter().skip(request.from_seq as usize - 1) {
+                if size + link.len() > MAX_CHAIN_PAGE_BYTES {
+                    page.more = true;
+                    break;
+                }
+                size += link.len();
+                let text = std::str::from_utf8(link)
+                    .map_err(|_| ApiError::internal("stored link is not UTF-8"))?;
+                page.links.push(text.to_owned());
+            }
+            answer(&page)
+        }
+        Route::Head => {
+            let request: KeyRequest = parse(body)?;
+            let head = ctx.store.head(request.key).await?.ok_or_else(|| {
+                ApiError::not_found(format!("{} has no sigchain on this server", request.key))
+            })?;
+            answer(&HeadAnswer {
+                key: request.key,
+                head,
+            })
+        }
+        Route::Info => answer(&ServerInfo {
+            domain: &ctx.domain,
+            version: env!("CARGO_PKG_VERSION"),
+            limits: Limits {
+                max_request_bytes: MAX_REQUEST_BYTES,
+                max_link_bytes: MAX_LINK_BYTES,
+                max_chain_page_bytes: MAX_CHAIN_PAGE_BYTES,
+                registration_window_secs: REGISTRATION_WINDOW_SECS,
+            },
+        }),
+    }
+}
+
+async fn profile(ctx: &Context, record: HandleRecord) -> Result<Bytes, ApiError> {
+    let sigchain = ctx.store.head(record.key).await?;
+    answer(&Profile { record, sigchain })
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::malformed(
+            "empty request body; send a JSON object as PROTOCOL.md describes",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|err| ApiError::malformed(format!("bad request JSON: {err}")))
+}
+
+fn answer<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|err| ApiError::internal(format!("could not encode the answer: {err}")))
+}

@@ -1,0 +1,420 @@
+//! Registry and sigchain state in JetStream key-value buckets. The server keeps nothing else:
+//! any number of instances can share one set of buckets.
+//!
+//! Invariants (ARCHITECTURE.md):
+//! - A handle record is only written after its reverse (key → handle) entry, and a reverse entry
+//!   is trusted only when the handle record points back at the same key. A crash between the two
+//!   writes leaves a stale reverse entry that is ignored; a retry for the same name finishes the
+//!   registration, and another name may take it over once it is a minute old. Never a handle
+//!   without its reverse entry.
+//! - A link is stored with KV `create` under `<chain hex>.<seq>`: exactly one writer wins each
+//!   seq, so racing appends cannot fork a chain. The head entry is an index that may lag by a
+//!   link after a crash; readers go on past it until the first missing seq.
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
+use kez_core::{Handle, PublicKey, Sigchain};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, HEAD_HASH_HEADER, HEAD_SEQ_HEADER};
+
+/// Bucket: handle name → [`HandleRecord`].
+pub const HANDLES_BUCKET: &str = "kez_handles";
+/// Bucket: key hex → [`KeyRecord`].
+pub const KEYS_BUCKET: &str = "kez_keys";
+/// Bucket: `<chain hex>.<seq>` → the link's exact bytes.
+pub const LINKS_BUCKET: &str = "kez_chain_links";
+/// Bucket: chain hex → [`ChainHead`].
+pub const HEADS_BUCKET: &str = "kez_chain_heads";
+
+/// Age after which a reverse entry without its handle record is abandoned: well past the
+/// handler timeout, so the registration that wrote it has certainly ended.
+const STALE_REVERSE_AFTER_SECS: u64 = 60;
+/// How many link reads run at once when a chain is loaded.
+const PARALLEL_LINK_READS: usize = 16;
+/// How often a head update is retried when another instance moved it meanwhile.
+const HEAD_UPDATE_ATTEMPTS: usize = 8;
+
+/// What `kez.registry.lookup` and `whois` answer, and what the handles bucket stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandleRecord {
+    /// Full form, `@name@domain`.
+    pub handle: Handle,
+    /// The key that registered it: the handle's primary key and sigchain id.
+    pub key: PublicKey,
+    /// Server time of registration, seconds since the Unix epoch.
+    pub registered_at: u64,
+}
+
+/// The keys bucket's value: which handle a key registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// The handle's name.
+    pub name: String,
+}
+
+/// A chain's last link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    /// The last link's seq.
+    pub seq: u64,
+    /// The last link's hash.
+    pub head: LinkHash,
+}
+
+/// The four buckets.
+#[derive(Clone)]
+pub struct Store {
+    handles: kv::Store,
+    keys: kv::Store,
+    links: kv::Store,
+    heads: kv::Store,
+}
+
+/// Outcome of a registration.
+pub enum Registered {
+    /// Newly registered.
+    New(HandleRecord),
+    /// The same key already holds this same handle (a retried request): nothing changed.
+    Existing(HandleRecord),
+}
+
+impl Store {
+    /// Creates the buckets if missing (idempotent; replicas apply to new buckets and are updated
+    /// on existing ones) and opens them.
+    pub async fn open(
+        js: &jetstream::Context,
+        replicas: usize,
+    ) -> Result<Store, async_nats::Error> {
+        let bucket = |name: &str, description: &str, max_value_size: usize| kv::Config {
+            bucket: name.to_owned(),
+            description: description.to_owned(),
+            history: 1,
+            max_value_size: max_value_size as i32,
+            storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        };
+        let open = |config: kv::Config| async move { js.create_or_update_key_value(config).await };
+        Ok(Store {
+            handles: open(bucket(HANDLES_BUCKET, "kez-chat: handle -> key", 1024)).await?,
+            keys: open(bucket(KEYS_BUCKET, "kez-chat: key -> handle", 1024)).await?,
+            links: open(bucket(
+                LINKS_BUCKET,
+                "kez-chat: sigchain links",
+                MAX_LINK_BYTES,
+            ))
+            .await?,
+            heads: open(bucket(HEADS_BUCKET, "kez-chat: sigchain heads", 1024)).await?,
+        })
+    }
+
+    /// Claims `handle` for `key`, first come first served; one handle per key.
+    pub async fn register(
+        &self,
+        handle: &Handle,
+        key: PublicKey,
+        now: u64,
+    ) -> Result<Registered, ApiError> {
+        let key_hex = key.to_hex();
+        let reverse_value = encode(&KeyRecord {
+            name: handle.name().to_owned(),
+        });
+        let reverse = self
+            .keys
+            .entry(&key_hex)
+            .await
+            .map_err(ApiError::unavailable)?
+            .filter(|entry| entry.operation == kv::Operation::Put);
+        // The revision of a reverse entry that names `handle` for this key.
+        let claimed = match reverse {
+            None => self
+                .keys
+                .create(&key_hex, reverse_value)
+                .await
+                .map_err(|err| match err.kind() {
+                    kv::CreateErrorKind::AlreadyExists => in_progress(),
+                    _ => ApiError::unavailable(err),
+                })?,
+            Some(entry) => {
+                let held: KeyRecord = decode(&entry.value)?;
+                match self.handle(&held.name).await? {
+                    Some(record) if record.key == key && record.handle.name() == handle.name() => {
+                        return Ok(Registered::Existing(record));
+                    }
+                    Some(record) if record.key == key => {
+                        return Err(ApiError::new(
+                            409,
+                            "key_has_handle",
+                            format!(
+                                "this key already holds {}; one handle per key",
+                                record.handle
+                            ),
+                        ));
+                    }
+                    // An unfinished attempt at this very name (a retry after a lost answer or a
+                    // crash): finish it.
+                    _ if held.name == handle.name() => entry.revision,
+                    // An unfinished attempt at another name. Take it over only once that attempt
+                    // cannot still be running, or one key could win two handles by racing itself.
+                    _ if now.saturating_sub(entry.created.unix_timestamp().max(0) as u64)
+                        >= STALE_REVERSE_AFTER_SECS =>
+                    {
+                        self.keys
+                            .update(&key_hex, reverse_value, entry.revision)
+                            .await
+                            .map_err(|err| match err.kind() {
+                                kv::UpdateErrorKind::WrongLastRevision => in_progress(),
+                                _ => ApiError::unavailable(err),
+                            })?
+                    }
+                    _ => return Err(in_progress()),
+                }
+            }
+        };
+
+        let record = HandleRecord {
+            handle: handle.clone(),
+            key,
+            registered_at: now,
+        };
+        match self.handles.create(handle.name(), encode(&record)).await {
+            Ok(_) => Ok(Registered::New(record)),
+            Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                match self.handle(handle.name()).await? {
+                    // A concurrent attempt by the same key for the same name finished first.
+                    Some(existing) if existing.key == key => Ok(Registered::Existing(existing)),
+                    _ => {
+                        // Taken by someone else: withdraw the reverse entry, unless it changed.
+                        if let Err(undo) = self
+                            .keys
+                            .delete_expect_revision(&key_hex, Some(claimed))
+                            .await
+                        {
+                            tracing::warn!(key = %key, error = %undo, "could not withdraw reverse entry; it stays stale and is reclaimed later");
+                        }
+                        Err(ApiError::new(
+                            409,
+                            "handle_taken",
+                            format!("{handle} is already registered; pick another name"),
+                        ))
+                    }
+                }
+            }
+            // The create may still have happened (a lost acknowledgement), so the reverse entry
+            // stays: a retry of this request finishes the registration.
+            Err(err) => Err(ApiError::unavailable(err)),
+        }
+    }
+
+    /// The record of a handle name, if registered.
+    pub async fn handle(&self, name: &str) -> Result<Option<HandleRecord>, ApiError> {
+        match self
+            .handles
+            .get(name)
+            .await
+            .map_err(ApiError::unavailable)?
+        {
+            Some(value) => Ok(Some(decode(&value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The handle a key registered, if any (only when both entries agree).
+    pub async fn whois(&self, key: PublicKey) -> Result<Option<HandleRecord>, ApiError> {
+        let Some(value) = self
+            .keys
+            .get(key.to_hex())
+            .await
+            .map_err(ApiError::unavailable)?
+        else {
+            return Ok(None);
+        };
+        let held: KeyRecord = decode(&value)?;
+        Ok(self
+            .handle(&held.name)
+            .await?
+            .filter(|record| record.key == key))
+    }
+
+    /// The chain's head as indexed (may lag one link behind after a crash; see module docs).
+    pub async fn head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ApiError> {
+        match self
+            .heads
+            .get(chain.to_hex())
+            .await
+            .map_err(ApiError::unavailable)?
+        {
+            Some(value) => Ok(Some(decode(&value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored link of `chain`, in order: the indexed ones, then any past the index.
+    pub async fn links(&self, chain: PublicKey) -> Result<Vec<Bytes>, ApiError> {
+        let chain_hex = chain.to_hex();
+        let indexed = self.head(chain).await?.map_or(0, |head| head.seq);
+        let mut links: Vec<Bytes> = futures::stream::iter(1..=indexed)
+            .map(|seq| {
+                let key = link_key(&chain_hex, seq);
+                async move {
+                    self.links
+                        .get(&key)
+                        .await
+                        .map_err(ApiError::unavailable)?
+                        .ok_or_else(|| {
+                            ApiError::internal(format!("link {key} is indexed but missing"))
+                        })
+                }
+            })
+            .buffered(PARALLEL_LINK_READS)
+            .try_collect()
+            .await?;
+        while let Some(link) = self
+            .links
+            .get(link_key(&chain_hex, links.len() as u64 + 1))
+            .await
+            .map_err(ApiError::unavailable)?
+        {
+            links.push(link);
+        }
+        Ok(links)
+    }
+
+    /// Verifies `link` as the next link of its chain and stores it. Returns the new head.
+    pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ApiError> {
+        let parsed = kez_core::SignedLink::parse(link)?;
+        let chain_id = parsed.link().chain;
+        if self.whois(chain_id).await?.is_none() {
+            return Err(ApiError::new(
+                403,
+                "not_registered",
+                format!(
+                    "{chain_id} has not registered a handle here; register before writing a sigchain"
+                ),
+            ));
+        }
+        let stored = self.links(chain_id).await?;
+        let mut chain = match stored.is_empty() {
+            true => None,
+            false => Some(Sigchain::verify(&stored).map_err(|err| {
+                ApiError::internal(format!("stored chain of {chain_id} does not verify: {err}"))
+            })?),
+        };
+        let appended = match &mut chain {
+            None => Sigchain::start(link).map(|chain| chain.head()),
+            Some(chain) => chain.append(link).map(|link| link.hash()),
+        };
+        let head = match appended {
+            Ok(hash) => ChainHead {
+                seq: parsed.link().seq,
+                head: hash,
+            },
+            Err(err) => {
+                let conflict = ApiError::from(err);
+                return Err(match (conflict.code, &chain) {
+                    (409, Some(chain)) => with_head(conflict, chain.seq(), chain.head()),
+                    _ => conflict,
+                });
+            }
+        };
+
+        let key = link_key(&chain_id.to_hex(), head.seq);
+        if let Err(err) = self.links.create(&key, Bytes::copy_from_slice(link)).await {
+            return Err(match err.kind() {
+                kv::CreateErrorKind::AlreadyExists => {
+                    let current = self.links(chain_id).await?;
+                    let latest = current.last().map(|bytes| LinkHash::of(bytes));
+                    let conflict = ApiError::new(
+                        409,
+                        "conflict",
+                        format!(
+                            "seq {} was taken by another append; fetch the chain and retry on top of it",
+                            head.seq
+                        ),
+                    );
+                    match latest {
+                        Some(hash) => with_head(conflict, current.len() as u64, hash),
+                        None => conflict,
+                    }
+                }
+                _ => ApiError::unavailable(err),
+            });
+        }
+        self.advance_head(chain_id, head).await?;
+        Ok(head)
+    }
+
+    /// Moves the head index forward to `head` unless it is already there or beyond.
+    async fn advance_head(&self, chain: PublicKey, head: ChainHead) -> Result<(), ApiError> {
+        let key = chain.to_hex();
+        for _ in 0..HEAD_UPDATE_ATTEMPTS {
+            let entry = self
+                .heads
+                .entry(&key)
+                .await
+                .map_err(ApiError::unavailable)?;
+            let current = match &entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    Some(decode::<ChainHead>(&entry.value)?)
+                }
+                _ => None,
+            };
+            if current.is_some_and(|current| current.seq >= head.seq) {
+                return Ok(());
+            }
+            let written = match entry {
+                Some(entry) => self
+                    .heads
+                    .update(&key, encode(&head), entry.revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| err.kind() == kv::UpdateErrorKind::WrongLastRevision),
+                None => self
+                    .heads
+                    .create(&key, encode(&head))
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| err.kind() == kv::CreateErrorKind::AlreadyExists),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(true) => continue,
+                Err(false) => break,
+            }
+        }
+        // The link is stored; readers find it past a lagging index.
+        tracing::warn!(chain = %chain, seq = head.seq, "could not advance the head index");
+        Ok(())
+    }
+}
+
+fn in_progress() -> ApiError {
+    ApiError::new(
+        409,
+        "key_has_handle",
+        "another registration for this key is in progress or done; look the key up with kez.registry.whois",
+    )
+}
+
+fn with_head(err: ApiError, seq: u64, head: LinkHash) -> ApiError {
+    let message = format!("{}; the chain's head is seq {seq} ({head})", err.message);
+    ApiError { message, ..err }
+        .with_header(HEAD_SEQ_HEADER, seq.to_string())
+        .with_header(HEAD_HASH_HEADER, head.to_string())
+}
+
+fn link_key(chain_hex: &str, seq: u64) -> String {
+    format!("{chain_hex}.{seq}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("records serialise"))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|err| ApiError::internal(format!("corrupt record: {err}")))
+}

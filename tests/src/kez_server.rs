@@ -1,0 +1,112 @@
+//! kez-chat-server instances for tests, run in-process on the test's tokio runtime, and a typed
+//! way to call their endpoints.
+
+use async_nats::Client;
+use bytes::Bytes;
+use kez_chat_server::Server;
+use kez_chat_server::config::{NatsAuth, ServerConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The domain test servers serve.
+pub const TEST_DOMAIN: &str = "kez.test";
+
+/// A kez-chat-server serving a [`crate::NatsServer`] from a task of the current runtime.
+pub struct KezServer {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl KezServer {
+    /// Starts a server for `nats_url` serving [`TEST_DOMAIN`]; returns once every endpoint is
+    /// subscribed.
+    pub async fn start(nats_url: &str) -> KezServer {
+        let config = ServerConfig {
+            nats_url: nats_url.to_owned(),
+            auth: NatsAuth::None,
+            domain: TEST_DOMAIN.to_owned(),
+            kv_replicas: 1,
+        };
+        let server = Server::start(&config)
+            .await
+            .unwrap_or_else(|err| panic!("kez-chat-server did not start: {err}"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        KezServer {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Graceful shutdown: stops taking requests, finishes those in flight, drains.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.expect("server task");
+    }
+
+    /// Abrupt stop: the serving task is aborted mid-whatever.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// An error answer from an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceError {
+    /// `Nats-Service-Error-Code`.
+    pub code: u16,
+    /// `Kez-Error`: the stable error name.
+    pub name: String,
+    /// `Nats-Service-Error`: the message for people.
+    pub message: String,
+    /// All headers of the answer.
+    pub headers: async_nats::HeaderMap,
+}
+
+/// Sends `body` to `subject` and splits the answer into success body or [`ServiceError`].
+///
+/// # Panics
+/// If no answer arrives (the request times out): an endpoint must always answer.
+pub async fn call(
+    client: &Client,
+    subject: &str,
+    body: impl Into<Bytes>,
+) -> Result<Bytes, ServiceError> {
+    let answer = client
+        .request(subject.to_owned(), body.into())
+        .await
+        .unwrap_or_else(|err| panic!("no answer on {subject}: {err}"));
+    let Some(headers) = answer.headers else {
+        return Ok(answer.payload);
+    };
+    let Some(code) = headers.get("Nats-Service-Error-Code") else {
+        return Ok(answer.payload);
+    };
+    Err(ServiceError {
+        code: code.as_str().parse().expect("numeric error code"),
+        name: headers
+            .get("Kez-Error")
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_default(),
+        message: headers
+            .get("Nats-Service-Error")
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_default(),
+        headers,
+    })
+}
+
+/// Like [`call`] with a JSON body, expecting success; returns the answer as JSON.
+///
+/// # Panics
+/// On an error answer, naming it.
+pub async fn call_ok(client: &Client, subject: &str, body: serde_json::Value) -> serde_json::Value {
+    match call(client, subject, serde_json::to_vec(&body).unwrap()).await {
+        Ok(answer) => serde_json::from_slice(&answer).expect("JSON answer"),
+        Err(err) => panic!("{subject} {body} failed: {err:?}"),
+    }
+}

@@ -1,0 +1,474 @@
+//! kez.registry.* and kez.sigchain.* against a real nats-server: the round trips, the refusals,
+//! and the races that must have exactly one winner.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::future::join_all;
+use kez_core::registry::RegistrationRequest;
+use kez_core::sigchain::Endpoint;
+use kez_core::{Handle, Op, SecretKey, Sigchain, UnsignedLink};
+use kez_tests::NatsServer;
+use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
+use serde_json::{Value, json};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn handle(name: &str) -> Handle {
+    Handle::parse(name, TEST_DOMAIN).unwrap()
+}
+
+fn registration(key: &SecretKey, name: &str) -> Vec<u8> {
+    serde_json::to_vec(&RegistrationRequest::sign(key, &handle(name), now())).unwrap()
+}
+
+fn endpoint(name: &str) -> Op {
+    Op::AddEndpoint(Endpoint {
+        name: name.into(),
+        kind: "nats".into(),
+        address: "nats://127.0.0.1:4222".into(),
+    })
+}
+
+async fn setup() -> (NatsServer, KezServer, async_nats::Client) {
+    let nats = NatsServer::start();
+    let server = KezServer::start(&nats.url()).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    (nats, server, client)
+}
+
+#[tokio::test]
+async fn register_lookup_whois_round_trip() {
+    let (_nats, _server, client) = setup().await;
+    let alice = SecretKey::generate();
+    let registered: Value = serde_json::from_slice(
+        &call(
+            &client,
+            "kez.registry.register",
+            registration(&alice, "alice"),
+        )
+        .await
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(registered["handle"], "@alice@kez.test");
+    assert_eq!(registered["key"], alice.public_key().to_string());
+
+    for query in ["alice", "@alice", "@Alice@KEZ.test", "alice@kez.test"] {
+        let found = call_ok(&client, "kez.registry.lookup", json!({ "handle": query })).await;
+        assert_eq!(found["key"], alice.public_key().to_string(), "{query}");
+        assert_eq!(found["registered_at"], registered["registered_at"]);
+        assert_eq!(found["sigchain"], Value::Null);
+    }
+    let who = call_ok(
+        &client,
+        "kez.registry.whois",
+        json!({ "key": alice.public_key() }),
+    )
+    .await;
+    assert_eq!(who["handle"], "@alice@kez.test");
+
+    let missing = call(
+        &client,
+        "kez.registry.lookup",
+        serde_json::to_vec(&json!({"handle": "bob"})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((missing.code, missing.name.as_str()), (404, "not_found"));
+    let elsewhere = call(
+        &client,
+        "kez.registry.lookup",
+        serde_json::to_vec(&json!({"handle": "@alice@other.example"})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(elsewhere.code, 404);
+    assert!(
+        elsewhere.message.contains("not on this server"),
+        "{elsewhere:?}"
+    );
+    let nobody = call(
+        &client,
+        "kez.registry.whois",
+        serde_json::to_vec(&json!({"key": SecretKey::generate().public_key()})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(nobody.code, 404);
+}
+
+#[tokio::test]
+async fn first_come_first_served_and_one_handle_per_key() {
+    let (_nats, _server, client) = setup().await;
+    let (alice, mallory) = (SecretKey::generate(), SecretKey::generate());
+    let request = registration(&alice, "alice");
+    let first: Value = serde_json::from_slice(
+        &call(&client, "kez.registry.register", request.clone())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+
+    let taken = call(
+        &client,
+        "kez.registry.register",
+        registration(&mallory, "alice"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((taken.code, taken.name.as_str()), (409, "handle_taken"));
+
+    let second = call(
+        &client,
+        "kez.registry.register",
+        registration(&alice, "alice2"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((second.code, second.name.as_str()), (409, "key_has_handle"));
+    assert!(second.message.contains("@alice@kez.test"), "{second:?}");
+
+    // A replay of the accepted request claims nothing new: same record, same time.
+    let replay: Value = serde_json::from_slice(
+        &call(&client, "kez.registry.register", request)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(replay, first);
+    // mallory's failed attempt left no reverse entry behind: she can still register elsewhere.
+    call(
+        &client,
+        "kez.registry.register",
+        registration(&mallory, "mallory"),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn concurrent_registrations_of_one_handle_have_one_winner() {
+    let (_nats, _server, client) = setup().await;
+    let keys: Vec<SecretKey> = (0..100).map(|_| SecretKey::generate()).collect();
+    let answers = join_all(keys.iter().map(|key| {
+        call(
+            &client,
+            "kez.registry.register",
+            registration(key, "popular"),
+        )
+    }))
+    .await;
+    let winners: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, answer)| answer.is_ok().then_some(i))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one registration wins");
+    for answer in answers.iter().filter(|answer| answer.is_err()) {
+        let err = answer.as_ref().unwrap_err();
+        assert_eq!(
+            (err.code, err.name.as_str()),
+            (409, "handle_taken"),
+            "{err:?}"
+        );
+    }
+    let winner = &keys[winners[0]];
+    let found = call_ok(&client, "kez.registry.lookup", json!({"handle": "popular"})).await;
+    assert_eq!(found["key"], winner.public_key().to_string());
+
+    // The buckets agree: one reverse entry, the winner's; every loser is unknown.
+    for key in &keys {
+        let who = call(
+            &client,
+            "kez.registry.whois",
+            serde_json::to_vec(&json!({"key": key.public_key()})).unwrap(),
+        )
+        .await;
+        assert_eq!(who.is_ok(), key.public_key() == winner.public_key());
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let reverse = js.get_key_value("kez_keys").await.unwrap();
+    let mut live = 0;
+    let mut keys_in_bucket = reverse.keys().await.unwrap();
+    use futures::StreamExt;
+    while let Some(key) = keys_in_bucket.next().await {
+        key.unwrap();
+        live += 1;
+    }
+    assert_eq!(live, 1, "exactly one reverse entry is left");
+}
+
+async fn register_with_chain(client: &async_nats::Client, key: &SecretKey, name: &str) -> Sigchain {
+    call(client, "kez.registry.register", registration(key, name))
+        .await
+        .unwrap();
+    let first = UnsignedLink::first(key.public_key(), now(), endpoint("nats"))
+        .sign(key)
+        .unwrap();
+    let head = call_ok_raw(client, "kez.sigchain.append", first.bytes().to_vec()).await;
+    assert_eq!(head["seq"], 1);
+    assert_eq!(head["head"], first.hash().to_string());
+    Sigchain::start(first.bytes()).unwrap()
+}
+
+async fn call_ok_raw(client: &async_nats::Client, subject: &str, body: Vec<u8>) -> Value {
+    match call(client, subject, body).await {
+        Ok(answer) => serde_json::from_slice(&answer).unwrap(),
+        Err(err) => panic!("{subject} failed: {err:?}"),
+    }
+}
+
+#[tokio::test]
+async fn sigchain_append_get_head() {
+    let (_nats, _server, client) = setup().await;
+    let alice = SecretKey::generate();
+    let mut chain = register_with_chain(&client, &alice, "alice").await;
+    let second = chain
+        .next_link(now(), endpoint("iroh"))
+        .sign(&alice)
+        .unwrap();
+    call_ok_raw(&client, "kez.sigchain.append", second.bytes().to_vec()).await;
+    chain.append(second.bytes()).unwrap();
+
+    let head = call_ok(
+        &client,
+        "kez.sigchain.head",
+        json!({"key": alice.public_key()}),
+    )
+    .await;
+    assert_eq!(
+        (head["seq"].as_u64(), head["head"].as_str()),
+        (Some(2), Some(chain.head().to_string().as_str()))
+    );
+    let profile = call_ok(&client, "kez.registry.lookup", json!({"handle": "alice"})).await;
+    assert_eq!(profile["sigchain"]["seq"], 2);
+
+    let all = call_ok(
+        &client,
+        "kez.sigchain.get",
+        json!({"key": alice.public_key()}),
+    )
+    .await;
+    let links: Vec<String> = serde_json::from_value(all["links"].clone()).unwrap();
+    assert_eq!(all["more"], false);
+    assert_eq!(Sigchain::verify(&links).unwrap(), chain);
+    let tail = call_ok(
+        &client,
+        "kez.sigchain.get",
+        json!({"key": alice.public_key(), "from_seq": 2}),
+    )
+    .await;
+    assert_eq!(tail["links"].as_array().unwrap().len(), 1);
+
+    // Replaying an old link, a wrong signer, and a link of an unregistered key are refused.
+    let replay = call(&client, "kez.sigchain.append", second.bytes().to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(replay.code, 409);
+    assert_eq!(
+        replay.headers.get("Kez-Head-Seq").map(|v| v.as_str()),
+        Some("2")
+    );
+    let mut forged = chain.next_link(now(), endpoint("evil"));
+    let mallory = SecretKey::generate();
+    forged.signer = mallory.public_key();
+    let forged = forged.sign(&mallory).unwrap();
+    let refused = call(&client, "kez.sigchain.append", forged.bytes().to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.name.as_str()),
+        (403, "not_current_key")
+    );
+    let stranger = UnsignedLink::first(mallory.public_key(), now(), endpoint("nats"))
+        .sign(&mallory)
+        .unwrap();
+    let refused = call(&client, "kez.sigchain.append", stranger.bytes().to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.name.as_str()),
+        (403, "not_registered")
+    );
+    let none = call(
+        &client,
+        "kez.sigchain.get",
+        serde_json::to_vec(&json!({"key": mallory.public_key()})).unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(none.code, 404);
+}
+
+#[tokio::test]
+async fn concurrent_appends_at_one_seq_have_one_winner() {
+    let (_nats, _server, client) = setup().await;
+    let alice = SecretKey::generate();
+    let chain = register_with_chain(&client, &alice, "alice").await;
+    let candidates: Vec<_> = (0..50)
+        .map(|i| {
+            chain
+                .next_link(now(), endpoint(&format!("device-{i}")))
+                .sign(&alice)
+                .unwrap()
+        })
+        .collect();
+    let answers = join_all(
+        candidates
+            .iter()
+            .map(|link| call(&client, "kez.sigchain.append", link.bytes().to_vec())),
+    )
+    .await;
+    let winners: Vec<usize> = answers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, answer)| answer.is_ok().then_some(i))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one append lands");
+    let winner = &candidates[winners[0]];
+    for answer in answers.iter().filter_map(|answer| answer.as_ref().err()) {
+        assert_eq!(answer.code, 409, "{answer:?}");
+        assert_eq!(
+            answer.headers.get("Kez-Head-Seq").map(|v| v.as_str()),
+            Some("2")
+        );
+        assert_eq!(
+            answer
+                .headers
+                .get("Kez-Head-Hash")
+                .map(|v| v.as_str().to_owned()),
+            Some(winner.hash().to_string())
+        );
+    }
+    let all = call_ok(
+        &client,
+        "kez.sigchain.get",
+        json!({"key": alice.public_key()}),
+    )
+    .await;
+    let links: Vec<String> = serde_json::from_value(all["links"].clone()).unwrap();
+    let stored = Sigchain::verify(&links).unwrap();
+    assert_eq!(stored.seq(), 2);
+    assert_eq!(stored.head(), winner.hash());
+}
+
+#[tokio::test]
+async fn services_are_discoverable() {
+    let (_nats, _server, client) = setup().await;
+    for service in ["kez-registry", "kez-sigchain", "kez-server"] {
+        let info: Value = serde_json::from_slice(
+            &client
+                .request(format!("$SRV.INFO.{service}"), "".into())
+                .await
+                .unwrap()
+                .payload,
+        )
+        .unwrap();
+        assert_eq!(info["name"], service);
+        assert!(!info["endpoints"].as_array().unwrap().is_empty());
+    }
+    let info = call_ok(&client, "kez.server.info", json!({})).await;
+    assert_eq!(info["domain"], TEST_DOMAIN);
+    assert_eq!(info["limits"]["max_link_bytes"], 8192);
+}
+
+#[tokio::test]
+async fn one_key_racing_itself_for_many_names_gets_one() {
+    let (_nats, _server, client) = setup().await;
+    let key = SecretKey::generate();
+    let names: Vec<String> = (0..20).map(|i| format!("name{i}")).collect();
+    let answers = join_all(
+        names
+            .iter()
+            .map(|name| call(&client, "kez.registry.register", registration(&key, name))),
+    )
+    .await;
+    assert_eq!(answers.iter().filter(|answer| answer.is_ok()).count(), 1);
+    for err in answers.iter().filter_map(|answer| answer.as_ref().err()) {
+        assert_eq!(
+            (err.code, err.name.as_str()),
+            (409, "key_has_handle"),
+            "{err:?}"
+        );
+    }
+    let mut held = Vec::new();
+    for name in &names {
+        if call(
+            &client,
+            "kez.registry.lookup",
+            serde_json::to_vec(&json!({ "handle": name })).unwrap(),
+        )
+        .await
+        .is_ok()
+        {
+            held.push(name.clone());
+        }
+    }
+    assert_eq!(held.len(), 1, "the key holds exactly one handle: {held:?}");
+    let who = call_ok(
+        &client,
+        "kez.registry.whois",
+        json!({"key": key.public_key()}),
+    )
+    .await;
+    assert_eq!(who["handle"], format!("@{}@kez.test", held[0]));
+}
+
+/// A registration interrupted between its two writes (a server killed mid-request) leaves a
+/// reverse entry without its handle record. A retry for that name finishes the job at once; a
+/// different name has to wait until the abandoned attempt is surely over.
+#[tokio::test]
+async fn an_interrupted_registration_is_finished_by_a_retry() {
+    let (_nats, _server, client) = setup().await;
+    let reverse = async_nats::jetstream::new(client.clone())
+        .get_key_value("kez_keys")
+        .await
+        .unwrap();
+    let alice = SecretKey::generate();
+    reverse
+        .put(
+            alice.public_key().to_hex(),
+            br#"{"name":"alice"}"#.to_vec().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        call(
+            &client,
+            "kez.registry.whois",
+            serde_json::to_vec(&json!({"key": alice.public_key()})).unwrap()
+        )
+        .await
+        .unwrap_err()
+        .code,
+        404,
+        "a reverse entry without its record is not trusted"
+    );
+    let other = call(
+        &client,
+        "kez.registry.register",
+        registration(&alice, "alice_b"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((other.code, other.name.as_str()), (409, "key_has_handle"));
+    call(
+        &client,
+        "kez.registry.register",
+        registration(&alice, "alice"),
+    )
+    .await
+    .unwrap();
+    let who = call_ok(
+        &client,
+        "kez.registry.whois",
+        json!({"key": alice.public_key()}),
+    )
+    .await;
+    assert_eq!(who["handle"], "@alice@kez.test");
+}

@@ -1,0 +1,588 @@
+//! kez-chat-server when things go wrong around it, against real processes: the broker restarts,
+//! one of two instances is killed mid-load, the server is stopped with requests in flight.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::{Client, ConnectOptions, RequestErrorKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use kez_chat_server::store::{HANDLES_BUCKET, HandleRecord, KEYS_BUCKET, KeyRecord};
+use kez_core::registry::RegistrationRequest;
+use kez_core::sigchain::Endpoint;
+use kez_core::{Handle, Op, SecretKey, Sigchain, UnsignedLink};
+use kez_tests::NatsServer;
+use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
+use kez_tests::process::KezServerProcess;
+use serde_json::{Value, json};
+
+const REGISTER: &str = "kez.registry.register";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn endpoint(name: &str) -> Op {
+    Op::AddEndpoint(Endpoint {
+        name: name.into(),
+        kind: "nats".into(),
+        address: "nats://127.0.0.1:4222".into(),
+    })
+}
+
+/// A new key and its signed registration request for `name`.
+fn registration(name: &str) -> (SecretKey, Bytes) {
+    let key = SecretKey::generate();
+    let handle = Handle::parse(name, TEST_DOMAIN).unwrap();
+    let body = serde_json::to_vec(&RegistrationRequest::sign(&key, &handle, now())).unwrap();
+    (key, body.into())
+}
+
+/// A client that reconnects by itself (the default, made explicit) with a short request timeout,
+/// so a request lost with a dying instance is noticed quickly.
+async fn client(url: &str, request_timeout: Duration) -> Client {
+    ConnectOptions::new()
+        .max_reconnects(None)
+        .request_timeout(Some(request_timeout))
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"))
+}
+
+/// How one request ended.
+#[derive(Debug)]
+// Some fields are only read through `Debug`, in failure messages.
+#[allow(dead_code)]
+enum Outcome {
+    /// A success answer.
+    Ok(Bytes),
+    /// An error answer: code, `Kez-Error` name, message.
+    Refused(u16, String, String),
+    /// No answer: timeout, no responders, or no connection.
+    NoAnswer(RequestErrorKind),
+}
+
+async fn request(client: &Client, subject: &str, body: Bytes) -> Outcome {
+    let answer = match client.request(subject.to_owned(), body).await {
+        Ok(answer) => answer,
+        Err(err) => return Outcome::NoAnswer(err.kind()),
+    };
+    let header = |name: &str| {
+        answer
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .map(|value| value.as_str().to_owned())
+    };
+    match header("Nats-Service-Error-Code") {
+        None => Outcome::Ok(answer.payload),
+        Some(code) => Outcome::Refused(
+            code.parse().expect("numeric error code"),
+            header("Kez-Error").unwrap_or_default(),
+            header("Nats-Service-Error").unwrap_or_default(),
+        ),
+    }
+}
+
+/// Repeats `body` on `subject` until it is answered OK, for at most `patience`: what a client
+/// does across a broker restart. Returns the answer and how many attempts failed first.
+async fn until_ok(
+    client: &Client,
+    subject: &str,
+    body: Bytes,
+    patience: Duration,
+) -> (Value, usize) {
+    let deadline = Instant::now() + patience;
+    let mut failures = 0;
+    loop {
+        let outcome = request(client, subject, body.clone()).await;
+        match outcome {
+            Outcome::Ok(answer) => return (serde_json::from_slice(&answer).unwrap(), failures),
+            // No answer (the server is not back yet) or storage unavailable: both pass.
+            Outcome::Refused(503, ..) | Outcome::NoAnswer(_) => {}
+            Outcome::Refused(..) => panic!("{subject}: refused: {outcome:?}"),
+        }
+        failures += 1;
+        assert!(
+            Instant::now() < deadline,
+            "{subject}: no OK answer within {patience:?} ({failures} attempts); last: {outcome:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn broker_restart_keeps_every_handle_and_chain_and_the_server_reconnects() {
+    let mut nats = NatsServer::start();
+    let server = KezServerProcess::spawn(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(2)).await;
+
+    let (alice, body) = registration("alice");
+    call(&client, REGISTER, body).await.unwrap();
+    let first = UnsignedLink::first(alice.public_key(), now(), endpoint("inbox"))
+        .sign(&alice)
+        .unwrap();
+    call(&client, "kez.sigchain.append", first.bytes().to_vec())
+        .await
+        .unwrap();
+    let mut chain = Sigchain::start(first.bytes()).unwrap();
+    let second = chain
+        .next_link(now(), endpoint("phone"))
+        .sign(&alice)
+        .unwrap();
+    call(&client, "kez.sigchain.append", second.bytes().to_vec())
+        .await
+        .unwrap();
+    chain.append(second.bytes()).unwrap();
+
+    let port = nats.port();
+    nats.restart();
+    assert_eq!(nats.port(), port);
+
+    // The first request may find the server not yet reconnected, or JetStream still recovering.
+    let lookup = Bytes::from(json!({ "handle": "alice" }).to_string());
+    let (profile, failures) = until_ok(
+        &client,
+        "kez.registry.lookup",
+        lookup,
+        Duration::from_secs(10),
+    )
+    .await;
+    eprintln!("first lookup after the restart answered after {failures} failed attempts");
+    assert_eq!(profile["handle"], format!("@alice@{TEST_DOMAIN}"));
+    assert_eq!(profile["key"], alice.public_key().to_string());
+    assert_eq!(profile["sigchain"]["seq"], 2);
+    assert_eq!(profile["sigchain"]["head"], chain.head().to_string());
+
+    let whois = call_ok(
+        &client,
+        "kez.registry.whois",
+        json!({ "key": alice.public_key() }),
+    )
+    .await;
+    assert_eq!(whois, profile);
+    let head = call_ok(
+        &client,
+        "kez.sigchain.head",
+        json!({ "key": alice.public_key() }),
+    )
+    .await;
+    assert_eq!(head["seq"], 2);
+    let page = call_ok(
+        &client,
+        "kez.sigchain.get",
+        json!({ "key": alice.public_key() }),
+    )
+    .await;
+    let links: Vec<&str> = page["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|link| link.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        links,
+        [first.bytes(), second.bytes()].map(|b| std::str::from_utf8(b).unwrap())
+    );
+    let stored = Sigchain::verify(&links).unwrap();
+    assert_eq!(stored.head(), chain.head());
+
+    // New writes work too: a registration and a third link.
+    let (bob, body) = registration("bob");
+    call(&client, REGISTER, body).await.unwrap();
+    let whois = call_ok(
+        &client,
+        "kez.registry.whois",
+        json!({ "key": bob.public_key() }),
+    )
+    .await;
+    assert_eq!(whois["handle"], format!("@bob@{TEST_DOMAIN}"));
+    let third = chain
+        .next_link(now(), endpoint("laptop"))
+        .sign(&alice)
+        .unwrap();
+    call(&client, "kez.sigchain.append", third.bytes().to_vec())
+        .await
+        .unwrap();
+
+    // The same process served throughout: it saw the broker go and came back by itself.
+    let log = server.log();
+    assert!(
+        log.contains("disconnected from NATS"),
+        "the server did not notice the restart:\n{log}"
+    );
+}
+
+/// How the registrations of one load ended.
+#[derive(Default)]
+struct Load {
+    /// Answered OK (possibly after retries): handle name → key.
+    registered: BTreeMap<String, SecretKey>,
+    /// Lost with the killed instance after it had written the key's reverse entry but not the
+    /// handle: the retry is refused with 409 `key_has_handle` (the server reclaims such an
+    /// entry only once it is a minute old). Never answered OK: handle name → key.
+    interrupted: BTreeMap<String, SecretKey>,
+    /// Attempts that got no answer and were retried.
+    retries: usize,
+}
+
+/// Registers `names`, `concurrency` at a time. A request that gets no answer (its instance
+/// died) is sent again, the same signed bytes, for up to 20 s. `answered` counts OK answers.
+async fn register_all(
+    client: &Client,
+    names: Vec<String>,
+    concurrency: usize,
+    answered: &AtomicUsize,
+) -> Load {
+    let outcomes: Vec<(String, SecretKey, Option<Value>, usize)> = futures::stream::iter(names)
+        .map(|name| async move {
+            let (key, body) = registration(&name);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut failures = 0;
+            loop {
+                let outcome = request(client, REGISTER, body.clone()).await;
+                match outcome {
+                    Outcome::Ok(answer) => {
+                        answered.fetch_add(1, Ordering::SeqCst);
+                        let record = serde_json::from_slice(&answer).unwrap();
+                        return (name, key, Some(record), failures);
+                    }
+                    Outcome::Refused(409, ref error, _)
+                        if failures > 0 && error == "key_has_handle" =>
+                    {
+                        return (name, key, None, failures);
+                    }
+                    Outcome::Refused(503, ..) | Outcome::NoAnswer(_) => {}
+                    Outcome::Refused(..) => panic!("registering {name}: {outcome:?}"),
+                }
+                failures += 1;
+                assert!(
+                    Instant::now() < deadline,
+                    "registering {name}: no answer within 20 s ({failures} attempts)"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut load = Load::default();
+    for (name, key, record, failures) in outcomes {
+        load.retries += failures;
+        match record {
+            Some(record) => {
+                assert_eq!(record["handle"], format!("@{name}@{TEST_DOMAIN}"));
+                assert_eq!(record["key"], key.public_key().to_string());
+                load.registered.insert(name, key);
+            }
+            None => {
+                load.interrupted.insert(name, key);
+            }
+        }
+    }
+    load
+}
+
+/// `$SRV.STATS.kez-registry` from every instance: service id → requests its register endpoint
+/// answered.
+async fn register_stats(client: &Client) -> BTreeMap<String, u64> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.unwrap();
+    client
+        .publish_with_reply("$SRV.STATS.kez-registry", inbox, Bytes::new())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let mut stats = BTreeMap::new();
+    while let Ok(Some(answer)) =
+        tokio::time::timeout(Duration::from_millis(500), answers.next()).await
+    {
+        let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+        let register = answer["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|endpoint| endpoint["subject"] == REGISTER)
+            .unwrap_or_else(|| panic!("no register endpoint in {answer}"));
+        stats.insert(
+            answer["id"].as_str().unwrap().to_owned(),
+            register["num_requests"].as_u64().unwrap(),
+        );
+    }
+    stats
+}
+
+#[tokio::test]
+async fn two_instances_share_the_load_and_losing_one_loses_no_answered_request() {
+    let nats = NatsServer::start();
+    let mut first = KezServerProcess::spawn(&nats.url()).await;
+    let second = KezServerProcess::spawn(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(2)).await;
+    let answered = AtomicUsize::new(0);
+
+    // Both instances take part.
+    let names: Vec<String> = (0..200).map(|i| format!("first_{i}")).collect();
+    let load = register_all(&client, names, 16, &answered).await;
+    assert_eq!(load.registered.len(), 200);
+    assert_eq!(load.retries, 0, "retries with both instances up");
+    let mut registered = load.registered;
+    let stats = register_stats(&client).await;
+    assert_eq!(stats.len(), 2, "expected two instances in {stats:?}");
+    assert!(
+        stats.values().all(|&requests| requests > 0),
+        "an instance answered no registration: {stats:?}"
+    );
+    assert_eq!(stats.values().sum::<u64>(), 200, "{stats:?}");
+
+    // One instance dies mid-load: what it had not answered is retried on the other.
+    answered.store(0, Ordering::SeqCst);
+    let names: Vec<String> = (0..300).map(|i| format!("second_{i}")).collect();
+    let load = register_all(&client, names, 16, &answered);
+    let killer = async {
+        while answered.load(Ordering::SeqCst) < 60 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        first.kill();
+    };
+    let (load, ()) = tokio::join!(load, killer);
+    eprintln!(
+        "second load: {} registered, {} interrupted between their two writes, {} attempts retried",
+        load.registered.len(),
+        load.interrupted.len(),
+        load.retries,
+    );
+    assert_eq!(load.registered.len() + load.interrupted.len(), 300);
+    assert!(load.retries > 0 || load.interrupted.is_empty());
+    registered.extend(load.registered);
+    let interrupted = load.interrupted;
+    let stats = register_stats(&client).await;
+    assert_eq!(
+        stats.len(),
+        1,
+        "the killed instance still answers: {stats:?}"
+    );
+
+    // Every answered registration is there, both ways.
+    let lookups = futures::stream::iter(&registered)
+        .map(|(name, key)| {
+            let client = &client;
+            async move {
+                let by_name =
+                    call_ok(client, "kez.registry.lookup", json!({ "handle": name })).await;
+                let by_key = call_ok(
+                    client,
+                    "kez.registry.whois",
+                    json!({ "key": key.public_key() }),
+                )
+                .await;
+                assert_eq!(by_name["key"], key.public_key().to_string(), "{name}");
+                assert_eq!(by_name, by_key, "{name}");
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>();
+    lookups.await;
+    // An interrupted one is not half visible: neither way finds it.
+    for (name, key) in &interrupted {
+        let by_name = call(
+            &client,
+            "kez.registry.lookup",
+            json!({ "handle": name }).to_string(),
+        )
+        .await;
+        assert_eq!(by_name.unwrap_err().code, 404, "{name}");
+        let by_key = call(
+            &client,
+            "kez.registry.whois",
+            json!({ "key": key.public_key() }).to_string(),
+        )
+        .await;
+        assert_eq!(by_key.unwrap_err().code, 404, "{name}");
+    }
+
+    // And the buckets hold exactly one consistent record per answered handle; the only other
+    // entries are the interrupted registrations' reverse entries, which nothing trusts.
+    let js = async_nats::jetstream::new(client.clone());
+    let handles = bucket::<HandleRecord>(&js, HANDLES_BUCKET).await;
+    let keys = bucket::<KeyRecord>(&js, KEYS_BUCKET).await;
+    assert_eq!(
+        handles.keys().cloned().collect::<BTreeSet<_>>(),
+        registered.keys().cloned().collect::<BTreeSet<_>>()
+    );
+    for (name, key) in &registered {
+        let record = &handles[name];
+        assert_eq!(record.key, key.public_key(), "{name}");
+        assert_eq!(record.handle.name(), name);
+        assert_eq!(keys[&key.public_key().to_hex()].name, *name);
+    }
+    let expected_keys: BTreeSet<String> = registered
+        .values()
+        .chain(interrupted.values())
+        .map(|key| key.public_key().to_hex())
+        .collect();
+    let stray: Vec<&String> = keys
+        .keys()
+        .filter(|key| !expected_keys.contains(*key))
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "reverse entries of unknown keys: {stray:?}"
+    );
+    drop(second);
+}
+
+/// Returns once a message published now has come back: the broker has then handled every
+/// message this client published before (`Client::flush` only writes the socket; it does not
+/// wait for the broker).
+async fn round_trip(client: &Client) {
+    let subject = client.new_inbox();
+    let mut echo = client.subscribe(subject.clone()).await.unwrap();
+    client.publish(subject, Bytes::new()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), echo.next())
+        .await
+        .expect("no echo from the broker within 5 s")
+        .expect("echo subscription closed");
+}
+
+/// Every live entry of a bucket, decoded.
+async fn bucket<T: serde::de::DeserializeOwned>(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> BTreeMap<String, T> {
+    let store = js.get_key_value(name).await.unwrap();
+    let names: Vec<String> = store
+        .keys()
+        .await
+        .unwrap()
+        .map(|key| key.unwrap())
+        .collect()
+        .await;
+    let mut entries = BTreeMap::new();
+    for key in names {
+        if let Some(value) = store.get(&key).await.unwrap() {
+            entries.insert(key, serde_json::from_slice(&value).unwrap());
+        }
+    }
+    entries
+}
+
+/// Registration requests published without waiting for their answers, which arrive on one
+/// wildcard inbox.
+struct Fired {
+    answers: async_nats::Subscriber,
+    /// Request number → handle name and key.
+    sent: BTreeMap<usize, (String, SecretKey)>,
+}
+
+/// Publishes `n` registrations, then returns once the broker has routed them all.
+async fn fire_registrations(client: &Client, n: usize) -> Fired {
+    let inbox = client.new_inbox();
+    let answers = client.subscribe(format!("{inbox}.*")).await.unwrap();
+    let mut sent = BTreeMap::new();
+    for i in 0..n {
+        let name = format!("user_{i}");
+        let (key, body) = registration(&name);
+        client
+            .publish_with_reply(REGISTER, format!("{inbox}.{i}"), body)
+            .await
+            .unwrap();
+        sent.insert(i, (name, key));
+    }
+    // Once our own echo is back, the broker has routed every request to the server.
+    round_trip(client).await;
+    Fired { answers, sent }
+}
+
+impl Fired {
+    /// Collects the answers until each request has one or none comes for 3 s; asserts that
+    /// every request was answered OK, and that each answered registration is stored.
+    async fn assert_all_answered(mut self, client: &Client, stopped_how: &str) {
+        let n = self.sent.len();
+        let mut unanswered: BTreeSet<usize> = self.sent.keys().copied().collect();
+        let mut refused = Vec::new();
+        while !unanswered.is_empty() {
+            let Ok(Some(answer)) =
+                tokio::time::timeout(Duration::from_secs(3), self.answers.next()).await
+            else {
+                break;
+            };
+            let i: usize = answer.subject.rsplit('.').next().unwrap().parse().unwrap();
+            assert!(unanswered.remove(&i), "two answers to request {i}");
+            if answer.status.is_some() {
+                // A status from the broker, not an answer: no responders when it was routed.
+                refused.push((i, format!("{:?}", answer.status)));
+            } else if let Some(code) = answer
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Nats-Service-Error-Code"))
+            {
+                refused.push((i, code.to_string()));
+            }
+        }
+        assert!(
+            unanswered.is_empty(),
+            "{} of {n} requests sent before {stopped_how} got no answer (e.g. {:?})",
+            unanswered.len(),
+            unanswered.iter().take(10).collect::<Vec<_>>()
+        );
+        assert!(refused.is_empty(), "refused: {refused:?}");
+        self.sent_were_stored(client).await;
+    }
+
+    /// Every registration answered OK is stored (checked through a fresh server).
+    async fn sent_were_stored(&self, client: &Client) {
+        let js = async_nats::jetstream::new(client.clone());
+        let handles = bucket::<HandleRecord>(&js, HANDLES_BUCKET).await;
+        for (name, key) in self.sent.values() {
+            assert_eq!(
+                handles.get(name).map(|record| record.key),
+                Some(key.public_key()),
+                "{name}"
+            );
+        }
+    }
+}
+
+/// A request now gets "no responders" from the broker at once, rather than hanging.
+async fn assert_no_responders(client: &Client) {
+    let started = Instant::now();
+    let err = client
+        .request("kez.server.info", Bytes::new())
+        .await
+        .expect_err("a stopped server answered");
+    assert_eq!(err.kind(), RequestErrorKind::NoResponders, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_answers_every_request_sent_before_it() {
+    let nats = NatsServer::start();
+    let server = KezServer::start(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(2)).await;
+
+    let fired = fire_registrations(&client, 300).await;
+    server.stop().await;
+    fired.assert_all_answered(&client, "stop()").await;
+    assert_no_responders(&client).await;
+}
+
+#[tokio::test]
+async fn sigterm_answers_every_request_sent_before_it() {
+    let nats = NatsServer::start();
+    let mut server = KezServerProcess::spawn(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(2)).await;
+
+    let fired = fire_registrations(&client, 300).await;
+    let status = server.terminate();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        server.log()
+    );
+    fired.assert_all_answered(&client, "SIGTERM").await;
+    assert_no_responders(&client).await;
+}
