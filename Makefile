@@ -19,9 +19,10 @@ test: tools
 fmt:
 	$(CARGO) fmt --all
 
-# Rewrites the committed KEZ test vectors; review the diff before committing it.
+# Rewrites the committed KEZ test vectors and nats/nats-server.conf.example; review the diff.
 vectors:
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --test vectors -- --test-threads=1
+	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-chat-server --lib nats_conf
 
 demo:
 	$(CARGO) build --workspace

@@ -27,13 +27,24 @@ pub enum NatsAuth {
     NkeySeedFile(PathBuf),
 }
 
+/// The auth callout's keys (see [`crate::nats_conf`]).
+#[derive(Debug, Clone)]
+pub struct CalloutConfig {
+    /// Directory with the seed files `keygen` wrote.
+    pub keys_dir: PathBuf,
+    /// The issuer public key nats-server is configured with; must match the issuer seed.
+    pub issuer: String,
+}
+
 /// Everything `kez-chat-server run` needs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// The broker to connect to.
     pub nats_url: String,
-    /// The server's own NATS credentials.
+    /// The server's own NATS credentials (its `APP` connection).
     pub auth: NatsAuth,
+    /// When set, the server answers nats-server's auth callout (and connects with its keys).
+    pub callout: Option<CalloutConfig>,
     /// The domain this server serves (normalised).
     pub domain: String,
     /// Replicas of each key-value bucket: 1 on a single node, 3 in a cluster.
@@ -57,6 +68,14 @@ pub struct Settings {
     /// File holding the server's NATS nkey seed (SU...), mode 0600
     #[arg(long, env = "KEZ_NATS_NKEY_SEED_FILE")]
     pub nats_nkey_seed_file: Option<PathBuf>,
+    /// Directory of the keys `kez-chat-server keygen` wrote: turns on the auth callout and
+    /// authenticates both of the server's connections with those keys
+    #[arg(long, env = "KEZ_KEYS_DIR")]
+    pub keys_dir: Option<PathBuf>,
+    /// The callout issuer public key (A...) in nats-server's config; checked against the key in
+    /// --keys-dir
+    #[arg(long, env = "KEZ_CALLOUT_ISSUER")]
+    pub callout_issuer: Option<String>,
     /// Domain this server serves: handles are @name@<domain> [default: kez.lat]
     #[arg(long, env = "KEZ_DOMAIN")]
     pub domain: Option<String>,
@@ -80,6 +99,8 @@ impl Settings {
             nats_user: self.nats_user.or(fallback.nats_user),
             nats_password: self.nats_password.or(fallback.nats_password),
             nats_nkey_seed_file: self.nats_nkey_seed_file.or(fallback.nats_nkey_seed_file),
+            keys_dir: self.keys_dir.or(fallback.keys_dir),
+            callout_issuer: self.callout_issuer.or(fallback.callout_issuer),
             domain: self.domain.or(fallback.domain),
             kv_replicas: self.kv_replicas.or(fallback.kv_replicas),
         }
@@ -87,7 +108,29 @@ impl Settings {
 
     /// Applies defaults and checks the combination.
     pub fn resolve(self) -> Result<ServerConfig, String> {
+        let callout = match (self.keys_dir, self.callout_issuer) {
+            (None, None) => None,
+            (Some(keys_dir), Some(issuer)) => Some(CalloutConfig { keys_dir, issuer }),
+            (Some(_), None) => {
+                return Err("--keys-dir needs --callout-issuer: the issuer public key (A...) you put in nats-server's auth_callout block".into());
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "--callout-issuer needs --keys-dir, the directory with the issuer seed".into(),
+                );
+            }
+        };
         let auth = match (self.nats_user, self.nats_password, self.nats_nkey_seed_file) {
+            (None, None, None) if callout.is_some() => NatsAuth::NkeySeedFile(
+                callout
+                    .as_ref()
+                    .expect("checked")
+                    .keys_dir
+                    .join(crate::nats_conf::SERVER_USER_SEED_FILE),
+            ),
+            _ if callout.is_some() => {
+                return Err("with --keys-dir the server authenticates with its own keys; drop --nats-user, --nats-password and --nats-nkey-seed-file".into());
+            }
             (None, None, None) => NatsAuth::None,
             (Some(user), Some(password), None) => NatsAuth::UserPassword {
                 user,
@@ -114,6 +157,7 @@ impl Settings {
         Ok(ServerConfig {
             nats_url: self.nats_url.unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
             auth,
+            callout,
             domain,
             kv_replicas,
         })

@@ -6,6 +6,7 @@ use kez_core::sigchain::MAX_LINK_BYTES;
 use kez_core::{Handle, PublicKey};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
+use crate::callout::{Callout, Verdict};
 use crate::error::ApiError;
 use crate::store::{ChainHead, HandleRecord, Registered, Store};
 
@@ -31,6 +32,8 @@ pub enum Route {
     Head,
     /// `kez.server.info`
     Info,
+    /// `$SYS.REQ.USER.AUTH` (on the `AUTH` account connection)
+    Authorize,
 }
 
 /// One NATS micro-service: its name, subject prefix and endpoints.
@@ -75,8 +78,18 @@ pub const SERVICES: &[ServiceSpec] = &[
     },
 ];
 
+/// The auth callout service, served on the `AUTH` account connection when enabled.
+pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
+    name: "kez-auth",
+    prefix: "",
+    description: "NATS auth callout: KEZ keys as NATS credentials",
+    endpoints: &[(kez_nats_jwt::AUTH_CALLOUT_SUBJECT, Route::Authorize)],
+};
+
 /// What every handler can use.
 pub struct Context {
+    /// The auth callout, when enabled.
+    pub callout: Option<Callout>,
     /// The buckets.
     pub store: Store,
     /// The domain this server serves.
@@ -148,14 +161,16 @@ struct Limits {
 
 /// Answers one request.
 pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Result<Bytes, ApiError> {
-    if body.len() > MAX_REQUEST_BYTES {
+    // Authorization requests are nats-server's own JWTs, which may be larger.
+    let limit = match route {
+        Route::Authorize => kez_nats_jwt::MAX_JWT_LEN,
+        _ => MAX_REQUEST_BYTES,
+    };
+    if body.len() > limit {
         return Err(ApiError::new(
             413,
             "too_large",
-            format!(
-                "request is {} bytes; the limit is {MAX_REQUEST_BYTES}",
-                body.len()
-            ),
+            format!("request is {} bytes; the limit is {limit}", body.len()),
         ));
     }
     match route {
@@ -169,6 +184,7 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
                 }
                 Registered::Existing(record) => record,
             };
+            ctx.store.ensure_inbox_consumer(record.key).await?;
             answer(&record)
         }
         Route::Lookup => {
@@ -250,6 +266,7 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
                 head,
             })
         }
+        Route::Authorize => authorize(ctx, body, now).await,
         Route::Info => answer(&ServerInfo {
             domain: &ctx.domain,
             version: env!("CARGO_PKG_VERSION"),
@@ -263,6 +280,25 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
     }
 }
 
+/// Always answers (a refusal is a signed response too), so nats-server never waits out its
+/// timeout on us.
+async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ApiError> {
+    let Some(callout) = &ctx.callout else {
+        return Err(ApiError::new(
+            503,
+            "unavailable",
+            "the auth callout is not enabled",
+        ));
+    };
+    let (response, verdict) = callout.authorize(body, now).await;
+    match &verdict {
+        Verdict::Denied(reason) => tracing::warn!(%reason, "connection refused"),
+        Verdict::Registered(key) => tracing::debug!(%key, "connection authorized (registered)"),
+        Verdict::Unregistered(key) => tracing::debug!(%key, "connection authorized (unregistered)"),
+    }
+    Ok(Bytes::from(response))
+}
+
 async fn profile(ctx: &Context, record: HandleRecord) -> Result<Bytes, ApiError> {
     let sigchain = ctx.store.head(record.key).await?;
     answer(&Profile { record, sigchain })
@@ -274,8 +310,13 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             "empty request body; send a JSON object as PROTOCOL.md describes",
         ));
     }
-    serde_json::from_slice(body)
-        .map_err(|err| ApiError::malformed(format!("bad request JSON: {err}")))
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|err| ApiError::malformed(format!("bad request JSON: {err}")))?;
+    // serde would also take a struct from a JSON array; the protocol has objects only.
+    if !value.is_object() {
+        return Err(ApiError::malformed("the request must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|err| ApiError::malformed(format!("bad request: {err}")))
 }
 
 fn answer<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {

@@ -5,9 +5,11 @@
 //! lives in JetStream, so any number of instances can serve one broker (they share each
 //! endpoint's queue group).
 
+pub mod callout;
 pub mod config;
 pub mod error;
 pub mod handlers;
+pub mod nats_conf;
 pub mod store;
 
 use std::future::Future;
@@ -38,7 +40,8 @@ type RequestStream = Pin<Box<dyn futures::Stream<Item = (Route, service::Request
 
 /// A started server: connected, buckets open, services subscribed.
 pub struct Server {
-    client: async_nats::Client,
+    /// The `APP` connection (services, JetStream); the `AUTH` one follows when the callout is on.
+    clients: Vec<async_nats::Client>,
     services: Vec<service::Service>,
     requests: SelectAll<RequestStream>,
     context: Arc<Context>,
@@ -47,9 +50,12 @@ pub struct Server {
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The NATS credentials could not be read.
+    /// The NATS credentials or callout keys could not be read or do not agree.
     #[error("{0}")]
     Credentials(String),
+    /// JetStream refused to set up the inbox consumers.
+    #[error("inbox consumers: {0}")]
+    Inbox(String),
     /// Connecting or subscribing failed.
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
@@ -58,46 +64,56 @@ pub enum StartError {
 impl Server {
     /// Connects to NATS, creates or opens the buckets and subscribes every endpoint.
     pub async fn start(config: &ServerConfig) -> Result<Server, StartError> {
-        let client = connect(config).await?;
-        let js = async_nats::jetstream::new(client.clone());
-        let store = loop {
-            match Store::open(&js, config.kv_replicas).await {
-                Ok(store) => break store,
-                Err(err) => {
-                    tracing::warn!(error = %err, "JetStream not ready; retrying");
-                    tokio::time::sleep(STORE_RETRY).await;
-                }
-            }
-        };
+        // A wrong issuer key would make nats-server refuse every client: fail before connecting.
+        let issuer = config.callout.as_ref().map(load_issuer).transpose()?;
+        let client = connect(&config.nats_url, &config.auth, "kez-chat-server").await?;
+        let store = open_store_on(&client, config.kv_replicas).await;
+        let prepared = store
+            .ensure_all_inbox_consumers()
+            .await
+            .map_err(|err| StartError::Inbox(err.message))?;
+        tracing::info!(users = prepared, "inbox consumers in place");
 
         let mut services = Vec::new();
         let mut requests = SelectAll::new();
         for spec in handlers::SERVICES {
-            let service = client
-                .service_builder()
-                .description(spec.description)
-                .start(spec.name, env!("CARGO_PKG_VERSION"))
-                .await?;
-            let group = service.group(spec.prefix);
-            for &(endpoint, route) in spec.endpoints {
-                let stream = group
-                    .endpoint(endpoint)
-                    .await?
-                    .map(move |request| (route, request));
-                requests.push(Box::pin(stream) as RequestStream);
-            }
-            services.push(service);
+            add_service(&client, spec, &mut services, &mut requests).await?;
         }
-        client
-            .flush()
-            .await
-            .map_err(|err| StartError::Nats(err.into()))?;
+        let mut clients = vec![client];
+        let callout = match (&config.callout, issuer) {
+            (Some(callout_config), Some(issuer)) => {
+                let callout = callout::Callout::new(issuer, store.clone());
+                let auth = NatsAuth::NkeySeedFile(
+                    callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
+                );
+                let auth_client =
+                    connect(&config.nats_url, &auth, "kez-chat-server auth callout").await?;
+                add_service(
+                    &auth_client,
+                    &handlers::CALLOUT_SERVICE,
+                    &mut services,
+                    &mut requests,
+                )
+                .await?;
+                tracing::info!(issuer = %callout.issuer_public_key(), "auth callout serving");
+                clients.push(auth_client);
+                Some(callout)
+            }
+            _ => None,
+        };
+        for client in &clients {
+            client
+                .flush()
+                .await
+                .map_err(|err| StartError::Nats(err.into()))?;
+        }
         tracing::info!(domain = %config.domain, "kez-chat-server serving");
         Ok(Server {
-            client,
+            clients,
             services,
             requests,
             context: Arc::new(Context {
+                callout,
                 store,
                 domain: config.domain.clone(),
             }),
@@ -118,8 +134,10 @@ impl Server {
                     stopping = true;
                     // Once our own echo comes back, every request the broker routed here before
                     // it is in the request streams: the broker sends them to us in order.
-                    if let Err(err) = round_trip(&self.client).await {
-                        tracing::warn!(error = %err, "no round trip to the broker before unsubscribing");
+                    for client in &self.clients {
+                        if let Err(err) = round_trip(client).await {
+                            tracing::warn!(error = %err, "no round trip to the broker before unsubscribing");
+                        }
                     }
                     // Unsubscribes every endpoint. Each request stream still yields what was
                     // delivered before the unsubscribe, then ends: those are answered too.
@@ -146,12 +164,14 @@ impl Server {
             }
         }
         while in_flight.join_next().await.is_some() {}
-        // The answers are queued in the client; make sure they are on the wire before it goes.
-        if let Err(err) = self.client.flush().await {
-            tracing::warn!(error = %err, "flushing the last answers");
-        }
-        if let Err(err) = self.client.drain().await {
-            tracing::warn!(error = %err, "draining the NATS connection");
+        for client in &self.clients {
+            // The answers are queued in the client; make sure they are on the wire before it goes.
+            if let Err(err) = client.flush().await {
+                tracing::warn!(error = %err, "flushing the last answers");
+            }
+            if let Err(err) = client.drain().await {
+                tracing::warn!(error = %err, "draining the NATS connection");
+            }
         }
         tracing::info!("stopped");
     }
@@ -168,6 +188,19 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), async_nats::Error
         .await?
         .ok_or("the echo subscription closed")?;
     Ok(())
+}
+
+/// Whether an answer may go to `reply`. The server's connection may publish anywhere in its
+/// account, so an answer to a reply subject the client chose (say `$JS.API.STREAM.DELETE.…` or a
+/// `$KV.…` key) would be the client acting with the server's rights. Clients reach the services
+/// through an import, whose replies the broker rewrites to `_R_.…`; a client on a trusted broker
+/// without accounts uses `_INBOX.…`. nats-server sends callout requests with `$SYS._INBOX.…`.
+fn reply_is_safe(route: Route, reply: Option<&str>) -> bool {
+    match (route, reply) {
+        (_, None) => false,
+        (Route::Authorize, Some(reply)) => reply.starts_with("$SYS._INBOX."),
+        (_, Some(reply)) => reply.starts_with("_R_.") || reply.starts_with("_INBOX."),
+    }
 }
 
 async fn respond(context: &Context, route: Route, request: service::Request) {
@@ -214,8 +247,8 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
             })
         }
     };
-    if request.message.reply.is_none() {
-        tracing::debug!(?route, "request without a reply subject ignored");
+    if !reply_is_safe(route, request.message.reply.as_deref()) {
+        tracing::debug!(?route, reply = ?request.message.reply, "request with no usable reply subject ignored");
         return;
     }
     if let Err(err) = request.respond_with_headers(response, headers).await {
@@ -223,9 +256,75 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
     }
 }
 
-async fn connect(config: &ServerConfig) -> Result<async_nats::Client, StartError> {
+/// Connects like `run` does and opens the buckets: for operator commands.
+pub async fn open_store(config: &ServerConfig) -> Result<Store, StartError> {
+    let client = connect(&config.nats_url, &config.auth, "kez-chat-server admin").await?;
+    Ok(open_store_on(&client, config.kv_replicas).await)
+}
+
+/// Opens the buckets, waiting for JetStream as long as it takes.
+async fn open_store_on(client: &async_nats::Client, replicas: usize) -> Store {
+    let js = async_nats::jetstream::new(client.clone());
+    loop {
+        match Store::open(&js, replicas).await {
+            Ok(store) => return store,
+            Err(err) => {
+                tracing::warn!(error = %err, "JetStream not ready; retrying");
+                tokio::time::sleep(STORE_RETRY).await;
+            }
+        }
+    }
+}
+
+async fn add_service(
+    client: &async_nats::Client,
+    spec: &handlers::ServiceSpec,
+    services: &mut Vec<service::Service>,
+    requests: &mut SelectAll<RequestStream>,
+) -> Result<(), StartError> {
+    let service = client
+        .service_builder()
+        .description(spec.description)
+        .start(spec.name, env!("CARGO_PKG_VERSION"))
+        .await?;
+    for &(endpoint, route) in spec.endpoints {
+        let endpoint = match spec.prefix {
+            "" => service.endpoint(endpoint).await?,
+            prefix => service.group(prefix).endpoint(endpoint).await?,
+        };
+        requests.push(Box::pin(endpoint.map(move |request| (route, request))) as RequestStream);
+    }
+    services.push(service);
+    Ok(())
+}
+
+/// The callout issuer key, refused unless it is the one nats-server was configured with.
+fn load_issuer(config: &config::CalloutConfig) -> Result<nkeys::KeyPair, StartError> {
+    let path = config.keys_dir.join(nats_conf::ISSUER_SEED_FILE);
+    let seed = config::read_nkey_seed(&path).map_err(StartError::Credentials)?;
+    let issuer = nkeys::KeyPair::from_seed(&seed).map_err(|err| {
+        StartError::Credentials(format!("{}: not an nkey seed: {err}", path.display()))
+    })?;
+    if !issuer.public_key().starts_with('A') {
+        return Err(StartError::Credentials(format!(
+            "{} must hold an account seed (SA...); run `kez-chat-server keygen`",
+            path.display()
+        )));
+    }
+    if issuer.public_key() != config.issuer {
+        return Err(StartError::Credentials(format!(
+            "the issuer seed in {} is for {}, but --callout-issuer says {}; nats-server would refuse every authorization. Put the seed's public key in nats-server's auth_callout.issuer and --callout-issuer",
+            path.display(),
+            issuer.public_key(),
+            config.issuer
+        )));
+    }
+    Ok(issuer)
+}
+
+async fn connect(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::Client, StartError> {
     let options = async_nats::ConnectOptions::new()
-        .name("kez-chat-server")
+        .name(name)
         .retry_on_initial_connect()
         .event_callback(|event| async move {
             match event {
@@ -236,7 +335,7 @@ async fn connect(config: &ServerConfig) -> Result<async_nats::Client, StartError
                 other => tracing::info!(event = %other, "NATS"),
             }
         });
-    let options = match &config.auth {
+    let options = match auth {
         NatsAuth::None => options,
         NatsAuth::UserPassword { user, password } => {
             options.user_and_password(user.clone(), password.to_string())
@@ -248,7 +347,7 @@ async fn connect(config: &ServerConfig) -> Result<async_nats::Client, StartError
         ),
     };
     options
-        .connect(&config.nats_url)
+        .connect(url)
         .await
         .map_err(|err| StartError::Nats(err.into()))
 }

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kez_chat_server::Server;
-use kez_chat_server::config::Settings;
+use kez_chat_server::config::{ServerConfig, Settings};
+use kez_chat_server::store::DisabledRecord;
+use kez_chat_server::{Server, nats_conf};
+use kez_core::Handle;
 
 /// The kez-chat home server: handle registry and sigchain services over NATS.
 ///
@@ -20,6 +22,30 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create the server's NATS keys (callout issuer, AUTH and SERVER users) in a directory, each
+    /// seed in its own 0600 file, and print the values nats-server's config needs.
+    Keygen {
+        /// Where to write the seed files (created if missing; existing keys are never replaced)
+        #[arg(long, env = "KEZ_KEYS_DIR")]
+        keys_dir: PathBuf,
+    },
+    /// Print a complete single-node nats-server config for the keys in a directory.
+    NatsConf {
+        /// Directory of the keys `keygen` wrote
+        #[arg(long, env = "KEZ_KEYS_DIR")]
+        keys_dir: PathBuf,
+        /// Client listen address
+        #[arg(long, default_value = "0.0.0.0:4222")]
+        listen: String,
+        /// JetStream store directory
+        #[arg(long, default_value = "/var/lib/nats")]
+        store_dir: PathBuf,
+    },
+    /// Operator actions on the registry (with the same connection settings as `run`).
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
     /// Serve the NATS services until SIGINT or SIGTERM. Log level: RUST_LOG (default info).
     Run {
         /// TOML file with any of the settings below (keys as flag names with `_`)
@@ -28,6 +54,27 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+}
+
+/// The handle an admin action is about, and how to reach the registry.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// The handle, e.g. @mallory
+    handle: String,
+    /// TOML config file, as for `run`
+    #[arg(long, env = "KEZ_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Refuse the handle's key at the broker: it can no longer connect (existing connections end
+    /// when their authorization expires, within an hour).
+    Disable(AdminTarget),
+    /// Let a disabled handle's key connect again.
+    Enable(AdminTarget),
 }
 
 #[tokio::main]
@@ -39,12 +86,83 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run { config, settings } = Cli::parse().command;
-    let file = match config.as_deref().map(Settings::from_file).transpose() {
-        Ok(file) => file.unwrap_or_default(),
-        Err(err) => return fail(&err),
-    };
-    let config = match settings.or(file).resolve() {
+    match Cli::parse().command {
+        Command::Run { config, settings } => run(config, settings).await,
+        Command::Keygen { keys_dir } => match nats_conf::keygen(&keys_dir) {
+            Ok(keys) => {
+                println!(
+                    "Wrote the server's NATS keys to {} (mode 0600):",
+                    keys_dir.display()
+                );
+                println!(
+                    "  {}  callout issuer   {}",
+                    nats_conf::ISSUER_SEED_FILE,
+                    keys.issuer
+                );
+                println!(
+                    "  {}     AUTH user        {}",
+                    nats_conf::AUTH_USER_SEED_FILE,
+                    keys.auth_user
+                );
+                println!(
+                    "  {}            SERVER user      {}",
+                    nats_conf::SERVER_USER_SEED_FILE,
+                    keys.server_user
+                );
+                println!();
+                println!(
+                    "nats-server config: kez-chat-server nats-conf --keys-dir {}",
+                    keys_dir.display()
+                );
+                println!(
+                    "then run:           kez-chat-server run --keys-dir {} --callout-issuer {}",
+                    keys_dir.display(),
+                    keys.issuer
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
+        Command::NatsConf {
+            keys_dir,
+            listen,
+            store_dir,
+        } => match nats_conf::public_keys(&keys_dir) {
+            Ok(keys) => {
+                print!(
+                    "{}",
+                    nats_conf::render(&keys, &nats_conf::ConfParams { listen, store_dir })
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(&err),
+        },
+        Command::Admin { action } => {
+            let (target, disable) = match action {
+                AdminAction::Disable(target) => (target, true),
+                AdminAction::Enable(target) => (target, false),
+            };
+            match resolve(target.config, target.settings) {
+                Ok(config) => match admin(&config, &target.handle, disable).await {
+                    Ok(message) => {
+                        println!("{message}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(err) => fail(&err),
+                },
+                Err(err) => fail(&err),
+            }
+        }
+    }
+}
+
+fn resolve(config: Option<PathBuf>, settings: Settings) -> Result<ServerConfig, String> {
+    let file = config.as_deref().map(Settings::from_file).transpose()?;
+    settings.or(file.unwrap_or_default()).resolve()
+}
+
+async fn run(config: Option<PathBuf>, settings: Settings) -> ExitCode {
+    let config = match resolve(config, settings) {
         Ok(config) => config,
         Err(err) => return fail(&err),
     };
@@ -58,6 +176,36 @@ async fn main() -> ExitCode {
     };
     server.serve(shutdown_signal()).await;
     ExitCode::SUCCESS
+}
+
+async fn admin(config: &ServerConfig, handle: &str, disable: bool) -> Result<String, String> {
+    let handle = Handle::parse(handle, &config.domain).map_err(|err| format!("{handle}: {err}"))?;
+    let store = kez_chat_server::open_store(config)
+        .await
+        .map_err(|err| err.to_string())?;
+    let record = store
+        .handle(handle.name())
+        .await
+        .map_err(|err| err.message)?
+        .ok_or_else(|| format!("{handle} is not registered on {}", config.domain))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let disabled = disable.then(|| DisabledRecord {
+        handle: record.handle.clone(),
+        since: now,
+    });
+    store
+        .set_disabled(record.key, disabled.as_ref())
+        .await
+        .map_err(|err| err.message)?;
+    Ok(match disable {
+        true => format!(
+            "{handle} ({}) is disabled: new connections by its key are refused",
+            record.key
+        ),
+        false => format!("{handle} ({}) is enabled again", record.key),
+    })
 }
 
 fn fail(message: &str) -> ExitCode {

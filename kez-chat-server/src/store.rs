@@ -15,6 +15,7 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
+use kez_core::subjects::{INBOX_STREAM, INBOX_SUBJECTS, inbox_consumer, inbox_subject};
 use kez_core::{Handle, PublicKey, Sigchain};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,18 @@ pub const KEYS_BUCKET: &str = "kez_keys";
 pub const LINKS_BUCKET: &str = "kez_chain_links";
 /// Bucket: chain hex → [`ChainHead`].
 pub const HEADS_BUCKET: &str = "kez_chain_heads";
+/// Bucket: key hex → [`DisabledRecord`], for keys an operator disabled.
+pub const DISABLED_BUCKET: &str = "kez_disabled";
+
+/// Most undelivered messages one inbox holds; past it new messages are refused (the sender is
+/// told), never old ones dropped.
+pub const INBOX_MAX_MESSAGES: i64 = 10_000;
+/// Largest message accepted into an inbox, in bytes.
+pub const INBOX_MAX_MESSAGE_BYTES: i32 = 64 * 1024;
+/// How long an undelivered message is kept.
+pub const INBOX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// Window in which a re-sent message with the same `Nats-Msg-Id` is stored only once.
+pub const INBOX_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Age after which a reverse entry without its handle record is abandoned: well past the
 /// handler timeout, so the registration that wrote it has certainly ended.
@@ -55,6 +68,15 @@ pub struct KeyRecord {
     pub name: String,
 }
 
+/// Why and since when a key is disabled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DisabledRecord {
+    /// The handle the key held when it was disabled.
+    pub handle: Handle,
+    /// Server time it was disabled, seconds since the Unix epoch.
+    pub since: u64,
+}
+
 /// A chain's last link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainHead {
@@ -64,9 +86,11 @@ pub struct ChainHead {
     pub head: LinkHash,
 }
 
-/// The four buckets.
+/// The buckets and the inbox stream.
 #[derive(Clone)]
 pub struct Store {
+    js: jetstream::Context,
+    disabled: kv::Store,
     handles: kv::Store,
     keys: kv::Store,
     links: kv::Store,
@@ -98,7 +122,27 @@ impl Store {
             ..Default::default()
         };
         let open = |config: kv::Config| async move { js.create_or_update_key_value(config).await };
+        js.create_or_update_stream(jetstream::stream::Config {
+            name: INBOX_STREAM.to_owned(),
+            description: Some("kez-chat: undelivered end-to-end encrypted messages".to_owned()),
+            subjects: vec![INBOX_SUBJECTS.to_owned()],
+            // Each user's consumer filters only their subject, and an acknowledged message is
+            // deleted: the broker keeps ciphertext only until it is delivered.
+            retention: jetstream::stream::RetentionPolicy::WorkQueue,
+            storage: jetstream::stream::StorageType::File,
+            max_messages_per_subject: INBOX_MAX_MESSAGES,
+            discard: jetstream::stream::DiscardPolicy::New,
+            discard_new_per_subject: true,
+            max_message_size: INBOX_MAX_MESSAGE_BYTES,
+            max_age: INBOX_MAX_AGE,
+            duplicate_window: INBOX_DUPLICATE_WINDOW,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await?;
         Ok(Store {
+            js: js.clone(),
+            disabled: open(bucket(DISABLED_BUCKET, "kez-chat: disabled keys", 1024)).await?,
             handles: open(bucket(HANDLES_BUCKET, "kez-chat: handle -> key", 1024)).await?,
             keys: open(bucket(KEYS_BUCKET, "kez-chat: key -> handle", 1024)).await?,
             links: open(bucket(
@@ -209,6 +253,72 @@ impl Store {
         }
     }
 
+    /// Creates `key`'s durable inbox consumer if it does not exist (idempotent).
+    pub async fn ensure_inbox_consumer(&self, key: PublicKey) -> Result<(), ApiError> {
+        let config = jetstream::consumer::pull::Config {
+            durable_name: Some(inbox_consumer(&key)),
+            filter_subject: inbox_subject(&key),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: std::time::Duration::from_secs(30),
+            max_ack_pending: 1000,
+            ..Default::default()
+        };
+        self.js
+            .create_consumer_on_stream(config, INBOX_STREAM)
+            .await
+            .map(|_| ())
+            .map_err(ApiError::unavailable)
+    }
+
+    /// Creates the inbox consumers of every registered key that lacks one (at start: users
+    /// registered before this version, or whose consumer an operator removed).
+    pub async fn ensure_all_inbox_consumers(&self) -> Result<usize, ApiError> {
+        let mut names = self.handles.keys().await.map_err(ApiError::unavailable)?;
+        let mut count = 0;
+        while let Some(name) = names.next().await {
+            let name = name.map_err(ApiError::unavailable)?;
+            if let Some(record) = self.handle(&name).await? {
+                self.ensure_inbox_consumer(record.key).await?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Marks `key` disabled (`Some`) or enabled (`None`).
+    pub async fn set_disabled(
+        &self,
+        key: PublicKey,
+        record: Option<&DisabledRecord>,
+    ) -> Result<(), ApiError> {
+        match record {
+            Some(record) => self
+                .disabled
+                .put(key.to_hex(), encode(record))
+                .await
+                .map(|_| ())
+                .map_err(ApiError::unavailable),
+            None => self
+                .disabled
+                .delete(key.to_hex())
+                .await
+                .map_err(ApiError::unavailable),
+        }
+    }
+
+    /// Whether an operator disabled `key`.
+    pub async fn disabled(&self, key: PublicKey) -> Result<Option<DisabledRecord>, ApiError> {
+        match self
+            .disabled
+            .get(key.to_hex())
+            .await
+            .map_err(ApiError::unavailable)?
+        {
+            Some(value) => Ok(Some(decode(&value)?)),
+            None => Ok(None),
+        }
+    }
+
     /// The record of a handle name, if registered.
     pub async fn handle(&self, name: &str) -> Result<Option<HandleRecord>, ApiError> {
         match self
@@ -297,6 +407,18 @@ impl Store {
             ));
         }
         let stored = self.links(chain_id).await?;
+        let seq = parsed.link().seq;
+        // The very link already stored at its seq (a retry after a lost answer): done already.
+        if let Some(existing) = seq
+            .checked_sub(1)
+            .and_then(|i| stored.get(usize::try_from(i).ok()?))
+            && existing.as_ref() == link
+        {
+            return Ok(ChainHead {
+                seq,
+                head: parsed.hash(),
+            });
+        }
         let mut chain = match stored.is_empty() {
             true => None,
             false => Some(Sigchain::verify(&stored).map_err(|err| {

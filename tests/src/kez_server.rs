@@ -18,16 +18,21 @@ pub struct KezServer {
 }
 
 impl KezServer {
-    /// Starts a server for `nats_url` serving [`TEST_DOMAIN`]; returns once every endpoint is
-    /// subscribed.
+    /// Starts a server for `nats_url` serving [`TEST_DOMAIN`], without the auth callout.
     pub async fn start(nats_url: &str) -> KezServer {
-        let config = ServerConfig {
+        KezServer::start_with(&ServerConfig {
             nats_url: nats_url.to_owned(),
             auth: NatsAuth::None,
+            callout: None,
             domain: TEST_DOMAIN.to_owned(),
             kv_replicas: 1,
-        };
-        let server = Server::start(&config)
+        })
+        .await
+    }
+
+    /// Starts a server with `config`; returns once every endpoint is subscribed.
+    pub async fn start_with(config: &ServerConfig) -> KezServer {
+        let server = Server::start(config)
             .await
             .unwrap_or_else(|err| panic!("kez-chat-server did not start: {err}"));
         let (stop, stopped) = oneshot::channel::<()>();

@@ -1,12 +1,14 @@
 //! The real `kez-chat-server` binary as a child process, for tests that need what an in-process
 //! [`crate::kez_server::KezServer`] cannot show: several instances with their own connections,
-//! and an instance dying abruptly (SIGKILL) mid-load.
+//! an instance dying abruptly (SIGKILL) mid-load, the server's log (the auth callout's reasons
+//! for refusing a client), and one-shot commands (`admin`, a `run` that must refuse to start).
 //!
 //! The binary is the one cargo built next to the test binary (`cargo build --bins`; `make test`
 //! does it), or `$KEZ_CHAT_SERVER_BIN`. See [`kez_chat_server_binary`].
 
+use std::ffi::OsString;
 use std::fs::File;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,39 @@ pub const TERMINATE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the server logs once every endpoint is subscribed (after a flush, so the broker knows).
 const SERVING_LINE: &str = "kez-chat-server serving";
+
+/// Environment variables that configure `kez-chat-server`: removed from every child, so that a
+/// developer's settings cannot leak into a test server.
+const SETTINGS_ENV: &[&str] = &[
+    "KEZ_CONFIG",
+    "KEZ_NATS_URL",
+    "KEZ_NATS_USER",
+    "KEZ_NATS_PASSWORD",
+    "KEZ_NATS_NKEY_SEED_FILE",
+    "KEZ_KEYS_DIR",
+    "KEZ_CALLOUT_ISSUER",
+    "KEZ_DOMAIN",
+    "KEZ_KV_REPLICAS",
+];
+
+/// A `kez-chat-server` command (no arguments yet) with the developer's `KEZ_*` settings
+/// removed from its environment, `RUST_LOG=info` and `NO_COLOR=1`; for one-shot commands such as
+/// `admin disable` or a `run` that is expected to fail. Output is left to the caller.
+///
+/// # Panics
+///
+/// If the binary is missing (see [`kez_chat_server_binary`]).
+pub fn kez_chat_server_command() -> Command {
+    let mut command = Command::new(kez_chat_server_binary());
+    command
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    for name in SETTINGS_ENV {
+        command.env_remove(name);
+    }
+    command
+}
 
 /// Returns the `kez-chat-server` binary the fixture runs.
 ///
@@ -85,7 +120,43 @@ impl KezServerProcess {
     /// If the binary is missing (see [`kez_chat_server_binary`]), exits, or does not serve
     /// within [`SERVE_TIMEOUT`]; the message includes its log.
     pub async fn spawn(nats_url: &str) -> KezServerProcess {
-        let binary = kez_chat_server_binary();
+        KezServerProcess::spawn_with(nats_url, Vec::new(), async_nats::ConnectOptions::new()).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with the auth callout on: `--keys-dir <keys_dir>
+    /// --callout-issuer <issuer>` (the directory `kez-chat-server keygen` or
+    /// [`kez_chat_server::nats_conf::keygen`] wrote). The broker must run with the matching
+    /// config ([`kez_chat_server::nats_conf::render_auth`]); the readiness probe connects as the
+    /// server's own `SERVER` user, whose seed is in `keys_dir`.
+    ///
+    /// # Panics
+    ///
+    /// As [`spawn`](Self::spawn), and if the `SERVER` user seed cannot be read.
+    pub async fn spawn_with_callout(
+        nats_url: &str,
+        keys_dir: &Path,
+        issuer: &str,
+    ) -> KezServerProcess {
+        let seed_path = keys_dir.join(kez_chat_server::nats_conf::SERVER_USER_SEED_FILE);
+        let seed = std::fs::read_to_string(&seed_path)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", seed_path.display()));
+        let args = vec![
+            OsString::from("--keys-dir"),
+            keys_dir.as_os_str().to_owned(),
+            OsString::from("--callout-issuer"),
+            OsString::from(issuer),
+        ];
+        let probe = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned());
+        KezServerProcess::spawn_with(nats_url, args, probe).await
+    }
+
+    /// Starts `run --nats-url <nats_url> --domain kez.test <extra_args>`; `probe` is how the
+    /// readiness check connects to the broker.
+    async fn spawn_with(
+        nats_url: &str,
+        extra_args: Vec<OsString>,
+        probe: async_nats::ConnectOptions,
+    ) -> KezServerProcess {
         let dir = tempfile::Builder::new()
             .prefix("kez-chat-server-")
             .tempdir()
@@ -96,40 +167,28 @@ impl KezServerProcess {
         let log_clone = log
             .try_clone()
             .unwrap_or_else(|e| panic!("cannot duplicate the log file handle: {e}"));
-        let mut command = Command::new(&binary);
+        let mut command = kez_chat_server_command();
         command
             .arg("run")
             .arg("--nats-url")
             .arg(nats_url)
             .arg("--domain")
             .arg(TEST_DOMAIN)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
+            .args(extra_args)
             .stdout(Stdio::from(log_clone))
             .stderr(Stdio::from(log));
-        // Settings the developer's environment may carry must not leak into the test server.
-        for name in [
-            "KEZ_CONFIG",
-            "KEZ_NATS_USER",
-            "KEZ_NATS_PASSWORD",
-            "KEZ_NATS_NKEY_SEED_FILE",
-            "KEZ_KV_REPLICAS",
-        ] {
-            command.env_remove(name);
-        }
         let child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("cannot start kez-chat-server: {e}"));
         // From here on a panic drops `server`, which kills the child.
         let mut server = KezServerProcess { child, dir };
-        server.wait_serving(nats_url).await;
+        server.wait_serving(nats_url, probe).await;
         server
     }
 
-    async fn wait_serving(&mut self, nats_url: &str) {
+    async fn wait_serving(&mut self, nats_url: &str, probe: async_nats::ConnectOptions) {
         let deadline = Instant::now() + SERVE_TIMEOUT;
-        let client = async_nats::ConnectOptions::new()
+        let client = probe
             .request_timeout(Some(Duration::from_secs(1)))
             .connect(nats_url)
             .await

@@ -265,8 +265,19 @@ async fn sigchain_append_get_head() {
     .await;
     assert_eq!(tail["links"].as_array().unwrap().len(), 1);
 
-    // Replaying an old link, a wrong signer, and a link of an unregistered key are refused.
-    let replay = call(&client, "kez.sigchain.append", second.bytes().to_vec())
+    // Re-sending a stored link (a retry after a lost answer) is answered as before; another link
+    // at a taken seq is a conflict carrying the head.
+    let again = call_ok_raw(&client, "kez.sigchain.append", second.bytes().to_vec()).await;
+    assert_eq!(
+        (again["seq"].as_u64(), again["head"].as_str()),
+        (Some(2), Some(second.hash().to_string().as_str()))
+    );
+    let stale = Sigchain::start(links[0].as_bytes())
+        .unwrap()
+        .next_link(now(), endpoint("other"))
+        .sign(&alice)
+        .unwrap();
+    let replay = call(&client, "kez.sigchain.append", stale.bytes().to_vec())
         .await
         .unwrap_err();
     assert_eq!(replay.code, 409);
@@ -471,4 +482,32 @@ async fn an_interrupted_registration_is_finished_by_a_retry() {
     )
     .await;
     assert_eq!(who["handle"], "@alice@kez.test");
+}
+
+/// Bodies are JSON objects; the positional array form serde would also accept is refused.
+#[tokio::test]
+async fn array_bodies_are_refused() {
+    let (_nats, _server, client) = setup().await;
+    let alice = SecretKey::generate();
+    call(
+        &client,
+        "kez.registry.register",
+        registration(&alice, "alice"),
+    )
+    .await
+    .unwrap();
+    for (subject, body) in [
+        ("kez.registry.lookup", json!(["alice"])),
+        ("kez.registry.whois", json!([alice.public_key()])),
+        ("kez.sigchain.head", json!([alice.public_key()])),
+    ] {
+        let err = call(&client, subject, serde_json::to_vec(&body).unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (err.code, err.name.as_str()),
+            (400, "malformed"),
+            "{subject}"
+        );
+    }
 }

@@ -42,7 +42,7 @@ pub enum KeyError {
     /// The hex part holds something other than `0-9a-f` (uppercase is refused: one text per key).
     #[error("key hex must be lowercase 0-9a-f only")]
     NotLowercaseHex,
-    /// The 32 bytes are not the encoding of a point on the curve.
+    /// The 32 bytes are not the canonical encoding of a point on the curve.
     #[error("these 32 bytes are not a valid ed25519 public key")]
     InvalidPoint,
     /// The point has small order: signatures by it prove nothing, so it is never accepted.
@@ -61,9 +61,14 @@ pub enum KeyError {
 pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
-    /// Accepts 32 bytes that decode to a curve point of large order.
+    /// Accepts 32 bytes that are the canonical encoding of a curve point of large order.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
         let key = VerifyingKey::from_bytes(bytes).map_err(|_| KeyError::InvalidPoint)?;
+        // Decoding reduces y modulo p, so 19 encodings (y >= p) alias canonical ones; requiring
+        // the canonical encoding keeps one text form per key, as libsodium does.
+        if key.to_edwards().compress().as_bytes() != bytes {
+            return Err(KeyError::InvalidPoint);
+        }
         if key.is_weak() {
             return Err(KeyError::WeakKey);
         }
@@ -363,6 +368,25 @@ mod tests {
         assert_eq!(
             PublicKey::from_bytes(&off_curve),
             Err(KeyError::InvalidPoint)
+        );
+    }
+
+    #[test]
+    fn non_canonical_encodings_are_refused() {
+        // y = p + 3 (p = 2^255 - 19) decodes to the same point as y = 3, which is on the curve.
+        let mut aliased = [0xffu8; 32];
+        aliased[0] = 0xf0;
+        aliased[31] = 0x7f;
+        assert_eq!(PublicKey::from_bytes(&aliased), Err(KeyError::InvalidPoint));
+        let mut canonical = [0u8; 32];
+        canonical[0] = 3;
+        assert!(
+            VerifyingKey::from_bytes(&aliased).is_ok(),
+            "dalek alone accepts the alias"
+        );
+        assert_eq!(
+            VerifyingKey::from_bytes(&canonical).unwrap().to_edwards(),
+            VerifyingKey::from_bytes(&aliased).unwrap().to_edwards()
         );
     }
 

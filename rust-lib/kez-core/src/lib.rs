@@ -10,6 +10,7 @@ pub mod handle;
 pub mod key;
 pub mod registry;
 pub mod sigchain;
+pub mod subjects;
 
 pub use handle::{Handle, HandleError};
 pub use key::{KeyError, PublicKey, SecretKey, Signature};

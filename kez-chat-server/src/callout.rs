@@ -1,0 +1,167 @@
+//! The NATS auth callout: a client's KEZ key is its NATS credential.
+//!
+//! nats-server sends every connecting client (except the server's own users) to
+//! `$SYS.REQ.USER.AUTH` as a signed JWT. In callout mode nats-server does not check an nkey
+//! client's signature itself, so this does: the client must have signed the connection nonce with
+//! the key it names. The key then gets one of two permission profiles (PROTOCOL.md §6), or is
+//! refused if an operator disabled it.
+
+use kez_core::PublicKey;
+use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
+use kez_nats_jwt::{
+    AuthorizationRequest, Decision, UserClaims, decode_authorization_request,
+    encode_authorization_response_for, encode_user_jwt, verify_client_nonce_signature,
+};
+use nkeys::KeyPair;
+
+use crate::nats_conf::APP_ACCOUNT;
+use crate::store::{HandleRecord, Store};
+
+/// How long a granted authorization lasts. When it ends nats-server disconnects the client,
+/// whose reconnect runs the callout again: a disabled user is out within this time.
+pub const AUTHORIZATION_LIFETIME_SECS: u64 = 3600;
+/// Most subscriptions one user connection may hold.
+const MAX_SUBSCRIPTIONS: i64 = 1000;
+
+/// Answers authorization requests.
+pub struct Callout {
+    issuer: KeyPair,
+    store: Store,
+}
+
+/// What the callout decided, for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// A registered, enabled key: the chat profile.
+    Registered(PublicKey),
+    /// A valid key without a handle: the narrow profile.
+    Unregistered(PublicKey),
+    /// Refused, with the reason nats-server logs.
+    Denied(String),
+}
+
+impl Callout {
+    /// A callout signing with `issuer` (an account key) and reading the registry in `store`.
+    pub fn new(issuer: KeyPair, store: Store) -> Self {
+        Callout { issuer, store }
+    }
+
+    /// The public key nats-server must be configured with (`auth_callout.issuer`).
+    pub fn issuer_public_key(&self) -> String {
+        self.issuer.public_key()
+    }
+
+    /// Decides on one request. Returns the signed response (empty when the request itself is
+    /// unreadable: nats-server treats that as a refusal) and the verdict.
+    pub async fn authorize(&self, request_jwt: &[u8], now: u64) -> (Vec<u8>, Verdict) {
+        let text = String::from_utf8_lossy(request_jwt);
+        let request = match decode_authorization_request(text.trim(), now) {
+            Ok(request) => request,
+            Err(err) => {
+                return (
+                    Vec::new(),
+                    Verdict::Denied(format!("unreadable request: {err}")),
+                );
+            }
+        };
+        let (decision, verdict) = match self.decide(&request, now).await {
+            Ok((user_jwt, verdict)) => (Ok(user_jwt), verdict),
+            Err(reason) => (Err(reason.clone()), Verdict::Denied(reason)),
+        };
+        let decision = match &decision {
+            Ok(user_jwt) => Decision::Allow { user_jwt },
+            Err(reason) => Decision::Deny { reason },
+        };
+        match encode_authorization_response_for(&self.issuer, &request, decision, now) {
+            Ok(response) => (response.into_bytes(), verdict),
+            Err(err) => (
+                Vec::new(),
+                Verdict::Denied(format!("cannot sign the response: {err}")),
+            ),
+        }
+    }
+
+    async fn decide(
+        &self,
+        request: &AuthorizationRequest,
+        now: u64,
+    ) -> Result<(String, Verdict), String> {
+        let client = verify_client_nonce_signature(request).map_err(|err| format!("kez: {err}"))?;
+        let key = PublicKey::from_bytes(&client.ed25519)
+            .map_err(|err| format!("kez: client key refused: {err}"))?;
+        let record = self
+            .store
+            .whois(key)
+            .await
+            .map_err(|err| format!("kez: registry unavailable: {}", err.message))?;
+        if let Some(disabled) = self
+            .store
+            .disabled(key)
+            .await
+            .map_err(|err| format!("kez: registry unavailable: {}", err.message))?
+        {
+            return Err(format!(
+                "kez: {} is disabled by the operator",
+                disabled.handle
+            ));
+        }
+        let (claims, verdict) = match &record {
+            Some(record) => (
+                registered_profile(request, record, now),
+                Verdict::Registered(key),
+            ),
+            None => (
+                unregistered_profile(request, &key, now),
+                Verdict::Unregistered(key),
+            ),
+        };
+        let user_jwt =
+            encode_user_jwt(&self.issuer, &claims).map_err(|err| format!("kez: {err}"))?;
+        Ok((user_jwt, verdict))
+    }
+}
+
+fn base_claims(request: &AuthorizationRequest, name: String, now: u64) -> UserClaims {
+    UserClaims::new(request.user_nkey.clone(), APP_ACCOUNT, now)
+        .with_name(name)
+        .with_expiry(now + AUTHORIZATION_LIFETIME_SECS)
+        .with_max_subscriptions(MAX_SUBSCRIPTIONS)
+}
+
+/// A key without a handle may register, look handles up, read server info, and hear replies on
+/// its own reply prefix. Nothing else.
+pub fn unregistered_profile(
+    request: &AuthorizationRequest,
+    key: &PublicKey,
+    now: u64,
+) -> UserClaims {
+    base_claims(request, key.to_string(), now)
+        .allow_publish([
+            "kez.registry.register",
+            "kez.registry.lookup",
+            "kez.server.info",
+        ])
+        .allow_subscribe([format!("{}.>", reply_prefix(key))])
+}
+
+/// A registered key may use every kez service, write to anyone's inbox, read and acknowledge
+/// only its own inbox consumer, and hear replies only on its own reply prefix.
+pub fn registered_profile(
+    request: &AuthorizationRequest,
+    record: &HandleRecord,
+    now: u64,
+) -> UserClaims {
+    let consumer = inbox_consumer(&record.key);
+    base_claims(request, record.handle.to_string(), now)
+        .allow_publish([
+            "kez.registry.>".to_owned(),
+            "kez.sigchain.>".to_owned(),
+            "kez.pin.>".to_owned(),
+            "kez.server.>".to_owned(),
+            "kez.inbox.*".to_owned(),
+            format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{consumer}"),
+            format!("{JS_API_PREFIX}.CONSUMER.INFO.{INBOX_STREAM}.{consumer}"),
+            format!("$JS.ACK.{INBOX_STREAM}.{consumer}.>"),
+        ])
+        .allow_subscribe([format!("{}.>", reply_prefix(&record.key))])
+}

@@ -1,0 +1,336 @@
+//! The nats-server side of the deployment: the server's NATS keys and the config that uses them.
+//!
+//! Three nkeys make a kez-chat broker (`keygen` writes them, each seed in its own 0600 file):
+//! - the **callout issuer** (an account key, `A...`): signs every authorization the callout
+//!   grants; nats-server is told its public key and trusts nothing else from the callout;
+//! - the **auth user** (`U...`, account `AUTH`): the connection that answers `$SYS.REQ.USER.AUTH`;
+//! - the **server user** (`U...`, account `SERVER`): the connection that serves `kez.*` and owns
+//!   the JetStream state. The callout places clients in `APP`, which imports those services.
+//!
+//! Both server users are listed in `auth_users`, so they bypass the callout. Their being nkey
+//! users also makes nats-server send every client a nonce to sign (it only does so when some nkey
+//! user is configured), which is what lets the callout check a client's key at all.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nkeys::KeyPair;
+
+use crate::config::read_nkey_seed;
+
+/// Seed file of the callout issuer (account key).
+pub const ISSUER_SEED_FILE: &str = "callout-issuer.nk";
+/// Seed file of the server's `AUTH` account user.
+pub const AUTH_USER_SEED_FILE: &str = "server-auth.nk";
+/// Seed file of the server's `SERVER` account user.
+pub const SERVER_USER_SEED_FILE: &str = "server.nk";
+/// Account that holds the callout connection.
+pub const AUTH_ACCOUNT: &str = "AUTH";
+/// Account of the kez services and all JetStream state.
+pub const SERVER_ACCOUNT: &str = "SERVER";
+/// Account where the callout places users; no JetStream, only imports from `SERVER`.
+pub const APP_ACCOUNT: &str = "APP";
+/// nats-server's system account.
+pub const SYSTEM_ACCOUNT: &str = "SYS";
+
+/// The public halves of the three keys: what goes into the nats-server config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKeys {
+    /// Callout issuer, `A...`.
+    pub issuer: String,
+    /// The server's `AUTH` user, `U...`.
+    pub auth_user: String,
+    /// The server's `SERVER` user, `U...`.
+    pub server_user: String,
+}
+
+/// Creates the three seed files in `dir` (mode 0600, never overwriting) and returns their
+/// public keys.
+pub fn keygen(dir: &Path) -> Result<PublicKeys, String> {
+    std::fs::create_dir_all(dir)
+        .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
+    let issuer = KeyPair::new_account();
+    let auth_user = KeyPair::new_user();
+    let server_user = KeyPair::new_user();
+    for (file, key) in [
+        (ISSUER_SEED_FILE, &issuer),
+        (AUTH_USER_SEED_FILE, &auth_user),
+        (SERVER_USER_SEED_FILE, &server_user),
+    ] {
+        if dir.join(file).exists() {
+            return Err(format!(
+                "{} already exists; keygen never overwrites keys (remove the directory's key files deliberately, or use another directory)",
+                dir.join(file).display()
+            ));
+        }
+        let seed = zeroize::Zeroizing::new(
+            key.seed()
+                .map_err(|err| format!("cannot export a new seed: {err}"))?,
+        );
+        write_secret(&dir.join(file), seed.as_bytes())?;
+    }
+    Ok(PublicKeys {
+        issuer: issuer.public_key(),
+        auth_user: auth_user.public_key(),
+        server_user: server_user.public_key(),
+    })
+}
+
+/// Reads the public keys of the seed files in `dir`.
+pub fn public_keys(dir: &Path) -> Result<PublicKeys, String> {
+    let public = |file: &str| -> Result<String, String> {
+        let seed = read_nkey_seed(&dir.join(file))?;
+        KeyPair::from_seed(&seed)
+            .map(|key| key.public_key())
+            .map_err(|err| format!("{}: not an nkey seed: {err}", dir.join(file).display()))
+    };
+    Ok(PublicKeys {
+        issuer: public(ISSUER_SEED_FILE)?,
+        auth_user: public(AUTH_USER_SEED_FILE)?,
+        server_user: public(SERVER_USER_SEED_FILE)?,
+    })
+}
+
+fn write_secret(path: &Path, contents: &[u8]) -> Result<(), String> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|err| format!("cannot create {}: {err}", path.display()))?;
+    file.write_all(contents)
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))
+}
+
+/// What a full nats-server config needs besides the keys.
+#[derive(Debug, Clone)]
+pub struct ConfParams {
+    /// Client listen address, e.g. `0.0.0.0:4222`.
+    pub listen: String,
+    /// JetStream store directory.
+    pub store_dir: PathBuf,
+}
+
+/// A subject the `SERVER` account offers the `APP` account.
+pub struct ExportedService {
+    /// The subject in `SERVER`.
+    pub subject: &'static str,
+    /// The subject users publish to in `APP`, when it differs.
+    pub local: Option<&'static str>,
+    /// Whether an answer may be several messages (a pull request's batch).
+    pub streamed: bool,
+}
+
+/// Everything users can reach. JetStream API subjects are imported under
+/// [`kez_core::subjects::JS_API_PREFIX`]: `APP` has no JetStream, and nats-server answers
+/// `$JS.API.>` there itself ("not enabled").
+pub const EXPORTED_SERVICES: &[ExportedService] = &[
+    ExportedService {
+        subject: "kez.registry.>",
+        local: None,
+        streamed: false,
+    },
+    ExportedService {
+        subject: "kez.sigchain.>",
+        local: None,
+        streamed: false,
+    },
+    ExportedService {
+        subject: "kez.server.>",
+        local: None,
+        streamed: false,
+    },
+    ExportedService {
+        subject: "kez.pin.>",
+        local: None,
+        streamed: false,
+    },
+    ExportedService {
+        subject: "kez.inbox.*",
+        local: None,
+        streamed: false,
+    },
+    ExportedService {
+        subject: "$JS.API.CONSUMER.INFO.KEZ_INBOX.*",
+        local: Some("kez.js.CONSUMER.INFO.KEZ_INBOX.*"),
+        streamed: false,
+    },
+    ExportedService {
+        subject: "$JS.API.CONSUMER.MSG.NEXT.KEZ_INBOX.*",
+        local: Some("kez.js.CONSUMER.MSG.NEXT.KEZ_INBOX.*"),
+        streamed: true,
+    },
+    ExportedService {
+        subject: "$JS.ACK.KEZ_INBOX.>",
+        local: None,
+        streamed: false,
+    },
+];
+
+/// The `accounts`, `system_account` and `authorization` blocks: everything that makes a
+/// nats-server a kez-chat broker. Tests append this to their own listen/JetStream settings.
+///
+/// Users live in `APP`, which has no JetStream and reaches the server only through service
+/// imports. That is what makes a client's reply subject harmless: an answer (from the kez
+/// services or from JetStream) to a reply subject the client chose is delivered in `APP`, where
+/// there is no JetStream API or key-value bucket it could write to.
+pub fn render_auth(keys: &PublicKeys) -> String {
+    let PublicKeys {
+        issuer,
+        auth_user,
+        server_user,
+    } = keys;
+    let mut exports = String::new();
+    let mut imports = String::new();
+    for service in EXPORTED_SERVICES {
+        let subject = service.subject;
+        let response = if service.streamed {
+            ", response_type: stream"
+        } else {
+            ""
+        };
+        exports.push_str(&format!("      {{ service: \"{subject}\"{response} }}\n"));
+        let to = match service.local {
+            Some(local) => format!(", to: \"{local}\""),
+            None => String::new(),
+        };
+        imports.push_str(&format!(
+            "      {{ service: {{ account: {SERVER_ACCOUNT}, subject: \"{subject}\" }}{to} }}\n"
+        ));
+    }
+    format!(
+        r#"# Accounts: AUTH holds the callout connection; SERVER the kez services and all JetStream
+# state; APP every user (the callout places clients there), reaching SERVER only through the
+# imported services below; SYS is nats-server's own.
+accounts {{
+  {AUTH_ACCOUNT}: {{
+    users: [ {{ nkey: "{auth_user}" }} ]
+  }}
+  {SERVER_ACCOUNT}: {{
+    jetstream: enabled
+    users: [ {{ nkey: "{server_user}" }} ]
+    exports: [
+{exports}    ]
+  }}
+  {APP_ACCOUNT}: {{
+    imports: [
+{imports}    ]
+  }}
+  {SYSTEM_ACCOUNT}: {{}}
+}}
+system_account: {SYSTEM_ACCOUNT}
+
+authorization {{
+  # How long nats-server waits for the callout's answer before refusing a client.
+  timeout: 2
+  auth_callout {{
+    # Only authorizations signed by this key are accepted (kez-chat-server's issuer seed).
+    issuer: "{issuer}"
+    account: {AUTH_ACCOUNT}
+    # The server's own users skip the callout.
+    auth_users: [ "{auth_user}", "{server_user}" ]
+  }}
+}}
+"#
+    )
+}
+
+/// A complete nats-server config for a single node.
+pub fn render(keys: &PublicKeys, params: &ConfParams) -> String {
+    let store_dir =
+        serde_json::to_string(&params.store_dir.to_string_lossy()).expect("a string serialises");
+    format!(
+        r#"# nats-server config for a kez-chat broker, generated by `kez-chat-server nats-conf`.
+# Needs nats-server 2.10 or newer (auth callout).
+listen: "{listen}"
+
+# Chat messages and sigchain links are small; 1 MiB leaves room for sigchain pages.
+max_payload: 1MB
+max_connections: 100000
+
+jetstream {{
+  store_dir: {store_dir}
+  # fsync after every write: a message JetStream has acknowledged survives an OS crash or power
+  # loss. The default (every 2 minutes) can lose up to two minutes of acknowledged messages.
+  # Cost: one fsync per stored message, so JetStream's write rate is bounded by the disk's
+  # fsync rate (NATS_SYNC.md in nats/ has figures measured on a 2-core VM).
+  sync_interval: always
+}}
+
+{auth}"#,
+        listen = params.listen,
+        auth = render_auth(keys),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keygen_writes_private_files_once() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = keygen(dir.path()).unwrap();
+        assert!(keys.issuer.starts_with('A'));
+        assert!(keys.auth_user.starts_with('U') && keys.server_user.starts_with('U'));
+        for file in [ISSUER_SEED_FILE, AUTH_USER_SEED_FILE, SERVER_USER_SEED_FILE] {
+            let mode = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        assert_eq!(public_keys(dir.path()).unwrap(), keys);
+        assert!(keygen(dir.path()).unwrap_err().contains("never overwrites"));
+    }
+
+    /// `nats/nats-server.conf.example` is what `nats-conf` prints, with placeholders for keys.
+    #[test]
+    fn the_committed_example_is_current() {
+        let keys = PublicKeys {
+            issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
+            auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
+            server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+        };
+        let expected = render(
+            &keys,
+            &ConfParams {
+                listen: "0.0.0.0:4222".into(),
+                store_dir: "/var/lib/nats".into(),
+            },
+        );
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../nats/nats-server.conf.example"
+        );
+        if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
+            std::fs::write(path, &expected).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap();
+        assert!(committed == expected, "{path} is stale; run `make vectors`");
+    }
+
+    #[test]
+    fn the_config_names_every_key() {
+        let keys = PublicKeys {
+            issuer: "AISSUER".into(),
+            auth_user: "UAUTH".into(),
+            server_user: "USERVER".into(),
+        };
+        let conf = render(
+            &keys,
+            &ConfParams {
+                listen: "127.0.0.1:4222".into(),
+                store_dir: "/var/lib/nats".into(),
+            },
+        );
+        assert!(conf.contains(r#"issuer: "AISSUER""#));
+        assert!(conf.contains(r#"auth_users: [ "UAUTH", "USERVER" ]"#));
+        assert!(conf.contains("sync_interval: always"));
+        assert!(conf.contains(r#"store_dir: "/var/lib/nats""#));
+    }
+}

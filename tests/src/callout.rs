@@ -1,0 +1,284 @@
+//! A broker that authenticates clients through the kez-chat-server auth callout, and clients that
+//! connect to it with their KEZ key. [`CalloutStack`] runs the server in-process;
+//! [`CalloutProcessStack`] runs the real binary, whose log and one-shot commands tests can use.
+
+use std::path::Path;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_nats::{Client, ConnectOptions, ServerError};
+use kez_chat_server::config::{CalloutConfig, NatsAuth, ServerConfig};
+use kez_chat_server::nats_conf;
+use kez_core::registry::RegistrationRequest;
+use kez_core::subjects::reply_prefix;
+use kez_core::{Handle, SecretKey};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+
+use crate::NatsServer;
+use crate::kez_server::{KezServer, ServiceError, TEST_DOMAIN, call};
+use crate::process::{KezServerProcess, kez_chat_server_command};
+
+/// nats-server with the kez accounts and auth callout, and a kez-chat-server answering it.
+pub struct CalloutStack {
+    /// The kez-chat-server (in-process).
+    pub server: KezServer,
+    /// The broker.
+    pub nats: NatsServer,
+    /// The server's keys; the config references them.
+    pub keys_dir: TempDir,
+    /// The server's public keys.
+    pub keys: nats_conf::PublicKeys,
+}
+
+impl CalloutStack {
+    /// Generates keys, starts nats-server with the callout config and the server with the keys.
+    pub async fn start() -> CalloutStack {
+        let keys_dir = tempfile::Builder::new()
+            .prefix("kez-keys-")
+            .tempdir()
+            .unwrap();
+        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+        let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+        let server = KezServer::start_with(&CalloutStack::config(&nats, &keys_dir, &keys)).await;
+        CalloutStack {
+            server,
+            nats,
+            keys_dir,
+            keys,
+        }
+    }
+
+    /// The config `run --keys-dir … --callout-issuer …` resolves to for this stack.
+    pub fn config(
+        nats: &NatsServer,
+        keys_dir: &TempDir,
+        keys: &nats_conf::PublicKeys,
+    ) -> ServerConfig {
+        ServerConfig {
+            nats_url: nats.url(),
+            auth: NatsAuth::NkeySeedFile(keys_dir.path().join(nats_conf::SERVER_USER_SEED_FILE)),
+            callout: Some(CalloutConfig {
+                keys_dir: keys_dir.path().to_owned(),
+                issuer: keys.issuer.clone(),
+            }),
+            domain: TEST_DOMAIN.to_owned(),
+            kv_replicas: 1,
+        }
+    }
+
+    /// A connection as the server's own `SERVER` user: unrestricted, for test set-up and checks.
+    pub async fn server_client(&self) -> Client {
+        server_client(&self.nats.url(), self.keys_dir.path()).await
+    }
+
+    /// Connects as `key` the way a kez client does: nkey auth with the nonce signed by the KEZ
+    /// key, replies under the key's own prefix. Also returns the errors the broker reports on
+    /// this connection (permission violations arrive there, not as call results).
+    pub async fn connect_as(
+        &self,
+        key: &Arc<SecretKey>,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<ServerError>), async_nats::ConnectError> {
+        connect_as(&self.nats.url(), key).await
+    }
+}
+
+/// Options for a kez client connection as `key`.
+pub fn kez_connect_options(key: &Arc<SecretKey>) -> ConnectOptions {
+    let signer = key.clone();
+    ConnectOptions::with_auth_callback(move |nonce| {
+        let signer = signer.clone();
+        async move {
+            let mut auth = async_nats::Auth::new();
+            auth.nkey = Some(signer.public_key().to_nkey());
+            auth.signature = Some(signer.sign(&nonce).to_bytes().to_vec());
+            Ok(auth)
+        }
+    })
+    .custom_inbox_prefix(reply_prefix(&key.public_key()))
+}
+
+/// Connects to `url` as `key` (see [`CalloutStack::connect_as`]).
+pub async fn connect_as(
+    url: &str,
+    key: &Arc<SecretKey>,
+) -> Result<(Client, mpsc::UnboundedReceiver<ServerError>), async_nats::ConnectError> {
+    let (errors, received) = mpsc::unbounded_channel();
+    let client = kez_connect_options(key)
+        .event_callback(move |event| {
+            let errors = errors.clone();
+            async move {
+                if let async_nats::Event::ServerError(err) = event {
+                    let _ = errors.send(err);
+                }
+            }
+        })
+        .connect(url)
+        .await?;
+    Ok((client, received))
+}
+
+/// nats-server with the kez accounts and auth callout, and the real `kez-chat-server` binary
+/// answering it (`run --keys-dir … --callout-issuer …`), whose log records why the callout
+/// refused a client.
+pub struct CalloutProcessStack {
+    /// The kez-chat-server child process; declared first so it stops before the broker.
+    pub server: KezServerProcess,
+    /// The broker.
+    pub nats: NatsServer,
+    /// The server's keys; the config references them.
+    pub keys_dir: TempDir,
+    /// The server's public keys.
+    pub keys: nats_conf::PublicKeys,
+}
+
+impl CalloutProcessStack {
+    /// Generates keys, starts nats-server with the callout config, then the binary with the
+    /// keys; returns once the binary serves.
+    pub async fn start() -> CalloutProcessStack {
+        let keys_dir = tempfile::Builder::new()
+            .prefix("kez-keys-")
+            .tempdir()
+            .unwrap();
+        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+        let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+        let server =
+            KezServerProcess::spawn_with_callout(&nats.url(), keys_dir.path(), &keys.issuer).await;
+        CalloutProcessStack {
+            server,
+            nats,
+            keys_dir,
+            keys,
+        }
+    }
+
+    /// A connection as the server's own `SERVER` user: unrestricted, for test set-up and checks.
+    pub async fn server_client(&self) -> Client {
+        server_client(&self.nats.url(), self.keys_dir.path()).await
+    }
+
+    /// Connects as `key` like a kez client (see [`CalloutStack::connect_as`]).
+    pub async fn connect_as(
+        &self,
+        key: &Arc<SecretKey>,
+    ) -> Result<(Client, mpsc::UnboundedReceiver<ServerError>), async_nats::ConnectError> {
+        connect_as(&self.nats.url(), key).await
+    }
+
+    /// Runs `kez-chat-server admin --nats-url … --keys-dir … --callout-issuer … --domain
+    /// kez.test <args>` to completion and returns its output (exit status, stdout, stderr).
+    ///
+    /// # Panics
+    ///
+    /// If the binary cannot be run, or does not finish within 30 seconds.
+    pub async fn admin(&self, args: &[&str]) -> Output {
+        let mut command = kez_chat_server_command();
+        command
+            .arg("admin")
+            .args(args)
+            .arg("--nats-url")
+            .arg(self.nats.url())
+            .arg("--keys-dir")
+            .arg(self.keys_dir.path())
+            .arg("--callout-issuer")
+            .arg(&self.keys.issuer)
+            .arg("--domain")
+            .arg(TEST_DOMAIN);
+        run_to_completion(command).await
+    }
+}
+
+/// Runs `command` with its output captured, killing it if it has not finished within 30
+/// seconds (a server that should have refused to start would otherwise serve forever).
+///
+/// # Panics
+///
+/// If the command cannot be started or does not finish in time.
+pub async fn run_to_completion(command: std::process::Command) -> Output {
+    let mut command = tokio::process::Command::from(command);
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let described = format!("{:?}", command.as_std());
+    let output = command.output();
+    tokio::time::timeout(std::time::Duration::from_secs(30), output)
+        .await
+        .unwrap_or_else(|_| panic!("{described} did not finish within 30 s"))
+        .unwrap_or_else(|e| panic!("cannot run {described}: {e}"))
+}
+
+/// A connection to `nats_url` as the `SERVER` user whose seed `keygen` wrote into `keys_dir`.
+pub async fn server_client(nats_url: &str, keys_dir: &Path) -> Client {
+    let seed = std::fs::read_to_string(keys_dir.join(nats_conf::SERVER_USER_SEED_FILE)).unwrap();
+    ConnectOptions::with_nkey(seed.trim().to_owned())
+        .connect(nats_url)
+        .await
+        .unwrap()
+}
+
+/// Registers `name` (on [`TEST_DOMAIN`]) for `key` over `client`: any connection allowed to
+/// call `kez.registry.register`, since the request is signed by `key` itself. Returns the
+/// server's answer.
+pub async fn register(
+    client: &Client,
+    key: &SecretKey,
+    name: &str,
+) -> Result<serde_json::Value, ServiceError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is past 1970")
+        .as_secs();
+    let handle = Handle::parse(name, TEST_DOMAIN).expect("a valid test handle");
+    let request = RegistrationRequest::sign(key, &handle, now);
+    let answer = call(
+        client,
+        "kez.registry.register",
+        serde_json::to_vec(&request).expect("a request serialises"),
+    )
+    .await?;
+    Ok(serde_json::from_slice(&answer).expect("a JSON answer"))
+}
+
+/// What a client tried that the broker may refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// A publish (or request): `Permissions Violation for Publish to "<subject>"`.
+    Publish,
+    /// A subscription: `Permissions Violation for Subscription to "<subject>"`.
+    Subscription,
+}
+
+/// Waits up to `within` for the broker to report, on the connection whose errors `errors`
+/// receives (see [`connect_as`]), a permission violation of `kind` for exactly `subject`.
+/// Returns the error text, or what was received instead. Errors about other subjects are
+/// skipped (and named in the failure).
+pub async fn expect_violation(
+    errors: &mut mpsc::UnboundedReceiver<ServerError>,
+    kind: Violation,
+    subject: &str,
+    within: Duration,
+) -> Result<String, String> {
+    let expected = match kind {
+        Violation::Publish => format!("Permissions Violation for Publish to \"{subject}\""),
+        Violation::Subscription => {
+            format!("Permissions Violation for Subscription to \"{subject}\"")
+        }
+    };
+    let deadline = Instant::now() + within;
+    let mut others = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, errors.recv()).await {
+            Ok(Some(ServerError::Other(text))) if text.starts_with(&expected) => return Ok(text),
+            Ok(Some(other)) => others.push(other.to_string()),
+            Ok(None) => return Err(format!("the connection closed; errors before: {others:?}")),
+            Err(_) => {
+                return Err(format!(
+                    "no {expected:?} within {within:?}; other errors: {others:?}"
+                ));
+            }
+        }
+    }
+}
