@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::callout::{Callout, Verdict};
 use crate::error::ApiError;
+use crate::metrics::{CalloutDecision, Metrics};
 use crate::store::{ChainHead, HandleRecord, Registered, Store};
 
 /// Largest request body any endpoint accepts, in bytes.
@@ -34,6 +35,39 @@ pub enum Route {
     Info,
     /// `$SYS.REQ.USER.AUTH` (on the `AUTH` account connection)
     Authorize,
+}
+
+impl Route {
+    /// Every route, in a fixed order (metrics index by it).
+    pub const ALL: [Route; 8] = [
+        Route::Register,
+        Route::Lookup,
+        Route::Whois,
+        Route::Append,
+        Route::GetChain,
+        Route::Head,
+        Route::Info,
+        Route::Authorize,
+    ];
+
+    /// The route's position in [`Route::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The subject the route answers.
+    pub fn subject(self) -> &'static str {
+        match self {
+            Route::Register => "kez.registry.register",
+            Route::Lookup => "kez.registry.lookup",
+            Route::Whois => "kez.registry.whois",
+            Route::Append => "kez.sigchain.append",
+            Route::GetChain => "kez.sigchain.get",
+            Route::Head => "kez.sigchain.head",
+            Route::Info => "kez.server.info",
+            Route::Authorize => kez_nats_jwt::AUTH_CALLOUT_SUBJECT,
+        }
+    }
 }
 
 /// One NATS micro-service: its name, subject prefix and endpoints.
@@ -88,6 +122,10 @@ pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
 
 /// What every handler can use.
 pub struct Context {
+    /// The `SERVER` account connection (health checks).
+    pub client: async_nats::Client,
+    /// Counters for `GET /metrics`.
+    pub metrics: Metrics,
     /// The auth callout, when enabled.
     pub callout: Option<Callout>,
     /// The buckets.
@@ -291,11 +329,21 @@ async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ApiErr
         ));
     };
     let (response, verdict) = callout.authorize(body, now).await;
-    match &verdict {
-        Verdict::Denied(reason) => tracing::warn!(%reason, "connection refused"),
-        Verdict::Registered(key) => tracing::debug!(%key, "connection authorized (registered)"),
-        Verdict::Unregistered(key) => tracing::debug!(%key, "connection authorized (unregistered)"),
-    }
+    let decision = match &verdict {
+        Verdict::Denied(reason) => {
+            tracing::warn!(%reason, "connection refused");
+            CalloutDecision::Denied
+        }
+        Verdict::Registered(key) => {
+            tracing::debug!(%key, "connection authorized (registered)");
+            CalloutDecision::Registered
+        }
+        Verdict::Unregistered(key) => {
+            tracing::debug!(%key, "connection authorized (unregistered)");
+            CalloutDecision::Unregistered
+        }
+    };
+    ctx.metrics.record_callout(decision);
     Ok(Bytes::from(response))
 }
 

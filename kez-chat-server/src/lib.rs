@@ -9,6 +9,7 @@ pub mod callout;
 pub mod config;
 pub mod error;
 pub mod handlers;
+pub mod metrics;
 pub mod nats_conf;
 pub mod store;
 
@@ -108,11 +109,14 @@ impl Server {
                 .map_err(|err| StartError::Nats(err.into()))?;
         }
         tracing::info!(domain = %config.domain, "kez-chat-server serving");
+        let server_client = clients[0].clone();
         Ok(Server {
             clients,
             services,
             requests,
             context: Arc::new(Context {
+                client: server_client,
+                metrics: metrics::Metrics::default(),
                 callout,
                 store,
                 domain: config.domain.clone(),
@@ -207,6 +211,7 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
+    let started = std::time::Instant::now();
     let work = AssertUnwindSafe(handlers::handle(
         context,
         route,
@@ -223,6 +228,11 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
         )),
     };
     let mut headers = async_nats::HeaderMap::new();
+    context.metrics.record_request(
+        route,
+        started.elapsed(),
+        result.as_ref().err().map(|err| err.code),
+    );
     let response = match result {
         Ok(body) => Ok(body),
         Err(err) => {
