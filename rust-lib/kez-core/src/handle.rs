@@ -246,18 +246,7 @@ impl FromStr for Handle {
     }
 }
 
-impl serde::Serialize for Handle {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Handle {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_text!(Handle);
 
 /// `default_domain: None` means only the full form `@name@domain` is accepted.
 fn parse(input: &str, default_domain: Option<&str>) -> Result<Handle, HandleError> {

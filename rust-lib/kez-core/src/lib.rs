@@ -5,6 +5,25 @@
 //! protocol can be tested exhaustively and reused by servers, clients and other languages' test
 //! suites through the committed vectors.
 
+/// serde through the type's one text form (`Display` / `FromStr`), so JSON carries exactly the
+/// strings PROTOCOL.md specifies and parsing is as strict as `FromStr`.
+macro_rules! serde_as_text {
+    ($type:ty) => {
+        impl serde::Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod canonical;
 pub mod handle;
 pub mod key;

@@ -74,18 +74,7 @@ impl FromStr for LinkHash {
     }
 }
 
-impl Serialize for LinkHash {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for LinkHash {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
+serde_as_text!(LinkHash);
 
 /// A place where the chain's owner can be reached (a NATS inbox, an iroh node, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
