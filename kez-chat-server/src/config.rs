@@ -1,6 +1,7 @@
 //! Server configuration: command-line flags, each also settable from the environment, over an
 //! optional TOML file, over defaults. Precedence: flag > environment > file > default.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -49,6 +50,29 @@ pub struct ServerConfig {
     pub domain: String,
     /// Replicas of each key-value bucket: 1 on a single node, 3 in a cluster.
     pub kv_replicas: usize,
+    /// Where the HTTP shim (WebFinger, `/healthz`, `/metrics`) listens; `None`: no HTTP at all.
+    pub http_listen: Option<SocketAddr>,
+    /// The NATS URL clients should use, published in WebFinger answers: one URL, no credentials.
+    pub public_nats_url: String,
+    /// The HTTP shim's limits (not settable from the command line; tests shrink them).
+    pub http_limits: crate::http::HttpLimits,
+}
+
+impl ServerConfig {
+    /// A config for `nats_url` and `domain` without credentials, callout or HTTP, one replica,
+    /// publishing `nats_url` as the public NATS URL.
+    pub fn new(nats_url: &str, domain: &str) -> ServerConfig {
+        ServerConfig {
+            nats_url: nats_url.to_owned(),
+            auth: NatsAuth::None,
+            callout: None,
+            domain: domain.to_owned(),
+            kv_replicas: 1,
+            http_listen: None,
+            public_nats_url: public_url_from(nats_url),
+            http_limits: crate::http::HttpLimits::default(),
+        }
+    }
 }
 
 /// Settings as they may appear in the TOML file, on the command line or in the environment;
@@ -82,6 +106,15 @@ pub struct Settings {
     /// Replicas of each JetStream key-value bucket (1 single node, 3 in a cluster) [default: 1]
     #[arg(long, env = "KEZ_KV_REPLICAS")]
     pub kv_replicas: Option<usize>,
+    /// Address of the HTTP shim: WebFinger (GET /.well-known/webfinger), /healthz and /metrics,
+    /// plain HTTP. Off unless set. Bind it to loopback or a private address and put a TLS reverse
+    /// proxy in front that forwards only /.well-known/webfinger (deploy/README.md)
+    #[arg(long, env = "KEZ_HTTP_LISTEN", value_name = "ADDR:PORT")]
+    pub http_listen: Option<SocketAddr>,
+    /// The NATS URL clients should connect to, published in WebFinger answers (one URL,
+    /// nats:// tls:// ws:// or wss://, no credentials) [default: --nats-url without credentials]
+    #[arg(long, env = "KEZ_PUBLIC_NATS_URL")]
+    pub public_nats_url: Option<String>,
 }
 
 impl Settings {
@@ -103,6 +136,8 @@ impl Settings {
             callout_issuer: self.callout_issuer.or(fallback.callout_issuer),
             domain: self.domain.or(fallback.domain),
             kv_replicas: self.kv_replicas.or(fallback.kv_replicas),
+            http_listen: self.http_listen.or(fallback.http_listen),
+            public_nats_url: self.public_nats_url.or(fallback.public_nats_url),
         }
     }
 
@@ -154,14 +189,75 @@ impl Settings {
         if !(1..=5).contains(&kv_replicas) {
             return Err(format!("--kv-replicas must be 1 to 5, not {kv_replicas}"));
         }
+        let nats_url = self.nats_url.unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
+        let public_nats_url = match self.public_nats_url {
+            Some(url) => {
+                check_public_url(&url)
+                    .map_err(|err| format!("--public-nats-url {url:?}: {err}"))?;
+                url
+            }
+            None => public_url_from(&nats_url),
+        };
         Ok(ServerConfig {
-            nats_url: self.nats_url.unwrap_or_else(|| DEFAULT_NATS_URL.to_owned()),
+            nats_url,
             auth,
             callout,
             domain,
             kv_replicas,
+            http_listen: self.http_listen,
+            public_nats_url,
+            http_limits: crate::http::HttpLimits::default(),
         })
     }
+}
+
+/// URL schemes a client can connect to NATS with.
+const PUBLIC_URL_SCHEMES: [&str; 4] = ["nats://", "tls://", "ws://", "wss://"];
+
+/// The public URL derived from `--nats-url`: its first URL, with any `user:password@` removed
+/// (the server's own credentials must never be published) and `nats://` added when it has no
+/// scheme.
+pub fn public_url_from(nats_url: &str) -> String {
+    let first = nats_url.split(',').next().unwrap_or_default().trim();
+    let (scheme, rest) = match first.split_once("://") {
+        Some((scheme, rest)) => (scheme, rest),
+        None => ("nats", first),
+    };
+    let (authority, path) = match rest.find(['/', '?', '#']) {
+        Some(at) => rest.split_at(at),
+        None => (rest, ""),
+    };
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    format!("{scheme}://{host}{path}")
+}
+
+/// Whether `url` can be published as the NATS URL clients use.
+fn check_public_url(url: &str) -> Result<(), String> {
+    let Some(scheme) = PUBLIC_URL_SCHEMES.iter().find(|s| url.starts_with(**s)) else {
+        return Err(format!(
+            "must start with one of {}",
+            PUBLIC_URL_SCHEMES.join(" ")
+        ));
+    };
+    let rest = &url[scheme.len()..];
+    if rest.is_empty() {
+        return Err("has no host".into());
+    }
+    if let Some(bad) = rest
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, ',' | '"' | '<' | '>' | '\\'))
+    {
+        return Err(format!("must be one URL without {bad:?}"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(
+            "must not hold credentials: it is published to everyone in WebFinger answers".into(),
+        );
+    }
+    Ok(())
 }
 
 /// Reads an nkey seed file, refusing one that group or others can read.
@@ -222,6 +318,53 @@ mod tests {
         };
         assert!(bad_domain.resolve().unwrap_err().contains("port"));
         assert!(toml::from_str::<Settings>("nats_ulr = \"x\"").is_err());
+    }
+
+    #[test]
+    fn the_public_nats_url_never_carries_credentials() {
+        let config = Settings {
+            nats_url: Some("nats://kez:secret@10.0.0.5:4222,nats://10.0.0.6:4222".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(config.public_nats_url, "nats://10.0.0.5:4222");
+        assert_eq!(config.http_listen, None);
+        assert_eq!(public_url_from("127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(public_url_from("tls://u@h:1/x"), "tls://h:1/x");
+
+        let explicit = Settings {
+            public_nats_url: Some("tls://chat.kez.lat:4222".into()),
+            http_listen: Some("127.0.0.1:8080".parse().unwrap()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(explicit.public_nats_url, "tls://chat.kez.lat:4222");
+        assert_eq!(
+            explicit.http_listen,
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        for bad in [
+            "tls://u:p@chat.kez.lat:4222",
+            "http://chat.kez.lat",
+            "nats://",
+            "nats://a:1,nats://b:2",
+            "nats://a b",
+        ] {
+            let settings = Settings {
+                public_nats_url: Some(bad.into()),
+                ..Settings::default()
+            };
+            assert!(settings.resolve().is_err(), "{bad}");
+        }
+        let file: Settings = toml::from_str(
+            "http_listen = \"[::1]:8080\"\npublic_nats_url = \"wss://chat.kez.lat\"\n",
+        )
+        .unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(config.http_listen, Some("[::1]:8080".parse().unwrap()));
+        assert_eq!(config.public_nats_url, "wss://chat.kez.lat");
     }
 
     #[test]

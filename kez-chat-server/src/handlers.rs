@@ -132,6 +132,8 @@ pub struct Context {
     pub store: Store,
     /// The domain this server serves.
     pub domain: String,
+    /// The NATS URL clients should use, for WebFinger answers.
+    pub public_nats_url: String,
 }
 
 /// A handle, its key and its sigchain head: the answer of lookup and whois.

@@ -3,17 +3,20 @@
 //! [`Server::start`] connects, opens the buckets and subscribes the services; [`Server::serve`]
 //! answers requests until told to stop, then finishes what is in flight and drains. All state
 //! lives in JetStream, so any number of instances can serve one broker (they share each
-//! endpoint's queue group).
+//! endpoint's queue group). With `http_listen` set, [`Server::serve`] also runs the HTTP shim
+//! ([`http`]: WebFinger, `/healthz`, `/metrics`) until the same shutdown.
 
 pub mod callout;
 pub mod config;
 pub mod error;
 pub mod handlers;
+pub mod http;
 pub mod metrics;
 pub mod nats_conf;
 pub mod store;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::service::{self, ServiceExt};
 use futures::FutureExt;
 use futures::stream::{SelectAll, StreamExt};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{NatsAuth, ServerConfig};
@@ -46,6 +49,8 @@ pub struct Server {
     services: Vec<service::Service>,
     requests: SelectAll<RequestStream>,
     context: Arc<Context>,
+    /// The bound HTTP listener, when `http_listen` is set.
+    http: Option<http::HttpShim>,
 }
 
 /// Why the server could not start.
@@ -60,13 +65,31 @@ pub enum StartError {
     /// Connecting or subscribing failed.
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
+    /// The HTTP listen address could not be bound.
+    #[error("--http-listen {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// Why not.
+        source: std::io::Error,
+    },
 }
 
 impl Server {
-    /// Connects to NATS, creates or opens the buckets and subscribes every endpoint.
+    /// Binds the HTTP listener (when configured), connects to NATS, creates or opens the
+    /// buckets and subscribes every endpoint.
     pub async fn start(config: &ServerConfig) -> Result<Server, StartError> {
         // A wrong issuer key would make nats-server refuse every client: fail before connecting.
         let issuer = config.callout.as_ref().map(load_issuer).transpose()?;
+        // Likewise a listen address that is taken. Connections wait in the backlog until `serve`.
+        let http = match config.http_listen {
+            Some(addr) => Some(
+                http::HttpShim::bind(addr, config.http_limits.clone())
+                    .await
+                    .map_err(|source| StartError::Http { addr, source })?,
+            ),
+            None => None,
+        };
         let client = connect(&config.nats_url, &config.auth, "kez-chat-server").await?;
         let store = open_store_on(&client, config.kv_replicas).await;
         let prepared = store
@@ -120,13 +143,29 @@ impl Server {
                 callout,
                 store,
                 domain: config.domain.clone(),
+                public_nats_url: config.public_nats_url.clone(),
             }),
+            http,
         })
+    }
+
+    /// Where the HTTP shim listens (the bound address: with port 0 in the config, the port the
+    /// OS chose), if it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(http::HttpShim::local_addr)
     }
 
     /// Answers requests until `shutdown` completes, then stops taking new ones, answers those
     /// already delivered to this instance and those in flight, and drains the connection.
+    ///
+    /// The HTTP shim, if on, stops accepting at the same moment; its open connections finish
+    /// their request (within the grace period) before the NATS connection is drained.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) {
+        let (stop_http, http_stopped) = watch::channel(false);
+        let http_task = self
+            .http
+            .take()
+            .map(|shim| tokio::spawn(shim.serve(self.context.clone(), http_stopped)));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -136,6 +175,7 @@ impl Server {
                 () = &mut shutdown, if !stopping => {
                     tracing::info!(in_flight = in_flight.len(), "shutting down: no new requests");
                     stopping = true;
+                    let _ = stop_http.send(true);
                     // Once our own echo comes back, every request the broker routed here before
                     // it is in the request streams: the broker sends them to us in order.
                     for client in &self.clients {
@@ -168,6 +208,12 @@ impl Server {
             }
         }
         while in_flight.join_next().await.is_some() {}
+        let _ = stop_http.send(true);
+        if let Some(task) = http_task {
+            if let Err(err) = task.await {
+                tracing::error!(error = %err, "HTTP shim task failed");
+            }
+        }
         for client in &self.clients {
             // The answers are queued in the client; make sure they are on the wire before it goes.
             if let Err(err) = client.flush().await {

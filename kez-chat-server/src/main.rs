@@ -47,6 +47,11 @@ enum Command {
         action: AdminAction,
     },
     /// Serve the NATS services until SIGINT or SIGTERM. Log level: RUST_LOG (default info).
+    ///
+    /// With --http-listen it also serves plain HTTP: WebFinger (GET /.well-known/webfinger,
+    /// PROTOCOL.md §7) and, for operators, GET /healthz and GET /metrics (Prometheus). Off by
+    /// default. Put a TLS reverse proxy in front that forwards only /.well-known/webfinger
+    /// (deploy/README.md); keep /healthz and /metrics private.
     Run {
         /// TOML file with any of the settings below (keys as flag names with `_`)
         #[arg(long, env = "KEZ_CONFIG")]
@@ -166,7 +171,7 @@ async fn run(config: Option<PathBuf>, settings: Settings) -> ExitCode {
         Ok(config) => config,
         Err(err) => return fail(&err),
     };
-    tracing::info!(nats = %config.nats_url, domain = %config.domain, "starting");
+    tracing::info!(nats = %config.nats_url, domain = %config.domain, http = ?config.http_listen, "starting");
     let server = tokio::select! {
         started = Server::start(&config) => match started {
             Ok(server) => server,

@@ -15,8 +15,41 @@ const LATENCY_BUCKETS: [f64; 12] = [
 ];
 /// The error codes counted (PROTOCOL.md §5.1).
 const ERROR_CODES: [u16; 9] = [400, 401, 403, 404, 409, 413, 429, 500, 503];
-/// HTTP statuses the shim answers.
-const HTTP_STATUSES: [u16; 7] = [200, 400, 404, 405, 413, 431, 503];
+/// HTTP statuses the shim answers (PROTOCOL.md §7).
+const HTTP_STATUSES: [u16; 8] = [200, 400, 404, 405, 414, 431, 500, 503];
+
+/// What an HTTP request of the shim asked for, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpEndpoint {
+    /// `/.well-known/webfinger`
+    WebFinger,
+    /// `/healthz`
+    Health,
+    /// `/metrics`
+    Metrics,
+    /// Any other path, and requests refused before they had one (unparseable, too large).
+    Other,
+}
+
+impl HttpEndpoint {
+    /// Every endpoint, in a fixed order (metrics index by it).
+    pub const ALL: [HttpEndpoint; 4] = [
+        HttpEndpoint::WebFinger,
+        HttpEndpoint::Health,
+        HttpEndpoint::Metrics,
+        HttpEndpoint::Other,
+    ];
+
+    /// The `endpoint` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            HttpEndpoint::WebFinger => "webfinger",
+            HttpEndpoint::Health => "healthz",
+            HttpEndpoint::Metrics => "metrics",
+            HttpEndpoint::Other => "other",
+        }
+    }
+}
 
 #[derive(Default)]
 struct Histogram {
@@ -48,7 +81,7 @@ pub enum CalloutDecision {
 pub struct Metrics {
     routes: [RouteMetrics; Route::ALL.len()],
     callout: [AtomicU64; 3],
-    http: [AtomicU64; HTTP_STATUSES.len()],
+    http: [[AtomicU64; HTTP_STATUSES.len()]; HttpEndpoint::ALL.len()],
 }
 
 impl Metrics {
@@ -76,10 +109,10 @@ impl Metrics {
         self.callout[decision as usize].fetch_add(1, Relaxed);
     }
 
-    /// Records an HTTP answer of the shim by status.
-    pub fn record_http(&self, status: u16) {
+    /// Records an HTTP answer of the shim by endpoint and status.
+    pub fn record_http(&self, endpoint: HttpEndpoint, status: u16) {
         if let Some(slot) = HTTP_STATUSES.iter().position(|&s| s == status) {
-            self.http[slot].fetch_add(1, Relaxed);
+            self.http[endpoint as usize][slot].fetch_add(1, Relaxed);
         }
     }
 
@@ -168,15 +201,18 @@ impl Metrics {
         }
         writeln!(
             out,
-            "# HELP kez_http_requests_total HTTP answers of the WebFinger/operator shim, per status."
+            "# HELP kez_http_requests_total HTTP answers of the WebFinger/operator shim, per endpoint and status."
         )?;
         writeln!(out, "# TYPE kez_http_requests_total counter")?;
-        for (status, count) in HTTP_STATUSES.iter().zip(&self.http) {
-            writeln!(
-                out,
-                "kez_http_requests_total{{status=\"{status}\"}} {}",
-                count.load(Relaxed)
-            )?;
+        for endpoint in HttpEndpoint::ALL {
+            for (status, count) in HTTP_STATUSES.iter().zip(&self.http[endpoint as usize]) {
+                writeln!(
+                    out,
+                    "kez_http_requests_total{{endpoint=\"{}\",status=\"{status}\"}} {}",
+                    endpoint.label(),
+                    count.load(Relaxed)
+                )?;
+            }
         }
         Ok(())
     }
@@ -192,7 +228,7 @@ mod tests {
         metrics.record_request(Route::Lookup, Duration::from_micros(700), None);
         metrics.record_request(Route::Lookup, Duration::from_millis(30), Some(404));
         metrics.record_callout(CalloutDecision::Denied);
-        metrics.record_http(405);
+        metrics.record_http(HttpEndpoint::WebFinger, 405);
         let text = metrics.render();
         assert!(text.contains("kez_requests_total{endpoint=\"kez.registry.lookup\"} 2"));
         assert!(
@@ -210,6 +246,7 @@ mod tests {
             text.contains("kez_request_duration_seconds_count{endpoint=\"kez.registry.lookup\"} 2")
         );
         assert!(text.contains("kez_callout_decisions_total{decision=\"denied\"} 1"));
-        assert!(text.contains("kez_http_requests_total{status=\"405\"} 1"));
+        assert!(text.contains("kez_http_requests_total{endpoint=\"webfinger\",status=\"405\"} 1"));
+        assert!(text.contains("kez_http_requests_total{endpoint=\"healthz\",status=\"405\"} 0"));
     }
 }

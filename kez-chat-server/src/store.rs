@@ -31,6 +31,8 @@ pub const LINKS_BUCKET: &str = "kez_chain_links";
 pub const HEADS_BUCKET: &str = "kez_chain_heads";
 /// Bucket: key hex → [`DisabledRecord`], for keys an operator disabled.
 pub const DISABLED_BUCKET: &str = "kez_disabled";
+/// The key the health check reads: no bucket ever holds it (`-` is in no handle or key hex).
+const HEALTH_PROBE_KEY: &str = "kez-health-probe";
 
 /// Most undelivered messages one inbox holds; past it new messages are refused (the sender is
 /// told), never old ones dropped.
@@ -317,6 +319,25 @@ impl Store {
             Some(value) => Ok(Some(decode(&value)?)),
             None => Ok(None),
         }
+    }
+
+    /// One read from every bucket (of a key that never exists): whether JetStream answers.
+    pub async fn ping(&self) -> Result<(), ApiError> {
+        let buckets = [
+            &self.handles,
+            &self.keys,
+            &self.links,
+            &self.heads,
+            &self.disabled,
+        ];
+        futures::future::try_join_all(
+            buckets
+                .into_iter()
+                .map(|bucket| bucket.get(HEALTH_PROBE_KEY)),
+        )
+        .await
+        .map_err(ApiError::unavailable)?;
+        Ok(())
     }
 
     /// The record of a handle name, if registered.

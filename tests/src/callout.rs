@@ -57,14 +57,12 @@ impl CalloutStack {
         keys: &nats_conf::PublicKeys,
     ) -> ServerConfig {
         ServerConfig {
-            nats_url: nats.url(),
             auth: NatsAuth::NkeySeedFile(keys_dir.path().join(nats_conf::SERVER_USER_SEED_FILE)),
             callout: Some(CalloutConfig {
                 keys_dir: keys_dir.path().to_owned(),
                 issuer: keys.issuer.clone(),
             }),
-            domain: TEST_DOMAIN.to_owned(),
-            kv_replicas: 1,
+            ..ServerConfig::new(&nats.url(), TEST_DOMAIN)
         }
     }
 

@@ -1,10 +1,12 @@
 //! kez-chat-server instances for tests, run in-process on the test's tokio runtime, and a typed
 //! way to call their endpoints.
 
+use std::net::SocketAddr;
+
 use async_nats::Client;
 use bytes::Bytes;
 use kez_chat_server::Server;
-use kez_chat_server::config::{NatsAuth, ServerConfig};
+use kez_chat_server::config::ServerConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -15,17 +17,21 @@ pub const TEST_DOMAIN: &str = "kez.test";
 pub struct KezServer {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
+    http_addr: Option<SocketAddr>,
 }
 
 impl KezServer {
     /// Starts a server for `nats_url` serving [`TEST_DOMAIN`], without the auth callout.
     pub async fn start(nats_url: &str) -> KezServer {
+        KezServer::start_with(&ServerConfig::new(nats_url, TEST_DOMAIN)).await
+    }
+
+    /// Like [`KezServer::start`], with the HTTP shim on an OS-chosen loopback port
+    /// ([`KezServer::http_addr`]).
+    pub async fn start_with_http(nats_url: &str) -> KezServer {
         KezServer::start_with(&ServerConfig {
-            nats_url: nats_url.to_owned(),
-            auth: NatsAuth::None,
-            callout: None,
-            domain: TEST_DOMAIN.to_owned(),
-            kv_replicas: 1,
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ..ServerConfig::new(nats_url, TEST_DOMAIN)
         })
         .await
     }
@@ -35,6 +41,7 @@ impl KezServer {
         let server = Server::start(config)
             .await
             .unwrap_or_else(|err| panic!("kez-chat-server did not start: {err}"));
+        let http_addr = server.http_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
             let _ = stopped.await;
@@ -42,7 +49,13 @@ impl KezServer {
         KezServer {
             stop: Some(stop),
             task,
+            http_addr,
         }
+    }
+
+    /// Where the HTTP shim listens, when the config turned it on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Graceful shutdown: stops taking requests, finishes those in flight, drains.

@@ -17,6 +17,7 @@
 pub mod callout;
 pub mod kez_server;
 pub mod process;
+pub mod requests;
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;

@@ -1,38 +1,12 @@
 //! kez.registry.* and kez.sigchain.* against a real nats-server: the round trips, the refusals,
 //! and the races that must have exactly one winner.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use futures::future::join_all;
-use kez_core::registry::RegistrationRequest;
-use kez_core::sigchain::Endpoint;
-use kez_core::{Handle, Op, SecretKey, Sigchain, UnsignedLink};
+use kez_core::{SecretKey, Sigchain, UnsignedLink};
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
+use kez_tests::requests::{nats_endpoint, now, registration};
 use serde_json::{Value, json};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn handle(name: &str) -> Handle {
-    Handle::parse(name, TEST_DOMAIN).unwrap()
-}
-
-fn registration(key: &SecretKey, name: &str) -> Vec<u8> {
-    serde_json::to_vec(&RegistrationRequest::sign(key, &handle(name), now())).unwrap()
-}
-
-fn endpoint(name: &str) -> Op {
-    Op::AddEndpoint(Endpoint {
-        name: name.into(),
-        kind: "nats".into(),
-        address: "nats://127.0.0.1:4222".into(),
-    })
-}
 
 async fn setup() -> (NatsServer, KezServer, async_nats::Client) {
     let nats = NatsServer::start();
@@ -207,7 +181,7 @@ async fn register_with_chain(client: &async_nats::Client, key: &SecretKey, name:
     call(client, "kez.registry.register", registration(key, name))
         .await
         .unwrap();
-    let first = UnsignedLink::first(key.public_key(), now(), endpoint("nats"))
+    let first = UnsignedLink::first(key.public_key(), now(), nats_endpoint("nats"))
         .sign(key)
         .unwrap();
     let head = call_ok_raw(client, "kez.sigchain.append", first.bytes().to_vec()).await;
@@ -229,7 +203,7 @@ async fn sigchain_append_get_head() {
     let alice = SecretKey::generate();
     let mut chain = register_with_chain(&client, &alice, "alice").await;
     let second = chain
-        .next_link(now(), endpoint("iroh"))
+        .next_link(now(), nats_endpoint("iroh"))
         .sign(&alice)
         .unwrap();
     call_ok_raw(&client, "kez.sigchain.append", second.bytes().to_vec()).await;
@@ -274,7 +248,7 @@ async fn sigchain_append_get_head() {
     );
     let stale = Sigchain::start(links[0].as_bytes())
         .unwrap()
-        .next_link(now(), endpoint("other"))
+        .next_link(now(), nats_endpoint("other"))
         .sign(&alice)
         .unwrap();
     let replay = call(&client, "kez.sigchain.append", stale.bytes().to_vec())
@@ -285,7 +259,7 @@ async fn sigchain_append_get_head() {
         replay.headers.get("Kez-Head-Seq").map(|v| v.as_str()),
         Some("2")
     );
-    let mut forged = chain.next_link(now(), endpoint("evil"));
+    let mut forged = chain.next_link(now(), nats_endpoint("evil"));
     let mallory = SecretKey::generate();
     forged.signer = mallory.public_key();
     let forged = forged.sign(&mallory).unwrap();
@@ -296,7 +270,7 @@ async fn sigchain_append_get_head() {
         (refused.code, refused.name.as_str()),
         (403, "not_current_key")
     );
-    let stranger = UnsignedLink::first(mallory.public_key(), now(), endpoint("nats"))
+    let stranger = UnsignedLink::first(mallory.public_key(), now(), nats_endpoint("nats"))
         .sign(&mallory)
         .unwrap();
     let refused = call(&client, "kez.sigchain.append", stranger.bytes().to_vec())
@@ -324,7 +298,7 @@ async fn concurrent_appends_at_one_seq_have_one_winner() {
     let candidates: Vec<_> = (0..50)
         .map(|i| {
             chain
-                .next_link(now(), endpoint(&format!("device-{i}")))
+                .next_link(now(), nats_endpoint(&format!("device-{i}")))
                 .sign(&alice)
                 .unwrap()
         })

@@ -3,13 +3,11 @@
 //! each get an error answer with the right code, stable name and a message; the server must stay
 //! healthy afterwards. Then the registration and append refusals a client can provoke on purpose.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use kez_core::registry::RegistrationRequest;
-use kez_core::sigchain::Endpoint;
-use kez_core::{Op, SecretKey, Sigchain, Signature, UnsignedLink};
+use kez_core::{SecretKey, Sigchain, Signature, UnsignedLink};
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, ServiceError, TEST_DOMAIN, call, call_ok};
+use kez_tests::requests::{nats_endpoint, now, registration};
 use serde_json::{Value, json};
 
 /// The seven subjects.
@@ -23,21 +21,6 @@ const INFO: &str = "kez.server.info";
 
 /// 1 MiB: far over every endpoint's limit, under the fixture broker's `max_payload: 2MB`.
 const MIB: usize = 1024 * 1024;
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn endpoint(name: &str) -> Op {
-    Op::AddEndpoint(Endpoint {
-        name: name.into(),
-        kind: "nats".into(),
-        address: "nats://127.0.0.1:4222".into(),
-    })
-}
 
 /// A registration request with any fields, correctly signed by `signer`.
 fn signed_request(
@@ -56,10 +39,6 @@ fn signed_request(
     };
     request.sig = signer.sign(&request.signed_message());
     request
-}
-
-fn registration(key: &SecretKey, name: &str) -> Vec<u8> {
-    serde_json::to_vec(&signed_request(key, key, name, TEST_DOMAIN, now())).unwrap()
 }
 
 /// Deterministic bytes that are not UTF-8 (they start with 0xFF, never valid in UTF-8).
@@ -254,7 +233,7 @@ async fn register_user(client: &async_nats::Client, name: &str) -> User {
     call(client, REGISTER, registration(&key, name))
         .await
         .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
-    let first = UnsignedLink::first(key.public_key(), now(), endpoint("inbox"))
+    let first = UnsignedLink::first(key.public_key(), now(), nats_endpoint("inbox"))
         .sign(&key)
         .unwrap();
     call(client, APPEND, first.bytes().to_vec())
@@ -555,7 +534,7 @@ async fn append_refuses_hostile_bodies() {
 
     let next = alice
         .chain
-        .next_link(now(), endpoint("second"))
+        .next_link(now(), nats_endpoint("second"))
         .sign(&alice.key)
         .unwrap();
     let valid: Value = serde_json::from_slice(next.bytes()).unwrap();
@@ -835,7 +814,7 @@ async fn append_refusals_name_the_problem() {
 
     // A well-formed first link by a key that never registered.
     let stranger = SecretKey::generate();
-    let first = UnsignedLink::first(stranger.public_key(), now(), endpoint("inbox"))
+    let first = UnsignedLink::first(stranger.public_key(), now(), nats_endpoint("inbox"))
         .sign(&stranger)
         .unwrap();
     let err = call(&client, APPEND, first.bytes().to_vec())
@@ -865,7 +844,7 @@ async fn append_refusals_name_the_problem() {
     // Alice's next link with its signature bytes flipped: a signature that does not verify.
     let next = alice
         .chain
-        .next_link(now(), endpoint("second"))
+        .next_link(now(), nats_endpoint("second"))
         .sign(&alice.key)
         .unwrap();
     let mut value: Value = serde_json::from_slice(next.bytes()).unwrap();
@@ -885,7 +864,7 @@ async fn append_refusals_name_the_problem() {
     );
 
     // Alice's next link signed by the stranger: not the chain's current key.
-    let mut by_stranger = alice.chain.next_link(now(), endpoint("second"));
+    let mut by_stranger = alice.chain.next_link(now(), nats_endpoint("second"));
     by_stranger.signer = stranger.public_key();
     let by_stranger = by_stranger.sign(&stranger).unwrap();
     let err = call(&client, APPEND, by_stranger.bytes().to_vec())

@@ -3,42 +3,25 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, ConnectOptions, RequestErrorKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_chat_server::store::{HANDLES_BUCKET, HandleRecord, KEYS_BUCKET, KeyRecord};
-use kez_core::registry::RegistrationRequest;
-use kez_core::sigchain::Endpoint;
-use kez_core::{Handle, Op, SecretKey, Sigchain, UnsignedLink};
+use kez_core::{SecretKey, Sigchain, UnsignedLink};
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
 use kez_tests::process::KezServerProcess;
+use kez_tests::requests::{self, nats_endpoint, now};
 use serde_json::{Value, json};
 
 const REGISTER: &str = "kez.registry.register";
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn endpoint(name: &str) -> Op {
-    Op::AddEndpoint(Endpoint {
-        name: name.into(),
-        kind: "nats".into(),
-        address: "nats://127.0.0.1:4222".into(),
-    })
-}
-
 /// A new key and its signed registration request for `name`.
 fn registration(name: &str) -> (SecretKey, Bytes) {
     let key = SecretKey::generate();
-    let handle = Handle::parse(name, TEST_DOMAIN).unwrap();
-    let body = serde_json::to_vec(&RegistrationRequest::sign(&key, &handle, now())).unwrap();
+    let body = requests::registration(&key, name);
     (key, body.into())
 }
 
@@ -123,7 +106,7 @@ async fn broker_restart_keeps_every_handle_and_chain_and_the_server_reconnects()
 
     let (alice, body) = registration("alice");
     call(&client, REGISTER, body).await.unwrap();
-    let first = UnsignedLink::first(alice.public_key(), now(), endpoint("inbox"))
+    let first = UnsignedLink::first(alice.public_key(), now(), nats_endpoint("inbox"))
         .sign(&alice)
         .unwrap();
     call(&client, "kez.sigchain.append", first.bytes().to_vec())
@@ -131,7 +114,7 @@ async fn broker_restart_keeps_every_handle_and_chain_and_the_server_reconnects()
         .unwrap();
     let mut chain = Sigchain::start(first.bytes()).unwrap();
     let second = chain
-        .next_link(now(), endpoint("phone"))
+        .next_link(now(), nats_endpoint("phone"))
         .sign(&alice)
         .unwrap();
     call(&client, "kez.sigchain.append", second.bytes().to_vec())
@@ -202,7 +185,7 @@ async fn broker_restart_keeps_every_handle_and_chain_and_the_server_reconnects()
     .await;
     assert_eq!(whois["handle"], format!("@bob@{TEST_DOMAIN}"));
     let third = chain
-        .next_link(now(), endpoint("laptop"))
+        .next_link(now(), nats_endpoint("laptop"))
         .sign(&alice)
         .unwrap();
     call(&client, "kez.sigchain.append", third.bytes().to_vec())
