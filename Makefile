@@ -22,6 +22,7 @@ fmt:
 # Rewrites the committed KEZ test vectors and nats/nats-server.conf.example; review the diff.
 vectors:
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --test vectors -- --test-threads=1
+	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib envelope::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-chat-server --lib nats_conf
 
 demo:

@@ -93,6 +93,13 @@ impl PublicKey {
         key.verify_strict(message, &sig).map_err(|_| SignatureError)
     }
 
+    /// The X25519 public key of the same key pair (the birational map from Edwards to
+    /// Montgomery form), used to encrypt to this key.
+    pub fn to_x25519(&self) -> x25519_dalek::PublicKey {
+        let key = VerifyingKey::from_bytes(&self.0).expect("checked when the key was made");
+        x25519_dalek::PublicKey::from(key.to_montgomery().to_bytes())
+    }
+
     /// The NATS user nkey (`U` + 55 base32 characters) for this key.
     pub fn to_nkey(&self) -> String {
         let mut raw = Vec::with_capacity(35);
@@ -216,6 +223,14 @@ impl SecretKey {
     pub fn sign(&self, message: &[u8]) -> Signature {
         use ed25519_dalek::Signer;
         Signature(self.0.sign(message).to_bytes())
+    }
+
+    /// The X25519 secret of the same key pair: the first half of SHA-512(seed), as RFC 8032
+    /// derives the signing scalar (clamped by X25519). Its public key is
+    /// [`PublicKey::to_x25519`]. Zeroized on drop.
+    pub fn to_x25519(&self) -> x25519_dalek::StaticSecret {
+        let scalar = Zeroizing::new(self.0.to_scalar_bytes());
+        x25519_dalek::StaticSecret::from(*scalar)
     }
 
     /// The key file text: one line, `ed25519-secret:<64 hex>\n`. Zeroized when dropped.
@@ -435,6 +450,15 @@ mod tests {
         let garbled = format!("nope{}", &file[4..]);
         let err = SecretKey::from_key_file(&garbled).unwrap_err();
         assert!(!err.to_string().contains(&seed_hex[..8]));
+    }
+
+    #[test]
+    fn x25519_halves_match() {
+        for seed in [[1u8; 32], [200u8; 32]] {
+            let secret = SecretKey::from_seed(&seed);
+            let derived = x25519_dalek::PublicKey::from(&secret.to_x25519());
+            assert_eq!(derived, secret.public_key().to_x25519());
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ macro_rules! serde_as_text {
 }
 
 pub mod canonical;
+pub mod envelope;
 pub mod handle;
 pub mod key;
 pub mod registry;

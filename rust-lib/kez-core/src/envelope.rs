@@ -1,0 +1,389 @@
+//! End-to-end encrypted, signed messages (PROTOCOL.md §8).
+//!
+//! Sign, then encrypt: the sender signs the message together with the recipient's key, a random
+//! message id, the time and the content type; then everything, signature and sender identity
+//! included, is encrypted to the recipient with a fresh X25519 key (ECIES: ephemeral-static
+//! Diffie-Hellman, HKDF-SHA256, XChaCha20-Poly1305). The broker sees only the recipient (from
+//! the subject), the size and the time.
+//!
+//! ```text
+//! envelope  = 0x01 || ephemeral_x25519_public(32) || xchacha20poly1305(plaintext) (+16 tag)
+//! plaintext = u32be(header_len) || header || body || signature(64)
+//! signature = ed25519 by header.from over
+//!             "KEZ-MESSAGE-V1" || 0x00 || u32be(header_len) || header || body
+//! header    = canonical JSON {"content_type","from","id","time","to","v"}
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use rand_core::{OsRng, RngCore};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::canonical;
+use crate::key::{KeyError, PublicKey, SecretKey, Signature, decode_hex};
+
+/// The envelope format version (its first byte).
+pub const ENVELOPE_VERSION: u8 = 1;
+/// Domain separation tag of the sender's signature.
+pub const MESSAGE_SIGNATURE_DOMAIN: &[u8] = b"KEZ-MESSAGE-V1";
+/// HKDF `info` for the envelope key and nonce.
+pub const ENVELOPE_KDF_INFO: &[u8] = b"KEZ-ENVELOPE-V1";
+/// Largest envelope, in bytes (the inbox stream's message limit).
+pub const MAX_ENVELOPE_BYTES: usize = 64 * 1024;
+/// Largest header, in bytes.
+pub const MAX_HEADER_BYTES: usize = 1024;
+/// Largest content type, in bytes.
+pub const MAX_CONTENT_TYPE_LEN: usize = 64;
+
+const EPHEMERAL_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+const SIGNATURE_LEN: usize = 64;
+/// Version, ephemeral key and tag.
+const ENVELOPE_FRAME: usize = 1 + EPHEMERAL_LEN + TAG_LEN;
+/// Header length prefix and signature.
+const PLAINTEXT_FRAME: usize = 4 + SIGNATURE_LEN;
+
+/// A message's random 128-bit id; recipients drop a second message with an id they have seen.
+/// Text form: 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId([u8; 16]);
+
+impl MessageId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        let mut id = [0u8; 16];
+        OsRng.fill_bytes(&mut id);
+        MessageId(id)
+    }
+
+    /// The id with these bytes.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        MessageId(bytes)
+    }
+
+    /// The 16 bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&data_encoding::HEXLOWER.encode(&self.0))
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({self})")
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = KeyError;
+
+    fn from_str(text: &str) -> Result<Self, KeyError> {
+        Ok(MessageId(decode_hex::<16>(text)?))
+    }
+}
+
+serde_as_text!(MessageId);
+
+/// Why an envelope cannot be sealed or opened. Each variant has a stable [`code`](Self::code).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Larger than [`MAX_ENVELOPE_BYTES`].
+    #[error("message is {size} bytes; the limit is {MAX_ENVELOPE_BYTES}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+    },
+    /// Shorter than the smallest possible envelope, or a length inside points past the end.
+    #[error("message is truncated")]
+    Truncated,
+    /// A version this code does not know.
+    #[error("message format version {version} is not supported; upgrade")]
+    UnknownVersion {
+        /// The version found.
+        version: u64,
+    },
+    /// The ephemeral key gives an all-zero shared secret (a small-order point).
+    #[error("message uses a weak ephemeral key")]
+    WeakKey,
+    /// Not encrypted to this key, or changed in transit.
+    #[error("message cannot be decrypted with this key (not for us, or tampered)")]
+    DecryptionFailed,
+    /// Decrypted, but the inside is not a valid header and body.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Decrypted, but signed for someone else: a forwarded message.
+    #[error("message was signed for another recipient")]
+    WrongRecipient,
+    /// The sender's signature does not verify.
+    #[error("sender signature does not verify")]
+    BadSignature,
+}
+
+impl EnvelopeError {
+    /// The failure's stable snake_case name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            EnvelopeError::TooLarge { .. } => "too_large",
+            EnvelopeError::Truncated => "truncated",
+            EnvelopeError::UnknownVersion { .. } => "unknown_version",
+            EnvelopeError::WeakKey => "weak_key",
+            EnvelopeError::DecryptionFailed => "decryption_failed",
+            EnvelopeError::Malformed(_) => "malformed",
+            EnvelopeError::WrongRecipient => "wrong_recipient",
+            EnvelopeError::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// The signed header inside an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    v: u64,
+    from: PublicKey,
+    to: PublicKey,
+    id: MessageId,
+    time: u64,
+    content_type: String,
+}
+
+/// An opened message: who sent it, to whom, and what it says. Only [`open`] makes one, so its
+/// sender is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The sender's key (verified).
+    pub from: PublicKey,
+    /// The recipient's key (ours).
+    pub to: PublicKey,
+    /// The random id.
+    pub id: MessageId,
+    /// The sender's clock when it was sealed, seconds since the Unix epoch.
+    pub time: u64,
+    /// What `body` is: `text`, `file_offer`, ... (`[a-z0-9_.+/-]{1,64}`).
+    pub content_type: String,
+    /// The content.
+    pub body: Vec<u8>,
+}
+
+/// Seals `body` from `sender` to `recipient` with a fresh id and ephemeral key.
+pub fn seal(
+    sender: &SecretKey,
+    recipient: &PublicKey,
+    content_type: &str,
+    body: &[u8],
+    time: u64,
+) -> Result<(MessageId, Vec<u8>), EnvelopeError> {
+    let id = MessageId::random();
+    let mut ephemeral = Zeroizing::new([0u8; 32]);
+    OsRng.fill_bytes(ephemeral.as_mut());
+    let envelope =
+        seal_with_fixed_randomness(sender, recipient, content_type, body, time, id, &ephemeral)?;
+    Ok((id, envelope))
+}
+
+/// [`seal`] with the id and ephemeral secret given: for test vectors only. Reusing an ephemeral
+/// secret for two messages to one recipient reuses key and nonce and destroys confidentiality.
+pub fn seal_with_fixed_randomness(
+    sender: &SecretKey,
+    recipient: &PublicKey,
+    content_type: &str,
+    body: &[u8],
+    time: u64,
+    id: MessageId,
+    ephemeral: &[u8; 32],
+) -> Result<Vec<u8>, EnvelopeError> {
+    check_content_type(content_type)?;
+    let header = Header {
+        v: u64::from(ENVELOPE_VERSION),
+        from: sender.public_key(),
+        to: *recipient,
+        id,
+        time,
+        content_type: content_type.to_owned(),
+    };
+    let header = canonical::encode(&serde_json::to_value(&header).expect("a header serialises"))
+        .map_err(|err| EnvelopeError::Malformed(err.to_string()))?;
+    let signature = sender.sign(&signed_message(&header, body));
+    let mut plaintext = Zeroizing::new(Vec::with_capacity(
+        PLAINTEXT_FRAME + header.len() + body.len(),
+    ));
+    plaintext.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    plaintext.extend_from_slice(&header);
+    plaintext.extend_from_slice(body);
+    plaintext.extend_from_slice(&signature.to_bytes());
+    encrypt(recipient, ephemeral, &plaintext)
+}
+
+/// Opens an envelope addressed to `recipient`: decrypts it, checks it was signed for us and by
+/// the sender it names, and returns the message. Deduplication by [`MessageId`] is the caller's.
+pub fn open(recipient: &SecretKey, envelope: &[u8]) -> Result<Message, EnvelopeError> {
+    let plaintext = decrypt(recipient, envelope)?;
+    let (length, rest) = plaintext
+        .split_at_checked(4)
+        .ok_or(EnvelopeError::Truncated)?;
+    let header_len = u32::from_be_bytes(length.try_into().expect("4 bytes")) as usize;
+    if header_len > MAX_HEADER_BYTES {
+        return Err(EnvelopeError::Malformed(format!(
+            "header is {header_len} bytes; the limit is {MAX_HEADER_BYTES}"
+        )));
+    }
+    if rest.len() < header_len + SIGNATURE_LEN {
+        return Err(EnvelopeError::Truncated);
+    }
+    let (header_bytes, rest) = rest.split_at(header_len);
+    let (body, signature) = rest.split_at(rest.len() - SIGNATURE_LEN);
+    let value = canonical::decode(header_bytes)
+        .map_err(|err| EnvelopeError::Malformed(format!("header: {err}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(1) => {}
+        Some(version) => return Err(EnvelopeError::UnknownVersion { version }),
+        None => return Err(EnvelopeError::Malformed("header has no version".into())),
+    }
+    let header: Header = serde_json::from_value(value)
+        .map_err(|err| EnvelopeError::Malformed(format!("header: {err}")))?;
+    check_content_type(&header.content_type)?;
+    if header.to != recipient.public_key() {
+        return Err(EnvelopeError::WrongRecipient);
+    }
+    let signature = Signature::from_bytes(signature.try_into().expect("64 bytes"));
+    header
+        .from
+        .verify(&signed_message(header_bytes, body), &signature)
+        .map_err(|_| EnvelopeError::BadSignature)?;
+    Ok(Message {
+        from: header.from,
+        to: header.to,
+        id: header.id,
+        time: header.time,
+        content_type: header.content_type,
+        body: body.to_vec(),
+    })
+}
+
+fn signed_message(header: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut message =
+        Vec::with_capacity(MESSAGE_SIGNATURE_DOMAIN.len() + 5 + header.len() + body.len());
+    message.extend_from_slice(MESSAGE_SIGNATURE_DOMAIN);
+    message.push(0);
+    message.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    message.extend_from_slice(header);
+    message.extend_from_slice(body);
+    message
+}
+
+fn check_content_type(content_type: &str) -> Result<(), EnvelopeError> {
+    let ok = !content_type.is_empty()
+        && content_type.len() <= MAX_CONTENT_TYPE_LEN
+        && content_type.bytes().all(|b| {
+            b.is_ascii_lowercase()
+                || b.is_ascii_digit()
+                || matches!(b, b'_' | b'.' | b'+' | b'/' | b'-')
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(EnvelopeError::Malformed(format!(
+            "content type must be 1 to {MAX_CONTENT_TYPE_LEN} of a-z 0-9 _ . + / -"
+        )))
+    }
+}
+
+/// The AEAD key and nonce for one envelope: HKDF-SHA256 over the X25519 shared secret, salted
+/// with both public keys so the key is bound to this ephemeral key and this recipient.
+fn envelope_cipher(
+    shared: &x25519_dalek::SharedSecret,
+    ephemeral_public: &[u8; 32],
+    recipient: &x25519_dalek::PublicKey,
+) -> Result<(XChaCha20Poly1305, XNonce), EnvelopeError> {
+    if !shared.was_contributory() {
+        return Err(EnvelopeError::WeakKey);
+    }
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(ephemeral_public);
+    salt[32..].copy_from_slice(recipient.as_bytes());
+    let mut okm = Zeroizing::new([0u8; 56]);
+    Hkdf::<Sha256>::new(Some(&salt), shared.as_bytes())
+        .expand(ENVELOPE_KDF_INFO, okm.as_mut())
+        .expect("56 bytes is a valid HKDF-SHA256 length");
+    let cipher = XChaCha20Poly1305::new_from_slice(&okm[..32]).expect("32-byte key");
+    Ok((cipher, *XNonce::from_slice(&okm[32..])))
+}
+
+fn encrypt(
+    recipient: &PublicKey,
+    ephemeral: &[u8; 32],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, EnvelopeError> {
+    let size = ENVELOPE_FRAME + plaintext.len();
+    if size > MAX_ENVELOPE_BYTES {
+        return Err(EnvelopeError::TooLarge { size });
+    }
+    let secret = x25519_dalek::StaticSecret::from(*ephemeral);
+    let ephemeral_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+    let recipient = recipient.to_x25519();
+    let shared = secret.diffie_hellman(&recipient);
+    let (cipher, nonce) = envelope_cipher(&shared, &ephemeral_public, &recipient)?;
+    let mut aad = [0u8; 1 + EPHEMERAL_LEN];
+    aad[0] = ENVELOPE_VERSION;
+    aad[1..].copy_from_slice(&ephemeral_public);
+    let ciphertext = cipher
+        .encrypt(
+            &nonce,
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
+        .map_err(|_| EnvelopeError::TooLarge { size })?;
+    let mut envelope = Vec::with_capacity(size);
+    envelope.extend_from_slice(&aad);
+    envelope.extend_from_slice(&ciphertext);
+    Ok(envelope)
+}
+
+fn decrypt(recipient: &SecretKey, envelope: &[u8]) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    if envelope.len() > MAX_ENVELOPE_BYTES {
+        return Err(EnvelopeError::TooLarge {
+            size: envelope.len(),
+        });
+    }
+    let version = *envelope.first().ok_or(EnvelopeError::Truncated)?;
+    if version != ENVELOPE_VERSION {
+        return Err(EnvelopeError::UnknownVersion {
+            version: u64::from(version),
+        });
+    }
+    if envelope.len() < ENVELOPE_FRAME + PLAINTEXT_FRAME {
+        return Err(EnvelopeError::Truncated);
+    }
+    let (aad, ciphertext) = envelope.split_at(1 + EPHEMERAL_LEN);
+    let ephemeral_public: [u8; 32] = aad[1..].try_into().expect("32 bytes");
+    let secret = recipient.to_x25519();
+    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(ephemeral_public));
+    let own = x25519_dalek::PublicKey::from(&secret);
+    let (cipher, nonce) = envelope_cipher(&shared, &ephemeral_public, &own)?;
+    cipher
+        .decrypt(
+            &nonce,
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .map(Zeroizing::new)
+        .map_err(|_| EnvelopeError::DecryptionFailed)
+}
+
+#[cfg(test)]
+mod tests;
