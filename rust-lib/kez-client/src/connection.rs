@@ -1,0 +1,559 @@
+//! One NATS connection to the home server's broker, authenticated with the KEZ key
+//! (PROTOCOL.md §6), and typed calls for the server's services (§5), sending (§6.3, §8) and
+//! the own inbox.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::{Client, HeaderMap};
+use bytes::Bytes;
+use futures::StreamExt;
+use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
+use kez_core::registry::RegistrationRequest;
+use kez_core::sigchain::LinkHash;
+use kez_core::subjects::{
+    INBOX_STREAM, JS_API_PREFIX, inbox_consumer, inbox_subject, reply_prefix,
+};
+use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey, Sigchain};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::store::{Store, StoreError};
+
+/// Service subjects (PROTOCOL.md §5).
+const REGISTER: &str = "kez.registry.register";
+const LOOKUP: &str = "kez.registry.lookup";
+const WHOIS: &str = "kez.registry.whois";
+const APPEND: &str = "kez.sigchain.append";
+const CHAIN_GET: &str = "kez.sigchain.get";
+const CHAIN_HEAD: &str = "kez.sigchain.head";
+const SERVER_INFO: &str = "kez.server.info";
+
+/// The largest number of chain pages [`Connection::chain`] fetches before giving up on a
+/// server that keeps saying `more`.
+const MAX_CHAIN_PAGES: usize = 10_000;
+
+/// Boxed errors from async-nats, whose error types differ per call.
+pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error answer from a kez service (PROTOCOL.md §5.1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{subject}: {message} ({name}, {code})")]
+pub struct ServiceError {
+    /// The service subject that answered.
+    pub subject: String,
+    /// `Nats-Service-Error-Code`: 400, 401, 403, 404, 409, 413, 429, 500 or 503.
+    pub code: u16,
+    /// `Kez-Error`: the stable snake_case name (`handle_taken`, `not_found`, ...).
+    pub name: String,
+    /// `Nats-Service-Error`: what went wrong and what to do, for people.
+    pub message: String,
+    /// On a 409 from `append`: the chain's current head (`Kez-Head-Seq`, `Kez-Head-Hash`).
+    pub head: Option<ChainHead>,
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The broker could not be reached, or refused the key.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The broker's URL.
+        url: String,
+        /// async-nats' error.
+        source: async_nats::ConnectError,
+    },
+    /// A request got no answer (timeout, no responders, connection lost, or not permitted:
+    /// an unregistered key may call only `register`, `lookup` and `server_info`).
+    #[error("{subject}: no answer ({source})")]
+    Request {
+        /// The service subject.
+        subject: String,
+        /// async-nats' error.
+        source: async_nats::RequestError,
+    },
+    /// The service answered with an error.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// The answer could not be understood.
+    #[error("{subject}: unexpected answer: {reason}")]
+    BadAnswer {
+        /// The service subject.
+        subject: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A handle is not valid.
+    #[error(transparent)]
+    Handle(#[from] HandleError),
+    /// A sigchain did not verify (the server, or someone, served a bad chain).
+    #[error("the sigchain of {key} does not verify: {source}")]
+    Chain {
+        /// Whose chain.
+        key: PublicKey,
+        /// Why.
+        source: ChainError,
+    },
+    /// A message could not be sealed.
+    #[error("cannot seal the message: {0}")]
+    Seal(EnvelopeError),
+    /// A NATS or JetStream operation failed.
+    #[error("could not {action}: {source}")]
+    Nats {
+        /// What was being done.
+        action: &'static str,
+        /// async-nats' error.
+        source: NatsError,
+    },
+    /// The stream already held a message with this id: it was not stored again. Message ids
+    /// are random, so this is not a retry of ours (PROTOCOL.md §6.3).
+    #[error("the server already had a message with id {id}; it was not delivered again")]
+    Duplicate {
+        /// The message id.
+        id: MessageId,
+    },
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A handle record (`register`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct HandleRecord {
+    /// The handle, e.g. `@alice@kez.lat`.
+    pub handle: String,
+    /// Its registering key (the sigchain id).
+    pub key: PublicKey,
+    /// The server's clock at registration, seconds since the epoch.
+    pub registered_at: u64,
+}
+
+/// A profile (`lookup`, `whois`): a handle record and its chain head, unverified.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Profile {
+    /// The handle, e.g. `@alice@kez.lat`.
+    pub handle: String,
+    /// Its registering key (the sigchain id).
+    pub key: PublicKey,
+    /// The server's clock at registration, seconds since the epoch.
+    pub registered_at: u64,
+    /// The chain's head, `None` when the key has written no sigchain yet.
+    pub sigchain: Option<ChainHead>,
+}
+
+/// A chain's last link: its seq and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct ChainHead {
+    /// The last link's seq.
+    pub seq: u64,
+    /// The last link's hash.
+    pub head: LinkHash,
+}
+
+/// The server's limits (`server_info`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_request_bytes: u64,
+    /// Largest sigchain link.
+    pub max_link_bytes: u64,
+    /// Most link bytes in one chain page.
+    pub max_chain_page_bytes: u64,
+    /// How far a registration's time may be from the server's clock.
+    pub registration_window_secs: u64,
+}
+
+/// What `kez.server.info` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ServerInfo {
+    /// The domain the server serves (handles are `@name@<domain>`).
+    pub domain: String,
+    /// The server's version.
+    pub version: String,
+    /// Its limits.
+    pub limits: Limits,
+}
+
+#[derive(Deserialize)]
+struct HeadAnswer {
+    key: PublicKey,
+    seq: u64,
+    head: LinkHash,
+}
+
+#[derive(Deserialize)]
+struct ChainPage {
+    from_seq: u64,
+    links: Vec<String>,
+    more: bool,
+}
+
+/// A message the stream accepted (see [`Connection::send`]); [`Store::record_outgoing`]
+/// puts it in the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// The random message id (also its `Nats-Msg-Id`).
+    pub id: MessageId,
+    /// The sender: our key.
+    pub from: PublicKey,
+    /// The recipient.
+    pub to: PublicKey,
+    /// The time sealed into the message, seconds since the epoch.
+    pub time: u64,
+    /// The content type.
+    pub content_type: String,
+    /// The content.
+    pub body: Vec<u8>,
+    /// The message's sequence in the inbox stream.
+    pub stream_sequence: u64,
+}
+
+/// Seconds since the Unix epoch by the local clock.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// One connection to the broker as a KEZ key. It reconnects on its own, forever (each
+/// reconnect is authorized afresh by the callout), so it survives a broker restart.
+///
+/// A key that registers over this connection keeps the narrow profile until it connects
+/// again: connect a new `Connection` after [`Connection::register`] to send and receive.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    client: Client,
+    js: jetstream::Context,
+    key: Arc<SecretKey>,
+}
+
+impl Connection {
+    /// The async-nats options of a kez connection as `key`: nkey authentication with the nonce
+    /// signed by the key (`with_auth_callback`), replies under the key's own prefix, reconnects
+    /// forever. Add to them (event callbacks, `retry_on_initial_connect`, timeouts) and pass
+    /// them to [`Connection::connect_with`]; do not replace the auth or the inbox prefix.
+    pub fn options(key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
+        let signer = key.clone();
+        async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+            let signer = signer.clone();
+            async move {
+                let mut auth = async_nats::Auth::new();
+                auth.nkey = Some(signer.public_key().to_nkey());
+                auth.signature = Some(signer.sign(&nonce).to_bytes().to_vec());
+                Ok(auth)
+            }
+        })
+        .custom_inbox_prefix(reply_prefix(&key.public_key()))
+        .max_reconnects(None)
+    }
+
+    /// Connects to the broker at `url` as `key` with [`Connection::options`].
+    pub async fn connect(url: &str, key: Arc<SecretKey>) -> Result<Connection, ClientError> {
+        let options = Connection::options(&key);
+        Connection::connect_with(url, key, options).await
+    }
+
+    /// Connects with `options` made by [`Connection::options`] for the same `key`.
+    pub async fn connect_with(
+        url: &str,
+        key: Arc<SecretKey>,
+        options: async_nats::ConnectOptions,
+    ) -> Result<Connection, ClientError> {
+        let client = options
+            .connect(url)
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
+        let js = jetstream::with_prefix(client.clone(), JS_API_PREFIX);
+        Ok(Connection { client, js, key })
+    }
+
+    /// The underlying NATS client.
+    pub fn nats(&self) -> &Client {
+        &self.client
+    }
+
+    /// The connection's key.
+    pub fn public_key(&self) -> PublicKey {
+        self.key.public_key()
+    }
+
+    /// Sends `body` to a service and returns the answer's body, or its [`ServiceError`].
+    async fn call(&self, subject: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
+        let answer = self
+            .client
+            .request(subject.to_owned(), body.into())
+            .await
+            .map_err(|source| ClientError::Request {
+                subject: subject.to_owned(),
+                source,
+            })?;
+        match answer.headers {
+            Some(headers) if headers.get("Nats-Service-Error-Code").is_some() => {
+                Err(service_error(subject, &headers).into())
+            }
+            _ => Ok(answer.payload),
+        }
+    }
+
+    /// [`Connection::call`] with a JSON answer.
+    async fn call_json<T: DeserializeOwned>(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+    ) -> Result<T, ClientError> {
+        let answer = self.call(subject, body).await?;
+        serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
+            subject: subject.to_owned(),
+            reason: err.to_string(),
+        })
+    }
+
+    /// The server's domain, version and limits (`kez.server.info`).
+    pub async fn server_info(&self) -> Result<ServerInfo, ClientError> {
+        self.call_json(SERVER_INFO, b"{}".to_vec()).await
+    }
+
+    /// Registers `name` (e.g. `alice`, `@alice`; bare names mean the server's domain) for this
+    /// connection's key, signed now (`kez.registry.register`). Registering the name the key
+    /// already holds answers the existing record. Reconnect afterwards for the chat profile.
+    pub async fn register(&self, name: &str) -> Result<HandleRecord, ClientError> {
+        let info = self.server_info().await?;
+        let handle = Handle::parse(name, &info.domain)?;
+        let request = RegistrationRequest::sign(&self.key, &handle, now());
+        let body = serde_json::to_vec(&request).expect("a request serialises");
+        self.call_json(REGISTER, body).await
+    }
+
+    /// Looks a handle up (`kez.registry.lookup`). The answer is the server's word; verify the
+    /// key's chain with [`Connection::chain`] and pin it in the [`Store`].
+    pub async fn lookup(&self, handle: &str) -> Result<Profile, ClientError> {
+        let body = serde_json::json!({ "handle": handle });
+        self.call_json(LOOKUP, body.to_string().into_bytes()).await
+    }
+
+    /// The handle of a key (`kez.registry.whois`).
+    pub async fn whois(&self, key: &PublicKey) -> Result<Profile, ClientError> {
+        let body = serde_json::json!({ "key": key });
+        self.call_json(WHOIS, body.to_string().into_bytes()).await
+    }
+
+    /// Appends a signed link (its exact bytes) to its chain (`kez.sigchain.append`); answers
+    /// the chain's new head.
+    pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ClientError> {
+        self.call_json(APPEND, link.to_vec()).await
+    }
+
+    /// The head of `key`'s chain (`kez.sigchain.head`); `not_found` when it has none.
+    pub async fn head(&self, key: &PublicKey) -> Result<ChainHead, ClientError> {
+        let body = serde_json::json!({ "key": key });
+        let answer: HeadAnswer = self
+            .call_json(CHAIN_HEAD, body.to_string().into_bytes())
+            .await?;
+        if answer.key != *key {
+            return Err(ClientError::BadAnswer {
+                subject: CHAIN_HEAD.into(),
+                reason: format!("asked for {key}, answered for {}", answer.key),
+            });
+        }
+        Ok(ChainHead {
+            seq: answer.seq,
+            head: answer.head,
+        })
+    }
+
+    /// `key`'s whole sigchain, every page fetched (`kez.sigchain.get`) and verified
+    /// ([`Sigchain::verify`]); the chain must be `key`'s. `not_found` when it has none.
+    pub async fn chain(&self, key: &PublicKey) -> Result<Sigchain, ClientError> {
+        let mut links: Vec<Vec<u8>> = Vec::new();
+        for _ in 0..MAX_CHAIN_PAGES {
+            let from_seq = links.len() as u64 + 1;
+            let body = serde_json::json!({ "key": key, "from_seq": from_seq });
+            let page: ChainPage = self
+                .call_json(CHAIN_GET, body.to_string().into_bytes())
+                .await?;
+            if page.from_seq != from_seq || (page.more && page.links.is_empty()) {
+                return Err(ClientError::BadAnswer {
+                    subject: CHAIN_GET.into(),
+                    reason: format!(
+                        "asked from seq {from_seq}, got a page from {} with {} links, more: {}",
+                        page.from_seq,
+                        page.links.len(),
+                        page.more
+                    ),
+                });
+            }
+            links.extend(page.links.into_iter().map(String::into_bytes));
+            if !page.more {
+                let chain = Sigchain::verify(&links)
+                    .map_err(|source| ClientError::Chain { key: *key, source })?;
+                if chain.chain_id() != *key {
+                    return Err(ClientError::BadAnswer {
+                        subject: CHAIN_GET.into(),
+                        reason: format!("asked for {key}'s chain, got {}'s", chain.chain_id()),
+                    });
+                }
+                return Ok(chain);
+            }
+        }
+        Err(ClientError::BadAnswer {
+            subject: CHAIN_GET.into(),
+            reason: format!("more than {MAX_CHAIN_PAGES} pages"),
+        })
+    }
+
+    /// Seals `body` for `recipient` and publishes it to their inbox with the message id as
+    /// `Nats-Msg-Id`; returns once the stream has stored it. A `duplicate` acknowledgement is
+    /// [`ClientError::Duplicate`]. Record the result with [`Store::record_outgoing`].
+    pub async fn send(
+        &self,
+        recipient: &PublicKey,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Sent, ClientError> {
+        let time = now();
+        let (id, sealed) = envelope::seal(&self.key, recipient, content_type, body, time)
+            .map_err(ClientError::Seal)?;
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.to_string().as_str());
+        let ack = self
+            .js
+            .publish_with_headers(inbox_subject(recipient), headers, sealed.into())
+            .await
+            .map_err(|err| ClientError::Nats {
+                action: "publish the message",
+                source: err.into(),
+            })?
+            .await
+            .map_err(|err| ClientError::Nats {
+                action: "get the server's acknowledgement",
+                source: err.into(),
+            })?;
+        if ack.duplicate {
+            return Err(ClientError::Duplicate { id });
+        }
+        Ok(Sent {
+            id,
+            from: self.key.public_key(),
+            to: *recipient,
+            time,
+            content_type: content_type.to_owned(),
+            body: body.to_vec(),
+            stream_sequence: ack.sequence,
+        })
+    }
+
+    /// Fetches up to `max` messages from the own inbox, waiting up to `wait` for them
+    /// (`Duration::ZERO`: only what is there now), and returns the new ones, opened and
+    /// verified, in the order the stream holds them.
+    ///
+    /// Each message is stored in `store` (history and seen id) before it is acknowledged, so a
+    /// crash in between means a redelivery, which is then dropped as already seen. Envelopes
+    /// that do not open (not for us, forged, garbage) are logged and acknowledged: they would
+    /// never open on a retry either. An acknowledgement that fails is logged, not returned: the
+    /// message is stored, and its redelivery will be dropped. A fetch that fails after some
+    /// messages were stored returns those; one that fails before is an error.
+    pub async fn receive(
+        &self,
+        store: &Store,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Message>, ClientError> {
+        let me = self.key.public_key();
+        let consumer: PullConsumer = self
+            .js
+            .get_consumer_from_stream(inbox_consumer(&me), INBOX_STREAM)
+            .await
+            .map_err(|err| ClientError::Nats {
+                action: "find the own inbox consumer",
+                source: err.into(),
+            })?;
+        let fetched = if wait.is_zero() {
+            consumer.fetch().max_messages(max).messages().await
+        } else {
+            consumer
+                .batch()
+                .max_messages(max)
+                .expires(wait)
+                .messages()
+                .await
+        };
+        let mut batch = fetched.map_err(|err| ClientError::Nats {
+            action: "fetch from the own inbox",
+            source: err.into(),
+        })?;
+        let mut received = Vec::new();
+        while let Some(delivery) = batch.next().await {
+            let delivery = match delivery {
+                Ok(delivery) => delivery,
+                // What was stored already is the caller's to show; the rest comes next time.
+                Err(err) if !received.is_empty() => {
+                    tracing::warn!("fetching from the own inbox stopped early: {err}");
+                    break;
+                }
+                Err(source) => {
+                    return Err(ClientError::Nats {
+                        action: "fetch from the own inbox",
+                        source,
+                    });
+                }
+            };
+            match envelope::open(&self.key, &delivery.payload) {
+                Err(err) => {
+                    tracing::warn!(
+                        code = err.code(),
+                        size = delivery.payload.len(),
+                        "dropping a message that does not open: {err}"
+                    );
+                }
+                Ok(message) => {
+                    if store.record_incoming(&message, now())? {
+                        received.push(message);
+                    } else {
+                        tracing::info!(id = %message.id, "dropping a message seen before");
+                    }
+                }
+            }
+            if let Err(err) = delivery.double_ack().await {
+                tracing::warn!(
+                    "acknowledging a stored message failed, it will be redelivered and dropped then: {err}"
+                );
+            }
+        }
+        Ok(received)
+    }
+
+    /// Flushes what is buffered and closes the connection.
+    pub async fn close(self) -> Result<(), ClientError> {
+        self.client.drain().await.map_err(|err| ClientError::Nats {
+            action: "close the connection",
+            source: err.into(),
+        })
+    }
+}
+
+fn service_error(subject: &str, headers: &HeaderMap) -> ServiceError {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .map(|value| value.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    let head = match (
+        text("Kez-Head-Seq").parse::<u64>(),
+        text("Kez-Head-Hash").parse::<LinkHash>(),
+    ) {
+        (Ok(seq), Ok(head)) => Some(ChainHead { seq, head }),
+        _ => None,
+    };
+    ServiceError {
+        subject: subject.to_owned(),
+        code: text("Nats-Service-Error-Code").parse().unwrap_or(0),
+        name: text("Kez-Error"),
+        message: text("Nats-Service-Error"),
+        head,
+    }
+}

@@ -1,0 +1,22 @@
+//! The kez-chat client library: what the `kez-chat` CLI (and later a GUI) is built on.
+//!
+//! - [`Home`]: the client's directory (`$KEZ_CHAT_HOME`, default `~/.local/share/kez-chat`)
+//!   with the secret key, the config and the store.
+//! - [`Store`]: contacts and their pinned keys (trust on first use), message history and the
+//!   ids of messages already seen, in one redb database.
+//! - [`Connection`]: one NATS connection authenticated with the KEZ key through the server's
+//!   auth callout; typed calls for the home server's services, sending sealed messages, and
+//!   receiving from the own inbox (store first, then acknowledge).
+//!
+//! PROTOCOL.md §5, §6 and §8 specify what goes over the wire.
+
+pub mod connection;
+pub mod home;
+pub mod store;
+
+pub use connection::{
+    ChainHead, ClientError, Connection, HandleRecord, Limits, Profile, Sent, ServerInfo,
+    ServiceError, now,
+};
+pub use home::{Config, Home, HomeError, resolve_home};
+pub use store::{Contact, Direction, Store, StoreError, StoredMessage};

@@ -1,0 +1,364 @@
+//! The local store: contacts with their pinned keys, message history and the ids of messages
+//! already seen, in one redb database (`store.redb` in the home).
+//!
+//! Every change is one redb write transaction, committed durably before the call returns, so
+//! a message is recorded as seen exactly when it is in the history: a crash cannot separate the
+//! two. That is what lets [`crate::Connection::receive`] acknowledge a message to JetStream only
+//! after storing it: a crash in between means a redelivery, which the seen ids drop.
+
+use std::path::Path;
+
+use kez_core::PublicKey;
+use kez_core::envelope::{Message, MessageId};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// handle → JSON [`Contact`].
+const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
+/// (conversation: the peer's key hex, receive order) → JSON [`StoredMessage`].
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+/// message id → when it was first seen (seconds since the epoch).
+const SEEN: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
+/// Counters: `next_order`, the next history position.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_ORDER: &str = "next_order";
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, a locked or corrupt database file).
+    #[error("local store: {0}")]
+    Database(Box<redb::Error>),
+    /// A record could not be decoded: the file was written by something else or is damaged.
+    #[error("local store record is unreadable ({0}); the store file may be damaged")]
+    Corrupt(String),
+    /// TOFU: the handle is pinned to another key.
+    #[error(
+        "{handle} is pinned to key {pinned}, but the key offered now is {offered}: the key changed, which can mean the account was taken over or the server lies; do not trust it unless you have checked with {handle} another way"
+    )]
+    KeyChanged {
+        /// The contact's handle.
+        handle: String,
+        /// The key pinned when the contact was added.
+        pinned: PublicKey,
+        /// The different key offered now.
+        offered: PublicKey,
+    },
+}
+
+fn db<E: Into<redb::Error>>(err: E) -> StoreError {
+    StoreError::Database(Box::new(err.into()))
+}
+
+fn corrupt(err: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(err.to_string())
+}
+
+/// A contact: a handle and the key pinned for it on first use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// The handle, e.g. `@bob@kez.lat`.
+    pub handle: String,
+    /// The pinned key.
+    pub key: PublicKey,
+    /// When the contact was added, seconds since the epoch.
+    pub added_at: u64,
+}
+
+/// Which way a stored message went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Received from the peer.
+    Incoming,
+    /// Sent to the peer.
+    Outgoing,
+}
+
+/// A message in the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    /// The message id.
+    pub id: MessageId,
+    /// The sender's key (verified for incoming messages).
+    pub from: PublicKey,
+    /// The recipient's key.
+    pub to: PublicKey,
+    /// The sender's clock when sealed, seconds since the epoch.
+    pub time: u64,
+    /// The local clock when received (or sent), seconds since the epoch.
+    pub stored_at: u64,
+    /// The content type (`text`, ...).
+    pub content_type: String,
+    /// The content.
+    #[serde(with = "base64_bytes")]
+    pub body: Vec<u8>,
+    /// Incoming or outgoing.
+    pub direction: Direction,
+}
+
+impl StoredMessage {
+    /// The other party of the conversation: the sender of an incoming message, the recipient
+    /// of an outgoing one.
+    pub fn peer(&self) -> &PublicKey {
+        match self.direction {
+            Direction::Incoming => &self.from,
+            Direction::Outgoing => &self.to,
+        }
+    }
+}
+
+mod base64_bytes {
+    use data_encoding::BASE64;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&BASE64.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        BASE64
+            .decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The local store (see the module docs). One process at a time: redb locks the file.
+pub struct Store {
+    db: Database,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the store at `path`, creating the file and its tables if needed.
+    pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
+        let database = Database::create(path).map_err(db)?;
+        let tx = database.begin_write().map_err(db)?;
+        tx.open_table(CONTACTS).map_err(db)?;
+        tx.open_table(MESSAGES).map_err(db)?;
+        tx.open_table(SEEN).map_err(db)?;
+        tx.open_table(META).map_err(db)?;
+        tx.commit().map_err(db)?;
+        Ok(Store { db: database })
+    }
+
+    /// Pins `key` for `handle` (TOFU), at time `now`. Adding a handle again with the same key
+    /// returns the existing contact unchanged; with another key it is
+    /// [`StoreError::KeyChanged`] and nothing changes.
+    pub fn add_contact(
+        &self,
+        handle: &str,
+        key: PublicKey,
+        now: u64,
+    ) -> Result<Contact, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let contact = {
+            let mut table = tx.open_table(CONTACTS).map_err(db)?;
+            let existing = match table.get(handle).map_err(db)? {
+                Some(guard) => {
+                    Some(serde_json::from_slice::<Contact>(guard.value()).map_err(corrupt)?)
+                }
+                None => None,
+            };
+            match existing {
+                Some(pinned) if pinned.key == key => return Ok(pinned),
+                Some(pinned) => {
+                    return Err(StoreError::KeyChanged {
+                        handle: handle.to_owned(),
+                        pinned: pinned.key,
+                        offered: key,
+                    });
+                }
+                None => {
+                    let contact = Contact {
+                        handle: handle.to_owned(),
+                        key,
+                        added_at: now,
+                    };
+                    let json = serde_json::to_vec(&contact).expect("a contact serialises");
+                    table.insert(handle, json.as_slice()).map_err(db)?;
+                    contact
+                }
+            }
+        };
+        tx.commit().map_err(db)?;
+        Ok(contact)
+    }
+
+    /// The contact for `handle`, if added.
+    pub fn contact(&self, handle: &str) -> Result<Option<Contact>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(CONTACTS).map_err(db)?;
+        match table.get(handle).map_err(db)? {
+            Some(guard) => Ok(Some(
+                serde_json::from_slice(guard.value()).map_err(corrupt)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Every contact, ordered by handle.
+    pub fn contacts(&self) -> Result<Vec<Contact>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(CONTACTS).map_err(db)?;
+        let mut contacts = Vec::new();
+        for entry in table.iter().map_err(db)? {
+            let (_, value) = entry.map_err(db)?;
+            contacts.push(serde_json::from_slice(value.value()).map_err(corrupt)?);
+        }
+        Ok(contacts)
+    }
+
+    /// The contact pinned to `key`, if any (to name the sender of an incoming message).
+    pub fn contact_by_key(&self, key: &PublicKey) -> Result<Option<Contact>, StoreError> {
+        Ok(self.contacts()?.into_iter().find(|c| c.key == *key))
+    }
+
+    /// Whether a message with `id` was seen (received or sent) before.
+    pub fn is_seen(&self, id: &MessageId) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(SEEN).map_err(db)?;
+        Ok(table.get(id.as_bytes()).map_err(db)?.is_some())
+    }
+
+    /// Records a received, opened message at time `now`: its id as seen and the message in
+    /// the history, both or neither. Returns `false`, changing nothing, when the id was seen
+    /// before (a replay or a redelivery).
+    pub fn record_incoming(&self, message: &Message, now: u64) -> Result<bool, StoreError> {
+        self.record(StoredMessage {
+            id: message.id,
+            from: message.from,
+            to: message.to,
+            time: message.time,
+            stored_at: now,
+            content_type: message.content_type.clone(),
+            body: message.body.clone(),
+            direction: Direction::Incoming,
+        })
+    }
+
+    /// Records a sent message (see [`crate::Sent`]) at time `now`, like
+    /// [`Store::record_incoming`].
+    pub fn record_outgoing(&self, sent: &crate::Sent, now: u64) -> Result<bool, StoreError> {
+        self.record(StoredMessage {
+            id: sent.id,
+            from: sent.from,
+            to: sent.to,
+            time: sent.time,
+            stored_at: now,
+            content_type: sent.content_type.clone(),
+            body: sent.body.clone(),
+            direction: Direction::Outgoing,
+        })
+    }
+
+    fn record(&self, message: StoredMessage) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut seen = tx.open_table(SEEN).map_err(db)?;
+            if seen.get(message.id.as_bytes()).map_err(db)?.is_some() {
+                return Ok(false);
+            }
+            seen.insert(message.id.as_bytes(), message.stored_at)
+                .map_err(db)?;
+            let mut meta = tx.open_table(META).map_err(db)?;
+            let order = meta
+                .get(NEXT_ORDER)
+                .map_err(db)?
+                .map_or(0, |guard| guard.value());
+            meta.insert(NEXT_ORDER, order + 1).map_err(db)?;
+            let peer = message.peer().to_hex();
+            let json = serde_json::to_vec(&message).expect("a message serialises");
+            let mut messages = tx.open_table(MESSAGES).map_err(db)?;
+            messages
+                .insert((peer.as_str(), order), json.as_slice())
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// The conversation with `peer`, in the order the messages were stored (received or
+    /// sent).
+    pub fn history(&self, peer: &PublicKey) -> Result<Vec<StoredMessage>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(MESSAGES).map_err(db)?;
+        let peer = peer.to_hex();
+        let mut messages = Vec::new();
+        for entry in table
+            .range((peer.as_str(), 0)..=(peer.as_str(), u64::MAX))
+            .map_err(db)?
+        {
+            let (_, value) = entry.map_err(db)?;
+            messages.push(serde_json::from_slice(value.value()).map_err(corrupt)?);
+        }
+        Ok(messages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kez_core::SecretKey;
+
+    use super::*;
+
+    fn key(seed: u8) -> PublicKey {
+        SecretKey::from_seed(&[seed; 32]).public_key()
+    }
+
+    fn message(from: u8, to: u8, text: &str) -> Message {
+        Message {
+            from: key(from),
+            to: key(to),
+            id: MessageId::random(),
+            time: 1_767_225_600,
+            content_type: "text".into(),
+            body: text.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn tofu_pins_the_first_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let bob = store.add_contact("@bob@kez.test", key(2), 10).unwrap();
+        assert_eq!(store.add_contact("@bob@kez.test", key(2), 20).unwrap(), bob);
+        let err = store.add_contact("@bob@kez.test", key(3), 30).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::KeyChanged { pinned, offered, .. }
+                if *pinned == key(2) && *offered == key(3)),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("pinned"), "{err}");
+        assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(bob.clone()));
+        assert_eq!(store.contacts().unwrap(), vec![bob.clone()]);
+        assert_eq!(store.contact_by_key(&key(2)).unwrap(), Some(bob));
+        assert_eq!(store.contact("@carol@kez.test").unwrap(), None);
+    }
+
+    #[test]
+    fn history_is_per_peer_in_order_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let first = message(2, 1, "one");
+        let other = message(3, 1, "from carol");
+        let second = message(2, 1, "two");
+        for m in [&first, &other, &second] {
+            assert!(store.record_incoming(m, 100).unwrap());
+        }
+        assert!(!store.record_incoming(&first, 101).unwrap(), "a repeat");
+        assert!(store.is_seen(&first.id).unwrap());
+        let history = store.history(&key(2)).unwrap();
+        let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(bodies, [&b"one"[..], &b"two"[..]]);
+        assert_eq!(history[0].direction, Direction::Incoming);
+        assert_eq!(store.history(&key(3)).unwrap().len(), 1);
+        assert!(store.history(&key(4)).unwrap().is_empty());
+    }
+}
