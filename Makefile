@@ -28,4 +28,4 @@ vectors:
 demo:
 	$(CARGO) build --workspace
 	$(CARGO) run -q -p kez-chat-server -- --help
-	@echo "demo: the scripted two-user demo is not available yet; it arrives with the CLI issue."
+	@echo "demo: the scripted two-user demo is not available yet; README.md \"Try it by hand\" walks through one."

@@ -1,18 +1,601 @@
-//! `kez-chat`: the kez-chat command-line client.
+//! `kez-chat`: the kez-chat command-line client, built on the `kez-client` library.
 //!
-//! Commands (register, add, send, listen, share, browse) land with the client issue; until then
-//! the binary only describes itself.
+//! Status lines go to stderr, data to stdout; `--json` makes read commands print JSON.
+//! Exit codes are listed in [`EXIT_CODES`] (and in `--help`).
 
-use clap::Parser;
+mod failure;
 
-/// kez-chat: end-to-end encrypted chat and peer-to-peer file sharing for `@name@domain` handles
-/// backed by an ed25519 KEZ key.
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use kez_client::{ClientError, Config, Connection, Direction, Home, Store, StoredMessage, now};
+use kez_core::envelope::Message;
+use kez_core::sigchain::Endpoint;
+use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
+use serde_json::{Value, json};
+
+use failure::{Failure, NOT_FOUND, RUNTIME, USAGE};
+
+/// The exit codes, as `--help` shows them.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  runtime or network failure (server down, unexpected answer, local store)
+  2  usage or setup error (bad arguments, no server configured, not registered yet)
+  3  not found (unknown handle, or not in your contacts)
+  4  conflict (handle taken, a contact's key changed, home registered under another name)
+  5  refused (the server refused the key or the operation)";
+
+/// The content type of a text message.
+const TEXT: &str = "text";
+
+/// The endpoint `register` writes into the first sigchain link.
+const NATS_ENDPOINT: &str = "nats";
+
+/// How many messages one fetch from the inbox takes at most.
+const FETCH_MAX: usize = 256;
+
+/// How long one `listen` fetch waits before asking again. `Connection::receive` answers a batch
+/// once the wait is over, so this is also how late a message may show.
+const LISTEN_WAIT: Duration = Duration::from_secs(1);
+
+/// kez-chat: end-to-end encrypted chat for `@name@domain` handles backed by an ed25519 KEZ key.
 ///
-/// Not yet functional: the commands arrive with the client issue. See README.md for status.
+/// Start with `kez-chat --server nats://HOST:4222 register NAME`; then `add @friend`,
+/// `send @friend "hi"`, and `inbox` or `listen`.
 #[derive(Parser)]
-#[command(version, arg_required_else_help = true)]
-struct Cli {}
+#[command(version, after_help = EXIT_CODES)]
+struct Cli {
+    /// The client's home directory (key, config, store); default `$XDG_DATA_HOME/kez-chat`.
+    #[arg(long, global = true, env = "KEZ_CHAT_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// The server's NATS URL, e.g. `nats://kez.lat:4222`; remembered by `register`.
+    #[arg(long, global = true, env = "KEZ_CHAT_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    Cli::parse();
+/// The commands.
+#[derive(Subcommand)]
+enum Command {
+    /// Make a key (or use the home's), register NAME on the server and write the first
+    /// sigchain link. Running it again is harmless.
+    Register {
+        /// The name to register, e.g. `alice` or `@alice`.
+        name: String,
+    },
+    /// Show the own key, handle, server and sigchain head.
+    Whoami {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Look a handle up, verify its sigchain and pin its key in the contacts (trust on first
+    /// use).
+    Add {
+        /// The handle, e.g. `@bob` or `@bob@kez.lat`.
+        handle: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the contacts and their pinned keys.
+    Contacts {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a text message to a contact; prints the message id once the server stored it.
+    Send {
+        /// The contact's handle.
+        handle: String,
+        /// The text (several words are joined with spaces).
+        #[arg(required = true)]
+        text: Vec<String>,
+    },
+    /// Fetch the messages that arrived (also while offline), print them and exit.
+    Inbox {
+        /// Wait up to this many seconds for messages when none are there.
+        #[arg(long, default_value_t = 0, value_name = "SECS")]
+        wait: u64,
+        /// Print JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print messages as they arrive, until Ctrl-C.
+    Listen {
+        /// Print JSON, one object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the conversation with a contact.
+    History {
+        /// The contact's handle.
+        handle: String,
+        /// Print JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("kez-chat: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// Runs one command.
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let home = match &cli.home {
+        Some(dir) => Home::open(dir.clone()),
+        None => Home::from_env(),
+    }
+    .map_err(Failure::home)?;
+    let app = App {
+        config: home.config().map_err(Failure::home)?,
+        home,
+        server_flag: cli.server,
+    };
+    match cli.command {
+        Command::Register { name } => app.register(&name).await,
+        Command::Whoami { json } => app.whoami(json).await,
+        Command::Add { handle, json } => app.add(&handle, json).await,
+        Command::Contacts { json } => app.contacts(json),
+        Command::Send { handle, text } => app.send(&handle, &text.join(" ")).await,
+        Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
+        Command::Listen { json } => app.listen(json).await,
+        Command::History { handle, json } => app.history(&handle, json),
+    }
+}
+
+/// The home, its config and the `--server` flag.
+struct App {
+    home: Home,
+    config: Config,
+    server_flag: Option<String>,
+}
+
+impl App {
+    /// The server URL: `--server`, else the config's.
+    fn server(&self) -> Result<String, Failure> {
+        self.server_flag
+            .clone()
+            .or_else(|| self.config.server.clone())
+            .ok_or_else(|| {
+                Failure::new(
+                    USAGE,
+                    "no server configured: pass --server nats://HOST:4222 (or set KEZ_CHAT_SERVER), \
+                     or run `kez-chat --server nats://HOST:4222 register <name>` first",
+                )
+            })
+    }
+
+    /// The own handle; an error telling how to register when there is none.
+    fn handle(&self) -> Result<&str, Failure> {
+        self.config.handle.as_deref().ok_or_else(|| {
+            Failure::new(
+                USAGE,
+                format!(
+                    "this home ({}) is not registered yet: run `kez-chat --server nats://HOST:4222 register <name>`",
+                    self.home.dir().display()
+                ),
+            )
+        })
+    }
+
+    /// The own key; the home must be registered.
+    fn key(&self) -> Result<Arc<SecretKey>, Failure> {
+        self.handle()?;
+        Ok(Arc::new(self.home.key().map_err(Failure::home)?))
+    }
+
+    /// The store.
+    fn store(&self) -> Result<Store, Failure> {
+        self.home.store().map_err(Failure::store)
+    }
+
+    /// `handle` in full form (`@name@domain`), bare names taking the own domain.
+    fn full_handle(&self, handle: &str) -> Result<String, Failure> {
+        let own = self.handle()?;
+        let domain = own.rsplit('@').next().unwrap_or_default();
+        Handle::parse(handle, domain)
+            .map(|handle| handle.to_string())
+            .map_err(|err| Failure::new(USAGE, format!("{handle:?} is not a valid handle: {err}")))
+    }
+
+    /// The contact for `handle`; an error saying to `add` it when there is none.
+    fn contact(&self, store: &Store, handle: &str) -> Result<kez_client::Contact, Failure> {
+        let full = self.full_handle(handle)?;
+        store.contact(&full).map_err(Failure::store)?.ok_or_else(|| {
+            Failure::new(
+                NOT_FOUND,
+                format!(
+                    "{full} is not in your contacts: run `kez-chat add {handle}` first (it looks the handle up, verifies its sigchain and pins its key)"
+                ),
+            )
+        })
+    }
+
+    /// Connects as the registered key.
+    async fn connect(&self) -> Result<Connection, Failure> {
+        let key = self.key()?;
+        let url = self.server()?;
+        Connection::connect(&url, key)
+            .await
+            .map_err(Failure::client)
+    }
+
+    /// `register <name>`.
+    async fn register(mut self, name: &str) -> Result<(), Failure> {
+        let url = self.server()?;
+        let (key, created) = self.home.key_or_create().map_err(Failure::home)?;
+        let key = Arc::new(key);
+        eprintln!(
+            "{} key {} in {}",
+            if created { "made" } else { "using" },
+            key.public_key(),
+            self.home.key_path().display()
+        );
+
+        eprintln!("connecting to {url}");
+        let narrow = Connection::connect(&url, key.clone())
+            .await
+            .map_err(Failure::client)?;
+        let info = narrow.server_info().await.map_err(Failure::client)?;
+        let wanted = Handle::parse(name, &info.domain)
+            .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?
+            .to_string();
+        if let Some(existing) = &self.config.handle {
+            if *existing == wanted {
+                println!("already registered as {existing}");
+                return self.confirm(&url, key).await.map(|_| ());
+            }
+            return Err(Failure::new(
+                failure::CONFLICT,
+                format!(
+                    "this home is already registered as {existing}; to register {wanted}, use another home (--home DIR)"
+                ),
+            ));
+        }
+        let record = narrow.register(name).await.map_err(Failure::client)?;
+        let _ = narrow.close().await;
+        eprintln!("registered {} on {}", record.handle, info.domain);
+
+        // The chat profile comes with a new connection (PROTOCOL.md §6.2).
+        let full = Connection::connect(&url, key.clone())
+            .await
+            .map_err(Failure::client)?;
+        match full.head(&key.public_key()).await {
+            Ok(head) => eprintln!("sigchain already started (seq {})", head.seq),
+            Err(ClientError::Service(err)) if err.code == 404 => {
+                let op = Op::AddEndpoint(Endpoint {
+                    name: NATS_ENDPOINT.into(),
+                    kind: NATS_ENDPOINT.into(),
+                    address: url.clone(),
+                });
+                let link = UnsignedLink::first(key.public_key(), now(), op)
+                    .sign(&key)
+                    .map_err(|err| {
+                        Failure::new(RUNTIME, format!("cannot sign the first link: {err}"))
+                    })?;
+                full.append(link.bytes()).await.map_err(Failure::client)?;
+                eprintln!("wrote the first sigchain link (nats endpoint {url})");
+            }
+            Err(err) => return Err(Failure::client(err)),
+        }
+        let _ = full.close().await;
+
+        self.config.server = Some(url.clone());
+        self.config.handle = Some(record.handle.clone());
+        self.home.save_config(&self.config).map_err(Failure::home)?;
+        let head = self.confirm(&url, key.clone()).await?;
+        println!("registered as {}", record.handle);
+        println!("key     {}", key.public_key());
+        println!("server  {url}");
+        println!("head    seq {} {}", head.seq, head.head);
+        Ok(())
+    }
+
+    /// Reconnects and checks that the key has the chat profile (its chain head is readable).
+    async fn confirm(
+        &self,
+        url: &str,
+        key: Arc<SecretKey>,
+    ) -> Result<kez_client::ChainHead, Failure> {
+        let me = key.public_key();
+        let conn = Connection::connect(url, key)
+            .await
+            .map_err(Failure::client)?;
+        let head = conn.head(&me).await.map_err(Failure::client)?;
+        let _ = conn.close().await;
+        Ok(head)
+    }
+
+    /// `whoami`.
+    async fn whoami(&self, json: bool) -> Result<(), Failure> {
+        let handle = self.handle()?;
+        let conn = self.connect().await?;
+        let me = conn.public_key();
+        let head = conn.head(&me).await.map_err(Failure::client)?;
+        let _ = conn.close().await;
+        let server = self.server()?;
+        if json {
+            print_json(&json!({
+                "handle": handle,
+                "key": me.to_string(),
+                "nkey": me.to_nkey(),
+                "server": server,
+                "sigchain": { "seq": head.seq, "head": head.head.to_string() },
+            }));
+        } else {
+            println!("handle  {handle}");
+            println!("key     {me}");
+            println!("nkey    {}", me.to_nkey());
+            println!("server  {server}");
+            println!("head    seq {} {}", head.seq, head.head);
+        }
+        Ok(())
+    }
+
+    /// `add @name`.
+    async fn add(&self, handle: &str, json: bool) -> Result<(), Failure> {
+        let full = self.full_handle(handle)?;
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        let profile = conn.lookup(&full).await.map_err(Failure::client)?;
+        let chain = conn.chain(&profile.key).await.map_err(Failure::client)?;
+        let _ = conn.close().await;
+        let before = store.contact(&profile.handle).map_err(Failure::store)?;
+        let contact = store
+            .add_contact(&profile.handle, profile.key, now())
+            .map_err(Failure::store)?;
+        let endpoints: Vec<&str> = chain.endpoints().keys().map(String::as_str).collect();
+        if json {
+            print_json(&json!({
+                "handle": contact.handle,
+                "key": contact.key.to_string(),
+                "added_at": contact.added_at,
+                "new": before.is_none(),
+                "sigchain": { "seq": chain.seq(), "head": chain.head().to_string() },
+                "endpoints": endpoints,
+            }));
+        } else {
+            if before.is_some() {
+                eprintln!("{} was already in your contacts, same key", contact.handle);
+            } else {
+                eprintln!("added {} (key pinned)", contact.handle);
+            }
+            println!("{}  {}", contact.handle, contact.key);
+            println!(
+                "  sigchain verified: seq {}, endpoints: {}",
+                chain.seq(),
+                endpoints.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// `contacts`.
+    fn contacts(&self, json: bool) -> Result<(), Failure> {
+        let contacts = self.store()?.contacts().map_err(Failure::store)?;
+        if json {
+            let list: Vec<Value> = contacts
+                .iter()
+                .map(|c| json!({ "handle": c.handle, "key": c.key.to_string(), "added_at": c.added_at }))
+                .collect();
+            print_json(&Value::Array(list));
+        } else if contacts.is_empty() {
+            eprintln!("no contacts yet: add one with `kez-chat add @name`");
+        } else {
+            for contact in contacts {
+                println!("{}  {}", contact.handle, contact.key);
+            }
+        }
+        Ok(())
+    }
+
+    /// `send @name text`.
+    async fn send(&self, handle: &str, text: &str) -> Result<(), Failure> {
+        let store = self.store()?;
+        let contact = self.contact(&store, handle)?;
+        let conn = self.connect().await?;
+        let sent = conn
+            .send(&contact.key, TEXT, text.as_bytes())
+            .await
+            .map_err(Failure::client)?;
+        let _ = conn.close().await;
+        store
+            .record_outgoing(&sent, now())
+            .map_err(Failure::store)?;
+        eprintln!("delivered to the server for {}", contact.handle);
+        println!("{}", sent.id);
+        Ok(())
+    }
+
+    /// `inbox`.
+    async fn inbox(&self, wait: Duration, json: bool) -> Result<(), Failure> {
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        let messages = conn
+            .receive(&store, FETCH_MAX, wait)
+            .await
+            .map_err(Failure::client)?;
+        let mut shown = Vec::new();
+        for message in &messages {
+            let sender = Sender::of(&store, &conn, &message.from).await;
+            shown.push((sender, message));
+        }
+        let _ = conn.close().await;
+        if json {
+            let list: Vec<Value> = shown.iter().map(|(s, m)| message_json(s, m)).collect();
+            print_json(&Value::Array(list));
+        } else if shown.is_empty() {
+            eprintln!("no new messages");
+        } else {
+            for (sender, message) in &shown {
+                println!("{}", message_line(sender, message));
+            }
+        }
+        Ok(())
+    }
+
+    /// `listen`.
+    async fn listen(&self, json: bool) -> Result<(), Failure> {
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        eprintln!(
+            "listening as {} (Ctrl-C to stop)",
+            self.config.handle.as_deref().unwrap_or_default()
+        );
+        let stop = tokio::signal::ctrl_c();
+        tokio::pin!(stop);
+        loop {
+            let messages = tokio::select! {
+                _ = &mut stop => break,
+                received = conn.receive(&store, FETCH_MAX, LISTEN_WAIT) => received,
+            };
+            match messages {
+                Ok(messages) => {
+                    for message in &messages {
+                        let sender = Sender::of(&store, &conn, &message.from).await;
+                        if json {
+                            println!("{}", message_json(&sender, message));
+                        } else {
+                            println!("{}", message_line(&sender, message));
+                        }
+                    }
+                }
+                Err(err) => {
+                    eprintln!("kez-chat: receiving failed, retrying: {err}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    /// `history @name`.
+    fn history(&self, handle: &str, json: bool) -> Result<(), Failure> {
+        let store = self.store()?;
+        let contact = self.contact(&store, handle)?;
+        let messages = store.history(&contact.key).map_err(Failure::store)?;
+        if json {
+            let list: Vec<Value> = messages.iter().map(stored_json).collect();
+            print_json(&Value::Array(list));
+        } else if messages.is_empty() {
+            eprintln!("no messages with {} yet", contact.handle);
+        } else {
+            for message in &messages {
+                let who = match message.direction {
+                    Direction::Incoming => contact.handle.as_str(),
+                    Direction::Outgoing => "you",
+                };
+                println!(
+                    "[{}] {who}: {}",
+                    clock(message.time),
+                    body_text(&message.content_type, &message.body)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Who sent a message, as far as the client knows.
+enum Sender {
+    /// A contact (its pinned key signed the message).
+    Contact(String),
+    /// Not a contact: the handle the server names for the key, if any.
+    Stranger(Option<String>, PublicKey),
+}
+
+impl Sender {
+    /// The contact with `key`, or else the key's handle by `whois` (the message's signature
+    /// proves the key; the handle is the server's word for it).
+    async fn of(store: &Store, conn: &Connection, key: &PublicKey) -> Sender {
+        if let Ok(Some(contact)) = store.contact_by_key(key) {
+            return Sender::Contact(contact.handle);
+        }
+        let handle = conn.whois(key).await.ok().map(|profile| profile.handle);
+        Sender::Stranger(handle, *key)
+    }
+}
+
+/// One message as a line for people: `[time] @sender: text`.
+fn message_line(sender: &Sender, message: &Message) -> String {
+    let who = match sender {
+        Sender::Contact(handle) => handle.clone(),
+        Sender::Stranger(Some(handle), key) => format!("(not in contacts) {handle} {key}"),
+        Sender::Stranger(None, key) => format!("(not in contacts) {key}"),
+    };
+    format!(
+        "[{}] {who}: {}",
+        clock(message.time),
+        body_text(&message.content_type, &message.body)
+    )
+}
+
+/// One received message as JSON.
+fn message_json(sender: &Sender, message: &Message) -> Value {
+    let (handle, contact) = match sender {
+        Sender::Contact(handle) => (Some(handle.clone()), true),
+        Sender::Stranger(handle, _) => (handle.clone(), false),
+    };
+    json!({
+        "id": message.id.to_string(),
+        "from": message.from.to_string(),
+        "from_handle": handle,
+        "in_contacts": contact,
+        "time": message.time,
+        "content_type": message.content_type,
+        "text": String::from_utf8_lossy(&message.body),
+    })
+}
+
+/// One stored message as JSON.
+fn stored_json(message: &StoredMessage) -> Value {
+    json!({
+        "id": message.id.to_string(),
+        "direction": match message.direction {
+            Direction::Incoming => "incoming",
+            Direction::Outgoing => "outgoing",
+        },
+        "from": message.from.to_string(),
+        "to": message.to.to_string(),
+        "time": message.time,
+        "content_type": message.content_type,
+        "text": String::from_utf8_lossy(&message.body),
+    })
+}
+
+/// A body for people: the text, or what kind of content it is.
+fn body_text(content_type: &str, body: &[u8]) -> String {
+    if content_type == TEXT {
+        String::from_utf8_lossy(body).into_owned()
+    } else {
+        format!("({content_type}, {} bytes)", body.len())
+    }
+}
+
+/// `HH:MM:SS` (UTC) of a time in seconds since the epoch.
+fn clock(time: u64) -> String {
+    let day = time % 86_400;
+    format!("{:02}:{:02}:{:02}", day / 3600, day / 60 % 60, day % 60)
+}
+
+/// Prints JSON to stdout, one line.
+fn print_json(value: &Value) {
+    println!("{value}");
 }

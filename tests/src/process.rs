@@ -4,7 +4,8 @@
 //! for refusing a client), and one-shot commands (`admin`, a `run` that must refuse to start).
 //!
 //! The binary is the one cargo built next to the test binary (`cargo build --bins`; `make test`
-//! does it), or `$KEZ_CHAT_SERVER_BIN`. See [`kez_chat_server_binary`].
+//! does it), or `$KEZ_CHAT_SERVER_BIN`. See [`kez_chat_server_binary`]; the CLI tests find `kez-chat`
+//! the same way ([`kez_chat_binary`]).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -62,6 +63,10 @@ pub fn kez_chat_server_command() -> Command {
     command
 }
 
+/// Environment variable naming a `kez-chat` (CLI) binary to use instead of the one in the
+/// target directory.
+pub const KEZ_CHAT_BIN_ENV: &str = "KEZ_CHAT_BIN";
+
 /// Returns the `kez-chat-server` binary the fixture runs.
 ///
 /// That is `$KEZ_CHAT_SERVER_BIN` if set, otherwise `kez-chat-server` in the directory cargo
@@ -72,12 +77,26 @@ pub fn kez_chat_server_command() -> Command {
 ///
 /// If the file does not exist, saying to run `cargo build --bins`.
 pub fn kez_chat_server_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os(KEZ_CHAT_SERVER_BIN_ENV) {
+    workspace_binary("kez-chat-server", KEZ_CHAT_SERVER_BIN_ENV)
+}
+
+/// Returns the `kez-chat` CLI binary: `$KEZ_CHAT_BIN` if set, otherwise `kez-chat` next to
+/// `kez-chat-server` (see [`kez_chat_server_binary`]).
+///
+/// # Panics
+///
+/// If the file does not exist, saying to run `cargo build --bins`.
+pub fn kez_chat_binary() -> PathBuf {
+    workspace_binary("kez-chat", KEZ_CHAT_BIN_ENV)
+}
+
+/// The binary `name` cargo built for this profile, or the one `$<env>` names.
+fn workspace_binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         let path = PathBuf::from(path);
         assert!(
             path.is_file(),
-            "{KEZ_CHAT_SERVER_BIN_ENV}={} does not exist; point it at a kez-chat-server binary or \
-             unset it",
+            "{env}={} does not exist; point it at a {name} binary or unset it",
             path.display()
         );
         return path;
@@ -88,11 +107,11 @@ pub fn kez_chat_server_binary() -> PathBuf {
         .parent()
         .and_then(|deps| deps.parent())
         .unwrap_or_else(|| panic!("test binary {} has no grandparent directory", exe.display()));
-    let path = profile_dir.join("kez-chat-server");
+    let path = profile_dir.join(name);
     assert!(
         path.is_file(),
-        "kez-chat-server not found at {}: run `cargo build --bins` (make test does), or set \
-         {KEZ_CHAT_SERVER_BIN_ENV} to a kez-chat-server binary",
+        "{name} not found at {}: run `cargo build --bins` (make test does), or set {env} to a \
+         {name} binary",
         path.display()
     );
     path

@@ -1,0 +1,99 @@
+//! Failures for people: what went wrong, what to do, and the exit code that says which kind.
+
+use kez_client::{ClientError, HomeError, StoreError};
+
+/// Exit code: a runtime or network failure.
+pub const RUNTIME: u8 = 1;
+/// Exit code: a usage or setup error.
+pub const USAGE: u8 = 2;
+/// Exit code: something named does not exist.
+pub const NOT_FOUND: u8 = 3;
+/// Exit code: a conflict (taken handle, changed key).
+pub const CONFLICT: u8 = 4;
+/// Exit code: the server refused.
+pub const REFUSED: u8 = 5;
+
+/// Why a command failed, and the exit code to end with.
+#[derive(Debug)]
+pub struct Failure {
+    /// The exit code (see `EXIT_CODES`).
+    pub code: u8,
+    /// What went wrong and what to do, for people.
+    pub message: String,
+}
+
+impl Failure {
+    /// A failure with this code and message.
+    pub fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The home, its key or config failed.
+    pub fn home(err: HomeError) -> Failure {
+        Failure::new(RUNTIME, err.to_string())
+    }
+
+    /// The local store failed; a changed key is a conflict.
+    pub fn store(err: StoreError) -> Failure {
+        match err {
+            StoreError::KeyChanged { .. } => Failure::new(
+                CONFLICT,
+                format!("WARNING: {err}. Nothing was changed: the old key stays pinned."),
+            ),
+            StoreError::Database(_) => Failure::new(
+                RUNTIME,
+                format!("{err} (is another kez-chat, e.g. `listen`, using the same home?)"),
+            ),
+            other => Failure::new(RUNTIME, other.to_string()),
+        }
+    }
+
+    /// A client call failed.
+    pub fn client(err: ClientError) -> Failure {
+        match err {
+            ClientError::Connect { url, source } => {
+                if source.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
+                    Failure::new(
+                        REFUSED,
+                        format!(
+                            "the server at {url} refused this key (authorization violation): the account may be disabled; ask the server's operator"
+                        ),
+                    )
+                } else {
+                    Failure::new(
+                        RUNTIME,
+                        format!(
+                            "cannot connect to {url}: {source}. The server may be down or the URL wrong (check --server / KEZ_CHAT_SERVER)"
+                        ),
+                    )
+                }
+            }
+            ClientError::Service(err) => {
+                let code = match err.code {
+                    404 => NOT_FOUND,
+                    409 => CONFLICT,
+                    401 | 403 => REFUSED,
+                    _ => RUNTIME,
+                };
+                // The service's message says what went wrong and what to do (PROTOCOL.md §5.1).
+                if err.message.is_empty() {
+                    Failure::new(code, err.to_string())
+                } else {
+                    Failure::new(code, err.message)
+                }
+            }
+            ClientError::Request { subject, source } => Failure::new(
+                RUNTIME,
+                format!(
+                    "{subject}: no answer from the server ({source}); try again, or check that the server is running"
+                ),
+            ),
+            ClientError::Store(err) => Failure::store(err),
+            ClientError::Handle(err) => Failure::new(USAGE, err.to_string()),
+            other => Failure::new(RUNTIME, other.to_string()),
+        }
+    }
+}
