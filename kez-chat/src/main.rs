@@ -5,6 +5,7 @@
 
 mod failure;
 
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -84,18 +85,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a person's verified sigchain: key, registration, endpoints, claims, shared files.
+    Profile {
+        /// The handle, e.g. `@bob` or `@bob@kez.lat`.
+        handle: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the contacts and their pinned keys.
     Contacts {
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// Send a text message to a contact; prints the message id once the server stored it.
+    /// Send a text message; prints the message id once the server stored it. A recipient not
+    /// in the contacts is looked up, verified and pinned; a changed key is refused.
     Send {
-        /// The contact's handle.
+        /// The recipient's handle.
         handle: String,
-        /// The text (several words are joined with spaces).
-        #[arg(required = true)]
+        /// The text (several words are joined with spaces); read from stdin when absent.
         text: Vec<String>,
     },
     /// Fetch the messages that arrived (also while offline), print them and exit.
@@ -152,7 +161,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Whoami { json } => app.whoami(json).await,
         Command::Add { handle, json } => app.add(&handle, json).await,
         Command::Contacts { json } => app.contacts(json),
-        Command::Send { handle, text } => app.send(&handle, &text.join(" ")).await,
+        Command::Profile { handle, json } => app.profile(&handle, json).await,
+        Command::Send { handle, text } => app.send(&handle, text).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
         Command::History { handle, json } => app.history(&handle, json),
@@ -386,6 +396,106 @@ impl App {
         Ok(())
     }
 
+    /// `profile @name`: the registry's record and the verified sigchain, and how the key
+    /// compares with the pinned one.
+    async fn profile(&self, handle: &str, json: bool) -> Result<(), Failure> {
+        let full = self.full_handle(handle)?;
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        let profile = conn.lookup(&full).await.map_err(Failure::client)?;
+        let chain = match conn.chain(&profile.key).await {
+            Ok(chain) => Some(chain),
+            Err(ClientError::Service(err)) if err.code == 404 => None,
+            Err(err) => return Err(Failure::client(err)),
+        };
+        let _ = conn.close().await;
+        let pinned = store.contact(&full).map_err(Failure::store)?;
+        let contact = match &pinned {
+            None => "not in contacts",
+            Some(c) if c.key == profile.key => "in contacts, key pinned",
+            Some(_) => "in contacts, but the PINNED KEY DIFFERS from the server's",
+        };
+        if json {
+            let sigchain = chain.as_ref().map(|chain| {
+                json!({
+                    "seq": chain.seq(),
+                    "head": chain.head().to_string(),
+                    "time": chain.time(),
+                    "current_key": chain.current_key().to_string(),
+                    "rotated": chain.current_key() != chain.chain_id(),
+                    "endpoints": chain.endpoints().values().collect::<Vec<_>>(),
+                    "claims": chain.claims(),
+                    "shared_files": chain.shared_files(),
+                    "unknown_ops": chain.unknown_ops(),
+                })
+            });
+            print_json(&json!({
+                "handle": profile.handle,
+                "key": profile.key.to_string(),
+                "registered_at": profile.registered_at,
+                "in_contacts": pinned.is_some(),
+                "pinned_key": pinned.map(|c| c.key.to_string()),
+                "sigchain": sigchain,
+            }));
+            return Ok(());
+        }
+        println!("{}  ({contact})", profile.handle);
+        println!("key         {}", profile.key);
+        println!(
+            "registered  {} UTC (unix time {})",
+            clock(profile.registered_at),
+            profile.registered_at
+        );
+        let Some(chain) = chain else {
+            println!("sigchain    none yet");
+            return Ok(());
+        };
+        println!(
+            "sigchain    verified: seq {}, head {}, last link {}",
+            chain.seq(),
+            chain.head(),
+            clock(chain.time())
+        );
+        if chain.current_key() == chain.chain_id() {
+            println!("rotations   none: the registering key still signs");
+        } else {
+            println!("rotations   rotated: now signed by {}", chain.current_key());
+        }
+        if chain.endpoints().is_empty() {
+            println!("endpoints   none");
+        }
+        for endpoint in chain.endpoints().values() {
+            println!(
+                "endpoint    {} ({}) {}",
+                endpoint.name, endpoint.kind, endpoint.address
+            );
+        }
+        if chain.claims().is_empty() {
+            println!("claims      none");
+        }
+        for claim in chain.claims() {
+            println!(
+                "claim       {} {} (proof: {})",
+                claim.service, claim.identity, claim.proof
+            );
+        }
+        match chain.shared_files() {
+            Some(files) => println!(
+                "files       manifest {} from {}",
+                files.manifest,
+                files.providers.join(", ")
+            ),
+            None => println!("files       none shared"),
+        }
+        for unknown in chain.unknown_ops() {
+            println!(
+                "note        link {} uses `{}`, unknown to this version",
+                unknown.seq, unknown.op
+            );
+        }
+        Ok(())
+    }
+
     /// `contacts`.
     fn contacts(&self, json: bool) -> Result<(), Failure> {
         let contacts = self.store()?.contacts().map_err(Failure::store)?;
@@ -405,11 +515,55 @@ impl App {
         Ok(())
     }
 
-    /// `send @name text`.
-    async fn send(&self, handle: &str, text: &str) -> Result<(), Failure> {
+    /// `send @name [text]`: the text from the arguments, else from stdin. The handle is looked
+    /// up before every send; a new recipient is verified and pinned, a changed key refused.
+    async fn send(&self, handle: &str, text: Vec<String>) -> Result<(), Failure> {
+        let text = if text.is_empty() {
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input).map_err(|err| {
+                Failure::new(RUNTIME, format!("cannot read the text from stdin: {err}"))
+            })?;
+            input.trim_end_matches(['\n', '\r']).to_owned()
+        } else {
+            text.join(" ")
+        };
+        if text.is_empty() {
+            return Err(Failure::new(
+                USAGE,
+                "nothing to send: give the text as arguments or on stdin",
+            ));
+        }
+        let full = self.full_handle(handle)?;
         let store = self.store()?;
-        let contact = self.contact(&store, handle)?;
         let conn = self.connect().await?;
+        let profile = conn.lookup(&full).await.map_err(Failure::client)?;
+        let contact = match store.contact(&full).map_err(Failure::store)? {
+            Some(pinned) if pinned.key != profile.key => {
+                let _ = conn.close().await;
+                return Err(Failure::new(
+                    failure::CONFLICT,
+                    format!(
+                        "WARNING: the key of {full} changed! pinned {}, the server now says {}. \
+                         This may be an attack (a lying server) or a new key. NOTHING WAS SENT. \
+                         Check the key with {full} another way before trusting it.",
+                        pinned.key, profile.key
+                    ),
+                ));
+            }
+            Some(pinned) => pinned,
+            None => {
+                let chain = conn.chain(&profile.key).await.map_err(Failure::client)?;
+                let contact = store
+                    .add_contact(&full, profile.key, now())
+                    .map_err(Failure::store)?;
+                eprintln!(
+                    "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
+                    chain.seq(),
+                    contact.key
+                );
+                contact
+            }
+        };
         let sent = conn
             .send(&contact.key, TEXT, text.as_bytes())
             .await
@@ -418,7 +572,7 @@ impl App {
         store
             .record_outgoing(&sent, now())
             .map_err(Failure::store)?;
-        eprintln!("delivered to the server for {}", contact.handle);
+        eprintln!("delivered to server for {}: id {}", contact.handle, sent.id);
         println!("{}", sent.id);
         Ok(())
     }

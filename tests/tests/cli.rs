@@ -5,8 +5,10 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
+use kez_core::SecretKey;
 use kez_tests::callout::{CalloutStack, run_to_completion};
 use kez_tests::process::kez_chat_binary;
 use serde_json::Value;
@@ -66,6 +68,25 @@ impl Person {
         stderr
     }
 
+    /// Runs `kez-chat --home <home> args…` with `input` on its stdin.
+    async fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut command = tokio::process::Command::from(kez_chat(&self.home, args));
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+        tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("kez-chat finishes within 30 s")
+            .unwrap()
+    }
+
     /// `register <name>` against `server`.
     async fn register(&self, server: &str, name: &str) -> String {
         self.ok(&["--server", server, "register", name]).await
@@ -113,18 +134,50 @@ async fn two_people_chat_through_the_cli() {
 
     bob.register(&url, "bob").await;
 
-    // Sending to someone not added yet says what to do.
-    let err = alice.fails(&["send", "@bob", "too early"], 3).await;
-    assert!(err.contains("kez-chat add @bob"), "{err}");
-    // An unknown handle is "not found".
+    // An unknown handle is "not found", for `send` and `add`.
+    let err = alice.fails(&["send", "@nobody", "anyone there?"], 3).await;
+    assert!(err.contains("@nobody@kez.test is not registered"), "{err}");
     let err = alice.fails(&["add", "@nobody"], 3).await;
     assert!(err.contains("@nobody@kez.test is not registered"), "{err}");
+    // A registered handle not in the contacts is verified and pinned on first use; the text
+    // comes from stdin when there is no text argument.
+    let output = alice
+        .run_with_stdin(&["send", "@bob"], "first contact\n")
+        .await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(
+        err.contains("@bob@kez.test was not in your contacts"),
+        "{err}"
+    );
+    assert!(err.contains("pinned"), "{err}");
+    assert!(err.contains("delivered to server"), "{err}");
 
     let added = alice.json(&["add", "@bob"]).await;
     assert_eq!(added["handle"], "@bob@kez.test");
     assert_eq!(added["sigchain"]["seq"], 1);
     assert_eq!(added["endpoints"][0], "nats");
     bob.ok(&["add", "@alice"]).await;
+    // `profile` renders the verified sigchain.
+    let profile = alice.json(&["profile", "@bob"]).await;
+    assert_eq!(profile["handle"], "@bob@kez.test");
+    assert_eq!(profile["key"], added["key"]);
+    assert_eq!(profile["in_contacts"], true);
+    assert_eq!(profile["pinned_key"], added["key"]);
+    assert_eq!(profile["sigchain"]["seq"], 1);
+    assert_eq!(profile["sigchain"]["rotated"], false);
+    assert_eq!(profile["sigchain"]["endpoints"][0]["kind"], "nats");
+    assert_eq!(profile["sigchain"]["endpoints"][0]["address"], url.as_str());
+    assert_eq!(profile["sigchain"]["claims"], serde_json::json!([]));
+    assert_eq!(profile["sigchain"]["shared_files"], Value::Null);
+    let text = alice.ok(&["profile", "@bob"]).await;
+    assert!(text.contains("in contacts, key pinned"), "{text}");
+    assert!(text.contains("sigchain    verified: seq 1"), "{text}");
+    assert!(
+        text.contains(&format!("endpoint    nats (nats) {url}")),
+        "{text}"
+    );
+    alice.fails(&["profile", "@nobody"], 3).await;
     let contacts = alice.json(&["contacts"]).await;
     assert_eq!(contacts.as_array().unwrap().len(), 1);
     assert_eq!(contacts[0]["handle"], "@bob@kez.test");
@@ -133,6 +186,7 @@ async fn two_people_chat_through_the_cli() {
     let id = alice.ok(&["send", "@bob", "hello", "bob"]).await;
     assert_eq!(id.trim().len(), 32, "the message id: {id}");
     let read = bob.ok(&["inbox"]).await;
+    assert!(read.contains("@alice@kez.test: first contact"), "{read}");
     assert!(read.contains("@alice@kez.test: hello bob"), "{read}");
     assert_eq!(
         bob.json(&["inbox"]).await,
@@ -149,6 +203,7 @@ async fn two_people_chat_through_the_cli() {
 
     // History has both directions.
     let history = alice.ok(&["history", "@bob"]).await;
+    assert!(history.contains("you: first contact"), "{history}");
     assert!(history.contains("you: hello bob"), "{history}");
     assert!(history.contains("@bob@kez.test: hi alice"), "{history}");
     let history = alice.json(&["history", "@bob"]).await;
@@ -158,7 +213,7 @@ async fn two_people_chat_through_the_cli() {
         .iter()
         .map(|m| m["direction"].as_str().unwrap())
         .collect();
-    assert_eq!(directions, ["outgoing", "incoming"]);
+    assert_eq!(directions, ["outgoing", "outgoing", "incoming"]);
 
     // bob listens: what alice sends shows up live, in order; Ctrl-C ends it with exit 0.
     let mut listen = tokio::process::Command::from(kez_chat(&bob.home, &["listen", "--json"]));
@@ -225,6 +280,17 @@ async fn two_people_chat_through_the_cli() {
         contacts,
         "bob's key stays pinned"
     );
+    // `send` looks the handle up again before sending: it refuses, loudly, and publishes nothing.
+    let mut inbox = js.get_stream("KEZ_INBOX").await.unwrap();
+    let before = inbox.info().await.unwrap().state.last_sequence;
+    let err = alice.fails(&["send", "@bob", "secret"], 4).await;
+    assert!(
+        err.contains("WARNING: the key of @bob@kez.test changed"),
+        "{err}"
+    );
+    assert!(err.contains("NOTHING WAS SENT"), "{err}");
+    let after = inbox.info().await.unwrap().state.last_sequence;
+    assert_eq!(before, after, "nothing was published");
 }
 
 #[tokio::test]
@@ -265,5 +331,175 @@ async fn errors_say_what_to_do() {
     assert!(
         err.contains("already registered as @dave@kez.test"),
         "{err}"
+    );
+}
+
+/// Registers alice and bob through the CLI and makes each the other's contact.
+async fn alice_and_bob(url: &str) -> (Person, Person) {
+    let alice = Person::new();
+    let bob = Person::new();
+    alice.register(url, "alice").await;
+    bob.register(url, "bob").await;
+    alice.ok(&["add", "@bob"]).await;
+    bob.ok(&["add", "@alice"]).await;
+    (alice, bob)
+}
+
+/// `person`'s key, read from their home.
+fn key_of(person: &Person) -> Arc<SecretKey> {
+    Arc::new(kez_client::Home::open(&person.home).unwrap().key().unwrap())
+}
+
+#[tokio::test]
+async fn listen_shows_two_hundred_messages_in_order_once() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+
+    let mut listen = tokio::process::Command::from(kez_chat(&bob.home, &["listen", "--json"]));
+    listen
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut listen = listen.spawn().unwrap();
+    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+
+    // alice sends through the library (one connection, each send waits for the stream's ack).
+    let conn = kez_client::Connection::connect(&url, key_of(&alice))
+        .await
+        .unwrap();
+    let bob_key = key_of(&bob).public_key();
+    for n in 0..200 {
+        conn.send(&bob_key, "text", format!("message {n}").as_bytes())
+            .await
+            .unwrap();
+    }
+    conn.close().await.unwrap();
+
+    for n in 0..200 {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("listen shows message {n}"))
+            .unwrap()
+            .expect("listen is still running");
+        let message: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(message["text"], format!("message {n}"), "{line}");
+        assert_eq!(message["from_handle"], "@alice@kez.test");
+    }
+    // Nothing more: no duplicates.
+    let extra = tokio::time::timeout(Duration::from_secs(2), lines.next_line()).await;
+    assert!(extra.is_err(), "no more lines after 200: {extra:?}");
+    listen.start_kill().unwrap();
+    let _ = listen.wait().await;
+    let history = bob.json(&["history", "@alice"]).await;
+    assert_eq!(history.as_array().unwrap().len(), 200, "each stored once");
+}
+
+#[tokio::test]
+async fn the_broker_stores_neither_plaintext_nor_the_sender() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let plaintext = "the plaintext that only bob may read";
+    for _ in 0..3 {
+        alice.ok(&["send", "@bob", plaintext]).await;
+    }
+
+    // bob is offline: read what the stream holds, as the server.
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    let mut inbox = js.get_stream("KEZ_INBOX").await.unwrap();
+    let state = inbox.info().await.unwrap().state.clone();
+    assert_eq!(state.messages, 3, "{state:?}");
+    let alice_key = key_of(&alice).public_key();
+    let forbidden: Vec<(&str, Vec<u8>)> = vec![
+        ("plaintext", plaintext.as_bytes().to_vec()),
+        ("alice's key (hex)", alice_key.to_hex().into_bytes()),
+        ("alice's key (nkey)", alice_key.to_nkey().into_bytes()),
+        ("alice's key (raw)", alice_key.as_bytes().to_vec()),
+        ("alice's handle", b"alice".to_vec()),
+    ];
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = inbox.get_raw_message(seq).await.unwrap();
+        let mut stored = message.payload.to_vec();
+        stored.extend_from_slice(message.subject.as_bytes());
+        // The headers too (their text form is enough: the key is not binary there).
+        stored.extend_from_slice(format!("{:?}", message.headers).as_bytes());
+        for (what, bytes) in &forbidden {
+            assert!(
+                !stored.windows(bytes.len()).any(|w| w == bytes.as_slice()),
+                "message {seq} contains {what}"
+            );
+        }
+    }
+
+    // And bob reads them all.
+    let read = bob.json(&["inbox"]).await;
+    assert_eq!(read.as_array().unwrap().len(), 3, "{read}");
+    assert_eq!(read[0]["text"], plaintext);
+}
+
+/// bob's client dies after the broker delivered but before it acknowledged (here: the messages
+/// are pulled from bob's consumer and never acknowledged). The broker redelivers after the
+/// consumer's ack wait (30 s), and `inbox` then shows every message exactly once.
+#[tokio::test]
+async fn a_crash_before_the_ack_loses_nothing_and_shows_once() {
+    use futures::StreamExt;
+
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    for n in 0..3 {
+        alice.ok(&["send", "@bob", &format!("crash {n}")]).await;
+    }
+
+    // The "crashing client": takes the deliveries from bob's durable consumer, never acks.
+    let server = stack.server_client().await;
+    let js = async_nats::jetstream::new(server.clone());
+    let consumer: async_nats::jetstream::consumer::PullConsumer = js
+        .get_stream("KEZ_INBOX")
+        .await
+        .unwrap()
+        .get_consumer(&kez_core::subjects::inbox_consumer(
+            &key_of(&bob).public_key(),
+        ))
+        .await
+        .unwrap();
+    let mut batch = consumer
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut delivered = 0;
+    while let Some(message) = batch.next().await {
+        message.unwrap();
+        delivered += 1;
+    }
+    assert_eq!(delivered, 3, "the crashing client got all three");
+    drop(batch);
+    drop(consumer);
+    server.drain().await.unwrap();
+    let started = std::time::Instant::now();
+
+    // Until the ack wait runs out they are pending: not lost, just not shown yet.
+    assert_eq!(bob.json(&["inbox"]).await, serde_json::json!([]));
+    tokio::time::sleep(Duration::from_secs(31).saturating_sub(started.elapsed())).await;
+    let read = bob.json(&["inbox", "--wait", "5"]).await;
+    let texts: Vec<&str> = read
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["crash 0", "crash 1", "crash 2"],
+        "each once, in order"
+    );
+    assert_eq!(
+        bob.json(&["inbox"]).await,
+        serde_json::json!([]),
+        "and never again"
     );
 }
