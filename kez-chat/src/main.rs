@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kez_client::{ClientError, Config, Connection, Direction, Home, Store, StoredMessage, now};
-use kez_core::envelope::Message;
 use kez_core::sigchain::Endpoint;
 use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
 use serde_json::{Value, json};
@@ -581,25 +580,13 @@ impl App {
     async fn inbox(&self, wait: Duration, json: bool) -> Result<(), Failure> {
         let store = self.store()?;
         let conn = self.connect().await?;
-        let messages = conn
-            .receive(&store, FETCH_MAX, wait)
+        conn.receive(&store, FETCH_MAX, wait)
             .await
             .map_err(Failure::client)?;
-        let mut shown = Vec::new();
-        for message in &messages {
-            let sender = Sender::of(&store, &conn, &message.from).await;
-            shown.push((sender, message));
-        }
+        let shown = show_unshown(&store, &conn, json, false).await?;
         let _ = conn.close().await;
-        if json {
-            let list: Vec<Value> = shown.iter().map(|(s, m)| message_json(s, m)).collect();
-            print_json(&Value::Array(list));
-        } else if shown.is_empty() {
+        if shown == 0 && !json {
             eprintln!("no new messages");
-        } else {
-            for (sender, message) in &shown {
-                println!("{}", message_line(sender, message));
-            }
         }
         Ok(())
     }
@@ -620,15 +607,8 @@ impl App {
                 received = conn.receive(&store, FETCH_MAX, LISTEN_WAIT) => received,
             };
             match messages {
-                Ok(messages) => {
-                    for message in &messages {
-                        let sender = Sender::of(&store, &conn, &message.from).await;
-                        if json {
-                            println!("{}", message_json(&sender, message));
-                        } else {
-                            println!("{}", message_line(&sender, message));
-                        }
-                    }
+                Ok(_) => {
+                    show_unshown(&store, &conn, json, true).await?;
                 }
                 Err(err) => {
                     eprintln!("kez-chat: receiving failed, retrying: {err}");
@@ -687,8 +667,36 @@ impl Sender {
     }
 }
 
+/// Prints the received messages not shown yet, then marks them shown; returns how many.
+/// Messages are stored (and acknowledged) before they are shown, so a client killed in between
+/// shows them on its next run: each message is shown once, none is lost. With `json`, one
+/// array, or with `lines` one object per line (`listen`).
+async fn show_unshown(
+    store: &Store,
+    conn: &Connection,
+    json: bool,
+    lines: bool,
+) -> Result<usize, Failure> {
+    let unshown = store.unshown().map_err(Failure::store)?;
+    let mut list = Vec::new();
+    for (_, message) in &unshown {
+        let sender = Sender::of(store, conn, &message.from).await;
+        match (json, lines) {
+            (false, _) => println!("{}", message_line(&sender, message)),
+            (true, true) => println!("{}", message_json(&sender, message)),
+            (true, false) => list.push(message_json(&sender, message)),
+        }
+    }
+    if json && !lines {
+        print_json(&Value::Array(list));
+    }
+    let orders: Vec<u64> = unshown.iter().map(|(order, _)| *order).collect();
+    store.mark_shown(&orders).map_err(Failure::store)?;
+    Ok(unshown.len())
+}
+
 /// One message as a line for people: `[time] @sender: text`.
-fn message_line(sender: &Sender, message: &Message) -> String {
+fn message_line(sender: &Sender, message: &StoredMessage) -> String {
     let who = match sender {
         Sender::Contact(handle) => handle.clone(),
         Sender::Stranger(Some(handle), key) => format!("(not in contacts) {handle} {key}"),
@@ -702,7 +710,7 @@ fn message_line(sender: &Sender, message: &Message) -> String {
 }
 
 /// One received message as JSON.
-fn message_json(sender: &Sender, message: &Message) -> Value {
+fn message_json(sender: &Sender, message: &StoredMessage) -> Value {
     let (handle, contact) = match sender {
         Sender::Contact(handle) => (Some(handle.clone()), true),
         Sender::Stranger(handle, _) => (handle.clone(), false),

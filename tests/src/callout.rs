@@ -11,7 +11,6 @@ use async_nats::{Client, ConnectOptions, ServerError};
 use kez_chat_server::config::{CalloutConfig, NatsAuth, ServerConfig};
 use kez_chat_server::nats_conf;
 use kez_core::registry::RegistrationRequest;
-use kez_core::subjects::reply_prefix;
 use kez_core::{Handle, SecretKey};
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -82,28 +81,14 @@ impl CalloutStack {
     }
 }
 
-/// Options for a kez client connection as `key`.
-pub fn kez_connect_options(key: &Arc<SecretKey>) -> ConnectOptions {
-    let signer = key.clone();
-    ConnectOptions::with_auth_callback(move |nonce| {
-        let signer = signer.clone();
-        async move {
-            let mut auth = async_nats::Auth::new();
-            auth.nkey = Some(signer.public_key().to_nkey());
-            auth.signature = Some(signer.sign(&nonce).to_bytes().to_vec());
-            Ok(auth)
-        }
-    })
-    .custom_inbox_prefix(reply_prefix(&key.public_key()))
-}
-
 /// Connects to `url` as `key` (see [`CalloutStack::connect_as`]).
 pub async fn connect_as(
     url: &str,
     key: &Arc<SecretKey>,
 ) -> Result<(Client, mpsc::UnboundedReceiver<ServerError>), async_nats::ConnectError> {
     let (errors, received) = mpsc::unbounded_channel();
-    let client = kez_connect_options(key)
+    // The real client's options, so the tests exercise what kez-chat does.
+    let client = kez_client::Connection::options(key)
         .event_callback(move |event| {
             let errors = errors.clone();
             async move {

@@ -503,3 +503,42 @@ async fn a_crash_before_the_ack_loses_nothing_and_shows_once() {
         "and never again"
     );
 }
+
+/// A client killed after storing and acknowledging messages but before showing them: the next
+/// `inbox` shows them, once.
+#[tokio::test]
+async fn messages_stored_but_not_shown_appear_on_the_next_run_once() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    for n in 0..3 {
+        alice.ok(&["send", "@bob", &format!("stored {n}")]).await;
+    }
+    // bob's client receives (stores, acks) and dies before printing: the library alone.
+    let home = kez_client::Home::open(&bob.home).unwrap();
+    let store = home.store().unwrap();
+    let conn = kez_client::Connection::connect(&url, key_of(&bob))
+        .await
+        .unwrap();
+    let received = conn
+        .receive(&store, 10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(received.len(), 3, "stored and acknowledged");
+    drop(conn);
+    drop(store);
+
+    let shown = bob.json(&["inbox"]).await;
+    let texts: Vec<&str> = shown
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["stored 0", "stored 1", "stored 2"]);
+    assert_eq!(
+        bob.json(&["inbox"]).await,
+        Value::Array(Vec::new()),
+        "shown once"
+    );
+}

@@ -21,6 +21,8 @@ const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("mess
 const SEEN: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
 /// Counters: `next_order`, the next history position.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Received messages not yet shown to the user: storage order → peer (key hex).
+const UNSHOWN: TableDefinition<u64, &str> = TableDefinition::new("unshown");
 const NEXT_ORDER: &str = "next_order";
 
 /// Why the store failed.
@@ -279,9 +281,51 @@ impl Store {
             messages
                 .insert((peer.as_str(), order), json.as_slice())
                 .map_err(db)?;
+            if message.direction == Direction::Incoming {
+                let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
+                unshown.insert(order, peer.as_str()).map_err(db)?;
+            }
         }
         tx.commit().map_err(db)?;
         Ok(true)
+    }
+
+    /// Received messages not yet shown to the user, in the order they were stored, each with its
+    /// storage position for [`Store::mark_shown`]. Showing comes after storing (and acking), so a
+    /// client killed in between shows them on its next run instead of losing them.
+    pub fn unshown(&self) -> Result<Vec<(u64, StoredMessage)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let unshown = match tx.open_table(UNSHOWN) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(db(err)),
+        };
+        let messages = tx.open_table(MESSAGES).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in unshown.iter().map_err(db)? {
+            let (order, peer) = entry.map_err(db)?;
+            let (order, peer) = (order.value(), peer.value());
+            let json = messages.get((peer, order)).map_err(db)?.ok_or_else(|| {
+                StoreError::Corrupt(format!("unshown message {order} is missing"))
+            })?;
+            out.push((
+                order,
+                serde_json::from_slice(json.value()).map_err(corrupt)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Marks the messages at these storage positions (from [`Store::unshown`]) as shown.
+    pub fn mark_shown(&self, orders: &[u64]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
+            for order in orders {
+                unshown.remove(order).map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
     }
 
     /// The conversation with `peer`, in the order the messages were stored (received or
@@ -360,5 +404,32 @@ mod tests {
         assert_eq!(history[0].direction, Direction::Incoming);
         assert_eq!(store.history(&key(3)).unwrap().len(), 1);
         assert!(store.history(&key(4)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn received_messages_stay_unshown_until_marked_even_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        assert!(store.unshown().unwrap().is_empty(), "a new store");
+        let (first, second) = (message(2, 1, "one"), message(3, 1, "two"));
+        store.record_incoming(&first, 100).unwrap();
+        store.record_incoming(&second, 100).unwrap();
+        store.record_incoming(&first, 101).unwrap();
+        let unshown = store.unshown().unwrap();
+        let bodies: Vec<&[u8]> = unshown.iter().map(|(_, m)| m.body.as_slice()).collect();
+        assert_eq!(
+            bodies,
+            [&b"one"[..], &b"two"[..]],
+            "in order, the repeat not again"
+        );
+        store.mark_shown(&[unshown[0].0]).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let left = store.unshown().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].1.body, b"two");
+        store.mark_shown(&[left[0].0]).unwrap();
+        assert!(store.unshown().unwrap().is_empty());
     }
 }
