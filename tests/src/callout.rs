@@ -31,15 +31,22 @@ pub struct CalloutStack {
     pub keys: nats_conf::PublicKeys,
 }
 
+/// Fresh server keys in a temporary directory, and a nats-server configured for them (the
+/// kez accounts and the auth callout), not yet answered by any kez-chat-server.
+pub fn keys_and_broker() -> (TempDir, nats_conf::PublicKeys, NatsServer) {
+    let keys_dir = tempfile::Builder::new()
+        .prefix("kez-keys-")
+        .tempdir()
+        .unwrap();
+    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+    let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+    (keys_dir, keys, nats)
+}
+
 impl CalloutStack {
     /// Generates keys, starts nats-server with the callout config and the server with the keys.
     pub async fn start() -> CalloutStack {
-        let keys_dir = tempfile::Builder::new()
-            .prefix("kez-keys-")
-            .tempdir()
-            .unwrap();
-        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
-        let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+        let (keys_dir, keys, nats) = keys_and_broker();
         let server = KezServer::start_with(&CalloutStack::config(&nats, &keys_dir, &keys)).await;
         CalloutStack {
             server,
@@ -120,12 +127,7 @@ impl CalloutProcessStack {
     /// Generates keys, starts nats-server with the callout config, then the binary with the
     /// keys; returns once the binary serves.
     pub async fn start() -> CalloutProcessStack {
-        let keys_dir = tempfile::Builder::new()
-            .prefix("kez-keys-")
-            .tempdir()
-            .unwrap();
-        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
-        let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+        let (keys_dir, keys, nats) = keys_and_broker();
         let server =
             KezServerProcess::spawn_with_callout(&nats.url(), keys_dir.path(), &keys.issuer).await;
         CalloutProcessStack {

@@ -9,11 +9,9 @@ use std::time::{Duration, Instant};
 use async_nats::{Auth, Client, ConnectErrorKind, ConnectOptions};
 use data_encoding::{BASE32_NOPAD, BASE64};
 use futures::StreamExt;
-use kez_chat_server::nats_conf;
 use kez_core::{KeyError, PublicKey, SecretKey};
-use kez_tests::NatsServer;
 use kez_tests::callout::{
-    CalloutProcessStack, Violation, expect_violation, register, run_to_completion,
+    CalloutProcessStack, Violation, expect_violation, keys_and_broker, register, run_to_completion,
 };
 use kez_tests::kez_server::call;
 use kez_tests::process::kez_chat_server_command;
@@ -302,12 +300,7 @@ async fn hostile_clients_are_refused_with_the_reason_logged() {
 /// `--keys-dir`: nats-server would reject every authorization it signs. The message names both.
 #[tokio::test]
 async fn the_server_refuses_to_start_when_the_issuer_disagrees_with_its_seed() {
-    let keys_dir = tempfile::Builder::new()
-        .prefix("kez-keys-")
-        .tempdir()
-        .unwrap();
-    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
-    let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+    let (keys_dir, keys, nats) = keys_and_broker();
     let other = nkeys::KeyPair::new_account().public_key();
     let mut command = kez_chat_server_command();
     command
