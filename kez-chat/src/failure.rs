@@ -36,13 +36,42 @@ impl Failure {
         Failure::new(RUNTIME, err.to_string())
     }
 
-    /// The local store failed; a changed key is a conflict.
+    /// `add` could not verify a contact: a changed key, an older or a forked chain is a loud
+    /// conflict.
+    pub fn contact(err: ClientError, handle: &str) -> Failure {
+        Failure::key_check(
+            err,
+            handle,
+            "Nothing was changed: the old key stays pinned.",
+        )
+    }
+
+    /// `send` refused to send because the recipient did not verify.
+    pub fn send_refused(err: ClientError, handle: &str) -> Failure {
+        Failure::key_check(err, handle, "NOTHING WAS SENT.")
+    }
+
+    fn key_check(err: ClientError, handle: &str, consequence: &str) -> Failure {
+        match err {
+            ClientError::Store(StoreError::KeyChanged { offered, .. }) => Failure::new(
+                CONFLICT,
+                format!(
+                    "WARNING: the key of {handle} changed! {err}. {consequence} This may be an attack or a new account. Check the new key with {handle} another way (in person, on a call); only if it is theirs, run `kez-chat add {handle} --accept-key {offered}`."
+                ),
+            ),
+            ClientError::Store(StoreError::Rollback { .. } | StoreError::Forked { .. }) => {
+                Failure::new(CONFLICT, format!("WARNING: {err}. {consequence}"))
+            }
+            other => Failure::client(other),
+        }
+    }
+
+    /// The local store failed; a refused key is a conflict.
     pub fn store(err: StoreError) -> Failure {
         match err {
-            StoreError::KeyChanged { .. } => Failure::new(
-                CONFLICT,
-                format!("WARNING: {err}. Nothing was changed: the old key stays pinned."),
-            ),
+            StoreError::KeyChanged { .. }
+            | StoreError::Rollback { .. }
+            | StoreError::Forked { .. } => Failure::new(CONFLICT, format!("WARNING: {err}")),
             StoreError::Database(_) => Failure::new(
                 RUNTIME,
                 format!("{err} (is another kez-chat, e.g. `listen`, using the same home?)"),
@@ -93,6 +122,7 @@ impl Failure {
             ),
             ClientError::Store(err) => Failure::store(err),
             ClientError::Handle(err) => Failure::new(USAGE, err.to_string()),
+            err @ ClientError::NotAccepted { .. } => Failure::new(CONFLICT, err.to_string()),
             other => Failure::new(RUNTIME, other.to_string()),
         }
     }

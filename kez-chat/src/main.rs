@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use kez_client::{ClientError, Config, Connection, Direction, Home, Store, StoredMessage, now};
+use kez_client::{
+    ClientError, Config, Connection, Contact, Direction, Home, PinChange, Store, StoredMessage,
+    VerifiedContact, now,
+};
 use kez_core::sigchain::Endpoint;
 use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
 use serde_json::{Value, json};
@@ -80,6 +83,10 @@ enum Command {
     Add {
         /// The handle, e.g. `@bob` or `@bob@kez.lat`.
         handle: String,
+        /// Replace the pinned key with this one (`ed25519:...`), after checking with the
+        /// contact another way that it is their new key. Only this exact key is accepted.
+        #[arg(long, value_name = "KEY")]
+        accept_key: Option<PublicKey>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -158,7 +165,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Register { name } => app.register(&name).await,
         Command::Whoami { json } => app.whoami(json).await,
-        Command::Add { handle, json } => app.add(&handle, json).await,
+        Command::Add {
+            handle,
+            accept_key,
+            json,
+        } => app.add(&handle, accept_key, json).await,
         Command::Contacts { json } => app.contacts(json),
         Command::Profile { handle, json } => app.profile(&handle, json).await,
         Command::Send { handle, text } => app.send(&handle, text).await,
@@ -357,33 +368,48 @@ impl App {
         Ok(())
     }
 
-    /// `add @name`.
-    async fn add(&self, handle: &str, json: bool) -> Result<(), Failure> {
+    /// `add @name [--accept-key KEY]`.
+    async fn add(
+        &self,
+        handle: &str,
+        accept_key: Option<PublicKey>,
+        json: bool,
+    ) -> Result<(), Failure> {
         let full = self.full_handle(handle)?;
         let store = self.store()?;
         let conn = self.connect().await?;
-        let profile = conn.lookup(&full).await.map_err(Failure::client)?;
-        let chain = conn.chain(&profile.key).await.map_err(Failure::client)?;
+        let verified = match &accept_key {
+            Some(key) => conn.accept_key_change(&store, &full, key).await,
+            None => conn.verify_contact(&store, &full).await,
+        };
         let _ = conn.close().await;
-        let before = store.contact(&profile.handle).map_err(Failure::store)?;
-        let contact = store
-            .add_contact(&profile.handle, profile.key, now())
-            .map_err(Failure::store)?;
+        let VerifiedContact {
+            contact,
+            change,
+            chain,
+        } = verified.map_err(|err| Failure::contact(err, &full))?;
         let endpoints: Vec<&str> = chain.endpoints().keys().map(String::as_str).collect();
         if json {
             print_json(&json!({
                 "handle": contact.handle,
                 "key": contact.key.to_string(),
+                "current_key": contact.current_key.to_string(),
                 "added_at": contact.added_at,
-                "new": before.is_none(),
+                "change": change_name(change),
                 "sigchain": { "seq": chain.seq(), "head": chain.head().to_string() },
                 "endpoints": endpoints,
             }));
         } else {
-            if before.is_some() {
-                eprintln!("{} was already in your contacts, same key", contact.handle);
+            if accept_key.is_some() {
+                eprintln!("accepted the new key of {}: pinned again", contact.handle);
             } else {
-                eprintln!("added {} (key pinned)", contact.handle);
+                match change {
+                    PinChange::New => eprintln!("added {} (key pinned)", contact.handle),
+                    PinChange::Same => {
+                        eprintln!("{} was already in your contacts, same key", contact.handle)
+                    }
+                    PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
+                }
             }
             println!("{}  {}", contact.handle, contact.key);
             println!(
@@ -501,14 +527,28 @@ impl App {
         if json {
             let list: Vec<Value> = contacts
                 .iter()
-                .map(|c| json!({ "handle": c.handle, "key": c.key.to_string(), "added_at": c.added_at }))
+                .map(|c| {
+                    json!({
+                        "handle": c.handle,
+                        "key": c.key.to_string(),
+                        "current_key": c.current_key.to_string(),
+                        "added_at": c.added_at,
+                    })
+                })
                 .collect();
             print_json(&Value::Array(list));
         } else if contacts.is_empty() {
             eprintln!("no contacts yet: add one with `kez-chat add @name`");
         } else {
             for contact in contacts {
-                println!("{}  {}", contact.handle, contact.key);
+                if contact.current_key == contact.key {
+                    println!("{}  {}", contact.handle, contact.key);
+                } else {
+                    println!(
+                        "{}  {} (rotated to {})",
+                        contact.handle, contact.key, contact.current_key
+                    );
+                }
             }
         }
         Ok(())
@@ -535,36 +575,25 @@ impl App {
         let full = self.full_handle(handle)?;
         let store = self.store()?;
         let conn = self.connect().await?;
-        let profile = conn.lookup(&full).await.map_err(Failure::client)?;
-        let contact = match store.contact(&full).map_err(Failure::store)? {
-            Some(pinned) if pinned.key != profile.key => {
+        let verified = match conn.verify_contact(&store, &full).await {
+            Ok(verified) => verified,
+            Err(err) => {
                 let _ = conn.close().await;
-                return Err(Failure::new(
-                    failure::CONFLICT,
-                    format!(
-                        "WARNING: the key of {full} changed! pinned {}, the server now says {}. \
-                         This may be an attack (a lying server) or a new key. NOTHING WAS SENT. \
-                         Check the key with {full} another way before trusting it.",
-                        pinned.key, profile.key
-                    ),
-                ));
-            }
-            Some(pinned) => pinned,
-            None => {
-                let chain = conn.chain(&profile.key).await.map_err(Failure::client)?;
-                let contact = store
-                    .add_contact(&full, profile.key, now())
-                    .map_err(Failure::store)?;
-                eprintln!(
-                    "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
-                    chain.seq(),
-                    contact.key
-                );
-                contact
+                return Err(Failure::send_refused(err, &full));
             }
         };
+        let contact = verified.contact;
+        match verified.change {
+            PinChange::New => eprintln!(
+                "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
+                verified.chain.seq(),
+                contact.key
+            ),
+            PinChange::Same => {}
+            PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
+        }
         let sent = conn
-            .send(&contact.key, TEXT, text.as_bytes())
+            .send(&contact, TEXT, text.as_bytes())
             .await
             .map_err(Failure::client)?;
         let _ = conn.close().await;
@@ -743,6 +772,23 @@ fn stored_json(message: &StoredMessage) -> Value {
 }
 
 /// A body for people: the text, or what kind of content it is.
+/// `add --json`'s name for a [`PinChange`].
+fn change_name(change: PinChange) -> &'static str {
+    match change {
+        PinChange::New => "new",
+        PinChange::Same => "same",
+        PinChange::Rotated { .. } => "rotated",
+    }
+}
+
+/// Tells that a contact's own sigchain rotated its key (an expected change, not a warning).
+fn rotation_note(contact: &Contact, from: &PublicKey) -> String {
+    format!(
+        "note: {} rotated their key from {from} to {}; their sigchain proves it (the old key signed the new one), so it is followed",
+        contact.handle, contact.current_key
+    )
+}
+
 fn body_text(content_type: &str, body: &[u8]) -> String {
     if content_type == TEXT {
         String::from_utf8_lossy(body).into_owned()

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kez_core::SecretKey;
+use kez_core::{Op, SecretKey};
 use kez_tests::callout::{CalloutStack, run_to_completion};
 use kez_tests::process::kez_chat_binary;
 use serde_json::Value;
@@ -289,8 +289,96 @@ async fn two_people_chat_through_the_cli() {
         "{err}"
     );
     assert!(err.contains("NOTHING WAS SENT"), "{err}");
+    let carol_key = record("carol").await["key"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains(&format!(
+            "kez-chat add @bob@kez.test --accept-key {carol_key}"
+        )),
+        "says how to accept a key checked another way: {err}"
+    );
     let after = inbox.info().await.unwrap().state.last_sequence;
     assert_eq!(before, after, "nothing was published");
+
+    // Accepting takes only the exact key the server names.
+    let bob_key = key_of(&bob).public_key().to_string();
+    let err = alice
+        .fails(&["add", "@bob", "--accept-key", &bob_key], 4)
+        .await;
+    assert!(err.contains("not the key you accepted"), "{err}");
+    assert_eq!(alice.json(&["contacts"]).await, contacts, "still unchanged");
+    alice.ok(&["add", "@bob", "--accept-key", &carol_key]).await;
+    let now = alice.json(&["contacts"]).await;
+    assert_eq!(now[0]["key"].as_str(), Some(carol_key.as_str()), "{now}");
+    alice.ok(&["send", "@bob", "to the accepted key"]).await;
+}
+
+/// bob rotates his key in his own sigchain (the old key signs the new one, which
+/// counter-signs). alice follows the rotation without a warning: her next message is sealed to
+/// the new key and still goes to bob's inbox; her contact list shows the rotation.
+#[tokio::test]
+async fn a_rotation_in_the_sigchain_is_followed_without_a_warning() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let old_key = key_of(&bob);
+    let new_key = SecretKey::generate();
+
+    let conn = kez_client::Connection::connect(&url, old_key.clone())
+        .await
+        .unwrap();
+    let chain = conn.chain(&old_key.public_key()).await.unwrap();
+    let rotation = chain
+        .next_link(
+            kez_client::now(),
+            Op::Rotate {
+                new_key: new_key.public_key(),
+                counter_sig: kez_core::Signature::from_bytes([0; 64]),
+            },
+        )
+        .sign_rotation(&old_key, &new_key)
+        .unwrap();
+    conn.append(rotation.bytes()).await.unwrap();
+    conn.close().await.unwrap();
+
+    let output = alice.run(&["send", "@bob", "after the rotation"]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("WARNING"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "@bob@kez.test rotated their key from {} to {}",
+            old_key.public_key(),
+            new_key.public_key()
+        )),
+        "{stderr}"
+    );
+
+    // What the stream holds: in bob's inbox (his identity), sealed to his new key only.
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    let mut inbox = js.get_stream("KEZ_INBOX").await.unwrap();
+    let last = inbox.info().await.unwrap().state.last_sequence;
+    let stored = inbox.get_raw_message(last).await.unwrap();
+    assert_eq!(
+        stored.subject.as_str(),
+        kez_core::subjects::inbox_subject(&old_key.public_key())
+    );
+    let opened = kez_core::envelope::open(&new_key, &stored.payload).expect("opens");
+    assert_eq!(opened.body, b"after the rotation");
+    assert_eq!(opened.from, key_of(&alice).public_key());
+    assert!(kez_core::envelope::open(&old_key, &stored.payload).is_err());
+
+    let contacts = alice.ok(&["contacts"]).await;
+    assert!(
+        contacts.contains(&format!("(rotated to {})", new_key.public_key())),
+        "{contacts}"
+    );
+    // Later checks are quiet: nothing changed since.
+    let output = alice.run(&["send", "@bob", "again"]).await;
+    assert!(output.status.success());
+    assert!(
+        !String::from_utf8_lossy(&output.stderr).contains("rotated"),
+        "{output:?}"
+    );
 }
 
 #[tokio::test]
@@ -368,9 +456,11 @@ async fn listen_shows_two_hundred_messages_in_order_once() {
     let conn = kez_client::Connection::connect(&url, key_of(&alice))
         .await
         .unwrap();
-    let bob_key = key_of(&bob).public_key();
+    let contacts = tempfile::tempdir().unwrap();
+    let store = kez_client::Store::open(contacts.path().join("store.redb")).unwrap();
+    let bob_contact = conn.verify_contact(&store, "@bob").await.unwrap().contact;
     for n in 0..200 {
-        conn.send(&bob_key, "text", format!("message {n}").as_bytes())
+        conn.send(&bob_contact, "text", format!("message {n}").as_bytes())
             .await
             .unwrap();
     }

@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use kez_client::{ClientError, Config, Connection, Direction, Home, StoreError};
+use kez_client::{
+    ClientError, Config, Connection, Direction, Home, PinChange, StoreError, VerifiedChain,
+};
 use kez_core::envelope;
+use kez_core::sigchain::Endpoint;
 use kez_core::subjects::{INBOX_STREAM, inbox_subject};
-use kez_core::{SecretKey, UnsignedLink};
+use kez_core::{Op, SecretKey, UnsignedLink};
 use kez_tests::callout::CalloutStack;
 use kez_tests::requests::nats_endpoint;
 use tempfile::TempDir;
@@ -59,6 +62,20 @@ impl User {
             handle: record.handle,
             _dir: dir,
         }
+    }
+
+    /// Writes the first sigchain link, as `kez-chat register` does: contacts verify the chain.
+    async fn start_sigchain(&self) {
+        let conn = self.connect().await;
+        let first = UnsignedLink::first(
+            self.key.public_key(),
+            kez_client::now(),
+            nats_endpoint("nats"),
+        )
+        .sign(&self.key)
+        .unwrap();
+        conn.append(first.bytes()).await.unwrap();
+        conn.close().await.unwrap();
     }
 
     /// Connects with the registered profile.
@@ -161,18 +178,23 @@ async fn offline_delivery_exactly_once() {
     let server_js = jetstream::new(stack.server_client().await);
     let alice = User::register(&stack, "alice").await;
     let bob = User::register(&stack, "bob").await;
+    bob.start_sigchain().await;
 
     // alice looks bob up, pins his key, and sends while bob is offline.
     let alice_conn = alice.connect().await;
     let alice_store = alice.home.store().unwrap();
-    let profile = alice_conn.lookup("@bob").await.unwrap();
-    alice_store
-        .add_contact(&profile.handle, profile.key, kez_client::now())
+    let verified = alice_conn
+        .verify_contact(&alice_store, "@bob")
+        .await
         .unwrap();
+    assert_eq!(verified.change, PinChange::New);
+    let profile = verified.contact;
+    assert_eq!(profile.key, bob.key.public_key());
+    assert_eq!(profile.current_key, profile.key);
     let mut sent = Vec::new();
     for text in ["one", "two", "three"] {
         let message = alice_conn
-            .send(&profile.key, "text", text.as_bytes())
+            .send(&profile, "text", text.as_bytes())
             .await
             .expect("the stream stores it");
         assert!(
@@ -199,13 +221,27 @@ async fn offline_delivery_exactly_once() {
         .unwrap()
         .payload;
 
-    // A lying server hands alice another key for bob: the pinned key wins.
-    let impostor = SecretKey::generate().public_key();
-    match alice_store.add_contact(&profile.handle, impostor, kez_client::now()) {
+    // A lying server hands alice another key for bob, with a chain that verifies: the pinned
+    // key wins.
+    let impostor = SecretKey::generate();
+    let impostor_chain = VerifiedChain::verify(&[UnsignedLink::first(
+        impostor.public_key(),
+        kez_client::now(),
+        Op::AddEndpoint(Endpoint {
+            name: "inbox".into(),
+            kind: "nats".into(),
+            address: "kez.inbox.x".into(),
+        }),
+    )
+    .sign(&impostor)
+    .unwrap()
+    .bytes()])
+    .unwrap();
+    match alice_store.pin(&profile.handle, &impostor_chain, kez_client::now()) {
         Err(StoreError::KeyChanged {
             pinned, offered, ..
         }) => {
-            assert_eq!((pinned, offered), (profile.key, impostor));
+            assert_eq!((pinned, offered), (profile.key, impostor.public_key()));
         }
         other => panic!("a changed key was accepted: {other:?}"),
     }
@@ -270,10 +306,7 @@ async fn offline_delivery_exactly_once() {
     wait_until_inbox_empty(&server_js).await;
 
     // bob keeps working.
-    alice_conn
-        .send(&bob.key.public_key(), "text", b"four")
-        .await
-        .unwrap();
+    alice_conn.send(&profile, "text", b"four").await.unwrap();
     let received = bob_conn
         .receive(&bob_store, 10, Duration::from_secs(1))
         .await

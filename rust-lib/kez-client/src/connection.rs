@@ -15,11 +15,12 @@ use kez_core::sigchain::LinkHash;
 use kez_core::subjects::{
     INBOX_STREAM, JS_API_PREFIX, inbox_consumer, inbox_subject, reply_prefix,
 };
-use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey, Sigchain};
+use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{Store, StoreError};
+use crate::chain::VerifiedChain;
+use crate::store::{Contact, PinChange, Store, StoreError};
 
 /// Service subjects (PROTOCOL.md §5).
 const REGISTER: &str = "kez.registry.register";
@@ -113,9 +114,32 @@ pub enum ClientError {
         /// The message id.
         id: MessageId,
     },
-    /// The local store failed.
+    /// The local store failed, or refused a contact's key ([`Store::pin`]).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The server names another key for the handle than the one the user accepted.
+    #[error(
+        "the server names key {offered} for {handle}, not the key you accepted ({accepted}): nothing was changed"
+    )]
+    NotAccepted {
+        /// The handle.
+        handle: String,
+        /// The key the user accepted.
+        accepted: PublicKey,
+        /// The key the server names.
+        offered: PublicKey,
+    },
+}
+
+/// A contact as verified now ([`Connection::verify_contact`]).
+#[derive(Debug, Clone)]
+pub struct VerifiedContact {
+    /// The pinned contact, updated to the verified chain.
+    pub contact: Contact,
+    /// What changed since it was last verified.
+    pub change: PinChange,
+    /// The verified sigchain.
+    pub chain: VerifiedChain,
 }
 
 /// A handle record (`register`).
@@ -197,7 +221,7 @@ pub struct Sent {
     pub id: MessageId,
     /// The sender: our key.
     pub from: PublicKey,
-    /// The recipient.
+    /// The recipient's identity (the inbox owner; the envelope is sealed to its current key).
     pub to: PublicKey,
     /// The time sealed into the message, seconds since the epoch.
     pub time: u64,
@@ -366,8 +390,8 @@ impl Connection {
     }
 
     /// `key`'s whole sigchain, every page fetched (`kez.sigchain.get`) and verified
-    /// ([`Sigchain::verify`]); the chain must be `key`'s. `not_found` when it has none.
-    pub async fn chain(&self, key: &PublicKey) -> Result<Sigchain, ClientError> {
+    /// ([`VerifiedChain::verify`]); the chain must be `key`'s. `not_found` when it has none.
+    pub async fn chain(&self, key: &PublicKey) -> Result<VerifiedChain, ClientError> {
         let mut links: Vec<Vec<u8>> = Vec::new();
         for _ in 0..MAX_CHAIN_PAGES {
             let from_seq = links.len() as u64 + 1;
@@ -388,7 +412,7 @@ impl Connection {
             }
             links.extend(page.links.into_iter().map(String::into_bytes));
             if !page.more {
-                let chain = Sigchain::verify(&links)
+                let chain = VerifiedChain::verify(&links)
                     .map_err(|source| ClientError::Chain { key: *key, source })?;
                 if chain.chain_id() != *key {
                     return Err(ClientError::BadAnswer {
@@ -405,23 +429,69 @@ impl Connection {
         })
     }
 
-    /// Seals `body` for `recipient` and publishes it to their inbox with the message id as
-    /// `Nats-Msg-Id`; returns once the stream has stored it. A `duplicate` acknowledgement is
-    /// [`ClientError::Duplicate`]. Record the result with [`Store::record_outgoing`].
+    /// Looks `handle` up, fetches and verifies its sigchain, and pins it in `store` on first
+    /// use or checks it against the pinned identity, following the chain's own rotations
+    /// ([`Store::pin`]). The answer is what to trust for `handle` now; a changed identity, an
+    /// older or a forked chain is an error and changes nothing.
+    pub async fn verify_contact(
+        &self,
+        store: &Store,
+        handle: &str,
+    ) -> Result<VerifiedContact, ClientError> {
+        let profile = self.lookup(handle).await?;
+        let chain = self.chain(&profile.key).await?;
+        let (contact, change) = store.pin(&profile.handle, &chain, now())?;
+        Ok(VerifiedContact {
+            contact,
+            change,
+            chain,
+        })
+    }
+
+    /// Replaces the identity pinned for `handle` with the one the server names now, which
+    /// must be `accepted` (the key the user checked with the contact another way), after
+    /// verifying its sigchain. Any other key is [`ClientError::NotAccepted`].
+    pub async fn accept_key_change(
+        &self,
+        store: &Store,
+        handle: &str,
+        accepted: &PublicKey,
+    ) -> Result<VerifiedContact, ClientError> {
+        let profile = self.lookup(handle).await?;
+        if profile.key != *accepted {
+            return Err(ClientError::NotAccepted {
+                handle: profile.handle,
+                accepted: *accepted,
+                offered: profile.key,
+            });
+        }
+        let chain = self.chain(&profile.key).await?;
+        let contact = store.repin(&profile.handle, &chain, now())?;
+        Ok(VerifiedContact {
+            contact,
+            change: PinChange::New,
+            chain,
+        })
+    }
+
+    /// Seals `body` for `to`'s current key and publishes it to the inbox of `to`'s identity
+    /// with the message id as `Nats-Msg-Id`; returns once the stream has stored it. A
+    /// `duplicate` acknowledgement is [`ClientError::Duplicate`]. Record the result with
+    /// [`Store::record_outgoing`]. Check the contact first ([`Connection::verify_contact`]).
     pub async fn send(
         &self,
-        recipient: &PublicKey,
+        to: &Contact,
         content_type: &str,
         body: &[u8],
     ) -> Result<Sent, ClientError> {
         let time = now();
-        let (id, sealed) = envelope::seal(&self.key, recipient, content_type, body, time)
+        let (id, sealed) = envelope::seal(&self.key, &to.current_key, content_type, body, time)
             .map_err(ClientError::Seal)?;
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.to_string().as_str());
         let ack = self
             .js
-            .publish_with_headers(inbox_subject(recipient), headers, sealed.into())
+            .publish_with_headers(inbox_subject(&to.key), headers, sealed.into())
             .await
             .map_err(|err| ClientError::Nats {
                 action: "publish the message",
@@ -438,7 +508,7 @@ impl Connection {
         Ok(Sent {
             id,
             from: self.key.public_key(),
-            to: *recipient,
+            to: to.key,
             time,
             content_type: content_type.to_owned(),
             body: body.to_vec(),

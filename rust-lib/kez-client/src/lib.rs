@@ -10,13 +10,15 @@
 //!
 //! PROTOCOL.md §5, §6 and §8 specify what goes over the wire.
 
+pub mod chain;
 pub mod connection;
 pub mod home;
 pub mod store;
 
+pub use chain::VerifiedChain;
 pub use connection::{
     ChainHead, ClientError, Connection, HandleRecord, Limits, Profile, Sent, ServerInfo,
-    ServiceError, now,
+    ServiceError, VerifiedContact, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
-pub use store::{Contact, Direction, Store, StoreError, StoredMessage};
+pub use store::{Contact, Direction, PinChange, Store, StoreError, StoredMessage};

@@ -10,8 +10,11 @@ use std::path::Path;
 
 use kez_core::PublicKey;
 use kez_core::envelope::{Message, MessageId};
+use kez_core::sigchain::LinkHash;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::chain::VerifiedChain;
 
 /// handle → JSON [`Contact`].
 const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
@@ -34,17 +37,39 @@ pub enum StoreError {
     /// A record could not be decoded: the file was written by something else or is damaged.
     #[error("local store record is unreadable ({0}); the store file may be damaged")]
     Corrupt(String),
-    /// TOFU: the handle is pinned to another key.
+    /// TOFU: the handle is pinned to another identity (sigchain id) than the one offered now.
     #[error(
-        "{handle} is pinned to key {pinned}, but the key offered now is {offered}: the key changed, which can mean the account was taken over or the server lies; do not trust it unless you have checked with {handle} another way"
+        "{handle} is pinned to key {pinned}, but the server now names key {offered}, whose sigchain does not prove a rotation from the pinned key: the key changed, which can mean the account was taken over or the server lies"
     )]
     KeyChanged {
         /// The contact's handle.
         handle: String,
-        /// The key pinned when the contact was added.
+        /// The identity pinned when the contact was added.
         pinned: PublicKey,
         /// The different key offered now.
         offered: PublicKey,
+    },
+    /// The server served an older copy of a pinned contact's sigchain than seen before.
+    #[error(
+        "the server served {handle}'s sigchain at seq {served}, but seq {pinned} was verified before: an older chain could undo a key rotation, so it is not trusted (the server may be lying or restored from an old backup)"
+    )]
+    Rollback {
+        /// The contact's handle.
+        handle: String,
+        /// The chain length verified before.
+        pinned: u64,
+        /// The chain length served now.
+        served: u64,
+    },
+    /// The server served a pinned contact's sigchain with other links than seen before.
+    #[error(
+        "the server served {handle}'s sigchain with a different link {seq} than verified before: a forked chain is not trusted (the server may be lying)"
+    )]
+    Forked {
+        /// The contact's handle.
+        handle: String,
+        /// The seq whose link differs.
+        seq: u64,
     },
 }
 
@@ -56,15 +81,71 @@ fn corrupt(err: serde_json::Error) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
 
-/// A contact: a handle and the key pinned for it on first use.
+/// The conversation a message with `peer` belongs to: the identity of the contact with that
+/// key (so a contact's messages stay in one conversation across a rotation), else `peer`.
+fn conversation(tx: &redb::WriteTransaction, peer: &PublicKey) -> Result<PublicKey, StoreError> {
+    let contacts = tx.open_table(CONTACTS).map_err(db)?;
+    for entry in contacts.iter().map_err(db)? {
+        let (_, value) = entry.map_err(db)?;
+        let contact: Contact = serde_json::from_slice(value.value()).map_err(corrupt)?;
+        if contact.has_key(peer) {
+            return Ok(contact.key);
+        }
+    }
+    Ok(*peer)
+}
+
+fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
+    Contact {
+        handle: handle.to_owned(),
+        key: chain.chain_id(),
+        current_key: chain.current_key(),
+        chain_seq: chain.seq(),
+        chain_head: chain.head(),
+        added_at: now,
+    }
+}
+
+/// A contact: a handle, the identity pinned for it on first use (trust on first use), and the
+/// state of its sigchain when last verified.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Contact {
     /// The handle, e.g. `@bob@kez.lat`.
     pub handle: String,
-    /// The pinned key.
+    /// The pinned identity: the registry key, which is the sigchain id. It never changes for a
+    /// contact unless the user accepts a key change ([`Store::repin`]).
     pub key: PublicKey,
+    /// The key the sigchain names now (differs from `key` after a `rotate`): messages are sealed
+    /// to it, and the contact's messages are signed by it.
+    pub current_key: PublicKey,
+    /// The sigchain's seq when last verified: a later chain must extend it.
+    pub chain_seq: u64,
+    /// The hash of the link at `chain_seq`.
+    pub chain_head: LinkHash,
     /// When the contact was added, seconds since the epoch.
     pub added_at: u64,
+}
+
+impl Contact {
+    /// Whether `key` is this contact's identity or its current key.
+    pub fn has_key(&self, key: &PublicKey) -> bool {
+        self.key == *key || self.current_key == *key
+    }
+}
+
+/// What [`Store::pin`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinChange {
+    /// A new contact: its identity is pinned now.
+    New,
+    /// The pinned identity, with the same current key (the chain may have grown).
+    Same,
+    /// The pinned identity's own sigchain rotated its key: the contact's `current_key` moved
+    /// from `from`. No warning is due: the old key signed the move.
+    Rotated {
+        /// The current key before.
+        from: PublicKey,
+    },
 }
 
 /// Which way a stored message went.
@@ -150,17 +231,18 @@ impl Store {
         Ok(Store { db: database })
     }
 
-    /// Pins `key` for `handle` (TOFU), at time `now`. Adding a handle again with the same key
-    /// returns the existing contact unchanged; with another key it is
-    /// [`StoreError::KeyChanged`] and nothing changes.
-    pub fn add_contact(
+    /// Pins `chain`'s identity for `handle` on first use, or checks it against the pinned one
+    /// and follows the chain's rotations, at time `now`. The chain must extend the one verified
+    /// before ([`StoreError::Rollback`], [`StoreError::Forked`]); another identity is
+    /// [`StoreError::KeyChanged`]. On error nothing changes.
+    pub fn pin(
         &self,
         handle: &str,
-        key: PublicKey,
+        chain: &VerifiedChain,
         now: u64,
-    ) -> Result<Contact, StoreError> {
+    ) -> Result<(Contact, PinChange), StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
-        let contact = {
+        let result = {
             let mut table = tx.open_table(CONTACTS).map_err(db)?;
             let existing = match table.get(handle).map_err(db)? {
                 Some(guard) => {
@@ -168,27 +250,70 @@ impl Store {
                 }
                 None => None,
             };
-            match existing {
-                Some(pinned) if pinned.key == key => return Ok(pinned),
+            let (contact, change) = match existing {
+                None => (contact_for(handle, chain, now), PinChange::New),
                 Some(pinned) => {
-                    return Err(StoreError::KeyChanged {
-                        handle: handle.to_owned(),
-                        pinned: pinned.key,
-                        offered: key,
-                    });
-                }
-                None => {
-                    let contact = Contact {
-                        handle: handle.to_owned(),
-                        key,
-                        added_at: now,
+                    if pinned.key != chain.chain_id() {
+                        return Err(StoreError::KeyChanged {
+                            handle: handle.to_owned(),
+                            pinned: pinned.key,
+                            offered: chain.chain_id(),
+                        });
+                    }
+                    if chain.seq() < pinned.chain_seq {
+                        return Err(StoreError::Rollback {
+                            handle: handle.to_owned(),
+                            pinned: pinned.chain_seq,
+                            served: chain.seq(),
+                        });
+                    }
+                    if !chain.extends(pinned.chain_seq, pinned.chain_head) {
+                        return Err(StoreError::Forked {
+                            handle: handle.to_owned(),
+                            seq: pinned.chain_seq,
+                        });
+                    }
+                    let change = if pinned.current_key == chain.current_key() {
+                        PinChange::Same
+                    } else {
+                        PinChange::Rotated {
+                            from: pinned.current_key,
+                        }
                     };
-                    let json = serde_json::to_vec(&contact).expect("a contact serialises");
-                    table.insert(handle, json.as_slice()).map_err(db)?;
-                    contact
+                    (
+                        Contact {
+                            current_key: chain.current_key(),
+                            chain_seq: chain.seq(),
+                            chain_head: chain.head(),
+                            ..pinned
+                        },
+                        change,
+                    )
                 }
-            }
+            };
+            let json = serde_json::to_vec(&contact).expect("a contact serialises");
+            table.insert(handle, json.as_slice()).map_err(db)?;
+            (contact, change)
         };
+        tx.commit().map_err(db)?;
+        Ok(result)
+    }
+
+    /// Replaces whatever is pinned for `handle` with `chain`'s identity: the user accepted a
+    /// key change after checking the new key another way.
+    pub fn repin(
+        &self,
+        handle: &str,
+        chain: &VerifiedChain,
+        now: u64,
+    ) -> Result<Contact, StoreError> {
+        let contact = contact_for(handle, chain, now);
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = tx.open_table(CONTACTS).map_err(db)?;
+            let json = serde_json::to_vec(&contact).expect("a contact serialises");
+            table.insert(handle, json.as_slice()).map_err(db)?;
+        }
         tx.commit().map_err(db)?;
         Ok(contact)
     }
@@ -217,9 +342,10 @@ impl Store {
         Ok(contacts)
     }
 
-    /// The contact pinned to `key`, if any (to name the sender of an incoming message).
+    /// The contact whose identity or current key is `key`, if any (to name the sender of an
+    /// incoming message).
     pub fn contact_by_key(&self, key: &PublicKey) -> Result<Option<Contact>, StoreError> {
-        Ok(self.contacts()?.into_iter().find(|c| c.key == *key))
+        Ok(self.contacts()?.into_iter().find(|c| c.has_key(key)))
     }
 
     /// Whether a message with `id` was seen (received or sent) before.
@@ -275,7 +401,7 @@ impl Store {
                 .map_err(db)?
                 .map_or(0, |guard| guard.value());
             meta.insert(NEXT_ORDER, order + 1).map_err(db)?;
-            let peer = message.peer().to_hex();
+            let peer = conversation(&tx, message.peer())?.to_hex();
             let json = serde_json::to_vec(&message).expect("a message serialises");
             let mut messages = tx.open_table(MESSAGES).map_err(db)?;
             messages
@@ -328,8 +454,8 @@ impl Store {
         tx.commit().map_err(db)
     }
 
-    /// The conversation with `peer`, in the order the messages were stored (received or
-    /// sent).
+    /// The conversation with `peer` (a contact's identity key, see [`Contact::key`]), in the
+    /// order the messages were stored (received or sent).
     pub fn history(&self, peer: &PublicKey) -> Result<Vec<StoredMessage>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let table = tx.open_table(MESSAGES).map_err(db)?;
@@ -349,6 +475,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use kez_core::SecretKey;
+    use kez_core::sigchain::{Endpoint, Op, UnsignedLink};
 
     use super::*;
 
@@ -367,23 +494,145 @@ mod tests {
         }
     }
 
+    fn secret(seed: u8) -> SecretKey {
+        SecretKey::from_seed(&[seed; 32])
+    }
+
+    fn endpoint(name: &str) -> Op {
+        Op::AddEndpoint(Endpoint {
+            name: name.into(),
+            kind: "nats".into(),
+            address: format!("kez.inbox.{name}"),
+        })
+    }
+
+    /// Links of a chain signed by `seed`'s key, one endpoint per name.
+    fn links(seed: u8, names: &[&str]) -> Vec<Vec<u8>> {
+        let key = secret(seed);
+        let mut out: Vec<Vec<u8>> = vec![
+            UnsignedLink::first(key.public_key(), 100, endpoint(names[0]))
+                .sign(&key)
+                .unwrap()
+                .bytes()
+                .to_vec(),
+        ];
+        for name in &names[1..] {
+            let chain = VerifiedChain::verify(&out).unwrap();
+            out.push(
+                chain
+                    .next_link(101, endpoint(name))
+                    .sign(&key)
+                    .unwrap()
+                    .bytes()
+                    .to_vec(),
+            );
+        }
+        out
+    }
+
+    fn verified(links: &[Vec<u8>]) -> VerifiedChain {
+        VerifiedChain::verify(links).unwrap()
+    }
+
     #[test]
-    fn tofu_pins_the_first_key() {
+    fn tofu_pins_the_first_identity_and_refuses_another() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("store.redb")).unwrap();
-        let bob = store.add_contact("@bob@kez.test", key(2), 10).unwrap();
-        assert_eq!(store.add_contact("@bob@kez.test", key(2), 20).unwrap(), bob);
-        let err = store.add_contact("@bob@kez.test", key(3), 30).unwrap_err();
+        let bob_links = links(2, &["a"]);
+        let (bob, change) = store
+            .pin("@bob@kez.test", &verified(&bob_links), 10)
+            .unwrap();
+        assert_eq!(change, PinChange::New);
+        assert_eq!(
+            (bob.key, bob.current_key, bob.chain_seq),
+            (key(2), key(2), 1)
+        );
+        let (again, change) = store
+            .pin("@bob@kez.test", &verified(&bob_links), 20)
+            .unwrap();
+        assert_eq!((again, change), (bob.clone(), PinChange::Same));
+
+        let err = store
+            .pin("@bob@kez.test", &verified(&links(3, &["a"])), 30)
+            .unwrap_err();
         assert!(
             matches!(&err, StoreError::KeyChanged { pinned, offered, .. }
                 if *pinned == key(2) && *offered == key(3)),
             "{err:?}"
         );
-        assert!(err.to_string().contains("pinned"), "{err}");
+        assert!(err.to_string().contains("the key changed"), "{err}");
         assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(bob.clone()));
         assert_eq!(store.contacts().unwrap(), vec![bob.clone()]);
         assert_eq!(store.contact_by_key(&key(2)).unwrap(), Some(bob));
         assert_eq!(store.contact("@carol@kez.test").unwrap(), None);
+
+        // The user checked the new key another way and accepts it.
+        let repinned = store
+            .repin("@bob@kez.test", &verified(&links(3, &["a"])), 40)
+            .unwrap();
+        assert_eq!((repinned.key, repinned.added_at), (key(3), 40));
+        assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(repinned));
+    }
+
+    #[test]
+    fn a_pinned_chain_may_grow_and_rotate_but_not_shrink_or_fork() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let two = links(2, &["a", "b"]);
+        store
+            .pin("@bob@kez.test", &verified(&two[..1]), 10)
+            .unwrap();
+        let (grown, change) = store.pin("@bob@kez.test", &verified(&two), 11).unwrap();
+        assert_eq!((change, grown.chain_seq), (PinChange::Same, 2));
+
+        let err = store
+            .pin("@bob@kez.test", &verified(&two[..1]), 12)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Rollback {
+                    pinned: 2,
+                    served: 1,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let fork = links(2, &["a", "c"]);
+        let err = store
+            .pin("@bob@kez.test", &verified(&fork), 13)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Forked { seq: 2, .. }), "{err:?}");
+        assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(grown.clone()));
+
+        // bob's own chain rotates to key 9: followed, and the conversation stays one.
+        let mut rotated = two.clone();
+        let chain = verified(&two);
+        rotated.push(
+            chain
+                .next_link(102, endpoint("unused"))
+                .sign_rotation(&secret(2), &secret(9))
+                .unwrap()
+                .bytes()
+                .to_vec(),
+        );
+        let (bob, change) = store.pin("@bob@kez.test", &verified(&rotated), 14).unwrap();
+        assert_eq!(change, PinChange::Rotated { from: key(2) });
+        assert_eq!(
+            (bob.key, bob.current_key, bob.chain_seq),
+            (key(2), key(9), 3)
+        );
+        assert_eq!(store.contact_by_key(&key(9)).unwrap(), Some(bob.clone()));
+        assert!(
+            store
+                .record_incoming(&message(2, 1, "before"), 100)
+                .unwrap()
+        );
+        assert!(store.record_incoming(&message(9, 1, "after"), 101).unwrap());
+        let history = store.history(&bob.key).unwrap();
+        let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(bodies, [&b"before"[..], b"after"]);
     }
 
     #[test]
