@@ -48,8 +48,10 @@ pub struct ServerConfig {
     pub callout: Option<CalloutConfig>,
     /// The domain this server serves (normalised).
     pub domain: String,
-    /// Replicas of each key-value bucket: 1 on a single node, 3 in a cluster.
-    pub kv_replicas: usize,
+    /// Replicas of the key-value buckets and the inbox stream: 1 on a single node, 3 in a
+    /// cluster. `None`: existing ones keep theirs (new ones get 1), so a command run without
+    /// the setting never scales a cluster down.
+    pub kv_replicas: Option<usize>,
     /// Where the HTTP shim (WebFinger, `/healthz`, `/metrics`) listens; `None`: no HTTP at all.
     pub http_listen: Option<SocketAddr>,
     /// The NATS URL clients should use, published in WebFinger answers: one URL, no credentials.
@@ -67,7 +69,7 @@ impl ServerConfig {
             auth: NatsAuth::None,
             callout: None,
             domain: domain.to_owned(),
-            kv_replicas: 1,
+            kv_replicas: None,
             http_listen: None,
             public_nats_url: public_url_from(nats_url),
             http_limits: crate::http::HttpLimits::default(),
@@ -103,7 +105,9 @@ pub struct Settings {
     /// Domain this server serves: handles are @name@<domain> [default: kez.lat]
     #[arg(long, env = "KEZ_DOMAIN")]
     pub domain: Option<String>,
-    /// Replicas of each JetStream key-value bucket (1 single node, 3 in a cluster) [default: 1]
+    /// Replicas of the JetStream key-value buckets and the KEZ_INBOX stream (1 single node, 3 in
+    /// a cluster); applied at start, also to existing ones [default: keep what they have; 1 for
+    /// new ones]
     #[arg(long, env = "KEZ_KV_REPLICAS")]
     pub kv_replicas: Option<usize>,
     /// Address of the HTTP shim: WebFinger (GET /.well-known/webfinger), /healthz and /metrics,
@@ -185,10 +189,12 @@ impl Settings {
         let domain = self.domain.unwrap_or_else(|| DEFAULT_DOMAIN.to_owned());
         let domain = kez_core::handle::parse_domain(&domain)
             .map_err(|err| format!("--domain {domain:?}: {err}"))?;
-        let kv_replicas = self.kv_replicas.unwrap_or(1);
-        if !(1..=5).contains(&kv_replicas) {
-            return Err(format!("--kv-replicas must be 1 to 5, not {kv_replicas}"));
+        if let Some(replicas) = self.kv_replicas
+            && !(1..=5).contains(&replicas)
+        {
+            return Err(format!("--kv-replicas must be 1 to 5, not {replicas}"));
         }
+        let kv_replicas = self.kv_replicas;
         let nats_url = self.nats_url.unwrap_or_else(|| DEFAULT_NATS_URL.to_owned());
         let public_nats_url = match self.public_nats_url {
             Some(url) => {
@@ -300,8 +306,9 @@ mod tests {
         };
         let config = flags.or(file).resolve().unwrap();
         assert_eq!(config.domain, "example.org");
-        assert_eq!(config.kv_replicas, 1);
+        assert_eq!(config.kv_replicas, Some(1));
         assert_eq!(config.nats_url, DEFAULT_NATS_URL);
+        assert_eq!(Settings::default().resolve().unwrap().kv_replicas, None);
         assert!(matches!(config.auth, NatsAuth::None));
     }
 

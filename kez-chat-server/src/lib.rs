@@ -312,14 +312,15 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
     }
 }
 
-/// Connects like `run` does and opens the buckets: for operator commands.
+/// Connects like `run` does and opens the buckets, never changing their replicas: for operator
+/// commands.
 pub async fn open_store(config: &ServerConfig) -> Result<Store, StartError> {
     let client = connect(&config.nats_url, &config.auth, "kez-chat-server admin").await?;
-    Ok(open_store_on(&client, config.kv_replicas).await)
+    Ok(open_store_on(&client, None).await)
 }
 
 /// Opens the buckets, waiting for JetStream as long as it takes.
-async fn open_store_on(client: &async_nats::Client, replicas: usize) -> Store {
+async fn open_store_on(client: &async_nats::Client, replicas: Option<usize>) -> Store {
     let js = async_nats::jetstream::new(client.clone());
     loop {
         match Store::open(&js, replicas).await {

@@ -108,12 +108,27 @@ pub enum Registered {
 }
 
 impl Store {
-    /// Creates the buckets if missing (idempotent; replicas apply to new buckets and are updated
-    /// on existing ones) and opens them.
+    /// Creates the buckets and the inbox stream if missing (idempotent) and opens them. With
+    /// `replicas`, new and existing ones get that many; without, existing ones keep theirs (read
+    /// from the inbox stream, which is created with the buckets) and new ones get 1.
     pub async fn open(
         js: &jetstream::Context,
-        replicas: usize,
+        replicas: Option<usize>,
     ) -> Result<Store, async_nats::Error> {
+        let replicas = match replicas {
+            Some(replicas) => replicas,
+            None => match js.get_stream(INBOX_STREAM).await {
+                Ok(mut stream) => stream.info().await?.config.num_replicas.max(1),
+                Err(err) => match err.kind() {
+                    jetstream::context::GetStreamErrorKind::JetStream(source)
+                        if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        1
+                    }
+                    _ => return Err(err.into()),
+                },
+            },
+        };
         let bucket = |name: &str, description: &str, max_value_size: usize| kv::Config {
             bucket: name.to_owned(),
             description: description.to_owned(),
