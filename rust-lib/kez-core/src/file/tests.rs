@@ -615,6 +615,19 @@ proptest! {
     }
 
     #[test]
+    fn any_flipped_bit_is_refused(size in 0usize..2 * SEGMENT_LEN + 3, at: prop::sample::Index, bit in 0u8..8) {
+        let mut ciphertext = encrypt_fixed(&test_key(), &pattern(size));
+        let at = at.index(ciphertext.len());
+        ciphertext[at] ^= 1 << bit;
+        let expected = match at {
+            0..4 => "bad_magic",
+            4 => "unknown_version",
+            _ => "auth_failed",
+        };
+        prop_assert_eq!(code(open(&test_key(), &ciphertext)).0, expected);
+    }
+
+    #[test]
     fn lengths_are_inverse(len in 0u64..=MAX_PLAINTEXT_LEN) {
         let cipher = ciphertext_len(len).unwrap();
         prop_assert_eq!(plaintext_len(cipher), Some(len));
