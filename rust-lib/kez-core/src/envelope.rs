@@ -170,7 +170,7 @@ pub struct Message {
     pub id: MessageId,
     /// The sender's clock when it was sealed, seconds since the Unix epoch.
     pub time: u64,
-    /// What `body` is: `text`, `file_offer`, ... (`[a-z0-9_.+/-]{1,64}`).
+    /// What `body` is: `text`, `file-offer`, ... (`[a-z0-9_.+/-]{1,64}`).
     pub content_type: String,
     /// The content.
     pub body: Vec<u8>,

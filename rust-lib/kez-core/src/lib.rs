@@ -26,6 +26,7 @@ macro_rules! serde_as_text {
 
 pub mod canonical;
 pub mod envelope;
+pub mod file;
 pub mod handle;
 pub mod key;
 pub mod registry;
