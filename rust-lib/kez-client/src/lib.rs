@@ -21,4 +21,6 @@ pub use connection::{
     ServiceError, VerifiedContact, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
-pub use store::{Contact, Direction, PinChange, Store, StoreError, StoredMessage};
+pub use store::{
+    Contact, Direction, Downloaded, Offer, PinChange, Store, StoreError, StoredMessage,
+};

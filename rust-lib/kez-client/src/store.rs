@@ -10,6 +10,7 @@ use std::path::Path;
 
 use kez_core::PublicKey;
 use kez_core::envelope::{Message, MessageId};
+use kez_core::file::FILE_OFFER_CONTENT_TYPE;
 use kez_core::sigchain::LinkHash;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,11 @@ const SEEN: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Received messages not yet shown to the user: storage order → peer (key hex).
 const UNSHOWN: TableDefinition<u64, &str> = TableDefinition::new("unshown");
+/// File offers (received and sent), by message id → (peer key hex, storage order): where the
+/// offer message is in `messages`.
+const OFFERS: TableDefinition<[u8; 16], (&str, u64)> = TableDefinition::new("offers");
+/// Downloaded offers: message id → JSON [`Downloaded`].
+const DOWNLOADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("downloads");
 const NEXT_ORDER: &str = "next_order";
 
 /// Why the store failed.
@@ -148,6 +154,24 @@ pub enum PinChange {
     },
 }
 
+/// A file offer in the history ([`Store::offers`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    /// The message that carried it (its body is the offer's JSON, PROTOCOL.md §9.3).
+    pub message: StoredMessage,
+    /// Where it was written, once downloaded.
+    pub downloaded: Option<Downloaded>,
+}
+
+/// Where and when an offered file was downloaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Downloaded {
+    /// The path the decrypted file was written to.
+    pub path: String,
+    /// When, seconds since the epoch.
+    pub at: u64,
+}
+
 /// Which way a stored message went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -227,6 +251,8 @@ impl Store {
         tx.open_table(MESSAGES).map_err(db)?;
         tx.open_table(SEEN).map_err(db)?;
         tx.open_table(META).map_err(db)?;
+        tx.open_table(OFFERS).map_err(db)?;
+        tx.open_table(DOWNLOADS).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Store { db: database })
     }
@@ -407,6 +433,12 @@ impl Store {
             messages
                 .insert((peer.as_str(), order), json.as_slice())
                 .map_err(db)?;
+            if message.content_type == FILE_OFFER_CONTENT_TYPE {
+                let mut offers = tx.open_table(OFFERS).map_err(db)?;
+                offers
+                    .insert(message.id.as_bytes(), (peer.as_str(), order))
+                    .map_err(db)?;
+            }
             if message.direction == Direction::Incoming {
                 let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
                 unshown.insert(order, peer.as_str()).map_err(db)?;
@@ -451,6 +483,52 @@ impl Store {
                 unshown.remove(order).map_err(db)?;
             }
         }
+        tx.commit().map_err(db)
+    }
+
+    /// Every file offer (content type `file-offer`), received or sent, in storage order, each
+    /// with where it was downloaded to, if it was.
+    pub fn offers(&self) -> Result<Vec<Offer>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let offers = tx.open_table(OFFERS).map_err(db)?;
+        let messages = tx.open_table(MESSAGES).map_err(db)?;
+        let downloads = tx.open_table(DOWNLOADS).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in offers.iter().map_err(db)? {
+            let (id, place) = entry.map_err(db)?;
+            let (peer, order) = place.value();
+            let json = messages
+                .get((peer, order))
+                .map_err(db)?
+                .ok_or_else(|| StoreError::Corrupt(format!("offer message {order} is missing")))?;
+            let downloaded = match downloads.get(id.value()).map_err(db)? {
+                Some(guard) => Some(serde_json::from_slice(guard.value()).map_err(corrupt)?),
+                None => None,
+            };
+            out.push((
+                order,
+                Offer {
+                    message: serde_json::from_slice(json.value()).map_err(corrupt)?,
+                    downloaded,
+                },
+            ));
+        }
+        out.sort_by_key(|(order, _)| *order);
+        Ok(out.into_iter().map(|(_, offer)| offer).collect())
+    }
+
+    /// Records that the offer `id` was downloaded, decrypted and written to `path`, at `now`.
+    pub fn mark_downloaded(&self, id: &MessageId, path: &str, now: u64) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(&Downloaded {
+            path: path.to_owned(),
+            at: now,
+        })
+        .expect("a download record serialises");
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(DOWNLOADS)
+            .map_err(db)?
+            .insert(id.as_bytes(), json.as_slice())
+            .map_err(db)?;
         tx.commit().map_err(db)
     }
 
@@ -653,6 +731,34 @@ mod tests {
         assert_eq!(history[0].direction, Direction::Incoming);
         assert_eq!(store.history(&key(3)).unwrap().len(), 1);
         assert!(store.history(&key(4)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn file_offers_are_indexed_and_remember_their_download() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        let mut offer = message(2, 1, "{\"name\":\"a.txt\"}");
+        offer.content_type = FILE_OFFER_CONTENT_TYPE.into();
+        store.record_incoming(&message(2, 1, "hello"), 100).unwrap();
+        store.record_incoming(&offer, 101).unwrap();
+        store.record_incoming(&offer, 102).unwrap();
+        let offers = store.offers().unwrap();
+        assert_eq!(offers.len(), 1, "text is not an offer, a repeat not twice");
+        assert_eq!(offers[0].message.id, offer.id);
+        assert_eq!(offers[0].downloaded, None);
+
+        store.mark_downloaded(&offer.id, "/tmp/a.txt", 103).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let offers = store.offers().unwrap();
+        assert_eq!(
+            offers[0].downloaded,
+            Some(Downloaded {
+                path: "/tmp/a.txt".into(),
+                at: 103
+            })
+        );
     }
 
     #[test]
