@@ -1,7 +1,7 @@
 # kez-chat developer entry points. `make test` is what CI runs (.ci/run), from a fresh clone.
 CARGO ?= cargo
 
-.PHONY: all tools test fmt vectors demo
+.PHONY: all tools build test fmt vectors run demo
 
 all: test
 
@@ -26,7 +26,16 @@ vectors:
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib file::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-chat-server --lib nats_conf
 
-demo:
-	$(CARGO) build --workspace
-	$(CARGO) run -q -p kez-chat-server -- --help
-	@echo "demo: the scripted two-user demo is not available yet; README.md \"Try it by hand\" walks through one."
+build:
+	$(CARGO) build --workspace --bins
+
+# A local stack in the foreground until Ctrl-C: nats-server, services, auth callout and HTTP shim
+# on 127.0.0.1:14222 (HTTP 14280), domain kez.localhost, state in .kez-dev/ (kept across runs;
+# delete it to start over). More flags: make run DEV_ARGS="--port 24222".
+DEV_ARGS ?=
+run: tools build
+	target/debug/kez-chat-server dev --data-dir $(CURDIR)/.kez-dev $(DEV_ARGS)
+
+# The scripted two-user session (scripts/demo.sh) against a throw-away stack on a free port.
+demo: tools build
+	bash scripts/demo.sh

@@ -8,6 +8,7 @@
 
 pub mod callout;
 pub mod config;
+pub mod dev;
 pub mod error;
 pub mod handlers;
 pub mod http;

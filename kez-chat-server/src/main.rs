@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use kez_chat_server::config::{ServerConfig, Settings};
 use kez_chat_server::store::DisabledRecord;
-use kez_chat_server::{Server, nats_conf};
+use kez_chat_server::{Server, dev, nats_conf};
 use kez_core::Handle;
 
 /// The kez-chat home server: handle registry and sigchain services over NATS.
@@ -59,6 +59,30 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// A complete local stack in one command, for development and trying kez-chat out: starts
+    /// nats-server as a child with a generated config and keys, then serves like `run` with the
+    /// auth callout and the HTTP shim, all on 127.0.0.1, until SIGINT or SIGTERM.
+    ///
+    /// Keys, config, JetStream store and nats-server's log live in the data directory; start
+    /// again on the same directory and every user and undelivered message is still there.
+    /// nats-server is $KEZ_NATS_SERVER, else .tools/venv/bin/nats-server (`make tools`) found
+    /// above the current directory or this executable, else the one on PATH.
+    /// Not for production: see nats/README.md for running the broker yourself.
+    Dev {
+        /// Data directory [default: $XDG_DATA_HOME/kez-chat-server/dev or
+        /// ~/.local/share/kez-chat-server/dev]
+        #[arg(long, env = "KEZ_DEV_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// NATS client port on 127.0.0.1 (0: any free port)
+        #[arg(long, default_value_t = dev::DEFAULT_PORT)]
+        port: u16,
+        /// HTTP shim port on 127.0.0.1: WebFinger, /healthz, /metrics (0: any free port)
+        #[arg(long, default_value_t = dev::DEFAULT_HTTP_PORT)]
+        http_port: u16,
+        /// Domain served: handles are @name@<domain>
+        #[arg(long, default_value = dev::DEFAULT_DOMAIN)]
+        domain: String,
+    },
 }
 
 /// The handle an admin action is about, and how to reach the registry.
@@ -93,6 +117,24 @@ async fn main() -> ExitCode {
         .init();
     match Cli::parse().command {
         Command::Run { config, settings } => run(config, settings).await,
+        Command::Dev {
+            data_dir,
+            port,
+            http_port,
+            domain,
+        } => {
+            let data_dir = match data_dir.map_or_else(dev::default_data_dir, Ok) {
+                Ok(dir) => dir,
+                Err(err) => return fail(&err),
+            };
+            run_dev(dev::DevOptions {
+                data_dir,
+                port,
+                http_port,
+                domain,
+            })
+            .await
+        }
         Command::Keygen { keys_dir } => match nats_conf::keygen(&keys_dir) {
             Ok(keys) => {
                 println!(
@@ -181,6 +223,113 @@ async fn run(config: Option<PathBuf>, settings: Settings) -> ExitCode {
     };
     server.serve(shutdown_signal()).await;
     ExitCode::SUCCESS
+}
+
+/// `dev`: the broker as a child, the services in-process.
+async fn run_dev(options: dev::DevOptions) -> ExitCode {
+    // The same checks `run` makes, before anything is started.
+    let domain = match kez_core::handle::parse_domain(&options.domain) {
+        Ok(domain) => domain,
+        Err(err) => return fail(&format!("--domain {:?}: {err}", options.domain)),
+    };
+    let binary = match dev::find_nats_server() {
+        Ok(binary) => binary,
+        Err(err) => return fail(&err),
+    };
+    let prepared = match dev::prepare(&options) {
+        Ok(prepared) => prepared,
+        Err(err) => return fail(&err),
+    };
+    let data_dir = prepared.data_dir.clone();
+    tracing::info!(nats_server = %binary.display(), data = %data_dir.display(), new_keys = prepared.new_keys, "starting nats-server");
+    let mut broker = tokio::select! {
+        started = dev::Broker::start(&binary, &prepared) => match started {
+            Ok(broker) => broker,
+            Err(err) => return fail(&err),
+        },
+        () = shutdown_signal() => return ExitCode::SUCCESS,
+    };
+    let url = broker.url();
+    let config = prepared.server_config(&url, &domain, options.http_port);
+    let server = tokio::select! {
+        started = Server::start(&config) => match started {
+            Ok(server) => server,
+            Err(err) => {
+                broker.stop().await;
+                return fail(&err.to_string());
+            }
+        },
+        exited = broker.exited() => return broker_died(&broker, exited),
+        () = shutdown_signal() => {
+            broker.stop().await;
+            return ExitCode::SUCCESS;
+        }
+    };
+    let http = server
+        .http_addr()
+        .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}"));
+    print_dev_banner(&broker, &data_dir, &domain, &http, prepared.new_keys);
+    let serving = server.serve(shutdown_signal());
+    tokio::pin!(serving);
+    tokio::select! {
+        () = &mut serving => {}
+        exited = broker.exited() => return broker_died(&broker, exited),
+    }
+    match broker.stop().await {
+        Some(status) => tracing::info!(%status, "nats-server stopped"),
+        None => tracing::warn!("nats-server was killed"),
+    }
+    println!(
+        "kez-chat-server dev: stopped; the data stays in {}",
+        data_dir.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn broker_died(
+    broker: &dev::Broker,
+    exited: std::io::Result<std::process::ExitStatus>,
+) -> ExitCode {
+    let how = match exited {
+        Ok(status) => status.to_string(),
+        Err(err) => format!("cannot wait for it: {err}"),
+    };
+    fail(&format!(
+        "nats-server (pid {}) exited unexpectedly ({how}); last lines of {}:\n{}",
+        broker.pid(),
+        broker.log_path().display(),
+        broker.log_tail()
+    ))
+}
+
+fn print_dev_banner(
+    broker: &dev::Broker,
+    data_dir: &std::path::Path,
+    domain: &str,
+    http: &str,
+    new_keys: bool,
+) {
+    let url = broker.url();
+    let keys = if new_keys { "new keys" } else { "keys reused" };
+    println!("kez-chat-server dev: serving {domain} (Ctrl-C to stop)");
+    println!("  NATS URL  {url}");
+    println!("  HTTP      {http}  (/healthz, /metrics, /.well-known/webfinger)");
+    println!(
+        "  data      {}  ({keys}; delete it to start over)",
+        data_dir.display()
+    );
+    println!(
+        "  broker    nats-server pid {}, log {}",
+        broker.pid(),
+        broker.log_path().display()
+    );
+    println!();
+    println!("Point kez-chat at it, one --home per person:");
+    println!("  kez-chat --home /tmp/kez-alice --server {url} register alice");
+    println!("  kez-chat --home /tmp/kez-bob   --server {url} register bob");
+    println!("  kez-chat --home /tmp/kez-alice add @bob");
+    println!("  kez-chat --home /tmp/kez-alice send @bob \"hello bob\"");
+    println!("  kez-chat --home /tmp/kez-bob   inbox");
 }
 
 async fn admin(config: &ServerConfig, handle: &str, disable: bool) -> Result<String, String> {
