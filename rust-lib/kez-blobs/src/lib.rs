@@ -597,13 +597,13 @@ impl BlobNode {
             }
         };
         conn.close(0u32.into(), b"done");
-        if result.is_ok() {
-            if let Ok(BlobState::Complete { size }) = self.has(content.hash).await {
-                progress(Progress {
-                    done: size,
-                    total: Some(size),
-                });
-            }
+        if result.is_ok()
+            && let Ok(BlobState::Complete { size }) = self.has(content.hash).await
+        {
+            progress(Progress {
+                done: size,
+                total: Some(size),
+            });
         }
         (received, result)
     }

@@ -146,6 +146,10 @@ async fn interrupted_download_resumes_with_the_remainder() {
         "resume transferred {} of {size}",
         stats.bytes_transferred
     );
+    eprintln!(
+        "interrupted after {first} bytes, resume transferred {} of {size}",
+        stats.bytes_transferred
+    );
     let sum = first + stats.bytes_transferred;
     let slack = 2 * MIB as u64;
     assert!(
