@@ -4,6 +4,7 @@
 //! Exit codes are listed in [`EXIT_CODES`] (and in `--help`).
 
 mod failure;
+mod files;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -16,6 +17,8 @@ use kez_client::{
     ClientError, Config, Connection, Contact, Direction, Home, PinChange, Store, StoredMessage,
     VerifiedContact, now,
 };
+use kez_core::envelope::MessageId;
+use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
 use kez_core::sigchain::Endpoint;
 use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
 use serde_json::{Value, json};
@@ -128,6 +131,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Encrypt a file and offer it to someone: the encrypted file stays in your file node
+    /// (never on the chat server); the offer (name, size, hash, key) goes end-to-end encrypted.
+    /// They can download it while you run `listen`.
+    Share {
+        /// The recipient's handle.
+        handle: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// List the files offered to you.
+    Files {
+        /// Print JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download an offered file: fetched from the sender's node, verified, decrypted, then
+    /// written. An interrupted download resumes.
+    Download {
+        /// The offer: its id or the start of it (the first column of `files`).
+        offer: String,
+        /// Where to write the file [default: its name, in the current directory].
+        #[arg(short, long, value_name = "PATH")]
+        output: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the conversation with a contact.
     History {
         /// The contact's handle.
@@ -176,6 +206,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
         Command::History { handle, json } => app.history(&handle, json),
+        Command::Share { handle, path } => app.share(&handle, &path).await,
+        Command::Files { json } => app.files(json),
+        Command::Download {
+            offer,
+            output,
+            json,
+        } => app.download(&offer, output, json).await,
     }
 }
 
@@ -314,6 +351,11 @@ impl App {
             }
             Err(err) => return Err(Failure::client(err)),
         }
+        let node = self.open_node().await?;
+        self.advertise_node(&full, &key, &node).await?;
+        let _ = node.shutdown().await;
+        // open_node kept the node's address in the config file.
+        self.config.iroh_bind = self.home.config().map_err(Failure::home)?.iroh_bind;
         let _ = full.close().await;
 
         self.config.server = Some(url.clone());
@@ -624,9 +666,13 @@ impl App {
     async fn listen(&self, json: bool) -> Result<(), Failure> {
         let store = self.store()?;
         let conn = self.connect().await?;
+        let node = self.open_node().await?;
+        let key = self.key()?;
+        self.advertise_node(&conn, &key, &node).await?;
         eprintln!(
-            "listening as {} (Ctrl-C to stop)",
-            self.config.handle.as_deref().unwrap_or_default()
+            "listening as {} (Ctrl-C to stop); serving your shared files at {}",
+            self.config.handle.as_deref().unwrap_or_default(),
+            node.provider()
         );
         let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
@@ -646,6 +692,7 @@ impl App {
             }
         }
         let _ = conn.close().await;
+        let _ = node.shutdown().await;
         Ok(())
     }
 
@@ -668,7 +715,7 @@ impl App {
                 println!(
                     "[{}] {who}: {}",
                     clock(message.time),
-                    body_text(&message.content_type, &message.body)
+                    body_text(&message.id, &message.content_type, &message.body)
                 );
             }
         }
@@ -734,7 +781,7 @@ fn message_line(sender: &Sender, message: &StoredMessage) -> String {
     format!(
         "[{}] {who}: {}",
         clock(message.time),
-        body_text(&message.content_type, &message.body)
+        body_text(&message.id, &message.content_type, &message.body)
     )
 }
 
@@ -751,7 +798,7 @@ fn message_json(sender: &Sender, message: &StoredMessage) -> Value {
         "in_contacts": contact,
         "time": message.time,
         "content_type": message.content_type,
-        "text": String::from_utf8_lossy(&message.body),
+        "text": body_text(&message.id, &message.content_type, &message.body),
     })
 }
 
@@ -767,7 +814,7 @@ fn stored_json(message: &StoredMessage) -> Value {
         "to": message.to.to_string(),
         "time": message.time,
         "content_type": message.content_type,
-        "text": String::from_utf8_lossy(&message.body),
+        "text": body_text(&message.id, &message.content_type, &message.body),
     })
 }
 
@@ -789,11 +836,21 @@ fn rotation_note(contact: &Contact, from: &PublicKey) -> String {
     )
 }
 
-fn body_text(content_type: &str, body: &[u8]) -> String {
-    if content_type == TEXT {
-        String::from_utf8_lossy(body).into_owned()
-    } else {
-        format!("({content_type}, {} bytes)", body.len())
+/// A message's content for people. A file offer shows its name, size and how to download it,
+/// never its key.
+fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
+    match content_type {
+        TEXT => String::from_utf8_lossy(body).into_owned(),
+        FILE_OFFER_CONTENT_TYPE => match FileOffer::from_json(body) {
+            Ok(offer) => format!(
+                "offers the file {} ({}): `kez-chat download {}`",
+                offer.name,
+                files::bytes(offer.size),
+                files::short_id(&id.to_string())
+            ),
+            Err(err) => format!("(a file offer that is not valid: {err})"),
+        },
+        other => format!("({other}, {} bytes)", body.len()),
     }
 }
 

@@ -16,6 +16,7 @@
 
 pub mod callout;
 pub mod kez_server;
+pub mod person;
 pub mod process;
 pub mod requests;
 

@@ -3,108 +3,14 @@
 //! delivery, history, `--json`, and the errors people see (with their exit codes).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::Arc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kez_core::{Op, SecretKey};
-use kez_tests::callout::{CalloutStack, run_to_completion};
-use kez_tests::process::kez_chat_binary;
+use kez_tests::callout::CalloutStack;
+use kez_tests::person::{Person, alice_and_bob, key_of, kez_chat};
 use serde_json::Value;
-use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
-
-/// A client home in a temporary directory.
-struct Person {
-    home: PathBuf,
-    _dir: TempDir,
-}
-
-impl Person {
-    fn new() -> Person {
-        let dir = tempfile::tempdir().unwrap();
-        Person {
-            home: dir.path().join("home"),
-            _dir: dir,
-        }
-    }
-
-    /// Runs `kez-chat --home <home> args…` (no `--server`: the config's is used).
-    async fn run(&self, args: &[&str]) -> Output {
-        run_to_completion(kez_chat(&self.home, args)).await
-    }
-
-    /// [`Person::run`], which must succeed; answers stdout.
-    async fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args).await;
-        assert!(
-            output.status.success(),
-            "kez-chat {args:?} failed ({:?}):\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    }
-
-    /// [`Person::ok`] with `--json`, parsed.
-    async fn json(&self, args: &[&str]) -> Value {
-        let mut args = args.to_vec();
-        args.push("--json");
-        let stdout = self.ok(&args).await;
-        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
-    }
-
-    /// Runs a command that must fail with `code`; answers stderr.
-    async fn fails(&self, args: &[&str], code: i32) -> String {
-        let output = self.run(args).await;
-        let stderr = String::from_utf8(output.stderr).unwrap();
-        assert_eq!(
-            output.status.code(),
-            Some(code),
-            "kez-chat {args:?}: stdout {:?}, stderr {stderr}",
-            String::from_utf8_lossy(&output.stdout)
-        );
-        stderr
-    }
-
-    /// Runs `kez-chat --home <home> args…` with `input` on its stdin.
-    async fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
-        use tokio::io::AsyncWriteExt;
-        let mut command = tokio::process::Command::from(kez_chat(&self.home, args));
-        command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(input.as_bytes()).await.unwrap();
-        drop(stdin);
-        tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-            .await
-            .expect("kez-chat finishes within 30 s")
-            .unwrap()
-    }
-
-    /// `register <name>` against `server`.
-    async fn register(&self, server: &str, name: &str) -> String {
-        self.ok(&["--server", server, "register", name]).await
-    }
-}
-
-/// A `kez-chat --home <home> args…` command, isolated from the developer's environment.
-fn kez_chat(home: &Path, args: &[&str]) -> Command {
-    let mut command = Command::new(kez_chat_binary());
-    command
-        .env_remove("KEZ_CHAT_HOME")
-        .env_remove("KEZ_CHAT_SERVER")
-        .arg("--home")
-        .arg(home)
-        .args(args)
-        .stdin(Stdio::null());
-    command
-}
 
 #[tokio::test]
 async fn two_people_chat_through_the_cli() {
@@ -123,7 +29,10 @@ async fn two_people_chat_through_the_cli() {
     let me = alice.json(&["whoami"]).await;
     assert_eq!(me["handle"], "@alice@kez.test");
     assert_eq!(me["server"], url.as_str(), "register remembers the server");
-    assert_eq!(me["sigchain"]["seq"], 1, "register wrote the first link");
+    assert_eq!(
+        me["sigchain"]["seq"], 2,
+        "register wrote the nats and the iroh endpoints"
+    );
     // Registering again changes nothing.
     let again = alice.register(&url, "alice").await;
     assert!(
@@ -155,8 +64,8 @@ async fn two_people_chat_through_the_cli() {
 
     let added = alice.json(&["add", "@bob"]).await;
     assert_eq!(added["handle"], "@bob@kez.test");
-    assert_eq!(added["sigchain"]["seq"], 1);
-    assert_eq!(added["endpoints"][0], "nats");
+    assert_eq!(added["sigchain"]["seq"], 2);
+    assert_eq!(added["endpoints"], serde_json::json!(["iroh", "nats"]));
     bob.ok(&["add", "@alice"]).await;
     // `profile` renders the verified sigchain.
     let profile = alice.json(&["profile", "@bob"]).await;
@@ -164,15 +73,23 @@ async fn two_people_chat_through_the_cli() {
     assert_eq!(profile["key"], added["key"]);
     assert_eq!(profile["in_contacts"], true);
     assert_eq!(profile["pinned_key"], added["key"]);
-    assert_eq!(profile["sigchain"]["seq"], 1);
+    assert_eq!(profile["sigchain"]["seq"], 2);
     assert_eq!(profile["sigchain"]["rotated"], false);
-    assert_eq!(profile["sigchain"]["endpoints"][0]["kind"], "nats");
-    assert_eq!(profile["sigchain"]["endpoints"][0]["address"], url.as_str());
+    assert_eq!(profile["sigchain"]["endpoints"][1]["kind"], "nats");
+    assert_eq!(profile["sigchain"]["endpoints"][1]["address"], url.as_str());
+    assert_eq!(profile["sigchain"]["endpoints"][0]["kind"], "iroh");
+    let iroh = profile["sigchain"]["endpoints"][0]["address"]
+        .as_str()
+        .unwrap();
+    assert!(
+        iroh.starts_with("iroh:") && iroh.contains(";ip=127.0.0.1:"),
+        "the file node, on loopback: {iroh}"
+    );
     assert_eq!(profile["sigchain"]["claims"], serde_json::json!([]));
     assert_eq!(profile["sigchain"]["shared_files"], Value::Null);
     let text = alice.ok(&["profile", "@bob"]).await;
     assert!(text.contains("in contacts, key pinned"), "{text}");
-    assert!(text.contains("sigchain    verified: seq 1"), "{text}");
+    assert!(text.contains("sigchain    verified: seq 2"), "{text}");
     assert!(
         text.contains(&format!("endpoint    nats (nats) {url}")),
         "{text}"
@@ -420,22 +337,6 @@ async fn errors_say_what_to_do() {
         err.contains("already registered as @dave@kez.test"),
         "{err}"
     );
-}
-
-/// Registers alice and bob through the CLI and makes each the other's contact.
-async fn alice_and_bob(url: &str) -> (Person, Person) {
-    let alice = Person::new();
-    let bob = Person::new();
-    alice.register(url, "alice").await;
-    bob.register(url, "bob").await;
-    alice.ok(&["add", "@bob"]).await;
-    bob.ok(&["add", "@alice"]).await;
-    (alice, bob)
-}
-
-/// `person`'s key, read from their home.
-fn key_of(person: &Person) -> Arc<SecretKey> {
-    Arc::new(kez_client::Home::open(&person.home).unwrap().key().unwrap())
 }
 
 #[tokio::test]

@@ -54,6 +54,7 @@ impl User {
         home.save_config(&Config {
             server: Some(stack.nats.url()),
             handle: Some(record.handle.clone()),
+            iroh_bind: None,
         })
         .unwrap();
         User {

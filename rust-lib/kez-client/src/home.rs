@@ -98,6 +98,11 @@ pub struct Config {
     /// The own handle once registered, e.g. `@alice@kez.lat`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handle: Option<String>,
+    /// The UDP address the blob node binds, kept after the first start so the provider string
+    /// in the sigchain stays valid. Default `127.0.0.1` with a port chosen on first use: others
+    /// on this machine only. Set a routable address (or `0.0.0.0:PORT`) to share beyond it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iroh_bind: Option<std::net::SocketAddr>,
 }
 
 /// The client's home directory. Opening one creates the directory (mode 0700) if needed;
@@ -152,6 +157,11 @@ impl Home {
     /// The store's path.
     pub fn store_path(&self) -> PathBuf {
         self.dir.join(STORE_FILE)
+    }
+
+    /// The blob node's directory (its iroh key and blob store).
+    pub fn node_dir(&self) -> PathBuf {
+        self.dir.join(crate::files::NODE_DIR)
     }
 
     /// Whether the home holds a key file yet.
@@ -293,6 +303,7 @@ mod tests {
         let config = Config {
             server: Some("nats://127.0.0.1:4222".into()),
             handle: Some("@alice@kez.test".into()),
+            iroh_bind: Some("127.0.0.1:40001".parse().unwrap()),
         };
         home.save_config(&config).unwrap();
         assert_eq!(home.config().unwrap(), config);

@@ -12,6 +12,7 @@
 
 pub mod chain;
 pub mod connection;
+pub mod files;
 pub mod home;
 pub mod store;
 

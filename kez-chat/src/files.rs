@@ -1,0 +1,428 @@
+//! `share`, `files` and `download`: files over iroh, encrypted before they leave the sender
+//! (PROTOCOL.md §9), and the blob node that `listen` keeps serving.
+
+use std::io::IsTerminal;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use kez_blobs::{BlobNode, NodeConfig};
+use kez_client::files::{self, FileError};
+use kez_client::{Connection, Direction, Offer, PinChange, now};
+use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
+use kez_core::sigchain::Endpoint;
+use kez_core::{Op, SecretKey};
+use serde_json::{Value, json};
+
+use crate::failure::{self, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
+use crate::{App, clock, print_json, rotation_note};
+
+/// The sigchain endpoint that names the own blob node (kind and name `iroh`).
+pub const IROH_ENDPOINT: &str = "iroh";
+
+/// How many progress lines a long step prints when stderr is not a terminal.
+const PROGRESS_LINES: u64 = 10;
+
+impl App {
+    /// Opens the home's blob node, binding the address kept in the config (or, the first
+    /// time, `127.0.0.1` on a port the OS picks, which is then kept).
+    pub(crate) async fn open_node(&self) -> Result<BlobNode, Failure> {
+        let bind = self
+            .config
+            .iroh_bind
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let node = BlobNode::open(
+            &self.home.node_dir(),
+            NodeConfig {
+                bind,
+                ..NodeConfig::default()
+            },
+        )
+        .await
+        .map_err(|err| {
+            Failure::new(
+                RUNTIME,
+                format!(
+                    "cannot start the file node ({err}); if another kez-chat (e.g. `listen`) uses this home, stop it or run the command there"
+                ),
+            )
+        })?;
+        if self.config.iroh_bind.is_none()
+            && let Some(bound) = node.addr().ip_addrs().next().copied()
+        {
+            let mut config = self.config.clone();
+            config.iroh_bind = Some(bound);
+            self.home.save_config(&config).map_err(Failure::home)?;
+        }
+        Ok(node)
+    }
+
+    /// Makes the own sigchain's `iroh` endpoint name this node's provider string, appending
+    /// links only when it is missing or stale.
+    pub(crate) async fn advertise_node(
+        &self,
+        conn: &Connection,
+        key: &SecretKey,
+        node: &BlobNode,
+    ) -> Result<(), Failure> {
+        let provider = node.provider();
+        let mut chain = conn
+            .chain(&key.public_key())
+            .await
+            .map_err(Failure::client)?;
+        let mut ops = Vec::new();
+        match chain.endpoints().get(IROH_ENDPOINT) {
+            Some(endpoint) if endpoint.address == provider => return Ok(()),
+            Some(_) => ops.push(Op::RemoveEndpoint {
+                name: IROH_ENDPOINT.into(),
+            }),
+            None => {}
+        }
+        ops.push(Op::AddEndpoint(Endpoint {
+            name: IROH_ENDPOINT.into(),
+            kind: IROH_ENDPOINT.into(),
+            address: provider.clone(),
+        }));
+        for op in ops {
+            let link = chain.next_link(now(), op).sign(key).map_err(|err| {
+                Failure::new(RUNTIME, format!("cannot sign a sigchain link: {err}"))
+            })?;
+            conn.append(link.bytes()).await.map_err(Failure::client)?;
+            chain = conn
+                .chain(&key.public_key())
+                .await
+                .map_err(Failure::client)?;
+        }
+        eprintln!("sigchain: your file node is {provider}");
+        Ok(())
+    }
+
+    /// `share @name ./file`.
+    pub(crate) async fn share(&self, handle: &str, path: &Path) -> Result<(), Failure> {
+        let full = self.full_handle(handle)?;
+        let metadata = std::fs::metadata(path)
+            .map_err(|err| Failure::new(USAGE, format!("cannot read {}: {err}", path.display())))?;
+        if !metadata.is_file() {
+            return Err(Failure::new(
+                USAGE,
+                format!("{} is not a file: share one file at a time", path.display()),
+            ));
+        }
+        let key = self.key()?;
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        let verified = match conn.verify_contact(&store, &full).await {
+            Ok(verified) => verified,
+            Err(err) => return Err(Failure::send_refused(err, &full)),
+        };
+        let contact = verified.contact;
+        match verified.change {
+            PinChange::New => eprintln!("{full} was not in your contacts: key pinned"),
+            PinChange::Same => {}
+            PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
+        }
+        let node = self.open_node().await?;
+        self.advertise_node(&conn, &key, &node).await?;
+
+        let meter = Meter::new("encrypting", metadata.len());
+        let offer = files::share_file(&node, path, vec![node.provider()], |read| meter.set(read))
+            .await
+            .map_err(file_failure)?;
+        meter.finish();
+        let body = offer
+            .to_json()
+            .map_err(|err| Failure::new(RUNTIME, format!("cannot write the offer: {err}")))?;
+        let sent = conn
+            .send(&contact, FILE_OFFER_CONTENT_TYPE, &body)
+            .await
+            .map_err(Failure::client)?;
+        let _ = conn.close().await;
+        store
+            .record_outgoing(&sent, now())
+            .map_err(Failure::store)?;
+        let _ = node.shutdown().await;
+        eprintln!(
+            "shared {} ({}) with {}: encrypted blob {}",
+            offer.name,
+            bytes(offer.size),
+            contact.handle,
+            offer.blob
+        );
+        eprintln!(
+            "{} can download it while you run `kez-chat listen` (your node serves it then)",
+            contact.handle
+        );
+        println!("{}", short_id(&sent.id.to_string()));
+        Ok(())
+    }
+
+    /// `files`: the offers received.
+    pub(crate) fn files(&self, json: bool) -> Result<(), Failure> {
+        let store = self.store()?;
+        let offers = received_offers(&store)?;
+        let mut list = Vec::new();
+        for (offer_message, offer) in &offers {
+            let from = store
+                .contact_by_key(&offer_message.message.from)
+                .map_err(Failure::store)?
+                .map(|c| c.handle)
+                .unwrap_or_else(|| format!("(not in contacts) {}", offer_message.message.from));
+            if json {
+                list.push(json!({
+                    "offer": offer_message.message.id.to_string(),
+                    "from": from,
+                    "name": offer.name,
+                    "size": offer.size,
+                    "time": offer_message.message.time,
+                    "blob": offer.blob.to_string(),
+                    "downloaded": offer_message.downloaded.as_ref().map(|d| d.path.clone()),
+                }));
+            } else {
+                let state = match &offer_message.downloaded {
+                    Some(done) => format!("downloaded to {}", done.path),
+                    None => "not downloaded".to_owned(),
+                };
+                println!(
+                    "{}  [{}] {from}: {} ({}), {state}",
+                    short_id(&offer_message.message.id.to_string()),
+                    clock(offer_message.message.time),
+                    offer.name,
+                    bytes(offer.size),
+                );
+            }
+        }
+        if json {
+            print_json(&Value::Array(list));
+        } else if offers.is_empty() {
+            eprintln!("no files offered to you yet");
+        } else {
+            eprintln!("download one with `kez-chat download <offer>` (the first column)");
+        }
+        Ok(())
+    }
+
+    /// `download <offer> [-o path]`.
+    pub(crate) async fn download(
+        &self,
+        wanted: &str,
+        output: Option<PathBuf>,
+        json: bool,
+    ) -> Result<(), Failure> {
+        self.handle()?;
+        let store = self.store()?;
+        let offers = received_offers(&store)?;
+        let wanted_lower = wanted.to_ascii_lowercase();
+        let matching: Vec<&(Offer, FileOffer)> = offers
+            .iter()
+            .filter(|(o, _)| o.message.id.to_string().starts_with(&wanted_lower))
+            .collect();
+        let (offer_message, offer) = match matching.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(Failure::new(
+                    NOT_FOUND,
+                    format!("no file offer {wanted:?}: `kez-chat files` lists them"),
+                ));
+            }
+            _ => {
+                return Err(Failure::new(
+                    USAGE,
+                    format!(
+                        "{wanted:?} matches {} offers: give more of the offer id",
+                        matching.len()
+                    ),
+                ));
+            }
+        };
+        let sender = offer_message.message.from;
+        let Some(contact) = store.contact_by_key(&sender).map_err(Failure::store)? else {
+            return Err(Failure::new(
+                REFUSED,
+                format!(
+                    "offer {} is from {sender}, who is not in your contacts: files are downloaded only from people you added. If you trust them, `kez-chat add` their handle first. Nothing was downloaded.",
+                    short_id(&offer_message.message.id.to_string())
+                ),
+            ));
+        };
+        let dest = output.unwrap_or_else(|| PathBuf::from(&offer.name));
+        if dest.exists() {
+            return Err(Failure::new(
+                failure::CONFLICT,
+                format!(
+                    "{} exists already: choose another path with -o PATH",
+                    dest.display()
+                ),
+            ));
+        }
+
+        let node = self.open_node().await?;
+        eprintln!(
+            "fetching {} ({}) from {}",
+            offer.name,
+            bytes(offer.size),
+            contact.handle
+        );
+        let meter = Meter::new("downloading", offer.cipher_size);
+        let fetched = tokio::select! {
+            fetched = files::fetch(&node, offer, |progress| meter.set(progress.done)) => fetched,
+            signal = interrupted() => {
+                meter.finish();
+                let _ = node.shutdown().await;
+                return Err(Failure::new(
+                    RUNTIME,
+                    format!("download interrupted ({signal}): what arrived is kept; run the same command again to resume"),
+                ));
+            }
+        };
+        meter.finish();
+        let stats = match fetched {
+            Ok(stats) => stats,
+            Err(err) => {
+                let _ = node.shutdown().await;
+                return Err(Failure::new(
+                    RUNTIME,
+                    format!(
+                        "{err}. The sender's node must be online (they run `kez-chat listen`), or the file pinned on their server; run the same command again later: what arrived is kept and the download resumes."
+                    ),
+                ));
+            }
+        };
+        let decrypted = files::decrypt_to(&node, offer, &dest).await;
+        let _ = node.shutdown().await;
+        let size = decrypted.map_err(file_failure)?;
+        let path = std::fs::canonicalize(&dest).unwrap_or(dest);
+        store
+            .mark_downloaded(&offer_message.message.id, &path.to_string_lossy(), now())
+            .map_err(Failure::store)?;
+        let already = stats.total.saturating_sub(stats.bytes_transferred);
+        if json {
+            print_json(&json!({
+                "offer": offer_message.message.id.to_string(),
+                "from": contact.handle,
+                "name": offer.name,
+                "path": path.to_string_lossy(),
+                "size": size,
+                "transferred": stats.bytes_transferred,
+                "total": stats.total,
+            }));
+        } else {
+            eprintln!(
+                "fetched {} over the network ({} were already here), verified (BLAKE3) and decrypted",
+                bytes(stats.bytes_transferred),
+                bytes(already)
+            );
+            println!("{}", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM, naming which.
+async fn interrupted() -> &'static str {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
+/// The received offers that parse, in the order they arrived; those that do not are skipped
+/// with a note (they cannot be downloaded anyway).
+fn received_offers(store: &kez_client::Store) -> Result<Vec<(Offer, FileOffer)>, Failure> {
+    let mut out = Vec::new();
+    for offer in store.offers().map_err(Failure::store)? {
+        if offer.message.direction != Direction::Incoming {
+            continue;
+        }
+        match FileOffer::from_json(&offer.message.body) {
+            Ok(parsed) => out.push((offer, parsed)),
+            Err(err) => eprintln!(
+                "note: skipping offer {} from {}: {err}",
+                short_id(&offer.message.id.to_string()),
+                offer.message.from
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// A file failure for people.
+fn file_failure(err: FileError) -> Failure {
+    match err {
+        FileError::Crypt(_) | FileError::Offer(_) => Failure::new(REFUSED, err.to_string()),
+        other => Failure::new(RUNTIME, other.to_string()),
+    }
+}
+
+/// The first 12 hex digits of an offer (message) id: enough to name one.
+pub fn short_id(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// A byte count for people.
+pub fn bytes(count: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if count < 1024 {
+        return format!("{count} B");
+    }
+    let mut value = count as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// Progress for long work: a bar with bytes and rate on a terminal; otherwise a line at every
+/// 10% (`downloading: 12.0 MiB of 50.0 MiB`), so logs and scripts see it too.
+struct Meter {
+    bar: Option<ProgressBar>,
+    what: &'static str,
+    total: u64,
+    next_line: std::cell::Cell<u64>,
+}
+
+impl Meter {
+    fn new(what: &'static str, total: u64) -> Meter {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(what);
+            bar
+        });
+        Meter {
+            bar,
+            what,
+            total,
+            next_line: std::cell::Cell::new(0),
+        }
+    }
+
+    fn set(&self, done: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            return;
+        }
+        if done >= self.next_line.get() {
+            self.next_line
+                .set(done + (self.total / PROGRESS_LINES).max(1));
+            eprintln!("{}: {} of {}", self.what, bytes(done), bytes(self.total));
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

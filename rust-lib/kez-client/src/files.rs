@@ -1,0 +1,276 @@
+//! Files over iroh (PROTOCOL.md §9): encrypt a file into the own blob node, describe it in a
+//! [`FileOffer`], fetch an offered blob from its providers and decrypt it into place.
+//!
+//! A file is encrypted while it is read, and the ciphertext streams into the blob store: no
+//! plaintext copy and no temporary ciphertext file, and memory stays at a few segments whatever
+//! the file's size. A download is decrypted into a temporary file beside the destination, which
+//! is renamed into place only when every segment authenticated: a failed check never leaves a
+//! file behind, and an interrupted fetch resumes (the blob store keeps what arrived).
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use kez_blobs::{BlobNode, DownloadStats, Hash, Progress, parse_provider};
+use kez_core::file::{
+    self, BlobHash, ContentKey, Encryptor, FileCryptError, FileOffer, FileOfferError,
+};
+
+/// The blob node's directory inside a client home.
+pub const NODE_DIR: &str = "iroh";
+
+/// How many encrypted segments may wait between the encrypting thread and the blob store.
+const PIPELINE_SEGMENTS: usize = 4;
+
+/// Why sharing or downloading a file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Reading or writing a local file failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The file changed size while it was being shared.
+    #[error("{} changed while it was being shared; share it again", path.display())]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Encryption failed, or the downloaded ciphertext did not decrypt: wrong key, tampered
+    /// or truncated data. Nothing was written.
+    #[error("the file does not decrypt ({code}: {0}); nothing was written", code = .0.code())]
+    Crypt(#[from] FileCryptError),
+    /// The blob node failed (import, fetch, read).
+    #[error(transparent)]
+    Blobs(#[from] kez_blobs::Error),
+    /// The offer is not valid.
+    #[error("the file offer is not valid ({code}: {0})", code = .0.code())]
+    Offer(#[from] FileOfferError),
+    /// None of the offer's providers could be parsed.
+    #[error("the offer names no provider this client can reach: {0}")]
+    NoProviders(String),
+}
+
+/// Encrypts the file at `path` with a fresh content key into `node` (tagged so it stays) and
+/// returns the offer for it, listing `providers` (at least the own node's provider string).
+/// `progress` is called with the plaintext bytes read so far.
+pub async fn share_file(
+    node: &BlobNode,
+    path: &Path,
+    providers: Vec<String>,
+    mut progress: impl FnMut(u64),
+) -> Result<FileOffer, FileError> {
+    let io_error = |action: &'static str| {
+        let path = path.to_path_buf();
+        move |source| FileError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let source = File::open(path).map_err(io_error("open"))?;
+    let size = source
+        .metadata()
+        .map_err(io_error("read the size of"))?
+        .len();
+    let name = file::safe_name(
+        &path
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    let key = ContentKey::generate();
+    let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(PIPELINE_SEGMENTS);
+    let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
+    let encrypt_key = key.clone();
+    let encrypting = tokio::task::spawn_blocking(move || {
+        let counted = CountingReader {
+            inner: BufReader::new(source),
+            count: 0,
+            report: read_tx,
+        };
+        let mut encryptor = Encryptor::new(&encrypt_key, counted);
+        loop {
+            let mut chunk = Vec::new();
+            match encryptor.next_chunk_into(&mut chunk) {
+                Ok(more) => {
+                    if !chunk.is_empty() && chunks_tx.blocking_send(Ok(chunk.into())).is_err() {
+                        return Ok(());
+                    }
+                    if !more {
+                        return Ok(());
+                    }
+                }
+                Err(err) => {
+                    let _ = chunks_tx.blocking_send(Err(io::Error::other(err.to_string())));
+                    return Err(err);
+                }
+            }
+        }
+    });
+    let stream = futures::stream::unfold(chunks_rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    let tag = format!("kez/share/{}", random_hex());
+    let import = node.import_stream(stream, &tag);
+    tokio::pin!(import);
+    let imported = loop {
+        tokio::select! {
+            done = &mut import => break done,
+            changed = read_rx.changed() => {
+                if changed.is_ok() {
+                    progress(*read_rx.borrow());
+                }
+            }
+        }
+    };
+    encrypting
+        .await
+        .map_err(|err| io_error("encrypt")(io::Error::other(err)))??;
+    let (hash, cipher_size) = imported?;
+    if file::ciphertext_len(size) != Some(cipher_size) {
+        node.delete_tag(&tag).await?;
+        return Err(FileError::Changed {
+            path: path.to_path_buf(),
+        });
+    }
+    let offer = FileOffer {
+        name,
+        size,
+        blob: BlobHash::from_bytes(*hash.as_bytes()),
+        cipher_size,
+        providers,
+        key,
+        pinned: false,
+    };
+    offer.validate()?;
+    Ok(offer)
+}
+
+/// Fetches the offer's blob into `node`, trying its providers in order; only what is missing
+/// is transferred (an interrupted download resumes). iroh verifies every chunk.
+pub async fn fetch(
+    node: &BlobNode,
+    offer: &FileOffer,
+    progress: impl FnMut(Progress),
+) -> Result<DownloadStats, FileError> {
+    let mut providers = Vec::new();
+    let mut unusable = Vec::new();
+    for text in &offer.providers {
+        match parse_provider(text) {
+            Ok(addr) => providers.push(addr),
+            Err(err) => unusable.push(format!("{text}: {err}")),
+        }
+    }
+    if providers.is_empty() {
+        return Err(FileError::NoProviders(unusable.join("; ")));
+    }
+    let hash = blob_hash(offer);
+    let tag = format!("kez/download/{hash}");
+    Ok(node.download(hash, &providers, &tag, progress).await?)
+}
+
+/// Decrypts the offer's blob (complete in `node`) to `dest`: into a temporary file beside it,
+/// renamed into place only when the whole file authenticated. Returns the plaintext size.
+pub async fn decrypt_to(node: &BlobNode, offer: &FileOffer, dest: &Path) -> Result<u64, FileError> {
+    let reader = node.reader(blob_hash(offer)).await?;
+    let bridge = tokio_util::io::SyncIoBridge::new(reader);
+    let temp = partial_path(dest);
+    let target = dest.to_path_buf();
+    let dest = dest.to_path_buf();
+    let key = offer.key.clone();
+    let cipher_size = offer.cipher_size;
+    tokio::task::spawn_blocking(move || {
+        let result = write_decrypted(&key, bridge, &temp, cipher_size);
+        match result {
+            Ok(size) => {
+                std::fs::rename(&temp, &dest).map_err(|source| FileError::Io {
+                    action: "move the decrypted file into place at",
+                    path: dest.clone(),
+                    source,
+                })?;
+                if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    // The rename is durable once the directory is.
+                    let _ = File::open(dir).and_then(|d| d.sync_all());
+                }
+                Ok(size)
+            }
+            Err(err) => {
+                let _ = std::fs::remove_file(&temp);
+                Err(err)
+            }
+        }
+    })
+    .await
+    .map_err(|err| FileError::Io {
+        action: "decrypt into",
+        path: target,
+        source: io::Error::other(err),
+    })?
+}
+
+fn write_decrypted(
+    key: &ContentKey,
+    ciphertext: impl io::Read,
+    temp: &Path,
+    cipher_size: u64,
+) -> Result<u64, FileError> {
+    let io_error = |action: &'static str| {
+        let path = temp.to_path_buf();
+        move |source| FileError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let file = File::create(temp).map_err(io_error("create"))?;
+    let mut out = BufWriter::new(file);
+    let size = file::decrypt_exact(key, BufReader::new(ciphertext), &mut out, cipher_size)?;
+    let file = out
+        .into_inner()
+        .map_err(|err| io_error("write")(err.into_error()))?;
+    file.sync_all().map_err(io_error("write"))?;
+    Ok(size)
+}
+
+/// Where a download of `dest` is decrypted before it is renamed into place: a hidden file in
+/// the same directory (a rename across file systems would not be atomic).
+pub fn partial_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.kez-partial"))
+}
+
+/// The offer's blob hash as iroh's type.
+pub fn blob_hash(offer: &FileOffer) -> Hash {
+    Hash::from_bytes(*offer.blob.as_bytes())
+}
+
+/// A random name part for a share's tag (a message id is 16 random bytes).
+fn random_hex() -> String {
+    data_encoding::HEXLOWER.encode(kez_core::envelope::MessageId::random().as_bytes())
+}
+
+/// Counts what the encryptor reads, for progress.
+struct CountingReader<R> {
+    inner: R,
+    count: u64,
+    report: tokio::sync::watch::Sender<u64>,
+}
+
+impl<R: io::Read> io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let read = self.inner.read(buf)?;
+        self.count += read as u64;
+        let _ = self.report.send(self.count);
+        Ok(read)
+    }
+}

@@ -1,0 +1,129 @@
+//! A person using the `kez-chat` binary: a client home in a temporary directory and helpers to
+//! run commands in it, as separate processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kez_core::SecretKey;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::callout::run_to_completion;
+use crate::process::kez_chat_binary;
+
+/// A client home in a temporary directory.
+pub struct Person {
+    /// The home directory (`--home`).
+    pub home: PathBuf,
+    _dir: TempDir,
+}
+
+impl Default for Person {
+    fn default() -> Person {
+        Person::new()
+    }
+}
+
+impl Person {
+    /// A new, empty home.
+    pub fn new() -> Person {
+        let dir = tempfile::tempdir().unwrap();
+        Person {
+            home: dir.path().join("home"),
+            _dir: dir,
+        }
+    }
+
+    /// Runs `kez-chat --home <home> args…` (no `--server`: the config's is used).
+    pub async fn run(&self, args: &[&str]) -> Output {
+        run_to_completion(kez_chat(&self.home, args)).await
+    }
+
+    /// [`Person::run`], which must succeed; answers stdout.
+    pub async fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args).await;
+        assert!(
+            output.status.success(),
+            "kez-chat {args:?} failed ({:?}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// [`Person::ok`] with `--json`, parsed.
+    pub async fn json(&self, args: &[&str]) -> Value {
+        let mut args = args.to_vec();
+        args.push("--json");
+        let stdout = self.ok(&args).await;
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+    }
+
+    /// Runs a command that must fail with `code`; answers stderr.
+    pub async fn fails(&self, args: &[&str], code: i32) -> String {
+        let output = self.run(args).await;
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "kez-chat {args:?}: stdout {:?}, stderr {stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        stderr
+    }
+
+    /// Runs `kez-chat --home <home> args…` with `input` on its stdin.
+    pub async fn run_with_stdin(&self, args: &[&str], input: &str) -> Output {
+        use tokio::io::AsyncWriteExt;
+        let mut command = tokio::process::Command::from(kez_chat(&self.home, args));
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input.as_bytes()).await.unwrap();
+        drop(stdin);
+        tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+            .await
+            .expect("kez-chat finishes within 30 s")
+            .unwrap()
+    }
+
+    /// `register <name>` against `server`.
+    pub async fn register(&self, server: &str, name: &str) -> String {
+        self.ok(&["--server", server, "register", name]).await
+    }
+}
+
+/// A `kez-chat --home <home> args…` command, isolated from the developer's environment.
+pub fn kez_chat(home: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(kez_chat_binary());
+    command
+        .env_remove("KEZ_CHAT_HOME")
+        .env_remove("KEZ_CHAT_SERVER")
+        .arg("--home")
+        .arg(home)
+        .args(args)
+        .stdin(Stdio::null());
+    command
+}
+
+/// Registers alice and bob through the CLI and makes each the other's contact.
+pub async fn alice_and_bob(url: &str) -> (Person, Person) {
+    let alice = Person::new();
+    let bob = Person::new();
+    alice.register(url, "alice").await;
+    bob.register(url, "bob").await;
+    alice.ok(&["add", "@bob"]).await;
+    bob.ok(&["add", "@alice"]).await;
+    (alice, bob)
+}
+
+/// `person`'s key, read from their home.
+pub fn key_of(person: &Person) -> Arc<SecretKey> {
+    Arc::new(kez_client::Home::open(&person.home).unwrap().key().unwrap())
+}

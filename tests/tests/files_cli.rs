@@ -1,0 +1,363 @@
+//! Files over iroh through the `kez-chat` binary (separate processes and homes, a real
+//! nats-server with the callout, a real kez-chat-server, iroh on loopback): share, offer,
+//! download, resume, and the refusals.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kez_tests::callout::CalloutStack;
+use kez_tests::person::{Person, alice_and_bob, kez_chat};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+
+/// A marker that appears many times in the plaintext: no store may contain it.
+const MARKER: &[u8] = b"KEZ-PLAINTEXT-MARKER-a8f3";
+
+/// Writes a file of `size` bytes: the marker every 4 KiB, pseudo-random bytes in between.
+fn plaintext_file(path: &Path, size: usize) {
+    let mut bytes = Vec::with_capacity(size);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    while bytes.len() < size {
+        if bytes.len() % 4096 == 0 {
+            bytes.extend_from_slice(MARKER);
+        } else {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            bytes.push(state as u8);
+        }
+    }
+    bytes.truncate(size);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Whether any file under `dir` contains `needle`.
+fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap();
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    return true;
+                }
+            }
+        }
+    }
+    assert!(files > 0, "{} holds no files", dir.display());
+    false
+}
+
+/// Starts `listen` for `person` and waits until it serves files.
+async fn serving(person: &Person) -> Child {
+    let mut command = tokio::process::Command::from(kez_chat(&person.home, &["listen"]));
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("serving your shared files") {
+                return;
+            }
+        }
+        panic!("listen ended before serving");
+    })
+    .await
+    .expect("listen serves within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+async fn stop(mut child: Child) {
+    let pid = child.id().expect("running") as i32;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("stops on Ctrl-C")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_shared_file_arrives_identical_and_no_store_holds_plaintext() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let work = tempfile::tempdir().unwrap();
+    let original = work.path().join("holiday.bin");
+    plaintext_file(&original, 50 * 1024 * 1024);
+
+    let offer = alice
+        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .await
+        .trim()
+        .to_owned();
+    assert_eq!(offer.len(), 12, "the short offer id: {offer}");
+
+    // bob sees the offer (never its key) and lists it.
+    let inbox = bob.ok(&["inbox"]).await;
+    assert!(
+        inbox.contains(&format!(
+            "offers the file holiday.bin (50.0 MiB): `kez-chat download {offer}`"
+        )),
+        "{inbox}"
+    );
+    let files = bob.json(&["files"]).await;
+    assert_eq!(files[0]["name"], "holiday.bin");
+    assert_eq!(files[0]["size"], 50 * 1024 * 1024);
+    assert_eq!(files[0]["from"], "@alice@kez.test");
+    assert_eq!(files[0]["downloaded"], serde_json::Value::Null);
+
+    // alice is offline: the download fails, says why, and writes nothing.
+    let target = work.path().join("received.bin");
+    let err = bob
+        .fails(&["download", &offer, "-o", target.to_str().unwrap()], 1)
+        .await;
+    assert!(err.contains("must be online"), "{err}");
+    assert!(!target.exists());
+
+    let listening = serving(&alice).await;
+    let done = bob
+        .json(&["download", &offer, "-o", target.to_str().unwrap()])
+        .await;
+    assert_eq!(done["transferred"], done["total"], "{done}");
+    assert_eq!(done["size"], 50 * 1024 * 1024);
+    assert!(
+        std::fs::read(&target).unwrap() == std::fs::read(&original).unwrap(),
+        "the bytes arrive identical"
+    );
+    assert_eq!(
+        bob.json(&["files"]).await[0]["downloaded"],
+        target.canonicalize().unwrap().to_str().unwrap()
+    );
+    stop(listening).await;
+
+    // What the file nodes hold is ciphertext only (the marker appears ~12,800 times in the
+    // plaintext).
+    assert!(tree_contains(work.path(), MARKER), "the check can find it");
+    assert!(!tree_contains(&alice.home.join("iroh"), MARKER));
+    assert!(!tree_contains(&bob.home.join("iroh"), MARKER));
+    // Nor does the broker: the offer went end-to-end encrypted.
+    let server = async_nats::jetstream::new(stack.server_client().await);
+    let info = server
+        .get_stream("KEZ_INBOX")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(info.state.messages, 0, "delivered and acknowledged");
+}
+
+#[tokio::test]
+async fn an_interrupted_download_resumes_with_the_rest() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let work = tempfile::tempdir().unwrap();
+    let original = work.path().join("big.bin");
+    let size = 50 * 1024 * 1024;
+    plaintext_file(&original, size);
+    let offer = alice
+        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .await
+        .trim()
+        .to_owned();
+    bob.ok(&["inbox"]).await;
+    let listening = serving(&alice).await;
+
+    // The first download is stopped (SIGTERM) once a tenth has arrived.
+    let target = work.path().join("big.out");
+    let mut first = tokio::process::Command::from(kez_chat(
+        &bob.home,
+        &["download", &offer, "-o", target.to_str().unwrap()],
+    ));
+    first
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut first = first.spawn().unwrap();
+    let mut lines = BufReader::new(first.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        seen.push(line.clone());
+        let Some(progress) = line.strip_prefix("downloading: ") else {
+            continue;
+        };
+        let mib: f64 = progress
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or(0.0);
+        if progress.contains("MiB of") && mib >= 5.0 {
+            let pid = first.id().unwrap().to_string();
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap();
+            break;
+        }
+    }
+    while let Some(line) = lines.next_line().await.unwrap() {
+        seen.push(line);
+    }
+    let status = first.wait().await.unwrap();
+    assert_eq!(status.code(), Some(1), "interrupted: {seen:?}");
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("download interrupted (SIGTERM)")),
+        "{seen:?}"
+    );
+    assert!(
+        !target.exists(),
+        "nothing written before the whole file checks"
+    );
+
+    let done = bob
+        .json(&["download", &offer, "-o", target.to_str().unwrap()])
+        .await;
+    let (transferred, total) = (
+        done["transferred"].as_u64().unwrap(),
+        done["total"].as_u64().unwrap(),
+    );
+    assert!(
+        transferred < total - 4 * 1024 * 1024,
+        "only the rest is fetched: {transferred} of {total}"
+    );
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&original).unwrap());
+    stop(listening).await;
+}
+
+#[tokio::test]
+async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_written() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let carol = Person::new();
+    carol.register(&url, "carol").await;
+    let work = tempfile::tempdir().unwrap();
+    let original = work.path().join("note.txt");
+    plaintext_file(&original, 300 * 1024);
+
+    // carol is not in bob's contacts: her offer is listed, but not downloaded.
+    let from_carol = carol
+        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .await
+        .trim()
+        .to_owned();
+    bob.ok(&["inbox"]).await;
+    let target = work.path().join("from-carol.txt");
+    let err = bob
+        .fails(
+            &["download", &from_carol, "-o", target.to_str().unwrap()],
+            5,
+        )
+        .await;
+    assert!(err.contains("not in your contacts"), "{err}");
+    assert!(!target.exists());
+
+    // alice's client sends an offer with the wrong content key for a real blob: the download
+    // fetches and verifies the blob, the decryption fails, nothing is written.
+    let real = alice
+        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .await
+        .trim()
+        .to_owned();
+    let forged = forge_offer_with_another_key(&url, &alice).await;
+    let inbox = bob.ok(&["inbox"]).await;
+    assert!(inbox.contains(&real) && inbox.contains(&forged), "{inbox}");
+    let listening = serving(&alice).await;
+    let target = work.path().join("forged.txt");
+    let err = bob
+        .fails(&["download", &forged, "-o", target.to_str().unwrap()], 5)
+        .await;
+    assert!(err.contains("does not decrypt (auth_failed"), "{err}");
+    assert!(err.contains("nothing was written"), "{err}");
+    assert!(!target.exists());
+    assert!(!kez_client::files::partial_path(&target).exists());
+    stop(listening).await;
+
+    // alice's stored ciphertext of another file is damaged: bob's download checks it against
+    // the hash (iroh, BLAKE3) and fails; nothing is written.
+    let other = work.path().join("other.txt");
+    plaintext_file(&other, 200 * 1024);
+    let damaged = alice
+        .ok(&["share", "@bob", other.to_str().unwrap()])
+        .await
+        .trim()
+        .to_owned();
+    bob.ok(&["inbox"]).await;
+    let cipher_size = kez_core::file::ciphertext_len(200 * 1024).unwrap();
+    flip_a_byte_in_the_file_of_size(&alice.home.join("iroh"), cipher_size);
+    let listening = serving(&alice).await;
+    let target = work.path().join("damaged.txt");
+    let output = bob
+        .run(&["download", &damaged, "-o", target.to_str().unwrap()])
+        .await;
+    assert!(!output.status.success(), "{output:?}");
+    assert!(!target.exists(), "a damaged file is never written");
+    assert!(!kez_client::files::partial_path(&target).exists());
+    stop(listening).await;
+
+    // An unknown offer id: a clear not-found.
+    let err = bob.fails(&["download", "ffffffffffff"], 3).await;
+    assert!(err.contains("kez-chat files"), "{err}");
+}
+
+/// Flips one byte in the middle of the one file of `size` bytes under `dir` (a blob's data).
+fn flip_a_byte_in_the_file_of_size(dir: &Path, size: u64) {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if std::fs::metadata(&path).unwrap().len() == size {
+                found.push(path);
+            }
+        }
+    }
+    assert_eq!(found.len(), 1, "one data file of {size} bytes: {found:?}");
+    let mut bytes = std::fs::read(&found[0]).unwrap();
+    bytes[(size / 2) as usize] ^= 0x40;
+    std::fs::write(&found[0], bytes).unwrap();
+}
+
+/// As alice (her key, through the library), sends bob a copy of her last offer with a fresh,
+/// wrong content key; answers its short id.
+async fn forge_offer_with_another_key(url: &str, alice: &Person) -> String {
+    let home = kez_client::Home::open(&alice.home).unwrap();
+    let store = home.store().unwrap();
+    let last = store.offers().unwrap().pop().expect("alice's offer");
+    let mut offer = kez_core::file::FileOffer::from_json(&last.message.body).unwrap();
+    offer.key = kez_core::file::ContentKey::generate();
+    let conn = kez_client::Connection::connect(url, std::sync::Arc::new(home.key().unwrap()))
+        .await
+        .unwrap();
+    let bob = conn.verify_contact(&store, "@bob").await.unwrap().contact;
+    let sent = conn
+        .send(
+            &bob,
+            kez_core::file::FILE_OFFER_CONTENT_TYPE,
+            &offer.to_json().unwrap(),
+        )
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    sent.id.to_string()[..12].to_owned()
+}
