@@ -22,7 +22,7 @@ fmt:
 # Fuzzes every target in fuzz/ for SOAK_SECS (default 60) seconds each; not part of `test`.
 # Installs cargo-fuzz into .tools/cargo; crashes land in rust-lib/kez-fuzz/regressions/.
 soak:
-	CARGO=$(CARGO) bash fuzz/soak.sh
+	SOAK_CARGO=$(CARGO) bash fuzz/soak.sh
 
 # Rewrites the committed KEZ test vectors and nats/nats-server.conf.example; review the diff.
 vectors:

@@ -10,13 +10,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 
-CARGO=${CARGO:-cargo}
+# Not CARGO: cargo forwards a CARGO set in the environment to build scripts and rustc, whose
+# fingerprints then differ from `make test`'s and target/ is rebuilt from scratch.
+CARGO=${SOAK_CARGO:-cargo}
 SOAK_SECS=${SOAK_SECS:-60}
 SOAK_MAX_LEN=${SOAK_MAX_LEN:-16384}
 CARGO_FUZZ_VERSION=0.13.2
 tools=$root/.tools/cargo
 export PATH="$tools/bin:$PATH"
-export RUSTC_BOOTSTRAP=1
+# Only for cargo-fuzz's own builds (fuzz/target): cargo fingerprints RUSTC_BOOTSTRAP, so setting it
+# for the workspace would rebuild target/ from scratch, twice.
+fuzz() { (cd fuzz && RUSTC_BOOTSTRAP=1 "$CARGO" fuzz "$@"); }
 
 if ! cargo-fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
     echo "soak: installing cargo-fuzz $CARGO_FUZZ_VERSION into .tools/cargo"
@@ -30,7 +34,7 @@ echo "soak: seeding fuzz/corpus from the committed vectors"
 "$CARGO" run -q -p kez-fuzz --bin kez-fuzz-seeds -- fuzz/corpus
 
 echo "soak: building the targets (release, debug assertions, sanitizer coverage)"
-(cd fuzz && "$CARGO" fuzz build --debug-assertions)
+fuzz build --debug-assertions
 
 logs=$root/fuzz/artifacts/logs
 mkdir -p "$logs"
@@ -42,9 +46,9 @@ for target in $targets; do
     mkdir -p "$artifacts"
     log=$logs/$target.log
     status=0
-    (cd fuzz && "$CARGO" fuzz run --debug-assertions "$target" "corpus/$target" -- \
+    fuzz run --debug-assertions "$target" "corpus/$target" -- \
         -max_total_time="$SOAK_SECS" -max_len="$SOAK_MAX_LEN" -rss_limit_mb=2048 \
-        -timeout=10 -print_final_stats=1 >"$log" 2>&1) || status=$?
+        -timeout=10 -print_final_stats=1 >"$log" 2>&1 || status=$?
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     crashes=0
     for crash in "$artifacts"/*; do
