@@ -1,7 +1,7 @@
 # kez-chat developer entry points. `make test` is what CI runs (.ci/run), from a fresh clone.
 CARGO ?= cargo
 
-.PHONY: all tools build test fmt vectors run demo
+.PHONY: all tools build test fmt vectors run demo soak
 
 all: test
 
@@ -18,6 +18,11 @@ test: tools
 
 fmt:
 	$(CARGO) fmt --all
+
+# Fuzzes every target in fuzz/ for SOAK_SECS (default 60) seconds each; not part of `test`.
+# Installs cargo-fuzz into .tools/cargo; crashes land in rust-lib/kez-fuzz/regressions/.
+soak:
+	SOAK_CARGO=$(CARGO) bash fuzz/soak.sh
 
 # Rewrites the committed KEZ test vectors and nats/nats-server.conf.example; review the diff.
 vectors:

@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use kez_core::registry::{REGISTRATION_WINDOW_SECS, RegistrationRequest};
 use kez_core::sigchain::MAX_LINK_BYTES;
-use kez_core::{Handle, PublicKey};
+use kez_core::{Handle, PublicKey, SignedLink};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::callout::{Callout, Verdict};
@@ -199,13 +199,55 @@ struct Limits {
     registration_window_secs: u64,
 }
 
-/// Answers one request.
-pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Result<Bytes, ApiError> {
-    // Authorization requests are nats-server's own JWTs, which may be larger.
-    let limit = match route {
+/// A request decoded and checked without touching any state: what [`handle`] acts on.
+///
+/// [`decode`] makes one from a request body; it is pure (no I/O, no clock but `now`), so it
+/// can be fuzzed on its own (`rust-lib/kez-fuzz`).
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// `kez.registry.register`: a registration whose signature, time and domain verified.
+    Register {
+        /// The request as sent.
+        request: RegistrationRequest,
+        /// The handle it registers (on the served domain).
+        handle: Handle,
+    },
+    /// `kez.registry.lookup`: a handle on the served domain.
+    Lookup(Handle),
+    /// `kez.registry.whois`: a key.
+    Whois(PublicKey),
+    /// `kez.sigchain.append`: a link that parsed (its chain rules are the store's to check).
+    Append(SignedLink),
+    /// `kez.sigchain.get`: a key and the first seq wanted (at least 1).
+    GetChain {
+        /// The chain's key.
+        key: PublicKey,
+        /// The first link wanted, counting from 1.
+        from_seq: u64,
+    },
+    /// `kez.sigchain.head`: a key.
+    Head(PublicKey),
+    /// `kez.server.info` (the body is ignored).
+    Info,
+    /// `$SYS.REQ.USER.AUTH`: the body is nats-server's JWT, which the callout decodes.
+    Authorize,
+}
+
+/// The largest body `route` accepts: [`MAX_REQUEST_BYTES`], or
+/// [`kez_nats_jwt::MAX_JWT_LEN`] for nats-server's own authorization requests.
+pub fn request_limit(route: Route) -> usize {
+    match route {
         Route::Authorize => kez_nats_jwt::MAX_JWT_LEN,
         _ => MAX_REQUEST_BYTES,
-    };
+    }
+}
+
+/// Decodes and checks a request body for `route` on a server for `domain` at `now` (unix
+/// seconds): the size limits, the JSON, and every check that needs no state. Errors are the
+/// answers [`handle`] gives for them (400, 404 for a handle of another domain, 413, and the
+/// registration and link failures of PROTOCOL.md §5.1).
+pub fn decode(route: Route, body: &[u8], domain: &str, now: u64) -> Result<Request, ApiError> {
+    let limit = request_limit(route);
     if body.len() > limit {
         return Err(ApiError::new(
             413,
@@ -216,41 +258,21 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
     match route {
         Route::Register => {
             let request: RegistrationRequest = parse(body)?;
-            let handle = request.verify(&ctx.domain, now)?;
-            let record = match ctx.store.register(&handle, request.key, now).await? {
-                Registered::New(record) => {
-                    tracing::info!(handle = %record.handle, key = %record.key, "registered");
-                    record
-                }
-                Registered::Existing(record) => record,
-            };
-            ctx.store.ensure_inbox_consumer(record.key).await?;
-            answer(&record)
+            let handle = request.verify(domain, now)?;
+            Ok(Request::Register { request, handle })
         }
         Route::Lookup => {
             let request: LookupRequest = parse(body)?;
-            let handle = Handle::parse(&request.handle, &ctx.domain)
+            let handle = Handle::parse(&request.handle, domain)
                 .map_err(|err| ApiError::new(400, err.code(), err.to_string()))?;
-            if handle.domain() != ctx.domain {
+            if handle.domain() != domain {
                 return Err(ApiError::not_found(format!(
-                    "{handle} is not on this server ({}); ask its own home server",
-                    ctx.domain
+                    "{handle} is not on this server ({domain}); ask its own home server"
                 )));
             }
-            let record = ctx
-                .store
-                .handle(handle.name())
-                .await?
-                .ok_or_else(|| ApiError::not_found(format!("{handle} is not registered")))?;
-            profile(ctx, record).await
+            Ok(Request::Lookup(handle))
         }
-        Route::Whois => {
-            let request: KeyRequest = parse(body)?;
-            let record = ctx.store.whois(request.key).await?.ok_or_else(|| {
-                ApiError::not_found(format!("{} has no handle on this server", request.key))
-            })?;
-            profile(ctx, record).await
-        }
+        Route::Whois => Ok(Request::Whois(parse::<KeyRequest>(body)?.key)),
         Route::Append => {
             if body.len() > MAX_LINK_BYTES {
                 return Err(ApiError::new(
@@ -262,29 +284,72 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
                     ),
                 ));
             }
-            let head = ctx.store.append(body).await?;
-            answer(&head)
+            Ok(Request::Append(SignedLink::parse(body)?))
         }
         Route::GetChain => {
             let request: GetChainRequest = parse(body)?;
             if request.from_seq == 0 {
                 return Err(ApiError::malformed("from_seq counts from 1"));
             }
-            let links = ctx.store.links(request.key).await?;
+            Ok(Request::GetChain {
+                key: request.key,
+                from_seq: request.from_seq,
+            })
+        }
+        Route::Head => Ok(Request::Head(parse::<KeyRequest>(body)?.key)),
+        Route::Info => Ok(Request::Info),
+        Route::Authorize => Ok(Request::Authorize),
+    }
+}
+
+/// Answers one request.
+pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Result<Bytes, ApiError> {
+    match decode(route, body, &ctx.domain, now)? {
+        Request::Register { request, handle } => {
+            let record = match ctx.store.register(&handle, request.key, now).await? {
+                Registered::New(record) => {
+                    tracing::info!(handle = %record.handle, key = %record.key, "registered");
+                    record
+                }
+                Registered::Existing(record) => record,
+            };
+            ctx.store.ensure_inbox_consumer(record.key).await?;
+            answer(&record)
+        }
+        Request::Lookup(handle) => {
+            let record = ctx
+                .store
+                .handle(handle.name())
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("{handle} is not registered")))?;
+            profile(ctx, record).await
+        }
+        Request::Whois(key) => {
+            let record = ctx.store.whois(key).await?.ok_or_else(|| {
+                ApiError::not_found(format!("{key} has no handle on this server"))
+            })?;
+            profile(ctx, record).await
+        }
+        Request::Append(_) => {
+            // The store parses the link again (at most MAX_LINK_BYTES) and checks the chain.
+            let head = ctx.store.append(body).await?;
+            answer(&head)
+        }
+        Request::GetChain { key, from_seq } => {
+            let links = ctx.store.links(key).await?;
             if links.is_empty() {
                 return Err(ApiError::not_found(format!(
-                    "{} has no sigchain on this server",
-                    request.key
+                    "{key} has no sigchain on this server"
                 )));
             }
             let mut page = ChainPage {
-                key: request.key,
-                from_seq: request.from_seq,
+                key,
+                from_seq,
                 links: Vec::new(),
                 more: false,
             };
             let mut size = 0;
-            for link in links.iter().skip(request.from_seq as usize - 1) {
+            for link in links.iter().skip(from_seq as usize - 1) {
                 if size + link.len() > MAX_CHAIN_PAGE_BYTES {
                     page.more = true;
                     break;
@@ -296,18 +361,14 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
             }
             answer(&page)
         }
-        Route::Head => {
-            let request: KeyRequest = parse(body)?;
-            let head = ctx.store.head(request.key).await?.ok_or_else(|| {
-                ApiError::not_found(format!("{} has no sigchain on this server", request.key))
+        Request::Head(key) => {
+            let head = ctx.store.head(key).await?.ok_or_else(|| {
+                ApiError::not_found(format!("{key} has no sigchain on this server"))
             })?;
-            answer(&HeadAnswer {
-                key: request.key,
-                head,
-            })
+            answer(&HeadAnswer { key, head })
         }
-        Route::Authorize => authorize(ctx, body, now).await,
-        Route::Info => answer(&ServerInfo {
+        Request::Authorize => authorize(ctx, body, now).await,
+        Request::Info => answer(&ServerInfo {
             domain: &ctx.domain,
             version: env!("CARGO_PKG_VERSION"),
             limits: Limits {

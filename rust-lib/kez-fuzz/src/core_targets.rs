@@ -1,0 +1,359 @@
+//! Targets for kez-core: sigchain links and chains, envelopes, files and offers, handles, keys.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION, MESSAGE_SIGNATURE_DOMAIN};
+use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
+use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
+use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
+use kez_core::{Handle, PublicKey, SecretKey, Sigchain, Signature, SignedLink};
+use sha2::Sha256;
+
+use crate::{keys, mode};
+
+/// Sigchain links: the input split at `\n` (canonical links never hold a raw newline), each
+/// link parsed on its own, then all of them verified as one chain.
+///
+/// Asserts: a parsed link's bytes are its input and its hash is theirs, and it parses again to
+/// the same link; a verified chain has one seq per link, the last link's hash as head, the first
+/// link's chain id, and verifies again to the same state; a failing chain's prefix before the
+/// failing link verifies, and appending the failing link to it fails the same way and leaves it
+/// unchanged. Returns whether the chain verified.
+pub fn sigchain(data: &[u8]) -> bool {
+    let links: Vec<&[u8]> = data.split(|&byte| byte == b'\n').collect();
+    for bytes in &links {
+        if let Ok(link) = SignedLink::parse(bytes) {
+            assert!(bytes.len() <= MAX_LINK_BYTES);
+            assert_eq!(link.bytes(), *bytes);
+            assert_eq!(link.hash(), LinkHash::of(bytes));
+            assert_eq!(SignedLink::parse(link.bytes()).as_ref(), Ok(&link));
+        }
+    }
+    match Sigchain::verify(&links) {
+        Ok(chain) => {
+            let first = SignedLink::parse(links[0]).expect("a verified chain's first link parses");
+            assert_eq!(chain.seq(), links.len() as u64);
+            assert_eq!(chain.head(), LinkHash::of(links[links.len() - 1]));
+            assert_eq!(chain.chain_id(), first.link().chain);
+            assert_eq!(Sigchain::verify(&links).as_ref(), Ok(&chain));
+            // A link already in the chain never applies again.
+            let mut again = chain.clone();
+            assert!(again.append(links[0]).is_err());
+            assert_eq!(again, chain);
+            true
+        }
+        Err(err) => {
+            assert!(err.position <= links.len());
+            if err.position > 1 {
+                let failing = links[err.position - 1];
+                let mut prefix = Sigchain::verify(&links[..err.position - 1])
+                    .expect("the links before the failing one verify");
+                let before = prefix.clone();
+                assert_eq!(prefix.append(failing).err(), Some(err.kind));
+                assert_eq!(prefix, before);
+            }
+            false
+        }
+    }
+}
+
+/// Envelopes opened with bob's key (§8). Mode byte 0: the rest is an envelope as received.
+/// Otherwise the rest is `header length (u16 BE) ‖ header ‖ body`, which the target signs with
+/// alice's key and encrypts to bob as [`envelope::seal`] would (fixed ephemeral key), so the
+/// header parsing behind the AEAD and the signature is reached.
+///
+/// Asserts: an opened message is addressed to bob, has a valid content type, and opens again
+/// identically; for a built envelope, its sender is alice, its body is the input's, and sealing
+/// the opened message again with the same randomness gives the very same envelope bytes (one
+/// byte form per header). Returns whether it opened.
+pub fn envelope(data: &[u8]) -> bool {
+    let bob = keys::bob();
+    let (mode, rest) = mode(data);
+    if mode == 0 {
+        let Ok(message) = envelope::open(&bob, rest) else {
+            return false;
+        };
+        assert_eq!(message.to, bob.public_key());
+        assert!(message.body.len() < rest.len());
+        assert!(content_type_ok(&message.content_type));
+        assert_eq!(envelope::open(&bob, rest).as_ref(), Ok(&message));
+        return true;
+    }
+    let (header, body) = match rest.split_first_chunk::<2>() {
+        Some((len, rest)) => rest.split_at(usize::from(u16::from_be_bytes(*len)).min(rest.len())),
+        None => (rest, &[][..]),
+    };
+    let alice = keys::alice();
+    let built = build_envelope(&alice, &bob.public_key(), header, body);
+    let Ok(message) = envelope::open(&bob, &built) else {
+        return false;
+    };
+    assert_eq!(message.from, alice.public_key());
+    assert_eq!(message.to, bob.public_key());
+    assert_eq!(message.body, body);
+    assert!(content_type_ok(&message.content_type));
+    let resealed = envelope::seal_with_fixed_randomness(
+        &alice,
+        &message.to,
+        &message.content_type,
+        &message.body,
+        message.time,
+        message.id,
+        &EPHEMERAL,
+    )
+    .expect("an opened message seals again");
+    assert_eq!(resealed, built, "one byte form per envelope");
+    true
+}
+
+const EPHEMERAL: [u8; 32] = [0x42; 32];
+
+fn content_type_ok(content_type: &str) -> bool {
+    (1..=envelope::MAX_CONTENT_TYPE_LEN).contains(&content_type.len())
+        && content_type
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.+/-".contains(&b))
+}
+
+/// An envelope around `header` and `body` as PROTOCOL.md §8 builds it, the header taken as is.
+fn build_envelope(
+    sender: &SecretKey,
+    recipient: &PublicKey,
+    header: &[u8],
+    body: &[u8],
+) -> Vec<u8> {
+    let header_len = (header.len() as u32).to_be_bytes();
+    let mut signed =
+        Vec::with_capacity(MESSAGE_SIGNATURE_DOMAIN.len() + 5 + header.len() + body.len());
+    signed.extend_from_slice(MESSAGE_SIGNATURE_DOMAIN);
+    signed.push(0);
+    signed.extend_from_slice(&header_len);
+    signed.extend_from_slice(header);
+    signed.extend_from_slice(body);
+    let signature = sender.sign(&signed);
+
+    let mut plaintext = Vec::with_capacity(4 + header.len() + body.len() + 64);
+    plaintext.extend_from_slice(&header_len);
+    plaintext.extend_from_slice(header);
+    plaintext.extend_from_slice(body);
+    plaintext.extend_from_slice(&signature.to_bytes());
+
+    let secret = x25519_dalek::StaticSecret::from(EPHEMERAL);
+    let ephemeral_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+    let recipient = recipient.to_x25519();
+    let shared = secret.diffie_hellman(&recipient);
+    let mut salt = [0u8; 64];
+    salt[..32].copy_from_slice(&ephemeral_public);
+    salt[32..].copy_from_slice(recipient.as_bytes());
+    let mut okm = [0u8; 56];
+    Hkdf::<Sha256>::new(Some(&salt), shared.as_bytes())
+        .expand(ENVELOPE_KDF_INFO, &mut okm)
+        .expect("56 bytes");
+    let cipher = XChaCha20Poly1305::new_from_slice(&okm[..32]).expect("32-byte key");
+    let mut aad = [0u8; 33];
+    aad[0] = ENVELOPE_VERSION;
+    aad[1..].copy_from_slice(&ephemeral_public);
+    let ciphertext = cipher
+        .encrypt(
+            XNonce::from_slice(&okm[32..]),
+            Payload {
+                msg: &plaintext,
+                aad: &aad,
+            },
+        )
+        .expect("encrypts");
+    let mut out = aad.to_vec();
+    out.extend_from_slice(&ciphertext);
+    out
+}
+
+/// Most segments the round-trip mode adds to its plaintext (so at most this many times 64 KiB).
+const MAX_EXTRA_SEGMENTS: usize = 2;
+
+/// File decryption (§9). Mode byte 0: `key (32) ‖ claimed ciphertext length (u64 BE) ‖
+/// ciphertext` through [`file::decrypt_exact`]; the claimed length only limits reading, never
+/// sizes a buffer. Otherwise: `key (32) ‖ extra segments (1) ‖ bit to flip (u32 BE) ‖
+/// plaintext`: the plaintext, lengthened by 0 to 2 whole segments of its own bytes (a fixed
+/// bound), is encrypted, decrypted, then decrypted again with one bit flipped.
+///
+/// Asserts: a successful decryption consumed exactly the claimed length, which is a valid
+/// ciphertext length for what it wrote ([`file::plaintext_len`]); a round trip gives the
+/// plaintext back at [`file::ciphertext_len`]; a flipped bit is always refused. Returns whether
+/// the (first) decryption succeeded.
+pub fn file_decrypt(data: &[u8]) -> bool {
+    let (mode, rest) = mode(data);
+    let Some((key, rest)) = rest.split_first_chunk::<32>() else {
+        return false;
+    };
+    let key = ContentKey::from_bytes(*key);
+    if mode == 0 {
+        let Some((claimed, ciphertext)) = rest.split_first_chunk::<8>() else {
+            return false;
+        };
+        let claimed = u64::from_be_bytes(*claimed);
+        let mut plaintext = Vec::new();
+        let Ok(written) = file::decrypt_exact(&key, ciphertext, &mut plaintext, claimed) else {
+            return false;
+        };
+        assert_eq!(written, plaintext.len() as u64);
+        assert_eq!(claimed, ciphertext.len() as u64);
+        assert_eq!(file::plaintext_len(claimed), Some(written));
+        assert_eq!(file::ciphertext_len(written), Some(claimed));
+        return true;
+    }
+    let Some(([extra], rest)) = rest.split_first_chunk::<1>() else {
+        return false;
+    };
+    let Some((flip, own)) = rest.split_first_chunk::<4>() else {
+        return false;
+    };
+    let extra = usize::from(*extra) % (MAX_EXTRA_SEGMENTS + 1) * SEGMENT_LEN;
+    let plaintext: Vec<u8> = own
+        .iter()
+        .copied()
+        .chain(
+            own.iter()
+                .copied()
+                .cycle()
+                .take(if own.is_empty() { 0 } else { extra }),
+        )
+        .chain(std::iter::repeat_n(
+            0x5a,
+            if own.is_empty() { extra } else { 0 },
+        ))
+        .collect();
+    let mut ciphertext = Vec::new();
+    let written = file::encrypt(&key, plaintext.as_slice(), &mut ciphertext).expect("encrypts");
+    assert_eq!(written, ciphertext.len() as u64);
+    assert_eq!(file::ciphertext_len(plaintext.len() as u64), Some(written));
+    assert_eq!(file::plaintext_len(written), Some(plaintext.len() as u64));
+    let mut decrypted = Vec::new();
+    let read = file::decrypt_exact(&key, ciphertext.as_slice(), &mut decrypted, written)
+        .expect("a fresh ciphertext decrypts");
+    assert_eq!(read, plaintext.len() as u64);
+    assert_eq!(decrypted, plaintext);
+    let bit = u32::from_be_bytes(*flip) as usize % (ciphertext.len() * 8);
+    ciphertext[bit / 8] ^= 1 << (bit % 8);
+    let mut sink = Vec::new();
+    assert!(
+        file::decrypt_exact(&key, ciphertext.as_slice(), &mut sink, written).is_err(),
+        "flipped bit {bit} accepted"
+    );
+    assert!(file::decrypt(&key, ciphertext.as_slice(), &mut sink).is_err());
+    true
+}
+
+/// [`FileOffer::from_json`] on the input; also [`file::safe_name`] on it as text.
+///
+/// Asserts: an accepted offer validates, encodes ([`FileOffer::to_json`]) to canonical JSON
+/// that parses back to the same offer and encodes again to the same bytes, and its sizes agree
+/// ([`file::ciphertext_len`]); `safe_name` of any text is a valid name, and a valid name is
+/// left unchanged. Returns whether the offer was accepted.
+pub fn file_offer(data: &[u8]) -> bool {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let safe = file::safe_name(text);
+        assert!(file::check_name(&safe).is_ok(), "safe_name gave {safe:?}");
+        if file::check_name(text).is_ok() {
+            assert_eq!(safe, text);
+        }
+    }
+    let Ok(offer) = FileOffer::from_json(data) else {
+        return false;
+    };
+    assert_eq!(offer.validate(), Ok(()));
+    assert_eq!(file::ciphertext_len(offer.size), Some(offer.cipher_size));
+    assert!(!offer.providers.is_empty() && offer.providers.len() <= file::MAX_PROVIDERS);
+    let json = offer.to_json().expect("an accepted offer encodes");
+    let again = FileOffer::from_json(&json).expect("an encoded offer parses");
+    assert_eq!(again, offer);
+    assert_eq!(*again.to_json().expect("encodes"), *json);
+    true
+}
+
+/// [`Handle::parse`]: the input as UTF-8, `input`, then optionally `\n` and a default domain
+/// (else the empty default domain, which refuses the bare forms).
+/// Also [`handle::parse_domain`] on the default domain and `FromStr` on the input.
+///
+/// Asserts: a parsed handle's name and domain are within the length rules and lowercase; its
+/// text form (`@name@domain`) parses back to it, with any default domain and by `FromStr`;
+/// [`Handle::display_for`] parses back with that default domain; `FromStr` agrees with `parse`
+/// on full forms; `parse_domain` is idempotent. Returns whether the handle parsed.
+pub fn handle(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let (input, default_domain) = text.split_once('\n').unwrap_or((text, ""));
+    if let Ok(domain) = handle::parse_domain(default_domain) {
+        assert!(domain.len() <= DOMAIN_MAX_LEN);
+        assert_eq!(handle::parse_domain(&domain).as_ref(), Ok(&domain));
+    }
+    if let Ok(full) = input.parse::<Handle>() {
+        assert_eq!(Handle::parse(input, default_domain).as_ref(), Ok(&full));
+    }
+    let Ok(parsed) = Handle::parse(input, default_domain) else {
+        return false;
+    };
+    assert!((NAME_MIN_LEN..=NAME_MAX_LEN).contains(&parsed.name().len()));
+    assert!(parsed.domain().len() <= DOMAIN_MAX_LEN);
+    assert!(!parsed.name().bytes().any(|b| b.is_ascii_uppercase()));
+    assert!(!parsed.domain().bytes().any(|b| b.is_ascii_uppercase()));
+    let text = parsed.to_string();
+    assert_eq!(text.parse::<Handle>().as_ref(), Ok(&parsed));
+    assert_eq!(Handle::parse(&text, "example.org").as_ref(), Ok(&parsed));
+    assert_eq!(
+        Handle::parse(&parsed.display_for(default_domain), default_domain).as_ref(),
+        Ok(&parsed)
+    );
+    true
+}
+
+/// Public key parsing in every form: `ed25519:<hex>` ([`PublicKey`]'s `FromStr`), the NATS
+/// nkey ([`PublicKey::from_nkey`]), 32 raw bytes ([`PublicKey::from_bytes`]), and beside them
+/// signatures (`FromStr`) and secret key files ([`SecretKey::from_key_file`]).
+///
+/// Asserts: one text per key and signature (a parsed one prints as its input); the forms
+/// convert into each other and back; a key file's key survives writing and reading. Returns
+/// whether any form parsed.
+pub fn public_key(data: &[u8]) -> bool {
+    let mut accepted = false;
+    if let Ok(bytes) = <&[u8; 32]>::try_from(data)
+        && let Ok(key) = PublicKey::from_bytes(bytes)
+    {
+        assert_eq!(key.as_bytes(), bytes);
+        check_key(key);
+        accepted = true;
+    }
+    let Ok(text) = std::str::from_utf8(data) else {
+        return accepted;
+    };
+    if let Ok(key) = text.parse::<PublicKey>() {
+        assert_eq!(key.to_string(), text);
+        assert_eq!(key.to_hex(), text["ed25519:".len()..]);
+        check_key(key);
+        accepted = true;
+    }
+    if let Ok(key) = PublicKey::from_nkey(text) {
+        assert_eq!(key.to_nkey(), text);
+        check_key(key);
+        accepted = true;
+    }
+    if let Ok(signature) = text.parse::<Signature>() {
+        assert_eq!(signature.to_string(), text);
+        accepted = true;
+    }
+    if let Ok(secret) = SecretKey::from_key_file(text) {
+        let again =
+            SecretKey::from_key_file(&secret.to_key_file()).expect("a written key file reads");
+        assert_eq!(again.public_key(), secret.public_key());
+        accepted = true;
+    }
+    accepted
+}
+
+fn check_key(key: PublicKey) {
+    assert_eq!(key.to_string().parse::<PublicKey>(), Ok(key));
+    assert_eq!(PublicKey::from_nkey(&key.to_nkey()), Ok(key));
+    assert_eq!(PublicKey::from_bytes(key.as_bytes()), Ok(key));
+    assert_eq!(key.to_nkey().len(), kez_core::key::NKEY_LEN);
+}

@@ -1,0 +1,224 @@
+//! Seed inputs for every target, made from the committed vectors
+//! (`rust-lib/kez-core/vectors`, the nats-server captures in `rust-lib/kez-nats-jwt/tests/fixtures`)
+//! so corpora are never committed: `make soak` writes them with the `kez-fuzz-seeds` binary.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use data_encoding::{BASE64URL_NOPAD, HEXLOWER};
+use kez_core::file::{BlobHash, ContentKey, FileOffer};
+use serde_json::{Value, json};
+
+use crate::keys;
+
+/// The repository's root (this crate is `rust-lib/kez-fuzz`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn vectors(kind: &str) -> Vec<Value> {
+    let dir = repo_root().join("rust-lib/kez-core/vectors").join(kind);
+    let mut paths: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", dir.display()))
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .collect();
+    paths.sort();
+    paths.iter().map(|path| read_json(path)).collect()
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = fs::read_to_string(path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("{}: {err}", path.display()))
+}
+
+fn hex(value: &Value) -> Vec<u8> {
+    HEXLOWER
+        .decode(value.as_str().expect("a hex string").as_bytes())
+        .expect("lowercase hex")
+}
+
+fn tagged(mode: u8, rest: &[u8]) -> Vec<u8> {
+    let mut out = vec![mode];
+    out.extend_from_slice(rest);
+    out
+}
+
+fn sigchain_links() -> Vec<Vec<String>> {
+    vectors("sigchain")
+        .iter()
+        .map(|vector| {
+            vector["links"]
+                .as_array()
+                .expect("links")
+                .iter()
+                .map(|link| link.as_str().expect("a link string").to_owned())
+                .collect()
+        })
+        .collect()
+}
+
+fn jwt_fixtures() -> Vec<String> {
+    let dir = repo_root().join("rust-lib/kez-nats-jwt/tests/fixtures/nats-server-2.15.1");
+    [
+        "request-async-nats.jwt",
+        "request-nats-py.jwt",
+        "request-deny.jwt",
+    ]
+    .iter()
+    .map(|name| {
+        fs::read_to_string(dir.join(name))
+            .expect("a captured request")
+            .trim_end()
+            .to_owned()
+    })
+    .collect()
+}
+
+fn sample_offer() -> Vec<u8> {
+    FileOffer {
+        name: "report.pdf".into(),
+        size: 17,
+        blob: BlobHash::from_bytes([9; 32]),
+        cipher_size: kez_core::file::ciphertext_len(17).expect("small"),
+        providers: vec!["ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6".into()],
+        key: ContentKey::from_bytes([3; 32]),
+        pinned: false,
+    }
+    .to_json()
+    .expect("a valid offer")
+    .to_vec()
+}
+
+/// The seed inputs of the target `name` (empty for an unknown name).
+pub fn seeds(name: &str) -> Vec<Vec<u8>> {
+    let alice = keys::alice().public_key();
+    let bob = keys::bob().public_key();
+    match name {
+        "sigchain" => sigchain_links()
+            .into_iter()
+            .flat_map(|links| {
+                let whole = links.join("\n").into_bytes();
+                let first = links.first().cloned().unwrap_or_default().into_bytes();
+                [whole, first]
+            })
+            .collect(),
+        "server_append" => sigchain_links()
+            .into_iter()
+            .flatten()
+            .map(String::into_bytes)
+            .collect(),
+        "envelope" => {
+            let mut seeds: Vec<Vec<u8>> = vectors("envelope")
+                .iter()
+                .map(|vector| tagged(0, &hex(&vector["envelope_hex"])))
+                .collect();
+            for (content_type, body) in
+                [("text", &b"hello bob"[..]), ("file-offer", &sample_offer())]
+            {
+                let header = json!({
+                    "content_type": content_type,
+                    "from": alice.to_string(),
+                    "id": "26385a833a0f9f2fa045ea6ba851d242",
+                    "time": 1_767_225_600u64,
+                    "to": bob.to_string(),
+                    "v": 1,
+                });
+                let header = serde_json::to_vec(&header).expect("encodes");
+                let mut seed = vec![1];
+                seed.extend_from_slice(&(header.len() as u16).to_be_bytes());
+                seed.extend_from_slice(&header);
+                seed.extend_from_slice(body);
+                seeds.push(seed);
+            }
+            seeds
+        }
+        "file_decrypt" => {
+            let mut seeds = Vec::new();
+            for vector in vectors("file") {
+                let key = hex(&vector["key"]);
+                let ciphertext = hex(&vector["ciphertext_hex"]);
+                let claimed = vector["known_ciphertext_len"]
+                    .as_u64()
+                    .unwrap_or(ciphertext.len() as u64);
+                let mut seed = tagged(0, &key);
+                seed.extend_from_slice(&claimed.to_be_bytes());
+                seed.extend_from_slice(&ciphertext);
+                seeds.push(seed);
+                if let Some(plaintext) = vector["plaintext"].get("hex") {
+                    let mut seed = tagged(1, &key);
+                    seed.extend_from_slice(&[1, 0, 0, 0, 77]);
+                    seed.extend_from_slice(&hex(plaintext));
+                    seeds.push(seed);
+                }
+            }
+            seeds
+        }
+        "file_offer" => vec![sample_offer(), b"report (1).pdf".to_vec()],
+        "handle" => [
+            "alice\nkez.lat",
+            "@alice\nkez.lat",
+            "@Bob@Example.COM\nkez.lat",
+            "carol@kez.lat",
+        ]
+        .iter()
+        .map(|text| text.as_bytes().to_vec())
+        .collect(),
+        "public_key" => {
+            let link = &sigchain_links()[0];
+            let signature = serde_json::from_str::<Value>(&link[0]).expect("a link")["sig"]
+                .as_str()
+                .expect("a sig")
+                .to_owned();
+            vec![
+                alice.to_string().into_bytes(),
+                bob.to_nkey().into_bytes(),
+                alice.as_bytes().to_vec(),
+                signature.into_bytes(),
+                keys::alice().to_key_file().as_bytes().to_vec(),
+            ]
+        }
+        "callout_jwt" => {
+            let server = crate::jwt::server_key().public_key();
+            let mut seeds = Vec::new();
+            for jwt in jwt_fixtures() {
+                seeds.push(tagged(0, jwt.as_bytes()));
+                let claims = jwt.split('.').nth(1).expect("three parts");
+                let mut claims: Value = serde_json::from_slice(
+                    &BASE64URL_NOPAD
+                        .decode(claims.as_bytes())
+                        .expect("base64url"),
+                )
+                .expect("claims JSON");
+                claims["iss"] = server.clone().into();
+                claims["nats"]["server_id"]["id"] = server.clone().into();
+                seeds.push(tagged(1, &serde_json::to_vec(&claims).expect("encodes")));
+            }
+            seeds
+        }
+        "server_register" => {
+            let vector =
+                read_json(&repo_root().join("rust-lib/kez-core/vectors/registration.json"));
+            vec![
+                vector["request"]
+                    .as_str()
+                    .expect("a request")
+                    .as_bytes()
+                    .to_vec(),
+            ]
+        }
+        "server_lookup" => vec![
+            br#"{"handle":"alice"}"#.to_vec(),
+            br#"{"handle":"@bob@kez.lat"}"#.to_vec(),
+        ],
+        "server_whois" | "server_head" => vec![json!({ "key": alice }).to_string().into_bytes()],
+        "server_get" => vec![
+            json!({ "key": alice }).to_string().into_bytes(),
+            json!({ "key": bob, "from_seq": 3 })
+                .to_string()
+                .into_bytes(),
+        ],
+        "server_info" => vec![b"{}".to_vec(), Vec::new()],
+        _ => Vec::new(),
+    }
+}
