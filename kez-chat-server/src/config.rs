@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub public_nats_url: String,
     /// The HTTP shim's limits (not settable from the command line; tests shrink them).
     pub http_limits: crate::http::HttpLimits,
+    /// Pinning (`kez.pin.*` and a pin node), when `--pin-dir` is set.
+    pub pin: Option<crate::pin::PinConfig>,
 }
 
 impl ServerConfig {
@@ -73,6 +75,7 @@ impl ServerConfig {
             http_listen: None,
             public_nats_url: public_url_from(nats_url),
             http_limits: crate::http::HttpLimits::default(),
+            pin: None,
         }
     }
 }
@@ -119,6 +122,25 @@ pub struct Settings {
     /// nats:// tls:// ws:// or wss://, no credentials) [default: --nats-url without credentials]
     #[arg(long, env = "KEZ_PUBLIC_NATS_URL")]
     pub public_nats_url: Option<String>,
+    /// Directory of the pin node (iroh key and blob store): turns pinning on (kez.pin.*, the
+    /// server keeps encrypted blobs its users name, within a quota). Off unless set
+    #[arg(long, env = "KEZ_PIN_DIR")]
+    pub pin_dir: Option<PathBuf>,
+    /// UDP address of the pin node. Production sets a routable address (or 0.0.0.0:<port>) so
+    /// clients can reach it; it is advertised as the provider [default: 127.0.0.1:0]
+    #[arg(long, env = "KEZ_PIN_BIND", value_name = "ADDR:PORT")]
+    pub pin_bind: Option<SocketAddr>,
+    /// Bytes each user may pin [default: 1073741824, 1 GiB]
+    #[arg(long, env = "KEZ_PIN_QUOTA_BYTES")]
+    pub pin_quota_bytes: Option<u64>,
+    /// Seconds between the pin node's garbage collections, which delete unpinned blobs
+    /// [default: 60]
+    #[arg(long, env = "KEZ_PIN_GC_SECS")]
+    pub pin_gc_secs: Option<u64>,
+    /// Seconds one pin may spend fetching its blob, 1 to 100 (nats-server forgets a reply
+    /// after 2 minutes) [default: 90]
+    #[arg(long, env = "KEZ_PIN_FETCH_SECS")]
+    pub pin_fetch_secs: Option<u64>,
 }
 
 impl Settings {
@@ -142,6 +164,11 @@ impl Settings {
             kv_replicas: self.kv_replicas.or(fallback.kv_replicas),
             http_listen: self.http_listen.or(fallback.http_listen),
             public_nats_url: self.public_nats_url.or(fallback.public_nats_url),
+            pin_dir: self.pin_dir.or(fallback.pin_dir),
+            pin_bind: self.pin_bind.or(fallback.pin_bind),
+            pin_quota_bytes: self.pin_quota_bytes.or(fallback.pin_quota_bytes),
+            pin_gc_secs: self.pin_gc_secs.or(fallback.pin_gc_secs),
+            pin_fetch_secs: self.pin_fetch_secs.or(fallback.pin_fetch_secs),
         }
     }
 
@@ -204,6 +231,43 @@ impl Settings {
             }
             None => public_url_from(&nats_url),
         };
+        let pin = match self.pin_dir {
+            None => {
+                if self.pin_bind.is_some()
+                    || self.pin_quota_bytes.is_some()
+                    || self.pin_gc_secs.is_some()
+                    || self.pin_fetch_secs.is_some()
+                {
+                    return Err("--pin-bind, --pin-quota-bytes, --pin-gc-secs and --pin-fetch-secs need --pin-dir, which turns pinning on".into());
+                }
+                None
+            }
+            Some(dir) => {
+                let mut pin = crate::pin::PinConfig::new(dir);
+                if let Some(bind) = self.pin_bind {
+                    pin.bind = bind;
+                }
+                if let Some(quota) = self.pin_quota_bytes {
+                    pin.quota_bytes = quota;
+                }
+                match self.pin_gc_secs {
+                    Some(0) => return Err("--pin-gc-secs must be at least 1".into()),
+                    Some(secs) => pin.gc_interval = std::time::Duration::from_secs(secs),
+                    None => {}
+                }
+                match self.pin_fetch_secs {
+                    Some(secs) if !(1..=crate::pin::MAX_FETCH_SECS).contains(&secs) => {
+                        return Err(format!(
+                            "--pin-fetch-secs must be 1 to {}, not {secs}",
+                            crate::pin::MAX_FETCH_SECS
+                        ));
+                    }
+                    Some(secs) => pin.fetch_timeout = std::time::Duration::from_secs(secs),
+                    None => {}
+                }
+                Some(pin)
+            }
+        };
         Ok(ServerConfig {
             nats_url,
             auth,
@@ -213,6 +277,7 @@ impl Settings {
             http_listen: self.http_listen,
             public_nats_url,
             http_limits: crate::http::HttpLimits::default(),
+            pin,
         })
     }
 }
@@ -372,6 +437,49 @@ mod tests {
         let config = file.resolve().unwrap();
         assert_eq!(config.http_listen, Some("[::1]:8080".parse().unwrap()));
         assert_eq!(config.public_nats_url, "wss://chat.kez.lat");
+    }
+
+    #[test]
+    fn pinning_is_off_unless_a_pin_dir_is_set() {
+        assert!(Settings::default().resolve().unwrap().pin.is_none());
+        let quota_only = Settings {
+            pin_quota_bytes: Some(5),
+            ..Settings::default()
+        };
+        assert!(quota_only.resolve().unwrap_err().contains("--pin-dir"));
+        let file: Settings = toml::from_str(
+            "pin_dir = \"/var/lib/kez/pin\"\npin_bind = \"0.0.0.0:4433\"\npin_quota_bytes = 1000\n",
+        )
+        .unwrap();
+        let pin = file.resolve().unwrap().pin.unwrap();
+        assert_eq!(pin.dir, PathBuf::from("/var/lib/kez/pin"));
+        assert_eq!(pin.bind, "0.0.0.0:4433".parse().unwrap());
+        assert_eq!(pin.quota_bytes, 1000);
+        assert_eq!(pin.gc_interval.as_secs(), crate::pin::DEFAULT_GC_SECS);
+        let defaults = Settings {
+            pin_dir: Some("/p".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap()
+        .pin
+        .unwrap();
+        assert_eq!(defaults.quota_bytes, 1 << 30);
+        assert_eq!(defaults.bind, "127.0.0.1:0".parse().unwrap());
+        for bad in [
+            Settings {
+                pin_dir: Some("/p".into()),
+                pin_gc_secs: Some(0),
+                ..Settings::default()
+            },
+            Settings {
+                pin_dir: Some("/p".into()),
+                pin_fetch_secs: Some(500),
+                ..Settings::default()
+            },
+        ] {
+            assert!(bad.resolve().is_err());
+        }
     }
 
     #[test]

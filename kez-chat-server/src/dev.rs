@@ -41,6 +41,8 @@ const LOG_TAIL_LINES: usize = 25;
 
 /// Files in the data directory.
 pub const KEYS_DIR: &str = "keys";
+/// The pin node's directory, with `--pin`.
+pub const PIN_DIR: &str = "pin";
 /// The generated nats-server config (rewritten on every start).
 pub const CONF_FILE: &str = "nats-server.conf";
 /// nats-server's stdout and stderr, appended to across runs.
@@ -133,6 +135,8 @@ pub struct DevOptions {
     pub http_port: u16,
     /// The domain served.
     pub domain: String,
+    /// Whether to pin (a pin node in `<data>/pin` on loopback).
+    pub pin: bool,
 }
 
 /// A prepared data directory: keys present, config written.
@@ -209,7 +213,13 @@ pub fn prepare(options: &DevOptions) -> Result<Prepared, String> {
 impl Prepared {
     /// The config `run` would resolve for this stack: the callout on with these keys, the HTTP
     /// shim on `127.0.0.1:<http_port>`.
-    pub fn server_config(&self, nats_url: &str, domain: &str, http_port: u16) -> ServerConfig {
+    pub fn server_config(
+        &self,
+        nats_url: &str,
+        domain: &str,
+        http_port: u16,
+        pin: bool,
+    ) -> ServerConfig {
         let keys_dir = self.data_dir.join(KEYS_DIR);
         ServerConfig {
             auth: NatsAuth::NkeySeedFile(keys_dir.join(nats_conf::SERVER_USER_SEED_FILE)),
@@ -218,6 +228,7 @@ impl Prepared {
                 issuer: self.keys.issuer.clone(),
             }),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], http_port))),
+            pin: pin.then(|| crate::pin::PinConfig::new(self.data_dir.join(PIN_DIR))),
             ..ServerConfig::new(nats_url, domain)
         }
     }
@@ -469,6 +480,7 @@ mod tests {
             port: 0,
             http_port: 0,
             domain: DEFAULT_DOMAIN.into(),
+            pin: false,
         };
         let first = prepare(&options).unwrap();
         assert!(first.new_keys);

@@ -14,7 +14,7 @@ pub const HEAD_HASH_HEADER: &str = "Kez-Head-Hash";
 /// An error answer: numeric code, stable name, a message a person can act on, extra headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
-    /// One of 400, 401, 403, 404, 409, 413, 429, 500, 503.
+    /// One of 400, 401, 403, 404, 409, 413, 429, 500, 502, 503.
     pub code: u16,
     /// Stable snake_case name, e.g. `handle_taken`.
     pub name: &'static str,

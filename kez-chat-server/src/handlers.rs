@@ -1,6 +1,7 @@
 //! The wire layer: decode a request, call the store, encode the answer. PROTOCOL.md §5.
 
 use bytes::Bytes;
+use kez_core::pin::PinOp;
 use kez_core::registry::{REGISTRATION_WINDOW_SECS, RegistrationRequest};
 use kez_core::sigchain::MAX_LINK_BYTES;
 use kez_core::{Handle, PublicKey, SignedLink};
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::callout::{Callout, Verdict};
 use crate::error::ApiError;
 use crate::metrics::{CalloutDecision, Metrics};
+use crate::pin::Pinning;
 use crate::store::{ChainHead, HandleRecord, Registered, Store};
 
 /// Largest request body any endpoint accepts, in bytes.
@@ -35,11 +37,19 @@ pub enum Route {
     Info,
     /// `$SYS.REQ.USER.AUTH` (on the `AUTH` account connection)
     Authorize,
+    /// `kez.pin.add`
+    PinAdd,
+    /// `kez.pin.remove`
+    PinRemove,
+    /// `kez.pin.list`
+    PinList,
+    /// `kez.pin.status`
+    PinStatus,
 }
 
 impl Route {
     /// Every route, in a fixed order (metrics index by it).
-    pub const ALL: [Route; 8] = [
+    pub const ALL: [Route; 12] = [
         Route::Register,
         Route::Lookup,
         Route::Whois,
@@ -48,6 +58,10 @@ impl Route {
         Route::Head,
         Route::Info,
         Route::Authorize,
+        Route::PinAdd,
+        Route::PinRemove,
+        Route::PinList,
+        Route::PinStatus,
     ];
 
     /// The route's position in [`Route::ALL`].
@@ -66,6 +80,21 @@ impl Route {
             Route::Head => "kez.sigchain.head",
             Route::Info => "kez.server.info",
             Route::Authorize => kez_nats_jwt::AUTH_CALLOUT_SUBJECT,
+            Route::PinAdd => "kez.pin.add",
+            Route::PinRemove => "kez.pin.remove",
+            Route::PinList => "kez.pin.list",
+            Route::PinStatus => "kez.pin.status",
+        }
+    }
+
+    /// The pin operation the route answers, if it is one.
+    pub fn pin_op(self) -> Option<PinOp> {
+        match self {
+            Route::PinAdd => Some(PinOp::Add),
+            Route::PinRemove => Some(PinOp::Remove),
+            Route::PinList => Some(PinOp::List),
+            Route::PinStatus => Some(PinOp::Status),
+            _ => None,
         }
     }
 }
@@ -112,6 +141,19 @@ pub const SERVICES: &[ServiceSpec] = &[
     },
 ];
 
+/// The pin service, run only by instances with a pin directory.
+pub const PIN_SERVICE: ServiceSpec = ServiceSpec {
+    name: "kez-pin",
+    prefix: "kez.pin",
+    description: "Pinning: keep encrypted blobs for their owners",
+    endpoints: &[
+        ("add", Route::PinAdd),
+        ("remove", Route::PinRemove),
+        ("list", Route::PinList),
+        ("status", Route::PinStatus),
+    ],
+};
+
 /// The auth callout service, served on the `AUTH` account connection when enabled.
 pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
     name: "kez-auth",
@@ -134,6 +176,8 @@ pub struct Context {
     pub domain: String,
     /// The NATS URL clients should use, for WebFinger answers.
     pub public_nats_url: String,
+    /// The pin node and bucket, when pinning is on.
+    pub pin: Option<Pinning>,
 }
 
 /// A handle, its key and its sigchain head: the answer of lookup and whois.
@@ -189,6 +233,14 @@ struct ServerInfo<'a> {
     domain: &'a str,
     version: &'static str,
     limits: Limits,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pin: Option<PinInfo>,
+}
+
+#[derive(Serialize)]
+struct PinInfo {
+    provider: String,
+    quota_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -377,7 +429,21 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
                 max_chain_page_bytes: MAX_CHAIN_PAGE_BYTES,
                 registration_window_secs: REGISTRATION_WINDOW_SECS,
             },
+            pin: ctx.pin.as_ref().map(|pin| PinInfo {
+                provider: pin.provider(),
+                quota_bytes: pin.quota_bytes(),
+            }),
         }),
+        Route::PinAdd | Route::PinRemove | Route::PinList | Route::PinStatus => {
+            let (Some(pinning), Some(op)) = (&ctx.pin, route.pin_op()) else {
+                return Err(ApiError::new(
+                    503,
+                    "unavailable",
+                    "pinning is not enabled on this server",
+                ));
+            };
+            crate::pin::handle(ctx, pinning, op, body, now).await
+        }
     }
 }
 
@@ -415,7 +481,7 @@ async fn profile(ctx: &Context, record: HandleRecord) -> Result<Bytes, ApiError>
     answer(&Profile { record, sigchain })
 }
 
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::malformed(
             "empty request body; send a JSON object as PROTOCOL.md describes",
@@ -430,7 +496,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_value(value).map_err(|err| ApiError::malformed(format!("bad request: {err}")))
 }
 
-fn answer<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
+pub(crate) fn answer<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
     serde_json::to_vec(value)
         .map(Bytes::from)
         .map_err(|err| ApiError::internal(format!("could not encode the answer: {err}")))

@@ -14,6 +14,7 @@ pub mod handlers;
 pub mod http;
 pub mod metrics;
 pub mod nats_conf;
+pub mod pin;
 pub mod store;
 
 use std::future::Future;
@@ -52,6 +53,8 @@ pub struct Server {
     context: Arc<Context>,
     /// The bound HTTP listener, when `http_listen` is set.
     http: Option<http::HttpShim>,
+    /// How often the pin node's orphaned tags are swept, when pinning is on.
+    pin_gc_interval: Option<Duration>,
 }
 
 /// Why the server could not start.
@@ -63,6 +66,9 @@ pub enum StartError {
     /// JetStream refused to set up the inbox consumers.
     #[error("inbox consumers: {0}")]
     Inbox(String),
+    /// The pin node or the pins bucket could not be opened.
+    #[error("pinning: {0}")]
+    Pin(String),
     /// Connecting or subscribing failed.
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
@@ -98,11 +104,31 @@ impl Server {
             .await
             .map_err(|err| StartError::Inbox(err.message))?;
         tracing::info!(users = prepared, "inbox consumers in place");
+        let pinning = match &config.pin {
+            Some(pin_config) => {
+                let js = async_nats::jetstream::new(client.clone());
+                let pinning = pin::Pinning::open(pin_config, &js, config.kv_replicas)
+                    .await
+                    .map_err(StartError::Pin)?;
+                tracing::info!(provider = %pinning.provider(), dir = %pin_config.dir.display(), quota_bytes = pinning.quota_bytes(), "pin node serving");
+                Some(pinning)
+            }
+            None => None,
+        };
 
         let mut services = Vec::new();
         let mut requests = SelectAll::new();
         for spec in handlers::SERVICES {
             add_service(&client, spec, &mut services, &mut requests).await?;
+        }
+        if pinning.is_some() {
+            add_service(
+                &client,
+                &handlers::PIN_SERVICE,
+                &mut services,
+                &mut requests,
+            )
+            .await?;
         }
         let mut clients = vec![client];
         let callout = match (&config.callout, issuer) {
@@ -145,7 +171,9 @@ impl Server {
                 store,
                 domain: config.domain.clone(),
                 public_nats_url: config.public_nats_url.clone(),
+                pin: pinning,
             }),
+            pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
             http,
         })
     }
@@ -154,6 +182,16 @@ impl Server {
     /// OS chose), if it is on.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(http::HttpShim::local_addr)
+    }
+
+    /// The pin node's provider string, when pinning is on.
+    pub fn pin_provider(&self) -> Option<String> {
+        self.context.pin.as_ref().map(pin::Pinning::provider)
+    }
+
+    /// The pin node, when pinning is on (for operators' tools and tests: its store's usage).
+    pub fn pin_node(&self) -> Option<Arc<kez_blobs::BlobNode>> {
+        self.context.pin.as_ref().map(|pin| pin.node().clone())
     }
 
     /// Answers requests until `shutdown` completes, then stops taking new ones, answers those
@@ -166,7 +204,10 @@ impl Server {
         let http_task = self
             .http
             .take()
-            .map(|shim| tokio::spawn(shim.serve(self.context.clone(), http_stopped)));
+            .map(|shim| tokio::spawn(shim.serve(self.context.clone(), http_stopped.clone())));
+        let sweep_task = self
+            .pin_gc_interval
+            .map(|interval| tokio::spawn(sweep_pins(self.context.clone(), interval, http_stopped)));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -215,6 +256,9 @@ impl Server {
                 tracing::error!(error = %err, "HTTP shim task failed");
             }
         }
+        if let Some(task) = sweep_task {
+            let _ = task.await;
+        }
         for client in &self.clients {
             // The answers are queued in the client; make sure they are on the wire before it goes.
             if let Err(err) = client.flush().await {
@@ -224,8 +268,40 @@ impl Server {
                 tracing::warn!(error = %err, "draining the NATS connection");
             }
         }
+        // Every task holding the context has ended: the pin node can be shut down cleanly.
+        if let Ok(context) = Arc::try_unwrap(self.context)
+            && let Some(pinning) = context.pin
+            && let Ok(node) = Arc::try_unwrap(pinning.into_node())
+            && let Err(err) = node.shutdown().await
+        {
+            tracing::warn!(error = %err, "shutting the pin node down");
+        }
         tracing::info!("stopped");
     }
+}
+
+/// Drops the pin node's orphaned tags every `interval` until `stopped` turns true.
+async fn sweep_pins(context: Arc<Context>, interval: Duration, mut stopped: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        if let Some(pinning) = &context.pin {
+            match pinning.sweep().await {
+                Ok(0) => {}
+                Ok(dropped) => tracing::info!(dropped, "dropped pin tags no pin names"),
+                Err(err) => tracing::warn!(error = %err, "sweeping the pin node's tags"),
+            }
+        }
+    }
+}
+
+/// Seconds since the Unix epoch by the server's clock.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
 }
 
 /// Waits until a message published now comes back: everything the broker sent this connection
@@ -265,7 +341,11 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
         &request.message.payload,
         now,
     ));
-    let result = match tokio::time::timeout(HANDLER_TIMEOUT, work.catch_unwind()).await {
+    let limit = match (route, &context.pin) {
+        (Route::PinAdd, Some(pinning)) => pinning.add_timeout(),
+        _ => HANDLER_TIMEOUT,
+    };
+    let result = match tokio::time::timeout(limit, work.catch_unwind()).await {
         Ok(Ok(result)) => result,
         Ok(Err(_panic)) => Err(ApiError::internal("handler panicked")),
         Err(_elapsed) => Err(ApiError::new(

@@ -11,7 +11,8 @@ use kez_core::Handle;
 
 /// The kez-chat home server: handle registry and sigchain services over NATS.
 ///
-/// Clients reach it only through NATS (`kez.registry.*`, `kez.sigchain.*`, `kez.server.*`); all
+/// Clients reach it only through NATS (`kez.registry.*`, `kez.sigchain.*`, `kez.server.*`, and
+/// `kez.pin.*` with --pin-dir); all
 /// state lives in JetStream key-value buckets, so several instances can share one broker.
 #[derive(Parser)]
 #[command(version, arg_required_else_help = true)]
@@ -82,6 +83,9 @@ enum Command {
         /// Domain served: handles are @name@<domain>
         #[arg(long, default_value = dev::DEFAULT_DOMAIN)]
         domain: String,
+        /// Also pin: a pin node in <data dir>/pin on 127.0.0.1 (kez.pin.*, 1 GiB per user)
+        #[arg(long)]
+        pin: bool,
     },
 }
 
@@ -122,6 +126,7 @@ async fn main() -> ExitCode {
             port,
             http_port,
             domain,
+            pin,
         } => {
             let data_dir = match data_dir.map_or_else(dev::default_data_dir, Ok) {
                 Ok(dir) => dir,
@@ -132,6 +137,7 @@ async fn main() -> ExitCode {
                 port,
                 http_port,
                 domain,
+                pin,
             })
             .await
         }
@@ -250,7 +256,7 @@ async fn run_dev(options: dev::DevOptions) -> ExitCode {
         () = shutdown_signal() => return ExitCode::SUCCESS,
     };
     let url = broker.url();
-    let config = prepared.server_config(&url, &domain, options.http_port);
+    let config = prepared.server_config(&url, &domain, options.http_port, options.pin);
     let server = tokio::select! {
         started = Server::start(&config) => match started {
             Ok(server) => server,
@@ -269,6 +275,10 @@ async fn run_dev(options: dev::DevOptions) -> ExitCode {
         .http_addr()
         .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}"));
     print_dev_banner(&broker, &data_dir, &domain, &http, prepared.new_keys);
+    if let Some(provider) = server.pin_provider() {
+        println!("  pin node  {provider}");
+        println!();
+    }
     let serving = server.serve(shutdown_signal());
     tokio::pin!(serving);
     tokio::select! {

@@ -14,7 +14,7 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 /// The error codes counted (PROTOCOL.md §5.1).
-const ERROR_CODES: [u16; 9] = [400, 401, 403, 404, 409, 413, 429, 500, 503];
+const ERROR_CODES: [u16; 10] = [400, 401, 403, 404, 409, 413, 429, 500, 502, 503];
 /// HTTP statuses the shim answers (PROTOCOL.md §7).
 const HTTP_STATUSES: [u16; 8] = [200, 400, 404, 405, 414, 431, 500, 503];
 

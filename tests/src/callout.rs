@@ -56,6 +56,21 @@ impl CalloutStack {
         }
     }
 
+    /// Like [`CalloutStack::start`], with the server's config changed by `change` first (e.g.
+    /// to turn pinning on).
+    pub async fn start_configured(change: impl FnOnce(&mut ServerConfig)) -> CalloutStack {
+        let (keys_dir, keys, nats) = keys_and_broker();
+        let mut config = CalloutStack::config(&nats, &keys_dir, &keys);
+        change(&mut config);
+        let server = KezServer::start_with(&config).await;
+        CalloutStack {
+            server,
+            nats,
+            keys_dir,
+            keys,
+        }
+    }
+
     /// The config `run --keys-dir … --callout-issuer …` resolves to for this stack.
     pub fn config(
         nats: &NatsServer,

@@ -2,9 +2,11 @@
 //! way to call their endpoints.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use async_nats::Client;
 use bytes::Bytes;
+use kez_blobs::BlobNode;
 use kez_chat_server::Server;
 use kez_chat_server::config::ServerConfig;
 use tokio::sync::oneshot;
@@ -18,6 +20,7 @@ pub struct KezServer {
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
     http_addr: Option<SocketAddr>,
+    pin_node: Option<Arc<BlobNode>>,
 }
 
 impl KezServer {
@@ -42,6 +45,7 @@ impl KezServer {
             .await
             .unwrap_or_else(|err| panic!("kez-chat-server did not start: {err}"));
         let http_addr = server.http_addr();
+        let pin_node = server.pin_node();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.serve(async {
             let _ = stopped.await;
@@ -50,7 +54,13 @@ impl KezServer {
             stop: Some(stop),
             task,
             http_addr,
+            pin_node,
         }
+    }
+
+    /// The pin node, when the config turned pinning on.
+    pub fn pin_node(&self) -> Option<&Arc<BlobNode>> {
+        self.pin_node.as_ref()
     }
 
     /// Where the HTTP shim listens, when the config turned it on.

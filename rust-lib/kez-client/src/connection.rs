@@ -10,6 +10,8 @@ use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
+use kez_core::file::BlobHash;
+use kez_core::pin::{PinOp, PinRequest};
 use kez_core::registry::RegistrationRequest;
 use kez_core::sigchain::LinkHash;
 use kez_core::subjects::{
@@ -30,6 +32,10 @@ const APPEND: &str = "kez.sigchain.append";
 const CHAIN_GET: &str = "kez.sigchain.get";
 const CHAIN_HEAD: &str = "kez.sigchain.head";
 const SERVER_INFO: &str = "kez.server.info";
+
+/// How long [`Connection::pin_add`] waits for the answer: the server fetches the blob first
+/// (at most 100 s, PROTOCOL.md §10), and nats-server forgets the reply after 2 minutes.
+pub const PIN_ADD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The largest number of chain pages [`Connection::chain`] fetches before giving up on a
 /// server that keeps saying `more`.
@@ -197,6 +203,80 @@ pub struct ServerInfo {
     pub version: String,
     /// Its limits.
     pub limits: Limits,
+    /// Pinning, when the server offers it.
+    #[serde(default)]
+    pub pin: Option<PinInfo>,
+}
+
+/// The server's pin service (`server_info`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PinInfo {
+    /// The pin node's provider string: where pinned blobs can be fetched.
+    pub provider: String,
+    /// Bytes each user may pin.
+    pub quota_bytes: u64,
+}
+
+/// Where a pin stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinState {
+    /// Stored and kept.
+    Pinned,
+    /// Reserved; the server is still fetching it.
+    Pinning,
+}
+
+/// One pin (`pin_add`, `pin_list`, `pin_status`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PinRecord {
+    /// The blob.
+    pub blob: BlobHash,
+    /// Its size in bytes (counted against the quota).
+    pub size: u64,
+    /// When it was pinned (while `Pinning`: when the add started), the server's clock.
+    pub pinned_at: u64,
+    /// Pinned, or still being fetched.
+    pub state: PinState,
+    /// Endpoint id (hex) of the pin node that holds it; it matches the id in
+    /// [`PinInfo::provider`] of the server instance that pinned it.
+    pub node: String,
+}
+
+/// The own pins and quota (`pin_list`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PinList {
+    /// Every pin, by blob hash.
+    pub pins: Vec<PinRecord>,
+    /// Bytes in use: the sum of the pins' sizes.
+    pub used: u64,
+    /// Bytes allowed.
+    pub quota_bytes: u64,
+}
+
+/// What a remove freed (`pin_remove`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PinRemoved {
+    /// The blob.
+    pub blob: BlobHash,
+    /// Bytes freed.
+    pub size: u64,
+    /// Bytes in use now.
+    pub used: u64,
+    /// Bytes allowed.
+    pub quota_bytes: u64,
+}
+
+/// Whether one blob is pinned (`pin_status`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PinStatus {
+    /// The blob.
+    pub blob: BlobHash,
+    /// Whether it is pinned (stored and kept).
+    pub pinned: bool,
+    /// The pin, pinned or still being fetched; `None` when there is none.
+    #[serde(default)]
+    pub pin: Option<PinRecord>,
 }
 
 #[derive(Deserialize)]
@@ -323,6 +403,32 @@ impl Connection {
         }
     }
 
+    /// Like [`Connection::call`], waiting up to `timeout` for the answer.
+    async fn call_with_timeout(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Bytes, ClientError> {
+        let request = async_nats::Request::new()
+            .payload(body.into())
+            .timeout(Some(timeout));
+        let answer = self
+            .client
+            .send_request(subject.to_owned(), request)
+            .await
+            .map_err(|source| ClientError::Request {
+                subject: subject.to_owned(),
+                source,
+            })?;
+        match answer.headers {
+            Some(headers) if headers.get("Nats-Service-Error-Code").is_some() => {
+                Err(service_error(subject, &headers).into())
+            }
+            _ => Ok(answer.payload),
+        }
+    }
+
     /// [`Connection::call`] with a JSON answer.
     async fn call_json<T: DeserializeOwned>(
         &self,
@@ -350,6 +456,62 @@ impl Connection {
         let request = RegistrationRequest::sign(&self.key, &handle, now());
         let body = serde_json::to_vec(&request).expect("a request serialises");
         self.call_json(REGISTER, body).await
+    }
+
+    /// Asks the home server to keep `blob` (`size` bytes of ciphertext), fetching it now from
+    /// `providers` (provider strings of nodes that serve it: this client's own node must stay
+    /// online until the answer), signed by this connection's key (`kez.pin.add`, PROTOCOL.md
+    /// §10). Pinning a pinned blob again answers the existing record. Errors: `quota_exceeded`
+    /// (413), `fetch_failed` (502), `size_mismatch` (400), `not_registered`, `disabled` (403).
+    /// Waits up to [`PIN_ADD_TIMEOUT`].
+    pub async fn pin_add(
+        &self,
+        blob: &BlobHash,
+        size: u64,
+        providers: &[String],
+    ) -> Result<PinRecord, ClientError> {
+        let domain = self.server_info().await?.domain;
+        let request = PinRequest::add(&self.key, &domain, now(), *blob, size, providers.to_vec());
+        let subject = PinOp::Add.subject();
+        let body = serde_json::to_vec(&request).expect("a request serialises");
+        let answer = self
+            .call_with_timeout(&subject, body, PIN_ADD_TIMEOUT)
+            .await?;
+        serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
+            subject,
+            reason: err.to_string(),
+        })
+    }
+
+    /// Stops the home server keeping `blob` (`kez.pin.remove`); the bytes are free at once,
+    /// the data goes at the server's next garbage collection. `not_found` when not pinned.
+    pub async fn pin_remove(&self, blob: &BlobHash) -> Result<PinRemoved, ClientError> {
+        let domain = self.server_info().await?.domain;
+        let request = PinRequest::remove(&self.key, &domain, now(), *blob);
+        self.pin_call(PinOp::Remove, &request).await
+    }
+
+    /// The own pins, bytes used and quota (`kez.pin.list`).
+    pub async fn pin_list(&self) -> Result<PinList, ClientError> {
+        let domain = self.server_info().await?.domain;
+        let request = PinRequest::list(&self.key, &domain, now());
+        self.pin_call(PinOp::List, &request).await
+    }
+
+    /// Whether `blob` is pinned (`kez.pin.status`).
+    pub async fn pin_status(&self, blob: &BlobHash) -> Result<PinStatus, ClientError> {
+        let domain = self.server_info().await?.domain;
+        let request = PinRequest::status(&self.key, &domain, now(), *blob);
+        self.pin_call(PinOp::Status, &request).await
+    }
+
+    async fn pin_call<T: DeserializeOwned>(
+        &self,
+        op: PinOp,
+        request: &PinRequest,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(request).expect("a request serialises");
+        self.call_json(&op.subject(), body).await
     }
 
     /// Looks a handle up (`kez.registry.lookup`). The answer is the server's word; verify the

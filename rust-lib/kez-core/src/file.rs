@@ -697,7 +697,9 @@ pub fn safe_name(raw: &str) -> String {
     name
 }
 
-fn check_providers(providers: &[String]) -> Result<(), FileOfferError> {
+/// A provider list's rules (file offers, pin requests): 1 to [`MAX_PROVIDERS`] distinct
+/// strings of 1 to [`MAX_PROVIDER_LEN`] bytes without control characters.
+pub fn check_providers(providers: &[String]) -> Result<(), FileOfferError> {
     if providers.is_empty() {
         return Err(FileOfferError::BadProviders("no providers"));
     }

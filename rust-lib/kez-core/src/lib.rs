@@ -29,6 +29,7 @@ pub mod envelope;
 pub mod file;
 pub mod handle;
 pub mod key;
+pub mod pin;
 pub mod registry;
 pub mod sigchain;
 pub mod subjects;

@@ -1,0 +1,663 @@
+//! Pinning (PROTOCOL.md §10): the server keeps encrypted blobs its users name, in its own
+//! kez-blobs node, within a per-user quota.
+//!
+//! State: one JetStream KV entry per owner in [`PINS_BUCKET`] (key: owner hex) holding every
+//! pin of that owner and the bytes they take (`used`). Every change is a compare-and-set on that
+//! one entry, so concurrent adds on any number of instances never take an owner past the quota,
+//! and `used` is always the sum of the sizes of the entries (pinned and being pinned).
+//!
+//! An add reserves first (an entry in state `pinning`), then fetches into the node under the
+//! tag `pin/<owner hex>/<blob hex>`, then marks the entry `pinned`; any failure releases the
+//! reservation and drops the tag. A remove drops the tag and the entry; the node's garbage
+//! collection reclaims the data once no tag keeps it. A sweep (at the GC interval) drops tags of
+//! this node that no entry names, e.g. after a remove answered by another instance or a crash.
+//!
+//! Invariant (ARCHITECTURE.md): the pin node only ever receives blobs an owner named in a signed
+//! request, fetched by hash from the owner's providers: ciphertext, verified by iroh.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use kez_blobs::{BlobNode, EndpointAddr, Hash, NodeConfig};
+use kez_core::file::BlobHash;
+use kez_core::pin::{PinOp, PinRequest, PinRequestError};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::handlers::Context;
+
+/// Bucket: owner key hex → [`OwnerPins`].
+pub const PINS_BUCKET: &str = "kez_pins";
+/// Most pins (pinned or being pinned) one owner may hold.
+pub const MAX_PINS_PER_OWNER: usize = 1000;
+/// Largest value in the pins bucket: [`MAX_PINS_PER_OWNER`] entries fit with room to spare.
+const MAX_PINS_VALUE_BYTES: usize = 512 * 1024;
+/// How often a compare-and-set is retried when another request changed the entry meanwhile.
+const CAS_ATTEMPTS: usize = 200;
+/// Default per-owner quota: 1 GiB.
+pub const DEFAULT_QUOTA_BYTES: u64 = 1 << 30;
+/// Default GC interval of the pin node.
+pub const DEFAULT_GC_SECS: u64 = 60;
+/// Default limit on one add's fetch. nats-server forgets a cross-account reply after its
+/// service import's response threshold (2 minutes by default), so the whole add must end before.
+pub const DEFAULT_FETCH_SECS: u64 = 90;
+/// Largest fetch limit accepted.
+pub const MAX_FETCH_SECS: u64 = 100;
+
+/// Pinning settings (`--pin-dir` and friends).
+#[derive(Debug, Clone)]
+pub struct PinConfig {
+    /// The pin node's directory (kez-blobs layout: `iroh.key`, `blobs/`).
+    pub dir: PathBuf,
+    /// The node's UDP address. Production binds a routable address so owners' nodes and
+    /// recipients can reach it.
+    pub bind: std::net::SocketAddr,
+    /// GC (and tag sweep) interval.
+    pub gc_interval: Duration,
+    /// Bytes each owner may pin.
+    pub quota_bytes: u64,
+    /// How long one add may spend fetching.
+    pub fetch_timeout: Duration,
+}
+
+impl PinConfig {
+    /// Defaults for a node in `dir` on loopback.
+    pub fn new(dir: PathBuf) -> PinConfig {
+        PinConfig {
+            dir,
+            bind: NodeConfig::default().bind,
+            gc_interval: Duration::from_secs(DEFAULT_GC_SECS),
+            quota_bytes: DEFAULT_QUOTA_BYTES,
+            fetch_timeout: Duration::from_secs(DEFAULT_FETCH_SECS),
+        }
+    }
+}
+
+/// The pin node and the pins bucket.
+pub struct Pinning {
+    node: Arc<BlobNode>,
+    bucket: kv::Store,
+    quota_bytes: u64,
+    fetch_timeout: Duration,
+    node_id: String,
+}
+
+/// A pin as stored and answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinEntry {
+    /// Size in bytes.
+    pub size: u64,
+    /// When it was pinned (or, while `pinning`, when the add started), server time.
+    pub pinned_at: u64,
+    /// `pinned` or `pinning`.
+    pub state: PinState,
+    /// Endpoint id (hex) of the pin node holding it.
+    pub node: String,
+}
+
+/// Where a pin stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinState {
+    /// Stored and kept.
+    Pinned,
+    /// Reserved, fetch in progress.
+    Pinning,
+}
+
+/// The pins bucket's value: one owner's pins.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerPins {
+    /// Sum of the sizes of `pins`.
+    pub used: u64,
+    /// Blob hex → pin.
+    pub pins: BTreeMap<String, PinEntry>,
+}
+
+#[derive(Serialize)]
+struct PinAnswer<'a> {
+    blob: &'a str,
+    #[serde(flatten)]
+    entry: &'a PinEntry,
+}
+
+#[derive(Serialize)]
+struct ListAnswer<'a> {
+    pins: Vec<PinAnswer<'a>>,
+    used: u64,
+    quota_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct RemoveAnswer<'a> {
+    blob: &'a str,
+    size: u64,
+    used: u64,
+    quota_bytes: u64,
+}
+
+#[derive(Serialize)]
+struct StatusAnswer<'a> {
+    blob: &'a str,
+    pinned: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pin: Option<PinAnswer<'a>>,
+}
+
+impl Pinning {
+    /// Opens the node (GC on) and the bucket.
+    pub async fn open(
+        config: &PinConfig,
+        js: &jetstream::Context,
+        replicas: Option<usize>,
+    ) -> Result<Pinning, String> {
+        let mut bucket_config = kv::Config {
+            bucket: PINS_BUCKET.to_owned(),
+            description: "kez-chat: pinned blobs per owner".to_owned(),
+            history: 1,
+            max_value_size: MAX_PINS_VALUE_BYTES as i32,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        if let Some(replicas) = replicas {
+            bucket_config.num_replicas = replicas;
+        }
+        let bucket = js
+            .create_or_update_key_value(bucket_config)
+            .await
+            .map_err(|err| format!("bucket {PINS_BUCKET}: {err}"))?;
+        let node = BlobNode::open(
+            &config.dir,
+            NodeConfig {
+                bind: config.bind,
+                gc_interval: Some(config.gc_interval),
+                ..NodeConfig::default()
+            },
+        )
+        .await
+        .map_err(|err| format!("pin node in {}: {err}", config.dir.display()))?;
+        let node_id = node.id().to_string();
+        Ok(Pinning {
+            node: Arc::new(node),
+            bucket,
+            quota_bytes: config.quota_bytes,
+            fetch_timeout: config.fetch_timeout,
+            node_id,
+        })
+    }
+
+    /// The pin node's provider string.
+    pub fn provider(&self) -> String {
+        self.node.provider()
+    }
+
+    /// Bytes each owner may pin.
+    pub fn quota_bytes(&self) -> u64 {
+        self.quota_bytes
+    }
+
+    /// How long a `kez.pin.add` may take in all: the fetch and the bookkeeping around it.
+    pub fn add_timeout(&self) -> Duration {
+        self.fetch_timeout + Duration::from_secs(10)
+    }
+
+    /// The node.
+    pub fn node(&self) -> &Arc<BlobNode> {
+        &self.node
+    }
+
+    /// The node, for shutting it down.
+    pub fn into_node(self) -> Arc<BlobNode> {
+        self.node
+    }
+
+    /// Drops this node's `pin/…` tags that no entry of this node names. Returns how many.
+    pub async fn sweep(&self) -> Result<usize, String> {
+        let tags = self.node.tags().await.map_err(|err| err.to_string())?;
+        let mut dropped = 0;
+        for tag in tags {
+            let Some(rest) = tag.name.strip_prefix("pin/") else {
+                continue;
+            };
+            let Some((owner, blob)) = rest.split_once('/') else {
+                continue;
+            };
+            let is_hex = |text: &str| {
+                text.len() == 64
+                    && text
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            };
+            if !is_hex(owner) || !is_hex(blob) {
+                continue;
+            }
+            let keep = match self.bucket.get(owner).await {
+                Ok(Some(value)) => serde_json::from_slice::<OwnerPins>(&value)
+                    .map(|doc| {
+                        doc.pins
+                            .get(blob)
+                            .is_some_and(|entry| entry.node == self.node_id)
+                    })
+                    .unwrap_or(true),
+                Ok(None) => false,
+                Err(err) => return Err(err.to_string()),
+            };
+            if !keep {
+                self.node
+                    .delete_tag(&tag.name)
+                    .await
+                    .map_err(|err| err.to_string())?;
+                dropped += 1;
+            }
+        }
+        Ok(dropped)
+    }
+
+    async fn load(&self, owner: &str) -> Result<(OwnerPins, Option<u64>), ApiError> {
+        match self
+            .bucket
+            .entry(owner)
+            .await
+            .map_err(ApiError::unavailable)?
+        {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                let doc = serde_json::from_slice(&entry.value)
+                    .map_err(|err| ApiError::internal(format!("corrupt pins of {owner}: {err}")))?;
+                Ok((doc, Some(entry.revision)))
+            }
+            Some(entry) => Ok((OwnerPins::default(), Some(entry.revision))),
+            None => Ok((OwnerPins::default(), None)),
+        }
+    }
+
+    /// Writes `doc` if the entry is still at `revision`; `Ok(false)`: someone else wrote first.
+    async fn store(
+        &self,
+        owner: &str,
+        doc: &OwnerPins,
+        revision: Option<u64>,
+    ) -> Result<bool, ApiError> {
+        let value = Bytes::from(serde_json::to_vec(doc).expect("pins serialise"));
+        let written = match revision {
+            Some(revision) => self
+                .bucket
+                .update(owner, value, revision)
+                .await
+                .map(|_| ())
+                .map_err(|err| match err.kind() {
+                    kv::UpdateErrorKind::WrongLastRevision => None,
+                    _ => Some(ApiError::unavailable(err)),
+                }),
+            None => self
+                .bucket
+                .create(owner, value)
+                .await
+                .map(|_| ())
+                .map_err(|err| match err.kind() {
+                    kv::CreateErrorKind::AlreadyExists => None,
+                    _ => Some(ApiError::unavailable(err)),
+                }),
+        };
+        match written {
+            Ok(()) => Ok(true),
+            Err(None) => Ok(false),
+            Err(Some(err)) => Err(err),
+        }
+    }
+
+    /// Applies `change` to the owner's pins with compare-and-set until it sticks: `change`
+    /// edits the pins and returns `Step::Write(out)`, or `Step::Done(out)` to answer without
+    /// writing. It runs again on fresh state after each lost race.
+    async fn update<T>(
+        &self,
+        owner: &str,
+        mut change: impl FnMut(&mut OwnerPins) -> Result<Step<T>, ApiError>,
+    ) -> Result<T, ApiError> {
+        for attempt in 0..CAS_ATTEMPTS {
+            let (mut doc, revision) = self.load(owner).await?;
+            match change(&mut doc)? {
+                Step::Done(out) => return Ok(out),
+                Step::Write(out) => {
+                    if self.store(owner, &doc, revision).await? {
+                        return Ok(out);
+                    }
+                }
+            }
+            // Spread the retries of many racing requests.
+            let pause = 1 + (attempt as u64 % 7) * 3;
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        Err(ApiError::new(
+            503,
+            "unavailable",
+            "too many concurrent changes to your pins; retry",
+        ))
+    }
+}
+
+enum Step<T> {
+    Write(T),
+    Done(T),
+}
+
+fn blob_tag(owner: &str, blob: &str) -> String {
+    format!("pin/{owner}/{blob}")
+}
+
+/// Answers a `kez.pin.*` request.
+pub async fn handle(
+    ctx: &Context,
+    pinning: &Pinning,
+    op: PinOp,
+    body: &[u8],
+    now: u64,
+) -> Result<Bytes, ApiError> {
+    let request: PinRequest = crate::handlers::parse(body)?;
+    request.verify(op, &ctx.domain, now).map_err(pin_error)?;
+    let owner = request.key;
+    if ctx.store.whois(owner).await?.is_none() {
+        return Err(ApiError::new(
+            403,
+            "not_registered",
+            format!("{owner} has not registered a handle here; only registered keys may pin"),
+        ));
+    }
+    if let Some(disabled) = ctx.store.disabled(owner).await? {
+        return Err(ApiError::new(
+            403,
+            "disabled",
+            format!("{} is disabled by the operator", disabled.handle),
+        ));
+    }
+    let owner_hex = owner.to_hex();
+    match op {
+        PinOp::Add => add(pinning, &owner_hex, &request, now).await,
+        PinOp::Remove => remove(pinning, &owner_hex, blob_of(&request)?).await,
+        PinOp::List => {
+            let (doc, _) = pinning.load(&owner_hex).await?;
+            crate::handlers::answer(&ListAnswer {
+                pins: doc
+                    .pins
+                    .iter()
+                    .map(|(blob, entry)| PinAnswer { blob, entry })
+                    .collect(),
+                used: doc.used,
+                quota_bytes: pinning.quota_bytes,
+            })
+        }
+        PinOp::Status => {
+            let blob = blob_of(&request)?.to_string();
+            let (doc, _) = pinning.load(&owner_hex).await?;
+            let pin = doc.pins.get(&blob);
+            crate::handlers::answer(&StatusAnswer {
+                blob: &blob,
+                pinned: pin.is_some_and(|entry| entry.state == PinState::Pinned),
+                pin: pin.map(|entry| PinAnswer { blob: &blob, entry }),
+            })
+        }
+    }
+}
+
+fn blob_of(request: &PinRequest) -> Result<BlobHash, ApiError> {
+    request
+        .blob
+        .ok_or_else(|| ApiError::malformed("blob is missing"))
+}
+
+fn pin_error(err: PinRequestError) -> ApiError {
+    let code = match err {
+        PinRequestError::Malformed(_) | PinRequestError::WrongDomain { .. } => 400,
+        PinRequestError::OutsideWindow { .. } | PinRequestError::BadSignature => 401,
+    };
+    ApiError::new(code, err.code(), err.to_string())
+}
+
+fn quota_exceeded(used: u64, size: u64, quota: u64) -> ApiError {
+    ApiError::new(
+        413,
+        "quota_exceeded",
+        format!(
+            "pinning {size} bytes would exceed your quota: {used} of {quota} bytes are in use; remove a pin (kez.pin.remove) to make room"
+        ),
+    )
+}
+
+async fn add(
+    pinning: &Pinning,
+    owner: &str,
+    request: &PinRequest,
+    now: u64,
+) -> Result<Bytes, ApiError> {
+    let blob = blob_of(request)?;
+    let size = request.size.unwrap_or_default();
+    let addrs: Vec<EndpointAddr> = request
+        .providers
+        .iter()
+        .flatten()
+        .filter_map(|provider| kez_blobs::parse_provider(provider).ok())
+        .collect();
+    if addrs.is_empty() {
+        return Err(ApiError::malformed(
+            "no provider is an iroh provider string this server can use (iroh:<id>;ip=…)",
+        ));
+    }
+    let blob_hex = blob.to_string();
+    let quota = pinning.quota_bytes;
+    let stale_after = 2 * pinning.add_timeout().as_secs();
+    let node = pinning.node_id.clone();
+
+    // 1. Reserve (or find it pinned already).
+    let reserved = pinning
+        .update(owner, |doc| {
+            let used_without = match doc.pins.get(&blob_hex) {
+                Some(entry) if entry.state == PinState::Pinned => {
+                    return Ok(Step::Done(Err(entry.clone())));
+                }
+                Some(entry) if now.saturating_sub(entry.pinned_at) < stale_after => {
+                    return Err(ApiError::new(
+                        409,
+                        "conflict",
+                        "this blob is being pinned by another request; retry in a minute",
+                    ));
+                }
+                // A reservation whose add died with its server: take it over.
+                Some(entry) => doc.used.saturating_sub(entry.size),
+                None if doc.pins.len() >= MAX_PINS_PER_OWNER => {
+                    return Err(ApiError::new(
+                        413,
+                        "quota_exceeded",
+                        format!(
+                            "you have {MAX_PINS_PER_OWNER} pins, the most allowed; remove a pin (kez.pin.remove) to make room"
+                        ),
+                    ));
+                }
+                None => doc.used,
+            };
+            if used_without.saturating_add(size) > quota {
+                return Err(quota_exceeded(used_without, size, quota));
+            }
+            let entry = PinEntry {
+                size,
+                pinned_at: now,
+                state: PinState::Pinning,
+                node: node.clone(),
+            };
+            doc.used = used_without + size;
+            doc.pins.insert(blob_hex.clone(), entry.clone());
+            Ok(Step::Write(Ok(entry)))
+        })
+        .await?;
+    let reservation = match reserved {
+        Err(pinned) => return answer_pin(&blob_hex, &pinned),
+        Ok(entry) => entry,
+    };
+
+    // 2. Fetch.
+    let tag = blob_tag(owner, &blob_hex);
+    let fetched = fetch(pinning, blob, size, &addrs, &tag).await;
+    if let Err(err) = fetched {
+        if let Err(undo) = pinning.node.delete_tag(&tag).await {
+            tracing::warn!(%tag, error = %undo, "could not drop the tag of a failed pin; the sweep will");
+        }
+        release(pinning, owner, &blob_hex, &reservation).await;
+        return Err(err);
+    }
+
+    // 3. Record it as pinned.
+    let finished_at = crate::unix_now().max(now);
+    let finished = pinning
+        .update(owner, |doc| match doc.pins.get_mut(&blob_hex) {
+            Some(entry) if *entry == reservation => {
+                entry.state = PinState::Pinned;
+                entry.pinned_at = finished_at;
+                Ok(Step::Write(Some(entry.clone())))
+            }
+            _ => Ok(Step::Done(None)),
+        })
+        .await;
+    match finished {
+        Ok(Some(entry)) => {
+            tracing::info!(owner, blob = %blob_hex, size, "pinned");
+            answer_pin(&blob_hex, &entry)
+        }
+        Ok(None) => {
+            // Removed (or taken over) while we fetched: the remove wins.
+            let _ = pinning.node.delete_tag(&tag).await;
+            Err(ApiError::new(
+                409,
+                "conflict",
+                "the pin was removed while the blob was being fetched",
+            ))
+        }
+        Err(err) => {
+            // The entry stays `pinning`: a retry after the stale period takes it over, the
+            // sweep keeps the tag meanwhile (the entry names this node).
+            Err(err)
+        }
+    }
+}
+
+fn answer_pin(blob: &str, entry: &PinEntry) -> Result<Bytes, ApiError> {
+    crate::handlers::answer(&PinAnswer { blob, entry })
+}
+
+/// Fetches `blob` into the node under `tag`, refusing it as soon as it shows another size.
+async fn fetch(
+    pinning: &Pinning,
+    blob: BlobHash,
+    size: u64,
+    addrs: &[EndpointAddr],
+    tag: &str,
+) -> Result<(), ApiError> {
+    let hash = Hash::from_bytes(*blob.as_bytes());
+    let (wrong_size, mut wrong_size_seen) = tokio::sync::watch::channel(None::<u64>);
+    // Only sizes other than `size` are ever sent, so any change is a mismatch. Ends with
+    // `None` when the download finished (the sender is dropped with it).
+    let mismatch_seen = async move {
+        wrong_size_seen.changed().await.ok()?;
+        *wrong_size_seen.borrow()
+    };
+    let download = pinning.node.download(hash, addrs, tag, move |progress| {
+        let seen = progress
+            .total
+            .filter(|total| *total != size)
+            .or((progress.done > size).then_some(progress.done));
+        if seen.is_some() {
+            wrong_size.send_replace(seen);
+        }
+    });
+    let mismatch = |actual: u64| {
+        ApiError::new(
+            400,
+            "size_mismatch",
+            format!("blob {blob} is {actual} bytes, not {size}; nothing was pinned"),
+        )
+    };
+    tokio::select! {
+        result = tokio::time::timeout(pinning.fetch_timeout, download) => match result {
+            Err(_) => Err(fetch_failed(format!(
+                "fetching blob {blob} took longer than {} s",
+                pinning.fetch_timeout.as_secs()
+            ))),
+            Ok(Err(err)) => Err(match err {
+                kez_blobs::Error::DownloadFailed { .. } | kez_blobs::Error::NoProviders(_) => {
+                    fetch_failed(err.to_string())
+                }
+                other => ApiError::internal(format!("pin node: {other}")),
+            }),
+            Ok(Ok(stats)) if stats.total != size => Err(mismatch(stats.total)),
+            Ok(Ok(_)) => Ok(()),
+        },
+        Some(actual) = mismatch_seen => Err(mismatch(actual)),
+    }
+}
+
+fn fetch_failed(detail: String) -> ApiError {
+    ApiError::new(
+        502,
+        "fetch_failed",
+        format!(
+            "{detail}; the node that shares the blob must be online and reachable while it is pinned: retry then"
+        ),
+    )
+}
+
+/// Gives back the bytes of a reservation that did not become a pin.
+async fn release(pinning: &Pinning, owner: &str, blob_hex: &str, reservation: &PinEntry) {
+    let released = pinning
+        .update(owner, |doc| match doc.pins.get(blob_hex) {
+            Some(entry) if entry == reservation => {
+                doc.pins.remove(blob_hex);
+                doc.used = doc.used.saturating_sub(reservation.size);
+                Ok(Step::Write(()))
+            }
+            _ => Ok(Step::Done(())),
+        })
+        .await;
+    if let Err(err) = released {
+        tracing::warn!(owner, blob = blob_hex, error = %err.message, "could not release a reservation; a later add of this blob takes it over");
+    }
+}
+
+async fn remove(pinning: &Pinning, owner: &str, blob: BlobHash) -> Result<Bytes, ApiError> {
+    let blob_hex = blob.to_string();
+    let (doc, _) = pinning.load(owner).await?;
+    let Some(entry) = doc.pins.get(&blob_hex) else {
+        return Err(ApiError::not_found(format!(
+            "blob {blob_hex} is not pinned"
+        )));
+    };
+    // The tag first: if the entry's removal fails, a retry finds the entry and finishes.
+    if entry.node == pinning.node_id {
+        pinning
+            .node
+            .delete_tag(&blob_tag(owner, &blob_hex))
+            .await
+            .map_err(|err| ApiError::internal(format!("pin node: {err}")))?;
+    }
+    let removed = pinning
+        .update(owner, |doc| match doc.pins.remove(&blob_hex) {
+            Some(entry) => {
+                doc.used = doc.used.saturating_sub(entry.size);
+                Ok(Step::Write(Some((entry.size, doc.used))))
+            }
+            None => Ok(Step::Done(None)),
+        })
+        .await?;
+    let Some((size, used)) = removed else {
+        return Err(ApiError::not_found(format!(
+            "blob {blob_hex} is not pinned"
+        )));
+    };
+    tracing::info!(owner, blob = %blob_hex, size, "unpinned");
+    crate::handlers::answer(&RemoveAnswer {
+        blob: &blob_hex,
+        size,
+        used,
+        quota_bytes: pinning.quota_bytes,
+    })
+}
