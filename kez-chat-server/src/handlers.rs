@@ -86,17 +86,6 @@ impl Route {
             Route::PinStatus => "kez.pin.status",
         }
     }
-
-    /// The pin operation the route answers, if it is one.
-    pub fn pin_op(self) -> Option<PinOp> {
-        match self {
-            Route::PinAdd => Some(PinOp::Add),
-            Route::PinRemove => Some(PinOp::Remove),
-            Route::PinList => Some(PinOp::List),
-            Route::PinStatus => Some(PinOp::Status),
-            _ => None,
-        }
-    }
 }
 
 /// One NATS micro-service: its name, subject prefix and endpoints.
@@ -283,6 +272,9 @@ pub enum Request {
     Info,
     /// `$SYS.REQ.USER.AUTH`: the body is nats-server's JWT, which the callout decodes.
     Authorize,
+    /// `kez.pin.*`: the signed body is decoded and verified by [`crate::pin::handle`], which
+    /// also needs the owner's registration.
+    Pin(PinOp),
 }
 
 /// The largest body `route` accepts: [`MAX_REQUEST_BYTES`], or
@@ -351,6 +343,10 @@ pub fn decode(route: Route, body: &[u8], domain: &str, now: u64) -> Result<Reque
         Route::Head => Ok(Request::Head(parse::<KeyRequest>(body)?.key)),
         Route::Info => Ok(Request::Info),
         Route::Authorize => Ok(Request::Authorize),
+        Route::PinAdd => Ok(Request::Pin(PinOp::Add)),
+        Route::PinRemove => Ok(Request::Pin(PinOp::Remove)),
+        Route::PinList => Ok(Request::Pin(PinOp::List)),
+        Route::PinStatus => Ok(Request::Pin(PinOp::Status)),
     }
 }
 
@@ -434,8 +430,8 @@ pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Resul
                 quota_bytes: pin.quota_bytes(),
             }),
         }),
-        Route::PinAdd | Route::PinRemove | Route::PinList | Route::PinStatus => {
-            let (Some(pinning), Some(op)) = (&ctx.pin, route.pin_op()) else {
+        Request::Pin(op) => {
+            let Some(pinning) = &ctx.pin else {
                 return Err(ApiError::new(
                     503,
                     "unavailable",

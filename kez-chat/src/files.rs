@@ -98,7 +98,7 @@ impl App {
     }
 
     /// `share @name ./file`.
-    pub(crate) async fn share(&self, handle: &str, path: &Path) -> Result<(), Failure> {
+    pub(crate) async fn share(&self, handle: &str, path: &Path, pin: bool) -> Result<(), Failure> {
         let full = self.full_handle(handle)?;
         let metadata = std::fs::metadata(path)
             .map_err(|err| Failure::new(USAGE, format!("cannot read {}: {err}", path.display())))?;
@@ -121,14 +121,66 @@ impl App {
             PinChange::Same => {}
             PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
         }
+        let pin_node = if pin {
+            let info = conn.server_info().await.map_err(Failure::client)?;
+            let Some(pin_info) = info.pin else {
+                return Err(Failure::new(
+                    REFUSED,
+                    format!(
+                        "{} does not pin files (its operator has not turned pinning on): share without --pin, and keep `kez-chat listen` running until {full} has downloaded it",
+                        info.domain
+                    ),
+                ));
+            };
+            Some(pin_info)
+        } else {
+            None
+        };
         let node = self.open_node().await?;
         self.advertise_node(&conn, &key, &node).await?;
 
         let meter = Meter::new("encrypting", metadata.len());
-        let offer = files::share_file(&node, path, vec![node.provider()], |read| meter.set(read))
-            .await
-            .map_err(file_failure)?;
+        let mut offer =
+            files::share_file(&node, path, vec![node.provider()], |read| meter.set(read))
+                .await
+                .map_err(file_failure)?;
         meter.finish();
+        if let Some(pin_info) = pin_node {
+            eprintln!(
+                "asking your server to pin it ({} of your {} quota)...",
+                bytes(offer.cipher_size),
+                bytes(pin_info.quota_bytes)
+            );
+            // The server fetches the ciphertext from this node, which serves while we wait.
+            let record = match conn
+                .pin_add(&offer.blob, offer.cipher_size, &offer.providers)
+                .await
+            {
+                Ok(record) => record,
+                Err(err) => {
+                    let _ = node.shutdown().await;
+                    return Err(Failure::client(err));
+                }
+            };
+            // With several server instances, the one that answered server info may not be
+            // the one whose node pinned the blob: offer only the pinning node's address.
+            if pin_info
+                .provider
+                .starts_with(&format!("iroh:{}", record.node))
+            {
+                offer.providers.push(pin_info.provider);
+                offer.pinned = true;
+                offer.validate().map_err(|err| {
+                    Failure::new(RUNTIME, format!("cannot offer the file: {err}"))
+                })?;
+                eprintln!("pinned: {full} can download it even while you are offline");
+            } else {
+                eprintln!(
+                    "pinned on server node {}, but the server named another node; the offer lists only yours",
+                    record.node
+                );
+            }
+        }
         let body = offer
             .to_json()
             .map_err(|err| Failure::new(RUNTIME, format!("cannot write the offer: {err}")))?;
@@ -148,10 +200,12 @@ impl App {
             contact.handle,
             offer.blob
         );
-        eprintln!(
-            "{} can download it while you run `kez-chat listen` (your node serves it then)",
-            contact.handle
-        );
+        if !offer.pinned {
+            eprintln!(
+                "{} can download it while you run `kez-chat listen` (your node serves it then), or share it again with --pin",
+                contact.handle
+            );
+        }
         println!("{}", short_id(&sent.id.to_string()));
         Ok(())
     }

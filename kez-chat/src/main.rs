@@ -139,6 +139,10 @@ enum Command {
         handle: String,
         /// The file.
         path: PathBuf,
+        /// Also ask the home server to keep (pin) the encrypted file, so it can be downloaded
+        /// while you are offline (counts against your quota there).
+        #[arg(long)]
+        pin: bool,
     },
     /// List the files offered to you.
     Files {
@@ -206,7 +210,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
         Command::History { handle, json } => app.history(&handle, json),
-        Command::Share { handle, path } => app.share(&handle, &path).await,
+        Command::Share { handle, path, pin } => app.share(&handle, &path, pin).await,
         Command::Files { json } => app.files(json),
         Command::Download {
             offer,

@@ -361,3 +361,55 @@ async fn forge_offer_with_another_key(url: &str, alice: &Person) -> String {
     conn.close().await.unwrap();
     sent.id.to_string()[..12].to_owned()
 }
+
+/// alice shares with `--pin`: her server fetches the ciphertext from her node while `share`
+/// runs. alice's client is not running afterwards, yet bob downloads the file (from the pin
+/// node), and the pin node holds no plaintext. A server without pinning says so.
+#[tokio::test]
+async fn a_pinned_file_downloads_while_the_sender_is_offline() {
+    let pin_dir = tempfile::tempdir().unwrap();
+    let stack = CalloutStack::start_configured(|config| {
+        config.pin = Some(kez_chat_server::pin::PinConfig::new(
+            pin_dir.path().join("pin"),
+        ));
+    })
+    .await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let work = tempfile::tempdir().unwrap();
+    let original = work.path().join("report.pdf");
+    plaintext_file(&original, 5 * 1024 * 1024);
+
+    let output = alice
+        .run(&["share", "--pin", "@bob", original.to_str().unwrap()])
+        .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("pinned: @bob@kez.test can download it"),
+        "{stderr}"
+    );
+    let offer = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+
+    bob.ok(&["inbox"]).await;
+    let target = work.path().join("report-from-the-server.pdf");
+    let done = bob
+        .json(&["download", &offer, "-o", target.to_str().unwrap()])
+        .await;
+    assert_eq!(done["transferred"], done["total"], "{done}");
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&original).unwrap());
+    assert!(!tree_contains(&pin_dir.path().join("pin"), MARKER));
+}
+
+#[tokio::test]
+async fn share_pin_on_a_server_without_pinning_says_so() {
+    let stack = CalloutStack::start().await;
+    let (alice, _bob) = alice_and_bob(&stack.nats.url()).await;
+    let work = tempfile::tempdir().unwrap();
+    let original = work.path().join("a.txt");
+    plaintext_file(&original, 1000);
+    let err = alice
+        .fails(&["share", "--pin", "@bob", original.to_str().unwrap()], 5)
+        .await;
+    assert!(err.contains("does not pin files"), "{err}");
+}
