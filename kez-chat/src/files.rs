@@ -6,16 +6,16 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kez_blobs::{BlobNode, NodeConfig};
+use kez_blobs::{BlobNode, NodeConfig, RelayUrl};
 use kez_client::files::{self, FileError};
-use kez_client::{Connection, Direction, Offer, PinChange, now};
+use kez_client::{Connection, Direction, Offer, now};
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
 use kez_core::sigchain::Endpoint;
 use kez_core::{Op, SecretKey};
 use serde_json::{Value, json};
 
 use crate::failure::{self, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
-use crate::{App, clock, print_json, rotation_note};
+use crate::{App, clock, deliver, print_json, recipient};
 
 /// The sigchain endpoint that names the own blob node (kind and name `iroh`).
 pub const IROH_ENDPOINT: &str = "iroh";
@@ -31,10 +31,23 @@ impl App {
             .config
             .iroh_bind
             .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+        let relay = match &self.config.iroh_relay {
+            Some(url) => Some(url.parse::<RelayUrl>().map_err(|err| {
+                Failure::new(
+                    USAGE,
+                    format!(
+                        "iroh_relay {url:?} in {} is not a relay URL ({err}): fix or remove it",
+                        self.home.config_path().display()
+                    ),
+                )
+            })?),
+            None => None,
+        };
         let node = BlobNode::open(
             &self.home.node_dir(),
             NodeConfig {
                 bind,
+                relay,
                 ..NodeConfig::default()
             },
         )
@@ -111,16 +124,7 @@ impl App {
         let key = self.key()?;
         let store = self.store()?;
         let conn = self.connect().await?;
-        let verified = match conn.verify_contact(&store, &full).await {
-            Ok(verified) => verified,
-            Err(err) => return Err(Failure::send_refused(err, &full)),
-        };
-        let contact = verified.contact;
-        match verified.change {
-            PinChange::New => eprintln!("{full} was not in your contacts: key pinned"),
-            PinChange::Same => {}
-            PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
-        }
+        let contact = recipient(&conn, &store, &full).await?;
         let pin_node = if pin {
             let info = conn.server_info().await.map_err(Failure::client)?;
             let Some(pin_info) = info.pin else {
@@ -184,14 +188,7 @@ impl App {
         let body = offer
             .to_json()
             .map_err(|err| Failure::new(RUNTIME, format!("cannot write the offer: {err}")))?;
-        let sent = conn
-            .send(&contact, FILE_OFFER_CONTENT_TYPE, &body)
-            .await
-            .map_err(Failure::client)?;
-        let _ = conn.close().await;
-        store
-            .record_outgoing(&sent, now())
-            .map_err(Failure::store)?;
+        let sent = deliver(conn, &store, &contact, FILE_OFFER_CONTENT_TYPE, &body).await?;
         let _ = node.shutdown().await;
         eprintln!(
             "shared {} ({}) with {}: encrypted blob {}",

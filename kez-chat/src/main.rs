@@ -621,31 +621,8 @@ impl App {
         let full = self.full_handle(handle)?;
         let store = self.store()?;
         let conn = self.connect().await?;
-        let verified = match conn.verify_contact(&store, &full).await {
-            Ok(verified) => verified,
-            Err(err) => {
-                let _ = conn.close().await;
-                return Err(Failure::send_refused(err, &full));
-            }
-        };
-        let contact = verified.contact;
-        match verified.change {
-            PinChange::New => eprintln!(
-                "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
-                verified.chain.seq(),
-                contact.key
-            ),
-            PinChange::Same => {}
-            PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
-        }
-        let sent = conn
-            .send(&contact, TEXT, text.as_bytes())
-            .await
-            .map_err(Failure::client)?;
-        let _ = conn.close().await;
-        store
-            .record_outgoing(&sent, now())
-            .map_err(Failure::store)?;
+        let contact = recipient(&conn, &store, &full).await?;
+        let sent = deliver(conn, &store, &contact, TEXT, text.as_bytes()).await?;
         eprintln!("delivered to server for {}: id {}", contact.handle, sent.id);
         println!("{}", sent.id);
         Ok(())
@@ -823,6 +800,45 @@ fn stored_json(message: &StoredMessage) -> Value {
 }
 
 /// A body for people: the text, or what kind of content it is.
+/// Verifies `full` before sending to it ([`Connection::verify_contact`]): pins a new
+/// recipient, follows a rotation with a note, refuses a changed key loudly.
+async fn recipient(conn: &Connection, store: &Store, full: &str) -> Result<Contact, Failure> {
+    let verified = conn
+        .verify_contact(store, full)
+        .await
+        .map_err(|err| Failure::send_refused(err, full))?;
+    let contact = verified.contact;
+    match verified.change {
+        PinChange::New => eprintln!(
+            "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
+            verified.chain.seq(),
+            contact.key
+        ),
+        PinChange::Same => {}
+        PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
+    }
+    Ok(contact)
+}
+
+/// Sends `body` to `contact`, closes the connection and records the message in the history.
+async fn deliver(
+    conn: Connection,
+    store: &Store,
+    contact: &Contact,
+    content_type: &str,
+    body: &[u8],
+) -> Result<kez_client::Sent, Failure> {
+    let sent = conn
+        .send(contact, content_type, body)
+        .await
+        .map_err(Failure::client)?;
+    let _ = conn.close().await;
+    store
+        .record_outgoing(&sent, now())
+        .map_err(Failure::store)?;
+    Ok(sent)
+}
+
 /// `add --json`'s name for a [`PinChange`].
 fn change_name(change: PinChange) -> &'static str {
     match change {

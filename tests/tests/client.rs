@@ -55,6 +55,7 @@ impl User {
             server: Some(stack.nats.url()),
             handle: Some(record.handle.clone()),
             iroh_bind: None,
+            iroh_relay: None,
         })
         .unwrap();
         User {

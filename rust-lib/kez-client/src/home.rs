@@ -103,6 +103,10 @@ pub struct Config {
     /// on this machine only. Set a routable address (or `0.0.0.0:PORT`) to share beyond it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iroh_bind: Option<std::net::SocketAddr>,
+    /// The URL of an iroh relay server for the blob node (reaching peers behind NAT), e.g. the
+    /// operator's own. Unset: no relays at all, peers are dialled directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iroh_relay: Option<String>,
 }
 
 /// The client's home directory. Opening one creates the directory (mode 0700) if needed;
@@ -304,6 +308,7 @@ mod tests {
             server: Some("nats://127.0.0.1:4222".into()),
             handle: Some("@alice@kez.test".into()),
             iroh_bind: Some("127.0.0.1:40001".parse().unwrap()),
+            iroh_relay: Some("https://relay.example.org./".into()),
         };
         home.save_config(&config).unwrap();
         assert_eq!(home.config().unwrap(), config);
