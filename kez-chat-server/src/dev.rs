@@ -453,8 +453,9 @@ async fn stop_leftover(data_dir: &Path) {
     }
 }
 
-/// Parses the port out of `... [INF] Listening for client connections on 127.0.0.1:PORT`.
-fn parse_listen_port(line: &str) -> Option<u16> {
+/// Parses the port out of nats-server's `... [INF] Listening for client connections on
+/// 127.0.0.1:PORT` log line (`None` for other lines and for port 0). The test fixtures use it too.
+pub fn parse_listen_port(line: &str) -> Option<u16> {
     let (_, addr) = line.split_once(LISTENING_PREFIX)?;
     let (_, port) = addr.trim().rsplit_once(':')?;
     port.parse().ok().filter(|&port| port != 0)
@@ -470,6 +471,10 @@ mod tests {
                     127.0.0.1:36189";
         assert_eq!(parse_listen_port(line), Some(36189));
         assert_eq!(parse_listen_port("[1] [INF] Server is ready"), None);
+        assert_eq!(
+            parse_listen_port("Listening for client connections on 127.0.0.1:0"),
+            None
+        );
     }
 
     #[test]

@@ -163,7 +163,10 @@ impl NatsServer {
             let log = self.log();
             // Only this run's lines: after a restart the log also holds the previous run's.
             let this_run = log.get(self.log_offset as usize..).unwrap_or("");
-            if let Some(port) = this_run.lines().find_map(parse_listen_port) {
+            if let Some(port) = this_run
+                .lines()
+                .find_map(kez_chat_server::dev::parse_listen_port)
+            {
                 self.port = port;
             }
             if this_run.lines().any(|l| l.trim_end().ends_with(READY_LINE)) {
@@ -316,13 +319,6 @@ pub(crate) fn stop_child(child: &mut Child, what: &str, timeout: Duration) -> Ex
     }
 }
 
-/// Parses the port out of `... [INF] Listening for client connections on 127.0.0.1:PORT`.
-fn parse_listen_port(line: &str) -> Option<u16> {
-    let (_, addr) = line.split_once(LISTENING_PREFIX)?;
-    let (_, port) = addr.trim().rsplit_once(':')?;
-    port.parse().ok().filter(|&p| p != 0)
-}
-
 /// Quotes a path as a double-quoted nats-server config string.
 fn conf_string(path: &Path) -> String {
     let s = path.to_str().unwrap_or_else(|| {
@@ -337,18 +333,6 @@ fn conf_string(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_the_listen_line() {
-        let line = "[2933] 2026/11/26 13:56:23.085797 [INF] Listening for client connections on \
-                    127.0.0.1:36189";
-        assert_eq!(parse_listen_port(line), Some(36189));
-        assert_eq!(parse_listen_port("[1] [INF] Server is ready"), None);
-        assert_eq!(
-            parse_listen_port("Listening for client connections on 127.0.0.1:0"),
-            None
-        );
-    }
 
     #[test]
     fn quotes_config_strings() {
