@@ -25,10 +25,13 @@ macro_rules! serde_as_text {
 }
 
 pub mod canonical;
+#[cfg(test)]
+mod committed_vectors;
 pub mod envelope;
 pub mod file;
 pub mod handle;
 pub mod key;
+pub mod manifest;
 pub mod pin;
 pub mod registry;
 pub mod sigchain;
