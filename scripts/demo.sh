@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The scripted two-user kez-chat session (`make demo`).
 #
-# Starts `kez-chat-server dev` (nats-server child + services + auth callout) in a temporary
+# Starts `kez-chat-server dev --pin` (nats-server child + services + auth callout + pin node) in a temporary
 # directory on a free loopback port, then alice and bob, each with their own home, register, add
-# each other and chat: offline delivery, `inbox`, live `listen`, `history`. Every step prints the
+# each other and chat (offline delivery, `inbox`, live `listen`, `history`), alice shares a file
+# with bob, and publishes files that bob browses and downloads. Every step prints the
 # command and its output and is checked; the first failed check stops the demo with exit 1. The
 # stack and any background listener are always torn down, and the temporary directory removed
 # (KEZ_DEMO_KEEP=1 keeps it).
@@ -118,8 +119,8 @@ cd "$demo_dir"
 echo "kez-chat demo in $demo_dir"
 
 say "A local stack: nats-server (child), registry + sigchain services, auth callout, HTTP shim"
-printf '$ kez-chat-server dev --data-dir data --port 0 --http-port 0 &\n'
-kez-chat-server dev --data-dir data --port 0 --http-port 0 >dev.out 2>dev.log &
+printf '$ kez-chat-server dev --data-dir data --port 0 --http-port 0 --pin &\n'
+kez-chat-server dev --data-dir data --port 0 --http-port 0 --pin >dev.out 2>dev.log &
 dev_pid=$!
 for ((i = 0; i < 600; i++)); do
     grep -q '^  NATS URL' dev.out 2>/dev/null && break
@@ -193,9 +194,21 @@ printf '$ cmp holiday.jpg holiday-from-alice.jpg\n'
 cmp holiday.jpg holiday-from-alice.jpg || fail "the downloaded file differs from the original"
 echo "    identical"
 
-# --- Public files (a later issue): alice publishes a file; bob browses her shared files. ---
-# Steps to add here: `kez-chat publish …` by alice, `kez-chat files @alice` by bob. Not
-# implemented yet, so not shown.
+say "alice publishes notes.txt for everyone and plans.txt only for bob, pinned on her server"
+printf 'notes anyone may read\n' >notes.txt
+printf 'the surprise party is on friday\n' >plans.txt
+printf '$ printf ... > notes.txt; printf ... > plans.txt\n'
+step "published notes.txt" kez-chat --home alice publish --public --pin notes.txt
+step "published plans.txt" kez-chat --home alice publish --to @bob --pin plans.txt
+step "to @bob@kez.localhost" kez-chat --home alice shared
+
+say "bob browses alice's files while she is offline: manifest verified, plans.txt sealed to him"
+step "shared with you" kez-chat --home bob browse @alice
+step "verified (BLAKE3) and decrypted" kez-chat --home bob download @alice/plans.txt -o plans-from-alice.txt
+printf '$ cmp plans.txt plans-from-alice.txt\n'
+cmp plans.txt plans-from-alice.txt || fail "the downloaded file differs from the published one"
+echo "    identical"
+step "files       2 visible to you" kez-chat --home bob profile @alice
 
 say "Stop the stack (SIGTERM): services first, then its nats-server"
 printf '$ kill -TERM %s\n' "$dev_pid"

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use kez_blobs::{BlobNode, NodeConfig, RelayUrl};
+use kez_blobs::{BlobNode, DownloadStats, NodeConfig, RelayUrl};
 use kez_client::files::{self, FileError};
 use kez_client::{Connection, Direction, Offer, now};
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
@@ -144,10 +144,15 @@ impl App {
         self.advertise_node(&conn, &key, &node).await?;
 
         let meter = Meter::new("encrypting", metadata.len());
-        let mut offer =
-            files::share_file(&node, path, vec![node.provider()], |read| meter.set(read))
-                .await
-                .map_err(file_failure)?;
+        let mut offer = files::share_file(
+            &node,
+            path,
+            &files::new_tag("share"),
+            vec![node.provider()],
+            |read| meter.set(read),
+        )
+        .await
+        .map_err(file_failure)?;
         meter.finish();
         if let Some(pin_info) = pin_node {
             eprintln!(
@@ -172,7 +177,8 @@ impl App {
                 .provider
                 .starts_with(&format!("iroh:{}", record.node))
             {
-                offer.providers.push(pin_info.provider);
+                // First: it is always online, and recipients try providers in order.
+                offer.providers.insert(0, pin_info.provider);
                 offer.pinned = true;
                 offer.validate().map_err(|err| {
                     Failure::new(RUNTIME, format!("cannot offer the file: {err}"))
@@ -295,6 +301,35 @@ impl App {
                 ),
             ));
         };
+        let (path, size, stats) = self.transfer(offer, &contact.handle, output).await?;
+        store
+            .mark_downloaded(&offer_message.message.id, &path.to_string_lossy(), now())
+            .map_err(Failure::store)?;
+        if json {
+            print_json(&json!({
+                "offer": offer_message.message.id.to_string(),
+                "from": contact.handle,
+                "name": offer.name,
+                "path": path.to_string_lossy(),
+                "size": size,
+                "transferred": stats.bytes_transferred,
+                "total": stats.total,
+            }));
+        } else {
+            println!("{}", path.display());
+        }
+        Ok(())
+    }
+
+    /// Fetches `offer`'s blob (Ctrl-C keeps what arrived), decrypts it and writes it to
+    /// `output` (default: its name here), which must not exist. Returns the absolute path,
+    /// the plaintext size and the transfer's figures.
+    pub(crate) async fn transfer(
+        &self,
+        offer: &FileOffer,
+        from: &str,
+        output: Option<PathBuf>,
+    ) -> Result<(PathBuf, u64, DownloadStats), Failure> {
         let dest = output.unwrap_or_else(|| PathBuf::from(&offer.name));
         if dest.exists() {
             return Err(Failure::new(
@@ -311,7 +346,7 @@ impl App {
             "fetching {} ({}) from {}",
             offer.name,
             bytes(offer.size),
-            contact.handle
+            from
         );
         let meter = Meter::new("downloading", offer.cipher_size);
         let fetched = tokio::select! {
@@ -342,29 +377,13 @@ impl App {
         let _ = node.shutdown().await;
         let size = decrypted.map_err(file_failure)?;
         let path = std::fs::canonicalize(&dest).unwrap_or(dest);
-        store
-            .mark_downloaded(&offer_message.message.id, &path.to_string_lossy(), now())
-            .map_err(Failure::store)?;
         let already = stats.total.saturating_sub(stats.bytes_transferred);
-        if json {
-            print_json(&json!({
-                "offer": offer_message.message.id.to_string(),
-                "from": contact.handle,
-                "name": offer.name,
-                "path": path.to_string_lossy(),
-                "size": size,
-                "transferred": stats.bytes_transferred,
-                "total": stats.total,
-            }));
-        } else {
-            eprintln!(
-                "fetched {} over the network ({} were already here), verified (BLAKE3) and decrypted",
-                bytes(stats.bytes_transferred),
-                bytes(already)
-            );
-            println!("{}", path.display());
-        }
-        Ok(())
+        eprintln!(
+            "fetched {} over the network ({} were already here), verified (BLAKE3) and decrypted",
+            bytes(stats.bytes_transferred),
+            bytes(already)
+        );
+        Ok((path, size, stats))
     }
 }
 
@@ -401,7 +420,7 @@ fn received_offers(store: &kez_client::Store) -> Result<Vec<(Offer, FileOffer)>,
 }
 
 /// A file failure for people.
-fn file_failure(err: FileError) -> Failure {
+pub(crate) fn file_failure(err: FileError) -> Failure {
     match err {
         FileError::Crypt(_) | FileError::Offer(_) => Failure::new(REFUSED, err.to_string()),
         other => Failure::new(RUNTIME, other.to_string()),
@@ -430,7 +449,7 @@ pub fn bytes(count: u64) -> String {
 
 /// Progress for long work: a bar with bytes and rate on a terminal; otherwise a line at every
 /// 10% (`downloading: 12.0 MiB of 50.0 MiB`), so logs and scripts see it too.
-struct Meter {
+pub(crate) struct Meter {
     bar: Option<ProgressBar>,
     what: &'static str,
     total: u64,
@@ -438,7 +457,7 @@ struct Meter {
 }
 
 impl Meter {
-    fn new(what: &'static str, total: u64) -> Meter {
+    pub(crate) fn new(what: &'static str, total: u64) -> Meter {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
@@ -459,7 +478,7 @@ impl Meter {
         }
     }
 
-    fn set(&self, done: u64) {
+    pub(crate) fn set(&self, done: u64) {
         if let Some(bar) = &self.bar {
             bar.set_position(done);
             return;
@@ -471,7 +490,7 @@ impl Meter {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

@@ -5,6 +5,7 @@
 
 mod failure;
 mod files;
+mod shared;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -150,14 +151,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Download an offered file: fetched from the sender's node, verified, decrypted, then
-    /// written. An interrupted download resumes.
+    /// Download an offered or a published file: fetched from the sender's node (or their
+    /// server's pin node), verified, decrypted, then written. An interrupted download resumes.
     Download {
-        /// The offer: its id or the start of it (the first column of `files`).
+        /// An offer's id or the start of it (the first column of `files`), or `@name/FILE`
+        /// for a file `@name` publishes (see `browse @name`).
+        #[arg(value_name = "OFFER | @name/FILE")]
         offer: String,
         /// Where to write the file [default: its name, in the current directory].
         #[arg(short, long, value_name = "PATH")]
         output: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish a file in your shared-files manifest: for everyone (`--public`) or only for
+    /// the people named with `--to`. Nobody else can see a private file, nor whom it is for.
+    /// Encrypted before it leaves; fetched from your node while you run `listen` (or from
+    /// your server with --pin).
+    Publish {
+        /// The file.
+        path: PathBuf,
+        /// Who may see it (repeat for several); each is checked as for `send`.
+        #[arg(
+            long = "to",
+            value_name = "HANDLE",
+            required_unless_present = "public",
+            conflicts_with = "public"
+        )]
+        to: Vec<String>,
+        /// Everyone who browses you may see and download it.
+        #[arg(long)]
+        public: bool,
+        /// The name to publish it under [default: the file's name].
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Ask the home server to pin it, and your manifest from now on, so it stays
+        /// available while you are offline (counts against your quota there).
+        #[arg(long)]
+        pin: bool,
+    },
+    /// Stop publishing a file: a new manifest without it is committed to your sigchain.
+    Unpublish {
+        /// The published name (see `shared`).
+        name: String,
+    },
+    /// List the files you publish, and whom each is for.
+    Shared {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the files someone publishes that you may see (public ones, and those for you),
+    /// after verifying their sigchain and manifest.
+    Browse {
+        /// The handle, e.g. `@alice` or `@alice@kez.lat`.
+        handle: String,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -216,7 +265,29 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             offer,
             output,
             json,
-        } => app.download(&offer, output, json).await,
+        } => match offer.split_once('/') {
+            Some((handle, name)) if handle.starts_with('@') => {
+                app.download_published(handle, name, output, json).await
+            }
+            _ => app.download(&offer, output, json).await,
+        },
+        Command::Publish {
+            path,
+            to,
+            public,
+            name,
+            pin,
+        } => {
+            let audience = if public {
+                shared::Audiences::Public
+            } else {
+                shared::Audiences::To(to)
+            };
+            app.publish(&path, audience, name, pin).await
+        }
+        Command::Unpublish { name } => app.unpublish(&name).await,
+        Command::Shared { json } => app.shared(json),
+        Command::Browse { handle, json } => app.browse(&handle, json).await,
     }
 }
 
@@ -480,6 +551,13 @@ impl App {
             Err(err) => return Err(Failure::client(err)),
         };
         let _ = conn.close().await;
+        drop(store);
+        // Reading the manifest needs the file node (and the store, closed above: one lock).
+        let files = match &chain {
+            Some(chain) if chain.shared_files().is_some() => Some(self.visible_files(chain).await),
+            _ => None,
+        };
+        let store = self.store()?;
         let pinned = store.contact(&full).map_err(Failure::store)?;
         let contact = match &pinned {
             None => "not in contacts",
@@ -507,6 +585,7 @@ impl App {
                 "in_contacts": pinned.is_some(),
                 "pinned_key": pinned.map(|c| c.key.to_string()),
                 "sigchain": sigchain,
+                "files": files,
             }));
             return Ok(());
         }
@@ -550,13 +629,21 @@ impl App {
                 claim.service, claim.identity, claim.proof
             );
         }
-        match chain.shared_files() {
-            Some(files) => println!(
-                "files       manifest {} from {}",
-                files.manifest,
-                files.providers.join(", ")
-            ),
-            None => println!("files       none shared"),
+        match (chain.shared_files(), &files) {
+            (Some(committed), Some(files)) => match files.get("visible") {
+                Some(visible) => println!(
+                    "files       {visible} visible to you (manifest {} of {} UTC); `kez-chat browse {}` lists them",
+                    files["version"],
+                    clock(files["time"].as_u64().unwrap_or_default()),
+                    profile.handle
+                ),
+                None => println!(
+                    "files       manifest {} (not fetched: {})",
+                    committed.manifest,
+                    files["error"].as_str().unwrap_or("unknown error")
+                ),
+            },
+            _ => println!("files       none shared"),
         }
         for unknown in chain.unknown_ops() {
             println!(

@@ -9,6 +9,8 @@ use std::time::Duration;
 use kez_core::SecretKey;
 use serde_json::Value;
 use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
 
 use crate::callout::run_to_completion;
 use crate::process::kez_chat_binary;
@@ -126,4 +128,84 @@ pub async fn alice_and_bob(url: &str) -> (Person, Person) {
 /// `person`'s key, read from their home.
 pub fn key_of(person: &Person) -> Arc<SecretKey> {
     Arc::new(kez_client::Home::open(&person.home).unwrap().key().unwrap())
+}
+
+/// A marker that appears many times in the plaintext: no store may contain it.
+pub const MARKER: &[u8] = b"KEZ-PLAINTEXT-MARKER-a8f3";
+
+/// Writes a file of `size` bytes: the marker every 4 KiB, pseudo-random bytes in between.
+pub fn plaintext_file(path: &Path, size: usize) {
+    let mut bytes = Vec::with_capacity(size);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    while bytes.len() < size {
+        if bytes.len() % 4096 == 0 {
+            bytes.extend_from_slice(MARKER);
+        } else {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            bytes.push(state as u8);
+        }
+    }
+    bytes.truncate(size);
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Whether any file under `dir` contains `needle`.
+pub fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = 0;
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                files += 1;
+                let bytes = std::fs::read(&path).unwrap();
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    return true;
+                }
+            }
+        }
+    }
+    assert!(files > 0, "{} holds no files", dir.display());
+    false
+}
+
+/// Starts `listen` for `person` and waits until it serves files.
+pub async fn serving(person: &Person) -> Child {
+    let mut command = tokio::process::Command::from(kez_chat(&person.home, &["listen"]));
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("serving your shared files") {
+                return;
+            }
+        }
+        panic!("listen ended before serving");
+    })
+    .await
+    .expect("listen serves within 30 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// Stops a `listen` started by [`serving`] with Ctrl-C; it must exit cleanly.
+pub async fn stop(mut child: Child) {
+    let pid = child.id().expect("running") as i32;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("stops on Ctrl-C")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
 }

@@ -57,12 +57,13 @@ pub enum FileError {
     NoProviders(String),
 }
 
-/// Encrypts the file at `path` with a fresh content key into `node` (tagged so it stays) and
-/// returns the offer for it, listing `providers` (at least the own node's provider string).
-/// `progress` is called with the plaintext bytes read so far.
+/// Encrypts the file at `path` with a fresh content key into `node`, tagged `tag` so it stays
+/// (see [`new_tag`]), and returns the offer for it, listing `providers` (at least the own
+/// node's provider string). `progress` is called with the plaintext bytes read so far.
 pub async fn share_file(
     node: &BlobNode,
     path: &Path,
+    tag: &str,
     providers: Vec<String>,
     mut progress: impl FnMut(u64),
 ) -> Result<FileOffer, FileError> {
@@ -117,8 +118,7 @@ pub async fn share_file(
     let stream = futures::stream::unfold(chunks_rx, |mut rx| async move {
         rx.recv().await.map(|chunk| (chunk, rx))
     });
-    let tag = format!("kez/share/{}", random_hex());
-    let import = node.import_stream(stream, &tag);
+    let import = node.import_stream(stream, tag);
     tokio::pin!(import);
     let imported = loop {
         tokio::select! {
@@ -135,7 +135,7 @@ pub async fn share_file(
         .map_err(|err| io_error("encrypt")(io::Error::other(err)))??;
     let (hash, cipher_size) = imported?;
     if file::ciphertext_len(size) != Some(cipher_size) {
-        node.delete_tag(&tag).await?;
+        node.delete_tag(tag).await?;
         return Err(FileError::Changed {
             path: path.to_path_buf(),
         });
@@ -160,20 +160,30 @@ pub async fn fetch(
     offer: &FileOffer,
     progress: impl FnMut(Progress),
 ) -> Result<DownloadStats, FileError> {
-    let mut providers = Vec::new();
+    fetch_blob(node, blob_hash(offer), &offer.providers, progress).await
+}
+
+/// Fetches blob `hash` into `node` from the first of `providers` (provider strings, §9.5)
+/// that has it, tagged so it stays; only what is missing is transferred.
+pub async fn fetch_blob(
+    node: &BlobNode,
+    hash: Hash,
+    providers: &[String],
+    progress: impl FnMut(Progress),
+) -> Result<DownloadStats, FileError> {
+    let mut reachable = Vec::new();
     let mut unusable = Vec::new();
-    for text in &offer.providers {
+    for text in providers {
         match parse_provider(text) {
-            Ok(addr) => providers.push(addr),
+            Ok(addr) => reachable.push(addr),
             Err(err) => unusable.push(format!("{text}: {err}")),
         }
     }
-    if providers.is_empty() {
+    if reachable.is_empty() {
         return Err(FileError::NoProviders(unusable.join("; ")));
     }
-    let hash = blob_hash(offer);
     let tag = format!("kez/download/{hash}");
-    Ok(node.download(hash, &providers, &tag, progress).await?)
+    Ok(node.download(hash, &reachable, &tag, progress).await?)
 }
 
 /// Decrypts the offer's blob (complete in `node`) to `dest`: into a temporary file beside it,
@@ -254,9 +264,14 @@ pub fn blob_hash(offer: &FileOffer) -> Hash {
     Hash::from_bytes(*offer.blob.as_bytes())
 }
 
-/// A random name part for a share's tag (a message id is 16 random bytes).
-fn random_hex() -> String {
-    data_encoding::HEXLOWER.encode(kez_core::envelope::MessageId::random().as_bytes())
+/// A fresh tag for a file kept in the own node: `kez/<kind>/<32 random hex digits>` (`share`,
+/// `publish`).
+pub fn new_tag(kind: &str) -> String {
+    let random = kez_core::envelope::MessageId::random();
+    format!(
+        "kez/{kind}/{}",
+        data_encoding::HEXLOWER.encode(random.as_bytes())
+    )
 }
 
 /// Counts what the encryptor reads, for progress.

@@ -8,12 +8,15 @@
 //!   auth callout; typed calls for the home server's services, sending sealed messages, and
 //!   receiving from the own inbox (store first, then acknowledge).
 //!
-//! PROTOCOL.md §5, §6 and §8 specify what goes over the wire.
+//! - [`files`] and [`shared`]: files over iroh — offers (§9) and the shared-files manifest (§11).
+//!
+//! PROTOCOL.md §5, §6, §8, §9 and §11 specify what goes over the wire.
 
 pub mod chain;
 pub mod connection;
 pub mod files;
 pub mod home;
+pub mod shared;
 pub mod store;
 
 pub use chain::VerifiedChain;
@@ -24,5 +27,6 @@ pub use connection::{
 };
 pub use home::{Config, Home, HomeError, resolve_home};
 pub use store::{
-    Contact, Direction, Downloaded, Offer, PinChange, Store, StoreError, StoredMessage,
+    Contact, Direction, Downloaded, Offer, PinChange, Published, PublishedManifest, Store,
+    StoreError, StoredMessage,
 };

@@ -10,7 +10,8 @@ use std::path::Path;
 
 use kez_core::PublicKey;
 use kez_core::envelope::{Message, MessageId};
-use kez_core::file::FILE_OFFER_CONTENT_TYPE;
+use kez_core::file::{BlobHash, FILE_OFFER_CONTENT_TYPE};
+use kez_core::manifest::ManifestEntry;
 use kez_core::sigchain::LinkHash;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,11 @@ const UNSHOWN: TableDefinition<u64, &str> = TableDefinition::new("unshown");
 const OFFERS: TableDefinition<[u8; 16], (&str, u64)> = TableDefinition::new("offers");
 /// Downloaded offers: message id → JSON [`Downloaded`].
 const DOWNLOADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("downloads");
+/// The own published files: name → JSON [`Published`].
+const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published");
+/// The own manifest last committed: [`LAST_MANIFEST`] → JSON [`PublishedManifest`].
+const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+const LAST_MANIFEST: &str = "last";
 const NEXT_ORDER: &str = "next_order";
 
 /// Why the store failed.
@@ -231,6 +237,36 @@ mod base64_bytes {
     }
 }
 
+/// A file the user publishes in their manifest (PROTOCOL.md §11.4). The manifest cannot tell
+/// its owner whom a box is for, so the recipients are kept here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    /// The entry (it holds the file's content key).
+    pub entry: ManifestEntry,
+    /// Who may see it, by handle; empty for a public file.
+    pub recipients: Vec<String>,
+    /// Whether the home server pins its blob.
+    pub pinned: bool,
+    /// The own blob node's tag that keeps the encrypted file.
+    pub tag: String,
+}
+
+/// The own manifest last committed to the sigchain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedManifest {
+    /// Its publish counter.
+    pub version: u64,
+    /// Its BLAKE3 hash, as the `set_shared_files` link names it.
+    pub hash: BlobHash,
+    /// When it was built.
+    pub time: u64,
+    /// The own blob node's tag that keeps it.
+    pub tag: String,
+    /// Whether the home server pins it (and so every manifest after it: pinning is opt-in
+    /// once).
+    pub pinned: bool,
+}
+
 /// The local store (see the module docs). One process at a time: redb locks the file.
 pub struct Store {
     db: Database,
@@ -253,6 +289,8 @@ impl Store {
         tx.open_table(META).map_err(db)?;
         tx.open_table(OFFERS).map_err(db)?;
         tx.open_table(DOWNLOADS).map_err(db)?;
+        tx.open_table(PUBLISHED).map_err(db)?;
+        tx.open_table(MANIFESTS).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Store { db: database })
     }
@@ -528,6 +566,75 @@ impl Store {
         tx.open_table(DOWNLOADS)
             .map_err(db)?
             .insert(id.as_bytes(), json.as_slice())
+            .map_err(db)?;
+        tx.commit().map_err(db)
+    }
+
+    /// The own published files, by name.
+    pub fn published(&self) -> Result<Vec<Published>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(PUBLISHED).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db)? {
+            let (_, value) = entry.map_err(db)?;
+            out.push(serde_json::from_slice(value.value()).map_err(corrupt)?);
+        }
+        Ok(out)
+    }
+
+    /// Adds a published file; `false` (and nothing changes) when one of that name is there.
+    pub fn add_published(&self, published: &Published) -> Result<bool, StoreError> {
+        let json = serde_json::to_vec(published).expect("a published file serialises");
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = tx.open_table(PUBLISHED).map_err(db)?;
+            if table
+                .get(published.entry.name.as_str())
+                .map_err(db)?
+                .is_some()
+            {
+                return Ok(false);
+            }
+            table
+                .insert(published.entry.name.as_str(), json.as_slice())
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// Removes the published file `name` and returns it; `None` when there is none.
+    pub fn remove_published(&self, name: &str) -> Result<Option<Published>, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let removed = {
+            let mut table = tx.open_table(PUBLISHED).map_err(db)?;
+            let removed = table.remove(name).map_err(db)?;
+            match removed {
+                Some(guard) => Some(serde_json::from_slice(guard.value()).map_err(corrupt)?),
+                None => None,
+            }
+        };
+        tx.commit().map_err(db)?;
+        Ok(removed)
+    }
+
+    /// The own manifest last committed, if any.
+    pub fn last_manifest(&self) -> Result<Option<PublishedManifest>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(MANIFESTS).map_err(db)?;
+        let value = table.get(LAST_MANIFEST).map_err(db)?;
+        value
+            .map(|guard| serde_json::from_slice(guard.value()).map_err(corrupt))
+            .transpose()
+    }
+
+    /// Records the manifest just committed.
+    pub fn set_last_manifest(&self, manifest: &PublishedManifest) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(manifest).expect("a manifest record serialises");
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(MANIFESTS)
+            .map_err(db)?
+            .insert(LAST_MANIFEST, json.as_slice())
             .map_err(db)?;
         tx.commit().map_err(db)
     }

@@ -1,0 +1,193 @@
+//! The shared-files manifest (PROTOCOL.md §11): publish the own manifest from the files kept in
+//! the [`Store`], and browse someone's — fetched over iroh from the providers their verified
+//! sigchain names, checked against the hash and key it commits to, then read with the own key.
+
+use kez_blobs::{BlobNode, Hash};
+use kez_core::SecretKey;
+use kez_core::file::BlobHash;
+use kez_core::manifest::{
+    self, MAX_MANIFEST_BYTES, Manifest, ManifestError, PrivateEntry, VisibleEntry,
+};
+use kez_core::sigchain::{Op, SharedFiles};
+use tokio::io::AsyncReadExt;
+
+use crate::VerifiedChain;
+use crate::connection::{ClientError, Connection, PinInfo, now};
+use crate::files::{self, FileError};
+use crate::store::{PublishedManifest, Store, StoreError};
+
+/// Why publishing or browsing a manifest failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedError {
+    /// The manifest is refused (or could not be built); the code says why.
+    #[error("the shared-files manifest is refused ({code}: {0})", code = .0.code())]
+    Manifest(#[from] ManifestError),
+    /// Fetching or importing it failed.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// The server refused a call or was unreachable.
+    #[error(transparent)]
+    Client(Box<ClientError>),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The fetched manifest could not be read back from the own file node.
+    #[error("cannot read the fetched manifest from the file node: {0}")]
+    Read(std::io::Error),
+    /// A private file's recipient is no longer in the contacts.
+    #[error(
+        "{0}, a recipient of a published file, is not in your contacts: `kez-chat add` them again, or unpublish what you shared with them"
+    )]
+    UnknownRecipient(String),
+}
+
+impl From<ClientError> for SharedError {
+    fn from(err: ClientError) -> SharedError {
+        SharedError::Client(Box::new(err))
+    }
+}
+
+/// What a reader sees of someone's manifest.
+#[derive(Debug, Clone)]
+pub struct Browsed {
+    /// Its BLAKE3 hash (the one the sigchain commits to).
+    pub hash: BlobHash,
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// Where it and its files are fetched from (the `set_shared_files` link's providers).
+    pub providers: Vec<String>,
+    /// The public entries and those sealed to the reader.
+    pub visible: Vec<VisibleEntry>,
+}
+
+/// Builds manifest number `version` from the files in `store`: public ones plain, private
+/// ones sealed to each recipient's current key as pinned in the contacts.
+pub fn build_own(
+    store: &Store,
+    key: &SecretKey,
+    version: u64,
+    time: u64,
+) -> Result<Vec<u8>, SharedError> {
+    let mut public = Vec::new();
+    let mut private = Vec::new();
+    for published in store.published()? {
+        if published.recipients.is_empty() {
+            public.push(published.entry);
+            continue;
+        }
+        let mut keys = Vec::with_capacity(published.recipients.len());
+        for handle in &published.recipients {
+            let contact = store
+                .contact(handle)?
+                .ok_or_else(|| SharedError::UnknownRecipient(handle.clone()))?;
+            keys.push(contact.current_key);
+        }
+        private.push(PrivateEntry {
+            entry: published.entry,
+            recipients: keys,
+        });
+    }
+    Ok(manifest::build(key, version, time, &public, &private)?)
+}
+
+/// Builds the next manifest from `store`, keeps it in `node`, pins it when `pin` names the
+/// home server's pin node, commits it with a `set_shared_files` link, records it, and then
+/// drops (and unpins) the manifest it replaces.
+pub async fn publish_manifest(
+    conn: &Connection,
+    store: &Store,
+    key: &SecretKey,
+    node: &BlobNode,
+    pin: Option<&PinInfo>,
+) -> Result<PublishedManifest, SharedError> {
+    let last = store.last_manifest()?;
+    let version = last.as_ref().map_or(1, |m| m.version + 1);
+    let time = now();
+    let bytes = build_own(store, key, version, time)?;
+    let size = bytes.len() as u64;
+    let tag = format!("kez/manifest/{version}");
+    let (hash, _) = node
+        .import_stream(futures::stream::iter([Ok(bytes::Bytes::from(bytes))]), &tag)
+        .await
+        .map_err(FileError::from)?;
+    let hash = BlobHash::from_bytes(*hash.as_bytes());
+    let mut providers = vec![node.provider()];
+    if let Some(pin) = pin {
+        let record = conn.pin_add(&hash, size, &providers).await?;
+        // With several server instances, only the instance that pinned it serves it. It goes
+        // first: it is always online, and a reader tries providers in order.
+        if pin.provider.starts_with(&format!("iroh:{}", record.node)) {
+            providers.insert(0, pin.provider.clone());
+        }
+    }
+    let chain = conn.chain(&key.public_key()).await?;
+    let link = chain
+        .next_link(
+            time,
+            Op::SetSharedFiles(SharedFiles {
+                manifest: hash.to_string(),
+                providers,
+            }),
+        )
+        .sign(key)
+        .map_err(|err| ManifestError::Malformed(err.to_string()))?;
+    conn.append(link.bytes()).await?;
+    let published = PublishedManifest {
+        version,
+        hash,
+        time,
+        tag,
+        pinned: pin.is_some(),
+    };
+    store.set_last_manifest(&published)?;
+    if let Some(old) = last {
+        if let Err(err) = node.delete_tag(&old.tag).await {
+            tracing::warn!(%err, tag = old.tag, "cannot drop the replaced manifest's tag");
+        }
+        if old.pinned
+            && let Err(err) = conn.pin_remove(&old.hash).await
+        {
+            tracing::warn!(%err, blob = %old.hash, "cannot unpin the replaced manifest");
+        }
+    }
+    Ok(published)
+}
+
+/// Fetches the manifest `chain` commits to into `node`, checks it (PROTOCOL.md §11.3) and reads
+/// it with `reader`'s key. `None` when the chain commits to no manifest.
+pub async fn browse(
+    node: &BlobNode,
+    chain: &VerifiedChain,
+    reader: &SecretKey,
+) -> Result<Option<Browsed>, SharedError> {
+    let Some(committed) = chain.shared_files() else {
+        return Ok(None);
+    };
+    let expected: BlobHash = committed.manifest.parse().map_err(|_| {
+        ManifestError::Malformed("the sigchain's manifest hash is not 64 hex digits".into())
+    })?;
+    let hash = Hash::from_bytes(*expected.as_bytes());
+    let stats = files::fetch_blob(node, hash, &committed.providers, |_| {}).await?;
+    if stats.total > MAX_MANIFEST_BYTES as u64 {
+        return Err(ManifestError::TooLarge {
+            size: usize::try_from(stats.total).unwrap_or(usize::MAX),
+        }
+        .into());
+    }
+    let mut bytes = Vec::with_capacity(stats.total as usize);
+    node.reader(hash)
+        .await
+        .map_err(FileError::from)?
+        .take(MAX_MANIFEST_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(SharedError::Read)?;
+    let manifest = Manifest::open(&bytes, &expected, &chain.current_key())?;
+    let visible = manifest.visible_to(reader)?;
+    Ok(Some(Browsed {
+        hash: expected,
+        manifest,
+        providers: committed.providers.clone(),
+        visible,
+    }))
+}
