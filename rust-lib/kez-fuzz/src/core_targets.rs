@@ -1,4 +1,5 @@
-//! Targets for kez-core: sigchain links and chains, envelopes, files and offers, handles, keys.
+//! Targets for kez-core: sigchain links and chains, envelopes, files and offers, manifests,
+//! handles, keys.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -6,6 +7,7 @@ use hkdf::Hkdf;
 use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION, MESSAGE_SIGNATURE_DOMAIN};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
+use kez_core::manifest::{self, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest, ManifestError};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
 use kez_core::{Handle, PublicKey, SecretKey, Sigchain, Signature, SignedLink};
 use sha2::Sha256;
@@ -269,6 +271,72 @@ pub fn file_offer(data: &[u8]) -> bool {
     assert_eq!(again, offer);
     assert_eq!(*again.to_json().expect("encodes"), *json);
     true
+}
+
+/// Shared-files manifests (§11) read by bob. Mode byte 0: the rest is a manifest as fetched,
+/// checked against its own BLAKE3 hash and alice's key. Mode 1: the rest is a manifest body
+/// that the harness signs with alice's key first, so the checks past the signature (entries,
+/// boxes) are reached by mutated inputs too.
+///
+/// Asserts: an opened manifest is alice's, within the entry limits, with valid public entries
+/// of distinct names; what bob sees is valid and distinctly named; opening again gives the same
+/// view; the same bytes against another hash are `hash_mismatch`. Returns whether bob could read
+/// it.
+pub fn manifest(data: &[u8]) -> bool {
+    let alice = keys::alice();
+    let (mode, rest) = mode(data);
+    let bytes = match mode {
+        0 => rest.to_vec(),
+        1 => match sign_manifest_body(rest, &alice) {
+            Some(bytes) => bytes,
+            None => return false,
+        },
+        _ => return false,
+    };
+    let hash = manifest::manifest_hash(&bytes);
+    let opened = Manifest::open(&bytes, &hash, &alice.public_key());
+    let wrong = manifest::manifest_hash(b"another manifest");
+    assert!(matches!(
+        Manifest::open(&bytes, &wrong, &alice.public_key()),
+        Err(ManifestError::TooLarge { .. } | ManifestError::HashMismatch { .. })
+    ));
+    let Ok(opened) = opened else {
+        return false;
+    };
+    assert_eq!(opened.owner(), alice.public_key());
+    assert!(opened.public().len() <= MAX_PUBLIC_ENTRIES);
+    assert!(opened.sealed_count() <= MAX_SEALED_ENTRIES);
+    let mut names = std::collections::BTreeSet::new();
+    for entry in opened.public() {
+        assert_eq!(entry.validate(), Ok(()));
+        assert!(names.insert(entry.name.clone()));
+    }
+    let Ok(visible) = opened.visible_to(&keys::bob()) else {
+        return false;
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for item in &visible {
+        assert_eq!(item.entry.validate(), Ok(()));
+        assert!(seen.insert(item.entry.name.clone()));
+    }
+    let again = Manifest::open(&bytes, &hash, &alice.public_key())
+        .expect("an opened manifest opens again")
+        .visible_to(&keys::bob())
+        .expect("and reads the same");
+    assert_eq!(again, visible);
+    true
+}
+
+/// `body` (JSON) as a manifest signed by `signer`: any `sig` replaced. `None` when `body` is
+/// not a JSON object with a canonical form.
+fn sign_manifest_body(body: &[u8], signer: &SecretKey) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    value.as_object_mut()?.remove("sig");
+    let mut message = manifest::MANIFEST_SIGNATURE_DOMAIN.to_vec();
+    message.push(0);
+    message.extend(kez_core::canonical::encode(&value).ok()?);
+    value["sig"] = serde_json::json!(signer.sign(&message));
+    kez_core::canonical::encode(&value).ok()
 }
 
 /// [`Handle::parse`]: the input as UTF-8, `input`, then optionally `\n` and a default domain

@@ -18,7 +18,9 @@ mod jwt;
 pub mod seeds;
 mod server;
 
-pub use core_targets::{envelope, file_decrypt, file_offer, handle, public_key, sigchain};
+pub use core_targets::{
+    envelope, file_decrypt, file_offer, handle, manifest, public_key, sigchain,
+};
 pub use jwt::callout_jwt;
 pub use server::{
     server_append, server_get, server_head, server_info, server_lookup, server_register,
@@ -35,6 +37,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("envelope", envelope),
     ("file_decrypt", file_decrypt),
     ("file_offer", file_offer),
+    ("manifest", manifest),
     ("handle", handle),
     ("public_key", public_key),
     ("callout_jwt", callout_jwt),

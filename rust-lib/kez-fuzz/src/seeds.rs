@@ -155,6 +155,14 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             seeds
         }
         "file_offer" => vec![sample_offer(), b"report (1).pdf".to_vec()],
+        "manifest" => vectors("manifest")
+            .iter()
+            .filter(|vector| vector["expected_owner"] == "alice")
+            .flat_map(|vector| {
+                let bytes = vector["manifest"].as_str().expect("a manifest").as_bytes();
+                [tagged(0, bytes), tagged(1, bytes)]
+            })
+            .collect(),
         "handle" => [
             "alice\nkez.lat",
             "@alice\nkez.lat",
