@@ -15,6 +15,8 @@
 //! ```
 
 pub mod callout;
+pub mod chat;
+pub mod cluster;
 pub mod kez_server;
 pub mod person;
 pub mod process;
