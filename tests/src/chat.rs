@@ -190,6 +190,15 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// Writes [`Summary::line`] to the process's stderr directly, past the test harness's output
+    /// capture, so `make test` shows it for a passing test too.
+    pub fn report(&self, suite: &str) {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{}", self.line(suite));
+    }
+}
+
 /// The record of a delivery run, shared by the test's tasks.
 #[derive(Clone, Default)]
 pub struct Ledger {

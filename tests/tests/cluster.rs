@@ -279,7 +279,7 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
         (dave.key.public_key(), &dave.store),
     ];
     let (summary, problems) = ledger.check(&stores, &senders);
-    println!("{}", summary.line("cluster (3 nodes, 1 killed)"));
+    summary.report("cluster (3 nodes, 1 killed)");
     assert!(
         problems.is_empty(),
         "{} problems:\n{}",
