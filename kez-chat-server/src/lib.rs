@@ -500,3 +500,18 @@ pub fn server_list(url: &str) -> Vec<&str> {
         .filter(|url| !url.is_empty())
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_nats_url_may_list_several_servers() {
+        assert_eq!(
+            super::server_list("nats://10.0.0.1:4222, nats://10.0.0.2:4222,"),
+            ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert_eq!(
+            super::server_list("tls://chat.kez.lat"),
+            ["tls://chat.kez.lat"]
+        );
+    }
+}

@@ -18,7 +18,7 @@ use kez_tests::cluster::{NatsCluster, wait_for_jetstream};
 use kez_tests::process::KezServerProcess;
 
 /// Messages each sender sends.
-const PER_SENDER: usize = 40;
+const PER_SENDER: usize = 60;
 /// How long any one step may take to recover from the node's death (leader elections,
 /// reconnects).
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -57,6 +57,8 @@ async fn send_all(
             match conn.send(&to, "text", body.as_bytes()).await {
                 Ok(sent) => {
                     ledger.acked(&sent);
+                    // Paced, so that the flow spans the node's death.
+                    tokio::time::sleep(Duration::from_millis(25)).await;
                     break;
                 }
                 Err(err) => {
@@ -234,9 +236,12 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     let victim = cluster.index_of(&old_leader).expect("a node's name");
     cluster.kill(victim);
     ledger.fault();
+    let acked_before = ledger.acked_count();
     eprintln!(
-        "{:?}: killed {old_leader}, the leader of {INBOX_STREAM}, while messages flowed",
-        started.elapsed()
+        "{:?}: killed {old_leader}, the leader of {INBOX_STREAM}, after {acked_before} of {} \
+         messages",
+        started.elapsed(),
+        2 * PER_SENDER
     );
 
     // With the node down, the services answer: lookups, chains, registrations, appends.
@@ -267,6 +272,10 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     for receiver in receivers {
         receiver.await.expect("receiver");
     }
+    assert!(
+        acked_before < 2 * PER_SENDER,
+        "every message was acknowledged before the kill: nothing flowed through it"
+    );
     let new_leader = leader(&js, INBOX_STREAM).await;
     assert!(
         new_leader.is_some() && new_leader.as_deref() != Some(old_leader.as_str()),
@@ -291,5 +300,85 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
         (summary.lost, summary.duplicates, summary.unexpected),
         (0, 0, 0)
     );
+
+    // The dead node comes back on its store and catches up: every replica current again.
+    cluster.restart(victim);
+    let caught_up = Instant::now() + PATIENCE;
+    for name in STREAMS {
+        loop {
+            let lagging = match js.get_stream(*name).await {
+                Ok(mut stream) => match stream.info().await {
+                    Ok(info) => info.cluster.as_ref().map_or(usize::MAX, |cluster| {
+                        cluster.replicas.iter().filter(|peer| !peer.current).count()
+                            + (2 - cluster.replicas.len().min(2))
+                    }),
+                    Err(_) => usize::MAX,
+                },
+                Err(_) => usize::MAX,
+            };
+            if lagging == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < caught_up,
+                "{name}: {old_leader} did not catch up within {PATIENCE:?}; logs:\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!("{:?}: {old_leader} is back and current", started.elapsed());
     drop(cluster);
+}
+
+/// `nats/cluster/node1.conf`…`node3.conf` are the template with `NODE_N` replaced outside
+/// comments, as the loop at the template's top makes them.
+#[test]
+fn committed_node_confs_are_the_template() {
+    let template = std::fs::read_to_string(kez_tests::cluster::node_template_path()).unwrap();
+    for n in 1..=kez_tests::cluster::NODES {
+        let mut expected =
+            format!("# node{n}.conf: generated from node.conf.template, NODE_N={n}.\n");
+        for line in template.lines() {
+            if line.starts_with('#') {
+                expected.push_str(line);
+            } else {
+                expected.push_str(&line.replace("NODE_N", &n.to_string()));
+            }
+            expected.push('\n');
+        }
+        let path = kez_tests::cluster::node_template_path().with_file_name(format!("node{n}.conf"));
+        let committed = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            committed,
+            expected,
+            "{} is not the template for node {n}: regenerate it (the loop at the top of \
+             node.conf.template)",
+            path.display()
+        );
+    }
+}
+
+/// `nats/cluster/kez-accounts.conf` is what `kez-chat-server nats-conf` renders after its
+/// JetStream block, with placeholders for the keys.
+#[test]
+fn committed_accounts_conf_is_what_the_server_renders() {
+    let path = kez_tests::cluster::node_template_path().with_file_name("kez-accounts.conf");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    let rendered = nats_conf::render_auth(&nats_conf::PublicKeys {
+        issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
+        auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
+        server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+    });
+    // What `sed -n '/^# Accounts:/,$p'` keeps: from the first line starting so.
+    let start = committed
+        .find("\n# Accounts:")
+        .expect("the rendered part starts with a '# Accounts:' line")
+        + 1;
+    assert_eq!(
+        &committed[start..],
+        rendered,
+        "{} differs from nats_conf::render_auth",
+        path.display()
+    );
 }
