@@ -21,8 +21,12 @@ fmt:
 
 # Fuzzes every target in fuzz/ for SOAK_SECS (default 60) seconds each; not part of `test`.
 # Installs cargo-fuzz into .tools/cargo; crashes land in rust-lib/kez-fuzz/regressions/.
-soak:
+# Then the long form of delivery under faults (tests/tests/delivery_faults.rs): KEZ_SOAK_SECS
+# (default 300) seconds of traffic through repeated broker, server and client kills.
+KEZ_SOAK_SECS ?= 300
+soak: tools build
 	SOAK_CARGO=$(CARGO) bash fuzz/soak.sh
+	KEZ_SOAK_SECS=$(KEZ_SOAK_SECS) $(CARGO) test -p kez-tests --test delivery_faults -- --nocapture
 
 # Rewrites the committed KEZ test vectors and nats/nats-server.conf.example; review the diff.
 vectors:

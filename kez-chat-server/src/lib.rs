@@ -485,7 +485,33 @@ async fn connect(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::C
         ),
     };
     options
-        .connect(url)
+        .connect(server_list(url))
         .await
         .map_err(|err| StartError::Nats(err.into()))
+}
+
+/// The servers of a `--nats-url`: one URL, or several separated by commas (the nodes of a
+/// cluster). async-nats parses a single string as one URL, so the list is split here; the
+/// connection then fails over between them (a cluster with `no_advertise` tells a client of no
+/// other node).
+pub fn server_list(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_nats_url_may_list_several_servers() {
+        assert_eq!(
+            super::server_list("nats://10.0.0.1:4222, nats://10.0.0.2:4222,"),
+            ["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]
+        );
+        assert_eq!(
+            super::server_list("tls://chat.kez.lat"),
+            ["tls://chat.kez.lat"]
+        );
+    }
 }

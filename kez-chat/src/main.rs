@@ -813,8 +813,10 @@ impl Sender {
 
 /// Prints the received messages not shown yet, then marks them shown; returns how many.
 /// Messages are stored (and acknowledged) before they are shown, so a client killed in between
-/// shows them on its next run: each message is shown once, none is lost. With `json`, one
-/// array, or with `lines` one object per line (`listen`).
+/// shows them on its next run: none is lost. Every sender is resolved (a `whois` for strangers
+/// may wait on the network) before the first line is printed, so the only moment in which a
+/// kill makes the next run show messages again is between printing them and marking them
+/// shown. With `json`, one array, or with `lines` one object per line (`listen`).
 async fn show_unshown(
     store: &Store,
     conn: &Connection,
@@ -822,13 +824,16 @@ async fn show_unshown(
     lines: bool,
 ) -> Result<usize, Failure> {
     let unshown = store.unshown().map_err(Failure::store)?;
-    let mut list = Vec::new();
+    let mut senders = Vec::with_capacity(unshown.len());
     for (_, message) in &unshown {
-        let sender = Sender::of(store, conn, &message.from).await;
+        senders.push(Sender::of(store, conn, &message.from).await);
+    }
+    let mut list = Vec::new();
+    for ((_, message), sender) in unshown.iter().zip(&senders) {
         match (json, lines) {
-            (false, _) => println!("{}", message_line(&sender, message)),
-            (true, true) => println!("{}", message_json(&sender, message)),
-            (true, false) => list.push(message_json(&sender, message)),
+            (false, _) => println!("{}", message_line(sender, message)),
+            (true, true) => println!("{}", message_json(sender, message)),
+            (true, false) => list.push(message_json(sender, message)),
         }
     }
     if json && !lines {

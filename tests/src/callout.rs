@@ -209,11 +209,11 @@ pub async fn run_to_completion(command: std::process::Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {described}: {e}"))
 }
 
-/// A connection to `nats_url` as the `SERVER` user whose seed `keygen` wrote into `keys_dir`.
+/// A connection to `nats_url` (one URL or several, comma-separated) as the `SERVER` user whose seed `keygen` wrote into `keys_dir`.
 pub async fn server_client(nats_url: &str, keys_dir: &Path) -> Client {
     let seed = std::fs::read_to_string(keys_dir.join(nats_conf::SERVER_USER_SEED_FILE)).unwrap();
     ConnectOptions::with_nkey(seed.trim().to_owned())
-        .connect(nats_url)
+        .connect(kez_chat_server::server_list(nats_url))
         .await
         .unwrap()
 }

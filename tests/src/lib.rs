@@ -15,6 +15,8 @@
 //! ```
 
 pub mod callout;
+pub mod chat;
+pub mod cluster;
 pub mod kez_server;
 pub mod person;
 pub mod process;
@@ -89,6 +91,8 @@ pub struct NatsServer {
     port: u16,
     /// Appended to the generated config, kept for restarts.
     conf_extra: String,
+    /// `sync_interval: always` in the JetStream block, kept for restarts.
+    sync_always: bool,
     /// Where the current run's output starts in the log.
     log_offset: u64,
     // Declared last so it is removed only after `Drop::drop` has killed the server.
@@ -116,17 +120,30 @@ impl NatsServer {
     ///
     /// As [`NatsServer::start`], including when the server rejects the config.
     pub fn start_with(conf_extra: &str) -> NatsServer {
+        NatsServer::start_configured(conf_extra, false)
+    }
+
+    /// Like [`NatsServer::start_with`], with `sync_interval: always` as in the configs kez-chat
+    /// supplies (`kez-chat-server nats-conf`, `nats/cluster/`): JetStream fsyncs every write
+    /// before acknowledging it, so what it acknowledged survives [`NatsServer::kill_and_restart`].
+    pub fn start_durable(conf_extra: &str) -> NatsServer {
+        NatsServer::start_configured(conf_extra, true)
+    }
+
+    fn start_configured(conf_extra: &str, sync_always: bool) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("kez-nats-")
             .tempdir()
             .unwrap_or_else(|e| panic!("cannot create a temporary directory for nats-server: {e}"));
         // Port -1: the OS picks a free port.
-        let (child, log_offset) = spawn_nats_server(dir.path(), "127.0.0.1:-1", conf_extra);
+        let (child, log_offset) =
+            spawn_nats_server(dir.path(), "127.0.0.1:-1", conf_extra, sync_always);
         // From here on a panic drops `server`, which kills the child.
         let mut server = NatsServer {
             child,
             port: 0,
             conf_extra: conf_extra.to_owned(),
+            sync_always,
             log_offset,
             dir,
         };
@@ -149,8 +166,23 @@ impl NatsServer {
     /// because something else took the port meanwhile); the message includes the log.
     pub fn restart(&mut self) {
         stop_child(&mut self.child, "nats-server", STOP_TIMEOUT);
+        self.start_again();
+    }
+
+    /// Like [`NatsServer::restart`], but the server is killed with SIGKILL, as a crash or an
+    /// OOM kill would: no flush, no goodbye to clients. JetStream recovers its store at the
+    /// next start.
+    pub fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.start_again();
+    }
+
+    /// Starts a new server on the same port, config and store; waits until it is ready.
+    fn start_again(&mut self) {
         let listen = format!("127.0.0.1:{}", self.port);
-        let (child, log_offset) = spawn_nats_server(self.dir.path(), &listen, &self.conf_extra);
+        let (child, log_offset) =
+            spawn_nats_server(self.dir.path(), &listen, &self.conf_extra, self.sync_always);
         self.child = child;
         self.log_offset = log_offset;
         self.wait_ready();
@@ -230,10 +262,16 @@ impl Drop for NatsServer {
     }
 }
 
-/// Writes `<dir>/nats.conf` listening on `listen` with JetStream in `<dir>/js`, then starts
+/// Writes `<dir>/nats.conf` listening on `listen` with JetStream in `<dir>/js` (fsyncing every
+/// write with `sync_always`), then starts
 /// nats-server on it with stdout and stderr appended to `<dir>/nats-server.log`. Returns the child
 /// and the log's length before the start (where this run's output begins).
-fn spawn_nats_server(dir: &Path, listen: &str, conf_extra: &str) -> (Child, u64) {
+fn spawn_nats_server(
+    dir: &Path,
+    listen: &str,
+    conf_extra: &str,
+    sync_always: bool,
+) -> (Child, u64) {
     let binary = nats_server_binary();
     let store_dir = dir.join("js");
     let conf_path = dir.join("nats.conf");
@@ -245,6 +283,9 @@ fn spawn_nats_server(dir: &Path, listen: &str, conf_extra: &str) -> (Child, u64)
     writeln!(conf, "server_name: \"kez-test\"").unwrap();
     writeln!(conf, "jetstream {{").unwrap();
     writeln!(conf, "  store_dir: {}", conf_string(&store_dir)).unwrap();
+    if sync_always {
+        writeln!(conf, "  sync_interval: always").unwrap();
+    }
     writeln!(conf, "}}").unwrap();
     conf.push_str(conf_extra);
     conf.push('\n');

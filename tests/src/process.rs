@@ -156,15 +156,27 @@ impl KezServerProcess {
         keys_dir: &Path,
         issuer: &str,
     ) -> KezServerProcess {
+        KezServerProcess::spawn_with_callout_args(nats_url, keys_dir, issuer, &[]).await
+    }
+
+    /// Like [`spawn_with_callout`](Self::spawn_with_callout), with `extra` arguments for `run`
+    /// (e.g. `--kv-replicas 3`). `nats_url` may list several comma-separated URLs (a cluster).
+    pub async fn spawn_with_callout_args(
+        nats_url: &str,
+        keys_dir: &Path,
+        issuer: &str,
+        extra: &[&str],
+    ) -> KezServerProcess {
         let seed_path = keys_dir.join(kez_chat_server::nats_conf::SERVER_USER_SEED_FILE);
         let seed = std::fs::read_to_string(&seed_path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", seed_path.display()));
-        let args = vec![
+        let mut args = vec![
             OsString::from("--keys-dir"),
             keys_dir.as_os_str().to_owned(),
             OsString::from("--callout-issuer"),
             OsString::from(issuer),
         ];
+        args.extend(extra.iter().map(OsString::from));
         let probe = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned());
         KezServerProcess::spawn_with(nats_url, args, probe).await
     }
@@ -209,7 +221,7 @@ impl KezServerProcess {
         let deadline = Instant::now() + SERVE_TIMEOUT;
         let client = probe
             .request_timeout(Some(Duration::from_secs(1)))
-            .connect(nats_url)
+            .connect(kez_chat_server::server_list(nats_url))
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {nats_url}: {e}"));
         loop {

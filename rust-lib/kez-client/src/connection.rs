@@ -352,7 +352,8 @@ impl Connection {
         .max_reconnects(None)
     }
 
-    /// Connects to the broker at `url` as `key` with [`Connection::options`].
+    /// Connects to the broker at `url` (or to any of several comma-separated URLs, the nodes
+    /// of a cluster) as `key` with [`Connection::options`].
     pub async fn connect(url: &str, key: Arc<SecretKey>) -> Result<Connection, ClientError> {
         let options = Connection::options(&key);
         Connection::connect_with(url, key, options).await
@@ -364,8 +365,15 @@ impl Connection {
         key: Arc<SecretKey>,
         options: async_nats::ConnectOptions,
     ) -> Result<Connection, ClientError> {
+        // Several URLs separated by commas (the nodes of a cluster): async-nats takes a list,
+        // and would read the whole string as one URL.
+        let servers: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
         let client = options
-            .connect(url)
+            .connect(servers)
             .await
             .map_err(|source| ClientError::Connect {
                 url: url.to_owned(),

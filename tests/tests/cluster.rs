@@ -1,0 +1,384 @@
+//! kez-chat on a three-node NATS cluster (issue 9, item 4): three nats-servers on loopback, made
+//! from the committed `nats/cluster/node.conf.template`, two kez-chat-server instances with
+//! `--kv-replicas 3`, and clients on the kez-client library. One node (the inbox stream's
+//! leader) is killed while messages flow: every acknowledged message must still be delivered
+//! exactly once, and the services must keep answering with the node down.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use kez_chat_server::nats_conf;
+use kez_client::{Connection, Contact};
+use kez_core::subjects::{INBOX_STREAM, inbox_consumer};
+use kez_tests::callout::server_client;
+use kez_tests::chat::{ChatUser, Ledger};
+use kez_tests::cluster::{NatsCluster, wait_for_jetstream};
+use kez_tests::process::KezServerProcess;
+
+/// Messages each sender sends.
+const PER_SENDER: usize = 60;
+/// How long any one step may take to recover from the node's death (leader elections,
+/// reconnects).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The streams kez-chat-server keeps: the inbox and the key-value buckets (without pinning).
+const STREAMS: &[&str] = &[
+    INBOX_STREAM,
+    "KV_kez_handles",
+    "KV_kez_keys",
+    "KV_kez_chain_links",
+    "KV_kez_chain_heads",
+    "KV_kez_disabled",
+];
+
+/// The stream's current leader (a node name), once it has one.
+async fn leader(js: &jetstream::Context, stream: &str) -> Option<String> {
+    let mut stream = js.get_stream(stream).await.ok()?;
+    stream.info().await.ok()?.cluster.as_ref()?.leader.clone()
+}
+
+/// Sends `count` messages from `conn` to `to`, each retried as a new message (a new body and
+/// id) until the stream acknowledges one, and records everything in `ledger`.
+async fn send_all(
+    ledger: Ledger,
+    conn: Connection,
+    from: &'static str,
+    to: Contact,
+    count: usize,
+) -> Connection {
+    let me = conn.public_key();
+    for i in 0..count {
+        let deadline = Instant::now() + PATIENCE;
+        for attempt in 0.. {
+            let body = format!("{from} to {} #{i} try {attempt}", to.handle);
+            ledger.attempt(me, to.key, body.as_bytes());
+            match conn.send(&to, "text", body.as_bytes()).await {
+                Ok(sent) => {
+                    ledger.acked(&sent);
+                    // Paced, so that the flow spans the node's death.
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    break;
+                }
+                Err(err) => {
+                    ledger.send_failed();
+                    assert!(
+                        Instant::now() < deadline,
+                        "{from}: message {i} not acknowledged within {PATIENCE:?}: {err}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    conn
+}
+
+/// Receives into `user`'s store until `done` is set and nothing acknowledged is outstanding,
+/// or the deadline passes.
+async fn receive_all(
+    ledger: Ledger,
+    user: Arc<ChatUser>,
+    conn: Connection,
+    done: Arc<AtomicBool>,
+    deadline: Instant,
+) {
+    let me = conn.public_key();
+    while Instant::now() < deadline {
+        ledger.operation();
+        match conn
+            .receive(&user.store, 100, Duration::from_millis(300))
+            .await
+        {
+            Ok(messages) => ledger.shown(me, &messages),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+        if done.load(Ordering::SeqCst) && ledger.outstanding() == 0 {
+            return;
+        }
+    }
+}
+
+/// Retries `what` until it answers OK, for at most [`PATIENCE`]; returns how long it took.
+async fn answers<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    name: &str,
+    mut what: impl FnMut() -> F,
+) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        match what().await {
+            Ok(answer) => return (answer, started.elapsed()),
+            Err(err) => assert!(
+                started.elapsed() < PATIENCE,
+                "{name}: no answer within {PATIENCE:?} with a node down: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
+    let started = Instant::now();
+    let keys_dir = tempfile::Builder::new()
+        .prefix("kez-keys-")
+        .tempdir()
+        .unwrap();
+    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+    let mut cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
+    let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
+    wait_for_jetstream(&admin, PATIENCE).await;
+    let js = jetstream::new(admin.clone());
+
+    eprintln!("{:?}: cluster up, JetStream answers", started.elapsed());
+    // Two instances, each given every node (starting with a different one), with R3.
+    let replicas = ["--kv-replicas", "3"];
+    let _first = KezServerProcess::spawn_with_callout_args(
+        &cluster.urls_from(0),
+        keys_dir.path(),
+        &keys.issuer,
+        &replicas,
+    )
+    .await;
+    let _second = KezServerProcess::spawn_with_callout_args(
+        &cluster.urls_from(1),
+        keys_dir.path(),
+        &keys.issuer,
+        &replicas,
+    )
+    .await;
+
+    // Every stream kez-chat keeps has three replicas, on three nodes.
+    for name in STREAMS {
+        let info = js
+            .get_stream(*name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+        let cluster_info = info.cluster.as_ref().expect("clustered");
+        assert_eq!(cluster_info.replicas.len(), 2, "{name}: {cluster_info:?}");
+    }
+
+    // alice → bob and carol → dave, each user on another first node.
+    let mut users = Vec::new();
+    for (i, name) in ["alice", "bob", "carol", "dave"].iter().enumerate() {
+        let user = ChatUser::register(&cluster.urls_from(i % 3), name, PATIENCE).await;
+        users.push(Arc::new(user));
+    }
+    let [alice, bob, carol, dave] = [0, 1, 2, 3].map(|i| users[i].clone());
+    // The inbox consumers follow the stream's replicas.
+    for user in [&bob, &dave] {
+        let info = js
+            .get_stream(INBOX_STREAM)
+            .await
+            .unwrap()
+            .consumer_info(inbox_consumer(&user.key.public_key()))
+            .await
+            .unwrap();
+        let replicas = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+        assert_eq!(replicas, 2, "{}'s consumer: {:?}", user.name, info.cluster);
+    }
+    let alice_conn = alice.connect(&cluster.urls_from(0), PATIENCE).await;
+    let carol_conn = carol.connect(&cluster.urls_from(1), PATIENCE).await;
+    let bob_conn = bob.connect(&cluster.urls_from(2), PATIENCE).await;
+    let dave_conn = dave.connect(&cluster.urls_from(0), PATIENCE).await;
+    let to_bob = alice.add(&alice_conn, "bob", PATIENCE).await;
+    let to_dave = carol.add(&carol_conn, "dave", PATIENCE).await;
+
+    eprintln!("{:?}: servers, users and contacts ready", started.elapsed());
+    let ledger = Ledger::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let senders = [
+        tokio::spawn(send_all(
+            ledger.clone(),
+            alice_conn.clone(),
+            "alice",
+            to_bob,
+            PER_SENDER,
+        )),
+        tokio::spawn(send_all(
+            ledger.clone(),
+            carol_conn,
+            "carol",
+            to_dave,
+            PER_SENDER,
+        )),
+    ];
+    let receivers = [
+        tokio::spawn(receive_all(
+            ledger.clone(),
+            bob.clone(),
+            bob_conn,
+            done.clone(),
+            deadline,
+        )),
+        tokio::spawn(receive_all(
+            ledger.clone(),
+            dave.clone(),
+            dave_conn,
+            done.clone(),
+            deadline,
+        )),
+    ];
+
+    // Once a third of the messages are acknowledged, kill the inbox stream's leader.
+    while ledger.acked_count() < 2 * PER_SENDER / 3 {
+        assert!(Instant::now() < deadline, "messages do not flow");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let old_leader = leader(&js, INBOX_STREAM).await.expect("a leader");
+    let victim = cluster.index_of(&old_leader).expect("a node's name");
+    cluster.kill(victim);
+    ledger.fault();
+    let acked_before = ledger.acked_count();
+    eprintln!(
+        "{:?}: killed {old_leader}, the leader of {INBOX_STREAM}, after {acked_before} of {} \
+         messages",
+        started.elapsed(),
+        2 * PER_SENDER
+    );
+
+    // With the node down, the services answer: lookups, chains, registrations, appends.
+    let (profile, took) = answers("lookup @dave", || alice_conn.lookup("@dave")).await;
+    assert_eq!(profile.key, dave.key.public_key());
+    eprintln!("lookup answered {took:?} after the kill");
+    let dave_key = dave.key.public_key();
+    let (chain, _) = answers("dave's sigchain", || alice_conn.chain(&dave_key)).await;
+    assert_eq!(chain.seq(), 1);
+    let (head, _) = answers("dave's head", || alice_conn.head(&dave_key)).await;
+    assert_eq!(head.seq, 1);
+    // A new user registers and writes a first link (KV creates on the replicated buckets).
+    let live = (victim + 1) % 3;
+    let erin = ChatUser::register(&cluster.urls_from(live), "erin", PATIENCE).await;
+    let (profile, _) = answers("lookup @erin", || alice_conn.lookup("@erin")).await;
+    assert_eq!(profile.key, erin.key.public_key());
+    assert_eq!(profile.sigchain.map(|head| head.seq), Some(1));
+    for _ in 0..5 {
+        ledger.operation();
+    }
+
+    eprintln!("{:?}: the services answered", started.elapsed());
+    for sender in senders {
+        sender.await.expect("sender");
+    }
+    eprintln!("{:?}: every message sent", started.elapsed());
+    done.store(true, Ordering::SeqCst);
+    for receiver in receivers {
+        receiver.await.expect("receiver");
+    }
+    assert!(
+        acked_before < 2 * PER_SENDER,
+        "every message was acknowledged before the kill: nothing flowed through it"
+    );
+    let new_leader = leader(&js, INBOX_STREAM).await;
+    assert!(
+        new_leader.is_some() && new_leader.as_deref() != Some(old_leader.as_str()),
+        "{INBOX_STREAM} has no new leader: {new_leader:?}"
+    );
+
+    let senders = [alice.key.public_key(), carol.key.public_key()];
+    let stores = [
+        (bob.key.public_key(), &bob.store),
+        (dave.key.public_key(), &dave.store),
+    ];
+    let (summary, problems) = ledger.check(&stores, &senders);
+    summary.report("cluster (3 nodes, 1 killed)");
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert_eq!(summary.acked, 2 * PER_SENDER);
+    assert_eq!(
+        (summary.lost, summary.duplicates, summary.unexpected),
+        (0, 0, 0)
+    );
+
+    // The dead node comes back on its store and catches up: every replica current again.
+    cluster.restart(victim);
+    let caught_up = Instant::now() + PATIENCE;
+    for name in STREAMS {
+        loop {
+            let lagging = match js.get_stream(*name).await {
+                Ok(mut stream) => match stream.info().await {
+                    Ok(info) => info.cluster.as_ref().map_or(usize::MAX, |cluster| {
+                        cluster.replicas.iter().filter(|peer| !peer.current).count()
+                            + (2 - cluster.replicas.len().min(2))
+                    }),
+                    Err(_) => usize::MAX,
+                },
+                Err(_) => usize::MAX,
+            };
+            if lagging == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < caught_up,
+                "{name}: {old_leader} did not catch up within {PATIENCE:?}; logs:\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    eprintln!("{:?}: {old_leader} is back and current", started.elapsed());
+    drop(cluster);
+}
+
+/// `nats/cluster/node1.conf`…`node3.conf` are the template with `NODE_N` replaced outside
+/// comments, as the loop at the template's top makes them.
+#[test]
+fn committed_node_confs_are_the_template() {
+    let template = std::fs::read_to_string(kez_tests::cluster::node_template_path()).unwrap();
+    for n in 1..=kez_tests::cluster::NODES {
+        let mut expected =
+            format!("# node{n}.conf: generated from node.conf.template, NODE_N={n}.\n");
+        for line in template.lines() {
+            if line.starts_with('#') {
+                expected.push_str(line);
+            } else {
+                expected.push_str(&line.replace("NODE_N", &n.to_string()));
+            }
+            expected.push('\n');
+        }
+        let path = kez_tests::cluster::node_template_path().with_file_name(format!("node{n}.conf"));
+        let committed = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            committed,
+            expected,
+            "{} is not the template for node {n}: regenerate it (the loop at the top of \
+             node.conf.template)",
+            path.display()
+        );
+    }
+}
+
+/// `nats/cluster/kez-accounts.conf` is what `kez-chat-server nats-conf` renders after its
+/// JetStream block, with placeholders for the keys.
+#[test]
+fn committed_accounts_conf_is_what_the_server_renders() {
+    let path = kez_tests::cluster::node_template_path().with_file_name("kez-accounts.conf");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    let rendered = nats_conf::render_auth(&nats_conf::PublicKeys {
+        issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
+        auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
+        server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+    });
+    // What `sed -n '/^# Accounts:/,$p'` keeps: from the first line starting so.
+    let start = committed
+        .find("\n# Accounts:")
+        .expect("the rendered part starts with a '# Accounts:' line")
+        + 1;
+    assert_eq!(
+        &committed[start..],
+        rendered,
+        "{} differs from nats_conf::render_auth",
+        path.display()
+    );
+}

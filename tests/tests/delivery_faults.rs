@@ -1,0 +1,381 @@
+//! Delivery under faults (issue 11, item 2). Four users on the kez-client library send to each
+//! other while the test kills nats-server (SIGKILL; restarted on the same port with the same
+//! file store, `sync_interval: always` as the supplied configs have), kills kez-chat-server
+//! instances (one, the other, both; they answer the auth callout, so reconnecting clients need
+//! them) and starts new ones, and kills receiving clients between fetching and acknowledging:
+//! once before opening what they fetched, once after storing it. At the end every message whose
+//! send was acknowledged must have been shown exactly once to its recipient, decrypted and
+//! verified, nothing else shown, and the inbox stream empty (each redelivery handled).
+//!
+//! `make test` runs a short form (about 12 s of traffic; the drain then waits out the 30 s ack
+//! wait of the messages the killed clients left unacknowledged). `KEZ_SOAK_SECS=N` (`make
+//! soak`) runs N seconds of traffic, repeating the fault schedule.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use kez_client::{Connection, Contact};
+use kez_core::envelope;
+use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer};
+use kez_tests::NatsServer;
+use kez_tests::callout::server_client;
+use kez_tests::chat::{ChatUser, Ledger};
+use kez_tests::process::KezServerProcess;
+use tempfile::TempDir;
+
+/// Users; each sends to the next two.
+const NAMES: [&str; 4] = ["alice", "bob", "carol", "dave"];
+/// Traffic in the short form.
+const SHORT_SECS: u64 = 12;
+/// The fault schedule repeats with this period (the soak form runs it again and again).
+const CYCLE: Duration = Duration::from_secs(12);
+/// Pause between one sender's messages.
+const SEND_PACE: Duration = Duration::from_millis(30);
+/// How long setup steps and recoveries may take.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// How long the drain may take after the traffic: the inbox consumers' 30 s ack wait, plus
+/// recovery from the last fault.
+const DRAIN: Duration = Duration::from_secs(90);
+
+/// How a receiving client dies.
+#[derive(Debug, Clone, Copy)]
+enum ClientCrash {
+    /// It fetched a batch and died before opening it: nothing stored, nothing acknowledged.
+    AfterFetch,
+    /// It fetched, opened and stored a batch and died before acknowledging it: redelivered
+    /// after the ack wait, and then dropped as seen.
+    AfterStore,
+}
+
+/// A fault the main task injects, at an offset into each cycle.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Every receiver dies this way (each at its next turn).
+    Clients(ClientCrash),
+    /// kez-chat-server instance 0 or 1 is killed (SIGKILL) and a new one started.
+    Server(usize),
+    /// Both instances are killed, then two new ones started.
+    BothServers,
+    /// nats-server is killed (SIGKILL) and restarted on its port and store.
+    Broker,
+}
+
+/// Offsets into a cycle. Client crashes come early: what they leave unacknowledged comes back
+/// after the 30 s ack wait, which the drain waits for.
+const SCHEDULE: &[(u64, Fault)] = &[
+    (1_000, Fault::Clients(ClientCrash::AfterFetch)),
+    (2_500, Fault::Clients(ClientCrash::AfterStore)),
+    (3_500, Fault::Server(0)),
+    (5_000, Fault::Broker),
+    (7_000, Fault::Server(1)),
+    (8_500, Fault::BothServers),
+    (10_500, Fault::Broker),
+];
+
+/// The broker, its keys and the kez-chat-server instances.
+struct Stack {
+    nats: NatsServer,
+    keys_dir: TempDir,
+    issuer: String,
+    servers: [Option<KezServerProcess>; 2],
+}
+
+impl Stack {
+    async fn spawn_server(&self) -> KezServerProcess {
+        KezServerProcess::spawn_with_callout(&self.nats.url(), self.keys_dir.path(), &self.issuer)
+            .await
+    }
+
+    async fn inject(&mut self, fault: Fault, crashes: &[Arc<std::sync::Mutex<Vec<ClientCrash>>>]) {
+        match fault {
+            Fault::Clients(crash) => {
+                for pending in crashes {
+                    pending.lock().unwrap().push(crash);
+                }
+            }
+            Fault::Server(i) => {
+                if let Some(mut server) = self.servers[i].take() {
+                    server.kill();
+                }
+                self.servers[i] = Some(self.spawn_server().await);
+            }
+            Fault::BothServers => {
+                for server in self.servers.iter_mut() {
+                    if let Some(mut server) = server.take() {
+                        server.kill();
+                    }
+                }
+                for i in 0..2 {
+                    self.servers[i] = Some(self.spawn_server().await);
+                }
+            }
+            Fault::Broker => self.nats.kill_and_restart(),
+        }
+    }
+}
+
+/// Sends to `contacts` in turn until `stop`, each message with a unique body; a failed send is
+/// counted and the next message tried after a pause (as a person would send again).
+async fn sender(
+    ledger: Ledger,
+    name: &'static str,
+    conn: Connection,
+    contacts: Vec<Contact>,
+    stop: Arc<AtomicBool>,
+) {
+    let me = conn.public_key();
+    let mut n = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let to = &contacts[n % contacts.len()];
+        let body = format!("{name} to {} #{n}", to.handle);
+        n += 1;
+        ledger.attempt(me, to.key, body.as_bytes());
+        match tokio::time::timeout(PATIENCE, conn.send(to, "text", body.as_bytes())).await {
+            Ok(Ok(sent)) => {
+                ledger.acked(&sent);
+                tokio::time::sleep(SEND_PACE).await;
+            }
+            _ => {
+                ledger.send_failed();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Simulates a client process that dies in the middle of receiving: fetches a batch from its
+/// own consumer as [`Connection::receive`] does, stores what opens (for
+/// [`ClientCrash::AfterStore`]), and drops the connection without acknowledging anything.
+/// Returns whether it fetched anything (a crash with nothing in hand tests nothing).
+async fn crash_while_receiving(
+    ledger: &Ledger,
+    user: &ChatUser,
+    conn: Connection,
+    crash: ClientCrash,
+) -> bool {
+    let me = conn.public_key();
+    let js = jetstream::with_prefix(conn.nats().clone(), JS_API_PREFIX);
+    let fetched = async {
+        let consumer: jetstream::consumer::PullConsumer = js
+            .get_consumer_from_stream(inbox_consumer(&me), INBOX_STREAM)
+            .await
+            .ok()?;
+        consumer
+            .batch()
+            .max_messages(20)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await
+            .ok()
+    }
+    .await;
+    let mut got = false;
+    if let Some(mut batch) = fetched {
+        while let Some(Ok(delivery)) = batch.next().await {
+            got = true;
+            if let ClientCrash::AfterStore = crash
+                && let Ok(message) = envelope::open(&user.key, &delivery.payload)
+                && user
+                    .store
+                    .record_incoming(&message, kez_client::now())
+                    .unwrap()
+            {
+                // Stored, so shown: the CLI shows stored, unshown messages on its next run.
+                ledger.shown(me, &[message]);
+            }
+            // No acknowledgement: the process is gone.
+        }
+    }
+    // Dropped without draining, like a killed process's socket.
+    drop(js);
+    drop(conn);
+    got
+}
+
+/// Receives into `user`'s store until `stop`; dies (and comes back with a new connection)
+/// when `crashes` asks it to.
+async fn receiver(
+    ledger: Ledger,
+    user: Arc<ChatUser>,
+    url: String,
+    crashes: Arc<std::sync::Mutex<Vec<ClientCrash>>>,
+    traffic_over: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
+    let me = user.key.public_key();
+    let mut conn = user.connect(&url, PATIENCE).await;
+    while !stop.load(Ordering::SeqCst) {
+        let crash = crashes.lock().unwrap().first().copied();
+        if let Some(crash) = crash {
+            if crash_while_receiving(&ledger, &user, conn, crash).await {
+                crashes.lock().unwrap().remove(0);
+                ledger.fault();
+            } else if traffic_over.load(Ordering::SeqCst) {
+                // Nothing in hand and nothing more coming: this crash cannot happen.
+                crashes.lock().unwrap().remove(0);
+            }
+            conn = user.connect(&url, PATIENCE).await;
+            continue;
+        }
+        ledger.operation();
+        match conn
+            .receive(&user.store, 100, Duration::from_millis(500))
+            .await
+        {
+            Ok(messages) => ledger.shown(me, &messages),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Messages the inbox stream holds (undelivered or unacknowledged), or `None` if JetStream
+/// does not answer.
+async fn in_stream(js: &jetstream::Context) -> Option<u64> {
+    let mut stream = js.get_stream(INBOX_STREAM).await.ok()?;
+    Some(stream.info().await.ok()?.state.messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_message_is_shown_exactly_once_through_faults() {
+    let soak_secs = std::env::var("KEZ_SOAK_SECS").ok().map(|secs| {
+        secs.parse::<u64>()
+            .expect("KEZ_SOAK_SECS is a number of seconds")
+    });
+    let traffic = Duration::from_secs(soak_secs.unwrap_or(SHORT_SECS));
+    let started = Instant::now();
+
+    let keys_dir = tempfile::Builder::new()
+        .prefix("kez-keys-")
+        .tempdir()
+        .unwrap();
+    let keys = kez_chat_server::nats_conf::keygen(keys_dir.path()).unwrap();
+    let nats = NatsServer::start_durable(&kez_chat_server::nats_conf::render_auth(&keys));
+    let mut stack = Stack {
+        nats,
+        keys_dir,
+        issuer: keys.issuer.clone(),
+        servers: [None, None],
+    };
+    stack.servers[0] = Some(stack.spawn_server().await);
+    stack.servers[1] = Some(stack.spawn_server().await);
+    let url = stack.nats.url();
+
+    let mut users = Vec::new();
+    for name in NAMES {
+        users.push(Arc::new(ChatUser::register(&url, name, PATIENCE).await));
+    }
+    let ledger = Ledger::default();
+    let stop_sending = Arc::new(AtomicBool::new(false));
+    let stop_receiving = Arc::new(AtomicBool::new(false));
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let mut crashes = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let conn = user.connect(&url, PATIENCE).await;
+        let mut contacts = Vec::new();
+        for step in 1..=2 {
+            let other = NAMES[(i + step) % NAMES.len()];
+            contacts.push(user.add(&conn, other, PATIENCE).await);
+        }
+        senders.push(tokio::spawn(sender(
+            ledger.clone(),
+            NAMES[i],
+            conn,
+            contacts,
+            stop_sending.clone(),
+        )));
+        let pending = Arc::new(std::sync::Mutex::new(Vec::new()));
+        crashes.push(pending.clone());
+        receivers.push(tokio::spawn(receiver(
+            ledger.clone(),
+            user.clone(),
+            url.clone(),
+            pending,
+            stop_sending.clone(),
+            stop_receiving.clone(),
+        )));
+    }
+    eprintln!("{:?}: four users chatting", started.elapsed());
+
+    // The faults, cycle after cycle, while the traffic lasts.
+    let traffic_start = Instant::now();
+    'cycles: for cycle in 0.. {
+        for (offset, fault) in SCHEDULE {
+            let at = traffic_start + CYCLE * cycle + Duration::from_millis(*offset);
+            if at >= traffic_start + traffic {
+                break 'cycles;
+            }
+            tokio::time::sleep_until(at.into()).await;
+            stack.inject(*fault, &crashes).await;
+            if !matches!(fault, Fault::Clients(_)) {
+                ledger.fault();
+            }
+            eprintln!("{:?}: {fault:?}", started.elapsed());
+        }
+    }
+    tokio::time::sleep_until((traffic_start + traffic).into()).await;
+    stop_sending.store(true, Ordering::SeqCst);
+    for sender in senders {
+        sender.await.expect("a sender panicked");
+    }
+    eprintln!("{:?}: traffic stopped; draining", started.elapsed());
+
+    // Drain: until every acknowledged message is shown, every client crash happened, and the
+    // stream is empty (each unacknowledged delivery came back and was handled).
+    let admin = server_client(&url, stack.keys_dir.path()).await;
+    let js = jetstream::new(admin);
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        let crashes_left: usize = crashes.iter().map(|c| c.lock().unwrap().len()).sum();
+        let stored = in_stream(&js).await;
+        if ledger.outstanding() == 0 && crashes_left == 0 && stored == Some(0) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "drain incomplete: {} acknowledged messages not shown, {crashes_left} client \
+                 crashes pending, {stored:?} messages in the stream",
+                ledger.outstanding()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_receiving.store(true, Ordering::SeqCst);
+    for receiver in receivers {
+        receiver.await.expect("a receiver panicked");
+    }
+    eprintln!("{:?}: drained", started.elapsed());
+
+    let keys: Vec<_> = users.iter().map(|user| user.key.public_key()).collect();
+    let stores: Vec<_> = users
+        .iter()
+        .map(|user| (user.key.public_key(), &user.store))
+        .collect();
+    let (summary, problems) = ledger.check(&stores, &keys);
+    let suite = match soak_secs {
+        Some(secs) => format!("delivery under faults (soak, {secs} s)"),
+        None => "delivery under faults".to_owned(),
+    };
+    summary.report(&suite);
+    assert!(
+        problems.is_empty(),
+        "{} problems:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    assert_eq!(
+        (summary.lost, summary.duplicates, summary.unexpected),
+        (0, 0, 0)
+    );
+    assert_eq!(in_stream(&js).await, Some(0), "messages left in the stream");
+    assert!(
+        summary.faults >= SCHEDULE.len(),
+        "only {} faults injected",
+        summary.faults
+    );
+    assert!(summary.acked > 100, "too little traffic: {}", summary.acked);
+}
