@@ -410,8 +410,7 @@ async fn connection_floods_are_refused_and_others_keep_being_served() {
             async_nats::ConnectErrorKind::AuthorizationViolation,
             "{err}"
         );
-        // nats-server waits 2 s for the callout; a refusal comes well before.
-        assert!(*took < Duration::from_secs(2), "a refusal took {took:?}");
+        assert!(*took < Duration::from_secs(20));
     }
     let admitted = unregistered.iter().filter(|result| result.is_ok()).count();
     for result in &unregistered {
@@ -428,10 +427,13 @@ async fn connection_floods_are_refused_and_others_keep_being_served() {
         admitted, 8,
         "10 unregistered connections per address, 2 used by the registrations"
     );
+    // Each of bob's connections needed the callout's answer within nats-server's 2 s timeout.
     for (result, took) in &bobs {
         tally.count(result);
-        assert!(result.is_ok(), "registered bob connects: {result:?}");
-        assert!(*took < Duration::from_secs(2), "bob waited {took:?}");
+        assert!(
+            result.is_ok(),
+            "registered bob connects (after {took:?}): {result:?}"
+        );
     }
     for answer in &alice_answers {
         tally.count(answer);
@@ -450,8 +452,10 @@ async fn connection_floods_are_refused_and_others_keep_being_served() {
             .and_then(|count| count.parse().ok())
             .unwrap_or(0)
     };
-    // Invalid credentials, and unregistered keys over the limit, were refused by the callout.
-    assert!(decision("denied") >= 60 + 22, "{text}");
+    // The callout itself decided every refusal (none was nats-server giving up waiting for it):
+    // the 60 invalid credentials and the 22 unregistered keys over the limit.
+    assert_eq!(decision("denied"), 60 + 22, "{text}");
+    assert_eq!(decision("registered"), 2 + 30, "{text}");
     let (_carol_key, carol) = registered_after_flood(&stack).await;
     let answer = call(&carol, "kez.server.info", Bytes::new()).await;
     tally.count(&answer);
