@@ -156,15 +156,27 @@ impl KezServerProcess {
         keys_dir: &Path,
         issuer: &str,
     ) -> KezServerProcess {
+        KezServerProcess::spawn_with_callout_args(nats_url, keys_dir, issuer, &[]).await
+    }
+
+    /// Like [`spawn_with_callout`](Self::spawn_with_callout), with `extra` flags after the
+    /// callout's (e.g. `--rate-limit-per-sec 0`).
+    pub async fn spawn_with_callout_args(
+        nats_url: &str,
+        keys_dir: &Path,
+        issuer: &str,
+        extra: &[&str],
+    ) -> KezServerProcess {
         let seed_path = keys_dir.join(kez_chat_server::nats_conf::SERVER_USER_SEED_FILE);
         let seed = std::fs::read_to_string(&seed_path)
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", seed_path.display()));
-        let args = vec![
+        let mut args = vec![
             OsString::from("--keys-dir"),
             keys_dir.as_os_str().to_owned(),
             OsString::from("--callout-issuer"),
             OsString::from(issuer),
         ];
+        args.extend(extra.iter().map(OsString::from));
         let probe = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned());
         KezServerProcess::spawn_with(nats_url, args, probe).await
     }
