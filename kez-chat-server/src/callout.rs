@@ -14,6 +14,7 @@ use kez_nats_jwt::{
 };
 use nkeys::KeyPair;
 
+use crate::limits::Limiter;
 use crate::nats_conf::APP_ACCOUNT;
 use crate::store::{HandleRecord, Store};
 
@@ -27,6 +28,8 @@ const MAX_SUBSCRIPTIONS: i64 = 1000;
 pub struct Callout {
     issuer: KeyPair,
     store: Store,
+    /// Unregistered-profile grants per client address.
+    connect_limit: Option<Limiter>,
 }
 
 /// What the callout decided, for logs and metrics.
@@ -43,7 +46,18 @@ pub enum Verdict {
 impl Callout {
     /// A callout signing with `issuer` (an account key) and reading the registry in `store`.
     pub fn new(issuer: KeyPair, store: Store) -> Self {
-        Callout { issuer, store }
+        Callout {
+            issuer,
+            store,
+            connect_limit: None,
+        }
+    }
+
+    /// The same callout, granting the unregistered profile to at most what `limiter` allows
+    /// per client address (`client_info.host`); more connections are refused.
+    pub fn with_connect_limit(mut self, limiter: Limiter) -> Self {
+        self.connect_limit = Some(limiter);
+        self
     }
 
     /// The public key nats-server must be configured with (`auth_callout.issuer`).
@@ -110,10 +124,22 @@ impl Callout {
                 registered_profile(request, record, now),
                 Verdict::Registered(key),
             ),
-            None => (
-                unregistered_profile(request, &key, now),
-                Verdict::Unregistered(key),
-            ),
+            None => {
+                if let Some(limiter) = &self.connect_limit
+                    && let Err(limited) =
+                        limiter.check(&request.client_info.host, std::time::Instant::now())
+                {
+                    return Err(format!(
+                        "kez: too many unregistered connections from {}; retry in {} ms",
+                        request.client_info.host,
+                        limited.retry_after.as_millis().max(1)
+                    ));
+                }
+                (
+                    unregistered_profile(request, &key, now),
+                    Verdict::Unregistered(key),
+                )
+            }
         };
         let user_jwt =
             encode_user_jwt(&self.issuer, &claims).map_err(|err| format!("kez: {err}"))?;

@@ -60,6 +60,8 @@ pub struct ServerConfig {
     pub http_limits: crate::http::HttpLimits,
     /// Pinning (`kez.pin.*` and a pin node), when `--pin-dir` is set.
     pub pin: Option<crate::pin::PinConfig>,
+    /// Rate limits against hostile clients (PROTOCOL.md §5.5).
+    pub limits: crate::limits::Limits,
 }
 
 impl ServerConfig {
@@ -76,6 +78,7 @@ impl ServerConfig {
             public_nats_url: public_url_from(nats_url),
             http_limits: crate::http::HttpLimits::default(),
             pin: None,
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -141,6 +144,27 @@ pub struct Settings {
     /// after 2 minutes) [default: 90]
     #[arg(long, env = "KEZ_PIN_FETCH_SECS")]
     pub pin_fetch_secs: Option<u64>,
+    /// Requests per second each key may make to kez.registry.*, kez.sigchain.* and kez.pin.*
+    /// (over it: 429 rate_limited); 0 turns the limit off [default: 20]
+    #[arg(long, env = "KEZ_RATE_LIMIT_PER_SEC")]
+    pub rate_limit_per_sec: Option<f64>,
+    /// Requests each key may make at once after a quiet spell [default: 40]
+    #[arg(long, env = "KEZ_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+    /// Registration requests per hour from one client address (over it: 429
+    /// too_many_registrations); 0 turns the limit off [default: 60]
+    #[arg(long, env = "KEZ_REGISTER_LIMIT_PER_HOUR")]
+    pub register_limit_per_hour: Option<u32>,
+    /// Registration requests one client address may make at once [default: 20]
+    #[arg(long, env = "KEZ_REGISTER_LIMIT_BURST")]
+    pub register_limit_burst: Option<u32>,
+    /// Connections per second the auth callout lets in with the unregistered profile from one
+    /// client address (more are refused); 0 turns the limit off [default: 5]
+    #[arg(long, env = "KEZ_CONNECT_LIMIT_PER_SEC")]
+    pub connect_limit_per_sec: Option<f64>,
+    /// Unregistered connections one client address may open at once [default: 50]
+    #[arg(long, env = "KEZ_CONNECT_LIMIT_BURST")]
+    pub connect_limit_burst: Option<u32>,
 }
 
 impl Settings {
@@ -169,6 +193,16 @@ impl Settings {
             pin_quota_bytes: self.pin_quota_bytes.or(fallback.pin_quota_bytes),
             pin_gc_secs: self.pin_gc_secs.or(fallback.pin_gc_secs),
             pin_fetch_secs: self.pin_fetch_secs.or(fallback.pin_fetch_secs),
+            rate_limit_per_sec: self.rate_limit_per_sec.or(fallback.rate_limit_per_sec),
+            rate_limit_burst: self.rate_limit_burst.or(fallback.rate_limit_burst),
+            register_limit_per_hour: self
+                .register_limit_per_hour
+                .or(fallback.register_limit_per_hour),
+            register_limit_burst: self.register_limit_burst.or(fallback.register_limit_burst),
+            connect_limit_per_sec: self
+                .connect_limit_per_sec
+                .or(fallback.connect_limit_per_sec),
+            connect_limit_burst: self.connect_limit_burst.or(fallback.connect_limit_burst),
         }
     }
 
@@ -268,6 +302,15 @@ impl Settings {
                 Some(pin)
             }
         };
+        let limits = resolve_limits(
+            (self.rate_limit_per_sec, self.rate_limit_burst),
+            (
+                self.register_limit_per_hour
+                    .map(|hour| f64::from(hour) / 3600.0),
+                self.register_limit_burst,
+            ),
+            (self.connect_limit_per_sec, self.connect_limit_burst),
+        )?;
         Ok(ServerConfig {
             nats_url,
             auth,
@@ -278,8 +321,54 @@ impl Settings {
             public_nats_url,
             http_limits: crate::http::HttpLimits::default(),
             pin,
+            limits,
         })
     }
+}
+
+/// The limits from their settings (rate, burst) in the order per key, registrations per
+/// address, unregistered connections per address; unset halves keep their defaults, a rate of
+/// 0 turns that limit off.
+fn resolve_limits(
+    per_key: (Option<f64>, Option<u32>),
+    register: (Option<f64>, Option<u32>),
+    connect: (Option<f64>, Option<u32>),
+) -> Result<crate::limits::Limits, String> {
+    use crate::limits::{Limits, Rate};
+    let rate = |(per_sec, burst): (Option<f64>, Option<u32>),
+                default: Rate,
+                flag: &str|
+     -> Result<Rate, String> {
+        let per_sec = per_sec.unwrap_or(default.per_sec);
+        if !per_sec.is_finite() || per_sec < 0.0 {
+            return Err(format!("--{flag} must be a number of at least 0"));
+        }
+        if per_sec == 0.0 {
+            return Ok(Rate::OFF);
+        }
+        let burst = burst.unwrap_or(default.burst);
+        if burst == 0 {
+            return Err(format!(
+                "the burst of --{flag} must be at least 1 (set the rate to 0 to turn it off)"
+            ));
+        }
+        Ok(Rate::new(per_sec, burst))
+    };
+    let defaults = Limits::default();
+    Ok(Limits {
+        per_key: rate(per_key, defaults.per_key, "rate-limit-per-sec")?,
+        register_per_addr: rate(
+            register,
+            defaults.register_per_addr,
+            "register-limit-per-hour",
+        )?,
+        unregistered_connects_per_addr: rate(
+            connect,
+            defaults.unregistered_connects_per_addr,
+            "connect-limit-per-sec",
+        )?,
+        max_buckets: defaults.max_buckets,
+    })
 }
 
 /// URL schemes a client can connect to NATS with.
@@ -375,6 +464,35 @@ mod tests {
         assert_eq!(config.nats_url, DEFAULT_NATS_URL);
         assert_eq!(Settings::default().resolve().unwrap().kv_replicas, None);
         assert!(matches!(config.auth, NatsAuth::None));
+    }
+
+    #[test]
+    fn rate_limits_default_and_can_be_set_or_turned_off() {
+        use crate::limits::{Limits, Rate};
+        let config = Settings::default().resolve().unwrap();
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.per_key, Rate::new(20.0, 40));
+        let file: Settings =
+            toml::from_str("rate_limit_per_sec = 5.0\nregister_limit_per_hour = 0\n").unwrap();
+        let flags = Settings {
+            rate_limit_burst: Some(7),
+            connect_limit_per_sec: Some(2.0),
+            ..Settings::default()
+        };
+        let limits = flags.or(file).resolve().unwrap().limits;
+        assert_eq!(limits.per_key, Rate::new(5.0, 7));
+        assert_eq!(limits.register_per_addr, Rate::OFF);
+        assert_eq!(limits.unregistered_connects_per_addr, Rate::new(2.0, 50));
+        let zero_burst = Settings {
+            rate_limit_burst: Some(0),
+            ..Settings::default()
+        };
+        assert!(zero_burst.resolve().unwrap_err().contains("burst"));
+        let negative = Settings {
+            connect_limit_per_sec: Some(-1.0),
+            ..Settings::default()
+        };
+        assert!(negative.resolve().unwrap_err().contains("at least 0"));
     }
 
     #[test]

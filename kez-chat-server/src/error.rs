@@ -11,6 +11,9 @@ pub const HEAD_SEQ_HEADER: &str = "Kez-Head-Seq";
 /// On a `conflict` from `kez.sigchain.append`: the chain's current head hash.
 pub const HEAD_HASH_HEADER: &str = "Kez-Head-Hash";
 
+/// On a 429: milliseconds until a request would be accepted again.
+pub const RETRY_AFTER_HEADER: &str = "Kez-Retry-After-Ms";
+
 /// An error answer: numeric code, stable name, a message a person can act on, extra headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {

@@ -8,7 +8,8 @@ use kez_core::{Handle, PublicKey, SignedLink};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::callout::{Callout, Verdict};
-use crate::error::ApiError;
+use crate::error::{ApiError, RETRY_AFTER_HEADER};
+use crate::limits::{Caller, Limited, Limiter};
 use crate::metrics::{CalloutDecision, Metrics};
 use crate::pin::Pinning;
 use crate::store::{ChainHead, HandleRecord, Registered, Store};
@@ -167,6 +168,101 @@ pub struct Context {
     pub public_nats_url: String,
     /// The pin node and bucket, when pinning is on.
     pub pin: Option<Pinning>,
+    /// The per-key and per-address request limits.
+    pub limiters: Limiters,
+}
+
+/// The request limiters of PROTOCOL.md §5.5 (the callout holds the connection one).
+#[derive(Debug)]
+pub struct Limiters {
+    /// Requests per caller key.
+    pub per_key: Limiter,
+    /// Registrations per client address.
+    pub register_per_addr: Limiter,
+}
+
+impl Limiters {
+    /// Limiters for `limits`.
+    pub fn new(limits: &crate::limits::Limits) -> Limiters {
+        Limiters {
+            per_key: Limiter::new(limits.per_key, limits.max_buckets),
+            register_per_addr: Limiter::new(limits.register_per_addr, limits.max_buckets),
+        }
+    }
+}
+
+impl Route {
+    /// Whether requests on the route count against the caller's per-key limit: every
+    /// `kez.registry.*`, `kez.sigchain.*` and `kez.pin.*` request.
+    pub fn is_rate_limited(self) -> bool {
+        !matches!(self, Route::Info | Route::Authorize)
+    }
+}
+
+/// 429 `rate_limited`, with the time to wait.
+fn rate_limited(limited: Limited) -> ApiError {
+    let ms = limited.retry_after.as_millis().max(1);
+    ApiError::new(
+        429,
+        "rate_limited",
+        format!("too many requests from this key; retry in {ms} ms"),
+    )
+    .with_header(RETRY_AFTER_HEADER, ms.to_string())
+}
+
+/// 429 `too_many_registrations`, with the time to wait.
+fn too_many_registrations(limited: Limited) -> ApiError {
+    let ms = limited.retry_after.as_millis().max(1);
+    ApiError::new(
+        429,
+        "too_many_registrations",
+        format!(
+            "too many registrations from this address; retry in {} s",
+            ms.div_ceil(1000)
+        ),
+    )
+    .with_header(RETRY_AFTER_HEADER, ms.to_string())
+}
+
+/// Applies the limits that need no decoding: the caller's key (as nats-server names it) and,
+/// for registrations, the caller's address. Cheap, so it runs before anything else.
+fn check_caller(ctx: &Context, route: Route, caller: &Caller) -> Result<(), ApiError> {
+    let now = std::time::Instant::now();
+    if route.is_rate_limited()
+        && let Some(user) = &caller.user
+    {
+        ctx.limiters
+            .per_key
+            .check(user, now)
+            .map_err(rate_limited)?;
+    }
+    if route == Route::Register
+        && let Some(host) = &caller.host
+    {
+        ctx.limiters
+            .register_per_addr
+            .check(host, now)
+            .map_err(too_many_registrations)?;
+    }
+    Ok(())
+}
+
+/// Without a caller nats-server vouches for (a trusted broker without the callout, or a broker
+/// config without `share: true`), registrations and appends count against the key they are
+/// signed by (the registering key; the chain's key) instead.
+fn check_signed_key(ctx: &Context, caller: &Caller, request: &Request) -> Result<(), ApiError> {
+    if caller.user.is_some() {
+        return Ok(());
+    }
+    let key = match request {
+        Request::Register { request, .. } => request.key,
+        Request::Append(link) => link.link().chain,
+        _ => return Ok(()),
+    };
+    ctx.limiters
+        .per_key
+        .check(&key.to_nkey(), std::time::Instant::now())
+        .map_err(rate_limited)
 }
 
 /// A handle, its key and its sigchain head: the answer of lookup and whois.
@@ -350,9 +446,18 @@ pub fn decode(route: Route, body: &[u8], domain: &str, now: u64) -> Result<Reque
     }
 }
 
-/// Answers one request.
-pub async fn handle(ctx: &Context, route: Route, body: &[u8], now: u64) -> Result<Bytes, ApiError> {
-    match decode(route, body, &ctx.domain, now)? {
+/// Answers one request from `caller` (see [`Caller`]; unknown without the callout).
+pub async fn handle(
+    ctx: &Context,
+    route: Route,
+    body: &[u8],
+    caller: &Caller,
+    now: u64,
+) -> Result<Bytes, ApiError> {
+    check_caller(ctx, route, caller)?;
+    let request = decode(route, body, &ctx.domain, now)?;
+    check_signed_key(ctx, caller, &request)?;
+    match request {
         Request::Register { request, handle } => {
             let record = match ctx.store.register(&handle, request.key, now).await? {
                 Registered::New(record) => {

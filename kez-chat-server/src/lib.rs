@@ -12,6 +12,7 @@ pub mod dev;
 pub mod error;
 pub mod handlers;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod nats_conf;
 pub mod pin;
@@ -133,7 +134,12 @@ impl Server {
         let mut clients = vec![client];
         let callout = match (&config.callout, issuer) {
             (Some(callout_config), Some(issuer)) => {
-                let callout = callout::Callout::new(issuer, store.clone());
+                let callout = callout::Callout::new(issuer, store.clone()).with_connect_limit(
+                    limits::Limiter::new(
+                        config.limits.unregistered_connects_per_addr,
+                        config.limits.max_buckets,
+                    ),
+                );
                 let auth = NatsAuth::NkeySeedFile(
                     callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
                 );
@@ -172,6 +178,7 @@ impl Server {
                 domain: config.domain.clone(),
                 public_nats_url: config.public_nats_url.clone(),
                 pin: pinning,
+                limiters: handlers::Limiters::new(&config.limits),
             }),
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
             http,
@@ -335,10 +342,20 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
     let started = std::time::Instant::now();
+    // Only with the callout are users in their own account, where nats-server writes this
+    // header itself; on a trusted broker anyone could send one.
+    let caller = match (&context.callout, &request.message.headers) {
+        (Some(_), Some(headers)) => headers
+            .get(limits::REQUEST_INFO_HEADER)
+            .map(|info| limits::Caller::from_request_info(info.as_str(), nats_conf::APP_ACCOUNT))
+            .unwrap_or_default(),
+        _ => limits::Caller::default(),
+    };
     let work = AssertUnwindSafe(handlers::handle(
         context,
         route,
         &request.message.payload,
+        &caller,
         now,
     ));
     let limit = match (route, &context.pin) {

@@ -122,6 +122,10 @@ pub struct ExportedService {
     pub local: Option<&'static str>,
     /// Whether an answer may be several messages (a pull request's batch).
     pub streamed: bool,
+    /// Whether the import shares who asks (`share: true`): nats-server then stamps each request
+    /// with a `Nats-Request-Info` header naming the user's nkey and address, which the kez
+    /// services rate-limit by (PROTOCOL.md §5.5).
+    pub share: bool,
 }
 
 /// Everything users can reach. JetStream API subjects are imported under
@@ -132,41 +136,49 @@ pub const EXPORTED_SERVICES: &[ExportedService] = &[
         subject: "kez.registry.>",
         local: None,
         streamed: false,
+        share: true,
     },
     ExportedService {
         subject: "kez.sigchain.>",
         local: None,
         streamed: false,
+        share: true,
     },
     ExportedService {
         subject: "kez.server.>",
         local: None,
         streamed: false,
+        share: true,
     },
     ExportedService {
         subject: "kez.pin.>",
         local: None,
         streamed: false,
+        share: true,
     },
     ExportedService {
         subject: "kez.inbox.*",
         local: None,
         streamed: false,
+        share: false,
     },
     ExportedService {
         subject: "$JS.API.CONSUMER.INFO.KEZ_INBOX.*",
         local: Some("kez.js.CONSUMER.INFO.KEZ_INBOX.*"),
         streamed: false,
+        share: false,
     },
     ExportedService {
         subject: "$JS.API.CONSUMER.MSG.NEXT.KEZ_INBOX.*",
         local: Some("kez.js.CONSUMER.MSG.NEXT.KEZ_INBOX.*"),
         streamed: true,
+        share: false,
     },
     ExportedService {
         subject: "$JS.ACK.KEZ_INBOX.>",
         local: None,
         streamed: false,
+        share: false,
     },
 ];
 
@@ -197,14 +209,16 @@ pub fn render_auth(keys: &PublicKeys) -> String {
             Some(local) => format!(", to: \"{local}\""),
             None => String::new(),
         };
+        let share = if service.share { ", share: true" } else { "" };
         imports.push_str(&format!(
-            "      {{ service: {{ account: {SERVER_ACCOUNT}, subject: \"{subject}\" }}{to} }}\n"
+            "      {{ service: {{ account: {SERVER_ACCOUNT}, subject: \"{subject}\" }}{to}{share} }}\n"
         ));
     }
     format!(
         r#"# Accounts: AUTH holds the callout connection; SERVER the kez services and all JetStream
 # state; APP every user (the callout places clients there), reaching SERVER only through the
-# imported services below; SYS is nats-server's own.
+# imported services below; SYS is nats-server's own. `share: true` makes nats-server tell the
+# kez services which user (nkey) and address sent each request: their rate limits need it.
 accounts {{
   {AUTH_ACCOUNT}: {{
     users: [ {{ nkey: "{auth_user}" }} ]

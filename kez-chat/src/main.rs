@@ -223,6 +223,19 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Warnings of the client library (a message dropped from the inbox and why) go to stderr
+    // beside the status lines; KEZ_CHAT_LOG (an env-filter, e.g. `kez_client=debug`) says more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KEZ_CHAT_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("kez_client=warn,kez_chat=warn,kez_blobs=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .without_time()
+        .init();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

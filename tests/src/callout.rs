@@ -142,9 +142,19 @@ impl CalloutProcessStack {
     /// Generates keys, starts nats-server with the callout config, then the binary with the
     /// keys; returns once the binary serves.
     pub async fn start() -> CalloutProcessStack {
+        CalloutProcessStack::start_with_args(&[]).await
+    }
+
+    /// Like [`CalloutProcessStack::start`], with `extra` flags for the binary.
+    pub async fn start_with_args(extra: &[&str]) -> CalloutProcessStack {
         let (keys_dir, keys, nats) = keys_and_broker();
-        let server =
-            KezServerProcess::spawn_with_callout(&nats.url(), keys_dir.path(), &keys.issuer).await;
+        let server = KezServerProcess::spawn_with_callout_args(
+            &nats.url(),
+            keys_dir.path(),
+            &keys.issuer,
+            extra,
+        )
+        .await;
         CalloutProcessStack {
             server,
             nats,

@@ -160,7 +160,8 @@ impl KezServerProcess {
     }
 
     /// Like [`spawn_with_callout`](Self::spawn_with_callout), with `extra` arguments for `run`
-    /// (e.g. `--kv-replicas 3`). `nats_url` may list several comma-separated URLs (a cluster).
+    /// (e.g. `--kv-replicas 3`, `--rate-limit-per-sec 0`). `nats_url` may list several
+    /// comma-separated URLs (a cluster).
     pub async fn spawn_with_callout_args(
         nats_url: &str,
         keys_dir: &Path,

@@ -31,6 +31,9 @@ async fn pin_stack(quota: u64) -> (CalloutStack, TempDir) {
     let dir = pin_dir.path().join("node");
     let stack = CalloutStack::start_configured(|config| {
         config.pin = Some(pin_config(dir, quota));
+        // These tests send bursts of pin requests from one key, over the default per-key
+        // limit (PROTOCOL.md §5.5); tests/tests/hostile_clients.rs is where limits are tested.
+        config.limits = kez_chat_server::limits::Limits::OFF;
     })
     .await;
     (stack, pin_dir)

@@ -686,9 +686,9 @@ impl Connection {
         })
     }
 
-    /// Fetches up to `max` messages from the own inbox, waiting up to `wait` for them
-    /// (`Duration::ZERO`: only what is there now), and returns the new ones, opened and
-    /// verified, in the order the stream holds them.
+    /// Fetches up to `max` messages from the own inbox, one pull request each, waiting up to
+    /// `wait` for the first (`Duration::ZERO`: only what is there now), and returns the new
+    /// ones, opened and verified, in the order the stream holds them.
     ///
     /// Each message is stored in `store` (history and seen id) before it is acknowledged, so a
     /// crash in between means a redelivery, which is then dropped as already seen. Envelopes
@@ -711,30 +711,36 @@ impl Connection {
                 action: "find the own inbox consumer",
                 source: err.into(),
             })?;
-        let fetched = if wait.is_zero() {
-            consumer.fetch().max_messages(max).messages().await
-        } else {
-            consumer
-                .batch()
-                .max_messages(max)
-                .expires(wait)
-                .messages()
-                .await
-        };
-        let mut batch = fetched.map_err(|err| ClientError::Nats {
-            action: "fetch from the own inbox",
-            source: err.into(),
-        })?;
         let mut received = Vec::new();
-        while let Some(delivery) = batch.next().await {
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
+        for pulled in 0..max {
+            // One message per pull request. The answer to a pull crosses the `APP` account's
+            // service import, and nats-server ends a streamed answer there at an empty
+            // message: in a larger batch, an empty message (anyone may publish one into an
+            // inbox) would cut off the messages after it until their ack wait ran out, and a
+            // fetch without expiry would wait forever. Only the first pull waits.
+            let fetched = if pulled > 0 || wait.is_zero() {
+                consumer.fetch().max_messages(1).messages().await
+            } else {
+                consumer
+                    .batch()
+                    .max_messages(1)
+                    .expires(wait)
+                    .messages()
+                    .await
+            };
+            let next = match fetched {
+                Ok(mut batch) => batch.next().await,
+                Err(err) => Some(Err(err.into())),
+            };
+            let delivery = match next {
+                None => break,
+                Some(Ok(delivery)) => delivery,
                 // What was stored already is the caller's to show; the rest comes next time.
-                Err(err) if !received.is_empty() => {
+                Some(Err(err)) if !received.is_empty() => {
                     tracing::warn!("fetching from the own inbox stopped early: {err}");
                     break;
                 }
-                Err(source) => {
+                Some(Err(source)) => {
                     return Err(ClientError::Nats {
                         action: "fetch from the own inbox",
                         source,
