@@ -313,6 +313,37 @@ pub struct Sent {
     pub stream_sequence: u64,
 }
 
+/// A message published by [`Connection::publish`] whose acknowledgement by the stream is
+/// still outstanding.
+#[derive(Debug)]
+pub struct Pending {
+    ack: jetstream::context::PublishAckFuture,
+    sent: Sent,
+}
+
+impl Pending {
+    /// The message's id.
+    pub fn id(&self) -> MessageId {
+        self.sent.id
+    }
+
+    /// Waits for the stream's acknowledgement: the message is stored once this answers
+    /// [`Sent`]. A `duplicate` acknowledgement is [`ClientError::Duplicate`].
+    pub async fn acked(self) -> Result<Sent, ClientError> {
+        let ack = self.ack.await.map_err(|err| ClientError::Nats {
+            action: "get the server's acknowledgement",
+            source: err.into(),
+        })?;
+        if ack.duplicate {
+            return Err(ClientError::Duplicate { id: self.sent.id });
+        }
+        Ok(Sent {
+            stream_sequence: ack.sequence,
+            ..self.sent
+        })
+    }
+}
+
 /// Seconds since the Unix epoch by the local clock.
 pub fn now() -> u64 {
     SystemTime::now()
@@ -646,6 +677,19 @@ impl Connection {
         content_type: &str,
         body: &[u8],
     ) -> Result<Sent, ClientError> {
+        self.publish(to, content_type, body).await?.acked().await
+    }
+
+    /// [`Connection::send`] without waiting for the stream: seals and publishes, and returns
+    /// the [`Pending`] acknowledgement. Publishing many messages before awaiting their
+    /// acknowledgements (pipelining) costs one round trip for all of them instead of one each;
+    /// a message counts as sent only once [`Pending::acked`] answers.
+    pub async fn publish(
+        &self,
+        to: &Contact,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Pending, ClientError> {
         let time = now();
         let (id, sealed) = envelope::seal(&self.key, &to.current_key, content_type, body, time)
             .map_err(ClientError::Seal)?;
@@ -658,23 +702,18 @@ impl Connection {
             .map_err(|err| ClientError::Nats {
                 action: "publish the message",
                 source: err.into(),
-            })?
-            .await
-            .map_err(|err| ClientError::Nats {
-                action: "get the server's acknowledgement",
-                source: err.into(),
             })?;
-        if ack.duplicate {
-            return Err(ClientError::Duplicate { id });
-        }
-        Ok(Sent {
-            id,
-            from: self.key.public_key(),
-            to: to.key,
-            time,
-            content_type: content_type.to_owned(),
-            body: body.to_vec(),
-            stream_sequence: ack.sequence,
+        Ok(Pending {
+            ack,
+            sent: Sent {
+                id,
+                from: self.key.public_key(),
+                to: to.key,
+                time,
+                content_type: content_type.to_owned(),
+                body: body.to_vec(),
+                stream_sequence: 0,
+            },
         })
     }
 
