@@ -721,12 +721,13 @@ impl Connection {
     /// (`Duration::ZERO`: only what is there now), and returns the new ones, opened and
     /// verified, in the order the stream holds them.
     ///
-    /// Each message is stored in `store` (history and seen id) before it is acknowledged, so a
-    /// crash in between means a redelivery, which is then dropped as already seen. Envelopes
-    /// that do not open (not for us, forged, garbage) are logged and acknowledged: they would
-    /// never open on a retry either. An acknowledgement that fails is logged, not returned: the
-    /// message is stored, and its redelivery will be dropped. A fetch that fails after some
-    /// messages were stored returns those; one that fails before is an error.
+    /// The fetched batch is stored in `store` (history and seen ids) in one transaction, one
+    /// disk sync for the whole batch, before any of it is acknowledged, so a crash in between
+    /// means a redelivery, which is then dropped as already seen. Envelopes that do not open
+    /// (not for us, forged, garbage) are logged and acknowledged: they would never open on a
+    /// retry either. An acknowledgement that fails is logged, not returned: the message is
+    /// stored, and its redelivery will be dropped. A fetch that fails after some messages
+    /// arrived stores and returns those; one that fails before is an error.
     pub async fn receive(
         &self,
         store: &Store,
@@ -756,12 +757,12 @@ impl Connection {
             action: "fetch from the own inbox",
             source: err.into(),
         })?;
-        let mut received = Vec::new();
+        let mut deliveries = Vec::new();
         while let Some(delivery) = batch.next().await {
-            let delivery = match delivery {
-                Ok(delivery) => delivery,
-                // What was stored already is the caller's to show; the rest comes next time.
-                Err(err) if !received.is_empty() => {
+            match delivery {
+                Ok(delivery) => deliveries.push(delivery),
+                // What arrived already is stored and returned; the rest comes next time.
+                Err(err) if !deliveries.is_empty() => {
                     tracing::warn!("fetching from the own inbox stopped early: {err}");
                     break;
                 }
@@ -771,23 +772,29 @@ impl Connection {
                         source,
                     });
                 }
-            };
-            match envelope::open(&self.key, &delivery.payload) {
-                Err(err) => {
-                    tracing::warn!(
-                        code = err.code(),
-                        size = delivery.payload.len(),
-                        "dropping a message that does not open: {err}"
-                    );
-                }
-                Ok(message) => {
-                    if store.record_incoming(&message, now())? {
-                        received.push(message);
-                    } else {
-                        tracing::info!(id = %message.id, "dropping a message seen before");
-                    }
-                }
             }
+        }
+        let mut opened = Vec::with_capacity(deliveries.len());
+        for delivery in &deliveries {
+            match envelope::open(&self.key, &delivery.payload) {
+                Ok(message) => opened.push(message),
+                Err(err) => tracing::warn!(
+                    code = err.code(),
+                    size = delivery.payload.len(),
+                    "dropping a message that does not open: {err}"
+                ),
+            }
+        }
+        let fresh = store.record_incoming_all(&opened, now())?;
+        let mut received = Vec::with_capacity(opened.len());
+        for (message, fresh) in opened.into_iter().zip(fresh) {
+            if fresh {
+                received.push(message);
+            } else {
+                tracing::info!(id = %message.id, "dropping a message seen before");
+            }
+        }
+        for delivery in deliveries {
             if let Err(err) = delivery.double_ack().await {
                 tracing::warn!(
                     "acknowledging a stored message failed, it will be redelivered and dropped then: {err}"
