@@ -27,7 +27,7 @@ const SETTLE: Duration = Duration::from_secs(2);
 
 /// Runs measurement 6.
 pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
-    let users = budget.pick(2_000, 100_000);
+    let users = budget.users.unwrap_or(budget.pick(2_000, 100_000));
     let messages = budget.pick(5_000, 50_000);
     let nats = NatsServer::start();
     let url = nats.url();

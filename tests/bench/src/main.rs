@@ -37,6 +37,9 @@ struct Cli {
     /// Run only these sections (repeatable); default all.
     #[arg(long, value_enum)]
     only: Vec<Section>,
+    /// Users the footprint section registers (default 100,000; 2,000 with --quick).
+    #[arg(long, value_name = "N")]
+    users: Option<usize>,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -121,7 +124,10 @@ async fn main() -> ExitCode {
         };
     }
 
-    let budget = Budget { quick: cli.quick };
+    let budget = Budget {
+        quick: cli.quick,
+        users: cli.users,
+    };
     let sections: Vec<Section> = if cli.only.is_empty() {
         Section::ALL.to_vec()
     } else {

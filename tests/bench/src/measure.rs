@@ -10,6 +10,8 @@ use std::time::Duration;
 pub struct Budget {
     /// Whether this is a `--quick` run.
     pub quick: bool,
+    /// `--users`: registrations in the footprint section instead of the default.
+    pub users: Option<usize>,
 }
 
 impl Budget {
