@@ -1,7 +1,7 @@
 # kez-chat developer entry points. `make test` is what CI runs (.ci/run), from a fresh clone.
 CARGO ?= cargo
 
-.PHONY: all tools build test fmt vectors run demo soak
+.PHONY: all tools build test fmt vectors run demo soak bench
 
 all: test
 
@@ -49,3 +49,12 @@ run: tools build
 # The scripted two-user session (scripts/demo.sh) against a throw-away stack on a free port.
 demo: tools build
 	bash scripts/demo.sh
+
+# Benchmarks (tests/bench, BENCHMARKS.md): a release build of kez-bench and the binaries it runs
+# (found beside it in target/release), then the table, also written to target/bench/results.json.
+# ARGS=--quick is a smoke run of under two minutes; ARGS="--only chat" runs one section.
+# Not part of `test`.
+ARGS ?=
+bench: tools
+	$(CARGO) build --release -p kez-bench -p kez-chat-server -p kez-chat
+	target/release/kez-bench $(ARGS)

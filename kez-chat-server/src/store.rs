@@ -41,6 +41,11 @@ pub const INBOX_MAX_MESSAGES: i64 = 10_000;
 pub const INBOX_MAX_MESSAGE_BYTES: i32 = 64 * 1024;
 /// How long an undelivered message is kept.
 pub const INBOX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// Most consumers the inbox stream may have: one durable consumer per registered user, so this
+/// is how many users one server can register. Explicit because nats-server 2.15 caps every stream
+/// that sets no limit (or `-1`) at its `default_max_consumers` (1,000 by default), which stopped
+/// registrations at about a thousand users (found by `make bench`).
+pub const INBOX_MAX_CONSUMERS: i32 = 10_000_000;
 /// Window in which a re-sent message with the same `Nats-Msg-Id` is stored only once.
 pub const INBOX_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -148,6 +153,7 @@ impl Store {
             retention: jetstream::stream::RetentionPolicy::WorkQueue,
             storage: jetstream::stream::StorageType::File,
             max_messages_per_subject: INBOX_MAX_MESSAGES,
+            max_consumers: INBOX_MAX_CONSUMERS,
             discard: jetstream::stream::DiscardPolicy::New,
             discard_new_per_subject: true,
             max_message_size: INBOX_MAX_MESSAGE_BYTES,

@@ -70,8 +70,9 @@ pub const KEZ_CHAT_BIN_ENV: &str = "KEZ_CHAT_BIN";
 /// Returns the `kez-chat-server` binary the fixture runs.
 ///
 /// That is `$KEZ_CHAT_SERVER_BIN` if set, otherwise `kez-chat-server` in the directory cargo
-/// builds binaries into for this profile: the test binary runs from `<target>/<profile>/deps/`, so
-/// two levels up from it.
+/// builds binaries into for this profile: beside the running binary when that is a workspace
+/// binary such as `kez-bench` (`<target>/<profile>/`), else two levels up from a test binary,
+/// which runs from `<target>/<profile>/deps/`.
 ///
 /// # Panics
 ///
@@ -103,6 +104,14 @@ fn workspace_binary(name: &str, env: &str) -> PathBuf {
     }
     let exe = std::env::current_exe()
         .unwrap_or_else(|e| panic!("cannot find the running test binary: {e}"));
+    // A workspace binary (kez-bench) runs from `<target>/<profile>/` itself, beside `name`.
+    if let Some(beside) = exe
+        .parent()
+        .map(|dir| dir.join(name))
+        .filter(|p| p.is_file())
+    {
+        return beside;
+    }
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())

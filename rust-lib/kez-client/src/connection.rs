@@ -313,6 +313,37 @@ pub struct Sent {
     pub stream_sequence: u64,
 }
 
+/// A message published by [`Connection::publish`] whose acknowledgement by the stream is
+/// still outstanding.
+#[derive(Debug)]
+pub struct Pending {
+    ack: jetstream::context::PublishAckFuture,
+    sent: Sent,
+}
+
+impl Pending {
+    /// The message's id.
+    pub fn id(&self) -> MessageId {
+        self.sent.id
+    }
+
+    /// Waits for the stream's acknowledgement: the message is stored once this answers
+    /// [`Sent`]. A `duplicate` acknowledgement is [`ClientError::Duplicate`].
+    pub async fn acked(self) -> Result<Sent, ClientError> {
+        let ack = self.ack.await.map_err(|err| ClientError::Nats {
+            action: "get the server's acknowledgement",
+            source: err.into(),
+        })?;
+        if ack.duplicate {
+            return Err(ClientError::Duplicate { id: self.sent.id });
+        }
+        Ok(Sent {
+            stream_sequence: ack.sequence,
+            ..self.sent
+        })
+    }
+}
+
 /// Seconds since the Unix epoch by the local clock.
 pub fn now() -> u64 {
     SystemTime::now()
@@ -654,6 +685,19 @@ impl Connection {
         content_type: &str,
         body: &[u8],
     ) -> Result<Sent, ClientError> {
+        self.publish(to, content_type, body).await?.acked().await
+    }
+
+    /// [`Connection::send`] without waiting for the stream: seals and publishes, and returns
+    /// the [`Pending`] acknowledgement. Publishing many messages before awaiting their
+    /// acknowledgements (pipelining) costs one round trip for all of them instead of one each;
+    /// a message counts as sent only once [`Pending::acked`] answers.
+    pub async fn publish(
+        &self,
+        to: &Contact,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<Pending, ClientError> {
         let time = now();
         let (id, sealed) = envelope::seal(&self.key, &to.current_key, content_type, body, time)
             .map_err(ClientError::Seal)?;
@@ -666,23 +710,18 @@ impl Connection {
             .map_err(|err| ClientError::Nats {
                 action: "publish the message",
                 source: err.into(),
-            })?
-            .await
-            .map_err(|err| ClientError::Nats {
-                action: "get the server's acknowledgement",
-                source: err.into(),
             })?;
-        if ack.duplicate {
-            return Err(ClientError::Duplicate { id });
-        }
-        Ok(Sent {
-            id,
-            from: self.key.public_key(),
-            to: to.key,
-            time,
-            content_type: content_type.to_owned(),
-            body: body.to_vec(),
-            stream_sequence: ack.sequence,
+        Ok(Pending {
+            ack,
+            sent: Sent {
+                id,
+                from: self.key.public_key(),
+                to: to.key,
+                time,
+                content_type: content_type.to_owned(),
+                body: body.to_vec(),
+                stream_sequence: 0,
+            },
         })
     }
 
@@ -690,12 +729,13 @@ impl Connection {
     /// `wait` for the first (`Duration::ZERO`: only what is there now), and returns the new
     /// ones, opened and verified, in the order the stream holds them.
     ///
-    /// Each message is stored in `store` (history and seen id) before it is acknowledged, so a
-    /// crash in between means a redelivery, which is then dropped as already seen. Envelopes
-    /// that do not open (not for us, forged, garbage) are logged and acknowledged: they would
-    /// never open on a retry either. An acknowledgement that fails is logged, not returned: the
-    /// message is stored, and its redelivery will be dropped. A fetch that fails after some
-    /// messages were stored returns those; one that fails before is an error.
+    /// The fetched batch is stored in `store` (history and seen ids) in one transaction, one
+    /// disk sync for the whole batch, before any of it is acknowledged, so a crash in between
+    /// means a redelivery, which is then dropped as already seen. Envelopes that do not open
+    /// (not for us, forged, garbage) are logged and acknowledged: they would never open on a
+    /// retry either. An acknowledgement that fails is logged, not returned: the message is
+    /// stored, and its redelivery will be dropped. A fetch that fails after some messages
+    /// arrived stores and returns those; one that fails before is an error.
     pub async fn receive(
         &self,
         store: &Store,
@@ -711,7 +751,7 @@ impl Connection {
                 action: "find the own inbox consumer",
                 source: err.into(),
             })?;
-        let mut received = Vec::new();
+        let mut deliveries = Vec::new();
         for pulled in 0..max {
             // One message per pull request. The answer to a pull crosses the `APP` account's
             // service import, and nats-server ends a streamed answer there at an empty
@@ -732,11 +772,11 @@ impl Connection {
                 Ok(mut batch) => batch.next().await,
                 Err(err) => Some(Err(err.into())),
             };
-            let delivery = match next {
+            match next {
                 None => break,
-                Some(Ok(delivery)) => delivery,
-                // What was stored already is the caller's to show; the rest comes next time.
-                Some(Err(err)) if !received.is_empty() => {
+                Some(Ok(delivery)) => deliveries.push(delivery),
+                // What arrived already is stored and returned; the rest comes next time.
+                Some(Err(err)) if !deliveries.is_empty() => {
                     tracing::warn!("fetching from the own inbox stopped early: {err}");
                     break;
                 }
@@ -746,23 +786,29 @@ impl Connection {
                         source,
                     });
                 }
-            };
-            match envelope::open(&self.key, &delivery.payload) {
-                Err(err) => {
-                    tracing::warn!(
-                        code = err.code(),
-                        size = delivery.payload.len(),
-                        "dropping a message that does not open: {err}"
-                    );
-                }
-                Ok(message) => {
-                    if store.record_incoming(&message, now())? {
-                        received.push(message);
-                    } else {
-                        tracing::info!(id = %message.id, "dropping a message seen before");
-                    }
-                }
             }
+        }
+        let mut opened = Vec::with_capacity(deliveries.len());
+        for delivery in &deliveries {
+            match envelope::open(&self.key, &delivery.payload) {
+                Ok(message) => opened.push(message),
+                Err(err) => tracing::warn!(
+                    code = err.code(),
+                    size = delivery.payload.len(),
+                    "dropping a message that does not open: {err}"
+                ),
+            }
+        }
+        let fresh = store.record_incoming_all(&opened, now())?;
+        let mut received = Vec::with_capacity(opened.len());
+        for (message, fresh) in opened.into_iter().zip(fresh) {
+            if fresh {
+                received.push(message);
+            } else {
+                tracing::info!(id = %message.id, "dropping a message seen before");
+            }
+        }
+        for delivery in deliveries {
             if let Err(err) = delivery.double_ack().await {
                 tracing::warn!(
                     "acknowledging a stored message failed, it will be redelivered and dropped then: {err}"

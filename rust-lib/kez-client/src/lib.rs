@@ -21,8 +21,8 @@ pub mod store;
 
 pub use chain::VerifiedChain;
 pub use connection::{
-    ChainHead, ClientError, Connection, HandleRecord, Limits, PIN_ADD_TIMEOUT, PinInfo, PinList,
-    PinRecord, PinRemoved, PinState, PinStatus, Profile, Sent, ServerInfo, ServiceError,
+    ChainHead, ClientError, Connection, HandleRecord, Limits, PIN_ADD_TIMEOUT, Pending, PinInfo,
+    PinList, PinRecord, PinRemoved, PinState, PinStatus, Profile, Sent, ServerInfo, ServiceError,
     VerifiedContact, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};

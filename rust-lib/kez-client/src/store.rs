@@ -93,6 +93,54 @@ fn corrupt(err: serde_json::Error) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
 
+/// A received message as stored.
+fn incoming(message: &Message, now: u64) -> StoredMessage {
+    StoredMessage {
+        id: message.id,
+        from: message.from,
+        to: message.to,
+        time: message.time,
+        stored_at: now,
+        content_type: message.content_type.clone(),
+        body: message.body.clone(),
+        direction: Direction::Incoming,
+    }
+}
+
+/// Writes `message` (seen id, history, offer index, unshown mark) in `tx`; `false`, writing
+/// nothing, when its id was seen before.
+fn record_in(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<bool, StoreError> {
+    let mut seen = tx.open_table(SEEN).map_err(db)?;
+    if seen.get(message.id.as_bytes()).map_err(db)?.is_some() {
+        return Ok(false);
+    }
+    seen.insert(message.id.as_bytes(), message.stored_at)
+        .map_err(db)?;
+    let mut meta = tx.open_table(META).map_err(db)?;
+    let order = meta
+        .get(NEXT_ORDER)
+        .map_err(db)?
+        .map_or(0, |guard| guard.value());
+    meta.insert(NEXT_ORDER, order + 1).map_err(db)?;
+    let peer = conversation(tx, message.peer())?.to_hex();
+    let json = serde_json::to_vec(message).expect("a message serialises");
+    let mut messages = tx.open_table(MESSAGES).map_err(db)?;
+    messages
+        .insert((peer.as_str(), order), json.as_slice())
+        .map_err(db)?;
+    if message.content_type == FILE_OFFER_CONTENT_TYPE {
+        let mut offers = tx.open_table(OFFERS).map_err(db)?;
+        offers
+            .insert(message.id.as_bytes(), (peer.as_str(), order))
+            .map_err(db)?;
+    }
+    if message.direction == Direction::Incoming {
+        let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
+        unshown.insert(order, peer.as_str()).map_err(db)?;
+    }
+    Ok(true)
+}
+
 /// The conversation a message with `peer` belongs to: the identity of the contact with that
 /// key (so a contact's messages stay in one conversation across a rotation), else `peer`.
 fn conversation(tx: &redb::WriteTransaction, peer: &PublicKey) -> Result<PublicKey, StoreError> {
@@ -423,16 +471,27 @@ impl Store {
     /// the history, both or neither. Returns `false`, changing nothing, when the id was seen
     /// before (a replay or a redelivery).
     pub fn record_incoming(&self, message: &Message, now: u64) -> Result<bool, StoreError> {
-        self.record(StoredMessage {
-            id: message.id,
-            from: message.from,
-            to: message.to,
-            time: message.time,
-            stored_at: now,
-            content_type: message.content_type.clone(),
-            body: message.body.clone(),
-            direction: Direction::Incoming,
-        })
+        self.record(incoming(message, now))
+    }
+
+    /// [`Store::record_incoming`] for a whole fetched batch in one transaction: one disk sync
+    /// for the batch instead of one per message. Every message is stored, or none (on an
+    /// error). Answers, in order, whether each was new; a repeat, also within `messages`,
+    /// changes nothing.
+    pub fn record_incoming_all(
+        &self,
+        messages: &[Message],
+        now: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let fresh = messages
+            .iter()
+            .map(|message| record_in(&tx, &incoming(message, now)))
+            .collect::<Result<Vec<bool>, StoreError>>()?;
+        if fresh.contains(&true) {
+            tx.commit().map_err(db)?;
+        }
+        Ok(fresh)
     }
 
     /// Records a sent message (see [`crate::Sent`]) at time `now`, like
@@ -452,38 +511,11 @@ impl Store {
 
     fn record(&self, message: StoredMessage) -> Result<bool, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
-        {
-            let mut seen = tx.open_table(SEEN).map_err(db)?;
-            if seen.get(message.id.as_bytes()).map_err(db)?.is_some() {
-                return Ok(false);
-            }
-            seen.insert(message.id.as_bytes(), message.stored_at)
-                .map_err(db)?;
-            let mut meta = tx.open_table(META).map_err(db)?;
-            let order = meta
-                .get(NEXT_ORDER)
-                .map_err(db)?
-                .map_or(0, |guard| guard.value());
-            meta.insert(NEXT_ORDER, order + 1).map_err(db)?;
-            let peer = conversation(&tx, message.peer())?.to_hex();
-            let json = serde_json::to_vec(&message).expect("a message serialises");
-            let mut messages = tx.open_table(MESSAGES).map_err(db)?;
-            messages
-                .insert((peer.as_str(), order), json.as_slice())
-                .map_err(db)?;
-            if message.content_type == FILE_OFFER_CONTENT_TYPE {
-                let mut offers = tx.open_table(OFFERS).map_err(db)?;
-                offers
-                    .insert(message.id.as_bytes(), (peer.as_str(), order))
-                    .map_err(db)?;
-            }
-            if message.direction == Direction::Incoming {
-                let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
-                unshown.insert(order, peer.as_str()).map_err(db)?;
-            }
+        let fresh = record_in(&tx, &message)?;
+        if fresh {
+            tx.commit().map_err(db)?;
         }
-        tx.commit().map_err(db)?;
-        Ok(true)
+        Ok(fresh)
     }
 
     /// Received messages not yet shown to the user, in the order they were stored, each with its
@@ -818,6 +850,32 @@ mod tests {
         let history = store.history(&bob.key).unwrap();
         let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
         assert_eq!(bodies, [&b"before"[..], b"after"]);
+    }
+
+    #[test]
+    fn a_batch_is_stored_in_one_go_and_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let before = message(2, 1, "before");
+        assert!(store.record_incoming(&before, 100).unwrap());
+        let one = message(2, 1, "one");
+        let two = message(2, 1, "two");
+        let fresh = store
+            .record_incoming_all(&[one.clone(), before, two, one], 101)
+            .unwrap();
+        assert_eq!(
+            fresh,
+            [true, false, true, false],
+            "repeats, also within the batch"
+        );
+        let history = store.history(&key(2)).unwrap();
+        let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(bodies, [&b"before"[..], &b"one"[..], &b"two"[..]]);
+        assert_eq!(store.unshown().unwrap().len(), 3);
+        assert_eq!(
+            store.record_incoming_all(&[], 102).unwrap(),
+            Vec::<bool>::new()
+        );
     }
 
     #[test]

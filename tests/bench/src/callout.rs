@@ -1,0 +1,181 @@
+//! Measurement 3, authenticated connects: clients connecting with their KEZ key as an nkey
+//! (the nonce signed by the key, kez-client's own options) through nats-server's auth callout
+//! answered by the real `kez-chat-server` binary, against the same nats-server with the same
+//! keys listed as static nkey users. [`CONCURRENCY`] tasks connect, complete the handshake and
+//! disconnect, over and over, for a fixed time.
+//!
+//! Every failed connect is counted, and so is every line of nats-server's log that reports an
+//! authorization timeout: the callout must answer every request in time.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use kez_core::SecretKey;
+use kez_tests::NatsServer;
+use kez_tests::callout::CalloutProcessStack;
+
+use crate::measure::{Budget, Latencies, per_sec};
+use crate::report::{Goal, Row};
+
+const SECTION: &str = "callout";
+/// Registered keys the connects cycle through.
+const KEYS: usize = 32;
+/// Tasks connecting at once.
+pub const CONCURRENCY: usize = 8;
+
+/// What one connect loop saw.
+struct Outcome {
+    connects: usize,
+    failures: Vec<String>,
+    latencies: Latencies,
+    elapsed: Duration,
+}
+
+/// Runs measurement 3.
+pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
+    let keys: Arc<Vec<Arc<SecretKey>>> =
+        Arc::new((0..KEYS).map(|_| Arc::new(SecretKey::generate())).collect());
+    let duration = budget.pick(Duration::from_secs(3), Duration::from_secs(10));
+
+    let mut users = String::from("authorization {\n  users = [\n");
+    for key in keys.iter() {
+        writeln!(users, "    {{ nkey: \"{}\" }}", key.public_key().to_nkey())
+            .expect("writing to a String");
+    }
+    users.push_str("  ]\n}\n");
+    let static_nats = NatsServer::start_with(&users);
+    let baseline = connect_loop(&static_nats.url(), &keys, duration).await;
+    drop(static_nats);
+
+    let stack = CalloutProcessStack::start().await;
+    let admin = stack.server_client().await;
+    for (index, key) in keys.iter().enumerate() {
+        kez_tests::callout::register(&admin, key, &format!("conn{index}"))
+            .await
+            .map_err(|e| format!("registering key {index}: {e:?}"))?;
+    }
+    let mut ours = connect_loop(&stack.nats.url(), &keys, duration).await;
+    let log = stack.nats.log();
+    let timeouts = log
+        .lines()
+        .filter(|line| line.to_ascii_lowercase().contains("timeout"))
+        .count();
+    if !ours.failures.is_empty() || !baseline.failures.is_empty() {
+        eprintln!(
+            "callout: {} failed connects through the callout (first: {:?}), {} with static users \
+             (first: {:?})",
+            ours.failures.len(),
+            ours.failures.first(),
+            baseline.failures.len(),
+            baseline.failures.first()
+        );
+    }
+    let mut baseline_latencies = baseline.latencies;
+    Ok(vec![
+        Row::versus(
+            SECTION,
+            format!("connects/s, {CONCURRENCY} concurrent"),
+            "conn/s",
+            per_sec(ours.connects, ours.elapsed),
+            per_sec(baseline.connects, baseline.elapsed),
+            "static nkey users",
+            Goal::RatioAtLeast(0.5),
+        ),
+        Row::versus(
+            SECTION,
+            format!("connect latency p50, {CONCURRENCY} concurrent"),
+            "ms",
+            ours.latencies.percentile_ms(50.0),
+            baseline_latencies.percentile_ms(50.0),
+            "static nkey users",
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            format!("connect latency p99, {CONCURRENCY} concurrent"),
+            "ms",
+            ours.latencies.percentile_ms(99.0),
+            baseline_latencies.percentile_ms(99.0),
+            "static nkey users",
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            "failed connects",
+            "conn",
+            ours.failures.len() as f64,
+            baseline.failures.len() as f64,
+            "static nkey users",
+            Goal::AtMost(0.0),
+        ),
+        Row::info(
+            SECTION,
+            "authorization timeouts in nats-server's log",
+            "lines",
+            timeouts as f64,
+        )
+        .goal(Goal::AtMost(0.0)),
+    ])
+}
+
+/// [`CONCURRENCY`] tasks connecting as `keys` in turn to `url` for `duration`.
+async fn connect_loop(url: &str, keys: &Arc<Vec<Arc<SecretKey>>>, duration: Duration) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(CONCURRENCY);
+    for task in 0..CONCURRENCY {
+        let keys = keys.clone();
+        let stop = stop.clone();
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut connects = 0;
+            let mut failures = Vec::new();
+            let mut latencies = Latencies::default();
+            let mut next = task;
+            while !stop.load(Ordering::Relaxed) {
+                let key = &keys[next % keys.len()];
+                next += 1;
+                let began = Instant::now();
+                // kez-client's own options: nkey auth with the nonce signed by the KEZ key. No
+                // reconnects, so a refusal is an error here rather than a retry.
+                let connected = kez_client::Connection::options(key)
+                    .max_reconnects(Some(0))
+                    .connect(&url)
+                    .await;
+                match connected {
+                    Ok(client) => {
+                        latencies.push(began.elapsed());
+                        connects += 1;
+                        drop(client);
+                    }
+                    Err(err) => failures.push(err.to_string()),
+                }
+            }
+            (connects, failures, latencies)
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcome = Outcome {
+        connects: 0,
+        failures: Vec::new(),
+        latencies: Latencies::default(),
+        elapsed: Duration::ZERO,
+    };
+    for task in tasks {
+        match task.await {
+            Ok((connects, failures, latencies)) => {
+                outcome.connects += connects;
+                outcome.failures.extend(failures);
+                outcome.latencies.extend(latencies);
+            }
+            Err(err) => outcome
+                .failures
+                .push(format!("a connecting task panicked: {err}")),
+        }
+    }
+    outcome.elapsed = started.elapsed();
+    outcome
+}

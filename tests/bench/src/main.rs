@@ -1,0 +1,176 @@
+//! `kez-bench` (`make bench`): how fast and how lean kez-chat is, each figure measured beside
+//! the raw transport it is built on in the same run, so a noisy machine still gives an honest
+//! ratio. Real processes throughout: the pinned nats-server, the `kez-chat-server` and
+//! `kez-chat` binaries built next to this one, iroh endpoints on 127.0.0.1 without relays.
+//!
+//! Prints a table (section, name, ours, baseline, ratio, goal, result) and writes the same as
+//! JSON (default `target/bench/results.json`). BENCHMARKS.md explains every figure.
+
+mod callout;
+mod chat;
+mod crypto;
+mod files;
+mod footprint;
+mod measure;
+mod registry;
+mod report;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use measure::Budget;
+use report::{Report, Row};
+
+/// Benchmarks of kez-chat against the raw transports it is built on.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Smaller sizes and counts (64 MiB files, 2,000 users, ...): the whole run in under two
+    /// minutes, for smoke runs. Figures are noisier.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these sections (repeatable); default all.
+    #[arg(long, value_enum)]
+    only: Vec<Section>,
+    /// Users the footprint section registers (default 100,000; 2,000 with --quick).
+    #[arg(long, value_name = "N")]
+    users: Option<usize>,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The registry section's baseline: a trivial NATS service answering every request on
+    /// SUBJECT with ANSWER_BYTES bytes. Started by `kez-bench` itself.
+    #[command(hide = true)]
+    ServeEcho {
+        /// The broker.
+        #[arg(long)]
+        url: String,
+        /// The subject to answer.
+        #[arg(long)]
+        subject: String,
+        /// The size of every answer.
+        #[arg(long)]
+        answer_bytes: usize,
+    },
+}
+
+/// The measurements, in table order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    /// 1: chat messages end to end against raw JetStream.
+    Chat,
+    /// 2: registry lookups against an echo service.
+    Registry,
+    /// 3: connects through the auth callout against static nkey users.
+    Callout,
+    /// 4: file transfer against raw iroh-blobs; AEAD alone; sender and receiver memory.
+    Files,
+    /// 5: envelope seal/open and sigchain verification.
+    Crypto,
+    /// 6: server memory and JetStream disk per user and per message.
+    Footprint,
+}
+
+type Rows = Pin<Box<dyn Future<Output = Result<Vec<Row>, String>>>>;
+
+impl Section {
+    const ALL: [Section; 6] = [
+        Section::Chat,
+        Section::Registry,
+        Section::Callout,
+        Section::Files,
+        Section::Crypto,
+        Section::Footprint,
+    ];
+
+    fn run(self, budget: Budget) -> Rows {
+        match self {
+            Section::Chat => Box::pin(chat::run(budget)),
+            Section::Registry => Box::pin(registry::run(budget)),
+            Section::Callout => Box::pin(callout::run(budget)),
+            Section::Files => Box::pin(files::run(budget)),
+            Section::Crypto => Box::pin(async move { crypto::run(budget) }),
+            Section::Footprint => Box::pin(footprint::run(budget)),
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::ServeEcho {
+        url,
+        subject,
+        answer_bytes,
+    }) = cli.command
+    {
+        return match registry::serve_echo(&url, &subject, answer_bytes).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("kez-bench serve-echo: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    let budget = Budget {
+        quick: cli.quick,
+        users: cli.users,
+    };
+    let sections: Vec<Section> = if cli.only.is_empty() {
+        Section::ALL.to_vec()
+    } else {
+        Section::ALL
+            .into_iter()
+            .filter(|section| cli.only.contains(section))
+            .collect()
+    };
+    let started_at = SystemTime::now();
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    for section in sections {
+        let began = Instant::now();
+        eprintln!("kez-bench: {section:?} ...");
+        match section.run(budget).await {
+            Ok(section_rows) => {
+                eprintln!("kez-bench: {section:?} done in {:.1?}", began.elapsed());
+                rows.extend(section_rows);
+            }
+            Err(err) => {
+                eprintln!("kez-bench: {section:?} failed: {err}");
+                failed.push(section);
+            }
+        }
+    }
+    let report = Report::new(started_at, started.elapsed(), cli.quick, rows);
+    println!("{}", report.machine);
+    println!("{}", report.table());
+    if let Err(err) = report.write_json(&cli.out) {
+        eprintln!("kez-bench: {err}");
+        return ExitCode::FAILURE;
+    }
+    eprintln!(
+        "kez-bench: {} rows in {:.0} s, written to {}",
+        report.rows.len(),
+        report.seconds,
+        cli.out.display()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("kez-bench: sections that failed: {failed:?}");
+        ExitCode::FAILURE
+    }
+}
