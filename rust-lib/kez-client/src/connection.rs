@@ -24,6 +24,10 @@ use serde::de::DeserializeOwned;
 use crate::chain::VerifiedChain;
 use crate::store::{Contact, PinChange, Store, StoreError};
 
+/// The expiry of a pull that does not wait for messages (the broker answers at once when there
+/// are none); async-nats gives up 5 s after it if no answer comes.
+const NO_WAIT_PULL_EXPIRY: Duration = Duration::from_secs(1);
+
 /// Service subjects (PROTOCOL.md §5).
 const REGISTER: &str = "kez.registry.register";
 const LOOKUP: &str = "kez.registry.lookup";
@@ -757,9 +761,16 @@ impl Connection {
             // service import, and nats-server ends a streamed answer there at an empty
             // message: in a larger batch, an empty message (anyone may publish one into an
             // inbox) would cut off the messages after it until their ack wait ran out, and a
-            // fetch without expiry would wait forever. Only the first pull waits.
+            // fetch without expiry would wait forever. Only the first pull waits. Every pull
+            // has an expiry: without one, async-nats waits forever for an answer that a broker
+            // restarted meanwhile never sends.
             let fetched = if pulled > 0 || wait.is_zero() {
-                consumer.fetch().max_messages(1).messages().await
+                consumer
+                    .fetch()
+                    .max_messages(1)
+                    .expires(NO_WAIT_PULL_EXPIRY)
+                    .messages()
+                    .await
             } else {
                 consumer
                     .batch()
