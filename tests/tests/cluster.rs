@@ -133,7 +133,9 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
 
     eprintln!("{:?}: cluster up, JetStream answers", started.elapsed());
     // Two instances, each given every node (starting with a different one), with R3.
-    let replicas = ["--kv-replicas", "3"];
+    // Registrations retried while a node is down all come from 127.0.0.1: the per-address
+    // registration limit (hostile_clients.rs tests it) is off here.
+    let replicas = ["--kv-replicas", "3", "--register-limit-per-hour", "0"];
     let _first = KezServerProcess::spawn_with_callout_args(
         &cluster.urls_from(0),
         keys_dir.path(),
@@ -256,9 +258,21 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     // A new user registers and writes a first link (KV creates on the replicated buckets).
     let live = (victim + 1) % 3;
     let erin = ChatUser::register(&cluster.urls_from(live), "erin", PATIENCE).await;
-    let (profile, _) = answers("lookup @erin", || alice_conn.lookup("@erin")).await;
-    assert_eq!(profile.key, erin.key.public_key());
-    assert_eq!(profile.sigchain.map(|head| head.seq), Some(1));
+    // Replicas answer direct reads, so a read right after a write may come from one that has
+    // not applied it yet: poll until the new link shows (it must, within the patience).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (profile, _) = answers("lookup @erin", || alice_conn.lookup("@erin")).await;
+        assert_eq!(profile.key, erin.key.public_key());
+        if profile.sigchain.map(|head| head.seq) == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "@erin's first link never showed in lookup"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for _ in 0..5 {
         ledger.operation();
     }
