@@ -305,19 +305,12 @@ impl App {
         store
             .mark_downloaded(&offer_message.message.id, &path.to_string_lossy(), now())
             .map_err(Failure::store)?;
-        if json {
-            print_json(&json!({
-                "offer": offer_message.message.id.to_string(),
-                "from": contact.handle,
-                "name": offer.name,
-                "path": path.to_string_lossy(),
-                "size": size,
-                "transferred": stats.bytes_transferred,
-                "total": stats.total,
-            }));
-        } else {
-            println!("{}", path.display());
-        }
+        let about = json!({
+            "offer": offer_message.message.id.to_string(),
+            "from": contact.handle,
+            "name": offer.name,
+        });
+        report_download(json, about, &path, size, &stats);
         Ok(())
     }
 
@@ -384,6 +377,26 @@ impl App {
             bytes(already)
         );
         Ok((path, size, stats))
+    }
+}
+
+/// Prints a finished download: its path, or with `--json` the object `about` (what was
+/// downloaded, from whom) completed with the path, size and transfer figures.
+pub(crate) fn report_download(
+    json: bool,
+    mut about: Value,
+    path: &Path,
+    size: u64,
+    stats: &DownloadStats,
+) {
+    if json {
+        about["path"] = json!(path.to_string_lossy());
+        about["size"] = json!(size);
+        about["transferred"] = json!(stats.bytes_transferred);
+        about["total"] = json!(stats.total);
+        print_json(&about);
+    } else {
+        println!("{}", path.display());
     }
 }
 

@@ -13,7 +13,7 @@ use kez_core::manifest::{Audience, ManifestEntry};
 use serde_json::{Value, json};
 
 use crate::failure::{CONFLICT, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
-use crate::files::{Meter, bytes, file_failure};
+use crate::files::{Meter, bytes, file_failure, report_download};
 use crate::{App, clock, print_json, recipient, rotation_note};
 
 /// Who a publish is for.
@@ -495,18 +495,8 @@ impl App {
         };
         let offer = visible.entry.offer(browsed.providers.clone());
         let (path, size, stats) = self.transfer(&offer, &full, output).await?;
-        if json {
-            print_json(&json!({
-                "from": full,
-                "name": visible.entry.name,
-                "path": path.to_string_lossy(),
-                "size": size,
-                "transferred": stats.bytes_transferred,
-                "total": stats.total,
-            }));
-        } else {
-            println!("{}", path.display());
-        }
+        let about = json!({ "from": full, "name": visible.entry.name });
+        report_download(json, about, &path, size, &stats);
         Ok(())
     }
 

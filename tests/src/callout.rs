@@ -71,6 +71,15 @@ impl CalloutStack {
         }
     }
 
+    /// Like [`CalloutStack::start`], with pinning on: the pin node keeps its store in
+    /// `pin_dir` (which the caller may inspect, e.g. for plaintext).
+    pub async fn start_pinning(pin_dir: &std::path::Path) -> CalloutStack {
+        CalloutStack::start_configured(|config| {
+            config.pin = Some(kez_chat_server::pin::PinConfig::new(pin_dir.to_path_buf()));
+        })
+        .await
+    }
+
     /// The config `run --keys-dir … --callout-issuer …` resolves to for this stack.
     pub fn config(
         nats: &NatsServer,

@@ -289,12 +289,7 @@ async fn forge_offer_with_another_key(url: &str, alice: &Person) -> String {
 #[tokio::test]
 async fn a_pinned_file_downloads_while_the_sender_is_offline() {
     let pin_dir = tempfile::tempdir().unwrap();
-    let stack = CalloutStack::start_configured(|config| {
-        config.pin = Some(kez_chat_server::pin::PinConfig::new(
-            pin_dir.path().join("pin"),
-        ));
-    })
-    .await;
+    let stack = CalloutStack::start_pinning(&pin_dir.path().join("pin")).await;
     let url = stack.nats.url();
     let (alice, bob) = alice_and_bob(&url).await;
     let work = tempfile::tempdir().unwrap();

@@ -68,12 +68,7 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 #[tokio::test]
 async fn each_reader_sees_only_what_is_theirs_and_the_manifest_names_nobody() {
     let pin_dir = tempfile::tempdir().unwrap();
-    let stack = CalloutStack::start_configured(|config| {
-        config.pin = Some(kez_chat_server::pin::PinConfig::new(
-            pin_dir.path().join("pin"),
-        ));
-    })
-    .await;
+    let stack = CalloutStack::start_pinning(&pin_dir.path().join("pin")).await;
     let url = stack.nats.url();
     let alice = person(&url, "alice").await;
     let bob = person(&url, "bob").await;
