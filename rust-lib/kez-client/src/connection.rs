@@ -20,6 +20,7 @@ use kez_core::subjects::{
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
 
 use crate::chain::VerifiedChain;
 use crate::store::{Contact, PinChange, Store, StoreError};
@@ -27,6 +28,10 @@ use crate::store::{Contact, PinChange, Store, StoreError};
 /// The expiry of a pull that does not wait for messages (the broker answers at once when there
 /// are none); async-nats gives up 5 s after it if no answer comes.
 const NO_WAIT_PULL_EXPIRY: Duration = Duration::from_secs(1);
+
+/// Pull requests, one message each, that [`Connection::receive`] keeps outstanding at once
+/// after the first message arrived: one round trip fetches up to this many.
+const PULLS_IN_FLIGHT: usize = 32;
 
 /// Service subjects (PROTOCOL.md §5).
 const REGISTER: &str = "kez.registry.register";
@@ -355,6 +360,39 @@ pub fn now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
+/// One pull request for one message from `consumer`, waiting up to `wait` for it (zero: the
+/// broker answers at once when there is none). `None`: no message.
+///
+/// One message per pull request: the answer to a pull crosses the `APP` account's service
+/// import, and nats-server ends a streamed answer there at an empty message. In a larger batch,
+/// an empty message (anyone may publish one into an inbox) would cut off the messages after it
+/// until their ack wait ran out. Every pull has an expiry: without one, async-nats waits forever
+/// for an answer that a broker restarted meanwhile never sends.
+async fn pull_one(
+    consumer: &PullConsumer,
+    wait: Duration,
+) -> Option<Result<jetstream::Message, async_nats::Error>> {
+    let fetched = if wait.is_zero() {
+        consumer
+            .fetch()
+            .max_messages(1)
+            .expires(NO_WAIT_PULL_EXPIRY)
+            .messages()
+            .await
+    } else {
+        consumer
+            .batch()
+            .max_messages(1)
+            .expires(wait)
+            .messages()
+            .await
+    };
+    match fetched {
+        Ok(mut batch) => batch.next().await,
+        Err(err) => Some(Err(err.into())),
+    }
+}
+
 /// One connection to the broker as a KEZ key. It reconnects on its own, forever (each
 /// reconnect is authorized afresh by the callout), so it survives a broker restart.
 ///
@@ -365,6 +403,9 @@ pub struct Connection {
     client: Client,
     js: jetstream::Context,
     key: Arc<SecretKey>,
+    /// The own inbox consumer, looked up by the first receive (a JetStream API round trip);
+    /// pulls address it by its name only, which never changes.
+    inbox: Arc<OnceCell<PullConsumer>>,
 }
 
 impl Connection {
@@ -415,7 +456,12 @@ impl Connection {
                 source,
             })?;
         let js = jetstream::with_prefix(client.clone(), JS_API_PREFIX);
-        Ok(Connection { client, js, key })
+        Ok(Connection {
+            client,
+            js,
+            key,
+            inbox: Arc::default(),
+        })
     }
 
     /// The underlying NATS client.
@@ -733,72 +779,59 @@ impl Connection {
     /// `wait` for the first (`Duration::ZERO`: only what is there now), and returns the new
     /// ones, opened and verified, in the order the stream holds them.
     ///
-    /// The fetched batch is stored in `store` (history and seen ids) in one transaction, one
-    /// disk sync for the whole batch, before any of it is acknowledged, so a crash in between
-    /// means a redelivery, which is then dropped as already seen. Envelopes that do not open
-    /// (not for us, forged, garbage) are logged and acknowledged: they would never open on a
-    /// retry either. An acknowledgement that fails is logged, not returned: the message is
-    /// stored, and its redelivery will be dropped. A fetch that fails after some messages
-    /// arrived stores and returns those; one that fails before is an error.
+    /// After the first message, up to [`PULLS_IN_FLIGHT`] pulls go out at once, until one
+    /// comes back empty or `max` arrived. The fetched batch is stored in `store` (history and
+    /// seen ids) in one transaction, one disk sync for the whole batch, before any of it is
+    /// acknowledged (all acknowledgements at once), so a crash in between means a redelivery,
+    /// which is then dropped as already seen. Envelopes that do not open (not for us, forged,
+    /// garbage) are logged and acknowledged: they would never open on a retry either. An
+    /// acknowledgement that fails is logged, not returned: the message is stored, and its
+    /// redelivery will be dropped. A fetch that fails after some messages arrived stores and
+    /// returns those; one that fails before is an error.
     pub async fn receive(
         &self,
         store: &Store,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Message>, ClientError> {
-        let me = self.key.public_key();
-        let consumer: PullConsumer = self
-            .js
-            .get_consumer_from_stream(inbox_consumer(&me), INBOX_STREAM)
-            .await
-            .map_err(|err| ClientError::Nats {
-                action: "find the own inbox consumer",
-                source: err.into(),
-            })?;
-        let mut deliveries = Vec::new();
-        for pulled in 0..max {
-            // One message per pull request. The answer to a pull crosses the `APP` account's
-            // service import, and nats-server ends a streamed answer there at an empty
-            // message: in a larger batch, an empty message (anyone may publish one into an
-            // inbox) would cut off the messages after it until their ack wait ran out, and a
-            // fetch without expiry would wait forever. Only the first pull waits. Every pull
-            // has an expiry: without one, async-nats waits forever for an answer that a broker
-            // restarted meanwhile never sends.
-            let fetched = if pulled > 0 || wait.is_zero() {
-                consumer
-                    .fetch()
-                    .max_messages(1)
-                    .expires(NO_WAIT_PULL_EXPIRY)
-                    .messages()
-                    .await
-            } else {
-                consumer
-                    .batch()
-                    .max_messages(1)
-                    .expires(wait)
-                    .messages()
-                    .await
-            };
-            let next = match fetched {
-                Ok(mut batch) => batch.next().await,
-                Err(err) => Some(Err(err.into())),
-            };
-            match next {
-                None => break,
-                Some(Ok(delivery)) => deliveries.push(delivery),
-                // What arrived already is stored and returned; the rest comes next time.
-                Some(Err(err)) if !deliveries.is_empty() => {
-                    tracing::warn!("fetching from the own inbox stopped early: {err}");
-                    break;
-                }
-                Some(Err(source)) => {
-                    return Err(ClientError::Nats {
-                        action: "fetch from the own inbox",
-                        source,
-                    });
+        let consumer = self.inbox_consumer().await?;
+        let mut deliveries = match pull_one(consumer, wait).await {
+            None => return Ok(Vec::new()),
+            Some(Ok(delivery)) => vec![delivery],
+            Some(Err(source)) => {
+                return Err(ClientError::Nats {
+                    action: "fetch from the own inbox",
+                    source,
+                });
+            }
+        };
+        while deliveries.len() < max {
+            let pulls = (max - deliveries.len()).min(PULLS_IN_FLIGHT);
+            let pulled =
+                futures::future::join_all((0..pulls).map(|_| pull_one(consumer, Duration::ZERO)))
+                    .await;
+            let mut drained = false;
+            for next in pulled {
+                match next {
+                    Some(Ok(delivery)) => deliveries.push(delivery),
+                    None => drained = true,
+                    // What arrived already is stored and returned; the rest comes next time.
+                    Some(Err(err)) => {
+                        tracing::warn!("fetching from the own inbox stopped early: {err}");
+                        drained = true;
+                    }
                 }
             }
+            if drained {
+                break;
+            }
         }
+        // Pulls in flight together may be answered in any order.
+        deliveries.sort_by_key(|delivery| {
+            delivery
+                .info()
+                .map_or(u64::MAX, |info| info.stream_sequence)
+        });
         let mut opened = Vec::with_capacity(deliveries.len());
         for delivery in &deliveries {
             match envelope::open(&self.key, &delivery.payload) {
@@ -819,14 +852,28 @@ impl Connection {
                 tracing::info!(id = %message.id, "dropping a message seen before");
             }
         }
-        for delivery in deliveries {
-            if let Err(err) = delivery.double_ack().await {
-                tracing::warn!(
-                    "acknowledging a stored message failed, it will be redelivered and dropped then: {err}"
-                );
-            }
+        let acks = futures::future::join_all(deliveries.iter().map(|d| d.double_ack())).await;
+        for err in acks.into_iter().filter_map(Result::err) {
+            tracing::warn!(
+                "acknowledging a stored message failed, it will be redelivered and dropped then: {err}"
+            );
         }
         Ok(received)
+    }
+
+    /// The own inbox consumer (looked up once per connection).
+    async fn inbox_consumer(&self) -> Result<&PullConsumer, ClientError> {
+        self.inbox
+            .get_or_try_init(|| async {
+                self.js
+                    .get_consumer_from_stream(inbox_consumer(&self.key.public_key()), INBOX_STREAM)
+                    .await
+                    .map_err(|err| ClientError::Nats {
+                        action: "find the own inbox consumer",
+                        source: err.into(),
+                    })
+            })
+            .await
     }
 
     /// Flushes what is buffered and closes the connection.

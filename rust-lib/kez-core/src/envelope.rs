@@ -302,22 +302,19 @@ fn check_content_type(content_type: &str) -> Result<(), EnvelopeError> {
 /// The AEAD key and nonce for one envelope: HKDF-SHA256 over the X25519 shared secret, salted
 /// with both public keys so the key is bound to this ephemeral key and this recipient.
 fn envelope_cipher(
-    shared: &x25519_dalek::SharedSecret,
+    shared: &[u8; 32],
     ephemeral_public: &[u8; 32],
     recipient: &x25519_dalek::PublicKey,
-) -> Result<(XChaCha20Poly1305, XNonce), EnvelopeError> {
-    if !shared.was_contributory() {
-        return Err(EnvelopeError::WeakKey);
-    }
+) -> (XChaCha20Poly1305, XNonce) {
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(ephemeral_public);
     salt[32..].copy_from_slice(recipient.as_bytes());
     let mut okm = Zeroizing::new([0u8; 56]);
-    Hkdf::<Sha256>::new(Some(&salt), shared.as_bytes())
+    Hkdf::<Sha256>::new(Some(&salt), shared)
         .expand(ENVELOPE_KDF_INFO, okm.as_mut())
         .expect("56 bytes is a valid HKDF-SHA256 length");
     let cipher = XChaCha20Poly1305::new_from_slice(&okm[..32]).expect("32-byte key");
-    Ok((cipher, *XNonce::from_slice(&okm[32..])))
+    (cipher, *XNonce::from_slice(&okm[32..]))
 }
 
 fn encrypt(
@@ -329,11 +326,12 @@ fn encrypt(
     if size > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::TooLarge { size });
     }
-    let secret = x25519_dalek::StaticSecret::from(*ephemeral);
-    let ephemeral_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
-    let recipient = recipient.to_x25519();
-    let shared = secret.diffie_hellman(&recipient);
-    let (cipher, nonce) = envelope_cipher(&shared, &ephemeral_public, &recipient)?;
+    let ephemeral_public =
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*ephemeral)).to_bytes();
+    let (shared, recipient) = recipient
+        .x25519_agree(ephemeral)
+        .ok_or(EnvelopeError::WeakKey)?;
+    let (cipher, nonce) = envelope_cipher(&shared, &ephemeral_public, &recipient);
     let mut aad = [0u8; 1 + EPHEMERAL_LEN];
     aad[0] = ENVELOPE_VERSION;
     aad[1..].copy_from_slice(&ephemeral_public);
@@ -369,10 +367,17 @@ fn decrypt(recipient: &SecretKey, envelope: &[u8]) -> Result<Zeroizing<Vec<u8>>,
     }
     let (aad, ciphertext) = envelope.split_at(1 + EPHEMERAL_LEN);
     let ephemeral_public: [u8; 32] = aad[1..].try_into().expect("32 bytes");
-    let secret = recipient.to_x25519();
-    let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(ephemeral_public));
-    let own = x25519_dalek::PublicKey::from(&secret);
-    let (cipher, nonce) = envelope_cipher(&shared, &ephemeral_public, &own)?;
+    let shared = recipient
+        .to_x25519()
+        .diffie_hellman(&x25519_dalek::PublicKey::from(ephemeral_public));
+    if !shared.was_contributory() {
+        return Err(EnvelopeError::WeakKey);
+    }
+    let (cipher, nonce) = envelope_cipher(
+        shared.as_bytes(),
+        &ephemeral_public,
+        recipient.x25519_public(),
+    );
     cipher
         .decrypt(
             &nonce,

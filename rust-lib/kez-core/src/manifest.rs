@@ -434,7 +434,6 @@ impl Manifest {
     /// Every box is tried. Names must be unique among them.
     pub fn visible_to(&self, reader: &SecretKey) -> Result<Vec<VisibleEntry>, ManifestError> {
         let secret = reader.to_x25519();
-        let own = x25519_dalek::PublicKey::from(&secret);
         let aad = box_aad(&self.owner);
         let mut visible: Vec<VisibleEntry> = self
             .public
@@ -449,9 +448,11 @@ impl Manifest {
             let (ephemeral_public, ciphertext) = sealed.split_at(EPHEMERAL_LEN);
             let ephemeral_public: [u8; 32] = ephemeral_public.try_into().expect("32 bytes");
             let shared = secret.diffie_hellman(&x25519_dalek::PublicKey::from(ephemeral_public));
-            let Some((cipher, nonce)) = box_cipher(&shared, &ephemeral_public, &own) else {
+            if !shared.was_contributory() {
                 continue;
-            };
+            }
+            let (cipher, nonce) =
+                box_cipher(shared.as_bytes(), &ephemeral_public, reader.x25519_public());
             let Ok(padded) = cipher.decrypt(
                 &nonce,
                 Payload {
@@ -512,22 +513,19 @@ fn box_aad(owner: &PublicKey) -> Vec<u8> {
 /// The AEAD key and nonce of one box, as for an envelope (PROTOCOL.md §8) with its own `info`;
 /// `None` for a small-order ephemeral key.
 fn box_cipher(
-    shared: &x25519_dalek::SharedSecret,
+    shared: &[u8; 32],
     ephemeral_public: &[u8; 32],
     recipient: &x25519_dalek::PublicKey,
-) -> Option<(XChaCha20Poly1305, XNonce)> {
-    if !shared.was_contributory() {
-        return None;
-    }
+) -> (XChaCha20Poly1305, XNonce) {
     let mut salt = [0u8; 64];
     salt[..32].copy_from_slice(ephemeral_public);
     salt[32..].copy_from_slice(recipient.as_bytes());
     let mut okm = Zeroizing::new([0u8; 56]);
-    Hkdf::<Sha256>::new(Some(&salt), shared.as_bytes())
+    Hkdf::<Sha256>::new(Some(&salt), shared)
         .expand(SEALED_ENTRY_KDF_INFO, okm.as_mut())
         .expect("56 bytes is a valid HKDF-SHA256 length");
     let cipher = XChaCha20Poly1305::new_from_slice(&okm[..32]).expect("32-byte key");
-    Some((cipher, *XNonce::from_slice(&okm[32..])))
+    (cipher, *XNonce::from_slice(&okm[32..]))
 }
 
 fn seal_entry(
@@ -556,13 +554,12 @@ fn seal_padded(
     padded: &[u8; SEALED_PLAINTEXT_LEN],
     ephemeral: &[u8; 32],
 ) -> Result<[u8; SEALED_ENTRY_LEN], ManifestError> {
-    let secret = x25519_dalek::StaticSecret::from(*ephemeral);
-    let ephemeral_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
-    let recipient = recipient.to_x25519();
-    let shared = secret.diffie_hellman(&recipient);
-    let (cipher, nonce) = box_cipher(&shared, &ephemeral_public, &recipient).ok_or_else(|| {
+    let ephemeral_public =
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*ephemeral)).to_bytes();
+    let (shared, recipient) = recipient.x25519_agree(ephemeral).ok_or_else(|| {
         ManifestError::Malformed("the recipient key is a small-order point".into())
     })?;
+    let (cipher, nonce) = box_cipher(&shared, &ephemeral_public, &recipient);
     let ciphertext = cipher
         .encrypt(
             &nonce,

@@ -24,7 +24,7 @@ use kez_tests::callout::CalloutStack;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::measure::{Budget, Latencies, per_sec};
+use crate::measure::{Budget, Latencies, cpu_time, nats_pid, per_sec};
 use crate::report::{Goal, Row};
 
 /// The chat body: a longish chat line.
@@ -124,10 +124,22 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let single = budget.pick(200, 1_000);
     let epoch = Instant::now();
 
+    // Both sides share the machine's cores: CPU time per message says what bounds the rates.
+    let nats = nats_pid(&stack.nats)?;
+    let cpu = || -> Result<Duration, String> {
+        Ok(cpu_time(nats).ok_or("nats-server is gone")?
+            + cpu_time(std::process::id()).ok_or("cannot read the own CPU time")?)
+    };
+    let before = cpu()?;
     let raw_rate = raw.throughput(n, sealed_len, epoch).await?;
+    let raw_cpu = cpu()? - before;
+    let before = cpu()?;
     let ours_rate = throughput(&alice, &bob, &contact, n, epoch).await?;
+    let ours_cpu = cpu()? - before;
+    let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / n as f64;
     let mut raw_latency = raw.latency(single, sealed_len, epoch).await?;
     let mut ours_latency = latency(&alice, &bob, &contact, single, epoch).await?;
+    let mut commits = store_commits(&alice.key, &bob.key, single)?;
 
     let what = format!("{BODY_BYTES} B body, {sealed_len} B sealed");
     Ok(vec![
@@ -139,6 +151,15 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             raw_rate,
             "raw JetStream",
             Goal::RatioAtLeast(0.8),
+        ),
+        Row::versus(
+            SECTION,
+            format!("CPU per message, {n} pipelined (nats-server + both clients)"),
+            "µs",
+            per_message(ours_cpu),
+            per_message(raw_cpu),
+            "raw JetStream",
+            Goal::None,
         ),
         Row::versus(
             SECTION,
@@ -158,7 +179,38 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             "raw JetStream",
             Goal::None,
         ),
+        Row::info(
+            SECTION,
+            format!("recipient's store commit p50, one message ({single})"),
+            "ms",
+            commits.percentile_ms(50.0),
+        ),
     ])
+}
+
+/// What storing one received message costs bob before he may acknowledge it: one redb
+/// transaction (history and seen id) with its disk sync, in a store of its own.
+fn store_commits(alice: &SecretKey, bob: &SecretKey, count: usize) -> Result<Latencies, String> {
+    let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+    let store = Store::open(dir.path().join("store.redb")).map_err(|e| e.to_string())?;
+    let mut commits = Latencies::default();
+    for _ in 0..count {
+        let (_, sealed) = kez_core::envelope::seal(
+            alice,
+            &bob.public_key(),
+            CONTENT_TYPE,
+            &[b'k'; BODY_BYTES],
+            kez_client::now(),
+        )
+        .map_err(|e| e.to_string())?;
+        let message = kez_core::envelope::open(bob, &sealed).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        store
+            .record_incoming_all(std::slice::from_ref(&message), kez_client::now())
+            .map_err(|e| e.to_string())?;
+        commits.push(started.elapsed());
+    }
+    Ok(commits)
 }
 
 /// kez-client throughput: alice publishes `n` messages pipelined while bob receives.

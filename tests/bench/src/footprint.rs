@@ -4,7 +4,6 @@
 //! allocated blocks) per registered user and per stored message of a chat envelope's size.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use kez_tests::NatsServer;
 use kez_tests::process::KezServerProcess;
 
 use crate::chat::{BODY_BYTES, WINDOW};
-use crate::measure::{Budget, disk_usage, mib, per_sec, proc_status_kib};
+use crate::measure::{Budget, disk_usage, mib, nats_pid, per_sec, proc_status_kib};
 use crate::report::Row;
 
 const SECTION: &str = "footprint";
@@ -168,32 +167,4 @@ async fn publish_all(
         ack.await.map_err(|e| format!("storing a message: {e}"))?;
     }
     Ok(())
-}
-
-/// The pid of the fixture's nats-server: the process whose command line names its config.
-fn nats_pid(nats: &NatsServer) -> Result<u32, String> {
-    let conf: PathBuf = nats
-        .store_dir()
-        .parent()
-        .map(|dir| dir.join("nats.conf"))
-        .ok_or("the store directory has no parent")?;
-    find_process(&conf).ok_or(format!(
-        "no process runs with {}: cannot measure nats-server",
-        conf.display()
-    ))
-}
-
-fn find_process(arg: &Path) -> Option<u32> {
-    let wanted = arg.as_os_str().as_encoded_bytes();
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            cmdline
-                .split(|byte| *byte == 0)
-                .any(|part| part == wanted)
-                .then_some(pid)
-        })
 }

@@ -1,8 +1,10 @@
 //! Measuring tools shared by the sections: latency percentiles, process memory from /proc,
 //! disk use of a directory, and the run's size settings.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use kez_tests::NatsServer;
 
 /// How big a run is: `--quick` shrinks every count and size so the whole run takes under two
 /// minutes; the full run uses the sizes the issue names (1 GiB files, 100,000 users).
@@ -60,6 +62,45 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
         rest.trim().trim_end_matches("kB").trim().parse().ok()
     })
+}
+
+/// The pid of the fixture's nats-server: the process whose command line names its config.
+pub fn nats_pid(nats: &NatsServer) -> Result<u32, String> {
+    let conf: PathBuf = nats
+        .store_dir()
+        .parent()
+        .map(|dir| dir.join("nats.conf"))
+        .ok_or("the store directory has no parent")?;
+    find_process(&conf).ok_or(format!(
+        "no process runs with {}: cannot measure nats-server",
+        conf.display()
+    ))
+}
+
+fn find_process(arg: &Path) -> Option<u32> {
+    let wanted = arg.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|byte| *byte == 0)
+                .any(|part| part == wanted)
+                .then_some(pid)
+        })
+}
+
+/// CPU time (user + system) a process has used so far; `None` once it is gone. `/proc` counts
+/// it in ticks of 1/100 s (`USER_HZ`, fixed by the kernel's ABI).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; the fields after its ')' are plain.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let user: u64 = fields.nth(11)?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
 }
 
 /// KiB to MiB.

@@ -22,6 +22,9 @@ use crate::report::{Goal, Row};
 const SECTION: &str = "registry";
 const LOOKUP: &str = "kez.registry.lookup";
 const ECHO: &str = "bench.echo";
+/// A direct get from the handles bucket, the read a lookup makes twice (handle record, then
+/// chain head): JetStream's own request form, the subject named in the body.
+const KV_READ: &str = "$JS.API.DIRECT.GET.KV_kez_handles";
 /// Registered handles the lookups cycle through.
 const USERS: usize = 100;
 /// What `serve-echo` prints once it is subscribed.
@@ -66,6 +69,17 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         ));
     }
     let answer_len = answer.payload.len();
+    let reads: Arc<Vec<Bytes>> = Arc::new(
+        names
+            .iter()
+            .map(|name| {
+                Bytes::from(
+                    serde_json::json!({ "last_by_subj": format!("$KV.kez_handles.{name}") })
+                        .to_string(),
+                )
+            })
+            .collect(),
+    );
     let _echo = spawn_echo(&url, answer_len).await?;
 
     let duration = budget.pick(Duration::from_secs(2), Duration::from_secs(5));
@@ -74,6 +88,8 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         let (echo_rate, mut echo_latency) =
             drive(&client, ECHO, &bodies, concurrency, duration).await?;
         let (rate, mut latency) = drive(&client, LOOKUP, &bodies, concurrency, duration).await?;
+        let (read_rate, mut read_latency) =
+            drive(&client, KV_READ, &reads, concurrency, duration).await?;
         rows.push(Row::versus(
             SECTION,
             format!("lookups/s, {concurrency} concurrent"),
@@ -94,6 +110,26 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
                 Goal::None,
             ));
         }
+        // What a lookup is made of: the broker answers a KV read about as fast as the echo,
+        // and a lookup is one request plus two reads, one after the other.
+        rows.push(Row::versus(
+            SECTION,
+            format!("KV direct gets/s, {concurrency} concurrent (a lookup makes 2)"),
+            "req/s",
+            read_rate,
+            echo_rate,
+            "echo service",
+            Goal::None,
+        ));
+        rows.push(Row::versus(
+            SECTION,
+            format!("KV direct get latency p50, {concurrency} concurrent"),
+            "ms",
+            read_latency.percentile_ms(50.0),
+            echo_latency.percentile_ms(50.0),
+            "echo service",
+            Goal::None,
+        ));
     }
     Ok(rows)
 }
