@@ -104,7 +104,7 @@ impl Server {
             .ensure_all_inbox_consumers()
             .await
             .map_err(|err| StartError::Inbox(err.message))?;
-        tracing::info!(users = prepared, "inbox consumers in place");
+        tracing::info!(created = prepared, "inbox consumers in place");
         let pinning = match &config.pin {
             Some(pin_config) => {
                 let js = async_nats::jetstream::new(client.clone());

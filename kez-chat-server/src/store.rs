@@ -294,18 +294,36 @@ impl Store {
     }
 
     /// Creates the inbox consumers of every registered key that lacks one (at start: users
-    /// registered before this version, or whose consumer an operator removed).
+    /// registered before this version, or whose consumer an operator removed); answers how many
+    /// it created.
+    ///
+    /// The existing consumers are listed first (a paged listing) and only missing ones are
+    /// created: on a work-queue stream nats-server checks a new consumer's filter against every
+    /// other consumer's, so one create per user at each start made a start quadratic in the
+    /// number of users (BENCHMARKS.md, footprint).
     pub async fn ensure_all_inbox_consumers(&self) -> Result<usize, ApiError> {
+        let inbox = self
+            .js
+            .get_stream_no_info(INBOX_STREAM)
+            .await
+            .map_err(ApiError::unavailable)?;
+        let mut existing = std::collections::HashSet::new();
+        let mut consumers = inbox.consumer_names();
+        while let Some(name) = consumers.next().await {
+            existing.insert(name.map_err(ApiError::unavailable)?);
+        }
         let mut names = self.handles.keys().await.map_err(ApiError::unavailable)?;
-        let mut count = 0;
+        let mut created = 0;
         while let Some(name) = names.next().await {
             let name = name.map_err(ApiError::unavailable)?;
-            if let Some(record) = self.handle(&name).await? {
+            if let Some(record) = self.handle(&name).await?
+                && !existing.contains(&inbox_consumer(&record.key))
+            {
                 self.ensure_inbox_consumer(record.key).await?;
-                count += 1;
+                created += 1;
             }
         }
-        Ok(count)
+        Ok(created)
     }
 
     /// Marks `key` disabled (`Some`) or enabled (`None`).

@@ -9,6 +9,7 @@ use async_nats::{Client, ConnectOptions, RequestErrorKind};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_chat_server::store::{HANDLES_BUCKET, HandleRecord, KEYS_BUCKET, KeyRecord};
+use kez_core::subjects::{INBOX_STREAM, inbox_consumer, inbox_subject};
 use kez_core::{SecretKey, Sigchain, UnsignedLink};
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
@@ -568,4 +569,50 @@ async fn sigterm_answers_every_request_sent_before_it() {
     );
     fired.assert_all_answered(&client, "SIGTERM").await;
     assert_no_responders(&client).await;
+}
+
+#[tokio::test]
+async fn a_start_creates_only_the_inbox_consumers_that_are_missing() {
+    let nats = NatsServer::start();
+    let first = KezServer::start(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(5)).await;
+    let (alice, body) = registration("alice");
+    call(&client, REGISTER, body).await.unwrap();
+    let (bob, body) = registration("bob");
+    call(&client, REGISTER, body).await.unwrap();
+    first.stop().await;
+
+    let js = async_nats::jetstream::new(client.clone());
+    let inbox = js.get_stream(INBOX_STREAM).await.unwrap();
+    let alice_inbox = inbox_consumer(&alice.public_key());
+    let bob_inbox = inbox_consumer(&bob.public_key());
+    // An operator removed bob's consumer while no instance ran.
+    inbox.delete_consumer(&bob_inbox).await.unwrap();
+    // Every consumer create crosses the JetStream API; on this broker without accounts a
+    // client can watch those requests go by.
+    let mut creates = client
+        .subscribe(format!("$JS.API.CONSUMER.CREATE.{INBOX_STREAM}.>"))
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+
+    let second = KezServer::start(&nats.url()).await;
+    let bob_info = inbox.consumer_info(&bob_inbox).await.unwrap();
+    assert_eq!(
+        bob_info.config.filter_subject,
+        inbox_subject(&bob.public_key())
+    );
+    assert!(inbox.consumer_info(&alice_inbox).await.is_ok());
+    round_trip(&client).await;
+    let mut created = Vec::new();
+    while let Ok(Some(request)) =
+        tokio::time::timeout(Duration::from_millis(200), creates.next()).await
+    {
+        created.push(request.subject.to_string());
+    }
+    assert!(
+        created.len() == 1 && created[0].contains(&bob_inbox),
+        "only the missing consumer is created at start, not {created:?}"
+    );
+    second.stop().await;
 }

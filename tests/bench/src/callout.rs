@@ -16,7 +16,7 @@ use kez_core::SecretKey;
 use kez_tests::NatsServer;
 use kez_tests::callout::CalloutProcessStack;
 
-use crate::measure::{Budget, Latencies, per_sec};
+use crate::measure::{Budget, Latencies, cpu_of, nats_pid, per_sec};
 use crate::report::{Goal, Row};
 
 const SECTION: &str = "callout";
@@ -46,7 +46,10 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     }
     users.push_str("  ]\n}\n");
     let static_nats = NatsServer::start_with(&users);
+    let static_pid = nats_pid(&static_nats)?;
+    let cpu_before = cpu_of(&[static_pid, std::process::id()])?;
     let baseline = connect_loop(&static_nats.url(), &keys, duration).await;
+    let baseline_cpu = cpu_of(&[static_pid, std::process::id()])? - cpu_before;
     drop(static_nats);
 
     let stack = CalloutProcessStack::start().await;
@@ -56,7 +59,16 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             .await
             .map_err(|e| format!("registering key {index}: {e:?}"))?;
     }
+    let pids = [
+        nats_pid(&stack.nats)?,
+        stack.server.id(),
+        std::process::id(),
+    ];
+    let cpu_before = cpu_of(&pids)?;
     let mut ours = connect_loop(&stack.nats.url(), &keys, duration).await;
+    let ours_cpu = cpu_of(&pids)? - cpu_before;
+    let per_connect =
+        |cpu: Duration, connects: usize| cpu.as_secs_f64() * 1e6 / connects.max(1) as f64;
     let log = stack.nats.log();
     let timeouts = log
         .lines()
@@ -82,6 +94,15 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             per_sec(baseline.connects, baseline.elapsed),
             "static nkey users",
             Goal::RatioAtLeast(0.5),
+        ),
+        Row::versus(
+            SECTION,
+            "CPU per connect (nats-server, kez-chat-server, clients)",
+            "µs",
+            per_connect(ours_cpu, ours.connects),
+            per_connect(baseline_cpu, baseline.connects),
+            "static nkey users",
+            Goal::None,
         ),
         Row::versus(
             SECTION,

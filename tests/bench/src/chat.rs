@@ -24,7 +24,7 @@ use kez_tests::callout::CalloutStack;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 
-use crate::measure::{Budget, Latencies, cpu_time, nats_pid, per_sec};
+use crate::measure::{Budget, Latencies, cpu_of, nats_pid, per_sec};
 use crate::report::{Goal, Row};
 
 /// The chat body: a longish chat line.
@@ -125,11 +125,8 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let epoch = Instant::now();
 
     // Both sides share the machine's cores: CPU time per message says what bounds the rates.
-    let nats = nats_pid(&stack.nats)?;
-    let cpu = || -> Result<Duration, String> {
-        Ok(cpu_time(nats).ok_or("nats-server is gone")?
-            + cpu_time(std::process::id()).ok_or("cannot read the own CPU time")?)
-    };
+    let pids = [nats_pid(&stack.nats)?, std::process::id()];
+    let cpu = || cpu_of(&pids);
     let before = cpu()?;
     let raw_rate = raw.throughput(n, sealed_len, epoch).await?;
     let raw_cpu = cpu()? - before;

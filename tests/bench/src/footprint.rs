@@ -51,6 +51,17 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let server_full = rss(server.id(), "kez-chat-server")?;
     let nats_full = rss(nats_pid, "nats-server")?;
     let disk_users = disk_usage(&store);
+    // What every kez-chat-server start does before it serves: make sure each registered user
+    // has an inbox consumer.
+    let opened = kez_chat_server::store::Store::open(&jetstream::new(client.clone()), None)
+        .await
+        .map_err(|e| format!("opening the store: {e}"))?;
+    let started = Instant::now();
+    let created = opened
+        .ensure_all_inbox_consumers()
+        .await
+        .map_err(|e| format!("checking the inbox consumers: {}", e.message))?;
+    let start_check = started.elapsed();
 
     // Messages of a sealed chat body's size (see the chat section).
     let sender = SecretKey::generate();
@@ -90,6 +101,12 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             format!("registrations/s, {CONCURRENCY} concurrent"),
             "req/s",
             per_sec(users, registering),
+        ),
+        Row::info(
+            SECTION,
+            format!("server start: inbox consumers checked, {users} users ({created} created)"),
+            "s",
+            start_check.as_secs_f64(),
         ),
         Row::info(SECTION, "JetStream disk per user", "B", per_user),
         Row::versus(

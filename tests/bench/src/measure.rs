@@ -103,6 +103,13 @@ pub fn cpu_time(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis((user + system) * 10))
 }
 
+/// The CPU time of all of `pids` together (see [`cpu_time`]).
+pub fn cpu_of(pids: &[u32]) -> Result<Duration, String> {
+    pids.iter()
+        .map(|&pid| cpu_time(pid).ok_or(format!("process {pid} is gone: cannot read its CPU time")))
+        .sum()
+}
+
 /// KiB to MiB.
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0

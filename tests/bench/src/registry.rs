@@ -16,7 +16,7 @@ use kez_tests::NatsServer;
 use kez_tests::process::KezServerProcess;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::measure::{Budget, Latencies, per_sec};
+use crate::measure::{Budget, Latencies, cpu_of, nats_pid, per_sec};
 use crate::report::{Goal, Row};
 
 const SECTION: &str = "registry";
@@ -34,7 +34,7 @@ pub const ECHO_READY: &str = "echo ready";
 pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let nats = NatsServer::start();
     let url = nats.url();
-    let _server = KezServerProcess::spawn(&url).await;
+    let server = KezServerProcess::spawn(&url).await;
     let client = async_nats::connect(&url)
         .await
         .map_err(|e| format!("connecting to {url}: {e}"))?;
@@ -80,14 +80,28 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             })
             .collect(),
     );
-    let _echo = spawn_echo(&url, answer_len).await?;
+    let echo = spawn_echo(&url, answer_len).await?;
+    // Every process that works for a request: what bounds the rates on a machine they share.
+    let pids = [
+        nats_pid(&nats)?,
+        server.id(),
+        echo.id().ok_or("the echo service is gone")?,
+        std::process::id(),
+    ];
+    let per_request = |cpu: Duration, latencies: &Latencies| {
+        cpu.as_secs_f64() * 1e6 / latencies.len().max(1) as f64
+    };
 
     let duration = budget.pick(Duration::from_secs(2), Duration::from_secs(5));
     let mut rows = Vec::new();
     for concurrency in [1, 16, 64] {
+        let before = cpu_of(&pids)?;
         let (echo_rate, mut echo_latency) =
             drive(&client, ECHO, &bodies, concurrency, duration).await?;
+        let echo_cpu = per_request(cpu_of(&pids)? - before, &echo_latency);
+        let before = cpu_of(&pids)?;
         let (rate, mut latency) = drive(&client, LOOKUP, &bodies, concurrency, duration).await?;
+        let lookup_cpu = per_request(cpu_of(&pids)? - before, &latency);
         let (read_rate, mut read_latency) =
             drive(&client, KV_READ, &reads, concurrency, duration).await?;
         rows.push(Row::versus(
@@ -98,6 +112,15 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             echo_rate,
             "echo service",
             Goal::RatioAtLeast(0.7),
+        ));
+        rows.push(Row::versus(
+            SECTION,
+            format!("CPU per lookup, {concurrency} concurrent (all processes)"),
+            "µs",
+            lookup_cpu,
+            echo_cpu,
+            "echo service",
+            Goal::None,
         ));
         for p in [50.0, 99.0] {
             rows.push(Row::versus(
