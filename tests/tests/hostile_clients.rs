@@ -17,6 +17,7 @@ use bytes::Bytes;
 use futures::future::join_all;
 use kez_chat_server::config::ServerConfig;
 use kez_chat_server::limits::{Limits, Rate};
+use kez_chat_server::pin::PinConfig;
 use kez_core::subjects::{INBOX_STREAM, inbox_consumer, inbox_subject};
 use kez_core::{SecretKey, UnsignedLink, envelope};
 use kez_tests::callout::{CalloutStack, register};
@@ -140,9 +141,15 @@ where
 async fn a_flooding_key_gets_429_and_other_users_are_unaffected() {
     let burst = 20;
     let per_sec = 2.0;
-    let stack = stack_with(Limits {
-        per_key: Rate::new(per_sec, burst),
-        ..Limits::OFF
+    // With pinning on, so that the kez.pin.* endpoints are there to be limited too.
+    let pin_dir = tempfile::tempdir().unwrap();
+    let stack = CalloutStack::start_configured(|config: &mut ServerConfig| {
+        config.limits = Limits {
+            per_key: Rate::new(per_sec, burst),
+            ..Limits::OFF
+        };
+        config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.pin = Some(PinConfig::new(pin_dir.path().to_path_buf()));
     })
     .await;
     let mut tally = Tally::default();
@@ -235,6 +242,11 @@ async fn a_flooding_key_gets_429_and_other_users_are_unaffected() {
             "kez.registry.register",
             registration(&mallory_key, "mallory2"),
         ),
+        // Limited before the body is read: an unsigned body is refused as 429 all the same.
+        ("kez.pin.add", b"garbage".to_vec()),
+        ("kez.pin.remove", b"garbage".to_vec()),
+        ("kez.pin.list", b"garbage".to_vec()),
+        ("kez.pin.status", b"garbage".to_vec()),
     ] {
         let answer = call(&mallory, subject, body).await;
         tally.count(&answer);
