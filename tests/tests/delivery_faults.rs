@@ -340,6 +340,21 @@ async fn every_acknowledged_message_is_shown_exactly_once_through_faults() {
                  crashes pending, {stored:?} messages in the stream",
                 ledger.outstanding()
             );
+            if let Ok(stream) = js.get_stream(INBOX_STREAM).await {
+                for user in &users {
+                    let name = inbox_consumer(&user.key.public_key());
+                    if let Ok(mut consumer) = stream
+                        .get_consumer::<jetstream::consumer::pull::Config>(&name)
+                        .await
+                        && let Ok(info) = consumer.info().await
+                    {
+                        eprintln!(
+                            "  {name}: pending {}, waiting for ack {}, delivered {:?}, ack floor {:?}",
+                            info.num_pending, info.num_ack_pending, info.delivered, info.ack_floor
+                        );
+                    }
+                }
+            }
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
