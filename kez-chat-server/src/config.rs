@@ -9,6 +9,8 @@ use zeroize::Zeroizing;
 
 /// Domain served when none is configured.
 pub const DEFAULT_DOMAIN: &str = "kez.lat";
+/// How often the inbox stream is swept when not configured.
+pub const DEFAULT_INBOX_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 /// NATS URL used when none is configured.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -62,6 +64,9 @@ pub struct ServerConfig {
     pub pin: Option<crate::pin::PinConfig>,
     /// Rate limits against hostile clients (PROTOCOL.md §5.5).
     pub limits: crate::limits::Limits,
+    /// How often the inbox stream is swept for messages the broker still holds although they
+    /// were acknowledged ([`crate::store::Store::sweep_acknowledged_inbox_messages`]).
+    pub inbox_sweep_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -79,6 +84,7 @@ impl ServerConfig {
             http_limits: crate::http::HttpLimits::default(),
             pin: None,
             limits: crate::limits::Limits::default(),
+            inbox_sweep_interval: DEFAULT_INBOX_SWEEP_INTERVAL,
         }
     }
 }
@@ -165,6 +171,10 @@ pub struct Settings {
     /// Unregistered connections one client address may open at once [default: 50]
     #[arg(long, env = "KEZ_CONNECT_LIMIT_BURST")]
     pub connect_limit_burst: Option<u32>,
+    /// Seconds between sweeps of the KEZ_INBOX stream for messages the broker still holds
+    /// although their recipient acknowledged them (left by a broker crash) [default: 300]
+    #[arg(long, env = "KEZ_INBOX_SWEEP_SECS")]
+    pub inbox_sweep_secs: Option<u64>,
 }
 
 impl Settings {
@@ -203,6 +213,7 @@ impl Settings {
                 .connect_limit_per_sec
                 .or(fallback.connect_limit_per_sec),
             connect_limit_burst: self.connect_limit_burst.or(fallback.connect_limit_burst),
+            inbox_sweep_secs: self.inbox_sweep_secs.or(fallback.inbox_sweep_secs),
         }
     }
 
@@ -311,6 +322,11 @@ impl Settings {
             ),
             (self.connect_limit_per_sec, self.connect_limit_burst),
         )?;
+        let inbox_sweep_interval = match self.inbox_sweep_secs {
+            Some(0) => return Err("--inbox-sweep-secs must be at least 1".into()),
+            Some(secs) => std::time::Duration::from_secs(secs),
+            None => DEFAULT_INBOX_SWEEP_INTERVAL,
+        };
         Ok(ServerConfig {
             nats_url,
             auth,
@@ -322,6 +338,7 @@ impl Settings {
             http_limits: crate::http::HttpLimits::default(),
             pin,
             limits,
+            inbox_sweep_interval,
         })
     }
 }
@@ -493,6 +510,22 @@ mod tests {
             ..Settings::default()
         };
         assert!(negative.resolve().unwrap_err().contains("at least 0"));
+    }
+
+    #[test]
+    fn the_inbox_sweep_interval_defaults_and_cannot_be_zero() {
+        let config = Settings::default().resolve().unwrap();
+        assert_eq!(config.inbox_sweep_interval, DEFAULT_INBOX_SWEEP_INTERVAL);
+        let file: Settings = toml::from_str("inbox_sweep_secs = 30\n").unwrap();
+        assert_eq!(
+            file.resolve().unwrap().inbox_sweep_interval,
+            std::time::Duration::from_secs(30)
+        );
+        let zero = Settings {
+            inbox_sweep_secs: Some(0),
+            ..Settings::default()
+        };
+        assert!(zero.resolve().unwrap_err().contains("--inbox-sweep-secs"));
     }
 
     #[test]

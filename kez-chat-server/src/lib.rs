@@ -56,6 +56,8 @@ pub struct Server {
     http: Option<http::HttpShim>,
     /// How often the pin node's orphaned tags are swept, when pinning is on.
     pin_gc_interval: Option<Duration>,
+    /// How often the inbox stream is swept for acknowledged messages the broker still holds.
+    inbox_sweep_interval: Duration,
 }
 
 /// Why the server could not start.
@@ -181,6 +183,7 @@ impl Server {
                 limiters: handlers::Limiters::new(&config.limits),
             }),
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
+            inbox_sweep_interval: config.inbox_sweep_interval,
             http,
         })
     }
@@ -207,14 +210,23 @@ impl Server {
     /// The HTTP shim, if on, stops accepting at the same moment; its open connections finish
     /// their request (within the grace period) before the NATS connection is drained.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) {
-        let (stop_http, http_stopped) = watch::channel(false);
+        let (stop_tasks, tasks_stopped) = watch::channel(false);
         let http_task = self
             .http
             .take()
-            .map(|shim| tokio::spawn(shim.serve(self.context.clone(), http_stopped.clone())));
-        let sweep_task = self
-            .pin_gc_interval
-            .map(|interval| tokio::spawn(sweep_pins(self.context.clone(), interval, http_stopped)));
+            .map(|shim| tokio::spawn(shim.serve(self.context.clone(), tasks_stopped.clone())));
+        let pin_sweep_task = self.pin_gc_interval.map(|interval| {
+            tokio::spawn(sweep_pins(
+                self.context.clone(),
+                interval,
+                tasks_stopped.clone(),
+            ))
+        });
+        let inbox_sweep_task = tokio::spawn(sweep_inbox(
+            self.context.clone(),
+            self.inbox_sweep_interval,
+            tasks_stopped,
+        ));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -224,7 +236,7 @@ impl Server {
                 () = &mut shutdown, if !stopping => {
                     tracing::info!(in_flight = in_flight.len(), "shutting down: no new requests");
                     stopping = true;
-                    let _ = stop_http.send(true);
+                    let _ = stop_tasks.send(true);
                     // Once our own echo comes back, every request the broker routed here before
                     // it is in the request streams: the broker sends them to us in order.
                     for client in &self.clients {
@@ -257,15 +269,16 @@ impl Server {
             }
         }
         while in_flight.join_next().await.is_some() {}
-        let _ = stop_http.send(true);
+        let _ = stop_tasks.send(true);
         if let Some(task) = http_task {
             if let Err(err) = task.await {
                 tracing::error!(error = %err, "HTTP shim task failed");
             }
         }
-        if let Some(task) = sweep_task {
+        if let Some(task) = pin_sweep_task {
             let _ = task.await;
         }
+        let _ = inbox_sweep_task.await;
         for client in &self.clients {
             // The answers are queued in the client; make sure they are on the wire before it goes.
             if let Err(err) = client.flush().await {
@@ -300,6 +313,36 @@ async fn sweep_pins(context: Arc<Context>, interval: Duration, mut stopped: watc
                 Ok(dropped) => tracing::info!(dropped, "dropped pin tags no pin names"),
                 Err(err) => tracing::warn!(error = %err, "sweeping the pin node's tags"),
             }
+        }
+    }
+}
+
+/// Sweeps the inbox stream at start and then every `interval` until `stopped` turns true, which
+/// also cuts a sweep short: each deletion stands on its own
+/// ([`store::Store::sweep_acknowledged_inbox_messages`]).
+async fn sweep_inbox(
+    context: Arc<Context>,
+    interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            swept = context.store.sweep_acknowledged_inbox_messages() => match swept {
+                Ok(0) => {}
+                Ok(deleted) => {
+                    context.metrics.record_inbox_swept(deleted);
+                    tracing::warn!(
+                        deleted,
+                        "deleted inbox messages the broker still held after their recipient acknowledged them (a broker crash leaves these)"
+                    );
+                }
+                Err(err) => tracing::warn!(error = %err.message, "sweeping the inbox stream"),
+            },
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
         }
     }
 }

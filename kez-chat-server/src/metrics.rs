@@ -82,6 +82,7 @@ pub struct Metrics {
     routes: [RouteMetrics; Route::ALL.len()],
     callout: [AtomicU64; 3],
     http: [[AtomicU64; HTTP_STATUSES.len()]; HttpEndpoint::ALL.len()],
+    inbox_swept: AtomicU64,
 }
 
 impl Metrics {
@@ -114,6 +115,12 @@ impl Metrics {
         if let Some(slot) = HTTP_STATUSES.iter().position(|&s| s == status) {
             self.http[endpoint as usize][slot].fetch_add(1, Relaxed);
         }
+    }
+
+    /// Records acknowledged messages an inbox sweep deleted
+    /// ([`crate::store::Store::sweep_acknowledged_inbox_messages`]).
+    pub fn record_inbox_swept(&self, messages: u64) {
+        self.inbox_swept.fetch_add(messages, Relaxed);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -186,6 +193,16 @@ impl Metrics {
         }
         writeln!(
             out,
+            "# HELP kez_inbox_swept_messages_total Acknowledged messages the broker still held, deleted by the inbox sweep."
+        )?;
+        writeln!(out, "# TYPE kez_inbox_swept_messages_total counter")?;
+        writeln!(
+            out,
+            "kez_inbox_swept_messages_total {}",
+            self.inbox_swept.load(Relaxed)
+        )?;
+        writeln!(
+            out,
             "# HELP kez_callout_decisions_total Auth callout decisions."
         )?;
         writeln!(out, "# TYPE kez_callout_decisions_total counter")?;
@@ -229,6 +246,8 @@ mod tests {
         metrics.record_request(Route::Lookup, Duration::from_millis(30), Some(404));
         metrics.record_callout(CalloutDecision::Denied);
         metrics.record_http(HttpEndpoint::WebFinger, 405);
+        metrics.record_inbox_swept(3);
+        metrics.record_inbox_swept(2);
         let text = metrics.render();
         assert!(text.contains("kez_requests_total{endpoint=\"kez.registry.lookup\"} 2"));
         assert!(
@@ -248,5 +267,6 @@ mod tests {
         assert!(text.contains("kez_callout_decisions_total{decision=\"denied\"} 1"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"webfinger\",status=\"405\"} 1"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"healthz\",status=\"405\"} 0"));
+        assert!(text.contains("kez_inbox_swept_messages_total 5\n"));
     }
 }

@@ -5,7 +5,9 @@
 //! them) and starts new ones, and kills receiving clients between fetching and acknowledging:
 //! once before opening what they fetched, once after storing it. At the end every message whose
 //! send was acknowledged must have been shown exactly once to its recipient, decrypted and
-//! verified, nothing else shown, and the inbox stream empty (each redelivery handled).
+//! verified, nothing else shown, and the inbox stream empty: each redelivery handled, and each
+//! message the broker kept after its acknowledgement (a broker kill can leave some) deleted by
+//! the servers' inbox sweep, which runs every [`INBOX_SWEEP_SECS`] here.
 //!
 //! `make test` runs a short form (about 12 s of traffic; the drain then waits out the 30 s ack
 //! wait of the messages the killed clients left unacknowledged). `KEZ_SOAK_SECS=N` (`make
@@ -39,6 +41,8 @@ const PATIENCE: Duration = Duration::from_secs(30);
 /// How long the drain may take after the traffic: the inbox consumers' 30 s ack wait, plus
 /// recovery from the last fault.
 const DRAIN: Duration = Duration::from_secs(90);
+/// The servers' inbox sweep interval (`--inbox-sweep-secs`), well inside the drain.
+const INBOX_SWEEP_SECS: &str = "5";
 
 /// How a receiving client dies.
 #[derive(Debug, Clone, Copy)]
@@ -81,12 +85,36 @@ struct Stack {
     keys_dir: TempDir,
     issuer: String,
     servers: [Option<KezServerProcess>; 2],
+    /// Messages the inbox sweeps of servers already gone deleted.
+    swept: u64,
 }
 
 impl Stack {
     async fn spawn_server(&self) -> KezServerProcess {
-        KezServerProcess::spawn_with_callout(&self.nats.url(), self.keys_dir.path(), &self.issuer)
-            .await
+        KezServerProcess::spawn_with_callout_args(
+            &self.nats.url(),
+            self.keys_dir.path(),
+            &self.issuer,
+            &["--inbox-sweep-secs", INBOX_SWEEP_SECS],
+        )
+        .await
+    }
+
+    /// Kills `server`, counting what its inbox sweeps deleted.
+    fn kill_server(&mut self, mut server: KezServerProcess) {
+        server.kill();
+        self.swept += swept(&server.log());
+    }
+
+    /// Messages the inbox sweeps deleted, of every server so far.
+    fn swept(&self) -> u64 {
+        self.swept
+            + self
+                .servers
+                .iter()
+                .flatten()
+                .map(|server| swept(&server.log()))
+                .sum::<u64>()
     }
 
     async fn inject(&mut self, fault: Fault, crashes: &[Arc<std::sync::Mutex<Vec<ClientCrash>>>]) {
@@ -97,15 +125,15 @@ impl Stack {
                 }
             }
             Fault::Server(i) => {
-                if let Some(mut server) = self.servers[i].take() {
-                    server.kill();
+                if let Some(server) = self.servers[i].take() {
+                    self.kill_server(server);
                 }
                 self.servers[i] = Some(self.spawn_server().await);
             }
             Fault::BothServers => {
-                for server in self.servers.iter_mut() {
-                    if let Some(mut server) = server.take() {
-                        server.kill();
+                for i in 0..2 {
+                    if let Some(server) = self.servers[i].take() {
+                        self.kill_server(server);
                     }
                 }
                 for i in 0..2 {
@@ -115,6 +143,15 @@ impl Stack {
             Fault::Broker => self.nats.kill_and_restart(),
         }
     }
+}
+
+/// What a server's log says its inbox sweeps deleted (`deleted=N` on each sweep that found some).
+fn swept(log: &str) -> u64 {
+    log.lines()
+        .filter(|line| line.contains("deleted inbox messages"))
+        .filter_map(|line| line.split("deleted=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Sends to `contacts` in turn until `stop`, each message with a unique body; a failed send is
@@ -258,6 +295,7 @@ async fn every_acknowledged_message_is_shown_exactly_once_through_faults() {
         keys_dir,
         issuer: keys.issuer.clone(),
         servers: [None, None],
+        swept: 0,
     };
     stack.servers[0] = Some(stack.spawn_server().await);
     stack.servers[1] = Some(stack.spawn_server().await);
@@ -376,6 +414,10 @@ async fn every_acknowledged_message_is_shown_exactly_once_through_faults() {
         None => "delivery under faults".to_owned(),
     };
     summary.report(&suite);
+    eprintln!(
+        "{suite}: acknowledged messages the broker still held, deleted by the inbox sweep: {}",
+        stack.swept()
+    );
     assert!(
         problems.is_empty(),
         "{} problems:\n{}",

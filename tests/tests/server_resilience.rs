@@ -616,3 +616,107 @@ async fn a_start_creates_only_the_inbox_consumers_that_are_missing() {
     );
     second.stop().await;
 }
+
+#[tokio::test]
+async fn the_inbox_sweep_deletes_acknowledged_messages_the_broker_still_holds_and_nothing_else() {
+    use async_nats::jetstream::consumer;
+    let nats = NatsServer::start();
+    let server = KezServer::start(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(5)).await;
+    let mut keys = Vec::new();
+    for name in ["alice", "bob", "carol"] {
+        let (key, body) = registration(name);
+        call(&client, REGISTER, body).await.unwrap();
+        keys.push(key.public_key());
+    }
+    server.stop().await;
+    let [alice, bob, carol] = [keys[0], keys[1], keys[2]];
+    let js = async_nats::jetstream::new(client.clone());
+    let send = |to: kez_core::PublicKey, n: usize| {
+        let js = js.clone();
+        async move {
+            for i in 0..n {
+                js.publish(inbox_subject(&to), format!("message {i}").into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    send(alice, 2).await;
+    send(bob, 3).await;
+    send(carol, 2).await;
+    let inbox = js.get_stream(INBOX_STREAM).await.unwrap();
+
+    // bob's consumer acknowledged his three messages, but the stream still holds them: the
+    // state a broker crash between the two writes leaves, made here with a consumer reset
+    // (nats-server 2.14+) past them, which moves the ack floor and deletes nothing.
+    let last = inbox.get_info().await.unwrap().state.last_sequence;
+    let reset = client
+        .request(
+            format!(
+                "$JS.API.CONSUMER.RESET.{INBOX_STREAM}.{}",
+                inbox_consumer(&bob)
+            ),
+            json!({ "seq": last + 1 }).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let reset: Value = serde_json::from_slice(&reset.payload).unwrap();
+    assert_eq!(reset["ack_floor"]["stream_seq"], json!(last), "{reset}");
+    assert_eq!(inbox.get_info().await.unwrap().state.messages, 7);
+
+    // Fetches what waits for `key`, without acknowledging it.
+    let fetch = |key| {
+        let inbox = inbox.clone();
+        async move {
+            let consumer: consumer::PullConsumer =
+                inbox.get_consumer(&inbox_consumer(&key)).await.unwrap();
+            let batch = consumer.fetch().max_messages(10).messages().await.unwrap();
+            batch
+                .map(|message| message.unwrap().payload.clone())
+                .collect::<Vec<_>>()
+                .await
+        }
+    };
+    // carol fetched hers and has not acknowledged them yet; alice's were never delivered.
+    assert_eq!(fetch(carol).await.len(), 2);
+
+    // An instance sweeps at start.
+    let server = KezServer::start(&nats.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let messages_of = |key| {
+        let inbox = inbox.clone();
+        async move {
+            let mut subjects = inbox.info_with_subjects(inbox_subject(&key)).await.unwrap();
+            let mut count = 0;
+            while let Some(subject) = subjects.next().await {
+                count += subject.unwrap().1;
+            }
+            count
+        }
+    };
+    while messages_of(bob).await != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the sweep left bob's acknowledged messages"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(messages_of(alice).await, 2, "undelivered messages stay");
+    assert_eq!(
+        messages_of(carol).await,
+        2,
+        "messages waiting for an ack stay"
+    );
+    server.stop().await;
+
+    // Swept again, nothing more goes, and bob still receives.
+    let store = kez_chat_server::store::Store::open(&js, None)
+        .await
+        .unwrap();
+    assert_eq!(store.sweep_acknowledged_inbox_messages().await.unwrap(), 0);
+    send(bob, 1).await;
+    assert_eq!(fetch(bob).await, vec![Bytes::from_static(b"message 0")]);
+}

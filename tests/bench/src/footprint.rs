@@ -1,7 +1,8 @@
 //! Measurement 6, server footprint: the real `kez-chat-server` binary's resident memory idle
 //! and after `n` registrations (each one a handle record, a reverse entry and a durable inbox
 //! consumer in JetStream), nats-server's beside it, and the JetStream store's disk use (`du`:
-//! allocated blocks) per registered user and per stored message of a chat envelope's size.
+//! allocated blocks) per registered user and per stored message of a chat envelope's size; also
+//! how long a start's inbox-consumer check and one inbox sweep take at that size.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -78,6 +79,14 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     publish_all(&client, &keys, messages, message_bytes).await?;
     tokio::time::sleep(SETTLE).await;
     let disk_messages = disk_usage(&store);
+    // What every instance does every --inbox-sweep-secs: with every inbox holding messages, each
+    // consumer is listed and compared (none is acknowledged, so nothing is deleted).
+    let started = Instant::now();
+    let swept = opened
+        .sweep_acknowledged_inbox_messages()
+        .await
+        .map_err(|e| format!("sweeping the inbox stream: {}", e.message))?;
+    let sweep = started.elapsed();
 
     let per_user = disk_users.saturating_sub(disk_empty) as f64 / users as f64;
     let per_message = disk_messages.saturating_sub(disk_users) as f64 / messages as f64;
@@ -107,6 +116,12 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             format!("server start: inbox consumers checked, {users} users ({created} created)"),
             "s",
             start_check.as_secs_f64(),
+        ),
+        Row::info(
+            SECTION,
+            format!("inbox sweep: {users} users, {messages} messages waiting ({swept} deleted)"),
+            "s",
+            sweep.as_secs_f64(),
         ),
         Row::info(SECTION, "JetStream disk per user", "B", per_user),
         Row::versus(
