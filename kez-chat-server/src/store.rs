@@ -331,7 +331,8 @@ impl Store {
     ///
     /// nats-server answers an acknowledgement before the work-queue stream deletes the message,
     /// and a broker killed in between can come back with the consumer's ack floor past a message
-    /// the stream still holds (seen in `make soak`: 1,584 such messages after 15 broker kills).
+    /// the stream still holds (seen in `make soak`: 1,584 such messages after 15 broker kills),
+    /// and its own recovery does not remove them.
     /// Nothing delivers such a message again, but the broker would keep its ciphertext for
     /// [`INBOX_MAX_AGE`], against the promise that an inbox holds only undelivered messages, and
     /// it would count against the recipient's [`INBOX_MAX_MESSAGES`].

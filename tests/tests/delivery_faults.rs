@@ -13,6 +13,7 @@
 //! wait of the messages the killed clients left unacknowledged). `KEZ_SOAK_SECS=N` (`make
 //! soak`) runs N seconds of traffic, repeating the fault schedule.
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -414,7 +415,9 @@ async fn every_acknowledged_message_is_shown_exactly_once_through_faults() {
         None => "delivery under faults".to_owned(),
     };
     summary.report(&suite);
-    eprintln!(
+    // Straight to stderr, past the test harness's capture, like the summary line.
+    let _ = writeln!(
+        std::io::stderr(),
         "{suite}: acknowledged messages the broker still held, deleted by the inbox sweep: {}",
         stack.swept()
     );
