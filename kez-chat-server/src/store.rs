@@ -395,13 +395,19 @@ impl Store {
                 if message.sequence > floor {
                     break;
                 }
-                // `false` (already gone: another instance swept it) is as good as deleted.
-                if inbox
-                    .delete_message(message.sequence)
-                    .await
-                    .map_err(ApiError::unavailable)?
-                {
-                    deleted += 1;
+                match inbox.delete_message(message.sequence).await {
+                    Ok(true) => deleted += 1,
+                    Ok(false) => {}
+                    // Another instance's sweep may have deleted it first (nats-server then
+                    // answers 10043 or 10057, by timing): gone is what this sweep wanted.
+                    Err(err) => match inbox.get_raw_message(message.sequence).await {
+                        Err(gone)
+                            if matches!(
+                                gone.kind(),
+                                jetstream::stream::RawMessageErrorKind::NoMessageFound
+                            ) => {}
+                        _ => return Err(ApiError::unavailable(err)),
+                    },
                 }
                 from = message.sequence + 1;
             }

@@ -652,19 +652,24 @@ async fn the_inbox_sweep_deletes_acknowledged_messages_the_broker_still_holds_an
     // bob's consumer acknowledged his three messages, but the stream still holds them: the
     // state a broker crash between the two writes leaves, made here with a consumer reset
     // (nats-server 2.14+) past them, which moves the ack floor and deletes nothing.
-    let last = inbox.get_info().await.unwrap().state.last_sequence;
-    let reset = client
-        .request(
-            format!(
-                "$JS.API.CONSUMER.RESET.{INBOX_STREAM}.{}",
-                inbox_consumer(&bob)
-            ),
-            json!({ "seq": last + 1 }).to_string().into(),
-        )
-        .await
-        .unwrap();
-    let reset: Value = serde_json::from_slice(&reset.payload).unwrap();
-    assert_eq!(reset["ack_floor"]["stream_seq"], json!(last), "{reset}");
+    let reset_past = |last: u64| {
+        let client = client.clone();
+        async move {
+            let reset = client
+                .request(
+                    format!(
+                        "$JS.API.CONSUMER.RESET.{INBOX_STREAM}.{}",
+                        inbox_consumer(&bob)
+                    ),
+                    json!({ "seq": last + 1 }).to_string().into(),
+                )
+                .await
+                .unwrap();
+            let reset: Value = serde_json::from_slice(&reset.payload).unwrap();
+            assert_eq!(reset["ack_floor"]["stream_seq"], json!(last), "{reset}");
+        }
+    };
+    reset_past(inbox.get_info().await.unwrap().state.last_sequence).await;
     assert_eq!(inbox.get_info().await.unwrap().state.messages, 7);
 
     // Fetches what waits for `key`, without acknowledging it.
@@ -712,10 +717,25 @@ async fn the_inbox_sweep_deletes_acknowledged_messages_the_broker_still_holds_an
     );
     server.stop().await;
 
-    // Swept again, nothing more goes, and bob still receives.
+    // Two instances sweeping the same leftovers at once: each message is deleted once, and
+    // neither fails on the ones the other got first.
+    send(bob, 20).await;
+    let last = inbox.get_info().await.unwrap().state.last_sequence;
+    reset_past(last).await;
     let store = kez_chat_server::store::Store::open(&js, None)
         .await
         .unwrap();
+    let other = kez_chat_server::store::Store::open(&js, None)
+        .await
+        .unwrap();
+    let (one, two) = tokio::join!(
+        store.sweep_acknowledged_inbox_messages(),
+        other.sweep_acknowledged_inbox_messages()
+    );
+    assert_eq!(one.unwrap() + two.unwrap(), 20);
+    assert_eq!(messages_of(bob).await, 0);
+
+    // Swept again, nothing more goes, and bob still receives.
     assert_eq!(store.sweep_acknowledged_inbox_messages().await.unwrap(), 0);
     send(bob, 1).await;
     assert_eq!(fetch(bob).await, vec![Bytes::from_static(b"message 0")]);
