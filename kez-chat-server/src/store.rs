@@ -56,6 +56,9 @@ const STALE_REVERSE_AFTER_SECS: u64 = 60;
 const PARALLEL_LINK_READS: usize = 16;
 /// How often a head update is retried when another instance moved it meanwhile.
 const HEAD_UPDATE_ATTEMPTS: usize = 8;
+/// How long a head update keeps retrying when JetStream fails (a cluster electing the bucket's
+/// new leader after a node died takes a few seconds), well inside the handler timeout.
+const HEAD_UPDATE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What `kez.registry.lookup` and `whois` answer, and what the handles bucket stores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -557,16 +560,19 @@ impl Store {
         }
         let stored = self.links(chain_id).await?;
         let seq = parsed.link().seq;
-        // The very link already stored at its seq (a retry after a lost answer): done already.
+        // The very link already stored at its seq (a retry after a lost answer): done already,
+        // except perhaps the head index, which the first attempt may not have reached.
         if let Some(existing) = seq
             .checked_sub(1)
             .and_then(|i| stored.get(usize::try_from(i).ok()?))
             && existing.as_ref() == link
         {
-            return Ok(ChainHead {
+            let head = ChainHead {
                 seq,
                 head: parsed.hash(),
-            });
+            };
+            self.advance_head(chain_id, head).await?;
+            return Ok(head);
         }
         let mut chain = match stored.is_empty() {
             true => None,
@@ -618,47 +624,58 @@ impl Store {
         Ok(head)
     }
 
-    /// Moves the head index forward to `head` unless it is already there or beyond.
+    /// Moves the head index forward to `head` unless it is already there or beyond. The link
+    /// is already stored, so this never fails the append: when JetStream keeps failing past
+    /// [`HEAD_UPDATE_PATIENCE`] the index is left behind (readers of links look past it; a
+    /// retried append moves it).
     async fn advance_head(&self, chain: PublicKey, head: ChainHead) -> Result<(), ApiError> {
         let key = chain.to_hex();
-        for _ in 0..HEAD_UPDATE_ATTEMPTS {
-            let entry = self
-                .heads
-                .entry(&key)
-                .await
-                .map_err(ApiError::unavailable)?;
-            let current = match &entry {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    Some(decode::<ChainHead>(&entry.value)?)
+        let deadline = tokio::time::Instant::now() + HEAD_UPDATE_PATIENCE;
+        let mut pause = std::time::Duration::from_millis(50);
+        let mut races = 0;
+        let failure = loop {
+            match self.try_advance_head(&key, head).await {
+                Ok(true) => return Ok(()),
+                Ok(false) if races < HEAD_UPDATE_ATTEMPTS => races += 1,
+                Ok(false) => break "another writer kept moving it".to_owned(),
+                Err(err) if tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(chain = %chain, error = %err, "head index update failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
                 }
-                _ => None,
-            };
-            if current.is_some_and(|current| current.seq >= head.seq) {
-                return Ok(());
+                Err(err) => break err,
             }
-            let written = match entry {
-                Some(entry) => self
-                    .heads
-                    .update(&key, encode(&head), entry.revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(|err| err.kind() == kv::UpdateErrorKind::WrongLastRevision),
-                None => self
-                    .heads
-                    .create(&key, encode(&head))
-                    .await
-                    .map(|_| ())
-                    .map_err(|err| err.kind() == kv::CreateErrorKind::AlreadyExists),
-            };
-            match written {
-                Ok(()) => return Ok(()),
-                Err(true) => continue,
-                Err(false) => break,
-            }
-        }
-        // The link is stored; readers find it past a lagging index.
-        tracing::warn!(chain = %chain, seq = head.seq, "could not advance the head index");
+        };
+        tracing::warn!(chain = %chain, seq = head.seq, error = %failure, "could not advance the head index");
         Ok(())
+    }
+
+    /// One attempt of [`Store::advance_head`]: `Ok(true)` when the index is at `head` or
+    /// beyond, `Ok(false)` when another writer changed it in between, `Err` when JetStream
+    /// failed.
+    async fn try_advance_head(&self, key: &str, head: ChainHead) -> Result<bool, String> {
+        let entry = self.heads.entry(key).await.map_err(|err| err.to_string())?;
+        let current = match &entry {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                Some(decode::<ChainHead>(&entry.value).map_err(|err| err.message)?)
+            }
+            _ => None,
+        };
+        if current.is_some_and(|current| current.seq >= head.seq) {
+            return Ok(true);
+        }
+        match entry {
+            Some(entry) => match self.heads.update(key, encode(&head), entry.revision).await {
+                Ok(_) => Ok(true),
+                Err(err) if err.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+                Err(err) => Err(err.to_string()),
+            },
+            None => match self.heads.create(key, encode(&head)).await {
+                Ok(_) => Ok(true),
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+                Err(err) => Err(err.to_string()),
+            },
+        }
     }
 }
 
