@@ -291,6 +291,42 @@ async fn sigchain_append_get_head() {
 }
 
 #[tokio::test]
+async fn a_retried_append_moves_a_head_index_left_behind() {
+    // An append stores its link, then moves the head index; when JetStream fails the second
+    // step for long, the client gets an error or no answer and sends the same link again.
+    let (_nats, _server, client) = setup().await;
+    let alice = SecretKey::generate();
+    let mut chain = register_with_chain(&client, &alice, "alice").await;
+    let heads = async_nats::jetstream::new(client.clone())
+        .get_key_value(kez_chat_server::store::HEADS_BUCKET)
+        .await
+        .unwrap();
+    let key = alice.public_key().to_hex();
+    let at_first = heads.get(&key).await.unwrap().unwrap();
+    let second = chain
+        .next_link(now(), nats_endpoint("iroh"))
+        .sign(&alice)
+        .unwrap();
+    call_ok_raw(&client, "kez.sigchain.append", second.bytes().to_vec()).await;
+    chain.append(second.bytes()).unwrap();
+    // The index left at the first link, as after that failure.
+    heads.put(&key, at_first).await.unwrap();
+    let lookup = || call_ok(&client, "kez.registry.lookup", json!({"handle": "alice"}));
+    assert_eq!(lookup().await["sigchain"]["seq"], 1);
+
+    let retried = call_ok_raw(&client, "kez.sigchain.append", second.bytes().to_vec()).await;
+    assert_eq!(retried["seq"], 2);
+    assert_eq!(lookup().await["sigchain"]["seq"], 2);
+    let head = call_ok(
+        &client,
+        "kez.sigchain.head",
+        json!({"key": alice.public_key()}),
+    )
+    .await;
+    assert_eq!(head["head"], chain.head().to_string());
+}
+
+#[tokio::test]
 async fn concurrent_appends_at_one_seq_have_one_winner() {
     // 50 appends at once from one key are over the default per-key burst (PROTOCOL.md §5.5),
     // which is not what this test is about.
