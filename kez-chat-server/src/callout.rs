@@ -3,14 +3,15 @@
 //! nats-server sends every connecting client (except the server's own users) to
 //! `$SYS.REQ.USER.AUTH` as a signed JWT. In callout mode nats-server does not check an nkey
 //! client's signature itself, so this does: the client must have signed the connection nonce with
-//! the key it names. The key then gets one of two permission profiles (PROTOCOL.md §6), or is
-//! refused if an operator disabled it.
+//! the key it names, under the KEZ connect tag (`kez_core::connect`). The key then gets one of
+//! two permission profiles (PROTOCOL.md §6), or is refused if an operator disabled it.
 
-use kez_core::PublicKey;
+use kez_core::connect::{LegacyProofs, ProofForm, verify_proof};
 use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
+use kez_core::{PublicKey, Signature};
 use kez_nats_jwt::{
-    AuthorizationRequest, Decision, UserClaims, decode_authorization_request,
-    encode_authorization_response_for, encode_user_jwt, verify_client_nonce_signature,
+    AuthorizationRequest, Decision, UserClaims, client_nonce_proof, decode_authorization_request,
+    encode_authorization_response_for, encode_user_jwt,
 };
 use nkeys::KeyPair;
 
@@ -31,26 +32,30 @@ pub struct Callout {
     store: Store,
     /// Unregistered-profile grants per client address.
     connect_limit: Option<Limiter>,
+    /// Whether the untagged proofs of clients older than this release are accepted.
+    legacy_proofs: LegacyProofs,
 }
 
 /// What the callout decided, for logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// A registered, enabled key: the chat profile.
-    Registered(PublicKey),
+    Registered(PublicKey, ProofForm),
     /// A valid key without a handle: the narrow profile.
-    Unregistered(PublicKey),
+    Unregistered(PublicKey, ProofForm),
     /// Refused, with the reason nats-server logs.
     Denied(String),
 }
 
 impl Callout {
-    /// A callout signing with `issuer` (an account key) and reading the registry in `store`.
-    pub fn new(issuer: KeyPair, store: Store) -> Self {
+    /// A callout signing with `issuer` (an account key) and reading the registry in `store`,
+    /// accepting connect proofs as `legacy_proofs` says.
+    pub fn new(issuer: KeyPair, store: Store, legacy_proofs: LegacyProofs) -> Self {
         Callout {
             issuer,
             store,
             connect_limit: None,
+            legacy_proofs,
         }
     }
 
@@ -101,9 +106,16 @@ impl Callout {
         request: &AuthorizationRequest,
         now: u64,
     ) -> Result<(String, Verdict), String> {
-        let client = verify_client_nonce_signature(request).map_err(|err| format!("kez: {err}"))?;
-        let key = PublicKey::from_bytes(&client.ed25519)
+        let proof = client_nonce_proof(request).map_err(|err| format!("kez: {err}"))?;
+        let key = PublicKey::from_bytes(&proof.ed25519)
             .map_err(|err| format!("kez: client key refused: {err}"))?;
+        let form = verify_proof(
+            &key,
+            &proof.nonce,
+            &Signature::from_bytes(proof.signature),
+            self.legacy_proofs,
+        )
+        .map_err(|err| format!("kez: {err}"))?;
         // Independent reads: both at once, so a connect waits for two round trips, not three.
         let (record, disabled) = tokio::join!(self.store.whois(key), self.store.disabled(key));
         let unavailable = |err: ApiError| format!("kez: registry unavailable: {}", err.message);
@@ -117,7 +129,7 @@ impl Callout {
         let (claims, verdict) = match &record {
             Some(record) => (
                 registered_profile(request, record, now),
-                Verdict::Registered(key),
+                Verdict::Registered(key, form),
             ),
             None => {
                 if let Some(limiter) = &self.connect_limit
@@ -132,7 +144,7 @@ impl Callout {
                 }
                 (
                     unregistered_profile(request, &key, now),
-                    Verdict::Unregistered(key),
+                    Verdict::Unregistered(key, form),
                 )
             }
         };

@@ -30,13 +30,28 @@ pub enum NatsAuth {
     NkeySeedFile(PathBuf),
 }
 
-/// The auth callout's keys (see [`crate::nats_conf`]).
+/// The auth callout's keys (see [`crate::nats_conf`]) and what it accepts.
 #[derive(Debug, Clone)]
 pub struct CalloutConfig {
     /// Directory with the seed files `keygen` wrote.
     pub keys_dir: PathBuf,
     /// The issuer public key nats-server is configured with; must match the issuer seed.
     pub issuer: String,
+    /// Whether connect proofs of clients older than this release (an untagged nonce
+    /// signature, PROTOCOL.md §6.1) are accepted.
+    pub legacy_proofs: kez_core::connect::LegacyProofs,
+}
+
+impl CalloutConfig {
+    /// The callout with the keys in `keys_dir` for `issuer`, accepting legacy proofs (this
+    /// release's default).
+    pub fn new(keys_dir: PathBuf, issuer: String) -> CalloutConfig {
+        CalloutConfig {
+            keys_dir,
+            issuer,
+            legacy_proofs: kez_core::connect::LegacyProofs::Accept,
+        }
+    }
 }
 
 /// Everything `kez-chat-server run` needs.
@@ -114,6 +129,11 @@ pub struct Settings {
     /// --keys-dir
     #[arg(long, env = "KEZ_CALLOUT_ISSUER")]
     pub callout_issuer: Option<String>,
+    /// Refuse clients that prove their key the old way (a nonce signature without the
+    /// KEZ-NATS-CONNECT-V1 tag, kez-chat 0.1): set it once every client is upgraded
+    /// (kez_callout_legacy_proofs_total stays 0) [default: accepted]
+    #[arg(long, env = "KEZ_REFUSE_LEGACY_CONNECT_PROOFS", num_args = 0..=1, default_missing_value = "true")]
+    pub refuse_legacy_connect_proofs: Option<bool>,
     /// Domain this server serves: handles are @name@<domain> [default: kez.lat]
     #[arg(long, env = "KEZ_DOMAIN")]
     pub domain: Option<String>,
@@ -194,6 +214,9 @@ impl Settings {
             nats_nkey_seed_file: self.nats_nkey_seed_file.or(fallback.nats_nkey_seed_file),
             keys_dir: self.keys_dir.or(fallback.keys_dir),
             callout_issuer: self.callout_issuer.or(fallback.callout_issuer),
+            refuse_legacy_connect_proofs: self
+                .refuse_legacy_connect_proofs
+                .or(fallback.refuse_legacy_connect_proofs),
             domain: self.domain.or(fallback.domain),
             kv_replicas: self.kv_replicas.or(fallback.kv_replicas),
             http_listen: self.http_listen.or(fallback.http_listen),
@@ -220,8 +243,17 @@ impl Settings {
     /// Applies defaults and checks the combination.
     pub fn resolve(self) -> Result<ServerConfig, String> {
         let callout = match (self.keys_dir, self.callout_issuer) {
+            (None, None) if self.refuse_legacy_connect_proofs.is_some() => {
+                return Err("--refuse-legacy-connect-proofs needs --keys-dir: it is a rule of the auth callout".into());
+            }
             (None, None) => None,
-            (Some(keys_dir), Some(issuer)) => Some(CalloutConfig { keys_dir, issuer }),
+            (Some(keys_dir), Some(issuer)) => Some(CalloutConfig {
+                legacy_proofs: match self.refuse_legacy_connect_proofs {
+                    Some(true) => kez_core::connect::LegacyProofs::Refuse,
+                    _ => kez_core::connect::LegacyProofs::Accept,
+                },
+                ..CalloutConfig::new(keys_dir, issuer)
+            }),
             (Some(_), None) => {
                 return Err("--keys-dir needs --callout-issuer: the issuer public key (A...) you put in nats-server's auth_callout block".into());
             }

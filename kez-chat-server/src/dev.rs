@@ -223,10 +223,7 @@ impl Prepared {
         let keys_dir = self.data_dir.join(KEYS_DIR);
         ServerConfig {
             auth: NatsAuth::NkeySeedFile(keys_dir.join(nats_conf::SERVER_USER_SEED_FILE)),
-            callout: Some(CalloutConfig {
-                keys_dir,
-                issuer: self.keys.issuer.clone(),
-            }),
+            callout: Some(CalloutConfig::new(keys_dir, self.keys.issuer.clone())),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], http_port))),
             pin: pin.then(|| crate::pin::PinConfig::new(self.data_dir.join(PIN_DIR))),
             ..ServerConfig::new(nats_url, domain)

@@ -89,7 +89,11 @@ impl From<RegistrationError> for ApiError {
 impl From<ChainErrorKind> for ApiError {
     fn from(err: ChainErrorKind) -> Self {
         let code = match err {
-            ChainErrorKind::TooLarge { .. } => 413,
+            ChainErrorKind::TooLarge { .. }
+            | ChainErrorKind::TooManyLinks
+            | ChainErrorKind::TooManyEndpoints
+            | ChainErrorKind::TooManyClaims
+            | ChainErrorKind::TooManyUnknownOps => 413,
             ChainErrorKind::BadSignature | ChainErrorKind::BadCounterSignature => 401,
             ChainErrorKind::NotCurrentKey { .. } => 403,
             ChainErrorKind::WrongSeq { .. } | ChainErrorKind::WrongPrev => 409,

@@ -1,6 +1,7 @@
 //! The wire layer: decode a request, call the store, encode the answer. PROTOCOL.md §5.
 
 use bytes::Bytes;
+use kez_core::connect::ProofForm;
 use kez_core::pin::PinOp;
 use kez_core::registry::{REGISTRATION_WINDOW_SECS, RegistrationRequest};
 use kez_core::sigchain::MAX_LINK_BYTES;
@@ -564,15 +565,21 @@ async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ApiErr
             tracing::warn!(%reason, "connection refused");
             CalloutDecision::Denied
         }
-        Verdict::Registered(key) => {
+        Verdict::Registered(key, _) => {
             tracing::debug!(%key, "connection authorized (registered)");
             CalloutDecision::Registered
         }
-        Verdict::Unregistered(key) => {
+        Verdict::Unregistered(key, _) => {
             tracing::debug!(%key, "connection authorized (unregistered)");
             CalloutDecision::Unregistered
         }
     };
+    if let Verdict::Registered(key, ProofForm::Legacy)
+    | Verdict::Unregistered(key, ProofForm::Legacy) = &verdict
+    {
+        tracing::info!(%key, "connection proved its key the old way (an untagged nonce signature): that client signs whatever a broker sends; upgrade it");
+        ctx.metrics.record_legacy_proof();
+    }
     ctx.metrics.record_callout(decision);
     Ok(Bytes::from(response))
 }

@@ -136,12 +136,12 @@ impl Server {
         let mut clients = vec![client];
         let callout = match (&config.callout, issuer) {
             (Some(callout_config), Some(issuer)) => {
-                let callout = callout::Callout::new(issuer, store.clone()).with_connect_limit(
-                    limits::Limiter::new(
-                        config.limits.unregistered_connects_per_addr,
-                        config.limits.max_buckets,
-                    ),
-                );
+                let callout =
+                    callout::Callout::new(issuer, store.clone(), callout_config.legacy_proofs)
+                        .with_connect_limit(limits::Limiter::new(
+                            config.limits.unregistered_connects_per_addr,
+                            config.limits.max_buckets,
+                        ));
                 let auth = NatsAuth::NkeySeedFile(
                     callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
                 );

@@ -81,6 +81,7 @@ pub enum CalloutDecision {
 pub struct Metrics {
     routes: [RouteMetrics; Route::ALL.len()],
     callout: [AtomicU64; 3],
+    legacy_proofs: AtomicU64,
     http: [[AtomicU64; HTTP_STATUSES.len()]; HttpEndpoint::ALL.len()],
     inbox_swept: AtomicU64,
 }
@@ -108,6 +109,11 @@ impl Metrics {
     /// Records a callout decision.
     pub fn record_callout(&self, decision: CalloutDecision) {
         self.callout[decision as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Records a connection the callout let in on an untagged (legacy) connect proof.
+    pub fn record_legacy_proof(&self) {
+        self.legacy_proofs.fetch_add(1, Relaxed);
     }
 
     /// Records an HTTP answer of the shim by endpoint and status.
@@ -218,6 +224,16 @@ impl Metrics {
         }
         writeln!(
             out,
+            "# HELP kez_callout_legacy_proofs_total Connections let in on an untagged connect proof (clients older than this release; they should be upgraded)."
+        )?;
+        writeln!(out, "# TYPE kez_callout_legacy_proofs_total counter")?;
+        writeln!(
+            out,
+            "kez_callout_legacy_proofs_total {}",
+            self.legacy_proofs.load(Relaxed)
+        )?;
+        writeln!(
+            out,
             "# HELP kez_http_requests_total HTTP answers of the WebFinger/operator shim, per endpoint and status."
         )?;
         writeln!(out, "# TYPE kez_http_requests_total counter")?;
@@ -245,6 +261,7 @@ mod tests {
         metrics.record_request(Route::Lookup, Duration::from_micros(700), None);
         metrics.record_request(Route::Lookup, Duration::from_millis(30), Some(404));
         metrics.record_callout(CalloutDecision::Denied);
+        metrics.record_legacy_proof();
         metrics.record_http(HttpEndpoint::WebFinger, 405);
         metrics.record_inbox_swept(3);
         metrics.record_inbox_swept(2);
@@ -265,6 +282,7 @@ mod tests {
             text.contains("kez_request_duration_seconds_count{endpoint=\"kez.registry.lookup\"} 2")
         );
         assert!(text.contains("kez_callout_decisions_total{decision=\"denied\"} 1"));
+        assert!(text.contains("kez_callout_legacy_proofs_total 1\n"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"webfinger\",status=\"405\"} 1"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"healthz\",status=\"405\"} 0"));
         assert!(text.contains("kez_inbox_swept_messages_total 5\n"));

@@ -1,6 +1,7 @@
 //! Failures for people: what went wrong, what to do, and the exit code that says which kind.
 
 use kez_client::{ClientError, HomeError, StoreError};
+use kez_core::Handle;
 
 /// Exit code: a runtime or network failure.
 pub const RUNTIME: u8 = 1;
@@ -38,7 +39,7 @@ impl Failure {
 
     /// `add` could not verify a contact: a changed key, an older or a forked chain is a loud
     /// conflict.
-    pub fn contact(err: ClientError, handle: &str) -> Failure {
+    pub fn contact(err: ClientError, handle: &Handle) -> Failure {
         Failure::key_check(
             err,
             handle,
@@ -47,11 +48,11 @@ impl Failure {
     }
 
     /// `send` refused to send because the recipient did not verify.
-    pub fn send_refused(err: ClientError, handle: &str) -> Failure {
+    pub fn send_refused(err: ClientError, handle: &Handle) -> Failure {
         Failure::key_check(err, handle, "NOTHING WAS SENT.")
     }
 
-    fn key_check(err: ClientError, handle: &str, consequence: &str) -> Failure {
+    fn key_check(err: ClientError, handle: &Handle, consequence: &str) -> Failure {
         match err {
             ClientError::Store(StoreError::KeyChanged { offered, .. }) => Failure::new(
                 CONFLICT,
@@ -83,6 +84,22 @@ impl Failure {
     /// A client call failed.
     pub fn client(err: ClientError) -> Failure {
         match err {
+            ClientError::Url(err) => Failure::new(
+                USAGE,
+                format!(
+                    "{err} (kez-chat --allow-plaintext; --server and KEZ_CHAT_SERVER set the URL)"
+                ),
+            ),
+            ClientError::Connect { url, source }
+                if source.kind() == async_nats::ConnectErrorKind::Authentication =>
+            {
+                Failure::new(
+                    RUNTIME,
+                    format!(
+                        "did not prove this key to {url}: {source}. A broker that asks a key to sign something other than a nats-server nonce is not a kez server, or someone on the way is tampering with the connection: check --server, and use tls://"
+                    ),
+                )
+            }
             ClientError::Connect { url, source } => {
                 if source.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
                     Failure::new(

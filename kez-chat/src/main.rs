@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use kez_client::{
-    ClientError, Config, Connection, Contact, Direction, Home, PinChange, Store, StoredMessage,
-    VerifiedContact, now,
+    ClientError, Config, Connection, Contact, Direction, Home, PinChange, Plaintext, Store,
+    StoredMessage, VerifiedContact, now,
 };
 use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
@@ -59,9 +59,13 @@ struct Cli {
     /// The client's home directory (key, config, store); default `$XDG_DATA_HOME/kez-chat`.
     #[arg(long, global = true, env = "KEZ_CHAT_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
-    /// The server's NATS URL, e.g. `nats://kez.lat:4222`; remembered by `register`.
+    /// The server's NATS URL, e.g. `tls://kez.lat:4222`; remembered by `register`.
     #[arg(long, global = true, env = "KEZ_CHAT_SERVER", value_name = "URL")]
     server: Option<String>,
+    /// Allow an unencrypted `nats://` URL to a server on another machine (anyone on the way can
+    /// read and change the traffic); remembered by `register`. Loopback needs no allowance.
+    #[arg(long, global = true, env = "KEZ_CHAT_ALLOW_PLAINTEXT")]
+    allow_plaintext: bool,
     /// What to do.
     #[command(subcommand)]
     command: Command,
@@ -257,6 +261,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         config: home.config().map_err(Failure::home)?,
         home,
         server_flag: cli.server,
+        plaintext_flag: cli.allow_plaintext,
     };
     match cli.command {
         Command::Register { name } => app.register(&name).await,
@@ -304,11 +309,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-/// The home, its config and the `--server` flag.
+/// The home, its config and the `--server` and `--allow-plaintext` flags.
 struct App {
     home: Home,
     config: Config,
     server_flag: Option<String>,
+    plaintext_flag: bool,
 }
 
 impl App {
@@ -351,18 +357,20 @@ impl App {
     }
 
     /// `handle` in full form (`@name@domain`), bare names taking the own domain.
-    fn full_handle(&self, handle: &str) -> Result<String, Failure> {
+    fn full_handle(&self, handle: &str) -> Result<Handle, Failure> {
         let own = self.handle()?;
         let domain = own.rsplit('@').next().unwrap_or_default();
         Handle::parse(handle, domain)
-            .map(|handle| handle.to_string())
             .map_err(|err| Failure::new(USAGE, format!("{handle:?} is not a valid handle: {err}")))
     }
 
     /// The contact for `handle`; an error saying to `add` it when there is none.
     fn contact(&self, store: &Store, handle: &str) -> Result<kez_client::Contact, Failure> {
         let full = self.full_handle(handle)?;
-        store.contact(&full).map_err(Failure::store)?.ok_or_else(|| {
+        store
+            .contact(&full.to_string())
+            .map_err(Failure::store)?
+            .ok_or_else(|| {
             Failure::new(
                 NOT_FOUND,
                 format!(
@@ -376,7 +384,22 @@ impl App {
     async fn connect(&self) -> Result<Connection, Failure> {
         let key = self.key()?;
         let url = self.server()?;
-        Connection::connect(&url, key)
+        self.connect_to(&url, key).await
+    }
+
+    /// Whether plaintext to another machine is allowed: `--allow-plaintext`, or the config's.
+    fn plaintext(&self) -> Plaintext {
+        if self.plaintext_flag || self.config.allow_plaintext {
+            Plaintext::Allowed
+        } else {
+            Plaintext::LoopbackOnly
+        }
+    }
+
+    /// Connects to `url` as `key`.
+    async fn connect_to(&self, url: &str, key: Arc<SecretKey>) -> Result<Connection, Failure> {
+        let options = Connection::options(&key);
+        Connection::connect_with(url, key, options, self.plaintext())
             .await
             .map_err(Failure::client)
     }
@@ -394,9 +417,7 @@ impl App {
         );
 
         eprintln!("connecting to {url}");
-        let narrow = Connection::connect(&url, key.clone())
-            .await
-            .map_err(Failure::client)?;
+        let narrow = self.connect_to(&url, key.clone()).await?;
         let info = narrow.server_info().await.map_err(Failure::client)?;
         let wanted = Handle::parse(name, &info.domain)
             .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?
@@ -418,9 +439,7 @@ impl App {
         eprintln!("registered {} on {}", record.handle, info.domain);
 
         // The chat profile comes with a new connection (PROTOCOL.md §6.2).
-        let full = Connection::connect(&url, key.clone())
-            .await
-            .map_err(Failure::client)?;
+        let full = self.connect_to(&url, key.clone()).await?;
         match full.head(&key.public_key()).await {
             Ok(head) => eprintln!("sigchain already started (seq {})", head.seq),
             Err(ClientError::Service(err)) if err.code == 404 => {
@@ -447,7 +466,8 @@ impl App {
         let _ = full.close().await;
 
         self.config.server = Some(url.clone());
-        self.config.handle = Some(record.handle.clone());
+        self.config.allow_plaintext |= self.plaintext_flag;
+        self.config.handle = Some(record.handle.to_string());
         self.home.save_config(&self.config).map_err(Failure::home)?;
         let head = self.confirm(&url, key.clone()).await?;
         println!("registered as {}", record.handle);
@@ -464,9 +484,7 @@ impl App {
         key: Arc<SecretKey>,
     ) -> Result<kez_client::ChainHead, Failure> {
         let me = key.public_key();
-        let conn = Connection::connect(url, key)
-            .await
-            .map_err(Failure::client)?;
+        let conn = self.connect_to(url, key).await?;
         let head = conn.head(&me).await.map_err(Failure::client)?;
         let _ = conn.close().await;
         Ok(head)
@@ -571,7 +589,7 @@ impl App {
             _ => None,
         };
         let store = self.store()?;
-        let pinned = store.contact(&full).map_err(Failure::store)?;
+        let pinned = store.contact(&full.to_string()).map_err(Failure::store)?;
         let contact = match &pinned {
             None => "not in contacts",
             Some(c) if c.key == profile.key => "in contacts, key pinned",
@@ -819,7 +837,11 @@ impl Sender {
         if let Ok(Some(contact)) = store.contact_by_key(key) {
             return Sender::Contact(contact.handle);
         }
-        let handle = conn.whois(key).await.ok().map(|profile| profile.handle);
+        let handle = conn
+            .whois(key)
+            .await
+            .ok()
+            .map(|profile| profile.handle.to_string());
         Sender::Stranger(handle, *key)
     }
 }
@@ -907,7 +929,7 @@ fn stored_json(message: &StoredMessage) -> Value {
 /// A body for people: the text, or what kind of content it is.
 /// Verifies `full` before sending to it ([`Connection::verify_contact`]): pins a new
 /// recipient, follows a rotation with a note, refuses a changed key loudly.
-async fn recipient(conn: &Connection, store: &Store, full: &str) -> Result<Contact, Failure> {
+async fn recipient(conn: &Connection, store: &Store, full: &Handle) -> Result<Contact, Failure> {
     let verified = conn
         .verify_contact(store, full)
         .await

@@ -7,9 +7,9 @@ use kez_blobs::BlobNode;
 use kez_client::files;
 use kez_client::shared::{self, Browsed, SharedError};
 use kez_client::{Connection, PinChange, PinInfo, Published, Store, now};
-use kez_core::SecretKey;
 use kez_core::file::{self as core_file};
 use kez_core::manifest::{Audience, ManifestEntry};
+use kez_core::{Handle, SecretKey};
 use serde_json::{Value, json};
 
 use crate::failure::{CONFLICT, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
@@ -367,7 +367,7 @@ impl App {
 
     /// Verifies `full`'s sigchain (pinning a new contact, as `send` does) and fetches and reads
     /// their manifest. `None` when they share nothing.
-    async fn fetch_manifest(&self, full: &str) -> Result<Option<Browsed>, Failure> {
+    async fn fetch_manifest(&self, full: &Handle) -> Result<Option<Browsed>, Failure> {
         let key = self.key()?;
         let store = self.store()?;
         let conn = self.connect().await?;
@@ -494,7 +494,7 @@ impl App {
             ));
         };
         let offer = visible.entry.offer(browsed.providers.clone());
-        let (path, size, stats) = self.transfer(&offer, &full, output).await?;
+        let (path, size, stats) = self.transfer(&offer, &full.to_string(), output).await?;
         let about = json!({ "from": full, "name": visible.entry.name });
         report_download(json, about, &path, size, &stats);
         Ok(())

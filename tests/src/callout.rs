@@ -88,10 +88,10 @@ impl CalloutStack {
     ) -> ServerConfig {
         ServerConfig {
             auth: NatsAuth::NkeySeedFile(keys_dir.path().join(nats_conf::SERVER_USER_SEED_FILE)),
-            callout: Some(CalloutConfig {
-                keys_dir: keys_dir.path().to_owned(),
-                issuer: keys.issuer.clone(),
-            }),
+            callout: Some(CalloutConfig::new(
+                keys_dir.path().to_owned(),
+                keys.issuer.clone(),
+            )),
             ..ServerConfig::new(&nats.url(), TEST_DOMAIN)
         }
     }

@@ -116,7 +116,10 @@ impl ChatUser {
     pub async fn add(&self, conn: &Connection, other: &str, patience: Duration) -> Contact {
         let deadline = Instant::now() + patience;
         loop {
-            match conn.verify_contact(&self.store, &format!("@{other}")).await {
+            match conn
+                .verify_contact(&self.store, &crate::kez_server::test_handle(other))
+                .await
+            {
                 Ok(verified) => return verified.contact,
                 Err(err) => assert!(
                     Instant::now() < deadline,

@@ -15,6 +15,15 @@ use tokio::task::JoinHandle;
 /// The domain test servers serve.
 pub const TEST_DOMAIN: &str = "kez.test";
 
+/// `name` (any form of PROTOCOL.md §2, e.g. `@bob`) as a handle on [`TEST_DOMAIN`].
+///
+/// # Panics
+///
+/// If `name` is not a valid handle.
+pub fn test_handle(name: &str) -> kez_core::Handle {
+    kez_core::Handle::parse(name, TEST_DOMAIN).unwrap()
+}
+
 /// A kez-chat-server serving a [`crate::NatsServer`] from a task of the current runtime.
 pub struct KezServer {
     stop: Option<oneshot::Sender<()>>,

@@ -17,6 +17,7 @@
 pub mod callout;
 pub mod chat;
 pub mod cluster;
+pub mod fake_broker;
 pub mod kez_server;
 pub mod person;
 pub mod process;

@@ -107,6 +107,7 @@ pub fn kez_chat(home: &Path, args: &[&str]) -> Command {
     command
         .env_remove("KEZ_CHAT_HOME")
         .env_remove("KEZ_CHAT_SERVER")
+        .env_remove("KEZ_CHAT_ALLOW_PLAINTEXT")
         .arg("--home")
         .arg(home)
         .args(args)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::{Auth, Client, ConnectErrorKind, ConnectOptions};
 use data_encoding::{BASE32_NOPAD, BASE64};
 use futures::StreamExt;
-use kez_core::{KeyError, PublicKey, SecretKey};
+use kez_core::{KeyError, PublicKey, SecretKey, SignatureDomain};
 use kez_tests::callout::{
     CalloutProcessStack, Violation, expect_violation, keys_and_broker, register, run_to_completion,
 };
@@ -167,26 +167,56 @@ async fn hostile_clients_are_refused_with_the_reason_logged() {
         .find(|raw| matches!(PublicKey::from_bytes(raw), Err(KeyError::InvalidPoint)))
         .expect("some small y is off the curve");
     let account = nkeys::KeyPair::new_account();
+    // mallory's key plus a point of order 8: on the curve, of large order, but not in the
+    // prime-order subgroup.
+    let mixed_order = {
+        let mut raw = *mallory.public_key().as_bytes();
+        let torsion = curve25519_dalek::constants::EIGHT_TORSION[1];
+        let point = curve25519_dalek::edwards::CompressedEdwardsY(raw)
+            .decompress()
+            .unwrap()
+            + torsion;
+        raw = point.compress().to_bytes();
+        assert!(matches!(
+            PublicKey::from_bytes(&raw),
+            Err(KeyError::MixedOrder)
+        ));
+        raw
+    };
 
     let signer = mallory.clone();
-    let sign_other = move |_: &[u8]| Some(signer.sign(b"not the nonce").to_bytes().to_vec());
+    let sign_other = move |_: &[u8]| {
+        Some(
+            signer
+                .sign(SignatureDomain::NatsConnect, b"not-the-nonce")
+                .to_bytes()
+                .to_vec(),
+        )
+    };
     let signer = mallory.clone();
-    let sign_nonce = move |nonce: &[u8]| Some(signer.sign(nonce).to_bytes().to_vec());
+    let sign_nonce = move |nonce: &[u8]| {
+        Some(
+            kez_core::connect::sign_nonce(&signer, nonce)
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+    };
     let cases: Vec<(&str, ConnectOptions, &str)> = vec![
         (
             "signature over a different nonce",
             hostile_options(mallory.public_key().to_nkey(), sign_other),
-            "client nonce signature does not verify",
+            "the client's connect proof does not verify",
         ),
         (
             "someone else's key, signed with one's own",
             hostile_options(victim.to_nkey(), sign_nonce),
-            "client nonce signature does not verify",
+            "the client's connect proof does not verify",
         ),
         (
             "64 garbage signature bytes",
             hostile_options(mallory.public_key().to_nkey(), |_| Some(vec![0x5a; 64])),
-            "client nonce signature does not verify",
+            "the client's connect proof does not verify",
         ),
         (
             "7 garbage signature bytes",
@@ -207,7 +237,22 @@ async fn hostile_clients_are_refused_with_the_reason_logged() {
                 signature[..32].copy_from_slice(&identity);
                 Some(signature)
             }),
-            "client nonce signature does not verify",
+            "weak (small-order) point",
+        ),
+        (
+            "mixed-order key (a real key plus a point of order 8), signing with the real key",
+            {
+                let signer = mallory.clone();
+                hostile_options(user_nkey_of_raw(&mixed_order), move |nonce| {
+                    Some(
+                        kez_core::connect::sign_nonce(&signer, nonce)
+                            .unwrap()
+                            .to_bytes()
+                            .to_vec(),
+                    )
+                })
+            },
+            "has a small-order component",
         ),
         (
             "key bytes that are not a curve point",
@@ -280,7 +325,11 @@ async fn hostile_clients_are_refused_with_the_reason_logged() {
     // nats-server also accepts from clients, is admitted.
     let signer = mallory.clone();
     let answer = raw_connect(&url, connect, move |nonce| {
-        BASE64.encode(&signer.sign(nonce.as_bytes()).to_bytes())
+        BASE64.encode(
+            &kez_core::connect::sign_nonce(&signer, nonce.as_bytes())
+                .unwrap()
+                .to_bytes(),
+        )
     })
     .await;
     if answer != "PONG" {
@@ -482,4 +531,71 @@ async fn two_hundred_parallel_connects_are_all_authorized_in_time() {
     )
     .await
     .unwrap();
+}
+
+/// A client of the previous release signs the broker's nonce without the KEZ connect tag. Such
+/// proofs are accepted by default (old clients keep working through the upgrade), logged as
+/// such, and refused with `--refuse-legacy-connect-proofs`; the tagged proof of today's
+/// client is accepted either way.
+#[tokio::test]
+async fn untagged_connect_proofs_are_accepted_by_default_and_refused_when_configured() {
+    let legacy_options = |key: &Arc<SecretKey>| {
+        let seed = key.clone();
+        hostile_options(key.public_key().to_nkey(), move |nonce| {
+            // What kez-chat 0.1 sent: ed25519 over the nonce's bytes alone.
+            let signer =
+                nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, seed_of(&seed)).unwrap();
+            signer.sign(nonce).ok()
+        })
+    };
+    let old = Arc::new(SecretKey::generate());
+
+    let accepting = CalloutProcessStack::start().await;
+    let offset = accepting.server.log().len();
+    legacy_options(&old)
+        .connect(&accepting.nats.url())
+        .await
+        .expect("an untagged proof is accepted by default");
+    let deadline = Instant::now() + LOG_WITHIN;
+    while !log_since(&accepting, offset).contains("proved its key the old way") {
+        assert!(
+            Instant::now() < deadline,
+            "the legacy proof was not logged: {}",
+            log_since(&accepting, offset)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    accepting
+        .connect_as(&old)
+        .await
+        .expect("today's tagged proof is accepted");
+
+    let refusing = CalloutProcessStack::start_with_args(&["--refuse-legacy-connect-proofs"]).await;
+    let offset = refusing.server.log().len();
+    let err = legacy_options(&old)
+        .connect(&refusing.nats.url())
+        .await
+        .expect_err("an untagged proof is refused when configured");
+    assert_eq!(err.kind(), ConnectErrorKind::AuthorizationViolation);
+    refusal_logged(&refusing, offset, "must be upgraded")
+        .await
+        .unwrap();
+    refusing
+        .connect_as(&old)
+        .await
+        .expect("today's tagged proof is still accepted");
+}
+
+/// The 32-byte seed of `key`, as its key file holds it.
+fn seed_of(key: &SecretKey) -> [u8; 32] {
+    let text = key.to_key_file();
+    let hex = text
+        .trim_end()
+        .strip_prefix("ed25519-secret:")
+        .expect("a key file line");
+    let mut seed = [0u8; 32];
+    data_encoding::HEXLOWER
+        .decode_mut(hex.as_bytes(), &mut seed)
+        .unwrap();
+    seed
 }

@@ -359,7 +359,11 @@ async fn listen_shows_two_hundred_messages_in_order_once() {
         .unwrap();
     let contacts = tempfile::tempdir().unwrap();
     let store = kez_client::Store::open(contacts.path().join("store.redb")).unwrap();
-    let bob_contact = conn.verify_contact(&store, "@bob").await.unwrap().contact;
+    let bob_contact = conn
+        .verify_contact(&store, &kez_tests::kez_server::test_handle("@bob"))
+        .await
+        .unwrap()
+        .contact;
     for n in 0..200 {
         conn.send(&bob_contact, "text", format!("message {n}").as_bytes())
             .await
@@ -532,4 +536,43 @@ async fn messages_stored_but_not_shown_appear_on_the_next_run_once() {
         Value::Array(Vec::new()),
         "shown once"
     );
+}
+
+/// The CLI never lets a broker choose what the key signs: a "nonce" that is a KEZ statement in
+/// disguise makes `register` fail with an explanation and no signature sent. And it refuses an
+/// unencrypted URL to another machine unless told otherwise, before making any connection.
+#[tokio::test]
+async fn the_cli_refuses_a_disguised_nonce_and_plaintext_to_other_machines() {
+    use kez_tests::fake_broker::{AfterPong, FakeBroker};
+
+    let broker = FakeBroker::start(
+        "KEZ-SIGCHAIN-LINK-V1\u{0}{\"chain\":\"forged\"}",
+        &[],
+        AfterPong::Stay,
+    )
+    .await;
+    let alice = Person::new();
+    let err = alice
+        .fails(&["--server", &broker.url(), "register", "alice"], 1)
+        .await;
+    assert!(err.contains("did not prove this key"), "{err}");
+    assert!(err.contains("nonce"), "{err}");
+    assert!(
+        broker
+            .connects()
+            .iter()
+            .all(|connect| connect.get("sig").is_none()),
+        "{:?}",
+        broker.connects()
+    );
+
+    let err = alice
+        .fails(
+            &["--server", "nats://192.0.2.1:4222", "register", "alice"],
+            2,
+        )
+        .await;
+    assert!(err.contains("is not encrypted"), "{err}");
+    assert!(err.contains("tls://"), "{err}");
+    assert!(err.contains("--allow-plaintext"), "{err}");
 }

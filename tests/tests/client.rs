@@ -16,6 +16,7 @@ use kez_core::sigchain::Endpoint;
 use kez_core::subjects::{INBOX_STREAM, inbox_subject};
 use kez_core::{Op, SecretKey, UnsignedLink};
 use kez_tests::callout::CalloutStack;
+use kez_tests::kez_server::test_handle;
 use kez_tests::requests::nats_endpoint;
 use tempfile::TempDir;
 
@@ -53,15 +54,14 @@ impl User {
         narrow.close().await.unwrap();
         home.save_config(&Config {
             server: Some(stack.nats.url()),
-            handle: Some(record.handle.clone()),
-            iroh_bind: None,
-            iroh_relay: None,
+            handle: Some(record.handle.to_string()),
+            ..Config::default()
         })
         .unwrap();
         User {
             home,
             key,
-            handle: record.handle,
+            handle: record.handle.to_string(),
             _dir: dir,
         }
     }
@@ -138,13 +138,13 @@ async fn registration_and_service_calls() {
     let conn = alice.connect().await;
     let info = conn.server_info().await.unwrap();
     assert_eq!(info.domain, "kez.test");
-    let profile = conn.lookup("@bob").await.unwrap();
+    let profile = conn.lookup(&test_handle("@bob")).await.unwrap();
     assert_eq!(profile.key, bob.key.public_key());
-    assert_eq!(profile.handle, bob.handle);
+    assert_eq!(profile.handle.to_string(), bob.handle);
     assert_eq!(profile.sigchain, None);
     let whois = conn.whois(&bob.key.public_key()).await.unwrap();
-    assert_eq!(whois.handle, bob.handle);
-    match conn.lookup("@nobody").await {
+    assert_eq!(whois.handle.to_string(), bob.handle);
+    match conn.lookup(&test_handle("@nobody")).await {
         Err(ClientError::Service(err)) => assert_eq!(err.name, "not_found"),
         other => panic!("looking up nobody: {other:?}"),
     }
@@ -168,7 +168,7 @@ async fn registration_and_service_calls() {
     assert_eq!((chain.seq(), chain.head()), (1, link.hash()));
     assert!(chain.endpoints().contains_key("inbox"));
     assert_eq!(
-        conn.lookup("@alice").await.unwrap().sigchain,
+        conn.lookup(&test_handle("@alice")).await.unwrap().sigchain,
         Some(head),
         "the profile carries the head"
     );
@@ -186,7 +186,7 @@ async fn offline_delivery_exactly_once() {
     let alice_conn = alice.connect().await;
     let alice_store = alice.home.store().unwrap();
     let verified = alice_conn
-        .verify_contact(&alice_store, "@bob")
+        .verify_contact(&alice_store, &test_handle("@bob"))
         .await
         .unwrap();
     assert_eq!(verified.change, PinChange::New);
@@ -345,7 +345,7 @@ async fn connections_survive_a_broker_restart() {
     let bob_conn = bob.connect().await;
     let bob_store = bob.home.store().unwrap();
     let to_bob = alice_conn
-        .verify_contact(&alice_store, "@bob")
+        .verify_contact(&alice_store, &test_handle("@bob"))
         .await
         .unwrap()
         .contact;
@@ -383,4 +383,220 @@ async fn connections_survive_a_broker_restart() {
         bodies(&received),
         [&b"before the restart"[..], b"after the restart"]
     );
+}
+
+/// Whatever a broker (or someone on the path of a plain connection) sends as its nonce, the
+/// client signs only a nats-server nonce, and only under the KEZ connect tag: a nonce that is
+/// a KEZ statement in disguise is refused, and no signature leaves the client.
+#[tokio::test]
+async fn a_client_signs_only_nats_server_nonces_and_only_under_the_connect_tag() {
+    use kez_core::connect::{LegacyProofs, ProofForm, verify_proof};
+    use kez_tests::fake_broker::{AfterPong, FakeBroker};
+
+    let key = Arc::new(SecretKey::generate());
+    // A rotation of the victim's chain to the attacker's key, as a broker would offer it for
+    // signing: the sigchain tag, a zero byte and the link's canonical bytes.
+    let attacker = SecretKey::generate();
+    let forged = UnsignedLink::first(key.public_key(), 100, nats_endpoint("x"))
+        .sign_rotation(&key, &attacker)
+        .unwrap();
+    let mut disguised = String::from("KEZ-SIGCHAIN-LINK-V1\0");
+    disguised.push_str(std::str::from_utf8(forged.bytes()).unwrap());
+    for nonce in [
+        disguised,
+        "a".repeat(65),
+        "abc def".to_owned(),
+        "abc=".to_owned(),
+    ] {
+        let broker = FakeBroker::start(&nonce, &[], AfterPong::Stay).await;
+        let err = Connection::connect(&broker.url(), key.clone())
+            .await
+            .expect_err("a nonce no nats-server sends is not signed");
+        assert!(
+            matches!(&err, ClientError::Connect { source, .. }
+                if source.kind() == async_nats::ConnectErrorKind::Authentication),
+            "{err}"
+        );
+        assert!(
+            broker
+                .connects()
+                .iter()
+                .all(|connect| connect.get("sig").is_none()),
+            "a signature left the client for {nonce:?}: {:?}",
+            broker.connects()
+        );
+    }
+
+    // A real nonce is signed, under the connect tag: the signature proves the key to the
+    // callout and is nothing else.
+    let nonce = "pQ1rX_-9aZk0Lm3";
+    let broker = FakeBroker::start(nonce, &[], AfterPong::Stay).await;
+    let conn = Connection::connect(&broker.url(), key.clone())
+        .await
+        .expect("a nats-server nonce is signed");
+    let connect = broker.connects().pop().expect("the client sent CONNECT");
+    assert_eq!(connect["nkey"], key.public_key().to_nkey());
+    let sig: [u8; 64] = data_encoding::BASE64URL_NOPAD
+        .decode(connect["sig"].as_str().unwrap().as_bytes())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let sig = kez_core::Signature::from_bytes(sig);
+    assert_eq!(
+        verify_proof(&key.public_key(), nonce, &sig, LegacyProofs::Refuse),
+        Ok(ProofForm::Tagged)
+    );
+    for domain in kez_core::SignatureDomain::ALL {
+        if domain != kez_core::SignatureDomain::NatsConnect {
+            assert!(
+                key.public_key()
+                    .verify(domain, nonce.as_bytes(), &sig)
+                    .is_err()
+            );
+        }
+    }
+    drop(conn);
+}
+
+/// A broker's INFO may advertise other servers (`connect_urls`); a kez client connects only
+/// to the URLs its user gave, so a broker (or someone on the path) cannot send it elsewhere.
+#[tokio::test]
+async fn servers_a_broker_advertises_are_never_dialled() {
+    use kez_tests::fake_broker::{AfterPong, FakeBroker};
+
+    let elsewhere = FakeBroker::start("pQ1rX_-9aZk0Lm3", &[], AfterPong::Stay).await;
+    let advertised = elsewhere.url().trim_start_matches("nats://").to_owned();
+    // The first broker hangs up after every PONG, so the client keeps reconnecting.
+    let broker = FakeBroker::start("pQ1rX_-9aZk0Lm3", &[advertised], AfterPong::Hang).await;
+    let key = Arc::new(SecretKey::generate());
+    let conn = Connection::connect(&broker.url(), key).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while broker.accepted() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        broker.accepted() >= 4,
+        "the client reconnected to the broker it was given ({} connections)",
+        broker.accepted()
+    );
+    assert_eq!(
+        elsewhere.accepted(),
+        0,
+        "the client dialled a server only the broker named"
+    );
+    drop(conn);
+}
+
+/// A lying home server answers a lookup for @bob with another spelling of the handle and its
+/// own key. The client checks the answer against what it asked and pins under the handle it
+/// asked for, so it sees the changed key and refuses, instead of pinning a "new" contact that
+/// `send @bob` would then seal to. The test plays the home server on a real nats-server.
+#[tokio::test]
+async fn a_lookup_answer_cannot_choose_the_handle_a_pin_is_checked_under() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    use futures::StreamExt;
+    use kez_client::Store;
+
+    let nats = kez_tests::NatsServer::start();
+    let bob = SecretKey::generate();
+    let mallory = SecretKey::generate();
+    let first_link = |key: &SecretKey| {
+        UnsignedLink::first(key.public_key(), 100, nats_endpoint("nats"))
+            .sign(key)
+            .unwrap()
+    };
+    let (bob_link, mallory_link) = (first_link(&bob), first_link(&mallory));
+    // 0: the truth; 1: "@Bob@kez.test" with mallory's key; 2: "@carol@kez.test".
+    let answer = Arc::new(AtomicU8::new(0));
+    let server = async_nats::connect(nats.url()).await.unwrap();
+    let mut lookups = server.subscribe("kez.registry.lookup").await.unwrap();
+    let mut gets = server.subscribe("kez.sigchain.get").await.unwrap();
+    {
+        let (server, answer) = (server.clone(), answer.clone());
+        let (bob_key, mallory_key) = (bob.public_key(), mallory.public_key());
+        let (bob_head, mallory_head) = (bob_link.hash(), mallory_link.hash());
+        tokio::spawn(async move {
+            while let Some(request) = lookups.next().await {
+                let (handle, key, head) = match answer.load(Ordering::SeqCst) {
+                    0 => ("@bob@kez.test", bob_key, bob_head),
+                    1 => ("@Bob@kez.test", mallory_key, mallory_head),
+                    _ => ("@carol@kez.test", mallory_key, mallory_head),
+                };
+                let body = serde_json::json!({
+                    "handle": handle, "key": key, "registered_at": 1,
+                    "sigchain": { "seq": 1, "head": head },
+                });
+                let reply = request.reply.unwrap();
+                server
+                    .publish(reply, body.to_string().into())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    {
+        let server = server.clone();
+        let links = [
+            (bob.public_key(), bob_link.bytes().to_vec()),
+            (mallory.public_key(), mallory_link.bytes().to_vec()),
+        ];
+        tokio::spawn(async move {
+            while let Some(request) = gets.next().await {
+                let asked: serde_json::Value = serde_json::from_slice(&request.payload).unwrap();
+                let (key, link) = links
+                    .iter()
+                    .find(|(key, _)| asked["key"] == key.to_string())
+                    .unwrap();
+                let body = serde_json::json!({
+                    "key": key, "from_seq": 1,
+                    "links": [String::from_utf8(link.clone()).unwrap()], "more": false,
+                });
+                let reply = request.reply.unwrap();
+                server
+                    .publish(reply, body.to_string().into())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    server.flush().await.unwrap();
+
+    let dir = TempDir::new().unwrap();
+    let store = Store::open(dir.path().join("store.redb")).unwrap();
+    let alice = Connection::connect(&nats.url(), Arc::new(SecretKey::generate()))
+        .await
+        .unwrap();
+    let bob_handle = test_handle("@bob");
+    let pinned = alice.verify_contact(&store, &bob_handle).await.unwrap();
+    assert_eq!(pinned.change, PinChange::New);
+    assert_eq!(pinned.contact.key, bob.public_key());
+
+    answer.store(1, Ordering::SeqCst);
+    match alice.verify_contact(&store, &bob_handle).await {
+        Err(ClientError::Store(StoreError::KeyChanged { offered, .. })) => {
+            assert_eq!(offered, mallory.public_key());
+        }
+        other => panic!("a changed key under another spelling was not refused: {other:?}"),
+    }
+    let err = alice
+        .accept_key_change(&store, &bob_handle, &bob.public_key())
+        .await
+        .expect_err("the server names mallory's key, not the one accepted");
+    assert!(matches!(err, ClientError::NotAccepted { .. }), "{err}");
+
+    answer.store(2, Ordering::SeqCst);
+    let err = alice
+        .verify_contact(&store, &bob_handle)
+        .await
+        .expect_err("an answer about another handle");
+    assert!(
+        matches!(&err, ClientError::BadAnswer { reason, .. } if reason.contains("@carol@kez.test")),
+        "{err}"
+    );
+
+    let contacts = store.contacts().unwrap();
+    assert_eq!(contacts.len(), 1, "{contacts:?}");
+    assert_eq!(contacts[0].handle, "@bob@kez.test");
+    assert_eq!(contacts[0].key, bob.public_key());
 }

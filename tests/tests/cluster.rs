@@ -15,6 +15,7 @@ use kez_core::subjects::{INBOX_STREAM, inbox_consumer};
 use kez_tests::callout::server_client;
 use kez_tests::chat::{ChatUser, Ledger};
 use kez_tests::cluster::{NatsCluster, wait_for_jetstream};
+use kez_tests::kez_server::test_handle;
 use kez_tests::process::KezServerProcess;
 
 /// Messages each sender sends.
@@ -247,7 +248,8 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     );
 
     // With the node down, the services answer: lookups, chains, registrations, appends.
-    let (profile, took) = answers("lookup @dave", || alice_conn.lookup("@dave")).await;
+    let dave_handle = test_handle("@dave");
+    let (profile, took) = answers("lookup @dave", || alice_conn.lookup(&dave_handle)).await;
     assert_eq!(profile.key, dave.key.public_key());
     eprintln!("lookup answered {took:?} after the kill");
     let dave_key = dave.key.public_key();
@@ -262,7 +264,8 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     // not applied it yet: poll until the new link shows (it must, within the patience).
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let (profile, _) = answers("lookup @erin", || alice_conn.lookup("@erin")).await;
+        let erin_handle = test_handle("@erin");
+        let (profile, _) = answers("lookup @erin", || alice_conn.lookup(&erin_handle)).await;
         assert_eq!(profile.key, erin.key.public_key());
         if profile.sigchain.map(|head| head.seq) == Some(1) {
             break;

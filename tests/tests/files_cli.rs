@@ -270,7 +270,11 @@ async fn forge_offer_with_another_key(url: &str, alice: &Person) -> String {
     let conn = kez_client::Connection::connect(url, std::sync::Arc::new(home.key().unwrap()))
         .await
         .unwrap();
-    let bob = conn.verify_contact(&store, "@bob").await.unwrap().contact;
+    let bob = conn
+        .verify_contact(&store, &kez_tests::kez_server::test_handle("@bob"))
+        .await
+        .unwrap()
+        .contact;
     let sent = conn
         .send(
             &bob,

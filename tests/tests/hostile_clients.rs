@@ -355,7 +355,12 @@ async fn connection_floods_are_refused_and_others_keep_being_served() {
                         async move {
                             let mut auth = async_nats::Auth::new();
                             auth.nkey = Some(named);
-                            auth.signature = Some(signer.sign(&nonce).to_bytes().to_vec());
+                            auth.signature = Some(
+                                kez_core::connect::sign_nonce(&signer, &nonce)
+                                    .unwrap()
+                                    .to_bytes()
+                                    .to_vec(),
+                            );
                             Ok(auth)
                         }
                     })

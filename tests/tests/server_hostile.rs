@@ -4,7 +4,7 @@
 //! healthy afterwards. Then the registration and append refusals a client can provoke on purpose.
 
 use kez_core::registry::RegistrationRequest;
-use kez_core::{SecretKey, Sigchain, Signature, UnsignedLink};
+use kez_core::{SecretKey, Sigchain, Signature, SignatureDomain, UnsignedLink};
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, ServiceError, TEST_DOMAIN, call, call_ok};
 use kez_tests::requests::{nats_endpoint, now, registration};
@@ -37,7 +37,7 @@ fn signed_request(
         time,
         sig: Signature::from_bytes([0; 64]),
     };
-    request.sig = signer.sign(&request.signed_message());
+    request.sig = signer.sign(SignatureDomain::Register, &request.signed_body());
     request
 }
 

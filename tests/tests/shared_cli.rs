@@ -234,10 +234,8 @@ async fn a_manifest_not_signed_by_the_chain_key_is_refused() {
 fn resign(bytes: &[u8], signer: &SecretKey) -> Vec<u8> {
     let mut body: Value = serde_json::from_slice(bytes).unwrap();
     body.as_object_mut().unwrap().remove("sig");
-    let mut message = manifest::MANIFEST_SIGNATURE_DOMAIN.to_vec();
-    message.push(0);
-    message.extend(kez_core::canonical::encode(&body).unwrap());
-    body["sig"] = serde_json::json!(signer.sign(&message));
+    let unsigned = kez_core::canonical::encode(&body).unwrap();
+    body["sig"] = serde_json::json!(signer.sign(kez_core::SignatureDomain::Manifest, &unsigned));
     kez_core::canonical::encode(&body).unwrap()
 }
 

@@ -72,6 +72,9 @@ pub struct ServiceError {
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The broker URL is refused ([`broker_urls`]).
+    #[error(transparent)]
+    Url(#[from] UrlError),
     /// The broker could not be reached, or refused the key.
     #[error("cannot connect to {url}: {source}")]
     Connect {
@@ -160,20 +163,21 @@ pub struct VerifiedContact {
 /// A handle record (`register`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct HandleRecord {
-    /// The handle, e.g. `@alice@kez.lat`.
-    pub handle: String,
+    /// The handle, e.g. `@alice@kez.lat`: checked to be the one asked for.
+    pub handle: Handle,
     /// Its registering key (the sigchain id).
     pub key: PublicKey,
     /// The server's clock at registration, seconds since the epoch.
     pub registered_at: u64,
 }
 
-/// A profile (`lookup`, `whois`): a handle record and its chain head, unverified.
+/// A profile (`lookup`, `whois`): a handle record and its chain head, the server's word. What
+/// was asked is checked (a lookup's handle, a whois's key); the rest is unverified.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Profile {
-    /// The handle, e.g. `@alice@kez.lat`.
-    pub handle: String,
-    /// Its registering key (the sigchain id).
+    /// The handle, e.g. `@alice@kez.lat` (for a lookup: the one asked for).
+    pub handle: Handle,
+    /// Its registering key (the sigchain id; for a whois: the one asked for).
     pub key: PublicKey,
     /// The server's clock at registration, seconds since the epoch.
     pub registered_at: u64,
@@ -353,6 +357,86 @@ impl Pending {
     }
 }
 
+/// Whether a connection may go to its broker unencrypted (`nats://`, `ws://`). The connect
+/// proof is bound to the broker's nonce under its own tag, so nobody on the way can reuse it
+/// for anything else, but they could read and change the traffic and hand it to another broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Plaintext {
+    /// Unencrypted only to this machine (`localhost`, `127.0.0.0/8`, `::1`); other brokers need
+    /// `tls://` or `wss://`.
+    #[default]
+    LoopbackOnly,
+    /// Unencrypted to any broker: the user said so.
+    Allowed,
+}
+
+/// Why a broker URL is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// The URL names a broker on another machine without TLS ([`Plaintext::LoopbackOnly`]).
+    #[error(
+        "{url} is not encrypted and not on this machine: anyone on the way could read and change what you send. Use tls://HOST:PORT (or wss://), or allow plaintext explicitly if that is really what you want"
+    )]
+    Plaintext {
+        /// The URL refused.
+        url: String,
+    },
+    /// The URL is not a NATS URL.
+    #[error("{url:?} is not a NATS server URL: {reason}")]
+    Bad {
+        /// The URL as given.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The broker URLs of `url` (one, or several separated by commas: the nodes of a cluster),
+/// each checked to be a NATS URL that `plaintext` allows.
+pub fn broker_urls(url: &str, plaintext: Plaintext) -> Result<Vec<String>, UrlError> {
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(UrlError::Bad {
+            url: url.to_owned(),
+            reason: "no URL given".into(),
+        });
+    }
+    urls.into_iter()
+        .map(|text| {
+            let addr: async_nats::ServerAddr =
+                text.parse().map_err(|err: std::io::Error| UrlError::Bad {
+                    url: text.to_owned(),
+                    reason: err.to_string(),
+                })?;
+            if addr.host().is_empty() {
+                return Err(UrlError::Bad {
+                    url: text.to_owned(),
+                    reason: "it names no host".into(),
+                });
+            }
+            let encrypted = matches!(addr.scheme(), "tls" | "wss");
+            if !encrypted && plaintext == Plaintext::LoopbackOnly && !is_loopback(addr.host()) {
+                return Err(UrlError::Plaintext {
+                    url: text.to_owned(),
+                });
+            }
+            Ok(text.to_owned())
+        })
+        .collect()
+}
+
+/// Whether `host` is this machine: `localhost` or a loopback address.
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Seconds since the Unix epoch by the local clock.
 pub fn now() -> u64 {
     SystemTime::now()
@@ -409,45 +493,54 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The async-nats options of a kez connection as `key`: nkey authentication with the nonce
-    /// signed by the key (`with_auth_callback`), replies under the key's own prefix, reconnects
-    /// forever. Add to them (event callbacks, `retry_on_initial_connect`, timeouts) and pass
-    /// them to [`Connection::connect_with`]; do not replace the auth or the inbox prefix.
+    /// The async-nats options of a kez connection as `key`: nkey authentication with the
+    /// broker's nonce signed under the KEZ connect tag (`with_auth_callback`,
+    /// [`kez_core::connect::sign_nonce`]: a nonce no nats-server would send is not signed, and
+    /// the connection fails; a broker that sends none, checking no keys, gets no proof), replies under the key's own prefix, only the servers the caller
+    /// names (never those a broker advertises), reconnects forever. Add to them (event
+    /// callbacks, `retry_on_initial_connect`, timeouts) and pass them to
+    /// [`Connection::connect_with`]; do not replace the auth, the inbox prefix or the server list.
     pub fn options(key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
         let signer = key.clone();
         async_nats::ConnectOptions::with_auth_callback(move |nonce| {
             let signer = signer.clone();
             async move {
                 let mut auth = async_nats::Auth::new();
+                // A broker that sends no nonce checks no key (it has no nkey users, so it is
+                // not a kez broker with the callout): nothing to prove, nothing is signed.
+                if nonce.is_empty() {
+                    return Ok(auth);
+                }
+                let signature = kez_core::connect::sign_nonce(&signer, &nonce)
+                    .map_err(async_nats::AuthError::new)?;
                 auth.nkey = Some(signer.public_key().to_nkey());
-                auth.signature = Some(signer.sign(&nonce).to_bytes().to_vec());
+                auth.signature = Some(signature.to_bytes().to_vec());
                 Ok(auth)
             }
         })
         .custom_inbox_prefix(reply_prefix(&key.public_key()))
+        .ignore_discovered_servers()
         .max_reconnects(None)
     }
 
     /// Connects to the broker at `url` (or to any of several comma-separated URLs, the nodes
-    /// of a cluster) as `key` with [`Connection::options`].
+    /// of a cluster) as `key` with [`Connection::options`]; unencrypted only to this machine
+    /// ([`Plaintext::LoopbackOnly`]).
     pub async fn connect(url: &str, key: Arc<SecretKey>) -> Result<Connection, ClientError> {
         let options = Connection::options(&key);
-        Connection::connect_with(url, key, options).await
+        Connection::connect_with(url, key, options, Plaintext::LoopbackOnly).await
     }
 
-    /// Connects with `options` made by [`Connection::options`] for the same `key`.
+    /// Connects with `options` made by [`Connection::options`] for the same `key`, to the
+    /// URLs of `url` that `plaintext` allows ([`broker_urls`]).
     pub async fn connect_with(
         url: &str,
         key: Arc<SecretKey>,
         options: async_nats::ConnectOptions,
+        plaintext: Plaintext,
     ) -> Result<Connection, ClientError> {
-        // Several URLs separated by commas (the nodes of a cluster): async-nats takes a list,
-        // and would read the whole string as one URL.
-        let servers: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|url| !url.is_empty())
-            .collect();
+        // async-nats takes a list, and would read the whole string as one URL.
+        let servers = broker_urls(url, plaintext)?;
         let client = options
             .connect(servers)
             .await
@@ -539,12 +632,25 @@ impl Connection {
     /// Registers `name` (e.g. `alice`, `@alice`; bare names mean the server's domain) for this
     /// connection's key, signed now (`kez.registry.register`). Registering the name the key
     /// already holds answers the existing record. Reconnect afterwards for the chat profile.
+    /// The answer must name this handle and this key.
     pub async fn register(&self, name: &str) -> Result<HandleRecord, ClientError> {
         let info = self.server_info().await?;
         let handle = Handle::parse(name, &info.domain)?;
         let request = RegistrationRequest::sign(&self.key, &handle, now());
         let body = serde_json::to_vec(&request).expect("a request serialises");
-        self.call_json(REGISTER, body).await
+        let record: HandleRecord = self.call_json(REGISTER, body).await?;
+        if record.handle != handle || record.key != self.key.public_key() {
+            return Err(ClientError::BadAnswer {
+                subject: REGISTER.into(),
+                reason: format!(
+                    "asked to register {handle} for {}, answered {} for {}",
+                    self.key.public_key(),
+                    record.handle,
+                    record.key
+                ),
+            });
+        }
+        Ok(record)
     }
 
     /// Asks the home server to keep `blob` (`size` bytes of ciphertext), fetching it now from
@@ -603,17 +709,35 @@ impl Connection {
         self.call_json(&op.subject(), body).await
     }
 
-    /// Looks a handle up (`kez.registry.lookup`). The answer is the server's word; verify the
-    /// key's chain with [`Connection::chain`] and pin it in the [`Store`].
-    pub async fn lookup(&self, handle: &str) -> Result<Profile, ClientError> {
+    /// Looks `handle` up (`kez.registry.lookup`). The answer must be about `handle` (else
+    /// [`ClientError::BadAnswer`]); its key is the server's word: verify the key's chain with
+    /// [`Connection::chain`] and pin it in the [`Store`].
+    pub async fn lookup(&self, handle: &Handle) -> Result<Profile, ClientError> {
         let body = serde_json::json!({ "handle": handle });
-        self.call_json(LOOKUP, body.to_string().into_bytes()).await
+        let profile: Profile = self
+            .call_json(LOOKUP, body.to_string().into_bytes())
+            .await?;
+        if profile.handle != *handle {
+            return Err(ClientError::BadAnswer {
+                subject: LOOKUP.into(),
+                reason: format!("asked for {handle}, answered for {}", profile.handle),
+            });
+        }
+        Ok(profile)
     }
 
-    /// The handle of a key (`kez.registry.whois`).
+    /// The handle of a key (`kez.registry.whois`): the server's word for it. The answer must be
+    /// about `key` (else [`ClientError::BadAnswer`]).
     pub async fn whois(&self, key: &PublicKey) -> Result<Profile, ClientError> {
         let body = serde_json::json!({ "key": key });
-        self.call_json(WHOIS, body.to_string().into_bytes()).await
+        let profile: Profile = self.call_json(WHOIS, body.to_string().into_bytes()).await?;
+        if profile.key != *key {
+            return Err(ClientError::BadAnswer {
+                subject: WHOIS.into(),
+                reason: format!("asked for {key}, answered for {}", profile.key),
+            });
+        }
+        Ok(profile)
     }
 
     /// Appends a signed link (its exact bytes) to its chain (`kez.sigchain.append`); answers
@@ -680,18 +804,18 @@ impl Connection {
         })
     }
 
-    /// Looks `handle` up, fetches and verifies its sigchain, and pins it in `store` on first
-    /// use or checks it against the pinned identity, following the chain's own rotations
-    /// ([`Store::pin`]). The answer is what to trust for `handle` now; a changed identity, an
-    /// older or a forked chain is an error and changes nothing.
+    /// Looks `handle` up, fetches and verifies its sigchain, and pins it in `store` under
+    /// `handle` on first use or checks it against the identity pinned for `handle`, following
+    /// the chain's own rotations ([`Store::pin`]). The answer is what to trust for `handle`
+    /// now; a changed identity, an older or a forked chain is an error and changes nothing.
     pub async fn verify_contact(
         &self,
         store: &Store,
-        handle: &str,
+        handle: &Handle,
     ) -> Result<VerifiedContact, ClientError> {
         let profile = self.lookup(handle).await?;
         let chain = self.chain(&profile.key).await?;
-        let (contact, change) = store.pin(&profile.handle, &chain, now())?;
+        let (contact, change) = store.pin(&handle.to_string(), &chain, now())?;
         Ok(VerifiedContact {
             contact,
             change,
@@ -705,19 +829,19 @@ impl Connection {
     pub async fn accept_key_change(
         &self,
         store: &Store,
-        handle: &str,
+        handle: &Handle,
         accepted: &PublicKey,
     ) -> Result<VerifiedContact, ClientError> {
         let profile = self.lookup(handle).await?;
         if profile.key != *accepted {
             return Err(ClientError::NotAccepted {
-                handle: profile.handle,
+                handle: handle.to_string(),
                 accepted: *accepted,
                 offered: profile.key,
             });
         }
         let chain = self.chain(&profile.key).await?;
-        let contact = store.repin(&profile.handle, &chain, now())?;
+        let contact = store.repin(&handle.to_string(), &chain, now())?;
         Ok(VerifiedContact {
             contact,
             change: PinChange::New,
@@ -905,5 +1029,71 @@ fn service_error(subject: &str, headers: &HeaderMap) -> ServiceError {
         name: text("Kez-Error"),
         message: text("Nats-Service-Error"),
         head,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_leaves_this_machine_only_when_allowed() {
+        for local in [
+            "nats://127.0.0.1:4222",
+            "127.0.0.1:4222",
+            "nats://localhost:4222",
+            "nats://[::1]:4222",
+            "ws://127.0.0.2:8080",
+            "tls://kez.lat:4222",
+            "wss://kez.lat",
+        ] {
+            assert_eq!(
+                broker_urls(local, Plaintext::LoopbackOnly).unwrap(),
+                [local],
+                "{local}"
+            );
+        }
+        for remote in [
+            "nats://kez.lat:4222",
+            "kez.lat:4222",
+            "nats://192.0.2.1:4222",
+            "ws://kez.lat",
+            "nats://[2001:db8::1]:4222",
+            "nats://localhost.evil.example:4222",
+        ] {
+            assert!(
+                matches!(
+                    broker_urls(remote, Plaintext::LoopbackOnly),
+                    Err(UrlError::Plaintext { .. })
+                ),
+                "{remote}"
+            );
+            assert_eq!(broker_urls(remote, Plaintext::Allowed).unwrap(), [remote]);
+        }
+        // A cluster's URLs are each checked: one plain remote URL refuses the list.
+        assert_eq!(
+            broker_urls(
+                "tls://a.kez.lat:4222, tls://b.kez.lat:4222",
+                Plaintext::LoopbackOnly
+            )
+            .unwrap(),
+            ["tls://a.kez.lat:4222", "tls://b.kez.lat:4222"]
+        );
+        assert!(matches!(
+            broker_urls(
+                "tls://a.kez.lat:4222,nats://b.kez.lat:4222",
+                Plaintext::LoopbackOnly
+            ),
+            Err(UrlError::Plaintext { url }) if url == "nats://b.kez.lat:4222"
+        ));
+        for bad in ["", " , ", "http://kez.lat", "nats://"] {
+            assert!(
+                matches!(
+                    broker_urls(bad, Plaintext::Allowed),
+                    Err(UrlError::Bad { .. })
+                ),
+                "{bad:?}"
+            );
+        }
     }
 }

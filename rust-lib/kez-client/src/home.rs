@@ -107,6 +107,10 @@ pub struct Config {
     /// operator's own. Unset: no relays at all, peers are dialled directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iroh_relay: Option<String>,
+    /// Whether the user allowed an unencrypted (`nats://`) connection to a server on another
+    /// machine (`register --allow-plaintext`); unset: only `tls://` leaves this machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext: bool,
 }
 
 /// The client's home directory. Opening one creates the directory (mode 0700) if needed;
@@ -309,6 +313,7 @@ mod tests {
             handle: Some("@alice@kez.test".into()),
             iroh_bind: Some("127.0.0.1:40001".parse().unwrap()),
             iroh_relay: Some("https://relay.example.org./".into()),
+            allow_plaintext: true,
         };
         home.save_config(&config).unwrap();
         assert_eq!(home.config().unwrap(), config);

@@ -22,8 +22,8 @@ pub mod store;
 pub use chain::VerifiedChain;
 pub use connection::{
     ChainHead, ClientError, Connection, HandleRecord, Limits, PIN_ADD_TIMEOUT, Pending, PinInfo,
-    PinList, PinRecord, PinRemoved, PinState, PinStatus, Profile, Sent, ServerInfo, ServiceError,
-    VerifiedContact, now,
+    PinList, PinRecord, PinRemoved, PinState, PinStatus, Plaintext, Profile, Sent, ServerInfo,
+    ServiceError, UrlError, VerifiedContact, broker_urls, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
 pub use store::{

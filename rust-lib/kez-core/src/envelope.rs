@@ -26,12 +26,10 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::canonical;
-use crate::key::{KeyError, PublicKey, SecretKey, Signature, decode_hex};
+use crate::key::{KeyError, PublicKey, SecretKey, Signature, SignatureDomain, decode_hex};
 
 /// The envelope format version (its first byte).
 pub const ENVELOPE_VERSION: u8 = 1;
-/// Domain separation tag of the sender's signature.
-pub const MESSAGE_SIGNATURE_DOMAIN: &[u8] = b"KEZ-MESSAGE-V1";
 /// HKDF `info` for the envelope key and nonce.
 pub const ENVELOPE_KDF_INFO: &[u8] = b"KEZ-ENVELOPE-V1";
 /// Largest envelope, in bytes (the inbox stream's message limit).
@@ -214,7 +212,7 @@ pub fn seal_with_fixed_randomness(
     };
     let header = canonical::encode(&serde_json::to_value(&header).expect("a header serialises"))
         .map_err(|err| EnvelopeError::Malformed(err.to_string()))?;
-    let signature = sender.sign(&signed_message(&header, body));
+    let signature = sender.sign(SignatureDomain::Message, &signed_body(&header, body));
     let mut plaintext = Zeroizing::new(Vec::with_capacity(
         PLAINTEXT_FRAME + header.len() + body.len(),
     ));
@@ -259,7 +257,11 @@ pub fn open(recipient: &SecretKey, envelope: &[u8]) -> Result<Message, EnvelopeE
     let signature = Signature::from_bytes(signature.try_into().expect("64 bytes"));
     header
         .from
-        .verify(&signed_message(header_bytes, body), &signature)
+        .verify(
+            SignatureDomain::Message,
+            &signed_body(header_bytes, body),
+            &signature,
+        )
         .map_err(|_| EnvelopeError::BadSignature)?;
     Ok(Message {
         from: header.from,
@@ -271,11 +273,9 @@ pub fn open(recipient: &SecretKey, envelope: &[u8]) -> Result<Message, EnvelopeE
     })
 }
 
-fn signed_message(header: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut message =
-        Vec::with_capacity(MESSAGE_SIGNATURE_DOMAIN.len() + 5 + header.len() + body.len());
-    message.extend_from_slice(MESSAGE_SIGNATURE_DOMAIN);
-    message.push(0);
+/// What the sender signs in [`SignatureDomain::Message`]: `u32be(header_len) || header || body`.
+pub fn signed_body(header: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(4 + header.len() + body.len());
     message.extend_from_slice(&(header.len() as u32).to_be_bytes());
     message.extend_from_slice(header);
     message.extend_from_slice(body);

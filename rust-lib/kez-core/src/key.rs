@@ -48,6 +48,13 @@ pub enum KeyError {
     /// The point has small order: signatures by it prove nothing, so it is never accepted.
     #[error("this ed25519 public key is a weak (small-order) point and cannot be used")]
     WeakKey,
+    /// The point has a small-order (torsion) component: it is not a multiple of the base
+    /// point, as every key made by ed25519 key generation is. Cofactorless and cofactored
+    /// verifiers may disagree on signatures by such a key, so it is never accepted.
+    #[error(
+        "this ed25519 public key has a small-order component (it is not a multiple of the base point) and cannot be used"
+    )]
+    MixedOrder,
     /// The nkey string is not 56 base32 characters of a NATS user key.
     #[error("not a NATS user nkey: expected 56 base32 characters starting with 'U'")]
     BadNkey,
@@ -56,12 +63,79 @@ pub enum KeyError {
     BadNkeyChecksum,
 }
 
-/// An ed25519 public key, valid and not weak. Text form: `ed25519:<64 lowercase hex>`.
+/// What a KEZ key signs for (PROTOCOL.md §1.4). Every signature made with a KEZ key is over
+///
+/// ```text
+/// tag || 0x00 || body
+/// ```
+///
+/// for exactly one of these domains, so a signature made for one purpose never verifies for
+/// another, and nobody who hands a client bytes to sign (a broker's nonce, a peer's request)
+/// can make them mean something else. The tags are distinct, start with `KEZ-` and contain no
+/// zero byte, so the signed messages of two domains can never be equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SignatureDomain {
+    /// A registration request (§5.2): `KEZ-REGISTER-V1`.
+    Register,
+    /// A sigchain link (§4.2): `KEZ-SIGCHAIN-LINK-V1`.
+    SigchainLink,
+    /// The new key's counter-signature of a `rotate` link (§4.2): `KEZ-SIGCHAIN-ROTATE-V1`.
+    SigchainRotate,
+    /// A pin request (§10.1): `KEZ-PIN-V1`.
+    Pin,
+    /// A shared-files manifest (§11.1): `KEZ-MANIFEST-V1`.
+    Manifest,
+    /// An end-to-end message (§8.1): `KEZ-MESSAGE-V1`.
+    Message,
+    /// The proof of the key when connecting to the broker (§6.1): `KEZ-NATS-CONNECT-V1`.
+    NatsConnect,
+}
+
+impl SignatureDomain {
+    /// Every domain.
+    pub const ALL: [SignatureDomain; 7] = [
+        SignatureDomain::Register,
+        SignatureDomain::SigchainLink,
+        SignatureDomain::SigchainRotate,
+        SignatureDomain::Pin,
+        SignatureDomain::Manifest,
+        SignatureDomain::Message,
+        SignatureDomain::NatsConnect,
+    ];
+
+    /// The domain's tag: the bytes before the zero byte.
+    pub fn tag(self) -> &'static [u8] {
+        match self {
+            SignatureDomain::Register => b"KEZ-REGISTER-V1",
+            SignatureDomain::SigchainLink => b"KEZ-SIGCHAIN-LINK-V1",
+            SignatureDomain::SigchainRotate => b"KEZ-SIGCHAIN-ROTATE-V1",
+            SignatureDomain::Pin => b"KEZ-PIN-V1",
+            SignatureDomain::Manifest => b"KEZ-MANIFEST-V1",
+            SignatureDomain::Message => b"KEZ-MESSAGE-V1",
+            SignatureDomain::NatsConnect => b"KEZ-NATS-CONNECT-V1",
+        }
+    }
+
+    /// The bytes a key signs for `body` in this domain: the tag, a zero byte, then `body`.
+    pub fn message(self, body: &[u8]) -> Vec<u8> {
+        let tag = self.tag();
+        let mut message = Vec::with_capacity(tag.len() + 1 + body.len());
+        message.extend_from_slice(tag);
+        message.push(0);
+        message.extend_from_slice(body);
+        message
+    }
+}
+
+/// An ed25519 public key: the canonical encoding of a point of prime order (a multiple of the
+/// base point, neither small-order nor with a small-order component). Text form:
+/// `ed25519:<64 lowercase hex>`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PublicKey([u8; 32]);
 
 impl PublicKey {
-    /// Accepts 32 bytes that are the canonical encoding of a curve point of large order.
+    /// Accepts 32 bytes that are the canonical encoding of a curve point in the prime-order
+    /// subgroup (PROTOCOL.md §1.1).
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
         let key = VerifyingKey::from_bytes(bytes).map_err(|_| KeyError::InvalidPoint)?;
         // Decoding reduces y modulo p, so 19 encodings (y >= p) alias canonical ones; requiring
@@ -71,6 +145,9 @@ impl PublicKey {
         }
         if key.is_weak() {
             return Err(KeyError::WeakKey);
+        }
+        if !key.to_edwards().is_torsion_free() {
+            return Err(KeyError::MixedOrder);
         }
         Ok(PublicKey(*bytes))
     }
@@ -85,9 +162,26 @@ impl PublicKey {
         HEXLOWER.encode(&self.0)
     }
 
-    /// Checks `signature` over `message` with ed25519's strict rules (`verify_strict`): canonical
-    /// `S`, no small-order `R`, so that every verifier accepts exactly the same signatures.
-    pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), SignatureError> {
+    /// Checks `signature` over `body` in `domain` (the key signed `domain.message(body)`) with
+    /// the strict rules of PROTOCOL.md §1.1: canonical `S`, canonical `R` of large order, and
+    /// the cofactorless equation `[S]B = R + [k]A`, so that every verifier accepts exactly the
+    /// same signatures.
+    pub fn verify(
+        &self,
+        domain: SignatureDomain,
+        body: &[u8],
+        signature: &Signature,
+    ) -> Result<(), SignatureError> {
+        self.verify_untagged(&domain.message(body), signature)
+    }
+
+    /// [`PublicKey::verify`] over `message` as it is, without a domain: only for the proofs of
+    /// the previous release that carried none ([`crate::connect`]).
+    pub(crate) fn verify_untagged(
+        &self,
+        message: &[u8],
+        signature: &Signature,
+    ) -> Result<(), SignatureError> {
         let key = VerifyingKey::from_bytes(&self.0).map_err(|_| SignatureError)?;
         let sig = ed25519_dalek::Signature::from_bytes(&signature.0);
         key.verify_strict(message, &sig).map_err(|_| SignatureError)
@@ -249,10 +343,11 @@ impl SecretKey {
         PublicKey(self.signing.verifying_key().to_bytes())
     }
 
-    /// Signs `message` (deterministic ed25519, RFC 8032).
-    pub fn sign(&self, message: &[u8]) -> Signature {
+    /// Signs `body` in `domain`: the signature is over `domain.message(body)` (deterministic
+    /// ed25519, RFC 8032). There is no way to sign bytes without a domain.
+    pub fn sign(&self, domain: SignatureDomain, body: &[u8]) -> Signature {
         use ed25519_dalek::Signer;
-        Signature(self.signing.sign(message).to_bytes())
+        Signature(self.signing.sign(&domain.message(body)).to_bytes())
     }
 
     /// The X25519 secret of the same key pair: the first half of SHA-512(seed), as RFC 8032
@@ -454,22 +549,69 @@ mod tests {
     }
 
     #[test]
-    fn signatures_verify_only_for_their_message_and_key() {
+    fn signatures_verify_only_for_their_message_key_and_domain() {
         let secret = SecretKey::from_seed(&SEED);
         let other = SecretKey::from_seed(&[8u8; 32]);
-        let sig = secret.sign(b"hello");
-        assert_eq!(secret.public_key().verify(b"hello", &sig), Ok(()));
+        let domain = SignatureDomain::Message;
+        let sig = secret.sign(domain, b"hello");
+        assert_eq!(secret.public_key().verify(domain, b"hello", &sig), Ok(()));
         assert_eq!(
-            secret.public_key().verify(b"hellO", &sig),
+            secret.public_key().verify(domain, b"hellO", &sig),
             Err(SignatureError)
         );
         assert_eq!(
-            other.public_key().verify(b"hello", &sig),
+            other.public_key().verify(domain, b"hello", &sig),
+            Err(SignatureError)
+        );
+        for wrong in SignatureDomain::ALL.into_iter().filter(|d| *d != domain) {
+            assert_eq!(
+                secret.public_key().verify(wrong, b"hello", &sig),
+                Err(SignatureError),
+                "{wrong:?}"
+            );
+        }
+        // What is signed is the tag, a zero byte and the body: nothing else verifies.
+        assert_eq!(
+            secret
+                .public_key()
+                .verify_untagged(b"KEZ-MESSAGE-V1\0hello", &sig),
+            Ok(())
+        );
+        assert_eq!(
+            secret.public_key().verify_untagged(b"hello", &sig),
             Err(SignatureError)
         );
         let text = sig.to_string();
         assert_eq!(text.len(), 128);
         assert_eq!(text.parse::<Signature>().unwrap(), sig);
+    }
+
+    #[test]
+    fn every_domain_tag_is_a_distinct_kez_tag_without_a_zero_byte() {
+        let tags: std::collections::HashSet<&[u8]> =
+            SignatureDomain::ALL.iter().map(|d| d.tag()).collect();
+        assert_eq!(tags.len(), SignatureDomain::ALL.len(), "tags are distinct");
+        for domain in SignatureDomain::ALL {
+            let tag = domain.tag();
+            assert!(tag.starts_with(b"KEZ-"), "{domain:?}");
+            assert!(!tag.contains(&0), "{domain:?}");
+            assert!(
+                tag.iter()
+                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'-'),
+                "{domain:?}"
+            );
+            let message = domain.message(b"body");
+            assert_eq!(&message[..tag.len()], tag);
+            assert_eq!(message[tag.len()], 0);
+            assert_eq!(&message[tag.len() + 1..], b"body");
+        }
+        // No tag-and-zero prefix of one domain starts another's message: a message of one
+        // domain can never be read as a message of another.
+        for a in SignatureDomain::ALL {
+            for b in SignatureDomain::ALL.into_iter().filter(|b| *b != a) {
+                assert!(!b.message(b"").starts_with(&a.message(b"")), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
@@ -511,8 +653,22 @@ mod tests {
     }
 
     #[test]
+    fn mixed_order_keys_are_refused() {
+        let torsion = curve25519_dalek::constants::EIGHT_TORSION[1];
+        let point = VerifyingKey::from_bytes(SecretKey::from_seed(&SEED).public_key().as_bytes())
+            .unwrap()
+            .to_edwards()
+            + torsion;
+        assert_eq!(
+            PublicKey::from_bytes(&point.compress().to_bytes()),
+            Err(KeyError::MixedOrder)
+        );
+    }
+
+    #[test]
     fn x25519_agree_matches_the_ladder_on_mixed_order_keys() {
-        // A key with a torsion part: clamping (a multiple of 8) must remove it on both paths.
+        // A key with a torsion part (refused by `from_bytes`, built here by hand): clamping (a
+        // multiple of 8) must remove it on both paths.
         let torsion = curve25519_dalek::constants::EIGHT_TORSION[1];
         for seed in [[3u8; 32], [77u8; 32]] {
             let point =
@@ -520,7 +676,7 @@ mod tests {
                     .unwrap()
                     .to_edwards()
                     + torsion;
-            let public = PublicKey::from_bytes(&point.compress().to_bytes()).unwrap();
+            let public = PublicKey(point.compress().to_bytes());
             let scalar = [0x5a; 32];
             let ladder =
                 x25519_dalek::StaticSecret::from(scalar).diffie_hellman(&public.to_x25519());

@@ -27,6 +27,7 @@ macro_rules! serde_as_text {
 pub mod canonical;
 #[cfg(test)]
 mod committed_vectors;
+pub mod connect;
 pub mod envelope;
 pub mod file;
 pub mod handle;
@@ -38,5 +39,5 @@ pub mod sigchain;
 pub mod subjects;
 
 pub use handle::{Handle, HandleError};
-pub use key::{KeyError, PublicKey, SecretKey, Signature};
+pub use key::{KeyError, PublicKey, SecretKey, Signature, SignatureDomain};
 pub use sigchain::{ChainError, ChainErrorKind, Op, Sigchain, SignedLink, UnsignedLink};

@@ -29,12 +29,13 @@ use zeroize::Zeroizing;
 
 use crate::canonical;
 use crate::file::{self, BlobHash, ContentKey, FileOffer};
-use crate::key::{PublicKey, SecretKey, Signature};
+use crate::key::{PublicKey, SecretKey, Signature, SignatureDomain};
 
 /// The manifest format version (its `v` member).
 pub const MANIFEST_VERSION: u64 = 1;
-/// Domain separation tag of the owner's signature, and the start of every box's AAD.
-pub const MANIFEST_SIGNATURE_DOMAIN: &[u8] = b"KEZ-MANIFEST-V1";
+/// The start of every box's AAD (the tag of the owner's signature,
+/// [`SignatureDomain::Manifest`], too).
+pub const SEALED_ENTRY_AAD_PREFIX: &[u8] = b"KEZ-MANIFEST-V1";
 /// HKDF `info` for a sealed entry's key and nonce.
 pub const SEALED_ENTRY_KDF_INFO: &[u8] = b"KEZ-MANIFEST-ENTRY-V1";
 /// Largest manifest, in bytes.
@@ -306,7 +307,7 @@ pub fn build_with_rng<R: RngCore + CryptoRng>(
     });
     let unsigned =
         canonical::encode(&body).map_err(|err| ManifestError::Malformed(err.to_string()))?;
-    let signature = owner.sign(&signed_message(&unsigned));
+    let signature = owner.sign(SignatureDomain::Manifest, &unsigned);
     body["sig"] = serde_json::json!(signature);
     let bytes =
         canonical::encode(&body).map_err(|err| ManifestError::Malformed(err.to_string()))?;
@@ -393,7 +394,7 @@ impl Manifest {
         let unsigned =
             canonical::encode(&value).map_err(|err| ManifestError::Malformed(err.to_string()))?;
         wire.owner
-            .verify(&signed_message(&unsigned), &wire.sig)
+            .verify(SignatureDomain::Manifest, &unsigned, &wire.sig)
             .map_err(|_| ManifestError::BadSignature)?;
         check_entries(&wire.public)?;
         Ok(Manifest {
@@ -494,18 +495,10 @@ fn check_entries(entries: &[ManifestEntry]) -> Result<(), ManifestError> {
     Ok(())
 }
 
-fn signed_message(unsigned: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(MANIFEST_SIGNATURE_DOMAIN.len() + 1 + unsigned.len());
-    message.extend_from_slice(MANIFEST_SIGNATURE_DOMAIN);
-    message.push(0);
-    message.extend_from_slice(unsigned);
-    message
-}
-
 /// A box's AAD binds it to its manifest's owner: a box copied into someone else's manifest
 /// does not open.
 fn box_aad(owner: &PublicKey) -> Vec<u8> {
-    let mut aad = MANIFEST_SIGNATURE_DOMAIN.to_vec();
+    let mut aad = SEALED_ENTRY_AAD_PREFIX.to_vec();
     aad.extend_from_slice(owner.as_bytes());
     aad
 }

@@ -9,11 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::canonical;
 use crate::file::{BlobHash, FileOfferError, check_providers};
-use crate::key::{PublicKey, SecretKey, Signature};
+use crate::key::{PublicKey, SecretKey, Signature, SignatureDomain};
 
-/// Domain separation tag: the signed message is this, a zero byte, and the canonical request
-/// without `sig`.
-pub const PIN_SIGNATURE_DOMAIN: &[u8] = b"KEZ-PIN-V1";
 /// How far, in seconds, a request's time may be from the server's clock, either way.
 pub const PIN_WINDOW_SECS: u64 = 300;
 
@@ -135,7 +132,7 @@ impl PinRequest {
     }
 
     fn signed(mut self, key: &SecretKey) -> Self {
-        self.sig = key.sign(&self.signed_message());
+        self.sig = key.sign(SignatureDomain::Pin, &self.signed_body());
         self
     }
 
@@ -180,19 +177,21 @@ impl PinRequest {
         .signed(key)
     }
 
-    /// What the key signs: [`PIN_SIGNATURE_DOMAIN`], a zero byte and the canonical JSON of the
-    /// request without `sig` (absent members left out).
+    /// What the key signs: [`SignatureDomain::Pin`]'s tag, a zero byte and the canonical JSON
+    /// of the request without `sig` (absent members left out).
     pub fn signed_message(&self) -> Vec<u8> {
+        SignatureDomain::Pin.message(&self.signed_body())
+    }
+
+    /// The canonical JSON of the request without `sig`.
+    pub fn signed_body(&self) -> Vec<u8> {
         let mut value = serde_json::to_value(self).unwrap_or_default();
         if let Some(object) = value.as_object_mut() {
             object.remove("sig");
         }
-        let mut message = PIN_SIGNATURE_DOMAIN.to_vec();
-        message.push(0);
         // Numbers beyond 2^53−1 have no canonical form: `verify` refuses them before this is
         // called, and a signature over the empty encoding cannot verify for a real request.
-        message.extend(canonical::encode(&value).unwrap_or_default());
-        message
+        canonical::encode(&value).unwrap_or_default()
     }
 
     /// Checks the request as the answer to `op` (the subject's operation) for the server of
@@ -213,7 +212,7 @@ impl PinRequest {
             });
         }
         self.key
-            .verify(&self.signed_message(), &self.sig)
+            .verify(SignatureDomain::Pin, &self.signed_body(), &self.sig)
             .map_err(|_| PinRequestError::BadSignature)
     }
 

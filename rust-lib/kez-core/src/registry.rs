@@ -9,11 +9,8 @@ use serde_json::json;
 
 use crate::canonical;
 use crate::handle::{Handle, HandleError};
-use crate::key::{PublicKey, SecretKey, Signature};
+use crate::key::{PublicKey, SecretKey, Signature, SignatureDomain};
 
-/// Domain separation tag: the signed message is this, a zero byte, and the canonical
-/// `{"domain","handle","key","time"}` object.
-pub const REGISTRATION_SIGNATURE_DOMAIN: &[u8] = b"KEZ-REGISTER-V1";
 /// How far, in seconds, a request's time may be from the server's clock, either way.
 pub const REGISTRATION_WINDOW_SECS: u64 = 300;
 
@@ -78,24 +75,27 @@ impl RegistrationRequest {
             time,
             sig: Signature::from_bytes([0; 64]),
         };
-        request.sig = key.sign(&request.signed_message());
+        request.sig = key.sign(SignatureDomain::Register, &request.signed_body());
         request
     }
 
-    /// What the key signs.
+    /// What the key signs: [`SignatureDomain::Register`]'s tag, a zero byte and
+    /// [`RegistrationRequest::signed_body`].
     pub fn signed_message(&self) -> Vec<u8> {
+        SignatureDomain::Register.message(&self.signed_body())
+    }
+
+    /// The canonical `{"domain","handle","key","time"}` object.
+    pub fn signed_body(&self) -> Vec<u8> {
         let body = json!({
             "domain": self.domain,
             "handle": self.handle,
             "key": self.key,
             "time": self.time,
         });
-        let mut message = REGISTRATION_SIGNATURE_DOMAIN.to_vec();
-        message.push(0);
         // `time` is checked against the window before this is called on a received request, and
-        // a larger number would only make the signature (which then cannot verify) cover "null".
-        message.extend(canonical::encode(&body).unwrap_or_default());
-        message
+        // a larger number would only make the signature (which then cannot verify) cover "".
+        canonical::encode(&body).unwrap_or_default()
     }
 
     /// Checks the request for the server of `served_domain` whose clock reads `now`, and
@@ -120,7 +120,7 @@ impl RegistrationRequest {
             });
         }
         self.key
-            .verify(&self.signed_message(), &self.sig)
+            .verify(SignatureDomain::Register, &self.signed_body(), &self.sig)
             .map_err(|_| RegistrationError::BadSignature)?;
         Ok(handle)
     }

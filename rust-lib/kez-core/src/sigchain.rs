@@ -18,24 +18,27 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::canonical;
-use crate::key::{KeyError, PublicKey, SecretKey, Signature, decode_hex};
+use crate::key::{KeyError, PublicKey, SecretKey, Signature, SignatureDomain, decode_hex};
 
 /// The only link format version this code knows.
 pub const LINK_VERSION: u64 = 1;
 /// Largest encoded link accepted, in bytes.
 pub const MAX_LINK_BYTES: usize = 8 * 1024;
-/// Domain separation tag of a link signature: the signed message is this, a zero byte, and the
-/// canonical link without its `sig` member.
-pub const LINK_SIGNATURE_DOMAIN: &[u8] = b"KEZ-SIGCHAIN-LINK-V1";
-/// Domain separation tag of a rotation counter-signature by the new key: this, a zero byte, and
-/// the canonical link without `sig` and without `payload.counter_sig`.
-pub const ROTATION_SIGNATURE_DOMAIN: &[u8] = b"KEZ-SIGCHAIN-ROTATE-V1";
 /// Largest length, in bytes, of a name, kind or service field.
 pub const MAX_NAME_LEN: usize = 64;
 /// Largest length, in bytes, of an address, identity, proof or provider field.
 pub const MAX_VALUE_LEN: usize = 1024;
 /// Most providers a `set_shared_files` link may list.
 pub const MAX_PROVIDERS: usize = 16;
+/// Most links a chain may have. With [`MAX_LINK_BYTES`] it bounds what a verifier reads (at
+/// most 80 MiB, about a second of work); real chains stay far below it.
+pub const MAX_LINKS: u64 = 10_000;
+/// Most endpoints a chain's state may hold at once.
+pub const MAX_ENDPOINTS: usize = 32;
+/// Most claims a chain's state may hold at once.
+pub const MAX_CLAIMS: usize = 64;
+/// Most links with an operation the verifier does not know that a chain may have.
+pub const MAX_UNKNOWN_OPS: usize = 64;
 
 /// SHA-256 of a link's canonical bytes (signature included): the link's identity and the next
 /// link's `prev`. Text form: 64 lowercase hex digits.
@@ -127,7 +130,8 @@ pub enum Op {
     Rotate {
         /// The key that signs from the next link on.
         new_key: PublicKey,
-        /// The new key's signature (see [`ROTATION_SIGNATURE_DOMAIN`]).
+        /// The new key's signature ([`SignatureDomain::SigchainRotate`]) over the link without
+        /// `sig` and without `payload.counter_sig`.
         counter_sig: Signature,
     },
     /// `claim`: adds a claim; (service, identity) must not already be claimed.
@@ -353,8 +357,7 @@ impl UnsignedLink {
     /// Signs as `key` and returns the link's canonical bytes. The caller picks the signer, so a
     /// link by the wrong key can be built (to test verifiers); verification rejects it.
     pub fn sign(&self, key: &SecretKey) -> Result<SignedLink, LinkBuildError> {
-        let message = domain_message(LINK_SIGNATURE_DOMAIN, &self.encode(None, true)?);
-        let sig = key.sign(&message);
+        let sig = key.sign(SignatureDomain::SigchainLink, &self.encode(None, true)?);
         let bytes = self.encode(Some(&sig), true)?;
         if bytes.len() > MAX_LINK_BYTES {
             return Err(LinkBuildError::TooLarge(bytes.len()));
@@ -377,7 +380,7 @@ impl UnsignedLink {
             new_key: new.public_key(),
             counter_sig: Signature::from_bytes([0; 64]),
         };
-        let counter_sig = new.sign(&self.rotation_message()?);
+        let counter_sig = new.sign(SignatureDomain::SigchainRotate, &self.rotation_body()?);
         self.op = Op::Rotate {
             new_key: new.public_key(),
             counter_sig,
@@ -385,12 +388,10 @@ impl UnsignedLink {
         self.sign(current)
     }
 
-    /// What the new key of a `rotate` link signs.
-    fn rotation_message(&self) -> Result<Vec<u8>, canonical::CanonicalError> {
-        Ok(domain_message(
-            ROTATION_SIGNATURE_DOMAIN,
-            &self.encode(None, false)?,
-        ))
+    /// What the new key of a `rotate` link signs ([`SignatureDomain::SigchainRotate`]): the
+    /// link without `sig` and without `payload.counter_sig`.
+    fn rotation_body(&self) -> Result<Vec<u8>, canonical::CanonicalError> {
+        self.encode(None, false)
     }
 
     fn encode(
@@ -412,14 +413,6 @@ impl UnsignedLink {
         }
         canonical::encode(&Value::Object(object))
     }
-}
-
-fn domain_message(domain: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(domain.len() + 1 + body.len());
-    message.extend_from_slice(domain);
-    message.push(0);
-    message.extend_from_slice(body);
-    message
 }
 
 /// Why a link could not be built.
@@ -612,6 +605,20 @@ pub enum ChainErrorKind {
         /// The identity.
         identity: String,
     },
+    /// The link would make the chain longer than [`MAX_LINKS`].
+    #[error("a chain has at most {MAX_LINKS} links")]
+    TooManyLinks,
+    /// `add_endpoint` when [`MAX_ENDPOINTS`] are in use.
+    #[error("a chain has at most {MAX_ENDPOINTS} endpoints at once; remove one first")]
+    TooManyEndpoints,
+    /// `claim` when [`MAX_CLAIMS`] are made.
+    #[error("a chain has at most {MAX_CLAIMS} claims at once; revoke one first")]
+    TooManyClaims,
+    /// An unknown operation when [`MAX_UNKNOWN_OPS`] links already used one.
+    #[error(
+        "a chain has at most {MAX_UNKNOWN_OPS} links with operations this version does not know"
+    )]
+    TooManyUnknownOps,
 }
 
 impl ChainErrorKind {
@@ -632,6 +639,10 @@ impl ChainErrorKind {
         "unknown_endpoint",
         "duplicate_claim",
         "unknown_claim",
+        "too_many_links",
+        "too_many_endpoints",
+        "too_many_claims",
+        "too_many_unknown_ops",
     ];
 
     /// The failure's stable snake_case name, used in vectors and wire errors.
@@ -652,6 +663,10 @@ impl ChainErrorKind {
             ChainErrorKind::UnknownEndpoint { .. } => "unknown_endpoint",
             ChainErrorKind::DuplicateClaim { .. } => "duplicate_claim",
             ChainErrorKind::UnknownClaim { .. } => "unknown_claim",
+            ChainErrorKind::TooManyLinks => "too_many_links",
+            ChainErrorKind::TooManyEndpoints => "too_many_endpoints",
+            ChainErrorKind::TooManyClaims => "too_many_claims",
+            ChainErrorKind::TooManyUnknownOps => "too_many_unknown_ops",
         }
     }
 }
@@ -712,7 +727,7 @@ impl Sigchain {
     pub fn start(bytes: &[u8]) -> Result<Sigchain, ChainErrorKind> {
         let signed = SignedLink::parse(bytes)?;
         let link = signed.link();
-        let genesis = Sigchain {
+        let mut chain = Sigchain {
             chain: link.chain,
             current_key: link.chain,
             seq: 0,
@@ -723,18 +738,21 @@ impl Sigchain {
             claims: Vec::new(),
             unknown_ops: Vec::new(),
         };
-        genesis.after(&signed)
+        chain.apply(&signed)?;
+        Ok(chain)
     }
 
     /// Verifies `bytes` as the next link and applies it. On error the chain is unchanged.
     pub fn append(&mut self, bytes: &[u8]) -> Result<SignedLink, ChainErrorKind> {
         let signed = SignedLink::parse(bytes)?;
-        *self = self.after(&signed)?;
+        self.apply(&signed)?;
         Ok(signed)
     }
 
-    /// The state after `signed`, which must be the next link.
-    fn after(&self, signed: &SignedLink) -> Result<Sigchain, ChainErrorKind> {
+    /// Checks `signed` as the next link (every rule, cheapest first) and, only if all pass,
+    /// applies it in place: a chain of n links costs O(n) to verify, and a failing link
+    /// changes nothing.
+    fn apply(&mut self, signed: &SignedLink) -> Result<(), ChainErrorKind> {
         let link = signed.link();
         if link.chain != self.chain {
             return Err(ChainErrorKind::WrongChain {
@@ -758,36 +776,64 @@ impl Sigchain {
                 signer: link.signer,
             });
         }
-        let message = domain_message(
-            LINK_SIGNATURE_DOMAIN,
-            &link
-                .encode(None, true)
-                .map_err(|err| ChainErrorKind::Malformed(err.to_string()))?,
-        );
+        let body = link
+            .encode(None, true)
+            .map_err(|err| ChainErrorKind::Malformed(err.to_string()))?;
         link.signer
-            .verify(&message, &signed.signature())
+            .verify(SignatureDomain::SigchainLink, &body, &signed.signature())
             .map_err(|_| ChainErrorKind::BadSignature)?;
+        if link.seq > MAX_LINKS {
+            return Err(ChainErrorKind::TooManyLinks);
+        }
+        self.check_op(link)?;
 
-        let mut next = self.clone();
-        next.seq = link.seq;
-        next.head = signed.hash();
-        next.time = link.time;
+        // Everything is checked: from here on nothing fails.
+        self.seq = link.seq;
+        self.head = signed.hash();
+        self.time = link.time;
         match &link.op {
             Op::AddEndpoint(endpoint) => {
-                if next.endpoints.contains_key(&endpoint.name) {
+                self.endpoints
+                    .insert(endpoint.name.clone(), endpoint.clone());
+            }
+            Op::RemoveEndpoint { name } => {
+                self.endpoints.remove(name);
+            }
+            Op::SetSharedFiles(files) => self.shared_files = Some(files.clone()),
+            Op::Rotate { new_key, .. } => self.current_key = *new_key,
+            Op::Claim(claim) => self.claims.push(claim.clone()),
+            Op::RevokeClaim { service, identity } => {
+                if let Some(index) = self.claim_index(service, identity) {
+                    self.claims.remove(index);
+                }
+            }
+            Op::Unknown { op, .. } => self.unknown_ops.push(UnknownOpRecord {
+                seq: link.seq,
+                op: op.clone(),
+            }),
+        }
+        Ok(())
+    }
+
+    /// The operation's own rules (PROTOCOL.md §4.3, step 12), against the state before `link`.
+    fn check_op(&self, link: &UnsignedLink) -> Result<(), ChainErrorKind> {
+        match &link.op {
+            Op::AddEndpoint(endpoint) => {
+                if self.endpoints.contains_key(&endpoint.name) {
                     return Err(ChainErrorKind::DuplicateEndpoint {
                         name: endpoint.name.clone(),
                     });
                 }
-                next.endpoints
-                    .insert(endpoint.name.clone(), endpoint.clone());
+                if self.endpoints.len() >= MAX_ENDPOINTS {
+                    return Err(ChainErrorKind::TooManyEndpoints);
+                }
             }
             Op::RemoveEndpoint { name } => {
-                if next.endpoints.remove(name).is_none() {
+                if !self.endpoints.contains_key(name) {
                     return Err(ChainErrorKind::UnknownEndpoint { name: name.clone() });
                 }
             }
-            Op::SetSharedFiles(files) => next.shared_files = Some(files.clone()),
+            Op::SetSharedFiles(_) => {}
             Op::Rotate {
                 new_key,
                 counter_sig,
@@ -795,40 +841,39 @@ impl Sigchain {
                 if *new_key == self.current_key {
                     return Err(ChainErrorKind::RotateToSameKey);
                 }
-                let message = link
-                    .rotation_message()
+                let body = link
+                    .rotation_body()
                     .map_err(|err| ChainErrorKind::Malformed(err.to_string()))?;
                 new_key
-                    .verify(&message, counter_sig)
+                    .verify(SignatureDomain::SigchainRotate, &body, counter_sig)
                     .map_err(|_| ChainErrorKind::BadCounterSignature)?;
-                next.current_key = *new_key;
             }
             Op::Claim(claim) => {
-                if next.claim_index(&claim.service, &claim.identity).is_some() {
+                if self.claim_index(&claim.service, &claim.identity).is_some() {
                     return Err(ChainErrorKind::DuplicateClaim {
                         service: claim.service.clone(),
                         identity: claim.identity.clone(),
                     });
                 }
-                next.claims.push(claim.clone());
-            }
-            Op::RevokeClaim { service, identity } => match next.claim_index(service, identity) {
-                Some(index) => {
-                    next.claims.remove(index);
+                if self.claims.len() >= MAX_CLAIMS {
+                    return Err(ChainErrorKind::TooManyClaims);
                 }
-                None => {
+            }
+            Op::RevokeClaim { service, identity } => {
+                if self.claim_index(service, identity).is_none() {
                     return Err(ChainErrorKind::UnknownClaim {
                         service: service.clone(),
                         identity: identity.clone(),
                     });
                 }
-            },
-            Op::Unknown { op, .. } => next.unknown_ops.push(UnknownOpRecord {
-                seq: link.seq,
-                op: op.clone(),
-            }),
+            }
+            Op::Unknown { .. } => {
+                if self.unknown_ops.len() >= MAX_UNKNOWN_OPS {
+                    return Err(ChainErrorKind::TooManyUnknownOps);
+                }
+            }
         }
-        Ok(next)
+        Ok(())
     }
 
     fn claim_index(&self, service: &str, identity: &str) -> Option<usize> {
@@ -931,6 +976,29 @@ mod tests {
         assert_eq!(chain.head(), next.hash());
         assert_eq!(chain.endpoints().len(), 2);
         assert_eq!(Sigchain::verify(&links).unwrap(), chain);
+    }
+
+    #[test]
+    fn a_chain_holds_at_most_max_links() {
+        let alice = key(1);
+        let (mut chain, _) = start(&alice);
+        let op = |seq: u64| {
+            Op::SetSharedFiles(SharedFiles {
+                manifest: format!("{seq:064x}"),
+                providers: Vec::new(),
+            })
+        };
+        while chain.seq() < MAX_LINKS {
+            let next = chain.next_link(100, op(chain.seq())).sign(&alice).unwrap();
+            chain.append(next.bytes()).unwrap();
+        }
+        let before = chain.clone();
+        let one_more = chain.next_link(100, op(MAX_LINKS)).sign(&alice).unwrap();
+        assert_eq!(
+            chain.append(one_more.bytes()).unwrap_err(),
+            ChainErrorKind::TooManyLinks
+        );
+        assert_eq!(chain, before);
     }
 
     #[test]

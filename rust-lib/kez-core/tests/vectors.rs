@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use kez_core::canonical;
-use kez_core::sigchain::{ChainErrorKind, LINK_SIGNATURE_DOMAIN, ROTATION_SIGNATURE_DOMAIN};
+use kez_core::key::SignatureDomain;
+use kez_core::sigchain::ChainErrorKind;
 use kez_core::{Op, SecretKey, Sigchain, UnsignedLink};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -45,11 +46,8 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-fn signed_message(domain: &[u8], value: &Value) -> Vec<u8> {
-    let mut message = domain.to_vec();
-    message.push(0);
-    message.extend(canonical::encode(value).expect("templates hold only safe integers"));
-    message
+fn canonical_bytes(value: &Value) -> Vec<u8> {
+    canonical::encode(value).expect("templates hold only safe integers")
 }
 
 /// One link as a JSON template; `sign` fills `sig` and returns the canonical text.
@@ -89,8 +87,10 @@ impl Draft {
     /// without `payload.counter_sig`.
     fn counter_signed(mut self, new_key: &str, counter_signer: &str) -> Self {
         self.value["payload"] = json!({ "new_key": public(new_key) });
-        let counter_sig =
-            secret(counter_signer).sign(&signed_message(ROTATION_SIGNATURE_DOMAIN, &self.value));
+        let counter_sig = secret(counter_signer).sign(
+            SignatureDomain::SigchainRotate,
+            &canonical_bytes(&self.value),
+        );
         self.value["payload"]["counter_sig"] = json!(counter_sig.to_string());
         self
     }
@@ -102,7 +102,7 @@ impl Draft {
 
     /// Signs `signed` (normally the link itself) and attaches the signature to the link.
     fn sign_over(mut self, key: &str, signed: &Value) -> String {
-        let sig = secret(key).sign(&signed_message(LINK_SIGNATURE_DOMAIN, signed));
+        let sig = secret(key).sign(SignatureDomain::SigchainLink, &canonical_bytes(signed));
         self.value["sig"] = json!(sig.to_string());
         String::from_utf8(canonical::encode(&self.value).unwrap()).unwrap()
     }
@@ -568,6 +568,48 @@ fn generate() -> Vec<Vector> {
         stale.links,
         error("not_current_key", 4),
     ));
+
+    // The state limits: one link past each (PROTOCOL.md §4.4).
+    type NthLink = dyn Fn(usize) -> (&'static str, Value);
+    let limits: [(&str, &str, usize, &NthLink); 3] = [
+        ("too_many_endpoints", "endpoints", 32 - 2, &|i| {
+            (
+                "add_endpoint",
+                endpoint(&format!("e{i}"), "nats", "nats://chat.kez.lat:4222"),
+            )
+        }),
+        ("too_many_claims", "claims", 64, &|i| {
+            (
+                "claim",
+                json!({"service": "dns", "identity": format!("n{i}.example"), "proof": "dns txt"}),
+            )
+        }),
+        (
+            "too_many_unknown_ops",
+            "links with unknown operations",
+            64,
+            &|i| ("set_avatar", json!({ "n": i })),
+        ),
+    ];
+    for (code, what, room, link) in limits {
+        let mut chain = Chain::alice_base();
+        for i in 0..=room {
+            let (op, payload) = link(i);
+            let next = chain.draft("alice", "alice", op, payload).sign("alice");
+            chain = chain.push(next);
+        }
+        let position = chain.links.len();
+        out.push(vector(
+            code,
+            &format!(
+                "The shared start, then {} more: one past the most {what} a chain may hold.",
+                room + 1
+            ),
+            &["alice"],
+            chain.links,
+            error(code, position),
+        ));
+    }
     out
 }
 
@@ -672,7 +714,12 @@ fn verifier_agrees_with_every_committed_vector() {
 #[test]
 fn every_failure_code_has_a_vector() {
     let generated = generate();
-    for code in ChainErrorKind::ALL_CODES {
+    // A chain one link past the limit would be a 4.6 MB file: `too_many_links` is checked by
+    // the unit test that builds one (sigchain.rs).
+    for code in ChainErrorKind::ALL_CODES
+        .iter()
+        .filter(|code| **code != "too_many_links")
+    {
         assert!(
             generated
                 .iter()
@@ -796,4 +843,239 @@ fn pin_vector_is_reproduced_and_verifies() {
     assert_eq!(hex(&request.signed_message()), vector["signed_message_hex"]);
     request.verify(PinOp::Add, "kez.lat", T0 + 299).unwrap();
     assert!(request.verify(PinOp::Add, "kez.lat", T0 + 301).is_err());
+}
+
+/// The group order L, little-endian.
+const ORDER_L: [u8; 32] = [
+    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde, 0x14,
+    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// `a + b` for 256-bit little-endian numbers whose sum fits.
+fn add_le(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    let mut carry = 0u16;
+    for i in 0..32 {
+        let sum = u16::from(a[i]) + u16::from(b[i]) + carry;
+        out[i] = sum as u8;
+        carry = sum >> 8;
+    }
+    assert_eq!(carry, 0, "the sum fits");
+    out
+}
+
+/// An ed25519 signature built by hand from the signing scalar `a` of `key` with the nonce point
+/// `R` (given as bytes) and nonce scalar `r`: `S = r + H(R || A || M)·a`. Used to build the
+/// signatures only a lax verifier accepts.
+fn raw_signature(
+    key: &str,
+    r_bytes: [u8; 32],
+    r: curve25519_dalek::Scalar,
+    message: &[u8],
+) -> [u8; 64] {
+    use curve25519_dalek::Scalar;
+    use sha2::Sha512;
+    let expanded = Sha512::digest(seed(key));
+    let mut a_bytes = [0u8; 32];
+    a_bytes.copy_from_slice(&expanded[..32]);
+    a_bytes[0] &= 248;
+    a_bytes[31] &= 127;
+    a_bytes[31] |= 64;
+    let a = Scalar::from_bytes_mod_order(a_bytes);
+    let mut h = Sha512::new();
+    h.update(r_bytes);
+    h.update(secret(key).public_key().as_bytes());
+    h.update(message);
+    let k = Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+    let s = r + k * a;
+    let mut sig = [0u8; 64];
+    sig[..32].copy_from_slice(&r_bytes);
+    sig[32..].copy_from_slice(&s.to_bytes());
+    sig
+}
+
+/// PROTOCOL.md §1.1: which 32-byte strings are keys, and which signatures verify.
+fn keys_vector() -> String {
+    use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
+    use curve25519_dalek::{EdwardsPoint, Scalar};
+    let alice = secret("alice").public_key();
+    let alice_point = curve25519_dalek::edwards::CompressedEdwardsY(*alice.as_bytes())
+        .decompress()
+        .unwrap();
+    let mut off_curve = [0u8; 32];
+    off_curve[0] = 2;
+    let mut aliased = [0xffu8; 32];
+    aliased[0] = 0xf0;
+    aliased[31] = 0x7f;
+    let key_case = |name: &str, bytes: [u8; 32], expect: &str| json!({ "name": name, "key_hex": hex(&bytes), "expect": expect });
+    let keys = vec![
+        key_case("alice", *alice.as_bytes(), "ok"),
+        key_case(
+            "identity point (order 1)",
+            EdwardsPoint::default().compress().to_bytes(),
+            "weak_key",
+        ),
+        key_case(
+            "a point of order 8",
+            EIGHT_TORSION[1].compress().to_bytes(),
+            "weak_key",
+        ),
+        key_case(
+            "alice's point plus a point of order 8",
+            (alice_point + EIGHT_TORSION[1]).compress().to_bytes(),
+            "mixed_order",
+        ),
+        key_case("y = 2: not on the curve", off_curve, "invalid_point"),
+        key_case(
+            "y = p + 3: a non-canonical encoding of the point with y = 3",
+            aliased,
+            "invalid_point",
+        ),
+    ];
+
+    let message = SignatureDomain::Register.message(b"{}");
+    let good = secret("alice")
+        .sign(SignatureDomain::Register, b"{}")
+        .to_bytes();
+    let mut non_canonical_s = good;
+    let s: [u8; 32] = good[32..].try_into().unwrap();
+    non_canonical_s[32..].copy_from_slice(&add_le(&s, &ORDER_L));
+    // R the identity (small order), S = H(R || A || M)·a: [S]B = R + [k]A holds.
+    let small_order_r = raw_signature(
+        "alice",
+        EdwardsPoint::default().compress().to_bytes(),
+        Scalar::ZERO,
+        &message,
+    );
+    // R' = rB + T (T of order 8): the cofactored equation holds, the cofactorless does not.
+    let r = Scalar::from_bytes_mod_order_wide(&sha2::Sha512::digest(b"kez vector nonce").into());
+    let torsioned_r = raw_signature(
+        "alice",
+        (ED25519_BASEPOINT_POINT * r + EIGHT_TORSION[1])
+            .compress()
+            .to_bytes(),
+        r,
+        &message,
+    );
+    let mut other_message = message.clone();
+    other_message.push(b' ');
+    let signature_case = |name: &str, message: &[u8], sig: [u8; 64], expect: &str| {
+        json!({
+            "name": name,
+            "key": alice.to_string(),
+            "message_hex": hex(message),
+            "sig": hex(&sig),
+            "expect": expect,
+        })
+    };
+    let signatures = vec![
+        signature_case(
+            "alice signs KEZ-REGISTER-V1 || 0x00 || {}",
+            &message,
+            good,
+            "ok",
+        ),
+        signature_case(
+            "the same signature over another message",
+            &other_message,
+            good,
+            "bad_signature",
+        ),
+        signature_case(
+            "S + L: the same signature with a non-canonical S",
+            &message,
+            non_canonical_s,
+            "bad_signature",
+        ),
+        signature_case(
+            "R of small order (the identity), valid under the equation",
+            &message,
+            small_order_r,
+            "bad_signature",
+        ),
+        signature_case(
+            "R with a small-order component: valid only under the cofactored equation",
+            &message,
+            torsioned_r,
+            "bad_signature",
+        ),
+    ];
+    let vector = json!({
+        "description": "PROTOCOL.md §1.1: key bytes a verifier must accept or refuse (with the reason), and signatures by alice that verify or not under the strict, cofactorless rules",
+        "keys": keys,
+        "signatures": signatures,
+    });
+    serde_json::to_string_pretty(&vector).unwrap() + "\n"
+}
+
+#[test]
+fn key_and_signature_vectors_are_reproduced_and_hold() {
+    use kez_core::key::KeyError;
+    use kez_core::{PublicKey, Signature};
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/keys.json");
+    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
+        std::fs::write(&path, keys_vector()).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        committed == keys_vector(),
+        "{} differs; run `make vectors`",
+        path.display()
+    );
+    let vector: Value = serde_json::from_str(&committed).unwrap();
+    let unhex = |text: &Value| -> Vec<u8> {
+        data_encoding::HEXLOWER
+            .decode(text.as_str().unwrap().as_bytes())
+            .unwrap()
+    };
+    for case in vector["keys"].as_array().unwrap() {
+        let bytes: [u8; 32] = unhex(&case["key_hex"]).try_into().unwrap();
+        let got = match PublicKey::from_bytes(&bytes) {
+            Ok(_) => "ok",
+            Err(KeyError::InvalidPoint) => "invalid_point",
+            Err(KeyError::WeakKey) => "weak_key",
+            Err(KeyError::MixedOrder) => "mixed_order",
+            Err(other) => panic!("{other}"),
+        };
+        assert_eq!(got, case["expect"], "{}", case["name"]);
+    }
+    for case in vector["signatures"].as_array().unwrap() {
+        let key: PublicKey = case["key"].as_str().unwrap().parse().unwrap();
+        let message = unhex(&case["message_hex"]);
+        let sig = Signature::from_bytes(unhex(&case["sig"]).try_into().unwrap());
+        let (tag, body) = message.split_at(message.iter().position(|&b| b == 0).unwrap());
+        assert_eq!(tag, SignatureDomain::Register.tag());
+        let got = match key.verify(SignatureDomain::Register, &body[1..], &sig) {
+            Ok(()) => "ok",
+            Err(_) => "bad_signature",
+        };
+        assert_eq!(got, case["expect"], "{}", case["name"]);
+    }
+    // The refused cases are ones laxer rules accept, so the vectors tell the rules apart:
+    // ed25519-dalek's non-strict `verify` takes the small-order R, and the torsioned R
+    // satisfies the cofactored equation 8([S]B - [k]A - R) = 0.
+    let signatures = vector["signatures"].as_array().unwrap();
+    let lax_key =
+        ed25519_dalek::VerifyingKey::from_bytes(secret("alice").public_key().as_bytes()).unwrap();
+    let message = unhex(&signatures[3]["message_hex"]);
+    let small_order_r =
+        ed25519_dalek::Signature::from_bytes(&unhex(&signatures[3]["sig"]).try_into().unwrap());
+    assert!(lax_key.verify_strict(&message, &small_order_r).is_err());
+    ed25519_dalek::Verifier::verify(&lax_key, &message, &small_order_r)
+        .expect("the lax rules accept a small-order R");
+    let sig = unhex(&signatures[4]["sig"]);
+    let r = curve25519_dalek::edwards::CompressedEdwardsY(sig[..32].try_into().unwrap())
+        .decompress()
+        .unwrap();
+    let s = curve25519_dalek::Scalar::from_canonical_bytes(sig[32..].try_into().unwrap()).unwrap();
+    let mut h = sha2::Sha512::new();
+    h.update(&sig[..32]);
+    h.update(lax_key.as_bytes());
+    h.update(&message);
+    let k = curve25519_dalek::Scalar::from_bytes_mod_order_wide(&h.finalize().into());
+    let a = lax_key.to_edwards();
+    let residue = curve25519_dalek::constants::ED25519_BASEPOINT_POINT * s - a * k - r;
+    let identity = curve25519_dalek::EdwardsPoint::default();
+    assert_ne!(residue, identity, "cofactorless: refused");
+    assert_eq!(residue.mul_by_cofactor(), identity, "cofactored: accepted");
 }

@@ -4,7 +4,8 @@
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
-use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION, MESSAGE_SIGNATURE_DOMAIN};
+use kez_core::SignatureDomain;
+use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
 use kez_core::manifest::{self, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest, ManifestError};
@@ -126,14 +127,10 @@ fn build_envelope(
     body: &[u8],
 ) -> Vec<u8> {
     let header_len = (header.len() as u32).to_be_bytes();
-    let mut signed =
-        Vec::with_capacity(MESSAGE_SIGNATURE_DOMAIN.len() + 5 + header.len() + body.len());
-    signed.extend_from_slice(MESSAGE_SIGNATURE_DOMAIN);
-    signed.push(0);
-    signed.extend_from_slice(&header_len);
-    signed.extend_from_slice(header);
-    signed.extend_from_slice(body);
-    let signature = sender.sign(&signed);
+    let signature = sender.sign(
+        SignatureDomain::Message,
+        &envelope::signed_body(header, body),
+    );
 
     let mut plaintext = Vec::with_capacity(4 + header.len() + body.len() + 64);
     plaintext.extend_from_slice(&header_len);
@@ -332,10 +329,8 @@ pub fn manifest(data: &[u8]) -> bool {
 fn sign_manifest_body(body: &[u8], signer: &SecretKey) -> Option<Vec<u8>> {
     let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
     value.as_object_mut()?.remove("sig");
-    let mut message = manifest::MANIFEST_SIGNATURE_DOMAIN.to_vec();
-    message.push(0);
-    message.extend(kez_core::canonical::encode(&value).ok()?);
-    value["sig"] = serde_json::json!(signer.sign(&message));
+    let unsigned = kez_core::canonical::encode(&value).ok()?;
+    value["sig"] = serde_json::json!(signer.sign(SignatureDomain::Manifest, &unsigned));
     kez_core::canonical::encode(&value).ok()
 }
 

@@ -2,8 +2,7 @@
 
 use data_encoding::BASE64URL_NOPAD;
 use kez_nats_jwt::{
-    AUTHORIZATION_REQUEST_AUDIENCE, decode_any, decode_authorization_request,
-    verify_client_nonce_signature,
+    AUTHORIZATION_REQUEST_AUDIENCE, client_nonce_proof, decode_any, decode_authorization_request,
 };
 use nkeys::{KeyPair, KeyPairType};
 
@@ -21,14 +20,14 @@ pub fn server_key() -> KeyPair {
 /// The header nats-server writes.
 const HEADER: &str = r#"{"typ":"JWT","alg":"ed25519-nkey"}"#;
 
-/// [`decode_authorization_request`] at [`NOW`], then [`verify_client_nonce_signature`] on what
-/// it accepts. Mode byte 0: the rest is the JWT text as received (also given to [`decode_any`]).
+/// [`decode_authorization_request`] at [`NOW`], then [`client_nonce_proof`] and the KEZ connect
+/// proof check on what it accepts. Mode byte 0: the rest is the JWT text as received (also given to [`decode_any`]).
 /// Otherwise the rest is the claims JSON: if it is an object, its `iss` is set to
 /// [`server_key`], and the target signs it, so the checks behind the signature are reached.
 ///
 /// Asserts: an accepted request has the request audience, an issuer equal to its server id,
-/// a user nkey `U...`, and decodes again identically; a verified client key is 32 bytes of the
-/// nkey it names. Returns whether the request was accepted.
+/// a user nkey `U...`, and decodes again identically; a client proof carries the 32 bytes of
+/// the nkey it names and the request's nonce. Returns whether the request was accepted.
 pub fn callout_jwt(data: &[u8]) -> bool {
     let (mode, rest) = mode(data);
     let jwt = if mode == 0 {
@@ -51,10 +50,19 @@ pub fn callout_jwt(data: &[u8]) -> bool {
         decode_authorization_request(&jwt, NOW).as_ref(),
         Ok(&request)
     );
-    if let Ok(client) = verify_client_nonce_signature(&request) {
-        assert_eq!(client.nkey, request.connect_opts.nkey);
-        let (_, raw) = nkeys::from_public_key(&client.nkey).expect("a verified nkey parses");
-        assert_eq!(raw, client.ed25519);
+    if let Ok(proof) = client_nonce_proof(&request) {
+        assert_eq!(proof.nkey, request.connect_opts.nkey);
+        assert_eq!(proof.nonce, request.client_info.nonce);
+        let (_, raw) = nkeys::from_public_key(&proof.nkey).expect("a proof's nkey parses");
+        assert_eq!(raw, proof.ed25519);
+        if let Ok(key) = kez_core::PublicKey::from_bytes(&proof.ed25519) {
+            let _ = kez_core::connect::verify_proof(
+                &key,
+                &proof.nonce,
+                &kez_core::Signature::from_bytes(proof.signature),
+                kez_core::connect::LegacyProofs::Accept,
+            );
+        }
     }
     true
 }

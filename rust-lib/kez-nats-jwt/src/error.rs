@@ -185,9 +185,6 @@ pub enum JwtError {
     /// `connect_opts.sig` is neither base64url nor standard base64 of 64 bytes.
     #[error("client nonce signature is not base64 of a 64-byte ed25519 signature")]
     MalformedNonceSignature,
-    /// `connect_opts.sig` does not verify over `client_info.nonce` with `connect_opts.nkey`.
-    #[error("client nonce signature does not verify with the client's key")]
-    BadNonceSignature,
     /// The signing key is not an account key that holds its seed.
     #[error("signing key must be an account key (A...) with its seed: {reason}")]
     UnusableSigningKey {

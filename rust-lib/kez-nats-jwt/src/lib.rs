@@ -9,7 +9,8 @@
 //! 2. nats-server publishes an authorization request JWT on [`AUTH_CALLOUT_SUBJECT`]. It is
 //!    signed by the server's key (`N...`). [`decode_authorization_request`] checks it.
 //! 3. nats-server does **not** check the client's nonce signature in callout mode:
-//!    [`verify_client_nonce_signature`] does, and returns the client's proven key.
+//!    [`client_nonce_proof`] reads the key, nonce and signature the client offers, and the
+//!    callout checks it (for KEZ: `kez_core::connect::verify_proof`).
 //! 4. The callout answers with [`encode_authorization_response`], signed by the configured
 //!    issuer account key (`A...`): either [`Decision::Allow`] with a user JWT from
 //!    [`encode_user_jwt`] (subject: the request's `user_nkey`; audience: the account to land
@@ -53,8 +54,8 @@ mod user;
 pub use any::{DecodedJwt, decode_any};
 pub use error::{JwtError, JwtPart, MAX_ERROR_VALUE_CHARS, NkeyKind};
 pub use request::{
-    AuthorizationRequest, ClientInfo, ClientTls, ConnectOpts, ServerId, VerifiedClientKey,
-    decode_authorization_request, verify_client_nonce_signature,
+    AuthorizationRequest, ClientInfo, ClientNonceProof, ClientTls, ConnectOpts, ServerId,
+    client_nonce_proof, decode_authorization_request,
 };
 pub use response::{Decision, encode_authorization_response, encode_authorization_response_for};
 pub use user::{Permission, ResponsePermission, UserClaims, encode_user_jwt};

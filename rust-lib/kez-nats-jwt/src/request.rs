@@ -3,7 +3,6 @@
 
 use std::fmt;
 
-use ed25519_dalek::Signature;
 use serde::{Deserialize, Deserializer};
 
 use crate::codec::{self, RawClaims, json_error_detail};
@@ -193,7 +192,7 @@ struct RequestNats {
 
 /// A verified authorization request: its server signature, issuer, audience, type and times
 /// have been checked by [`decode_authorization_request`]. The client's own signature has not:
-/// that is [`verify_client_nonce_signature`].
+/// that is [`client_nonce_proof`] and the application's check of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct AuthorizationRequest {
@@ -319,37 +318,39 @@ pub fn decode_authorization_request(
     })
 }
 
-/// A client key whose signature over the server's nonce has been verified.
+/// What a connecting client offers as proof of its key: the key it claims, the nonce the
+/// server sent it and its signature. Not verified: what the signature must cover is the
+/// application's rule (KEZ: `kez_core::connect::verify_proof`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct VerifiedClientKey {
+pub struct ClientNonceProof {
     /// The nkey, `U...`, as the client sent it.
     pub nkey: String,
     /// The raw ed25519 public key inside it.
     pub ed25519: [u8; 32],
+    /// `client_info.nonce`: the text the server sent the client in INFO.
+    pub nonce: String,
+    /// The 64 signature bytes of `connect_opts.sig`.
+    pub signature: [u8; 64],
 }
 
-/// Verifies that the connecting client holds the key it claims: `connect_opts.sig` must be a
-/// valid ed25519 signature by `connect_opts.nkey` (a user key, `U...`) over the bytes of
-/// `client_info.nonce`.
+/// Reads the connecting client's proof of its key from the request: `connect_opts.nkey` (a
+/// user key, `U...`), `client_info.nonce` and `connect_opts.sig`.
 ///
-/// nats-server does not check this in callout mode; the callout must. The signature is decoded
-/// as the server decodes it (base64url without padding, else standard base64, with or without
-/// padding) and verified strictly (`verify_strict`). Errors:
+/// nats-server does not check the signature in callout mode; the callout must, over what its
+/// protocol says the client signs. The signature is decoded as the server decodes it (base64url
+/// without padding, else standard base64, with or without padding). Errors:
 /// [`MissingClientKey`](JwtError::MissingClientKey), [`InvalidKey`](JwtError::InvalidKey),
 /// [`WrongKeyKind`](JwtError::WrongKeyKind),
 /// [`MissingNonceSignature`](JwtError::MissingNonceSignature),
 /// [`MissingNonce`](JwtError::MissingNonce) (an empty nonce is never accepted),
-/// [`MalformedNonceSignature`](JwtError::MalformedNonceSignature),
-/// [`BadNonceSignature`](JwtError::BadNonceSignature).
-pub fn verify_client_nonce_signature(
-    request: &AuthorizationRequest,
-) -> Result<VerifiedClientKey, JwtError> {
+/// [`MalformedNonceSignature`](JwtError::MalformedNonceSignature).
+pub fn client_nonce_proof(request: &AuthorizationRequest) -> Result<ClientNonceProof, JwtError> {
     let opts = &request.connect_opts;
     if opts.nkey.is_empty() {
         return Err(JwtError::MissingClientKey);
     }
-    let (key, raw) = codec::expect_key("connect_opts.nkey", &opts.nkey, NkeyKind::User)?;
+    let (_, raw) = codec::expect_key("connect_opts.nkey", &opts.nkey, NkeyKind::User)?;
     if opts.sig.is_empty() {
         return Err(JwtError::MissingNonceSignature);
     }
@@ -360,10 +361,10 @@ pub fn verify_client_nonce_signature(
     let signature: [u8; 64] = codec::decode_nonce_signature(&opts.sig)
         .and_then(|bytes| bytes.try_into().ok())
         .ok_or(JwtError::MalformedNonceSignature)?;
-    key.verify_strict(nonce.as_bytes(), &Signature::from_bytes(&signature))
-        .map_err(|_| JwtError::BadNonceSignature)?;
-    Ok(VerifiedClientKey {
+    Ok(ClientNonceProof {
         nkey: opts.nkey.clone(),
         ed25519: raw,
+        nonce: nonce.clone(),
+        signature,
     })
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
 use kez_nats_jwt::{
-    AuthorizationRequest, Decision, JwtError, UserClaims, decode_any, decode_authorization_request,
-    encode_authorization_response_for, encode_user_jwt, verify_client_nonce_signature,
+    AuthorizationRequest, Decision, JwtError, UserClaims, client_nonce_proof, decode_any,
+    decode_authorization_request, encode_authorization_response_for, encode_user_jwt,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha512_256};
@@ -65,9 +65,14 @@ fn decode_captured(file: &str) -> (String, AuthorizationRequest) {
     assert_eq!(req.client_info.user, req.connect_opts.nkey);
     assert_eq!(req.client_info.nonce.len(), 15);
 
-    // The client's nonce signature verifies, with the key it claims.
-    let key = verify_client_nonce_signature(&req).unwrap();
-    assert_eq!(key.nkey, meta["client_nkey"].as_str().unwrap());
+    // The client (async-nats with a plain nkey, which signs the nonce untagged) proves the
+    // key it claims.
+    let proof = client_nonce_proof(&req).unwrap();
+    assert_eq!(proof.nkey, meta["client_nkey"].as_str().unwrap());
+    nkeys::KeyPair::from_public_key(&proof.nkey)
+        .unwrap()
+        .verify(proof.nonce.as_bytes(), &proof.signature)
+        .expect("the captured client's signature verifies");
 
     // The request is good for `exp - iat` seconds (the authorization timeout), then refused.
     let exp = req.expires_at.unwrap();
@@ -159,7 +164,7 @@ fn capture_profile(req: &AuthorizationRequest, client_nkey: &str, now: u64) -> U
 fn the_accepted_allow_response_is_reproduced_byte_for_byte() {
     let (_, req) = decode_captured("request-async-nats.jwt");
     let iat = req.issued_at.unwrap();
-    let key = verify_client_nonce_signature(&req).unwrap();
+    let key = client_nonce_proof(&req).unwrap();
     let issuer = issuer();
 
     let user_jwt = encode_user_jwt(&issuer, &capture_profile(&req, &key.nkey, iat)).unwrap();

@@ -103,7 +103,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let bob = User::register(&url, "bob").await?;
     let contact = alice
         .conn
-        .verify_contact(&alice.store, "@bob")
+        .verify_contact(&alice.store, &kez_tests::kez_server::test_handle("@bob"))
         .await
         .map_err(|e| format!("alice adds bob: {e}"))?
         .contact;

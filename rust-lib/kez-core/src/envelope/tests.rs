@@ -42,7 +42,7 @@ fn sealed(name: &str, from: &str, to: &str, content_type: &str, body: &[u8]) -> 
 /// The plaintext of a message with the given header fields, signed by `signer`.
 fn plaintext(header: &Value, body: &[u8], signer: &str) -> Vec<u8> {
     let header = canonical::encode(header).unwrap();
-    let signature = key(signer).sign(&signed_message(&header, body));
+    let signature = key(signer).sign(SignatureDomain::Message, &signed_body(&header, body));
     let mut out = (header.len() as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&header);
     out.extend_from_slice(body);

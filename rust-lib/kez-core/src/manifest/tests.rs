@@ -127,7 +127,7 @@ fn names(manifest: &Manifest, reader: &str) -> Vec<(String, Audience)> {
 fn sign_body(mut body: Value, signer: &SecretKey) -> Vec<u8> {
     body.as_object_mut().unwrap().remove("sig");
     let unsigned = canonical::encode(&body).unwrap();
-    body["sig"] = json!(signer.sign(&signed_message(&unsigned)));
+    body["sig"] = json!(signer.sign(SignatureDomain::Manifest, &unsigned));
     canonical::encode(&body).unwrap()
 }
 
