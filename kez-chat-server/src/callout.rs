@@ -133,8 +133,10 @@ impl Callout {
             ),
             None => {
                 if let Some(limiter) = &self.connect_limit
-                    && let Err(limited) =
-                        limiter.check(&request.client_info.host, std::time::Instant::now())
+                    && let Err(limited) = limiter.check(
+                        &crate::limits::address_bucket(&request.client_info.host),
+                        std::time::Instant::now(),
+                    )
                 {
                     return Err(format!(
                         "kez: too many unregistered connections from {}; retry in {} ms",

@@ -490,30 +490,28 @@ pub async fn handle(
             answer(&head)
         }
         Request::GetChain { key, from_seq } => {
-            let links = ctx.store.links(key).await?;
-            if links.is_empty() {
+            let (links, more) = ctx
+                .store
+                .links_page(key, from_seq, MAX_CHAIN_PAGE_BYTES)
+                .await?;
+            if links.is_empty() && (from_seq == 1 || !ctx.store.has_chain(key).await?) {
                 return Err(ApiError::not_found(format!(
                     "{key} has no sigchain on this server"
                 )));
             }
-            let mut page = ChainPage {
+            let links = links
+                .into_iter()
+                .map(|link| {
+                    String::from_utf8(link.to_vec())
+                        .map_err(|_| ApiError::internal("stored link is not UTF-8"))
+                })
+                .collect::<Result<_, _>>()?;
+            answer(&ChainPage {
                 key,
                 from_seq,
-                links: Vec::new(),
-                more: false,
-            };
-            let mut size = 0;
-            for link in links.iter().skip(from_seq as usize - 1) {
-                if size + link.len() > MAX_CHAIN_PAGE_BYTES {
-                    page.more = true;
-                    break;
-                }
-                size += link.len();
-                let text = std::str::from_utf8(link)
-                    .map_err(|_| ApiError::internal("stored link is not UTF-8"))?;
-                page.links.push(text.to_owned());
-            }
-            answer(&page)
+                links,
+                more,
+            })
         }
         Request::Head(key) => {
             let head = ctx.store.head(key).await?.ok_or_else(|| {

@@ -244,14 +244,49 @@ impl Caller {
         };
         Caller {
             user: clean(info.user),
-            host: clean(info.host),
+            host: clean(info.host).map(|host| address_bucket(&host)),
         }
+    }
+}
+
+/// The key a client address is limited under: an IPv4 address as it is, an IPv6 address by
+/// its /64 (one subscriber usually holds a whole /64, so keying on the full address would give
+/// one attacker 2^64 budgets); an IPv4-mapped IPv6 address as the IPv4 address. Anything else
+/// (not an address) as it is.
+pub fn address_bucket(host: &str) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                format!("{}/64", std::net::Ipv6Addr::from(prefix))
+            }
+        },
+        Ok(std::net::IpAddr::V4(v4)) => v4.to_string(),
+        Err(_) => host.to_owned(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_addresses_share_a_bucket_per_64() {
+        assert_eq!(address_bucket("192.0.2.7"), "192.0.2.7");
+        assert_eq!(address_bucket("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+        assert_eq!(
+            address_bucket("2001:db8:1:2:ffff:ffff:ffff:ffff"),
+            "2001:db8:1:2::/64"
+        );
+        assert_ne!(address_bucket("2001:db8:1:3::1"), "2001:db8:1:2::/64");
+        assert_eq!(address_bucket("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(address_bucket("::1"), "::/64");
+        assert_eq!(address_bucket("not an address"), "not an address");
+        let caller =
+            Caller::from_request_info(r#"{"acc":"APP","user":"UAB","host":"2001:db8::5"}"#, "APP");
+        assert_eq!(caller.host.as_deref(), Some("2001:db8::/64"));
+    }
 
     #[test]
     fn a_burst_then_the_rate() {

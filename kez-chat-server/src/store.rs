@@ -13,7 +13,7 @@
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
 use kez_core::subjects::{INBOX_STREAM, INBOX_SUBJECTS, inbox_consumer, inbox_subject};
 use kez_core::{Handle, PublicKey, Sigchain};
@@ -29,6 +29,14 @@ pub const KEYS_BUCKET: &str = "kez_keys";
 pub const LINKS_BUCKET: &str = "kez_chain_links";
 /// Bucket: chain hex → [`ChainHead`].
 pub const HEADS_BUCKET: &str = "kez_chain_heads";
+/// Bucket: chain hex → the verified chain's state (`Sigchain::to_state_json`), kept so that an
+/// append verifies one link, not the whole chain.
+pub const STATES_BUCKET: &str = "kez_chain_states";
+/// Largest kept chain state, in bytes: the state's limits (32 endpoints, 64 claims, 16
+/// providers, 64 unknown operations, at most ~1 KiB a field) stay well below it.
+const MAX_STATE_BYTES: usize = 512 * 1024;
+/// How many link bytes one read of a chain's stored links fetches at a time.
+const MAX_CHAIN_BYTES_PER_READ: usize = 1024 * 1024;
 /// Bucket: key hex → [`DisabledRecord`], for keys an operator disabled.
 pub const DISABLED_BUCKET: &str = "kez_disabled";
 /// The key the health check reads: no bucket ever holds it (`-` is in no handle or key hex).
@@ -105,6 +113,7 @@ pub struct Store {
     keys: kv::Store,
     links: kv::Store,
     heads: kv::Store,
+    states: kv::Store,
 }
 
 /// Outcome of a registration.
@@ -178,6 +187,12 @@ impl Store {
             ))
             .await?,
             heads: open(bucket(HEADS_BUCKET, "kez-chat: sigchain heads", 1024)).await?,
+            states: open(bucket(
+                STATES_BUCKET,
+                "kez-chat: verified sigchain states",
+                MAX_STATE_BYTES,
+            ))
+            .await?,
         })
     }
 
@@ -459,6 +474,7 @@ impl Store {
             &self.keys,
             &self.links,
             &self.heads,
+            &self.states,
             &self.disabled,
         ];
         futures::future::try_join_all(
@@ -514,38 +530,128 @@ impl Store {
         }
     }
 
-    /// Every stored link of `chain`, in order: the indexed ones, then any past the index.
-    pub async fn links(&self, chain: PublicKey) -> Result<Vec<Bytes>, ApiError> {
+    /// The links of `chain` from `from_seq` on, in order, as many as fit in `max_bytes` (at
+    /// least one, if there is one); `more` when the chain goes on past them. Reads only those
+    /// links (and at most one batch beyond): the indexed ones in parallel batches, then any past
+    /// the index one by one.
+    pub async fn links_page(
+        &self,
+        chain: PublicKey,
+        from_seq: u64,
+        max_bytes: usize,
+    ) -> Result<(Vec<Bytes>, bool), ApiError> {
+        // No chain is longer than MAX_LINKS: nothing to read past it.
+        if from_seq > kez_core::sigchain::MAX_LINKS {
+            return Ok((Vec::new(), false));
+        }
         let chain_hex = chain.to_hex();
         let indexed = self.head(chain).await?.map_or(0, |head| head.seq);
-        let mut links: Vec<Bytes> = futures::stream::iter(1..=indexed)
-            .map(|seq| {
-                let key = link_key(&chain_hex, seq);
-                async move {
-                    self.links
-                        .get(&key)
-                        .await
-                        .map_err(ApiError::unavailable)?
-                        .ok_or_else(|| {
-                            ApiError::internal(format!("link {key} is indexed but missing"))
-                        })
-                }
-            })
-            .buffered(PARALLEL_LINK_READS)
-            .try_collect()
+        let mut page = Vec::new();
+        let mut size = 0;
+        let mut seq = from_seq;
+        while seq <= kez_core::sigchain::MAX_LINKS {
+            // Past the index (it may lag after a crash) read one at a time until a gap.
+            let batch = if seq <= indexed {
+                (indexed - seq + 1).min(PARALLEL_LINK_READS as u64)
+            } else {
+                1
+            };
+            let links: Vec<Option<Bytes>> = futures::future::try_join_all(
+                (seq..seq + batch).map(|seq| self.link(&chain_hex, seq)),
+            )
             .await?;
-        while let Some(link) = self
-            .links
-            .get(link_key(&chain_hex, links.len() as u64 + 1))
+            for link in links {
+                let Some(link) = link else {
+                    return Ok((page, false));
+                };
+                if !page.is_empty() && size + link.len() > max_bytes {
+                    return Ok((page, true));
+                }
+                size += link.len();
+                page.push(link);
+                seq += 1;
+            }
+        }
+        Ok((page, false))
+    }
+
+    /// The stored link of `chain_hex` at `seq`.
+    async fn link(&self, chain_hex: &str, seq: u64) -> Result<Option<Bytes>, ApiError> {
+        self.links
+            .get(link_key(chain_hex, seq))
+            .await
+            .map_err(ApiError::unavailable)
+    }
+
+    /// Whether `chain` has a first link.
+    pub async fn has_chain(&self, chain: PublicKey) -> Result<bool, ApiError> {
+        Ok(self.link(&chain.to_hex(), 1).await?.is_some())
+    }
+
+    /// The verified state of `chain` (`None`: no links yet) and the revision of its kept
+    /// entry: the entry kept at the last append, brought up to date with any links stored past
+    /// it (a crash between storing a link and keeping the state, or a chain written before this
+    /// version kept states), which are verified now, off the async workers.
+    async fn verified_state(
+        &self,
+        chain: PublicKey,
+    ) -> Result<(Option<Sigchain>, Option<u64>), ApiError> {
+        let chain_hex = chain.to_hex();
+        let entry = self
+            .states
+            .entry(&chain_hex)
             .await
             .map_err(ApiError::unavailable)?
-        {
-            links.push(link);
+            .filter(|entry| entry.operation == kv::Operation::Put);
+        let (kept, revision) = match entry {
+            Some(entry) => (
+                Some(
+                    Sigchain::from_trusted_state_json(&entry.value).map_err(|err| {
+                        ApiError::internal(format!("kept state of {chain} is corrupt: {err}"))
+                    })?,
+                ),
+                Some(entry.revision),
+            ),
+            None => (None, None),
+        };
+        let next = kept.as_ref().map_or(1, |state| state.seq() + 1);
+        let mut behind = Vec::new();
+        loop {
+            let (page, more) = self
+                .links_page(chain, next + behind.len() as u64, MAX_CHAIN_BYTES_PER_READ)
+                .await?;
+            behind.extend(page);
+            if !more {
+                break;
+            }
         }
-        Ok(links)
+        if behind.is_empty() {
+            return Ok((kept, revision));
+        }
+        let caught_up = tokio::task::spawn_blocking(move || {
+            let mut links = behind.iter();
+            let mut state = match kept {
+                Some(state) => state,
+                None => Sigchain::start(links.next().expect("not empty"))?,
+            };
+            for link in links {
+                state.append(link)?;
+            }
+            Ok::<_, kez_core::ChainErrorKind>(state)
+        })
+        .await
+        .map_err(|err| ApiError::internal(format!("verifying a stored chain: {err}")))?
+        .map_err(|err| {
+            ApiError::internal(format!("stored chain of {chain} does not verify: {err}"))
+        })?;
+        Ok((Some(caught_up), revision))
     }
 
     /// Verifies `link` as the next link of its chain and stores it. Returns the new head.
+    ///
+    /// The seq and prev are checked against the kept state before any signature, and the
+    /// signatures of that one link are checked off the async workers: an append costs the same
+    /// whatever the chain's length.
     pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ApiError> {
         let parsed = kez_core::SignedLink::parse(link)?;
         let chain_id = parsed.link().chain;
@@ -558,52 +664,60 @@ impl Store {
                 ),
             ));
         }
-        let stored = self.links(chain_id).await?;
+        let (state, revision) = self.verified_state(chain_id).await?;
         let seq = parsed.link().seq;
-        // The very link already stored at its seq (a retry after a lost answer): done already,
-        // except perhaps the head index, which the first attempt may not have reached.
-        if let Some(existing) = seq
-            .checked_sub(1)
-            .and_then(|i| stored.get(usize::try_from(i).ok()?))
-            && existing.as_ref() == link
-        {
-            let head = ChainHead {
-                seq,
-                head: parsed.hash(),
-            };
-            self.advance_head(chain_id, head).await?;
-            return Ok(head);
+        let head_of = |state: &Option<Sigchain>| {
+            state.as_ref().map(|state| ChainHead {
+                seq: state.seq(),
+                head: state.head(),
+            })
+        };
+        let current = state.as_ref().map_or(0, Sigchain::seq);
+        if (1..=current).contains(&seq) {
+            // The very link already stored at its seq (a retry after a lost answer): done
+            // already, except perhaps the head index, which the first attempt may not have
+            // reached.
+            if self.link(&chain_id.to_hex(), seq).await?.as_deref() == Some(link) {
+                let head = ChainHead {
+                    seq,
+                    head: parsed.hash(),
+                };
+                self.advance_head(chain_id, head).await?;
+                if let Some(state) = &state {
+                    self.keep_state(chain_id, state, revision).await;
+                }
+                return Ok(head);
+            }
         }
-        let mut chain = match stored.is_empty() {
-            true => None,
-            false => Some(Sigchain::verify(&stored).map_err(|err| {
-                ApiError::internal(format!("stored chain of {chain_id} does not verify: {err}"))
-            })?),
-        };
-        let appended = match &mut chain {
-            None => Sigchain::start(link).map(|chain| chain.head()),
-            Some(chain) => chain.append(link).map(|link| link.hash()),
-        };
-        let head = match appended {
-            Ok(hash) => ChainHead {
-                seq: parsed.link().seq,
-                head: hash,
-            },
+        let appended = tokio::task::spawn_blocking({
+            let link = link.to_vec();
+            let state = state.clone();
+            move || match state {
+                None => Sigchain::start(&link),
+                Some(mut state) => state.append(&link).map(|_| state),
+            }
+        })
+        .await
+        .map_err(|err| ApiError::internal(format!("verifying a link: {err}")))?;
+        let next = match appended {
+            Ok(next) => next,
             Err(err) => {
                 let conflict = ApiError::from(err);
-                return Err(match (conflict.code, &chain) {
-                    (409, Some(chain)) => with_head(conflict, chain.seq(), chain.head()),
+                return Err(match (conflict.code, head_of(&state)) {
+                    (409, Some(head)) => with_head(conflict, head.seq, head.head),
                     _ => conflict,
                 });
             }
+        };
+        let head = ChainHead {
+            seq: next.seq(),
+            head: next.head(),
         };
 
         let key = link_key(&chain_id.to_hex(), head.seq);
         if let Err(err) = self.links.create(&key, Bytes::copy_from_slice(link)).await {
             return Err(match err.kind() {
                 kv::CreateErrorKind::AlreadyExists => {
-                    let current = self.links(chain_id).await?;
-                    let latest = current.last().map(|bytes| LinkHash::of(bytes));
                     let conflict = ApiError::new(
                         409,
                         "conflict",
@@ -612,16 +726,59 @@ impl Store {
                             head.seq
                         ),
                     );
-                    match latest {
-                        Some(hash) => with_head(conflict, current.len() as u64, hash),
-                        None => conflict,
+                    match self.verified_state(chain_id).await {
+                        Ok((Some(winner), _)) => with_head(conflict, winner.seq(), winner.head()),
+                        _ => conflict,
                     }
                 }
                 _ => ApiError::unavailable(err),
             });
         }
         self.advance_head(chain_id, head).await?;
+        self.keep_state(chain_id, &next, revision).await;
         Ok(head)
+    }
+
+    /// Keeps `state` as `chain`'s verified state unless a later one is kept already. The link
+    /// is stored by then, so this never fails the append: a state left behind is caught up from
+    /// the links by the next append ([`Store::verified_state`]).
+    async fn keep_state(&self, chain: PublicKey, state: &Sigchain, mut revision: Option<u64>) {
+        let key = chain.to_hex();
+        let value = Bytes::from(state.to_state_json());
+        for _ in 0..HEAD_UPDATE_ATTEMPTS {
+            let written = match revision {
+                Some(revision) => self
+                    .states
+                    .update(&key, value.clone(), revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| err.to_string()),
+                None => self
+                    .states
+                    .create(&key, value.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|err| err.to_string()),
+            };
+            if written.is_ok() {
+                return;
+            }
+            // Another writer kept one meanwhile: keep ours only if it is later.
+            match self.states.entry(&key).await {
+                Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
+                    match Sigchain::from_trusted_state_json(&entry.value) {
+                        Ok(kept) if kept.seq() >= state.seq() => return,
+                        _ => revision = Some(entry.revision),
+                    }
+                }
+                Ok(_) => revision = None,
+                Err(err) => {
+                    tracing::warn!(chain = %chain, seq = state.seq(), error = %err, "could not keep the chain state; the next append catches up");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(chain = %chain, seq = state.seq(), "could not keep the chain state; the next append catches up");
     }
 
     /// Moves the head index forward to `head` unless it is already there or beyond. The link

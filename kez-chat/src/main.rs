@@ -828,6 +828,8 @@ enum Sender {
     Contact(String),
     /// Not a contact: the handle the server names for the key, if any.
     Stranger(Option<String>, PublicKey),
+    /// A key a contact (this handle) has rotated away from: not that contact any more.
+    Retired(String, PublicKey),
 }
 
 impl Sender {
@@ -836,6 +838,9 @@ impl Sender {
     async fn of(store: &Store, conn: &Connection, key: &PublicKey) -> Sender {
         if let Ok(Some(contact)) = store.contact_by_key(key) {
             return Sender::Contact(contact.handle);
+        }
+        if let Ok(Some(contact)) = store.contact_retired_key(key) {
+            return Sender::Retired(contact.handle, *key);
         }
         let handle = conn
             .whois(key)
@@ -885,6 +890,9 @@ fn message_line(sender: &Sender, message: &StoredMessage) -> String {
         Sender::Contact(handle) => handle.clone(),
         Sender::Stranger(Some(handle), key) => format!("(not in contacts) {handle} {key}"),
         Sender::Stranger(None, key) => format!("(not in contacts) {key}"),
+        Sender::Retired(handle, key) => {
+            format!("(NOT {handle}: signed by the old key {handle} rotated away from) {key}")
+        }
     };
     format!(
         "[{}] {who}: {}",
@@ -895,15 +903,17 @@ fn message_line(sender: &Sender, message: &StoredMessage) -> String {
 
 /// One received message as JSON.
 fn message_json(sender: &Sender, message: &StoredMessage) -> Value {
-    let (handle, contact) = match sender {
-        Sender::Contact(handle) => (Some(handle.clone()), true),
-        Sender::Stranger(handle, _) => (handle.clone(), false),
+    let (handle, contact, retired_by) = match sender {
+        Sender::Contact(handle) => (Some(handle.clone()), true, None),
+        Sender::Stranger(handle, _) => (handle.clone(), false, None),
+        Sender::Retired(handle, _) => (None, false, Some(handle.clone())),
     };
     json!({
         "id": message.id.to_string(),
         "from": message.from.to_string(),
         "from_handle": handle,
         "in_contacts": contact,
+        "from_retired_key_of": retired_by,
         "time": message.time,
         "content_type": message.content_type,
         "text": body_text(&message.id, &message.content_type, &message.body),

@@ -529,3 +529,129 @@ async fn array_bodies_are_refused() {
         );
     }
 }
+
+/// An append verifies one link against the verified state the server keeps, not the whole
+/// stored chain: a stored link damaged afterwards does not stop the next append. A chain
+/// written by the previous release (no kept state) is verified once, at its next append, and
+/// its state kept from then on; a state left behind by a crash is caught up the same way.
+#[tokio::test]
+async fn appends_verify_against_the_kept_state_and_old_chains_catch_up() {
+    let (_nats, _server, client) = setup().await;
+    let js = async_nats::jetstream::new(client.clone());
+    let states = js
+        .get_key_value(kez_chat_server::store::STATES_BUCKET)
+        .await
+        .unwrap();
+    let links = js
+        .get_key_value(kez_chat_server::store::LINKS_BUCKET)
+        .await
+        .unwrap();
+    let append = |chain: &mut Sigchain, key: &SecretKey, name: &str| {
+        let link = chain
+            .next_link(now(), nats_endpoint(name))
+            .sign(key)
+            .unwrap();
+        chain.append(link.bytes()).unwrap();
+        link
+    };
+    let kept_seq = |key: &SecretKey| {
+        let states = states.clone();
+        let hex = key.public_key().to_hex();
+        async move {
+            let state = states.get(&hex).await.unwrap().expect("a kept state");
+            Sigchain::from_trusted_state_json(&state).unwrap().seq()
+        }
+    };
+
+    // Kept at every append.
+    let alice = SecretKey::generate();
+    let mut chain = register_with_chain(&client, &alice, "alice").await;
+    assert_eq!(kept_seq(&alice).await, 1);
+    let second = append(&mut chain, &alice, "iroh");
+    call_ok_raw(&client, "kez.sigchain.append", second.bytes().to_vec()).await;
+    assert_eq!(kept_seq(&alice).await, 2);
+    // Damage link 1 in storage: an append that re-verified the stored chain would now fail.
+    let hex = alice.public_key().to_hex();
+    links
+        .put(format!("{hex}.1"), b"{\"damaged\":true}".to_vec().into())
+        .await
+        .unwrap();
+    let third = append(&mut chain, &alice, "desktop");
+    let head = call_ok_raw(&client, "kez.sigchain.append", third.bytes().to_vec()).await;
+    assert_eq!(head["seq"], 3);
+    assert_eq!(kept_seq(&alice).await, 3);
+
+    // A chain of the previous release: links and head index, no kept state.
+    let bob = SecretKey::generate();
+    let mut chain = register_with_chain(&client, &bob, "bob").await;
+    for name in ["a", "b", "c"] {
+        let link = append(&mut chain, &bob, name);
+        call_ok_raw(&client, "kez.sigchain.append", link.bytes().to_vec()).await;
+    }
+    states.purge(bob.public_key().to_hex()).await.unwrap();
+    // ... and a link stored past where a state would be.
+    let past = append(&mut chain, &bob, "d");
+    links
+        .put(
+            format!("{}.5", bob.public_key().to_hex()),
+            past.bytes().to_vec().into(),
+        )
+        .await
+        .unwrap();
+    let next = append(&mut chain, &bob, "e");
+    let head = call_ok_raw(&client, "kez.sigchain.append", next.bytes().to_vec()).await;
+    assert_eq!(head["seq"], 6);
+    assert_eq!(head["head"], chain.head().to_string());
+    assert_eq!(kept_seq(&bob).await, 6);
+    let state = states
+        .get(bob.public_key().to_hex())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(Sigchain::from_trusted_state_json(&state).unwrap(), chain);
+
+    // Wrong seqs are refused before any signature is looked at, with the head.
+    let stale = call(&client, "kez.sigchain.append", next.bytes().to_vec())
+        .await
+        .map(|_| ());
+    assert!(stale.is_ok(), "a retry of the last link answers its head");
+    let far = chain.next_link(now(), nats_endpoint("far"));
+    let far = kez_core::UnsignedLink { seq: 9, ..far }.sign(&bob).unwrap();
+    let refused = call(&client, "kez.sigchain.append", far.bytes().to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!((refused.code, refused.name.as_str()), (409, "wrong_seq"));
+}
+
+/// The state limits are enforced by the server (413, PROTOCOL.md §4.4) as by every verifier.
+#[tokio::test]
+async fn the_server_refuses_links_past_a_chains_limits() {
+    let nats = NatsServer::start();
+    let _server = KezServer::start_with(&kez_chat_server::config::ServerConfig {
+        limits: kez_chat_server::limits::Limits::OFF,
+        ..kez_chat_server::config::ServerConfig::new(&nats.url(), TEST_DOMAIN)
+    })
+    .await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let alice = SecretKey::generate();
+    let mut chain = register_with_chain(&client, &alice, "alice").await;
+    for i in 1..kez_core::sigchain::MAX_ENDPOINTS {
+        let link = chain
+            .next_link(now(), nats_endpoint(&format!("e{i}")))
+            .sign(&alice)
+            .unwrap();
+        call_ok_raw(&client, "kez.sigchain.append", link.bytes().to_vec()).await;
+        chain.append(link.bytes()).unwrap();
+    }
+    let one_more = chain
+        .next_link(now(), nats_endpoint("one-more"))
+        .sign(&alice)
+        .unwrap();
+    let refused = call(&client, "kez.sigchain.append", one_more.bytes().to_vec())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.name.as_str()),
+        (413, "too_many_endpoints")
+    );
+}

@@ -17,12 +17,36 @@ pub struct VerifiedChain {
 impl VerifiedChain {
     /// Verifies a whole chain, first link first.
     pub fn verify<B: AsRef<[u8]>>(links: &[B]) -> Result<VerifiedChain, ChainError> {
-        let chain = Sigchain::verify(links)?;
-        let hashes = links
-            .iter()
-            .map(|link| LinkHash::of(link.as_ref()))
-            .collect();
-        Ok(VerifiedChain { chain, hashes })
+        let mut links = links.iter().map(AsRef::as_ref);
+        let first = links.next().ok_or(ChainError {
+            position: 0,
+            kind: kez_core::ChainErrorKind::Empty,
+        })?;
+        let mut chain = VerifiedChain::start(first)?;
+        for link in links {
+            chain.append(link)?;
+        }
+        Ok(chain)
+    }
+
+    /// Verifies a first link: the start of a chain verified link by link ([`Self::append`]),
+    /// keeping only the links' hashes, so a long chain is checked as it arrives.
+    pub fn start(link: &[u8]) -> Result<VerifiedChain, ChainError> {
+        let chain = Sigchain::start(link).map_err(|kind| ChainError { position: 1, kind })?;
+        Ok(VerifiedChain {
+            chain,
+            hashes: vec![LinkHash::of(link)],
+        })
+    }
+
+    /// Verifies `link` as the next link and applies it; on error nothing changes.
+    pub fn append(&mut self, link: &[u8]) -> Result<(), ChainError> {
+        let signed = self.chain.append(link).map_err(|kind| ChainError {
+            position: self.hashes.len() + 1,
+            kind,
+        })?;
+        self.hashes.push(signed.hash());
+        Ok(())
     }
 
     /// The hash of the link at `seq` (1-based), if the chain is that long.

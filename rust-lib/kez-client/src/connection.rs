@@ -764,44 +764,56 @@ impl Connection {
         })
     }
 
-    /// `key`'s whole sigchain, every page fetched (`kez.sigchain.get`) and verified
-    /// ([`VerifiedChain::verify`]); the chain must be `key`'s. `not_found` when it has none.
+    /// `key`'s whole sigchain, every page fetched (`kez.sigchain.get`) and verified as it
+    /// arrives ([`VerifiedChain::append`]: only the link hashes are kept, and a chain ends at
+    /// `kez_core::sigchain::MAX_LINKS`); the chain must be `key`'s. `not_found` when it has
+    /// none.
     pub async fn chain(&self, key: &PublicKey) -> Result<VerifiedChain, ClientError> {
-        let mut links: Vec<Vec<u8>> = Vec::new();
+        let mut chain: Option<VerifiedChain> = None;
+        let bad_answer = |reason: String| ClientError::BadAnswer {
+            subject: CHAIN_GET.into(),
+            reason,
+        };
         for _ in 0..MAX_CHAIN_PAGES {
-            let from_seq = links.len() as u64 + 1;
+            let from_seq = chain.as_ref().map_or(1, |chain| chain.seq() + 1);
             let body = serde_json::json!({ "key": key, "from_seq": from_seq });
             let page: ChainPage = self
                 .call_json(CHAIN_GET, body.to_string().into_bytes())
                 .await?;
             if page.from_seq != from_seq || (page.more && page.links.is_empty()) {
-                return Err(ClientError::BadAnswer {
-                    subject: CHAIN_GET.into(),
-                    reason: format!(
-                        "asked from seq {from_seq}, got a page from {} with {} links, more: {}",
-                        page.from_seq,
-                        page.links.len(),
-                        page.more
-                    ),
+                return Err(bad_answer(format!(
+                    "asked from seq {from_seq}, got a page from {} with {} links, more: {}",
+                    page.from_seq,
+                    page.links.len(),
+                    page.more
+                )));
+            }
+            let verify = |source| ClientError::Chain { key: *key, source };
+            for link in page.links {
+                match &mut chain {
+                    None => {
+                        let first = VerifiedChain::start(link.as_bytes()).map_err(verify)?;
+                        if first.chain_id() != *key {
+                            return Err(bad_answer(format!(
+                                "asked for {key}'s chain, got {}'s",
+                                first.chain_id()
+                            )));
+                        }
+                        chain = Some(first);
+                    }
+                    Some(chain) => chain.append(link.as_bytes()).map_err(verify)?,
+                }
+            }
+            if !page.more {
+                return chain.ok_or_else(|| {
+                    verify(ChainError {
+                        position: 0,
+                        kind: kez_core::ChainErrorKind::Empty,
+                    })
                 });
             }
-            links.extend(page.links.into_iter().map(String::into_bytes));
-            if !page.more {
-                let chain = VerifiedChain::verify(&links)
-                    .map_err(|source| ClientError::Chain { key: *key, source })?;
-                if chain.chain_id() != *key {
-                    return Err(ClientError::BadAnswer {
-                        subject: CHAIN_GET.into(),
-                        reason: format!("asked for {key}'s chain, got {}'s", chain.chain_id()),
-                    });
-                }
-                return Ok(chain);
-            }
         }
-        Err(ClientError::BadAnswer {
-            subject: CHAIN_GET.into(),
-            reason: format!("more than {MAX_CHAIN_PAGES} pages"),
-        })
+        Err(bad_answer(format!("more than {MAX_CHAIN_PAGES} pages")))
     }
 
     /// Looks `handle` up, fetches and verifies its sigchain, and pins it in `store` under

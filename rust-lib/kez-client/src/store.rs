@@ -122,7 +122,7 @@ fn record_in(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<boo
         .map_err(db)?
         .map_or(0, |guard| guard.value());
     meta.insert(NEXT_ORDER, order + 1).map_err(db)?;
-    let peer = conversation(tx, message.peer())?.to_hex();
+    let peer = conversation(tx, message)?;
     let json = serde_json::to_vec(message).expect("a message serialises");
     let mut messages = tx.open_table(MESSAGES).map_err(db)?;
     messages
@@ -141,18 +141,32 @@ fn record_in(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<boo
     Ok(true)
 }
 
-/// The conversation a message with `peer` belongs to: the identity of the contact with that
-/// key (so a contact's messages stay in one conversation across a rotation), else `peer`.
-fn conversation(tx: &redb::WriteTransaction, peer: &PublicKey) -> Result<PublicKey, StoreError> {
+/// The conversation `message` belongs to (its key in [`MESSAGES`]): for a message to a
+/// contact, the contact's identity; for one signed by a contact's current key, that contact's
+/// identity (so a contact's messages stay in one conversation across a rotation). A message
+/// signed by the identity key of a contact that has rotated away from it is not the contact's:
+/// it goes to a conversation of its own (`retired.<key hex>`). Anything else: the sender's key.
+fn conversation(
+    tx: &redb::WriteTransaction,
+    message: &StoredMessage,
+) -> Result<String, StoreError> {
+    if message.direction == Direction::Outgoing {
+        return Ok(message.to.to_hex());
+    }
     let contacts = tx.open_table(CONTACTS).map_err(db)?;
+    let mut retired = false;
     for entry in contacts.iter().map_err(db)? {
         let (_, value) = entry.map_err(db)?;
         let contact: Contact = serde_json::from_slice(value.value()).map_err(corrupt)?;
-        if contact.has_key(peer) {
-            return Ok(contact.key);
+        if contact.signs_with(&message.from) {
+            return Ok(contact.key.to_hex());
         }
+        retired |= contact.key == message.from;
     }
-    Ok(*peer)
+    Ok(match retired {
+        true => format!("retired.{}", message.from.to_hex()),
+        false => message.from.to_hex(),
+    })
 }
 
 fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
@@ -187,9 +201,16 @@ pub struct Contact {
 }
 
 impl Contact {
-    /// Whether `key` is this contact's identity or its current key.
-    pub fn has_key(&self, key: &PublicKey) -> bool {
-        self.key == *key || self.current_key == *key
+    /// Whether `key` is the key this contact signs with now: only messages it signed are the
+    /// contact's. The identity key stops being one when the chain rotates away from it.
+    pub fn signs_with(&self, key: &PublicKey) -> bool {
+        self.current_key == *key
+    }
+
+    /// Whether `key` is a key this contact signed with before a rotation: its identity key,
+    /// once the chain's current key is another. A message signed by it now is not theirs.
+    pub fn retired(&self, key: &PublicKey) -> bool {
+        self.key == *key && self.current_key != *key
     }
 }
 
@@ -454,10 +475,16 @@ impl Store {
         Ok(contacts)
     }
 
-    /// The contact whose identity or current key is `key`, if any (to name the sender of an
-    /// incoming message).
+    /// The contact that signs with `key` now ([`Contact::signs_with`]), if any: who sent a
+    /// message signed by `key`.
     pub fn contact_by_key(&self, key: &PublicKey) -> Result<Option<Contact>, StoreError> {
-        Ok(self.contacts()?.into_iter().find(|c| c.has_key(key)))
+        Ok(self.contacts()?.into_iter().find(|c| c.signs_with(key)))
+    }
+
+    /// The contact that rotated away from `key` ([`Contact::retired`]), if any: a message
+    /// signed by `key` is not theirs, and saying whose key it was warns the user.
+    pub fn contact_retired_key(&self, key: &PublicKey) -> Result<Option<Contact>, StoreError> {
+        Ok(self.contacts()?.into_iter().find(|c| c.retired(key)))
     }
 
     /// Whether a message with `id` was seen (received or sent) before.
@@ -823,6 +850,12 @@ mod tests {
         assert!(matches!(err, StoreError::Forked { seq: 2, .. }), "{err:?}");
         assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(grown.clone()));
 
+        // A message from bob's key before the rotation is bob's.
+        assert!(
+            store
+                .record_incoming(&message(2, 1, "before"), 100)
+                .unwrap()
+        );
         // bob's own chain rotates to key 9: followed, and the conversation stays one.
         let mut rotated = two.clone();
         let chain = verified(&two);
@@ -841,15 +874,29 @@ mod tests {
             (key(2), key(9), 3)
         );
         assert_eq!(store.contact_by_key(&key(9)).unwrap(), Some(bob.clone()));
-        assert!(
-            store
-                .record_incoming(&message(2, 1, "before"), 100)
-                .unwrap()
-        );
         assert!(store.record_incoming(&message(9, 1, "after"), 101).unwrap());
         let history = store.history(&bob.key).unwrap();
         let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
         assert_eq!(bodies, [&b"before"[..], b"after"]);
+
+        // The old key is retired: what it signs now is not bob's.
+        assert_eq!(store.contact_by_key(&key(2)).unwrap(), None);
+        assert_eq!(
+            store.contact_retired_key(&key(2)).unwrap(),
+            Some(bob.clone())
+        );
+        assert_eq!(store.contact_retired_key(&key(9)).unwrap(), None);
+        assert!(store.record_incoming(&message(2, 1, "late"), 102).unwrap());
+        let history = store.history(&bob.key).unwrap();
+        let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(
+            bodies,
+            [&b"before"[..], b"after"],
+            "not in bob's conversation"
+        );
+        let unshown = store.unshown().unwrap();
+        let late = unshown.last().unwrap();
+        assert_eq!(late.1.body, b"late");
     }
 
     #[test]

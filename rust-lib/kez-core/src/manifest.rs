@@ -286,9 +286,7 @@ pub fn build_with_rng<R: RngCore + CryptoRng>(
         }
     }
     while boxes.len() % SEALED_BATCH != 0 {
-        let mut decoy = [0u8; SEALED_ENTRY_LEN];
-        rng.fill_bytes(&mut decoy);
-        boxes.push(decoy);
+        boxes.push(decoy(rng));
     }
     check_count("public entries", public.len(), MAX_PUBLIC_ENTRIES)?;
     check_count("sealed entries", boxes.len(), MAX_SEALED_ENTRIES)?;
@@ -493,6 +491,19 @@ fn check_entries(entries: &[ManifestEntry]) -> Result<(), ManifestError> {
         }
     }
     Ok(())
+}
+
+/// A decoy box that cannot be told from a real one without a recipient's key: a fresh X25519
+/// public key, as every real box starts with (random bytes would be a point in the prime-order
+/// subgroup only 1 time in 16), then random bytes where a box has ciphertext.
+fn decoy<R: RngCore + CryptoRng>(rng: &mut R) -> [u8; SEALED_ENTRY_LEN] {
+    let mut secret = Zeroizing::new([0u8; 32]);
+    rng.fill_bytes(secret.as_mut());
+    let public = x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*secret));
+    let mut decoy = [0u8; SEALED_ENTRY_LEN];
+    decoy[..EPHEMERAL_LEN].copy_from_slice(public.as_bytes());
+    rng.fill_bytes(&mut decoy[EPHEMERAL_LEN..]);
+    decoy
 }
 
 /// A box's AAD binds it to its manifest's owner: a box copied into someone else's manifest

@@ -697,7 +697,8 @@ pub struct Sigchain {
 }
 
 /// Where a chain used an operation this version ignores.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UnknownOpRecord {
     /// The link's seq.
     pub seq: u64,
@@ -705,7 +706,49 @@ pub struct UnknownOpRecord {
     pub op: String,
 }
 
+/// [`Sigchain`]'s members as its state JSON (PROTOCOL.md §4.4) has them: the form
+/// [`Sigchain::to_state_json`] writes and [`Sigchain::from_trusted_state_json`] reads. Private,
+/// so that no other path makes a `Sigchain` from JSON.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateJson {
+    chain: PublicKey,
+    current_key: PublicKey,
+    seq: u64,
+    head: LinkHash,
+    time: u64,
+    endpoints: BTreeMap<String, Endpoint>,
+    shared_files: Option<SharedFiles>,
+    claims: Vec<Claim>,
+    unknown_ops: Vec<UnknownOpRecord>,
+}
+
 impl Sigchain {
+    /// The chain's derived state as JSON (PROTOCOL.md §4.4, the vectors' `ok` form), to keep
+    /// beside the links so that the next link can be verified without reading them again.
+    pub fn to_state_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a chain state serialises")
+    }
+
+    /// A chain state that [`Sigchain::to_state_json`] wrote for a chain the caller verified
+    /// itself, read back **without verifying anything**: only for state kept where nobody else
+    /// writes (the home server's own bucket). Never for state from anyone else: verify their
+    /// links instead.
+    pub fn from_trusted_state_json(bytes: &[u8]) -> Result<Sigchain, serde_json::Error> {
+        let state: StateJson = serde_json::from_slice(bytes)?;
+        Ok(Sigchain {
+            chain: state.chain,
+            current_key: state.current_key,
+            seq: state.seq,
+            head: state.head,
+            time: state.time,
+            endpoints: state.endpoints,
+            shared_files: state.shared_files,
+            claims: state.claims,
+            unknown_ops: state.unknown_ops,
+        })
+    }
+
     /// Verifies a whole chain, first link first.
     pub fn verify<B: AsRef<[u8]>>(links: &[B]) -> Result<Sigchain, ChainError> {
         let (first, rest) = links.split_first().ok_or(ChainError {
@@ -999,6 +1042,45 @@ mod tests {
             ChainErrorKind::TooManyLinks
         );
         assert_eq!(chain, before);
+    }
+
+    #[test]
+    fn a_kept_state_continues_the_chain_as_verifying_all_links_would() {
+        let (alice, alice2) = (key(1), key(2));
+        let (mut chain, mut links) = start(&alice);
+        let claim = Op::Claim(Claim {
+            service: "dns".into(),
+            identity: "alice.example".into(),
+            proof: "txt".into(),
+        });
+        for op in [
+            claim,
+            Op::Unknown {
+                op: "later".into(),
+                payload: Map::new(),
+            },
+        ] {
+            let next = chain.next_link(101, op).sign(&alice).unwrap();
+            chain.append(next.bytes()).unwrap();
+            links.push(next.bytes().to_vec());
+        }
+        let rotate = chain
+            .next_link(102, endpoint("x"))
+            .sign_rotation(&alice, &alice2)
+            .unwrap();
+        chain.append(rotate.bytes()).unwrap();
+        links.push(rotate.bytes().to_vec());
+
+        let mut kept = Sigchain::from_trusted_state_json(&chain.to_state_json()).unwrap();
+        assert_eq!(kept, chain);
+        let next = chain
+            .next_link(103, endpoint("iroh"))
+            .sign(&alice2)
+            .unwrap();
+        kept.append(next.bytes()).unwrap();
+        links.push(next.bytes().to_vec());
+        assert_eq!(kept, Sigchain::verify(&links).unwrap());
+        assert!(Sigchain::from_trusted_state_json(b"{\"chain\":1}").is_err());
     }
 
     #[test]

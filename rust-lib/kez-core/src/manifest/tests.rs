@@ -229,6 +229,50 @@ fn the_bytes_name_no_recipient_and_no_private_file() {
     assert!(text.contains("readme.txt"));
 }
 
+/// What an observer without a key can check of a box: whether its first 32 bytes are the
+/// X25519 public key of a point in the prime-order subgroup, as every real box's are.
+fn looks_like_a_real_box(sealed: &str) -> bool {
+    let bytes = data_encoding::BASE64.decode(sealed.as_bytes()).unwrap();
+    let u: [u8; 32] = bytes[..32].try_into().unwrap();
+    curve25519_dalek::montgomery::MontgomeryPoint(u)
+        .to_edwards(0)
+        .is_some_and(|point| point.is_torsion_free() && !point.is_small_order())
+}
+
+#[test]
+fn decoys_cannot_be_told_from_real_boxes_without_a_key() {
+    // One recipient: 1 real box and 7 decoys per manifest. Random 32 bytes pass the check
+    // about 1 time in 16, so 140 decoys all passing by chance is out of the question.
+    let mut decoys = 0;
+    for round in 0..20 {
+        let bytes = build(&key("alice"), round, T0, &[], &[private("x", 1, &["bob"])]).unwrap();
+        let body = body_of(&bytes);
+        let sealed = body["sealed"].as_array().unwrap();
+        assert_eq!(sealed.len(), SEALED_BATCH);
+        for sealed in sealed {
+            assert!(
+                looks_like_a_real_box(sealed.as_str().unwrap()),
+                "a box that is told apart without a key: {sealed}"
+            );
+        }
+        decoys += sealed.len() - 1;
+    }
+    assert_eq!(decoys, 140);
+    // The check does tell random bytes apart.
+    let random: Vec<bool> = (0..64u8)
+        .map(|i| {
+            let bytes: Vec<u8> = (0..SEALED_ENTRY_LEN)
+                .map(|j| seed("random box", &format!("{i}"))[j % 32] ^ j as u8)
+                .collect();
+            looks_like_a_real_box(&data_encoding::BASE64.encode(&bytes))
+        })
+        .collect();
+    assert!(
+        random.iter().filter(|real| **real).count() < 16,
+        "{random:?}"
+    );
+}
+
 #[test]
 fn two_builds_share_no_box() {
     let one = body_of(&alice_manifest("one"));
