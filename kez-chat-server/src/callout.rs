@@ -179,8 +179,9 @@ pub fn unregistered_profile(
         .allow_subscribe([format!("{}.>", reply_prefix(key))])
 }
 
-/// A registered key may use every kez service, write to anyone's inbox, read and acknowledge
-/// only its own inbox consumer, and hear replies only on its own reply prefix.
+/// A registered key may use every kez service (sending mail through `kez.mail.send`, never
+/// into an inbox directly), read and acknowledge only its own inbox consumer, and hear replies
+/// only on its own reply prefix.
 pub fn registered_profile(
     request: &AuthorizationRequest,
     record: &HandleRecord,
@@ -193,7 +194,7 @@ pub fn registered_profile(
             "kez.sigchain.>".to_owned(),
             "kez.pin.>".to_owned(),
             "kez.server.>".to_owned(),
-            "kez.inbox.*".to_owned(),
+            "kez.mail.>".to_owned(),
             format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{consumer}"),
             format!("{JS_API_PREFIX}.CONSUMER.INFO.{INBOX_STREAM}.{consumer}"),
             format!("$JS.ACK.{INBOX_STREAM}.{consumer}.>"),

@@ -82,6 +82,9 @@ pub struct ServerConfig {
     /// How often the inbox stream is swept for messages the broker still holds although they
     /// were acknowledged ([`crate::store::Store::sweep_acknowledged_inbox_messages`]).
     pub inbox_sweep_interval: std::time::Duration,
+    /// Most bytes `KEZ_INBOX` may hold; `None`: an existing stream keeps its bound, a new one
+    /// gets [`crate::store::DEFAULT_INBOX_MAX_BYTES`].
+    pub inbox_max_bytes: Option<u64>,
 }
 
 impl ServerConfig {
@@ -100,6 +103,7 @@ impl ServerConfig {
             pin: None,
             limits: crate::limits::Limits::default(),
             inbox_sweep_interval: DEFAULT_INBOX_SWEEP_INTERVAL,
+            inbox_max_bytes: None,
         }
     }
 }
@@ -170,6 +174,11 @@ pub struct Settings {
     /// after 2 minutes) [default: 90]
     #[arg(long, env = "KEZ_PIN_FETCH_SECS")]
     pub pin_fetch_secs: Option<u64>,
+    /// Let the pin node dial provider addresses that are not public (loopback, private,
+    /// link-local) when owners name them: only where owners' nodes are on the operator's own
+    /// network [default: off, public addresses only]
+    #[arg(long, env = "KEZ_PIN_DIAL_PRIVATE", num_args = 0..=1, default_missing_value = "true")]
+    pub pin_dial_private: Option<bool>,
     /// Requests per second each key may make to kez.registry.*, kez.sigchain.* and kez.pin.*
     /// (over it: 429 rate_limited); 0 turns the limit off [default: 20]
     #[arg(long, env = "KEZ_RATE_LIMIT_PER_SEC")]
@@ -191,6 +200,32 @@ pub struct Settings {
     /// Unregistered connections one client address may open at once [default: 50]
     #[arg(long, env = "KEZ_CONNECT_LIMIT_BURST")]
     pub connect_limit_burst: Option<u32>,
+    /// Registration requests per hour this instance takes from all addresses together (over
+    /// it: 429 too_many_registrations); 0 turns the limit off [default: 3600]
+    #[arg(long, env = "KEZ_REGISTER_LIMIT_GLOBAL_PER_HOUR")]
+    pub register_limit_global_per_hour: Option<u32>,
+    /// Registrations this instance takes at once from all addresses [default: 600]
+    #[arg(long, env = "KEZ_REGISTER_LIMIT_GLOBAL_BURST")]
+    pub register_limit_global_burst: Option<u32>,
+    /// Messages per second each key may send through kez.mail.send (over it: 429
+    /// rate_limited); 0 turns the limit off [default: 20]
+    #[arg(long, env = "KEZ_SEND_LIMIT_PER_SEC")]
+    pub send_limit_per_sec: Option<f64>,
+    /// Messages each key may send at once [default: 200]
+    #[arg(long, env = "KEZ_SEND_LIMIT_BURST")]
+    pub send_limit_burst: Option<u32>,
+    /// Envelope bytes per hour each key may send (over it: 429 rate_limited); 0 turns the limit
+    /// off [default: 16777216, 16 MiB]
+    #[arg(long, env = "KEZ_SEND_BYTES_PER_HOUR")]
+    pub send_bytes_per_hour: Option<u64>,
+    /// Envelope bytes each key may send at once, at least 65536 [default: 8388608, 8 MiB]
+    #[arg(long, env = "KEZ_SEND_BYTES_BURST")]
+    pub send_bytes_burst: Option<u32>,
+    /// Most bytes the KEZ_INBOX stream may hold (JetStream reserves them, so the key-value
+    /// buckets keep the rest of the store); a full stream refuses new messages [default:
+    /// 4294967296, 4 GiB; an existing stream keeps its own]
+    #[arg(long, env = "KEZ_INBOX_MAX_BYTES")]
+    pub inbox_max_bytes: Option<u64>,
     /// Seconds between sweeps of the KEZ_INBOX stream for messages the broker still holds
     /// although their recipient acknowledged them (left by a broker crash) [default: 300]
     #[arg(long, env = "KEZ_INBOX_SWEEP_SECS")]
@@ -226,6 +261,7 @@ impl Settings {
             pin_quota_bytes: self.pin_quota_bytes.or(fallback.pin_quota_bytes),
             pin_gc_secs: self.pin_gc_secs.or(fallback.pin_gc_secs),
             pin_fetch_secs: self.pin_fetch_secs.or(fallback.pin_fetch_secs),
+            pin_dial_private: self.pin_dial_private.or(fallback.pin_dial_private),
             rate_limit_per_sec: self.rate_limit_per_sec.or(fallback.rate_limit_per_sec),
             rate_limit_burst: self.rate_limit_burst.or(fallback.rate_limit_burst),
             register_limit_per_hour: self
@@ -236,6 +272,17 @@ impl Settings {
                 .connect_limit_per_sec
                 .or(fallback.connect_limit_per_sec),
             connect_limit_burst: self.connect_limit_burst.or(fallback.connect_limit_burst),
+            register_limit_global_per_hour: self
+                .register_limit_global_per_hour
+                .or(fallback.register_limit_global_per_hour),
+            register_limit_global_burst: self
+                .register_limit_global_burst
+                .or(fallback.register_limit_global_burst),
+            send_limit_per_sec: self.send_limit_per_sec.or(fallback.send_limit_per_sec),
+            send_limit_burst: self.send_limit_burst.or(fallback.send_limit_burst),
+            send_bytes_per_hour: self.send_bytes_per_hour.or(fallback.send_bytes_per_hour),
+            send_bytes_burst: self.send_bytes_burst.or(fallback.send_bytes_burst),
+            inbox_max_bytes: self.inbox_max_bytes.or(fallback.inbox_max_bytes),
             inbox_sweep_secs: self.inbox_sweep_secs.or(fallback.inbox_sweep_secs),
         }
     }
@@ -314,8 +361,9 @@ impl Settings {
                     || self.pin_quota_bytes.is_some()
                     || self.pin_gc_secs.is_some()
                     || self.pin_fetch_secs.is_some()
+                    || self.pin_dial_private.is_some()
                 {
-                    return Err("--pin-bind, --pin-quota-bytes, --pin-gc-secs and --pin-fetch-secs need --pin-dir, which turns pinning on".into());
+                    return Err("--pin-bind, --pin-quota-bytes, --pin-gc-secs, --pin-fetch-secs and --pin-dial-private need --pin-dir, which turns pinning on".into());
                 }
                 None
             }
@@ -342,18 +390,36 @@ impl Settings {
                     Some(secs) => pin.fetch_timeout = std::time::Duration::from_secs(secs),
                     None => {}
                 }
+                pin.dial_private = self.pin_dial_private.unwrap_or(false);
                 Some(pin)
             }
         };
-        let limits = resolve_limits(
+        let per_hour = |hour: Option<f64>| hour.map(|hour| hour / 3600.0);
+        let limits = resolve_limits(&[
             (self.rate_limit_per_sec, self.rate_limit_burst),
             (
-                self.register_limit_per_hour
-                    .map(|hour| f64::from(hour) / 3600.0),
+                per_hour(self.register_limit_per_hour.map(f64::from)),
                 self.register_limit_burst,
             ),
+            (
+                per_hour(self.register_limit_global_per_hour.map(f64::from)),
+                self.register_limit_global_burst,
+            ),
             (self.connect_limit_per_sec, self.connect_limit_burst),
-        )?;
+            (self.send_limit_per_sec, self.send_limit_burst),
+            (
+                per_hour(self.send_bytes_per_hour.map(|bytes| bytes as f64)),
+                self.send_bytes_burst,
+            ),
+        ])?;
+        let inbox_max_bytes = match self.inbox_max_bytes {
+            Some(bytes) if bytes < MIN_INBOX_MAX_BYTES => {
+                return Err(format!(
+                    "--inbox-max-bytes must be at least {MIN_INBOX_MAX_BYTES} (1 MiB)"
+                ));
+            }
+            bytes => bytes,
+        };
         let inbox_sweep_interval = match self.inbox_sweep_secs {
             Some(0) => return Err("--inbox-sweep-secs must be at least 1".into()),
             Some(secs) => std::time::Duration::from_secs(secs),
@@ -371,54 +437,84 @@ impl Settings {
             pin,
             limits,
             inbox_sweep_interval,
+            inbox_max_bytes,
         })
     }
 }
 
-/// The limits from their settings (rate, burst) in the order per key, registrations per
-/// address, unregistered connections per address; unset halves keep their defaults, a rate of
-/// 0 turns that limit off.
+/// The limits from their settings (rate per second, burst), in the order of [`LIMIT_FLAGS`];
+/// unset halves keep their defaults, a rate of 0 turns that limit off.
 fn resolve_limits(
-    per_key: (Option<f64>, Option<u32>),
-    register: (Option<f64>, Option<u32>),
-    connect: (Option<f64>, Option<u32>),
+    settings: &[(Option<f64>, Option<u32>); LIMIT_FLAGS.len()],
 ) -> Result<crate::limits::Limits, String> {
     use crate::limits::{Limits, Rate};
-    let rate = |(per_sec, burst): (Option<f64>, Option<u32>),
-                default: Rate,
-                flag: &str|
-     -> Result<Rate, String> {
+    let defaults = Limits::default();
+    let default_rates = [
+        defaults.per_key,
+        defaults.register_per_addr,
+        defaults.register_global,
+        defaults.unregistered_connects_per_addr,
+        defaults.send_per_key,
+        defaults.send_bytes_per_key,
+    ];
+    let mut rates = [Rate::OFF; LIMIT_FLAGS.len()];
+    for (((per_sec, burst), default), (flag, least_burst), rate) in settings
+        .iter()
+        .zip(default_rates)
+        .zip(LIMIT_FLAGS)
+        .zip(&mut rates)
+        .map(|(((setting, default), flag), rate)| ((*setting, default), flag, rate))
+    {
         let per_sec = per_sec.unwrap_or(default.per_sec);
         if !per_sec.is_finite() || per_sec < 0.0 {
             return Err(format!("--{flag} must be a number of at least 0"));
         }
         if per_sec == 0.0 {
-            return Ok(Rate::OFF);
+            continue;
         }
         let burst = burst.unwrap_or(default.burst);
-        if burst == 0 {
+        if burst < least_burst {
             return Err(format!(
-                "the burst of --{flag} must be at least 1 (set the rate to 0 to turn it off)"
+                "the burst of --{flag} must be at least {least_burst} (set the rate to 0 to turn it off)"
             ));
         }
-        Ok(Rate::new(per_sec, burst))
-    };
-    let defaults = Limits::default();
+        *rate = Rate::new(per_sec, burst);
+    }
+    let [
+        per_key,
+        register_per_addr,
+        register_global,
+        unregistered_connects_per_addr,
+        send_per_key,
+        send_bytes_per_key,
+    ] = rates;
     Ok(Limits {
-        per_key: rate(per_key, defaults.per_key, "rate-limit-per-sec")?,
-        register_per_addr: rate(
-            register,
-            defaults.register_per_addr,
-            "register-limit-per-hour",
-        )?,
-        unregistered_connects_per_addr: rate(
-            connect,
-            defaults.unregistered_connects_per_addr,
-            "connect-limit-per-sec",
-        )?,
+        per_key,
+        register_per_addr,
+        register_global,
+        unregistered_connects_per_addr,
+        send_per_key,
+        send_bytes_per_key,
         max_buckets: defaults.max_buckets,
     })
 }
+
+/// Each limit's rate flag and the least burst it takes: one request, or for the byte budget
+/// one envelope of the largest size, which must always fit.
+const LIMIT_FLAGS: [(&str, u32); 6] = [
+    ("rate-limit-per-sec", 1),
+    ("register-limit-per-hour", 1),
+    ("register-limit-global-per-hour", 1),
+    ("connect-limit-per-sec", 1),
+    ("send-limit-per-sec", 1),
+    (
+        "send-bytes-per-hour",
+        kez_core::envelope::MAX_ENVELOPE_BYTES as u32,
+    ),
+];
+
+/// Least `--inbox-max-bytes`.
+const MIN_INBOX_MAX_BYTES: u64 = 1 << 20;
 
 /// URL schemes a client can connect to NATS with.
 const PUBLIC_URL_SCHEMES: [&str; 4] = ["nats://", "tls://", "ws://", "wss://"];

@@ -45,6 +45,9 @@ pub const KEYS_DIR: &str = "keys";
 pub const PIN_DIR: &str = "pin";
 /// The generated nats-server config (rewritten on every start).
 pub const CONF_FILE: &str = "nats-server.conf";
+/// What the dev stack's inbox stream may hold: enough for development, small enough to fit any
+/// machine's free disk (JetStream reserves it at start).
+pub const DEV_INBOX_MAX_BYTES: u64 = 256 << 20;
 /// nats-server's stdout and stderr, appended to across runs.
 pub const LOG_FILE: &str = "nats-server.log";
 /// The JetStream store directory.
@@ -225,7 +228,12 @@ impl Prepared {
             auth: NatsAuth::NkeySeedFile(keys_dir.join(nats_conf::SERVER_USER_SEED_FILE)),
             callout: Some(CalloutConfig::new(keys_dir, self.keys.issuer.clone())),
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], http_port))),
-            pin: pin.then(|| crate::pin::PinConfig::new(self.data_dir.join(PIN_DIR))),
+            // The dev stack is on loopback: its users' nodes are too.
+            pin: pin.then(|| crate::pin::PinConfig {
+                dial_private: true,
+                ..crate::pin::PinConfig::new(self.data_dir.join(PIN_DIR))
+            }),
+            inbox_max_bytes: Some(DEV_INBOX_MAX_BYTES),
             ..ServerConfig::new(nats_url, domain)
         }
     }

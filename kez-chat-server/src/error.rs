@@ -86,6 +86,16 @@ impl From<RegistrationError> for ApiError {
     }
 }
 
+impl From<kez_core::mail::SendRequestError> for ApiError {
+    fn from(err: kez_core::mail::SendRequestError) -> Self {
+        let code = match err {
+            kez_core::mail::SendRequestError::TooLarge(_) => 413,
+            _ => 400,
+        };
+        ApiError::new(code, err.code(), err.to_string())
+    }
+}
+
 impl From<ChainErrorKind> for ApiError {
     fn from(err: ChainErrorKind) -> Self {
         let code = match err {

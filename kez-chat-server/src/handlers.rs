@@ -47,11 +47,13 @@ pub enum Route {
     PinList,
     /// `kez.pin.status`
     PinStatus,
+    /// `kez.mail.send`
+    MailSend,
 }
 
 impl Route {
     /// Every route, in a fixed order (metrics index by it).
-    pub const ALL: [Route; 12] = [
+    pub const ALL: [Route; 13] = [
         Route::Register,
         Route::Lookup,
         Route::Whois,
@@ -64,6 +66,7 @@ impl Route {
         Route::PinRemove,
         Route::PinList,
         Route::PinStatus,
+        Route::MailSend,
     ];
 
     /// The route's position in [`Route::ALL`].
@@ -86,6 +89,7 @@ impl Route {
             Route::PinRemove => "kez.pin.remove",
             Route::PinList => "kez.pin.list",
             Route::PinStatus => "kez.pin.status",
+            Route::MailSend => kez_core::mail::SEND_SUBJECT,
         }
     }
 }
@@ -130,6 +134,12 @@ pub const SERVICES: &[ServiceSpec] = &[
         description: "Server information",
         endpoints: &[("info", Route::Info)],
     },
+    ServiceSpec {
+        name: "kez-mail",
+        prefix: "kez.mail",
+        description: "Mail: store a sealed envelope in a registered recipient's inbox",
+        endpoints: &[("send", Route::MailSend)],
+    },
 ];
 
 /// The pin service, run only by instances with a pin directory.
@@ -171,6 +181,8 @@ pub struct Context {
     pub pin: Option<Pinning>,
     /// The per-key and per-address request limits.
     pub limiters: Limiters,
+    /// Keys known to be registered (`kez.mail.send` recipients).
+    pub recipients: crate::mail::Recipients,
 }
 
 /// The request limiters of PROTOCOL.md §5.5 (the callout holds the connection one).
@@ -180,23 +192,34 @@ pub struct Limiters {
     pub per_key: Limiter,
     /// Registrations per client address.
     pub register_per_addr: Limiter,
+    /// Registrations to this instance from anyone (one bucket).
+    pub register_global: Limiter,
+    /// `kez.mail.send` messages per sender key.
+    pub send_per_key: Limiter,
+    /// `kez.mail.send` envelope bytes per sender key.
+    pub send_bytes_per_key: Limiter,
 }
 
 impl Limiters {
     /// Limiters for `limits`.
     pub fn new(limits: &crate::limits::Limits) -> Limiters {
+        let limiter = |rate| Limiter::new(rate, limits.max_buckets);
         Limiters {
-            per_key: Limiter::new(limits.per_key, limits.max_buckets),
-            register_per_addr: Limiter::new(limits.register_per_addr, limits.max_buckets),
+            per_key: limiter(limits.per_key),
+            register_per_addr: limiter(limits.register_per_addr),
+            register_global: limiter(limits.register_global),
+            send_per_key: limiter(limits.send_per_key),
+            send_bytes_per_key: limiter(limits.send_bytes_per_key),
         }
     }
 }
 
 impl Route {
-    /// Whether requests on the route count against the caller's per-key limit: every
-    /// `kez.registry.*`, `kez.sigchain.*` and `kez.pin.*` request.
+    /// Whether requests on the route count against the caller's per-key request limit: every
+    /// `kez.registry.*`, `kez.sigchain.*` and `kez.pin.*` request. `kez.mail.send` has budgets
+    /// of its own (messages and bytes per sender).
     pub fn is_rate_limited(self) -> bool {
-        !matches!(self, Route::Info | Route::Authorize)
+        !matches!(self, Route::Info | Route::Authorize | Route::MailSend)
     }
 }
 
@@ -237,12 +260,16 @@ fn check_caller(ctx: &Context, route: Route, caller: &Caller) -> Result<(), ApiE
             .check(user, now)
             .map_err(rate_limited)?;
     }
-    if route == Route::Register
-        && let Some(host) = &caller.host
-    {
+    if route == Route::Register {
+        if let Some(host) = &caller.host {
+            ctx.limiters
+                .register_per_addr
+                .check(host, now)
+                .map_err(too_many_registrations)?;
+        }
         ctx.limiters
-            .register_per_addr
-            .check(host, now)
+            .register_global
+            .check("", now)
             .map_err(too_many_registrations)?;
     }
     Ok(())
@@ -372,13 +399,18 @@ pub enum Request {
     /// `kez.pin.*`: the signed body is decoded and verified by [`crate::pin::handle`], which
     /// also needs the owner's registration.
     Pin(PinOp),
+    /// `kez.mail.send`: a recipient and an envelope of an acceptable size (the frame,
+    /// `kez_core::mail`, is read again by [`crate::mail::send`], after the sender's budget).
+    MailSend,
 }
 
 /// The largest body `route` accepts: [`MAX_REQUEST_BYTES`], or
-/// [`kez_nats_jwt::MAX_JWT_LEN`] for nats-server's own authorization requests.
+/// [`kez_nats_jwt::MAX_JWT_LEN`] for nats-server's own authorization requests, or a frame and
+/// the largest envelope for `kez.mail.send`.
 pub fn request_limit(route: Route) -> usize {
     match route {
         Route::Authorize => kez_nats_jwt::MAX_JWT_LEN,
+        Route::MailSend => kez_core::mail::MAX_SEND_BYTES,
         _ => MAX_REQUEST_BYTES,
     }
 }
@@ -389,6 +421,9 @@ pub fn request_limit(route: Route) -> usize {
 /// registration and link failures of PROTOCOL.md §5.1).
 pub fn decode(route: Route, body: &[u8], domain: &str, now: u64) -> Result<Request, ApiError> {
     let limit = request_limit(route);
+    if route == Route::MailSend {
+        kez_core::mail::SendRequest::decode(body)?;
+    }
     if body.len() > limit {
         return Err(ApiError::new(
             413,
@@ -444,6 +479,7 @@ pub fn decode(route: Route, body: &[u8], domain: &str, now: u64) -> Result<Reque
         Route::PinRemove => Ok(Request::Pin(PinOp::Remove)),
         Route::PinList => Ok(Request::Pin(PinOp::List)),
         Route::PinStatus => Ok(Request::Pin(PinOp::Status)),
+        Route::MailSend => Ok(Request::MailSend),
     }
 }
 
@@ -544,6 +580,7 @@ pub async fn handle(
             };
             crate::pin::handle(ctx, pinning, op, body, now).await
         }
+        Request::MailSend => crate::mail::send(ctx, caller, body).await,
     }
 }
 

@@ -13,6 +13,7 @@ pub mod error;
 pub mod handlers;
 pub mod http;
 pub mod limits;
+pub mod mail;
 pub mod metrics;
 pub mod nats_conf;
 pub mod pin;
@@ -101,7 +102,14 @@ impl Server {
             None => None,
         };
         let client = connect(&config.nats_url, &config.auth, "kez-chat-server").await?;
-        let store = open_store_on(&client, config.kv_replicas).await;
+        let store = open_store_on(
+            &client,
+            store::StoreSettings {
+                replicas: config.kv_replicas,
+                inbox_max_bytes: config.inbox_max_bytes,
+            },
+        )
+        .await;
         let prepared = store
             .ensure_all_inbox_consumers()
             .await
@@ -181,6 +189,7 @@ impl Server {
                 public_nats_url: config.public_nats_url.clone(),
                 pin: pinning,
                 limiters: handlers::Limiters::new(&config.limits),
+                recipients: mail::Recipients::default(),
             }),
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
             inbox_sweep_interval: config.inbox_sweep_interval,
@@ -457,14 +466,14 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
 /// commands.
 pub async fn open_store(config: &ServerConfig) -> Result<Store, StartError> {
     let client = connect(&config.nats_url, &config.auth, "kez-chat-server admin").await?;
-    Ok(open_store_on(&client, None).await)
+    Ok(open_store_on(&client, store::StoreSettings::default()).await)
 }
 
 /// Opens the buckets, waiting for JetStream as long as it takes.
-async fn open_store_on(client: &async_nats::Client, replicas: Option<usize>) -> Store {
+async fn open_store_on(client: &async_nats::Client, settings: store::StoreSettings) -> Store {
     let js = async_nats::jetstream::new(client.clone());
     loop {
-        match Store::open(&js, replicas).await {
+        match Store::open(&js, settings).await {
             Ok(store) => return store,
             Err(err) => {
                 tracing::warn!(error = %err, "JetStream not ready; retrying");

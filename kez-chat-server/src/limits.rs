@@ -1,13 +1,17 @@
 //! Rate limits against hostile clients: token buckets keyed by who asks (PROTOCOL.md §5.5).
 //!
-//! Three limiters, each a map of token buckets with a hard cap on its size:
+//! Limiters, each a map of token buckets with a hard cap on its size:
 //! - **per key**: every `kez.registry.*`, `kez.sigchain.*` and `kez.pin.*` request, keyed by the
 //!   caller's KEZ key (the nkey nats-server vouches for in the `Nats-Request-Info` header, see
 //!   [`Caller`]); over the limit the answer is 429 `rate_limited`;
 //! - **registrations per address**: `kez.registry.register` keyed by the client's IP address
 //!   (the same header); over the limit 429 `too_many_registrations`;
+//! - **registrations per instance**: every `kez.registry.register`, one bucket; over the limit
+//!   429 `too_many_registrations`;
 //! - **unregistered connections per address**: the auth callout's narrow-profile grants, keyed
-//!   by `client_info.host`; over the limit the connection is refused.
+//!   by `client_info.host`; over the limit the connection is refused;
+//! - **messages and bytes per sender**: `kez.mail.send`, keyed by the caller's key; over either
+//!   limit 429 `rate_limited`.
 //!
 //! A bucket holds at most `burst` tokens, refills at `per_sec` tokens a second and each request
 //! takes one. A bucket that has refilled completely is the same as no bucket, so those are the
@@ -58,8 +62,16 @@ pub struct Limits {
     pub per_key: Rate,
     /// `kez.registry.register` requests per client address.
     pub register_per_addr: Rate,
+    /// `kez.registry.register` requests to this instance from anyone: what new accounts an
+    /// attacker with many addresses can make.
+    pub register_global: Rate,
     /// Connections the auth callout grants the unregistered profile, per client address.
     pub unregistered_connects_per_addr: Rate,
+    /// Messages per sender key through `kez.mail.send`.
+    pub send_per_key: Rate,
+    /// Envelope bytes per sender key through `kez.mail.send` (one token a byte): what one key
+    /// can make the broker store.
+    pub send_bytes_per_key: Rate,
     /// Most buckets each limiter keeps.
     pub max_buckets: usize,
 }
@@ -70,13 +82,22 @@ pub const DEFAULT_PER_KEY: Rate = Rate::new(20.0, 40);
 pub const DEFAULT_REGISTER_PER_ADDR: Rate = Rate::new(1.0 / 60.0, 20);
 /// Default unregistered connections per address: 50 at once, then 5 a second.
 pub const DEFAULT_UNREGISTERED_CONNECTS_PER_ADDR: Rate = Rate::new(5.0, 50);
+/// Default registrations per instance from all addresses: 600 at once, then one a second.
+pub const DEFAULT_REGISTER_GLOBAL: Rate = Rate::new(1.0, 600);
+/// Default messages per sender: 200 at once, then 20 a second.
+pub const DEFAULT_SEND_PER_KEY: Rate = Rate::new(20.0, 200);
+/// Default envelope bytes per sender: 8 MiB at once, then 16 MiB an hour.
+pub const DEFAULT_SEND_BYTES_PER_KEY: Rate = Rate::new(16.0 * 1024.0 * 1024.0 / 3600.0, 8 << 20);
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             per_key: DEFAULT_PER_KEY,
             register_per_addr: DEFAULT_REGISTER_PER_ADDR,
+            register_global: DEFAULT_REGISTER_GLOBAL,
             unregistered_connects_per_addr: DEFAULT_UNREGISTERED_CONNECTS_PER_ADDR,
+            send_per_key: DEFAULT_SEND_PER_KEY,
+            send_bytes_per_key: DEFAULT_SEND_BYTES_PER_KEY,
             max_buckets: DEFAULT_MAX_BUCKETS,
         }
     }
@@ -87,7 +108,10 @@ impl Limits {
     pub const OFF: Limits = Limits {
         per_key: Rate::OFF,
         register_per_addr: Rate::OFF,
+        register_global: Rate::OFF,
         unregistered_connects_per_addr: Rate::OFF,
+        send_per_key: Rate::OFF,
+        send_bytes_per_key: Rate::OFF,
         max_buckets: DEFAULT_MAX_BUCKETS,
     };
 }
@@ -130,9 +154,16 @@ impl Limiter {
 
     /// Takes one token from `key`'s bucket at `now`, or says how long until there is one.
     pub fn check(&self, key: &str, now: Instant) -> Result<(), Limited> {
+        self.take(key, 1, now)
+    }
+
+    /// Takes `cost` tokens (at most the burst) from `key`'s bucket at `now`, or says how long
+    /// until there are that many.
+    pub fn take(&self, key: &str, cost: u32, now: Instant) -> Result<(), Limited> {
         if !self.rate.is_on() {
             return Ok(());
         }
+        let cost = f64::from(cost.min(self.rate.burst));
         let key = truncate(key);
         let burst = f64::from(self.rate.burst);
         let mut buckets = self
@@ -149,11 +180,11 @@ impl Limiter {
         let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate.per_sec).min(burst);
         bucket.updated = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+        if bucket.tokens >= cost {
+            bucket.tokens -= cost;
             Ok(())
         } else {
-            let missing = 1.0 - bucket.tokens;
+            let missing = cost - bucket.tokens;
             Err(Limited {
                 retry_after: Duration::from_secs_f64(missing / self.rate.per_sec)
                     .max(Duration::from_millis(1)),

@@ -157,10 +157,10 @@ pub const EXPORTED_SERVICES: &[ExportedService] = &[
         share: true,
     },
     ExportedService {
-        subject: "kez.inbox.*",
+        subject: "kez.mail.>",
         local: None,
         streamed: false,
-        share: false,
+        share: true,
     },
     ExportedService {
         subject: "$JS.API.CONSUMER.INFO.KEZ_INBOX.*",

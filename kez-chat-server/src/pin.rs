@@ -62,6 +62,10 @@ pub struct PinConfig {
     pub quota_bytes: u64,
     /// How long one add may spend fetching.
     pub fetch_timeout: Duration,
+    /// Whether the node may dial provider addresses that are not public (loopback, private,
+    /// link-local, …) an owner names: off in production, where an owner could otherwise make
+    /// the server probe its own network; on for the dev stack and tests on loopback.
+    pub dial_private: bool,
 }
 
 impl PinConfig {
@@ -73,6 +77,7 @@ impl PinConfig {
             gc_interval: Duration::from_secs(DEFAULT_GC_SECS),
             quota_bytes: DEFAULT_QUOTA_BYTES,
             fetch_timeout: Duration::from_secs(DEFAULT_FETCH_SECS),
+            dial_private: false,
         }
     }
 }
@@ -83,6 +88,7 @@ pub struct Pinning {
     bucket: kv::Store,
     quota_bytes: u64,
     fetch_timeout: Duration,
+    dial_private: bool,
     node_id: String,
 }
 
@@ -186,6 +192,7 @@ impl Pinning {
             bucket,
             quota_bytes: config.quota_bytes,
             fetch_timeout: config.fetch_timeout,
+            dial_private: config.dial_private,
             node_id,
         })
     }
@@ -439,11 +446,15 @@ async fn add(
         .iter()
         .flatten()
         .filter_map(|provider| kez_blobs::parse_provider(provider).ok())
+        .filter_map(|addr| kez_blobs::dialable(&addr, pinning.dial_private))
         .collect();
     if addrs.is_empty() {
-        return Err(ApiError::malformed(
-            "no provider is an iroh provider string this server can use (iroh:<id>;ip=…)",
-        ));
+        return Err(ApiError::malformed(match pinning.dial_private {
+            true => "no provider is an iroh provider string this server can use (iroh:<id>;ip=…)",
+            false => {
+                "no provider names a public IP address (iroh:<id>;ip=…): this server does not dial private, loopback or relay addresses"
+            }
+        }));
     }
     let blob_hex = blob.to_string();
     let quota = pinning.quota_bytes;

@@ -45,8 +45,6 @@ const HEALTH_PROBE_KEY: &str = "kez-health-probe";
 /// Most undelivered messages one inbox holds; past it new messages are refused (the sender is
 /// told), never old ones dropped.
 pub const INBOX_MAX_MESSAGES: i64 = 10_000;
-/// Largest message accepted into an inbox, in bytes.
-pub const INBOX_MAX_MESSAGE_BYTES: i32 = 64 * 1024;
 /// How long an undelivered message is kept.
 pub const INBOX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 /// Most consumers the inbox stream may have: one durable consumer per registered user, so this
@@ -54,6 +52,11 @@ pub const INBOX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30
 /// that sets no limit (or `-1`) at its `default_max_consumers` (1,000 by default), which stopped
 /// registrations at about a thousand users (found by `make bench`).
 pub const INBOX_MAX_CONSUMERS: i32 = 10_000_000;
+/// Bytes `KEZ_INBOX` may hold when the operator sets nothing (`--inbox-max-bytes`).
+pub const DEFAULT_INBOX_MAX_BYTES: u64 = 4 << 30;
+/// Largest stored inbox message: the largest envelope and room for the headers the server adds
+/// (`Nats-Msg-Id`): the stream counts headers against its message size limit.
+pub const INBOX_MAX_STORED_BYTES: i32 = kez_core::envelope::MAX_ENVELOPE_BYTES as i32 + 1024;
 /// Window in which a re-sent message with the same `Nats-Msg-Id` is stored only once.
 pub const INBOX_DUPLICATE_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -124,27 +127,46 @@ pub enum Registered {
     Existing(HandleRecord),
 }
 
+/// What [`Store::open`] applies to the buckets and the inbox stream; `None` keeps what an
+/// existing stream has (so a command run without the setting changes nothing) and gives a new
+/// one the default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// Replicas of every bucket and the stream (default 1).
+    pub replicas: Option<usize>,
+    /// Bytes the inbox stream may hold (default [`DEFAULT_INBOX_MAX_BYTES`]).
+    pub inbox_max_bytes: Option<u64>,
+}
+
 impl Store {
-    /// Creates the buckets and the inbox stream if missing (idempotent) and opens them. With
-    /// `replicas`, new and existing ones get that many; without, existing ones keep theirs (read
-    /// from the inbox stream, which is created with the buckets) and new ones get 1.
+    /// Creates the buckets and the inbox stream if missing (idempotent) and opens them, with
+    /// `settings` applied to new and existing ones (what it leaves unset, existing ones keep:
+    /// read from the inbox stream, which is created with the buckets).
     pub async fn open(
         js: &jetstream::Context,
-        replicas: Option<usize>,
+        settings: StoreSettings,
     ) -> Result<Store, async_nats::Error> {
-        let replicas = match replicas {
-            Some(replicas) => replicas,
-            None => match js.get_stream(INBOX_STREAM).await {
-                Ok(mut stream) => stream.info().await?.config.num_replicas.max(1),
-                Err(err) => match err.kind() {
-                    jetstream::context::GetStreamErrorKind::JetStream(source)
-                        if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                    {
-                        1
-                    }
-                    _ => return Err(err.into()),
-                },
+        let existing = match js.get_stream(INBOX_STREAM).await {
+            Ok(mut stream) => Some(stream.info().await?.config.clone()),
+            Err(err) => match err.kind() {
+                jetstream::context::GetStreamErrorKind::JetStream(source)
+                    if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                {
+                    None
+                }
+                _ => return Err(err.into()),
             },
+        };
+        let replicas = settings.replicas.unwrap_or_else(|| {
+            existing
+                .as_ref()
+                .map_or(1, |config| config.num_replicas.max(1))
+        });
+        // A stream of the previous release had no bound (-1): it gets the default.
+        let inbox_max_bytes = match (settings.inbox_max_bytes, &existing) {
+            (Some(bytes), _) => bytes,
+            (None, Some(config)) if config.max_bytes > 0 => config.max_bytes as u64,
+            (None, _) => DEFAULT_INBOX_MAX_BYTES,
         };
         let bucket = |name: &str, description: &str, max_value_size: usize| kv::Config {
             bucket: name.to_owned(),
@@ -168,7 +190,9 @@ impl Store {
             max_consumers: INBOX_MAX_CONSUMERS,
             discard: jetstream::stream::DiscardPolicy::New,
             discard_new_per_subject: true,
-            max_message_size: INBOX_MAX_MESSAGE_BYTES,
+            max_message_size: INBOX_MAX_STORED_BYTES,
+            // Reserved by JetStream: the stream can never take the store the buckets need.
+            max_bytes: i64::try_from(inbox_max_bytes).unwrap_or(i64::MAX),
             max_age: INBOX_MAX_AGE,
             duplicate_window: INBOX_DUPLICATE_WINDOW,
             num_replicas: replicas,
@@ -292,6 +316,26 @@ impl Store {
             // stays: a retry of this request finishes the registration.
             Err(err) => Err(ApiError::unavailable(err)),
         }
+    }
+
+    /// Stores `envelope` in `to`'s inbox with `id` as its `Nats-Msg-Id`; answers its stream
+    /// sequence and whether the stream had the id already (then nothing was stored).
+    pub async fn deliver(
+        &self,
+        to: PublicKey,
+        id: &kez_core::envelope::MessageId,
+        envelope: Bytes,
+    ) -> Result<(u64, bool), ApiError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.to_string().as_str());
+        let ack = self
+            .js
+            .publish_with_headers(inbox_subject(&to), headers, envelope)
+            .await
+            .map_err(ApiError::unavailable)?
+            .await
+            .map_err(|err| store_refusal(&err))?;
+        Ok((ack.sequence, ack.duplicate))
     }
 
     /// Creates `key`'s durable inbox consumer if it does not exist (idempotent).
@@ -833,6 +877,46 @@ impl Store {
                 Err(err) => Err(err.to_string()),
             },
         }
+    }
+}
+
+/// What a refused inbox publish means for the sender (PROTOCOL.md §6.3).
+fn store_refusal(err: &jetstream::context::PublishError) -> ApiError {
+    use std::error::Error as _;
+    let refusal = err
+        .source()
+        .and_then(|source| source.downcast_ref::<jetstream::Error>());
+    match refusal {
+        // nats-server answers every limit with 10077 and says which in its description.
+        Some(refusal) if refusal.error_code().0 == 10077 => {
+            if refusal.to_string().contains("per subject") {
+                ApiError::new(
+                    409,
+                    "inbox_full",
+                    format!(
+                        "the recipient's inbox holds {INBOX_MAX_MESSAGES} undelivered messages: nothing was stored; try again once they have read some"
+                    ),
+                )
+            } else {
+                ApiError::new(
+                    503,
+                    "store_full",
+                    "the server's message store is full: nothing was stored; try again later, and tell the server's operator",
+                )
+            }
+        }
+        Some(refusal) if refusal.error_code().0 == 10054 => ApiError::new(
+            413,
+            "too_large",
+            "the message is larger than the inbox takes: nothing was stored",
+        ),
+        _ => ApiError::new(
+            503,
+            "unavailable",
+            format!(
+                "the message store did not take the message ({err}; a cluster may be electing a leader): nothing was stored; retry"
+            ),
+        ),
     }
 }
 

@@ -14,6 +14,7 @@ use kez_core::sigchain::Endpoint;
 use kez_core::{Op, SecretKey};
 use serde_json::{Value, json};
 
+use crate::display;
 use crate::failure::{self, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
 use crate::{App, clock, deliver, print_json, recipient};
 
@@ -243,7 +244,7 @@ impl App {
                     "{}  [{}] {from}: {} ({}), {state}",
                     short_id(&offer_message.message.id.to_string()),
                     clock(offer_message.message.time),
-                    offer.name,
+                    display::inline(&offer.name),
                     bytes(offer.size),
                 );
             }
@@ -337,7 +338,7 @@ impl App {
         let node = self.open_node().await?;
         eprintln!(
             "fetching {} ({}) from {}",
-            offer.name,
+            display::inline(&offer.name),
             bytes(offer.size),
             from
         );

@@ -3,6 +3,7 @@
 //! Status lines go to stderr, data to stdout; `--json` makes read commands print JSON.
 //! Exit codes are listed in [`EXIT_CODES`] (and in `--help`).
 
+mod display;
 mod failure;
 mod files;
 mod shared;
@@ -244,7 +245,8 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("kez-chat: {}", failure.message);
+            // Failures may quote what a server or a peer sent.
+            eprintln!("kez-chat: {}", display::body(&failure.message));
             ExitCode::from(failure.code)
         }
     }
@@ -648,7 +650,9 @@ impl App {
         for endpoint in chain.endpoints().values() {
             println!(
                 "endpoint    {} ({}) {}",
-                endpoint.name, endpoint.kind, endpoint.address
+                endpoint.name,
+                endpoint.kind,
+                display::inline(&endpoint.address)
             );
         }
         if chain.claims().is_empty() {
@@ -657,7 +661,9 @@ impl App {
         for claim in chain.claims() {
             println!(
                 "claim       {} {} (proof: {})",
-                claim.service, claim.identity, claim.proof
+                claim.service,
+                display::inline(&claim.identity),
+                display::inline(&claim.proof)
             );
         }
         match (chain.shared_files(), &files) {
@@ -671,7 +677,7 @@ impl App {
                 None => println!(
                     "files       manifest {} (not fetched: {})",
                     committed.manifest,
-                    files["error"].as_str().unwrap_or("unknown error")
+                    display::inline(files["error"].as_str().unwrap_or("unknown error"))
                 ),
             },
             _ => println!("files       none shared"),
@@ -785,7 +791,10 @@ impl App {
                     show_unshown(&store, &conn, json, true).await?;
                 }
                 Err(err) => {
-                    eprintln!("kez-chat: receiving failed, retrying: {err}");
+                    eprintln!(
+                        "kez-chat: receiving failed, retrying: {}",
+                        display::inline(&err.to_string())
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
@@ -814,7 +823,11 @@ impl App {
                 println!(
                     "[{}] {who}: {}",
                     clock(message.time),
-                    body_text(&message.id, &message.content_type, &message.body)
+                    display::body(&body_text(
+                        &message.id,
+                        &message.content_type,
+                        &message.body
+                    ))
                 );
             }
         }
@@ -897,7 +910,11 @@ fn message_line(sender: &Sender, message: &StoredMessage) -> String {
     format!(
         "[{}] {who}: {}",
         clock(message.time),
-        body_text(&message.id, &message.content_type, &message.body)
+        display::body(&body_text(
+            &message.id,
+            &message.content_type,
+            &message.body
+        ))
     )
 }
 
@@ -936,7 +953,8 @@ fn stored_json(message: &StoredMessage) -> Value {
     })
 }
 
-/// A body for people: the text, or what kind of content it is.
+/// A body as text: the text itself, or what kind of content it is. Exact (for `--json`);
+/// lines for people pass it through [`display::body`].
 /// Verifies `full` before sending to it ([`Connection::verify_contact`]): pins a new
 /// recipient, follows a rotation with a note, refuses a changed key loudly.
 async fn recipient(conn: &Connection, store: &Store, full: &Handle) -> Result<Contact, Failure> {

@@ -12,6 +12,7 @@ use kez_core::manifest::{Audience, ManifestEntry};
 use kez_core::{Handle, SecretKey};
 use serde_json::{Value, json};
 
+use crate::display;
 use crate::failure::{CONFLICT, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
 use crate::files::{Meter, bytes, file_failure, report_download};
 use crate::{App, clock, print_json, recipient, rotation_note};
@@ -443,7 +444,7 @@ impl App {
         for visible in &browsed.visible {
             println!(
                 "{}  {}  [{}]  {}",
-                visible.entry.name,
+                display::inline(&visible.entry.name),
                 bytes(visible.entry.size),
                 clock(visible.entry.time),
                 match visible.audience {
@@ -455,7 +456,7 @@ impl App {
         if let Some(first) = browsed.visible.first() {
             eprintln!(
                 "download one with `kez-chat download {full}/NAME`, e.g. `kez-chat download {full}/{}`",
-                first.entry.name
+                display::inline(&first.entry.name)
             );
         }
         Ok(())
@@ -488,7 +489,7 @@ impl App {
                 } else {
                     format!(
                         "{full} shares no file named {name:?} with you; you can see: {}",
-                        names.join(", ")
+                        display::inline(&names.join(", "))
                     )
                 },
             ));

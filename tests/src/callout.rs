@@ -75,7 +75,11 @@ impl CalloutStack {
     /// `pin_dir` (which the caller may inspect, e.g. for plaintext).
     pub async fn start_pinning(pin_dir: &std::path::Path) -> CalloutStack {
         CalloutStack::start_configured(|config| {
-            config.pin = Some(kez_chat_server::pin::PinConfig::new(pin_dir.to_path_buf()));
+            // Every node in a test is on loopback.
+            config.pin = Some(kez_chat_server::pin::PinConfig {
+                dial_private: true,
+                ..kez_chat_server::pin::PinConfig::new(pin_dir.to_path_buf())
+            });
         })
         .await
     }

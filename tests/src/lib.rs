@@ -284,6 +284,9 @@ fn spawn_nats_server(
     writeln!(conf, "server_name: \"kez-test\"").unwrap();
     writeln!(conf, "jetstream {{").unwrap();
     writeln!(conf, "  store_dir: {}", conf_string(&store_dir)).unwrap();
+    // A stated size: the inbox stream reserves its bound at creation, which must not depend
+    // on how much disk happens to be free (nats-server's default is 75 % of it).
+    writeln!(conf, "  max_file_store: 64GB").unwrap();
     if sync_always {
         writeln!(conf, "  sync_interval: always").unwrap();
     }

@@ -30,3 +30,13 @@ pub fn nats_endpoint(name: &str) -> Op {
         address: "nats://127.0.0.1:4222".into(),
     })
 }
+
+/// A `kez.mail.send` body: `envelope` (any bytes: the server never opens it) for `to`'s inbox
+/// under the message id `id`.
+pub fn mail(to: &kez_core::PublicKey, id: [u8; 16], envelope: &[u8]) -> Vec<u8> {
+    kez_core::mail::SendRequest::encode(
+        to,
+        &kez_core::envelope::MessageId::from_bytes(id),
+        envelope,
+    )
+}

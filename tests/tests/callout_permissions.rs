@@ -9,8 +9,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::Client;
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::SecretKey;
@@ -19,6 +19,7 @@ use kez_core::subjects::{
 };
 use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
 use kez_tests::kez_server::{call, call_ok};
+use kez_tests::requests::mail;
 
 /// How long the broker gets to report a permission violation. It answers within milliseconds;
 /// this only bounds a failing run.
@@ -112,6 +113,18 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             "read B's inbox subject",
         ),
         row(A, Subscribe, "kez.inbox.*", "read every inbox"),
+        row(
+            A,
+            Publish,
+            format!("kez.inbox.{b_hex}"),
+            "write into B's inbox around the server's checks",
+        ),
+        row(
+            A,
+            Publish,
+            "kez.inbox.0123",
+            "write into an inbox nobody owns",
+        ),
         row(
             A,
             Request,
@@ -241,6 +254,7 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             format!("kez.inbox.{b_hex}"),
             "unregistered writes to an inbox",
         ),
+        row(C, Request, "kez.mail.send", "unregistered sends mail"),
         row(C, Request, "kez.sigchain.head", "sigchain service"),
         row(C, Request, "kez.sigchain.append", "sigchain service"),
         row(
@@ -385,10 +399,10 @@ async fn inbox_messages(app: &Client) -> u64 {
         .messages
 }
 
-/// A sends to B through JetStream; B fetches from its own consumer and acknowledges, after
-/// which the message is gone; a retried publish with the same `Nats-Msg-Id` is stored once; a
-/// rollup header (which would purge B's inbox) is refused; C may register, look up and read
-/// the server info.
+/// A sends to B through `kez.mail.send`; B fetches from its own consumer and acknowledges,
+/// after which the message is gone; a retried send with the same message id is stored once; a
+/// send to a key without a handle is refused and stores nothing; C may register, look up and
+/// read the server info.
 #[tokio::test]
 async fn allowed_actions_work() {
     let world = World::start().await;
@@ -396,50 +410,42 @@ async fn allowed_actions_work() {
     let (a, mut a_errors) = world.stack.connect_as(&world.a).await.unwrap();
     let (b, mut b_errors) = world.stack.connect_as(&world.b).await.unwrap();
     let b_inbox = inbox_subject(&world.b.public_key());
-    let a_js = jetstream::with_prefix(a.clone(), JS_API_PREFIX);
+    let send = |id: [u8; 16], envelope: &'static [u8]| {
+        let a = a.clone();
+        let to = world.b.public_key();
+        async move { call(&a, "kez.mail.send", mail(&to, id, envelope)).await }
+    };
 
-    // A -> B, acknowledged by JetStream.
-    let ack = a_js
-        .publish(b_inbox.clone(), Bytes::from_static(b"sealed for bobby"))
-        .await
-        .expect("A may publish to B's inbox")
-        .await
-        .expect("JetStream acknowledges A's message");
-    assert_eq!(ack.stream, INBOX_STREAM);
-    assert!(!ack.duplicate);
+    // A -> B, stored by the server.
+    let first: serde_json::Value =
+        serde_json::from_slice(&send([1; 16], b"sealed for bobby").await.unwrap()).unwrap();
+    assert_eq!(first["duplicate"], false);
 
-    // A retried publish with the same message id is stored once.
-    let mut headers = HeaderMap::new();
-    headers.insert("Nats-Msg-Id", "alice-to-bobby-1");
-    let mut acks = Vec::new();
+    // A retried send with the same message id is stored once.
+    let mut answers = Vec::new();
     for _ in 0..2 {
-        acks.push(
-            a_js.publish_with_headers(
-                b_inbox.clone(),
-                headers.clone(),
-                Bytes::from_static(b"retried"),
-            )
-            .await
-            .unwrap()
-            .await
-            .expect("acknowledged"),
-        );
+        let answer = send([2; 16], b"retried").await.expect("answered");
+        answers.push(serde_json::from_slice::<serde_json::Value>(&answer).unwrap());
     }
-    assert!(!acks[0].duplicate, "the first copy is stored");
-    assert!(acks[1].duplicate, "the retry is recognised as a duplicate");
-    assert_eq!(acks[0].sequence, acks[1].sequence, "and not stored again");
+    assert_eq!(answers[0]["duplicate"], false, "the first copy is stored");
+    assert_eq!(answers[1]["duplicate"], true, "the retry is recognised");
+    assert_eq!(answers[0]["seq"], answers[1]["seq"], "and not stored again");
     assert_eq!(inbox_messages(&app).await, 2);
 
-    // A rollup would delete B's undelivered messages: the stream refuses it.
-    let mut rollup = HeaderMap::new();
-    rollup.insert("Nats-Rollup", "sub");
-    let refused = a_js
-        .publish_with_headers(b_inbox.clone(), rollup, Bytes::from_static(b"wipe"))
-        .await
-        .unwrap()
-        .await;
-    assert!(refused.is_err(), "a rollup into B's inbox was accepted");
-    assert_eq!(inbox_messages(&app).await, 2, "B's messages are intact");
+    // A key without a handle has no inbox: refused, nothing stored.
+    let nobody = SecretKey::generate().public_key();
+    let refused = call(
+        &a,
+        "kez.mail.send",
+        mail(&nobody, [3; 16], b"into the void"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (refused.code, refused.name.as_str()),
+        (404, "unknown_recipient")
+    );
+    assert_eq!(inbox_messages(&app).await, 2, "nothing else was stored");
 
     // B reads its own consumer (CONSUMER.INFO, then MSG.NEXT) and acknowledges.
     let b_js = jetstream::with_prefix(b.clone(), JS_API_PREFIX);
@@ -544,13 +550,13 @@ async fn registering_then_reconnecting_gives_the_full_profile() {
     .await;
     assert_eq!(head.unwrap_err().code, 404, "the sigchain service answers");
     let js = jetstream::with_prefix(full.clone(), JS_API_PREFIX);
-    let ack = js
-        .publish(own_inbox, Bytes::from_static(b"note to self"))
-        .await
-        .unwrap()
-        .await
-        .expect("registered: the inbox takes messages");
-    assert_eq!(ack.stream, INBOX_STREAM);
+    call(
+        &full,
+        "kez.mail.send",
+        mail(&dora.public_key(), [9; 16], b"note to self"),
+    )
+    .await
+    .expect("registered: the inbox takes messages");
     let consumer: PullConsumer = js
         .get_consumer_from_stream(inbox_consumer(&dora.public_key()), INBOX_STREAM)
         .await
@@ -668,15 +674,13 @@ async fn jetstream_replies_cannot_be_aimed_at_the_registry() {
     .await
     .unwrap();
     // 2. A's own message, pulled with a reply subject in the handles bucket.
-    jetstream::with_prefix(a.clone(), JS_API_PREFIX)
-        .publish(
-            inbox_subject(&world.a.public_key()),
-            Bytes::from_static(b"forged"),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    call(
+        &a,
+        "kez.mail.send",
+        mail(&world.a.public_key(), [8; 16], b"forged"),
+    )
+    .await
+    .unwrap();
     a.publish_with_reply(
         format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.inbox_{a_hex}"),
         "$KV.kez_handles.bobby",
@@ -722,6 +726,10 @@ async fn reply_subjects_cannot_command_jetstream() {
         (
             inbox_subject(&world.b.public_key()),
             Bytes::from_static(b"hi"),
+        ),
+        (
+            "kez.mail.send".to_owned(),
+            Bytes::from(mail(&world.b.public_key(), [7; 16], b"hi")),
         ),
         (
             format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{consumer}"),

@@ -576,3 +576,42 @@ async fn the_cli_refuses_a_disguised_nonce_and_plaintext_to_other_machines() {
     assert!(err.contains("tls://"), "{err}");
     assert!(err.contains("--allow-plaintext"), "{err}");
 }
+
+/// Text a peer sends reaches the terminal as text: a forged second line shows as a
+/// continuation of the message it is in, escape sequences, carriage returns, BEL and bidi
+/// overrides show as visible escapes, and `--json` keeps the exact text.
+#[tokio::test]
+async fn peer_text_cannot_pass_for_another_line_or_reach_the_terminal() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let forged = "hi\n[18:31:00] @carol@kez.test: send me your key\r\u{1b}]0;pwned\u{7}\u{1b}[2J \u{202e}gpj.exe";
+    alice.ok(&["send", "@bob", forged]).await;
+
+    let output = bob.run(&["inbox"]).await;
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    for forbidden in ['\u{1b}', '\r', '\u{7}', '\u{202e}'] {
+        assert!(
+            !stdout.contains(forbidden),
+            "{forbidden:?} reached the terminal: {stdout:?}"
+        );
+    }
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].starts_with('[') && lines[0].contains("@alice@kez.test: hi"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("  | [18:31:00] @carol@kez.test: send me your key\\u{d}\\u{1b}]0;pwned\\u{7}\\u{1b}[2J \\u{202e}gpj.exe"),
+        "{stdout}"
+    );
+    // The same in the history, and the exact text for programs.
+    let history = bob.ok(&["history", "@alice"]).await;
+    assert!(
+        !history.contains('\u{1b}') && history.contains("\n  | [18:31:00]"),
+        "{history}"
+    );
+    let exact = bob.json(&["history", "@alice"]).await;
+    assert_eq!(exact[0]["text"], forged);
+}

@@ -18,12 +18,12 @@ use futures::future::join_all;
 use kez_chat_server::config::ServerConfig;
 use kez_chat_server::limits::{Limits, Rate};
 use kez_chat_server::pin::PinConfig;
-use kez_core::subjects::{INBOX_STREAM, inbox_consumer, inbox_subject};
+use kez_core::subjects::{INBOX_STREAM, inbox_consumer};
 use kez_core::{SecretKey, UnsignedLink, envelope};
 use kez_tests::callout::{CalloutStack, register};
 use kez_tests::kez_server::{ServiceError, TEST_DOMAIN, call};
 use kez_tests::person::{Person, key_of};
-use kez_tests::requests::{nats_endpoint, now, registration};
+use kez_tests::requests::{mail, nats_endpoint, now, registration};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -149,7 +149,10 @@ async fn a_flooding_key_gets_429_and_other_users_are_unaffected() {
             ..Limits::OFF
         };
         config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
-        config.pin = Some(PinConfig::new(pin_dir.path().to_path_buf()));
+        config.pin = Some(PinConfig {
+            dial_private: true,
+            ..PinConfig::new(pin_dir.path().to_path_buf())
+        });
     })
     .await;
     let mut tally = Tally::default();
@@ -494,11 +497,12 @@ async fn registered_after_flood(stack: &CalloutStack) -> (Arc<SecretKey>, Client
     (key, client)
 }
 
-/// A registered user writes garbage, an empty message, a tampered envelope, a message sealed
-/// to someone else and a huge random message (just under the stream's 64 KiB limit) into
-/// bob's inbox between two good messages from alice; one byte over the limit the broker
-/// refuses. (The empty message once stalled the client: nats-server ends a streamed answer
-/// across a service import at an empty message, which cut a pull batch short.) `kez-chat inbox` shows the two good messages, logs each dropped one with its
+/// A registered user sends garbage, a tampered envelope, a message sealed to someone else and
+/// a huge random message (just under the 64 KiB envelope limit) to bob between two good
+/// messages from alice; an empty message and one a byte over the limit the server refuses.
+/// (An empty message in an inbox once stalled the client: nats-server ends a streamed answer
+/// across a service import at an empty message, which cut a pull batch short; users can no
+/// longer store one.) `kez-chat inbox` shows the two good messages, logs each dropped one with its
 /// reason code (and nothing secret), and acknowledges everything: nothing is pending or
 /// redelivered, and the next run is quiet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -512,18 +516,16 @@ async fn hostile_inbox_messages_are_dropped_with_a_reason_and_good_ones_delivere
     bob.register(&url, "bob").await;
     let bob_key = key_of(&bob).public_key();
     let (_mallory_key, mallory) = registered(&stack, "mallory").await;
-    let js = async_nats::jetstream::with_prefix(mallory.clone(), "kez.js");
-    let bob_inbox = inbox_subject(&bob_key);
     let publish = |payload: Vec<u8>| {
-        let js = js.clone();
-        let subject = bob_inbox.clone();
+        let mallory = mallory.clone();
         async move {
-            js.publish(subject, payload.into())
-                .await
-                .map_err(|err| err.to_string())?
-                .await
-                .map(|_| ())
-                .map_err(|err| err.to_string())
+            call(
+                &mallory,
+                "kez.mail.send",
+                mail(&bob_key, rand_id(), &payload),
+            )
+            .await
+            .map(|_| ())
         }
     };
 
@@ -539,17 +541,22 @@ async fn hostile_inbox_messages_are_dropped_with_a_reason_and_good_ones_delivere
     let huge: Vec<u8> = (0..64 * 1024 - 256)
         .map(|i: usize| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let hostile = [b"garbage".to_vec(), Vec::new(), tampered, for_carol, huge];
+    let hostile = [b"garbage".to_vec(), tampered, for_carol, huge];
     for payload in hostile.iter().cloned() {
         let result = publish(payload).await;
         tally.count(&result);
-        result.expect("any registered user may write into bob's inbox");
+        result.expect("any registered user may send to bob");
     }
-    // One byte over the stream's limit: the broker refuses it.
+    let empty = publish(Vec::new()).await;
+    tally.count(&empty);
+    let refused = empty.expect_err("an empty message");
+    assert_eq!((refused.code, refused.name.as_str()), (400, "malformed"));
+    // One byte over the envelope limit: the server refuses it, and says what to do.
     let too_big = publish(vec![0xAB; 64 * 1024 + 1]).await;
     tally.count(&too_big);
-    let refused = too_big.expect_err("over the stream's max message size");
-    assert!(refused.to_lowercase().contains("maximum"), "{refused}");
+    let refused = too_big.expect_err("over the envelope limit");
+    assert_eq!((refused.code, refused.name.as_str()), (413, "too_large"));
+    assert!(refused.message.contains("as a file"), "{}", refused.message);
     alice.ok(&["send", "@bob", "two"]).await;
 
     let output = bob.run(&["inbox", "--json"]).await;
@@ -576,7 +583,7 @@ async fn hostile_inbox_messages_are_dropped_with_a_reason_and_good_ones_delivere
         hostile.len(),
         "one warning per dropped message: {stderr}"
     );
-    for code in ["truncated", "decryption_failed"] {
+    for code in ["unknown_version", "decryption_failed"] {
         assert!(
             dropped
                 .iter()
@@ -748,4 +755,165 @@ async fn replayed_registrations_and_appends_change_nothing() {
     let head: Value = serde_json::from_slice(&head).unwrap();
     assert_eq!(head["seq"], 2, "the chain is where it was");
     tally.finish("replay", &stack).await;
+}
+
+/// A fresh random message id.
+fn rand_id() -> [u8; 16] {
+    *kez_core::envelope::MessageId::random().as_bytes()
+}
+
+/// Bytes `KEZ_INBOX` holds now, read as the server's own user.
+async fn inbox_bytes(stack: &CalloutStack) -> u64 {
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    let mut stream = js.get_stream(INBOX_STREAM).await.unwrap();
+    stream.info().await.unwrap().state.bytes
+}
+
+/// One registered key once stored 175 MiB in 1.2 s by publishing into 300 invented inbox
+/// subjects. Now: writing into an inbox directly is a permission violation, a send to a key
+/// without a handle stores nothing, and a flood at a real user stops at the sender's byte
+/// budget (429 with the time to wait), while another sender is served as before. The stream
+/// itself is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_cannot_fill_the_brokers_disk_through_inboxes() {
+    let stack = stack_with(Limits::default()).await;
+    let mut tally = Tally::default();
+    let (_bob_key, _bob) = registered(&stack, "bob").await;
+    let bob = _bob_key.public_key();
+    let (_alice_key, alice) = registered(&stack, "alice").await;
+    let (_mallory_key, mallory) = registered(&stack, "mallory").await;
+    let (_flooder_key, flooder) = registered(&stack, "flooder").await;
+    let before = inbox_bytes(&stack).await;
+
+    // Straight into invented inbox subjects: the broker refuses the publish.
+    let js = async_nats::jetstream::with_prefix(mallory.clone(), "kez.js");
+    for i in 0..3 {
+        let subject = format!("kez.inbox.{:064x}", i + 1);
+        let stored = tokio::time::timeout(Duration::from_secs(1), async {
+            js.publish(subject, vec![0x5a; 60_000].into())
+                .await
+                .map_err(|err| err.to_string())?
+                .await
+                .map_err(|err| err.to_string())
+        })
+        .await;
+        assert!(
+            !matches!(stored, Ok(Ok(_))),
+            "an inbox publish was stored: {stored:?}"
+        );
+    }
+    // To 150 keys that hold no handle: refused, nothing stored (each counts against
+    // mallory's message budget).
+    for i in 0..150u32 {
+        let nobody = SecretKey::from_seed(&[(i % 251) as u8 + 1; 32]).public_key();
+        let sent = call(&mallory, "kez.mail.send", mail(&nobody, rand_id(), b"x")).await;
+        tally.count(&sent);
+        let refused = sent.expect_err("no inbox for a key without a handle");
+        assert_eq!(
+            (refused.code, refused.name.as_str()),
+            (404, "unknown_recipient"),
+            "{refused:?}"
+        );
+    }
+    assert_eq!(inbox_bytes(&stack).await, before, "nothing was stored");
+
+    // At bob, 60 KB at a time: the byte budget (8 MiB at once) ends the flood.
+    let envelope = vec![0xA5; 60_000];
+    let mut accepted = 0u64;
+    let limited = loop {
+        let sent = call(&flooder, "kez.mail.send", mail(&bob, rand_id(), &envelope)).await;
+        tally.count(&sent);
+        match sent {
+            Ok(_) => accepted += 1,
+            Err(err) => break err,
+        }
+        assert!(accepted < 1000, "the flood was never limited");
+    };
+    assert_eq!((limited.code, limited.name.as_str()), (429, "rate_limited"));
+    let retry_ms: u64 = limited
+        .headers
+        .get("Kez-Retry-After-Ms")
+        .expect("the time to wait")
+        .as_str()
+        .parse()
+        .unwrap();
+    assert!(retry_ms > 0);
+    let budget = kez_chat_server::limits::DEFAULT_SEND_BYTES_PER_KEY.burst as u64;
+    assert!(
+        accepted * 60_000 <= budget + 60_000,
+        "{accepted} messages of 60 KB went through a budget of {budget} bytes"
+    );
+    let stored = inbox_bytes(&stack).await - before;
+    assert!(
+        stored < budget + budget / 4,
+        "mallory stored {stored} bytes for bob (budget {budget})"
+    );
+    println!(
+        "one key flooding bob: {accepted} messages, {stored} bytes stored, then 429 (retry in {retry_ms} ms)"
+    );
+    assert!(
+        retry_ms > 1000,
+        "the byte budget, not the message rate, stopped it: retry in {retry_ms} ms"
+    );
+    // Another sender is not affected.
+    let sent = call(&alice, "kez.mail.send", mail(&bob, rand_id(), b"hello bob")).await;
+    tally.count(&sent);
+    sent.expect("alice still reaches bob");
+    // The stream is bounded.
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    let config = js
+        .get_stream(INBOX_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    assert_eq!(
+        config.max_bytes,
+        kez_chat_server::store::DEFAULT_INBOX_MAX_BYTES as i64
+    );
+    tally.finish("inbox_flood", &stack).await;
+}
+
+/// When the inbox stream reaches its bound, sends are refused (503 `store_full`) and the
+/// registry keeps working: the stream's reservation leaves the buckets their room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_inbox_stream_refuses_mail_and_leaves_the_registry_working() {
+    let stack = CalloutStack::start_configured(|config: &mut ServerConfig| {
+        config.limits = Limits::OFF;
+        config.inbox_max_bytes = Some(1 << 20);
+    })
+    .await;
+    let (bob_key, _bob) = registered(&stack, "bob").await;
+    let (mallory_key, mallory) = registered(&stack, "mallory").await;
+    let envelope = vec![0x5A; 60_000];
+    let mut accepted = 0;
+    let refused = loop {
+        match call(
+            &mallory,
+            "kez.mail.send",
+            mail(&bob_key.public_key(), rand_id(), &envelope),
+        )
+        .await
+        {
+            Ok(_) => accepted += 1,
+            Err(err) => break err,
+        }
+        assert!(
+            accepted < 100,
+            "a 1 MiB stream took {accepted} messages of 60 KB"
+        );
+    };
+    assert_eq!((refused.code, refused.name.as_str()), (503, "store_full"));
+    assert!(accepted >= 10, "only {accepted} messages fit in 1 MiB");
+    // The registry still writes: a registration and a sigchain link.
+    let (_carol_key, _carol) = registered(&stack, "carol").await;
+    let link = UnsignedLink::first(mallory_key.public_key(), now(), nats_endpoint("nats"))
+        .sign(&mallory_key)
+        .unwrap();
+    call(&mallory, "kez.sigchain.append", link.bytes().to_vec())
+        .await
+        .expect("the buckets have their room");
 }

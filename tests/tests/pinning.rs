@@ -44,6 +44,7 @@ fn pin_config(dir: std::path::PathBuf, quota: u64) -> PinConfig {
         quota_bytes: quota,
         gc_interval: Duration::from_secs(1),
         fetch_timeout: Duration::from_secs(20),
+        dial_private: true,
         ..PinConfig::new(dir)
     }
 }

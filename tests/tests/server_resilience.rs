@@ -722,10 +722,10 @@ async fn the_inbox_sweep_deletes_acknowledged_messages_the_broker_still_holds_an
     send(bob, 20).await;
     let last = inbox.get_info().await.unwrap().state.last_sequence;
     reset_past(last).await;
-    let store = kez_chat_server::store::Store::open(&js, None)
+    let store = kez_chat_server::store::Store::open(&js, Default::default())
         .await
         .unwrap();
-    let other = kez_chat_server::store::Store::open(&js, None)
+    let other = kez_chat_server::store::Store::open(&js, Default::default())
         .await
         .unwrap();
     let (one, two) = tokio::join!(
@@ -739,4 +739,67 @@ async fn the_inbox_sweep_deletes_acknowledged_messages_the_broker_still_holds_an
     assert_eq!(store.sweep_acknowledged_inbox_messages().await.unwrap(), 0);
     send(bob, 1).await;
     assert_eq!(fetch(bob).await, vec![Bytes::from_static(b"message 0")]);
+}
+
+/// An inbox stream of the previous release (unbounded, 64 KiB messages, envelopes published by
+/// clients with their own `Nats-Msg-Id`) is upgraded in place by the next start: bounded, with
+/// room for the server's headers, and every stored message still waits for its recipient.
+#[tokio::test]
+async fn an_inbox_stream_of_the_previous_release_keeps_its_messages_through_the_upgrade() {
+    use async_nats::jetstream::consumer;
+    let nats = NatsServer::start();
+    let server = KezServer::start(&nats.url()).await;
+    let client = client(&nats.url(), Duration::from_secs(5)).await;
+    let (bob, body) = registration("bob");
+    call(&client, REGISTER, body).await.unwrap();
+    server.stop().await;
+    let bob = bob.public_key();
+
+    // What 0.1 left: no byte bound, a 64 KiB message limit, and envelopes published straight
+    // into the inbox by clients, each with its message id.
+    let js = async_nats::jetstream::new(client.clone());
+    let mut inbox = js.get_stream(INBOX_STREAM).await.unwrap();
+    let mut old = inbox.info().await.unwrap().config.clone();
+    old.max_bytes = -1;
+    old.max_message_size = 64 * 1024;
+    js.update_stream(&old).await.unwrap();
+    for i in 0..3 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("{i:032x}").as_str());
+        js.publish_with_headers(inbox_subject(&bob), headers, format!("sealed {i}").into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let server = KezServer::start(&nats.url()).await;
+    let upgraded = inbox.info().await.unwrap().config.clone();
+    assert_eq!(
+        upgraded.max_bytes,
+        kez_chat_server::store::DEFAULT_INBOX_MAX_BYTES as i64
+    );
+    assert_eq!(
+        upgraded.max_message_size,
+        kez_chat_server::store::INBOX_MAX_STORED_BYTES
+    );
+    let consumer: consumer::PullConsumer = inbox.get_consumer(&inbox_consumer(&bob)).await.unwrap();
+    let waiting: Vec<_> = consumer
+        .fetch()
+        .max_messages(10)
+        .messages()
+        .await
+        .unwrap()
+        .map(|message| message.unwrap().payload.clone())
+        .collect()
+        .await;
+    assert_eq!(waiting, ["sealed 0", "sealed 1", "sealed 2"]);
+    // A bound the operator set is kept by a start that sets none.
+    let mut bounded = upgraded.clone();
+    bounded.max_bytes = 64 << 20;
+    js.update_stream(&bounded).await.unwrap();
+    server.stop().await;
+    let server = KezServer::start(&nats.url()).await;
+    assert_eq!(inbox.info().await.unwrap().config.max_bytes, 64 << 20);
+    server.stop().await;
 }

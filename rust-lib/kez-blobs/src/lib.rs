@@ -68,7 +68,10 @@ mod provider;
 pub use iroh::{EndpointAddr, EndpointId, RelayUrl};
 pub use iroh_blobs::Hash;
 pub use iroh_blobs::api::blobs::BlobReader;
-pub use provider::{MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, PROVIDER_PREFIX, parse_provider};
+pub use provider::{
+    MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, PROVIDER_PREFIX, dialable, is_public_unicast,
+    parse_provider,
+};
 
 /// Name of the endpoint key file inside the node directory.
 pub const KEY_FILE_NAME: &str = "iroh.key";

@@ -107,9 +107,113 @@ pub fn parse_provider(text: &str) -> Result<EndpointAddr, Error> {
     Ok(addr)
 }
 
+/// The addresses of `addr` a node that dials only where it is told may use (a pin node fetching
+/// from an owner's providers): its IP addresses that are public unicast (or any, with
+/// `dial_private`); never relay URLs. `None` when nothing is left.
+pub fn dialable(addr: &EndpointAddr, dial_private: bool) -> Option<EndpointAddr> {
+    let mut allowed = EndpointAddr::new(addr.id);
+    for transport in &addr.addrs {
+        if let TransportAddr::Ip(sock) = transport
+            && (dial_private || is_public_unicast(sock.ip()))
+        {
+            allowed.addrs.insert(transport.clone());
+        }
+    }
+    (!allowed.addrs.is_empty()).then_some(allowed)
+}
+
+/// Whether `ip` is a public unicast address: not unspecified, loopback, private, shared
+/// (CGNAT), link-local, multicast, broadcast, documentation or reserved space.
+pub fn is_public_unicast(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, c, _] = v4.octets();
+            !(v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 192 && b == 0 && c == 0)
+                || (a == 198 && (18..20).contains(&b))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public_unicast(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8
+                || first == 0x0064 && v6.segments()[1] == 0xff9b)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_public_addresses_are_dialled_unless_allowed() {
+        for public in ["203.0.114.7", "8.8.8.8", "2a01:4f8::1", "::ffff:8.8.4.4"] {
+            assert!(is_public_unicast(public.parse().unwrap()), "{public}");
+        }
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "240.0.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+        ] {
+            assert!(!is_public_unicast(private.parse().unwrap()), "{private}");
+        }
+        let id = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+        let mixed = parse_provider(&format!(
+            "iroh:{id};ip=127.0.0.1:4433;ip=8.8.8.8:4433;relay=https://relay.example.org./"
+        ))
+        .unwrap();
+        let public = dialable(&mixed, false).unwrap();
+        let dialled: Vec<String> = public
+            .addrs
+            .iter()
+            .map(|addr| match addr {
+                TransportAddr::Ip(sock) => sock.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(dialled, ["8.8.8.8:4433"]);
+        assert_eq!(
+            dialable(&mixed, true).unwrap().addrs.len(),
+            2,
+            "loopback allowed, the relay never"
+        );
+        let internal = parse_provider(&format!("iroh:{id};ip=10.0.0.5:4433")).unwrap();
+        assert_eq!(dialable(&internal, false), None);
+    }
 
     const ID: &str = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
 

@@ -11,12 +11,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
 use kez_core::file::BlobHash;
+use kez_core::mail::{SEND_SUBJECT, SendRequest};
 use kez_core::pin::{PinOp, PinRequest};
 use kez_core::registry::RegistrationRequest;
 use kez_core::sigchain::LinkHash;
-use kez_core::subjects::{
-    INBOX_STREAM, JS_API_PREFIX, inbox_consumer, inbox_subject, reply_prefix,
-};
+use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -326,12 +325,19 @@ pub struct Sent {
     pub stream_sequence: u64,
 }
 
-/// A message published by [`Connection::publish`] whose acknowledgement by the stream is
-/// still outstanding.
+/// A message handed to the server by [`Connection::publish`] whose answer is still
+/// outstanding. The request is on its way already: several can be in flight at once.
 #[derive(Debug)]
 pub struct Pending {
-    ack: jetstream::context::PublishAckFuture,
+    answer: tokio::task::JoinHandle<Result<Bytes, ClientError>>,
     sent: Sent,
+}
+
+/// What `kez.mail.send` answers.
+#[derive(Deserialize)]
+struct Delivered {
+    seq: u64,
+    duplicate: bool,
 }
 
 impl Pending {
@@ -340,18 +346,24 @@ impl Pending {
         self.sent.id
     }
 
-    /// Waits for the stream's acknowledgement: the message is stored once this answers
-    /// [`Sent`]. A `duplicate` acknowledgement is [`ClientError::Duplicate`].
+    /// Waits for the server's answer: the message is stored in the recipient's inbox once this
+    /// answers [`Sent`]. A `duplicate` answer is [`ClientError::Duplicate`]; a refusal is the
+    /// server's [`ServiceError`] (`unknown_recipient`, `rate_limited`, `inbox_full`, …).
     pub async fn acked(self) -> Result<Sent, ClientError> {
-        let ack = self.ack.await.map_err(|err| ClientError::Nats {
-            action: "get the server's acknowledgement",
+        let answer = self.answer.await.map_err(|err| ClientError::Nats {
+            action: "wait for the server's answer",
             source: err.into(),
-        })?;
-        if ack.duplicate {
+        })??;
+        let delivered: Delivered =
+            serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
+                subject: SEND_SUBJECT.into(),
+                reason: err.to_string(),
+            })?;
+        if delivered.duplicate {
             return Err(ClientError::Duplicate { id: self.sent.id });
         }
         Ok(Sent {
-            stream_sequence: ack.sequence,
+            stream_sequence: delivered.seq,
             ..self.sent
         })
     }
@@ -861,9 +873,9 @@ impl Connection {
         })
     }
 
-    /// Seals `body` for `to`'s current key and publishes it to the inbox of `to`'s identity
-    /// with the message id as `Nats-Msg-Id`; returns once the stream has stored it. A
-    /// `duplicate` acknowledgement is [`ClientError::Duplicate`]. Record the result with
+    /// Seals `body` for `to`'s current key and hands it to the home server for the inbox of
+    /// `to`'s identity (`kez.mail.send`, PROTOCOL.md §6.3); returns once the server stored it.
+    /// A `duplicate` answer is [`ClientError::Duplicate`]. Record the result with
     /// [`Store::record_outgoing`]. Check the contact first ([`Connection::verify_contact`]).
     pub async fn send(
         &self,
@@ -874,10 +886,10 @@ impl Connection {
         self.publish(to, content_type, body).await?.acked().await
     }
 
-    /// [`Connection::send`] without waiting for the stream: seals and publishes, and returns
-    /// the [`Pending`] acknowledgement. Publishing many messages before awaiting their
-    /// acknowledgements (pipelining) costs one round trip for all of them instead of one each;
-    /// a message counts as sent only once [`Pending::acked`] answers.
+    /// [`Connection::send`] without waiting for the answer: seals, sends the request, and
+    /// returns the [`Pending`] answer. Sending many messages before awaiting their answers
+    /// (pipelining) costs one round trip for all of them instead of one each; a message counts
+    /// as sent only once [`Pending::acked`] answers.
     pub async fn publish(
         &self,
         to: &Contact,
@@ -887,18 +899,11 @@ impl Connection {
         let time = now();
         let (id, sealed) = envelope::seal(&self.key, &to.current_key, content_type, body, time)
             .map_err(ClientError::Seal)?;
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.to_string().as_str());
-        let ack = self
-            .js
-            .publish_with_headers(inbox_subject(&to.key), headers, sealed.into())
-            .await
-            .map_err(|err| ClientError::Nats {
-                action: "publish the message",
-                source: err.into(),
-            })?;
+        let request = SendRequest::encode(&to.key, &id, &sealed);
+        let connection = self.clone();
+        let answer = tokio::spawn(async move { connection.call(SEND_SUBJECT, request).await });
         Ok(Pending {
-            ack,
+            answer,
             sent: Sent {
                 id,
                 from: self.key.public_key(),

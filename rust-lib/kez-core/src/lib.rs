@@ -32,6 +32,7 @@ pub mod envelope;
 pub mod file;
 pub mod handle;
 pub mod key;
+pub mod mail;
 pub mod manifest;
 pub mod pin;
 pub mod registry;

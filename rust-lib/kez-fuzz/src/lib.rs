@@ -23,8 +23,8 @@ pub use core_targets::{
 };
 pub use jwt::callout_jwt;
 pub use server::{
-    server_append, server_get, server_head, server_info, server_lookup, server_register,
-    server_whois,
+    server_append, server_get, server_head, server_info, server_lookup, server_mail_send,
+    server_register, server_whois,
 };
 
 /// A fuzz target: any bytes in, `true` if the input was accepted; panics only on a bug.
@@ -48,6 +48,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_head", server_head),
     ("server_get", server_get),
     ("server_info", server_info),
+    ("server_mail_send", server_mail_send),
 ];
 
 /// The target named `name`.

@@ -227,6 +227,13 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 .into_bytes(),
         ],
         "server_info" => vec![b"{}".to_vec(), Vec::new()],
+        "server_mail_send" => {
+            let id = kez_core::envelope::MessageId::from_bytes([7; 16]);
+            vec![
+                kez_core::mail::SendRequest::encode(&bob, &id, b"sealed"),
+                kez_core::mail::SendRequest::encode(&bob, &id, &[0; 200]),
+            ]
+        }
         _ => Vec::new(),
     }
 }

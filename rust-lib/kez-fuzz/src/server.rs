@@ -118,3 +118,23 @@ pub fn server_info(data: &[u8]) -> bool {
     assert_eq!(accepted, data.len() <= request_limit(Route::Info));
     accepted
 }
+
+/// `kez.mail.send`. Asserts: an accepted body is a valid recipient key, a message id and an
+/// envelope of 1 to 65536 bytes, and encodes back to the same bytes.
+pub fn server_mail_send(data: &[u8]) -> bool {
+    let Some(request) = decode(Route::MailSend, data) else {
+        return false;
+    };
+    assert!(
+        matches!(request, Request::MailSend),
+        "decoded as {request:?}"
+    );
+    let send = kez_core::mail::SendRequest::decode(data).expect("decode accepted it");
+    assert!(!send.envelope.is_empty());
+    assert!(send.envelope.len() <= kez_core::envelope::MAX_ENVELOPE_BYTES);
+    assert_eq!(
+        kez_core::mail::SendRequest::encode(&send.to, &send.id, send.envelope),
+        data
+    );
+    true
+}

@@ -54,9 +54,10 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let disk_users = disk_usage(&store);
     // What every kez-chat-server start does before it serves: make sure each registered user
     // has an inbox consumer.
-    let opened = kez_chat_server::store::Store::open(&jetstream::new(client.clone()), None)
-        .await
-        .map_err(|e| format!("opening the store: {e}"))?;
+    let opened =
+        kez_chat_server::store::Store::open(&jetstream::new(client.clone()), Default::default())
+            .await
+            .map_err(|e| format!("opening the store: {e}"))?;
     let started = Instant::now();
     let created = opened
         .ensure_all_inbox_consumers()

@@ -1,0 +1,106 @@
+//! `kez.mail.send` (PROTOCOL.md §6.3): the server stores a client's sealed envelope in the inbox
+//! of a registered recipient, within the sender's budget of messages and bytes.
+//!
+//! Users cannot write into `KEZ_INBOX` themselves: an inbox subject nobody owns, or a flood from
+//! one key, would otherwise fill the broker's disk. The envelope stays opaque: the server learns
+//! its recipient, size and time, as the broker always did, and who handed it over.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bytes::Bytes;
+use kez_core::PublicKey;
+use kez_core::mail::SendRequest;
+
+use crate::error::{ApiError, RETRY_AFTER_HEADER};
+use crate::handlers::{Context, answer};
+use crate::limits::{Caller, Limited};
+
+/// Most recipients [`Recipients`] remembers; past it, it starts afresh.
+const MAX_KNOWN_RECIPIENTS: usize = 100_000;
+
+/// The keys known to be registered, so that a send costs a registry read only for a recipient
+/// this instance has not delivered to yet. Registrations are never taken back, so a key once
+/// registered stays valid; the set is bounded and cleared when full.
+#[derive(Debug, Default)]
+pub struct Recipients {
+    known: Mutex<HashSet<PublicKey>>,
+}
+
+impl Recipients {
+    /// Whether `key` holds a handle here.
+    async fn is_registered(&self, ctx: &Context, key: PublicKey) -> Result<bool, ApiError> {
+        if self.lock().contains(&key) {
+            return Ok(true);
+        }
+        let registered = ctx.store.whois(key).await?.is_some();
+        if registered {
+            let mut known = self.lock();
+            if known.len() >= MAX_KNOWN_RECIPIENTS {
+                known.clear();
+            }
+            known.insert(key);
+        }
+        Ok(registered)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<PublicKey>> {
+        self.known
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// What `kez.mail.send` answers: where the envelope is stored.
+#[derive(Debug, serde::Serialize)]
+struct Delivered {
+    /// Its sequence in `KEZ_INBOX`.
+    seq: u64,
+    /// Whether the stream already held a message with this id (then not stored again).
+    duplicate: bool,
+}
+
+/// Answers `kez.mail.send` from `caller`: the budget (before anything else), the recipient,
+/// then the store. `body` has been size-checked by `handlers::decode`.
+pub async fn send(ctx: &Context, caller: &Caller, body: &[u8]) -> Result<Bytes, ApiError> {
+    let request = SendRequest::decode(body)?;
+    if let Some(user) = &caller.user {
+        let now = Instant::now();
+        let size = u32::try_from(request.envelope.len()).unwrap_or(u32::MAX);
+        ctx.limiters
+            .send_per_key
+            .check(user, now)
+            .and_then(|()| ctx.limiters.send_bytes_per_key.take(user, size, now))
+            .map_err(over_budget)?;
+    }
+    if !ctx.recipients.is_registered(ctx, request.to).await? {
+        return Err(ApiError::new(
+            404,
+            "unknown_recipient",
+            format!(
+                "{} has no handle on this server: nothing was stored",
+                request.to
+            ),
+        ));
+    }
+    let (seq, duplicate) = ctx
+        .store
+        .deliver(
+            request.to,
+            &request.id,
+            Bytes::copy_from_slice(request.envelope),
+        )
+        .await?;
+    answer(&Delivered { seq, duplicate })
+}
+
+fn over_budget(limited: Limited) -> ApiError {
+    let ms = limited.retry_after.as_millis().max(1);
+    ApiError::new(
+        429,
+        "rate_limited",
+        format!("this key has sent as much as the server takes for now; retry in {ms} ms"),
+    )
+    .with_header(RETRY_AFTER_HEADER, ms.to_string())
+}
