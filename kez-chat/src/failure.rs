@@ -13,6 +13,8 @@ pub const NOT_FOUND: u8 = 3;
 pub const CONFLICT: u8 = 4;
 /// Exit code: the server refused.
 pub const REFUSED: u8 = 5;
+/// Exit code: the home's own data is damaged or missing.
+pub const DAMAGED: u8 = 6;
 
 /// Why a command failed, and the exit code to end with.
 #[derive(Debug)]
@@ -34,7 +36,20 @@ impl Failure {
 
     /// The home, its key or config failed.
     pub fn home(err: HomeError) -> Failure {
-        Failure::new(RUNTIME, err.to_string())
+        use kez_client::home::KeyFileError;
+        let code = match &err {
+            HomeError::Exposed { .. }
+            | HomeError::NoHome
+            | HomeError::Key(KeyFileError::TooOpen { .. }) => USAGE,
+            HomeError::Key(KeyFileError::NotFound { .. })
+            | HomeError::Key(KeyFileError::NotAFile { .. })
+            | HomeError::Key(KeyFileError::TooLarge { .. })
+            | HomeError::Key(KeyFileError::NotText { .. })
+            | HomeError::Key(KeyFileError::Malformed { .. })
+            | HomeError::BadConfig { .. } => DAMAGED,
+            _ => RUNTIME,
+        };
+        Failure::new(code, err.to_string())
     }
 
     /// `add` could not verify a contact: a changed key, an older or a forked chain is a loud
@@ -73,10 +88,10 @@ impl Failure {
             StoreError::KeyChanged { .. }
             | StoreError::Rollback { .. }
             | StoreError::Forked { .. } => Failure::new(CONFLICT, format!("WARNING: {err}")),
-            StoreError::Database(_) => Failure::new(
-                RUNTIME,
-                format!("{err} (is another kez-chat, e.g. `listen`, using the same home?)"),
-            ),
+            StoreError::Exposed { .. } => Failure::new(USAGE, err.to_string()),
+            StoreError::Damaged { .. } | StoreError::Corrupt(_) => {
+                Failure::new(DAMAGED, err.to_string())
+            }
             other => Failure::new(RUNTIME, other.to_string()),
         }
     }
@@ -105,7 +120,7 @@ impl Failure {
                     Failure::new(
                         REFUSED,
                         format!(
-                            "the server at {url} refused this key (authorization violation): the account may be disabled; ask the server's operator"
+                            "the server at {url} refused this key, also when asked again for a few seconds: either its auth service is not running (a server starting or broken: try again in a minute), or the operator disabled this account (ask them)"
                         ),
                     )
                 } else {
@@ -117,8 +132,27 @@ impl Failure {
                     )
                 }
             }
+            ClientError::TooLarge { size, max } => Failure::new(
+                USAGE,
+                format!(
+                    "the message is {size} bytes, and one message carries at most {max}: nothing was sent. Send a long text as a file: `kez-chat share @name FILE`"
+                ),
+            ),
+            ClientError::Service(err) if err.code == 429 => Failure::new(
+                REFUSED,
+                format!(
+                    "{} (waited already; try again later)",
+                    if err.message.is_empty() {
+                        err.to_string()
+                    } else {
+                        err.message
+                    }
+                ),
+            ),
             ClientError::Service(err) => {
                 let code = match err.code {
+                    409 if err.name == "inbox_full" => REFUSED,
+                    400 | 413 => USAGE,
                     404 => NOT_FOUND,
                     409 => CONFLICT,
                     401 | 403 => REFUSED,

@@ -31,11 +31,14 @@ use failure::{Failure, NOT_FOUND, RUNTIME, USAGE};
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  runtime or network failure (server down, unexpected answer, local store)
-  2  usage or setup error (bad arguments, no server configured, not registered yet)
+  1  runtime or network failure (server down or not answering, unexpected answer)
+  2  usage or setup error (bad arguments, no server configured, not registered yet, a server
+     URL that is invalid or unencrypted, a message too long to send, a home others can read)
   3  not found (unknown handle, or not in your contacts)
   4  conflict (handle taken, a contact's key changed, home registered under another name)
-  5  refused (the server refused the key or the operation)";
+  5  refused (the server refused the key or the operation, or kept asking to slow down)
+  6  the home's own data is damaged or missing (a damaged or emptied store, a lost key
+     file): restore it from a backup";
 
 /// The content type of a text message.
 const TEXT: &str = "text";
@@ -237,7 +240,10 @@ async fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty()),
+        )
         .with_target(false)
         .without_time()
         .init();
@@ -254,11 +260,21 @@ async fn main() -> ExitCode {
 
 /// Runs one command.
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let home = match &cli.home {
-        Some(dir) => Home::open(dir.clone()),
-        None => Home::from_env(),
+    let dir = match &cli.home {
+        Some(dir) => dir.clone(),
+        None => kez_client::home::home_dir_from_env().map_err(Failure::home)?,
+    };
+    // Only `register` makes a home; a read of one that does not exist creates nothing.
+    if !matches!(cli.command, Command::Register { .. }) && !dir.exists() {
+        return Err(Failure::new(
+            USAGE,
+            format!(
+                "there is no kez-chat home at {}: run `kez-chat --server tls://HOST:4222 register NAME` to make one (or pass --home DIR)",
+                dir.display()
+            ),
+        ));
     }
-    .map_err(Failure::home)?;
+    let home = Home::open(dir).map_err(Failure::home)?;
     let app = App {
         config: home.config().map_err(Failure::home)?,
         home,
@@ -409,6 +425,23 @@ impl App {
     /// `register <name>`.
     async fn register(mut self, name: &str) -> Result<(), Failure> {
         let url = self.server()?;
+        // A name no server takes is refused before a key is made or a server asked (its domain,
+        // if it names one, is checked against the server's below).
+        Handle::parse(name, "kez.invalid")
+            .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?;
+        kez_client::broker_urls(&url, self.plaintext())
+            .map_err(|err| Failure::client(err.into()))?;
+        if let Some(existing) = &self.config.handle
+            && !self.home.has_key()
+        {
+            return Err(Failure::new(
+                failure::DAMAGED,
+                format!(
+                    "this home is registered as {existing}, but its key file {} is missing. That key is the identity {existing}: a new key cannot become it, and nothing was changed. Restore the key file from a backup (it is one line, `ed25519-secret:…`, mode 600); without it, register a new name in a new home (--home DIR)",
+                    self.home.key_path().display()
+                ),
+            ));
+        }
         let (key, created) = self.home.key_or_create().map_err(Failure::home)?;
         let key = Arc::new(key);
         eprintln!(
@@ -422,23 +455,40 @@ impl App {
         let narrow = self.connect_to(&url, key.clone()).await?;
         let info = narrow.server_info().await.map_err(Failure::client)?;
         let wanted = Handle::parse(name, &info.domain)
-            .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?
-            .to_string();
-        if let Some(existing) = &self.config.handle {
-            if *existing == wanted {
-                println!("already registered as {existing}");
-                return self.confirm(&url, key).await.map(|_| ());
-            }
+            .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?;
+        if wanted.domain() != info.domain {
             return Err(Failure::new(
-                failure::CONFLICT,
+                USAGE,
                 format!(
-                    "this home is already registered as {existing}; to register {wanted}, use another home (--home DIR)"
+                    "{wanted} is a handle on {}, but {url} serves {}: register it with {}'s own server, or register @{} here",
+                    wanted.domain(),
+                    info.domain,
+                    wanted.domain(),
+                    wanted.name()
                 ),
             ));
         }
+        let again = match &self.config.handle {
+            Some(existing) if *existing == wanted.to_string() => true,
+            Some(existing) => {
+                return Err(Failure::new(
+                    failure::CONFLICT,
+                    format!(
+                        "this home is already registered as {existing}; to register {wanted}, use another home (--home DIR)"
+                    ),
+                ));
+            }
+            None => false,
+        };
+        // Registering again is harmless (the server answers the record it has), and repairs a
+        // server that lost the registration, e.g. restored from an older backup.
         let record = narrow.register(name).await.map_err(Failure::client)?;
         let _ = narrow.close().await;
-        eprintln!("registered {} on {}", record.handle, info.domain);
+        if again {
+            println!("already registered as {}", record.handle);
+        } else {
+            eprintln!("registered {} on {}", record.handle, info.domain);
+        }
 
         // The chat profile comes with a new connection (PROTOCOL.md §6.2).
         let full = self.connect_to(&url, key.clone()).await?;
@@ -781,6 +831,9 @@ impl App {
         );
         let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
+        // One line when receiving stops working (a broker restart, a leader election: async-nats
+        // reconnects on its own), one when it works again; not a line per failed attempt.
+        let mut failing = false;
         loop {
             let messages = tokio::select! {
                 _ = &mut stop => break,
@@ -788,13 +841,18 @@ impl App {
             };
             match messages {
                 Ok(_) => {
+                    if std::mem::take(&mut failing) {
+                        eprintln!("kez-chat: reconnected; receiving again");
+                    }
                     show_unshown(&store, &conn, json, true).await?;
                 }
                 Err(err) => {
-                    eprintln!(
-                        "kez-chat: receiving failed, retrying: {}",
-                        display::inline(&err.to_string())
-                    );
+                    if !std::mem::replace(&mut failing, true) {
+                        eprintln!(
+                            "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
+                            display::inline(&err.to_string())
+                        );
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

@@ -311,6 +311,11 @@ async fn errors_say_what_to_do() {
         err.contains("kez-chat --server nats://HOST:4222 register"),
         "{err}"
     );
+    let nobody = Person::new();
+    let err = nobody.fails(&["whoami"], 2).await;
+    assert!(err.contains("there is no kez-chat home at"), "{err}");
+    assert!(err.contains("register NAME"), "{err}");
+    assert!(!nobody.home.exists(), "whoami made no home");
     let err = fresh
         .fails(&["--server", "nats://127.0.0.1:1", "register", "dave"], 1)
         .await;
@@ -614,4 +619,121 @@ async fn peer_text_cannot_pass_for_another_line_or_reach_the_terminal() {
     );
     let exact = bob.json(&["history", "@alice"]).await;
     assert_eq!(exact[0]["text"], forged);
+}
+
+/// Every kind of failure ends with the code `kez-chat --help` lists for it, and says what to do.
+#[tokio::test]
+async fn the_exit_code_table_holds() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, _bob) = alice_and_bob(&url).await;
+
+    // 2: usage and setup.
+    let fresh = Person::new();
+    for bad in ["http://kez.lat", "nats://", "nats://192.0.2.1:4222"] {
+        fresh.fails(&["--server", bad, "register", "dave"], 2).await;
+    }
+    let err = fresh
+        .fails(&["--server", &url, "register", "admin"], 2)
+        .await;
+    assert!(err.contains("reserved"), "{err}");
+    assert!(
+        !fresh.home.join("key").exists(),
+        "no key made for a name no server takes"
+    );
+    let err = fresh
+        .fails(&["--server", &url, "register", "@zed@kez.lat"], 2)
+        .await;
+    assert!(err.contains("serves kez.test"), "{err}");
+    let max = kez_core::envelope::max_body_len("text", kez_client::now()).unwrap();
+    let output = alice
+        .run_with_stdin(&["send", "@bob"], &"x".repeat(max + 1))
+        .await;
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("kez-chat share"), "{err}");
+    let output = alice
+        .run_with_stdin(&["send", "@bob"], &"x".repeat(max))
+        .await;
+    assert!(output.status.success(), "the largest message is sent");
+
+    // 2: a home or key file others can read.
+    let key = alice.home.join("key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = alice.fails(&["whoami"], 2).await;
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&alice.home, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = alice.fails(&["contacts"], 2).await;
+    assert!(err.contains("chmod 700"), "{err}");
+    std::fs::set_permissions(&alice.home, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let store = alice.home.join("store.redb");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the store is created private");
+
+    // 6: a damaged, an emptied store, a lost key; each left as it was.
+    let good = std::fs::read(&store).unwrap();
+    for (bytes, says) in [
+        (b"not a database".to_vec(), "is damaged"),
+        (Vec::new(), "empty"),
+    ] {
+        std::fs::write(&store, &bytes).unwrap();
+        let err = alice.fails(&["contacts"], 6).await;
+        assert!(err.contains(says) && err.contains("move it aside"), "{err}");
+        assert!(!err.contains("another kez-chat"), "{err}");
+        assert_eq!(std::fs::read(&store).unwrap(), bytes, "left untouched");
+    }
+    std::fs::write(&store, &good).unwrap();
+    alice.ok(&["contacts"]).await;
+    let lost = Person::new();
+    lost.register(&url, "carol").await;
+    std::fs::remove_file(lost.home.join("key")).unwrap();
+    let err = lost
+        .fails(&["--server", &url, "register", "carol"], 6)
+        .await;
+    assert!(err.contains("key file") && err.contains("missing"), "{err}");
+    assert!(!lost.home.join("key").exists(), "no new key made");
+    lost.fails(&["whoami"], 6).await;
+
+    // 3 and 4 are covered by `errors_say_what_to_do` and the key-change tests.
+}
+
+/// A burst of sends goes through a server that asks to slow down: the client waits the time
+/// it names and goes on; only a wait longer than it takes is an error (exit 5).
+#[tokio::test]
+async fn a_burst_of_sends_waits_for_the_server_and_succeeds() {
+    use kez_chat_server::limits::{Limits, Rate};
+    let stack = CalloutStack::start_configured(|config| {
+        config.limits = Limits {
+            per_key: Rate::new(4.0, 4),
+            ..Limits::default()
+        };
+    })
+    .await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    for i in 0..12 {
+        alice.ok(&["send", "@bob", &format!("burst {i}")]).await;
+    }
+    let shown = bob.json(&["inbox"]).await;
+    assert_eq!(shown.as_array().unwrap().len(), 12);
+
+    let slow = CalloutStack::start_configured(|config| {
+        config.limits = Limits {
+            send_per_key: Rate::new(0.01, 1),
+            ..Limits::default()
+        };
+    })
+    .await;
+    let (carol, _dave) = alice_and_bob(&slow.nats.url()).await;
+    let mut refused = None;
+    for _ in 0..4 {
+        let output = carol.run(&["send", "@bob", "hi"]).await;
+        if output.status.code() == Some(5) {
+            refused = Some(String::from_utf8_lossy(&output.stderr).into_owned());
+            break;
+        }
+    }
+    let err = refused.expect("a wait of minutes is not waited out");
+    assert!(err.contains("retry in"), "{err}");
 }

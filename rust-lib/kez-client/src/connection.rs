@@ -45,6 +45,14 @@ const SERVER_INFO: &str = "kez.server.info";
 /// (at most 100 s, PROTOCOL.md §10), and nats-server forgets the reply after 2 minutes.
 pub const PIN_ADD_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long [`Connection::connect_with`] keeps asking a broker that refuses the key before it
+/// reports the refusal: a server that is starting refuses everyone until its auth callout runs.
+pub const AUTHORIZATION_RETRY_WINDOW: Duration = Duration::from_secs(4);
+
+/// How long a call waits in all for a server that asks it to slow down (429) before it gives
+/// up with the server's answer.
+pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(10);
+
 /// The largest number of chain pages [`Connection::chain`] fetches before giving up on a
 /// server that keeps saying `more`.
 const MAX_CHAIN_PAGES: usize = 10_000;
@@ -66,6 +74,8 @@ pub struct ServiceError {
     pub message: String,
     /// On a 409 from `append`: the chain's current head (`Kez-Head-Seq`, `Kez-Head-Hash`).
     pub head: Option<ChainHead>,
+    /// On a 429: how long to wait before asking again (`Kez-Retry-After-Ms`).
+    pub retry_after: Option<Duration>,
 }
 
 /// Why a client call failed.
@@ -116,6 +126,14 @@ pub enum ClientError {
     /// A message could not be sealed.
     #[error("cannot seal the message: {0}")]
     Seal(EnvelopeError),
+    /// A message body larger than one envelope carries: nothing was sent.
+    #[error("the message is {size} bytes; one message carries at most {max} bytes")]
+    TooLarge {
+        /// The body's size.
+        size: usize,
+        /// The most it may be ([`envelope::max_body_len`]).
+        max: usize,
+    },
     /// A NATS or JetStream operation failed.
     #[error("could not {action}: {source}")]
     Nats {
@@ -553,13 +571,28 @@ impl Connection {
     ) -> Result<Connection, ClientError> {
         // async-nats takes a list, and would read the whole string as one URL.
         let servers = broker_urls(url, plaintext)?;
-        let client = options
-            .connect(servers)
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: url.to_owned(),
-                source,
-            })?;
+        // A refusal may be the auth callout not answering yet (the server is starting) rather
+        // than a decision about the key: ask again for a few seconds before reporting it.
+        let mut pause = Duration::from_millis(250);
+        let started = tokio::time::Instant::now();
+        let client = loop {
+            match options.clone().connect(servers.clone()).await {
+                Ok(client) => break client,
+                Err(source)
+                    if source.kind() == async_nats::ConnectErrorKind::AuthorizationViolation
+                        && started.elapsed() + pause <= AUTHORIZATION_RETRY_WINDOW =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(source) => {
+                    return Err(ClientError::Connect {
+                        url: url.to_owned(),
+                        source,
+                    });
+                }
+            }
+        };
         let js = jetstream::with_prefix(client.clone(), JS_API_PREFIX);
         Ok(Connection {
             client,
@@ -581,20 +614,7 @@ impl Connection {
 
     /// Sends `body` to a service and returns the answer's body, or its [`ServiceError`].
     async fn call(&self, subject: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
-        let answer = self
-            .client
-            .request(subject.to_owned(), body.into())
-            .await
-            .map_err(|source| ClientError::Request {
-                subject: subject.to_owned(),
-                source,
-            })?;
-        match answer.headers {
-            Some(headers) if headers.get("Nats-Service-Error-Code").is_some() => {
-                Err(service_error(subject, &headers).into())
-            }
-            _ => Ok(answer.payload),
-        }
+        self.call_within(subject, body, None).await
     }
 
     /// Like [`Connection::call`], waiting up to `timeout` for the answer.
@@ -604,22 +624,48 @@ impl Connection {
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
-        let request = async_nats::Request::new()
-            .payload(body.into())
-            .timeout(Some(timeout));
-        let answer = self
-            .client
-            .send_request(subject.to_owned(), request)
-            .await
-            .map_err(|source| ClientError::Request {
-                subject: subject.to_owned(),
-                source,
-            })?;
-        match answer.headers {
-            Some(headers) if headers.get("Nats-Service-Error-Code").is_some() => {
-                Err(service_error(subject, &headers).into())
+        self.call_within(subject, body, Some(timeout)).await
+    }
+
+    /// Sends `body` to a service, waiting `timeout` for each answer (`None`: the client's
+    /// default). A server that asks to slow down (429 with `Kez-Retry-After-Ms`) is asked again
+    /// after the time it names, for at most [`MAX_RATE_LIMIT_WAIT`] in all; a longer wait is the
+    /// caller's 429.
+    async fn call_within(
+        &self,
+        subject: &str,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<Bytes, ClientError> {
+        let body = Bytes::from(body);
+        let mut waited = Duration::ZERO;
+        loop {
+            let mut request = async_nats::Request::new().payload(body.clone());
+            if let Some(timeout) = timeout {
+                request = request.timeout(Some(timeout));
             }
-            _ => Ok(answer.payload),
+            let answer = self
+                .client
+                .send_request(subject.to_owned(), request)
+                .await
+                .map_err(|source| ClientError::Request {
+                    subject: subject.to_owned(),
+                    source,
+                })?;
+            let err = match answer.headers {
+                Some(headers) if headers.get("Nats-Service-Error-Code").is_some() => {
+                    service_error(subject, &headers)
+                }
+                _ => return Ok(answer.payload),
+            };
+            match err.retry_after {
+                Some(pause) if err.code == 429 && waited + pause <= MAX_RATE_LIMIT_WAIT => {
+                    tracing::debug!(subject, ?pause, "the server asks to slow down; waiting");
+                    tokio::time::sleep(pause).await;
+                    waited += pause;
+                }
+                _ => return Err(err.into()),
+            }
         }
     }
 
@@ -897,6 +943,13 @@ impl Connection {
         body: &[u8],
     ) -> Result<Pending, ClientError> {
         let time = now();
+        let max = envelope::max_body_len(content_type, time).unwrap_or(0);
+        if body.len() > max {
+            return Err(ClientError::TooLarge {
+                size: body.len(),
+                max,
+            });
+        }
         let (id, sealed) = envelope::seal(&self.key, &to.current_key, content_type, body, time)
             .map_err(ClientError::Seal)?;
         let request = SendRequest::encode(&to.key, &id, &sealed);
@@ -975,8 +1028,9 @@ impl Connection {
         });
         let mut opened = Vec::with_capacity(deliveries.len());
         for delivery in &deliveries {
+            let seq = delivery.info().map_or(0, |info| info.stream_sequence);
             match envelope::open(&self.key, &delivery.payload) {
-                Ok(message) => opened.push(message),
+                Ok(message) => opened.push((message, seq)),
                 Err(err) => tracing::warn!(
                     code = err.code(),
                     size = delivery.payload.len(),
@@ -986,7 +1040,7 @@ impl Connection {
         }
         let fresh = store.record_incoming_all(&opened, now())?;
         let mut received = Vec::with_capacity(opened.len());
-        for (message, fresh) in opened.into_iter().zip(fresh) {
+        for ((message, _), fresh) in opened.into_iter().zip(fresh) {
             if fresh {
                 received.push(message);
             } else {
@@ -1046,6 +1100,10 @@ fn service_error(subject: &str, headers: &HeaderMap) -> ServiceError {
         name: text("Kez-Error"),
         message: text("Nats-Service-Error"),
         head,
+        retry_after: text("Kez-Retry-After-Ms")
+            .parse()
+            .ok()
+            .map(Duration::from_millis),
     }
 }
 

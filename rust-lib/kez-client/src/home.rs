@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use kez_core::SecretKey;
-use kez_keyfile::KeyFileError;
+pub use kez_keyfile::KeyFileError;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{Store, StoreError};
@@ -49,6 +49,16 @@ pub enum HomeError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// Other users of this machine can read the home directory.
+    #[error(
+        "{path} can be read by other users of this machine (mode {mode:03o}), and it holds your messages and keys: run `chmod 700 {path}`"
+    )]
+    Exposed {
+        /// The home directory.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The operating system refused an operation.
     #[error("could not {action} {path}: {error}")]
@@ -87,6 +97,16 @@ pub fn resolve_home(
     Err(HomeError::NoHome)
 }
 
+/// Where the environment says the home is: [`resolve_home`] over the process environment.
+pub fn home_dir_from_env() -> Result<PathBuf, HomeError> {
+    let var = std::env::var_os;
+    resolve_home(
+        var(HOME_ENV).as_deref(),
+        var("XDG_DATA_HOME").as_deref(),
+        var("HOME").as_deref(),
+    )
+}
+
 /// The client's config (`config.json`). Unknown members are ignored, so an older client can
 /// read a newer client's config.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,9 +141,19 @@ pub struct Home {
 }
 
 impl Home {
-    /// The home at `dir`, created (mode 0700, parents too) if it does not exist.
+    /// The home at `dir`, created (mode 0700, parents too) if it does not exist. An existing
+    /// directory that other users can read is refused ([`HomeError::Exposed`]).
     pub fn open(dir: impl Into<PathBuf>) -> Result<Home, HomeError> {
+        use std::os::unix::fs::MetadataExt;
         let dir = dir.into();
+        if let Ok(metadata) = fs::metadata(&dir)
+            && metadata.mode() & 0o077 != 0
+        {
+            return Err(HomeError::Exposed {
+                path: dir,
+                mode: metadata.mode() & 0o777,
+            });
+        }
         DirBuilder::new()
             .recursive(true)
             .mode(HOME_DIR_MODE)
@@ -134,17 +164,6 @@ impl Home {
                 error,
             })?;
         Ok(Home { dir })
-    }
-
-    /// The home the environment names ([`resolve_home`] over the process environment).
-    pub fn from_env() -> Result<Home, HomeError> {
-        let var = std::env::var_os;
-        let dir = resolve_home(
-            var(HOME_ENV).as_deref(),
-            var("XDG_DATA_HOME").as_deref(),
-            var("HOME").as_deref(),
-        )?;
-        Home::open(dir)
     }
 
     /// The home directory.
@@ -304,9 +323,25 @@ mod tests {
     }
 
     #[test]
+    fn a_home_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("home");
+        Home::open(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "created private");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        let err = Home::open(&path).unwrap_err();
+        assert!(
+            matches!(err, HomeError::Exposed { mode: 0o755, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 700"), "{err}");
+    }
+
+    #[test]
     fn config_round_trips_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
-        let home = Home::open(dir.path()).unwrap();
+        let home = Home::open(dir.path().join("home")).unwrap();
         assert_eq!(home.config().unwrap(), Config::default());
         let config = Config {
             server: Some("nats://127.0.0.1:4222".into()),

@@ -43,9 +43,37 @@ const NEXT_ORDER: &str = "next_order";
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// redb failed (I/O, a locked or corrupt database file).
+    /// redb failed (I/O, a full disk).
     #[error("local store: {0}")]
     Database(Box<redb::Error>),
+    /// Another process holds the store (redb locks the file).
+    #[error(
+        "another kez-chat (for example `kez-chat listen`) is using {path}: wait for it to finish or stop it, then try again"
+    )]
+    InUse {
+        /// The store file.
+        path: std::path::PathBuf,
+    },
+    /// The store file is damaged or empty: nothing was read from it and nothing written to it.
+    #[error(
+        "{path} is damaged ({reason}); nothing was changed. Restore it from a backup, or move it aside (`mv {path} {path}.damaged`) to start again with no contacts and no history (your key and registration are not in it)"
+    )]
+    Damaged {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Other users of this machine can read the store file.
+    #[error(
+        "{path} can be read by other users of this machine (mode {mode:03o}), and it holds your messages and the keys of files sent to you: run `chmod 600 {path}`"
+    )]
+    Exposed {
+        /// The store file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A record could not be decoded: the file was written by something else or is damaged.
     #[error("local store record is unreadable ({0}); the store file may be damaged")]
     Corrupt(String),
@@ -94,12 +122,13 @@ fn corrupt(err: serde_json::Error) -> StoreError {
 }
 
 /// A received message as stored.
-fn incoming(message: &Message, now: u64) -> StoredMessage {
+fn incoming(message: &Message, seq: u64, now: u64) -> StoredMessage {
     StoredMessage {
         id: message.id,
         from: message.from,
         to: message.to,
         time: message.time,
+        seq,
         stored_at: now,
         content_type: message.content_type.clone(),
         body: message.body.clone(),
@@ -268,6 +297,11 @@ pub struct StoredMessage {
     pub to: PublicKey,
     /// The sender's clock when sealed, seconds since the epoch.
     pub time: u64,
+    /// Its sequence in the home server's inbox stream (0 when not known: stored by an older
+    /// version, or recorded without it). The stream holds every inbox, so within a
+    /// conversation on one server it is the order the server stored the messages in.
+    #[serde(default)]
+    pub seq: u64,
     /// The local clock when received (or sent), seconds since the epoch.
     pub stored_at: u64,
     /// The content type (`text`, ...).
@@ -336,6 +370,135 @@ pub struct PublishedManifest {
     pub pinned: bool,
 }
 
+/// Why [`open_database`] failed.
+enum OpenFailure {
+    InUse,
+    Io(std::io::Error),
+    Damaged(String),
+    /// The file needs redb's repair (asked for, and refused by the first attempt).
+    NeedsRepair,
+}
+
+/// What a redb error means for opening a store.
+fn classify(err: redb::Error) -> OpenFailure {
+    match err {
+        redb::Error::DatabaseAlreadyOpen => OpenFailure::InUse,
+        redb::Error::RepairAborted => OpenFailure::NeedsRepair,
+        // redb reads a file that is not one of its databases as invalid data.
+        redb::Error::Io(err) if err.kind() != std::io::ErrorKind::InvalidData => {
+            OpenFailure::Io(err)
+        }
+        err => OpenFailure::Damaged(err.to_string()),
+    }
+}
+
+/// Opens the redb file at `path` (created with mode 0600 if missing) and reads it through.
+///
+/// A file left by a process that was killed needs redb's repair, which rewrites it: the file
+/// is copied aside first (`<name>.before-repair`), and if the repair fails, or the repaired
+/// file does not read through, the copy is put back, so a damaged file is left exactly as it
+/// was. Panics inside redb (it asserts on some damaged files) count as damage.
+fn open_database(path: &Path) -> Result<Database, OpenFailure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open_file = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(OpenFailure::Io)
+    };
+    let inconsistent =
+        || OpenFailure::Damaged("the database's own structure is inconsistent".into());
+    let without_repair = quietly(|| {
+        let mut builder = redb::Builder::new();
+        builder.set_repair_callback(|session| session.abort());
+        builder
+            .create_file(open_file()?)
+            .map_err(|err| classify(err.into()))
+    })
+    .map_err(|()| inconsistent())?;
+    let database = match without_repair {
+        Ok(database) => database,
+        Err(OpenFailure::NeedsRepair) => {
+            let copy = path.with_extension("redb.before-repair");
+            std::fs::copy(path, &copy).map_err(OpenFailure::Io)?;
+            let repaired = quietly(|| {
+                let database = redb::Builder::new()
+                    .create_file(open_file()?)
+                    .map_err(|err| classify(err.into()))?;
+                check_readable(&database)?;
+                Ok(database)
+            })
+            .unwrap_or_else(|()| Err(inconsistent()));
+            return match repaired {
+                Ok(database) => {
+                    let _ = std::fs::remove_file(&copy);
+                    Ok(database)
+                }
+                Err(failure) => {
+                    std::fs::rename(&copy, path).map_err(OpenFailure::Io)?;
+                    Err(failure)
+                }
+            };
+        }
+        Err(failure) => return Err(failure),
+    };
+    quietly(|| check_readable(&database)).map_err(|()| inconsistent())??;
+    Ok(database)
+}
+
+/// Reads every table to its end, so that a damaged page shows now, while the store is being
+/// opened, rather than in the middle of a later command.
+fn check_readable(database: &Database) -> Result<(), OpenFailure> {
+    let tx = database.begin_read().map_err(|err| classify(err.into()))?;
+    macro_rules! scan {
+        ($($definition:expr),*) => {$(
+            match tx.open_table($definition) {
+                Ok(table) => {
+                    for entry in table.iter().map_err(|err| classify(err.into()))? {
+                        entry.map_err(|err| classify(err.into()))?;
+                    }
+                }
+                // A store made by an older version may lack a table: created at open.
+                Err(redb::TableError::TableDoesNotExist(_)) => {}
+                Err(err) => return Err(classify(err.into())),
+            }
+        )*};
+    }
+    scan!(
+        CONTACTS, MESSAGES, SEEN, META, UNSHOWN, OFFERS, DOWNLOADS, PUBLISHED, MANIFESTS
+    );
+    Ok(())
+}
+
+thread_local! {
+    /// Set while [`quietly`] runs on this thread: a panic then is reported as a damaged store,
+    /// not printed.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f`, turning a panic in it into `Err(())` without the panic message: redb asserts on
+/// some damaged files, and the person using the store needs to hear "damaged", not a
+/// backtrace. Panics on other threads, or outside `f`, are reported as before.
+fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|quiet| quiet.set(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|quiet| quiet.set(false));
+    result.map_err(|_| ())
+}
+
 /// The local store (see the module docs). One process at a time: redb locks the file.
 pub struct Store {
     db: Database,
@@ -348,9 +511,40 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens the store at `path`, creating the file and its tables if needed.
+    /// Opens the store at `path`, creating the file (mode 0600) and its tables if needed.
+    ///
+    /// An existing file is checked before it is used, and never rewritten when it fails: it
+    /// must be private to its owner ([`StoreError::Exposed`]), not empty, and readable to the
+    /// end, every table ([`StoreError::Damaged`]: a file with flipped bits can make redb
+    /// panic, which is caught here and reported as damage, without a backtrace). A file
+    /// another process holds is [`StoreError::InUse`].
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StoreError> {
-        let database = Database::create(path).map_err(db)?;
+        use std::os::unix::fs::MetadataExt;
+        let path = path.as_ref();
+        let damaged = |reason: String| StoreError::Damaged {
+            path: path.to_path_buf(),
+            reason,
+        };
+        match std::fs::metadata(path) {
+            Ok(metadata) if metadata.mode() & 0o077 != 0 => {
+                return Err(StoreError::Exposed {
+                    path: path.to_path_buf(),
+                    mode: metadata.mode() & 0o777,
+                });
+            }
+            Ok(metadata) if metadata.len() == 0 => {
+                return Err(damaged("the file is empty: 0 bytes".into()));
+            }
+            _ => {}
+        }
+        let database = open_database(path).map_err(|failure| match failure {
+            OpenFailure::InUse => StoreError::InUse {
+                path: path.to_path_buf(),
+            },
+            OpenFailure::Io(err) => StoreError::Database(Box::new(redb::Error::Io(err))),
+            OpenFailure::Damaged(reason) => damaged(reason),
+            OpenFailure::NeedsRepair => damaged("redb could not repair it".into()),
+        })?;
         let tx = database.begin_write().map_err(db)?;
         tx.open_table(CONTACTS).map_err(db)?;
         tx.open_table(MESSAGES).map_err(db)?;
@@ -498,22 +692,23 @@ impl Store {
     /// the history, both or neither. Returns `false`, changing nothing, when the id was seen
     /// before (a replay or a redelivery).
     pub fn record_incoming(&self, message: &Message, now: u64) -> Result<bool, StoreError> {
-        self.record(incoming(message, now))
+        self.record(incoming(message, 0, now))
     }
 
     /// [`Store::record_incoming`] for a whole fetched batch in one transaction: one disk sync
     /// for the batch instead of one per message. Every message is stored, or none (on an
     /// error). Answers, in order, whether each was new; a repeat, also within `messages`,
-    /// changes nothing.
+    /// changes nothing. Each message comes with its inbox stream sequence
+    /// ([`StoredMessage::seq`]).
     pub fn record_incoming_all(
         &self,
-        messages: &[Message],
+        messages: &[(Message, u64)],
         now: u64,
     ) -> Result<Vec<bool>, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
         let fresh = messages
             .iter()
-            .map(|message| record_in(&tx, &incoming(message, now)))
+            .map(|(message, seq)| record_in(&tx, &incoming(message, *seq, now)))
             .collect::<Result<Vec<bool>, StoreError>>()?;
         if fresh.contains(&true) {
             tx.commit().map_err(db)?;
@@ -529,6 +724,7 @@ impl Store {
             from: sent.from,
             to: sent.to,
             time: sent.time,
+            seq: sent.stream_sequence,
             stored_at: now,
             content_type: sent.content_type.clone(),
             body: sent.body.clone(),
@@ -699,7 +895,8 @@ impl Store {
     }
 
     /// The conversation with `peer` (a contact's identity key, see [`Contact::key`]), in the
-    /// order the messages were stored (received or sent).
+    /// order the messages were sent: by the sender's time, then the stream sequence; messages
+    /// alike in both keep the order they were stored in.
     pub fn history(&self, peer: &PublicKey) -> Result<Vec<StoredMessage>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let table = tx.open_table(MESSAGES).map_err(db)?;
@@ -712,6 +909,9 @@ impl Store {
             let (_, value) = entry.map_err(db)?;
             messages.push(serde_json::from_slice(value.value()).map_err(corrupt)?);
         }
+        // The order the messages were sent in, not the order they arrived in (a redelivery
+        // after a crash arrives late): the sender's time, then the server's stream order.
+        messages.sort_by_key(|message: &StoredMessage| (message.time, message.seq));
         Ok(messages)
     }
 }
@@ -900,6 +1100,90 @@ mod tests {
     }
 
     #[test]
+    fn a_store_is_private_and_a_bad_one_is_refused_untouched() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            for i in 0..50u8 {
+                store
+                    .record_incoming(&message(2, 1, &"x".repeat(usize::from(i) * 20)), 1)
+                    .unwrap();
+            }
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "created private");
+            assert!(matches!(Store::open(&path), Err(StoreError::InUse { .. })));
+        }
+        let good = std::fs::read(&path).unwrap();
+
+        // Readable by others: refused, with the chmod that fixes it.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Store::open(&path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Exposed { mode: 0o644, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        let refused_untouched = |bytes: &[u8], name: &str| {
+            let bad = dir.path().join(name);
+            std::fs::write(&bad, bytes).unwrap();
+            std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let result = Store::open(&bad);
+            if result.is_err() {
+                assert!(
+                    std::fs::read(&bad).unwrap() == bytes,
+                    "{name} was refused, and changed"
+                );
+            }
+            result
+        };
+        let err = refused_untouched(b"", "empty.redb").unwrap_err();
+        assert!(matches!(&err, StoreError::Damaged { reason, .. } if reason.contains("empty")));
+        assert!(err.to_string().contains(".damaged"), "{err}");
+        let garbage = refused_untouched(b"this is not a database at all", "garbage.redb");
+        assert!(
+            matches!(garbage, Err(StoreError::Damaged { .. })),
+            "{garbage:?}"
+        );
+        // Bits flipped in the file's first pages: some make redb assert. Each file opens as
+        // a store or is refused as damaged, and never panics out of `open`.
+        let mut refused = 0;
+        for seed in 0..40u64 {
+            let mut bytes = good.clone();
+            let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            for _ in 0..20 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x as usize) % bytes.len().min(65_536);
+                bytes[at] ^= 1 << (x % 8);
+            }
+            match refused_untouched(&bytes, &format!("flipped-{seed}.redb")) {
+                Ok(_) => {}
+                Err(StoreError::Damaged { .. }) => refused += 1,
+                Err(other) => panic!("seed {seed}: {other}"),
+            }
+        }
+        assert!(refused > 0, "no flipped file was refused");
+
+        // A store left open by a killed process needs redb's repair: done, and nothing lost.
+        let open = dir.path().join("open.redb");
+        let store = Store::open(&open).unwrap();
+        store.record_incoming(&message(2, 1, "kept"), 1).unwrap();
+        let killed = dir.path().join("killed.redb");
+        std::fs::copy(&open, &killed).unwrap();
+        std::mem::forget(store);
+        let repaired = Store::open(&killed).expect("repaired");
+        let kept = repaired.history(&key(2)).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].body, b"kept");
+        assert!(!dir.path().join("killed.redb.before-repair").exists());
+    }
+
+    #[test]
     fn a_batch_is_stored_in_one_go_and_deduplicated() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path().join("store.redb")).unwrap();
@@ -908,7 +1192,7 @@ mod tests {
         let one = message(2, 1, "one");
         let two = message(2, 1, "two");
         let fresh = store
-            .record_incoming_all(&[one.clone(), before, two, one], 101)
+            .record_incoming_all(&[(one.clone(), 0), (before, 0), (two, 0), (one, 0)], 101)
             .unwrap();
         assert_eq!(
             fresh,
@@ -923,6 +1207,29 @@ mod tests {
             store.record_incoming_all(&[], 102).unwrap(),
             Vec::<bool>::new()
         );
+    }
+
+    #[test]
+    fn history_is_in_the_order_sent_not_the_order_received() {
+        // 1 and 2 fetched, then the client killed before acknowledging 2 and 3: 4 and 5 arrive
+        // first, 2 and 3 are redelivered later.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let sent = |n: u64| {
+            let mut message = message(2, 1, &format!("m{n}"));
+            message.time = 1_767_225_600 + n / 2;
+            (message, 10 + n)
+        };
+        for batch in [
+            vec![sent(1)],
+            vec![sent(4), sent(5)],
+            vec![sent(2), sent(3)],
+        ] {
+            store.record_incoming_all(&batch, 100).unwrap();
+        }
+        let history = store.history(&key(2)).unwrap();
+        let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(bodies, [&b"m1"[..], b"m2", b"m3", b"m4", b"m5"]);
     }
 
     #[test]

@@ -190,6 +190,26 @@ pub fn seal(
     Ok((id, envelope))
 }
 
+/// The largest body an envelope of `content_type` sealed at `time` can carry within
+/// [`MAX_ENVELOPE_BYTES`]: the limit minus the frame, the signature and the header (whose size
+/// depends only on the content type and the number of digits of the time). `None` for a
+/// content type [`seal`] refuses.
+pub fn max_body_len(content_type: &str, time: u64) -> Option<usize> {
+    check_content_type(content_type).ok()?;
+    // Every key has the same text length: any key gives the header's size.
+    let key = SecretKey::from_seed(&[0; 32]).public_key();
+    let header = Header {
+        v: u64::from(ENVELOPE_VERSION),
+        from: key,
+        to: key,
+        id: MessageId([0; 16]),
+        time,
+        content_type: content_type.to_owned(),
+    };
+    let header = canonical::encode(&serde_json::to_value(&header).ok()?).ok()?;
+    MAX_ENVELOPE_BYTES.checked_sub(ENVELOPE_FRAME + PLAINTEXT_FRAME + header.len())
+}
+
 /// [`seal`] with the id and ephemeral secret given: for test vectors only. Reusing an ephemeral
 /// secret for two messages to one recipient reuses key and nonce and destroys confidentiality.
 pub fn seal_with_fixed_randomness(

@@ -203,7 +203,7 @@ fn store_commits(alice: &SecretKey, bob: &SecretKey, count: usize) -> Result<Lat
         let message = kez_core::envelope::open(bob, &sealed).map_err(|e| e.to_string())?;
         let started = Instant::now();
         store
-            .record_incoming_all(std::slice::from_ref(&message), kez_client::now())
+            .record_incoming_all(&[(message.clone(), 0)], kez_client::now())
             .map_err(|e| e.to_string())?;
         commits.push(started.elapsed());
     }

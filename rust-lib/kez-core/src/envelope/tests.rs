@@ -278,3 +278,35 @@ fn a_header_length_past_the_end_is_truncation_not_a_panic() {
     let envelope = encrypt(&bob.public_key(), &seed("ephemeral", "y"), &plaintext).unwrap();
     assert_eq!(open(&bob, &envelope), Err(EnvelopeError::Truncated));
 }
+
+#[test]
+fn the_largest_body_fits_and_one_more_byte_does_not() {
+    for time in [0, T0, 9_007_199_254_740_991] {
+        for content_type in ["text", "file-offer", "x"] {
+            let max = max_body_len(content_type, time).unwrap();
+            let body = vec![0x41; max];
+            let sealed = seal(
+                &key("alice"),
+                &key("bob").public_key(),
+                content_type,
+                &body,
+                time,
+            )
+            .unwrap()
+            .1;
+            assert_eq!(sealed.len(), MAX_ENVELOPE_BYTES, "{content_type} at {time}");
+            let one_more = vec![0x41; max + 1];
+            assert!(matches!(
+                seal(
+                    &key("alice"),
+                    &key("bob").public_key(),
+                    content_type,
+                    &one_more,
+                    time
+                ),
+                Err(EnvelopeError::TooLarge { .. })
+            ));
+        }
+    }
+    assert_eq!(max_body_len("", T0), None);
+}
