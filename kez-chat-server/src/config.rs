@@ -160,7 +160,8 @@ pub struct Settings {
     #[arg(long, env = "KEZ_PIN_DIR")]
     pub pin_dir: Option<PathBuf>,
     /// UDP address of the pin node. Production sets a routable address (or 0.0.0.0:<port>) so
-    /// clients can reach it; it is advertised as the provider [default: 127.0.0.1:0]
+    /// clients can reach it; it is advertised as the provider. Port 0: the port the OS picks the
+    /// first time, kept in the pin directory [default: 127.0.0.1:0]
     #[arg(long, env = "KEZ_PIN_BIND", value_name = "ADDR:PORT")]
     pub pin_bind: Option<SocketAddr>,
     /// Bytes each user may pin [default: 1073741824, 1 GiB]

@@ -43,6 +43,26 @@ const LOG_TAIL_LINES: usize = 25;
 pub const KEYS_DIR: &str = "keys";
 /// The pin node's directory, with `--pin`.
 pub const PIN_DIR: &str = "pin";
+/// The file in the data directory keeping the client port the broker got with `--port 0`.
+pub const PORT_FILE: &str = "port";
+
+/// The port kept in `data_dir` by an earlier start with `--port 0`.
+pub fn kept_port(data_dir: &Path) -> Option<u16> {
+    std::fs::read_to_string(data_dir.join(PORT_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&port| port != 0)
+}
+
+/// Keeps `port` in `data_dir` for the next start with `--port 0`.
+pub fn keep_port(data_dir: &Path, port: u16) -> Result<(), String> {
+    let path = data_dir.join(PORT_FILE);
+    std::fs::write(&path, format!("{port}\n"))
+        .map_err(|err| format!("cannot write {}: {err}", path.display()))
+}
+
 /// The generated nats-server config (rewritten on every start).
 pub const CONF_FILE: &str = "nats-server.conf";
 /// What the dev stack's inbox stream may hold: enough for development, small enough to fit any
@@ -187,7 +207,13 @@ pub fn prepare(options: &DevOptions) -> Result<Prepared, String> {
             ));
         }
     };
-    let listen = match options.port {
+    // With --port 0 the port the broker got the first time is kept and asked for again:
+    // registered users' sigchains and their homes name the URL.
+    let port = match options.port {
+        0 => kept_port(&data_dir).unwrap_or(0),
+        port => port,
+    };
+    let listen = match port {
         0 => "127.0.0.1:-1".to_owned(),
         port => format!("127.0.0.1:{port}"),
     };

@@ -74,7 +74,8 @@ enum Command {
         /// ~/.local/share/kez-chat-server/dev]
         #[arg(long, env = "KEZ_DEV_DATA_DIR")]
         data_dir: Option<PathBuf>,
-        /// NATS client port on 127.0.0.1 (0: any free port)
+        /// NATS client port on 127.0.0.1 (0: any free port, kept in the data directory and asked
+        /// for again at the next start)
         #[arg(long, default_value_t = dev::DEFAULT_PORT)]
         port: u16,
         /// HTTP shim port on 127.0.0.1: WebFinger, /healthz, /metrics (0: any free port)
@@ -257,10 +258,23 @@ async fn run_dev(options: dev::DevOptions) -> ExitCode {
     let mut broker = tokio::select! {
         started = dev::Broker::start(&binary, &prepared) => match started {
             Ok(broker) => broker,
-            Err(err) => return fail(&err),
+            Err(err) => match dev::kept_port(&data_dir) {
+                Some(port) if options.port == 0 => {
+                    return fail(&format!(
+                        "{err}\n(with --port 0 the broker asks for port {port} again, kept in {}: free that port, or delete the file to take another, which changes the URL your users' homes and sigchains name)",
+                        data_dir.join(dev::PORT_FILE).display()
+                    ));
+                }
+                _ => return fail(&err),
+            },
         },
         () = shutdown_signal() => return ExitCode::SUCCESS,
     };
+    if options.port == 0
+        && let Err(err) = dev::keep_port(&data_dir, broker.port())
+    {
+        tracing::warn!(error = %err, "the broker's port is not kept for the next start");
+    }
     let url = broker.url();
     let config = prepared.server_config(&url, &domain, options.http_port, options.pin);
     let server = tokio::select! {

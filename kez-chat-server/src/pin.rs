@@ -82,6 +82,9 @@ impl PinConfig {
     }
 }
 
+/// The file in the pin directory that keeps the node's address when the OS picked its port.
+pub const BIND_FILE: &str = "bind";
+
 /// The pin node and the pins bucket.
 pub struct Pinning {
     node: Arc<BlobNode>,
@@ -176,16 +179,42 @@ impl Pinning {
             .create_or_update_key_value(bucket_config)
             .await
             .map_err(|err| format!("bucket {PINS_BUCKET}: {err}"))?;
-        let node = BlobNode::open(
-            &config.dir,
-            NodeConfig {
-                bind: config.bind,
-                gc_interval: Some(config.gc_interval),
-                ..NodeConfig::default()
-            },
-        )
-        .await
+        // A port the OS picks (the default) is kept in the pin directory and bound again at the
+        // next start: the provider strings in owners' offers and manifests name it.
+        let kept = config.dir.join(BIND_FILE);
+        let bind = match config.bind.port() {
+            0 => std::fs::read_to_string(&kept)
+                .ok()
+                .and_then(|text| text.trim().parse().ok())
+                .filter(|addr: &std::net::SocketAddr| addr.ip() == config.bind.ip())
+                .unwrap_or(config.bind),
+            _ => config.bind,
+        };
+        let open = |bind| {
+            BlobNode::open(
+                &config.dir,
+                NodeConfig {
+                    bind,
+                    gc_interval: Some(config.gc_interval),
+                    ..NodeConfig::default()
+                },
+            )
+        };
+        let node = match open(bind).await {
+            // The kept port is taken now: another one (clients find it in kez.server.info).
+            Err(err) if bind != config.bind => {
+                tracing::warn!(%bind, error = %err, "the pin node's kept address is taken; binding another");
+                open(config.bind).await
+            }
+            opened => opened,
+        }
         .map_err(|err| format!("pin node in {}: {err}", config.dir.display()))?;
+        if config.bind.port() == 0
+            && let Some(bound) = node.addr().ip_addrs().next()
+            && let Err(err) = std::fs::write(&kept, format!("{bound}\n"))
+        {
+            tracing::warn!(file = %kept.display(), error = %err, "could not keep the pin node's address");
+        }
         let node_id = node.id().to_string();
         Ok(Pinning {
             node: Arc::new(node),

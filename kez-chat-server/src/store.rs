@@ -8,8 +8,9 @@
 //!   registration, and another name may take it over once it is a minute old. Never a handle
 //!   without its reverse entry.
 //! - A link is stored with KV `create` under `<chain hex>.<seq>`: exactly one writer wins each
-//!   seq, so racing appends cannot fork a chain. The head entry is an index that may lag by a
-//!   link after a crash; readers go on past it until the first missing seq.
+//!   seq, so racing appends cannot fork a chain. The head entry is an index that may lag the
+//!   links (a crash, or a failed index update); readers go on past it until the first missing
+//!   seq, and move it forward when they find it behind.
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -561,8 +562,42 @@ impl Store {
             .filter(|record| record.key == key))
     }
 
-    /// The chain's head as indexed (may lag one link behind after a crash; see module docs).
+    /// The chain's head: the indexed head, or a later one when links are stored past the index
+    /// (an append whose index update failed, or a crash in between). A lagging index is moved
+    /// forward in the background, so only the first read after such an append pays for the
+    /// extra link reads.
     pub async fn head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ApiError> {
+        let indexed = self.indexed_head(chain).await?;
+        let chain_hex = chain.to_hex();
+        let mut head = indexed;
+        loop {
+            let next = head.map_or(1, |head| head.seq + 1);
+            if next > kez_core::sigchain::MAX_LINKS {
+                break;
+            }
+            let Some(link) = self.link(&chain_hex, next).await? else {
+                break;
+            };
+            // Stored links were verified when appended: only their hash is needed here.
+            let parsed = kez_core::SignedLink::parse(&link).map_err(|err| {
+                ApiError::internal(format!("stored link {next} of {chain} is corrupt: {err}"))
+            })?;
+            head = Some(ChainHead {
+                seq: next,
+                head: parsed.hash(),
+            });
+        }
+        if let Some(found) = head
+            && head != indexed
+        {
+            let store = self.clone();
+            tokio::spawn(async move { store.advance_head(chain, found).await });
+        }
+        Ok(head)
+    }
+
+    /// The chain's head as indexed: it may lag behind the stored links (see [`Store::head`]).
+    async fn indexed_head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ApiError> {
         match self
             .heads
             .get(chain.to_hex())
@@ -589,7 +624,7 @@ impl Store {
             return Ok((Vec::new(), false));
         }
         let chain_hex = chain.to_hex();
-        let indexed = self.head(chain).await?.map_or(0, |head| head.seq);
+        let indexed = self.indexed_head(chain).await?.map_or(0, |head| head.seq);
         let mut page = Vec::new();
         let mut size = 0;
         let mut seq = from_seq;
@@ -827,8 +862,8 @@ impl Store {
 
     /// Moves the head index forward to `head` unless it is already there or beyond. The link
     /// is already stored, so this never fails the append: when JetStream keeps failing past
-    /// [`HEAD_UPDATE_PATIENCE`] the index is left behind (readers of links look past it; a
-    /// retried append moves it).
+    /// [`HEAD_UPDATE_PATIENCE`] the index is left behind (readers look past it, and the first
+    /// [`Store::head`] to do so moves it).
     async fn advance_head(&self, chain: PublicKey, head: ChainHead) -> Result<(), ApiError> {
         let key = chain.to_hex();
         let deadline = tokio::time::Instant::now() + HEAD_UPDATE_PATIENCE;

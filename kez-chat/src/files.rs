@@ -71,6 +71,15 @@ impl App {
         Ok(node)
     }
 
+    /// The home server's pin node as `kez.server.info` names it now, if it pins; `None` also
+    /// when the server cannot be asked (the recorded providers are tried as they are).
+    pub(crate) async fn current_pin_node(&self) -> Option<String> {
+        let conn = self.connect().await.ok()?;
+        let info = conn.server_info().await.ok();
+        let _ = conn.close().await;
+        info?.pin.map(|pin| pin.provider)
+    }
+
     /// Makes the own sigchain's `iroh` endpoint name this node's provider string, appending
     /// links only when it is missing or stale.
     pub(crate) async fn advertise_node(
@@ -335,6 +344,14 @@ impl App {
             ));
         }
 
+        // A pinned file: the home server's pin node may have moved since the offer named it.
+        let offer = &FileOffer {
+            providers: files::with_current_pin_node(
+                &offer.providers,
+                self.current_pin_node().await.as_deref(),
+            ),
+            ..offer.clone()
+        };
         let node = self.open_node().await?;
         eprintln!(
             "fetching {} ({}) from {}",

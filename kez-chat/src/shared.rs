@@ -376,6 +376,12 @@ impl App {
             .verify_contact(&store, full)
             .await
             .map_err(|err| Failure::contact(err, full))?;
+        let pin_node = conn
+            .server_info()
+            .await
+            .ok()
+            .and_then(|info| info.pin)
+            .map(|pin| pin.provider);
         let _ = conn.close().await;
         match &verified.change {
             PinChange::New => eprintln!(
@@ -393,7 +399,7 @@ impl App {
         }
         let node = self.open_node().await?;
         eprintln!("fetching {full}'s manifest...");
-        let browsed = shared::browse(&node, &verified.chain, &key).await;
+        let browsed = shared::browse(&node, &verified.chain, &key, pin_node.as_deref()).await;
         let _ = node.shutdown().await;
         browsed.map_err(|err| match err {
             SharedError::File(_) => Failure::new(
@@ -507,11 +513,12 @@ impl App {
         let Ok(key) = self.key() else {
             return json!({ "error": "not registered" });
         };
+        let pin_node = self.current_pin_node().await;
         let node = match self.open_node().await {
             Ok(node) => node,
             Err(err) => return json!({ "error": err.message }),
         };
-        let browsed = shared::browse(&node, chain, &key).await;
+        let browsed = shared::browse(&node, chain, &key, pin_node.as_deref()).await;
         let _ = node.shutdown().await;
         match browsed {
             Ok(Some(b)) => json!({

@@ -600,3 +600,68 @@ async fn a_lookup_answer_cannot_choose_the_handle_a_pin_is_checked_under() {
     assert_eq!(contacts[0].handle, "@bob@kez.test");
     assert_eq!(contacts[0].key, bob.public_key());
 }
+
+/// A file that keeps growing while it is shared (a log being written) is read only up to the
+/// size it had when the share began, the share is refused as changed, and nothing of it stays
+/// in the blob store: no tag, no blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_growing_while_shared_is_read_to_its_size_and_leaves_nothing() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const SIZE: u64 = 8 << 20;
+    const MOST_APPENDED: u64 = 64 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let node = kez_blobs::BlobNode::open(&dir.path().join("node"), Default::default())
+        .await
+        .unwrap();
+    let path = dir.path().join("growing.log");
+    std::fs::write(&path, vec![7u8; SIZE as usize]).unwrap();
+    let (reading, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let writer = std::thread::spawn({
+        let (path, reading, stop) = (path.clone(), reading.clone(), stop.clone());
+        move || {
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
+            // From the moment the share has opened the file and read from it.
+            while !reading.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let mut appended = 0;
+            while !stop.load(Ordering::SeqCst) && appended < MOST_APPENDED {
+                file.write_all(&[1u8; 1 << 16]).unwrap();
+                appended += 1 << 16;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    });
+    let mut read = 0;
+    let shared = kez_client::files::share_file(
+        &node,
+        &path,
+        "share/growing",
+        vec![node.provider()],
+        |so_far| {
+            reading.store(true, Ordering::SeqCst);
+            read = read.max(so_far);
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+
+    assert!(
+        matches!(shared, Err(kez_client::files::FileError::Changed { .. })),
+        "a growing file was shared: {shared:?}"
+    );
+    assert!(read <= SIZE, "read {read} bytes of a file that had {SIZE}");
+    assert!(node.tags().await.unwrap().is_empty());
+    let usage = node.usage().await.unwrap();
+    assert_eq!((usage.complete_blobs, usage.partial_blobs), (0, 0));
+    node.shutdown().await.unwrap();
+}

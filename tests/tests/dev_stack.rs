@@ -35,9 +35,15 @@ impl Dev {
     /// Starts `dev --data-dir <data> --port <port> --http-port 0` with the fixtures' nats-server
     /// and waits for its banner. Output goes to `<out>/dev-<run>.{out,err}`.
     async fn start(data: &Path, port: u16, out: &Path, run: &str) -> Dev {
+        Dev::start_with(data, port, out, run, &[]).await
+    }
+
+    /// [`Dev::start`] with `extra` flags (`--pin`).
+    async fn start_with(data: &Path, port: u16, out: &Path, run: &str, extra: &[&str]) -> Dev {
         let stdout = out.join(format!("dev-{run}.out"));
         let stderr = out.join(format!("dev-{run}.err"));
         let child = dev_command(data, port)
+            .args(extra)
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -286,9 +292,10 @@ async fn dev_keeps_users_and_messages_across_a_restart() {
         "the pid file is removed"
     );
 
+    // --port 0 again: the port of the first start was kept in the data directory.
     let port = dev.port;
-    let mut dev = Dev::start(data.path(), port, out.path(), "second").await;
-    assert_eq!(dev.port, port);
+    let mut dev = Dev::start(data.path(), 0, out.path(), "second").await;
+    assert_eq!(dev.port, port, "{}", dev.output());
     assert!(dev.stdout().contains("keys reused"), "{}", dev.output());
 
     let me = alice.json(&["whoami"]).await;
@@ -346,4 +353,79 @@ async fn dev_fails_with_the_brokers_log_when_its_nats_server_dies() {
         stderr.contains("Server is ready"),
         "the error shows the end of nats-server's log: {stderr}"
     );
+}
+
+/// The pin node's address is kept across restarts of `dev --pin`, so a pinned file still
+/// downloads while its owner is offline; and when the node does move (its kept port taken), a
+/// client finds it where the server's info says it is now.
+#[tokio::test]
+async fn pinned_files_download_after_the_dev_stack_restarts_and_after_its_pin_node_moves() {
+    let data = tempfile::Builder::new()
+        .prefix("kez-dev-")
+        .tempdir()
+        .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let pin_line = |dev: &Dev| {
+        dev.stdout()
+            .lines()
+            .find_map(|line| {
+                line.trim()
+                    .strip_prefix("pin node")
+                    .map(|rest| rest.trim().to_owned())
+            })
+            .expect("the banner names the pin node")
+    };
+    let mut dev = Dev::start_with(data.path(), 0, out.path(), "first", &["--pin"]).await;
+    let provider = pin_line(&dev);
+    let alice = Person::new();
+    let bob = Person::new();
+    alice.ok(&["--server", &dev.url, "register", "alice"]).await;
+    bob.ok(&["--server", &dev.url, "register", "bob"]).await;
+    alice.ok(&["add", "@bob"]).await;
+    bob.ok(&["add", "@alice"]).await;
+    // Two files: each download below fetches a blob bob does not have yet.
+    for (name, text) in [
+        ("plans.txt", "the plans, pinned"),
+        ("later.txt", "read me later"),
+    ] {
+        let file = out.path().join(name);
+        std::fs::write(&file, text).unwrap();
+        alice
+            .ok(&["publish", file.to_str().unwrap(), "--to", "@bob", "--pin"])
+            .await;
+    }
+    // alice goes offline: no kez-chat of hers runs from here on.
+
+    assert!(dev.stop_with("-TERM").await.success());
+    let mut dev = Dev::start_with(data.path(), 0, out.path(), "second", &["--pin"]).await;
+    assert_eq!(pin_line(&dev), provider, "the pin node kept its address");
+    let first = out.path().join("first.txt");
+    bob.ok(&[
+        "download",
+        "@alice/plans.txt",
+        "-o",
+        first.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(std::fs::read(&first).unwrap(), b"the plans, pinned");
+
+    // The kept port is taken by someone else: the node moves, and clients follow the server.
+    assert!(dev.stop_with("-TERM").await.success());
+    let kept: std::net::SocketAddr = std::fs::read_to_string(data.path().join("pin/bind"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _squatter = std::net::UdpSocket::bind(kept).unwrap();
+    let dev = Dev::start_with(data.path(), 0, out.path(), "third", &["--pin"]).await;
+    assert_ne!(pin_line(&dev), provider, "the pin node had to move");
+    let moved = out.path().join("moved.txt");
+    bob.ok(&[
+        "download",
+        "@alice/later.txt",
+        "-o",
+        moved.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(std::fs::read(&moved).unwrap(), b"read me later");
 }

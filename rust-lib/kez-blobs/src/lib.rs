@@ -183,8 +183,9 @@ pub struct NodeConfig {
     /// provider is given up. Default 30 s.
     pub stall_timeout: Duration,
     /// Run iroh-blobs garbage collection at this interval, deleting every blob that no tag
-    /// (named or temporary) protects. `None` (the default) never deletes anything: what the
-    /// client uses. A pin node sets it so that data whose tag was deleted is reclaimed.
+    /// (named or temporary) protects. `None` (the default): only when the node opens and when
+    /// [`BlobNode::collect_garbage`] asks, what the client uses. A pin node sets it so that
+    /// data whose tag was deleted is reclaimed while it runs.
     pub gc_interval: Option<Duration>,
 }
 
@@ -264,6 +265,125 @@ pub struct BlobNode {
     router: Router,
     store: FsStore,
     config: NodeConfig,
+    collector: std::sync::Arc<Collector>,
+}
+
+/// Asks `collector` for a collection of `store` and waits until it has run.
+async fn collect(collector: &Collector, store: &FsStore) -> Result<()> {
+    // A collection lists blobs from the last committed state, and the store commits writes in
+    // batches: commit first, so that what was written (and untagged) before this call is seen.
+    store
+        .sync_db()
+        .await
+        .map_err(store_err("commit the store before collecting garbage"))?;
+    let run = collector.request();
+    let mut finished = collector.finished.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        finished.wait_for(|&done| done >= run),
+    )
+    .await
+    .map_err(|_| Error::Store {
+        action: "collect garbage",
+        detail: "no collection ran within 30 s".into(),
+    })?
+    .map_err(|_| Error::Store {
+        action: "collect garbage",
+        detail: "the store stopped".into(),
+    })?;
+    Ok(())
+}
+
+/// Removes every file in `dir` (a missing `dir` is empty).
+fn remove_files_in(dir: &Path) -> Result<()> {
+    let io_error = |error| Error::Io {
+        action: "clean up unfinished imports in",
+        path: dir.to_path_buf(),
+        error,
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(io_error(err)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error)?;
+        if entry.file_type().map_err(io_error)?.is_file() {
+            std::fs::remove_file(entry.path()).map_err(io_error)?;
+        }
+    }
+    Ok(())
+}
+
+/// How often iroh-blobs asks whether to collect garbage; a collection runs only when it is due
+/// ([`NodeConfig::gc_interval`]) or asked for ([`BlobNode::collect_garbage`]).
+const GC_TICK: Duration = Duration::from_millis(50);
+
+/// When collections are due, asked for, started and finished. iroh-blobs calls
+/// [`Collector::decide`] before each possible run and runs one collection at a time, so a call
+/// to it also means the run it last allowed has finished.
+#[derive(Debug)]
+struct Collector {
+    /// The periodic interval, if any.
+    interval: Option<Duration>,
+    state: std::sync::Mutex<CollectorState>,
+    /// The number of the last run that finished.
+    finished: tokio::sync::watch::Sender<u64>,
+}
+
+#[derive(Debug)]
+struct CollectorState {
+    /// The number of the last run asked for.
+    requested: u64,
+    /// The number of the last run started.
+    started: u64,
+    /// When the last periodic run started.
+    last_periodic: Instant,
+}
+
+impl Collector {
+    fn new(interval: Option<Duration>) -> Collector {
+        Collector {
+            interval,
+            state: std::sync::Mutex::new(CollectorState {
+                requested: 0,
+                started: 0,
+                last_periodic: Instant::now(),
+            }),
+            finished: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// Whether the run iroh-blobs is about to make should happen.
+    fn decide(&self) -> bool {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        self.finished.send_replace(state.started);
+        let periodic = self
+            .interval
+            .is_some_and(|interval| state.last_periodic.elapsed() >= interval);
+        if periodic {
+            state.last_periodic = Instant::now();
+        }
+        if periodic || state.requested > state.started {
+            state.started = state.requested.max(state.started + 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Asks for a run; answers its number.
+    fn request(&self) -> u64 {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        state.requested = state.requested.max(state.started) + 1;
+        state.requested
+    }
 }
 
 fn check_tag(tag: &str) -> Result<()> {
@@ -283,13 +403,34 @@ impl BlobNode {
         let store_dir = dir.join(STORE_DIR_NAME);
         keyfile::ensure_dir(&store_dir)?;
         let mut options = Options::new(&store_dir);
-        options.gc = config.gc_interval.map(|interval| GcConfig {
-            interval,
-            add_protected: None,
+        let temp_dir = options.path.temp_path.clone();
+        let collector = std::sync::Arc::new(Collector::new(config.gc_interval));
+        let decides = collector.clone();
+        options.gc = Some(GcConfig {
+            interval: GC_TICK,
+            add_protected: Some(std::sync::Arc::new(move |_live| {
+                let outcome = match decides.decide() {
+                    true => iroh_blobs::store::ProtectOutcome::Continue,
+                    false => iroh_blobs::store::ProtectOutcome::Abort,
+                };
+                Box::pin(async move { outcome })
+            })),
         });
         let store = FsStore::load_with_opts(store_dir.join("blobs.db"), options)
             .await
             .map_err(store_err("open the store"))?;
+        // What an earlier run left (the temp file of an import it did not finish, a blob whose
+        // tag it deleted) goes now, before this node imports or serves anything: nothing else
+        // uses the store (it is locked), and a collection never runs beside the caller's first
+        // import.
+        let cleaned = match remove_files_in(&temp_dir) {
+            Ok(()) => collect(&collector, &store).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = cleaned {
+            store.shutdown().await.ok();
+            return Err(err);
+        }
 
         let relay_mode = match &config.relay {
             None => RelayMode::Disabled,
@@ -321,7 +462,14 @@ impl BlobNode {
             router,
             store,
             config,
+            collector,
         })
+    }
+
+    /// Deletes every blob no tag protects now, and returns once that is done (within a few
+    /// hundred milliseconds on a small store): what a failed import left behind, for one.
+    pub async fn collect_garbage(&self) -> Result<()> {
+        collect(&self.collector, &self.store).await
     }
 
     /// This node's endpoint id (its public key).
@@ -469,8 +617,9 @@ impl BlobNode {
         Ok(usage)
     }
 
-    /// Downloads the blob `hash`, trying `providers` in order until one delivers it, and tags
-    /// it `tag` (replacing whatever that tag held).
+    /// Downloads the blob `hash`, trying `providers` in order until one delivers it, tagged
+    /// `tag` from the start (replacing whatever that tag held), so what arrived is kept for a
+    /// resume: delete the tag to give up on it.
     ///
     /// Only what is missing locally is fetched, so a download interrupted by a failure, a
     /// provider going away or the caller dropping the future resumes where it stopped. iroh
@@ -488,13 +637,13 @@ impl BlobNode {
     ) -> Result<DownloadStats> {
         check_tag(tag)?;
         let content = HashAndFormat::raw(hash);
-        // Downloads are untagged: keep GC away from the partial data while fetching.
-        let _temp_tag = self
-            .store
+        // Tagged before the first byte arrives: a partial download survives a garbage
+        // collection, and a crash, for the resume.
+        self.store
             .tags()
-            .temp_tag(content)
+            .set(tag, content)
             .await
-            .map_err(store_err("protect the download"))?;
+            .map_err(store_err("tag the download"))?;
 
         let mut transferred = 0;
         let mut completed_by = None;
@@ -522,13 +671,13 @@ impl BlobNode {
         }
         let total = match self.has(hash).await? {
             BlobState::Complete { size } => size,
-            _ => return Err(Error::DownloadFailed { hash, attempts }),
+            // Nothing arrived: nothing to keep for a resume.
+            BlobState::Missing => {
+                self.delete_tag(tag).await?;
+                return Err(Error::DownloadFailed { hash, attempts });
+            }
+            BlobState::Partial { .. } => return Err(Error::DownloadFailed { hash, attempts }),
         };
-        self.store
-            .tags()
-            .set(tag, content)
-            .await
-            .map_err(store_err("tag the download"))?;
         Ok(DownloadStats {
             bytes_transferred: transferred,
             total,

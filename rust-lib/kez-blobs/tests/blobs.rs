@@ -26,7 +26,8 @@ async fn node(dir: &Path) -> BlobNode {
     BlobNode::open(dir, config()).await.expect("open node")
 }
 
-/// Deterministic, incompressible-looking bytes (xorshift).
+/// `len` deterministic, incompressible-looking bytes (xorshift); distinct odd seeds give
+/// distinct data (`seed | 1` seeds the generator).
 fn data(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len + 8);
@@ -134,7 +135,14 @@ async fn interrupted_download_resumes_with_the_remainder() {
     );
     let state = b.has(hash).await.unwrap();
     assert!(matches!(state, BlobState::Partial { .. }), "{state:?}");
-    assert!(b.tags().await.unwrap().is_empty());
+    // The partial data is tagged from the start: a collection keeps it for the resume.
+    let tags = b.tags().await.unwrap();
+    assert_eq!(tags.len(), 1);
+    b.collect_garbage().await.unwrap();
+    assert!(matches!(
+        b.has(hash).await.unwrap(),
+        BlobState::Partial { .. }
+    ));
 
     let stats = b
         .download(hash, &providers, "dl/big", |_| {})
@@ -303,4 +311,45 @@ async fn gc_reclaims_untagged_blobs_only() {
 
     a.shutdown().await.unwrap();
     pin.shutdown().await.unwrap();
+}
+
+/// A node without periodic GC (a client's) deletes untagged blobs when asked and when it opens,
+/// and keeps tagged ones; it opens without what unfinished imports left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untagged_blobs_go_when_asked_and_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path()).await;
+    let (kept, _) = import(&a, &data(MIB, 7), "kept").await;
+    let (now, _) = import(&a, &data(MIB, 11), "now").await;
+    let (later, _) = import(&a, &data(MIB, 13), "later").await;
+    assert!(a.delete_tag("now").await.unwrap());
+    a.collect_garbage().await.unwrap();
+    assert_eq!(a.has(now).await.unwrap(), BlobState::Missing);
+    assert!(a.delete_tag("later").await.unwrap());
+    // Nothing collects it while the node runs without being asked.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(matches!(
+        a.has(later).await.unwrap(),
+        BlobState::Complete { .. }
+    ));
+    a.shutdown().await.unwrap();
+    // The temp file of an import a killed process did not finish.
+    let leftover = dir
+        .path()
+        .join(kez_blobs::STORE_DIR_NAME)
+        .join("temp")
+        .join("unfinished.temp");
+    std::fs::write(&leftover, data(MIB, 15)).unwrap();
+
+    let a = node(dir.path()).await;
+    assert!(
+        !leftover.exists(),
+        "an unfinished import's temp file stayed"
+    );
+    assert_eq!(a.has(later).await.unwrap(), BlobState::Missing);
+    assert!(matches!(
+        a.has(kept).await.unwrap(),
+        BlobState::Complete { .. }
+    ));
+    a.shutdown().await.unwrap();
 }

@@ -36,7 +36,7 @@ pub enum FileError {
         /// The OS error.
         source: io::Error,
     },
-    /// The file changed size while it was being shared.
+    /// The file changed (its size or modification time) while it was being shared.
     #[error("{} changed while it was being shared; share it again", path.display())]
     Changed {
         /// The file.
@@ -76,10 +76,11 @@ pub async fn share_file(
         }
     };
     let source = File::open(path).map_err(io_error("open"))?;
-    let size = source
-        .metadata()
-        .map_err(io_error("read the size of"))?
-        .len();
+    let at_open = source.metadata().map_err(io_error("read the size of"))?;
+    let size = at_open.len();
+    // The same file (inode) is checked after reading: a file replaced or written meanwhile is
+    // refused, whatever its path points at by then.
+    let watched = source.try_clone().map_err(io_error("open"))?;
     let name = file::safe_name(
         &path
             .file_name()
@@ -91,8 +92,9 @@ pub async fn share_file(
     let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
     let encrypt_key = key.clone();
     let encrypting = tokio::task::spawn_blocking(move || {
+        // Exactly the size announced: a file that keeps growing is not read on past it.
         let counted = CountingReader {
-            inner: BufReader::new(source),
+            inner: BufReader::new(io::Read::take(source, size)),
             count: 0,
             report: read_tx,
         };
@@ -130,16 +132,35 @@ pub async fn share_file(
             }
         }
     };
-    encrypting
+    let encrypted = encrypting
         .await
-        .map_err(|err| io_error("encrypt")(io::Error::other(err)))??;
-    let (hash, cipher_size) = imported?;
-    if file::ciphertext_len(size) != Some(cipher_size) {
-        node.delete_tag(tag).await?;
-        return Err(FileError::Changed {
-            path: path.to_path_buf(),
-        });
-    }
+        .map_err(|err| io_error("encrypt")(io::Error::other(err)))
+        .and_then(|encrypted| encrypted.map_err(FileError::from));
+    let checked = match (encrypted, imported) {
+        (Err(err), _) => Err(err),
+        (Ok(()), Err(err)) => Err(err.into()),
+        (Ok(()), Ok((hash, cipher_size))) => {
+            let unchanged = watched.metadata().is_ok_and(|now| {
+                now.len() == size && now.modified().ok() == at_open.modified().ok()
+            });
+            if unchanged && file::ciphertext_len(size) == Some(cipher_size) {
+                Ok((hash, cipher_size))
+            } else {
+                Err(FileError::Changed {
+                    path: path.to_path_buf(),
+                })
+            }
+        }
+    };
+    let (hash, cipher_size) = match checked {
+        Ok(imported) => imported,
+        Err(err) => {
+            // Nothing of a failed share stays: not its tag, not its (partial) blob.
+            node.delete_tag(tag).await?;
+            node.collect_garbage().await?;
+            return Err(err);
+        }
+    };
     let offer = FileOffer {
         name,
         size,
@@ -151,6 +172,27 @@ pub async fn share_file(
     };
     offer.validate()?;
     Ok(offer)
+}
+
+/// `providers` with the home server's pin node at the address it has now: a provider naming
+/// the pin node's endpoint (a pinned blob) is replaced by `pin_node`, the pin node's provider
+/// string as `kez.server.info` gives it today (PROTOCOL.md §9.5). The node keeps its endpoint
+/// id, but may listen elsewhere than when an offer or a manifest named it.
+pub fn with_current_pin_node(providers: &[String], pin_node: Option<&str>) -> Vec<String> {
+    let current = pin_node.and_then(|provider| {
+        kez_blobs::parse_provider(provider)
+            .ok()
+            .map(|addr| (addr.id, provider))
+    });
+    providers
+        .iter()
+        .map(
+            |provider| match (&current, kez_blobs::parse_provider(provider)) {
+                (Some((id, now)), Ok(addr)) if addr.id == *id => (*now).to_owned(),
+                _ => provider.clone(),
+            },
+        )
+        .collect()
 }
 
 /// Fetches the offer's blob into `node`, trying its providers in order; only what is missing
@@ -287,5 +329,29 @@ impl<R: io::Read> io::Read for CountingReader<R> {
         self.count += read as u64;
         let _ = self.report.send(self.count);
         Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_moved_pin_node_is_found_at_its_address_now() {
+        let pin = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+        let owner = "6c189c7295667995fb2374d35df7acf47324296c8ca04c1814206fa70dddcd4f";
+        let recorded = vec![
+            format!("iroh:{pin};ip=127.0.0.1:40001"),
+            format!("iroh:{owner};ip=127.0.0.1:40002"),
+            "not a provider".to_owned(),
+        ];
+        let now = format!("iroh:{pin};ip=127.0.0.1:50001");
+        assert_eq!(
+            with_current_pin_node(&recorded, Some(&now)),
+            [now.clone(), recorded[1].clone(), recorded[2].clone()]
+        );
+        assert_eq!(with_current_pin_node(&recorded, None), recorded);
+        let elsewhere = format!("iroh:{owner}a;ip=127.0.0.1:1");
+        assert_eq!(with_current_pin_node(&recorded, Some(&elsewhere)), recorded);
     }
 }

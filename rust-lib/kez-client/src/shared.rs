@@ -154,11 +154,13 @@ pub async fn publish_manifest(
 }
 
 /// Fetches the manifest `chain` commits to into `node`, checks it (PROTOCOL.md §11.3) and reads
-/// it with `reader`'s key. `None` when the chain commits to no manifest.
+/// it with `reader`'s key. `None` when the chain commits to no manifest. `pin_node` is the home
+/// server's pin node as it is now ([`files::with_current_pin_node`]), if it pins.
 pub async fn browse(
     node: &BlobNode,
     chain: &VerifiedChain,
     reader: &SecretKey,
+    pin_node: Option<&str>,
 ) -> Result<Option<Browsed>, SharedError> {
     let Some(committed) = chain.shared_files() else {
         return Ok(None);
@@ -167,7 +169,8 @@ pub async fn browse(
         ManifestError::Malformed("the sigchain's manifest hash is not 64 hex digits".into())
     })?;
     let hash = Hash::from_bytes(*expected.as_bytes());
-    let stats = files::fetch_blob(node, hash, &committed.providers, |_| {}).await?;
+    let providers = files::with_current_pin_node(&committed.providers, pin_node);
+    let stats = files::fetch_blob(node, hash, &providers, |_| {}).await?;
     if stats.total > MAX_MANIFEST_BYTES as u64 {
         return Err(ManifestError::TooLarge {
             size: usize::try_from(stats.total).unwrap_or(usize::MAX),
@@ -187,7 +190,7 @@ pub async fn browse(
     Ok(Some(Browsed {
         hash: expected,
         manifest,
-        providers: committed.providers.clone(),
+        providers,
         visible,
     }))
 }
