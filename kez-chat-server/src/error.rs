@@ -13,6 +13,8 @@ pub const HEAD_HASH_HEADER: &str = "Kez-Head-Hash";
 
 /// On a 429: milliseconds until a request would be accepted again.
 pub const RETRY_AFTER_HEADER: &str = "Kez-Retry-After-Ms";
+/// The pause a 503 `unavailable` answer suggests before the same request is sent again.
+pub const UNAVAILABLE_RETRY_MS: u64 = 1000;
 
 /// An error answer: numeric code, stable name, a message a person can act on, extra headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,13 +55,16 @@ impl ApiError {
         ApiError::new(500, "internal", message)
     }
 
-    /// 503: JetStream did not answer; retrying later may work.
+    /// 503: JetStream did not answer (while a cluster elects a stream's leader, say); the same
+    /// request is expected to work after [`UNAVAILABLE_RETRY_MS`], which the answer names in
+    /// `Kez-Retry-After-Ms`.
     pub fn unavailable(what: impl std::fmt::Display) -> Self {
         ApiError::new(
             503,
             "unavailable",
             format!("storage is unavailable ({what}); retry shortly"),
         )
+        .with_header(RETRY_AFTER_HEADER, UNAVAILABLE_RETRY_MS.to_string())
     }
 
     /// Adds a header.

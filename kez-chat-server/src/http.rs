@@ -104,6 +104,16 @@ impl Default for HttpLimits {
     }
 }
 
+/// What the shim answers from.
+#[derive(Clone)]
+pub(crate) enum Phase {
+    /// The server is starting: every request but a 404 is answered 503, `/healthz` with why
+    /// the server is not serving yet (waiting for the broker, for JetStream, ...).
+    Starting(Arc<str>),
+    /// The server serves: answers come from its context.
+    Serving(Arc<Context>),
+}
+
 /// A bound, not yet serving HTTP listener.
 pub(crate) struct HttpShim {
     listener: TcpListener,
@@ -128,10 +138,14 @@ impl HttpShim {
         self.addr
     }
 
-    /// Serves until `stop` changes (or its sender goes), then stops accepting, lets open
-    /// connections finish their current request for up to [`HttpLimits::shutdown_grace`] and
-    /// cuts the rest.
-    pub(crate) async fn serve(self, context: Arc<Context>, mut stop: watch::Receiver<bool>) {
+    /// Serves from the current `phase` until `stop` changes (or its sender goes), then stops
+    /// accepting, lets open connections finish their current request for up to
+    /// [`HttpLimits::shutdown_grace`] and cuts the rest.
+    pub(crate) async fn serve(
+        self,
+        phase: watch::Receiver<Phase>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         tracing::info!(addr = %self.addr, "HTTP shim serving");
         let permits = Arc::new(Semaphore::new(self.limits.max_connections.max(1)));
         let mut builder = http1::Builder::new();
@@ -170,15 +184,20 @@ impl HttpShim {
             let connection = builder.serve_connection(
                 TokioIo::new(stream),
                 service_fn({
-                    let context = context.clone();
+                    let phase = phase.clone();
                     move |request| {
-                        let context = context.clone();
-                        async move { Ok::<_, Infallible>(answer(&context, request).await) }
+                        let now = phase.borrow().clone();
+                        async move {
+                            Ok::<_, Infallible>(match now {
+                                Phase::Serving(context) => answer(&context, request).await,
+                                Phase::Starting(reason) => answer_starting(&reason, &request),
+                            })
+                        }
                     }
                 }),
             );
             let mut stop = stop.clone();
-            let context = context.clone();
+            let phase = phase.clone();
             let lifetime = self.limits.connection_lifetime;
             connections.spawn(async move {
                 let _permit = permit;
@@ -194,7 +213,7 @@ impl HttpShim {
                 };
                 match tokio::time::timeout(lifetime, run).await {
                     Ok(Ok(())) => {}
-                    Ok(Err(err)) => connection_failed(&context, peer, &err),
+                    Ok(Err(err)) => connection_failed(&phase.borrow().clone(), peer, &err),
                     Err(_elapsed) => {
                         tracing::debug!(%peer, "HTTP connection lifetime over; closed");
                     }
@@ -219,11 +238,13 @@ impl HttpShim {
 }
 
 /// Counts the answers hyper sent by itself (a request it could not parse) and logs the rest.
-fn connection_failed(context: &Context, peer: SocketAddr, err: &hyper::Error) {
-    if err.is_parse_too_large() {
-        context.metrics.record_http(HttpEndpoint::Other, 431);
-    } else if err.is_parse() && !err.is_parse_version_h2() {
-        context.metrics.record_http(HttpEndpoint::Other, 400);
+fn connection_failed(phase: &Phase, peer: SocketAddr, err: &hyper::Error) {
+    if let Phase::Serving(context) = phase {
+        if err.is_parse_too_large() {
+            context.metrics.record_http(HttpEndpoint::Other, 431);
+        } else if err.is_parse() && !err.is_parse_version_h2() {
+            context.metrics.record_http(HttpEndpoint::Other, 400);
+        }
     }
     tracing::debug!(%peer, error = %err, "HTTP connection ended with an error");
 }
@@ -266,6 +287,37 @@ async fn answer(
     context
         .metrics
         .record_http(endpoint, response.status().as_u16());
+    response
+}
+
+/// Answers one request while the server starts: 503 for what it serves (`/healthz` saying why it
+/// does not serve yet), 404 for the rest. Nothing is counted: the metrics start with serving.
+fn answer_starting(
+    reason: &str,
+    request: &Request<hyper::body::Incoming>,
+) -> Response<Full<Bytes>> {
+    let mut response = match request.uri().path() {
+        HEALTH_PATH => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("starting: {reason}\n"),
+        ),
+        WEBFINGER_PATH | METRICS_PATH => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is starting; retry shortly\n",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    let headers = response.headers_mut();
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if request.uri().path() == WEBFINGER_PATH {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
+    }
     response
 }
 

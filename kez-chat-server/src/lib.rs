@@ -43,6 +43,13 @@ const MAX_IN_FLIGHT: usize = 256;
 const HANDLER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between attempts to open the buckets while JetStream is not reachable.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Longest pause between attempts to connect to a broker that is not there (they start at
+/// 250 ms and double).
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(5);
+/// How long a shutdown waits for the broker at each step that needs it (the echo that says
+/// every routed request arrived, unsubscribing, flushing the last answers): a broker that is
+/// down must not keep the process alive.
+const SHUTDOWN_BROKER_WAIT: Duration = Duration::from_secs(5);
 
 type RequestStream = Pin<Box<dyn futures::Stream<Item = (Route, service::Request)> + Send>>;
 
@@ -53,8 +60,11 @@ pub struct Server {
     services: Vec<service::Service>,
     requests: SelectAll<RequestStream>,
     context: Arc<Context>,
-    /// The bound HTTP listener, when `http_listen` is set.
-    http: Option<http::HttpShim>,
+    /// The HTTP shim, when `http_listen` is set: its address and its task, which serves from
+    /// the moment the listener is bound (503 while starting).
+    http: Option<(SocketAddr, tokio::task::JoinHandle<()>)>,
+    /// Stops the HTTP shim (dropping it does too).
+    http_stop: watch::Sender<bool>,
     /// How often the pin node's orphaned tags are swept, when pinning is on.
     pin_gc_interval: Option<Duration>,
     /// How often the inbox stream is swept for acknowledged messages the broker still holds.
@@ -87,27 +97,38 @@ pub enum StartError {
 }
 
 impl Server {
-    /// Binds the HTTP listener (when configured), connects to NATS, creates or opens the
-    /// buckets and subscribes every endpoint.
+    /// Binds the HTTP listener (when configured) and answers on it at once (503 while
+    /// starting, `/healthz` saying why), connects to NATS (waiting for the broker as long as it
+    /// takes), creates or opens the buckets and subscribes every endpoint.
     pub async fn start(config: &ServerConfig) -> Result<Server, StartError> {
         // A wrong issuer key would make nats-server refuse every client: fail before connecting.
         let issuer = config.callout.as_ref().map(load_issuer).transpose()?;
-        // Likewise a listen address that is taken. Connections wait in the backlog until `serve`.
+        // Likewise a listen address that is taken.
+        let phase = watch::Sender::new(http::Phase::Starting(
+            format!("connecting to the broker at {}", config.nats_url).into(),
+        ));
+        let (http_stop, http_stopped) = watch::channel(false);
         let http = match config.http_listen {
-            Some(addr) => Some(
-                http::HttpShim::bind(addr, config.http_limits.clone())
+            Some(addr) => {
+                let shim = http::HttpShim::bind(addr, config.http_limits.clone())
                     .await
-                    .map_err(|source| StartError::Http { addr, source })?,
-            ),
+                    .map_err(|source| StartError::Http { addr, source })?;
+                let bound = shim.local_addr();
+                Some((
+                    bound,
+                    tokio::spawn(shim.serve(phase.subscribe(), http_stopped)),
+                ))
+            }
             None => None,
         };
-        let client = connect(&config.nats_url, &config.auth, "kez-chat-server").await?;
+        let client = connect(&config.nats_url, &config.auth, "kez-chat-server", &phase).await?;
         let store = open_store_on(
             &client,
             store::StoreSettings {
                 replicas: config.kv_replicas,
                 inbox_max_bytes: config.inbox_max_bytes,
             },
+            &phase,
         )
         .await;
         let prepared = store
@@ -153,8 +174,13 @@ impl Server {
                 let auth = NatsAuth::NkeySeedFile(
                     callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
                 );
-                let auth_client =
-                    connect(&config.nats_url, &auth, "kez-chat-server auth callout").await?;
+                let auth_client = connect(
+                    &config.nats_url,
+                    &auth,
+                    "kez-chat-server auth callout",
+                    &phase,
+                )
+                .await?;
                 add_service(
                     &auth_client,
                     &handlers::CALLOUT_SERVICE,
@@ -175,32 +201,34 @@ impl Server {
                 .map_err(|err| StartError::Nats(err.into()))?;
         }
         tracing::info!(domain = %config.domain, "kez-chat-server serving");
-        let server_client = clients[0].clone();
+        let context = Arc::new(Context {
+            client: clients[0].clone(),
+            metrics: metrics::Metrics::default(),
+            callout,
+            store,
+            domain: config.domain.clone(),
+            public_nats_url: config.public_nats_url.clone(),
+            pin: pinning,
+            limiters: handlers::Limiters::new(&config.limits),
+            recipients: mail::Recipients::default(),
+        });
+        phase.send_replace(http::Phase::Serving(context.clone()));
         Ok(Server {
             clients,
             services,
             requests,
-            context: Arc::new(Context {
-                client: server_client,
-                metrics: metrics::Metrics::default(),
-                callout,
-                store,
-                domain: config.domain.clone(),
-                public_nats_url: config.public_nats_url.clone(),
-                pin: pinning,
-                limiters: handlers::Limiters::new(&config.limits),
-                recipients: mail::Recipients::default(),
-            }),
+            context,
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
             inbox_sweep_interval: config.inbox_sweep_interval,
             http,
+            http_stop,
         })
     }
 
     /// Where the HTTP shim listens (the bound address: with port 0 in the config, the port the
     /// OS chose), if it is on.
     pub fn http_addr(&self) -> Option<SocketAddr> {
-        self.http.as_ref().map(http::HttpShim::local_addr)
+        self.http.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The pin node's provider string, when pinning is on.
@@ -217,13 +245,12 @@ impl Server {
     /// already delivered to this instance and those in flight, and drains the connection.
     ///
     /// The HTTP shim, if on, stops accepting at the same moment; its open connections finish
-    /// their request (within the grace period) before the NATS connection is drained.
+    /// their request (within the grace period) before the NATS connection is drained. Each step
+    /// that needs the broker waits for it at most [`SHUTDOWN_BROKER_WAIT`]: with the broker down,
+    /// the server still stops, within about half a minute.
     pub async fn serve(mut self, shutdown: impl Future<Output = ()>) {
         let (stop_tasks, tasks_stopped) = watch::channel(false);
-        let http_task = self
-            .http
-            .take()
-            .map(|shim| tokio::spawn(shim.serve(self.context.clone(), tasks_stopped.clone())));
+        let http_task = self.http.take().map(|(_, task)| task);
         let pin_sweep_task = self.pin_gc_interval.map(|interval| {
             tokio::spawn(sweep_pins(
                 self.context.clone(),
@@ -240,26 +267,38 @@ impl Server {
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
         let mut stopping = false;
+        // Once stopping: when the request streams must have ended (they end when the broker
+        // confirms the unsubscribes, which a broker that is down never does).
+        let streams_end = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(streams_end);
         loop {
             tokio::select! {
                 () = &mut shutdown, if !stopping => {
                     tracing::info!(in_flight = in_flight.len(), "shutting down: no new requests");
                     stopping = true;
                     let _ = stop_tasks.send(true);
-                    // Once our own echo comes back, every request the broker routed here before
-                    // it is in the request streams: the broker sends them to us in order.
-                    for client in &self.clients {
-                        if let Err(err) = round_trip(client).await {
-                            tracing::warn!(error = %err, "no round trip to the broker before unsubscribing");
-                        }
+                    let _ = self.http_stop.send(true);
+                    if !broker_connected(&self.clients) {
+                        tracing::warn!("the broker is unreachable; stopping without it (requests it routed here and did not get answered are retried by their clients)");
+                        break;
                     }
-                    // Unsubscribes every endpoint. Each request stream still yields what was
-                    // delivered before the unsubscribe, then ends: those are answered too.
-                    for service in self.services.drain(..) {
-                        if let Err(err) = service.stop().await {
-                            tracing::warn!(error = %err, "stopping a service");
-                        }
+                    let services = std::mem::take(&mut self.services);
+                    let unsubscribed = tokio::time::timeout(
+                        SHUTDOWN_BROKER_WAIT,
+                        Box::pin(unsubscribe(&self.clients, services)),
+                    )
+                    .await;
+                    if unsubscribed.is_err() {
+                        tracing::warn!(wait = ?SHUTDOWN_BROKER_WAIT, "the broker does not answer; stopping without it (requests it routed here meanwhile are retried by their clients)");
+                        break;
                     }
+                    streams_end
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + SHUTDOWN_BROKER_WAIT);
+                }
+                () = &mut streams_end, if stopping => {
+                    tracing::warn!(wait = ?SHUTDOWN_BROKER_WAIT, "the broker did not end the subscriptions; stopping without it");
+                    break;
                 }
                 Some(finished) = in_flight.join_next(), if !in_flight.is_empty() => {
                     if let Err(err) = finished {
@@ -277,8 +316,21 @@ impl Server {
                 }
             }
         }
-        while in_flight.join_next().await.is_some() {}
+        // Handlers are bounded by their timeout; their answers wait for the broker no longer.
+        let answered = tokio::time::timeout(
+            HANDLER_TIMEOUT + SHUTDOWN_BROKER_WAIT,
+            Box::pin(async { while in_flight.join_next().await.is_some() {} }),
+        )
+        .await;
+        if answered.is_err() {
+            tracing::warn!(
+                left = in_flight.len(),
+                "requests still in flight at shutdown; dropped"
+            );
+            in_flight.shutdown().await;
+        }
         let _ = stop_tasks.send(true);
+        let _ = self.http_stop.send(true);
         if let Some(task) = http_task {
             if let Err(err) = task.await {
                 tracing::error!(error = %err, "HTTP shim task failed");
@@ -288,13 +340,12 @@ impl Server {
             let _ = task.await;
         }
         let _ = inbox_sweep_task.await;
-        for client in &self.clients {
-            // The answers are queued in the client; make sure they are on the wire before it goes.
-            if let Err(err) = client.flush().await {
-                tracing::warn!(error = %err, "flushing the last answers");
-            }
-            if let Err(err) = client.drain().await {
-                tracing::warn!(error = %err, "draining the NATS connection");
+        // The answers are queued in the clients; make sure they are on the wire before they go.
+        if broker_connected(&self.clients) {
+            let drained =
+                tokio::time::timeout(SHUTDOWN_BROKER_WAIT, Box::pin(drain(&self.clients))).await;
+            if drained.is_err() {
+                tracing::warn!("the broker does not answer; the last answers were not flushed");
             }
         }
         // Every task holding the context has ended: the pin node can be shut down cleanly.
@@ -366,6 +417,43 @@ pub(crate) fn unix_now() -> u64 {
 /// Waits until a message published now comes back: everything the broker sent this connection
 /// before it has then been received (`Client::flush` only writes the socket, it does not wait
 /// for the broker).
+/// Makes sure every request the broker routed here before now has arrived, then unsubscribes
+/// every endpoint. Each request stream still yields what was delivered before the unsubscribe,
+/// then ends: those are answered too.
+async fn unsubscribe(clients: &[async_nats::Client], services: Vec<service::Service>) {
+    // Once our own echo comes back, every request the broker routed here before it is in the
+    // request streams: the broker sends them in order.
+    for client in clients {
+        if let Err(err) = round_trip(client).await {
+            tracing::warn!(error = %err, "no round trip to the broker before unsubscribing");
+        }
+    }
+    for service in services {
+        if let Err(err) = service.stop().await {
+            tracing::warn!(error = %err, "stopping a service");
+        }
+    }
+}
+
+/// Whether every client is connected to the broker now.
+fn broker_connected(clients: &[async_nats::Client]) -> bool {
+    clients
+        .iter()
+        .all(|client| client.connection_state() == async_nats::connection::State::Connected)
+}
+
+/// Flushes and drains every client.
+async fn drain(clients: &[async_nats::Client]) {
+    for client in clients {
+        if let Err(err) = client.flush().await {
+            tracing::warn!(error = %err, "flushing the last answers");
+        }
+        if let Err(err) = client.drain().await {
+            tracing::warn!(error = %err, "draining the NATS connection");
+        }
+    }
+}
+
 async fn round_trip(client: &async_nats::Client) -> Result<(), async_nats::Error> {
     let subject = client.new_inbox();
     let mut echo = client.subscribe(subject.clone()).await?;
@@ -465,18 +553,36 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
 /// Connects like `run` does and opens the buckets, never changing their replicas: for operator
 /// commands.
 pub async fn open_store(config: &ServerConfig) -> Result<Store, StartError> {
-    let client = connect(&config.nats_url, &config.auth, "kez-chat-server admin").await?;
-    Ok(open_store_on(&client, store::StoreSettings::default()).await)
+    // Nobody asks an operator command's health: what it waits for goes to the log only.
+    let phase = watch::Sender::new(http::Phase::Starting("".into()));
+    let client = connect(
+        &config.nats_url,
+        &config.auth,
+        "kez-chat-server admin",
+        &phase,
+    )
+    .await?;
+    Ok(open_store_on(&client, store::StoreSettings::default(), &phase).await)
 }
 
 /// Opens the buckets, waiting for JetStream as long as it takes.
-async fn open_store_on(client: &async_nats::Client, settings: store::StoreSettings) -> Store {
+async fn open_store_on(
+    client: &async_nats::Client,
+    settings: store::StoreSettings,
+    phase: &watch::Sender<http::Phase>,
+) -> Store {
     let js = async_nats::jetstream::new(client.clone());
+    phase.send_replace(http::Phase::Starting(
+        "opening the JetStream key-value buckets".into(),
+    ));
     loop {
-        match Store::open(&js, settings).await {
+        match Box::pin(Store::open(&js, settings)).await {
             Ok(store) => return store,
             Err(err) => {
                 tracing::warn!(error = %err, "JetStream not ready; retrying");
+                phase.send_replace(http::Phase::Starting(
+                    format!("JetStream not ready: {err}").into(),
+                ));
                 tokio::time::sleep(STORE_RETRY).await;
             }
         }
@@ -529,34 +635,83 @@ fn load_issuer(config: &config::CalloutConfig) -> Result<nkeys::KeyPair, StartEr
     Ok(issuer)
 }
 
-async fn connect(url: &str, auth: &NatsAuth, name: &str) -> Result<async_nats::Client, StartError> {
-    let options = async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("disconnected from NATS; reconnecting")
-                }
-                other => tracing::info!(event = %other, "NATS"),
+/// Connects to the broker at `url`, waiting as long as it takes: every failed attempt's cause
+/// (a refused connection, an unknown certificate authority, ...) is logged at WARN when it
+/// changes and is what `/healthz` says meanwhile. Refused credentials end the wait: they are
+/// the operator's to fix. Once connected, the client reconnects on its own.
+async fn connect(
+    url: &str,
+    auth: &NatsAuth,
+    name: &str,
+    phase: &watch::Sender<http::Phase>,
+) -> Result<async_nats::Client, StartError> {
+    let mut pause = Duration::from_millis(250);
+    let mut last_reason = String::new();
+    loop {
+        let options =
+            async_nats::ConnectOptions::new()
+                .name(name)
+                .event_callback(|event| async move {
+                    match event {
+                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting")
+                        }
+                        other => tracing::info!(event = %other, "NATS"),
+                    }
+                });
+        let options = match auth {
+            NatsAuth::None => options,
+            NatsAuth::UserPassword { user, password } => {
+                options.user_and_password(user.clone(), password.to_string())
             }
-        });
-    let options = match auth {
-        NatsAuth::None => options,
-        NatsAuth::UserPassword { user, password } => {
-            options.user_and_password(user.clone(), password.to_string())
+            NatsAuth::NkeySeedFile(path) => options.nkey(
+                config::read_nkey_seed(path)
+                    .map_err(StartError::Credentials)?
+                    .to_string(),
+            ),
+        };
+        let err = match options.connect(server_list(url)).await {
+            Ok(client) => return Ok(client),
+            Err(err) => err,
+        };
+        if matches!(
+            err.kind(),
+            async_nats::ConnectErrorKind::AuthorizationViolation
+                | async_nats::ConnectErrorKind::Authentication
+        ) {
+            return Err(StartError::Credentials(format!(
+                "the broker at {url} refused the credentials of {name:?} ({}): check them against nats-server's configuration",
+                error_chain(&err)
+            )));
         }
-        NatsAuth::NkeySeedFile(path) => options.nkey(
-            config::read_nkey_seed(path)
-                .map_err(StartError::Credentials)?
-                .to_string(),
-        ),
-    };
-    options
-        .connect(server_list(url))
-        .await
-        .map_err(|err| StartError::Nats(err.into()))
+        let reason = format!(
+            "cannot connect to the broker at {url}: {}",
+            error_chain(&err)
+        );
+        if reason != last_reason {
+            tracing::warn!("{reason}; retrying");
+            last_reason.clone_from(&reason);
+        }
+        phase.send_replace(http::Phase::Starting(reason.into()));
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(CONNECT_RETRY_MAX);
+    }
+}
+
+/// `err` and every cause under it that its own text does not already name.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// The servers of a `--nats-url`: one URL, or several separated by commas (the nodes of a

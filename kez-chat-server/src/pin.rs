@@ -175,8 +175,7 @@ impl Pinning {
         if let Some(replicas) = replicas {
             bucket_config.num_replicas = replicas;
         }
-        let bucket = js
-            .create_or_update_key_value(bucket_config)
+        let bucket = crate::store::ensure_bucket(js, bucket_config)
             .await
             .map_err(|err| format!("bucket {PINS_BUCKET}: {err}"))?;
         // A port the OS picks (the default) is kept in the pin directory and bound again at the

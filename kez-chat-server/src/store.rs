@@ -147,17 +147,15 @@ impl Store {
         js: &jetstream::Context,
         settings: StoreSettings,
     ) -> Result<Store, async_nats::Error> {
-        let existing = match js.get_stream(INBOX_STREAM).await {
-            Ok(mut stream) => Some(stream.info().await?.config.clone()),
-            Err(err) => match err.kind() {
-                jetstream::context::GetStreamErrorKind::JetStream(source)
-                    if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                {
-                    None
-                }
-                _ => return Err(err.into()),
-            },
-        };
+        let mut existing = None;
+        for _ in 0..ENSURE_ATTEMPTS {
+            existing = stream_config(js, INBOX_STREAM).await;
+            if existing.is_some() {
+                break;
+            }
+        }
+        let existing =
+            existing.ok_or_else(|| format!("no answer about stream {INBOX_STREAM}"))??;
         let replicas = settings.replicas.unwrap_or_else(|| {
             existing
                 .as_ref()
@@ -178,46 +176,57 @@ impl Store {
             num_replicas: replicas,
             ..Default::default()
         };
-        let open = |config: kv::Config| async move { js.create_or_update_key_value(config).await };
-        js.create_or_update_stream(jetstream::stream::Config {
-            name: INBOX_STREAM.to_owned(),
-            description: Some("kez-chat: undelivered end-to-end encrypted messages".to_owned()),
-            subjects: vec![INBOX_SUBJECTS.to_owned()],
-            // Each user's consumer filters only their subject, and an acknowledged message is
-            // deleted: the broker keeps ciphertext only until it is delivered.
-            retention: jetstream::stream::RetentionPolicy::WorkQueue,
-            storage: jetstream::stream::StorageType::File,
-            max_messages_per_subject: INBOX_MAX_MESSAGES,
-            max_consumers: INBOX_MAX_CONSUMERS,
-            discard: jetstream::stream::DiscardPolicy::New,
-            discard_new_per_subject: true,
-            max_message_size: INBOX_MAX_STORED_BYTES,
-            // Reserved by JetStream: the stream can never take the store the buckets need.
-            max_bytes: i64::try_from(inbox_max_bytes).unwrap_or(i64::MAX),
-            max_age: INBOX_MAX_AGE,
-            duplicate_window: INBOX_DUPLICATE_WINDOW,
-            num_replicas: replicas,
-            ..Default::default()
-        })
+        // Boxed: six of them at once would make a future too large for a small stack.
+        let open = |config: kv::Config| Box::pin(ensure_bucket(js, config));
+        ensure_stream(
+            js,
+            jetstream::stream::Config {
+                name: INBOX_STREAM.to_owned(),
+                description: Some("kez-chat: undelivered end-to-end encrypted messages".to_owned()),
+                subjects: vec![INBOX_SUBJECTS.to_owned()],
+                // Each user's consumer filters only their subject, and an acknowledged message is
+                // deleted: the broker keeps ciphertext only until it is delivered.
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                storage: jetstream::stream::StorageType::File,
+                max_messages_per_subject: INBOX_MAX_MESSAGES,
+                max_consumers: INBOX_MAX_CONSUMERS,
+                discard: jetstream::stream::DiscardPolicy::New,
+                discard_new_per_subject: true,
+                max_message_size: INBOX_MAX_STORED_BYTES,
+                // Reserved by JetStream: the stream can never take the store the buckets need.
+                max_bytes: i64::try_from(inbox_max_bytes).unwrap_or(i64::MAX),
+                max_age: INBOX_MAX_AGE,
+                duplicate_window: INBOX_DUPLICATE_WINDOW,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
         .await?;
-        Ok(Store {
-            js: js.clone(),
-            disabled: open(bucket(DISABLED_BUCKET, "kez-chat: disabled keys", 1024)).await?,
-            handles: open(bucket(HANDLES_BUCKET, "kez-chat: handle -> key", 1024)).await?,
-            keys: open(bucket(KEYS_BUCKET, "kez-chat: key -> handle", 1024)).await?,
-            links: open(bucket(
+        // At once: each is a round of the cluster's meta layer.
+        let (disabled, handles, keys, links, heads, states) = futures::try_join!(
+            open(bucket(DISABLED_BUCKET, "kez-chat: disabled keys", 1024)),
+            open(bucket(HANDLES_BUCKET, "kez-chat: handle -> key", 1024)),
+            open(bucket(KEYS_BUCKET, "kez-chat: key -> handle", 1024)),
+            open(bucket(
                 LINKS_BUCKET,
                 "kez-chat: sigchain links",
-                MAX_LINK_BYTES,
-            ))
-            .await?,
-            heads: open(bucket(HEADS_BUCKET, "kez-chat: sigchain heads", 1024)).await?,
-            states: open(bucket(
+                MAX_LINK_BYTES
+            )),
+            open(bucket(HEADS_BUCKET, "kez-chat: sigchain heads", 1024)),
+            open(bucket(
                 STATES_BUCKET,
                 "kez-chat: verified sigchain states",
-                MAX_STATE_BYTES,
-            ))
-            .await?,
+                MAX_STATE_BYTES
+            )),
+        )?;
+        Ok(Store {
+            js: js.clone(),
+            disabled,
+            handles,
+            keys,
+            links,
+            heads,
+            states,
         })
     }
 
@@ -915,6 +924,145 @@ impl Store {
     }
 }
 
+/// How often [`ensure_stream`] goes round before it gives up (a step that got no answer, a
+/// creation refused because another instance's won).
+const ENSURE_ATTEMPTS: usize = 10;
+/// How long [`ensure_stream`] waits for one answer: a stream whose creation is in flight
+/// answers nothing (not its info, not an update) until it exists, about 0.1 s later.
+const ENSURE_STEP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `step` within [`ENSURE_STEP`], or `None` when it got no answer in time.
+async fn within_step<T>(step: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::time::timeout(ENSURE_STEP, step).await.ok()
+}
+
+/// Makes the stream `wanted.name` exist with the settings `wanted` gives, and answers its
+/// config: an existing stream is updated only when one of them differs, a missing one created.
+///
+/// Several instances start at once on a fresh cluster: an update that reaches nats-server while
+/// another instance's creation of the same stream is in flight gets no answer, and neither does
+/// that creation; a stream info gets none either until the stream exists. Each waited out the
+/// request timeout, again at every retry: 55 s before either served. So nothing is updated that
+/// need not be, each step waits [`ENSURE_STEP`] and is asked again, equal creations at once
+/// agree, and a creation refused because the stream appeared meanwhile finds it next round.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    wanted: jetstream::stream::Config,
+) -> Result<jetstream::stream::Config, async_nats::Error> {
+    let mut last_refusal = None;
+    for _ in 0..ENSURE_ATTEMPTS {
+        match stream_config(js, &wanted.name).await {
+            Some(Ok(Some(existing))) => {
+                let merged = with_settings_of(&existing, &wanted);
+                if merged == existing {
+                    return Ok(existing);
+                }
+                match within_step(js.update_stream(merged)).await {
+                    Some(updated) => return Ok(updated?.config),
+                    None => continue,
+                }
+            }
+            Some(Ok(None)) => {}
+            Some(Err(err)) => return Err(err),
+            None => continue,
+        }
+        match within_step(js.create_stream(wanted.clone())).await {
+            Some(Ok(stream)) => return Ok(stream.cached_info().config.clone()),
+            Some(Err(err)) => last_refusal = Some(err.to_string()),
+            None => {}
+        }
+    }
+    Err(format!(
+        "stream {} could not be made or read in {ENSURE_ATTEMPTS} attempts ({})",
+        wanted.name,
+        last_refusal.as_deref().unwrap_or("no answer")
+    )
+    .into())
+}
+
+/// The config of stream `name`: `Some(Ok(None))` when there is no such stream, `None` when
+/// nats-server did not answer within [`ENSURE_STEP`].
+async fn stream_config(
+    js: &jetstream::Context,
+    name: &str,
+) -> Option<Result<Option<jetstream::stream::Config>, async_nats::Error>> {
+    Some(match within_step(js.get_stream(name)).await? {
+        Ok(stream) => Ok(Some(stream.cached_info().config.clone())),
+        Err(err) => match err.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(source)
+                if source.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(err.into()),
+        },
+    })
+}
+
+/// `existing` with every setting kez-chat chooses taken from `wanted`; what the server filled
+/// in (or an operator set that kez-chat does not choose) is kept.
+fn with_settings_of(
+    existing: &jetstream::stream::Config,
+    wanted: &jetstream::stream::Config,
+) -> jetstream::stream::Config {
+    let mut merged = existing.clone();
+    merged.description.clone_from(&wanted.description);
+    merged.num_replicas = wanted.num_replicas;
+    merged.max_message_size = wanted.max_message_size;
+    merged.max_messages_per_subject = wanted.max_messages_per_subject;
+    merged.max_bytes = wanted.max_bytes;
+    merged.max_age = wanted.max_age;
+    merged.max_consumers = wanted.max_consumers;
+    merged.duplicate_window = wanted.duplicate_window;
+    merged.discard = wanted.discard;
+    merged.discard_new_per_subject = wanted.discard_new_per_subject;
+    merged
+}
+
+/// [`ensure_stream`] for the key-value bucket `config` describes.
+/// A `num_replicas` of 0 keeps an existing bucket's replicas (and creates one replica).
+pub(crate) async fn ensure_bucket(
+    js: &jetstream::Context,
+    mut config: kv::Config,
+) -> Result<kv::Store, async_nats::Error> {
+    let name = config.bucket.clone();
+    let stream = format!("KV_{name}");
+    for _ in 0..ENSURE_ATTEMPTS {
+        let Some(described) = stream_config(js, &stream).await else {
+            continue;
+        };
+        match described? {
+            Some(existing) => {
+                if config.num_replicas == 0 {
+                    config.num_replicas = existing.num_replicas;
+                }
+                let same = existing.description.as_deref() == Some(config.description.as_str())
+                    && existing.num_replicas == config.num_replicas
+                    && existing.max_message_size == config.max_value_size
+                    && existing.max_messages_per_subject == config.history
+                    && existing.storage == config.storage;
+                let opened = match same {
+                    true => within_step(js.get_key_value(&name))
+                        .await
+                        .map(|store| store.map_err(async_nats::Error::from)),
+                    false => within_step(js.update_key_value(config.clone()))
+                        .await
+                        .map(|store| store.map_err(async_nats::Error::from)),
+                };
+                if let Some(opened) = opened {
+                    return opened;
+                }
+            }
+            None => {
+                if let Some(Ok(store)) = within_step(js.create_key_value(config.clone())).await {
+                    return Ok(store);
+                }
+            }
+        }
+    }
+    Err(format!("bucket {name} could not be made or read in {ENSURE_ATTEMPTS} attempts").into())
+}
+
 /// What a refused inbox publish means for the sender (PROTOCOL.md §6.3).
 fn store_refusal(err: &jetstream::context::PublishError) -> ApiError {
     use std::error::Error as _;
@@ -945,13 +1093,11 @@ fn store_refusal(err: &jetstream::context::PublishError) -> ApiError {
             "too_large",
             "the message is larger than the inbox takes: nothing was stored",
         ),
-        _ => ApiError::new(
-            503,
-            "unavailable",
-            format!(
-                "the message store did not take the message ({err}; a cluster may be electing a leader): nothing was stored; retry"
-            ),
-        ),
+        // No answer from the stream, or nats-server's "no stream found for given subject":
+        // what a cluster electing the stream's leader answers for a few seconds.
+        _ => ApiError::unavailable(format!(
+            "the message store has no leader at the moment, as while a cluster elects one: nothing was stored ({err})"
+        )),
     }
 }
 

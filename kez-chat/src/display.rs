@@ -70,6 +70,79 @@ pub fn body(text: &str) -> String {
     out
 }
 
+/// How many terminal columns `text` takes (wide characters take two).
+fn width(text: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(text)
+}
+
+/// `text` cut to at most `max` terminal columns, ending in `…` when cut. Cuts only between
+/// characters of already [`inline`]d text.
+pub fn truncate(text: &str, max: usize) -> String {
+    if width(text) <= max {
+        return text.to_owned();
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w + 1 > max {
+            break;
+        }
+        out.push(c);
+        used += w;
+    }
+    out.push('…');
+    out
+}
+
+/// Rows of already [`inline`]d cells as lines, every column but the last padded to its widest
+/// cell, two spaces apart.
+pub fn columns<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
+    let mut widths = [0; N];
+    for row in rows {
+        for (widest, cell) in widths.iter_mut().zip(row) {
+            *widest = (*widest).max(width(cell));
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                line.push_str(cell);
+                if i + 1 < N {
+                    line.push_str(&" ".repeat(widths[i] - width(cell) + 2));
+                }
+            }
+            line.trim_end().to_owned()
+        })
+        .collect()
+}
+
+/// `text` as one word for a POSIX shell, to copy into a command: as it is when it has only
+/// characters no shell treats specially, otherwise in single quotes (a `'` inside written
+/// `'\''`). Hidden characters are escaped visibly first ([`inline`]).
+pub fn shell_word(text: &str) -> String {
+    let shown = inline(text);
+    let plain = !shown.is_empty()
+        && shown
+            .chars()
+            .all(|c| c.is_alphanumeric() || "@%+=:,./-_".contains(c));
+    if plain {
+        shown
+    } else {
+        format!("'{}'", shown.replace('\'', "'\\''"))
+    }
+}
+
+/// `1 file`, `2 files`.
+pub fn plural(count: usize, what: &str) -> String {
+    if count == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{count} {what}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +160,48 @@ mod tests {
         }
         assert_eq!(body("one\r\ntwo"), "one\n  | two");
         assert_eq!(body("trailing\n"), "trailing\n  | ");
+    }
+
+    #[test]
+    fn columns_line_up_and_long_text_is_cut() {
+        let rows = [
+            [
+                "a.txt".to_owned(),
+                "1.0 KiB".to_owned(),
+                "public".to_owned(),
+            ],
+            [
+                "ünïcödé 文件.bin".to_owned(),
+                "12.5 MiB".to_owned(),
+                "to @bob".to_owned(),
+            ],
+        ];
+        assert_eq!(
+            columns(&rows),
+            [
+                "a.txt             1.0 KiB   public",
+                "ünïcödé 文件.bin  12.5 MiB  to @bob",
+            ]
+        );
+        assert_eq!(truncate("short", 10), "short");
+        assert_eq!(truncate("0123456789abc", 10), "012345678…");
+        assert_eq!(truncate("文件文件文件", 5), "文件…");
+        assert_eq!(
+            (plural(1, "file"), plural(2, "file")),
+            ("1 file".into(), "2 files".into())
+        );
+    }
+
+    #[test]
+    fn shell_words_copy_as_one_argument() {
+        assert_eq!(
+            shell_word("@alice@kez.lat/report-v2.pdf"),
+            "@alice@kez.lat/report-v2.pdf"
+        );
+        assert_eq!(shell_word("@alice/big file.bin"), "'@alice/big file.bin'");
+        assert_eq!(shell_word("it's $HOME;rm"), "'it'\\''s $HOME;rm'");
+        assert_eq!(shell_word("a\u{1b}b"), "'a\\u{1b}b'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]

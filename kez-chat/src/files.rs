@@ -121,7 +121,13 @@ impl App {
     }
 
     /// `share @name ./file`.
-    pub(crate) async fn share(&self, handle: &str, path: &Path, pin: bool) -> Result<(), Failure> {
+    pub(crate) async fn share(
+        &self,
+        handle: &str,
+        path: &Path,
+        pin: bool,
+        json: bool,
+    ) -> Result<(), Failure> {
         let full = self.full_handle(handle)?;
         let metadata = std::fs::metadata(path)
             .map_err(|err| Failure::new(USAGE, format!("cannot read {}: {err}", path.display())))?;
@@ -219,7 +225,20 @@ impl App {
                 contact.handle
             );
         }
-        println!("{}", short_id(&sent.id.to_string()));
+        if json {
+            print_json(&json!({
+                "offer": sent.id.to_string(),
+                "to": contact.handle,
+                "name": offer.name,
+                "size": offer.size,
+                "blob": offer.blob.to_string(),
+                "cipher_size": offer.cipher_size,
+                "pinned": offer.pinned,
+                "providers": offer.providers,
+            }));
+        } else {
+            println!("{}", short_id(&sent.id.to_string()));
+        }
         Ok(())
     }
 
@@ -228,41 +247,47 @@ impl App {
         let store = self.store()?;
         let offers = received_offers(&store)?;
         let mut list = Vec::new();
+        let mut rows = Vec::new();
         for (offer_message, offer) in &offers {
-            let from = store
-                .contact_by_key(&offer_message.message.from)
-                .map_err(Failure::store)?
-                .map(|c| c.handle)
-                .unwrap_or_else(|| format!("(not in contacts) {}", offer_message.message.from));
+            let sender = &offer_message.message.from;
+            let contact = store.contact_by_key(sender).map_err(Failure::store)?;
             if json {
                 list.push(json!({
                     "offer": offer_message.message.id.to_string(),
-                    "from": from,
+                    "from": sender.to_string(),
+                    "from_handle": contact.as_ref().map(|c| c.handle.clone()),
+                    "in_contacts": contact.is_some(),
                     "name": offer.name,
                     "size": offer.size,
                     "time": offer_message.message.time,
                     "blob": offer.blob.to_string(),
                     "downloaded": offer_message.downloaded.as_ref().map(|d| d.path.clone()),
                 }));
-            } else {
-                let state = match &offer_message.downloaded {
-                    Some(done) => format!("downloaded to {}", done.path),
-                    None => "not downloaded".to_owned(),
-                };
-                println!(
-                    "{}  [{}] {from}: {} ({}), {state}",
-                    short_id(&offer_message.message.id.to_string()),
-                    clock(offer_message.message.time),
-                    display::inline(&offer.name),
-                    bytes(offer.size),
-                );
+                continue;
             }
+            let from = contact
+                .map(|c| c.handle)
+                .unwrap_or_else(|| format!("(not in contacts) {sender}"));
+            rows.push([
+                short_id(&offer_message.message.id.to_string()).to_owned(),
+                clock(offer_message.message.time),
+                from,
+                display::inline(&offer.name),
+                bytes(offer.size),
+                match &offer_message.downloaded {
+                    Some(done) => format!("downloaded to {}", display::inline(&done.path)),
+                    None => "not downloaded".to_owned(),
+                },
+            ]);
         }
         if json {
             print_json(&Value::Array(list));
         } else if offers.is_empty() {
             eprintln!("no files offered to you yet");
         } else {
+            for line in display::columns(&rows) {
+                println!("{line}");
+            }
             eprintln!("download one with `kez-chat download <offer>` (the first column)");
         }
         Ok(())
@@ -359,9 +384,14 @@ impl App {
             bytes(offer.size),
             from
         );
-        let meter = Meter::new("downloading", offer.cipher_size);
+        // Progress in the file's own size: the ciphertext is a little larger (PROTOCOL.md §9.1).
+        let meter = Meter::new("downloading", offer.size);
+        let plaintext_of = |cipher: u64| {
+            (u128::from(cipher) * u128::from(offer.size) / u128::from(offer.cipher_size.max(1)))
+                as u64
+        };
         let fetched = tokio::select! {
-            fetched = files::fetch(&node, offer, |progress| meter.set(progress.done)) => fetched,
+            fetched = files::fetch(&node, offer, |progress| meter.set(plaintext_of(progress.done))) => fetched,
             signal = interrupted() => {
                 meter.finish();
                 let _ = node.shutdown().await;
@@ -384,7 +414,9 @@ impl App {
                 ));
             }
         };
-        let decrypted = files::decrypt_to(&node, offer, &dest).await;
+        let meter = Meter::new("verifying and decrypting", offer.size);
+        let decrypted = files::decrypt_to(&node, offer, &dest, |done| meter.set(done)).await;
+        meter.finish();
         let _ = node.shutdown().await;
         let size = decrypted.map_err(file_failure)?;
         let path = std::fs::canonicalize(&dest).unwrap_or(dest);

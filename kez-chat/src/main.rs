@@ -25,7 +25,7 @@ use kez_core::sigchain::Endpoint;
 use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
 use serde_json::{Value, json};
 
-use failure::{Failure, NOT_FOUND, RUNTIME, USAGE};
+use failure::{Failure, RUNTIME, USAGE};
 
 /// The exit codes, as `--help` shows them.
 const EXIT_CODES: &str = "\
@@ -48,6 +48,8 @@ const NATS_ENDPOINT: &str = "nats";
 
 /// How many messages one fetch from the inbox takes at most.
 const FETCH_MAX: usize = 256;
+/// How many terminal columns of a conversation's last message `history` shows in its list.
+const PREVIEW_CHARS: usize = 60;
 
 /// How long one `listen` fetch waits before asking again. `Connection::receive` answers a batch
 /// once the wait is over, so this is also how late a message may show.
@@ -83,6 +85,9 @@ enum Command {
     Register {
         /// The name to register, e.g. `alice` or `@alice`.
         name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the own key, handle, server and sigchain head.
     Whoami {
@@ -124,6 +129,9 @@ enum Command {
         handle: String,
         /// The text (several words are joined with spaces); read from stdin when absent.
         text: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Fetch the messages that arrived (also while offline), print them and exit.
     Inbox {
@@ -152,6 +160,9 @@ enum Command {
         /// while you are offline (counts against your quota there).
         #[arg(long)]
         pin: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the files offered to you.
     Files {
@@ -177,16 +188,12 @@ enum Command {
     /// the people named with `--to`. Nobody else can see a private file, nor whom it is for.
     /// Encrypted before it leaves; fetched from your node while you run `listen` (or from
     /// your server with --pin).
+    #[command(group(clap::ArgGroup::new("audience").required(true).args(["to", "public"])))]
     Publish {
         /// The file.
         path: PathBuf,
         /// Who may see it (repeat for several); each is checked as for `send`.
-        #[arg(
-            long = "to",
-            value_name = "HANDLE",
-            required_unless_present = "public",
-            conflicts_with = "public"
-        )]
+        #[arg(long = "to", value_name = "HANDLE", conflicts_with = "public")]
         to: Vec<String>,
         /// Everyone who browses you may see and download it.
         #[arg(long)]
@@ -198,11 +205,17 @@ enum Command {
         /// available while you are offline (counts against your quota there).
         #[arg(long)]
         pin: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Stop publishing a file: a new manifest without it is committed to your sigchain.
     Unpublish {
         /// The published name (see `shared`).
         name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the files you publish, and whom each is for.
     Shared {
@@ -219,10 +232,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show the conversation with a contact.
+    /// Show the conversation with someone; without a handle, list the conversations (the
+    /// latest first, with their unread messages).
     History {
-        /// The contact's handle.
-        handle: String,
+        /// The handle, e.g. `@bob`; someone not in your contacts is looked up on the server
+        /// and their messages shown marked so.
+        handle: Option<String>,
         /// Print JSON (an array).
         #[arg(long)]
         json: bool,
@@ -282,7 +297,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         plaintext_flag: cli.allow_plaintext,
     };
     match cli.command {
-        Command::Register { name } => app.register(&name).await,
+        Command::Register { name, json } => app.register(&name, json).await,
         Command::Whoami { json } => app.whoami(json).await,
         Command::Add {
             handle,
@@ -291,11 +306,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => app.add(&handle, accept_key, json).await,
         Command::Contacts { json } => app.contacts(json),
         Command::Profile { handle, json } => app.profile(&handle, json).await,
-        Command::Send { handle, text } => app.send(&handle, text).await,
+        Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
-        Command::History { handle, json } => app.history(&handle, json),
-        Command::Share { handle, path, pin } => app.share(&handle, &path, pin).await,
+        Command::History {
+            handle: Some(handle),
+            json,
+        } => app.history(&handle, json).await,
+        Command::History { handle: None, json } => app.conversations(json),
+        Command::Share {
+            handle,
+            path,
+            pin,
+            json,
+        } => app.share(&handle, &path, pin, json).await,
         Command::Files { json } => app.files(json),
         Command::Download {
             offer,
@@ -313,15 +337,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             public,
             name,
             pin,
+            json,
         } => {
             let audience = if public {
                 shared::Audiences::Public
             } else {
                 shared::Audiences::To(to)
             };
-            app.publish(&path, audience, name, pin).await
+            app.publish(&path, audience, name, pin, json).await
         }
-        Command::Unpublish { name } => app.unpublish(&name).await,
+        Command::Unpublish { name, json } => app.unpublish(&name, json).await,
         Command::Shared { json } => app.shared(json),
         Command::Browse { handle, json } => app.browse(&handle, json).await,
     }
@@ -382,22 +407,6 @@ impl App {
             .map_err(|err| Failure::new(USAGE, format!("{handle:?} is not a valid handle: {err}")))
     }
 
-    /// The contact for `handle`; an error saying to `add` it when there is none.
-    fn contact(&self, store: &Store, handle: &str) -> Result<kez_client::Contact, Failure> {
-        let full = self.full_handle(handle)?;
-        store
-            .contact(&full.to_string())
-            .map_err(Failure::store)?
-            .ok_or_else(|| {
-            Failure::new(
-                NOT_FOUND,
-                format!(
-                    "{full} is not in your contacts: run `kez-chat add {handle}` first (it looks the handle up, verifies its sigchain and pins its key)"
-                ),
-            )
-        })
-    }
-
     /// Connects as the registered key.
     async fn connect(&self) -> Result<Connection, Failure> {
         let key = self.key()?;
@@ -423,14 +432,16 @@ impl App {
     }
 
     /// `register <name>`.
-    async fn register(mut self, name: &str) -> Result<(), Failure> {
+    async fn register(mut self, name: &str, json: bool) -> Result<(), Failure> {
         let url = self.server()?;
         // A name no server takes is refused before a key is made or a server asked (its domain,
         // if it names one, is checked against the server's below).
         Handle::parse(name, "kez.invalid")
             .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?;
-        kez_client::broker_urls(&url, self.plaintext())
-            .map_err(|err| Failure::client(err.into()))?;
+        // One URL, or a cluster's several: written to the sigchain in one normal form.
+        let url = kez_client::broker_urls(&url, self.plaintext())
+            .map_err(|err| Failure::client(err.into()))?
+            .join(",");
         if let Some(existing) = &self.config.handle
             && !self.home.has_key()
         {
@@ -453,6 +464,13 @@ impl App {
 
         eprintln!("connecting to {url}");
         let narrow = self.connect_to(&url, key.clone()).await?;
+        // Kept from the first connection on: a registration that fails later (the server's
+        // storage unavailable) is retried with `register NAME` alone.
+        if self.config.server.as_deref() != Some(url.as_str()) && self.config.handle.is_none() {
+            self.config.server = Some(url.clone());
+            self.config.allow_plaintext |= self.plaintext_flag;
+            self.home.save_config(&self.config).map_err(Failure::home)?;
+        }
         let info = narrow.server_info().await.map_err(Failure::client)?;
         let wanted = Handle::parse(name, &info.domain)
             .map_err(|err| Failure::new(USAGE, format!("{name:?} is not a valid name: {err}")))?;
@@ -485,7 +503,7 @@ impl App {
         let record = narrow.register(name).await.map_err(Failure::client)?;
         let _ = narrow.close().await;
         if again {
-            println!("already registered as {}", record.handle);
+            eprintln!("already registered as {}", record.handle);
         } else {
             eprintln!("registered {} on {}", record.handle, info.domain);
         }
@@ -522,10 +540,21 @@ impl App {
         self.config.handle = Some(record.handle.to_string());
         self.home.save_config(&self.config).map_err(Failure::home)?;
         let head = self.confirm(&url, key.clone()).await?;
-        println!("registered as {}", record.handle);
-        println!("key     {}", key.public_key());
-        println!("server  {url}");
-        println!("head    seq {} {}", head.seq, head.head);
+        if json {
+            print_json(&json!({
+                "handle": record.handle,
+                "key": key.public_key().to_string(),
+                "server": url,
+                "new_key": created,
+                "already_registered": again,
+                "sigchain": { "seq": head.seq, "head": head.head.to_string() },
+            }));
+        } else {
+            println!("registered as {}", record.handle);
+            println!("key     {}", key.public_key());
+            println!("server  {url}");
+            println!("head    seq {} {}", head.seq, head.head);
+        }
         Ok(())
     }
 
@@ -668,14 +697,15 @@ impl App {
                 "in_contacts": pinned.is_some(),
                 "pinned_key": pinned.map(|c| c.key.to_string()),
                 "sigchain": sigchain,
-                "files": files,
+                // Shares nothing: no file visible, as for a manifest with nothing for us.
+                "files": files.clone().unwrap_or_else(|| json!({ "visible": 0 })),
             }));
             return Ok(());
         }
         println!("{}  ({contact})", profile.handle);
         println!("key         {}", profile.key);
         println!(
-            "registered  {} UTC (unix time {})",
+            "registered  {} (unix time {})",
             clock(profile.registered_at),
             profile.registered_at
         );
@@ -719,7 +749,7 @@ impl App {
         match (chain.shared_files(), &files) {
             (Some(committed), Some(files)) => match files.get("visible") {
                 Some(visible) => println!(
-                    "files       {visible} visible to you (manifest {} of {} UTC); `kez-chat browse {}` lists them",
+                    "files       {visible} visible to you (manifest {} of {}); `kez-chat browse {}` lists them",
                     files["version"],
                     clock(files["time"].as_u64().unwrap_or_default()),
                     profile.handle
@@ -776,7 +806,7 @@ impl App {
 
     /// `send @name [text]`: the text from the arguments, else from stdin. The handle is looked
     /// up before every send; a new recipient is verified and pinned, a changed key refused.
-    async fn send(&self, handle: &str, text: Vec<String>) -> Result<(), Failure> {
+    async fn send(&self, handle: &str, text: Vec<String>, json: bool) -> Result<(), Failure> {
         let text = if text.is_empty() {
             let mut input = String::new();
             std::io::stdin().read_to_string(&mut input).map_err(|err| {
@@ -798,7 +828,16 @@ impl App {
         let contact = recipient(&conn, &store, &full).await?;
         let sent = deliver(conn, &store, &contact, TEXT, text.as_bytes()).await?;
         eprintln!("delivered to server for {}: id {}", contact.handle, sent.id);
-        println!("{}", sent.id);
+        if json {
+            print_json(&json!({
+                "id": sent.id.to_string(),
+                "to": contact.handle,
+                "to_key": sent.to.to_string(),
+                "time": sent.time,
+            }));
+        } else {
+            println!("{}", sent.id);
+        }
         Ok(())
     }
 
@@ -862,33 +901,131 @@ impl App {
         Ok(())
     }
 
-    /// `history @name`.
-    fn history(&self, handle: &str, json: bool) -> Result<(), Failure> {
+    /// `history @name`: the conversation with a contact, or with someone not in the contacts
+    /// whose key the server names for the handle (marked so).
+    async fn history(&self, handle: &str, json: bool) -> Result<(), Failure> {
+        let full = self.full_handle(handle)?;
         let store = self.store()?;
-        let contact = self.contact(&store, handle)?;
-        let messages = store.history(&contact.key).map_err(Failure::store)?;
-        if json {
-            let list: Vec<Value> = messages.iter().map(stored_json).collect();
-            print_json(&Value::Array(list));
-        } else if messages.is_empty() {
-            eprintln!("no messages with {} yet", contact.handle);
-        } else {
-            for message in &messages {
-                let who = match message.direction {
-                    Direction::Incoming => contact.handle.as_str(),
-                    Direction::Outgoing => "you",
-                };
-                println!(
-                    "[{}] {who}: {}",
-                    clock(message.time),
-                    display::body(&body_text(
-                        &message.id,
-                        &message.content_type,
-                        &message.body
-                    ))
-                );
+        let (peer, in_contacts) = match store.contact(&full.to_string()).map_err(Failure::store)? {
+            Some(contact) => (contact.key, true),
+            None => {
+                let conn = self.connect().await?;
+                let looked_up = conn.lookup(&full).await;
+                let _ = conn.close().await;
+                (looked_up.map_err(Failure::client)?.key, false)
             }
+        };
+        let messages = store.history(&peer).map_err(Failure::store)?;
+        if json {
+            let list: Vec<Value> = messages
+                .iter()
+                .map(|message| {
+                    let mut value = stored_json(message);
+                    value["in_contacts"] = json!(in_contacts);
+                    value
+                })
+                .collect();
+            print_json(&Value::Array(list));
+            return Ok(());
         }
+        if !in_contacts {
+            eprintln!(
+                "{full} is not in your contacts: shown are the messages signed by {peer}, the key the server names for {full}. `kez-chat add {full}` verifies and pins it"
+            );
+        }
+        if messages.is_empty() {
+            eprintln!("no messages with {full} yet");
+        }
+        let them = match in_contacts {
+            true => full.to_string(),
+            false => format!("(not in contacts) {full}"),
+        };
+        for message in &messages {
+            let who = match message.direction {
+                Direction::Incoming => them.as_str(),
+                Direction::Outgoing => "you",
+            };
+            println!(
+                "[{}] {who}: {}",
+                clock(message.time),
+                display::body(&body_text(
+                    &message.id,
+                    &message.content_type,
+                    &message.body
+                ))
+            );
+        }
+        Ok(())
+    }
+
+    /// `history` without a handle: every conversation, the latest first, with its last
+    /// message and how many are unread.
+    fn conversations(&self, json: bool) -> Result<(), Failure> {
+        let store = self.store()?;
+        let conversations = store.conversations().map_err(Failure::store)?;
+        let contacts = store.contacts().map_err(Failure::store)?;
+        let contact_of = |peer: &PublicKey| contacts.iter().find(|c| c.key == *peer);
+        if json {
+            let list: Vec<Value> = conversations
+                .iter()
+                .map(|conversation| {
+                    let contact = contact_of(&conversation.peer);
+                    let (handle, retired_key_of) = match (contact, conversation.retired) {
+                        (Some(c), false) => (Some(c.handle.clone()), None),
+                        (Some(c), true) => (None, Some(c.handle.clone())),
+                        (None, _) => (None, None),
+                    };
+                    json!({
+                        "peer": conversation.peer.to_string(),
+                        "handle": handle,
+                        "in_contacts": handle.is_some(),
+                        "from_retired_key_of": retired_key_of,
+                        "messages": conversation.messages,
+                        "unread": conversation.unshown,
+                        "last": stored_json(&conversation.last),
+                    })
+                })
+                .collect();
+            print_json(&Value::Array(list));
+            return Ok(());
+        }
+        if conversations.is_empty() {
+            eprintln!("no conversations yet: `kez-chat send @name TEXT` starts one");
+            return Ok(());
+        }
+        let rows: Vec<[String; 4]> = conversations
+            .iter()
+            .map(|conversation| {
+                let who = match (contact_of(&conversation.peer), conversation.retired) {
+                    (Some(c), false) => c.handle.clone(),
+                    (Some(c), true) => format!(
+                        "(NOT {}: an old key of theirs) {}",
+                        c.handle, conversation.peer
+                    ),
+                    (None, _) => format!("(not in contacts) {}", conversation.peer),
+                };
+                let last = &conversation.last;
+                let text = body_text(&last.id, &last.content_type, &last.body);
+                let preview = match last.direction {
+                    Direction::Outgoing => format!("you: {}", display::inline(&text)),
+                    Direction::Incoming => display::inline(&text),
+                };
+                [
+                    who,
+                    clock(last.time),
+                    format!(
+                        "{}, {} unread",
+                        display::plural(conversation.messages, "message"),
+                        conversation.unshown
+                    ),
+                    display::truncate(&preview, PREVIEW_CHARS),
+                ]
+            })
+            .collect();
+        for line in display::columns(&rows) {
+            println!("{line}");
+        }
+        eprintln!("`kez-chat history @name` shows one; `kez-chat inbox` shows the unread");
         Ok(())
     }
 }
@@ -1011,8 +1148,6 @@ fn stored_json(message: &StoredMessage) -> Value {
     })
 }
 
-/// A body as text: the text itself, or what kind of content it is. Exact (for `--json`);
-/// lines for people pass it through [`display::body`].
 /// Verifies `full` before sending to it ([`Connection::verify_contact`]): pins a new
 /// recipient, follows a rotation with a note, refuses a changed key loudly.
 async fn recipient(conn: &Connection, store: &Store, full: &Handle) -> Result<Contact, Failure> {
@@ -1069,8 +1204,9 @@ fn rotation_note(contact: &Contact, from: &PublicKey) -> String {
     )
 }
 
-/// A message's content for people. A file offer shows its name, size and how to download it,
-/// never its key.
+/// A message's content as text: the text itself, or for a file offer its name, size and how
+/// to download it (never its key), or what kind of content it is. Exact (for `--json`); lines
+/// for people pass it through [`display::body`].
 fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
     match content_type {
         TEXT => String::from_utf8_lossy(body).into_owned(),
@@ -1087,10 +1223,17 @@ fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
     }
 }
 
-/// `HH:MM:SS` (UTC) of a time in seconds since the epoch.
+/// `YYYY-MM-DD HH:MM:SS` in local time of a time in seconds since the epoch.
 fn clock(time: u64) -> String {
-    let day = time % 86_400;
-    format!("{:02}:{:02}:{:02}", day / 3600, day / 60 % 60, day % 60)
+    i64::try_from(time)
+        .ok()
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .map(|utc| {
+            utc.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|| format!("unix time {time}"))
 }
 
 /// Prints JSON to stdout, one line.

@@ -33,6 +33,7 @@ impl App {
         audience: Audiences,
         name: Option<String>,
         pin: bool,
+        json: bool,
     ) -> Result<(), Failure> {
         let metadata = std::fs::metadata(path)
             .map_err(|err| Failure::new(USAGE, format!("cannot read {}: {err}", path.display())))?;
@@ -110,7 +111,19 @@ impl App {
                 "it can be downloaded while you run `kez-chat listen` (your node serves it then); publish with --pin to have your server keep it"
             );
         }
-        println!("{}", published.entry.name);
+        if json {
+            print_json(&json!({
+                "name": published.entry.name,
+                "size": published.entry.size,
+                "blob": published.entry.blob.to_string(),
+                "public": published.recipients.is_empty(),
+                "recipients": published.recipients,
+                "pinned": entry_pinned,
+                "manifest": manifest_json(&store)?,
+            }));
+        } else {
+            println!("{}", published.entry.name);
+        }
         Ok(())
     }
 
@@ -216,7 +229,7 @@ impl App {
     }
 
     /// `unpublish NAME`.
-    pub(crate) async fn unpublish(&self, name: &str) -> Result<(), Failure> {
+    pub(crate) async fn unpublish(&self, name: &str, json: bool) -> Result<(), Failure> {
         let key = self.key()?;
         let store = self.store()?;
         let Some(removed) = store.remove_published(name).map_err(Failure::store)? else {
@@ -272,6 +285,9 @@ impl App {
             "unpublished {name}: manifest {} without it is committed to your sigchain. Whoever downloaded it already keeps their copy.",
             manifest_label(&store)?
         );
+        if json {
+            print_json(&json!({ "name": name, "manifest": manifest_json(&store)? }));
+        }
         Ok(())
     }
 
@@ -327,12 +343,7 @@ impl App {
                 })
                 .collect();
             print_json(&json!({
-                "manifest": manifest.map(|m| json!({
-                    "version": m.version,
-                    "hash": m.hash.to_string(),
-                    "time": m.time,
-                    "pinned": m.pinned,
-                })),
+                "manifest": manifest_json(&store)?,
                 "files": files,
             }));
             return Ok(());
@@ -341,23 +352,28 @@ impl App {
             eprintln!("you publish no files: `kez-chat publish FILE --public` or `--to @name`");
             return Ok(());
         }
-        for p in &published {
-            let audience = if p.recipients.is_empty() {
-                "public".to_owned()
-            } else {
-                format!("to {}", p.recipients.join(", "))
-            };
-            println!(
-                "{}  {}  [{}]  {audience}{}",
-                p.entry.name,
-                bytes(p.entry.size),
-                clock(p.entry.time),
-                if p.pinned { ", pinned" } else { "" }
-            );
+        let rows: Vec<[String; 4]> = published
+            .iter()
+            .map(|p| {
+                let audience = if p.recipients.is_empty() {
+                    "public".to_owned()
+                } else {
+                    format!("to {}", p.recipients.join(", "))
+                };
+                [
+                    display::inline(&p.entry.name),
+                    bytes(p.entry.size),
+                    clock(p.entry.time),
+                    format!("{audience}{}", if p.pinned { ", pinned" } else { "" }),
+                ]
+            })
+            .collect();
+        for line in display::columns(&rows) {
+            println!("{line}");
         }
         if let Some(m) = manifest {
             eprintln!(
-                "manifest {} of {} UTC{}: others see only the public files and those for them",
+                "manifest {} of {}{}: others see only the public files and those for them",
                 m.version,
                 clock(m.time),
                 if m.pinned { ", pinned" } else { "" }
@@ -442,27 +458,34 @@ impl App {
             return Ok(());
         };
         eprintln!(
-            "{full} shares {} with you (manifest {} of {} UTC, verified)",
-            plural(browsed.visible.len(), "file"),
+            "{full} shares {} with you (manifest {} of {}, verified)",
+            display::plural(browsed.visible.len(), "file"),
             browsed.manifest.version(),
             clock(browsed.manifest.time())
         );
-        for visible in &browsed.visible {
-            println!(
-                "{}  {}  [{}]  {}",
-                display::inline(&visible.entry.name),
-                bytes(visible.entry.size),
-                clock(visible.entry.time),
-                match visible.audience {
-                    Audience::Public => "public",
-                    Audience::Private => "shared with you",
-                }
-            );
+        let rows: Vec<[String; 4]> = browsed
+            .visible
+            .iter()
+            .map(|visible| {
+                [
+                    display::inline(&visible.entry.name),
+                    bytes(visible.entry.size),
+                    clock(visible.entry.time),
+                    match visible.audience {
+                        Audience::Public => "public",
+                        Audience::Private => "shared with you",
+                    }
+                    .to_owned(),
+                ]
+            })
+            .collect();
+        for line in display::columns(&rows) {
+            println!("{line}");
         }
         if let Some(first) = browsed.visible.first() {
             eprintln!(
-                "download one with `kez-chat download {full}/NAME`, e.g. `kez-chat download {full}/{}`",
-                display::inline(&first.entry.name)
+                "download one with `kez-chat download {full}/NAME`, e.g. `kez-chat download {}`",
+                display::shell_word(&format!("{full}/{}", first.entry.name))
             );
         }
         Ok(())
@@ -532,20 +555,26 @@ impl App {
     }
 }
 
+/// The own last committed manifest for `--json`: version, hash, time and whether pinned, or
+/// `null`.
+fn manifest_json(store: &Store) -> Result<Value, Failure> {
+    Ok(match store.last_manifest().map_err(Failure::store)? {
+        Some(m) => json!({
+            "version": m.version,
+            "hash": m.hash.to_string(),
+            "time": m.time,
+            "pinned": m.pinned,
+        }),
+        None => Value::Null,
+    })
+}
+
 /// "manifest 4 (hash)" for status lines.
 fn manifest_label(store: &Store) -> Result<String, Failure> {
     Ok(match store.last_manifest().map_err(Failure::store)? {
         Some(m) => format!("{} ({})", m.version, m.hash),
         None => "(none)".to_owned(),
     })
-}
-
-fn plural(count: usize, what: &str) -> String {
-    if count == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{count} {what}s")
-    }
 }
 
 /// A publish or browse failure for people.

@@ -170,6 +170,18 @@ impl NatsServer {
         self.start_again();
     }
 
+    /// Stops the server gracefully (as [`NatsServer::restart`] does) and starts none: clients
+    /// see a broker that is down until [`NatsServer::resume`].
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child, "nats-server", STOP_TIMEOUT);
+    }
+
+    /// Starts the server stopped by [`NatsServer::stop`] again, on the same port, config and
+    /// store; returns once it is ready.
+    pub fn resume(&mut self) {
+        self.start_again();
+    }
+
     /// Like [`NatsServer::restart`], but the server is killed with SIGKILL, as a crash or an
     /// OOM kill would: no flush, no goodbye to clients. JetStream recovers its store at the
     /// next start.

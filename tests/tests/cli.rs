@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kez_core::{Op, SecretKey};
 use kez_tests::callout::CalloutStack;
-use kez_tests::person::{Person, alice_and_bob, key_of, kez_chat};
+use kez_tests::person::{Person, alice_and_bob, key_of, kez_chat, serving, stop};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -34,10 +34,11 @@ async fn two_people_chat_through_the_cli() {
         "register wrote the nats and the iroh endpoints"
     );
     // Registering again changes nothing.
-    let again = alice.register(&url, "alice").await;
+    let again = alice.run(&["--server", &url, "register", "alice"]).await;
+    let said = String::from_utf8_lossy(&again.stderr);
     assert!(
-        again.contains("already registered as @alice@kez.test"),
-        "{again}"
+        again.status.success() && said.contains("already registered as @alice@kez.test"),
+        "{said}"
     );
     assert_eq!(alice.json(&["whoami"]).await, me);
 
@@ -736,4 +737,269 @@ async fn a_burst_of_sends_waits_for_the_server_and_succeeds() {
     }
     let err = refused.expect("a wait of minutes is not waited out");
     assert!(err.contains("retry in"), "{err}");
+}
+
+/// What new users tripped on: `history` lists conversations and shows a stranger's messages
+/// marked; every command that changes something speaks `--json` with data, not display text;
+/// times carry a date; tables line up; a suggested command can be pasted as it is; a download
+/// counts the file's own bytes and says when it verifies and decrypts.
+#[tokio::test]
+async fn conversations_json_dates_and_columns_are_what_people_expect() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let carol = Person::new();
+    let registered: Value = serde_json::from_str(
+        &carol
+            .ok(&["--server", &url, "register", "carol", "--json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(registered["handle"], "@carol@kez.test");
+    assert_eq!(registered["new_key"], true);
+    assert_eq!(registered["already_registered"], false);
+    assert_eq!(registered["sigchain"]["seq"], 2);
+
+    let sent = alice.json(&["send", "@bob", "hello bob"]).await;
+    assert_eq!(sent["to"], "@bob@kez.test");
+    assert_eq!(sent["id"].as_str().unwrap().len(), 32, "{sent}");
+    carol.ok(&["send", "@bob", "hi, I am carol"]).await;
+    bob.ok(&["inbox", "--wait", "2"]).await;
+    bob.ok(&["send", "@alice", "hi alice\nsecond line"]).await;
+
+    // The conversations, alice's (latest) first; carol, a stranger, marked by key only.
+    let listed = bob.json(&["history"]).await;
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["handle"], "@alice@kez.test");
+    assert_eq!(listed[0]["messages"], 2);
+    assert_eq!(listed[0]["last"]["direction"], "outgoing");
+    assert_eq!(listed[1]["handle"], Value::Null);
+    assert_eq!(listed[1]["in_contacts"], false);
+    assert_eq!(listed[1]["peer"], registered["key"]);
+    assert_eq!(listed[1]["unread"], 0);
+    let lines = bob.ok(&["history"]).await;
+    let lines: Vec<&str> = lines.lines().collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].starts_with("@alice@kez.test  "), "{lines:?}");
+    assert!(
+        lines[0].contains("you: hi alice\\u{a}second line"),
+        "{lines:?}"
+    );
+    assert!(
+        lines[1].starts_with("(not in contacts) ed25519:"),
+        "{lines:?}"
+    );
+    let column = |line: &str| line.find("2 messages").or_else(|| line.find("1 message"));
+    assert_eq!(
+        column(lines[0]),
+        column(lines[1]),
+        "columns line up: {lines:?}"
+    );
+
+    // A stranger's conversation by handle: looked up, shown, marked.
+    let output = bob.run(&["history", "@carol"]).await;
+    let (shown, said) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains("@carol@kez.test is not in your contacts"),
+        "{said}"
+    );
+    let line = shown.lines().next().unwrap_or_default();
+    let (time, rest) = line.split_once("] ").expect("[time] who: text");
+    let date = is_date_and_time(time.trim_start_matches('['));
+    assert!(date, "a date and a time: {line}");
+    assert_eq!(rest, "(not in contacts) @carol@kez.test: hi, I am carol");
+    assert_eq!(
+        bob.json(&["history", "@carol"]).await[0]["in_contacts"],
+        false
+    );
+
+    // publish needs an audience, and says which options give one.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("big file.bin");
+    std::fs::write(&file, vec![42u8; 1000]).unwrap();
+    let path = file.to_str().unwrap();
+    let err = alice.fails(&["publish", path], 2).await;
+    assert!(err.contains("--to") && err.contains("--public"), "{err}");
+    let published = alice.json(&["publish", path, "--public"]).await;
+    assert_eq!(published["name"], "big file.bin");
+    assert_eq!(published["public"], true);
+    assert_eq!(published["size"], 1000);
+    assert_eq!(published["manifest"]["version"], 1);
+    let offered = alice.json(&["share", "@bob", path]).await;
+    assert_eq!(
+        (offered["to"].clone(), offered["size"].clone()),
+        ("@bob@kez.test".into(), 1000.into())
+    );
+
+    // profile of someone who shares nothing: data, not null.
+    assert_eq!(
+        alice.json(&["profile", "@carol"]).await["files"],
+        serde_json::json!({ "visible": 0 })
+    );
+    // files: the sender as data.
+    bob.ok(&["inbox", "--wait", "2"]).await;
+    let files = bob.json(&["files"]).await;
+    assert_eq!(files[0]["from_handle"], "@alice@kez.test");
+    assert_eq!(files[0]["from"], alice.json(&["whoami"]).await["key"]);
+    assert_eq!(files[0]["in_contacts"], true);
+
+    // browse suggests a command that pastes as one argument; the download counts plaintext.
+    let serving_alice = serving(&alice).await;
+    let output = bob.run(&["browse", "@alice"]).await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("`kez-chat download '@alice@kez.test/big file.bin'`"),
+        "{said}"
+    );
+    let target = dir.path().join("fetched.bin");
+    let output = bob
+        .run(&[
+            "download",
+            "@alice/big file.bin",
+            "-o",
+            target.to_str().unwrap(),
+        ])
+        .await;
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    assert!(
+        said.contains("downloading: ") && said.contains(" of 1000 B"),
+        "{said}"
+    );
+    assert!(
+        said.contains("verifying and decrypting: 1000 B of 1000 B"),
+        "{said}"
+    );
+    assert_eq!(std::fs::read(&target).unwrap(), vec![42u8; 1000]);
+    stop(serving_alice).await;
+
+    let unpublished = alice.json(&["unpublish", "big file.bin"]).await;
+    assert_eq!(unpublished["name"], "big file.bin");
+    assert_eq!(unpublished["manifest"]["version"], 2);
+
+    // A registration refused by the server keeps the server for the next try; a cluster's
+    // several URLs become one normal form in the sigchain's nats endpoint.
+    let dave = Person::new();
+    let several = format!("{url}, {url}");
+    dave.fails(&["--server", &several, "register", "alice"], 4)
+        .await;
+    dave.ok(&["register", "dave"]).await;
+    let me = dave.json(&["whoami"]).await;
+    let endpoints = &alice.json(&["profile", "@dave"]).await["sigchain"]["endpoints"];
+    let nats = endpoints
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|endpoint| endpoint["kind"] == "nats")
+        .unwrap();
+    assert_eq!(nats["address"], format!("{url},{url}"));
+    assert_eq!(me["server"], format!("{url},{url}"));
+
+    // The server restored from a backup older than dave's registration: his handle, key entry
+    // and chain are gone. `register dave` in his home registers him again, with his own key.
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    let key_hex = me["key"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("ed25519:")
+        .to_owned();
+    let forget = |bucket: &'static str, key: String| {
+        let js = js.clone();
+        async move {
+            let bucket = js.get_key_value(bucket).await.unwrap();
+            bucket.purge(key).await.unwrap();
+        }
+    };
+    forget("kez_handles", "dave".into()).await;
+    forget("kez_keys", key_hex.clone()).await;
+    forget("kez_chain_heads", key_hex.clone()).await;
+    forget("kez_chain_states", key_hex.clone()).await;
+    for seq in 1..=2 {
+        forget("kez_chain_links", format!("{key_hex}.{seq}")).await;
+    }
+    let gone = alice.fails(&["profile", "@dave"], 3).await;
+    assert!(gone.contains("@dave@kez.test"), "{gone}");
+    let again = dave.json(&["register", "dave"]).await;
+    assert_eq!(again["key"], me["key"]);
+    assert_eq!(again["already_registered"], true);
+    assert_eq!(again["new_key"], false);
+    assert_eq!(dave.json(&["whoami"]).await["sigchain"]["seq"], 2);
+}
+
+/// Whether `text` is `YYYY-MM-DD HH:MM:SS`.
+fn is_date_and_time(text: &str) -> bool {
+    text.len() == 19
+        && text.char_indices().all(|(i, c)| match i {
+            4 | 7 => c == '-',
+            10 => c == ' ',
+            13 | 16 => c == ':',
+            _ => c.is_ascii_digit(),
+        })
+}
+
+/// `listen` through a broker restart says once that receiving stopped and once that it works
+/// again, however many pulls failed in between, and shows what was sent meanwhile.
+#[tokio::test]
+async fn listen_reports_a_broker_restart_in_two_lines() {
+    let mut stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let mut listen = tokio::process::Command::from(kez_chat(&bob.home, &["listen", "--json"]));
+    listen
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut listen = listen.spawn().unwrap();
+    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    let mut said = BufReader::new(listen.stderr.take().unwrap()).lines();
+    async fn next_said(
+        said: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    ) -> String {
+        tokio::time::timeout(Duration::from_secs(30), said.next_line())
+            .await
+            .expect("listen says something")
+            .unwrap()
+            .expect("listen runs")
+    }
+    assert!(next_said(&mut said).await.contains("listening as @bob"));
+
+    stack.nats.restart();
+    // Several seconds without a broker and then with one: many failed pulls, two lines.
+    let stopped = next_said(&mut said).await;
+    assert!(stopped.contains("receiving stopped"), "{stopped}");
+    let back = next_said(&mut said).await;
+    assert!(back.contains("reconnected; receiving again"), "{back}");
+    alice.ok(&["send", "@bob", "after the restart"]).await;
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("listen shows the message")
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("after the restart"), "{line}");
+    let pid = listen.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = said.next_line().await {
+            rest.push(line);
+        }
+        rest
+    })
+    .await
+    .expect("listen ends on Ctrl-C");
+    assert!(
+        rest.iter().all(|line| !line.contains("receiving")),
+        "more lines about receiving: {rest:?}"
+    );
 }

@@ -665,3 +665,71 @@ async fn a_file_growing_while_shared_is_read_to_its_size_and_leaves_nothing() {
     assert_eq!((usage.complete_blobs, usage.partial_blobs), (0, 0));
     node.shutdown().await.unwrap();
 }
+
+/// A server that answers 503 `unavailable` with `Kez-Retry-After-Ms` (a cluster electing a
+/// stream's leader) is asked the same again after that pause, and the call succeeds once it
+/// answers; a 503 that names no pause is the caller's at once.
+#[tokio::test]
+async fn an_unavailable_server_that_names_a_pause_is_asked_again() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let nats = kez_tests::NatsServer::start();
+    let server = async_nats::connect(nats.url()).await.unwrap();
+    let mut heads = server.subscribe("kez.sigchain.head").await.unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    let bob = SecretKey::generate();
+    let link = UnsignedLink::first(bob.public_key(), 100, nats_endpoint("nats"))
+        .sign(&bob)
+        .unwrap();
+    {
+        let (server, asked) = (server.clone(), asked.clone());
+        let (key, head) = (bob.public_key(), link.hash());
+        tokio::spawn(async move {
+            while let Some(request) = heads.next().await {
+                let reply = request.reply.unwrap();
+                let attempt = asked.fetch_add(1, Ordering::SeqCst);
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Service-Error-Code", "503");
+                headers.insert("Kez-Error", "unavailable");
+                headers.insert(
+                    "Nats-Service-Error",
+                    "storage is unavailable; retry shortly",
+                );
+                match attempt {
+                    // The first two: unavailable, with a pause; then the answer.
+                    0 | 1 => headers.insert("Kez-Retry-After-Ms", "200"),
+                    2 => {
+                        let body = serde_json::json!({ "key": key, "seq": 1, "head": head });
+                        server
+                            .publish(reply, body.to_string().into())
+                            .await
+                            .unwrap();
+                        continue;
+                    }
+                    // Later: unavailable without a pause.
+                    _ => {}
+                }
+                server
+                    .publish_with_headers(reply, headers, bytes::Bytes::new())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    server.flush().await.unwrap();
+    let alice = Connection::connect(&nats.url(), Arc::new(SecretKey::generate()))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let head = alice.head(&bob.public_key()).await.unwrap();
+    assert_eq!((head.seq, head.head), (1, link.hash()));
+    assert_eq!(asked.load(Ordering::SeqCst), 3);
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    match alice.head(&bob.public_key()).await {
+        Err(ClientError::Service(err)) => assert_eq!((err.code, err.retry_after), (503, None)),
+        other => panic!("a 503 without a pause is the caller's: {other:?}"),
+    }
+    assert_eq!(asked.load(Ordering::SeqCst), 4);
+}

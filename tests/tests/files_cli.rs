@@ -38,7 +38,7 @@ async fn a_shared_file_arrives_identical_and_no_store_holds_plaintext() {
     let files = bob.json(&["files"]).await;
     assert_eq!(files[0]["name"], "holiday.bin");
     assert_eq!(files[0]["size"], 50 * 1024 * 1024);
-    assert_eq!(files[0]["from"], "@alice@kez.test");
+    assert_eq!(files[0]["from_handle"], "@alice@kez.test");
     assert_eq!(files[0]["downloaded"], serde_json::Value::Null);
 
     // alice is offline: the download fails, says why, and writes nothing.

@@ -522,7 +522,56 @@ async fn healthz_is_503_without_the_broker() {
     let answer = get(http, &webfinger("acct:alice@kez.test")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(answer.header("access-control-allow-origin"), Some("*"));
-    server.abort();
+    // Stopping does not wait for the broker that is gone.
+    server.stop().await;
+}
+
+/// A server started while its broker is down answers at once: `/healthz` 503 with why it does
+/// not serve yet, WebFinger 503; once the broker is up it serves. (It once bound the port and
+/// answered nothing: a `curl` hung for ten minutes.)
+#[tokio::test]
+async fn healthz_says_why_while_the_server_waits_for_the_broker() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    nats.stop();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let starting = tokio::spawn({
+        let url = url.clone();
+        async move {
+            KezServer::start_with(&ServerConfig {
+                http_listen: Some(http),
+                ..ServerConfig::new(&url, TEST_DOMAIN)
+            })
+            .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(http).await.is_err() {
+        assert!(Instant::now() < deadline, "the shim did not bind {http}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answer = get(http, "/healthz").await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    let said = answer.text();
+    assert!(
+        said.starts_with(&format!(
+            "starting: cannot connect to the broker at {url}: "
+        )),
+        "{said}"
+    );
+    let answer = get(http, &webfinger("acct:alice@kez.test")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.header("access-control-allow-origin"), Some("*"));
+    assert_eq!(get(http, "/other").await.status, StatusCode::NOT_FOUND);
+
+    nats.resume();
+    let server = starting.await.unwrap();
+    let answer = get(http, "/healthz").await;
+    assert_eq!((answer.status, answer.text()), (StatusCode::OK, "ok\n"));
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -803,3 +803,159 @@ async fn an_inbox_stream_of_the_previous_release_keeps_its_messages_through_the_
     assert_eq!(inbox.info().await.unwrap().config.max_bytes, 64 << 20);
     server.stop().await;
 }
+
+/// A SIGTERM while the broker is down still stops the server, by itself and promptly (it once
+/// logged "shutting down" and was still running ten minutes later).
+#[tokio::test]
+async fn sigterm_with_the_broker_down_stops_the_server() {
+    let mut nats = NatsServer::start();
+    let mut server = KezServerProcess::spawn(&nats.url()).await;
+    nats.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("disconnected from NATS") {
+        assert!(
+            Instant::now() < deadline,
+            "the server did not notice the broker going"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // terminate() sends SIGTERM and SIGKILLs only after its timeout: success is a clean exit.
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}; log:\n{}", server.log());
+}
+
+/// A broker whose certificate comes from a private CA: without that CA the server says why it
+/// cannot connect (at WARN, with the TLS cause, in a log without colour codes), and with
+/// `SSL_CERT_FILE` naming the CA it serves (what deploy/DEPLOY.md tells operators to do).
+#[tokio::test]
+async fn a_private_ca_is_trusted_through_ssl_cert_file_and_a_tls_failure_names_its_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let openssl = |args: &[&str]| {
+        let output = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            output.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                &path("ca.key"),
+                "-out",
+                &path("ca.pem"),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=kez test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                &path("server.key"),
+                "-out",
+                &path("server.csr"),
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        path("ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-CA",
+        &path("ca.pem"),
+        "-CAkey",
+        &path("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &path("server.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        &path("ext"),
+    ]);
+    let nats = NatsServer::start_with(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+        path("server.pem"),
+        path("server.key")
+    ));
+    let url = format!("tls://127.0.0.1:{}", nats.port());
+
+    /// A child killed when dropped, also when the test fails.
+    struct Running(std::process::Child);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let run = |ca: Option<String>, log: &str| {
+        let mut command = kez_tests::process::kez_chat_server_command();
+        command
+            .args(["run", "--nats-url", &url, "--domain", TEST_DOMAIN])
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("NO_COLOR")
+            .stdout(std::fs::File::create(path(log)).unwrap())
+            .stderr(std::fs::File::create(path(&format!("{log}.err"))).unwrap());
+        if let Some(ca) = ca {
+            command.env("SSL_CERT_FILE", ca);
+        }
+        Running(command.spawn().unwrap())
+    };
+    let wait_for = |log: &str, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(path(log)).unwrap_or_default()
+                + &std::fs::read_to_string(path(&format!("{log}.err"))).unwrap_or_default();
+            if let Some(line) = text.lines().find(|line| line.contains(what)) {
+                return line.to_owned();
+            }
+            assert!(Instant::now() < deadline, "no {what:?} in the log:\n{text}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    let untrusting = run(None, "untrusting.log");
+    let warning = wait_for("untrusting.log", "cannot connect to the broker");
+    drop(untrusting);
+    assert!(
+        warning.contains("WARN") && warning.contains("UnknownIssuer"),
+        "{warning}"
+    );
+    // That run had no NO_COLOR: a log written to a file has no colour codes either.
+    let log = std::fs::read_to_string(path("untrusting.log")).unwrap()
+        + &std::fs::read_to_string(path("untrusting.log.err")).unwrap();
+    assert!(!log.contains('\u{1b}'), "colour codes in a file:\n{log}");
+
+    let _trusting = run(Some(path("ca.pem")), "trusting.log");
+    wait_for("trusting.log", "kez-chat-server serving");
+}

@@ -49,9 +49,10 @@ pub const PIN_ADD_TIMEOUT: Duration = Duration::from_secs(120);
 /// reports the refusal: a server that is starting refuses everyone until its auth callout runs.
 pub const AUTHORIZATION_RETRY_WINDOW: Duration = Duration::from_secs(4);
 
-/// How long a call waits in all for a server that asks it to slow down (429) before it gives
-/// up with the server's answer.
-pub const MAX_RATE_LIMIT_WAIT: Duration = Duration::from_secs(10);
+/// How long a call keeps asking again a server that names when to (429 "slow down", 503
+/// "unavailable" while a cluster elects a leader, both with `Kez-Retry-After-Ms`) before it
+/// gives up with the server's answer.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(15);
 
 /// The largest number of chain pages [`Connection::chain`] fetches before giving up on a
 /// server that keeps saying `more`.
@@ -628,9 +629,10 @@ impl Connection {
     }
 
     /// Sends `body` to a service, waiting `timeout` for each answer (`None`: the client's
-    /// default). A server that asks to slow down (429 with `Kez-Retry-After-Ms`) is asked again
-    /// after the time it names, for at most [`MAX_RATE_LIMIT_WAIT`] in all; a longer wait is the
-    /// caller's 429.
+    /// default). A server that names when to ask again (429 or 503 with `Kez-Retry-After-Ms`)
+    /// is asked the same again after that time, until [`MAX_RETRY_WAIT`] has passed since the
+    /// first attempt; then its answer is the caller's error. Every request may be repeated:
+    /// each is idempotent (PROTOCOL.md §5.1).
     async fn call_within(
         &self,
         subject: &str,
@@ -638,7 +640,7 @@ impl Connection {
         timeout: Option<Duration>,
     ) -> Result<Bytes, ClientError> {
         let body = Bytes::from(body);
-        let mut waited = Duration::ZERO;
+        let give_up = tokio::time::Instant::now() + MAX_RETRY_WAIT;
         loop {
             let mut request = async_nats::Request::new().payload(body.clone());
             if let Some(timeout) = timeout {
@@ -659,10 +661,17 @@ impl Connection {
                 _ => return Ok(answer.payload),
             };
             match err.retry_after {
-                Some(pause) if err.code == 429 && waited + pause <= MAX_RATE_LIMIT_WAIT => {
-                    tracing::debug!(subject, ?pause, "the server asks to slow down; waiting");
+                Some(pause)
+                    if matches!(err.code, 429 | 503)
+                        && tokio::time::Instant::now() + pause <= give_up =>
+                {
+                    tracing::debug!(
+                        subject,
+                        ?pause,
+                        code = err.code,
+                        "the server asks to try again later; waiting"
+                    );
                     tokio::time::sleep(pause).await;
-                    waited += pause;
                 }
                 _ => return Err(err.into()),
             }
@@ -1009,9 +1018,10 @@ impl Connection {
                 match next {
                     Some(Ok(delivery)) => deliveries.push(delivery),
                     None => drained = true,
-                    // What arrived already is stored and returned; the rest comes next time.
+                    // What arrived already is stored and returned; the rest comes next time
+                    // (nothing for a person to do: a leader election answers so for seconds).
                     Some(Err(err)) => {
-                        tracing::warn!("fetching from the own inbox stopped early: {err}");
+                        tracing::debug!("fetching from the own inbox stopped early: {err}");
                         drained = true;
                     }
                 }
@@ -1048,9 +1058,11 @@ impl Connection {
             }
         }
         let acks = futures::future::join_all(deliveries.iter().map(|d| d.double_ack())).await;
-        for err in acks.into_iter().filter_map(Result::err) {
+        let mut failed = acks.into_iter().filter_map(Result::err);
+        if let Some(first) = failed.next() {
             tracing::warn!(
-                "acknowledging a stored message failed, it will be redelivered and dropped then: {err}"
+                "acknowledging {} stored message(s) failed ({first}); they will be redelivered and dropped then",
+                1 + failed.count()
             );
         }
         Ok(received)

@@ -65,7 +65,7 @@ pub async fn share_file(
     path: &Path,
     tag: &str,
     providers: Vec<String>,
-    mut progress: impl FnMut(u64),
+    progress: impl FnMut(u64),
 ) -> Result<FileOffer, FileError> {
     let io_error = |action: &'static str| {
         let path = path.to_path_buf();
@@ -89,15 +89,11 @@ pub async fn share_file(
     );
     let key = ContentKey::generate();
     let (chunks_tx, chunks_rx) = tokio::sync::mpsc::channel::<io::Result<Bytes>>(PIPELINE_SEGMENTS);
-    let (read_tx, mut read_rx) = tokio::sync::watch::channel(0u64);
+    let (read_tx, read_rx) = tokio::sync::watch::channel(0u64);
     let encrypt_key = key.clone();
     let encrypting = tokio::task::spawn_blocking(move || {
         // Exactly the size announced: a file that keeps growing is not read on past it.
-        let counted = CountingReader {
-            inner: BufReader::new(io::Read::take(source, size)),
-            count: 0,
-            report: read_tx,
-        };
+        let counted = Counting::new(BufReader::new(io::Read::take(source, size)), read_tx);
         let mut encryptor = Encryptor::new(&encrypt_key, counted);
         loop {
             let mut chunk = Vec::new();
@@ -120,18 +116,7 @@ pub async fn share_file(
     let stream = futures::stream::unfold(chunks_rx, |mut rx| async move {
         rx.recv().await.map(|chunk| (chunk, rx))
     });
-    let import = node.import_stream(stream, tag);
-    tokio::pin!(import);
-    let imported = loop {
-        tokio::select! {
-            done = &mut import => break done,
-            changed = read_rx.changed() => {
-                if changed.is_ok() {
-                    progress(*read_rx.borrow());
-                }
-            }
-        }
-    };
+    let imported = with_progress(node.import_stream(stream, tag), read_rx, progress).await;
     let encrypted = encrypting
         .await
         .map_err(|err| io_error("encrypt")(io::Error::other(err)))
@@ -230,7 +215,13 @@ pub async fn fetch_blob(
 
 /// Decrypts the offer's blob (complete in `node`) to `dest`: into a temporary file beside it,
 /// renamed into place only when the whole file authenticated. Returns the plaintext size.
-pub async fn decrypt_to(node: &BlobNode, offer: &FileOffer, dest: &Path) -> Result<u64, FileError> {
+/// `progress` is called with the plaintext bytes written so far.
+pub async fn decrypt_to(
+    node: &BlobNode,
+    offer: &FileOffer,
+    dest: &Path,
+    progress: impl FnMut(u64),
+) -> Result<u64, FileError> {
     let reader = node.reader(blob_hash(offer)).await?;
     let bridge = tokio_util::io::SyncIoBridge::new(reader);
     let temp = partial_path(dest);
@@ -238,8 +229,9 @@ pub async fn decrypt_to(node: &BlobNode, offer: &FileOffer, dest: &Path) -> Resu
     let dest = dest.to_path_buf();
     let key = offer.key.clone();
     let cipher_size = offer.cipher_size;
-    tokio::task::spawn_blocking(move || {
-        let result = write_decrypted(&key, bridge, &temp, cipher_size);
+    let (written_tx, written_rx) = tokio::sync::watch::channel(0u64);
+    let decrypting = tokio::task::spawn_blocking(move || {
+        let result = write_decrypted(&key, bridge, &temp, cipher_size, written_tx);
         match result {
             Ok(size) => {
                 std::fs::rename(&temp, &dest).map_err(|source| FileError::Io {
@@ -258,13 +250,14 @@ pub async fn decrypt_to(node: &BlobNode, offer: &FileOffer, dest: &Path) -> Resu
                 Err(err)
             }
         }
-    })
-    .await
-    .map_err(|err| FileError::Io {
-        action: "decrypt into",
-        path: target,
-        source: io::Error::other(err),
-    })?
+    });
+    with_progress(decrypting, written_rx, progress)
+        .await
+        .map_err(|err| FileError::Io {
+            action: "decrypt into",
+            path: target,
+            source: io::Error::other(err),
+        })?
 }
 
 fn write_decrypted(
@@ -272,6 +265,7 @@ fn write_decrypted(
     ciphertext: impl io::Read,
     temp: &Path,
     cipher_size: u64,
+    written: tokio::sync::watch::Sender<u64>,
 ) -> Result<u64, FileError> {
     let io_error = |action: &'static str| {
         let path = temp.to_path_buf();
@@ -282,11 +276,12 @@ fn write_decrypted(
         }
     };
     let file = File::create(temp).map_err(io_error("create"))?;
-    let mut out = BufWriter::new(file);
+    let mut out = BufWriter::new(Counting::new(file, written));
     let size = file::decrypt_exact(key, BufReader::new(ciphertext), &mut out, cipher_size)?;
     let file = out
         .into_inner()
-        .map_err(|err| io_error("write")(err.into_error()))?;
+        .map_err(|err| io_error("write")(err.into_error()))?
+        .inner;
     file.sync_all().map_err(io_error("write"))?;
     Ok(size)
 }
@@ -316,19 +311,64 @@ pub fn new_tag(kind: &str) -> String {
     )
 }
 
-/// Counts what the encryptor reads, for progress.
-struct CountingReader<R> {
-    inner: R,
+/// Counts the bytes read from or written to `inner`, for progress.
+struct Counting<T> {
+    inner: T,
     count: u64,
     report: tokio::sync::watch::Sender<u64>,
 }
 
-impl<R: io::Read> io::Read for CountingReader<R> {
+impl<T> Counting<T> {
+    fn new(inner: T, report: tokio::sync::watch::Sender<u64>) -> Counting<T> {
+        Counting {
+            inner,
+            count: 0,
+            report,
+        }
+    }
+
+    fn add(&mut self, bytes: usize) {
+        self.count += bytes as u64;
+        let _ = self.report.send(self.count);
+    }
+}
+
+impl<R: io::Read> io::Read for Counting<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = self.inner.read(buf)?;
-        self.count += read as u64;
-        let _ = self.report.send(self.count);
+        self.add(read);
         Ok(read)
+    }
+}
+
+impl<W: io::Write> io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.add(written);
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Runs `work` to its end, calling `progress` with every count `counts` reports meanwhile.
+async fn with_progress<T>(
+    work: impl std::future::Future<Output = T>,
+    mut counts: tokio::sync::watch::Receiver<u64>,
+    mut progress: impl FnMut(u64),
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            changed = counts.changed() => match changed {
+                Ok(()) => progress(*counts.borrow()),
+                // The counting side is done: nothing more to report.
+                Err(_) => return work.await,
+            },
+        }
     }
 }
 

@@ -27,6 +27,6 @@ pub use connection::{
 };
 pub use home::{Config, Home, HomeError, resolve_home};
 pub use store::{
-    Contact, Direction, Downloaded, Offer, PinChange, Published, PublishedManifest, Store,
-    StoreError, StoredMessage,
+    Contact, Conversation, Direction, Downloaded, Offer, PinChange, Published, PublishedManifest,
+    Store, StoreError, StoredMessage,
 };

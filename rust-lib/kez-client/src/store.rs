@@ -324,6 +324,22 @@ impl StoredMessage {
     }
 }
 
+/// One conversation in the store, as a list of conversations shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conversation {
+    /// The other party: a contact's identity key ([`Contact::key`]) or a stranger's key.
+    pub peer: PublicKey,
+    /// Whether these messages were signed by a key a contact rotated away from: kept apart
+    /// from the contact's own conversation, never attributed to them.
+    pub retired: bool,
+    /// How many messages it holds.
+    pub messages: usize,
+    /// How many of its received messages were not shown yet.
+    pub unshown: usize,
+    /// Its last message, in the order of [`Store::history`].
+    pub last: StoredMessage,
+}
+
 mod base64_bytes {
     use data_encoding::BASE64;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -894,6 +910,59 @@ impl Store {
         tx.commit().map_err(db)
     }
 
+    /// Every conversation, the one with the latest message first. Reads every stored message
+    /// once.
+    pub fn conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(MESSAGES).map_err(db)?;
+        let mut unshown = std::collections::HashMap::<String, usize>::new();
+        match tx.open_table(UNSHOWN) {
+            Ok(table) => {
+                for entry in table.iter().map_err(db)? {
+                    let (_, peer) = entry.map_err(db)?;
+                    *unshown.entry(peer.value().to_owned()).or_default() += 1;
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(db(err)),
+        }
+        let mut out: Vec<Conversation> = Vec::new();
+        let mut current: Option<String> = None;
+        for entry in table.iter().map_err(db)? {
+            let (key, value) = entry.map_err(db)?;
+            let name = key.value().0;
+            let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            if current.as_deref() == Some(name)
+                && let Some(conversation) = out.last_mut()
+            {
+                conversation.messages += 1;
+                if (message.time, message.seq) >= (conversation.last.time, conversation.last.seq) {
+                    conversation.last = message;
+                }
+                continue;
+            }
+            let (retired, hex) = match name.strip_prefix("retired.") {
+                Some(hex) => (true, hex),
+                None => (false, name),
+            };
+            let peer: PublicKey = format!("ed25519:{hex}").parse().map_err(|err| {
+                StoreError::Corrupt(format!("conversation {name:?} is not a key: {err}"))
+            })?;
+            out.push(Conversation {
+                peer,
+                retired,
+                messages: 1,
+                unshown: unshown.get(name).copied().unwrap_or(0),
+                last: message,
+            });
+            current = Some(name.to_owned());
+        }
+        out.sort_by_key(|conversation| {
+            std::cmp::Reverse((conversation.last.time, conversation.last.seq))
+        });
+        Ok(out)
+    }
+
     /// The conversation with `peer` (a contact's identity key, see [`Contact::key`]), in the
     /// order the messages were sent: by the sender's time, then the stream sequence; messages
     /// alike in both keep the order they were stored in.
@@ -1097,6 +1166,57 @@ mod tests {
         let unshown = store.unshown().unwrap();
         let late = unshown.last().unwrap();
         assert_eq!(late.1.body, b"late");
+        // Listed apart from bob's conversation, as the retired key's (all sent at one time:
+        // in no particular order).
+        let mut listed: Vec<(PublicKey, bool, usize)> = store
+            .conversations()
+            .unwrap()
+            .iter()
+            .map(|c| (c.peer, c.retired, c.messages))
+            .collect();
+        listed.sort_by_key(|(_, retired, _)| *retired);
+        assert_eq!(listed, [(key(2), false, 2), (key(2), true, 1)]);
+    }
+
+    #[test]
+    fn conversations_list_the_latest_first_with_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let at = |mut message: Message, time: u64| {
+            message.time = time;
+            message
+        };
+        assert!(store.conversations().unwrap().is_empty());
+        for m in [
+            at(message(2, 1, "bob early"), 100),
+            at(message(3, 1, "carol"), 200),
+            at(message(2, 1, "bob late"), 300),
+            at(message(2, 1, "bob between"), 250),
+        ] {
+            assert!(store.record_incoming(&m, 400).unwrap());
+        }
+        let bob_orders: Vec<u64> = store
+            .unshown()
+            .unwrap()
+            .iter()
+            .filter(|(_, m)| m.from == key(2))
+            .map(|(order, _)| *order)
+            .take(1)
+            .collect();
+        store.mark_shown(&bob_orders).unwrap();
+        let listed = store.conversations().unwrap();
+        let summary: Vec<(PublicKey, usize, usize, &[u8])> = listed
+            .iter()
+            .map(|c| (c.peer, c.messages, c.unshown, c.last.body.as_slice()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (key(2), 3, 2, &b"bob late"[..]),
+                (key(3), 1, 1, &b"carol"[..]),
+            ]
+        );
+        assert!(listed.iter().all(|c| !c.retired));
     }
 
     #[test]
