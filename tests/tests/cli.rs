@@ -1003,3 +1003,35 @@ async fn listen_reports_a_broker_restart_in_two_lines() {
         "more lines about receiving: {rest:?}"
     );
 }
+
+/// A send while the server is (re)starting: the broker refuses the connection until the
+/// server's auth callout answers again. The client asks again for a few seconds and sends,
+/// instead of reporting a refusal as if the account were disabled (exit 5).
+#[tokio::test]
+async fn a_send_while_the_server_starts_waits_for_it() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let CalloutStack {
+        server,
+        nats,
+        keys_dir,
+        keys,
+    } = stack;
+    server.stop().await;
+    let config = CalloutStack::config(&nats, &keys_dir, &keys);
+    let restart = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        kez_tests::kez_server::KezServer::start_with(&config).await
+    });
+    let output = alice.run(&["send", "@bob", "while it starts"]).await;
+    assert!(
+        output.status.success(),
+        "{:?}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _server = restart.await.unwrap();
+    let read = bob.json(&["inbox", "--wait", "2"]).await;
+    assert_eq!(read[0]["text"], "while it starts", "{read}");
+}
