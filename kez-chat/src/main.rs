@@ -945,15 +945,7 @@ impl App {
                 Direction::Incoming => them.as_str(),
                 Direction::Outgoing => "you",
             };
-            println!(
-                "[{}] {who}: {}",
-                clock(message.time),
-                display::body(&body_text(
-                    &message.id,
-                    &message.content_type,
-                    &message.body
-                ))
-            );
+            println!("{}", message_line(who, message));
         }
         Ok(())
     }
@@ -1079,7 +1071,7 @@ async fn show_unshown(
     let mut list = Vec::new();
     for ((_, message), sender) in unshown.iter().zip(&senders) {
         match (json, lines) {
-            (false, _) => println!("{}", message_line(sender, message)),
+            (false, _) => println!("{}", message_line(&sender_label(sender), message)),
             (true, true) => println!("{}", message_json(sender, message)),
             (true, false) => list.push(message_json(sender, message)),
         }
@@ -1092,16 +1084,20 @@ async fn show_unshown(
     Ok(unshown.len())
 }
 
-/// One message as a line for people: `[time] @sender: text`.
-fn message_line(sender: &Sender, message: &StoredMessage) -> String {
-    let who = match sender {
+/// Who sent a message, for people.
+fn sender_label(sender: &Sender) -> String {
+    match sender {
         Sender::Contact(handle) => handle.clone(),
         Sender::Stranger(Some(handle), key) => format!("(not in contacts) {handle} {key}"),
         Sender::Stranger(None, key) => format!("(not in contacts) {key}"),
         Sender::Retired(handle, key) => {
             format!("(NOT {handle}: signed by the old key {handle} rotated away from) {key}")
         }
-    };
+    }
+}
+
+/// One message as a line for people: `[time] who: text`.
+fn message_line(who: &str, message: &StoredMessage) -> String {
     format!(
         "[{}] {who}: {}",
         clock(message.time),

@@ -36,6 +36,23 @@ const STREAMS: &[&str] = &[
 ];
 
 /// The stream's current leader (a node name), once it has one.
+/// Every stream kez-chat keeps has three replicas, on three nodes.
+async fn assert_three_replicas(js: &jetstream::Context) {
+    for name in STREAMS {
+        let info = js
+            .get_stream(*name)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .clone();
+        assert_eq!(info.config.num_replicas, 3, "{name}");
+        let cluster_info = info.cluster.as_ref().expect("clustered");
+        assert_eq!(cluster_info.replicas.len(), 2, "{name}: {cluster_info:?}");
+    }
+}
+
 async fn leader(js: &jetstream::Context, stream: &str) -> Option<String> {
     let mut stream = js.get_stream(stream).await.ok()?;
     stream.info().await.ok()?.cluster.as_ref()?.leader.clone()
@@ -153,20 +170,7 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     )
     .await;
 
-    // Every stream kez-chat keeps has three replicas, on three nodes.
-    for name in STREAMS {
-        let info = js
-            .get_stream(*name)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
-        assert_eq!(info.config.num_replicas, 3, "{name}");
-        let cluster_info = info.cluster.as_ref().expect("clustered");
-        assert_eq!(cluster_info.replicas.len(), 2, "{name}: {cluster_info:?}");
-    }
+    assert_three_replicas(&js).await;
 
     // alice → bob and carol → dave, each user on another first node.
     let mut users = Vec::new();
@@ -441,17 +445,6 @@ async fn two_instances_started_at_once_on_a_fresh_cluster_both_serve() {
         first.log(),
         second.log()
     );
-    let js = jetstream::new(admin);
-    for name in STREAMS {
-        let info = js
-            .get_stream(*name)
-            .await
-            .unwrap()
-            .info()
-            .await
-            .unwrap()
-            .clone();
-        assert_eq!(info.config.num_replicas, 3, "{name}");
-    }
+    assert_three_replicas(&jetstream::new(admin)).await;
     drop((first, second));
 }
