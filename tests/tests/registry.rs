@@ -16,6 +16,18 @@ async fn setup() -> (NatsServer, KezServer, async_nats::Client) {
     (nats, server, client)
 }
 
+/// [`setup`] with the rate limits off, for tests that send more than a key's burst.
+async fn setup_unlimited() -> (NatsServer, KezServer, async_nats::Client) {
+    let nats = NatsServer::start();
+    let server = KezServer::start_with(&kez_chat_server::config::ServerConfig {
+        limits: kez_chat_server::limits::Limits::OFF,
+        ..kez_chat_server::config::ServerConfig::new(&nats.url(), TEST_DOMAIN)
+    })
+    .await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    (nats, server, client)
+}
+
 #[tokio::test]
 async fn register_lookup_whois_round_trip() {
     let (_nats, _server, client) = setup().await;
@@ -359,13 +371,7 @@ async fn a_head_index_left_behind_is_read_past_and_moved_forward() {
 async fn concurrent_appends_at_one_seq_have_one_winner() {
     // 50 appends at once from one key are over the default per-key burst (PROTOCOL.md §5.5),
     // which is not what this test is about.
-    let nats = NatsServer::start();
-    let _server = KezServer::start_with(&kez_chat_server::config::ServerConfig {
-        limits: kez_chat_server::limits::Limits::OFF,
-        ..kez_chat_server::config::ServerConfig::new(&nats.url(), TEST_DOMAIN)
-    })
-    .await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (_nats, _server, client) = setup_unlimited().await;
     let alice = SecretKey::generate();
     let chain = register_with_chain(&client, &alice, "alice").await;
     let candidates: Vec<_> = (0..50)
@@ -655,13 +661,7 @@ async fn appends_verify_against_the_kept_state_and_old_chains_catch_up() {
 /// The state limits are enforced by the server (413, PROTOCOL.md §4.4) as by every verifier.
 #[tokio::test]
 async fn the_server_refuses_links_past_a_chains_limits() {
-    let nats = NatsServer::start();
-    let _server = KezServer::start_with(&kez_chat_server::config::ServerConfig {
-        limits: kez_chat_server::limits::Limits::OFF,
-        ..kez_chat_server::config::ServerConfig::new(&nats.url(), TEST_DOMAIN)
-    })
-    .await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (_nats, _server, client) = setup_unlimited().await;
     let alice = SecretKey::generate();
     let mut chain = register_with_chain(&client, &alice, "alice").await;
     for i in 1..kez_core::sigchain::MAX_ENDPOINTS {
