@@ -31,6 +31,7 @@ soak: tools build
 # Rewrites the committed KEZ test vectors and nats/nats-server.conf.example; review the diff.
 vectors:
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --test vectors -- --test-threads=1
+	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-proto --test vectors
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib envelope::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib file::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib manifest::tests::committed

@@ -7,18 +7,19 @@
 //! two permission profiles (PROTOCOL.md §6), or is refused if an operator disabled it.
 
 use kez_core::connect::{LegacyProofs, ProofForm, verify_proof};
-use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
 use kez_core::{PublicKey, Signature};
 use kez_nats_jwt::{
     AuthorizationRequest, Decision, UserClaims, client_nonce_proof, decode_authorization_request,
     encode_authorization_response_for, encode_user_jwt,
 };
+use kez_proto::ErrorAnswer;
+use kez_proto::answer::HandleRecord;
+use kez_proto::subjects::{allowed_subscribe, registered_publish, unregistered_publish};
 use nkeys::KeyPair;
 
-use crate::error::ApiError;
 use crate::limits::Limiter;
 use crate::nats_conf::APP_ACCOUNT;
-use crate::store::{HandleRecord, Store};
+use crate::store::Store;
 
 /// How long a granted authorization lasts. When it ends nats-server disconnects the client,
 /// whose reconnect runs the callout again: a disabled user is out within this time.
@@ -118,7 +119,7 @@ impl Callout {
         .map_err(|err| format!("kez: {err}"))?;
         // Independent reads: both at once, so a connect waits for two round trips, not three.
         let (record, disabled) = tokio::join!(self.store.whois(key), self.store.disabled(key));
-        let unavailable = |err: ApiError| format!("kez: registry unavailable: {}", err.message);
+        let unavailable = |err: ErrorAnswer| format!("kez: registry unavailable: {}", err.message);
         let record = record.map_err(unavailable)?;
         if let Some(disabled) = disabled.map_err(unavailable)? {
             return Err(format!(
@@ -171,12 +172,8 @@ pub fn unregistered_profile(
     now: u64,
 ) -> UserClaims {
     base_claims(request, key.to_string(), now)
-        .allow_publish([
-            "kez.registry.register",
-            "kez.registry.lookup",
-            "kez.server.info",
-        ])
-        .allow_subscribe([format!("{}.>", reply_prefix(key))])
+        .allow_publish(unregistered_publish())
+        .allow_subscribe(allowed_subscribe(key))
 }
 
 /// A registered key may use every kez service (sending mail through `kez.mail.send`, never
@@ -187,17 +184,7 @@ pub fn registered_profile(
     record: &HandleRecord,
     now: u64,
 ) -> UserClaims {
-    let consumer = inbox_consumer(&record.key);
     base_claims(request, record.handle.to_string(), now)
-        .allow_publish([
-            "kez.registry.>".to_owned(),
-            "kez.sigchain.>".to_owned(),
-            "kez.pin.>".to_owned(),
-            "kez.server.>".to_owned(),
-            "kez.mail.>".to_owned(),
-            format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{consumer}"),
-            format!("{JS_API_PREFIX}.CONSUMER.INFO.{INBOX_STREAM}.{consumer}"),
-            format!("$JS.ACK.{INBOX_STREAM}.{consumer}.>"),
-        ])
-        .allow_subscribe([format!("{}.>", reply_prefix(&record.key))])
+        .allow_publish(registered_publish(&record.key))
+        .allow_subscribe(allowed_subscribe(&record.key))
 }

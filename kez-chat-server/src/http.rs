@@ -10,7 +10,6 @@
 //! send the head, [`HttpLimits::max_connections`] connections at once (more wait in the listen
 //! backlog), [`HttpLimits::connection_lifetime`] per connection. Request bodies are never read.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -25,41 +24,20 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use kez_core::Handle;
-use serde::Serialize;
+use kez_proto::ErrorAnswer;
+use kez_proto::webfinger::{self, JRD_CONTENT_TYPE, Jrd, WEBFINGER_PATH};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::handlers::{Context, Route};
+use crate::handlers::Context;
 use crate::metrics::HttpEndpoint;
-use crate::store::HandleRecord;
 
-/// The WebFinger path (RFC 7033 §10.1).
-pub const WEBFINGER_PATH: &str = "/.well-known/webfinger";
 /// The health check path.
 pub const HEALTH_PATH: &str = "/healthz";
 /// The Prometheus metrics path.
 pub const METRICS_PATH: &str = "/metrics";
 
-/// Link relation: the home server's NATS endpoint (`href` is the NATS URL clients connect to).
-pub const REL_NATS: &str = "https://kez.lat/ns/rel/nats";
-/// Link relation: the account's sigchain, served over NATS (`href` is the NATS URL; the link's
-/// properties name the subject and the key to ask for).
-pub const REL_SIGCHAIN: &str = "https://kez.lat/ns/rel/sigchain";
-/// Property: a KEZ key (PROTOCOL.md §1.1 text form).
-pub const PROP_KEY: &str = "https://kez.lat/ns/key";
-/// Property: the handle in its full `@name@domain` form.
-pub const PROP_HANDLE: &str = "https://kez.lat/ns/handle";
-/// Property: the sigchain's last seq as a decimal string, or `null` without a sigchain.
-pub const PROP_SIGCHAIN_SEQ: &str = "https://kez.lat/ns/sigchain-seq";
-/// Property: the sigchain's head (hex link hash), or `null` without a sigchain.
-pub const PROP_SIGCHAIN_HEAD: &str = "https://kez.lat/ns/sigchain-head";
-/// Link property: the NATS subject to send requests to.
-pub const PROP_NATS_SUBJECT: &str = "https://kez.lat/ns/nats-subject";
-
-/// The JRD media type (RFC 7033 §10.2).
-pub const JRD_CONTENT_TYPE: &str = "application/jrd+json";
 /// The Prometheus text exposition format.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
@@ -405,174 +383,19 @@ async fn health(context: &Context) -> Result<(), &'static str> {
 
 type Refusal = (StatusCode, String);
 
-fn bad_request(message: impl Into<String>) -> Refusal {
-    (StatusCode::BAD_REQUEST, message.into())
-}
-
 fn not_found(message: impl Into<String>) -> Refusal {
     (StatusCode::NOT_FOUND, message.into())
 }
 
-/// The WebFinger parameters: `resource` (exactly once) and any number of `rel`.
-#[derive(Debug, PartialEq, Eq)]
-struct Query {
-    resource: String,
-    rels: Vec<String>,
-}
-
-/// Parses the query component: `&`-separated `name=value` pairs, both percent-decoded (RFC 3986
-/// §2.1, strictly: `%` must start a two-hex-digit escape and the result must be UTF-8; `+` is a
-/// plus sign). Unknown parameters are ignored (RFC 7033 §4.1 leaves room for extensions).
-fn parse_query(query: Option<&str>) -> Result<Query, Refusal> {
-    let mut resource = None;
-    let mut rels = Vec::new();
-    for pair in query.unwrap_or_default().split('&') {
-        if pair.is_empty() {
-            continue;
-        }
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = percent_decode(name).map_err(bad_request)?;
-        let value = percent_decode(value).map_err(bad_request)?;
-        match name.as_str() {
-            "resource" if resource.is_some() => {
-                return Err(bad_request("resource is given more than once"));
-            }
-            "resource" => resource = Some(value),
-            "rel" => rels.push(value),
-            _ => {}
-        }
-    }
-    match resource {
-        None => Err(bad_request(
-            "missing resource parameter, e.g. ?resource=acct:alice@kez.lat",
-        )),
-        Some(resource) if resource.is_empty() => Err(bad_request("resource is empty")),
-        Some(resource) => Ok(Query { resource, rels }),
-    }
-}
-
-/// Strict percent-decoding (RFC 3986 §2.1) into UTF-8.
-fn percent_decode(input: &str) -> Result<String, String> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut rest = bytes;
-    while let Some((&byte, tail)) = rest.split_first() {
-        if byte != b'%' {
-            out.push(byte);
-            rest = tail;
-            continue;
-        }
-        match tail {
-            [high, low, after @ ..] => match (hex_digit(*high), hex_digit(*low)) {
-                (Some(high), Some(low)) => {
-                    out.push(high << 4 | low);
-                    rest = after;
-                }
-                _ => return Err(format!("bad percent-encoding in {input:?}")),
-            },
-            _ => return Err(format!("bad percent-encoding in {input:?}")),
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{input:?} does not decode to UTF-8"))
-}
-
-fn hex_digit(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
-    }
-}
-
-/// An `acct:` URI (RFC 7565) split into its percent-decoded user part and host.
-fn parse_acct(resource: &str) -> Result<(String, String), Refusal> {
-    let Some((scheme, rest)) = resource.split_once(':') else {
-        return Err(bad_request(format!(
-            "resource {resource:?} is not a URI; use acct:name@domain"
-        )));
-    };
-    // URI schemes are case-insensitive (RFC 3986 §3.1).
-    if !scheme.eq_ignore_ascii_case("acct") {
-        return Err(bad_request(format!(
-            "only acct: resources are served here, not {scheme:?}"
-        )));
-    }
-    let Some((user, host)) = rest.split_once('@') else {
-        return Err(bad_request("an acct: resource is acct:name@domain"));
-    };
-    // userpart = 1*( unreserved / sub-delims / pct-encoded ); host is an RFC 3986 host.
-    let user_ok = !user.is_empty() && user.bytes().all(|b| uri_char(b) || b == b'%');
-    let host_ok = !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| uri_char(b) || matches!(b, b'%' | b'[' | b']' | b':'));
-    if !user_ok || !host_ok {
-        return Err(bad_request(format!(
-            "{resource:?} is not an acct: URI (acct:name@domain)"
-        )));
-    }
-    let user = percent_decode(user).map_err(bad_request)?;
-    let host = percent_decode(host).map_err(bad_request)?;
-    Ok((user, host))
-}
-
-/// RFC 3986 unreserved and sub-delims characters.
-fn uri_char(byte: u8) -> bool {
-    byte.is_ascii_alphanumeric()
-        || matches!(
-            byte,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-        )
-}
-
-#[derive(Serialize)]
-struct Jrd {
-    subject: String,
-    aliases: Vec<String>,
-    properties: BTreeMap<&'static str, Option<String>>,
-    links: Vec<Link>,
-}
-
-#[derive(Serialize)]
-struct Link {
-    rel: &'static str,
-    href: String,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    properties: BTreeMap<&'static str, Option<String>>,
-}
-
 /// The JRD for a WebFinger query, or why there is none.
 async fn webfinger(context: &Context, query: Option<&str>) -> Result<Vec<u8>, Refusal> {
-    let query = parse_query(query)?;
-    let (user, host) = parse_acct(&query.resource)?;
-    let domain = host.to_ascii_lowercase();
-    if domain != context.domain {
-        return Err(not_found(format!(
-            "{domain} is not served here; this server serves {}",
-            context.domain
-        )));
-    }
-    // The registry's own normalisation (PROTOCOL.md §2). A name no handle can have names no
-    // account here.
-    let handle = match user.contains('@') {
-        true => None,
-        false => Handle::parse(&format!("@{user}@{domain}"), &context.domain).ok(),
-    }
-    .ok_or_else(|| not_found(format!("no account {user:?} here")))?;
+    let (handle, rels) = webfinger::account(query, &context.domain).map_err(|refusal| {
+        let status = match refusal {
+            webfinger::Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            webfinger::Refusal::NotFound(_) => StatusCode::NOT_FOUND,
+        };
+        (status, refusal.to_string())
+    })?;
     // Without the broker every read would wait out its timeout: say so at once.
     if context.client.connection_state() != async_nats::connection::State::Connected {
         return Err((
@@ -580,7 +403,7 @@ async fn webfinger(context: &Context, query: Option<&str>) -> Result<Vec<u8>, Re
             "storage unavailable; retry".to_owned(),
         ));
     }
-    let unavailable = |err: crate::error::ApiError| {
+    let unavailable = |err: ErrorAnswer| {
         tracing::warn!(error = %err.message, "WebFinger: store read failed");
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -594,125 +417,11 @@ async fn webfinger(context: &Context, query: Option<&str>) -> Result<Vec<u8>, Re
         .map_err(unavailable)?
         .ok_or_else(|| not_found(format!("{handle} is not registered")))?;
     let head = context.store.head(record.key).await.map_err(unavailable)?;
-    let jrd = jrd(context, &record, head, &query.rels);
+    let jrd = Jrd::new(&record, head, &context.public_nats_url, &rels);
     serde_json::to_vec(&jrd).map_err(|err| {
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("could not encode the answer: {err}"),
         )
     })
-}
-
-fn jrd(
-    context: &Context,
-    record: &HandleRecord,
-    head: Option<crate::store::ChainHead>,
-    rels: &[String],
-) -> Jrd {
-    let key = record.key.to_string();
-    let properties = BTreeMap::from([
-        (PROP_KEY, Some(key.clone())),
-        (PROP_HANDLE, Some(record.handle.to_string())),
-        (PROP_SIGCHAIN_SEQ, head.map(|head| head.seq.to_string())),
-        (PROP_SIGCHAIN_HEAD, head.map(|head| head.head.to_string())),
-    ]);
-    let links = [
-        Link {
-            rel: REL_NATS,
-            href: context.public_nats_url.clone(),
-            properties: BTreeMap::new(),
-        },
-        Link {
-            rel: REL_SIGCHAIN,
-            href: context.public_nats_url.clone(),
-            properties: BTreeMap::from([
-                (
-                    PROP_NATS_SUBJECT,
-                    Some(Route::GetChain.subject().to_owned()),
-                ),
-                (PROP_KEY, Some(key.clone())),
-            ]),
-        },
-    ];
-    Jrd {
-        subject: format!("acct:{}@{}", record.handle.name(), record.handle.domain()),
-        aliases: vec![key],
-        properties,
-        links: links
-            .into_iter()
-            .filter(|link| rels.is_empty() || rels.iter().any(|rel| rel == link.rel))
-            .collect(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percent_decoding_is_strict() {
-        assert_eq!(
-            percent_decode("acct%3Aalice%40kez.lat").unwrap(),
-            "acct:alice@kez.lat"
-        );
-        assert_eq!(percent_decode("a%2b+b").unwrap(), "a++b");
-        assert_eq!(percent_decode("%C3%A9").unwrap(), "é");
-        for bad in ["%", "%4", "%4g", "%%41", "a%zz", "%C3", "%FF"] {
-            assert!(percent_decode(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn queries_need_exactly_one_resource() {
-        let query = parse_query(Some("rel=a&resource=acct%3Ax%40y&rel=b&x&&other=1")).unwrap();
-        assert_eq!(
-            query,
-            Query {
-                resource: "acct:x@y".into(),
-                rels: vec!["a".into(), "b".into()],
-            }
-        );
-        for bad in [
-            None,
-            Some(""),
-            Some("rel=a"),
-            Some("resource="),
-            Some("resource"),
-            Some("resource=a&resource=a"),
-            Some("resource=acct:x@y&resourc%65=acct:x@y"),
-            Some("resource=%zz"),
-        ] {
-            let (status, _) = parse_query(bad).unwrap_err();
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn acct_uris() {
-        assert_eq!(
-            parse_acct("ACCT:Alice@KEZ.lat").unwrap(),
-            ("Alice".into(), "KEZ.lat".into())
-        );
-        assert_eq!(
-            parse_acct("acct:%61lice@kez.lat").unwrap(),
-            ("alice".into(), "kez.lat".into())
-        );
-        for bad in [
-            "alice@kez.lat",
-            "https://kez.lat/@alice",
-            "mailto:alice@kez.lat",
-            "acct:alice",
-            "acct:@kez.lat",
-            "acct:alice@",
-            "acct:a@b@kez.lat",
-            "acct:al ice@kez.lat",
-            "acct:al/ice@kez.lat",
-            "acct:alïce@kez.lat",
-            "acct:alice@kez.lat/x",
-            "acct:%zz@kez.lat",
-        ] {
-            let (status, _) = parse_acct(bad).unwrap_err();
-            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
-        }
-    }
 }

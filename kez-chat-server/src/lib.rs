@@ -9,7 +9,6 @@
 pub mod callout;
 pub mod config;
 pub mod dev;
-pub mod error;
 pub mod handlers;
 pub mod http;
 pub mod limits;
@@ -33,8 +32,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use crate::config::{NatsAuth, ServerConfig};
-use crate::error::{ApiError, ERROR_NAME_HEADER};
-use crate::handlers::{Context, Route};
+use kez_proto::endpoint::{CALLOUT_SERVICE, PIN_SERVICE, ServiceSpec, USER_SERVICES};
+use kez_proto::{Endpoint, ErrorAnswer};
+
+use crate::handlers::Context;
 use crate::store::Store;
 
 /// Requests handled at once per instance; more wait in the subscription.
@@ -51,7 +52,7 @@ const CONNECT_RETRY_MAX: Duration = Duration::from_secs(5);
 /// down must not keep the process alive.
 const SHUTDOWN_BROKER_WAIT: Duration = Duration::from_secs(5);
 
-type RequestStream = Pin<Box<dyn futures::Stream<Item = (Route, service::Request)> + Send>>;
+type RequestStream = Pin<Box<dyn futures::Stream<Item = (Endpoint, service::Request)> + Send>>;
 
 /// A started server: connected, buckets open, services subscribed.
 pub struct Server {
@@ -150,17 +151,12 @@ impl Server {
 
         let mut services = Vec::new();
         let mut requests = SelectAll::new();
-        for spec in handlers::SERVICES {
+        // Pinning only where a pin node serves.
+        for spec in USER_SERVICES
+            .into_iter()
+            .filter(|spec| pinning.is_some() || spec.name != PIN_SERVICE.name)
+        {
             add_service(&client, spec, &mut services, &mut requests).await?;
-        }
-        if pinning.is_some() {
-            add_service(
-                &client,
-                &handlers::PIN_SERVICE,
-                &mut services,
-                &mut requests,
-            )
-            .await?;
         }
         let mut clients = vec![client];
         let callout = match (&config.callout, issuer) {
@@ -181,13 +177,7 @@ impl Server {
                     &phase,
                 )
                 .await?;
-                add_service(
-                    &auth_client,
-                    &handlers::CALLOUT_SERVICE,
-                    &mut services,
-                    &mut requests,
-                )
-                .await?;
+                add_service(&auth_client, &CALLOUT_SERVICE, &mut services, &mut requests).await?;
                 tracing::info!(issuer = %callout.issuer_public_key(), "auth callout serving");
                 clients.push(auth_client);
                 Some(callout)
@@ -469,15 +459,15 @@ async fn round_trip(client: &async_nats::Client) -> Result<(), async_nats::Error
 /// `$KV.…` key) would be the client acting with the server's rights. Clients reach the services
 /// through an import, whose replies the broker rewrites to `_R_.…`; a client on a trusted broker
 /// without accounts uses `_INBOX.…`. nats-server sends callout requests with `$SYS._INBOX.…`.
-fn reply_is_safe(route: Route, reply: Option<&str>) -> bool {
+fn reply_is_safe(route: Endpoint, reply: Option<&str>) -> bool {
     match (route, reply) {
         (_, None) => false,
-        (Route::Authorize, Some(reply)) => reply.starts_with("$SYS._INBOX."),
+        (Endpoint::Authorize, Some(reply)) => reply.starts_with("$SYS._INBOX."),
         (_, Some(reply)) => reply.starts_with("_R_.") || reply.starts_with("_INBOX."),
     }
 }
 
-async fn respond(context: &Context, route: Route, request: service::Request) {
+async fn respond(context: &Context, route: Endpoint, request: service::Request) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
@@ -499,13 +489,13 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
         now,
     ));
     let limit = match (route, &context.pin) {
-        (Route::PinAdd, Some(pinning)) => pinning.add_timeout(),
+        (Endpoint::PinAdd, Some(pinning)) => pinning.add_timeout(),
         _ => HANDLER_TIMEOUT,
     };
     let result = match tokio::time::timeout(limit, work.catch_unwind()).await {
         Ok(Ok(result)) => result,
-        Ok(Err(_panic)) => Err(ApiError::internal("handler panicked")),
-        Err(_elapsed) => Err(ApiError::new(
+        Ok(Err(_panic)) => Err(ErrorAnswer::internal("handler panicked")),
+        Err(_elapsed) => Err(ErrorAnswer::new(
             503,
             "timeout",
             "the request took too long; retry",
@@ -525,18 +515,11 @@ async fn respond(context: &Context, route: Route, request: service::Request) {
             } else {
                 tracing::debug!(?route, code = err.code, error = %err.message, "request refused");
             }
-            headers.insert(ERROR_NAME_HEADER, err.name);
-            for (name, value) in &err.headers {
-                headers.insert(*name, value.as_str());
+            for (name, value) in err.kez_headers() {
+                headers.insert(name, value.as_str());
             }
-            let status = match err.code {
-                500 => "internal error; the server log has the details".to_owned(),
-                // Header values must not hold control characters (CR/LF would break the
-                // header block, and async-nats refuses them).
-                _ => err.message.replace(|c: char| c.is_control(), " "),
-            };
             Err(service::error::Error {
-                status,
+                status: err.status(),
                 code: usize::from(err.code),
             })
         }
@@ -591,7 +574,7 @@ async fn open_store_on(
 
 async fn add_service(
     client: &async_nats::Client,
-    spec: &handlers::ServiceSpec,
+    spec: &ServiceSpec,
     services: &mut Vec<service::Service>,
     requests: &mut SelectAll<RequestStream>,
 ) -> Result<(), StartError> {
@@ -600,10 +583,11 @@ async fn add_service(
         .description(spec.description)
         .start(spec.name, env!("CARGO_PKG_VERSION"))
         .await?;
-    for &(endpoint, route) in spec.endpoints {
+    for &route in spec.endpoints {
+        let name = spec.endpoint_name(route);
         let endpoint = match spec.prefix {
-            "" => service.endpoint(endpoint).await?,
-            prefix => service.group(prefix).endpoint(endpoint).await?,
+            "" => service.endpoint(name).await?,
+            prefix => service.group(prefix).endpoint(name).await?,
         };
         requests.push(Box::pin(endpoint.map(move |request| (route, request))) as RequestStream);
     }

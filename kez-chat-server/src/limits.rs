@@ -137,6 +137,14 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+impl Limited {
+    /// [`Limited::retry_after`] in whole milliseconds, at least 1: what `Kez-Retry-After-Ms`
+    /// says.
+    pub fn retry_after_ms(&self) -> u64 {
+        u64::try_from(self.retry_after.as_millis().max(1)).unwrap_or(u64::MAX)
+    }
+}
+
 impl Limiter {
     /// A limiter for `rate` keeping at most `max_buckets` buckets (at least 1).
     pub fn new(rate: Rate, max_buckets: usize) -> Limiter {

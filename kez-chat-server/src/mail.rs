@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use kez_core::PublicKey;
-use kez_core::mail::SendRequest;
+use kez_proto::ErrorAnswer;
+use kez_proto::answer::Delivered;
+use kez_proto::mail::SendRequest;
 
-use crate::error::{ApiError, RETRY_AFTER_HEADER};
 use crate::handlers::{Context, answer};
 use crate::limits::{Caller, Limited};
 
@@ -30,7 +31,7 @@ pub struct Recipients {
 
 impl Recipients {
     /// Whether `key` holds a handle here.
-    async fn is_registered(&self, ctx: &Context, key: PublicKey) -> Result<bool, ApiError> {
+    async fn is_registered(&self, ctx: &Context, key: PublicKey) -> Result<bool, ErrorAnswer> {
         if self.lock().contains(&key) {
             return Ok(true);
         }
@@ -52,19 +53,13 @@ impl Recipients {
     }
 }
 
-/// What `kez.mail.send` answers: where the envelope is stored.
-#[derive(Debug, serde::Serialize)]
-struct Delivered {
-    /// Its sequence in `KEZ_INBOX`.
-    seq: u64,
-    /// Whether the stream already held a message with this id (then not stored again).
-    duplicate: bool,
-}
-
 /// Answers `kez.mail.send` from `caller`: the budget (before anything else), the recipient,
-/// then the store. `body` has been size-checked by `handlers::decode`.
-pub async fn send(ctx: &Context, caller: &Caller, body: &[u8]) -> Result<Bytes, ApiError> {
-    let request = SendRequest::decode(body)?;
+/// then the store.
+pub async fn send(
+    ctx: &Context,
+    caller: &Caller,
+    request: &SendRequest<'_>,
+) -> Result<Bytes, ErrorAnswer> {
     if let Some(user) = &caller.user {
         let now = Instant::now();
         let size = u32::try_from(request.envelope.len()).unwrap_or(u32::MAX);
@@ -75,7 +70,7 @@ pub async fn send(ctx: &Context, caller: &Caller, body: &[u8]) -> Result<Bytes, 
             .map_err(over_budget)?;
     }
     if !ctx.recipients.is_registered(ctx, request.to).await? {
-        return Err(ApiError::new(
+        return Err(ErrorAnswer::new(
             404,
             "unknown_recipient",
             format!(
@@ -95,12 +90,12 @@ pub async fn send(ctx: &Context, caller: &Caller, body: &[u8]) -> Result<Bytes, 
     answer(&Delivered { seq, duplicate })
 }
 
-fn over_budget(limited: Limited) -> ApiError {
-    let ms = limited.retry_after.as_millis().max(1);
-    ApiError::new(
+fn over_budget(limited: Limited) -> ErrorAnswer {
+    let ms = limited.retry_after_ms();
+    ErrorAnswer::new(
         429,
         "rate_limited",
         format!("this key has sent as much as the server takes for now; retry in {ms} ms"),
     )
-    .with_header(RETRY_AFTER_HEADER, ms.to_string())
+    .with_retry_after_ms(ms)
 }

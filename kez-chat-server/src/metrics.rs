@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::handlers::Route;
+use kez_proto::Endpoint;
 
 /// Upper bounds of the latency histogram buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
@@ -79,7 +79,7 @@ pub enum CalloutDecision {
 /// All counters of one server instance.
 #[derive(Default)]
 pub struct Metrics {
-    routes: [RouteMetrics; Route::ALL.len()],
+    routes: [RouteMetrics; Endpoint::ALL.len()],
     callout: [AtomicU64; 3],
     legacy_proofs: AtomicU64,
     http: [[AtomicU64; HTTP_STATUSES.len()]; HttpEndpoint::ALL.len()],
@@ -88,7 +88,7 @@ pub struct Metrics {
 
 impl Metrics {
     /// Records one answered request: its route, how long it took and its error code, if any.
-    pub fn record_request(&self, route: Route, elapsed: Duration, error_code: Option<u16>) {
+    pub fn record_request(&self, route: Endpoint, elapsed: Duration, error_code: Option<u16>) {
         let metrics = &self.routes[route.index()];
         metrics.requests.fetch_add(1, Relaxed);
         if let Some(slot) = error_code.and_then(|code| ERROR_CODES.iter().position(|&c| c == code))
@@ -142,7 +142,7 @@ impl Metrics {
             "# HELP kez_requests_total Requests answered, per NATS endpoint."
         )?;
         writeln!(out, "# TYPE kez_requests_total counter")?;
-        for route in Route::ALL {
+        for route in Endpoint::ALL {
             let count = self.routes[route.index()].requests.load(Relaxed);
             writeln!(
                 out,
@@ -155,7 +155,7 @@ impl Metrics {
             "# HELP kez_request_errors_total Error answers, per NATS endpoint and code."
         )?;
         writeln!(out, "# TYPE kez_request_errors_total counter")?;
-        for route in Route::ALL {
+        for route in Endpoint::ALL {
             for (code, count) in ERROR_CODES.iter().zip(&self.routes[route.index()].errors) {
                 let count = count.load(Relaxed);
                 if count > 0 {
@@ -172,7 +172,7 @@ impl Metrics {
             "# HELP kez_request_duration_seconds Time to answer, per NATS endpoint."
         )?;
         writeln!(out, "# TYPE kez_request_duration_seconds histogram")?;
-        for route in Route::ALL {
+        for route in Endpoint::ALL {
             let histogram = &self.routes[route.index()].latency;
             let endpoint = route.subject();
             for (bucket, bound) in histogram.buckets.iter().zip(LATENCY_BUCKETS) {
@@ -258,8 +258,8 @@ mod tests {
     #[test]
     fn requests_errors_and_latency_are_counted() {
         let metrics = Metrics::default();
-        metrics.record_request(Route::Lookup, Duration::from_micros(700), None);
-        metrics.record_request(Route::Lookup, Duration::from_millis(30), Some(404));
+        metrics.record_request(Endpoint::Lookup, Duration::from_micros(700), None);
+        metrics.record_request(Endpoint::Lookup, Duration::from_millis(30), Some(404));
         metrics.record_callout(CalloutDecision::Denied);
         metrics.record_legacy_proof();
         metrics.record_http(HttpEndpoint::WebFinger, 405);

@@ -15,6 +15,8 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use kez_proto::endpoint::USER_SERVICES;
+use kez_proto::subjects::{INBOX_STREAM, JS_API_PREFIX};
 use nkeys::KeyPair;
 
 use crate::config::read_nkey_seed;
@@ -117,9 +119,9 @@ pub struct ConfParams {
 /// A subject the `SERVER` account offers the `APP` account.
 pub struct ExportedService {
     /// The subject in `SERVER`.
-    pub subject: &'static str,
+    pub subject: String,
     /// The subject users publish to in `APP`, when it differs.
-    pub local: Option<&'static str>,
+    pub local: Option<String>,
     /// Whether an answer may be several messages (a pull request's batch).
     pub streamed: bool,
     /// Whether the import shares who asks (`share: true`): nats-server then stamps each request
@@ -128,59 +130,36 @@ pub struct ExportedService {
     pub share: bool,
 }
 
-/// Everything users can reach. JetStream API subjects are imported under
-/// [`kez_core::subjects::JS_API_PREFIX`]: `APP` has no JetStream, and nats-server answers
-/// `$JS.API.>` there itself ("not enabled").
-pub const EXPORTED_SERVICES: &[ExportedService] = &[
-    ExportedService {
-        subject: "kez.registry.>",
-        local: None,
-        streamed: false,
-        share: true,
-    },
-    ExportedService {
-        subject: "kez.sigchain.>",
-        local: None,
-        streamed: false,
-        share: true,
-    },
-    ExportedService {
-        subject: "kez.server.>",
-        local: None,
-        streamed: false,
-        share: true,
-    },
-    ExportedService {
-        subject: "kez.pin.>",
-        local: None,
-        streamed: false,
-        share: true,
-    },
-    ExportedService {
-        subject: "kez.mail.>",
-        local: None,
-        streamed: false,
-        share: true,
-    },
-    ExportedService {
-        subject: "$JS.API.CONSUMER.INFO.KEZ_INBOX.*",
-        local: Some("kez.js.CONSUMER.INFO.KEZ_INBOX.*"),
-        streamed: false,
+/// Everything users can reach: every kez service, and the JetStream API of the inbox
+/// consumers under [`JS_API_PREFIX`] (`APP` has no JetStream, and nats-server answers
+/// `$JS.API.>` there itself: "not enabled").
+pub fn exported_services() -> Vec<ExportedService> {
+    let jetstream = |api: &str, streamed| ExportedService {
+        subject: format!("$JS.API.{api}.{INBOX_STREAM}.*"),
+        local: Some(format!("{JS_API_PREFIX}.{api}.{INBOX_STREAM}.*")),
+        streamed,
         share: false,
-    },
-    ExportedService {
-        subject: "$JS.API.CONSUMER.MSG.NEXT.KEZ_INBOX.*",
-        local: Some("kez.js.CONSUMER.MSG.NEXT.KEZ_INBOX.*"),
-        streamed: true,
-        share: false,
-    },
-    ExportedService {
-        subject: "$JS.ACK.KEZ_INBOX.>",
-        local: None,
-        streamed: false,
-        share: false,
-    },
-];
+    };
+    USER_SERVICES
+        .iter()
+        .map(|service| ExportedService {
+            subject: service.wildcard(),
+            local: None,
+            streamed: false,
+            share: true,
+        })
+        .chain([
+            jetstream("CONSUMER.INFO", false),
+            jetstream("CONSUMER.MSG.NEXT", true),
+            ExportedService {
+                subject: format!("$JS.ACK.{INBOX_STREAM}.>"),
+                local: None,
+                streamed: false,
+                share: false,
+            },
+        ])
+        .collect()
+}
 
 /// The `accounts`, `system_account` and `authorization` blocks: everything that makes a
 /// nats-server a kez-chat broker. Tests append this to their own listen/JetStream settings.
@@ -197,15 +176,15 @@ pub fn render_auth(keys: &PublicKeys) -> String {
     } = keys;
     let mut exports = String::new();
     let mut imports = String::new();
-    for service in EXPORTED_SERVICES {
-        let subject = service.subject;
+    for service in exported_services() {
+        let subject = &service.subject;
         let response = if service.streamed {
             ", response_type: stream"
         } else {
             ""
         };
         exports.push_str(&format!("      {{ service: \"{subject}\"{response} }}\n"));
-        let to = match service.local {
+        let to = match &service.local {
             Some(local) => format!(", to: \"{local}\""),
             None => String::new(),
         };

@@ -24,10 +24,11 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use kez_blobs::{BlobNode, EndpointAddr, Hash, NodeConfig};
 use kez_core::file::BlobHash;
-use kez_core::pin::{PinOp, PinRequest, PinRequestError};
+use kez_proto::ErrorAnswer;
+use kez_proto::answer::{PinList, PinRecord, PinRemoved, PinState, PinStatus};
+use kez_proto::pin::{PinOp, PinRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::error::ApiError;
 use crate::handlers::Context;
 
 /// Bucket: owner key hex → [`OwnerPins`].
@@ -108,16 +109,6 @@ pub struct PinEntry {
     pub node: String,
 }
 
-/// Where a pin stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PinState {
-    /// Stored and kept.
-    Pinned,
-    /// Reserved, fetch in progress.
-    Pinning,
-}
-
 /// The pins bucket's value: one owner's pins.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnerPins {
@@ -125,36 +116,6 @@ pub struct OwnerPins {
     pub used: u64,
     /// Blob hex → pin.
     pub pins: BTreeMap<String, PinEntry>,
-}
-
-#[derive(Serialize)]
-struct PinAnswer<'a> {
-    blob: &'a str,
-    #[serde(flatten)]
-    entry: &'a PinEntry,
-}
-
-#[derive(Serialize)]
-struct ListAnswer<'a> {
-    pins: Vec<PinAnswer<'a>>,
-    used: u64,
-    quota_bytes: u64,
-}
-
-#[derive(Serialize)]
-struct RemoveAnswer<'a> {
-    blob: &'a str,
-    size: u64,
-    used: u64,
-    quota_bytes: u64,
-}
-
-#[derive(Serialize)]
-struct StatusAnswer<'a> {
-    blob: &'a str,
-    pinned: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pin: Option<PinAnswer<'a>>,
 }
 
 impl Pinning {
@@ -292,16 +253,17 @@ impl Pinning {
         Ok(dropped)
     }
 
-    async fn load(&self, owner: &str) -> Result<(OwnerPins, Option<u64>), ApiError> {
+    async fn load(&self, owner: &str) -> Result<(OwnerPins, Option<u64>), ErrorAnswer> {
         match self
             .bucket
             .entry(owner)
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
         {
             Some(entry) if entry.operation == kv::Operation::Put => {
-                let doc = serde_json::from_slice(&entry.value)
-                    .map_err(|err| ApiError::internal(format!("corrupt pins of {owner}: {err}")))?;
+                let doc = serde_json::from_slice(&entry.value).map_err(|err| {
+                    ErrorAnswer::internal(format!("corrupt pins of {owner}: {err}"))
+                })?;
                 Ok((doc, Some(entry.revision)))
             }
             Some(entry) => Ok((OwnerPins::default(), Some(entry.revision))),
@@ -315,7 +277,7 @@ impl Pinning {
         owner: &str,
         doc: &OwnerPins,
         revision: Option<u64>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, ErrorAnswer> {
         let value = Bytes::from(serde_json::to_vec(doc).expect("pins serialise"));
         let written = match revision {
             Some(revision) => self
@@ -325,7 +287,7 @@ impl Pinning {
                 .map(|_| ())
                 .map_err(|err| match err.kind() {
                     kv::UpdateErrorKind::WrongLastRevision => None,
-                    _ => Some(ApiError::unavailable(err)),
+                    _ => Some(ErrorAnswer::unavailable(err)),
                 }),
             None => self
                 .bucket
@@ -334,7 +296,7 @@ impl Pinning {
                 .map(|_| ())
                 .map_err(|err| match err.kind() {
                     kv::CreateErrorKind::AlreadyExists => None,
-                    _ => Some(ApiError::unavailable(err)),
+                    _ => Some(ErrorAnswer::unavailable(err)),
                 }),
         };
         match written {
@@ -350,8 +312,8 @@ impl Pinning {
     async fn update<T>(
         &self,
         owner: &str,
-        mut change: impl FnMut(&mut OwnerPins) -> Result<Step<T>, ApiError>,
-    ) -> Result<T, ApiError> {
+        mut change: impl FnMut(&mut OwnerPins) -> Result<Step<T>, ErrorAnswer>,
+    ) -> Result<T, ErrorAnswer> {
         for attempt in 0..CAS_ATTEMPTS {
             let (mut doc, revision) = self.load(owner).await?;
             match change(&mut doc)? {
@@ -366,7 +328,7 @@ impl Pinning {
             let pause = 1 + (attempt as u64 % 7) * 3;
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
-        Err(ApiError::new(
+        Err(ErrorAnswer::new(
             503,
             "unavailable",
             "too many concurrent changes to your pins; retry",
@@ -383,76 +345,71 @@ fn blob_tag(owner: &str, blob: &str) -> String {
     format!("pin/{owner}/{blob}")
 }
 
-/// Answers a `kez.pin.*` request.
+/// Answers a `kez.pin.*` request that verified (`kez_proto::decode`).
 pub async fn handle(
     ctx: &Context,
     pinning: &Pinning,
-    op: PinOp,
-    body: &[u8],
+    request: &PinRequest,
     now: u64,
-) -> Result<Bytes, ApiError> {
-    let request: PinRequest = crate::handlers::parse(body)?;
-    request.verify(op, &ctx.domain, now).map_err(pin_error)?;
+) -> Result<Bytes, ErrorAnswer> {
     let owner = request.key;
     if ctx.store.whois(owner).await?.is_none() {
-        return Err(ApiError::new(
+        return Err(ErrorAnswer::new(
             403,
             "not_registered",
             format!("{owner} has not registered a handle here; only registered keys may pin"),
         ));
     }
     if let Some(disabled) = ctx.store.disabled(owner).await? {
-        return Err(ApiError::new(
+        return Err(ErrorAnswer::new(
             403,
             "disabled",
             format!("{} is disabled by the operator", disabled.handle),
         ));
     }
     let owner_hex = owner.to_hex();
-    match op {
-        PinOp::Add => add(pinning, &owner_hex, &request, now).await,
-        PinOp::Remove => remove(pinning, &owner_hex, blob_of(&request)?).await,
+    match request.op {
+        PinOp::Add => add(pinning, &owner_hex, request, now).await,
+        PinOp::Remove => remove(pinning, &owner_hex, blob_of(request)?).await,
         PinOp::List => {
             let (doc, _) = pinning.load(&owner_hex).await?;
-            crate::handlers::answer(&ListAnswer {
-                pins: doc
-                    .pins
-                    .iter()
-                    .map(|(blob, entry)| PinAnswer { blob, entry })
-                    .collect(),
+            let pins = doc
+                .pins
+                .iter()
+                .map(|(blob, entry)| {
+                    let blob = blob.parse().map_err(|_| {
+                        ErrorAnswer::internal(format!("pins of {owner_hex}: bad blob {blob:?}"))
+                    })?;
+                    Ok(pin_record(blob, entry))
+                })
+                .collect::<Result<_, ErrorAnswer>>()?;
+            crate::handlers::answer(&PinList {
+                pins,
                 used: doc.used,
                 quota_bytes: pinning.quota_bytes,
             })
         }
         PinOp::Status => {
-            let blob = blob_of(&request)?.to_string();
+            let blob = blob_of(request)?;
             let (doc, _) = pinning.load(&owner_hex).await?;
-            let pin = doc.pins.get(&blob);
-            crate::handlers::answer(&StatusAnswer {
-                blob: &blob,
+            let pin = doc.pins.get(&blob.to_string());
+            crate::handlers::answer(&PinStatus {
+                blob,
                 pinned: pin.is_some_and(|entry| entry.state == PinState::Pinned),
-                pin: pin.map(|entry| PinAnswer { blob: &blob, entry }),
+                pin: pin.map(|entry| pin_record(blob, entry)),
             })
         }
     }
 }
 
-fn blob_of(request: &PinRequest) -> Result<BlobHash, ApiError> {
+fn blob_of(request: &PinRequest) -> Result<BlobHash, ErrorAnswer> {
     request
         .blob
-        .ok_or_else(|| ApiError::malformed("blob is missing"))
+        .ok_or_else(|| ErrorAnswer::malformed("blob is missing"))
 }
 
-fn pin_error(err: PinRequestError) -> ApiError {
-    let code = match err {
-        PinRequestError::Malformed(_) | PinRequestError::WrongDomain { .. } => 400,
-        PinRequestError::OutsideWindow { .. } | PinRequestError::BadSignature => 401,
-    };
-    ApiError::new(code, err.code(), err.to_string())
-}
-
-fn quota_exceeded(used: u64, size: u64, quota: u64) -> ApiError {
-    ApiError::new(
+fn quota_exceeded(used: u64, size: u64, quota: u64) -> ErrorAnswer {
+    ErrorAnswer::new(
         413,
         "quota_exceeded",
         format!(
@@ -466,7 +423,7 @@ async fn add(
     owner: &str,
     request: &PinRequest,
     now: u64,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, ErrorAnswer> {
     let blob = blob_of(request)?;
     let size = request.size.unwrap_or_default();
     let addrs: Vec<EndpointAddr> = request
@@ -477,7 +434,7 @@ async fn add(
         .filter_map(|addr| kez_blobs::dialable(&addr, pinning.dial_private))
         .collect();
     if addrs.is_empty() {
-        return Err(ApiError::malformed(match pinning.dial_private {
+        return Err(ErrorAnswer::malformed(match pinning.dial_private {
             true => "no provider is an iroh provider string this server can use (iroh:<id>;ip=…)",
             false => {
                 "no provider names a public IP address (iroh:<id>;ip=…): this server does not dial private, loopback or relay addresses"
@@ -497,7 +454,7 @@ async fn add(
                     return Ok(Step::Done(Err(entry.clone())));
                 }
                 Some(entry) if now.saturating_sub(entry.pinned_at) < stale_after => {
-                    return Err(ApiError::new(
+                    return Err(ErrorAnswer::new(
                         409,
                         "conflict",
                         "this blob is being pinned by another request; retry in a minute",
@@ -506,7 +463,7 @@ async fn add(
                 // A reservation whose add died with its server: take it over.
                 Some(entry) => doc.used.saturating_sub(entry.size),
                 None if doc.pins.len() >= MAX_PINS_PER_OWNER => {
-                    return Err(ApiError::new(
+                    return Err(ErrorAnswer::new(
                         413,
                         "quota_exceeded",
                         format!(
@@ -531,7 +488,7 @@ async fn add(
         })
         .await?;
     let reservation = match reserved {
-        Err(pinned) => return answer_pin(&blob_hex, &pinned),
+        Err(pinned) => return crate::handlers::answer(&pin_record(blob, &pinned)),
         Ok(entry) => entry,
     };
 
@@ -561,12 +518,12 @@ async fn add(
     match finished {
         Ok(Some(entry)) => {
             tracing::info!(owner, blob = %blob_hex, size, "pinned");
-            answer_pin(&blob_hex, &entry)
+            crate::handlers::answer(&pin_record(blob, &entry))
         }
         Ok(None) => {
             // Removed (or taken over) while we fetched: the remove wins.
             let _ = pinning.node.delete_tag(&tag).await;
-            Err(ApiError::new(
+            Err(ErrorAnswer::new(
                 409,
                 "conflict",
                 "the pin was removed while the blob was being fetched",
@@ -580,8 +537,15 @@ async fn add(
     }
 }
 
-fn answer_pin(blob: &str, entry: &PinEntry) -> Result<Bytes, ApiError> {
-    crate::handlers::answer(&PinAnswer { blob, entry })
+/// The answer's form of a stored pin.
+fn pin_record(blob: BlobHash, entry: &PinEntry) -> PinRecord {
+    PinRecord {
+        blob,
+        size: entry.size,
+        pinned_at: entry.pinned_at,
+        state: entry.state,
+        node: entry.node.clone(),
+    }
 }
 
 /// Fetches `blob` into the node under `tag`, refusing it as soon as it shows another size.
@@ -591,7 +555,7 @@ async fn fetch(
     size: u64,
     addrs: &[EndpointAddr],
     tag: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), ErrorAnswer> {
     let hash = Hash::from_bytes(*blob.as_bytes());
     let (wrong_size, mut wrong_size_seen) = tokio::sync::watch::channel(None::<u64>);
     // Only sizes other than `size` are ever sent, so any change is a mismatch. Ends with
@@ -610,7 +574,7 @@ async fn fetch(
         }
     });
     let mismatch = |actual: u64| {
-        ApiError::new(
+        ErrorAnswer::new(
             400,
             "size_mismatch",
             format!("blob {blob} is {actual} bytes, not {size}; nothing was pinned"),
@@ -626,7 +590,7 @@ async fn fetch(
                 kez_blobs::Error::DownloadFailed { .. } | kez_blobs::Error::NoProviders(_) => {
                     fetch_failed(err.to_string())
                 }
-                other => ApiError::internal(format!("pin node: {other}")),
+                other => ErrorAnswer::internal(format!("pin node: {other}")),
             }),
             Ok(Ok(stats)) if stats.total != size => Err(mismatch(stats.total)),
             Ok(Ok(_)) => Ok(()),
@@ -635,8 +599,8 @@ async fn fetch(
     }
 }
 
-fn fetch_failed(detail: String) -> ApiError {
-    ApiError::new(
+fn fetch_failed(detail: String) -> ErrorAnswer {
+    ErrorAnswer::new(
         502,
         "fetch_failed",
         format!(
@@ -662,11 +626,11 @@ async fn release(pinning: &Pinning, owner: &str, blob_hex: &str, reservation: &P
     }
 }
 
-async fn remove(pinning: &Pinning, owner: &str, blob: BlobHash) -> Result<Bytes, ApiError> {
+async fn remove(pinning: &Pinning, owner: &str, blob: BlobHash) -> Result<Bytes, ErrorAnswer> {
     let blob_hex = blob.to_string();
     let (doc, _) = pinning.load(owner).await?;
     let Some(entry) = doc.pins.get(&blob_hex) else {
-        return Err(ApiError::not_found(format!(
+        return Err(ErrorAnswer::not_found(format!(
             "blob {blob_hex} is not pinned"
         )));
     };
@@ -676,7 +640,7 @@ async fn remove(pinning: &Pinning, owner: &str, blob: BlobHash) -> Result<Bytes,
             .node
             .delete_tag(&blob_tag(owner, &blob_hex))
             .await
-            .map_err(|err| ApiError::internal(format!("pin node: {err}")))?;
+            .map_err(|err| ErrorAnswer::internal(format!("pin node: {err}")))?;
     }
     let removed = pinning
         .update(owner, |doc| match doc.pins.remove(&blob_hex) {
@@ -688,13 +652,13 @@ async fn remove(pinning: &Pinning, owner: &str, blob: BlobHash) -> Result<Bytes,
         })
         .await?;
     let Some((size, used)) = removed else {
-        return Err(ApiError::not_found(format!(
+        return Err(ErrorAnswer::not_found(format!(
             "blob {blob_hex} is not pinned"
         )));
     };
     tracing::info!(owner, blob = %blob_hex, size, "unpinned");
-    crate::handlers::answer(&RemoveAnswer {
-        blob: &blob_hex,
+    crate::handlers::answer(&PinRemoved {
+        blob,
         size,
         used,
         quota_bytes: pinning.quota_bytes,

@@ -16,13 +16,14 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
-use kez_core::subjects::{INBOX_STREAM, INBOX_SUBJECTS, inbox_consumer, inbox_subject};
 use kez_core::{Handle, PublicKey, Sigchain};
+use kez_proto::subjects::{INBOX_STREAM, INBOX_SUBJECTS, inbox_consumer, inbox_subject};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ApiError, HEAD_HASH_HEADER, HEAD_SEQ_HEADER};
+use kez_proto::ErrorAnswer;
+use kez_proto::answer::{ChainHead, HandleRecord};
 
-/// Bucket: handle name → [`HandleRecord`].
+/// Bucket: handle name → [`HandleRecord`] (the `kez.registry.register` answer's JSON).
 pub const HANDLES_BUCKET: &str = "kez_handles";
 /// Bucket: key hex → [`KeyRecord`].
 pub const KEYS_BUCKET: &str = "kez_keys";
@@ -72,17 +73,6 @@ const HEAD_UPDATE_ATTEMPTS: usize = 8;
 /// new leader after a node died takes a few seconds), well inside the handler timeout.
 const HEAD_UPDATE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What `kez.registry.lookup` and `whois` answer, and what the handles bucket stores.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HandleRecord {
-    /// Full form, `@name@domain`.
-    pub handle: Handle,
-    /// The key that registered it: the handle's primary key and sigchain id.
-    pub key: PublicKey,
-    /// Server time of registration, seconds since the Unix epoch.
-    pub registered_at: u64,
-}
-
 /// The keys bucket's value: which handle a key registered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
@@ -97,15 +87,6 @@ pub struct DisabledRecord {
     pub handle: Handle,
     /// Server time it was disabled, seconds since the Unix epoch.
     pub since: u64,
-}
-
-/// A chain's last link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainHead {
-    /// The last link's seq.
-    pub seq: u64,
-    /// The last link's hash.
-    pub head: LinkHash,
 }
 
 /// The buckets and the inbox stream.
@@ -236,7 +217,7 @@ impl Store {
         handle: &Handle,
         key: PublicKey,
         now: u64,
-    ) -> Result<Registered, ApiError> {
+    ) -> Result<Registered, ErrorAnswer> {
         let key_hex = key.to_hex();
         let reverse_value = encode(&KeyRecord {
             name: handle.name().to_owned(),
@@ -245,7 +226,7 @@ impl Store {
             .keys
             .entry(&key_hex)
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
             .filter(|entry| entry.operation == kv::Operation::Put);
         // The revision of a reverse entry that names `handle` for this key.
         let claimed = match reverse {
@@ -255,7 +236,7 @@ impl Store {
                 .await
                 .map_err(|err| match err.kind() {
                     kv::CreateErrorKind::AlreadyExists => in_progress(),
-                    _ => ApiError::unavailable(err),
+                    _ => ErrorAnswer::unavailable(err),
                 })?,
             Some(entry) => {
                 let held: KeyRecord = decode(&entry.value)?;
@@ -264,7 +245,7 @@ impl Store {
                         return Ok(Registered::Existing(record));
                     }
                     Some(record) if record.key == key => {
-                        return Err(ApiError::new(
+                        return Err(ErrorAnswer::new(
                             409,
                             "key_has_handle",
                             format!(
@@ -286,7 +267,7 @@ impl Store {
                             .await
                             .map_err(|err| match err.kind() {
                                 kv::UpdateErrorKind::WrongLastRevision => in_progress(),
-                                _ => ApiError::unavailable(err),
+                                _ => ErrorAnswer::unavailable(err),
                             })?
                     }
                     _ => return Err(in_progress()),
@@ -314,7 +295,7 @@ impl Store {
                         {
                             tracing::warn!(key = %key, error = %undo, "could not withdraw reverse entry; it stays stale and is reclaimed later");
                         }
-                        Err(ApiError::new(
+                        Err(ErrorAnswer::new(
                             409,
                             "handle_taken",
                             format!("{handle} is already registered; pick another name"),
@@ -324,7 +305,7 @@ impl Store {
             }
             // The create may still have happened (a lost acknowledgement), so the reverse entry
             // stays: a retry of this request finishes the registration.
-            Err(err) => Err(ApiError::unavailable(err)),
+            Err(err) => Err(ErrorAnswer::unavailable(err)),
         }
     }
 
@@ -335,21 +316,21 @@ impl Store {
         to: PublicKey,
         id: &kez_core::envelope::MessageId,
         envelope: Bytes,
-    ) -> Result<(u64, bool), ApiError> {
+    ) -> Result<(u64, bool), ErrorAnswer> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.to_string().as_str());
         let ack = self
             .js
             .publish_with_headers(inbox_subject(&to), headers, envelope)
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
             .await
             .map_err(|err| store_refusal(&err))?;
         Ok((ack.sequence, ack.duplicate))
     }
 
     /// Creates `key`'s durable inbox consumer if it does not exist (idempotent).
-    pub async fn ensure_inbox_consumer(&self, key: PublicKey) -> Result<(), ApiError> {
+    pub async fn ensure_inbox_consumer(&self, key: PublicKey) -> Result<(), ErrorAnswer> {
         let config = jetstream::consumer::pull::Config {
             durable_name: Some(inbox_consumer(&key)),
             filter_subject: inbox_subject(&key),
@@ -362,7 +343,7 @@ impl Store {
             .create_consumer_on_stream(config, INBOX_STREAM)
             .await
             .map(|_| ())
-            .map_err(ApiError::unavailable)
+            .map_err(ErrorAnswer::unavailable)
     }
 
     /// Creates the inbox consumers of every registered key that lacks one (at start: users
@@ -373,21 +354,25 @@ impl Store {
     /// created: on a work-queue stream nats-server checks a new consumer's filter against every
     /// other consumer's, so one create per user at each start made a start quadratic in the
     /// number of users (BENCHMARKS.md, footprint).
-    pub async fn ensure_all_inbox_consumers(&self) -> Result<usize, ApiError> {
+    pub async fn ensure_all_inbox_consumers(&self) -> Result<usize, ErrorAnswer> {
         let inbox = self
             .js
             .get_stream_no_info(INBOX_STREAM)
             .await
-            .map_err(ApiError::unavailable)?;
+            .map_err(ErrorAnswer::unavailable)?;
         let mut existing = std::collections::HashSet::new();
         let mut consumers = inbox.consumer_names();
         while let Some(name) = consumers.next().await {
-            existing.insert(name.map_err(ApiError::unavailable)?);
+            existing.insert(name.map_err(ErrorAnswer::unavailable)?);
         }
-        let mut names = self.handles.keys().await.map_err(ApiError::unavailable)?;
+        let mut names = self
+            .handles
+            .keys()
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
         let mut created = 0;
         while let Some(name) = names.next().await {
-            let name = name.map_err(ApiError::unavailable)?;
+            let name = name.map_err(ErrorAnswer::unavailable)?;
             if let Some(record) = self.handle(&name).await?
                 && !existing.contains(&inbox_consumer(&record.key))
             {
@@ -414,29 +399,29 @@ impl Store {
     /// again. The stream's per-subject counts pick the consumers worth a look (more messages
     /// than they have pending or waiting for an ack), so on a healthy stream a sweep costs one
     /// stream info and, if the stream holds messages, one paged consumer listing.
-    pub async fn sweep_acknowledged_inbox_messages(&self) -> Result<u64, ApiError> {
+    pub async fn sweep_acknowledged_inbox_messages(&self) -> Result<u64, ErrorAnswer> {
         let inbox = self
             .js
             .get_stream_no_info(INBOX_STREAM)
             .await
-            .map_err(ApiError::unavailable)?;
+            .map_err(ErrorAnswer::unavailable)?;
         let mut subjects = inbox
             .info_with_subjects(INBOX_SUBJECTS)
             .await
-            .map_err(ApiError::unavailable)?;
+            .map_err(ErrorAnswer::unavailable)?;
         let state = subjects.info.state.clone();
         if state.messages == 0 {
             return Ok(0);
         }
         let mut held = std::collections::HashMap::new();
         while let Some(subject) = subjects.next().await {
-            let (subject, count) = subject.map_err(ApiError::unavailable)?;
+            let (subject, count) = subject.map_err(ErrorAnswer::unavailable)?;
             held.insert(subject, count as u64);
         }
         let mut deleted = 0;
         let mut consumers = inbox.consumers();
         while let Some(consumer) = consumers.next().await {
-            let consumer = consumer.map_err(ApiError::unavailable)?;
+            let consumer = consumer.map_err(ErrorAnswer::unavailable)?;
             let subject = &consumer.config.filter_subject;
             let expected = consumer.num_pending + consumer.num_ack_pending as u64;
             let floor = consumer.ack_floor.stream_sequence;
@@ -462,7 +447,7 @@ impl Store {
                     {
                         break;
                     }
-                    Err(err) => return Err(ApiError::unavailable(err)),
+                    Err(err) => return Err(ErrorAnswer::unavailable(err)),
                 };
                 if message.sequence > floor {
                     break;
@@ -478,7 +463,7 @@ impl Store {
                                 gone.kind(),
                                 jetstream::stream::RawMessageErrorKind::NoMessageFound
                             ) => {}
-                        _ => return Err(ApiError::unavailable(err)),
+                        _ => return Err(ErrorAnswer::unavailable(err)),
                     },
                 }
                 from = message.sequence + 1;
@@ -492,29 +477,29 @@ impl Store {
         &self,
         key: PublicKey,
         record: Option<&DisabledRecord>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ErrorAnswer> {
         match record {
             Some(record) => self
                 .disabled
                 .put(key.to_hex(), encode(record))
                 .await
                 .map(|_| ())
-                .map_err(ApiError::unavailable),
+                .map_err(ErrorAnswer::unavailable),
             None => self
                 .disabled
                 .delete(key.to_hex())
                 .await
-                .map_err(ApiError::unavailable),
+                .map_err(ErrorAnswer::unavailable),
         }
     }
 
     /// Whether an operator disabled `key`.
-    pub async fn disabled(&self, key: PublicKey) -> Result<Option<DisabledRecord>, ApiError> {
+    pub async fn disabled(&self, key: PublicKey) -> Result<Option<DisabledRecord>, ErrorAnswer> {
         match self
             .disabled
             .get(key.to_hex())
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
         {
             Some(value) => Ok(Some(decode(&value)?)),
             None => Ok(None),
@@ -522,7 +507,7 @@ impl Store {
     }
 
     /// One read from every bucket (of a key that never exists): whether JetStream answers.
-    pub async fn ping(&self) -> Result<(), ApiError> {
+    pub async fn ping(&self) -> Result<(), ErrorAnswer> {
         let buckets = [
             &self.handles,
             &self.keys,
@@ -537,17 +522,17 @@ impl Store {
                 .map(|bucket| bucket.get(HEALTH_PROBE_KEY)),
         )
         .await
-        .map_err(ApiError::unavailable)?;
+        .map_err(ErrorAnswer::unavailable)?;
         Ok(())
     }
 
     /// The record of a handle name, if registered.
-    pub async fn handle(&self, name: &str) -> Result<Option<HandleRecord>, ApiError> {
+    pub async fn handle(&self, name: &str) -> Result<Option<HandleRecord>, ErrorAnswer> {
         match self
             .handles
             .get(name)
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
         {
             Some(value) => Ok(Some(decode(&value)?)),
             None => Ok(None),
@@ -555,12 +540,12 @@ impl Store {
     }
 
     /// The handle a key registered, if any (only when both entries agree).
-    pub async fn whois(&self, key: PublicKey) -> Result<Option<HandleRecord>, ApiError> {
+    pub async fn whois(&self, key: PublicKey) -> Result<Option<HandleRecord>, ErrorAnswer> {
         let Some(value) = self
             .keys
             .get(key.to_hex())
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
         else {
             return Ok(None);
         };
@@ -575,7 +560,7 @@ impl Store {
     /// (an append whose index update failed, or a crash in between). A lagging index is moved
     /// forward in the background, so only the first read after such an append pays for the
     /// extra link reads.
-    pub async fn head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ApiError> {
+    pub async fn head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ErrorAnswer> {
         let indexed = self.indexed_head(chain).await?;
         let chain_hex = chain.to_hex();
         let mut head = indexed;
@@ -589,7 +574,7 @@ impl Store {
             };
             // Stored links were verified when appended: only their hash is needed here.
             let parsed = kez_core::SignedLink::parse(&link).map_err(|err| {
-                ApiError::internal(format!("stored link {next} of {chain} is corrupt: {err}"))
+                ErrorAnswer::internal(format!("stored link {next} of {chain} is corrupt: {err}"))
             })?;
             head = Some(ChainHead {
                 seq: next,
@@ -606,12 +591,12 @@ impl Store {
     }
 
     /// The chain's head as indexed: it may lag behind the stored links (see [`Store::head`]).
-    async fn indexed_head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ApiError> {
+    async fn indexed_head(&self, chain: PublicKey) -> Result<Option<ChainHead>, ErrorAnswer> {
         match self
             .heads
             .get(chain.to_hex())
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
         {
             Some(value) => Ok(Some(decode(&value)?)),
             None => Ok(None),
@@ -627,7 +612,7 @@ impl Store {
         chain: PublicKey,
         from_seq: u64,
         max_bytes: usize,
-    ) -> Result<(Vec<Bytes>, bool), ApiError> {
+    ) -> Result<(Vec<Bytes>, bool), ErrorAnswer> {
         // No chain is longer than MAX_LINKS: nothing to read past it.
         if from_seq > kez_core::sigchain::MAX_LINKS {
             return Ok((Vec::new(), false));
@@ -664,15 +649,15 @@ impl Store {
     }
 
     /// The stored link of `chain_hex` at `seq`.
-    async fn link(&self, chain_hex: &str, seq: u64) -> Result<Option<Bytes>, ApiError> {
+    async fn link(&self, chain_hex: &str, seq: u64) -> Result<Option<Bytes>, ErrorAnswer> {
         self.links
             .get(link_key(chain_hex, seq))
             .await
-            .map_err(ApiError::unavailable)
+            .map_err(ErrorAnswer::unavailable)
     }
 
     /// Whether `chain` has a first link.
-    pub async fn has_chain(&self, chain: PublicKey) -> Result<bool, ApiError> {
+    pub async fn has_chain(&self, chain: PublicKey) -> Result<bool, ErrorAnswer> {
         Ok(self.link(&chain.to_hex(), 1).await?.is_some())
     }
 
@@ -683,19 +668,19 @@ impl Store {
     async fn verified_state(
         &self,
         chain: PublicKey,
-    ) -> Result<(Option<Sigchain>, Option<u64>), ApiError> {
+    ) -> Result<(Option<Sigchain>, Option<u64>), ErrorAnswer> {
         let chain_hex = chain.to_hex();
         let entry = self
             .states
             .entry(&chain_hex)
             .await
-            .map_err(ApiError::unavailable)?
+            .map_err(ErrorAnswer::unavailable)?
             .filter(|entry| entry.operation == kv::Operation::Put);
         let (kept, revision) = match entry {
             Some(entry) => (
                 Some(
                     Sigchain::from_trusted_state_json(&entry.value).map_err(|err| {
-                        ApiError::internal(format!("kept state of {chain} is corrupt: {err}"))
+                        ErrorAnswer::internal(format!("kept state of {chain} is corrupt: {err}"))
                     })?,
                 ),
                 Some(entry.revision),
@@ -728,9 +713,9 @@ impl Store {
             Ok::<_, kez_core::ChainErrorKind>(state)
         })
         .await
-        .map_err(|err| ApiError::internal(format!("verifying a stored chain: {err}")))?
+        .map_err(|err| ErrorAnswer::internal(format!("verifying a stored chain: {err}")))?
         .map_err(|err| {
-            ApiError::internal(format!("stored chain of {chain} does not verify: {err}"))
+            ErrorAnswer::internal(format!("stored chain of {chain} does not verify: {err}"))
         })?;
         Ok((Some(caught_up), revision))
     }
@@ -740,11 +725,11 @@ impl Store {
     /// The seq and prev are checked against the kept state before any signature, and the
     /// signatures of that one link are checked off the async workers: an append costs the same
     /// whatever the chain's length.
-    pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ApiError> {
+    pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ErrorAnswer> {
         let parsed = kez_core::SignedLink::parse(link)?;
         let chain_id = parsed.link().chain;
         if self.whois(chain_id).await?.is_none() {
-            return Err(ApiError::new(
+            return Err(ErrorAnswer::new(
                 403,
                 "not_registered",
                 format!(
@@ -786,11 +771,11 @@ impl Store {
             }
         })
         .await
-        .map_err(|err| ApiError::internal(format!("verifying a link: {err}")))?;
+        .map_err(|err| ErrorAnswer::internal(format!("verifying a link: {err}")))?;
         let next = match appended {
             Ok(next) => next,
             Err(err) => {
-                let conflict = ApiError::from(err);
+                let conflict = ErrorAnswer::from(err);
                 return Err(match (conflict.code, head_of(&state)) {
                     (409, Some(head)) => with_head(conflict, head.seq, head.head),
                     _ => conflict,
@@ -806,7 +791,7 @@ impl Store {
         if let Err(err) = self.links.create(&key, Bytes::copy_from_slice(link)).await {
             return Err(match err.kind() {
                 kv::CreateErrorKind::AlreadyExists => {
-                    let conflict = ApiError::new(
+                    let conflict = ErrorAnswer::new(
                         409,
                         "conflict",
                         format!(
@@ -819,7 +804,7 @@ impl Store {
                         _ => conflict,
                     }
                 }
-                _ => ApiError::unavailable(err),
+                _ => ErrorAnswer::unavailable(err),
             });
         }
         self.advance_head(chain_id, head).await?;
@@ -873,7 +858,7 @@ impl Store {
     /// is already stored, so this never fails the append: when JetStream keeps failing past
     /// [`HEAD_UPDATE_PATIENCE`] the index is left behind (readers look past it, and the first
     /// [`Store::head`] to do so moves it).
-    async fn advance_head(&self, chain: PublicKey, head: ChainHead) -> Result<(), ApiError> {
+    async fn advance_head(&self, chain: PublicKey, head: ChainHead) -> Result<(), ErrorAnswer> {
         let key = chain.to_hex();
         let deadline = tokio::time::Instant::now() + HEAD_UPDATE_PATIENCE;
         let mut pause = std::time::Duration::from_millis(50);
@@ -1064,7 +1049,7 @@ pub(crate) async fn ensure_bucket(
 }
 
 /// What a refused inbox publish means for the sender (PROTOCOL.md §6.3).
-fn store_refusal(err: &jetstream::context::PublishError) -> ApiError {
+fn store_refusal(err: &jetstream::context::PublishError) -> ErrorAnswer {
     use std::error::Error as _;
     let refusal = err
         .source()
@@ -1073,7 +1058,7 @@ fn store_refusal(err: &jetstream::context::PublishError) -> ApiError {
         // nats-server answers every limit with 10077 and says which in its description.
         Some(refusal) if refusal.error_code().0 == 10077 => {
             if refusal.to_string().contains("per subject") {
-                ApiError::new(
+                ErrorAnswer::new(
                     409,
                     "inbox_full",
                     format!(
@@ -1081,39 +1066,37 @@ fn store_refusal(err: &jetstream::context::PublishError) -> ApiError {
                     ),
                 )
             } else {
-                ApiError::new(
+                ErrorAnswer::new(
                     503,
                     "store_full",
                     "the server's message store is full: nothing was stored; try again later, and tell the server's operator",
                 )
             }
         }
-        Some(refusal) if refusal.error_code().0 == 10054 => ApiError::new(
+        Some(refusal) if refusal.error_code().0 == 10054 => ErrorAnswer::new(
             413,
             "too_large",
             "the message is larger than the inbox takes: nothing was stored",
         ),
         // No answer from the stream, or nats-server's "no stream found for given subject":
         // what a cluster electing the stream's leader answers for a few seconds.
-        _ => ApiError::unavailable(format!(
+        _ => ErrorAnswer::unavailable(format!(
             "the message store has no leader at the moment, as while a cluster elects one: nothing was stored ({err})"
         )),
     }
 }
 
-fn in_progress() -> ApiError {
-    ApiError::new(
+fn in_progress() -> ErrorAnswer {
+    ErrorAnswer::new(
         409,
         "key_has_handle",
         "another registration for this key is in progress or done; look the key up with kez.registry.whois",
     )
 }
 
-fn with_head(err: ApiError, seq: u64, head: LinkHash) -> ApiError {
+fn with_head(err: ErrorAnswer, seq: u64, head: LinkHash) -> ErrorAnswer {
     let message = format!("{}; the chain's head is seq {seq} ({head})", err.message);
-    ApiError { message, ..err }
-        .with_header(HEAD_SEQ_HEADER, seq.to_string())
-        .with_header(HEAD_HASH_HEADER, head.to_string())
+    ErrorAnswer { message, ..err }.with_head(ChainHead { seq, head })
 }
 
 fn link_key(chain_hex: &str, seq: u64) -> String {
@@ -1124,7 +1107,7 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("records serialise"))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ErrorAnswer> {
     serde_json::from_slice(bytes)
-        .map_err(|err| ApiError::internal(format!("corrupt record: {err}")))
+        .map_err(|err| ErrorAnswer::internal(format!("corrupt record: {err}")))
 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_nats::{Client, ConnectOptions, ServerError};
 use kez_chat_server::config::{CalloutConfig, NatsAuth, ServerConfig};
 use kez_chat_server::nats_conf;
-use kez_core::registry::RegistrationRequest;
 use kez_core::{Handle, SecretKey};
+use kez_proto::registry::RegistrationRequest;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
 

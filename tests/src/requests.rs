@@ -2,9 +2,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kez_core::registry::RegistrationRequest;
 use kez_core::sigchain::Endpoint;
 use kez_core::{Handle, Op, SecretKey};
+use kez_proto::registry::RegistrationRequest;
 
 use crate::kez_server::TEST_DOMAIN;
 
@@ -34,7 +34,7 @@ pub fn nats_endpoint(name: &str) -> Op {
 /// A `kez.mail.send` body: `envelope` (any bytes: the server never opens it) for `to`'s inbox
 /// under the message id `id`.
 pub fn mail(to: &kez_core::PublicKey, id: [u8; 16], envelope: &[u8]) -> Vec<u8> {
-    kez_core::mail::SendRequest::encode(
+    kez_proto::mail::SendRequest::encode(
         to,
         &kez_core::envelope::MessageId::from_bytes(id),
         envelope,

@@ -14,7 +14,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::SecretKey;
-use kez_core::subjects::{
+use kez_proto::subjects::{
     INBOX_STREAM, JS_API_PREFIX, inbox_consumer, inbox_subject, reply_prefix,
 };
 use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kez_core::registry::RegistrationRequest;
 use kez_core::{Handle, SecretKey};
+use kez_proto::registry::RegistrationRequest;
 use kez_tests::callout::CalloutStack;
 use kez_tests::kez_server::{TEST_DOMAIN, call};
 

@@ -278,7 +278,7 @@ async fn a_rotation_in_the_sigchain_is_followed_without_a_warning() {
     let stored = inbox.get_raw_message(last).await.unwrap();
     assert_eq!(
         stored.subject.as_str(),
-        kez_core::subjects::inbox_subject(&old_key.public_key())
+        kez_proto::subjects::inbox_subject(&old_key.public_key())
     );
     let opened = kez_core::envelope::open(&new_key, &stored.payload).expect("opens");
     assert_eq!(opened.body, b"after the rotation");
@@ -460,7 +460,7 @@ async fn a_crash_before_the_ack_loses_nothing_and_shows_once() {
         .get_stream("KEZ_INBOX")
         .await
         .unwrap()
-        .get_consumer(&kez_core::subjects::inbox_consumer(
+        .get_consumer(&kez_proto::subjects::inbox_consumer(
             &key_of(&bob).public_key(),
         ))
         .await

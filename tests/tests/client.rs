@@ -13,8 +13,8 @@ use kez_client::{
 };
 use kez_core::envelope;
 use kez_core::sigchain::Endpoint;
-use kez_core::subjects::{INBOX_STREAM, inbox_subject};
 use kez_core::{Op, SecretKey, UnsignedLink};
+use kez_proto::subjects::{INBOX_STREAM, inbox_subject};
 use kez_tests::callout::CalloutStack;
 use kez_tests::kez_server::test_handle;
 use kez_tests::requests::nats_endpoint;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use kez_chat_server::nats_conf;
 use kez_client::{Connection, Contact};
-use kez_core::subjects::{INBOX_STREAM, inbox_consumer};
+use kez_proto::subjects::{INBOX_STREAM, inbox_consumer};
 use kez_tests::callout::server_client;
 use kez_tests::chat::{ChatUser, Ledger};
 use kez_tests::cluster::{NatsCluster, wait_for_jetstream};

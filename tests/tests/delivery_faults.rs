@@ -22,7 +22,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use kez_client::{Connection, Contact};
 use kez_core::envelope;
-use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer};
+use kez_proto::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer};
 use kez_tests::NatsServer;
 use kez_tests::callout::server_client;
 use kez_tests::chat::{ChatUser, Ledger};

@@ -18,8 +18,8 @@ use futures::future::join_all;
 use kez_chat_server::config::ServerConfig;
 use kez_chat_server::limits::{Limits, Rate};
 use kez_chat_server::pin::PinConfig;
-use kez_core::subjects::{INBOX_STREAM, inbox_consumer};
 use kez_core::{SecretKey, UnsignedLink, envelope};
+use kez_proto::subjects::{INBOX_STREAM, inbox_consumer};
 use kez_tests::callout::{CalloutStack, register};
 use kez_tests::kez_server::{ServiceError, TEST_DOMAIN, call};
 use kez_tests::person::{Person, key_of};
@@ -658,7 +658,7 @@ async fn replayed_registrations_and_appends_change_nothing() {
     // A registration captured earlier and replayed after its 300 s window.
     let old_key = SecretKey::generate();
     let handle = kez_core::Handle::parse("erin", TEST_DOMAIN).unwrap();
-    let old = kez_core::registry::RegistrationRequest::sign(&old_key, &handle, now() - 301);
+    let old = kez_proto::registry::RegistrationRequest::sign(&old_key, &handle, now() - 301);
     let stale = call(
         &narrow,
         "kez.registry.register",

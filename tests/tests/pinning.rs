@@ -14,7 +14,7 @@ use kez_chat_server::pin::{PINS_BUCKET, PinConfig};
 use kez_client::{ClientError, Connection, PinState};
 use kez_core::SecretKey;
 use kez_core::file::BlobHash;
-use kez_core::pin::{PinOp, PinRequest};
+use kez_proto::pin::{PinOp, PinRequest};
 use kez_tests::callout::{CalloutStack, register};
 use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call};
 use kez_tests::requests::now;
@@ -445,7 +445,7 @@ async fn hostile_pin_requests_get_stable_errors() {
             ),
         ];
         for (what, body, code, name) in cases {
-            let (got_code, got_name) = refusal(&client, &subject, body).await;
+            let (got_code, got_name) = refusal(&client, subject, body).await;
             assert_eq!(
                 (got_code, got_name.as_str()),
                 (code, name),
@@ -484,12 +484,8 @@ async fn hostile_pin_requests_get_stable_errors() {
         .await
         .unwrap();
     for op in PinOp::ALL {
-        let (code, name) = refusal(
-            &client,
-            &op.subject(),
-            bytes(&signed(op, &frank.key, now())),
-        )
-        .await;
+        let (code, name) =
+            refusal(&client, op.subject(), bytes(&signed(op, &frank.key, now()))).await;
         assert_eq!((code, name.as_str()), (403, "disabled"), "{op:?}");
     }
 

@@ -3,8 +3,8 @@
 //! each get an error answer with the right code, stable name and a message; the server must stay
 //! healthy afterwards. Then the registration and append refusals a client can provoke on purpose.
 
-use kez_core::registry::RegistrationRequest;
 use kez_core::{SecretKey, Sigchain, Signature, SignatureDomain, UnsignedLink};
+use kez_proto::registry::RegistrationRequest;
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, ServiceError, TEST_DOMAIN, call, call_ok};
 use kez_tests::requests::{nats_endpoint, now, registration};

@@ -18,23 +18,10 @@
 //!
 //! # Provider strings
 //!
-//! A provider string is a node's address as self-contained text. It goes into sigchain
-//! endpoints and file offers, so its format is fixed:
-//!
-//! ```text
-//! iroh:<endpoint id>[;ip=<socket address>]...[;relay=<relay URL>]...
-//! ```
-//!
-//! - `<endpoint id>` is the node's ed25519 public key as exactly 64 lowercase hex digits.
-//! - Each `;ip=` item is a direct UDP address in Rust's canonical `SocketAddr` form:
-//!   `192.0.2.7:4433` or `[2001:db8::7]:4433` (brackets for IPv6, no scope id).
-//! - Each `;relay=` item is the URL of a relay server the node uses, e.g.
-//!   `;relay=https://relay.example.org./`, with no `;` or whitespace.
-//! - Nothing else: no spaces, no trailing `;`, no unknown items, no address twice. At most
-//!   [`MAX_PROVIDER_ADDRS`] addresses and [`MAX_PROVIDER_LEN`] bytes in all.
-//!
-//! [`BlobNode::provider`] writes IP addresses in ascending order, then relay URLs, so one
-//! address always has one text. [`parse_provider`] enforces all of the above. Example:
+//! A node's address travels as a provider string, whose grammar is kez-core's
+//! ([`kez_core::provider`]): [`BlobNode::provider`] writes one (IP addresses in ascending order,
+//! then relay URLs, so one address always has one text) and [`parse_provider`] reads one into
+//! the address iroh dials. Example:
 //! `iroh:ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6;ip=127.0.0.1:41771`.
 //!
 //! # Network
@@ -68,10 +55,7 @@ mod provider;
 pub use iroh::{EndpointAddr, EndpointId, RelayUrl};
 pub use iroh_blobs::Hash;
 pub use iroh_blobs::api::blobs::BlobReader;
-pub use provider::{
-    MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, PROVIDER_PREFIX, dialable, is_public_unicast,
-    parse_provider,
-};
+pub use provider::{dialable, is_public_unicast, parse_provider};
 
 /// Name of the endpoint key file inside the node directory.
 pub const KEY_FILE_NAME: &str = "iroh.key";

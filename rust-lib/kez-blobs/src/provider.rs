@@ -1,19 +1,11 @@
-//! The provider string: a node's address as text (format in the crate docs).
-
-use std::net::SocketAddr;
+//! The provider string ([`kez_core::provider`]) of an iroh node's address, both ways.
 
 use iroh::{EndpointAddr, EndpointId, RelayUrl, TransportAddr};
+use kez_core::provider::{
+    MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, PROVIDER_PREFIX, Provider, ProviderAddr,
+};
 
 use crate::Error;
-
-/// Prefix of every provider string; a different format would get a different prefix.
-pub const PROVIDER_PREFIX: &str = "iroh:";
-
-/// Longest provider string [`parse_provider`] accepts, in bytes.
-pub const MAX_PROVIDER_LEN: usize = 1024;
-
-/// Most addresses (`ip=` plus `relay=` items) [`parse_provider`] accepts in one provider string.
-pub const MAX_PROVIDER_ADDRS: usize = 16;
 
 /// Formats `addr` as a provider string. IP addresses come first in ascending order, then relay
 /// URLs; addresses that would not parse back (custom transports, IPv6 scope ids, URLs containing
@@ -45,64 +37,25 @@ pub fn format_provider(addr: &EndpointAddr) -> String {
     out
 }
 
-/// Parses and validates a provider string (format in the crate docs).
+/// Parses and validates a provider string ([`kez_core::provider`]) into the address iroh dials.
 pub fn parse_provider(text: &str) -> Result<EndpointAddr, Error> {
-    let bad = |reason: String| Error::BadProvider { reason };
-    if text.len() > MAX_PROVIDER_LEN {
-        return Err(bad(format!(
-            "{} bytes long, at most {MAX_PROVIDER_LEN} allowed",
-            text.len()
-        )));
-    }
-    let rest = text
-        .strip_prefix(PROVIDER_PREFIX)
-        .ok_or_else(|| bad(format!("does not start with `{PROVIDER_PREFIX}`")))?;
-    let mut items = rest.split(';');
-    let id_hex = items.next().unwrap_or_default();
-    if id_hex.len() != 64
-        || !id_hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(bad(
-            "the endpoint id is not 64 lowercase hex digits".to_string()
-        ));
-    }
-    let id: EndpointId = id_hex
-        .parse()
-        .map_err(|_| bad("the endpoint id is not a valid ed25519 public key".to_string()))?;
+    let provider = Provider::parse(text).map_err(|err| Error::BadProvider {
+        reason: err.to_string(),
+    })?;
+    let id = EndpointId::from_bytes(&provider.endpoint_id).map_err(|_| Error::BadProvider {
+        reason: "the endpoint id is not a valid ed25519 public key".into(),
+    })?;
     let mut addr = EndpointAddr::new(id);
-    let mut count = 0;
-    for item in items {
-        count += 1;
-        if count > MAX_PROVIDER_ADDRS {
-            return Err(bad(format!("more than {MAX_PROVIDER_ADDRS} addresses")));
-        }
-        let transport = if let Some(ip) = item.strip_prefix("ip=") {
-            let sock: SocketAddr = ip
-                .parse()
-                .map_err(|_| bad(format!("`{ip}` is not an IP socket address")))?;
-            if sock.to_string() != ip {
-                return Err(bad(format!("`{ip}` is not in canonical form (`{sock}`)")));
+    for item in provider.addrs {
+        let transport = match item {
+            ProviderAddr::Ip(sock) => TransportAddr::Ip(sock),
+            ProviderAddr::Relay(url) => {
+                TransportAddr::Relay(url.parse::<RelayUrl>().map_err(|_| Error::BadProvider {
+                    reason: format!("`{url}` is not a relay URL"),
+                })?)
             }
-            TransportAddr::Ip(sock)
-        } else if let Some(url) = item.strip_prefix("relay=") {
-            if url.is_empty() || url.contains(|c: char| c.is_whitespace()) {
-                return Err(bad(format!("`{url}` is not a relay URL")));
-            }
-            let relay: RelayUrl = url
-                .parse()
-                .map_err(|_| bad(format!("`{url}` is not a relay URL")))?;
-            TransportAddr::Relay(relay)
-        } else {
-            return Err(bad(format!(
-                "unknown item `{}` (expected `ip=` or `relay=`)",
-                item.chars().take(32).collect::<String>()
-            )));
         };
-        if !addr.addrs.insert(transport) {
-            return Err(bad("an address is listed twice".to_string()));
-        }
+        addr.addrs.insert(transport);
     }
     Ok(addr)
 }

@@ -5,19 +5,24 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_nats::Client;
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
 use kez_core::file::BlobHash;
-use kez_core::mail::{SEND_SUBJECT, SendRequest};
-use kez_core::pin::{PinOp, PinRequest};
-use kez_core::registry::RegistrationRequest;
-use kez_core::sigchain::LinkHash;
-use kez_core::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
-use serde::Deserialize;
+use kez_proto::answer::{
+    ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
+    PinStatus, Profile, ServerInfo,
+};
+use kez_proto::mail::SendRequest;
+use kez_proto::pin::{PinOp, PinRequest};
+use kez_proto::registry::RegistrationRequest;
+use kez_proto::request::{GetChainRequest, KeyRequest, LookupRequest};
+use kez_proto::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
+use kez_proto::{Endpoint, ErrorAnswer};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
@@ -31,15 +36,6 @@ const NO_WAIT_PULL_EXPIRY: Duration = Duration::from_secs(1);
 /// Pull requests, one message each, that [`Connection::receive`] keeps outstanding at once
 /// after the first message arrived: one round trip fetches up to this many.
 const PULLS_IN_FLIGHT: usize = 32;
-
-/// Service subjects (PROTOCOL.md §5).
-const REGISTER: &str = "kez.registry.register";
-const LOOKUP: &str = "kez.registry.lookup";
-const WHOIS: &str = "kez.registry.whois";
-const APPEND: &str = "kez.sigchain.append";
-const CHAIN_GET: &str = "kez.sigchain.get";
-const CHAIN_HEAD: &str = "kez.sigchain.head";
-const SERVER_INFO: &str = "kez.server.info";
 
 /// How long [`Connection::pin_add`] waits for the answer: the server fetches the blob first
 /// (at most 100 s, PROTOCOL.md §10), and nats-server forgets the reply after 2 minutes.
@@ -77,6 +73,20 @@ pub struct ServiceError {
     pub head: Option<ChainHead>,
     /// On a 429: how long to wait before asking again (`Kez-Retry-After-Ms`).
     pub retry_after: Option<Duration>,
+}
+
+impl ServiceError {
+    /// The error answer of `subject`.
+    pub fn new(subject: &str, answer: ErrorAnswer) -> ServiceError {
+        ServiceError {
+            subject: subject.to_owned(),
+            code: answer.code,
+            name: answer.name.into_owned(),
+            message: answer.message,
+            head: answer.head,
+            retry_after: answer.retry_after_ms.map(Duration::from_millis),
+        }
+    }
 }
 
 /// Why a client call failed.
@@ -178,152 +188,6 @@ pub struct VerifiedContact {
     pub chain: VerifiedChain,
 }
 
-/// A handle record (`register`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct HandleRecord {
-    /// The handle, e.g. `@alice@kez.lat`: checked to be the one asked for.
-    pub handle: Handle,
-    /// Its registering key (the sigchain id).
-    pub key: PublicKey,
-    /// The server's clock at registration, seconds since the epoch.
-    pub registered_at: u64,
-}
-
-/// A profile (`lookup`, `whois`): a handle record and its chain head, the server's word. What
-/// was asked is checked (a lookup's handle, a whois's key); the rest is unverified.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Profile {
-    /// The handle, e.g. `@alice@kez.lat` (for a lookup: the one asked for).
-    pub handle: Handle,
-    /// Its registering key (the sigchain id; for a whois: the one asked for).
-    pub key: PublicKey,
-    /// The server's clock at registration, seconds since the epoch.
-    pub registered_at: u64,
-    /// The chain's head, `None` when the key has written no sigchain yet.
-    pub sigchain: Option<ChainHead>,
-}
-
-/// A chain's last link: its seq and hash.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub struct ChainHead {
-    /// The last link's seq.
-    pub seq: u64,
-    /// The last link's hash.
-    pub head: LinkHash,
-}
-
-/// The server's limits (`server_info`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct Limits {
-    /// Largest request body.
-    pub max_request_bytes: u64,
-    /// Largest sigchain link.
-    pub max_link_bytes: u64,
-    /// Most link bytes in one chain page.
-    pub max_chain_page_bytes: u64,
-    /// How far a registration's time may be from the server's clock.
-    pub registration_window_secs: u64,
-}
-
-/// What `kez.server.info` answers.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct ServerInfo {
-    /// The domain the server serves (handles are `@name@<domain>`).
-    pub domain: String,
-    /// The server's version.
-    pub version: String,
-    /// Its limits.
-    pub limits: Limits,
-    /// Pinning, when the server offers it.
-    #[serde(default)]
-    pub pin: Option<PinInfo>,
-}
-
-/// The server's pin service (`server_info`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PinInfo {
-    /// The pin node's provider string: where pinned blobs can be fetched.
-    pub provider: String,
-    /// Bytes each user may pin.
-    pub quota_bytes: u64,
-}
-
-/// Where a pin stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PinState {
-    /// Stored and kept.
-    Pinned,
-    /// Reserved; the server is still fetching it.
-    Pinning,
-}
-
-/// One pin (`pin_add`, `pin_list`, `pin_status`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PinRecord {
-    /// The blob.
-    pub blob: BlobHash,
-    /// Its size in bytes (counted against the quota).
-    pub size: u64,
-    /// When it was pinned (while `Pinning`: when the add started), the server's clock.
-    pub pinned_at: u64,
-    /// Pinned, or still being fetched.
-    pub state: PinState,
-    /// Endpoint id (hex) of the pin node that holds it; it matches the id in
-    /// [`PinInfo::provider`] of the server instance that pinned it.
-    pub node: String,
-}
-
-/// The own pins and quota (`pin_list`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PinList {
-    /// Every pin, by blob hash.
-    pub pins: Vec<PinRecord>,
-    /// Bytes in use: the sum of the pins' sizes.
-    pub used: u64,
-    /// Bytes allowed.
-    pub quota_bytes: u64,
-}
-
-/// What a remove freed (`pin_remove`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PinRemoved {
-    /// The blob.
-    pub blob: BlobHash,
-    /// Bytes freed.
-    pub size: u64,
-    /// Bytes in use now.
-    pub used: u64,
-    /// Bytes allowed.
-    pub quota_bytes: u64,
-}
-
-/// Whether one blob is pinned (`pin_status`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PinStatus {
-    /// The blob.
-    pub blob: BlobHash,
-    /// Whether it is pinned (stored and kept).
-    pub pinned: bool,
-    /// The pin, pinned or still being fetched; `None` when there is none.
-    #[serde(default)]
-    pub pin: Option<PinRecord>,
-}
-
-#[derive(Deserialize)]
-struct HeadAnswer {
-    key: PublicKey,
-    seq: u64,
-    head: LinkHash,
-}
-
-#[derive(Deserialize)]
-struct ChainPage {
-    from_seq: u64,
-    links: Vec<String>,
-    more: bool,
-}
-
 /// A message the stream accepted (see [`Connection::send`]); [`Store::record_outgoing`]
 /// puts it in the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,13 +216,6 @@ pub struct Pending {
     sent: Sent,
 }
 
-/// What `kez.mail.send` answers.
-#[derive(Deserialize)]
-struct Delivered {
-    seq: u64,
-    duplicate: bool,
-}
-
 impl Pending {
     /// The message's id.
     pub fn id(&self) -> MessageId {
@@ -374,10 +231,7 @@ impl Pending {
             source: err.into(),
         })??;
         let delivered: Delivered =
-            serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
-                subject: SEND_SUBJECT.into(),
-                reason: err.to_string(),
-            })?;
+            serde_json::from_slice(&answer).map_err(|err| bad_answer(Endpoint::MailSend, &err))?;
         if delivered.duplicate {
             return Err(ClientError::Duplicate { id: self.sent.id });
         }
@@ -614,18 +468,18 @@ impl Connection {
     }
 
     /// Sends `body` to a service and returns the answer's body, or its [`ServiceError`].
-    async fn call(&self, subject: &str, body: Vec<u8>) -> Result<Bytes, ClientError> {
-        self.call_within(subject, body, None).await
+    async fn call(&self, endpoint: Endpoint, body: Vec<u8>) -> Result<Bytes, ClientError> {
+        self.call_within(endpoint, body, None).await
     }
 
     /// Like [`Connection::call`], waiting up to `timeout` for the answer.
     async fn call_with_timeout(
         &self,
-        subject: &str,
+        endpoint: Endpoint,
         body: Vec<u8>,
         timeout: Duration,
     ) -> Result<Bytes, ClientError> {
-        self.call_within(subject, body, Some(timeout)).await
+        self.call_within(endpoint, body, Some(timeout)).await
     }
 
     /// Sends `body` to a service, waiting `timeout` for each answer (`None`: the client's
@@ -635,10 +489,11 @@ impl Connection {
     /// each is idempotent (PROTOCOL.md §5.1).
     async fn call_within(
         &self,
-        subject: &str,
+        endpoint: Endpoint,
         body: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<Bytes, ClientError> {
+        let subject = endpoint.subject();
         let body = Bytes::from(body);
         let give_up = tokio::time::Instant::now() + MAX_RETRY_WAIT;
         loop {
@@ -654,12 +509,12 @@ impl Connection {
                     subject: subject.to_owned(),
                     source,
                 })?;
-            let err = match answer.headers {
-                Some(headers) if headers.get("Nats-Service-Error-Code").is_some() => {
-                    service_error(subject, &headers)
-                }
-                _ => return Ok(answer.payload),
+            let Some(err) = answer.headers.as_ref().and_then(|headers| {
+                ErrorAnswer::from_headers(|name| headers.get(name).map(|value| value.as_str()))
+            }) else {
+                return Ok(answer.payload);
             };
+            let err = ServiceError::new(subject, err);
             match err.retry_after {
                 Some(pause)
                     if matches!(err.code, 429 | 503)
@@ -681,19 +536,16 @@ impl Connection {
     /// [`Connection::call`] with a JSON answer.
     async fn call_json<T: DeserializeOwned>(
         &self,
-        subject: &str,
+        endpoint: Endpoint,
         body: Vec<u8>,
     ) -> Result<T, ClientError> {
-        let answer = self.call(subject, body).await?;
-        serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
-            subject: subject.to_owned(),
-            reason: err.to_string(),
-        })
+        let answer = self.call(endpoint, body).await?;
+        serde_json::from_slice(&answer).map_err(|err| bad_answer(endpoint, &err))
     }
 
     /// The server's domain, version and limits (`kez.server.info`).
     pub async fn server_info(&self) -> Result<ServerInfo, ClientError> {
-        self.call_json(SERVER_INFO, b"{}".to_vec()).await
+        self.call_json(Endpoint::Info, b"{}".to_vec()).await
     }
 
     /// Registers `name` (e.g. `alice`, `@alice`; bare names mean the server's domain) for this
@@ -704,11 +556,12 @@ impl Connection {
         let info = self.server_info().await?;
         let handle = Handle::parse(name, &info.domain)?;
         let request = RegistrationRequest::sign(&self.key, &handle, now());
-        let body = serde_json::to_vec(&request).expect("a request serialises");
-        let record: HandleRecord = self.call_json(REGISTER, body).await?;
+        let record: HandleRecord = self
+            .call_json(Endpoint::Register, request_body(&request))
+            .await?;
         if record.handle != handle || record.key != self.key.public_key() {
             return Err(ClientError::BadAnswer {
-                subject: REGISTER.into(),
+                subject: Endpoint::Register.subject().into(),
                 reason: format!(
                     "asked to register {handle} for {}, answered {} for {}",
                     self.key.public_key(),
@@ -734,15 +587,11 @@ impl Connection {
     ) -> Result<PinRecord, ClientError> {
         let domain = self.server_info().await?.domain;
         let request = PinRequest::add(&self.key, &domain, now(), *blob, size, providers.to_vec());
-        let subject = PinOp::Add.subject();
-        let body = serde_json::to_vec(&request).expect("a request serialises");
+        let endpoint = PinOp::Add.endpoint();
         let answer = self
-            .call_with_timeout(&subject, body, PIN_ADD_TIMEOUT)
+            .call_with_timeout(endpoint, request_body(&request), PIN_ADD_TIMEOUT)
             .await?;
-        serde_json::from_slice(&answer).map_err(|err| ClientError::BadAnswer {
-            subject,
-            reason: err.to_string(),
-        })
+        serde_json::from_slice(&answer).map_err(|err| bad_answer(endpoint, &err))
     }
 
     /// Stops the home server keeping `blob` (`kez.pin.remove`); the bytes are free at once,
@@ -772,21 +621,22 @@ impl Connection {
         op: PinOp,
         request: &PinRequest,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(request).expect("a request serialises");
-        self.call_json(&op.subject(), body).await
+        self.call_json(op.endpoint(), request_body(request)).await
     }
 
     /// Looks `handle` up (`kez.registry.lookup`). The answer must be about `handle` (else
     /// [`ClientError::BadAnswer`]); its key is the server's word: verify the key's chain with
     /// [`Connection::chain`] and pin it in the [`Store`].
     pub async fn lookup(&self, handle: &Handle) -> Result<Profile, ClientError> {
-        let body = serde_json::json!({ "handle": handle });
+        let request = LookupRequest {
+            handle: handle.to_string(),
+        };
         let profile: Profile = self
-            .call_json(LOOKUP, body.to_string().into_bytes())
+            .call_json(Endpoint::Lookup, request_body(&request))
             .await?;
         if profile.handle != *handle {
             return Err(ClientError::BadAnswer {
-                subject: LOOKUP.into(),
+                subject: Endpoint::Lookup.subject().into(),
                 reason: format!("asked for {handle}, answered for {}", profile.handle),
             });
         }
@@ -796,11 +646,12 @@ impl Connection {
     /// The handle of a key (`kez.registry.whois`): the server's word for it. The answer must be
     /// about `key` (else [`ClientError::BadAnswer`]).
     pub async fn whois(&self, key: &PublicKey) -> Result<Profile, ClientError> {
-        let body = serde_json::json!({ "key": key });
-        let profile: Profile = self.call_json(WHOIS, body.to_string().into_bytes()).await?;
+        let profile: Profile = self
+            .call_json(Endpoint::Whois, request_body(&KeyRequest { key: *key }))
+            .await?;
         if profile.key != *key {
             return Err(ClientError::BadAnswer {
-                subject: WHOIS.into(),
+                subject: Endpoint::Whois.subject().into(),
                 reason: format!("asked for {key}, answered for {}", profile.key),
             });
         }
@@ -810,18 +661,17 @@ impl Connection {
     /// Appends a signed link (its exact bytes) to its chain (`kez.sigchain.append`); answers
     /// the chain's new head.
     pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ClientError> {
-        self.call_json(APPEND, link.to_vec()).await
+        self.call_json(Endpoint::Append, link.to_vec()).await
     }
 
     /// The head of `key`'s chain (`kez.sigchain.head`); `not_found` when it has none.
     pub async fn head(&self, key: &PublicKey) -> Result<ChainHead, ClientError> {
-        let body = serde_json::json!({ "key": key });
         let answer: HeadAnswer = self
-            .call_json(CHAIN_HEAD, body.to_string().into_bytes())
+            .call_json(Endpoint::Head, request_body(&KeyRequest { key: *key }))
             .await?;
         if answer.key != *key {
             return Err(ClientError::BadAnswer {
-                subject: CHAIN_HEAD.into(),
+                subject: Endpoint::Head.subject().into(),
                 reason: format!("asked for {key}, answered for {}", answer.key),
             });
         }
@@ -838,18 +688,23 @@ impl Connection {
     pub async fn chain(&self, key: &PublicKey) -> Result<VerifiedChain, ClientError> {
         let mut chain: Option<VerifiedChain> = None;
         let bad_answer = |reason: String| ClientError::BadAnswer {
-            subject: CHAIN_GET.into(),
+            subject: Endpoint::GetChain.subject().into(),
             reason,
         };
         for _ in 0..MAX_CHAIN_PAGES {
             let from_seq = chain.as_ref().map_or(1, |chain| chain.seq() + 1);
-            let body = serde_json::json!({ "key": key, "from_seq": from_seq });
+            let request = GetChainRequest {
+                key: *key,
+                from_seq,
+            };
             let page: ChainPage = self
-                .call_json(CHAIN_GET, body.to_string().into_bytes())
+                .call_json(Endpoint::GetChain, request_body(&request))
                 .await?;
-            if page.from_seq != from_seq || (page.more && page.links.is_empty()) {
+            if page.key != *key || page.from_seq != from_seq || (page.more && page.links.is_empty())
+            {
                 return Err(bad_answer(format!(
-                    "asked from seq {from_seq}, got a page from {} with {} links, more: {}",
+                    "asked for {key}'s chain from seq {from_seq}, got a page of {}'s from {} with {} links, more: {}",
+                    page.key,
                     page.from_seq,
                     page.links.len(),
                     page.more
@@ -963,7 +818,8 @@ impl Connection {
             .map_err(ClientError::Seal)?;
         let request = SendRequest::encode(&to.key, &id, &sealed);
         let connection = self.clone();
-        let answer = tokio::spawn(async move { connection.call(SEND_SUBJECT, request).await });
+        let answer =
+            tokio::spawn(async move { connection.call(Endpoint::MailSend, request).await });
         Ok(Pending {
             answer,
             sent: Sent {
@@ -1092,30 +948,16 @@ impl Connection {
     }
 }
 
-fn service_error(subject: &str, headers: &HeaderMap) -> ServiceError {
-    let text = |name: &str| {
-        headers
-            .get(name)
-            .map(|value| value.as_str().to_owned())
-            .unwrap_or_default()
-    };
-    let head = match (
-        text("Kez-Head-Seq").parse::<u64>(),
-        text("Kez-Head-Hash").parse::<LinkHash>(),
-    ) {
-        (Ok(seq), Ok(head)) => Some(ChainHead { seq, head }),
-        _ => None,
-    };
-    ServiceError {
-        subject: subject.to_owned(),
-        code: text("Nats-Service-Error-Code").parse().unwrap_or(0),
-        name: text("Kez-Error"),
-        message: text("Nats-Service-Error"),
-        head,
-        retry_after: text("Kez-Retry-After-Ms")
-            .parse()
-            .ok()
-            .map(Duration::from_millis),
+/// The JSON body of a request: its types are plain data with string keys, which always encode.
+fn request_body(request: &impl Serialize) -> Vec<u8> {
+    serde_json::to_vec(request).expect("a request encodes")
+}
+
+/// An answer of `endpoint` that could not be read.
+fn bad_answer(endpoint: Endpoint, err: &serde_json::Error) -> ClientError {
+    ClientError::BadAnswer {
+        subject: endpoint.subject().into(),
+        reason: err.to_string(),
     }
 }
 

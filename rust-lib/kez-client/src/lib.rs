@@ -21,11 +21,15 @@ pub mod store;
 
 pub use chain::VerifiedChain;
 pub use connection::{
-    ChainHead, ClientError, Connection, HandleRecord, Limits, PIN_ADD_TIMEOUT, Pending, PinInfo,
-    PinList, PinRecord, PinRemoved, PinState, PinStatus, Plaintext, Profile, Sent, ServerInfo,
-    ServiceError, UrlError, VerifiedContact, broker_urls, now,
+    ClientError, Connection, PIN_ADD_TIMEOUT, Pending, Plaintext, Sent, ServiceError, UrlError,
+    VerifiedContact, broker_urls, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
+/// The answers of the home server's services, as the wire contract (kez-proto) defines them.
+pub use kez_proto::answer::{
+    ChainHead, HandleRecord, Limits, PinInfo, PinList, PinRecord, PinRemoved, PinState, PinStatus,
+    Profile, ServerInfo,
+};
 pub use store::{
     Contact, Conversation, Direction, Downloaded, Offer, PinChange, Published, PublishedManifest,
     Store, StoreError, StoredMessage,

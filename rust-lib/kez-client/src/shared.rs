@@ -9,10 +9,12 @@ use kez_core::manifest::{
     self, MAX_MANIFEST_BYTES, Manifest, ManifestError, PrivateEntry, VisibleEntry,
 };
 use kez_core::sigchain::{Op, SharedFiles};
+
+use kez_proto::answer::PinInfo;
 use tokio::io::AsyncReadExt;
 
 use crate::VerifiedChain;
-use crate::connection::{ClientError, Connection, PinInfo, now};
+use crate::connection::{ClientError, Connection, now};
 use crate::files::{self, FileError};
 use crate::store::{PublishedManifest, Store, StoreError};
 

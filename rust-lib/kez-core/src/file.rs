@@ -503,10 +503,7 @@ pub const FILE_OFFER_CONTENT_TYPE: &str = "file-offer";
 pub const MAX_OFFER_BYTES: usize = 48 * 1024;
 /// Longest file name, in bytes of UTF-8.
 pub const MAX_NAME_LEN: usize = 255;
-/// Most providers an offer may list.
-pub const MAX_PROVIDERS: usize = 16;
-/// Longest provider, in bytes of UTF-8.
-pub const MAX_PROVIDER_LEN: usize = 1024;
+pub use crate::provider::{MAX_PROVIDER_LEN, MAX_PROVIDERS};
 
 /// A blob's BLAKE3 hash: the content address of an encrypted file in the blob store. Text form:
 /// 64 hex digits.

@@ -32,12 +32,9 @@ pub mod envelope;
 pub mod file;
 pub mod handle;
 pub mod key;
-pub mod mail;
 pub mod manifest;
-pub mod pin;
-pub mod registry;
+pub mod provider;
 pub mod sigchain;
-pub mod subjects;
 
 pub use handle::{Handle, HandleError};
 pub use key::{KeyError, PublicKey, SecretKey, Signature, SignatureDomain};

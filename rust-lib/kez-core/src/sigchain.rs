@@ -28,8 +28,7 @@ pub const MAX_LINK_BYTES: usize = 8 * 1024;
 pub const MAX_NAME_LEN: usize = 64;
 /// Largest length, in bytes, of an address, identity, proof or provider field.
 pub const MAX_VALUE_LEN: usize = 1024;
-/// Most providers a `set_shared_files` link may list.
-pub const MAX_PROVIDERS: usize = 16;
+pub use crate::provider::MAX_PROVIDERS;
 /// Most links a chain may have. With [`MAX_LINK_BYTES`] it bounds what a verifier reads (at
 /// most 80 MiB, about a second of work); real chains stay far below it.
 pub const MAX_LINKS: u64 = 10_000;

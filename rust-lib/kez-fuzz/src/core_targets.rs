@@ -1,5 +1,5 @@
 //! Targets for kez-core: sigchain links and chains, envelopes, files and offers, manifests,
-//! handles, keys.
+//! handles, keys, provider strings.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -9,6 +9,7 @@ use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
 use kez_core::manifest::{self, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest, ManifestError};
+use kez_core::provider::{MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, Provider};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
 use kez_core::{Handle, PublicKey, SecretKey, Sigchain, Signature, SignedLink};
 use sha2::Sha256;
@@ -419,4 +420,22 @@ fn check_key(key: PublicKey) {
     assert_eq!(PublicKey::from_nkey(&key.to_nkey()), Ok(key));
     assert_eq!(PublicKey::from_bytes(key.as_bytes()), Ok(key));
     assert_eq!(key.to_nkey().len(), kez_core::key::NKEY_LEN);
+}
+
+/// Provider strings (`kez_core::provider`, PROTOCOL.md §9.5). Asserts: an accepted provider is
+/// within the limits, names no address twice, and its text form is exactly the input.
+pub fn provider(data: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let Ok(provider) = Provider::parse(text) else {
+        return false;
+    };
+    assert!(text.len() <= MAX_PROVIDER_LEN);
+    assert!(provider.addrs.len() <= MAX_PROVIDER_ADDRS);
+    for (i, addr) in provider.addrs.iter().enumerate() {
+        assert!(!provider.addrs[..i].contains(addr));
+    }
+    assert_eq!(provider.to_string(), text);
+    true
 }

@@ -19,12 +19,12 @@ pub mod seeds;
 mod server;
 
 pub use core_targets::{
-    envelope, file_decrypt, file_offer, handle, manifest, public_key, sigchain,
+    envelope, file_decrypt, file_offer, handle, manifest, provider, public_key, sigchain,
 };
 pub use jwt::callout_jwt;
 pub use server::{
     server_append, server_get, server_head, server_info, server_lookup, server_mail_send,
-    server_register, server_whois,
+    server_pin, server_register, server_whois, webfinger_query,
 };
 
 /// A fuzz target: any bytes in, `true` if the input was accepted; panics only on a bug.
@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("manifest", manifest),
     ("handle", handle),
     ("public_key", public_key),
+    ("provider", provider),
     ("callout_jwt", callout_jwt),
     ("server_register", server_register),
     ("server_lookup", server_lookup),
@@ -49,6 +50,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_get", server_get),
     ("server_info", server_info),
     ("server_mail_send", server_mail_send),
+    ("server_pin", server_pin),
+    ("webfinger_query", webfinger_query),
 ];
 
 /// The target named `name`.

@@ -230,10 +230,47 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "server_mail_send" => {
             let id = kez_core::envelope::MessageId::from_bytes([7; 16]);
             vec![
-                kez_core::mail::SendRequest::encode(&bob, &id, b"sealed"),
-                kez_core::mail::SendRequest::encode(&bob, &id, &[0; 200]),
+                kez_proto::mail::SendRequest::encode(&bob, &id, b"sealed"),
+                kez_proto::mail::SendRequest::encode(&bob, &id, &[0; 200]),
             ]
         }
+        "server_pin" => {
+            let vector = read_json(&repo_root().join("rust-lib/kez-core/vectors/pin.json"));
+            let add = vector["request"].as_str().expect("a request").as_bytes();
+            let blob = BlobHash::from_bytes([7; 32]);
+            let key = keys::alice();
+            let (domain, now) = (crate::server::DOMAIN, crate::server::NOW);
+            let encoded = |request: &kez_proto::pin::PinRequest| {
+                serde_json::to_vec(request).expect("encodes")
+            };
+            vec![
+                tagged(0, add),
+                tagged(
+                    1,
+                    &encoded(&kez_proto::pin::PinRequest::remove(&key, domain, now, blob)),
+                ),
+                tagged(
+                    2,
+                    &encoded(&kez_proto::pin::PinRequest::list(&key, domain, now)),
+                ),
+                tagged(
+                    3,
+                    &encoded(&kez_proto::pin::PinRequest::status(&key, domain, now, blob)),
+                ),
+            ]
+        }
+        "provider" => {
+            let id = "ae58ff8833241ac82d6ff7611046ed67b5072d142c588d0063e942d9a75502b6";
+            vec![
+                format!("iroh:{id}").into_bytes(),
+                format!("iroh:{id};ip=192.0.2.7:4433;ip=[2001:db8::7]:4433;relay=https://relay.example.org./")
+                    .into_bytes(),
+            ]
+        }
+        "webfinger_query" => vec![
+            b"resource=acct%3Aalice%40kez.lat".to_vec(),
+            b"resource=acct:Bob@KEZ.lat&rel=https%3A%2F%2Fkez.lat%2Fns%2Frel%2Fnats".to_vec(),
+        ],
         _ => Vec::new(),
     }
 }

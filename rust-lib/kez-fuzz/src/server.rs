@@ -1,6 +1,7 @@
-//! kez-chat-server's request decoders ([`handlers::decode`]), one target per endpoint.
+//! The home server's request decoder ([`kez_proto::decode`]), one target per endpoint.
 
-use kez_chat_server::handlers::{self, Request, Route, request_limit};
+use kez_proto::Endpoint;
+use kez_proto::request::{Request, request_limit};
 
 /// The domain the decoding server serves: the vectors' (`kez.lat`).
 pub const DOMAIN: &str = "kez.lat";
@@ -9,8 +10,8 @@ pub const NOW: u64 = 1_767_225_600;
 
 /// Decodes `data` for `route` and checks what holds for every endpoint: a body over the limit is
 /// 413, and a refusal is a client error (4xx) with a name, never a server error.
-fn decode(route: Route, data: &[u8]) -> Option<Request> {
-    match handlers::decode(route, data, DOMAIN, NOW) {
+fn decode(route: Endpoint, data: &[u8]) -> Option<Request<'_>> {
+    match kez_proto::decode(route, data, DOMAIN, NOW) {
         Ok(request) => {
             assert!(data.len() <= request_limit(route));
             Some(request)
@@ -29,7 +30,7 @@ fn decode(route: Route, data: &[u8]) -> Option<Request> {
 /// `kez.registry.register`. Asserts: an accepted registration is for a handle on [`DOMAIN`],
 /// and verifies again to the same handle.
 pub fn server_register(data: &[u8]) -> bool {
-    let Some(request) = decode(Route::Register, data) else {
+    let Some(request) = decode(Endpoint::Register, data) else {
         return false;
     };
     let Request::Register { request, handle } = request else {
@@ -43,7 +44,7 @@ pub fn server_register(data: &[u8]) -> bool {
 /// `kez.registry.lookup`. Asserts: an accepted handle is on [`DOMAIN`], and its full form
 /// decodes to the same handle.
 pub fn server_lookup(data: &[u8]) -> bool {
-    let Some(request) = decode(Route::Lookup, data) else {
+    let Some(request) = decode(Endpoint::Lookup, data) else {
         return false;
     };
     let Request::Lookup(handle) = request else {
@@ -52,21 +53,21 @@ pub fn server_lookup(data: &[u8]) -> bool {
     assert_eq!(handle.domain(), DOMAIN);
     let again =
         serde_json::to_vec(&serde_json::json!({ "handle": handle.to_string() })).expect("encodes");
-    assert!(matches!(decode(Route::Lookup, &again), Some(Request::Lookup(h)) if h == handle));
+    assert!(matches!(decode(Endpoint::Lookup, &again), Some(Request::Lookup(h)) if h == handle));
     true
 }
 
 /// `kez.registry.whois`. Asserts: the key decodes again from its text form.
 pub fn server_whois(data: &[u8]) -> bool {
-    key_request(Route::Whois, data)
+    key_request(Endpoint::Whois, data)
 }
 
 /// `kez.sigchain.head`. Asserts: the key decodes again from its text form.
 pub fn server_head(data: &[u8]) -> bool {
-    key_request(Route::Head, data)
+    key_request(Endpoint::Head, data)
 }
 
-fn key_request(route: Route, data: &[u8]) -> bool {
+fn key_request(route: Endpoint, data: &[u8]) -> bool {
     let key = match decode(route, data) {
         None => return false,
         Some(Request::Whois(key) | Request::Head(key)) => key,
@@ -83,7 +84,7 @@ fn key_request(route: Route, data: &[u8]) -> bool {
 /// `kez.sigchain.append`. Asserts: an accepted link is the body's exact bytes, within
 /// [`kez_core::sigchain::MAX_LINK_BYTES`].
 pub fn server_append(data: &[u8]) -> bool {
-    let Some(request) = decode(Route::Append, data) else {
+    let Some(request) = decode(Endpoint::Append, data) else {
         return false;
     };
     let Request::Append(link) = request else {
@@ -96,7 +97,7 @@ pub fn server_append(data: &[u8]) -> bool {
 
 /// `kez.sigchain.get`. Asserts: `from_seq` is at least 1, and key and `from_seq` decode again.
 pub fn server_get(data: &[u8]) -> bool {
-    let Some(request) = decode(Route::GetChain, data) else {
+    let Some(request) = decode(Endpoint::GetChain, data) else {
         return false;
     };
     let Request::GetChain { key, from_seq } = request else {
@@ -106,7 +107,7 @@ pub fn server_get(data: &[u8]) -> bool {
     let again = serde_json::to_vec(&serde_json::json!({ "key": key, "from_seq": from_seq }))
         .expect("encodes");
     assert!(matches!(
-        decode(Route::GetChain, &again),
+        decode(Endpoint::GetChain, &again),
         Some(Request::GetChain { key: k, from_seq: s }) if k == key && s == from_seq
     ));
     true
@@ -114,27 +115,64 @@ pub fn server_get(data: &[u8]) -> bool {
 
 /// `kez.server.info`: any body within the limit is accepted (and ignored).
 pub fn server_info(data: &[u8]) -> bool {
-    let accepted = matches!(decode(Route::Info, data), Some(Request::Info));
-    assert_eq!(accepted, data.len() <= request_limit(Route::Info));
+    let accepted = matches!(decode(Endpoint::Info, data), Some(Request::Info));
+    assert_eq!(accepted, data.len() <= request_limit(Endpoint::Info));
     accepted
 }
 
 /// `kez.mail.send`. Asserts: an accepted body is a valid recipient key, a message id and an
 /// envelope of 1 to 65536 bytes, and encodes back to the same bytes.
 pub fn server_mail_send(data: &[u8]) -> bool {
-    let Some(request) = decode(Route::MailSend, data) else {
+    let Some(request) = decode(Endpoint::MailSend, data) else {
         return false;
     };
-    assert!(
-        matches!(request, Request::MailSend),
-        "decoded as {request:?}"
-    );
-    let send = kez_core::mail::SendRequest::decode(data).expect("decode accepted it");
+    let Request::MailSend(send) = request else {
+        panic!("mail send decoded as {request:?}");
+    };
     assert!(!send.envelope.is_empty());
     assert!(send.envelope.len() <= kez_core::envelope::MAX_ENVELOPE_BYTES);
     assert_eq!(
-        kez_core::mail::SendRequest::encode(&send.to, &send.id, send.envelope),
+        kez_proto::mail::SendRequest::encode(&send.to, &send.id, send.envelope),
         data
     );
+    true
+}
+
+/// `kez.pin.*`: the first byte picks the operation (`add`, `remove`, `list`, `status`), the
+/// rest is the body. Asserts: an accepted request is for that operation, verifies again, has
+/// the members its operation needs, and its JSON decodes again to the same request.
+pub fn server_pin(data: &[u8]) -> bool {
+    let (mode, body) = crate::mode(data);
+    let op = kez_proto::pin::PinOp::ALL[usize::from(mode % 4)];
+    let Some(request) = decode(op.endpoint(), body) else {
+        return false;
+    };
+    let Request::Pin(request) = request else {
+        panic!("{op:?} decoded as {request:?}");
+    };
+    assert_eq!(request.op, op);
+    assert_eq!(request.verify(op, DOMAIN, NOW), Ok(()));
+    assert_eq!(request.blob.is_some(), op != kez_proto::pin::PinOp::List);
+    let again = serde_json::to_vec(&request).expect("encodes");
+    assert!(matches!(
+        decode(op.endpoint(), &again),
+        Some(Request::Pin(same)) if same == request
+    ));
+    true
+}
+
+/// The WebFinger query (`/.well-known/webfinger?<query>`, PROTOCOL.md §7.1). Asserts: an
+/// accepted query names a handle on [`DOMAIN`], which its plain `acct:` form names again.
+pub fn webfinger_query(data: &[u8]) -> bool {
+    let Ok(query) = std::str::from_utf8(data) else {
+        return false;
+    };
+    let Ok((handle, _rels)) = kez_proto::webfinger::account(Some(query), DOMAIN) else {
+        return false;
+    };
+    assert_eq!(handle.domain(), DOMAIN);
+    let plain = format!("resource=acct:{}@{}", handle.name(), handle.domain());
+    let (again, rels) = kez_proto::webfinger::account(Some(&plain), DOMAIN).expect("accepted");
+    assert_eq!((again, rels.len()), (handle, 0));
     true
 }

@@ -32,7 +32,7 @@
 //!
 //! let claims = UserClaims::new(&user_nkey, "APP", now)
 //!     .with_expiry(now + 3600)
-//!     .allow_publish(["kez.registry.lookup"])
+//!     .allow_publish(["app.requests.>"])
 //!     .allow_subscribe(["_INBOX.me.>"]);
 //! let user_jwt = encode_user_jwt(&issuer, &claims)?;
 //! let response = encode_authorization_response(

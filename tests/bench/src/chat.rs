@@ -19,7 +19,7 @@ use kez_chat_server::store::INBOX_MAX_MESSAGES;
 use kez_client::{Connection, Contact, Home, Store};
 use kez_core::SecretKey;
 use kez_core::envelope::MessageId;
-use kez_core::subjects::{INBOX_STREAM, inbox_consumer};
+use kez_proto::subjects::{INBOX_STREAM, inbox_consumer};
 use kez_tests::callout::CalloutStack;
 use tempfile::TempDir;
 use tokio::sync::mpsc;

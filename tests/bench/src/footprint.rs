@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use kez_core::SecretKey;
-use kez_core::subjects::inbox_subject;
+use kez_proto::subjects::inbox_subject;
 use kez_tests::NatsServer;
 use kez_tests::process::KezServerProcess;
 

@@ -8,11 +8,9 @@
 //! body = recipient identity key (32 bytes) || message id (16 bytes) || envelope (1..=65536 bytes)
 //! ```
 
-use crate::envelope::{MAX_ENVELOPE_BYTES, MessageId};
-use crate::key::{KeyError, PublicKey};
+use kez_core::envelope::{MAX_ENVELOPE_BYTES, MessageId};
+use kez_core::key::{KeyError, PublicKey};
 
-/// The subject of the send request.
-pub const SEND_SUBJECT: &str = "kez.mail.send";
 /// Bytes before the envelope: the recipient's key and the message id.
 pub const SEND_FRAME_LEN: usize = 32 + 16;
 /// Largest send request body.
@@ -86,7 +84,7 @@ impl<'a> SendRequest<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::SecretKey;
+    use kez_core::key::SecretKey;
 
     #[test]
     fn a_request_round_trips_and_bad_ones_have_codes() {

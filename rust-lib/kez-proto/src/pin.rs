@@ -5,11 +5,12 @@
 //! so a signature made for one operation, blob or server is worthless for another, and an old
 //! request expires. PROTOCOL.md §10.
 
+use kez_core::canonical;
+use kez_core::file::{BlobHash, FileOfferError, check_providers};
+use kez_core::key::{PublicKey, SecretKey, Signature, SignatureDomain};
 use serde::{Deserialize, Serialize};
 
-use crate::canonical;
-use crate::file::{BlobHash, FileOfferError, check_providers};
-use crate::key::{PublicKey, SecretKey, Signature, SignatureDomain};
+use crate::endpoint::Endpoint;
 
 /// How far, in seconds, a request's time may be from the server's clock, either way.
 pub const PIN_WINDOW_SECS: u64 = 300;
@@ -42,9 +43,19 @@ impl PinOp {
         }
     }
 
+    /// The endpoint the request goes to (`kez.pin.<name>`).
+    pub fn endpoint(self) -> Endpoint {
+        match self {
+            PinOp::Add => Endpoint::PinAdd,
+            PinOp::Remove => Endpoint::PinRemove,
+            PinOp::List => Endpoint::PinList,
+            PinOp::Status => Endpoint::PinStatus,
+        }
+    }
+
     /// The subject the request goes to: `kez.pin.<name>`.
-    pub fn subject(self) -> String {
-        format!("kez.pin.{}", self.name())
+    pub fn subject(self) -> &'static str {
+        self.endpoint().subject()
     }
 }
 

@@ -7,9 +7,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::canonical;
-use crate::handle::{Handle, HandleError};
-use crate::key::{PublicKey, SecretKey, Signature, SignatureDomain};
+use kez_core::canonical;
+use kez_core::handle::{Handle, HandleError};
+use kez_core::key::{PublicKey, SecretKey, Signature, SignatureDomain};
 
 /// How far, in seconds, a request's time may be from the server's clock, either way.
 pub const REGISTRATION_WINDOW_SECS: u64 = 300;

@@ -1,0 +1,182 @@
+//! The requests of the home server's endpoints (PROTOCOL.md §5, §6.3, §10) and the decoder the
+//! server runs on every body before it touches any state.
+
+use kez_core::sigchain::MAX_LINK_BYTES;
+use kez_core::{Handle, PublicKey, SignedLink};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::endpoint::Endpoint;
+use crate::error::ErrorAnswer;
+use crate::mail::{MAX_SEND_BYTES, SendRequest};
+use crate::pin::{PinOp, PinRequest};
+use crate::registry::RegistrationRequest;
+
+/// Largest request body the JSON endpoints accept, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
+/// Most link bytes one `kez.sigchain.get` answer carries; `more` says when to ask again.
+pub const MAX_CHAIN_PAGE_BYTES: usize = 256 * 1024;
+
+/// The body of `kez.registry.lookup`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupRequest {
+    /// `alice`, `@alice` or `@alice@<the server's domain>`.
+    pub handle: String,
+}
+
+/// The body of `kez.registry.whois` and `kez.sigchain.head`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequest {
+    /// The key asked about.
+    pub key: PublicKey,
+}
+
+/// The body of `kez.sigchain.get`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetChainRequest {
+    /// The chain's key.
+    pub key: PublicKey,
+    /// The first link wanted, counting from 1 (absent: 1).
+    #[serde(default = "first_seq")]
+    pub from_seq: u64,
+}
+
+fn first_seq() -> u64 {
+    1
+}
+
+/// A request decoded and checked without touching any state: what the server acts on.
+///
+/// [`decode`] makes one from a request body; it is pure (no I/O, no clock but `now`), so it
+/// can be fuzzed on its own (`rust-lib/kez-fuzz`).
+#[derive(Debug, Clone)]
+pub enum Request<'a> {
+    /// `kez.registry.register`: a registration whose signature, time and domain verified.
+    Register {
+        /// The request as sent.
+        request: RegistrationRequest,
+        /// The handle it registers (on the served domain).
+        handle: Handle,
+    },
+    /// `kez.registry.lookup`: a handle on the served domain.
+    Lookup(Handle),
+    /// `kez.registry.whois`: a key.
+    Whois(PublicKey),
+    /// `kez.sigchain.append`: a link that parsed (its chain rules are the store's to check).
+    Append(SignedLink),
+    /// `kez.sigchain.get`: a key and the first seq wanted (at least 1).
+    GetChain {
+        /// The chain's key.
+        key: PublicKey,
+        /// The first link wanted, counting from 1.
+        from_seq: u64,
+    },
+    /// `kez.sigchain.head`: a key.
+    Head(PublicKey),
+    /// `kez.server.info` (the body is ignored).
+    Info,
+    /// `$SYS.REQ.USER.AUTH`: the body is nats-server's JWT, which the callout decodes.
+    Authorize,
+    /// `kez.pin.*`: a request whose shape, domain, time and signature verified for the
+    /// subject's operation (whether its key may pin is the server's to check).
+    Pin(PinRequest),
+    /// `kez.mail.send`: a recipient, a message id and an envelope of an acceptable size.
+    MailSend(SendRequest<'a>),
+}
+
+/// The largest body `endpoint` accepts: [`MAX_REQUEST_BYTES`], or
+/// [`kez_nats_jwt::MAX_JWT_LEN`] for nats-server's own authorization requests, or a frame and
+/// the largest envelope for `kez.mail.send`.
+pub fn request_limit(endpoint: Endpoint) -> usize {
+    match endpoint {
+        Endpoint::Authorize => kez_nats_jwt::MAX_JWT_LEN,
+        Endpoint::MailSend => MAX_SEND_BYTES,
+        _ => MAX_REQUEST_BYTES,
+    }
+}
+
+/// Decodes and checks a request body for `endpoint` on a server for `domain` at `now` (unix
+/// seconds): the size limits, the JSON, and every check that needs no state. Errors are the
+/// answers the server gives for them (400, 401, 404 for a handle of another domain, 413, and
+/// the registration, pin and link failures of PROTOCOL.md §5.1).
+pub fn decode<'a>(
+    endpoint: Endpoint,
+    body: &'a [u8],
+    domain: &str,
+    now: u64,
+) -> Result<Request<'a>, ErrorAnswer> {
+    let limit = request_limit(endpoint);
+    // A send request's frame checks its size itself, naming the envelope's.
+    if endpoint != Endpoint::MailSend && body.len() > limit {
+        return Err(ErrorAnswer::too_large("request", body.len(), limit));
+    }
+    match endpoint {
+        Endpoint::Register => {
+            let request: RegistrationRequest = parse(body)?;
+            let handle = request.verify(domain, now)?;
+            Ok(Request::Register { request, handle })
+        }
+        Endpoint::Lookup => {
+            let request: LookupRequest = parse(body)?;
+            let handle = Handle::parse(&request.handle, domain)
+                .map_err(|err| ErrorAnswer::new(400, err.code(), err.to_string()))?;
+            if handle.domain() != domain {
+                return Err(ErrorAnswer::not_found(format!(
+                    "{handle} is not on this server ({domain}); ask its own home server"
+                )));
+            }
+            Ok(Request::Lookup(handle))
+        }
+        Endpoint::Whois => Ok(Request::Whois(parse::<KeyRequest>(body)?.key)),
+        Endpoint::Append => {
+            if body.len() > MAX_LINK_BYTES {
+                return Err(ErrorAnswer::too_large("link", body.len(), MAX_LINK_BYTES));
+            }
+            Ok(Request::Append(SignedLink::parse(body)?))
+        }
+        Endpoint::GetChain => {
+            let request: GetChainRequest = parse(body)?;
+            if request.from_seq == 0 {
+                return Err(ErrorAnswer::malformed("from_seq counts from 1"));
+            }
+            Ok(Request::GetChain {
+                key: request.key,
+                from_seq: request.from_seq,
+            })
+        }
+        Endpoint::Head => Ok(Request::Head(parse::<KeyRequest>(body)?.key)),
+        Endpoint::Info => Ok(Request::Info),
+        Endpoint::Authorize => Ok(Request::Authorize),
+        Endpoint::PinAdd => pin(PinOp::Add, body, domain, now),
+        Endpoint::PinRemove => pin(PinOp::Remove, body, domain, now),
+        Endpoint::PinList => pin(PinOp::List, body, domain, now),
+        Endpoint::PinStatus => pin(PinOp::Status, body, domain, now),
+        Endpoint::MailSend => Ok(Request::MailSend(SendRequest::decode(body)?)),
+    }
+}
+
+fn pin<'a>(op: PinOp, body: &[u8], domain: &str, now: u64) -> Result<Request<'a>, ErrorAnswer> {
+    let request: PinRequest = parse(body)?;
+    request.verify(op, domain, now)?;
+    Ok(Request::Pin(request))
+}
+
+/// Reads a JSON request body: one JSON object, as PROTOCOL.md describes for the endpoint.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ErrorAnswer> {
+    if body.is_empty() {
+        return Err(ErrorAnswer::malformed(
+            "empty request body; send a JSON object as PROTOCOL.md describes",
+        ));
+    }
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|err| ErrorAnswer::malformed(format!("bad request JSON: {err}")))?;
+    // serde would also take a struct from a JSON array; the protocol has objects only.
+    if !value.is_object() {
+        return Err(ErrorAnswer::malformed("the request must be a JSON object"));
+    }
+    serde_json::from_value(value)
+        .map_err(|err| ErrorAnswer::malformed(format!("bad request: {err}")))
+}
