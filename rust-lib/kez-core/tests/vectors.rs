@@ -530,6 +530,103 @@ fn generate() -> Vec<Vector> {
         },
     ));
 
+    // Duplicate members and numbers that are not plain integers (PROTOCOL.md §4.4, steps 2-5):
+    // link 3 is alice's valid signature over the canonical link, whose text is then edited, so
+    // only the text form is wrong (a verifier that normalised it would accept the signature).
+    let edits: [(&str, &str, &str, &str); 9] = [
+        (
+            "malformed-duplicate-member",
+            "Link 3 has its time member twice, with the same value: not canonical (step 5).",
+            "\"time\":1767225720,",
+            "\"time\":1767225720,\"time\":1767225720,",
+        ),
+        (
+            "malformed-duplicate-v",
+            "Link 3 has \"v\":1 twice: the version is 1 (step 3 passes), then not canonical (step 5).",
+            "\"v\":1}",
+            "\"v\":1,\"v\":1}",
+        ),
+        (
+            "unknown_version-duplicate-v",
+            "Link 3 ends \"v\":1,\"v\":2: the last v is the one read, so step 3 fails before the duplicate is seen.",
+            "\"v\":1}",
+            "\"v\":1,\"v\":2}",
+        ),
+        (
+            "malformed-fractional-v",
+            "Link 3 says \"v\":1.0: not an integer without fraction (step 2).",
+            "\"v\":1}",
+            "\"v\":1.0}",
+        ),
+        (
+            "malformed-exponent-v",
+            "Link 3 says \"v\":1e0: not an integer without exponent (step 2).",
+            "\"v\":1}",
+            "\"v\":1e0}",
+        ),
+        (
+            "malformed-fractional-unknown-v",
+            "Link 3 says \"v\":2.0: malformed (step 2), not unknown_version.",
+            "\"v\":1}",
+            "\"v\":2.0}",
+        ),
+        (
+            "malformed-fractional-seq",
+            "Link 3 says \"seq\":3.0 (v is 1): seq is not an integer (step 4).",
+            "\"seq\":3,",
+            "\"seq\":3.0,",
+        ),
+        (
+            "malformed-exponent-time",
+            "Link 3's time is written 1.76722572e9 (v is 1): not an integer (step 4).",
+            "\"time\":1767225720,",
+            "\"time\":1.76722572e9,",
+        ),
+        (
+            "unknown_version-fractional-seq",
+            "Link 3 says \"v\":2 and \"seq\":3.0: unknown_version (step 3); nothing after it is checked.",
+            "\"seq\":3,",
+            "\"seq\":3.0,",
+        ),
+    ];
+    for (name, description, from, to) in edits {
+        out.push(bad(name, description, &["alice"], |c| {
+            let link = c
+                .draft("alice", "alice", "remove_endpoint", json!({"name": "nats"}))
+                .sign("alice");
+            let link = if name == "unknown_version-fractional-seq" {
+                link.replace("\"v\":1}", "\"v\":2}")
+            } else {
+                link
+            };
+            assert_eq!(link.matches(from).count(), 1, "{name}");
+            link.replace(from, to)
+        }));
+    }
+
+    out.push(bad(
+        "malformed-too-deep",
+        "Link 3 is a validly signed unknown operation whose payload nests arrays so that the link holds 128 levels of arrays and objects (the link object counting as one): past the 127 a verifier reads.",
+        &["alice"],
+        |c| {
+            c.draft("alice", "alice", "note", json!({ "a": nested(MAX_NESTING - 1) }))
+                .sign("alice")
+        },
+    ));
+
+    let zero = Chain::new();
+    let link = zero
+        .draft("alice", "alice", "add_endpoint", nats_endpoint())
+        .set("seq", json!(0))
+        .sign("alice");
+    out.push(vector(
+        "wrong_seq-zero",
+        "A first link with seq 0, otherwise valid and validly signed: the first seq is 1.",
+        &["alice"],
+        vec![link],
+        error("wrong_seq", 1),
+    ));
+
     // Failures that need more than three links.
     let mut dup = Chain::alice_base();
     for _ in 0..2 {
@@ -611,6 +708,33 @@ fn generate() -> Vec<Vector> {
         ));
     }
     out
+}
+
+/// The deepest nesting of arrays and objects a link may have (PROTOCOL.md §3), the link
+/// object itself counting as one.
+const MAX_NESTING: usize = 127;
+
+/// `depth` arrays, one inside the other, around `1`.
+fn nested(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
+#[test]
+fn a_link_may_nest_127_levels_and_no_more() {
+    // The link object and the payload object are two levels; the arrays the rest.
+    for (arrays, ok) in [(MAX_NESTING - 2, true), (MAX_NESTING - 1, false)] {
+        let chain = Chain::new();
+        let link = chain
+            .draft("alice", "alice", "note", json!({ "a": nested(arrays) }))
+            .sign("alice");
+        match Sigchain::verify(&[link]) {
+            Ok(_) => assert!(ok, "{arrays}"),
+            Err(err) => {
+                assert!(!ok, "{arrays}: {err}");
+                assert_eq!((err.kind.code(), err.position), ("malformed", 1));
+            }
+        }
+    }
 }
 
 fn good(name: &str, description: &str, keys: &[&str], links: Vec<String>) -> Vector {
@@ -1078,4 +1202,46 @@ fn key_and_signature_vectors_are_reproduced_and_hold() {
     let identity = curve25519_dalek::EdwardsPoint::default();
     assert_ne!(residue, identity, "cofactorless: refused");
     assert_eq!(residue.mul_by_cofactor(), identity, "cofactored: accepted");
+}
+
+/// The edited sigchain vectors (duplicate members, fractions, exponents) carry alice's valid
+/// signature over the canonical form of what they say: only the text form is wrong, so a
+/// verifier that normalised numbers or dropped duplicates would accept them.
+#[test]
+fn edited_sigchain_vectors_are_validly_signed_over_their_canonical_form() {
+    for name in [
+        "malformed-duplicate-member",
+        "malformed-duplicate-v",
+        "unknown_version-duplicate-v",
+        "malformed-fractional-v",
+        "malformed-exponent-v",
+        "malformed-fractional-unknown-v",
+        "malformed-fractional-seq",
+        "malformed-exponent-time",
+    ] {
+        let path = vectors_dir().join(format!("{name}.json"));
+        let vector: Vector =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let text = vector.links.last().unwrap();
+        let mut value: Value = serde_json::from_str(text).unwrap();
+        let object = value.as_object_mut().unwrap();
+        for member in ["seq", "time"] {
+            let number = object[member].as_f64().unwrap();
+            object.insert(member.into(), json!(number as u64));
+        }
+        object.insert("v".into(), json!(1));
+        let sig: kez_core::Signature = object
+            .remove("sig")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let canonical = canonical_bytes(&value);
+        assert_ne!(canonical, text.as_bytes(), "{name}");
+        secret("alice")
+            .public_key()
+            .verify(SignatureDomain::SigchainLink, &canonical, &sig)
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+    }
 }
