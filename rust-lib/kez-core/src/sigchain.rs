@@ -1161,4 +1161,42 @@ mod tests {
             ));
         }
     }
+
+    /// PROTOCOL.md §4.3: `set_shared_files` may name no provider, or one twice; at most 16,
+    /// each a text (1 to 1024 bytes, no control character), kept as they are in the state.
+    #[test]
+    fn shared_files_providers_may_be_empty_or_repeated_up_to_16() {
+        let alice = key(1);
+        let files = |providers: Vec<String>| {
+            Op::SetSharedFiles(SharedFiles {
+                manifest: "ab".repeat(32),
+                providers,
+            })
+        };
+        let verify = |op: Op| {
+            let link = UnsignedLink::first(alice.public_key(), 1, op)
+                .sign(&alice)
+                .unwrap();
+            Sigchain::start(link.bytes())
+        };
+        for providers in [
+            vec![],
+            vec!["iroh:x".to_owned(), "iroh:x".to_owned()],
+            vec!["not a provider string".to_owned(); MAX_PROVIDERS],
+        ] {
+            let chain = verify(files(providers.clone())).unwrap();
+            assert_eq!(chain.shared_files().unwrap().providers, providers);
+        }
+        for providers in [
+            vec!["p".to_owned(); MAX_PROVIDERS + 1],
+            vec![String::new()],
+            vec!["x".repeat(MAX_VALUE_LEN + 1)],
+            vec!["tab\there".to_owned()],
+        ] {
+            assert!(matches!(
+                verify(files(providers)),
+                Err(ChainErrorKind::Malformed(_))
+            ));
+        }
+    }
 }

@@ -530,6 +530,103 @@ fn generate() -> Vec<Vector> {
         },
     ));
 
+    // Duplicate members and numbers that are not plain integers (PROTOCOL.md §4.4, steps 2-5):
+    // link 3 is alice's valid signature over the canonical link, whose text is then edited, so
+    // only the text form is wrong (a verifier that normalised it would accept the signature).
+    let edits: [(&str, &str, &str, &str); 9] = [
+        (
+            "malformed-duplicate-member",
+            "Link 3 has its time member twice, with the same value: not canonical (step 5).",
+            "\"time\":1767225720,",
+            "\"time\":1767225720,\"time\":1767225720,",
+        ),
+        (
+            "malformed-duplicate-v",
+            "Link 3 has \"v\":1 twice: the version is 1 (step 3 passes), then not canonical (step 5).",
+            "\"v\":1}",
+            "\"v\":1,\"v\":1}",
+        ),
+        (
+            "unknown_version-duplicate-v",
+            "Link 3 ends \"v\":1,\"v\":2: the last v is the one read, so step 3 fails before the duplicate is seen.",
+            "\"v\":1}",
+            "\"v\":1,\"v\":2}",
+        ),
+        (
+            "malformed-fractional-v",
+            "Link 3 says \"v\":1.0: not an integer without fraction (step 2).",
+            "\"v\":1}",
+            "\"v\":1.0}",
+        ),
+        (
+            "malformed-exponent-v",
+            "Link 3 says \"v\":1e0: not an integer without exponent (step 2).",
+            "\"v\":1}",
+            "\"v\":1e0}",
+        ),
+        (
+            "malformed-fractional-unknown-v",
+            "Link 3 says \"v\":2.0: malformed (step 2), not unknown_version.",
+            "\"v\":1}",
+            "\"v\":2.0}",
+        ),
+        (
+            "malformed-fractional-seq",
+            "Link 3 says \"seq\":3.0 (v is 1): seq is not an integer (step 4).",
+            "\"seq\":3,",
+            "\"seq\":3.0,",
+        ),
+        (
+            "malformed-exponent-time",
+            "Link 3's time is written 1.76722572e9 (v is 1): not an integer (step 4).",
+            "\"time\":1767225720,",
+            "\"time\":1.76722572e9,",
+        ),
+        (
+            "unknown_version-fractional-seq",
+            "Link 3 says \"v\":2 and \"seq\":3.0: unknown_version (step 3); nothing after it is checked.",
+            "\"seq\":3,",
+            "\"seq\":3.0,",
+        ),
+    ];
+    for (name, description, from, to) in edits {
+        out.push(bad(name, description, &["alice"], |c| {
+            let link = c
+                .draft("alice", "alice", "remove_endpoint", json!({"name": "nats"}))
+                .sign("alice");
+            let link = if name == "unknown_version-fractional-seq" {
+                link.replace("\"v\":1}", "\"v\":2}")
+            } else {
+                link
+            };
+            assert_eq!(link.matches(from).count(), 1, "{name}");
+            link.replace(from, to)
+        }));
+    }
+
+    out.push(bad(
+        "malformed-too-deep",
+        "Link 3 is a validly signed unknown operation whose payload nests arrays so that the link holds 128 levels of arrays and objects (the link object counting as one): past the 127 a verifier reads.",
+        &["alice"],
+        |c| {
+            c.draft("alice", "alice", "note", json!({ "a": nested(MAX_NESTING - 1) }))
+                .sign("alice")
+        },
+    ));
+
+    let zero = Chain::new();
+    let link = zero
+        .draft("alice", "alice", "add_endpoint", nats_endpoint())
+        .set("seq", json!(0))
+        .sign("alice");
+    out.push(vector(
+        "wrong_seq-zero",
+        "A first link with seq 0, otherwise valid and validly signed: the first seq is 1.",
+        &["alice"],
+        vec![link],
+        error("wrong_seq", 1),
+    ));
+
     // Failures that need more than three links.
     let mut dup = Chain::alice_base();
     for _ in 0..2 {
@@ -611,6 +708,33 @@ fn generate() -> Vec<Vector> {
         ));
     }
     out
+}
+
+/// The deepest nesting of arrays and objects a link may have (PROTOCOL.md §3), the link
+/// object itself counting as one.
+const MAX_NESTING: usize = 127;
+
+/// `depth` arrays, one inside the other, around `1`.
+fn nested(depth: usize) -> Value {
+    (0..depth).fold(json!(1), |inner, _| json!([inner]))
+}
+
+#[test]
+fn a_link_may_nest_127_levels_and_no_more() {
+    // The link object and the payload object are two levels; the arrays the rest.
+    for (arrays, ok) in [(MAX_NESTING - 2, true), (MAX_NESTING - 1, false)] {
+        let chain = Chain::new();
+        let link = chain
+            .draft("alice", "alice", "note", json!({ "a": nested(arrays) }))
+            .sign("alice");
+        match Sigchain::verify(&[link]) {
+            Ok(_) => assert!(ok, "{arrays}"),
+            Err(err) => {
+                assert!(!ok, "{arrays}: {err}");
+                assert_eq!((err.kind.code(), err.position), ("malformed", 1));
+            }
+        }
+    }
 }
 
 fn good(name: &str, description: &str, keys: &[&str], links: Vec<String>) -> Vector {
@@ -997,4 +1121,316 @@ fn key_and_signature_vectors_are_reproduced_and_hold() {
     let identity = curve25519_dalek::EdwardsPoint::default();
     assert_ne!(residue, identity, "cofactorless: refused");
     assert_eq!(residue.mul_by_cofactor(), identity, "cofactored: accepted");
+}
+
+/// The secret scalar `a` of a named test key (SHA-512 of the seed, clamped, reduced).
+fn signing_scalar(key: &str) -> curve25519_dalek::Scalar {
+    use sha2::Sha512;
+    let expanded = Sha512::digest(seed(key));
+    let mut a_bytes = [0u8; 32];
+    a_bytes.copy_from_slice(&expanded[..32]);
+    a_bytes[0] &= 248;
+    a_bytes[31] &= 127;
+    a_bytes[31] |= 64;
+    curve25519_dalek::Scalar::from_bytes_mod_order(a_bytes)
+}
+
+/// `k = SHA-512(R || A || M)` reduced mod L, over the bytes as given.
+fn challenge(r_bytes: &[u8], a_bytes: &[u8], message: &[u8]) -> curve25519_dalek::Scalar {
+    let mut h = sha2::Sha512::new();
+    h.update(r_bytes);
+    h.update(a_bytes);
+    h.update(message);
+    curve25519_dalek::Scalar::from_bytes_mod_order_wide(&h.finalize().into())
+}
+
+/// `R || S` with `S = r + k·a`, `k` over the given bytes of `R` and `A`.
+fn forge(
+    a: curve25519_dalek::Scalar,
+    a_bytes: [u8; 32],
+    r_bytes: [u8; 32],
+    r: curve25519_dalek::Scalar,
+    message: &[u8],
+) -> [u8; 64] {
+    let s = r + challenge(&r_bytes, &a_bytes, message) * a;
+    let mut sig = [0u8; 64];
+    sig[..32].copy_from_slice(&r_bytes);
+    sig[32..].copy_from_slice(&s.to_bytes());
+    sig
+}
+
+/// The first nonce `r` (from a counter) whose `R = [r]B` makes `k ≡ 0 mod 8` with key bytes
+/// `a_bytes`: then `[k]T` is the identity for any `T` of order 8 or less.
+fn nonce_killing_torsion(a_bytes: [u8; 32], message: &[u8]) -> curve25519_dalek::Scalar {
+    use curve25519_dalek::Scalar;
+    use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+    (0u32..)
+        .map(|i| {
+            Scalar::from_bytes_mod_order_wide(
+                &sha2::Sha512::digest(format!("kez vector torsion nonce {i}")).into(),
+            )
+        })
+        .find(|r| {
+            let r_bytes = (ED25519_BASEPOINT_POINT * r).compress().to_bytes();
+            challenge(&r_bytes, &a_bytes, message).to_bytes()[0] & 7 == 0
+        })
+        .unwrap()
+}
+
+/// PROTOCOL.md §1.1: signatures a strict verifier refuses although a laxer rule accepts them
+/// (`lax_accepts`), each with the code a verifier gives: the key's when the key is refused
+/// (checked first), else `bad_signature`.
+fn strict_signatures_vector() -> String {
+    use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
+    use curve25519_dalek::{EdwardsPoint, Scalar};
+    let message = SignatureDomain::Register.message(b"{}");
+    let alice = secret("alice").public_key();
+    let alice_point = curve25519_dalek::edwards::CompressedEdwardsY(*alice.as_bytes())
+        .decompress()
+        .unwrap();
+    let a = signing_scalar("alice");
+    // y = p + 1: a non-canonical encoding of the identity (y = 1).
+    let mut identity_y_plus_p = [0xffu8; 32];
+    identity_y_plus_p[0] = 0xee;
+    identity_y_plus_p[31] = 0x7f;
+    // y = 1 with the sign bit set: the identity again (x = 0, so "-0").
+    let mut identity_negative_zero = [0u8; 32];
+    identity_negative_zero[0] = 1;
+    identity_negative_zero[31] = 0x80;
+    let order_8 = EIGHT_TORSION[1].compress().to_bytes();
+    let identity = EdwardsPoint::default().compress().to_bytes();
+    let mixed = (alice_point + EIGHT_TORSION[1]).compress().to_bytes();
+
+    let case = |name: &str, key: [u8; 32], sig: [u8; 64], expect: &str, lax: Option<&str>| {
+        json!({
+            "name": name,
+            "key_hex": hex(&key),
+            "message_hex": hex(&message),
+            "sig": hex(&sig),
+            "expect": expect,
+            "lax_accepts": lax,
+        })
+    };
+    // Signatures by a key whose discrete log is 0 (a small-order key): S = r, R = [r]B.
+    let free = |key: [u8; 32], r: Scalar| {
+        forge(
+            Scalar::ZERO,
+            key,
+            (ED25519_BASEPOINT_POINT * r).compress().to_bytes(),
+            r,
+            &message,
+        )
+    };
+    let any_r =
+        Scalar::from_bytes_mod_order_wide(&sha2::Sha512::digest(b"kez vector nonce").into());
+    let r_order_8 = nonce_killing_torsion(order_8, &message);
+    let r_mixed = nonce_killing_torsion(mixed, &message);
+    let cases = vec![
+        case(
+            "alice signs KEZ-REGISTER-V1 || 0x00 || {}",
+            *alice.as_bytes(),
+            secret("alice")
+                .sign(SignatureDomain::Register, b"{}")
+                .to_bytes(),
+            "ok",
+            None,
+        ),
+        case(
+            "R = the identity encoded with y = p + 1 (not canonical), S = k·a",
+            *alice.as_bytes(),
+            forge(
+                a,
+                *alice.as_bytes(),
+                identity_y_plus_p,
+                Scalar::ZERO,
+                &message,
+            ),
+            "bad_signature",
+            Some("cofactorless"),
+        ),
+        case(
+            "R = the identity encoded with the sign bit set (x = -0, not canonical), S = k·a",
+            *alice.as_bytes(),
+            forge(
+                a,
+                *alice.as_bytes(),
+                identity_negative_zero,
+                Scalar::ZERO,
+                &message,
+            ),
+            "bad_signature",
+            Some("cofactorless"),
+        ),
+        case(
+            "R = a point of order 8, S = k·a: small-order R, valid under the cofactored equation",
+            *alice.as_bytes(),
+            forge(a, *alice.as_bytes(), order_8, Scalar::ZERO, &message),
+            "bad_signature",
+            Some("cofactored"),
+        ),
+        case(
+            "key = the identity: R = [r]B, S = r verifies for every message",
+            identity,
+            free(identity, any_r),
+            "weak_key",
+            Some("cofactorless"),
+        ),
+        case(
+            "key = the identity encoded with y = p + 1: R = [r]B, S = r",
+            identity_y_plus_p,
+            free(identity_y_plus_p, any_r),
+            "invalid_point",
+            Some("cofactorless"),
+        ),
+        case(
+            "key = a point T of order 8, r chosen so that k = 0 mod 8 ([k]T = identity): S = r",
+            order_8,
+            free(order_8, r_order_8),
+            "weak_key",
+            Some("cofactorless"),
+        ),
+        case(
+            "key = alice's point plus a point of order 8 (mixed order), r chosen so that k = 0 mod 8: S = r + k·a satisfies the cofactorless equation (ed25519-dalek's verify_strict accepts it)",
+            mixed,
+            forge(
+                a,
+                mixed,
+                (ED25519_BASEPOINT_POINT * r_mixed).compress().to_bytes(),
+                r_mixed,
+                &message,
+            ),
+            "mixed_order",
+            Some("cofactorless"),
+        ),
+    ];
+    let vector = json!({
+        "description": "PROTOCOL.md §1.1: signatures refused by the strict rules that a laxer rule accepts. A verifier checks the key first (its code), then the signature (bad_signature). lax_accepts: \"cofactorless\" = [S mod L]B == R + [k]A as points, any decodable encoding of R and A, no other check; \"cofactored\" = 8([S mod L]B - R - [k]A) is the identity, likewise.",
+        "cases": cases,
+    });
+    serde_json::to_string_pretty(&vector).unwrap() + "\n"
+}
+
+/// The laxer rules of `strict_signatures_vector`: decode `R` and `A` as curve25519-dalek does
+/// (any y below 2^255, reduced mod p; the sign bit of x = 0 ignored), reduce `S` mod L, and
+/// check the equation with or without the cofactor, nothing else.
+fn lax_accepts(rule: &str, key: &[u8], message: &[u8], sig: &[u8]) -> bool {
+    use curve25519_dalek::edwards::CompressedEdwardsY;
+    use curve25519_dalek::traits::IsIdentity;
+    let decode = |bytes: &[u8]| CompressedEdwardsY(bytes.try_into().unwrap()).decompress();
+    let (Some(a), Some(r)) = (decode(key), decode(&sig[..32])) else {
+        return false;
+    };
+    let s = curve25519_dalek::Scalar::from_bytes_mod_order(sig[32..].try_into().unwrap());
+    let k = challenge(&sig[..32], key, message);
+    let residue = curve25519_dalek::constants::ED25519_BASEPOINT_POINT * s - a * k - r;
+    match rule {
+        "cofactorless" => residue.is_identity(),
+        "cofactored" => residue.mul_by_cofactor().is_identity(),
+        other => panic!("unknown rule {other}"),
+    }
+}
+
+#[test]
+fn strict_signature_vectors_are_reproduced_and_hold() {
+    use kez_core::key::KeyError;
+    use kez_core::{PublicKey, Signature};
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/signatures-strict.json");
+    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
+        std::fs::write(&path, strict_signatures_vector()).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        committed == strict_signatures_vector(),
+        "{} differs; run `make vectors`",
+        path.display()
+    );
+    let vector: Value = serde_json::from_str(&committed).unwrap();
+    let unhex = |text: &Value| -> Vec<u8> {
+        data_encoding::HEXLOWER
+            .decode(text.as_str().unwrap().as_bytes())
+            .unwrap()
+    };
+    let mut refused = 0;
+    for case in vector["cases"].as_array().unwrap() {
+        let name = &case["name"];
+        let key = unhex(&case["key_hex"]);
+        let message = unhex(&case["message_hex"]);
+        let sig = unhex(&case["sig"]);
+        let (tag, body) = message.split_at(message.iter().position(|&b| b == 0).unwrap());
+        assert_eq!(tag, SignatureDomain::Register.tag());
+        let got = match PublicKey::from_bytes(&key.clone().try_into().unwrap()) {
+            Err(KeyError::InvalidPoint) => "invalid_point",
+            Err(KeyError::WeakKey) => "weak_key",
+            Err(KeyError::MixedOrder) => "mixed_order",
+            Err(other) => panic!("{name}: {other}"),
+            Ok(key) => {
+                let sig = Signature::from_bytes(sig.clone().try_into().unwrap());
+                match key.verify(SignatureDomain::Register, &body[1..], &sig) {
+                    Ok(()) => "ok",
+                    Err(_) => "bad_signature",
+                }
+            }
+        };
+        assert_eq!(got, case["expect"], "{name}");
+        match case["lax_accepts"].as_str() {
+            None => assert_eq!(got, "ok", "{name}: a refused case names the rule it passes"),
+            Some(rule) => {
+                assert_ne!(got, "ok", "{name}");
+                assert!(lax_accepts(rule, &key, &message, &sig), "{name}: {rule}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused >= 7);
+    // The mixed-order key passes ed25519-dalek's verify_strict, which checks only that the
+    // key is not of small order: the key rules of §1.1 are what refuses it.
+    let mixed = &vector["cases"][7];
+    let key =
+        ed25519_dalek::VerifyingKey::from_bytes(&unhex(&mixed["key_hex"]).try_into().unwrap())
+            .unwrap();
+    let sig = ed25519_dalek::Signature::from_bytes(&unhex(&mixed["sig"]).try_into().unwrap());
+    key.verify_strict(&unhex(&mixed["message_hex"]), &sig)
+        .expect("verify_strict alone accepts a mixed-order key");
+}
+
+/// The edited sigchain vectors (duplicate members, fractions, exponents) carry alice's valid
+/// signature over the canonical form of what they say: only the text form is wrong, so a
+/// verifier that normalised numbers or dropped duplicates would accept them.
+#[test]
+fn edited_sigchain_vectors_are_validly_signed_over_their_canonical_form() {
+    for name in [
+        "malformed-duplicate-member",
+        "malformed-duplicate-v",
+        "unknown_version-duplicate-v",
+        "malformed-fractional-v",
+        "malformed-exponent-v",
+        "malformed-fractional-unknown-v",
+        "malformed-fractional-seq",
+        "malformed-exponent-time",
+    ] {
+        let path = vectors_dir().join(format!("{name}.json"));
+        let vector: Vector =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let text = vector.links.last().unwrap();
+        let mut value: Value = serde_json::from_str(text).unwrap();
+        let object = value.as_object_mut().unwrap();
+        for member in ["seq", "time"] {
+            let number = object[member].as_f64().unwrap();
+            object.insert(member.into(), json!(number as u64));
+        }
+        object.insert("v".into(), json!(1));
+        let sig: kez_core::Signature = object
+            .remove("sig")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let canonical = canonical_bytes(&value);
+        assert_ne!(canonical, text.as_bytes(), "{name}");
+        secret("alice")
+            .public_key()
+            .verify(SignatureDomain::SigchainLink, &canonical, &sig)
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
+    }
 }

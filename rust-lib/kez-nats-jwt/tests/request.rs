@@ -532,3 +532,48 @@ fn garbage_signatures_are_refused() {
     });
     assert_eq!(client_nonce_proof(&req).unwrap().signature, [1u8; 64]);
 }
+
+/// PROTOCOL.md §6.1: the three forms the callout reads (base64url without padding, standard
+/// base64 with or without padding), lenient about the unused low bits of the last character,
+/// and nothing else.
+#[test]
+fn nonce_signatures_are_read_in_exactly_three_forms() {
+    use data_encoding::{BASE64, BASE64_NOPAD, BASE64URL};
+    let s = Setup::new();
+    let proof = |sig: &str| {
+        client_nonce_proof(&request_with(&s, |c| {
+            c["nats"]["connect_opts"]["sig"] = json!(sig)
+        }))
+    };
+    // 0xfb bytes encode to `+/` in standard base64 and `-_` in base64url.
+    let bytes = [0xfbu8; 64];
+    let url = b64(bytes);
+    let (std_pad, std_nopad) = (BASE64.encode(&bytes), BASE64_NOPAD.encode(&bytes));
+    assert!(url.contains(['-', '_']) && std_pad.contains(['+', '/']) && std_pad.ends_with("=="));
+    for accepted in [&url, &std_pad, &std_nopad] {
+        assert_eq!(proof(accepted).unwrap().signature, bytes, "{accepted}");
+    }
+    // The 86th character carries 2 bits of the signature and 4 unused ones: set, they are
+    // ignored (as Go's decoder, which nats-server uses, ignores them).
+    let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let last = url.chars().last().unwrap();
+    let index = alphabet.find(last).unwrap() | 0x0f;
+    let sloppy = format!("{}{}", &url[..85], &alphabet[index..=index]);
+    assert_ne!(sloppy, url);
+    assert_eq!(proof(&sloppy).unwrap().signature, bytes);
+    for refused in [
+        BASE64URL.encode(&bytes),                  // base64url with padding
+        url.replacen('-', "+", 1),                 // both alphabets
+        format!("{}\n{}", &url[..43], &url[43..]), // a line break (Go's decoder would skip it)
+        format!("{}\r\n{}", &url[..43], &url[43..]),
+        format!(" {url}"),
+        format!("{url}="),
+        format!("{std_nopad}="), // padding that does not fit
+    ] {
+        assert_eq!(
+            proof(&refused),
+            Err(JwtError::MalformedNonceSignature),
+            "{refused:?}"
+        );
+    }
+}
