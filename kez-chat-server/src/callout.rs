@@ -19,7 +19,7 @@ use nkeys::KeyPair;
 
 use crate::limits::Limiter;
 use crate::nats_conf::APP_ACCOUNT;
-use crate::store::Store;
+use crate::store::{DisabledRecord, Store};
 
 /// How long a granted authorization lasts. When it ends nats-server disconnects the client,
 /// whose reconnect runs the callout again: a disabled user is out within this time.
@@ -120,19 +120,16 @@ impl Callout {
         // Independent reads: both at once, so a connect waits for two round trips, not three.
         let (record, disabled) = tokio::join!(self.store.whois(key), self.store.disabled(key));
         let unavailable = |err: ErrorAnswer| format!("kez: registry unavailable: {}", err.message);
-        let record = record.map_err(unavailable)?;
-        if let Some(disabled) = disabled.map_err(unavailable)? {
-            return Err(format!(
-                "kez: {} is disabled by the operator",
-                disabled.handle
-            ));
-        }
-        let (claims, verdict) = match &record {
-            Some(record) => (
-                registered_profile(request, record, now),
-                Verdict::Registered(key, form),
-            ),
-            None => {
+        let (record, disabled) = (record.map_err(unavailable)?, disabled.map_err(unavailable)?);
+        let (claims, verdict) = match grant(
+            &request.user_nkey,
+            &key,
+            record.as_ref(),
+            disabled.as_ref(),
+            now,
+        )? {
+            Grant::Registered(claims) => (claims, Verdict::Registered(key, form)),
+            Grant::Unregistered(claims) => {
                 if let Some(limiter) = &self.connect_limit
                     && let Err(limited) = limiter.check(
                         &crate::limits::address_bucket(&request.client_info.host),
@@ -142,13 +139,10 @@ impl Callout {
                     return Err(format!(
                         "kez: too many unregistered connections from {}; retry in {} ms",
                         request.client_info.host,
-                        limited.retry_after.as_millis().max(1)
+                        limited.retry_after_ms()
                     ));
                 }
-                (
-                    unregistered_profile(request, &key, now),
-                    Verdict::Unregistered(key, form),
-                )
+                (claims, Verdict::Unregistered(key, form))
             }
         };
         let user_jwt =
@@ -157,8 +151,40 @@ impl Callout {
     }
 }
 
-fn base_claims(request: &AuthorizationRequest, name: String, now: u64) -> UserClaims {
-    UserClaims::new(request.user_nkey.clone(), APP_ACCOUNT, now)
+/// What the callout grants a key that proved itself ([`Grant`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// The chat profile of a registered key.
+    Registered(UserClaims),
+    /// The narrow profile of a key without a handle.
+    Unregistered(UserClaims),
+}
+
+/// The callout's decision for `key`, which proved itself on the connection nats-server calls
+/// `user_nkey`, from its registration and whether an operator disabled it (PROTOCOL.md §6.2):
+/// a disabled key is refused (the reason nats-server logs), a registered one gets the chat
+/// profile, any other the narrow one.
+pub fn grant(
+    user_nkey: &str,
+    key: &PublicKey,
+    record: Option<&HandleRecord>,
+    disabled: Option<&DisabledRecord>,
+    now: u64,
+) -> Result<Grant, String> {
+    if let Some(disabled) = disabled {
+        return Err(format!(
+            "kez: {} is disabled by the operator",
+            disabled.handle
+        ));
+    }
+    Ok(match record {
+        Some(record) => Grant::Registered(registered_profile(user_nkey, record, now)),
+        None => Grant::Unregistered(unregistered_profile(user_nkey, key, now)),
+    })
+}
+
+fn base_claims(user_nkey: &str, name: String, now: u64) -> UserClaims {
+    UserClaims::new(user_nkey, APP_ACCOUNT, now)
         .with_name(name)
         .with_expiry(now + AUTHORIZATION_LIFETIME_SECS)
         .with_max_subscriptions(MAX_SUBSCRIPTIONS)
@@ -166,12 +192,8 @@ fn base_claims(request: &AuthorizationRequest, name: String, now: u64) -> UserCl
 
 /// A key without a handle may register, look handles up, read server info, and hear replies on
 /// its own reply prefix. Nothing else.
-pub fn unregistered_profile(
-    request: &AuthorizationRequest,
-    key: &PublicKey,
-    now: u64,
-) -> UserClaims {
-    base_claims(request, key.to_string(), now)
+fn unregistered_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
+    base_claims(user_nkey, key.to_string(), now)
         .allow_publish(unregistered_publish())
         .allow_subscribe(allowed_subscribe(key))
 }
@@ -179,12 +201,52 @@ pub fn unregistered_profile(
 /// A registered key may use every kez service (sending mail through `kez.mail.send`, never
 /// into an inbox directly), read and acknowledge only its own inbox consumer, and hear replies
 /// only on its own reply prefix.
-pub fn registered_profile(
-    request: &AuthorizationRequest,
-    record: &HandleRecord,
-    now: u64,
-) -> UserClaims {
-    base_claims(request, record.handle.to_string(), now)
+fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserClaims {
+    base_claims(user_nkey, record.handle.to_string(), now)
         .allow_publish(registered_publish(&record.key))
         .allow_subscribe(allowed_subscribe(&record.key))
+}
+
+#[cfg(test)]
+mod tests {
+    use kez_core::{Handle, SecretKey};
+
+    use super::*;
+
+    const NOW: u64 = 1_767_225_600;
+
+    #[test]
+    fn the_grant_follows_registration_and_the_operators_word() {
+        let key = SecretKey::from_seed(&[5; 32]).public_key();
+        let handle = Handle::parse("alice", "kez.lat").unwrap();
+        let record = HandleRecord {
+            handle: handle.clone(),
+            key,
+            registered_at: NOW - 60,
+        };
+        let user = "UCONNECTION";
+
+        let Ok(Grant::Unregistered(narrow)) = grant(user, &key, None, None, NOW) else {
+            panic!("a key without a handle gets the narrow profile");
+        };
+        assert_eq!(narrow.publish.allow, unregistered_publish());
+        assert_eq!(
+            (narrow.user_nkey.as_str(), narrow.account.as_str()),
+            (user, APP_ACCOUNT)
+        );
+
+        let Ok(Grant::Registered(chat)) = grant(user, &key, Some(&record), None, NOW) else {
+            panic!("a registered key gets the chat profile");
+        };
+        assert_eq!(chat.publish.allow, registered_publish(&key));
+        assert_eq!(chat.subscribe.allow, allowed_subscribe(&key));
+        assert_eq!(chat.name.as_deref(), Some("@alice@kez.lat"));
+        assert_eq!(chat.expires_at, Some(NOW + AUTHORIZATION_LIFETIME_SECS));
+
+        let disabled = DisabledRecord { handle, since: NOW };
+        for record in [Some(&record), None] {
+            let refused = grant(user, &key, record, Some(&disabled), NOW).unwrap_err();
+            assert!(refused.contains("disabled by the operator"), "{refused}");
+        }
+    }
 }

@@ -566,33 +566,6 @@ fn check_public_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads an nkey seed file, refusing one that group or others can read.
-pub fn read_nkey_seed(path: &Path) -> Result<Zeroizing<String>, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let metadata = std::fs::metadata(path)
-        .map_err(|err| format!("cannot read NATS nkey seed file {}: {err}", path.display()))?;
-    let mode = metadata.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "NATS nkey seed file {} has mode {mode:04o}, so other users can read it; run `chmod 600 {}`",
-            path.display(),
-            path.display()
-        ));
-    }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .map_err(|err| format!("cannot read NATS nkey seed file {}: {err}", path.display()))?,
-    );
-    let seed = Zeroizing::new(text.trim().to_owned());
-    if !seed.starts_with('S') || seed.len() != 58 {
-        return Err(format!(
-            "{} does not hold an nkey seed (58 characters starting with S)",
-            path.display()
-        ));
-    }
-    Ok(seed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -760,17 +733,5 @@ mod tests {
         ] {
             assert!(bad.resolve().is_err());
         }
-    }
-
-    #[test]
-    fn open_seed_files_are_refused() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("seed");
-        std::fs::write(&path, format!("S{}\n", "U".repeat(57))).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(read_nkey_seed(&path).unwrap_err().contains("chmod 600"));
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_nkey_seed(&path).unwrap().len(), 58);
     }
 }

@@ -11,62 +11,11 @@ use kez_proto::request::{MAX_CHAIN_PAGE_BYTES, MAX_REQUEST_BYTES, Request};
 use kez_proto::{Endpoint, ErrorAnswer};
 use serde::Serialize;
 
-use crate::callout::{Callout, Verdict};
-use crate::limits::{Caller, Limited, Limiter};
-use crate::metrics::{CalloutDecision, Metrics};
-use crate::pin::Pinning;
-use crate::store::{Registered, Store};
-
-/// What every handler can use.
-pub struct Context {
-    /// The `SERVER` account connection (health checks).
-    pub client: async_nats::Client,
-    /// Counters for `GET /metrics`.
-    pub metrics: Metrics,
-    /// The auth callout, when enabled.
-    pub callout: Option<Callout>,
-    /// The buckets.
-    pub store: Store,
-    /// The domain this server serves.
-    pub domain: String,
-    /// The NATS URL clients should use, for WebFinger answers.
-    pub public_nats_url: String,
-    /// The pin node and bucket, when pinning is on.
-    pub pin: Option<Pinning>,
-    /// The per-key and per-address request limits.
-    pub limiters: Limiters,
-    /// Keys known to be registered (`kez.mail.send` recipients).
-    pub recipients: crate::mail::Recipients,
-}
-
-/// The request limiters of PROTOCOL.md §5.5 (the callout holds the connection one).
-#[derive(Debug)]
-pub struct Limiters {
-    /// Requests per caller key.
-    pub per_key: Limiter,
-    /// Registrations per client address.
-    pub register_per_addr: Limiter,
-    /// Registrations to this instance from anyone (one bucket).
-    pub register_global: Limiter,
-    /// `kez.mail.send` messages per sender key.
-    pub send_per_key: Limiter,
-    /// `kez.mail.send` envelope bytes per sender key.
-    pub send_bytes_per_key: Limiter,
-}
-
-impl Limiters {
-    /// Limiters for `limits`.
-    pub fn new(limits: &crate::limits::Limits) -> Limiters {
-        let limiter = |rate| Limiter::new(rate, limits.max_buckets);
-        Limiters {
-            per_key: limiter(limits.per_key),
-            register_per_addr: limiter(limits.register_per_addr),
-            register_global: limiter(limits.register_global),
-            send_per_key: limiter(limits.send_per_key),
-            send_bytes_per_key: limiter(limits.send_bytes_per_key),
-        }
-    }
-}
+use crate::callout::Verdict;
+use crate::context::Context;
+use crate::limits::{Caller, Limited};
+use crate::metrics::CalloutDecision;
+use crate::store::Registered;
 
 /// 429 `rate_limited`, with the time to wait.
 fn rate_limited(limited: Limited) -> ErrorAnswer {
@@ -237,9 +186,11 @@ pub async fn handle(
                     "pinning is not enabled on this server",
                 ));
             };
-            crate::pin::handle(ctx, pinning, &request, now).await
+            crate::pin::handle(&ctx.store, pinning, &request, now).await
         }
-        Request::MailSend(request) => crate::mail::send(ctx, caller, &request).await,
+        Request::MailSend(request) => {
+            crate::mail::send(&ctx.store, &ctx.limiters, &ctx.recipients, caller, &request).await
+        }
     }
 }
 
@@ -283,8 +234,6 @@ async fn profile(ctx: &Context, record: HandleRecord) -> Result<Bytes, ErrorAnsw
     answer(&Profile::new(record, sigchain))
 }
 
-pub(crate) fn answer<T: Serialize>(value: &T) -> Result<Bytes, ErrorAnswer> {
-    serde_json::to_vec(value)
-        .map(Bytes::from)
-        .map_err(|err| ErrorAnswer::internal(format!("could not encode the answer: {err}")))
+fn answer<T: Serialize>(value: &T) -> Result<Bytes, ErrorAnswer> {
+    kez_proto::answer::encode(value).map(Bytes::from)
 }

@@ -30,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use crate::handlers::Context;
+use crate::context::Context;
 use crate::metrics::HttpEndpoint;
 
 /// The health check path.

@@ -8,6 +8,7 @@
 
 pub mod callout;
 pub mod config;
+pub mod context;
 pub mod dev;
 pub mod handlers;
 pub mod http;
@@ -35,7 +36,7 @@ use crate::config::{NatsAuth, ServerConfig};
 use kez_proto::endpoint::{CALLOUT_SERVICE, PIN_SERVICE, ServiceSpec, USER_SERVICES};
 use kez_proto::{Endpoint, ErrorAnswer};
 
-use crate::handlers::Context;
+use crate::context::Context;
 use crate::store::Store;
 
 /// Requests handled at once per instance; more wait in the subscription.
@@ -199,7 +200,7 @@ impl Server {
             domain: config.domain.clone(),
             public_nats_url: config.public_nats_url.clone(),
             pin: pinning,
-            limiters: handlers::Limiters::new(&config.limits),
+            limiters: limits::Limiters::new(&config.limits),
             recipients: mail::Recipients::default(),
         });
         phase.send_replace(http::Phase::Serving(context.clone()));
@@ -397,13 +398,6 @@ async fn sweep_inbox(
     }
 }
 
-/// Seconds since the Unix epoch by the server's clock.
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs())
-}
-
 /// Waits until a message published now comes back: everything the broker sent this connection
 /// before it has then been received (`Client::flush` only writes the socket, it does not wait
 /// for the broker).
@@ -598,7 +592,7 @@ async fn add_service(
 /// The callout issuer key, refused unless it is the one nats-server was configured with.
 fn load_issuer(config: &config::CalloutConfig) -> Result<nkeys::KeyPair, StartError> {
     let path = config.keys_dir.join(nats_conf::ISSUER_SEED_FILE);
-    let seed = config::read_nkey_seed(&path).map_err(StartError::Credentials)?;
+    let seed = nats_conf::read_nkey_seed(&path).map_err(StartError::Credentials)?;
     let issuer = nkeys::KeyPair::from_seed(&seed).map_err(|err| {
         StartError::Credentials(format!("{}: not an nkey seed: {err}", path.display()))
     })?;
@@ -650,7 +644,7 @@ async fn connect(
                 options.user_and_password(user.clone(), password.to_string())
             }
             NatsAuth::NkeySeedFile(path) => options.nkey(
-                config::read_nkey_seed(path)
+                nats_conf::read_nkey_seed(path)
                     .map_err(StartError::Credentials)?
                     .to_string(),
             ),

@@ -306,6 +306,35 @@ pub fn address_bucket(host: &str) -> String {
     }
 }
 
+/// The request limiters of PROTOCOL.md §5.5 (the callout holds the connection one).
+#[derive(Debug)]
+pub struct Limiters {
+    /// Requests per caller key.
+    pub per_key: Limiter,
+    /// Registrations per client address.
+    pub register_per_addr: Limiter,
+    /// Registrations to this instance from anyone (one bucket).
+    pub register_global: Limiter,
+    /// `kez.mail.send` messages per sender key.
+    pub send_per_key: Limiter,
+    /// `kez.mail.send` envelope bytes per sender key.
+    pub send_bytes_per_key: Limiter,
+}
+
+impl Limiters {
+    /// Limiters for `limits`.
+    pub fn new(limits: &Limits) -> Limiters {
+        let limiter = |rate| Limiter::new(rate, limits.max_buckets);
+        Limiters {
+            per_key: limiter(limits.per_key),
+            register_per_addr: limiter(limits.register_per_addr),
+            register_global: limiter(limits.register_global),
+            send_per_key: limiter(limits.send_per_key),
+            send_bytes_per_key: limiter(limits.send_bytes_per_key),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

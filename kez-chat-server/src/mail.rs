@@ -15,8 +15,8 @@ use kez_proto::ErrorAnswer;
 use kez_proto::answer::Delivered;
 use kez_proto::mail::SendRequest;
 
-use crate::handlers::{Context, answer};
-use crate::limits::{Caller, Limited};
+use crate::limits::{Caller, Limited, Limiters};
+use crate::store::Store;
 
 /// Most recipients [`Recipients`] remembers; past it, it starts afresh.
 const MAX_KNOWN_RECIPIENTS: usize = 100_000;
@@ -31,11 +31,11 @@ pub struct Recipients {
 
 impl Recipients {
     /// Whether `key` holds a handle here.
-    async fn is_registered(&self, ctx: &Context, key: PublicKey) -> Result<bool, ErrorAnswer> {
+    async fn is_registered(&self, store: &Store, key: PublicKey) -> Result<bool, ErrorAnswer> {
         if self.lock().contains(&key) {
             return Ok(true);
         }
-        let registered = ctx.store.whois(key).await?.is_some();
+        let registered = store.whois(key).await?.is_some();
         if registered {
             let mut known = self.lock();
             if known.len() >= MAX_KNOWN_RECIPIENTS {
@@ -56,20 +56,22 @@ impl Recipients {
 /// Answers `kez.mail.send` from `caller`: the budget (before anything else), the recipient,
 /// then the store.
 pub async fn send(
-    ctx: &Context,
+    store: &Store,
+    limiters: &Limiters,
+    recipients: &Recipients,
     caller: &Caller,
     request: &SendRequest<'_>,
 ) -> Result<Bytes, ErrorAnswer> {
     if let Some(user) = &caller.user {
         let now = Instant::now();
         let size = u32::try_from(request.envelope.len()).unwrap_or(u32::MAX);
-        ctx.limiters
+        limiters
             .send_per_key
             .check(user, now)
-            .and_then(|()| ctx.limiters.send_bytes_per_key.take(user, size, now))
+            .and_then(|()| limiters.send_bytes_per_key.take(user, size, now))
             .map_err(over_budget)?;
     }
-    if !ctx.recipients.is_registered(ctx, request.to).await? {
+    if !recipients.is_registered(store, request.to).await? {
         return Err(ErrorAnswer::new(
             404,
             "unknown_recipient",
@@ -79,15 +81,14 @@ pub async fn send(
             ),
         ));
     }
-    let (seq, duplicate) = ctx
-        .store
+    let (seq, duplicate) = store
         .deliver(
             request.to,
             &request.id,
             Bytes::copy_from_slice(request.envelope),
         )
         .await?;
-    answer(&Delivered { seq, duplicate })
+    kez_proto::answer::encode(&Delivered { seq, duplicate }).map(Bytes::from)
 }
 
 fn over_budget(limited: Limited) -> ErrorAnswer {

@@ -29,7 +29,7 @@ use kez_proto::answer::{PinList, PinRecord, PinRemoved, PinState, PinStatus};
 use kez_proto::pin::{PinOp, PinRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::handlers::Context;
+use crate::store::Store;
 
 /// Bucket: owner key hex → [`OwnerPins`].
 pub const PINS_BUCKET: &str = "kez_pins";
@@ -347,20 +347,20 @@ fn blob_tag(owner: &str, blob: &str) -> String {
 
 /// Answers a `kez.pin.*` request that verified (`kez_proto::decode`).
 pub async fn handle(
-    ctx: &Context,
+    store: &Store,
     pinning: &Pinning,
     request: &PinRequest,
     now: u64,
 ) -> Result<Bytes, ErrorAnswer> {
     let owner = request.key;
-    if ctx.store.whois(owner).await?.is_none() {
+    if store.whois(owner).await?.is_none() {
         return Err(ErrorAnswer::new(
             403,
             "not_registered",
             format!("{owner} has not registered a handle here; only registered keys may pin"),
         ));
     }
-    if let Some(disabled) = ctx.store.disabled(owner).await? {
+    if let Some(disabled) = store.disabled(owner).await? {
         return Err(ErrorAnswer::new(
             403,
             "disabled",
@@ -383,7 +383,7 @@ pub async fn handle(
                     Ok(pin_record(blob, entry))
                 })
                 .collect::<Result<_, ErrorAnswer>>()?;
-            crate::handlers::answer(&PinList {
+            answer(&PinList {
                 pins,
                 used: doc.used,
                 quota_bytes: pinning.quota_bytes,
@@ -393,7 +393,7 @@ pub async fn handle(
             let blob = blob_of(request)?;
             let (doc, _) = pinning.load(&owner_hex).await?;
             let pin = doc.pins.get(&blob.to_string());
-            crate::handlers::answer(&PinStatus {
+            answer(&PinStatus {
                 blob,
                 pinned: pin.is_some_and(|entry| entry.state == PinState::Pinned),
                 pin: pin.map(|entry| pin_record(blob, entry)),
@@ -416,6 +416,58 @@ fn quota_exceeded(used: u64, size: u64, quota: u64) -> ErrorAnswer {
             "pinning {size} bytes would exceed your quota: {used} of {quota} bytes are in use; remove a pin (kez.pin.remove) to make room"
         ),
     )
+}
+
+/// The quota rules of `kez.pin.add` (PROTOCOL.md §10.3) on an owner's pins: a blob pinned
+/// already is answered as it is (`Done(Err(pin))`); one being pinned by a request younger than
+/// `stale_after` seconds is a 409; an older reservation is taken over; otherwise the blob's
+/// `size` must fit in `quota` and the owner may hold at most [`MAX_PINS_PER_OWNER`] pins. A
+/// reservation is written as `pinning` at `now` on `node` (`Write(Ok(entry))`).
+fn reserve(
+    doc: &mut OwnerPins,
+    blob_hex: &str,
+    size: u64,
+    quota: u64,
+    now: u64,
+    stale_after: u64,
+    node: &str,
+) -> Result<Step<Result<PinEntry, PinEntry>>, ErrorAnswer> {
+    let used_without = match doc.pins.get(blob_hex) {
+        Some(entry) if entry.state == PinState::Pinned => {
+            return Ok(Step::Done(Err(entry.clone())));
+        }
+        Some(entry) if now.saturating_sub(entry.pinned_at) < stale_after => {
+            return Err(ErrorAnswer::new(
+                409,
+                "conflict",
+                "this blob is being pinned by another request; retry in a minute",
+            ));
+        }
+        // A reservation whose add died with its server: take it over.
+        Some(entry) => doc.used.saturating_sub(entry.size),
+        None if doc.pins.len() >= MAX_PINS_PER_OWNER => {
+            return Err(ErrorAnswer::new(
+                413,
+                "quota_exceeded",
+                format!(
+                    "you have {MAX_PINS_PER_OWNER} pins, the most allowed; remove a pin (kez.pin.remove) to make room"
+                ),
+            ));
+        }
+        None => doc.used,
+    };
+    if used_without.saturating_add(size) > quota {
+        return Err(quota_exceeded(used_without, size, quota));
+    }
+    let entry = PinEntry {
+        size,
+        pinned_at: now,
+        state: PinState::Pinning,
+        node: node.to_owned(),
+    };
+    doc.used = used_without + size;
+    doc.pins.insert(blob_hex.to_owned(), entry.clone());
+    Ok(Step::Write(Ok(entry)))
 }
 
 async fn add(
@@ -449,46 +501,11 @@ async fn add(
     // 1. Reserve (or find it pinned already).
     let reserved = pinning
         .update(owner, |doc| {
-            let used_without = match doc.pins.get(&blob_hex) {
-                Some(entry) if entry.state == PinState::Pinned => {
-                    return Ok(Step::Done(Err(entry.clone())));
-                }
-                Some(entry) if now.saturating_sub(entry.pinned_at) < stale_after => {
-                    return Err(ErrorAnswer::new(
-                        409,
-                        "conflict",
-                        "this blob is being pinned by another request; retry in a minute",
-                    ));
-                }
-                // A reservation whose add died with its server: take it over.
-                Some(entry) => doc.used.saturating_sub(entry.size),
-                None if doc.pins.len() >= MAX_PINS_PER_OWNER => {
-                    return Err(ErrorAnswer::new(
-                        413,
-                        "quota_exceeded",
-                        format!(
-                            "you have {MAX_PINS_PER_OWNER} pins, the most allowed; remove a pin (kez.pin.remove) to make room"
-                        ),
-                    ));
-                }
-                None => doc.used,
-            };
-            if used_without.saturating_add(size) > quota {
-                return Err(quota_exceeded(used_without, size, quota));
-            }
-            let entry = PinEntry {
-                size,
-                pinned_at: now,
-                state: PinState::Pinning,
-                node: node.clone(),
-            };
-            doc.used = used_without + size;
-            doc.pins.insert(blob_hex.clone(), entry.clone());
-            Ok(Step::Write(Ok(entry)))
+            reserve(doc, &blob_hex, size, quota, now, stale_after, &node)
         })
         .await?;
     let reservation = match reserved {
-        Err(pinned) => return crate::handlers::answer(&pin_record(blob, &pinned)),
+        Err(pinned) => return answer(&pin_record(blob, &pinned)),
         Ok(entry) => entry,
     };
 
@@ -504,7 +521,7 @@ async fn add(
     }
 
     // 3. Record it as pinned.
-    let finished_at = crate::unix_now().max(now);
+    let finished_at = unix_now().max(now);
     let finished = pinning
         .update(owner, |doc| match doc.pins.get_mut(&blob_hex) {
             Some(entry) if *entry == reservation => {
@@ -518,7 +535,7 @@ async fn add(
     match finished {
         Ok(Some(entry)) => {
             tracing::info!(owner, blob = %blob_hex, size, "pinned");
-            crate::handlers::answer(&pin_record(blob, &entry))
+            answer(&pin_record(blob, &entry))
         }
         Ok(None) => {
             // Removed (or taken over) while we fetched: the remove wins.
@@ -657,10 +674,92 @@ async fn remove(pinning: &Pinning, owner: &str, blob: BlobHash) -> Result<Bytes,
         )));
     };
     tracing::info!(owner, blob = %blob_hex, size, "unpinned");
-    crate::handlers::answer(&PinRemoved {
+    answer(&PinRemoved {
         blob,
         size,
         used,
         quota_bytes: pinning.quota_bytes,
     })
+}
+fn answer<T: serde::Serialize>(value: &T) -> Result<Bytes, ErrorAnswer> {
+    kez_proto::answer::encode(value).map(Bytes::from)
+}
+
+/// Seconds since the Unix epoch by the server's clock.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_767_225_600;
+    const QUOTA: u64 = 1000;
+    const STALE: u64 = 240;
+
+    fn reserve_at(
+        doc: &mut OwnerPins,
+        blob: &str,
+        size: u64,
+        now: u64,
+    ) -> Result<PinEntry, String> {
+        match reserve(doc, blob, size, QUOTA, now, STALE, "node-a") {
+            Ok(Step::Write(Ok(entry))) => Ok(entry),
+            Ok(Step::Done(Err(pinned))) => Err(format!("pinned {}", pinned.size)),
+            Ok(_) => Err("unexpected step".into()),
+            Err(err) => Err(format!("{} {}", err.code, err.name)),
+        }
+    }
+
+    #[test]
+    fn a_reservation_counts_against_the_quota_until_it_fits_no_more() {
+        let mut doc = OwnerPins::default();
+        let entry = reserve_at(&mut doc, "a", 600, NOW).unwrap();
+        assert_eq!((entry.state, entry.pinned_at), (PinState::Pinning, NOW));
+        assert_eq!(doc.used, 600);
+        assert_eq!(
+            reserve_at(&mut doc, "b", 401, NOW),
+            Err("413 quota_exceeded".into())
+        );
+        assert_eq!(doc.used, 600, "a refusal writes nothing");
+        reserve_at(&mut doc, "b", 400, NOW).unwrap();
+        assert_eq!(doc.used, 1000);
+    }
+
+    #[test]
+    fn a_pin_in_flight_is_a_conflict_until_it_is_stale_then_it_is_taken_over() {
+        let mut doc = OwnerPins::default();
+        reserve_at(&mut doc, "a", 600, NOW).unwrap();
+        assert_eq!(
+            reserve_at(&mut doc, "a", 600, NOW + STALE - 1),
+            Err("409 conflict".into())
+        );
+        let taken = reserve_at(&mut doc, "a", 700, NOW + STALE).unwrap();
+        assert_eq!(
+            (taken.size, doc.used),
+            (700, 700),
+            "the old size is given back"
+        );
+    }
+
+    #[test]
+    fn a_pinned_blob_is_answered_as_it_is_and_pins_are_counted() {
+        let mut doc = OwnerPins::default();
+        let mut entry = reserve_at(&mut doc, "a", 10, NOW).unwrap();
+        entry.state = PinState::Pinned;
+        doc.pins.insert("a".into(), entry);
+        assert_eq!(reserve_at(&mut doc, "a", 10, NOW), Err("pinned 10".into()));
+
+        let mut full = OwnerPins::default();
+        for i in 0..MAX_PINS_PER_OWNER {
+            reserve_at(&mut full, &i.to_string(), 0, NOW).unwrap();
+        }
+        assert_eq!(
+            reserve_at(&mut full, "one more", 0, NOW),
+            Err("413 quota_exceeded".into())
+        );
+    }
 }

@@ -739,12 +739,6 @@ impl Store {
         }
         let (state, revision) = self.verified_state(chain_id).await?;
         let seq = parsed.link().seq;
-        let head_of = |state: &Option<Sigchain>| {
-            state.as_ref().map(|state| ChainHead {
-                seq: state.seq(),
-                head: state.head(),
-            })
-        };
         let current = state.as_ref().map_or(0, Sigchain::seq);
         if (1..=current).contains(&seq) {
             // The very link already stored at its seq (a retry after a lost answer): done
@@ -762,26 +756,13 @@ impl Store {
                 return Ok(head);
             }
         }
-        let appended = tokio::task::spawn_blocking({
+        let next = tokio::task::spawn_blocking({
             let link = link.to_vec();
             let state = state.clone();
-            move || match state {
-                None => Sigchain::start(&link),
-                Some(mut state) => state.append(&link).map(|_| state),
-            }
+            move || verify_append(state, &link)
         })
         .await
-        .map_err(|err| ErrorAnswer::internal(format!("verifying a link: {err}")))?;
-        let next = match appended {
-            Ok(next) => next,
-            Err(err) => {
-                let conflict = ErrorAnswer::from(err);
-                return Err(match (conflict.code, head_of(&state)) {
-                    (409, Some(head)) => with_head(conflict, head.seq, head.head),
-                    _ => conflict,
-                });
-            }
-        };
+        .map_err(|err| ErrorAnswer::internal(format!("verifying a link: {err}")))??;
         let head = ChainHead {
             seq: next.seq(),
             head: next.head(),
@@ -1048,6 +1029,24 @@ pub(crate) async fn ensure_bucket(
     Err(format!("bucket {name} could not be made or read in {ENSURE_ATTEMPTS} attempts").into())
 }
 
+/// The append rules (PROTOCOL.md §5.3): `link` verified as the next link of `state`, the
+/// chain's kept state (as its first link when there is none). A failure is its §5.1 answer; a
+/// 409 names the chain's head, which the writer builds on next.
+pub fn verify_append(state: Option<Sigchain>, link: &[u8]) -> Result<Sigchain, ErrorAnswer> {
+    let head = state.as_ref().map(|state| (state.seq(), state.head()));
+    let appended = match state {
+        None => Sigchain::start(link),
+        Some(mut state) => state.append(link).map(|_| state),
+    };
+    appended.map_err(|err| {
+        let refusal = ErrorAnswer::from(err);
+        match (refusal.code, head) {
+            (409, Some((seq, head))) => with_head(refusal, seq, head),
+            _ => refusal,
+        }
+    })
+}
+
 /// What a refused inbox publish means for the sender (PROTOCOL.md §6.3).
 fn store_refusal(err: &jetstream::context::PublishError) -> ErrorAnswer {
     use std::error::Error as _;
@@ -1110,4 +1109,56 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
 fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ErrorAnswer> {
     serde_json::from_slice(bytes)
         .map_err(|err| ErrorAnswer::internal(format!("corrupt record: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use kez_core::sigchain::Endpoint;
+    use kez_core::{Op, SecretKey, UnsignedLink};
+
+    use super::*;
+
+    fn endpoint(name: &str) -> Op {
+        Op::AddEndpoint(Endpoint {
+            name: name.into(),
+            kind: "nats".into(),
+            address: "nats://127.0.0.1:4222".into(),
+        })
+    }
+
+    #[test]
+    fn an_append_verifies_on_the_kept_state_and_a_conflict_names_the_head() {
+        let alice = SecretKey::from_seed(&[1; 32]);
+        let first = UnsignedLink::first(alice.public_key(), 100, endpoint("a"))
+            .sign(&alice)
+            .unwrap();
+        let one = verify_append(None, first.bytes()).unwrap();
+        let second = one.next_link(101, endpoint("b")).sign(&alice).unwrap();
+        let two = verify_append(Some(one.clone()), second.bytes()).unwrap();
+        assert_eq!(two.seq(), 2);
+
+        // A writer that had not seen link 2 writes its own link 2: 409, with the head to build on.
+        let stale = one.next_link(102, endpoint("c")).sign(&alice).unwrap();
+        let conflict = verify_append(Some(two.clone()), stale.bytes()).unwrap_err();
+        assert_eq!((conflict.code, conflict.name.as_ref()), (409, "wrong_seq"));
+        assert_eq!(
+            conflict.head,
+            Some(ChainHead {
+                seq: 2,
+                head: two.head()
+            })
+        );
+
+        // A link signed by another key than it names: refused, with no head.
+        let mallory = SecretKey::from_seed(&[2; 32]);
+        let forged = two.next_link(103, endpoint("d")).sign(&mallory).unwrap();
+        let refused = verify_append(Some(two), forged.bytes()).unwrap_err();
+        assert_eq!(
+            (refused.code, refused.name.as_ref()),
+            (401, "bad_signature")
+        );
+        assert_eq!(refused.head, None);
+        // A chain starts only with its first link.
+        assert_eq!(verify_append(None, second.bytes()).unwrap_err().code, 409);
+    }
 }

@@ -2,6 +2,7 @@
 
 use kez_client::{ClientError, HomeError, StoreError};
 use kez_core::Handle;
+use kez_core::trust::PinRefusal;
 
 /// Exit code: a runtime or network failure.
 pub const RUNTIME: u8 = 1;
@@ -69,13 +70,16 @@ impl Failure {
 
     fn key_check(err: ClientError, handle: &Handle, consequence: &str) -> Failure {
         match err {
-            ClientError::Store(StoreError::KeyChanged { offered, .. }) => Failure::new(
+            ClientError::Store(StoreError::Refused {
+                refusal: PinRefusal::KeyChanged { offered, .. },
+                ..
+            }) => Failure::new(
                 CONFLICT,
                 format!(
                     "WARNING: the key of {handle} changed! {err}. {consequence} This may be an attack or a new account. Check the new key with {handle} another way (in person, on a call); only if it is theirs, run `kez-chat add {handle} --accept-key {offered}`."
                 ),
             ),
-            ClientError::Store(StoreError::Rollback { .. } | StoreError::Forked { .. }) => {
+            ClientError::Store(StoreError::Refused { .. }) => {
                 Failure::new(CONFLICT, format!("WARNING: {err}. {consequence}"))
             }
             other => Failure::client(other),
@@ -85,9 +89,7 @@ impl Failure {
     /// The local store failed; a refused key is a conflict.
     pub fn store(err: StoreError) -> Failure {
         match err {
-            StoreError::KeyChanged { .. }
-            | StoreError::Rollback { .. }
-            | StoreError::Forked { .. } => Failure::new(CONFLICT, format!("WARNING: {err}")),
+            StoreError::Refused { .. } => Failure::new(CONFLICT, format!("WARNING: {err}")),
             StoreError::Exposed { .. } => Failure::new(USAGE, err.to_string()),
             StoreError::Damaged { .. } | StoreError::Corrupt(_) => {
                 Failure::new(DAMAGED, err.to_string())

@@ -9,9 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kez_blobs::{BlobNode, DownloadStats, NodeConfig, RelayUrl};
 use kez_client::files::{self, FileError};
 use kez_client::{Connection, Direction, Offer, now};
+use kez_core::SecretKey;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
 use kez_core::sigchain::Endpoint;
-use kez_core::{Op, SecretKey};
 use serde_json::{Value, json};
 
 use crate::display;
@@ -93,19 +93,14 @@ impl App {
             .chain(&key.public_key())
             .await
             .map_err(Failure::client)?;
-        let mut ops = Vec::new();
-        match chain.endpoints().get(IROH_ENDPOINT) {
-            Some(endpoint) if endpoint.address == provider => return Ok(()),
-            Some(_) => ops.push(Op::RemoveEndpoint {
-                name: IROH_ENDPOINT.into(),
-            }),
-            None => {}
-        }
-        ops.push(Op::AddEndpoint(Endpoint {
+        let ops = chain.ops_to_advertise(&Endpoint {
             name: IROH_ENDPOINT.into(),
             kind: IROH_ENDPOINT.into(),
             address: provider.clone(),
-        }));
+        });
+        if ops.is_empty() {
+            return Ok(());
+        }
         for op in ops {
             let link = chain.next_link(now(), op).sign(key).map_err(|err| {
                 Failure::new(RUNTIME, format!("cannot sign a sigchain link: {err}"))

@@ -1,7 +1,40 @@
 //! `kez-chat`: the kez-chat command-line client, built on the `kez-client` library.
 //!
-//! Status lines go to stderr, data to stdout; `--json` makes read commands print JSON.
-//! Exit codes are listed in [`EXIT_CODES`] (and in `--help`).
+//! Output: status lines (and the library's warnings, e.g. a dropped inbox message and its reason
+//! code; `KEZ_CHAT_LOG` sets the filter) go to stderr, data to stdout, times in local time with
+//! the date. `--json` prints one JSON value (`listen --json`: one object per line) with the exact
+//! text, which JSON escapes; otherwise every peer-controlled string goes through `display`
+//! (controls and bidi characters escaped, continuation lines of a message marked), and tables
+//! fit the terminal (columns by width, a cut preview, a command word quoted for the shell).
+//! Progress is an indicatif bar on a terminal, else a line per 10%. A file offer is shown as its
+//! name, size and download command, never its key.
+//!
+//! Exit codes ([`EXIT_CODES`], `--help`, tested by `the_exit_code_table_holds`): 1 runtime or
+//! network, 2 usage or setup (no server, not registered), 3 not found (unknown handle, not a
+//! contact), 4 conflict (handle taken, a pinned key changed), 5 refused (authorization), 6 the
+//! home's data is damaged or its key missing.
+//!
+//! `register` connects with the narrow profile, reads the domain (`kez.server.info`), registers,
+//! reconnects for the chat profile, writes the first sigchain link (`add_endpoint` `nats` with
+//! the server URL) unless the chain exists, saves server and handle in `config.json`, and
+//! confirms with `head`: every step is safe to repeat.
+//!
+//! Contacts are pinned by `add`, or by `send` on first use (lookup and verified chain either way:
+//! `Connection::verify_contact`). `send` verifies the handle again before every message, seals to
+//! the contact's current key (a rotation in the contact's chain is followed with a note, no
+//! warning) and refuses loudly (exit 4, nothing sent) on a changed identity, a rollback or a
+//! fork; `add --accept-key KEY` re-pins only that exact key. `profile` renders the verified chain
+//! without pinning; `history` lists the conversations or shows one, a stranger's found by the
+//! key the server names for the handle and marked as not a contact.
+//!
+//! Files (`files.rs`): `share` verifies the contact, opens the home's blob node, keeps the
+//! sigchain's `iroh` endpoint current, encrypts into the node and sends the offer end to end;
+//! `files` and `download` take offers from contacts only, fetch with progress, decrypt into a
+//! temporary file and rename it (Ctrl-C or SIGTERM keeps what arrived, for a resume). `listen`
+//! runs the blob node too, so the user's files are served while it runs. Shared files
+//! (`shared.rs`): `publish` encrypts into the node, records and publishes the manifest (undone if
+//! the commit fails); `unpublish`, `shared`, `browse`, and `download @name/FILE` (browse, then
+//! the offer path); `profile` counts the files visible to the reader.
 
 mod display;
 mod failure;
@@ -12,6 +45,7 @@ use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -859,9 +893,30 @@ impl App {
     /// `listen`.
     async fn listen(&self, json: bool) -> Result<(), Failure> {
         let store = self.store()?;
-        let conn = self.connect().await?;
-        let node = self.open_node().await?;
+        // One line when receiving stops working (the connection drops, or a pull fails during a
+        // leader election; async-nats reconnects on its own), one when it works again; not a
+        // line per failed attempt. A broker restart that takes milliseconds may fail no pull,
+        // so the connection's own events say it too.
+        let failing = Arc::new(AtomicBool::new(false));
         let key = self.key()?;
+        let options = Connection::options(&key).event_callback({
+            let failing = failing.clone();
+            move |event| {
+                if matches!(event, async_nats::Event::Disconnected)
+                    && !failing.swap(true, Ordering::SeqCst)
+                {
+                    eprintln!(
+                        "kez-chat: receiving stopped (the connection to the broker was lost); reconnecting, messages wait on the server meanwhile"
+                    );
+                }
+                std::future::ready(())
+            }
+        });
+        let conn =
+            Connection::connect_with(&self.server()?, key.clone(), options, self.plaintext())
+                .await
+                .map_err(Failure::client)?;
+        let node = self.open_node().await?;
         self.advertise_node(&conn, &key, &node).await?;
         eprintln!(
             "listening as {} (Ctrl-C to stop); serving your shared files at {}",
@@ -870,9 +925,6 @@ impl App {
         );
         let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
-        // One line when receiving stops working (a broker restart, a leader election: async-nats
-        // reconnects on its own), one when it works again; not a line per failed attempt.
-        let mut failing = false;
         loop {
             let messages = tokio::select! {
                 _ = &mut stop => break,
@@ -880,13 +932,15 @@ impl App {
             };
             match messages {
                 Ok(_) => {
-                    if std::mem::take(&mut failing) {
+                    let connected =
+                        conn.nats().connection_state() == async_nats::connection::State::Connected;
+                    if connected && failing.swap(false, Ordering::SeqCst) {
                         eprintln!("kez-chat: reconnected; receiving again");
                     }
                     show_unshown(&store, &conn, json, true).await?;
                 }
                 Err(err) => {
-                    if !std::mem::replace(&mut failing, true) {
+                    if !failing.swap(true, Ordering::SeqCst) {
                         eprintln!(
                             "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
                             display::inline(&err.to_string())

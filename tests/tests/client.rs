@@ -13,6 +13,7 @@ use kez_client::{
 };
 use kez_core::envelope;
 use kez_core::sigchain::Endpoint;
+use kez_core::trust::PinRefusal;
 use kez_core::{Op, SecretKey, UnsignedLink};
 use kez_proto::subjects::{INBOX_STREAM, inbox_subject};
 use kez_tests::callout::CalloutStack;
@@ -240,8 +241,9 @@ async fn offline_delivery_exactly_once() {
     .bytes()])
     .unwrap();
     match alice_store.pin(&profile.handle, &impostor_chain, kez_client::now()) {
-        Err(StoreError::KeyChanged {
-            pinned, offered, ..
+        Err(StoreError::Refused {
+            refusal: PinRefusal::KeyChanged { pinned, offered },
+            ..
         }) => {
             assert_eq!((pinned, offered), (profile.key, impostor.public_key()));
         }
@@ -574,7 +576,10 @@ async fn a_lookup_answer_cannot_choose_the_handle_a_pin_is_checked_under() {
 
     answer.store(1, Ordering::SeqCst);
     match alice.verify_contact(&store, &bob_handle).await {
-        Err(ClientError::Store(StoreError::KeyChanged { offered, .. })) => {
+        Err(ClientError::Store(StoreError::Refused {
+            refusal: PinRefusal::KeyChanged { offered, .. },
+            ..
+        })) => {
             assert_eq!(offered, mallory.public_key());
         }
         other => panic!("a changed key under another spelling was not refused: {other:?}"),

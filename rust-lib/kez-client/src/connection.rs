@@ -26,8 +26,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::OnceCell;
 
-use crate::chain::VerifiedChain;
-use crate::store::{Contact, PinChange, Store, StoreError};
+use crate::store::{Contact, Store, StoreError};
+use kez_core::trust::PinChange;
+use kez_core::trust::VerifiedChain;
 
 /// The expiry of a pull that does not wait for messages (the broker answers at once when there
 /// are none); async-nats gives up 5 s after it if no answer comes.

@@ -13,10 +13,10 @@ use kez_core::sigchain::{Op, SharedFiles};
 use kez_proto::answer::PinInfo;
 use tokio::io::AsyncReadExt;
 
-use crate::VerifiedChain;
 use crate::connection::{ClientError, Connection, now};
 use crate::files::{self, FileError};
 use crate::store::{PublishedManifest, Store, StoreError};
+use kez_core::trust::VerifiedChain;
 
 /// Why publishing or browsing a manifest failed.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use kez_core::sigchain::LinkHash;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::chain::VerifiedChain;
+use kez_core::trust::{PinChange, PinRefusal, PinnedChain, VerifiedChain, check_pin};
 
 /// handle → JSON [`Contact`].
 const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
@@ -77,40 +77,30 @@ pub enum StoreError {
     /// A record could not be decoded: the file was written by something else or is damaged.
     #[error("local store record is unreadable ({0}); the store file may be damaged")]
     Corrupt(String),
-    /// TOFU: the handle is pinned to another identity (sigchain id) than the one offered now.
-    #[error(
-        "{handle} is pinned to key {pinned}, but the server now names key {offered}, whose sigchain does not prove a rotation from the pinned key: the key changed, which can mean the account was taken over or the server lies"
-    )]
-    KeyChanged {
+    /// The chain offered for a pinned contact is not trusted ([`check_pin`]): another
+    /// identity, an older copy or a fork. Nothing was changed.
+    #[error("{}", refusal_message(handle, refusal))]
+    Refused {
         /// The contact's handle.
         handle: String,
-        /// The identity pinned when the contact was added.
-        pinned: PublicKey,
-        /// The different key offered now.
-        offered: PublicKey,
+        /// Why.
+        refusal: PinRefusal,
     },
-    /// The server served an older copy of a pinned contact's sigchain than seen before.
-    #[error(
-        "the server served {handle}'s sigchain at seq {served}, but seq {pinned} was verified before: an older chain could undo a key rotation, so it is not trusted (the server may be lying or restored from an old backup)"
-    )]
-    Rollback {
-        /// The contact's handle.
-        handle: String,
-        /// The chain length verified before.
-        pinned: u64,
-        /// The chain length served now.
-        served: u64,
-    },
-    /// The server served a pinned contact's sigchain with other links than seen before.
-    #[error(
-        "the server served {handle}'s sigchain with a different link {seq} than verified before: a forked chain is not trusted (the server may be lying)"
-    )]
-    Forked {
-        /// The contact's handle.
-        handle: String,
-        /// The seq whose link differs.
-        seq: u64,
-    },
+}
+
+/// What a person is told about a refused chain.
+fn refusal_message(handle: &str, refusal: &PinRefusal) -> String {
+    match refusal {
+        PinRefusal::KeyChanged { pinned, offered } => format!(
+            "{handle} is pinned to key {pinned}, but the server now names key {offered}, whose sigchain does not prove a rotation from the pinned key: the key changed, which can mean the account was taken over or the server lies"
+        ),
+        PinRefusal::Rollback { pinned, served } => format!(
+            "the server served {handle}'s sigchain at seq {served}, but seq {pinned} was verified before: an older chain could undo a key rotation, so it is not trusted (the server may be lying or restored from an old backup)"
+        ),
+        PinRefusal::Forked { seq } => format!(
+            "the server served {handle}'s sigchain with a different link {seq} than verified before: a forked chain is not trusted (the server may be lying)"
+        ),
+    }
 }
 
 fn db<E: Into<redb::Error>>(err: E) -> StoreError {
@@ -241,21 +231,6 @@ impl Contact {
     pub fn retired(&self, key: &PublicKey) -> bool {
         self.key == *key && self.current_key != *key
     }
-}
-
-/// What [`Store::pin`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PinChange {
-    /// A new contact: its identity is pinned now.
-    New,
-    /// The pinned identity, with the same current key (the chain may have grown).
-    Same,
-    /// The pinned identity's own sigchain rotated its key: the contact's `current_key` moved
-    /// from `from`. No warning is due: the old key signed the move.
-    Rotated {
-        /// The current key before.
-        from: PublicKey,
-    },
 }
 
 /// A file offer in the history ([`Store::offers`]).
@@ -576,8 +551,8 @@ impl Store {
 
     /// Pins `chain`'s identity for `handle` on first use, or checks it against the pinned one
     /// and follows the chain's rotations, at time `now`. The chain must extend the one verified
-    /// before ([`StoreError::Rollback`], [`StoreError::Forked`]); another identity is
-    /// [`StoreError::KeyChanged`]. On error nothing changes.
+    /// before and be the same identity ([`check_pin`]; else [`StoreError::Refused`]). On error
+    /// nothing changes.
     pub fn pin(
         &self,
         handle: &str,
@@ -593,46 +568,25 @@ impl Store {
                 }
                 None => None,
             };
-            let (contact, change) = match existing {
-                None => (contact_for(handle, chain, now), PinChange::New),
-                Some(pinned) => {
-                    if pinned.key != chain.chain_id() {
-                        return Err(StoreError::KeyChanged {
-                            handle: handle.to_owned(),
-                            pinned: pinned.key,
-                            offered: chain.chain_id(),
-                        });
-                    }
-                    if chain.seq() < pinned.chain_seq {
-                        return Err(StoreError::Rollback {
-                            handle: handle.to_owned(),
-                            pinned: pinned.chain_seq,
-                            served: chain.seq(),
-                        });
-                    }
-                    if !chain.extends(pinned.chain_seq, pinned.chain_head) {
-                        return Err(StoreError::Forked {
-                            handle: handle.to_owned(),
-                            seq: pinned.chain_seq,
-                        });
-                    }
-                    let change = if pinned.current_key == chain.current_key() {
-                        PinChange::Same
-                    } else {
-                        PinChange::Rotated {
-                            from: pinned.current_key,
-                        }
-                    };
-                    (
-                        Contact {
-                            current_key: chain.current_key(),
-                            chain_seq: chain.seq(),
-                            chain_head: chain.head(),
-                            ..pinned
-                        },
-                        change,
-                    )
-                }
+            let pinned = existing.as_ref().map(|contact| PinnedChain {
+                key: contact.key,
+                current_key: contact.current_key,
+                seq: contact.chain_seq,
+                head: contact.chain_head,
+            });
+            let (now_pinned, change) =
+                check_pin(pinned.as_ref(), chain).map_err(|refusal| StoreError::Refused {
+                    handle: handle.to_owned(),
+                    refusal,
+                })?;
+            let contact = match existing {
+                None => contact_for(handle, chain, now),
+                Some(contact) => Contact {
+                    current_key: now_pinned.current_key,
+                    chain_seq: now_pinned.seq,
+                    chain_head: now_pinned.head,
+                    ..contact
+                },
             };
             let json = serde_json::to_vec(&contact).expect("a contact serialises");
             table.insert(handle, json.as_slice()).map_err(db)?;
@@ -1069,7 +1023,7 @@ mod tests {
             .pin("@bob@kez.test", &verified(&links(3, &["a"])), 30)
             .unwrap_err();
         assert!(
-            matches!(&err, StoreError::KeyChanged { pinned, offered, .. }
+            matches!(&err, StoreError::Refused { refusal: PinRefusal::KeyChanged { pinned, offered }, .. }
                 if *pinned == key(2) && *offered == key(3)),
             "{err:?}"
         );
@@ -1104,9 +1058,11 @@ mod tests {
         assert!(
             matches!(
                 err,
-                StoreError::Rollback {
-                    pinned: 2,
-                    served: 1,
+                StoreError::Refused {
+                    refusal: PinRefusal::Rollback {
+                        pinned: 2,
+                        served: 1
+                    },
                     ..
                 }
             ),
@@ -1116,7 +1072,17 @@ mod tests {
         let err = store
             .pin("@bob@kez.test", &verified(&fork), 13)
             .unwrap_err();
-        assert!(matches!(err, StoreError::Forked { seq: 2, .. }), "{err:?}");
+        assert!(
+            matches!(
+                err,
+                StoreError::Refused {
+                    refusal: PinRefusal::Forked { seq: 2 },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("a forked chain is not trusted"));
         assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(grown.clone()));
 
         // A message from bob's key before the rotation is bob's.

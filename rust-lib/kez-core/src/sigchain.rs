@@ -962,6 +962,22 @@ impl Sigchain {
         self.time
     }
 
+    /// The ops that make `wanted` one of the chain's endpoints (advertising a node's current
+    /// address): none when an endpoint of that name says exactly that already, else the
+    /// removal of the stale one (if any) and the addition of `wanted`, in that order.
+    pub fn ops_to_advertise(&self, wanted: &Endpoint) -> Vec<Op> {
+        match self.endpoints().get(&wanted.name) {
+            Some(current) if current == wanted => Vec::new(),
+            Some(_) => vec![
+                Op::RemoveEndpoint {
+                    name: wanted.name.clone(),
+                },
+                Op::AddEndpoint(wanted.clone()),
+            ],
+            None => vec![Op::AddEndpoint(wanted.clone())],
+        }
+    }
+
     /// Current endpoints by name.
     pub fn endpoints(&self) -> &BTreeMap<String, Endpoint> {
         &self.endpoints
@@ -1114,6 +1130,39 @@ mod tests {
         );
         let by_new = chain.next_link(102, endpoint("x")).sign(&alice2).unwrap();
         chain.append(by_new.bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_node_is_advertised_by_the_fewest_links_that_make_it_current() {
+        let alice = key(1);
+        let (mut chain, _) = start(&alice);
+        let node = |address: &str| Endpoint {
+            name: "iroh".into(),
+            kind: "iroh".into(),
+            address: address.into(),
+        };
+        let ops = chain.ops_to_advertise(&node("iroh:a"));
+        assert_eq!(ops, [Op::AddEndpoint(node("iroh:a"))]);
+        for (time, op) in (101..).zip(ops) {
+            let link = chain.next_link(time, op).sign(&alice).unwrap();
+            chain.append(link.bytes()).unwrap();
+        }
+        assert!(chain.ops_to_advertise(&node("iroh:a")).is_empty());
+        let ops = chain.ops_to_advertise(&node("iroh:b"));
+        assert_eq!(
+            ops,
+            [
+                Op::RemoveEndpoint {
+                    name: "iroh".into()
+                },
+                Op::AddEndpoint(node("iroh:b"))
+            ]
+        );
+        for (time, op) in (110..).zip(ops) {
+            let link = chain.next_link(time, op).sign(&alice).unwrap();
+            chain.append(link.bytes()).unwrap();
+        }
+        assert_eq!(chain.endpoints()["iroh"], node("iroh:b"));
     }
 
     #[test]

@@ -182,3 +182,9 @@ pub struct Delivered {
     /// Whether the stream already held a message with this id (then not stored again).
     pub duplicate: bool,
 }
+
+/// An answer's JSON body; a type that cannot be encoded is a 500 `internal`.
+pub fn encode<T: Serialize>(answer: &T) -> Result<Vec<u8>, crate::ErrorAnswer> {
+    serde_json::to_vec(answer)
+        .map_err(|err| crate::ErrorAnswer::internal(format!("could not encode the answer: {err}")))
+}
