@@ -177,7 +177,7 @@ head -c 3000000 /dev/urandom >holiday.jpg
 printf '$ head -c 3000000 /dev/urandom > holiday.jpg\n'
 step "shared holiday.jpg (2.9 MiB) with @bob@kez.localhost" kez-chat --home alice share @bob holiday.jpg
 step "offers the file holiday.jpg (2.9 MiB)" kez-chat --home bob inbox
-step "holiday.jpg (2.9 MiB), not downloaded" kez-chat --home bob files
+step "holiday.jpg  2.9 MiB  not downloaded" kez-chat --home bob files
 offer="$(kez-chat --home bob files --json | grep -o '"offer":"[0-9a-f]\{12\}' | head -n 1 | cut -d'"' -f4)"
 [[ -n "$offer" ]] || fail "no offer id in \`kez-chat --home bob files --json\`"
 

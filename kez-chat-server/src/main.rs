@@ -9,6 +9,10 @@ use kez_chat_server::store::DisabledRecord;
 use kez_chat_server::{Server, dev, nats_conf};
 use kez_core::Handle;
 
+/// The log filter without RUST_LOG: `info`, except the pin node's garbage collector, which says
+/// at `info` that it skipped a run every 50 ms (a run happens only when one is due).
+const DEFAULT_LOG_FILTER: &str = "info,iroh_blobs::store::gc=warn";
+
 /// The kez-chat home server: handle registry and sigchain services over NATS.
 ///
 /// Clients reach it only through NATS (`kez.registry.*`, `kez.sigchain.*`, `kez.server.*`, and
@@ -47,7 +51,8 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
-    /// Serve the NATS services until SIGINT or SIGTERM. Log level: RUST_LOG (default info).
+    /// Serve the NATS services until SIGINT or SIGTERM. Log level: RUST_LOG (default info, the
+    /// pin node's garbage collector at warn).
     ///
     /// With --http-listen it also serves plain HTTP: WebFinger (GET /.well-known/webfinger,
     /// PROTOCOL.md §7) and, for operators, GET /healthz and GET /metrics (Prometheus). Off by
@@ -116,7 +121,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal, and never with NO_COLOR set (no-color.org): logs written

@@ -429,3 +429,25 @@ async fn pinned_files_download_after_the_dev_stack_restarts_and_after_its_pin_no
     .await;
     assert_eq!(std::fs::read(&moved).unwrap(), b"read me later");
 }
+
+/// `make demo`'s script, the README's first command, passes against the binaries this test
+/// suite built: a change to what the CLI prints cannot break the demo unnoticed.
+#[test]
+fn the_demo_script_passes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let bin_dir = kez_chat_binary().parent().unwrap().to_owned();
+    let output = Command::new("bash")
+        .arg(root.join("scripts/demo.sh"))
+        .env("KEZ_DEMO_BIN_DIR", &bin_dir)
+        .env_remove("KEZ_DEMO_KEEP")
+        .current_dir(root)
+        .output()
+        .expect("bash runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains("demo: all 27 steps passed"), "{text}");
+}
