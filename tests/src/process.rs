@@ -63,6 +63,23 @@ pub fn kez_chat_server_command() -> Command {
     command
 }
 
+/// `run` arguments that turn every rate limit of PROTOCOL.md §5.5 off: for measurements of what
+/// the server can do, not of its limiter.
+pub const LIMITS_OFF: [&str; 12] = [
+    "--rate-limit-per-sec",
+    "0",
+    "--register-limit-per-hour",
+    "0",
+    "--register-limit-global-per-hour",
+    "0",
+    "--connect-limit-per-sec",
+    "0",
+    "--send-limit-per-sec",
+    "0",
+    "--send-bytes-per-hour",
+    "0",
+];
+
 /// Environment variable naming a `kez-chat` (CLI) binary to use instead of the one in the
 /// target directory.
 pub const KEZ_CHAT_BIN_ENV: &str = "KEZ_CHAT_BIN";
@@ -149,6 +166,12 @@ impl KezServerProcess {
     /// within [`SERVE_TIMEOUT`]; the message includes its log.
     pub async fn spawn(nats_url: &str) -> KezServerProcess {
         KezServerProcess::spawn_with(nats_url, Vec::new(), async_nats::ConnectOptions::new()).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with `extra` arguments for `run` (e.g. [`LIMITS_OFF`]).
+    pub async fn spawn_with_args(nats_url: &str, extra: &[&str]) -> KezServerProcess {
+        let args = extra.iter().map(OsString::from).collect();
+        KezServerProcess::spawn_with(nats_url, args, async_nats::ConnectOptions::new()).await
     }
 
     /// Like [`spawn`](Self::spawn), with the auth callout on: `--keys-dir <keys_dir>

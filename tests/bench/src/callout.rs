@@ -1,8 +1,9 @@
 //! Measurement 3, authenticated connects: clients connecting with their KEZ key as an nkey
 //! (the nonce signed by the key, kez-client's own options) through nats-server's auth callout
 //! answered by the real `kez-chat-server` binary, against the same nats-server with the same
-//! keys listed as static nkey users. [`CONCURRENCY`] tasks connect, complete the handshake and
-//! disconnect, over and over, for a fixed time.
+//! keys listed as static nkey users (which sign the bare nonce, as nats-server checks it itself).
+//! [`CONCURRENCY`] tasks connect, complete the handshake and disconnect, over and over, for a
+//! fixed time.
 //!
 //! Every failed connect is counted, and so is every line of nats-server's log that reports an
 //! authorization timeout: the callout must answer every request in time.
@@ -35,8 +36,23 @@ struct Outcome {
 
 /// Runs measurement 3.
 pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
-    let keys: Arc<Vec<Arc<SecretKey>>> =
-        Arc::new((0..KEYS).map(|_| Arc::new(SecretKey::generate())).collect());
+    // The same ed25519 keys twice: as KEZ keys, and as the nkey users nats-server knows itself.
+    let seeds: Vec<[u8; 32]> = (0..KEYS).map(|_| random_seed()).collect();
+    let keys: Vec<Arc<SecretKey>> = seeds
+        .iter()
+        .map(|seed| Arc::new(SecretKey::from_seed(seed)))
+        .collect();
+    let nkey_users = seeds
+        .iter()
+        .map(|seed| {
+            let user = nkeys::KeyPair::new_from_raw(nkeys::KeyPairType::User, *seed)
+                .map_err(|err| format!("an nkey from a seed: {err}"))?;
+            let seed = user.seed().map_err(|err| format!("an nkey seed: {err}"))?;
+            Ok(async_nats::ConnectOptions::with_nkey(seed))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let kez_users: Vec<async_nats::ConnectOptions> =
+        keys.iter().map(kez_client::Connection::options).collect();
     let duration = budget.pick(Duration::from_secs(3), Duration::from_secs(10));
 
     let mut users = String::from("authorization {\n  users = [\n");
@@ -48,7 +64,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let static_nats = NatsServer::start_with(&users);
     let static_pid = nats_pid(&static_nats)?;
     let cpu_before = cpu_of(&[static_pid, std::process::id()])?;
-    let baseline = connect_loop(&static_nats.url(), &keys, duration).await;
+    let baseline = connect_loop(&static_nats.url(), Arc::new(nkey_users), duration).await;
     let baseline_cpu = cpu_of(&[static_pid, std::process::id()])? - cpu_before;
     drop(static_nats);
 
@@ -65,7 +81,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         std::process::id(),
     ];
     let cpu_before = cpu_of(&pids)?;
-    let mut ours = connect_loop(&stack.nats.url(), &keys, duration).await;
+    let mut ours = connect_loop(&stack.nats.url(), Arc::new(kez_users), duration).await;
     let ours_cpu = cpu_of(&pids)? - cpu_before;
     let per_connect =
         |cpu: Duration, connects: usize| cpu.as_secs_f64() * 1e6 / connects.max(1) as f64;
@@ -141,13 +157,24 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     ])
 }
 
-/// [`CONCURRENCY`] tasks connecting as `keys` in turn to `url` for `duration`.
-async fn connect_loop(url: &str, keys: &Arc<Vec<Arc<SecretKey>>>, duration: Duration) -> Outcome {
+/// 32 random bytes from the OS.
+fn random_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut seed);
+    seed
+}
+
+/// [`CONCURRENCY`] tasks connecting with each of `users` in turn to `url` for `duration`.
+async fn connect_loop(
+    url: &str,
+    users: Arc<Vec<async_nats::ConnectOptions>>,
+    duration: Duration,
+) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(CONCURRENCY);
     for task in 0..CONCURRENCY {
-        let keys = keys.clone();
+        let users = users.clone();
         let stop = stop.clone();
         let url = url.to_owned();
         tasks.push(tokio::spawn(async move {
@@ -156,15 +183,11 @@ async fn connect_loop(url: &str, keys: &Arc<Vec<Arc<SecretKey>>>, duration: Dura
             let mut latencies = Latencies::default();
             let mut next = task;
             while !stop.load(Ordering::Relaxed) {
-                let key = &keys[next % keys.len()];
+                let user = users[next % users.len()].clone();
                 next += 1;
                 let began = Instant::now();
-                // kez-client's own options: nkey auth with the nonce signed by the KEZ key. No
-                // reconnects, so a refusal is an error here rather than a retry.
-                let connected = kez_client::Connection::options(key)
-                    .max_reconnects(Some(0))
-                    .connect(&url)
-                    .await;
+                // No reconnects, so a refusal is an error here rather than a retry.
+                let connected = user.max_reconnects(Some(0)).connect(&url).await;
                 match connected {
                     Ok(client) => {
                         latencies.push(began.elapsed());
