@@ -140,20 +140,20 @@ impl Failure {
                     "the message is {size} bytes, and one message carries at most {max}: nothing was sent. Send a long text as a file: `kez-chat share @name FILE`"
                 ),
             ),
-            ClientError::Service(err) if err.code == 429 => Failure::new(
+            ClientError::Service(err) if err.answer.code == 429 => Failure::new(
                 REFUSED,
                 format!(
                     "{} (waited already; try again later)",
-                    if err.message.is_empty() {
+                    if err.answer.message.is_empty() {
                         err.to_string()
                     } else {
-                        err.message
+                        err.answer.message
                     }
                 ),
             ),
             ClientError::Service(err) => {
-                let code = match err.code {
-                    409 if err.name == "inbox_full" => REFUSED,
+                let code = match err.answer.code {
+                    409 if err.answer.name == "inbox_full" => REFUSED,
                     400 | 413 => USAGE,
                     404 => NOT_FOUND,
                     409 => CONFLICT,
@@ -161,10 +161,10 @@ impl Failure {
                     _ => RUNTIME,
                 };
                 // The service's message says what went wrong and what to do (PROTOCOL.md §5.1).
-                if err.message.is_empty() {
+                if err.answer.message.is_empty() {
                     Failure::new(code, err.to_string())
                 } else {
-                    Failure::new(code, err.message)
+                    Failure::new(code, err.answer.message)
                 }
             }
             ClientError::Request { subject, source } => Failure::new(

@@ -546,7 +546,7 @@ impl App {
         let full = self.connect_to(&url, key.clone()).await?;
         match full.head(&key.public_key()).await {
             Ok(head) => eprintln!("sigchain already started (seq {})", head.seq),
-            Err(ClientError::Service(err)) if err.code == 404 => {
+            Err(ClientError::Service(err)) if err.answer.code == 404 => {
                 let op = Op::AddEndpoint(Endpoint {
                     name: NATS_ENDPOINT.into(),
                     kind: NATS_ENDPOINT.into(),
@@ -693,7 +693,7 @@ impl App {
         let profile = conn.lookup(&full).await.map_err(Failure::client)?;
         let chain = match conn.chain(&profile.key).await {
             Ok(chain) => Some(chain),
-            Err(ClientError::Service(err)) if err.code == 404 => None,
+            Err(ClientError::Service(err)) if err.answer.code == 404 => None,
             Err(err) => return Err(Failure::client(err)),
         };
         let _ = conn.close().await;

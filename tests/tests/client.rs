@@ -128,7 +128,7 @@ async fn registration_and_service_calls() {
     match narrow.register("bob").await {
         Err(ClientError::Service(err)) => {
             assert_eq!(
-                (err.code, err.name.as_str()),
+                (err.answer.code, err.answer.name.as_ref()),
                 (409, "handle_taken"),
                 "{err}"
             );
@@ -146,11 +146,11 @@ async fn registration_and_service_calls() {
     let whois = conn.whois(&bob.key.public_key()).await.unwrap();
     assert_eq!(whois.handle.to_string(), bob.handle);
     match conn.lookup(&test_handle("@nobody")).await {
-        Err(ClientError::Service(err)) => assert_eq!(err.name, "not_found"),
+        Err(ClientError::Service(err)) => assert_eq!(err.answer.name, "not_found"),
         other => panic!("looking up nobody: {other:?}"),
     }
     match conn.chain(&bob.key.public_key()).await {
-        Err(ClientError::Service(err)) => assert_eq!(err.code, 404),
+        Err(ClientError::Service(err)) => assert_eq!(err.answer.code, 404),
         other => panic!("bob has no chain: {other:?}"),
     }
 
@@ -733,7 +733,9 @@ async fn an_unavailable_server_that_names_a_pause_is_asked_again() {
     assert!(started.elapsed() >= Duration::from_millis(400));
 
     match alice.head(&bob.public_key()).await {
-        Err(ClientError::Service(err)) => assert_eq!((err.code, err.retry_after), (503, None)),
+        Err(ClientError::Service(err)) => {
+            assert_eq!((err.answer.code, err.answer.retry_after_ms), (503, None));
+        }
         other => panic!("a 503 without a pause is the caller's: {other:?}"),
     }
     assert_eq!(asked.load(Ordering::SeqCst), 4);

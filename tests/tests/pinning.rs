@@ -104,9 +104,9 @@ fn hash_of(blob: &BlobHash) -> Hash {
     Hash::from_bytes(*blob.as_bytes())
 }
 
-fn service_error(err: ClientError) -> kez_client::ServiceError {
+fn service_error(err: ClientError) -> kez_proto::ErrorAnswer {
     match err {
-        ClientError::Service(err) => err,
+        ClientError::Service(err) => err.answer,
         other => panic!("expected a service error, got {other}"),
     }
 }
@@ -206,7 +206,7 @@ async fn the_quota_holds_and_remove_frees_it_and_gc_reclaims_the_bytes() {
             .unwrap_err(),
     );
     assert_eq!(
-        (refused.code, refused.name.as_str()),
+        (refused.code, refused.name.as_ref()),
         (413, "quota_exceeded")
     );
     assert!(
@@ -224,7 +224,7 @@ async fn the_quota_holds_and_remove_frees_it_and_gc_reclaims_the_bytes() {
     let removed = bob.conn.pin_remove(&first).await.unwrap();
     assert_eq!((removed.size, removed.used), (first_size, 0));
     let gone = service_error(bob.conn.pin_remove(&first).await.unwrap_err());
-    assert_eq!((gone.code, gone.name.as_str()), (404, "not_found"));
+    assert_eq!((gone.code, gone.name.as_ref()), (404, "not_found"));
     assert!(!bob.conn.pin_status(&first).await.unwrap().pinned);
 
     // GC (every second here) deletes the unpinned data.
@@ -326,7 +326,7 @@ async fn a_wrong_size_or_an_offline_owner_pins_nothing() {
                 .unwrap_err(),
         );
         assert_eq!(
-            (err.code, err.name.as_str()),
+            (err.code, err.name.as_ref()),
             (400, "size_mismatch"),
             "{err}"
         );
@@ -355,7 +355,7 @@ async fn a_wrong_size_or_an_offline_owner_pins_nothing() {
             .unwrap_err(),
     );
     assert_eq!(
-        (err.code, err.name.as_str()),
+        (err.code, err.name.as_ref()),
         (502, "fetch_failed"),
         "{err}"
     );

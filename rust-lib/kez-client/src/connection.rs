@@ -58,36 +58,15 @@ const MAX_CHAIN_PAGES: usize = 10_000;
 /// Boxed errors from async-nats, whose error types differ per call.
 pub type NatsError = Box<dyn std::error::Error + Send + Sync>;
 
-/// An error answer from a kez service (PROTOCOL.md §5.1).
+/// An error answer from a kez service (PROTOCOL.md §5.1), and the subject that gave it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{subject}: {message} ({name}, {code})")]
+#[error("{subject}: {answer}")]
 pub struct ServiceError {
     /// The service subject that answered.
     pub subject: String,
-    /// `Nats-Service-Error-Code`: 400, 401, 403, 404, 409, 413, 429, 500 or 503.
-    pub code: u16,
-    /// `Kez-Error`: the stable snake_case name (`handle_taken`, `not_found`, ...).
-    pub name: String,
-    /// `Nats-Service-Error`: what went wrong and what to do, for people.
-    pub message: String,
-    /// On a 409 from `append`: the chain's current head (`Kez-Head-Seq`, `Kez-Head-Hash`).
-    pub head: Option<ChainHead>,
-    /// On a 429: how long to wait before asking again (`Kez-Retry-After-Ms`).
-    pub retry_after: Option<Duration>,
-}
-
-impl ServiceError {
-    /// The error answer of `subject`.
-    pub fn new(subject: &str, answer: ErrorAnswer) -> ServiceError {
-        ServiceError {
-            subject: subject.to_owned(),
-            code: answer.code,
-            name: answer.name.into_owned(),
-            message: answer.message,
-            head: answer.head,
-            retry_after: answer.retry_after_ms.map(Duration::from_millis),
-        }
-    }
+    /// The answer: code, stable name, message for people, and the chain head (a 409 from
+    /// `append`) or the pause (a 429 or 503) it names.
+    pub answer: ErrorAnswer,
 }
 
 /// Why a client call failed.
@@ -515,8 +494,8 @@ impl Connection {
             }) else {
                 return Ok(answer.payload);
             };
-            let err = ServiceError::new(subject, err);
-            match err.retry_after {
+            let pause = err.retry_after_ms.map(Duration::from_millis);
+            match pause {
                 Some(pause)
                     if matches!(err.code, 429 | 503)
                         && tokio::time::Instant::now() + pause <= give_up =>
@@ -529,7 +508,13 @@ impl Connection {
                     );
                     tokio::time::sleep(pause).await;
                 }
-                _ => return Err(err.into()),
+                _ => {
+                    return Err(ServiceError {
+                        subject: subject.to_owned(),
+                        answer: err,
+                    }
+                    .into());
+                }
             }
         }
     }

@@ -37,8 +37,10 @@ pub(crate) fn decode_part(part: JwtPart, text: &str) -> Result<Vec<u8>, JwtError
         .map_err(|_| JwtError::BadBase64 { part })
 }
 
-/// Decodes a client's nonce signature as nats-server does: base64url without padding first,
-/// then standard base64 (with or without padding).
+/// Decodes a client's nonce signature (PROTOCOL.md §6.1): base64url without padding, which
+/// clients send, else standard base64 with padding (what nats-server itself also accepts), else
+/// standard base64 without padding (which nats-server does not; the callout always has, and
+/// still does, so that no client it admitted before is refused).
 pub(crate) fn decode_nonce_signature(text: &str) -> Option<Vec<u8>> {
     let bytes = text.as_bytes();
     URL_NOPAD

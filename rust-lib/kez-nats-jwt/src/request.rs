@@ -338,8 +338,8 @@ pub struct ClientNonceProof {
 /// user key, `U...`), `client_info.nonce` and `connect_opts.sig`.
 ///
 /// nats-server does not check the signature in callout mode; the callout must, over what its
-/// protocol says the client signs. The signature is decoded as the server decodes it (base64url
-/// without padding, else standard base64, with or without padding). Errors:
+/// protocol says the client signs. The signature is decoded as PROTOCOL.md §6.1 says (base64url
+/// without padding, else standard base64 with or without padding). Errors:
 /// [`MissingClientKey`](JwtError::MissingClientKey), [`InvalidKey`](JwtError::InvalidKey),
 /// [`WrongKeyKind`](JwtError::WrongKeyKind),
 /// [`MissingNonceSignature`](JwtError::MissingNonceSignature),
