@@ -740,3 +740,69 @@ async fn an_unavailable_server_that_names_a_pause_is_asked_again() {
     }
     assert_eq!(asked.load(Ordering::SeqCst), 4);
 }
+
+/// `kez.mail.send` answered `duplicate: true`: after the client's own repeat (the first attempt
+/// met a 503 that named a pause, and was stored after all) the message is sent; to a request
+/// sent once, it is someone else's message with that id, and a failure.
+#[tokio::test]
+async fn a_duplicate_answer_to_a_repeated_send_is_a_delivery() {
+    use futures::StreamExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let nats = kez_tests::NatsServer::start();
+    let server = async_nats::connect(nats.url()).await.unwrap();
+    let mut sends = server
+        .subscribe(kez_proto::Endpoint::MailSend.subject())
+        .await
+        .unwrap();
+    let asked = Arc::new(AtomicUsize::new(0));
+    {
+        let (server, asked) = (server.clone(), asked.clone());
+        tokio::spawn(async move {
+            while let Some(request) = sends.next().await {
+                let reply = request.reply.unwrap();
+                let answer = match asked.fetch_add(1, Ordering::SeqCst) {
+                    // First send: unavailable, with a pause; its repeat: already stored.
+                    0 => None,
+                    1 => Some(r#"{"seq":7,"duplicate":true}"#),
+                    // Second send, once: a duplicate of a message that is not ours.
+                    _ => Some(r#"{"seq":8,"duplicate":true}"#),
+                };
+                match answer {
+                    Some(body) => server.publish(reply, body.into()).await.unwrap(),
+                    None => {
+                        let mut headers = async_nats::HeaderMap::new();
+                        headers.insert("Nats-Service-Error-Code", "503");
+                        headers.insert("Kez-Error", "unavailable");
+                        headers.insert("Nats-Service-Error", "storage is unavailable");
+                        headers.insert("Kez-Retry-After-Ms", "100");
+                        server
+                            .publish_with_headers(reply, headers, bytes::Bytes::new())
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+        });
+    }
+    server.flush().await.unwrap();
+    let alice = Connection::connect(&nats.url(), Arc::new(SecretKey::generate()))
+        .await
+        .unwrap();
+    let bob = SecretKey::generate().public_key();
+    let contact = kez_client::Contact {
+        handle: "@bob@kez.test".into(),
+        key: bob,
+        current_key: bob,
+        chain_seq: 1,
+        chain_head: kez_core::sigchain::LinkHash::of(b"bob's first link"),
+        added_at: 0,
+    };
+    let sent = alice.send(&contact, "text", b"hi").await.unwrap();
+    assert_eq!(sent.stream_sequence, 7);
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    match alice.send(&contact, "text", b"hi again").await {
+        Err(ClientError::Duplicate { .. }) => {}
+        other => panic!("a duplicate of a request sent once was taken: {other:?}"),
+    }
+}

@@ -183,29 +183,12 @@ mod tests {
     }
 
     #[test]
-    fn rejects_malformed() {
-        let long = format!("iroh:{ID}{}", ";ip=127.0.0.1:1".repeat(100));
-        let cases = [
-            String::new(),
-            ID.to_string(),
-            format!("iroh:{}", ID.to_uppercase()),
-            format!("iroh:{}", &ID[..63]),
-            format!("iroh:{ID};"),
-            format!("iroh:{ID};ip=localhost:1"),
-            format!("iroh:{ID};ip=127.0.0.1"),
+    fn refuses_what_the_grammar_refuses_and_relays_that_are_not_urls() {
+        // The grammar's own cases are kez-core's (`provider`); here what the conversion adds.
+        for case in [
             format!("iroh:{ID};ip=127.0.0.1:1;ip=127.0.0.1:1"),
-            format!("iroh:{ID};relay="),
-            format!("iroh:{ID};relay=not a url"),
-            format!("iroh:{ID};dns=x"),
-            format!(
-                "iroh:{ID}{}",
-                (1..=17)
-                    .map(|p| format!(";ip=127.0.0.1:{p}"))
-                    .collect::<String>()
-            ),
-            long,
-        ];
-        for case in cases {
+            format!("iroh:{ID};relay=relay.example.org"),
+        ] {
             assert!(parse_provider(&case).is_err(), "accepted {case:?}");
         }
     }

@@ -133,8 +133,9 @@ pub enum ClientError {
         /// async-nats' error.
         source: NatsError,
     },
-    /// The stream already held a message with this id: it was not stored again. Message ids
-    /// are random, so this is not a retry of ours (PROTOCOL.md §6.3).
+    /// The stream already held a message with this id, and the request was sent once: message
+    /// ids are random, so that message is not ours, and this one was not stored (PROTOCOL.md
+    /// §6.3).
     #[error("the server already had a message with id {id}; it was not delivered again")]
     Duplicate {
         /// The message id.
@@ -192,7 +193,8 @@ pub struct Sent {
 /// outstanding. The request is on its way already: several can be in flight at once.
 #[derive(Debug)]
 pub struct Pending {
-    answer: tokio::task::JoinHandle<Result<Bytes, ClientError>>,
+    /// The answer, and whether it is to a repeated request.
+    answer: tokio::task::JoinHandle<Result<(Bytes, bool), ClientError>>,
     sent: Sent,
 }
 
@@ -203,16 +205,18 @@ impl Pending {
     }
 
     /// Waits for the server's answer: the message is stored in the recipient's inbox once this
-    /// answers [`Sent`]. A `duplicate` answer is [`ClientError::Duplicate`]; a refusal is the
-    /// server's [`ServiceError`] (`unknown_recipient`, `rate_limited`, `inbox_full`, …).
+    /// answers [`Sent`]. A `duplicate` answer to a request sent once is
+    /// [`ClientError::Duplicate`]; to a repeated one (after a 429 or 503 that named a pause) it
+    /// means the first attempt was stored, and the message is sent (PROTOCOL.md §6.3). A refusal
+    /// is the server's [`ServiceError`] (`unknown_recipient`, `rate_limited`, `inbox_full`, …).
     pub async fn acked(self) -> Result<Sent, ClientError> {
-        let answer = self.answer.await.map_err(|err| ClientError::Nats {
+        let (answer, repeated) = self.answer.await.map_err(|err| ClientError::Nats {
             action: "wait for the server's answer",
             source: err.into(),
         })??;
         let delivered: Delivered =
             serde_json::from_slice(&answer).map_err(|err| bad_answer(Endpoint::MailSend, &err))?;
-        if delivered.duplicate {
+        if delivered.duplicate && !repeated {
             return Err(ClientError::Duplicate { id: self.sent.id });
         }
         Ok(Sent {
@@ -473,9 +477,21 @@ impl Connection {
         body: Vec<u8>,
         timeout: Option<Duration>,
     ) -> Result<Bytes, ClientError> {
+        let (answer, _repeated) = self.call_repeating(endpoint, body, timeout).await?;
+        Ok(answer)
+    }
+
+    /// [`Connection::call_within`], also saying whether the answer is to a repeated request.
+    async fn call_repeating(
+        &self,
+        endpoint: Endpoint,
+        body: Vec<u8>,
+        timeout: Option<Duration>,
+    ) -> Result<(Bytes, bool), ClientError> {
         let subject = endpoint.subject();
         let body = Bytes::from(body);
         let give_up = tokio::time::Instant::now() + MAX_RETRY_WAIT;
+        let mut repeated = false;
         loop {
             let mut request = async_nats::Request::new().payload(body.clone());
             if let Some(timeout) = timeout {
@@ -492,7 +508,7 @@ impl Connection {
             let Some(err) = answer.headers.as_ref().and_then(|headers| {
                 ErrorAnswer::from_headers(|name| headers.get(name).map(|value| value.as_str()))
             }) else {
-                return Ok(answer.payload);
+                return Ok((answer.payload, repeated));
             };
             let pause = err.retry_after_ms.map(Duration::from_millis);
             match pause {
@@ -507,6 +523,7 @@ impl Connection {
                         "the server asks to try again later; waiting"
                     );
                     tokio::time::sleep(pause).await;
+                    repeated = true;
                 }
                 _ => {
                     return Err(ServiceError {
@@ -804,8 +821,11 @@ impl Connection {
             .map_err(ClientError::Seal)?;
         let request = SendRequest::encode(&to.key, &id, &sealed);
         let connection = self.clone();
-        let answer =
-            tokio::spawn(async move { connection.call(Endpoint::MailSend, request).await });
+        let answer = tokio::spawn(async move {
+            connection
+                .call_repeating(Endpoint::MailSend, request, None)
+                .await
+        });
         Ok(Pending {
             answer,
             sent: Sent {

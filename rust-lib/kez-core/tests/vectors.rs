@@ -719,6 +719,21 @@ fn nested(depth: usize) -> Value {
     (0..depth).fold(json!(1), |inner, _| json!([inner]))
 }
 
+/// The vector committed at `path`, rewritten with `generated` first under KEZ_REGEN_VECTORS (`make
+/// vectors`); fails unless `generated` reproduces it byte for byte.
+fn committed_vector(path: &std::path::Path, generated: String) -> String {
+    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(path).unwrap();
+    assert!(
+        committed == generated,
+        "{} differs; run `make vectors`",
+        path.display()
+    );
+    committed
+}
+
 #[test]
 fn a_link_may_nest_127_levels_and_no_more() {
     // The link object and the payload object are two levels; the arrays the rest.
@@ -1055,15 +1070,9 @@ fn keys_vector() -> String {
 fn key_and_signature_vectors_are_reproduced_and_hold() {
     use kez_core::key::KeyError;
     use kez_core::{PublicKey, Signature};
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/keys.json");
-    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
-        std::fs::write(&path, keys_vector()).unwrap();
-    }
-    let committed = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        committed == keys_vector(),
-        "{} differs; run `make vectors`",
-        path.display()
+    let committed = committed_vector(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/keys.json"),
+        keys_vector(),
     );
     let vector: Value = serde_json::from_str(&committed).unwrap();
     let unhex = |text: &Value| -> Vec<u8> {
@@ -1334,15 +1343,9 @@ fn lax_accepts(rule: &str, key: &[u8], message: &[u8], sig: &[u8]) -> bool {
 fn strict_signature_vectors_are_reproduced_and_hold() {
     use kez_core::key::KeyError;
     use kez_core::{PublicKey, Signature};
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/signatures-strict.json");
-    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
-        std::fs::write(&path, strict_signatures_vector()).unwrap();
-    }
-    let committed = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        committed == strict_signatures_vector(),
-        "{} differs; run `make vectors`",
-        path.display()
+    let committed = committed_vector(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("vectors/signatures-strict.json"),
+        strict_signatures_vector(),
     );
     let vector: Value = serde_json::from_str(&committed).unwrap();
     let unhex = |text: &Value| -> Vec<u8> {

@@ -43,18 +43,27 @@ fn registration_vector() -> String {
     serde_json::to_string_pretty(&vector).unwrap() + "\n"
 }
 
+/// The vector committed at `path`, rewritten with `generated` first under KEZ_REGEN_VECTORS (`make
+/// vectors`); fails unless `generated` reproduces it byte for byte.
+fn committed_vector(path: &std::path::Path, generated: String) -> String {
+    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(path).unwrap();
+    assert!(
+        committed == generated,
+        "{} differs; run `make vectors`",
+        path.display()
+    );
+    committed
+}
+
 #[test]
 fn registration_vector_is_reproduced_and_verifies() {
     use kez_proto::registry::RegistrationRequest;
-    let path = vectors_dir().join("registration.json");
-    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
-        std::fs::write(&path, registration_vector()).unwrap();
-    }
-    let committed = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        committed == registration_vector(),
-        "{} differs; run `make vectors`",
-        path.display()
+    let committed = committed_vector(
+        &vectors_dir().join("registration.json"),
+        registration_vector(),
     );
     let vector: Value = serde_json::from_str(&committed).unwrap();
     let request: RegistrationRequest =
@@ -93,16 +102,7 @@ fn pin_vector() -> String {
 #[test]
 fn pin_vector_is_reproduced_and_verifies() {
     use kez_proto::pin::{PinOp, PinRequest};
-    let path = vectors_dir().join("pin.json");
-    if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
-        std::fs::write(&path, pin_vector()).unwrap();
-    }
-    let committed = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        committed == pin_vector(),
-        "{} differs; run `make vectors`",
-        path.display()
-    );
+    let committed = committed_vector(&vectors_dir().join("pin.json"), pin_vector());
     let vector: Value = serde_json::from_str(&committed).unwrap();
     let request: PinRequest = serde_json::from_str(vector["request"].as_str().unwrap()).unwrap();
     assert_eq!(hex(&request.signed_message()), vector["signed_message_hex"]);
