@@ -574,45 +574,27 @@ async fn fetch(
     tag: &str,
 ) -> Result<(), ErrorAnswer> {
     let hash = Hash::from_bytes(*blob.as_bytes());
-    let (wrong_size, mut wrong_size_seen) = tokio::sync::watch::channel(None::<u64>);
-    // Only sizes other than `size` are ever sent, so any change is a mismatch. Ends with
-    // `None` when the download finished (the sender is dropped with it).
-    let mismatch_seen = async move {
-        wrong_size_seen.changed().await.ok()?;
-        *wrong_size_seen.borrow()
-    };
-    let download = pinning.node.download(hash, addrs, tag, move |progress| {
-        let seen = progress
-            .total
-            .filter(|total| *total != size)
-            .or((progress.done > size).then_some(progress.done));
-        if seen.is_some() {
-            wrong_size.send_replace(seen);
-        }
-    });
-    let mismatch = |actual: u64| {
+    let mismatch = |actual: &str| {
         ErrorAnswer::new(
             400,
             "size_mismatch",
-            format!("blob {blob} is {actual} bytes, not {size}; nothing was pinned"),
+            format!("blob {blob} is {actual}, not {size} bytes; nothing was pinned"),
         )
     };
-    tokio::select! {
-        result = tokio::time::timeout(pinning.fetch_timeout, download) => match result {
-            Err(_) => Err(fetch_failed(format!(
-                "fetching blob {blob} took longer than {} s",
-                pinning.fetch_timeout.as_secs()
-            ))),
-            Ok(Err(err)) => Err(match err {
-                kez_blobs::Error::DownloadFailed { .. } | kez_blobs::Error::NoProviders(_) => {
-                    fetch_failed(err.to_string())
-                }
-                other => ErrorAnswer::internal(format!("pin node: {other}")),
-            }),
-            Ok(Ok(stats)) if stats.total != size => Err(mismatch(stats.total)),
-            Ok(Ok(_)) => Ok(()),
-        },
-        Some(actual) = mismatch_seen => Err(mismatch(actual)),
+    // A larger blob stops as soon as it shows; a smaller one is small.
+    let download = pinning.node.download(hash, addrs, tag, size, |_| {});
+    match tokio::time::timeout(pinning.fetch_timeout, download).await {
+        Err(_) => Err(fetch_failed(format!(
+            "fetching blob {blob} took longer than {} s",
+            pinning.fetch_timeout.as_secs()
+        ))),
+        Ok(Err(kez_blobs::Error::TooLarge { .. })) => Err(mismatch("larger")),
+        Ok(Err(
+            err @ (kez_blobs::Error::DownloadFailed { .. } | kez_blobs::Error::NoProviders(_)),
+        )) => Err(fetch_failed(err.to_string())),
+        Ok(Err(other)) => Err(ErrorAnswer::internal(format!("pin node: {other}"))),
+        Ok(Ok(stats)) if stats.total != size => Err(mismatch(&format!("{} bytes", stats.total))),
+        Ok(Ok(_)) => Ok(()),
     }
 }
 

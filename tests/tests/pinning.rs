@@ -173,7 +173,7 @@ async fn a_pinned_blob_is_served_by_the_pin_node_after_its_owner_left() {
         .unwrap();
     let provider = parse_provider(&pin.provider).unwrap();
     let stats = stranger
-        .download(hash_of(&blob), &[provider], "got", |_| {})
+        .download(hash_of(&blob), &[provider], "got", u64::MAX, |_| {})
         .await
         .expect("the pin node serves the blob");
     assert_eq!(stats.total, size);

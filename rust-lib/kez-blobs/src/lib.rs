@@ -121,6 +121,15 @@ pub enum Error {
         /// Every provider tried, with what went wrong there.
         attempts: Vec<Attempt>,
     },
+    /// The blob is larger than the caller expected: its transfer stopped at the first sign of
+    /// it, and what arrived is not kept (a blob's size is its hash's: no provider has another).
+    #[error("blob {hash} is larger than the {max} bytes expected; it was not downloaded")]
+    TooLarge {
+        /// The blob.
+        hash: Hash,
+        /// The most the caller accepted.
+        max: u64,
+    },
 }
 
 /// One failed attempt to download from one provider.
@@ -302,6 +311,14 @@ fn remove_files_in(dir: &Path) -> Result<()> {
 /// How often iroh-blobs asks whether to collect garbage; a collection runs only when it is due
 /// ([`NodeConfig::gc_interval`]) or asked for ([`BlobNode::collect_garbage`]).
 const GC_TICK: Duration = Duration::from_millis(50);
+
+/// How one download attempt failed.
+enum Fetch {
+    /// The blob is larger than the caller accepts.
+    TooLarge,
+    /// This provider did not deliver it: why.
+    Failed(String),
+}
 
 /// When collections are due, asked for, started and finished. iroh-blobs calls
 /// [`Collector::decide`] before each possible run and runs one collection at a time, so a call
@@ -612,11 +629,16 @@ impl BlobNode {
     /// Each provider gets [`NodeConfig::connect_timeout`] to answer and may go
     /// [`NodeConfig::stall_timeout`] without sending anything; a provider that does not have
     /// the blob fails at once. When none delivers, the error lists every provider and why.
+    ///
+    /// A blob larger than `max_size` bytes is [`Error::TooLarge`] as soon as its size or the
+    /// bytes received show it (within a few hundred milliseconds of transfer), and its tag is
+    /// deleted: whoever names a blob cannot make the caller fetch more than it expects.
     pub async fn download(
         &self,
         hash: Hash,
         providers: &[EndpointAddr],
         tag: &str,
+        max_size: u64,
         mut progress: impl FnMut(Progress),
     ) -> Result<DownloadStats> {
         check_tag(tag)?;
@@ -638,22 +660,37 @@ impl BlobNode {
             }
             for provider in providers {
                 let (received, outcome) = self
-                    .fetch_from(content, provider.clone(), &mut progress)
+                    .fetch_from(content, provider.clone(), max_size, &mut progress)
                     .await;
                 transferred += received;
+                if let Err(Fetch::TooLarge) = outcome {
+                    self.delete_tag(tag).await?;
+                    return Err(Error::TooLarge {
+                        hash,
+                        max: max_size,
+                    });
+                }
                 if let BlobState::Complete { .. } = self.has(hash).await? {
                     completed_by = Some(provider.id);
                     break;
                 }
                 attempts.push(Attempt {
                     provider: provider.id,
-                    error: outcome
-                        .err()
-                        .unwrap_or_else(|| "ended without delivering the blob".to_string()),
+                    error: match outcome {
+                        Err(Fetch::Failed(error)) => error,
+                        _ => "ended without delivering the blob".to_string(),
+                    },
                 });
             }
         }
         let total = match self.has(hash).await? {
+            BlobState::Complete { size } if size > max_size => {
+                self.delete_tag(tag).await?;
+                return Err(Error::TooLarge {
+                    hash,
+                    max: max_size,
+                });
+            }
             BlobState::Complete { size } => size,
             // Nothing arrived: nothing to keep for a resume.
             BlobState::Missing => {
@@ -674,29 +711,31 @@ impl BlobNode {
         &self,
         content: HashAndFormat,
         provider: EndpointAddr,
+        max_size: u64,
         progress: &mut impl FnMut(Progress),
-    ) -> (u64, std::result::Result<(), String>) {
+    ) -> (u64, std::result::Result<(), Fetch>) {
+        let failed = |reason: String| Err(Fetch::Failed(reason));
         let endpoint = self.router.endpoint();
         let connect = endpoint.connect(provider, iroh_blobs::ALPN);
         let conn = match tokio::time::timeout(self.config.connect_timeout, connect).await {
             Err(_) => {
                 let secs = self.config.connect_timeout.as_secs_f32();
-                return (0, Err(format!("no connection within {secs:.1} s")));
+                return (0, failed(format!("no connection within {secs:.1} s")));
             }
-            Ok(Err(e)) => return (0, Err(format!("could not connect: {e}"))),
+            Ok(Err(e)) => return (0, failed(format!("could not connect: {e}"))),
             Ok(Ok(conn)) => conn,
         };
         let (local, mut total) = match self.has(content.hash).await {
             Ok(BlobState::Partial { size }) => {
                 let local = match self.store.remote().local(content).await {
                     Ok(info) => info.local_bytes(),
-                    Err(e) => return (0, Err(format!("local store: {e}"))),
+                    Err(e) => return (0, failed(format!("local store: {e}"))),
                 };
                 (local, size)
             }
             Ok(BlobState::Complete { size }) => (size, Some(size)),
             Ok(BlobState::Missing) => (0, None),
-            Err(e) => return (0, Err(e.to_string())),
+            Err(e) => return (0, failed(e.to_string())),
         };
         let stream = self.store.remote().fetch(conn.clone(), content).stream();
         let mut stream = std::pin::pin!(stream);
@@ -706,9 +745,9 @@ impl BlobNode {
             let item = match tokio::time::timeout(self.config.stall_timeout, stream.next()).await {
                 Err(_) => {
                     let secs = self.config.stall_timeout.as_secs_f32();
-                    break Err(format!("nothing received for {secs:.1} s"));
+                    break failed(format!("nothing received for {secs:.1} s"));
                 }
-                Ok(None) => break Err("the transfer ended without a result".to_string()),
+                Ok(None) => break failed("the transfer ended without a result".to_string()),
                 Ok(Some(item)) => item,
             };
             match item {
@@ -720,6 +759,9 @@ impl BlobNode {
                             total = size;
                         }
                     }
+                    if local + received > max_size || total.is_some_and(|total| total > max_size) {
+                        break Err(Fetch::TooLarge);
+                    }
                     progress(Progress {
                         done: local + received,
                         total,
@@ -729,7 +771,7 @@ impl BlobNode {
                     received = stats.payload_bytes_read;
                     break Ok(());
                 }
-                GetProgressItem::Error(e) => break Err(e.to_string()),
+                GetProgressItem::Error(e) => break failed(e.to_string()),
             }
         };
         conn.close(0u32.into(), b"done");

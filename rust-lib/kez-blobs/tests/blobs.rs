@@ -76,7 +76,7 @@ async fn download_delivers_identical_bytes() {
 
     let mut seen: Vec<Progress> = Vec::new();
     let stats = b
-        .download(hash, &[addr], "dl/one", |p| seen.push(p))
+        .download(hash, &[addr], "dl/one", u64::MAX, |p| seen.push(p))
         .await
         .expect("download");
     assert_eq!(stats.total, size);
@@ -96,7 +96,10 @@ async fn download_delivers_identical_bytes() {
     assert!(tags.iter().any(|t| t.name == "dl/one" && t.hash == hash));
 
     // Already complete: nothing is transferred, the tag is still set.
-    let again = b.download(hash, &[], "dl/two", |_| {}).await.unwrap();
+    let again = b
+        .download(hash, &[], "dl/two", u64::MAX, |_| {})
+        .await
+        .unwrap();
     assert_eq!((again.bytes_transferred, again.provider), (0, None));
     assert_eq!(b.tags().await.unwrap().len(), 2);
 
@@ -117,7 +120,7 @@ async fn interrupted_download_resumes_with_the_remainder() {
     let first_done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(tokio::sync::Notify::new());
     let (done, notify) = (first_done.clone(), stop.clone());
-    let download = b.download(hash, &providers, "dl/big", move |p| {
+    let download = b.download(hash, &providers, "dl/big", u64::MAX, move |p| {
         done.store(p.done, Ordering::SeqCst);
         if p.done >= 4 * MIB as u64 {
             notify.notify_one();
@@ -145,7 +148,7 @@ async fn interrupted_download_resumes_with_the_remainder() {
     ));
 
     let stats = b
-        .download(hash, &providers, "dl/big", |_| {})
+        .download(hash, &providers, "dl/big", u64::MAX, |_| {})
         .await
         .expect("resumed download");
     assert_eq!(stats.total, size);
@@ -188,7 +191,7 @@ async fn unknown_hash_and_offline_provider_fail_fast() {
 
     let start = Instant::now();
     let err = b
-        .download(unknown, &[a.addr()], "dl/x", |_| {})
+        .download(unknown, &[a.addr()], "dl/x", u64::MAX, |_| {})
         .await
         .unwrap_err();
     assert!(
@@ -201,7 +204,7 @@ async fn unknown_hash_and_offline_provider_fail_fast() {
 
     let start = Instant::now();
     let err = b
-        .download(unknown, &[offline, a.addr()], "dl/x", |_| {})
+        .download(unknown, &[offline, a.addr()], "dl/x", u64::MAX, |_| {})
         .await
         .unwrap_err();
     assert!(
@@ -215,7 +218,10 @@ async fn unknown_hash_and_offline_provider_fail_fast() {
     assert_eq!(b.has(unknown).await.unwrap(), BlobState::Missing);
     assert!(b.tags().await.unwrap().is_empty());
 
-    let err = b.download(unknown, &[], "dl/x", |_| {}).await.unwrap_err();
+    let err = b
+        .download(unknown, &[], "dl/x", u64::MAX, |_| {})
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::NoProviders(_)));
 
     a.shutdown().await.unwrap();
@@ -277,7 +283,7 @@ async fn gc_reclaims_untagged_blobs_only() {
     let (drop_hash, _) = import(&pin, &drop_bytes, "pin/drop").await;
     let remote = data(3 * MIB, 5);
     let (remote_hash, remote_size) = import(&a, &remote, "share").await;
-    pin.download(remote_hash, &[a.addr()], "pin/remote", |_| {})
+    pin.download(remote_hash, &[a.addr()], "pin/remote", u64::MAX, |_| {})
         .await
         .unwrap();
     let usage = pin.usage().await.unwrap();
@@ -352,4 +358,44 @@ async fn untagged_blobs_go_when_asked_and_at_the_next_open() {
         BlobState::Complete { .. }
     ));
     a.shutdown().await.unwrap();
+}
+
+/// Whoever names a blob cannot make a node fetch more than it expects: a download of a 16 MiB
+/// blob capped at 1 MiB stops, reports nothing past the cap and keeps nothing; a blob of
+/// exactly the cap downloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_larger_than_expected_stops_early_and_is_not_kept() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (node(dir_a.path()).await, node(dir_b.path()).await);
+    let bytes = data(16 * MIB, 7);
+    let (hash, _) = import(&a, &bytes, "share/big").await;
+
+    let mut most = 0;
+    let err = b
+        .download(hash, &[a.addr()], "dl/capped", MIB as u64, |p| {
+            most = most.max(p.done)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { hash: h, max } if h == hash && max == MIB as u64),
+        "{err}"
+    );
+    assert!(most <= MIB as u64, "reported {most} bytes past the cap");
+    b.collect_garbage().await.unwrap();
+    assert_eq!(
+        b.has(hash).await.unwrap(),
+        BlobState::Missing,
+        "what arrived is not kept"
+    );
+    let usage = b.usage().await.unwrap();
+    assert_eq!((usage.complete_blobs, usage.partial_blobs), (0, 0));
+
+    let small = data(MIB, 9);
+    let (small_hash, small_size) = import(&a, &small, "share/small").await;
+    let stats = b
+        .download(small_hash, &[a.addr()], "dl/small", small_size, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(stats.total, small_size);
 }

@@ -181,21 +181,31 @@ pub fn with_current_pin_node(providers: &[String], pin_node: Option<&str>) -> Ve
 }
 
 /// Fetches the offer's blob into `node`, trying its providers in order; only what is missing
-/// is transferred (an interrupted download resumes). iroh verifies every chunk.
+/// is transferred (an interrupted download resumes). iroh verifies every chunk; a blob larger
+/// than the offer's `cipher_size` stops at once.
 pub async fn fetch(
     node: &BlobNode,
     offer: &FileOffer,
     progress: impl FnMut(Progress),
 ) -> Result<DownloadStats, FileError> {
-    fetch_blob(node, blob_hash(offer), &offer.providers, progress).await
+    fetch_blob(
+        node,
+        blob_hash(offer),
+        &offer.providers,
+        offer.cipher_size,
+        progress,
+    )
+    .await
 }
 
-/// Fetches blob `hash` into `node` from the first of `providers` (provider strings, §9.5)
-/// that has it, tagged so it stays; only what is missing is transferred.
+/// Fetches blob `hash`, at most `max_size` bytes, into `node` from the first of `providers`
+/// (provider strings, §9.5) that has it, tagged so it stays; only what is missing is
+/// transferred.
 pub async fn fetch_blob(
     node: &BlobNode,
     hash: Hash,
     providers: &[String],
+    max_size: u64,
     progress: impl FnMut(Progress),
 ) -> Result<DownloadStats, FileError> {
     let mut reachable = Vec::new();
@@ -210,7 +220,9 @@ pub async fn fetch_blob(
         return Err(FileError::NoProviders(unusable.join("; ")));
     }
     let tag = format!("kez/download/{hash}");
-    Ok(node.download(hash, &reachable, &tag, progress).await?)
+    Ok(node
+        .download(hash, &reachable, &tag, max_size, progress)
+        .await?)
 }
 
 /// Decrypts the offer's blob (complete in `node`) to `dest`: into a temporary file beside it,

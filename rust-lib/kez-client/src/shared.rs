@@ -172,13 +172,9 @@ pub async fn browse(
     })?;
     let hash = Hash::from_bytes(*expected.as_bytes());
     let providers = files::with_current_pin_node(&committed.providers, pin_node);
-    let stats = files::fetch_blob(node, hash, &providers, |_| {}).await?;
-    if stats.total > MAX_MANIFEST_BYTES as u64 {
-        return Err(ManifestError::TooLarge {
-            size: usize::try_from(stats.total).unwrap_or(usize::MAX),
-        }
-        .into());
-    }
+    // A manifest larger than a reader takes stops as soon as it shows.
+    let stats =
+        files::fetch_blob(node, hash, &providers, MAX_MANIFEST_BYTES as u64, |_| {}).await?;
     let mut bytes = Vec::with_capacity(stats.total as usize);
     node.reader(hash)
         .await

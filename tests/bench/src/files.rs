@@ -174,7 +174,7 @@ async fn raw_transfer(work: &Path, original: &Path) -> Result<RawTimes, String> 
 
     let started = Instant::now();
     receiver
-        .download(hash, &[sender.addr()], "bench/raw", |_| {})
+        .download(hash, &[sender.addr()], "bench/raw", u64::MAX, |_| {})
         .await
         .map_err(|e| format!("raw download: {e}"))?;
     let target = work.join("raw-received.bin");
