@@ -399,6 +399,10 @@ impl App {
         meter.finish();
         let stats = match fetched {
             Ok(stats) => stats,
+            Err(err @ FileError::Blobs(kez_blobs::Error::TooLarge { .. })) => {
+                let _ = node.shutdown().await;
+                return Err(file_failure(err));
+            }
             Err(err) => {
                 let _ = node.shutdown().await;
                 return Err(Failure::new(
@@ -481,6 +485,12 @@ fn received_offers(store: &kez_client::Store) -> Result<Vec<(Offer, FileOffer)>,
 pub(crate) fn file_failure(err: FileError) -> Failure {
     match err {
         FileError::Crypt(_) | FileError::Offer(_) => Failure::new(REFUSED, err.to_string()),
+        FileError::Blobs(kez_blobs::Error::TooLarge { .. }) => Failure::new(
+            REFUSED,
+            format!(
+                "{err}: the offer does not match the file it names; ask the sender to share it again"
+            ),
+        ),
         other => Failure::new(RUNTIME, other.to_string()),
     }
 }

@@ -671,6 +671,22 @@ async fn a_file_growing_while_shared_is_read_to_its_size_and_leaves_nothing() {
     node.shutdown().await.unwrap();
 }
 
+/// The headers of a 503 `unavailable` answer (PROTOCOL.md §5.1), naming a pause in
+/// milliseconds when `pause_ms` is given.
+fn unavailable(pause_ms: Option<&str>) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Service-Error-Code", "503");
+    headers.insert("Kez-Error", "unavailable");
+    headers.insert(
+        "Nats-Service-Error",
+        "storage is unavailable; retry shortly",
+    );
+    if let Some(pause_ms) = pause_ms {
+        headers.insert("Kez-Retry-After-Ms", pause_ms);
+    }
+    headers
+}
+
 /// A server that answers 503 `unavailable` with `Kez-Retry-After-Ms` (a cluster electing a
 /// stream's leader) is asked the same again after that pause, and the call succeeds once it
 /// answers; a 503 that names no pause is the caller's at once.
@@ -694,16 +710,9 @@ async fn an_unavailable_server_that_names_a_pause_is_asked_again() {
             while let Some(request) = heads.next().await {
                 let reply = request.reply.unwrap();
                 let attempt = asked.fetch_add(1, Ordering::SeqCst);
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Service-Error-Code", "503");
-                headers.insert("Kez-Error", "unavailable");
-                headers.insert(
-                    "Nats-Service-Error",
-                    "storage is unavailable; retry shortly",
-                );
-                match attempt {
+                let pause = match attempt {
                     // The first two: unavailable, with a pause; then the answer.
-                    0 | 1 => headers.insert("Kez-Retry-After-Ms", "200"),
+                    0 | 1 => Some("200"),
                     2 => {
                         let body = serde_json::json!({ "key": key, "seq": 1, "head": head });
                         server
@@ -713,8 +722,9 @@ async fn an_unavailable_server_that_names_a_pause_is_asked_again() {
                         continue;
                     }
                     // Later: unavailable without a pause.
-                    _ => {}
-                }
+                    _ => None,
+                };
+                let headers = unavailable(pause);
                 server
                     .publish_with_headers(reply, headers, bytes::Bytes::new())
                     .await
@@ -770,17 +780,10 @@ async fn a_duplicate_answer_to_a_repeated_send_is_a_delivery() {
                 };
                 match answer {
                     Some(body) => server.publish(reply, body.into()).await.unwrap(),
-                    None => {
-                        let mut headers = async_nats::HeaderMap::new();
-                        headers.insert("Nats-Service-Error-Code", "503");
-                        headers.insert("Kez-Error", "unavailable");
-                        headers.insert("Nats-Service-Error", "storage is unavailable");
-                        headers.insert("Kez-Retry-After-Ms", "100");
-                        server
-                            .publish_with_headers(reply, headers, bytes::Bytes::new())
-                            .await
-                            .unwrap();
-                    }
+                    None => server
+                        .publish_with_headers(reply, unavailable(Some("100")), bytes::Bytes::new())
+                        .await
+                        .unwrap(),
                 }
             }
         });

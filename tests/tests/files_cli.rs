@@ -191,14 +191,23 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
     assert!(err.contains("not in your contacts"), "{err}");
     assert!(!target.exists());
 
-    // alice's client sends an offer with the wrong content key for a real blob: the download
-    // fetches and verifies the blob, the decryption fails, nothing is written.
+    // alice's client sends an offer with the wrong content key for a real blob, and one that
+    // claims a smaller file: the first download fetches and verifies the blob, the decryption
+    // fails, nothing is written.
     let real = alice
         .ok(&["share", "@bob", original.to_str().unwrap()])
         .await
         .trim()
         .to_owned();
-    let forged = forge_offer_with_another_key(&url, &alice).await;
+    let forged = forge_offer(&url, &alice, |offer| {
+        offer.key = kez_core::file::ContentKey::generate();
+    })
+    .await;
+    let shrunk = forge_offer(&url, &alice, |offer| {
+        offer.size = 1000;
+        offer.cipher_size = kez_core::file::ciphertext_len(1000).unwrap();
+    })
+    .await;
     let inbox = bob.ok(&["inbox"]).await;
     assert!(inbox.contains(&real) && inbox.contains(&forged), "{inbox}");
     let listening = serving(&alice).await;
@@ -208,6 +217,16 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
         .await;
     assert!(err.contains("does not decrypt (auth_failed"), "{err}");
     assert!(err.contains("nothing was written"), "{err}");
+    assert!(!target.exists());
+    assert!(!kez_client::files::partial_path(&target).exists());
+
+    // The offer that names the real blob but claims a smaller file: the download stops as soon
+    // as the blob shows it is larger, and says so.
+    let target = work.path().join("shrunk.txt");
+    let err = bob
+        .fails(&["download", &shrunk, "-o", target.to_str().unwrap()], 5)
+        .await;
+    assert!(err.contains("does not match the file it names"), "{err}");
     assert!(!target.exists());
     assert!(!kez_client::files::partial_path(&target).exists());
     stop(listening).await;
@@ -259,14 +278,18 @@ fn flip_a_byte_in_the_file_of_size(dir: &Path, size: u64) {
     std::fs::write(&found[0], bytes).unwrap();
 }
 
-/// As alice (her key, through the library), sends bob a copy of her last offer with a fresh,
-/// wrong content key; answers its short id.
-async fn forge_offer_with_another_key(url: &str, alice: &Person) -> String {
+/// As alice (her key, through the library), sends bob a copy of her last offer changed by
+/// `forge`; answers its short id.
+async fn forge_offer(
+    url: &str,
+    alice: &Person,
+    forge: impl FnOnce(&mut kez_core::file::FileOffer),
+) -> String {
     let home = kez_client::Home::open(&alice.home).unwrap();
     let store = home.store().unwrap();
     let last = store.offers().unwrap().pop().expect("alice's offer");
     let mut offer = kez_core::file::FileOffer::from_json(&last.message.body).unwrap();
-    offer.key = kez_core::file::ContentKey::generate();
+    forge(&mut offer);
     let conn = kez_client::Connection::connect(url, std::sync::Arc::new(home.key().unwrap()))
         .await
         .unwrap();

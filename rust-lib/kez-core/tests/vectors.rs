@@ -719,6 +719,13 @@ fn nested(depth: usize) -> Value {
     (0..depth).fold(json!(1), |inner, _| json!([inner]))
 }
 
+/// The bytes of a vector's lowercase hex string.
+fn unhex(text: &Value) -> Vec<u8> {
+    data_encoding::HEXLOWER
+        .decode(text.as_str().unwrap().as_bytes())
+        .unwrap()
+}
+
 /// The vector committed at `path`, rewritten with `generated` first under KEZ_REGEN_VECTORS (`make
 /// vectors`); fails unless `generated` reproduces it byte for byte.
 fn committed_vector(path: &std::path::Path, generated: String) -> String {
@@ -1075,11 +1082,6 @@ fn key_and_signature_vectors_are_reproduced_and_hold() {
         keys_vector(),
     );
     let vector: Value = serde_json::from_str(&committed).unwrap();
-    let unhex = |text: &Value| -> Vec<u8> {
-        data_encoding::HEXLOWER
-            .decode(text.as_str().unwrap().as_bytes())
-            .unwrap()
-    };
     for case in vector["keys"].as_array().unwrap() {
         let bytes: [u8; 32] = unhex(&case["key_hex"]).try_into().unwrap();
         let got = match PublicKey::from_bytes(&bytes) {
@@ -1348,11 +1350,6 @@ fn strict_signature_vectors_are_reproduced_and_hold() {
         strict_signatures_vector(),
     );
     let vector: Value = serde_json::from_str(&committed).unwrap();
-    let unhex = |text: &Value| -> Vec<u8> {
-        data_encoding::HEXLOWER
-            .decode(text.as_str().unwrap().as_bytes())
-            .unwrap()
-    };
     let mut refused = 0;
     for case in vector["cases"].as_array().unwrap() {
         let name = &case["name"];

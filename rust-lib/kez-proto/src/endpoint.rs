@@ -76,13 +76,6 @@ impl Endpoint {
         }
     }
 
-    /// The endpoint answering `subject`, if any.
-    pub fn from_subject(subject: &str) -> Option<Endpoint> {
-        Endpoint::ALL
-            .into_iter()
-            .find(|endpoint| endpoint.subject() == subject)
-    }
-
     /// Whether requests count against the caller's per-key request limit (PROTOCOL.md §5.5):
     /// every `kez.registry.*`, `kez.sigchain.*` and `kez.pin.*` request. `kez.mail.send` has
     /// budgets of its own (messages and bytes per sender).
@@ -207,16 +200,21 @@ mod tests {
             assert_eq!(homes.len(), 1, "{endpoint:?}");
             let name = homes[0].endpoint_name(endpoint);
             assert!(!name.is_empty() && !name.contains('.') || homes[0].prefix.is_empty());
-            assert_eq!(Endpoint::from_subject(endpoint.subject()), Some(endpoint));
             assert_eq!(Endpoint::ALL[endpoint.index()], endpoint);
         }
-        assert_eq!(Endpoint::from_subject("kez.registry"), None);
         assert_eq!(
             PIN_SERVICE.endpoint_name(Endpoint::PinStatus),
             "status",
             "names are the last token"
         );
         assert_eq!(REGISTRY_SERVICE.wildcard(), "kez.registry.>");
+        let subjects: std::collections::HashSet<&str> =
+            Endpoint::ALL.into_iter().map(Endpoint::subject).collect();
+        assert_eq!(
+            subjects.len(),
+            Endpoint::ALL.len(),
+            "one subject per endpoint"
+        );
     }
 
     #[test]

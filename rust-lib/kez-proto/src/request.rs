@@ -165,7 +165,7 @@ fn pin<'a>(op: PinOp, body: &[u8], domain: &str, now: u64) -> Result<Request<'a>
 }
 
 /// Reads a JSON request body: one JSON object, as PROTOCOL.md describes for the endpoint.
-pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ErrorAnswer> {
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ErrorAnswer> {
     if body.is_empty() {
         return Err(ErrorAnswer::malformed(
             "empty request body; send a JSON object as PROTOCOL.md describes",

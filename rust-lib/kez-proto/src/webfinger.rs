@@ -43,17 +43,17 @@ pub enum Refusal {
 
 /// The WebFinger parameters: `resource` (exactly once) and any number of `rel`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Query {
+struct Query {
     /// The `resource` parameter, percent-decoded.
-    pub resource: String,
+    resource: String,
     /// The `rel` parameters, percent-decoded, in order: the link relations wanted (none: all).
-    pub rels: Vec<String>,
+    rels: Vec<String>,
 }
 
 /// Parses the query component: `&`-separated `name=value` pairs, both percent-decoded (RFC 3986
 /// §2.1, strictly: `%` must start a two-hex-digit escape and the result must be UTF-8; `+` is a
 /// plus sign). Unknown parameters are ignored (RFC 7033 §4.1 leaves room for extensions).
-pub fn parse_query(query: Option<&str>) -> Result<Query, Refusal> {
+fn parse_query(query: Option<&str>) -> Result<Query, Refusal> {
     let mut resource = None;
     let mut rels = Vec::new();
     for pair in query.unwrap_or_default().split('&') {
@@ -82,7 +82,7 @@ pub fn parse_query(query: Option<&str>) -> Result<Query, Refusal> {
 }
 
 /// Strict percent-decoding (RFC 3986 §2.1) into UTF-8.
-pub fn percent_decode(input: &str) -> Result<String, String> {
+fn percent_decode(input: &str) -> Result<String, String> {
     let bytes = input.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut rest = bytes;
@@ -116,7 +116,7 @@ fn hex_digit(byte: u8) -> Option<u8> {
 }
 
 /// An `acct:` URI (RFC 7565) split into its percent-decoded user part and host.
-pub fn parse_acct(resource: &str) -> Result<(String, String), Refusal> {
+fn parse_acct(resource: &str) -> Result<(String, String), Refusal> {
     let Some((scheme, rest)) = resource.split_once(':') else {
         return Err(bad_request(format!(
             "resource {resource:?} is not a URI; use acct:name@domain"
