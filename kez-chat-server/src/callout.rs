@@ -14,7 +14,9 @@ use kez_nats_jwt::{
 };
 use kez_proto::ErrorAnswer;
 use kez_proto::answer::HandleRecord;
-use kez_proto::subjects::{allowed_subscribe, registered_publish, unregistered_publish};
+use kez_proto::subjects::{
+    registered_publish, registered_subscribe, unregistered_publish, unregistered_subscribe,
+};
 use nkeys::KeyPair;
 
 use crate::limits::Limiter;
@@ -183,9 +185,14 @@ pub fn grant(
     })
 }
 
-fn base_claims(user_nkey: &str, name: String, now: u64) -> UserClaims {
+/// Named by the KEZ key's nkey (`user_nkey` is the key nats-server made for the connection,
+/// not the client's): nats-server reports a user's name as the `user` of the
+/// `Nats-Request-Info` header it stamps on every request the user sends across a service
+/// import, so the kez services learn the caller's key from it (`kez.mail.fetch` serves that
+/// key's inbox; the limits count by it), not a name they would have to look up.
+fn base_claims(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
     UserClaims::new(user_nkey, APP_ACCOUNT, now)
-        .with_name(name)
+        .with_name(key.to_nkey())
         .with_expiry(now + AUTHORIZATION_LIFETIME_SECS)
         .with_max_subscriptions(MAX_SUBSCRIPTIONS)
 }
@@ -193,18 +200,18 @@ fn base_claims(user_nkey: &str, name: String, now: u64) -> UserClaims {
 /// A key without a handle may register, look handles up, read server info, and hear replies on
 /// its own reply prefix. Nothing else.
 fn unregistered_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
-    base_claims(user_nkey, key.to_string(), now)
+    base_claims(user_nkey, key, now)
         .allow_publish(unregistered_publish())
-        .allow_subscribe(allowed_subscribe(key))
+        .allow_subscribe(unregistered_subscribe(key))
 }
 
-/// A registered key may use every kez service (sending mail through `kez.mail.send`, never
-/// into an inbox directly), read and acknowledge only its own inbox consumer, and hear replies
-/// only on its own reply prefix.
+/// A registered key may use every kez service (mail goes in through `kez.mail.send` and out
+/// through `kez.mail.fetch`, never through JetStream), hear replies only on its own reply
+/// prefix, and hear of new mail only for its own inbox.
 fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserClaims {
-    base_claims(user_nkey, record.handle.to_string(), now)
-        .allow_publish(registered_publish(&record.key))
-        .allow_subscribe(allowed_subscribe(&record.key))
+    base_claims(user_nkey, &record.key, now)
+        .allow_publish(registered_publish())
+        .allow_subscribe(registered_subscribe(&record.key))
 }
 
 #[cfg(test)]
@@ -238,9 +245,9 @@ mod tests {
         let Ok(Grant::Registered(chat)) = grant(user, &key, Some(&record), None, NOW) else {
             panic!("a registered key gets the chat profile");
         };
-        assert_eq!(chat.publish.allow, registered_publish(&key));
-        assert_eq!(chat.subscribe.allow, allowed_subscribe(&key));
-        assert_eq!(chat.name.as_deref(), Some("@alice@kez.lat"));
+        assert_eq!(chat.publish.allow, registered_publish());
+        assert_eq!(chat.subscribe.allow, registered_subscribe(&key));
+        assert_eq!(chat.name, Some(key.to_nkey()), "named by the KEZ key");
         assert_eq!(chat.expires_at, Some(NOW + AUTHORIZATION_LIFETIME_SECS));
 
         let disabled = DisabledRecord { handle, since: NOW };

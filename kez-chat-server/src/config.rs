@@ -9,8 +9,6 @@ use zeroize::Zeroizing;
 
 /// Domain served when none is configured.
 pub const DEFAULT_DOMAIN: &str = "kez.lat";
-/// How often the inbox stream is swept when not configured.
-pub const DEFAULT_INBOX_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 /// NATS URL used when none is configured.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 
@@ -79,10 +77,10 @@ pub struct ServerConfig {
     pub pin: Option<crate::pin::PinConfig>,
     /// Rate limits against hostile clients (PROTOCOL.md §5.5).
     pub limits: crate::limits::Limits,
-    /// How often the inbox stream is swept for messages the broker still holds although they
-    /// were acknowledged ([`crate::store::Store::sweep_acknowledged_inbox_messages`]).
-    pub inbox_sweep_interval: std::time::Duration,
-    /// Most bytes `KEZ_INBOX` may hold; `None`: an existing stream keeps its bound, a new one
+    /// Settings of an earlier release that still parse but no longer do anything (a start
+    /// warns about each, so that an upgraded deployment keeps starting).
+    pub retired_settings: Vec<&'static str>,
+    /// Most bytes `KEZ_MAIL` may hold; `None`: an existing stream keeps its bound, a new one
     /// gets [`crate::store::DEFAULT_INBOX_MAX_BYTES`].
     pub inbox_max_bytes: Option<u64>,
 }
@@ -102,7 +100,7 @@ impl ServerConfig {
             http_limits: crate::http::HttpLimits::default(),
             pin: None,
             limits: crate::limits::Limits::default(),
-            inbox_sweep_interval: DEFAULT_INBOX_SWEEP_INTERVAL,
+            retired_settings: Vec::new(),
             inbox_max_bytes: None,
         }
     }
@@ -141,7 +139,7 @@ pub struct Settings {
     /// Domain this server serves: handles are @name@<domain> [default: kez.lat]
     #[arg(long, env = "KEZ_DOMAIN")]
     pub domain: Option<String>,
-    /// Replicas of the JetStream key-value buckets and the KEZ_INBOX stream (1 single node, 3 in
+    /// Replicas of the JetStream key-value buckets and the KEZ_MAIL stream (1 single node, 3 in
     /// a cluster); applied at start, also to existing ones [default: keep what they have; 1 for
     /// new ones]
     #[arg(long, env = "KEZ_KV_REPLICAS")]
@@ -222,14 +220,14 @@ pub struct Settings {
     /// Envelope bytes each key may send at once, at least 65536 [default: 8388608, 8 MiB]
     #[arg(long, env = "KEZ_SEND_BYTES_BURST")]
     pub send_bytes_burst: Option<u32>,
-    /// Most bytes the KEZ_INBOX stream may hold (JetStream reserves them, so the key-value
+    /// Most bytes the KEZ_MAIL stream may hold (JetStream reserves them, so the key-value
     /// buckets keep the rest of the store); a full stream refuses new messages [default:
     /// 4294967296, 4 GiB; an existing stream keeps its own]
     #[arg(long, env = "KEZ_INBOX_MAX_BYTES")]
     pub inbox_max_bytes: Option<u64>,
-    /// Seconds between sweeps of the KEZ_INBOX stream for messages the broker still holds
-    /// although their recipient acknowledged them (left by a broker crash) [default: 300]
-    #[arg(long, env = "KEZ_INBOX_SWEEP_SECS")]
+    /// Retired: the inbox of the previous release needed a sweep; KEZ_MAIL does not. Still
+    /// accepted (and ignored, with a warning) so that an upgraded deployment keeps starting.
+    #[arg(long, env = "KEZ_INBOX_SWEEP_SECS", hide = true)]
     pub inbox_sweep_secs: Option<u64>,
 }
 
@@ -421,11 +419,11 @@ impl Settings {
             }
             bytes => bytes,
         };
-        let inbox_sweep_interval = match self.inbox_sweep_secs {
-            Some(0) => return Err("--inbox-sweep-secs must be at least 1".into()),
-            Some(secs) => std::time::Duration::from_secs(secs),
-            None => DEFAULT_INBOX_SWEEP_INTERVAL,
-        };
+        let retired_settings = self
+            .inbox_sweep_secs
+            .map(|_| "inbox_sweep_secs")
+            .into_iter()
+            .collect();
         Ok(ServerConfig {
             nats_url,
             auth,
@@ -437,7 +435,7 @@ impl Settings {
             http_limits: crate::http::HttpLimits::default(),
             pin,
             limits,
-            inbox_sweep_interval,
+            retired_settings,
             inbox_max_bytes,
         })
     }
@@ -615,19 +613,14 @@ mod tests {
     }
 
     #[test]
-    fn the_inbox_sweep_interval_defaults_and_cannot_be_zero() {
+    fn the_retired_inbox_sweep_setting_still_parses_and_is_reported() {
         let config = Settings::default().resolve().unwrap();
-        assert_eq!(config.inbox_sweep_interval, DEFAULT_INBOX_SWEEP_INTERVAL);
-        let file: Settings = toml::from_str("inbox_sweep_secs = 30\n").unwrap();
+        assert!(config.retired_settings.is_empty());
+        let file: Settings = toml::from_str("inbox_sweep_secs = 0\n").unwrap();
         assert_eq!(
-            file.resolve().unwrap().inbox_sweep_interval,
-            std::time::Duration::from_secs(30)
+            file.resolve().unwrap().retired_settings,
+            ["inbox_sweep_secs"]
         );
-        let zero = Settings {
-            inbox_sweep_secs: Some(0),
-            ..Settings::default()
-        };
-        assert!(zero.resolve().unwrap_err().contains("--inbox-sweep-secs"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::callout::Callout;
 use crate::limits::Limiters;
-use crate::mail::Recipients;
+use crate::mail::{Floors, Recipients};
 use crate::metrics::Metrics;
 use crate::pin::Pinning;
 use crate::store::Store;
@@ -28,4 +28,6 @@ pub struct Context {
     pub limiters: Limiters,
     /// Keys known to be registered (`kez.mail.send` recipients).
     pub recipients: Recipients,
+    /// How far inboxes were purged, and the inbox stream's last sequence, as far as known.
+    pub floors: Floors,
 }

@@ -107,7 +107,6 @@ pub async fn handle(
                 }
                 Registered::Existing(record) => record,
             };
-            ctx.store.ensure_inbox_consumer(record.key).await?;
             answer(&record)
         }
         Request::Lookup(handle) => {
@@ -189,7 +188,26 @@ pub async fn handle(
             crate::pin::handle(&ctx.store, pinning, &request, now).await
         }
         Request::MailSend(request) => {
-            crate::mail::send(&ctx.store, &ctx.limiters, &ctx.recipients, caller, &request).await
+            crate::mail::send(
+                &ctx.store,
+                &ctx.limiters,
+                &ctx.recipients,
+                &ctx.floors,
+                caller,
+                &request,
+            )
+            .await
+        }
+        Request::MailFetch(request) => {
+            crate::mail::fetch(
+                &ctx.store,
+                &ctx.domain,
+                &ctx.floors,
+                &ctx.metrics,
+                caller,
+                &request,
+            )
+            .await
         }
     }
 }

@@ -15,6 +15,7 @@ pub mod http;
 pub mod limits;
 pub mod mail;
 pub mod metrics;
+pub mod migrate;
 pub mod nats_conf;
 pub mod pin;
 pub mod store;
@@ -34,6 +35,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{NatsAuth, ServerConfig};
 use kez_proto::endpoint::{CALLOUT_SERVICE, PIN_SERVICE, ServiceSpec, USER_SERVICES};
+use kez_proto::subjects::{MAIL_STREAM, inbox_subject};
 use kez_proto::{Endpoint, ErrorAnswer};
 
 use crate::context::Context;
@@ -69,8 +71,6 @@ pub struct Server {
     http_stop: watch::Sender<bool>,
     /// How often the pin node's orphaned tags are swept, when pinning is on.
     pin_gc_interval: Option<Duration>,
-    /// How often the inbox stream is swept for acknowledged messages the broker still holds.
-    inbox_sweep_interval: Duration,
 }
 
 /// Why the server could not start.
@@ -79,8 +79,8 @@ pub enum StartError {
     /// The NATS credentials or callout keys could not be read or do not agree.
     #[error("{0}")]
     Credentials(String),
-    /// JetStream refused to set up the inbox consumers.
-    #[error("inbox consumers: {0}")]
+    /// The previous release's inbox could not be moved into `KEZ_MAIL` (nothing was lost).
+    #[error("moving the previous release's inbox: {0}")]
     Inbox(String),
     /// The pin node or the pins bucket could not be opened.
     #[error("pinning: {0}")]
@@ -103,6 +103,12 @@ impl Server {
     /// starting, `/healthz` saying why), connects to NATS (waiting for the broker as long as it
     /// takes), creates or opens the buckets and subscribes every endpoint.
     pub async fn start(config: &ServerConfig) -> Result<Server, StartError> {
+        for setting in &config.retired_settings {
+            tracing::warn!(
+                setting,
+                "this setting no longer does anything (the inbox stream needs no sweep since KEZ_MAIL replaced KEZ_INBOX); remove it from the configuration"
+            );
+        }
         // A wrong issuer key would make nats-server refuse every client: fail before connecting.
         let issuer = config.callout.as_ref().map(load_issuer).transpose()?;
         // Likewise a listen address that is taken.
@@ -133,11 +139,20 @@ impl Server {
             &phase,
         )
         .await;
-        let prepared = store
-            .ensure_all_inbox_consumers()
-            .await
-            .map_err(|err| StartError::Inbox(err.message))?;
-        tracing::info!(created = prepared, "inbox consumers in place");
+        // The previous release's inbox, if it is still there, before anyone can fetch.
+        phase.send_replace(http::Phase::Starting(
+            "moving the previous release's inbox (KEZ_INBOX) into KEZ_MAIL".into(),
+        ));
+        let moved = migrate::move_legacy_inbox(
+            &async_nats::jetstream::new(client.clone()),
+            MAIL_STREAM,
+            |key| inbox_subject(key, key),
+        )
+        .await
+        .map_err(StartError::Inbox)?;
+        if moved != migrate::Moved::default() {
+            tracing::info!(?moved, "the previous release's inbox is now in KEZ_MAIL");
+        }
         let pinning = match &config.pin {
             Some(pin_config) => {
                 let js = async_nats::jetstream::new(client.clone());
@@ -202,6 +217,7 @@ impl Server {
             pin: pinning,
             limiters: limits::Limiters::new(&config.limits),
             recipients: mail::Recipients::default(),
+            floors: mail::Floors::default(),
         });
         phase.send_replace(http::Phase::Serving(context.clone()));
         Ok(Server {
@@ -210,7 +226,6 @@ impl Server {
             requests,
             context,
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
-            inbox_sweep_interval: config.inbox_sweep_interval,
             http,
             http_stop,
         })
@@ -243,17 +258,8 @@ impl Server {
         let (stop_tasks, tasks_stopped) = watch::channel(false);
         let http_task = self.http.take().map(|(_, task)| task);
         let pin_sweep_task = self.pin_gc_interval.map(|interval| {
-            tokio::spawn(sweep_pins(
-                self.context.clone(),
-                interval,
-                tasks_stopped.clone(),
-            ))
+            tokio::spawn(sweep_pins(self.context.clone(), interval, tasks_stopped))
         });
-        let inbox_sweep_task = tokio::spawn(sweep_inbox(
-            self.context.clone(),
-            self.inbox_sweep_interval,
-            tasks_stopped,
-        ));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -330,7 +336,6 @@ impl Server {
         if let Some(task) = pin_sweep_task {
             let _ = task.await;
         }
-        let _ = inbox_sweep_task.await;
         // The answers are queued in the clients; make sure they are on the wire before they go.
         if broker_connected(&self.clients) {
             let drained =
@@ -364,36 +369,6 @@ async fn sweep_pins(context: Arc<Context>, interval: Duration, mut stopped: watc
                 Ok(dropped) => tracing::info!(dropped, "dropped pin tags no pin names"),
                 Err(err) => tracing::warn!(error = %err, "sweeping the pin node's tags"),
             }
-        }
-    }
-}
-
-/// Sweeps the inbox stream at start and then every `interval` until `stopped` turns true, which
-/// also cuts a sweep short: each deletion stands on its own
-/// ([`store::Store::sweep_acknowledged_inbox_messages`]).
-async fn sweep_inbox(
-    context: Arc<Context>,
-    interval: Duration,
-    mut stopped: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            swept = context.store.sweep_acknowledged_inbox_messages() => match swept {
-                Ok(0) => {}
-                Ok(deleted) => {
-                    context.metrics.record_inbox_swept(deleted);
-                    tracing::warn!(
-                        deleted,
-                        "deleted inbox messages the broker still held after their recipient acknowledged them (a broker crash leaves these)"
-                    );
-                }
-                Err(err) => tracing::warn!(error = %err.message, "sweeping the inbox stream"),
-            },
-            _ = stopped.wait_for(|stop| *stop) => return,
-        }
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = stopped.wait_for(|stop| *stop) => return,
         }
     }
 }

@@ -1,21 +1,26 @@
-//! `kez.mail.send` (PROTOCOL.md §6.3): the server stores a client's sealed envelope in the inbox
-//! of a registered recipient, within the sender's budget of messages and bytes.
+//! `kez.mail.*` (PROTOCOL.md §6.3): `send` stores a client's sealed envelope in the inbox of a
+//! registered recipient, within the sender's budget of messages and bytes; `fetch` reads the
+//! caller's own inbox and deletes what the caller says it has stored.
 //!
-//! Users cannot write into `KEZ_INBOX` themselves: an inbox subject nobody owns, or a flood from
-//! one key, would otherwise fill the broker's disk. The envelope stays opaque: the server learns
-//! its recipient, size and time, as the broker always did, and who handed it over.
+//! Users cannot touch `KEZ_MAIL` themselves: an inbox subject nobody owns, or a flood from one
+//! key, would otherwise fill the broker's disk, and the JetStream calls that read or delete by
+//! subject cannot be limited to one subject. The envelope stays opaque: the server learns its
+//! recipient, size and time, as the broker always did, and who handed it over.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
 use kez_core::PublicKey;
 use kez_proto::ErrorAnswer;
 use kez_proto::answer::Delivered;
-use kez_proto::mail::SendRequest;
+use kez_proto::mail::{FetchAnswer, FetchRequest, SendRequest};
+use kez_proto::subjects::inbox_subject;
 
 use crate::limits::{Caller, Limited, Limiters};
+use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Most recipients [`Recipients`] remembers; past it, it starts afresh.
@@ -53,12 +58,151 @@ impl Recipients {
     }
 }
 
+/// Most callers [`Floors`] remembers; past it, it starts afresh.
+const MAX_KNOWN_FLOORS: usize = 100_000;
+
+/// What this instance knows of inbox sequences: the floor (sequence and time) each caller's
+/// inbox was last purged to, so that a fetch naming the same floor again skips the purge; and
+/// the stream's last sequence as last seen, so that only a floor past it costs a stream info.
+/// Either may be forgotten at any time: it only saves work. A floor is only skipped when both
+/// its sequence and time match (a restored or recreated stream stores other messages, at other
+/// times, under the same sequences), and the check that nothing unread is purged never relies
+/// on it.
+#[derive(Debug, Default)]
+pub struct Floors {
+    purged: Mutex<HashMap<PublicKey, (u64, u64)>>,
+    last_sequence: AtomicU64,
+}
+
+impl Floors {
+    /// Notes that the stream holds (or held) sequence `seq`.
+    fn saw(&self, seq: u64) {
+        self.last_sequence.fetch_max(seq, Ordering::Relaxed);
+    }
+
+    /// Notes that the stream just stored a new message at `seq`: its last sequence, even when
+    /// lower than what was seen before (the stream was restored or recreated since).
+    fn stored(&self, seq: u64) {
+        self.last_sequence.store(seq, Ordering::Relaxed);
+    }
+
+    fn purged_to(&self, key: &PublicKey, floor: (u64, u64)) -> bool {
+        self.lock().get(key) == Some(&floor)
+    }
+
+    fn set_purged(&self, key: PublicKey, floor: (u64, u64)) {
+        let mut purged = self.lock();
+        if purged.len() >= MAX_KNOWN_FLOORS && !purged.contains_key(&key) {
+            purged.clear();
+        }
+        purged.insert(key, floor);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, (u64, u64)>> {
+        self.purged
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// Answers `kez.mail.fetch` from `caller`: checks the floor the caller names, purges its inbox
+/// up to it (the acknowledgement), then reads what comes after. The inbox is the caller's own,
+/// as nats-server names the connection; nothing in the body can name another.
+pub async fn fetch(
+    store: &Store,
+    domain: &str,
+    floors: &Floors,
+    metrics: &Metrics,
+    caller: &Caller,
+    request: &FetchRequest,
+) -> Result<Bytes, ErrorAnswer> {
+    let key = caller_key(store, domain, caller).await?.ok_or_else(|| {
+        ErrorAnswer::new(
+            403,
+            "forbidden",
+            "kez.mail.fetch reads the inbox of the connection's key; connect through the server's auth callout with a registered key",
+        )
+    })?;
+    // One device per identity until devices land: the key itself.
+    let subject = inbox_subject(&key, &key);
+    if request.after > 0 {
+        if request.after > floors.last_sequence.load(Ordering::Relaxed) {
+            let last = store.inbox_last_sequence().await?;
+            floors.saw(last);
+            if request.after > last {
+                return Err(ErrorAnswer::new(
+                    409,
+                    "floor_ahead",
+                    format!(
+                        "after is {}, but the inbox stream has only reached sequence {last}: nothing was deleted; fetch again from 0",
+                        request.after
+                    ),
+                ));
+            }
+        }
+        // A message of this inbox stored after the one at `after`, yet numbered at most
+        // `after`: the stream was restored or recreated since, and purging up to `after`
+        // would delete mail nobody read.
+        if let Some(seq) = store
+            .first_stored_since(&subject, request.time + 1)
+            .await?
+            .filter(|&seq| seq <= request.after)
+        {
+            return Err(ErrorAnswer::new(
+                409,
+                "inbox_reset",
+                format!(
+                    "the inbox holds a message (sequence {seq}) stored after the one at sequence {} that you have: the server's store was restored or recreated; nothing was deleted; fetch again from 0",
+                    request.after
+                ),
+            ));
+        }
+        let floor = (request.after, request.time);
+        if !floors.purged_to(&key, floor) {
+            let purged = store.purge_inbox(&subject, request.after).await?;
+            tracing::debug!(%key, upto = request.after, purged, "inbox acknowledged");
+            metrics.record_inbox_acknowledged(purged);
+            floors.set_purged(key, floor);
+        }
+    }
+    let read = store
+        .read_inbox(&subject, request.after, request.max)
+        .await?;
+    if let Some(last) = read.messages.last() {
+        floors.saw(last.seq);
+    }
+    Ok(FetchAnswer::encode(read.pending, &read.fetched()).into())
+}
+
+/// The key of the connection that sent a request: the callout names every user by its key's
+/// nkey. Callouts of the previous release named registered users by their handle, and such an
+/// authorization lives on for up to an hour after an upgrade: its handle is looked up.
+async fn caller_key(
+    store: &Store,
+    domain: &str,
+    caller: &Caller,
+) -> Result<Option<PublicKey>, ErrorAnswer> {
+    let Some(user) = caller.user.as_deref() else {
+        return Ok(None);
+    };
+    if let Ok(key) = PublicKey::from_nkey(user) {
+        return Ok(Some(key));
+    }
+    match kez_core::Handle::parse(user, domain) {
+        Ok(handle) if handle.domain() == domain => {
+            Ok(store.handle(handle.name()).await?.map(|record| record.key))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// Answers `kez.mail.send` from `caller`: the budget (before anything else), the recipient,
 /// then the store.
 pub async fn send(
     store: &Store,
     limiters: &Limiters,
     recipients: &Recipients,
+    floors: &Floors,
     caller: &Caller,
     request: &SendRequest<'_>,
 ) -> Result<Bytes, ErrorAnswer> {
@@ -88,6 +232,10 @@ pub async fn send(
             Bytes::copy_from_slice(request.envelope),
         )
         .await?;
+    // A duplicate's sequence is the earlier message's, not the stream's last.
+    if !duplicate {
+        floors.stored(seq);
+    }
     kez_proto::answer::encode(&Delivered { seq, duplicate }).map(Bytes::from)
 }
 

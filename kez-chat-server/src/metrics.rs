@@ -83,7 +83,7 @@ pub struct Metrics {
     callout: [AtomicU64; 3],
     legacy_proofs: AtomicU64,
     http: [[AtomicU64; HTTP_STATUSES.len()]; HttpEndpoint::ALL.len()],
-    inbox_swept: AtomicU64,
+    inbox_acknowledged: AtomicU64,
 }
 
 impl Metrics {
@@ -123,10 +123,10 @@ impl Metrics {
         }
     }
 
-    /// Records acknowledged messages an inbox sweep deleted
-    /// ([`crate::store::Store::sweep_acknowledged_inbox_messages`]).
-    pub fn record_inbox_swept(&self, messages: u64) {
-        self.inbox_swept.fetch_add(messages, Relaxed);
+    /// Records messages a fetch deleted because their recipient acknowledged them
+    /// ([`crate::mail::fetch`]).
+    pub fn record_inbox_acknowledged(&self, messages: u64) {
+        self.inbox_acknowledged.fetch_add(messages, Relaxed);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -199,13 +199,13 @@ impl Metrics {
         }
         writeln!(
             out,
-            "# HELP kez_inbox_swept_messages_total Acknowledged messages the broker still held, deleted by the inbox sweep."
+            "# HELP kez_inbox_acknowledged_messages_total Delivered messages deleted from KEZ_MAIL once their recipient acknowledged them."
         )?;
-        writeln!(out, "# TYPE kez_inbox_swept_messages_total counter")?;
+        writeln!(out, "# TYPE kez_inbox_acknowledged_messages_total counter")?;
         writeln!(
             out,
-            "kez_inbox_swept_messages_total {}",
-            self.inbox_swept.load(Relaxed)
+            "kez_inbox_acknowledged_messages_total {}",
+            self.inbox_acknowledged.load(Relaxed)
         )?;
         writeln!(
             out,
@@ -263,8 +263,8 @@ mod tests {
         metrics.record_callout(CalloutDecision::Denied);
         metrics.record_legacy_proof();
         metrics.record_http(HttpEndpoint::WebFinger, 405);
-        metrics.record_inbox_swept(3);
-        metrics.record_inbox_swept(2);
+        metrics.record_inbox_acknowledged(3);
+        metrics.record_inbox_acknowledged(2);
         let text = metrics.render();
         assert!(text.contains("kez_requests_total{endpoint=\"kez.registry.lookup\"} 2"));
         assert!(
@@ -285,6 +285,6 @@ mod tests {
         assert!(text.contains("kez_callout_legacy_proofs_total 1\n"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"webfinger\",status=\"405\"} 1"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"healthz\",status=\"405\"} 0"));
-        assert!(text.contains("kez_inbox_swept_messages_total 5\n"));
+        assert!(text.contains("kez_inbox_acknowledged_messages_total 5\n"));
     }
 }

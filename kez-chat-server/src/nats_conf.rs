@@ -16,7 +16,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use kez_proto::endpoint::USER_SERVICES;
-use kez_proto::subjects::{INBOX_STREAM, JS_API_PREFIX};
+use kez_proto::subjects::NEW_MAIL_SUBJECTS;
 use nkeys::KeyPair;
 use zeroize::Zeroizing;
 
@@ -115,49 +115,32 @@ pub struct ConfParams {
     pub store_dir: PathBuf,
 }
 
-/// A subject the `SERVER` account offers the `APP` account.
+/// A service the `SERVER` account offers the `APP` account.
 pub struct ExportedService {
-    /// The subject in `SERVER`.
+    /// The subject, in both accounts.
     pub subject: String,
-    /// The subject users publish to in `APP`, when it differs.
-    pub local: Option<String>,
-    /// Whether an answer may be several messages (a pull request's batch).
-    pub streamed: bool,
     /// Whether the import shares who asks (`share: true`): nats-server then stamps each request
-    /// with a `Nats-Request-Info` header naming the user's nkey and address, which the kez
-    /// services rate-limit by (PROTOCOL.md §5.5).
+    /// with a `Nats-Request-Info` header naming the user's nkey and address, by which the kez
+    /// services know the caller (PROTOCOL.md §5.5, §6.3).
     pub share: bool,
 }
 
-/// Everything users can reach: every kez service, and the JetStream API of the inbox
-/// consumers under [`JS_API_PREFIX`] (`APP` has no JetStream, and nats-server answers
-/// `$JS.API.>` there itself: "not enabled").
+/// Every service users can reach: the kez services, nothing of JetStream (`APP` has no
+/// JetStream, and nats-server answers `$JS.API.>` there itself: "not enabled").
 pub fn exported_services() -> Vec<ExportedService> {
-    let jetstream = |api: &str, streamed| ExportedService {
-        subject: format!("$JS.API.{api}.{INBOX_STREAM}.*"),
-        local: Some(format!("{JS_API_PREFIX}.{api}.{INBOX_STREAM}.*")),
-        streamed,
-        share: false,
-    };
     USER_SERVICES
         .iter()
         .map(|service| ExportedService {
             subject: service.wildcard(),
-            local: None,
-            streamed: false,
             share: true,
         })
-        .chain([
-            jetstream("CONSUMER.INFO", false),
-            jetstream("CONSUMER.MSG.NEXT", true),
-            ExportedService {
-                subject: format!("$JS.ACK.{INBOX_STREAM}.>"),
-                local: None,
-                streamed: false,
-                share: false,
-            },
-        ])
         .collect()
+}
+
+/// The messages `SERVER` streams to `APP`: the new-mail notifications the inbox stream
+/// republishes. Each user's subscribe permission admits only the own device's subject.
+pub fn exported_streams() -> Vec<String> {
+    vec![NEW_MAIL_SUBJECTS.to_owned()]
 }
 
 /// The `accounts`, `system_account` and `authorization` blocks: everything that makes a
@@ -177,26 +160,25 @@ pub fn render_auth(keys: &PublicKeys) -> String {
     let mut imports = String::new();
     for service in exported_services() {
         let subject = &service.subject;
-        let response = if service.streamed {
-            ", response_type: stream"
-        } else {
-            ""
-        };
-        exports.push_str(&format!("      {{ service: \"{subject}\"{response} }}\n"));
-        let to = match &service.local {
-            Some(local) => format!(", to: \"{local}\""),
-            None => String::new(),
-        };
+        exports.push_str(&format!("      {{ service: \"{subject}\" }}\n"));
         let share = if service.share { ", share: true" } else { "" };
         imports.push_str(&format!(
-            "      {{ service: {{ account: {SERVER_ACCOUNT}, subject: \"{subject}\" }}{to}{share} }}\n"
+            "      {{ service: {{ account: {SERVER_ACCOUNT}, subject: \"{subject}\" }}{share} }}\n"
+        ));
+    }
+    for subject in exported_streams() {
+        exports.push_str(&format!("      {{ stream: \"{subject}\" }}\n"));
+        imports.push_str(&format!(
+            "      {{ stream: {{ account: {SERVER_ACCOUNT}, subject: \"{subject}\" }} }}\n"
         ));
     }
     format!(
         r#"# Accounts: AUTH holds the callout connection; SERVER the kez services and all JetStream
 # state; APP every user (the callout places clients there), reaching SERVER only through the
-# imported services below; SYS is nats-server's own. `share: true` makes nats-server tell the
-# kez services which user (nkey) and address sent each request: their rate limits need it.
+# imported services below, and hearing of new mail through the imported stream (each user may
+# subscribe to its own subject only); SYS is nats-server's own. `share: true` makes nats-server
+# tell the kez services which user (nkey) and address sent each request: they serve the
+# caller's own inbox and rate-limit by it.
 accounts {{
   {AUTH_ACCOUNT}: {{
     users: [ {{ nkey: "{auth_user}" }} ]
@@ -331,6 +313,34 @@ mod tests {
         }
         let committed = std::fs::read_to_string(path).unwrap();
         assert!(committed == expected, "{path} is stale; run `make vectors`");
+    }
+
+    /// `deploy/nats/nats-server.conf` ends with exactly what `render_auth` writes, so a
+    /// production broker configured from it grants what the server expects.
+    #[test]
+    fn the_production_config_carries_the_generated_accounts() {
+        const MARKER: &str = "# ---- From here on exactly what `kez-chat-server nats-conf` generates (nats_conf.rs) ----\n\n";
+        let keys = PublicKeys {
+            issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
+            auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
+            server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+        };
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/nats/nats-server.conf"
+        );
+        let committed = std::fs::read_to_string(path).unwrap();
+        let (head, generated) = committed
+            .split_once(MARKER)
+            .expect("the production config marks where the generated part starts");
+        if std::env::var_os("KEZ_REGEN_VECTORS").is_some() {
+            std::fs::write(path, format!("{head}{MARKER}{}", render_auth(&keys))).unwrap();
+        } else {
+            assert!(
+                generated == render_auth(&keys),
+                "{path} is stale; run `make vectors`"
+            );
+        }
     }
 
     #[test]

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
 use kez_core::{Handle, PublicKey, Sigchain};
-use kez_proto::subjects::{INBOX_STREAM, INBOX_SUBJECTS, inbox_consumer, inbox_subject};
+use kez_proto::mail::{Fetched, MAX_FETCH_BYTES};
+use kez_proto::subjects::{INBOX_SUBJECTS, MAIL_STREAM, NEW_MAIL_DESTINATION, inbox_subject};
 use serde::{Deserialize, Serialize};
 
 use kez_proto::ErrorAnswer;
@@ -49,12 +50,10 @@ const HEALTH_PROBE_KEY: &str = "kez-health-probe";
 pub const INBOX_MAX_MESSAGES: i64 = 10_000;
 /// How long an undelivered message is kept.
 pub const INBOX_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
-/// Most consumers the inbox stream may have: one durable consumer per registered user, so this
-/// is how many users one server can register. Explicit because nats-server 2.15 caps every stream
-/// that sets no limit (or `-1`) at its `default_max_consumers` (1,000 by default), which stopped
-/// registrations at about a thousand users (found by `make bench`).
-pub const INBOX_MAX_CONSUMERS: i32 = 10_000_000;
-/// Bytes `KEZ_INBOX` may hold when the operator sets nothing (`--inbox-max-bytes`).
+/// The previous release's inbox stream (work-queue retention, one consumer per user), which a
+/// start moves into [`MAIL_STREAM`] ([`crate::migrate`]); its settings seed the new stream's.
+pub const LEGACY_INBOX_STREAM: &str = "KEZ_INBOX";
+/// Bytes `KEZ_MAIL` may hold when the operator sets nothing (`--inbox-max-bytes`).
 pub const DEFAULT_INBOX_MAX_BYTES: u64 = 4 << 30;
 /// Largest stored inbox message: the largest envelope and room for the headers the server adds
 /// (`Nats-Msg-Id`): the stream counts headers against its message size limit.
@@ -129,14 +128,20 @@ impl Store {
         settings: StoreSettings,
     ) -> Result<Store, async_nats::Error> {
         let mut existing = None;
-        for _ in 0..ENSURE_ATTEMPTS {
-            existing = stream_config(js, INBOX_STREAM).await;
+        // The first start after an upgrade takes the settings of the stream it replaces.
+        for name in [MAIL_STREAM, LEGACY_INBOX_STREAM] {
+            let mut described = None;
+            for _ in 0..ENSURE_ATTEMPTS {
+                described = stream_config(js, name).await;
+                if described.is_some() {
+                    break;
+                }
+            }
+            existing = described.ok_or_else(|| format!("no answer about stream {name}"))??;
             if existing.is_some() {
                 break;
             }
         }
-        let existing =
-            existing.ok_or_else(|| format!("no answer about stream {INBOX_STREAM}"))??;
         let replicas = settings.replicas.unwrap_or_else(|| {
             existing
                 .as_ref()
@@ -162,15 +167,23 @@ impl Store {
         ensure_stream(
             js,
             jetstream::stream::Config {
-                name: INBOX_STREAM.to_owned(),
+                name: MAIL_STREAM.to_owned(),
                 description: Some("kez-chat: undelivered end-to-end encrypted messages".to_owned()),
                 subjects: vec![INBOX_SUBJECTS.to_owned()],
-                // Each user's consumer filters only their subject, and an acknowledged message is
-                // deleted: the broker keeps ciphertext only until it is delivered.
-                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                // No consumers: the server reads a device's subject for it with batch direct
+                // gets and purges what the device says it stored (PROTOCOL.md §6.3), so the
+                // broker keeps ciphertext only until it is delivered, and a registered user
+                // costs the broker nothing but the user's key-value entries.
+                retention: jetstream::stream::RetentionPolicy::Limits,
+                allow_direct: true,
+                // Headers only, on the device's own subject: "new mail, sequence N".
+                republish: Some(jetstream::stream::Republish {
+                    source: INBOX_SUBJECTS.to_owned(),
+                    destination: NEW_MAIL_DESTINATION.to_owned(),
+                    headers_only: true,
+                }),
                 storage: jetstream::stream::StorageType::File,
                 max_messages_per_subject: INBOX_MAX_MESSAGES,
-                max_consumers: INBOX_MAX_CONSUMERS,
                 discard: jetstream::stream::DiscardPolicy::New,
                 discard_new_per_subject: true,
                 max_message_size: INBOX_MAX_STORED_BYTES,
@@ -319,9 +332,10 @@ impl Store {
     ) -> Result<(u64, bool), ErrorAnswer> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.to_string().as_str());
+        // One device per identity until devices land: the key itself.
         let ack = self
             .js
-            .publish_with_headers(inbox_subject(&to), headers, envelope)
+            .publish_with_headers(inbox_subject(&to, &to), headers, envelope)
             .await
             .map_err(ErrorAnswer::unavailable)?
             .await
@@ -329,147 +343,119 @@ impl Store {
         Ok((ack.sequence, ack.duplicate))
     }
 
-    /// Creates `key`'s durable inbox consumer if it does not exist (idempotent).
-    pub async fn ensure_inbox_consumer(&self, key: PublicKey) -> Result<(), ErrorAnswer> {
-        let config = jetstream::consumer::pull::Config {
-            durable_name: Some(inbox_consumer(&key)),
-            filter_subject: inbox_subject(&key),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: std::time::Duration::from_secs(30),
-            max_ack_pending: 1000,
-            ..Default::default()
-        };
-        self.js
-            .create_consumer_on_stream(config, INBOX_STREAM)
-            .await
-            .map(|_| ())
-            .map_err(ErrorAnswer::unavailable)
-    }
-
-    /// Creates the inbox consumers of every registered key that lacks one (at start: users
-    /// registered before this version, or whose consumer an operator removed); answers how many
-    /// it created.
-    ///
-    /// The existing consumers are listed first (a paged listing) and only missing ones are
-    /// created: on a work-queue stream nats-server checks a new consumer's filter against every
-    /// other consumer's, so one create per user at each start made a start quadratic in the
-    /// number of users (BENCHMARKS.md, footprint).
-    pub async fn ensure_all_inbox_consumers(&self) -> Result<usize, ErrorAnswer> {
-        let inbox = self
-            .js
-            .get_stream_no_info(INBOX_STREAM)
+    /// Reads up to `max` messages of inbox `subject` after sequence `after`, in one batch direct
+    /// get bounded by [`MAX_FETCH_BYTES`] (the first message always comes).
+    pub async fn read_inbox(
+        &self,
+        subject: &str,
+        after: u64,
+        max: u32,
+    ) -> Result<InboxRead, ErrorAnswer> {
+        let client = self.js.client();
+        let reply = client.new_inbox();
+        let mut replies = client
+            .subscribe(reply.clone())
             .await
             .map_err(ErrorAnswer::unavailable)?;
-        let mut existing = std::collections::HashSet::new();
-        let mut consumers = inbox.consumer_names();
-        while let Some(name) = consumers.next().await {
-            existing.insert(name.map_err(ErrorAnswer::unavailable)?);
-        }
-        let mut names = self
-            .handles
-            .keys()
+        let request = serde_json::json!({
+            "seq": after + 1,
+            "next_by_subj": subject,
+            "batch": max,
+            "max_bytes": MAX_FETCH_BYTES,
+        });
+        client
+            .publish_with_reply(
+                format!("$JS.API.DIRECT.GET.{MAIL_STREAM}"),
+                reply,
+                request.to_string().into(),
+            )
             .await
             .map_err(ErrorAnswer::unavailable)?;
-        let mut created = 0;
-        while let Some(name) = names.next().await {
-            let name = name.map_err(ErrorAnswer::unavailable)?;
-            if let Some(record) = self.handle(&name).await?
-                && !existing.contains(&inbox_consumer(&record.key))
-            {
-                self.ensure_inbox_consumer(record.key).await?;
-                created += 1;
-            }
-        }
-        Ok(created)
-    }
-
-    /// Deletes inbox messages that their recipient's consumer has already acknowledged but the
-    /// stream still holds; answers how many it deleted.
-    ///
-    /// nats-server answers an acknowledgement before the work-queue stream deletes the message,
-    /// and a broker killed in between can come back with the consumer's ack floor past a message
-    /// the stream still holds (seen in `make soak`: 1,584 such messages after 15 broker kills),
-    /// and its own recovery does not remove them.
-    /// Nothing delivers such a message again, but the broker would keep its ciphertext for
-    /// [`INBOX_MAX_AGE`], against the promise that an inbox holds only undelivered messages, and
-    /// it would count against the recipient's [`INBOX_MAX_MESSAGES`].
-    ///
-    /// Only messages at or below their consumer's ack floor are deleted: every message of the
-    /// consumer's subject up to its floor is acknowledged, so none of them can be delivered
-    /// again. The stream's per-subject counts pick the consumers worth a look (more messages
-    /// than they have pending or waiting for an ack), so on a healthy stream a sweep costs one
-    /// stream info and, if the stream holds messages, one paged consumer listing.
-    pub async fn sweep_acknowledged_inbox_messages(&self) -> Result<u64, ErrorAnswer> {
-        let inbox = self
-            .js
-            .get_stream_no_info(INBOX_STREAM)
-            .await
-            .map_err(ErrorAnswer::unavailable)?;
-        let mut subjects = inbox
-            .info_with_subjects(INBOX_SUBJECTS)
-            .await
-            .map_err(ErrorAnswer::unavailable)?;
-        let state = subjects.info.state.clone();
-        if state.messages == 0 {
-            return Ok(0);
-        }
-        let mut held = std::collections::HashMap::new();
-        while let Some(subject) = subjects.next().await {
-            let (subject, count) = subject.map_err(ErrorAnswer::unavailable)?;
-            held.insert(subject, count as u64);
-        }
-        let mut deleted = 0;
-        let mut consumers = inbox.consumers();
-        while let Some(consumer) = consumers.next().await {
-            let consumer = consumer.map_err(ErrorAnswer::unavailable)?;
-            let subject = &consumer.config.filter_subject;
-            let expected = consumer.num_pending + consumer.num_ack_pending as u64;
-            let floor = consumer.ack_floor.stream_sequence;
-            if held.get(subject).is_none_or(|&count| count <= expected) || floor == 0 {
-                continue;
-            }
-            if floor > state.last_sequence {
-                // A consumer ahead of its stream is a different fault (the stream lost messages);
-                // deleting below its floor would hide it.
-                tracing::warn!(consumer = %consumer.name, floor, last_sequence = state.last_sequence,
-                    "inbox consumer's ack floor is past the stream's last message; not sweeping it");
-                continue;
-            }
-            let mut from = state.first_sequence;
-            loop {
-                let message = match inbox.get_first_raw_message_by_subject(subject, from).await {
-                    Ok(message) => message,
-                    Err(err)
-                        if matches!(
-                            err.kind(),
-                            jetstream::stream::RawMessageErrorKind::NoMessageFound
-                        ) =>
+        let mut read = InboxRead::default();
+        loop {
+            let message = tokio::time::timeout(DIRECT_GET_PATIENCE, replies.next())
+                .await
+                .map_err(|_| {
+                    ErrorAnswer::unavailable("the inbox stream did not answer a read in time")
+                })?
+                .ok_or_else(|| ErrorAnswer::unavailable("the broker connection closed"))?;
+            match direct_get_reply(&message)? {
+                DirectGetReply::Message { seq, time, pending } => {
+                    if read.messages.last().is_some_and(|last| seq <= last.seq)
+                        || seq <= after
+                        || read.messages.len() >= max as usize
                     {
-                        break;
+                        return Err(ErrorAnswer::internal(format!(
+                            "the inbox stream answered sequence {seq} out of order"
+                        )));
                     }
-                    Err(err) => return Err(ErrorAnswer::unavailable(err)),
-                };
-                if message.sequence > floor {
-                    break;
+                    read.pending = pending;
+                    read.messages.push(Stored {
+                        seq,
+                        time,
+                        envelope: message.payload,
+                    });
                 }
-                match inbox.delete_message(message.sequence).await {
-                    Ok(true) => deleted += 1,
-                    Ok(false) => {}
-                    // Another instance's sweep may have deleted it first (nats-server then
-                    // answers 10043 or 10057, by timing): gone is what this sweep wanted.
-                    Err(err) => match inbox.get_raw_message(message.sequence).await {
-                        Err(gone)
-                            if matches!(
-                                gone.kind(),
-                                jetstream::stream::RawMessageErrorKind::NoMessageFound
-                            ) => {}
-                        _ => return Err(ErrorAnswer::unavailable(err)),
-                    },
+                DirectGetReply::End { pending } => {
+                    read.pending = pending.unwrap_or(read.pending);
+                    return Ok(read);
                 }
-                from = message.sequence + 1;
+                DirectGetReply::NoMessages => return Ok(read),
             }
         }
-        Ok(deleted)
+    }
+
+    /// Deletes every message of inbox `subject` up to and including sequence `upto`; answers
+    /// how many there were.
+    pub async fn purge_inbox(&self, subject: &str, upto: u64) -> Result<u64, ErrorAnswer> {
+        let stream = self
+            .js
+            .get_stream_no_info(MAIL_STREAM)
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        let purged = stream
+            .purge()
+            .filter(subject)
+            .sequence(upto + 1)
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        Ok(purged.purged)
+    }
+
+    /// The inbox stream's last sequence, read now.
+    pub async fn inbox_last_sequence(&self) -> Result<u64, ErrorAnswer> {
+        let stream = self
+            .js
+            .get_stream(MAIL_STREAM)
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        Ok(stream.cached_info().state.last_sequence)
+    }
+
+    /// The sequence of the first message of inbox `subject` the stream stored at or after
+    /// `time` (microseconds since the Unix epoch), if any: one direct get.
+    pub async fn first_stored_since(
+        &self,
+        subject: &str,
+        time: u64,
+    ) -> Result<Option<u64>, ErrorAnswer> {
+        let request = serde_json::json!({
+            "start_time": rfc3339_from_micros(time),
+            "next_by_subj": subject,
+        });
+        let reply = self
+            .js
+            .client()
+            .request(
+                format!("$JS.API.DIRECT.GET.{MAIL_STREAM}"),
+                request.to_string().into(),
+            )
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        match direct_get_reply(&reply)? {
+            DirectGetReply::Message { seq, .. } => Ok(Some(seq)),
+            DirectGetReply::NoMessages | DirectGetReply::End { .. } => Ok(None),
+        }
     }
 
     /// Marks `key` disabled (`Some`) or enabled (`None`).
@@ -978,7 +964,8 @@ fn with_settings_of(
     merged.max_messages_per_subject = wanted.max_messages_per_subject;
     merged.max_bytes = wanted.max_bytes;
     merged.max_age = wanted.max_age;
-    merged.max_consumers = wanted.max_consumers;
+    merged.allow_direct = wanted.allow_direct;
+    merged.republish.clone_from(&wanted.republish);
     merged.duplicate_window = wanted.duplicate_window;
     merged.discard = wanted.discard;
     merged.discard_new_per_subject = wanted.discard_new_per_subject;
@@ -1045,6 +1032,121 @@ pub fn verify_append(state: Option<Sigchain>, link: &[u8]) -> Result<Sigchain, E
             _ => refusal,
         }
     })
+}
+
+/// `micros` after the Unix epoch as RFC 3339 in UTC with microseconds (JetStream's
+/// `start_time`).
+fn rfc3339_from_micros(micros: u64) -> String {
+    let seconds = micros / 1_000_000;
+    let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+    // Howard Hinnant's days-to-civil, for days since 1970-01-01 (never negative here).
+    let z = days + 719_468;
+    let (era, day_of_era) = (z / 146_097, z % 146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        second_of_day / 3_600,
+        second_of_day % 3_600 / 60,
+        second_of_day % 60,
+        micros % 1_000_000
+    )
+}
+
+/// How long one read of the inbox stream may take before the fetch is answered 503.
+const DIRECT_GET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A message of an inbox, as stored.
+#[derive(Debug)]
+pub struct Stored {
+    /// Its stream sequence.
+    pub seq: u64,
+    /// When the stream stored it, microseconds since the Unix epoch.
+    pub time: u64,
+    /// The envelope.
+    pub envelope: Bytes,
+}
+
+/// What [`Store::read_inbox`] found.
+#[derive(Debug, Default)]
+pub struct InboxRead {
+    /// The messages, ascending.
+    pub messages: Vec<Stored>,
+    /// Messages of the subject after the last one read, as the broker counted them.
+    pub pending: u64,
+}
+
+impl InboxRead {
+    /// The messages as a fetch answer carries them.
+    pub fn fetched(&self) -> Vec<Fetched<'_>> {
+        self.messages
+            .iter()
+            .map(|message| Fetched {
+                seq: message.seq,
+                time: message.time,
+                envelope: &message.envelope,
+            })
+            .collect()
+    }
+}
+
+/// One reply to a batch direct get.
+#[derive(Debug, PartialEq, Eq)]
+enum DirectGetReply {
+    /// A message at `seq`, stored at `time` (µs since the Unix epoch), `pending` more after it.
+    Message { seq: u64, time: u64, pending: u64 },
+    /// `204`: the batch is over (`pending` more were left, when said).
+    End { pending: Option<u64> },
+    /// `404`: nothing at or after the sequence asked for.
+    NoMessages,
+}
+
+fn direct_get_reply(message: &async_nats::Message) -> Result<DirectGetReply, ErrorAnswer> {
+    let header = |name: &str| {
+        message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(name))
+            .and_then(|value| value.as_str().parse::<u64>().ok())
+    };
+    match message.status.map(|status| status.as_u16()) {
+        None | Some(200) => {
+            let seq = header("Nats-Sequence").ok_or_else(|| {
+                ErrorAnswer::internal("an inbox read answered a message without its sequence")
+            })?;
+            let time = message
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get("Nats-Time-Stamp"))
+                .and_then(|value| async_nats::datetime::parse_rfc3339(value.as_str()).ok())
+                .and_then(|time| u64::try_from(time.unix_timestamp_nanos() / 1000).ok())
+                .ok_or_else(|| {
+                    ErrorAnswer::internal("an inbox read answered a message without its time")
+                })?;
+            Ok(DirectGetReply::Message {
+                seq,
+                time,
+                pending: header("Nats-Num-Pending").unwrap_or(0),
+            })
+        }
+        Some(204) => Ok(DirectGetReply::End {
+            pending: header("Nats-Num-Pending"),
+        }),
+        Some(404) => Ok(DirectGetReply::NoMessages),
+        Some(status) => Err(ErrorAnswer::unavailable(format!(
+            "the inbox stream refused a read: {status} {}",
+            message.description.as_deref().unwrap_or("")
+        ))),
+    }
 }
 
 /// What a refused inbox publish means for the sender (PROTOCOL.md §6.3).
@@ -1124,6 +1226,22 @@ mod tests {
             kind: "nats".into(),
             address: "nats://127.0.0.1:4222".into(),
         })
+    }
+
+    #[test]
+    fn start_times_are_rfc3339_to_the_microsecond() {
+        assert_eq!(rfc3339_from_micros(0), "1970-01-01T00:00:00.000000Z");
+        // Leap days, the end of a century that is a leap year, and the JSON limit (2^53 - 1).
+        for (micros, text) in [
+            (951_782_400_000_001, "2000-02-29T00:00:00.000001Z"),
+            (1_796_441_712_123_456, "2026-12-05T03:35:12.123456Z"),
+            (4_107_542_399_999_999, "2100-02-28T23:59:59.999999Z"),
+            ((1 << 53) - 1, "2255-06-05T23:47:34.740991Z"),
+        ] {
+            assert_eq!(rfc3339_from_micros(micros), text);
+            let parsed = async_nats::datetime::parse_rfc3339(text).unwrap();
+            assert_eq!(parsed.unix_timestamp_nanos(), i128::from(micros) * 1000);
+        }
     }
 
     #[test]

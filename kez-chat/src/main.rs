@@ -85,9 +85,11 @@ const FETCH_MAX: usize = 256;
 /// How many terminal columns of a conversation's last message `history` shows in its list.
 const PREVIEW_CHARS: usize = 60;
 
-/// How long one `listen` fetch waits before asking again. `Connection::receive` answers a batch
-/// once the wait is over, so this is also how late a message may show.
-const LISTEN_WAIT: Duration = Duration::from_secs(1);
+/// How long `listen` waits for a new-mail notification before fetching anyway. Notifications
+/// are at most once (a reconnect fetches at once, and so does each notification), so this only
+/// bounds how late a message may show whose notification was lost otherwise; each fetch costs
+/// the server a request, so it is long.
+const LISTEN_WAIT: Duration = Duration::from_secs(300);
 
 /// kez-chat: end-to-end encrypted chat for `@name@domain` handles backed by an ed25519 KEZ key.
 ///
@@ -926,9 +928,15 @@ impl App {
         let stop = tokio::signal::ctrl_c();
         tokio::pin!(stop);
         loop {
+            // After a failure, one fetch that works is news enough: say so at once.
+            let wait = if failing.load(Ordering::SeqCst) {
+                Duration::ZERO
+            } else {
+                LISTEN_WAIT
+            };
             let messages = tokio::select! {
                 _ = &mut stop => break,
-                received = conn.receive(&store, FETCH_MAX, LISTEN_WAIT) => received,
+                received = conn.receive(&store, FETCH_MAX, wait) => received,
             };
             match messages {
                 Ok(_) => {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use kez_client::{Connection, Contact, Home, Store};
 use kez_core::envelope::{Message, MessageId};
 use kez_core::{PublicKey, SecretKey, UnsignedLink};
+use kez_proto::subjects::{MAIL_STREAM, inbox_subject};
 use tempfile::TempDir;
 
 use crate::requests::nats_endpoint;
@@ -130,6 +131,27 @@ impl ChatUser {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// How many messages `KEZ_MAIL` holds in `key`'s inbox (its one device is the key itself),
+/// read through `js`, a JetStream context of the server's own account (users cannot read the
+/// stream); `None` when JetStream does not answer. A fetched batch stays stored until the
+/// recipient's next fetch acknowledges it, so "nothing left behind" is this count after one
+/// more fetch.
+pub async fn inbox_held(js: &async_nats::jetstream::Context, key: &PublicKey) -> Option<u64> {
+    let subject = inbox_subject(key, key);
+    let info: serde_json::Value = js
+        .request(
+            format!("STREAM.INFO.{MAIL_STREAM}"),
+            &serde_json::json!({ "subjects_filter": subject }),
+        )
+        .await
+        .ok()?;
+    if info.get("error").is_some() {
+        return None;
+    }
+    // Subjects without messages are not listed at all.
+    Some(info["state"]["subjects"][&subject].as_u64().unwrap_or(0))
 }
 
 /// One message shown to its recipient.

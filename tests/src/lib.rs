@@ -20,6 +20,7 @@ pub mod cluster;
 pub mod fake_broker;
 pub mod kez_server;
 pub mod person;
+pub mod previous_release;
 pub mod process;
 pub mod requests;
 

@@ -1,29 +1,34 @@
 //! The two permission profiles the auth callout grants (PROTOCOL.md §6), against a real
 //! nats-server and the real callout: every forbidden action gets the broker's permission error
 //! for its exact subject, every allowed one works, and the profile follows registration on the
-//! next connect.
+//! next connect. No user reaches JetStream at all: mail goes in through `kez.mail.send` and out
+//! through `kez.mail.fetch`, which serves only the caller's own inbox, whatever the request says;
+//! no user can read, purge or learn of another user's messages.
 //!
 //! Users: A (`alice`) and B (`bobby`) registered, each over the narrow profile and then
 //! reconnected; C never registered.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::Client;
-use async_nats::jetstream::{self, consumer::PullConsumer};
+use async_nats::jetstream;
+use async_nats::{Client, HeaderMap};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
+use kez_chat_server::store::LEGACY_INBOX_STREAM;
 use kez_core::SecretKey;
-use kez_proto::subjects::{
-    INBOX_STREAM, JS_API_PREFIX, inbox_consumer, inbox_subject, reply_prefix,
-};
+use kez_proto::mail::{FetchAnswer, FetchRequest};
+use kez_proto::subjects::{MAIL_STREAM, inbox_subject, new_mail_subject, reply_prefix};
 use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
-use kez_tests::kez_server::{call, call_ok};
+use kez_tests::kez_server::{ServiceError, call, call_ok};
 use kez_tests::requests::mail;
 
 /// How long the broker gets to report a permission violation. It answers within milliseconds;
 /// this only bounds a failing run.
 const VIOLATION_WITHIN: Duration = Duration::from_secs(5);
+
+/// The mail fetch endpoint.
+const FETCH: &str = "kez.mail.fetch";
 
 /// A broker with the callout, two registered users and one unregistered.
 struct World {
@@ -62,6 +67,16 @@ impl World {
     fn hex(key: &Arc<SecretKey>) -> String {
         key.public_key().to_hex()
     }
+}
+
+/// `key`'s inbox subject (its key is its one device).
+fn inbox(key: &SecretKey) -> String {
+    inbox_subject(&key.public_key(), &key.public_key())
+}
+
+/// `key`'s new-mail subject.
+fn new_mail(key: &SecretKey) -> String {
+    new_mail_subject(&key.public_key(), &key.public_key())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,57 +118,245 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
     use Who::*;
     let a_hex = World::hex(&world.a);
     let b_hex = World::hex(&world.b);
-    let b_consumer = inbox_consumer(&world.b.public_key());
+    let c_hex = World::hex(&world.c);
+    let b_inbox = inbox(&world.b);
+    let b_new = new_mail(&world.b);
+    // The previous release's per-user consumers and the import prefix they were reached by.
+    let legacy = LEGACY_INBOX_STREAM;
+    let a_consumer = format!("inbox_{a_hex}");
+    let b_consumer = format!("inbox_{b_hex}");
+    let js = "$JS.API";
     vec![
-        // Other users' mail.
+        // Other users' mail, and the own, straight from the stream.
+        row(A, Subscribe, b_inbox.clone(), "read B's inbox subject"),
+        row(A, Subscribe, "kez.inbox.>", "read every inbox"),
+        row(A, Subscribe, "kez.inbox.*.*", "read every device's inbox"),
         row(
             A,
             Subscribe,
-            format!("kez.inbox.{b_hex}"),
-            "read B's inbox subject",
+            inbox(&world.a),
+            "read even the own inbox around the server",
         ),
-        row(A, Subscribe, "kez.inbox.*", "read every inbox"),
         row(
             A,
             Publish,
-            format!("kez.inbox.{b_hex}"),
+            b_inbox.clone(),
             "write into B's inbox around the server's checks",
         ),
         row(
             A,
             Publish,
-            "kez.inbox.0123",
-            "write into an inbox nobody owns",
-        ),
-        row(
-            A,
-            Request,
-            format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{b_consumer}"),
-            "fetch from B's consumer",
-        ),
-        row(
-            A,
-            Request,
-            format!("{JS_API_PREFIX}.CONSUMER.INFO.{INBOX_STREAM}.{b_consumer}"),
-            "B's consumer info",
+            inbox(&world.a),
+            "write into the own inbox around the server's checks",
         ),
         row(
             A,
             Publish,
-            format!("$JS.ACK.{INBOX_STREAM}.{b_consumer}.1.1.1.1700000000000000000.0"),
-            "acknowledge (delete) B's messages",
+            format!("kez.inbox.{b_hex}"),
+            "write into B's inbox under the old single-token subject",
+        ),
+        row(
+            A,
+            Publish,
+            "kez.inbox.0123.0123",
+            "write into an inbox nobody owns",
+        ),
+        // Other users' new-mail notifications: learning that B has mail, and when.
+        row(A, Subscribe, b_new.clone(), "hear of B's new mail"),
+        row(A, Subscribe, "kez.new.>", "hear of everyone's new mail"),
+        row(
+            A,
+            Subscribe,
+            "kez.new.*.*",
+            "hear of every device's new mail",
+        ),
+        row(
+            A,
+            Subscribe,
+            format!("kez.new.{a_hex}.*"),
+            "a wildcard over the own identity's devices",
+        ),
+        row(
+            A,
+            Subscribe,
+            format!("kez.new.{a_hex}.{b_hex}"),
+            "a device of the own identity that is not the own key",
+        ),
+        row(
+            A,
+            QueueSubscribe,
+            b_new.clone(),
+            "B's new mail, in a queue group",
+        ),
+        row(A, Publish, b_new.clone(), "forge a notification for B"),
+        // Reading the stream through the JetStream API: by sequence, by subject, its counts.
+        row(
+            A,
+            Request,
+            format!("{js}.DIRECT.GET.{MAIL_STREAM}"),
+            "direct get of stored messages (batch, next_by_subj)",
         ),
         row(
             A,
             Request,
-            format!("$JS.API.STREAM.MSG.GET.{INBOX_STREAM}"),
+            format!("{js}.DIRECT.GET.{MAIL_STREAM}.{b_inbox}"),
+            "direct get of B's last message",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.MSG.GET.{MAIL_STREAM}"),
             "read stored messages by sequence",
         ),
         row(
             A,
             Request,
-            format!("$JS.API.DIRECT.GET.{INBOX_STREAM}"),
-            "direct get of stored messages",
+            format!("{js}.STREAM.INFO.{MAIL_STREAM}"),
+            "stream info (with subjects_filter: who has how much mail)",
+        ),
+        row(A, Request, format!("{js}.STREAM.NAMES"), "list streams"),
+        row(A, Request, format!("{js}.STREAM.LIST"), "list streams"),
+        row(A, Request, format!("{js}.INFO"), "account info"),
+        // Deleting from it.
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.PURGE.{MAIL_STREAM}"),
+            "purge B's inbox (filter) or every inbox",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.MSG.DELETE.{MAIL_STREAM}"),
+            "delete one of B's messages by sequence",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.DELETE.{MAIL_STREAM}"),
+            "delete the mail stream",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.UPDATE.{MAIL_STREAM}"),
+            "republish everyone's mail somewhere readable",
+        ),
+        // Consumers: none exist, and none may be made.
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.CREATE.{MAIL_STREAM}"),
+            "create a consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.CREATE.{MAIL_STREAM}.spy.{b_inbox}"),
+            "create a consumer on B's subject",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.DURABLE.CREATE.{MAIL_STREAM}.spy"),
+            "create a durable consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.INFO.{MAIL_STREAM}.spy"),
+            "consumer info",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.MSG.NEXT.{MAIL_STREAM}.spy"),
+            "pull from a consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.NAMES.{MAIL_STREAM}"),
+            "list consumers",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.LIST.{MAIL_STREAM}"),
+            "list consumers",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.DELETE.{MAIL_STREAM}.spy"),
+            "delete a consumer",
+        ),
+        row(
+            A,
+            Publish,
+            format!("$JS.ACK.{MAIL_STREAM}.spy.1.1.1.1700000000000000000.0"),
+            "acknowledge on the mail stream",
+        ),
+        // The previous release's consumers, the own included, and their import prefix.
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.MSG.NEXT.{legacy}.{b_consumer}"),
+            "fetch from B's old consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.INFO.{legacy}.{a_consumer}"),
+            "the own old consumer's info",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.CONSUMER.DELETE.{legacy}.{a_consumer}"),
+            "delete even its own old consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.PURGE.{legacy}"),
+            "purge the old inbox stream",
+        ),
+        row(
+            A,
+            Publish,
+            format!("$JS.ACK.{legacy}.{b_consumer}.1.1.1.1700000000000000000.0"),
+            "acknowledge (delete) B's old messages",
+        ),
+        row(
+            A,
+            Request,
+            format!("kez.js.CONSUMER.MSG.NEXT.{legacy}.{a_consumer}"),
+            "the old import: pull from the own consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("kez.js.CONSUMER.MSG.NEXT.{legacy}.{b_consumer}"),
+            "the old import: pull from B's consumer",
+        ),
+        row(
+            A,
+            Request,
+            format!("kez.js.CONSUMER.INFO.{legacy}.{a_consumer}"),
+            "the old import: the own consumer's info",
+        ),
+        row(
+            A,
+            Request,
+            format!("kez.js.DIRECT.GET.{MAIL_STREAM}"),
+            "a JetStream API under the old import prefix",
+        ),
+        row(
+            A,
+            Request,
+            format!("kez.js.STREAM.PURGE.{MAIL_STREAM}"),
+            "a purge under the old import prefix",
         ),
         // Other users' replies.
         row(A, Subscribe, "_INBOX.>", "every reply subject"),
@@ -161,7 +364,7 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             A,
             Subscribe,
             format!("_INBOX.{b_hex}.>"),
-            "B's reply prefix",
+            "B's reply prefix (B's fetch answers)",
         ),
         row(
             C,
@@ -177,6 +380,14 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             "kez.registry.lookup",
             "join the service's queue group",
         ),
+        row(A, Subscribe, FETCH, "answer B's fetches"),
+        row(
+            A,
+            QueueSubscribe,
+            FETCH,
+            "join the fetch service's queue group",
+        ),
+        row(A, Subscribe, "kez.mail.>", "read every send and fetch"),
         row(A, Subscribe, "kez.>", "every kez subject"),
         row(
             C,
@@ -185,49 +396,12 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             "answer registrations",
         ),
         row(A, Subscribe, ">", "everything"),
-        // JetStream administration, the registry's buckets included.
-        row(A, Request, "$JS.API.INFO", "account info"),
-        row(A, Request, "$JS.API.STREAM.LIST", "list streams"),
+        row(A, Request, "$SRV.INFO.kez-mail", "service discovery"),
+        // The registry's buckets.
         row(
             A,
             Request,
-            format!("$JS.API.STREAM.DELETE.{INBOX_STREAM}"),
-            "delete the inbox stream",
-        ),
-        row(
-            A,
-            Request,
-            format!("$JS.API.STREAM.PURGE.{INBOX_STREAM}"),
-            "purge every inbox",
-        ),
-        row(
-            A,
-            Request,
-            format!("$JS.API.CONSUMER.CREATE.{INBOX_STREAM}"),
-            "create a consumer",
-        ),
-        row(
-            A,
-            Request,
-            format!("$JS.API.CONSUMER.CREATE.{INBOX_STREAM}.spy.kez.inbox.{b_hex}"),
-            "create a consumer on B's subject",
-        ),
-        row(
-            A,
-            Request,
-            format!("$JS.API.CONSUMER.DURABLE.CREATE.{INBOX_STREAM}.spy"),
-            "create a durable consumer",
-        ),
-        row(
-            A,
-            Request,
-            format!("$JS.API.CONSUMER.DELETE.{INBOX_STREAM}.inbox_{a_hex}"),
-            "delete even its own consumer",
-        ),
-        row(
-            A,
-            Request,
-            "$JS.API.STREAM.DELETE.KV_kez_handles",
+            format!("{js}.STREAM.DELETE.KV_kez_handles"),
             "delete the registry",
         ),
         row(
@@ -251,10 +425,18 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
         row(
             C,
             Publish,
-            format!("kez.inbox.{b_hex}"),
+            b_inbox.clone(),
             "unregistered writes to an inbox",
         ),
         row(C, Request, "kez.mail.send", "unregistered sends mail"),
+        row(C, Request, FETCH, "unregistered fetches mail"),
+        row(
+            C,
+            Subscribe,
+            format!("kez.new.{c_hex}.{c_hex}"),
+            "the own new-mail subject before registering",
+        ),
+        row(C, Subscribe, b_new, "hear of B's new mail"),
         row(C, Request, "kez.sigchain.head", "sigchain service"),
         row(C, Request, "kez.sigchain.append", "sigchain service"),
         row(
@@ -266,8 +448,14 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
         row(
             C,
             Request,
-            format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{b_consumer}"),
-            "fetch from B's consumer",
+            format!("{js}.DIRECT.GET.{MAIL_STREAM}"),
+            "direct get of stored messages",
+        ),
+        row(
+            C,
+            Request,
+            format!("kez.js.CONSUMER.MSG.NEXT.{legacy}.{b_consumer}"),
+            "fetch from B's old consumer",
         ),
     ]
 }
@@ -372,65 +560,113 @@ fn assert_no_errors(
     assert!(seen.is_empty(), "{who}'s connection got errors: {seen:?}");
 }
 
-/// Fetches whatever `consumer` has now (no waiting), up to 10 messages.
-async fn fetch_now(consumer: &PullConsumer) -> Vec<jetstream::Message> {
-    let mut batch = consumer
-        .fetch()
-        .max_messages(10)
-        .messages()
-        .await
-        .expect("fetch from the own consumer");
-    let mut messages = Vec::new();
-    while let Some(message) = batch.next().await {
-        messages.push(message.expect("a message"));
+/// A `kez.mail.fetch` body: the floor `after`, stored at `time` (µs).
+fn fetch_body(after: u64, max: u32, time: u64) -> Bytes {
+    serde_json::to_vec(&FetchRequest { after, max, time })
+        .unwrap()
+        .into()
+}
+
+/// A decoded fetch answer: the time of its last message (the floor's `time` for the next
+/// fetch; 0 without messages), pending, `(seq, envelope)`s.
+type Fetched = (u64, u64, Vec<(u64, Vec<u8>)>);
+
+fn decode_fetch(body: &[u8]) -> Fetched {
+    let answer = FetchAnswer::decode(body).expect("a fetch answer decodes");
+    (
+        answer.messages.last().map_or(0, |message| message.time),
+        answer.pending,
+        answer
+            .messages
+            .iter()
+            .map(|message| (message.seq, message.envelope.to_vec()))
+            .collect(),
+    )
+}
+
+/// `kez.mail.fetch` as `client`.
+async fn fetch(client: &Client, after: u64, max: u32, time: u64) -> Result<Fetched, ServiceError> {
+    let answer = call(client, FETCH, fetch_body(after, max, time)).await?;
+    Ok(decode_fetch(&answer))
+}
+
+/// Messages `KEZ_MAIL` holds, in all or on one subject, read as the server's own user.
+async fn mail_messages(app: &Client, subject: Option<&str>) -> u64 {
+    let js = jetstream::new(app.clone());
+    let mut stream = js.get_stream(MAIL_STREAM).await.expect("the mail stream");
+    match subject {
+        None => stream.info().await.expect("stream info").state.messages,
+        Some(subject) => {
+            let mut counts = stream.info_with_subjects(subject).await.expect("info");
+            let mut total = 0;
+            while let Some((_, count)) = counts.try_next().await.expect("subjects") {
+                total += count as u64;
+            }
+            total
+        }
     }
-    messages
 }
 
-async fn inbox_messages(app: &Client) -> u64 {
-    jetstream::new(app.clone())
-        .get_stream(INBOX_STREAM)
-        .await
-        .expect("the inbox stream")
-        .info()
-        .await
-        .expect("stream info")
-        .state
-        .messages
+/// When `KEZ_MAIL` stored sequence `seq`, µs since the Unix epoch, read as the server's own
+/// user.
+async fn stored_time(app: &Client, seq: u64) -> u64 {
+    let js = jetstream::new(app.clone());
+    let stream = js.get_stream(MAIL_STREAM).await.expect("the mail stream");
+    let message = stream.get_raw_message(seq).await.expect("the message");
+    u64::try_from(message.time.unix_timestamp_nanos() / 1000).expect("after 1970")
 }
 
-/// A sends to B through `kez.mail.send`; B fetches from its own consumer and acknowledges,
-/// after which the message is gone; a retried send with the same message id is stored once; a
-/// send to a key without a handle is refused and stores nothing; C may register, look up and
-/// read the server info.
+/// Sends `envelope` to `to` as `from`; answers its sequence.
+async fn send(from: &Client, to: &SecretKey, id: [u8; 16], envelope: &[u8]) -> u64 {
+    let answer = call(from, "kez.mail.send", mail(&to.public_key(), id, envelope))
+        .await
+        .expect("sent");
+    let delivered: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    delivered["seq"].as_u64().unwrap()
+}
+
+/// A sends to B through `kez.mail.send`; B hears of it on its own new-mail subject, fetches it
+/// with `kez.mail.fetch` and acknowledges by naming its floor, after which the message is gone;
+/// a retried send with the same message id is stored once; a send to a key without a handle is
+/// refused and stores nothing; C may register, look up and read the server info.
 #[tokio::test]
 async fn allowed_actions_work() {
     let world = World::start().await;
     let app = world.stack.server_client().await;
     let (a, mut a_errors) = world.stack.connect_as(&world.a).await.unwrap();
     let (b, mut b_errors) = world.stack.connect_as(&world.b).await.unwrap();
-    let b_inbox = inbox_subject(&world.b.public_key());
-    let send = |id: [u8; 16], envelope: &'static [u8]| {
+    let mut b_hears = b.subscribe(new_mail(&world.b)).await.unwrap();
+    b.flush().await.unwrap();
+    let send_raw = |id: [u8; 16], envelope: &'static [u8]| {
         let a = a.clone();
         let to = world.b.public_key();
         async move { call(&a, "kez.mail.send", mail(&to, id, envelope)).await }
     };
 
-    // A -> B, stored by the server.
+    // A -> B, stored by the server; B hears of it.
     let first: serde_json::Value =
-        serde_json::from_slice(&send([1; 16], b"sealed for bobby").await.unwrap()).unwrap();
+        serde_json::from_slice(&send_raw([1; 16], b"sealed for bobby").await.unwrap()).unwrap();
     assert_eq!(first["duplicate"], false);
+    let note = tokio::time::timeout(VIOLATION_WITHIN, b_hears.next())
+        .await
+        .expect("B hears of its new mail")
+        .unwrap();
+    assert_eq!(
+        note.headers.unwrap().get("Nats-Sequence").unwrap().as_str(),
+        first["seq"].to_string()
+    );
+    assert!(note.payload.is_empty());
 
     // A retried send with the same message id is stored once.
     let mut answers = Vec::new();
     for _ in 0..2 {
-        let answer = send([2; 16], b"retried").await.expect("answered");
+        let answer = send_raw([2; 16], b"retried").await.expect("answered");
         answers.push(serde_json::from_slice::<serde_json::Value>(&answer).unwrap());
     }
     assert_eq!(answers[0]["duplicate"], false, "the first copy is stored");
     assert_eq!(answers[1]["duplicate"], true, "the retry is recognised");
     assert_eq!(answers[0]["seq"], answers[1]["seq"], "and not stored again");
-    assert_eq!(inbox_messages(&app).await, 2);
+    assert_eq!(mail_messages(&app, None).await, 2);
 
     // A key without a handle has no inbox: refused, nothing stored.
     let nobody = SecretKey::generate().public_key();
@@ -445,35 +681,33 @@ async fn allowed_actions_work() {
         (refused.code, refused.name.as_str()),
         (404, "unknown_recipient")
     );
-    assert_eq!(inbox_messages(&app).await, 2, "nothing else was stored");
-
-    // B reads its own consumer (CONSUMER.INFO, then MSG.NEXT) and acknowledges.
-    let b_js = jetstream::with_prefix(b.clone(), JS_API_PREFIX);
-    let consumer: PullConsumer = b_js
-        .get_consumer_from_stream(inbox_consumer(&world.b.public_key()), INBOX_STREAM)
-        .await
-        .expect("B may look up its own consumer");
-    let messages = fetch_now(&consumer).await;
-    let payloads: Vec<&[u8]> = messages.iter().map(|m| m.payload.as_ref()).collect();
-    assert_eq!(payloads, [&b"sealed for bobby"[..], &b"retried"[..]]);
-    for message in &messages {
-        assert_eq!(message.subject.as_str(), b_inbox);
-        message.double_ack().await.expect("B acknowledges its own");
-    }
-
-    // Work-queue retention: acknowledged means deleted.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while inbox_messages(&app).await != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "acknowledged messages are still stored"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        fetch_now(&consumer).await.is_empty(),
-        "nothing to redeliver"
+    assert_eq!(
+        mail_messages(&app, None).await,
+        2,
+        "nothing else was stored"
     );
+
+    // B fetches its own, then acknowledges them by naming the last one.
+    let (time, pending, messages) = fetch(&b, 0, 10, 0).await.expect("B fetches");
+    let payloads: Vec<&[u8]> = messages.iter().map(|(_, m)| m.as_slice()).collect();
+    assert_eq!(payloads, [&b"sealed for bobby"[..], &b"retried"[..]]);
+    assert_eq!(pending, 0);
+    assert_eq!(
+        mail_messages(&app, None).await,
+        2,
+        "a fetch alone deletes nothing"
+    );
+    let last = messages.last().unwrap().0;
+    let (_, _, rest) = fetch(&b, last, 10, time).await.expect("B acknowledges");
+    assert!(rest.is_empty(), "nothing to redeliver");
+    assert_eq!(
+        mail_messages(&app, None).await,
+        0,
+        "acknowledged means deleted"
+    );
+    // A has nothing, and reading that is allowed too.
+    let (_, _, none) = fetch(&a, 0, 10, 0).await.expect("A fetches");
+    assert!(none.is_empty());
 
     // C: the narrow profile's three services.
     let (c, mut c_errors) = world.stack.connect_as(&world.c).await.unwrap();
@@ -501,45 +735,66 @@ async fn allowed_actions_work() {
 }
 
 /// The profile is fixed when a connection is authorized: registering over the narrow profile
-/// does not widen that connection, the next connection has the full profile, and nothing was
-/// restarted in between.
+/// does not widen that connection (no fetch, no new-mail subscription), the next connection
+/// has the full profile, and nothing was restarted in between.
 #[tokio::test]
 async fn registering_then_reconnecting_gives_the_full_profile() {
     let stack = CalloutStack::start().await;
     let dora = Arc::new(SecretKey::generate());
-    let own_inbox = inbox_subject(&dora.public_key());
+    let own_new = new_mail(&dora);
 
     let (narrow, mut narrow_errors) = stack.connect_as(&dora).await.unwrap();
-    narrow
-        .publish(own_inbox.clone(), Bytes::new())
-        .await
-        .unwrap();
-    narrow.flush().await.unwrap();
+    let refused_on_narrow = |stage: &'static str| {
+        let narrow = narrow.clone();
+        let own_new = own_new.clone();
+        async move {
+            narrow
+                .publish_with_reply(FETCH, narrow.new_inbox(), fetch_body(0, 10, 0))
+                .await
+                .unwrap();
+            let sub = narrow.subscribe(own_new).await.unwrap();
+            narrow.flush().await.unwrap();
+            (stage, sub)
+        }
+    };
+    let (stage, _sub) = refused_on_narrow("unregistered").await;
     expect_violation(
         &mut narrow_errors,
         Violation::Publish,
-        &own_inbox,
+        FETCH,
         VIOLATION_WITHIN,
     )
     .await
-    .expect("unregistered: no inbox");
+    .unwrap_or_else(|problem| panic!("{stage}: no inbox to fetch: {problem}"));
+    expect_violation(
+        &mut narrow_errors,
+        Violation::Subscription,
+        &own_new,
+        VIOLATION_WITHIN,
+    )
+    .await
+    .unwrap_or_else(|problem| panic!("{stage}: no new-mail subject: {problem}"));
 
     register(&narrow, &dora, "dora")
         .await
         .expect("registers over the narrow profile");
-    narrow
-        .publish(own_inbox.clone(), Bytes::new())
-        .await
-        .unwrap();
-    narrow.flush().await.unwrap();
+    let (stage, _sub) = refused_on_narrow("registered, same connection").await;
     expect_violation(
         &mut narrow_errors,
         Violation::Publish,
-        &own_inbox,
+        FETCH,
         VIOLATION_WITHIN,
     )
     .await
-    .expect("the narrow connection keeps its narrow profile");
+    .unwrap_or_else(|problem| panic!("{stage}: keeps its narrow profile: {problem}"));
+    expect_violation(
+        &mut narrow_errors,
+        Violation::Subscription,
+        &own_new,
+        VIOLATION_WITHIN,
+    )
+    .await
+    .unwrap_or_else(|problem| panic!("{stage}: keeps its narrow profile: {problem}"));
 
     let (full, mut full_errors) = stack.connect_as(&dora).await.unwrap();
     let head = call(
@@ -549,24 +804,111 @@ async fn registering_then_reconnecting_gives_the_full_profile() {
     )
     .await;
     assert_eq!(head.unwrap_err().code, 404, "the sigchain service answers");
-    let js = jetstream::with_prefix(full.clone(), JS_API_PREFIX);
-    call(
-        &full,
-        "kez.mail.send",
-        mail(&dora.public_key(), [9; 16], b"note to self"),
-    )
-    .await
-    .expect("registered: the inbox takes messages");
-    let consumer: PullConsumer = js
-        .get_consumer_from_stream(inbox_consumer(&dora.public_key()), INBOX_STREAM)
+    let mut hears = full.subscribe(own_new.clone()).await.unwrap();
+    full.flush().await.unwrap();
+    let seq = send(&full, &dora, [9; 16], b"note to self").await;
+    let note = tokio::time::timeout(VIOLATION_WITHIN, hears.next())
         .await
-        .expect("the consumer was created at registration");
-    let messages = fetch_now(&consumer).await;
-    assert_eq!(messages.len(), 1);
-    messages[0].double_ack().await.unwrap();
+        .expect("registered: hears of its new mail")
+        .unwrap();
+    assert_eq!(
+        note.headers.unwrap().get("Nats-Sequence").unwrap().as_str(),
+        seq.to_string()
+    );
+    let (time, _, messages) = fetch(&full, 0, 10, 0).await.expect("registered: fetches");
+    assert_eq!(messages, [(seq, b"note to self".to_vec())]);
+    let (_, _, rest) = fetch(&full, seq, 10, time).await.unwrap();
+    assert!(rest.is_empty());
     full.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_no_errors("the full connection", &mut full_errors);
+}
+
+/// `kez.mail.fetch` serves the inbox of the key nats-server names the connection by, and
+/// nothing a caller sends changes that: a body naming another key is `malformed` (unknown
+/// field), a forged `Nats-Request-Info` header naming B is replaced by the broker, an
+/// acknowledgement naming a sequence of B's deletes only the caller's own messages, and
+/// `pending` counts only the caller's. B's messages stay, all of them, and B still reads them.
+#[tokio::test]
+async fn a_fetch_serves_only_the_callers_own_inbox() {
+    let world = World::start().await;
+    let app = world.stack.server_client().await;
+    let (a, mut a_errors) = world.stack.connect_as(&world.a).await.unwrap();
+    let (b, _b_errors) = world.stack.connect_as(&world.b).await.unwrap();
+    let (mut a_seqs, mut b_seqs) = (Vec::new(), Vec::new());
+    for i in 0..3u8 {
+        b_seqs.push(send(&a, &world.b, [10 + i; 16], b"for bobby").await);
+        a_seqs.push(send(&b, &world.a, [20 + i; 16], b"for alice").await);
+        b_seqs.push(send(&a, &world.b, [30 + i; 16], b"for bobby").await);
+    }
+    let b_hex = World::hex(&world.b);
+    let b_nkey = world.b.public_key().to_nkey();
+
+    // Bodies naming B.
+    for body in [
+        serde_json::json!({"after": 0, "max": 10, "time": 0, "key": b_hex}),
+        serde_json::json!({"after": 0, "max": 10, "time": 0, "user": b_nkey}),
+        serde_json::json!({"after": 0, "max": 10, "time": 0, "inbox": inbox(&world.b)}),
+        serde_json::json!({"after": 0, "max": 10, "time": 0, "device": b_hex}),
+    ] {
+        let err = call(&a, FETCH, serde_json::to_vec(&body).unwrap())
+            .await
+            .expect_err("a body naming another user");
+        assert_eq!((err.code, err.name.as_str()), (400, "malformed"), "{body}");
+        assert!(err.message.contains("unknown field"), "{}", err.message);
+    }
+
+    // Forged headers naming B: the broker stamps its own.
+    let forgeries = [
+        serde_json::json!({"acc": "APP", "user": b_nkey, "host": "10.9.9.9"}).to_string(),
+        serde_json::json!({"acc": "SERVER", "user": b_nkey}).to_string(),
+        serde_json::json!({"user": b_nkey}).to_string(),
+        "not json".to_owned(),
+    ];
+    for forged in &forgeries {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Request-Info", forged.as_str());
+        let answer = a
+            .request_with_headers(FETCH, headers, fetch_body(0, 10, 0))
+            .await
+            .expect("answered");
+        assert!(
+            answer
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Service-Error-Code"))
+                .is_none(),
+            "{forged}: {:?}",
+            answer.headers
+        );
+        let (_, pending, messages) = decode_fetch(&answer.payload);
+        let seqs: Vec<u64> = messages.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(seqs, a_seqs, "with {forged}: A's own messages only");
+        assert_eq!(pending, 0);
+        assert!(messages.iter().all(|(_, m)| m == b"for alice"));
+    }
+
+    // pending counts A's messages only, though B's lie between them.
+    let (_, pending, one) = fetch(&a, 0, 1, 0).await.unwrap();
+    assert_eq!((one.len(), pending), (1, 2));
+
+    // A acknowledges past all of B's (naming the time the stream stored that message of B's):
+    // A's inbox empties, B's is whole.
+    let beyond = *b_seqs.last().unwrap();
+    assert!(beyond > *a_seqs.last().unwrap());
+    let (_, _, rest) = fetch(&a, beyond, 10, stored_time(&app, beyond).await)
+        .await
+        .unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(mail_messages(&app, Some(&inbox(&world.a))).await, 0);
+    assert_eq!(mail_messages(&app, Some(&inbox(&world.b))).await, 6);
+    let (_, pending, bs) = fetch(&b, 0, 256, 0).await.unwrap();
+    assert_eq!(bs.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), b_seqs);
+    assert_eq!(pending, 0);
+
+    a.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_no_errors("A", &mut a_errors);
 }
 
 /// Waits for the effects of requests already sent to settle: one round trip through the
@@ -576,7 +918,7 @@ async fn settle(client: &Client) {
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
-/// The kez-chat-server answers a request on its reply subject with its own, unrestricted `APP`
+/// The kez-chat-server answers a request on its reply subject with its own, unrestricted `SERVER`
 /// connection. A client that names a JetStream API or `$KV` subject as the reply subject makes
 /// the server write there for it: a confused deputy. Each row is something even an
 /// unregistered key must not achieve this way.
@@ -615,8 +957,16 @@ async fn the_server_cannot_be_made_to_answer_into_jetstream() {
     // 4. An unregistered key writing into B's inbox.
     c.publish_with_reply(
         "kez.server.info",
-        inbox_subject(&world.b.public_key()),
+        inbox(&world.b),
         Bytes::from_static(b"{}"),
+    )
+    .await
+    .unwrap();
+    // 5. The mail stream deleted by an error answer's empty body.
+    c.publish_with_reply(
+        "kez.registry.lookup",
+        format!("$JS.API.STREAM.DELETE.{MAIL_STREAM}"),
+        Bytes::new(),
     )
     .await
     .unwrap();
@@ -646,45 +996,48 @@ async fn the_server_cannot_be_made_to_answer_into_jetstream() {
     if bobby["key"] != serde_json::json!(world.b.public_key()) {
         failures.push(format!("3. @bobby now resolves to {}", bobby["key"]));
     }
-    let inbox = inbox_messages(&app).await;
-    if inbox != 0 {
-        failures.push(format!("4. B's inbox holds {inbox} message(s) from C"));
+    if app_js.get_stream(MAIL_STREAM).await.is_err() {
+        failures.push("5. the mail stream was deleted".to_owned());
+    } else {
+        let stored = mail_messages(&app, None).await;
+        if stored != 0 {
+            failures.push(format!("4. B's inbox holds {stored} message(s) from C"));
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// JetStream itself answers on the reply subject a client gives: the publish acknowledgement
-/// of `kez.inbox.*` and the messages of a pull request. A registered user that aims those at
-/// `$KV` subjects writes into the registry's buckets (they share the `APP` account).
+/// JetStream itself answers on the reply subject a client gives: a publish acknowledgement.
+/// A user that could aim one at `$KV` subjects would write into the registry's buckets (they
+/// share the `SERVER` account with the mail stream). Users cannot publish into the stream, and
+/// the mail service's answers (a fetch's, a send's) aimed there land in `APP`, where there
+/// are no buckets.
 #[tokio::test]
 async fn jetstream_replies_cannot_be_aimed_at_the_registry() {
     let world = World::start().await;
     let app = world.stack.server_client().await;
     let app_js = jetstream::new(app.clone());
     let (a, _a_errors) = world.stack.connect_as(&world.a).await.unwrap();
-    let a_hex = World::hex(&world.a);
     let b_hex = World::hex(&world.b);
 
-    // 1. The publish acknowledgement ({"stream":"KEZ_INBOX","seq":N}) as B's disabled record.
+    // 1. A publish acknowledgement ({"stream":"KEZ_MAIL","seq":N}) as B's disabled record.
     a.publish_with_reply(
-        inbox_subject(&world.b.public_key()),
+        inbox(&world.b),
         format!("$KV.kez_disabled.{b_hex}"),
         Bytes::from_static(b"hello"),
     )
     .await
     .unwrap();
-    // 2. A's own message, pulled with a reply subject in the handles bucket.
-    call(
-        &a,
-        "kez.mail.send",
-        mail(&world.a.public_key(), [8; 16], b"forged"),
-    )
-    .await
-    .unwrap();
+    // 2. A's own message, fetched with a reply subject in the handles bucket.
+    send(&a, &world.a, [8; 16], b"forged").await;
+    a.publish_with_reply(FETCH, "$KV.kez_handles.bobby", fetch_body(0, 1, 0))
+        .await
+        .unwrap();
+    // 3. A send's answer ({"seq":N,"duplicate":false}) as B's disabled record.
     a.publish_with_reply(
-        format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.inbox_{a_hex}"),
-        "$KV.kez_handles.bobby",
-        Bytes::from_static(br#"{"batch":1,"no_wait":true}"#),
+        "kez.mail.send",
+        format!("$KV.kez_disabled.{b_hex}"),
+        Bytes::from(mail(&world.a.public_key(), [9; 16], b"again")),
     )
     .await
     .unwrap();
@@ -695,12 +1048,12 @@ async fn jetstream_replies_cannot_be_aimed_at_the_registry() {
     let disabled = app_js.get_key_value("kez_disabled").await.unwrap();
     if let Some(value) = disabled.get(&b_hex).await.unwrap() {
         failures.push(format!(
-            "1. B's disabled record was written: {:?}",
+            "1./3. B's disabled record was written: {:?}",
             String::from_utf8_lossy(&value)
         ));
     }
     if let Err(err) = world.stack.connect_as(&world.b).await {
-        failures.push(format!("1. B can no longer connect: {err}"));
+        failures.push(format!("1./3. B can no longer connect: {err}"));
     }
     let mut handles = app_js.get_stream("KV_kez_handles").await.unwrap();
     let stored = handles.info().await.unwrap().state.messages;
@@ -709,44 +1062,58 @@ async fn jetstream_replies_cannot_be_aimed_at_the_registry() {
             "2. the handles bucket holds {stored} messages, not alice's and bobby's records"
         ));
     }
+    if mail_messages(&app, Some(&inbox(&world.b))).await != 0 {
+        failures.push("1. A's publish reached B's inbox".to_owned());
+    }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 /// A reply subject is the one thing a client controls in every request. Aimed at JetStream's API,
-/// an answer there would be a command: the pull request's timeout status, the publish ack and the
-/// service's answer must all land in `APP`, where there is no JetStream to obey them.
+/// an answer there would be a command: the mail service's answers (a fetch's, with or without
+/// an acknowledgement; a send's) and the info service's must all land in `APP`, where there
+/// is no JetStream to obey them: the mail stream and B's message in it survive.
 #[tokio::test]
 async fn reply_subjects_cannot_command_jetstream() {
     let world = World::start().await;
     let (a, _errors) = world.stack.connect_as(&world.a).await.expect("A connects");
-    let server_js = jetstream::new(world.stack.server_client().await);
-    let delete = format!("$JS.API.STREAM.DELETE.{INBOX_STREAM}");
-    let consumer = inbox_consumer(&world.a.public_key());
+    let app = world.stack.server_client().await;
+    let server_js = jetstream::new(app.clone());
+    let b_seq = send(&a, &world.b, [6; 16], b"keep me").await;
+    let a_seq = send(&a, &world.a, [5; 16], b"mine").await;
+    let (time, _, _) = fetch(&a, 0, 1, 0).await.unwrap();
     let tricks = [
-        (
-            inbox_subject(&world.b.public_key()),
-            Bytes::from_static(b"hi"),
-        ),
+        (inbox(&world.b), Bytes::from_static(b"hi")),
         (
             "kez.mail.send".to_owned(),
             Bytes::from(mail(&world.b.public_key(), [7; 16], b"hi")),
         ),
-        (
-            format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{consumer}"),
-            Bytes::from_static(br#"{"batch":1,"expires":200000000}"#),
-        ),
+        (FETCH.to_owned(), fetch_body(0, 10, 0)),
+        (FETCH.to_owned(), fetch_body(a_seq, 10, time)),
+        (FETCH.to_owned(), Bytes::new()),
         ("kez.server.info".to_owned(), Bytes::from_static(b"{}")),
     ];
-    for (subject, body) in tricks {
-        a.publish_with_reply(subject.clone(), delete.clone(), body)
-            .await
-            .unwrap();
-        a.flush().await.unwrap();
-        // The pull request's timeout status arrives after its 200 ms expiry.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(
-            server_js.get_stream(INBOX_STREAM).await.is_ok(),
-            "a request to {subject} with reply {delete} deleted the inbox stream"
-        );
+    for command in [
+        format!("$JS.API.STREAM.PURGE.{MAIL_STREAM}"),
+        format!("$JS.API.STREAM.DELETE.{MAIL_STREAM}"),
+    ] {
+        for (subject, body) in tricks.clone() {
+            a.publish_with_reply(subject.clone(), command.clone(), body)
+                .await
+                .unwrap();
+            a.flush().await.unwrap();
+            settle(&a).await;
+            assert!(
+                server_js.get_stream(MAIL_STREAM).await.is_ok(),
+                "a request to {subject} with reply {command} deleted the mail stream"
+            );
+            assert!(
+                mail_messages(&app, Some(&inbox(&world.b))).await >= 1,
+                "a request to {subject} with reply {command} purged B's inbox"
+            );
+        }
     }
+    let (_, _, bs) = fetch(&world.stack.connect_as(&world.b).await.unwrap().0, 0, 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(bs.first().map(|(seq, _)| *seq), Some(b_seq));
 }

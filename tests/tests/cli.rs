@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use kez_core::{Op, SecretKey};
+use kez_proto::subjects::MAIL_STREAM;
 use kez_tests::callout::CalloutStack;
+use kez_tests::chat::inbox_held;
 use kez_tests::person::{Person, alice_and_bob, key_of, kez_chat, serving, stop};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -199,7 +201,7 @@ async fn two_people_chat_through_the_cli() {
         "bob's key stays pinned"
     );
     // `send` looks the handle up again before sending: it refuses, loudly, and publishes nothing.
-    let mut inbox = js.get_stream("KEZ_INBOX").await.unwrap();
+    let mut inbox = js.get_stream(MAIL_STREAM).await.unwrap();
     let before = inbox.info().await.unwrap().state.last_sequence;
     let err = alice.fails(&["send", "@bob", "secret"], 4).await;
     assert!(
@@ -271,14 +273,15 @@ async fn a_rotation_in_the_sigchain_is_followed_without_a_warning() {
         "{stderr}"
     );
 
-    // What the stream holds: in bob's inbox (his identity), sealed to his new key only.
+    // What the stream holds: in bob's inbox (his identity, whose one device is still the
+    // key he registered), sealed to his new key only.
     let js = async_nats::jetstream::new(stack.server_client().await);
-    let mut inbox = js.get_stream("KEZ_INBOX").await.unwrap();
+    let mut inbox = js.get_stream(MAIL_STREAM).await.unwrap();
     let last = inbox.info().await.unwrap().state.last_sequence;
     let stored = inbox.get_raw_message(last).await.unwrap();
     assert_eq!(
         stored.subject.as_str(),
-        kez_proto::subjects::inbox_subject(&old_key.public_key())
+        kez_proto::subjects::inbox_subject(&old_key.public_key(), &old_key.public_key())
     );
     let opened = kez_core::envelope::open(&new_key, &stored.payload).expect("opens");
     assert_eq!(opened.body, b"after the rotation");
@@ -408,7 +411,7 @@ async fn the_broker_stores_neither_plaintext_nor_the_sender() {
 
     // bob is offline: read what the stream holds, as the server.
     let js = async_nats::jetstream::new(stack.server_client().await);
-    let mut inbox = js.get_stream("KEZ_INBOX").await.unwrap();
+    let mut inbox = js.get_stream(MAIL_STREAM).await.unwrap();
     let state = inbox.info().await.unwrap().state.clone();
     assert_eq!(state.messages, 3, "{state:?}");
     let alice_key = key_of(&alice).public_key();
@@ -433,19 +436,20 @@ async fn the_broker_stores_neither_plaintext_nor_the_sender() {
         }
     }
 
-    // And bob reads them all.
+    // And bob reads them all; once he acknowledged them, the broker keeps nothing.
     let read = bob.json(&["inbox"]).await;
     assert_eq!(read.as_array().unwrap().len(), 3, "{read}");
     assert_eq!(read[0]["text"], plaintext);
+    assert_eq!(inbox_held(&js, &key_of(&bob).public_key()).await, Some(0));
+    assert_eq!(inbox.info().await.unwrap().state.messages, 0);
 }
 
-/// bob's client dies after the broker delivered but before it acknowledged (here: the messages
-/// are pulled from bob's consumer and never acknowledged). The broker redelivers after the
-/// consumer's ack wait (30 s), and `inbox` then shows every message exactly once.
+/// bob's client dies after the server answered its fetch but before it stored anything (here:
+/// a `kez.mail.fetch` on bob's connection whose answer is thrown away). Nothing was
+/// acknowledged, so the next `inbox` gets every message again at once, shows each exactly
+/// once and acknowledges them: the broker keeps nothing.
 #[tokio::test]
-async fn a_crash_before_the_ack_loses_nothing_and_shows_once() {
-    use futures::StreamExt;
-
+async fn a_crash_before_storing_loses_nothing_and_shows_once() {
     let stack = CalloutStack::start().await;
     let url = stack.nats.url();
     let (alice, bob) = alice_and_bob(&url).await;
@@ -453,40 +457,37 @@ async fn a_crash_before_the_ack_loses_nothing_and_shows_once() {
         alice.ok(&["send", "@bob", &format!("crash {n}")]).await;
     }
 
-    // The "crashing client": takes the deliveries from bob's durable consumer, never acks.
-    let server = stack.server_client().await;
-    let js = async_nats::jetstream::new(server.clone());
-    let consumer: async_nats::jetstream::consumer::PullConsumer = js
-        .get_stream("KEZ_INBOX")
-        .await
-        .unwrap()
-        .get_consumer(&kez_proto::subjects::inbox_consumer(
-            &key_of(&bob).public_key(),
-        ))
-        .await
-        .unwrap();
-    let mut batch = consumer
-        .fetch()
-        .max_messages(10)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
-    let mut delivered = 0;
-    while let Some(message) = batch.next().await {
-        message.unwrap();
-        delivered += 1;
-    }
-    assert_eq!(delivered, 3, "the crashing client got all three");
-    drop(batch);
-    drop(consumer);
-    server.drain().await.unwrap();
-    let started = std::time::Instant::now();
+    // The "crashing client": bob's own connection fetches, and never stores or fetches again.
+    let bob_key = key_of(&bob);
+    let (conn, _errors) = stack.connect_as(&bob_key).await.unwrap();
+    let request = kez_proto::mail::FetchRequest {
+        after: 0,
+        max: 10,
+        time: 0,
+    };
+    let answer = kez_tests::kez_server::call(
+        &conn,
+        kez_proto::Endpoint::MailFetch.subject(),
+        serde_json::to_vec(&request).unwrap(),
+    )
+    .await
+    .unwrap();
+    let fetched = kez_proto::mail::FetchAnswer::decode(&answer).unwrap();
+    assert_eq!(
+        fetched.messages.len(),
+        3,
+        "the crashing client got all three"
+    );
+    assert_eq!(fetched.pending, 0);
+    drop(conn);
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    assert_eq!(
+        inbox_held(&js, &bob_key.public_key()).await,
+        Some(3),
+        "a fetch alone deletes nothing"
+    );
 
-    // Until the ack wait runs out they are pending: not lost, just not shown yet.
-    assert_eq!(bob.json(&["inbox"]).await, serde_json::json!([]));
-    tokio::time::sleep(Duration::from_secs(31).saturating_sub(started.elapsed())).await;
-    let read = bob.json(&["inbox", "--wait", "5"]).await;
+    let read = bob.json(&["inbox"]).await;
     let texts: Vec<&str> = read
         .as_array()
         .unwrap()
@@ -503,10 +504,11 @@ async fn a_crash_before_the_ack_loses_nothing_and_shows_once() {
         serde_json::json!([]),
         "and never again"
     );
+    assert_eq!(inbox_held(&js, &bob_key.public_key()).await, Some(0));
 }
 
 /// A client killed after storing and acknowledging messages but before showing them: the next
-/// `inbox` shows them, once.
+/// `inbox` shows them, once (from the store: the broker no longer has them).
 #[tokio::test]
 async fn messages_stored_but_not_shown_appear_on_the_next_run_once() {
     let stack = CalloutStack::start().await;
@@ -525,9 +527,13 @@ async fn messages_stored_but_not_shown_appear_on_the_next_run_once() {
         .receive(&store, 10, Duration::from_secs(2))
         .await
         .unwrap();
-    assert_eq!(received.len(), 3, "stored and acknowledged");
+    assert_eq!(received.len(), 3, "stored");
     drop(conn);
     drop(store);
+    // The receive's last fetch acknowledged them: the broker keeps nothing to deliver again.
+    let js = async_nats::jetstream::new(stack.server_client().await);
+    let bob_key = key_of(&bob).public_key();
+    assert_eq!(inbox_held(&js, &bob_key).await, Some(0));
 
     let shown = bob.json(&["inbox"]).await;
     let texts: Vec<&str> = shown
@@ -542,6 +548,7 @@ async fn messages_stored_but_not_shown_appear_on_the_next_run_once() {
         Value::Array(Vec::new()),
         "shown once"
     );
+    assert_eq!(inbox_held(&js, &bob_key).await, Some(0));
 }
 
 /// The CLI never lets a broker choose what the key signs: a "nonce" that is a KEZ statement in

@@ -1,6 +1,7 @@
 //! The client library (kez-client) against a real nats-server with the auth callout and a real
 //! kez-chat-server: registration, the typed service calls, offline delivery through the inbox
-//! stream, and what the receiving client drops (replays, garbage, messages for others).
+//! stream (`KEZ_MAIL`, read and acknowledged through `kez.mail.fetch`), and what the receiving
+//! client drops (replays, garbage, messages for others).
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -15,8 +16,9 @@ use kez_core::envelope;
 use kez_core::sigchain::Endpoint;
 use kez_core::trust::PinRefusal;
 use kez_core::{Op, SecretKey, UnsignedLink};
-use kez_proto::subjects::{INBOX_STREAM, inbox_subject};
+use kez_proto::subjects::{MAIL_STREAM, inbox_subject};
 use kez_tests::callout::CalloutStack;
+use kez_tests::chat::inbox_held;
 use kez_tests::kez_server::test_handle;
 use kez_tests::requests::nats_endpoint;
 use tempfile::TempDir;
@@ -90,25 +92,23 @@ impl User {
     }
 }
 
-/// How many messages the inbox stream holds, read as the server.
-async fn stored_in_inbox(js: &jetstream::Context) -> u64 {
-    js.get_stream(INBOX_STREAM)
+/// How many messages `key`'s inbox holds, read as the server.
+async fn held(js: &jetstream::Context, key: &SecretKey) -> u64 {
+    inbox_held(js, &key.public_key())
+        .await
+        .expect("JetStream answers")
+}
+
+/// The inbox stream's state, read as the server.
+async fn mail_state(js: &jetstream::Context) -> jetstream::stream::State {
+    js.get_stream(MAIL_STREAM)
         .await
         .unwrap()
         .info()
         .await
         .unwrap()
         .state
-        .messages
-}
-
-/// Waits until the inbox stream is empty (everything acknowledged).
-async fn wait_until_inbox_empty(js: &jetstream::Context) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stored_in_inbox(js).await != 0 {
-        assert!(Instant::now() < deadline, "the inbox was not acknowledged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        .clone()
 }
 
 fn bodies(messages: &[envelope::Message]) -> Vec<&[u8]> {
@@ -216,7 +216,7 @@ async fn offline_delivery_exactly_once() {
     );
     // What the broker stores: to be replayed below.
     let first_envelope = server_js
-        .get_stream(INBOX_STREAM)
+        .get_stream(MAIL_STREAM)
         .await
         .unwrap()
         .get_raw_message(sent[0].stream_sequence)
@@ -250,13 +250,23 @@ async fn offline_delivery_exactly_once() {
         other => panic!("a changed key was accepted: {other:?}"),
     }
 
-    // bob comes online: exactly the three, decrypted and verified, in order.
+    // bob comes online: exactly the three, decrypted and verified, in order. Asked for two,
+    // he gets two, stored but not acknowledged: that is his next fetch, naming what he stored.
     let bob_conn = bob.connect().await;
     let bob_store = bob.home.store().unwrap();
-    let received = bob_conn
-        .receive(&bob_store, 10, Duration::ZERO)
+    let mut received = bob_conn
+        .receive(&bob_store, 2, Duration::ZERO)
         .await
         .unwrap();
+    assert_eq!(bodies(&received), [&b"one"[..], b"two"]);
+    assert_eq!(held(&server_js, &bob.key).await, 3);
+    // A receive fetches until a fetch brings nothing new, so what it returns is acknowledged.
+    received.extend(
+        bob_conn
+            .receive(&bob_store, 10, Duration::ZERO)
+            .await
+            .unwrap(),
+    );
     assert_eq!(bodies(&received), [&b"one"[..], b"two", b"three"]);
     for (message, sent) in received.iter().zip(&sent) {
         assert_eq!(message.id, sent.id);
@@ -264,7 +274,7 @@ async fn offline_delivery_exactly_once() {
         assert_eq!(message.to, bob.key.public_key());
         assert_eq!(message.content_type, "text");
     }
-    wait_until_inbox_empty(&server_js).await;
+    assert_eq!(held(&server_js, &bob.key).await, 0, "acknowledged, deleted");
     assert!(
         bob_conn
             .receive(&bob_store, 10, Duration::ZERO)
@@ -275,7 +285,7 @@ async fn offline_delivery_exactly_once() {
     );
 
     // A replay of the same envelope bytes (no Nats-Msg-Id, so the stream stores it): dropped.
-    let bob_inbox = inbox_subject(&bob.key.public_key());
+    let bob_inbox = inbox_subject(&bob.key.public_key(), &bob.key.public_key());
     server_js
         .publish(bob_inbox.clone(), first_envelope)
         .await
@@ -298,7 +308,7 @@ async fn offline_delivery_exactly_once() {
         .unwrap()
         .await
         .unwrap();
-    assert_eq!(stored_in_inbox(&server_js).await, 3);
+    assert_eq!(held(&server_js, &bob.key).await, 3);
     assert!(
         bob_conn
             .receive(&bob_store, 10, Duration::from_secs(1))
@@ -307,7 +317,15 @@ async fn offline_delivery_exactly_once() {
             .is_empty(),
         "replay, garbage and a message for carol are all dropped"
     );
-    wait_until_inbox_empty(&server_js).await;
+    // Passed over and acknowledged, not retried: nothing is left behind, and none comes back.
+    assert_eq!(held(&server_js, &bob.key).await, 0, "nothing left behind");
+    assert!(
+        bob_conn
+            .receive(&bob_store, 10, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // bob keeps working.
     alice_conn.send(&profile, "text", b"four").await.unwrap();
@@ -316,6 +334,8 @@ async fn offline_delivery_exactly_once() {
         .await
         .unwrap();
     assert_eq!(bodies(&received), [b"four"]);
+    // A user costs the broker key-value entries only: the inbox stream has no consumers.
+    assert_eq!(mail_state(&server_js).await.consumer_count, 0);
 
     // The store survives reopening: history and seen ids persist.
     drop(bob_store);
@@ -331,6 +351,49 @@ async fn offline_delivery_exactly_once() {
             .unwrap(),
         "a seen id stays seen after reopening"
     );
+}
+
+/// A receive that waits for mail wakes when a message arrives (the stream's new-mail
+/// notification on bob's own subject), not when its wait runs out.
+#[tokio::test]
+async fn a_waiting_receive_wakes_when_mail_arrives() {
+    let stack = CalloutStack::start().await;
+    let server_js = jetstream::new(stack.server_client().await);
+    let alice = User::register(&stack, "alice").await;
+    let bob = User::register(&stack, "bob").await;
+    bob.start_sigchain().await;
+    let alice_conn = alice.connect().await;
+    let alice_store = alice.home.store().unwrap();
+    let to_bob = alice_conn
+        .verify_contact(&alice_store, &test_handle("@bob"))
+        .await
+        .unwrap()
+        .contact;
+    let bob_conn = bob.connect().await;
+    let bob_store = bob.home.store().unwrap();
+
+    for text in ["first", "second"] {
+        let sending = tokio::spawn({
+            let (alice_conn, to_bob) = (alice_conn.clone(), to_bob.clone());
+            async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                alice_conn.send(&to_bob, "text", text.as_bytes()).await
+            }
+        });
+        let started = Instant::now();
+        let received = bob_conn
+            .receive(&bob_store, 10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        sending.await.unwrap().unwrap();
+        assert_eq!(bodies(&received), [text.as_bytes()]);
+        assert!(
+            took < Duration::from_secs(10),
+            "the receive slept through the notification: {took:?}"
+        );
+    }
+    assert_eq!(held(&server_js, &bob.key).await, 0, "both acknowledged");
 }
 
 /// One connection each for alice and bob, kept across a broker restart (same port and store):

@@ -2,7 +2,8 @@
 //! from the committed `nats/cluster/node.conf.template`, two kez-chat-server instances with
 //! `--kv-replicas 3`, and clients on the kez-client library. One node (the inbox stream's
 //! leader) is killed while messages flow: every acknowledged message must still be delivered
-//! exactly once, and the services must keep answering with the node down.
+//! exactly once, and the services must keep answering with the node down. A user costs the
+//! cluster key-value entries only: the inbox stream (`KEZ_MAIL`, R3) has no consumers at all.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +12,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use kez_chat_server::nats_conf;
 use kez_client::{Connection, Contact};
-use kez_proto::subjects::{INBOX_STREAM, inbox_consumer};
+use kez_proto::subjects::MAIL_STREAM;
 use kez_tests::callout::server_client;
-use kez_tests::chat::{ChatUser, Ledger};
+use kez_tests::chat::{ChatUser, Ledger, inbox_held};
 use kez_tests::cluster::{NatsCluster, wait_for_jetstream};
 use kez_tests::kez_server::test_handle;
 use kez_tests::process::KezServerProcess;
@@ -26,7 +27,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The streams kez-chat-server keeps: the inbox and the key-value buckets (without pinning).
 const STREAMS: &[&str] = &[
-    INBOX_STREAM,
+    MAIL_STREAM,
     "KV_kez_handles",
     "KV_kez_keys",
     "KV_kez_chain_links",
@@ -51,6 +52,25 @@ async fn assert_three_replicas(js: &jetstream::Context) {
         let cluster_info = info.cluster.as_ref().expect("clustered");
         assert_eq!(cluster_info.replicas.len(), 2, "{name}: {cluster_info:?}");
     }
+}
+
+/// The inbox stream has no consumers: no user's inbox is a consumer to replicate, elect or
+/// create. Answers how many messages it holds.
+async fn assert_no_inbox_consumers(js: &jetstream::Context) -> u64 {
+    let info = js
+        .get_stream(MAIL_STREAM)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        info.state.consumer_count, 0,
+        "{MAIL_STREAM}: {:?}",
+        info.state
+    );
+    info.state.messages
 }
 
 async fn leader(js: &jetstream::Context, stream: &str) -> Option<String> {
@@ -95,14 +115,14 @@ async fn send_all(
 }
 
 /// Receives into `user`'s store until `done` is set and nothing acknowledged is outstanding,
-/// or the deadline passes.
+/// or the deadline passes; gives the connection back.
 async fn receive_all(
     ledger: Ledger,
     user: Arc<ChatUser>,
     conn: Connection,
     done: Arc<AtomicBool>,
     deadline: Instant,
-) {
+) -> Connection {
     let me = conn.public_key();
     while Instant::now() < deadline {
         ledger.operation();
@@ -114,9 +134,10 @@ async fn receive_all(
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
         if done.load(Ordering::SeqCst) && ledger.outstanding() == 0 {
-            return;
+            break;
         }
     }
+    conn
 }
 
 /// Retries `what` until it answers OK, for at most [`PATIENCE`]; returns how long it took.
@@ -179,18 +200,8 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
         users.push(Arc::new(user));
     }
     let [alice, bob, carol, dave] = [0, 1, 2, 3].map(|i| users[i].clone());
-    // The inbox consumers follow the stream's replicas.
-    for user in [&bob, &dave] {
-        let info = js
-            .get_stream(INBOX_STREAM)
-            .await
-            .unwrap()
-            .consumer_info(inbox_consumer(&user.key.public_key()))
-            .await
-            .unwrap();
-        let replicas = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
-        assert_eq!(replicas, 2, "{}'s consumer: {:?}", user.name, info.cluster);
-    }
+    // Registered users cost the inbox stream nothing.
+    assert_no_inbox_consumers(&js).await;
     let alice_conn = alice.connect(&cluster.urls_from(0), PATIENCE).await;
     let carol_conn = carol.connect(&cluster.urls_from(1), PATIENCE).await;
     let bob_conn = bob.connect(&cluster.urls_from(2), PATIENCE).await;
@@ -240,13 +251,13 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
         assert!(Instant::now() < deadline, "messages do not flow");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let old_leader = leader(&js, INBOX_STREAM).await.expect("a leader");
+    let old_leader = leader(&js, MAIL_STREAM).await.expect("a leader");
     let victim = cluster.index_of(&old_leader).expect("a node's name");
     cluster.kill(victim);
     ledger.fault();
     let acked_before = ledger.acked_count();
     eprintln!(
-        "{:?}: killed {old_leader}, the leader of {INBOX_STREAM}, after {acked_before} of {} \
+        "{:?}: killed {old_leader}, the leader of {MAIL_STREAM}, after {acked_before} of {} \
          messages",
         started.elapsed(),
         2 * PER_SENDER
@@ -291,17 +302,40 @@ async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     }
     eprintln!("{:?}: every message sent", started.elapsed());
     done.store(true, Ordering::SeqCst);
+    let mut receiving = Vec::new();
     for receiver in receivers {
-        receiver.await.expect("receiver");
+        receiving.push(receiver.await.expect("receiver"));
     }
     assert!(
         acked_before < 2 * PER_SENDER,
         "every message was acknowledged before the kill: nothing flowed through it"
     );
-    let new_leader = leader(&js, INBOX_STREAM).await;
+    let new_leader = leader(&js, MAIL_STREAM).await;
     assert!(
         new_leader.is_some() && new_leader.as_deref() != Some(old_leader.as_str()),
-        "{INBOX_STREAM} has no new leader: {new_leader:?}"
+        "{MAIL_STREAM} has no new leader: {new_leader:?}"
+    );
+    // One more fetch each acknowledges the last batch received, and must bring nothing new:
+    // then nothing is left behind, and still no consumer was made.
+    for (user, conn) in [&bob, &dave].into_iter().zip(&receiving) {
+        let (last, _) = answers(&format!("{}'s last fetch", user.name), || {
+            conn.receive(&user.store, 100, Duration::ZERO)
+        })
+        .await;
+        ledger.shown(user.key.public_key(), &last);
+        // The stream's leader answers the count, after the purge the fetch waited for.
+        let (held, _) = answers("the inbox stream's info", || async {
+            inbox_held(&js, &user.key.public_key())
+                .await
+                .ok_or("no answer")
+        })
+        .await;
+        assert_eq!(held, 0, "{}'s inbox after the last fetch", user.name);
+    }
+    assert_eq!(
+        assert_no_inbox_consumers(&js).await,
+        0,
+        "messages left behind"
     );
 
     let senders = [alice.key.public_key(), carol.key.public_key()];
@@ -447,4 +481,63 @@ async fn two_instances_started_at_once_on_a_fresh_cluster_both_serve() {
     );
     assert_three_replicas(&jetstream::new(admin)).await;
     drop((first, second));
+}
+
+/// A receive waiting in a cluster gets each message its notification announces, even when the
+/// replica that answers the server's read has not stored it yet when the notification comes
+/// (the client asks again until its floor reaches the announced sequence): no message waits
+/// for a later one to wake the receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_receive_in_a_cluster_gets_every_announced_message() {
+    let keys_dir = tempfile::Builder::new()
+        .prefix("kez-keys-")
+        .tempdir()
+        .unwrap();
+    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+    let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
+    let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
+    wait_for_jetstream(&admin, PATIENCE).await;
+    let args = [
+        "--kv-replicas",
+        "3",
+        "--register-limit-per-hour",
+        "0",
+        "--rate-limit-per-sec",
+        "0",
+    ];
+    let _first = KezServerProcess::spawn_with_callout_args(
+        &cluster.urls_from(0),
+        keys_dir.path(),
+        &keys.issuer,
+        &args,
+    )
+    .await;
+    let _second = KezServerProcess::spawn_with_callout_args(
+        &cluster.urls_from(1),
+        keys_dir.path(),
+        &keys.issuer,
+        &args,
+    )
+    .await;
+    let alice = ChatUser::register(&cluster.urls_from(0), "alice", PATIENCE).await;
+    let bob = Arc::new(ChatUser::register(&cluster.urls_from(1), "bob", PATIENCE).await);
+    let alice_conn = alice.connect(&cluster.urls_from(0), PATIENCE).await;
+    let to_bob = alice.add(&alice_conn, "bob", PATIENCE).await;
+    let bob_conn = Arc::new(bob.connect(&cluster.urls_from(2), PATIENCE).await);
+    for round in 0..20 {
+        let waiting = tokio::spawn({
+            let (bob, bob_conn) = (bob.clone(), bob_conn.clone());
+            async move { bob_conn.receive(&bob.store, 10, PATIENCE).await }
+        });
+        // Let the receive reach its wait, so the notification is what wakes it.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let body = format!("round {round}");
+        answers("send", || {
+            alice_conn.send(&to_bob, "text/plain", body.as_bytes())
+        })
+        .await;
+        let received = waiting.await.unwrap().unwrap();
+        let bodies: Vec<&[u8]> = received.iter().map(|m| m.body.as_slice()).collect();
+        assert_eq!(bodies, [body.as_bytes()], "round {round}");
+    }
 }

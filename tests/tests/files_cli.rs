@@ -73,7 +73,7 @@ async fn a_shared_file_arrives_identical_and_no_store_holds_plaintext() {
     // Nor does the broker: the offer went end-to-end encrypted.
     let server = async_nats::jetstream::new(stack.server_client().await);
     let info = server
-        .get_stream("KEZ_INBOX")
+        .get_stream(kez_proto::subjects::MAIL_STREAM)
         .await
         .unwrap()
         .info()

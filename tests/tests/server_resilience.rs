@@ -11,7 +11,7 @@ use futures::StreamExt;
 use kez_chat_server::store::{HANDLES_BUCKET, KEYS_BUCKET, KeyRecord};
 use kez_core::{SecretKey, Sigchain, UnsignedLink};
 use kez_proto::answer::HandleRecord;
-use kez_proto::subjects::{INBOX_STREAM, inbox_consumer, inbox_subject};
+use kez_proto::subjects::{MAIL_STREAM, inbox_subject, new_mail_subject};
 use kez_tests::NatsServer;
 use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
 use kez_tests::process::KezServerProcess;
@@ -572,182 +572,119 @@ async fn sigterm_answers_every_request_sent_before_it() {
     assert_no_responders(&client).await;
 }
 
-#[tokio::test]
-async fn a_start_creates_only_the_inbox_consumers_that_are_missing() {
-    let nats = NatsServer::start();
-    let first = KezServer::start(&nats.url()).await;
-    let client = client(&nats.url(), Duration::from_secs(5)).await;
-    let (alice, body) = registration("alice");
-    call(&client, REGISTER, body).await.unwrap();
-    let (bob, body) = registration("bob");
-    call(&client, REGISTER, body).await.unwrap();
-    first.stop().await;
-
-    let js = async_nats::jetstream::new(client.clone());
-    let inbox = js.get_stream(INBOX_STREAM).await.unwrap();
-    let alice_inbox = inbox_consumer(&alice.public_key());
-    let bob_inbox = inbox_consumer(&bob.public_key());
-    // An operator removed bob's consumer while no instance ran.
-    inbox.delete_consumer(&bob_inbox).await.unwrap();
-    // Every consumer create crosses the JetStream API; on this broker without accounts a
-    // client can watch those requests go by.
-    let mut creates = client
-        .subscribe(format!("$JS.API.CONSUMER.CREATE.{INBOX_STREAM}.>"))
-        .await
-        .unwrap();
-    client.flush().await.unwrap();
-
-    let second = KezServer::start(&nats.url()).await;
-    let bob_info = inbox.consumer_info(&bob_inbox).await.unwrap();
-    assert_eq!(
-        bob_info.config.filter_subject,
-        inbox_subject(&bob.public_key())
-    );
-    assert!(inbox.consumer_info(&alice_inbox).await.is_ok());
-    round_trip(&client).await;
-    let mut created = Vec::new();
-    while let Ok(Some(request)) =
-        tokio::time::timeout(Duration::from_millis(200), creates.next()).await
+/// Every JetStream API request (`$JS.API.…`) one start of the server makes, in order. On this
+/// broker without accounts the server's account is the test client's, which sees them go by
+/// on `api`, its subscription to `$JS.API.>`.
+async fn api_requests_of_a_start(
+    client: &Client,
+    api: &mut async_nats::Subscriber,
+    nats_url: &str,
+) -> (KezServer, Vec<String>) {
+    // Whatever came before is not this start's.
+    round_trip(client).await;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), api.next()).await {}
+    let server = KezServer::start(nats_url).await;
+    round_trip(client).await;
+    let mut requests = Vec::new();
+    while let Ok(Some(request)) = tokio::time::timeout(Duration::from_millis(300), api.next()).await
     {
-        created.push(request.subject.to_string());
+        requests.push(request.subject.to_string());
     }
-    assert!(
-        created.len() == 1 && created[0].contains(&bob_inbox),
-        "only the missing consumer is created at start, not {created:?}"
-    );
-    second.stop().await;
+    (server, requests)
 }
 
+/// A registered user costs the broker key-value entries only: no consumer, nothing a start
+/// has to create, list or check. A start with twice the users asks JetStream exactly what a
+/// start with half of them does, and neither touches the consumer API.
 #[tokio::test]
-async fn the_inbox_sweep_deletes_acknowledged_messages_the_broker_still_holds_and_nothing_else() {
-    use async_nats::jetstream::consumer;
+async fn a_start_does_no_jetstream_work_per_registered_user() {
+    const USERS: usize = 150;
     let nats = NatsServer::start();
-    let server = KezServer::start(&nats.url()).await;
     let client = client(&nats.url(), Duration::from_secs(5)).await;
-    let mut keys = Vec::new();
-    for name in ["alice", "bob", "carol"] {
-        let (key, body) = registration(name);
-        call(&client, REGISTER, body).await.unwrap();
-        keys.push(key.public_key());
+    let mut api = client.subscribe("$JS.API.>").await.unwrap();
+    let answered = AtomicUsize::new(0);
+    let mut starts = Vec::new();
+    for round in 0..3 {
+        let (server, requests) = api_requests_of_a_start(&client, &mut api, &nats.url()).await;
+        starts.push(requests);
+        if round < 2 {
+            let names = (0..USERS).map(|i| format!("user{round}_{i}")).collect();
+            let load = register_all(&client, names, 32, &answered).await;
+            assert_eq!(load.registered.len(), USERS);
+        }
+        server.stop().await;
     }
-    server.stop().await;
-    let [alice, bob, carol] = [keys[0], keys[1], keys[2]];
-    let js = async_nats::jetstream::new(client.clone());
-    let send = |to: kez_core::PublicKey, n: usize| {
-        let js = js.clone();
-        async move {
-            for i in 0..n {
-                js.publish(inbox_subject(&to), format!("message {i}").into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-            }
-        }
-    };
-    send(alice, 2).await;
-    send(bob, 3).await;
-    send(carol, 2).await;
-    let inbox = js.get_stream(INBOX_STREAM).await.unwrap();
-
-    // bob's consumer acknowledged his three messages, but the stream still holds them: the
-    // state a broker crash between the two writes leaves, made here with a consumer reset
-    // (nats-server 2.14+) past them, which moves the ack floor and deletes nothing.
-    let reset_past = |last: u64| {
-        let client = client.clone();
-        async move {
-            let reset = client
-                .request(
-                    format!(
-                        "$JS.API.CONSUMER.RESET.{INBOX_STREAM}.{}",
-                        inbox_consumer(&bob)
-                    ),
-                    json!({ "seq": last + 1 }).to_string().into(),
-                )
-                .await
-                .unwrap();
-            let reset: Value = serde_json::from_slice(&reset.payload).unwrap();
-            assert_eq!(reset["ack_floor"]["stream_seq"], json!(last), "{reset}");
-        }
-    };
-    reset_past(inbox.get_info().await.unwrap().state.last_sequence).await;
-    assert_eq!(inbox.get_info().await.unwrap().state.messages, 7);
-
-    // Fetches what waits for `key`, without acknowledging it.
-    let fetch = |key| {
-        let inbox = inbox.clone();
-        async move {
-            let consumer: consumer::PullConsumer =
-                inbox.get_consumer(&inbox_consumer(&key)).await.unwrap();
-            let batch = consumer.fetch().max_messages(10).messages().await.unwrap();
-            batch
-                .map(|message| message.unwrap().payload.clone())
-                .collect::<Vec<_>>()
-                .await
-        }
-    };
-    // carol fetched hers and has not acknowledged them yet; alice's were never delivered.
-    assert_eq!(fetch(carol).await.len(), 2);
-
-    // An instance sweeps at start.
-    let server = KezServer::start(&nats.url()).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let messages_of = |key| {
-        let inbox = inbox.clone();
-        async move {
-            let mut subjects = inbox.info_with_subjects(inbox_subject(&key)).await.unwrap();
-            let mut count = 0;
-            while let Some(subject) = subjects.next().await {
-                count += subject.unwrap().1;
-            }
-            count
-        }
-    };
-    while messages_of(bob).await != 0 {
+    for (users, requests) in [0, USERS, 2 * USERS].iter().zip(&starts) {
         assert!(
-            Instant::now() < deadline,
-            "the sweep left bob's acknowledged messages"
+            !requests.is_empty(),
+            "the start with {users} users was not seen"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let consumers: Vec<&String> = requests
+            .iter()
+            .filter(|subject| subject.starts_with("$JS.API.CONSUMER."))
+            .collect();
+        assert!(
+            consumers.is_empty(),
+            "the start with {users} registered users used the consumer API: {consumers:?}"
+        );
     }
-    assert_eq!(messages_of(alice).await, 2, "undelivered messages stay");
+    let sorted = |requests: &[String]| {
+        let mut requests = requests.to_vec();
+        requests.sort();
+        requests
+    };
     assert_eq!(
-        messages_of(carol).await,
-        2,
-        "messages waiting for an ack stay"
+        sorted(&starts[2]),
+        sorted(&starts[1]),
+        "a start with {} users asked JetStream otherwise than one with {USERS}",
+        2 * USERS
     );
-    server.stop().await;
-
-    // Two instances sweeping the same leftovers at once: each message is deleted once, and
-    // neither fails on the ones the other got first.
-    send(bob, 20).await;
-    let last = inbox.get_info().await.unwrap().state.last_sequence;
-    reset_past(last).await;
-    let store = kez_chat_server::store::Store::open(&js, Default::default())
-        .await
-        .unwrap();
-    let other = kez_chat_server::store::Store::open(&js, Default::default())
-        .await
-        .unwrap();
-    let (one, two) = tokio::join!(
-        store.sweep_acknowledged_inbox_messages(),
-        other.sweep_acknowledged_inbox_messages()
-    );
-    assert_eq!(one.unwrap() + two.unwrap(), 20);
-    assert_eq!(messages_of(bob).await, 0);
-
-    // Swept again, nothing more goes, and bob still receives.
-    assert_eq!(store.sweep_acknowledged_inbox_messages().await.unwrap(), 0);
-    send(bob, 1).await;
-    assert_eq!(fetch(bob).await, vec![Bytes::from_static(b"message 0")]);
+    let js = async_nats::jetstream::new(client.clone());
+    let mut inbox = js.get_stream(MAIL_STREAM).await.unwrap();
+    assert_eq!(inbox.info().await.unwrap().state.consumer_count, 0);
 }
 
-/// An inbox stream of the previous release (unbounded, 64 KiB messages, envelopes published by
-/// clients with their own `Nats-Msg-Id`) is upgraded in place by the next start: bounded, with
-/// room for the server's headers, and every stored message still waits for its recipient.
+/// `inbox_sweep_secs` swept the inbox stream of an earlier release. It is retired, and a
+/// deployment that still sets it (as a flag or in its config file) keeps starting and serving,
+/// with a warning that names the setting.
 #[tokio::test]
-async fn an_inbox_stream_of_the_previous_release_keeps_its_messages_through_the_upgrade() {
-    use async_nats::jetstream::consumer;
+async fn the_retired_inbox_sweep_setting_still_lets_a_server_start() {
+    let nats = NatsServer::start();
+    let client = client(&nats.url(), Duration::from_secs(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("kez-chat-server.toml");
+    // The earlier release's smallest interval; it refused 0.
+    std::fs::write(&config, "inbox_sweep_secs = 1\n").unwrap();
+    let config = config.to_str().unwrap();
+    for (how, args) in [
+        ("flag", ["--inbox-sweep-secs", "300"]),
+        ("config file", ["--config", config]),
+    ] {
+        let mut server = KezServerProcess::spawn_with_args(&nats.url(), &args).await;
+        let log = server.log();
+        assert!(
+            log.contains("no longer does anything") && log.contains("inbox_sweep_secs"),
+            "{how}: no warning naming the setting:\n{log}"
+        );
+        let (_, body) = registration(&format!("by_{}", how.replace(' ', "_")));
+        call(&client, REGISTER, body)
+            .await
+            .unwrap_or_else(|err| panic!("{how}: {err:?}"));
+        let status = server.terminate();
+        assert!(
+            status.success(),
+            "{how}: {status:?}; log:\n{}",
+            server.log()
+        );
+    }
+}
+
+/// A `KEZ_MAIL` stream whose settings have drifted (no byte bound, 64 KiB messages, no direct
+/// reads, no new-mail notifications, as an operator's edit or an older build may leave it) is
+/// brought back in place by the next start, and every stored message still waits for its
+/// recipient; a byte bound the operator set is kept by a start that sets none.
+#[tokio::test]
+async fn an_inbox_stream_with_drifted_settings_is_repaired_and_keeps_its_messages() {
     let nats = NatsServer::start();
     let server = KezServer::start(&nats.url()).await;
     let client = client(&nats.url(), Duration::from_secs(5)).await;
@@ -756,22 +693,26 @@ async fn an_inbox_stream_of_the_previous_release_keeps_its_messages_through_the_
     server.stop().await;
     let bob = bob.public_key();
 
-    // What 0.1 left: no byte bound, a 64 KiB message limit, and envelopes published straight
-    // into the inbox by clients, each with its message id.
     let js = async_nats::jetstream::new(client.clone());
-    let mut inbox = js.get_stream(INBOX_STREAM).await.unwrap();
+    let mut inbox = js.get_stream(MAIL_STREAM).await.unwrap();
     let mut old = inbox.info().await.unwrap().config.clone();
     old.max_bytes = -1;
     old.max_message_size = 64 * 1024;
+    old.allow_direct = false;
+    old.republish = None;
     js.update_stream(&old).await.unwrap();
     for i in 0..3 {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("{i:032x}").as_str());
-        js.publish_with_headers(inbox_subject(&bob), headers, format!("sealed {i}").into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        js.publish_with_headers(
+            inbox_subject(&bob, &bob),
+            headers,
+            format!("sealed {i}").into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     }
 
     let server = KezServer::start(&nats.url()).await;
@@ -784,17 +725,36 @@ async fn an_inbox_stream_of_the_previous_release_keeps_its_messages_through_the_
         upgraded.max_message_size,
         kez_chat_server::store::INBOX_MAX_STORED_BYTES
     );
-    let consumer: consumer::PullConsumer = inbox.get_consumer(&inbox_consumer(&bob)).await.unwrap();
-    let waiting: Vec<_> = consumer
-        .fetch()
-        .max_messages(10)
-        .messages()
+    assert!(upgraded.allow_direct);
+    assert!(upgraded.republish.is_some());
+    assert_eq!(
+        kez_tests::chat::inbox_held(&js, &bob).await,
+        Some(3),
+        "every message still waits"
+    );
+    let state = inbox.info().await.unwrap().state.clone();
+    let mut waiting = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        waiting.push(inbox.get_raw_message(seq).await.unwrap().payload);
+    }
+    assert_eq!(waiting, ["sealed 0", "sealed 1", "sealed 2"]);
+    // The new-mail notifications are back: headers only, on bob's own subject.
+    let mut new_mail = client
+        .subscribe(new_mail_subject(&bob, &bob))
+        .await
+        .unwrap();
+    round_trip(&client).await;
+    js.publish(inbox_subject(&bob, &bob), "sealed 3".into())
         .await
         .unwrap()
-        .map(|message| message.unwrap().payload.clone())
-        .collect()
-        .await;
-    assert_eq!(waiting, ["sealed 0", "sealed 1", "sealed 2"]);
+        .await
+        .unwrap();
+    let notification = tokio::time::timeout(Duration::from_secs(5), new_mail.next())
+        .await
+        .expect("a new-mail notification")
+        .unwrap();
+    assert!(notification.payload.is_empty(), "{notification:?}");
+
     // A bound the operator set is kept by a start that sets none.
     let mut bounded = upgraded.clone();
     bounded.max_bytes = 64 << 20;

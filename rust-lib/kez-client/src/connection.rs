@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_nats::Client;
-use async_nats::jetstream::{self, consumer::PullConsumer};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
 use kez_core::file::BlobHash;
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
@@ -16,27 +15,32 @@ use kez_proto::answer::{
     ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
     PinStatus, Profile, ServerInfo,
 };
-use kez_proto::mail::SendRequest;
+use kez_proto::mail::{
+    FetchAnswer, FetchRequest, MAX_FETCH_AFTER, MAX_FETCH_MESSAGES, SendRequest,
+};
 use kez_proto::pin::{PinOp, PinRequest};
 use kez_proto::registry::RegistrationRequest;
 use kez_proto::request::{GetChainRequest, KeyRequest, LookupRequest};
-use kez_proto::subjects::{INBOX_STREAM, JS_API_PREFIX, inbox_consumer, reply_prefix};
+use kez_proto::subjects::{new_mail_subject, reply_prefix};
 use kez_proto::{Endpoint, ErrorAnswer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::OnceCell;
 
-use crate::store::{Contact, Store, StoreError};
+use crate::store::{Contact, InboxFloor, Store, StoreError};
 use kez_core::trust::PinChange;
 use kez_core::trust::VerifiedChain;
 
-/// The expiry of a pull that does not wait for messages (the broker answers at once when there
-/// are none); async-nats gives up 5 s after it if no answer comes.
-const NO_WAIT_PULL_EXPIRY: Duration = Duration::from_secs(1);
+/// The first pause of [`Connection::receive`] before it fetches again when a notification named
+/// a message the fetch did not bring yet; it doubles each time, [`CATCH_UP_PAUSES`] times
+/// (about 1.6 s in all).
+const CATCH_UP_PAUSE: Duration = Duration::from_millis(25);
+/// See [`CATCH_UP_PAUSE`].
+const CATCH_UP_PAUSES: usize = 6;
 
-/// Pull requests, one message each, that [`Connection::receive`] keeps outstanding at once
-/// after the first message arrived: one round trip fetches up to this many.
-const PULLS_IN_FLIGHT: usize = 32;
+/// How often [`Connection::receive`], waiting for new-mail notifications, checks whether the
+/// connection was re-established meanwhile: notifications sent while it was down are lost, so
+/// a reconnect means fetching again.
+const RECONNECT_CHECK: Duration = Duration::from_millis(500);
 
 /// How long [`Connection::pin_add`] waits for the answer: the server fetches the blob first
 /// (at most 100 s, PROTOCOL.md §10), and nats-server forgets the reply after 2 minutes.
@@ -313,39 +317,6 @@ pub fn now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// One pull request for one message from `consumer`, waiting up to `wait` for it (zero: the
-/// broker answers at once when there is none). `None`: no message.
-///
-/// One message per pull request: the answer to a pull crosses the `APP` account's service
-/// import, and nats-server ends a streamed answer there at an empty message. In a larger batch,
-/// an empty message (anyone may publish one into an inbox) would cut off the messages after it
-/// until their ack wait ran out. Every pull has an expiry: without one, async-nats waits forever
-/// for an answer that a broker restarted meanwhile never sends.
-async fn pull_one(
-    consumer: &PullConsumer,
-    wait: Duration,
-) -> Option<Result<jetstream::Message, async_nats::Error>> {
-    let fetched = if wait.is_zero() {
-        consumer
-            .fetch()
-            .max_messages(1)
-            .expires(NO_WAIT_PULL_EXPIRY)
-            .messages()
-            .await
-    } else {
-        consumer
-            .batch()
-            .max_messages(1)
-            .expires(wait)
-            .messages()
-            .await
-    };
-    match fetched {
-        Ok(mut batch) => batch.next().await,
-        Err(err) => Some(Err(err.into())),
-    }
-}
-
 /// One connection to the broker as a KEZ key. It reconnects on its own, forever (each
 /// reconnect is authorized afresh by the callout), so it survives a broker restart.
 ///
@@ -354,11 +325,10 @@ async fn pull_one(
 #[derive(Debug, Clone)]
 pub struct Connection {
     client: Client,
-    js: jetstream::Context,
     key: Arc<SecretKey>,
-    /// The own inbox consumer, looked up by the first receive (a JetStream API round trip);
-    /// pulls address it by its name only, which never changes.
-    inbox: Arc<OnceCell<PullConsumer>>,
+    /// The subscription to the own new-mail notifications, made by the first
+    /// [`Connection::receive`] and kept (async-nats renews it on every reconnect).
+    new_mail: Arc<tokio::sync::Mutex<Option<async_nats::Subscriber>>>,
 }
 
 impl Connection {
@@ -432,12 +402,10 @@ impl Connection {
                 }
             }
         };
-        let js = jetstream::with_prefix(client.clone(), JS_API_PREFIX);
         Ok(Connection {
             client,
-            js,
             key,
-            inbox: Arc::default(),
+            new_mail: Arc::default(),
         })
     }
 
@@ -840,109 +808,192 @@ impl Connection {
         })
     }
 
-    /// Fetches up to `max` messages from the own inbox, one pull request each, waiting up to
-    /// `wait` for the first (`Duration::ZERO`: only what is there now), and returns the new
-    /// ones, opened and verified, in the order the stream holds them.
+    /// Fetches up to `max` new messages from the own inbox (`kez.mail.fetch`), waiting up to
+    /// `wait` for one to arrive (`Duration::ZERO`: only what is there now), and returns them,
+    /// opened and verified, in the order the inbox holds them.
     ///
-    /// After the first message, up to [`PULLS_IN_FLIGHT`] pulls go out at once, until one
-    /// comes back empty or `max` arrived. The fetched batch is stored in `store` (history and
-    /// seen ids) in one transaction, one disk sync for the whole batch, before any of it is
-    /// acknowledged (all acknowledgements at once), so a crash in between means a redelivery,
-    /// which is then dropped as already seen. Envelopes that do not open (not for us, forged,
-    /// garbage) are logged and acknowledged: they would never open on a retry either. An
-    /// acknowledgement that fails is logged, not returned: the message is stored, and its
-    /// redelivery will be dropped. A fetch that fails after some messages arrived stores and
-    /// returns those; one that fails before is an error.
+    /// Each fetched batch is stored in `store` (history, seen ids and the inbox floor) in one
+    /// transaction before the next fetch names the floor, which is what acknowledges the batch
+    /// and lets the server delete it: a crash in between means a redelivery, which is then
+    /// dropped as already seen. Envelopes that do not open (not for us, forged, garbage) are
+    /// logged and passed over with the floor: they would never open on a retry either.
+    ///
+    /// While waiting, a new-mail notification makes it fetch again (and go on waiting if that
+    /// brought nothing new); so does a reconnect (notifications sent while the connection was
+    /// down are lost), after which it returns what that fetch brought, perhaps nothing. A fetch
+    /// that fails after some messages were stored returns those; one that fails before is an
+    /// error.
     pub async fn receive(
         &self,
         store: &Store,
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Message>, ClientError> {
-        let consumer = self.inbox_consumer().await?;
-        let mut deliveries = match pull_one(consumer, wait).await {
-            None => return Ok(Vec::new()),
-            Some(Ok(delivery)) => vec![delivery],
-            Some(Err(source)) => {
-                return Err(ClientError::Nats {
-                    action: "fetch from the own inbox",
-                    source,
-                });
-            }
+        let mut new_mail = self.new_mail.lock().await;
+        if new_mail.is_none() {
+            let me = self.key.public_key();
+            let subscriber = self
+                .client
+                .subscribe(new_mail_subject(&me, &me))
+                .await
+                .map_err(|err| ClientError::Nats {
+                    action: "subscribe to the own new-mail notifications",
+                    source: err.into(),
+                })?;
+            *new_mail = Some(subscriber);
+        }
+        let notifications = new_mail.as_mut().expect("subscribed above");
+        let deadline = tokio::time::Instant::now() + wait;
+        let connects = || {
+            self.client
+                .statistics()
+                .connects
+                .load(std::sync::atomic::Ordering::Relaxed)
         };
-        while deliveries.len() < max {
-            let pulls = (max - deliveries.len()).min(PULLS_IN_FLIGHT);
-            let pulled =
-                futures::future::join_all((0..pulls).map(|_| pull_one(consumer, Duration::ZERO)))
-                    .await;
-            let mut drained = false;
-            for next in pulled {
-                match next {
-                    Some(Ok(delivery)) => deliveries.push(delivery),
-                    None => drained = true,
-                    // What arrived already is stored and returned; the rest comes next time
-                    // (nothing for a person to do: a leader election answers so for seconds).
-                    Some(Err(err)) => {
-                        tracing::debug!("fetching from the own inbox stopped early: {err}");
-                        drained = true;
+        let mut reconnected = false;
+        // The highest sequence a notification named: a fetch should reach it.
+        let mut notified = 0;
+        loop {
+            // What is queued is covered by the fetch that follows.
+            while let Some(Some(notification)) = notifications.next().now_or_never() {
+                notified = notified.max(notified_sequence(&notification));
+            }
+            let connected_at = connects();
+            let received = self.fetch_caught_up(store, max, notified).await?;
+            // After a reconnect the caller hears that receiving works again, messages or not.
+            if !received.is_empty() || reconnected || tokio::time::Instant::now() >= deadline {
+                return Ok(received);
+            }
+            loop {
+                let check = (tokio::time::Instant::now() + RECONNECT_CHECK).min(deadline);
+                tokio::select! {
+                    notification = notifications.next() => match notification {
+                        Some(notification) => {
+                            notified = notified.max(notified_sequence(&notification));
+                            break;
+                        }
+                        None => return Ok(received),
+                    },
+                    () = tokio::time::sleep_until(check) => {
+                        if connects() != connected_at {
+                            reconnected = true;
+                            break;
+                        }
+                        if check >= deadline {
+                            return Ok(received);
+                        }
                     }
                 }
             }
-            if drained {
-                break;
-            }
         }
-        // Pulls in flight together may be answered in any order.
-        deliveries.sort_by_key(|delivery| {
-            delivery
-                .info()
-                .map_or(u64::MAX, |info| info.stream_sequence)
-        });
-        let mut opened = Vec::with_capacity(deliveries.len());
-        for delivery in &deliveries {
-            let seq = delivery.info().map_or(0, |info| info.stream_sequence);
-            match envelope::open(&self.key, &delivery.payload) {
-                Ok(message) => opened.push((message, seq)),
-                Err(err) => tracing::warn!(
-                    code = err.code(),
-                    size = delivery.payload.len(),
-                    "dropping a message that does not open: {err}"
-                ),
-            }
-        }
-        let fresh = store.record_incoming_all(&opened, now())?;
-        let mut received = Vec::with_capacity(opened.len());
-        for ((message, _), fresh) in opened.into_iter().zip(fresh) {
-            if fresh {
-                received.push(message);
-            } else {
-                tracing::info!(id = %message.id, "dropping a message seen before");
-            }
-        }
-        let acks = futures::future::join_all(deliveries.iter().map(|d| d.double_ack())).await;
-        let mut failed = acks.into_iter().filter_map(Result::err);
-        if let Some(first) = failed.next() {
-            tracing::warn!(
-                "acknowledging {} stored message(s) failed ({first}); they will be redelivered and dropped then",
-                1 + failed.count()
-            );
-        }
-        Ok(received)
     }
 
-    /// The own inbox consumer (looked up once per connection).
-    async fn inbox_consumer(&self) -> Result<&PullConsumer, ClientError> {
-        self.inbox
-            .get_or_try_init(|| async {
-                self.js
-                    .get_consumer_from_stream(inbox_consumer(&self.key.public_key()), INBOX_STREAM)
-                    .await
-                    .map_err(|err| ClientError::Nats {
-                        action: "find the own inbox consumer",
-                        source: err.into(),
-                    })
-            })
-            .await
+    /// [`Connection::fetch`], asked again after a pause (doubling, [`CATCH_UP_PAUSES`] times)
+    /// while it brings nothing and the floor is short of `notified`: in a cluster the replica
+    /// that answers the server's read may not hold a message yet that the notification already
+    /// announced.
+    async fn fetch_caught_up(
+        &self,
+        store: &Store,
+        max: usize,
+        notified: u64,
+    ) -> Result<Vec<Message>, ClientError> {
+        let mut pause = CATCH_UP_PAUSE;
+        for _ in 0..CATCH_UP_PAUSES {
+            let received = self.fetch(store, max).await?;
+            if !received.is_empty() || store.inbox_floor()?.seq >= notified {
+                return Ok(received);
+            }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+        }
+        self.fetch(store, max).await
+    }
+
+    /// Fetches and stores up to `max` messages after the stored inbox floor, one
+    /// `kez.mail.fetch` after another until one brings nothing new: each names the floor the
+    /// one before stored, so what this returns is acknowledged too (unless `max` cut it short),
+    /// and the server does not keep it.
+    async fn fetch(&self, store: &Store, max: usize) -> Result<Vec<Message>, ClientError> {
+        let mut floor = store.inbox_floor()?;
+        let mut received = Vec::new();
+        let mut started_over = false;
+        while received.len() < max {
+            let want = u32::try_from(max - received.len())
+                .unwrap_or(u32::MAX)
+                .min(MAX_FETCH_MESSAGES);
+            let request = FetchRequest {
+                after: floor.seq,
+                max: want,
+                time: floor.time,
+            };
+            let answer = match self.call(Endpoint::MailFetch, request_body(&request)).await {
+                Ok(answer) => answer,
+                // The server's inbox stream was restored or recreated: the floor means nothing
+                // there. Start over; what was stored before is dropped by id.
+                Err(ClientError::Service(err))
+                    if !started_over
+                        && matches!(err.answer.name.as_ref(), "inbox_reset" | "floor_ahead") =>
+                {
+                    tracing::warn!(
+                        "the server's inbox does not know this home's place in it ({}); fetching it from the start",
+                        err.answer.message
+                    );
+                    started_over = true;
+                    floor = InboxFloor::default();
+                    store.set_inbox_floor(floor)?;
+                    continue;
+                }
+                Err(err) if !received.is_empty() => {
+                    tracing::debug!("fetching from the own inbox stopped early: {err}");
+                    break;
+                }
+                Err(err) => return Err(err),
+            };
+            let fetched = FetchAnswer::decode(&answer)
+                .map_err(|err| err.to_string())
+                .and_then(|fetched| check_fetch(&request, fetched))
+                .map_err(|reason| ClientError::BadAnswer {
+                    subject: Endpoint::MailFetch.subject().to_owned(),
+                    reason,
+                })?;
+            let Some(last) = fetched.messages.last() else {
+                break;
+            };
+            // The latest time of anything stored, not the last message's: a cluster's nodes may
+            // disagree on the time, and an earlier message with a later time must not look
+            // like one stored after the floor (PROTOCOL.md §6.3).
+            let next_floor = InboxFloor {
+                seq: last.seq,
+                time: fetched
+                    .messages
+                    .iter()
+                    .map(|message| message.time)
+                    .fold(floor.time, u64::max),
+            };
+            let mut opened = Vec::with_capacity(fetched.messages.len());
+            for message in &fetched.messages {
+                match envelope::open(&self.key, message.envelope) {
+                    Ok(opened_message) => opened.push((opened_message, message.seq)),
+                    Err(err) => tracing::warn!(
+                        code = err.code(),
+                        size = message.envelope.len(),
+                        seq = message.seq,
+                        "dropping a message that does not open: {err}"
+                    ),
+                }
+            }
+            let fresh = store.record_incoming_all(&opened, next_floor, now())?;
+            for ((message, _), fresh) in opened.into_iter().zip(fresh) {
+                if fresh {
+                    received.push(message);
+                } else {
+                    tracing::info!(id = %message.id, "dropping a message seen before");
+                }
+            }
+            floor = next_floor;
+        }
+        Ok(received)
     }
 
     /// Flushes what is buffered and closes the connection.
@@ -952,6 +1003,50 @@ impl Connection {
             source: err.into(),
         })
     }
+}
+
+/// The stream sequence a new-mail notification names (`Nats-Sequence`), 0 if none.
+fn notified_sequence(notification: &async_nats::Message) -> u64 {
+    notification
+        .headers
+        .as_ref()
+        .and_then(|headers| headers.get("Nats-Sequence"))
+        .and_then(|value| value.as_str().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A fetch answer checked against its request: a server answers only messages after the floor
+/// it was given, no more than asked for, each with a time a later request can name.
+fn check_fetch<'a>(
+    request: &FetchRequest,
+    fetched: FetchAnswer<'a>,
+) -> Result<FetchAnswer<'a>, String> {
+    if let Some(bad) = fetched
+        .messages
+        .iter()
+        .find(|message| message.time == 0 || message.time > MAX_FETCH_AFTER)
+    {
+        return Err(format!(
+            "message {} has time {}, not one a request can name",
+            bad.seq, bad.time
+        ));
+    }
+    if fetched.messages.len() > request.max as usize {
+        return Err(format!(
+            "asked for at most {} messages, got {}",
+            request.max,
+            fetched.messages.len()
+        ));
+    }
+    if let Some(first) = fetched.messages.first()
+        && first.seq <= request.after
+    {
+        return Err(format!(
+            "asked for messages after sequence {}, got sequence {}",
+            request.after, first.seq
+        ));
+    }
+    Ok(fetched)
 }
 
 /// The JSON body of a request: its types are plain data with string keys, which always encode.

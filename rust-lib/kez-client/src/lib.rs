@@ -56,6 +56,6 @@ pub use kez_proto::answer::{
     Profile, ServerInfo,
 };
 pub use store::{
-    Contact, Conversation, Direction, Downloaded, Offer, Published, PublishedManifest, Store,
-    StoreError, StoredMessage,
+    Contact, Conversation, Direction, Downloaded, InboxFloor, Offer, Published, PublishedManifest,
+    Store, StoreError, StoredMessage,
 };

@@ -2,9 +2,11 @@
 //! already seen, in one redb database (`store.redb` in the home).
 //!
 //! Every change is one redb write transaction, committed durably before the call returns, so
-//! a message is recorded as seen exactly when it is in the history: a crash cannot separate the
-//! two. That is what lets [`crate::Connection::receive`] acknowledge a message to JetStream only
-//! after storing it: a crash in between means a redelivery, which the seen ids drop.
+//! a message is recorded as seen exactly when it is in the history, and the inbox floor (the
+//! highest inbox sequence stored) moves with the messages below it: a crash cannot separate
+//! them. That is what lets [`crate::Connection::receive`] acknowledge messages to the server
+//! (by naming the floor in its next fetch) only after storing them: a crash in between means
+//! a redelivery, which the seen ids drop.
 
 use std::path::Path;
 
@@ -24,7 +26,8 @@ const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 /// message id → when it was first seen (seconds since the epoch).
 const SEEN: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
-/// Counters: `next_order`, the next history position.
+/// Counters: `next_order`, the next history position; `inbox_floor` and `inbox_floor_time`, the
+/// [`InboxFloor`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Received messages not yet shown to the user: storage order → peer (key hex).
 const UNSHOWN: TableDefinition<u64, &str> = TableDefinition::new("unshown");
@@ -39,6 +42,19 @@ const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published"
 const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
 const LAST_MANIFEST: &str = "last";
 const NEXT_ORDER: &str = "next_order";
+const INBOX_FLOOR: &str = "inbox_floor";
+const INBOX_FLOOR_TIME: &str = "inbox_floor_time";
+
+/// How far the own inbox is stored: every message up to sequence `seq`, the one at `seq` stored
+/// by the server's stream at `time` (PROTOCOL.md §6.3). A home of an earlier release has none
+/// yet: 0 and 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxFloor {
+    /// The highest inbox sequence stored (0: none).
+    pub seq: u64,
+    /// When the stream stored that message, microseconds since the Unix epoch (0: none).
+    pub time: u64,
+}
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +181,13 @@ fn record_in(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<boo
 /// identity (so a contact's messages stay in one conversation across a rotation). A message
 /// signed by the identity key of a contact that has rotated away from it is not the contact's:
 /// it goes to a conversation of its own (`retired.<key hex>`). Anything else: the sender's key.
+fn write_floor(tx: &redb::WriteTransaction, floor: InboxFloor) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META).map_err(db)?;
+    meta.insert(INBOX_FLOOR, floor.seq).map_err(db)?;
+    meta.insert(INBOX_FLOOR_TIME, floor.time).map_err(db)?;
+    Ok(())
+}
+
 fn conversation(
     tx: &redb::WriteTransaction,
     message: &StoredMessage,
@@ -665,14 +688,15 @@ impl Store {
         self.record(incoming(message, 0, now))
     }
 
-    /// [`Store::record_incoming`] for a whole fetched batch in one transaction: one disk sync
-    /// for the batch instead of one per message. Every message is stored, or none (on an
-    /// error). Answers, in order, whether each was new; a repeat, also within `messages`,
-    /// changes nothing. Each message comes with its inbox stream sequence
-    /// ([`StoredMessage::seq`]).
+    /// [`Store::record_incoming`] for a whole fetched batch in one transaction, with the inbox
+    /// floor moved to `floor`: one disk sync for the batch instead of one per message. Every
+    /// message is stored and the floor moved, or nothing changes (on an error). Answers, in
+    /// order, whether each message was new; a repeat, also within `messages`, changes nothing.
+    /// Each message comes with its inbox stream sequence ([`StoredMessage::seq`]).
     pub fn record_incoming_all(
         &self,
         messages: &[(Message, u64)],
+        floor: InboxFloor,
         now: u64,
     ) -> Result<Vec<bool>, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
@@ -680,10 +704,30 @@ impl Store {
             .iter()
             .map(|(message, seq)| record_in(&tx, &incoming(message, *seq, now)))
             .collect::<Result<Vec<bool>, StoreError>>()?;
-        if fresh.contains(&true) {
-            tx.commit().map_err(db)?;
-        }
+        write_floor(&tx, floor)?;
+        tx.commit().map_err(db)?;
         Ok(fresh)
+    }
+
+    /// How far the own inbox is stored.
+    pub fn inbox_floor(&self) -> Result<InboxFloor, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let meta = tx.open_table(META).map_err(db)?;
+        let read = |name: &str| -> Result<u64, StoreError> {
+            Ok(meta.get(name).map_err(db)?.map_or(0, |value| value.value()))
+        };
+        Ok(InboxFloor {
+            seq: read(INBOX_FLOOR)?,
+            time: read(INBOX_FLOOR_TIME)?,
+        })
+    }
+
+    /// Sets the inbox floor without storing messages: to start over (the server's inbox stream
+    /// was restored or recreated; redelivered messages are then dropped by id).
+    pub fn set_inbox_floor(&self, floor: InboxFloor) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        write_floor(&tx, floor)?;
+        tx.commit().map_err(db)
     }
 
     /// Records a sent message (see [`crate::Sent`]) at time `now`, like
@@ -1278,7 +1322,11 @@ mod tests {
         let one = message(2, 1, "one");
         let two = message(2, 1, "two");
         let fresh = store
-            .record_incoming_all(&[(one.clone(), 0), (before, 0), (two, 0), (one, 0)], 101)
+            .record_incoming_all(
+                &[(one.clone(), 3), (before, 4), (two, 5), (one, 6)],
+                InboxFloor { seq: 6, time: 9 },
+                101,
+            )
             .unwrap();
         assert_eq!(
             fresh,
@@ -1289,10 +1337,18 @@ mod tests {
         let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();
         assert_eq!(bodies, [&b"before"[..], &b"one"[..], &b"two"[..]]);
         assert_eq!(store.unshown().unwrap().len(), 3);
+        assert_eq!(store.inbox_floor().unwrap(), InboxFloor { seq: 6, time: 9 });
+        // A batch of nothing that opened still moves the floor.
+        let floor = InboxFloor { seq: 8, time: 11 };
         assert_eq!(
-            store.record_incoming_all(&[], 102).unwrap(),
+            store.record_incoming_all(&[], floor, 102).unwrap(),
             Vec::<bool>::new()
         );
+        assert_eq!(store.inbox_floor().unwrap(), floor);
+        store.set_inbox_floor(InboxFloor::default()).unwrap();
+        drop(store);
+        let reopened = Store::open(dir.path().join("store.redb")).unwrap();
+        assert_eq!(reopened.inbox_floor().unwrap(), InboxFloor::default());
     }
 
     #[test]
@@ -1311,7 +1367,9 @@ mod tests {
             vec![sent(4), sent(5)],
             vec![sent(2), sent(3)],
         ] {
-            store.record_incoming_all(&batch, 100).unwrap();
+            store
+                .record_incoming_all(&batch, InboxFloor::default(), 100)
+                .unwrap();
         }
         let history = store.history(&key(2)).unwrap();
         let bodies: Vec<&[u8]> = history.iter().map(|m| m.body.as_slice()).collect();

@@ -23,8 +23,9 @@ pub use core_targets::{
 };
 pub use jwt::callout_jwt;
 pub use server::{
-    server_append, server_get, server_head, server_info, server_lookup, server_mail_send,
-    server_pin, server_register, server_whois, webfinger_query,
+    mail_fetch_answer, server_append, server_get, server_head, server_info, server_lookup,
+    server_mail_fetch, server_mail_send, server_pin, server_register, server_whois,
+    webfinger_query,
 };
 
 /// A fuzz target: any bytes in, `true` if the input was accepted; panics only on a bug.
@@ -50,6 +51,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_get", server_get),
     ("server_info", server_info),
     ("server_mail_send", server_mail_send),
+    ("server_mail_fetch", server_mail_fetch),
+    ("mail_fetch_answer", mail_fetch_answer),
     ("server_pin", server_pin),
     ("webfinger_query", webfinger_query),
 ];

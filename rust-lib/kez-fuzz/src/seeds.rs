@@ -234,6 +234,31 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 kez_proto::mail::SendRequest::encode(&bob, &id, &[0; 200]),
             ]
         }
+        "server_mail_fetch" => vec![
+            br#"{"after":0,"max":64,"time":0}"#.to_vec(),
+            br#"{"after":41,"max":256,"time":1764900000123456}"#.to_vec(),
+        ],
+        "mail_fetch_answer" => {
+            use kez_proto::mail::{FetchAnswer, Fetched};
+            vec![
+                FetchAnswer::encode(0, &[]),
+                FetchAnswer::encode(
+                    3,
+                    &[
+                        Fetched {
+                            seq: 7,
+                            time: 1_764_900_000_123_456,
+                            envelope: b"sealed",
+                        },
+                        Fetched {
+                            seq: 9,
+                            time: 1_764_900_000_123_999,
+                            envelope: &[0; 200],
+                        },
+                    ],
+                ),
+            ]
+        }
         "server_pin" => {
             let vector = read_json(&repo_root().join("rust-lib/kez-core/vectors/pin.json"));
             let add = vector["request"].as_str().expect("a request").as_bytes();

@@ -138,6 +138,45 @@ pub fn server_mail_send(data: &[u8]) -> bool {
     true
 }
 
+/// `kez.mail.fetch`. Asserts: an accepted request is within its bounds, and its JSON decodes
+/// again to the same request.
+pub fn server_mail_fetch(data: &[u8]) -> bool {
+    let Some(request) = decode(Endpoint::MailFetch, data) else {
+        return false;
+    };
+    let Request::MailFetch(fetch) = request else {
+        panic!("mail fetch decoded as {request:?}");
+    };
+    assert_eq!(fetch.check(), Ok(()));
+    let again: kez_proto::mail::FetchRequest =
+        serde_json::from_slice(&serde_json::to_vec(&fetch).expect("encodes")).expect("decodes");
+    assert_eq!(again, fetch);
+    true
+}
+
+/// A `kez.mail.fetch` answer, as a client reads what a (possibly hostile) server sent.
+/// Asserts: an accepted answer's messages ascend, are within the size and count bounds, and
+/// encode back to the same bytes.
+pub fn mail_fetch_answer(data: &[u8]) -> bool {
+    use kez_proto::mail::{FetchAnswer, MAX_FETCH_MESSAGES};
+    let Ok(answer) = FetchAnswer::decode(data) else {
+        return false;
+    };
+    assert!(answer.messages.len() <= MAX_FETCH_MESSAGES as usize);
+    assert!(
+        answer
+            .messages
+            .windows(2)
+            .all(|pair| pair[0].seq < pair[1].seq)
+    );
+    assert!(answer.messages.iter().all(|message| {
+        !message.envelope.is_empty()
+            && message.envelope.len() <= kez_core::envelope::MAX_ENVELOPE_BYTES
+    }));
+    assert_eq!(FetchAnswer::encode(answer.pending, &answer.messages), data);
+    true
+}
+
 /// `kez.pin.*`: the first byte picks the operation (`add`, `remove`, `list`, `status`), the
 /// rest is the body. Asserts: an accepted request is for that operation, verifies again, has
 /// the members its operation needs, and its JSON decodes again to the same request.

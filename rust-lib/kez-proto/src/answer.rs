@@ -177,7 +177,7 @@ pub struct PinStatus {
 /// Where an envelope is stored: the answer of `kez.mail.send`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivered {
-    /// Its sequence in `KEZ_INBOX`.
+    /// Its sequence in `KEZ_MAIL`.
     pub seq: u64,
     /// Whether the stream already held a message with this id (then not stored again).
     pub duplicate: bool,

@@ -32,11 +32,13 @@ pub enum Endpoint {
     PinStatus,
     /// `kez.mail.send`
     MailSend,
+    /// `kez.mail.fetch`
+    MailFetch,
 }
 
 impl Endpoint {
     /// Every endpoint, in a fixed order (metrics index by it).
-    pub const ALL: [Endpoint; 13] = [
+    pub const ALL: [Endpoint; 14] = [
         Endpoint::Register,
         Endpoint::Lookup,
         Endpoint::Whois,
@@ -50,6 +52,7 @@ impl Endpoint {
         Endpoint::PinList,
         Endpoint::PinStatus,
         Endpoint::MailSend,
+        Endpoint::MailFetch,
     ];
 
     /// The endpoint's position in [`Endpoint::ALL`].
@@ -73,12 +76,13 @@ impl Endpoint {
             Endpoint::PinList => "kez.pin.list",
             Endpoint::PinStatus => "kez.pin.status",
             Endpoint::MailSend => "kez.mail.send",
+            Endpoint::MailFetch => "kez.mail.fetch",
         }
     }
 
     /// Whether requests count against the caller's per-key request limit (PROTOCOL.md §5.5):
-    /// every `kez.registry.*`, `kez.sigchain.*` and `kez.pin.*` request. `kez.mail.send` has
-    /// budgets of its own (messages and bytes per sender).
+    /// every `kez.registry.*`, `kez.sigchain.*`, `kez.pin.*` and `kez.mail.fetch` request.
+    /// `kez.mail.send` has budgets of its own (messages and bytes per sender).
     pub fn is_rate_limited(self) -> bool {
         !matches!(
             self,
@@ -164,8 +168,8 @@ pub const PIN_SERVICE: ServiceSpec = ServiceSpec {
 pub const MAIL_SERVICE: ServiceSpec = ServiceSpec {
     name: "kez-mail",
     prefix: "kez.mail",
-    description: "Mail: store a sealed envelope in a registered recipient's inbox",
-    endpoints: &[Endpoint::MailSend],
+    description: "Mail: store a sealed envelope in a registered recipient's inbox; fetch the own",
+    endpoints: &[Endpoint::MailSend, Endpoint::MailFetch],
 };
 
 /// The auth callout service, served on the `AUTH` account connection when enabled.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Endpoint;
 use crate::error::ErrorAnswer;
-use crate::mail::{MAX_SEND_BYTES, SendRequest};
+use crate::mail::{FetchRequest, MAX_SEND_BYTES, SendRequest};
 use crate::pin::{PinOp, PinRequest};
 use crate::registry::RegistrationRequest;
 
@@ -85,6 +85,8 @@ pub enum Request<'a> {
     Pin(PinRequest),
     /// `kez.mail.send`: a recipient, a message id and an envelope of an acceptable size.
     MailSend(SendRequest<'a>),
+    /// `kez.mail.fetch`: a sequence and a count within their bounds.
+    MailFetch(FetchRequest),
 }
 
 /// The largest body `endpoint` accepts: [`MAX_REQUEST_BYTES`], or
@@ -155,6 +157,11 @@ pub fn decode<'a>(
         Endpoint::PinList => pin(PinOp::List, body, domain, now),
         Endpoint::PinStatus => pin(PinOp::Status, body, domain, now),
         Endpoint::MailSend => Ok(Request::MailSend(SendRequest::decode(body)?)),
+        Endpoint::MailFetch => {
+            let request: FetchRequest = parse(body)?;
+            request.check().map_err(ErrorAnswer::malformed)?;
+            Ok(Request::MailFetch(request))
+        }
     }
 }
 
@@ -177,6 +184,60 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ErrorAnswer> {
     if !value.is_object() {
         return Err(ErrorAnswer::malformed("the request must be a JSON object"));
     }
-    serde_json::from_value(value)
+    // From the bytes, not the value: a value keeps the last of a repeated member, the
+    // struct's own reader refuses the repeat.
+    serde_json::from_slice(body)
         .map_err(|err| ErrorAnswer::malformed(format!("bad request: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetch(body: &str) -> Result<FetchRequest, ErrorAnswer> {
+        match decode(Endpoint::MailFetch, body.as_bytes(), "kez.lat", 0)? {
+            Request::MailFetch(request) => Ok(request),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fetch_decodes_within_its_bounds_and_nothing_else_does() {
+        assert_eq!(
+            fetch(r#"{"after":7,"max":10,"time":1764900000123456}"#).unwrap(),
+            FetchRequest {
+                after: 7,
+                max: 10,
+                time: 1_764_900_000_123_456
+            }
+        );
+        for bad in [
+            r#"{"after":7,"max":10}"#,
+            r#"{"after":7,"max":10,"time":0}"#,
+            r#"{"after":-1,"max":10,"time":1}"#,
+            r#"{"after":0,"max":0,"time":0}"#,
+            r#"{"after":0,"max":10,"time":0,"key":"x"}"#,
+            r#"[0,10,0]"#,
+        ] {
+            let err = fetch(bad).unwrap_err();
+            assert_eq!((err.code, err.name.as_ref()), (400, "malformed"), "{bad}");
+        }
+    }
+
+    /// A JSON value keeps the last of a repeated member; a request with one is refused, so a
+    /// reader that keeps the first cannot be told something else than the server acted on.
+    #[test]
+    fn a_member_given_twice_is_malformed() {
+        let err = fetch(r#"{"after":0,"max":1,"time":0,"max":256}"#).unwrap_err();
+        assert_eq!(err.name, "malformed");
+        assert!(err.message.contains("duplicate field"), "{}", err.message);
+        let err = decode(
+            Endpoint::Lookup,
+            br#"{"handle":"alice","handle":"bob"}"#,
+            "kez.lat",
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(err.name, "malformed");
+    }
 }

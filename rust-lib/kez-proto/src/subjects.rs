@@ -1,30 +1,35 @@
-//! NATS names derived from a key: the subjects, stream and consumer a user's client uses, and
-//! the permission profiles that grant them. Both the server (which grants permissions on them)
-//! and clients (which use them) take them from here, so the two cannot drift apart.
-//! PROTOCOL.md §6.
+//! NATS names derived from a key: the inbox stream and subjects, the new-mail notification, the
+//! reply prefix, and the permission profiles that grant them. Both the server (which grants
+//! permissions on them) and clients (which use them) take them from here, so the two cannot
+//! drift apart. PROTOCOL.md §6.
+//!
+//! Inboxes are per device from the start: `kez.inbox.<identity hex>.<device hex>`. Until an
+//! identity can have several devices (DESIGN-NEXT §2), its one device is its key itself.
 
 use kez_core::key::PublicKey;
 
 use crate::endpoint::{Endpoint, USER_SERVICES};
 
-/// The JetStream stream holding every user's undelivered messages.
-pub const INBOX_STREAM: &str = "KEZ_INBOX";
-/// The stream's subjects: one inbox subject per user.
-pub const INBOX_SUBJECTS: &str = "kez.inbox.*";
+/// The JetStream stream holding every device's undelivered messages (limits retention, no
+/// consumers: the server reads and purges it for the caller, PROTOCOL.md §6.3).
+pub const MAIL_STREAM: &str = "KEZ_MAIL";
+/// The stream's subjects: one inbox subject per device.
+pub const INBOX_SUBJECTS: &str = "kez.inbox.*.*";
+/// The stream republishes the headers of every stored message here (`kez.new.<identity
+/// hex>.<device hex>`), where only that device may subscribe.
+pub const NEW_MAIL_DESTINATION: &str = "kez.new.{{wildcard(1)}}.{{wildcard(2)}}";
+/// Every new-mail notification subject.
+pub const NEW_MAIL_SUBJECTS: &str = "kez.new.*.*";
 
-/// The JetStream API prefix clients use (async-nats `jetstream::with_prefix`). Users have no
-/// JetStream of their own; the few API subjects they may use are imported from the server's
-/// account under this prefix instead of `$JS.API`.
-pub const JS_API_PREFIX: &str = "kez.js";
-
-/// Where anyone publishes a message for `key`: `kez.inbox.<key hex>`.
-pub fn inbox_subject(key: &PublicKey) -> String {
-    format!("kez.inbox.{}", key.to_hex())
+/// The inbox of `device`, a device of `identity`: `kez.inbox.<identity hex>.<device hex>`.
+pub fn inbox_subject(identity: &PublicKey, device: &PublicKey) -> String {
+    format!("kez.inbox.{}.{}", identity.to_hex(), device.to_hex())
 }
 
-/// The durable pull consumer of `key`'s inbox: `inbox_<key hex>`.
-pub fn inbox_consumer(key: &PublicKey) -> String {
-    format!("inbox_{}", key.to_hex())
+/// Where the new-mail notifications of `device`'s inbox arrive:
+/// `kez.new.<identity hex>.<device hex>`.
+pub fn new_mail_subject(identity: &PublicKey, device: &PublicKey) -> String {
+    format!("kez.new.{}.{}", identity.to_hex(), device.to_hex())
 }
 
 /// The reply-subject prefix `key`'s connection must use (`custom_inbox_prefix`):
@@ -41,25 +46,28 @@ pub fn unregistered_publish() -> Vec<String> {
         .into()
 }
 
-/// What `key`, registered, may publish (PROTOCOL.md §6.2): every kez service (mail through
-/// `kez.mail.send`, never into an inbox directly), and the JetStream API of its own inbox
-/// consumer only: pull, read its info, acknowledge. It may subscribe only to [`reply_prefix`].
-pub fn registered_publish(key: &PublicKey) -> Vec<String> {
-    let consumer = inbox_consumer(key);
+/// What a registered key may publish (PROTOCOL.md §6.2): every kez service, nothing else. Mail
+/// goes in through `kez.mail.send` and out through `kez.mail.fetch`; no user reaches the
+/// JetStream API.
+pub fn registered_publish() -> Vec<String> {
     USER_SERVICES
         .iter()
         .map(|service| service.wildcard())
-        .chain([
-            format!("{JS_API_PREFIX}.CONSUMER.MSG.NEXT.{INBOX_STREAM}.{consumer}"),
-            format!("{JS_API_PREFIX}.CONSUMER.INFO.{INBOX_STREAM}.{consumer}"),
-            format!("$JS.ACK.{INBOX_STREAM}.{consumer}.>"),
-        ])
         .collect()
 }
 
-/// What any key may subscribe to: replies under its own [`reply_prefix`].
-pub fn allowed_subscribe(key: &PublicKey) -> Vec<String> {
+/// What a key without a handle may subscribe to: replies under its own [`reply_prefix`].
+pub fn unregistered_subscribe(key: &PublicKey) -> Vec<String> {
     vec![format!("{}.>", reply_prefix(key))]
+}
+
+/// What `key`, registered, may subscribe to: replies under its own [`reply_prefix`] and the
+/// new-mail notifications of its own inbox (its key is its one device).
+pub fn registered_subscribe(key: &PublicKey) -> Vec<String> {
+    vec![
+        format!("{}.>", reply_prefix(key)),
+        new_mail_subject(key, key),
+    ]
 }
 
 #[cfg(test)]
@@ -70,24 +78,33 @@ mod tests {
     #[test]
     fn names_embed_the_key_hex() {
         let key = SecretKey::from_seed(&[3; 32]).public_key();
-        let hex = key.to_hex();
-        assert_eq!(inbox_subject(&key), format!("kez.inbox.{hex}"));
-        assert_eq!(inbox_consumer(&key), format!("inbox_{hex}"));
+        let device = SecretKey::from_seed(&[4; 32]).public_key();
+        let (hex, dev) = (key.to_hex(), device.to_hex());
+        assert_eq!(
+            inbox_subject(&key, &device),
+            format!("kez.inbox.{hex}.{dev}")
+        );
+        assert_eq!(
+            new_mail_subject(&key, &device),
+            format!("kez.new.{hex}.{dev}")
+        );
         assert_eq!(reply_prefix(&key), format!("_INBOX.{hex}"));
-        assert_eq!(allowed_subscribe(&key), [format!("_INBOX.{hex}.>")]);
+        assert_eq!(unregistered_subscribe(&key), [format!("_INBOX.{hex}.>")]);
+        assert_eq!(
+            registered_subscribe(&key),
+            [format!("_INBOX.{hex}.>"), format!("kez.new.{hex}.{hex}")]
+        );
     }
 
     #[test]
-    fn a_registered_key_reaches_its_own_consumer_and_no_inbox() {
-        let key = SecretKey::from_seed(&[3; 32]).public_key();
-        let hex = key.to_hex();
-        let allowed = registered_publish(&key);
+    fn a_registered_key_reaches_the_services_only() {
+        let allowed = registered_publish();
         assert!(allowed.contains(&"kez.mail.>".to_owned()));
-        assert!(allowed.contains(&format!("$JS.ACK.KEZ_INBOX.inbox_{hex}.>")));
         assert!(
             allowed
                 .iter()
-                .all(|subject| !subject.starts_with("kez.inbox"))
+                .all(|subject| subject.starts_with("kez.") && !subject.starts_with("kez.inbox")),
+            "{allowed:?}"
         );
         assert_eq!(
             unregistered_publish(),

@@ -1,12 +1,18 @@
-//! Measurement 1, chat messages: kez-client end to end (seal and sign, publish to the
-//! recipient's JetStream inbox, the stream's acknowledgement; the recipient fetches, opens and
-//! verifies, stores in redb, acknowledges) against raw JetStream publish/fetch/acknowledge of
-//! payloads of the sealed envelope's size, on a stream and consumer configured like the inbox.
+//! Measurement 1, chat messages: kez-client end to end (seal and sign, `kez.mail.send` to the
+//! server, which stores the envelope in the recipient's inbox subject of `KEZ_MAIL` and answers;
+//! the recipient fetches with `kez.mail.fetch`, opens and verifies, stores in redb, and
+//! acknowledges by naming what it stored in its next fetch, woken by the new-mail notification)
+//! against two raw JetStream paths carrying payloads of the sealed envelope's size:
+//!
+//! - the previous release's read path: a work-queue stream and a durable pull consumer with the
+//!   old inbox's settings, fetched and double-acknowledged (the goals are set against it);
+//! - what the server does for a fetch, without the hop through it: batch direct gets of one
+//!   subject of `KEZ_MAIL` and a purge up to what was received, woken by the stream's
+//!   notifications.
 //!
 //! Throughput: `n` messages, publishes pipelined with up to [`WINDOW`] acknowledgements
 //! outstanding, timed from the first publish until the recipient has the last one. Latency:
-//! one message at a time, from before the seal until the recipient has stored and
-//! acknowledged it.
+//! one message at a time, from before the seal until the recipient has it (stored, for ours).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,12 +20,16 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
-use kez_chat_server::store::INBOX_MAX_MESSAGES;
-use kez_client::{Connection, Contact, Home, Store};
+use futures::{FutureExt, StreamExt};
+use kez_chat_server::store::{
+    DEFAULT_INBOX_MAX_BYTES, INBOX_DUPLICATE_WINDOW, INBOX_MAX_AGE, INBOX_MAX_MESSAGES,
+    INBOX_MAX_STORED_BYTES,
+};
+use kez_client::{Connection, Contact, Home, InboxFloor, Store};
 use kez_core::SecretKey;
 use kez_core::envelope::MessageId;
-use kez_proto::subjects::{INBOX_STREAM, inbox_consumer};
+use kez_proto::mail::MAX_FETCH_MESSAGES;
+use kez_proto::subjects::{inbox_subject, new_mail_subject};
 use kez_tests::callout::CalloutStack;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
@@ -37,9 +47,9 @@ const FETCH: usize = 256;
 const CONTENT_TYPE: &str = "text";
 
 const SECTION: &str = "chat";
-const RAW_STREAM: &str = "BENCH_RAW";
-const RAW_SUBJECT: &str = "bench.raw.inbox";
-const RAW_CONSUMER: &str = "bench_raw";
+const CONSUMER_STREAM: &str = "BENCH_RAW";
+const CONSUMER_SUBJECT: &str = "bench.raw.inbox";
+const CONSUMER_NAME: &str = "bench_raw";
 
 /// A registered user with a connection on the chat profile and a store.
 struct User {
@@ -122,7 +132,8 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     .1
     .len();
 
-    let raw = Raw::start(&stack, &bob.key.public_key()).await?;
+    let consumer = Consumer::start(&stack).await?;
+    let mail = Mail::start(&stack).await?;
     // Never more than one inbox holds: past it the stream refuses new messages (by design).
     let n = budget.pick(2_000, 20_000).min(INBOX_MAX_MESSAGES as usize);
     let single = budget.pick(200, 1_000);
@@ -132,52 +143,84 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let pids = [nats_pid(&stack.nats)?, std::process::id()];
     let cpu = || cpu_of(&pids);
     let before = cpu()?;
-    let raw_rate = raw.throughput(n, sealed_len, epoch).await?;
-    let raw_cpu = cpu()? - before;
+    let consumer_rate = raw_throughput(&consumer, n, sealed_len, epoch).await?;
+    let consumer_cpu = cpu()? - before;
+    let before = cpu()?;
+    let mail_rate = raw_throughput(&mail, n, sealed_len, epoch).await?;
+    let mail_cpu = cpu()? - before;
     let before = cpu()?;
     let ours_rate = throughput(&alice, &bob, &contact, n, epoch).await?;
     let ours_cpu = cpu()? - before;
     let per_message = |cpu: Duration| cpu.as_secs_f64() * 1e6 / n as f64;
-    let mut raw_latency = raw.latency(single, sealed_len, epoch).await?;
+    let mut consumer_latency = raw_latency(&consumer, single, sealed_len, epoch).await?;
+    let mut mail_latency = raw_latency(&mail, single, sealed_len, epoch).await?;
     let mut ours_latency = latency(&alice, &bob, &contact, single, epoch).await?;
     let mut commits = store_commits(&alice.key, &bob.key, single)?;
 
     let what = format!("{BODY_BYTES} B body, {sealed_len} B sealed");
+    let ours_p50 = ours_latency.percentile_ms(50.0);
     Ok(vec![
         Row::versus(
             SECTION,
             format!("messages/s, {n} pipelined ({what})"),
             "msg/s",
             ours_rate,
-            raw_rate,
-            "raw JetStream",
+            consumer_rate,
+            CONSUMER,
             Goal::RatioAtLeast(0.8),
+        ),
+        Row::versus(
+            SECTION,
+            format!("messages/s, {n} pipelined"),
+            "msg/s",
+            ours_rate,
+            mail_rate,
+            MAIL,
+            Goal::None,
         ),
         Row::versus(
             SECTION,
             format!("CPU per message, {n} pipelined (nats-server + both clients)"),
             "µs",
             per_message(ours_cpu),
-            per_message(raw_cpu),
-            "raw JetStream",
+            per_message(consumer_cpu),
+            CONSUMER,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            format!("CPU per message, {n} pipelined (nats-server + both clients)"),
+            "µs",
+            per_message(ours_cpu),
+            per_message(mail_cpu),
+            MAIL,
             Goal::None,
         ),
         Row::versus(
             SECTION,
             format!("latency p50, one at a time ({single})"),
             "ms",
-            ours_latency.percentile_ms(50.0),
-            raw_latency.percentile_ms(50.0),
-            "raw JetStream",
+            ours_p50,
+            consumer_latency.percentile_ms(50.0),
+            CONSUMER,
             Goal::AddedBelow(1.0),
+        ),
+        Row::versus(
+            SECTION,
+            format!("latency p50, one at a time ({single})"),
+            "ms",
+            ours_p50,
+            mail_latency.percentile_ms(50.0),
+            MAIL,
+            Goal::None,
         ),
         Row::versus(
             SECTION,
             format!("latency p99, one at a time ({single})"),
             "ms",
             ours_latency.percentile_ms(99.0),
-            raw_latency.percentile_ms(99.0),
-            "raw JetStream",
+            consumer_latency.percentile_ms(99.0),
+            CONSUMER,
             Goal::None,
         ),
         Row::info(
@@ -190,12 +233,12 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
 }
 
 /// What storing one received message costs bob before he may acknowledge it: one redb
-/// transaction (history and seen id) with its disk sync, in a store of its own.
+/// transaction (history, seen id and inbox floor) with its disk sync, in a store of its own.
 fn store_commits(alice: &SecretKey, bob: &SecretKey, count: usize) -> Result<Latencies, String> {
     let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
     let store = Store::open(dir.path().join("store.redb")).map_err(|e| e.to_string())?;
     let mut commits = Latencies::default();
-    for _ in 0..count {
+    for seq in 1..=count as u64 {
         let (_, sealed) = kez_core::envelope::seal(
             alice,
             &bob.public_key(),
@@ -205,9 +248,10 @@ fn store_commits(alice: &SecretKey, bob: &SecretKey, count: usize) -> Result<Lat
         )
         .map_err(|e| e.to_string())?;
         let message = kez_core::envelope::open(bob, &sealed).map_err(|e| e.to_string())?;
+        let floor = InboxFloor { seq, time: 1 };
         let started = Instant::now();
         store
-            .record_incoming_all(&[(message.clone(), 0)], kez_client::now())
+            .record_incoming_all(&[(message, seq)], floor, kez_client::now())
             .map_err(|e| e.to_string())?;
         commits.push(started.elapsed());
     }
@@ -312,83 +356,103 @@ async fn latency(
     Ok(tokio::try_join!(sending, receiving)?.0)
 }
 
-/// The baseline: a stream and a durable pull consumer configured like `KEZ_INBOX` and a
-/// user's inbox consumer, used by two plain connections in the server's account.
-struct Raw {
+/// The first baseline's name in the table.
+const CONSUMER: &str = "raw JetStream consumer";
+/// The second baseline's name in the table.
+const MAIL: &str = "raw direct get + purge";
+
+/// A raw JetStream path a baseline measures: publish with a message id, fetch what arrived.
+trait RawPath {
+    /// Publishes a stamped payload of `len` bytes; answers the acknowledgement to come and the
+    /// payload.
+    async fn publish(
+        &self,
+        len: usize,
+        epoch: Instant,
+    ) -> Result<(jetstream::context::PublishAckFuture, Vec<u8>), String>;
+
+    /// Up to `max` payloads, waiting up to `wait` for the first; each with when it arrived.
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<(Instant, Vec<u8>)>, String>;
+}
+
+/// Publishes `payload` to `subject` with a fresh `Nats-Msg-Id`, as the server stores envelopes.
+async fn publish_with_id(
+    js: &jetstream::Context,
+    subject: &str,
+    payload: Vec<u8>,
+) -> Result<(jetstream::context::PublishAckFuture, Vec<u8>), String> {
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", MessageId::random().to_string().as_str());
+    let ack = js
+        .publish_with_headers(subject.to_owned(), headers, payload.clone().into())
+        .await
+        .map_err(|e| format!("raw publish: {e}"))?;
+    Ok((ack, payload))
+}
+
+/// The first baseline, the previous release's read path: a stream configured like its inbox
+/// stream `KEZ_INBOX` (work queue) and a durable pull consumer with a user's inbox consumer's
+/// settings, used by two plain connections in the server's account.
+struct Consumer {
     publisher: jetstream::Context,
     consumer: PullConsumer,
 }
 
-impl Raw {
-    async fn start(stack: &CalloutStack, like: &kez_core::PublicKey) -> Result<Raw, String> {
+impl Consumer {
+    async fn start(stack: &CalloutStack) -> Result<Consumer, String> {
         let admin = jetstream::new(stack.server_client().await);
-        let mut inbox = admin
-            .get_stream(INBOX_STREAM)
-            .await
-            .map_err(|e| format!("the inbox stream: {e}"))?;
-        let mut stream = inbox
-            .info()
-            .await
-            .map_err(|e| format!("the inbox stream's config: {e}"))?
-            .config
-            .clone();
-        stream.name = RAW_STREAM.to_owned();
-        stream.subjects = vec![RAW_SUBJECT.to_owned()];
-        stream.description = Some("kez-bench: raw baseline".to_owned());
-        let raw_stream = admin
-            .create_stream(stream)
+        let stream = admin
+            .create_stream(jetstream::stream::Config {
+                name: CONSUMER_STREAM.to_owned(),
+                description: Some("kez-bench: the previous release's inbox".to_owned()),
+                subjects: vec![CONSUMER_SUBJECT.to_owned()],
+                retention: jetstream::stream::RetentionPolicy::WorkQueue,
+                storage: jetstream::stream::StorageType::File,
+                max_messages_per_subject: INBOX_MAX_MESSAGES,
+                max_consumers: 10_000_000,
+                discard: jetstream::stream::DiscardPolicy::New,
+                discard_new_per_subject: true,
+                max_message_size: INBOX_MAX_STORED_BYTES,
+                max_bytes: DEFAULT_INBOX_MAX_BYTES as i64,
+                max_age: INBOX_MAX_AGE,
+                duplicate_window: INBOX_DUPLICATE_WINDOW,
+                ..Default::default()
+            })
             .await
             .map_err(|e| format!("creating the raw stream: {e}"))?;
-        let mut user_consumer: PullConsumer = inbox
-            .get_consumer(&inbox_consumer(like))
-            .await
-            .map_err(|e| format!("the inbox consumer: {e}"))?;
-        let like_config = user_consumer
-            .info()
-            .await
-            .map_err(|e| format!("the inbox consumer's config: {e}"))?
-            .config
-            .clone();
-        raw_stream
+        stream
             .create_consumer(jetstream::consumer::pull::Config {
-                durable_name: Some(RAW_CONSUMER.to_owned()),
-                filter_subject: RAW_SUBJECT.to_owned(),
-                ack_policy: like_config.ack_policy,
-                ack_wait: like_config.ack_wait,
-                max_ack_pending: like_config.max_ack_pending,
+                durable_name: Some(CONSUMER_NAME.to_owned()),
+                filter_subject: CONSUMER_SUBJECT.to_owned(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: 1000,
                 ..Default::default()
             })
             .await
             .map_err(|e| format!("creating the raw consumer: {e}"))?;
-        let consumer_client = stack.server_client().await;
-        let consumer: PullConsumer = jetstream::new(consumer_client)
-            .get_consumer_from_stream(RAW_CONSUMER, RAW_STREAM)
+        let consumer: PullConsumer = jetstream::new(stack.server_client().await)
+            .get_consumer_from_stream(CONSUMER_NAME, CONSUMER_STREAM)
             .await
             .map_err(|e| format!("the raw consumer: {e}"))?;
-        Ok(Raw {
+        Ok(Consumer {
             publisher: jetstream::new(stack.server_client().await),
             consumer,
         })
     }
+}
 
+impl RawPath for Consumer {
     async fn publish(
         &self,
         len: usize,
         epoch: Instant,
     ) -> Result<(jetstream::context::PublishAckFuture, Vec<u8>), String> {
-        let payload = stamped(epoch, len);
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", MessageId::random().to_string().as_str());
-        let ack = self
-            .publisher
-            .publish_with_headers(RAW_SUBJECT, headers, payload.clone().into())
-            .await
-            .map_err(|e| format!("raw publish: {e}"))?;
-        Ok((ack, payload))
+        publish_with_id(&self.publisher, CONSUMER_SUBJECT, stamped(epoch, len)).await
     }
 
-    /// Fetches up to `max` messages (waiting up to `wait`), acknowledging each as the client
-    /// does (double ack); answers each payload and when it was acknowledged.
+    /// One pull of up to `max`, each message acknowledged as the previous client did (double
+    /// ack).
     async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<(Instant, Vec<u8>)>, String> {
         let mut batch = self
             .consumer
@@ -409,64 +473,180 @@ impl Raw {
         }
         Ok(got)
     }
+}
 
-    async fn throughput(&self, n: usize, len: usize, epoch: Instant) -> Result<f64, String> {
-        let started = Instant::now();
-        let receiving = async {
-            let mut got = 0;
-            while got < n {
-                got += self.fetch(FETCH, Duration::from_millis(500)).await?.len();
-            }
-            Ok::<(), String>(())
-        };
-        let sending = async {
-            let mut window = VecDeque::with_capacity(WINDOW);
-            for _ in 0..n {
-                if window.len() == WINDOW {
-                    let ack: jetstream::context::PublishAckFuture =
-                        window.pop_front().expect("a full window");
-                    ack.await.map_err(|e| format!("raw ack: {e}"))?;
-                }
-                window.push_back(self.publish(len, epoch).await?.0);
-            }
-            for ack in window {
-                ack.await.map_err(|e| format!("raw ack: {e}"))?;
-            }
-            Ok::<(), String>(())
-        };
-        tokio::try_join!(sending, receiving)?;
-        Ok(per_sec(n, started.elapsed()))
+/// The second baseline: what kez-chat-server does for `kez.mail.fetch`, made directly (the
+/// server's own `Store` on plain connections in its account): an inbox subject of `KEZ_MAIL`
+/// read with batch direct gets from the floor on; before the next read, the floor checked
+/// (a direct get by time) and the inbox purged up to it; woken by the stream's new-mail
+/// notifications.
+struct Mail {
+    publisher: jetstream::Context,
+    store: kez_chat_server::store::Store,
+    subject: String,
+    notifications: tokio::sync::Mutex<async_nats::Subscriber>,
+    /// (the last received message's sequence and time, what was purged).
+    floor: std::sync::Mutex<((u64, u64), u64)>,
+}
+
+impl Mail {
+    async fn start(stack: &CalloutStack) -> Result<Mail, String> {
+        // An inbox nobody else uses.
+        let carol = SecretKey::generate().public_key();
+        let reader = stack.server_client().await;
+        let notifications = reader
+            .subscribe(new_mail_subject(&carol, &carol))
+            .await
+            .map_err(|e| format!("subscribing to the notifications: {e}"))?;
+        let store =
+            kez_chat_server::store::Store::open(&jetstream::new(reader), Default::default())
+                .await
+                .map_err(|e| format!("opening the store: {e}"))?;
+        Ok(Mail {
+            publisher: jetstream::new(stack.server_client().await),
+            store,
+            subject: inbox_subject(&carol, &carol),
+            notifications: tokio::sync::Mutex::new(notifications),
+            floor: std::sync::Mutex::new(((0, 0), 0)),
+        })
     }
 
-    async fn latency(&self, count: usize, len: usize, epoch: Instant) -> Result<Latencies, String> {
-        let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
-        let receiving = async move {
-            let mut got = 0;
-            while got < count {
-                for message in self.fetch(1, Duration::from_secs(5)).await? {
-                    let _ = arrived_tx.send(message);
-                    got += 1;
-                }
+    /// Acknowledges what was received as the server does (checks that nothing newer is
+    /// numbered below it, purges up to it), then reads up to `max` after it.
+    async fn read(&self, max: usize) -> Result<Vec<(Instant, Vec<u8>)>, String> {
+        let ((floor, time), purged) = *self.floor.lock().expect("not poisoned");
+        if floor > purged {
+            let newer = self
+                .store
+                .first_stored_since(&self.subject, time + 1)
+                .await
+                .map_err(|e| format!("raw direct get by time: {}", e.message))?;
+            if newer.is_some_and(|seq| seq <= floor) {
+                return Err("the raw inbox looks reset".to_owned());
             }
-            Ok::<(), String>(())
-        };
-        let sending = async {
-            let mut latencies = Latencies::default();
-            for _ in 0..count {
-                let started = Instant::now();
-                let (ack, payload) = self.publish(len, epoch).await?;
-                let (at, received) = arrived
-                    .recv()
-                    .await
-                    .ok_or("the raw consumer stopped".to_owned())?;
-                ack.await.map_err(|e| format!("raw ack: {e}"))?;
-                if received != payload {
-                    return Err("the raw consumer received another payload".to_owned());
-                }
-                latencies.push(at - started);
-            }
-            Ok(latencies)
-        };
-        Ok(tokio::try_join!(sending, receiving)?.0)
+            self.store
+                .purge_inbox(&self.subject, floor)
+                .await
+                .map_err(|e| format!("raw purge: {}", e.message))?;
+        }
+        let max = u32::try_from(max)
+            .unwrap_or(u32::MAX)
+            .min(MAX_FETCH_MESSAGES);
+        let read = self
+            .store
+            .read_inbox(&self.subject, floor, max)
+            .await
+            .map_err(|e| format!("raw direct get: {}", e.message))?;
+        let at = Instant::now();
+        let last = read
+            .messages
+            .last()
+            .map_or((floor, time), |last| (last.seq, last.time));
+        *self.floor.lock().expect("not poisoned") = (last, floor);
+        Ok(read
+            .messages
+            .into_iter()
+            .map(|message| (at, message.envelope.to_vec()))
+            .collect())
     }
+}
+
+impl RawPath for Mail {
+    async fn publish(
+        &self,
+        len: usize,
+        epoch: Instant,
+    ) -> Result<(jetstream::context::PublishAckFuture, Vec<u8>), String> {
+        publish_with_id(&self.publisher, &self.subject, stamped(epoch, len)).await
+    }
+
+    /// Reads what is there; with nothing, waits for a notification and reads again.
+    async fn fetch(&self, max: usize, wait: Duration) -> Result<Vec<(Instant, Vec<u8>)>, String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut notifications = self.notifications.lock().await;
+        loop {
+            // What is queued is covered by the read that follows.
+            while let Some(Some(_)) = notifications.next().now_or_never() {}
+            let got = self.read(max).await?;
+            if !got.is_empty() {
+                return Ok(got);
+            }
+            match tokio::time::timeout_at(deadline, notifications.next()).await {
+                Ok(Some(_)) => {}
+                _ => return Ok(got),
+            }
+        }
+    }
+}
+
+/// A raw path's throughput: `n` payloads published pipelined while they are fetched.
+async fn raw_throughput(
+    path: &impl RawPath,
+    n: usize,
+    len: usize,
+    epoch: Instant,
+) -> Result<f64, String> {
+    let started = Instant::now();
+    let receiving = async {
+        let mut got = 0;
+        while got < n {
+            got += path.fetch(FETCH, Duration::from_millis(500)).await?.len();
+        }
+        Ok::<(), String>(())
+    };
+    let sending = async {
+        let mut window = VecDeque::with_capacity(WINDOW);
+        for _ in 0..n {
+            if window.len() == WINDOW {
+                let ack: jetstream::context::PublishAckFuture =
+                    window.pop_front().expect("a full window");
+                ack.await.map_err(|e| format!("raw ack: {e}"))?;
+            }
+            window.push_back(path.publish(len, epoch).await?.0);
+        }
+        for ack in window {
+            ack.await.map_err(|e| format!("raw ack: {e}"))?;
+        }
+        Ok::<(), String>(())
+    };
+    tokio::try_join!(sending, receiving)?;
+    Ok(per_sec(n, started.elapsed()))
+}
+
+/// A raw path's latency: one payload at a time, from before the publish until it is fetched.
+async fn raw_latency(
+    path: &impl RawPath,
+    count: usize,
+    len: usize,
+    epoch: Instant,
+) -> Result<Latencies, String> {
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let receiving = async move {
+        let mut got = 0;
+        while got < count {
+            for message in path.fetch(1, Duration::from_secs(5)).await? {
+                let _ = arrived_tx.send(message);
+                got += 1;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    let sending = async {
+        let mut latencies = Latencies::default();
+        for _ in 0..count {
+            let started = Instant::now();
+            let (ack, payload) = path.publish(len, epoch).await?;
+            let (at, received) = arrived
+                .recv()
+                .await
+                .ok_or("the raw path stopped".to_owned())?;
+            ack.await.map_err(|e| format!("raw ack: {e}"))?;
+            if received != payload {
+                return Err("the raw path received another payload".to_owned());
+            }
+            latencies.push(at - started);
+        }
+        Ok(latencies)
+    };
+    Ok(tokio::try_join!(sending, receiving)?.0)
 }

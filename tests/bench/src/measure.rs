@@ -110,6 +110,12 @@ pub fn cpu_of(pids: &[u32]) -> Result<Duration, String> {
         .sum()
 }
 
+/// The median of `times` (the upper one of an even count); zero when empty.
+pub fn median(mut times: Vec<Duration>) -> Duration {
+    times.sort_unstable();
+    times.get(times.len() / 2).copied().unwrap_or_default()
+}
+
 /// KiB to MiB.
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -161,6 +167,13 @@ mod tests {
         assert_eq!(latencies.percentile_ms(99.0), 99.0);
         assert_eq!(latencies.percentile_ms(100.0), 100.0);
         assert_eq!(Latencies::default().percentile_ms(50.0), 0.0);
+    }
+
+    #[test]
+    fn medians() {
+        let ms = Duration::from_millis;
+        assert_eq!(median(vec![ms(3), ms(1), ms(2)]), ms(2));
+        assert_eq!(median(Vec::new()), Duration::ZERO);
     }
 
     #[test]

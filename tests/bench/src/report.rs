@@ -19,6 +19,8 @@ pub enum Goal {
     AddedBelow(f64),
     /// `ours` at most this, in the row's unit (memory).
     AtMost(f64),
+    /// `ours / baseline` at most this (lower is better: a time that must not grow with a count).
+    RatioAtMost(f64),
 }
 
 impl Goal {
@@ -28,6 +30,7 @@ impl Goal {
             Goal::RatioAtLeast(ratio) => format!(">= {:.0}% of baseline", ratio * 100.0),
             Goal::AddedBelow(limit) => format!("adds < {limit}"),
             Goal::AtMost(limit) => format!("<= {limit}"),
+            Goal::RatioAtMost(ratio) => format!("<= {ratio}x baseline"),
         }
     }
 }
@@ -110,6 +113,7 @@ impl Row {
             Goal::RatioAtLeast(min) => self.ratio().map(|ratio| ratio >= min),
             Goal::AddedBelow(limit) => self.baseline.map(|baseline| self.ours - baseline < limit),
             Goal::AtMost(limit) => Some(self.ours <= limit),
+            Goal::RatioAtMost(max) => self.ratio().map(|ratio| ratio <= max),
         }
     }
 }
@@ -300,6 +304,8 @@ mod tests {
         );
         assert_eq!(row(1.9, 1.0, Goal::AddedBelow(1.0)).pass(), Some(true));
         assert_eq!(row(2.0, 1.0, Goal::AddedBelow(1.0)).pass(), Some(false));
+        assert_eq!(row(1.5, 1.0, Goal::RatioAtMost(1.5)).pass(), Some(true));
+        assert_eq!(row(1.6, 1.0, Goal::RatioAtMost(1.5)).pass(), Some(false));
         assert_eq!(
             Row::info("s", "n", "u", 3.0).goal(Goal::AtMost(2.0)).pass(),
             Some(false)
