@@ -114,6 +114,22 @@ impl CalloutStack {
     ) -> Result<(Client, mpsc::UnboundedReceiver<ServerError>), async_nats::ConnectError> {
         connect_as(&self.nats.url(), key).await
     }
+
+    /// Registers `name` for a fresh key over the narrow profile, then connects again with the
+    /// chat profile: the key and that connection.
+    pub async fn registered(&self, name: &str) -> (Arc<SecretKey>, Client) {
+        let key = Arc::new(SecretKey::generate());
+        let (narrow, _) = self.connect_as(&key).await.expect("a new key connects");
+        register(&narrow, &key, name)
+            .await
+            .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
+        narrow.drain().await.unwrap();
+        let (client, _) = self
+            .connect_as(&key)
+            .await
+            .expect("a registered key connects");
+        (key, client)
+    }
 }
 
 /// Connects to `url` as `key` (see [`CalloutStack::connect_as`]).

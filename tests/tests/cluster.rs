@@ -158,38 +158,60 @@ async fn answers<T, E: std::fmt::Display, F: std::future::Future<Output = Result
     }
 }
 
+/// A 3-node cluster with the kez accounts, and two kez-chat-server instances with R3 state,
+/// each given every node (starting with a different one). Registrations retried while a node is
+/// down all come from 127.0.0.1: the per-address registration limit (hostile_clients.rs tests
+/// it) is off, and so are the limits in `extra_args`.
+struct ServedCluster {
+    cluster: NatsCluster,
+    admin: async_nats::Client,
+    _servers: [KezServerProcess; 2],
+    _keys_dir: tempfile::TempDir,
+}
+
+impl ServedCluster {
+    async fn start(extra_args: &[&str]) -> ServedCluster {
+        let keys_dir = tempfile::Builder::new()
+            .prefix("kez-keys-")
+            .tempdir()
+            .unwrap();
+        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+        let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
+        let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
+        wait_for_jetstream(&admin, PATIENCE).await;
+        let mut args = vec!["--kv-replicas", "3", "--register-limit-per-hour", "0"];
+        args.extend_from_slice(extra_args);
+        let first = KezServerProcess::spawn_with_callout_args(
+            &cluster.urls_from(0),
+            keys_dir.path(),
+            &keys.issuer,
+            &args,
+        )
+        .await;
+        let second = KezServerProcess::spawn_with_callout_args(
+            &cluster.urls_from(1),
+            keys_dir.path(),
+            &keys.issuer,
+            &args,
+        )
+        .await;
+        ServedCluster {
+            cluster,
+            admin,
+            _servers: [first, second],
+            _keys_dir: keys_dir,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_dies_while_messages_flow_and_nothing_acknowledged_is_lost() {
     let started = Instant::now();
-    let keys_dir = tempfile::Builder::new()
-        .prefix("kez-keys-")
-        .tempdir()
-        .unwrap();
-    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
-    let mut cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
-    let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
-    wait_for_jetstream(&admin, PATIENCE).await;
+    let served = ServedCluster::start(&[]).await;
+    let mut cluster = served.cluster;
+    let admin = served.admin;
     let js = jetstream::new(admin.clone());
-
-    eprintln!("{:?}: cluster up, JetStream answers", started.elapsed());
-    // Two instances, each given every node (starting with a different one), with R3.
-    // Registrations retried while a node is down all come from 127.0.0.1: the per-address
-    // registration limit (hostile_clients.rs tests it) is off here.
-    let replicas = ["--kv-replicas", "3", "--register-limit-per-hour", "0"];
-    let _first = KezServerProcess::spawn_with_callout_args(
-        &cluster.urls_from(0),
-        keys_dir.path(),
-        &keys.issuer,
-        &replicas,
-    )
-    .await;
-    let _second = KezServerProcess::spawn_with_callout_args(
-        &cluster.urls_from(1),
-        keys_dir.path(),
-        &keys.issuer,
-        &replicas,
-    )
-    .await;
+    eprintln!("{:?}: cluster and servers up", started.elapsed());
 
     assert_three_replicas(&js).await;
 
@@ -489,36 +511,8 @@ async fn two_instances_started_at_once_on_a_fresh_cluster_both_serve() {
 /// for a later one to wake the receiver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_receive_in_a_cluster_gets_every_announced_message() {
-    let keys_dir = tempfile::Builder::new()
-        .prefix("kez-keys-")
-        .tempdir()
-        .unwrap();
-    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
-    let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
-    let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
-    wait_for_jetstream(&admin, PATIENCE).await;
-    let args = [
-        "--kv-replicas",
-        "3",
-        "--register-limit-per-hour",
-        "0",
-        "--rate-limit-per-sec",
-        "0",
-    ];
-    let _first = KezServerProcess::spawn_with_callout_args(
-        &cluster.urls_from(0),
-        keys_dir.path(),
-        &keys.issuer,
-        &args,
-    )
-    .await;
-    let _second = KezServerProcess::spawn_with_callout_args(
-        &cluster.urls_from(1),
-        keys_dir.path(),
-        &keys.issuer,
-        &args,
-    )
-    .await;
+    let served = ServedCluster::start(&["--rate-limit-per-sec", "0"]).await;
+    let cluster = &served.cluster;
     let alice = ChatUser::register(&cluster.urls_from(0), "alice", PATIENCE).await;
     let bob = Arc::new(ChatUser::register(&cluster.urls_from(1), "bob", PATIENCE).await);
     let alice_conn = alice.connect(&cluster.urls_from(0), PATIENCE).await;

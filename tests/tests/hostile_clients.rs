@@ -90,22 +90,6 @@ async fn server_errors(stack: &CalloutStack) -> u64 {
         .sum()
 }
 
-/// Registers `name` for a fresh key over the narrow profile and reconnects with the chat
-/// profile.
-async fn registered(stack: &CalloutStack, name: &str) -> (Arc<SecretKey>, Client) {
-    let key = Arc::new(SecretKey::generate());
-    let (narrow, _) = stack.connect_as(&key).await.expect("a new key connects");
-    register(&narrow, &key, name)
-        .await
-        .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
-    narrow.drain().await.unwrap();
-    let (client, _) = stack
-        .connect_as(&key)
-        .await
-        .expect("a registered key connects");
-    (key, client)
-}
-
 fn lookup(name: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({ "handle": name })).unwrap()
 }
@@ -157,8 +141,8 @@ async fn a_flooding_key_gets_429_and_other_users_are_unaffected() {
     })
     .await;
     let mut tally = Tally::default();
-    let (mallory_key, mallory) = registered(&stack, "mallory").await;
-    let (bob_key, bob) = registered(&stack, "bob").await;
+    let (mallory_key, mallory) = stack.registered("mallory").await;
+    let (bob_key, bob) = stack.registered("bob").await;
     let server = stack.server_client().await;
 
     // The flood: 200 lookups at once, each claiming to come from bob.
@@ -348,8 +332,8 @@ async fn connection_floods_are_refused_and_others_keep_being_served() {
     let mut tally = Tally::default();
     let url = stack.nats.url();
     // Two registered users first (two unregistered connects of the budget of 10).
-    let (_alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, _bob) = registered(&stack, "bob").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, _bob) = stack.registered("bob").await;
 
     // 60 connections with invalid credentials, at once.
     let invalid = (0..60).map(|i| {
@@ -524,7 +508,7 @@ async fn hostile_inbox_messages_are_dropped_with_a_reason_and_good_ones_delivere
     alice.register(&url, "alice").await;
     bob.register(&url, "bob").await;
     let bob_key = key_of(&bob).public_key();
-    let (_mallory_key, mallory) = registered(&stack, "mallory").await;
+    let (_mallory_key, mallory) = stack.registered("mallory").await;
     let publish = |payload: Vec<u8>| {
         let mallory = mallory.clone();
         async move {
@@ -790,11 +774,11 @@ async fn inbox_bytes(stack: &CalloutStack) -> u64 {
 async fn one_key_cannot_fill_the_brokers_disk_through_inboxes() {
     let stack = stack_with(Limits::default()).await;
     let mut tally = Tally::default();
-    let (_bob_key, _bob) = registered(&stack, "bob").await;
+    let (_bob_key, _bob) = stack.registered("bob").await;
     let bob = _bob_key.public_key();
-    let (_alice_key, alice) = registered(&stack, "alice").await;
-    let (_mallory_key, mallory) = registered(&stack, "mallory").await;
-    let (_flooder_key, flooder) = registered(&stack, "flooder").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
+    let (_mallory_key, mallory) = stack.registered("mallory").await;
+    let (_flooder_key, flooder) = stack.registered("flooder").await;
     let before = inbox_bytes(&stack).await;
 
     // Straight into invented inbox subjects (and bob's): the broker refuses the publish.
@@ -901,8 +885,8 @@ async fn a_full_inbox_stream_refuses_mail_and_leaves_the_registry_working() {
         config.inbox_max_bytes = Some(1 << 20);
     })
     .await;
-    let (bob_key, _bob) = registered(&stack, "bob").await;
-    let (mallory_key, mallory) = registered(&stack, "mallory").await;
+    let (bob_key, _bob) = stack.registered("bob").await;
+    let (mallory_key, mallory) = stack.registered("mallory").await;
     let envelope = vec![0x5A; 60_000];
     let mut accepted = 0;
     let refused = loop {
@@ -924,7 +908,7 @@ async fn a_full_inbox_stream_refuses_mail_and_leaves_the_registry_working() {
     assert_eq!((refused.code, refused.name.as_str()), (503, "store_full"));
     assert!(accepted >= 10, "only {accepted} messages fit in 1 MiB");
     // The registry still writes: a registration and a sigchain link.
-    let (_carol_key, _carol) = registered(&stack, "carol").await;
+    let (_carol_key, _carol) = stack.registered("carol").await;
     let link = UnsignedLink::first(mallory_key.public_key(), now(), nats_endpoint("nats"))
         .sign(&mallory_key)
         .unwrap();

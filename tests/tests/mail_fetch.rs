@@ -19,7 +19,7 @@ use kez_chat_server::limits::{Limits, Rate};
 use kez_core::SecretKey;
 use kez_proto::mail::{FetchAnswer, FetchRequest, MAX_FETCH_BYTES, MAX_FETCH_MESSAGES};
 use kez_proto::subjects::{MAIL_STREAM, inbox_subject, new_mail_subject};
-use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
+use kez_tests::callout::{CalloutStack, Violation, expect_violation};
 use kez_tests::kez_server::{ServiceError, call};
 use kez_tests::requests::mail;
 use serde_json::json;
@@ -36,21 +36,6 @@ async fn stack_with(limits: Limits) -> CalloutStack {
         config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     })
     .await
-}
-
-/// Registers `name` for a fresh key over the narrow profile, then connects with the full one.
-async fn registered(stack: &CalloutStack, name: &str) -> (Arc<SecretKey>, Client) {
-    let key = Arc::new(SecretKey::generate());
-    let (narrow, _) = stack.connect_as(&key).await.expect("a new key connects");
-    register(&narrow, &key, name)
-        .await
-        .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
-    narrow.drain().await.unwrap();
-    let (client, _) = stack
-        .connect_as(&key)
-        .await
-        .expect("a registered key connects");
-    (key, client)
 }
 
 /// A fetch request body.
@@ -319,9 +304,9 @@ async fn acknowledged_metric(stack: &CalloutStack) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pending_counts_the_callers_messages_after_the_answer() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
-    let (_carol_key, carol) = registered(&stack, "carol").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
+    let (_carol_key, carol) = stack.registered("carol").await;
     let server = stack.server_client().await;
 
     // 30 for alice, each followed by one for bob.
@@ -446,8 +431,8 @@ async fn pending_counts_the_callers_messages_after_the_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_of_at_most_256_and_pending_until_the_inbox_is_read() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let stream = MailStream::open(&stack).await;
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -521,8 +506,8 @@ async fn batches_of_at_most_256_and_pending_until_the_inbox_is_read() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_envelopes_come_in_answers_of_about_512_kib() {
     let stack = stack_with(Limits::OFF).await;
-    let (_alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     const SIZE: usize = 60 * 1024;
     let mut seqs = Vec::new();
     for i in 0..20u8 {
@@ -573,8 +558,8 @@ async fn large_envelopes_come_in_answers_of_about_512_kib() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn naming_the_floor_deletes_exactly_the_acknowledged_messages() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let stream = MailStream::open(&stack).await;
     let mut bobs = Vec::new();
     let mut alices = Vec::new();
@@ -631,8 +616,8 @@ async fn naming_the_floor_deletes_exactly_the_acknowledged_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_floor_past_the_stream_is_floor_ahead_and_deletes_nothing() {
     let stack = stack_with(Limits::OFF).await;
-    let (_alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let stream = MailStream::open(&stack).await;
     let mut seqs = Vec::new();
     for i in 0..3 {
@@ -673,8 +658,8 @@ async fn a_floor_past_the_stream_is_floor_ahead_and_deletes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_floor_with_a_wrong_time_is_inbox_reset_and_deletes_nothing() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let stream = MailStream::open(&stack).await;
     let (mut seqs, mut alices) = (Vec::new(), Vec::new());
     for i in 0..5 {
@@ -769,8 +754,8 @@ async fn recreate_mail_stream(stack: &CalloutStack) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_stream_short_of_the_floor_is_floor_ahead() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     for i in 0..3 {
         send(&alice, &bob_key, format!("old {i}").as_bytes()).await;
     }
@@ -806,8 +791,8 @@ async fn a_recreated_stream_short_of_the_floor_is_floor_ahead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recreated_stream_is_inbox_reset_and_deletes_nothing() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     for i in 0..3 {
         send(&alice, &bob_key, format!("old {i}").as_bytes()).await;
     }
@@ -940,8 +925,8 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_restored_from_a_backup_is_inbox_reset_and_deletes_nothing() {
     let mut stack = stack_with(Limits::OFF).await;
-    let (_alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let mut before = Vec::new();
     for i in 0..3 {
         before.push(send(&alice, &bob_key, format!("before backup {i}").as_bytes()).await);
@@ -1046,8 +1031,8 @@ async fn a_store_restored_from_a_backup_is_inbox_reset_and_deletes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_fetch_bodies_are_refused_with_stable_errors() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let stream = MailStream::open(&stack).await;
     let mut seqs = Vec::new();
     for i in 0..3 {
@@ -1247,9 +1232,9 @@ async fn a_fetch_flood_gets_429_while_other_users_fetch_on() {
         ..Limits::OFF
     })
     .await;
-    let (mallory_key, mallory) = registered(&stack, "mallory").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
-    let (_alice_key, alice) = registered(&stack, "alice").await;
+    let (mallory_key, mallory) = stack.registered("mallory").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
     let stream = MailStream::open(&stack).await;
     let bob_seq = send(&alice, &bob_key, b"for bob").await;
     let mallory_seq = send(&alice, &mallory_key, b"for mallory").await;
@@ -1354,8 +1339,8 @@ async fn a_fetch_flood_gets_429_while_other_users_fetch_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_mail_notifications_reach_only_the_recipient() {
     let stack = stack_with(Limits::OFF).await;
-    let (alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, bob) = registered(&stack, "bobby").await;
+    let (alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, bob) = stack.registered("bobby").await;
     let bob_new = new_mail_subject(&bob_key.public_key(), &bob_key.public_key());
     let alice_new = new_mail_subject(&alice_key.public_key(), &alice_key.public_key());
     let mut bob_hears = bob.subscribe(bob_new.clone()).await.unwrap();
@@ -1462,8 +1447,8 @@ async fn new_mail_notifications_reach_only_the_recipient() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fetch_without_a_caller_is_forbidden() {
     let stack = stack_with(Limits::OFF).await;
-    let (_alice_key, alice) = registered(&stack, "alice").await;
-    let (bob_key, _bob) = registered(&stack, "bobby").await;
+    let (_alice_key, alice) = stack.registered("alice").await;
+    let (bob_key, _bob) = stack.registered("bobby").await;
     let seq = send(&alice, &bob_key, b"for bob").await;
     let server = stack.server_client().await;
     for (after, time) in [(0, 0), (seq, 1)] {
