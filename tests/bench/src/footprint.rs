@@ -230,7 +230,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             "req/s",
             rate_last,
             rate_first,
-            "the first 1,000 of the run",
+            "as many at the run's start",
             Goal::RatioAtLeast(0.8),
         ),
         Row::info(

@@ -78,7 +78,8 @@ enum Section {
     Files,
     /// 5: envelope seal/open and sigchain verification.
     Crypto,
-    /// 6: server memory and JetStream disk per user and per message.
+    /// 6: what a registered user costs: broker memory and disk beyond the KV entries,
+    /// registration rate, restart and start times, and a user coming online.
     Footprint,
 }
 
