@@ -15,7 +15,7 @@
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::StreamExt;
-use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
+use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES, StateJsonError};
 use kez_core::{Handle, PublicKey, Sigchain};
 use kez_proto::mail::{Fetched, MAX_FETCH_BYTES};
 use kez_proto::subjects::{INBOX_SUBJECTS, MAIL_STREAM, NEW_MAIL_DESTINATION, inbox_subject};
@@ -650,7 +650,9 @@ impl Store {
     /// The verified state of `chain` (`None`: no links yet) and the revision of its kept
     /// entry: the entry kept at the last append, brought up to date with any links stored past
     /// it (a crash between storing a link and keeping the state, or a chain written before this
-    /// version kept states), which are verified now, off the async workers.
+    /// version kept states), which are verified now, off the async workers. An entry kept by
+    /// the release before devices lacks what the device rules need, so the chain is verified
+    /// from its first link instead (once: the append then keeps the new state).
     async fn verified_state(
         &self,
         chain: PublicKey,
@@ -663,14 +665,15 @@ impl Store {
             .map_err(ErrorAnswer::unavailable)?
             .filter(|entry| entry.operation == kv::Operation::Put);
         let (kept, revision) = match entry {
-            Some(entry) => (
-                Some(
-                    Sigchain::from_trusted_state_json(&entry.value).map_err(|err| {
-                        ErrorAnswer::internal(format!("kept state of {chain} is corrupt: {err}"))
-                    })?,
-                ),
-                Some(entry.revision),
-            ),
+            Some(entry) => match Sigchain::from_trusted_state_json(&entry.value) {
+                Ok(state) => (Some(state), Some(entry.revision)),
+                Err(StateJsonError::BeforeDevices) => (None, Some(entry.revision)),
+                Err(err) => {
+                    return Err(ErrorAnswer::internal(format!(
+                        "kept state of {chain} is corrupt: {err}"
+                    )));
+                }
+            },
             None => (None, None),
         };
         let next = kept.as_ref().map_or(1, |state| state.seq() + 1);

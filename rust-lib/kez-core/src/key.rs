@@ -81,6 +81,9 @@ pub enum SignatureDomain {
     SigchainLink,
     /// The new key's counter-signature of a `rotate` link (§4.2): `KEZ-SIGCHAIN-ROTATE-V1`.
     SigchainRotate,
+    /// The new device key's counter-signature of an `add_device` link (§4.2):
+    /// `KEZ-SIGCHAIN-ADD-DEVICE-V1`.
+    SigchainAddDevice,
     /// A pin request (§10.1): `KEZ-PIN-V1`.
     Pin,
     /// A shared-files manifest (§11.1): `KEZ-MANIFEST-V1`.
@@ -93,10 +96,11 @@ pub enum SignatureDomain {
 
 impl SignatureDomain {
     /// Every domain.
-    pub const ALL: [SignatureDomain; 7] = [
+    pub const ALL: [SignatureDomain; 8] = [
         SignatureDomain::Register,
         SignatureDomain::SigchainLink,
         SignatureDomain::SigchainRotate,
+        SignatureDomain::SigchainAddDevice,
         SignatureDomain::Pin,
         SignatureDomain::Manifest,
         SignatureDomain::Message,
@@ -109,6 +113,7 @@ impl SignatureDomain {
             SignatureDomain::Register => b"KEZ-REGISTER-V1",
             SignatureDomain::SigchainLink => b"KEZ-SIGCHAIN-LINK-V1",
             SignatureDomain::SigchainRotate => b"KEZ-SIGCHAIN-ROTATE-V1",
+            SignatureDomain::SigchainAddDevice => b"KEZ-SIGCHAIN-ADD-DEVICE-V1",
             SignatureDomain::Pin => b"KEZ-PIN-V1",
             SignatureDomain::Manifest => b"KEZ-MANIFEST-V1",
             SignatureDomain::Message => b"KEZ-MESSAGE-V1",

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use kez_core::canonical;
 use kez_core::key::SignatureDomain;
-use kez_core::sigchain::ChainErrorKind;
-use kez_core::{Op, SecretKey, Sigchain, UnsignedLink};
+use kez_core::sigchain::{ChainErrorKind, MAX_ACTIVE_DEVICES, MAX_LINK_BYTES};
+use kez_core::{Op, PublicKey, SecretKey, Sigchain, UnsignedLink};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -95,6 +95,23 @@ impl Draft {
         self
     }
 
+    /// `add_device` payload for the key `device`, counter-signed by `counter_signer` in
+    /// `domain` (the new key in `SigchainAddDevice` unless a vector says otherwise) over the
+    /// link without `sig` and without `payload.counter_sig`.
+    fn device_counter_signed(
+        mut self,
+        device: &str,
+        name: &str,
+        kind: &str,
+        counter_signer: &str,
+        domain: SignatureDomain,
+    ) -> Self {
+        self.value["payload"] = json!({ "key": public(device), "name": name, "kind": kind });
+        let counter_sig = secret(counter_signer).sign(domain, &canonical_bytes(&self.value));
+        self.value["payload"]["counter_sig"] = json!(counter_sig.to_string());
+        self
+    }
+
     fn sign(self, key: &str) -> String {
         let signed = self.value.clone();
         self.sign_over(key, &signed)
@@ -154,6 +171,65 @@ impl Chain {
         )
     }
 
+    /// [`Chain::draft`] as a version 2 link: set before any signature is made over it.
+    fn draft_v2(&self, chain: &str, signer: &str, op: &str, payload: Value) -> Draft {
+        self.draft(chain, signer, op, payload).set("v", json!(2))
+    }
+
+    /// alice's chain: `signer` adds the device `device` named `name` of `kind`, counter-signed
+    /// by the new key (version 2).
+    fn add_device(&self, signer: &str, device: &str, name: &str, kind: &str) -> String {
+        self.draft_v2("alice", signer, "add_device", Value::Null)
+            .device_counter_signed(
+                device,
+                name,
+                kind,
+                device,
+                SignatureDomain::SigchainAddDevice,
+            )
+            .sign(signer)
+    }
+
+    /// alice's chain: `signer` revokes the device `device` (version 2).
+    fn revoke_device(&self, signer: &str, device: &str, reason: Option<&str>) -> String {
+        let mut payload = json!({ "key": public(device) });
+        if let Some(reason) = reason {
+            payload["reason"] = json!(reason);
+        }
+        self.draft_v2("alice", signer, "revoke_device", payload)
+            .sign(signer)
+    }
+
+    /// alice's chain: `signer` rotates to `new_key`, counter-signed by it, as a link of
+    /// `version`.
+    fn rotate(&self, version: u64, signer: &str, new_key: &str) -> String {
+        self.draft("alice", signer, "rotate", Value::Null)
+            .set("v", json!(version))
+            .counter_signed(new_key, new_key)
+            .sign(signer)
+    }
+
+    /// alice's chain: a claim of `identity` on github signed by `signer`, as a link of
+    /// `version`.
+    fn claim(&self, version: u64, signer: &str, identity: &str) -> String {
+        self.draft(
+            "alice",
+            signer,
+            "claim",
+            json!({"service": "github", "identity": identity, "proof": "https://gist.github.com/"}),
+        )
+        .set("v", json!(version))
+        .sign(signer)
+    }
+
+    /// The chain with `links` appended, each made from the chain so far.
+    fn then(self, links: &[&dyn Fn(&Chain) -> String]) -> Self {
+        links.iter().fold(self, |chain, link| {
+            let next = link(&chain);
+            chain.push(next)
+        })
+    }
+
     fn push(mut self, link: String) -> Self {
         self.links.push(link);
         self
@@ -196,6 +272,20 @@ struct Vector {
     /// SHA-256 of each link's bytes (the link hash).
     link_hashes: Vec<String>,
     expect: Expect,
+    /// Present exactly when a link has `v` 2: what a verifier of the release before devices
+    /// (which knows only version 1) answers, `unknown_version` at the first such link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    expect_v1: Option<Expect>,
+}
+
+/// The 1-based position of the first link whose `v` (its last occurrence) is 2.
+fn first_version_2_link(links: &[String]) -> Option<usize> {
+    links
+        .iter()
+        .position(|link| {
+            serde_json::from_str::<Value>(link).is_ok_and(|value| value["v"].as_u64() == Some(2))
+        })
+        .map(|index| index + 1)
 }
 
 fn vector(
@@ -224,6 +314,11 @@ fn vector(
             .iter()
             .map(|link| sha256_hex(link.as_bytes()))
             .collect(),
+        expect_v1: first_version_2_link(&links).map(|position| {
+            // The previous release reads a link's size and syntax before its version.
+            assert!(links[position - 1].len() <= MAX_LINK_BYTES, "{name}");
+            error("unknown_version", position)
+        }),
         links,
         expect,
     }
@@ -266,7 +361,7 @@ fn generate() -> Vec<Vector> {
         .draft("alice", "alice", "add_endpoint", nats_endpoint())
         .sign("alice");
     let minimal = minimal.push(link);
-    out.push(good(
+    out.push(good_vector(
         "good-minimal",
         "One link: alice advertises her NATS inbox.",
         &["alice"],
@@ -328,7 +423,7 @@ fn generate() -> Vec<Vector> {
         let link = full.draft("alice", "alice2", op, payload).sign("alice2");
         full = full.push(link);
     }
-    out.push(good(
+    out.push(good_vector(
         "good-full",
         "Every operation: endpoints, a claim, shared files, an unknown operation (set_avatar, ignored for state), a rotation from alice to alice2, then removals, revocation and new entries signed by alice2.",
         &["alice", "alice2"],
@@ -347,7 +442,7 @@ fn generate() -> Vec<Vector> {
     ));
     out.push(bad(
         "unknown_version",
-        "Link 3 says v=2.",
+        "Link 3 says v=3.",
         &["alice"],
         |c| {
             c.draft(
@@ -356,7 +451,7 @@ fn generate() -> Vec<Vector> {
                 "claim",
                 json!({"service": "github", "identity": "a", "proof": "p"}),
             )
-            .set("v", json!(2))
+            .set("v", json!(3))
             .sign("alice")
         },
     ));
@@ -548,9 +643,9 @@ fn generate() -> Vec<Vector> {
         ),
         (
             "unknown_version-duplicate-v",
-            "Link 3 ends \"v\":1,\"v\":2: the last v is the one read, so step 3 fails before the duplicate is seen.",
+            "Link 3 ends \"v\":1,\"v\":3: the last v is the one read, so step 3 fails before the duplicate is seen.",
             "\"v\":1}",
-            "\"v\":1,\"v\":2}",
+            "\"v\":1,\"v\":3}",
         ),
         (
             "malformed-fractional-v",
@@ -566,9 +661,9 @@ fn generate() -> Vec<Vector> {
         ),
         (
             "malformed-fractional-unknown-v",
-            "Link 3 says \"v\":2.0: malformed (step 2), not unknown_version.",
+            "Link 3 says \"v\":3.0: malformed (step 2), not unknown_version.",
             "\"v\":1}",
-            "\"v\":2.0}",
+            "\"v\":3.0}",
         ),
         (
             "malformed-fractional-seq",
@@ -584,7 +679,7 @@ fn generate() -> Vec<Vector> {
         ),
         (
             "unknown_version-fractional-seq",
-            "Link 3 says \"v\":2 and \"seq\":3.0: unknown_version (step 3); nothing after it is checked.",
+            "Link 3 says \"v\":3 and \"seq\":3.0: unknown_version (step 3); nothing after it is checked.",
             "\"seq\":3,",
             "\"seq\":3.0,",
         ),
@@ -595,7 +690,7 @@ fn generate() -> Vec<Vector> {
                 .draft("alice", "alice", "remove_endpoint", json!({"name": "nats"}))
                 .sign("alice");
             let link = if name == "unknown_version-fractional-seq" {
-                link.replace("\"v\":1}", "\"v\":2}")
+                link.replace("\"v\":1}", "\"v\":3}")
             } else {
                 link
             };
@@ -707,7 +802,284 @@ fn generate() -> Vec<Vector> {
             error(code, position),
         ));
     }
+
+    devices(&mut out);
     out
+}
+
+/// The device vectors (PROTOCOL.md §4.3, §4.5): version 2 links after alice's version 1 start.
+fn devices(out: &mut Vec<Vector>) {
+    let laptop_added = |c: &Chain| c.add_device("alice", "alice-laptop", "laptop", "desktop");
+    let alice_revoked_by_laptop = |c: &Chain| c.revoke_device("alice-laptop", "alice", None);
+    let rotated_in_v1 = |c: &Chain| c.rotate(1, "alice", "alice2");
+
+    let good = Chain::alice_base().then(&[
+        &laptop_added,
+        &|c| c.add_device("alice", "alice-paper", "paper", "paper"),
+        &|c| c.claim(2, "alice-laptop", "alice-gh"),
+        &|c| c.revoke_device("alice-laptop", "alice", Some("phone lost on the train")),
+        &|c| c.rotate(2, "alice-laptop", "alice-laptop2"),
+        &|c| {
+            c.draft_v2(
+                "alice",
+                "alice-laptop2",
+                "set_shared_files",
+                json!({"manifest": MANIFEST_1, "providers": []}),
+            )
+            .sign("alice-laptop2")
+        },
+    ]);
+    out.push(good_vector(
+        "good-devices",
+        "alice's two version 1 links, then version 2: she adds her laptop (desktop) and a paper key, the laptop signs a claim and revokes alice's own key (the primary device) with a reason, the laptop rotates to a new key (its entry revoked, the new key added with its name and kind), and the new key signs. The current key ends as the paper key, the earliest-added device still active.",
+        &["alice", "alice-laptop", "alice-laptop2", "alice-paper"],
+        good.links,
+    ));
+
+    let first = Chain::new();
+    let link = first
+        .draft_v2("alice", "alice", "add_device", Value::Null)
+        .device_counter_signed(
+            "alice-paper",
+            "paper",
+            "paper",
+            "alice-paper",
+            SignatureDomain::SigchainAddDevice,
+        )
+        .sign("alice");
+    out.push(good_vector(
+        "good-devices-first-link",
+        "A chain whose first link is version 2: alice adds a paper key.",
+        &["alice", "alice-paper"],
+        vec![link],
+    ));
+
+    // One chain per failure: the shared start, then the links named.
+    type Step<'a> = &'a dyn Fn(&Chain) -> String;
+    let cases: Vec<(&str, &str, Vec<&str>, Vec<Step>)> = vec![
+        (
+            "not_a_device",
+            "Link 3 is version 2 and signed by bob, who was never a device of alice's chain.",
+            vec!["alice", "bob"],
+            vec![&|c| c.claim(2, "bob", "alice-gh")],
+        ),
+        (
+            "revoked_signer",
+            "Link 3 adds alice's laptop, link 4 (by the laptop) revokes alice's own key, and link 5 is signed by that revoked key.",
+            vec!["alice", "alice-laptop"],
+            vec![&laptop_added, &alice_revoked_by_laptop, &|c| {
+                c.claim(2, "alice", "alice-gh")
+            }],
+        ),
+        (
+            "revoked_signer-add_device",
+            "Link 3 adds alice's laptop, link 4 (by the laptop) revokes alice's own key, and in link 5 that revoked key adds a paper key (validly counter-signed).",
+            vec!["alice", "alice-laptop", "alice-paper"],
+            vec![&laptop_added, &alice_revoked_by_laptop, &|c| {
+                c.add_device("alice", "alice-paper", "paper", "paper")
+            }],
+        ),
+        (
+            "revoked_signer-rotated-in-v1",
+            "Link 3 rotates alice to alice2 (version 1); link 4 is version 2 and signed by alice, whose device the rotation revoked.",
+            vec!["alice", "alice2"],
+            vec![&rotated_in_v1, &|c| c.claim(2, "alice", "alice-gh")],
+        ),
+        (
+            "malformed-add_device-missing-counter_sig",
+            "Link 3 adds alice's laptop without a counter_sig member.",
+            vec!["alice", "alice-laptop"],
+            vec![&|c| {
+                c.draft_v2(
+                    "alice",
+                    "alice",
+                    "add_device",
+                    json!({"key": public("alice-laptop"), "name": "laptop", "kind": "desktop"}),
+                )
+                .sign("alice")
+            }],
+        ),
+        (
+            "bad_counter_signature-add_device",
+            "Link 3 adds alice's laptop, but the counter-signature is bob's.",
+            vec!["alice", "alice-laptop", "bob"],
+            vec![&|c| {
+                c.draft_v2("alice", "alice", "add_device", Value::Null)
+                    .device_counter_signed(
+                        "alice-laptop",
+                        "laptop",
+                        "desktop",
+                        "bob",
+                        SignatureDomain::SigchainAddDevice,
+                    )
+                    .sign("alice")
+            }],
+        ),
+        (
+            "bad_counter_signature-add_device-rotate-domain",
+            "Link 3 adds alice's laptop; the laptop's counter-signature is over the right bytes but in the rotate domain (KEZ-SIGCHAIN-ROTATE-V1).",
+            vec!["alice", "alice-laptop"],
+            vec![&|c| {
+                c.draft_v2("alice", "alice", "add_device", Value::Null)
+                    .device_counter_signed(
+                        "alice-laptop",
+                        "laptop",
+                        "desktop",
+                        "alice-laptop",
+                        SignatureDomain::SigchainRotate,
+                    )
+                    .sign("alice")
+            }],
+        ),
+        (
+            "malformed-device-kind",
+            "Link 3 adds a device of kind laptop, which is not a device kind.",
+            vec!["alice", "alice-laptop"],
+            vec![&|c| c.add_device("alice", "alice-laptop", "laptop", "laptop")],
+        ),
+        (
+            "malformed-add_device-in-v1",
+            "Link 3 adds alice's laptop, validly counter-signed, in a version 1 link. The release before devices would accept it as an unknown operation and ignore it; it must not be ignored.",
+            vec!["alice", "alice-laptop"],
+            vec![&|c| {
+                c.draft("alice", "alice", "add_device", Value::Null)
+                    .device_counter_signed(
+                        "alice-laptop",
+                        "laptop",
+                        "desktop",
+                        "alice-laptop",
+                        SignatureDomain::SigchainAddDevice,
+                    )
+                    .sign("alice")
+            }],
+        ),
+        (
+            "malformed-revoke_device-in-v1",
+            "Link 3 revokes bob's key in a version 1 link (in version 2 it would be unknown_device, at step 13).",
+            vec!["alice", "bob"],
+            vec![&|c| {
+                c.draft(
+                    "alice",
+                    "alice",
+                    "revoke_device",
+                    json!({"key": public("bob")}),
+                )
+                .sign("alice")
+            }],
+        ),
+        (
+            "last_device",
+            "Link 3: alice revokes her own key, the chain's only device.",
+            vec!["alice"],
+            vec![&|c| c.revoke_device("alice", "alice", None)],
+        ),
+        (
+            "duplicate_device",
+            "Link 3 adds alice's laptop, link 4 revokes it, link 5 adds the same key again.",
+            vec!["alice", "alice-laptop"],
+            vec![
+                &laptop_added,
+                &|c| c.revoke_device("alice", "alice-laptop", None),
+                &laptop_added,
+            ],
+        ),
+        (
+            "duplicate_device-rotated-in-v1",
+            "Link 3 rotates alice to alice2 (version 1); in link 4 alice2 adds alice's key, the chain id, back as a device.",
+            vec!["alice", "alice2"],
+            vec![&rotated_in_v1, &|c| {
+                c.add_device("alice2", "alice", "old", "cli")
+            }],
+        ),
+        (
+            "duplicate_device-rotate",
+            "Link 3 adds alice's laptop; in link 4 (version 2) alice rotates to the laptop's key.",
+            vec!["alice", "alice-laptop"],
+            vec![&laptop_added, &|c| c.rotate(2, "alice", "alice-laptop")],
+        ),
+        (
+            "rotate_to_same_key-v2",
+            "Link 3 adds alice's laptop; in link 4 (version 2) the laptop rotates to its own key.",
+            vec!["alice", "alice-laptop"],
+            vec![&laptop_added, &|c| {
+                c.rotate(2, "alice-laptop", "alice-laptop")
+            }],
+        ),
+        (
+            "duplicate_device_name",
+            "Link 3 adds alice's laptop under the name primary, which her own key's device has.",
+            vec!["alice", "alice-laptop"],
+            vec![&|c| c.add_device("alice", "alice-laptop", "primary", "desktop")],
+        ),
+        (
+            "unknown_device",
+            "Link 3 revokes bob's key, never a device of alice's chain.",
+            vec!["alice", "bob"],
+            vec![&|c| c.revoke_device("alice", "bob", None)],
+        ),
+        (
+            "device_revoked",
+            "Link 3 adds alice's laptop, link 4 revokes it, link 5 revokes it again.",
+            vec!["alice", "alice-laptop"],
+            vec![
+                &laptop_added,
+                &|c| c.revoke_device("alice", "alice-laptop", None),
+                &|c| c.revoke_device("alice", "alice-laptop", Some("again")),
+            ],
+        ),
+        (
+            "version_downgrade",
+            "Link 3 is version 2 (a claim by alice); link 4 is version 1, otherwise valid.",
+            vec!["alice"],
+            vec![&|c| c.claim(2, "alice", "alice-gh"), &|c| {
+                c.claim(1, "alice", "alice.example")
+            }],
+        ),
+        (
+            "version_downgrade-before-shape",
+            "Link 3 is version 2; link 4 is version 1 and has no time member: the version is checked first (step 3).",
+            vec!["alice"],
+            vec![&|c| c.claim(2, "alice", "alice-gh"), &|c| {
+                let mut draft =
+                    c.draft("alice", "alice", "remove_endpoint", json!({"name": "nats"}));
+                draft.value.as_object_mut().unwrap().remove("time");
+                draft.sign("alice")
+            }],
+        ),
+    ];
+    for (name, description, keys, steps) in cases {
+        let chain = Chain::alice_base().then(&steps);
+        let position = chain.links.len();
+        out.push(vector(
+            name,
+            description,
+            &keys,
+            chain.links,
+            error(name.split('-').next().unwrap(), position),
+        ));
+    }
+
+    // One device past the most that may be active: alice and 31 devices, then a 33rd.
+    let device_names: Vec<String> = (1..=MAX_ACTIVE_DEVICES)
+        .map(|i| format!("device-{i}"))
+        .collect();
+    let mut chain = Chain::alice_base();
+    for name in &device_names {
+        let link = chain.add_device("alice", name, name, "cli");
+        chain = chain.push(link);
+    }
+    let position = chain.links.len();
+    let mut keys = vec!["alice"];
+    keys.extend(device_names.iter().map(String::as_str));
+    out.push(vector(
+        "too_many_devices",
+        &format!(
+            "The shared start, then alice adds {MAX_ACTIVE_DEVICES} devices: the last would be the 33rd active one. (The other limit, 256 device entries, has no file: 255 version 2 rotations from alice's start, then an add_device, fail at link 258.)"
+        ),
+        &keys,
+        chain.links,
+        error("too_many_devices", position),
+    ));
 }
 
 /// The deepest nesting of arrays and objects a link may have (PROTOCOL.md §3), the link
@@ -759,7 +1131,7 @@ fn a_link_may_nest_127_levels_and_no_more() {
     }
 }
 
-fn good(name: &str, description: &str, keys: &[&str], links: Vec<String>) -> Vector {
+fn good_vector(name: &str, description: &str, keys: &[&str], links: Vec<String>) -> Vector {
     let state = Sigchain::verify(&links).unwrap_or_else(|err| panic!("{name} must verify: {err}"));
     vector(
         name,
@@ -852,9 +1224,45 @@ fn verifier_agrees_with_every_committed_vector() {
             }
             (expect, got) => panic!("{}: expected {expect:?}, got {got:?}", vector.name),
         }
+        check_expect_v1(&vector);
         checked += 1;
     }
     assert!(checked >= ChainErrorKind::ALL_CODES.len() + 2);
+}
+
+/// `expect_v1` is there exactly when a link has `v` 2, and says what a verifier of version 1
+/// only must answer: every link before the first version 2 link verifies (they are version 1
+/// links, which that verifier reads as this one does), and that link reaches step 3 (its size
+/// and syntax pass) with a version it does not know.
+fn check_expect_v1(vector: &Vector) {
+    let name = &vector.name;
+    let versions: Vec<Option<u64>> = vector
+        .links
+        .iter()
+        .map(|link| {
+            serde_json::from_str::<Value>(link)
+                .ok()
+                .and_then(|value| value["v"].as_u64())
+        })
+        .collect();
+    let Some(first_v2) = versions.iter().position(|v| *v == Some(2)) else {
+        assert_eq!(vector.expect_v1, None, "{name}: no link has v 2");
+        return;
+    };
+    assert_eq!(
+        vector.expect_v1,
+        Some(error("unknown_version", first_v2 + 1)),
+        "{name}"
+    );
+    assert!(vector.links[first_v2].len() <= MAX_LINK_BYTES, "{name}");
+    assert!(
+        versions[..first_v2].iter().all(|v| *v == Some(1)),
+        "{name}: the links before are version 1"
+    );
+    if first_v2 > 0 {
+        Sigchain::verify(&vector.links[..first_v2])
+            .unwrap_or_else(|err| panic!("{name}: the links before the first v2 one: {err}"));
+    }
 }
 
 #[test]
@@ -875,39 +1283,86 @@ fn every_failure_code_has_a_vector() {
     }
 }
 
-/// The library's builder must produce exactly the bytes of the independently built vectors.
+/// The library's builder must produce exactly the bytes of the independently built vectors,
+/// the version of each link included (version 1 while it can say the link).
 #[test]
-fn builder_reproduces_the_good_full_vector() {
-    let vector = generate()
-        .into_iter()
-        .find(|v| v.name == "good-full")
-        .unwrap();
-    let mut chain: Option<Sigchain> = None;
-    for (i, text) in vector.links.iter().enumerate() {
-        let parsed = kez_core::SignedLink::parse(text.as_bytes()).unwrap();
-        let link = parsed.link().clone();
-        let (signer, new_key) = match link.signer.to_string() {
-            s if s == public("alice") => ("alice", "alice2"),
-            _ => ("alice2", ""),
+fn builder_reproduces_the_good_vectors() {
+    for name in ["good-full", "good-devices"] {
+        let vector = generate().into_iter().find(|v| v.name == name).unwrap();
+        let secret_of = |key: &PublicKey| {
+            let name = vector
+                .keys
+                .iter()
+                .find(|(_, vector_key)| vector_key.public == key.to_string())
+                .map(|(name, _)| name)
+                .expect("every key of the vector is listed");
+            secret(name)
         };
-        let draft = match &chain {
-            None => UnsignedLink::first(link.chain, link.time, link.op.clone()),
-            Some(chain) => chain.next_link(link.time, link.op.clone()),
-        };
-        let rebuilt = match link.op {
-            Op::Rotate { .. } => draft
-                .sign_rotation(&secret(signer), &secret(new_key))
-                .unwrap(),
-            _ => draft.sign(&secret(signer)).unwrap(),
-        };
-        assert_eq!(rebuilt.bytes(), text.as_bytes(), "link {}", i + 1);
-        match &mut chain {
-            None => chain = Some(Sigchain::start(rebuilt.bytes()).unwrap()),
-            Some(chain) => {
-                chain.append(rebuilt.bytes()).unwrap();
+        let mut chain: Option<Sigchain> = None;
+        for (i, text) in vector.links.iter().enumerate() {
+            let link = kez_core::SignedLink::parse(text.as_bytes())
+                .unwrap()
+                .link()
+                .clone();
+            let signer = secret_of(&link.signer);
+            let rebuilt = match (&chain, &link.op) {
+                (None, op) => UnsignedLink::first(link.chain, link.time, op.clone())
+                    .sign(&signer)
+                    .unwrap(),
+                (Some(chain), Op::Rotate { new_key, .. }) => chain
+                    .next_link_by(link.signer, link.time, link.op.clone())
+                    .sign_rotation(&signer, &secret_of(new_key))
+                    .unwrap(),
+                (
+                    Some(chain),
+                    Op::AddDevice {
+                        key, name, kind, ..
+                    },
+                ) => chain
+                    .add_device_link(link.time, &signer, &secret_of(key), name, *kind)
+                    .unwrap(),
+                (Some(chain), Op::RevokeDevice { key, reason }) => chain
+                    .revoke_device_link(link.time, &signer, *key, reason.as_deref())
+                    .unwrap(),
+                (Some(chain), op) if link.signer == chain.current_key() => chain
+                    .next_link(link.time, op.clone())
+                    .sign(&signer)
+                    .unwrap(),
+                (Some(chain), op) => chain
+                    .next_link_by(link.signer, link.time, op.clone())
+                    .sign(&signer)
+                    .unwrap(),
+            };
+            assert_eq!(rebuilt.bytes(), text.as_bytes(), "{name}: link {}", i + 1);
+            match &mut chain {
+                None => chain = Some(Sigchain::start(rebuilt.bytes()).unwrap()),
+                Some(chain) => {
+                    chain.append(rebuilt.bytes()).unwrap();
+                }
             }
         }
     }
+}
+
+/// PROTOCOL.md §4.5: the 256-entry device limit, which has no file, is reached as described
+/// there: 255 version 2 rotations from alice's start, then an `add_device` at link 258.
+#[test]
+fn the_device_entry_limit_is_reached_where_protocol_md_says() {
+    let key_name = |i: usize| format!("rotation-{i}");
+    let mut chain = Chain::alice_base();
+    let mut signer = "alice".to_owned();
+    for i in 1..=255 {
+        let next = key_name(i);
+        let link = chain.rotate(2, &signer, &next);
+        chain = chain.push(link);
+        signer = next;
+    }
+    let link = chain.add_device(&signer, "alice-laptop", "laptop", "desktop");
+    let chain = chain.push(link);
+    let err = Sigchain::verify(&chain.links).unwrap_err();
+    assert_eq!((err.kind.code(), err.position), ("too_many_devices", 258));
+    let verified = Sigchain::verify(&chain.links[..257]).unwrap();
+    assert_eq!(verified.devices().len(), 256);
 }
 
 /// The group order L, little-endian.

@@ -199,19 +199,28 @@ impl From<ChainErrorKind> for ErrorAnswer {
             | ChainErrorKind::TooManyLinks
             | ChainErrorKind::TooManyEndpoints
             | ChainErrorKind::TooManyClaims
-            | ChainErrorKind::TooManyUnknownOps => 413,
+            | ChainErrorKind::TooManyUnknownOps
+            | ChainErrorKind::TooManyDevices => 413,
             ChainErrorKind::BadSignature | ChainErrorKind::BadCounterSignature => 401,
-            ChainErrorKind::NotCurrentKey { .. } => 403,
+            ChainErrorKind::NotCurrentKey { .. }
+            | ChainErrorKind::RevokedSigner { .. }
+            | ChainErrorKind::NotADevice { .. } => 403,
             ChainErrorKind::WrongSeq { .. } | ChainErrorKind::WrongPrev => 409,
             ChainErrorKind::Empty
             | ChainErrorKind::UnknownVersion { .. }
+            | ChainErrorKind::VersionDowngrade
             | ChainErrorKind::Malformed(_)
             | ChainErrorKind::WrongChain { .. }
             | ChainErrorKind::RotateToSameKey
             | ChainErrorKind::DuplicateEndpoint { .. }
             | ChainErrorKind::UnknownEndpoint { .. }
             | ChainErrorKind::DuplicateClaim { .. }
-            | ChainErrorKind::UnknownClaim { .. } => 400,
+            | ChainErrorKind::UnknownClaim { .. }
+            | ChainErrorKind::DuplicateDevice { .. }
+            | ChainErrorKind::DuplicateDeviceName { .. }
+            | ChainErrorKind::UnknownDevice { .. }
+            | ChainErrorKind::DeviceRevoked { .. }
+            | ChainErrorKind::LastDevice { .. } => 400,
         };
         ErrorAnswer::new(code, err.code(), err.to_string())
     }
