@@ -4,15 +4,19 @@
 //! unread; carol silent). `kez_chat_server::migrate::move_legacy_inbox` moves the waiting
 //! messages into a stream of the current layout and removes the old one; the messages are
 //! compared by `Nats-Msg-Id` and payload bytes with what the old stream held (decrypting them
-//! is the client's business).
+//! is the client's business). The chain states 0.1 kept (without devices) are verified again
+//! from their links at the next append, after which their owners can add devices.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use kez_chat_server::migrate::{Moved, move_legacy_inbox};
-use kez_core::PublicKey;
+use kez_client::{Connection, Home};
+use kez_core::sigchain::{DeviceKind, Endpoint};
+use kez_core::{Op, PublicKey, SecretKey};
 use kez_tests::previous_release::{DevBroker, Fixture};
 use tempfile::TempDir;
 
@@ -427,6 +431,7 @@ async fn the_current_binaries_take_over_the_store_and_homes_the_previous_release
     .unwrap();
     assert!(sent.status.success(), "{sent:?}");
     assert_eq!(inbox("bob", first.url.clone()).await, ["after the upgrade"]);
+    owner_of_a_chain_kept_by_0_1_appends_and_adds_a_device(&fixture, &first.url).await;
 
     let server = async_nats::ConnectOptions::with_nkey(
         kez_chat_server::nats_conf::read_nkey_seed(
@@ -460,6 +465,59 @@ async fn the_current_binaries_take_over_the_store_and_homes_the_previous_release
     );
     assert!(inbox("alice", second.url.clone()).await.is_empty());
     assert!(inbox("bob", second.url.clone()).await.is_empty());
+}
+
+/// The server kept 0.1's chain states without devices; the owner of such a chain appends to it
+/// (the server verifies it again from its links, once) and adds a device with a version 2 link,
+/// and a lookup's chain shows both devices.
+async fn owner_of_a_chain_kept_by_0_1_appends_and_adds_a_device(fixture: &Fixture, url: &str) {
+    let alice = Arc::new(Home::open(fixture.home("alice")).unwrap().key().unwrap());
+    let me = alice.public_key();
+    let connection = Connection::connect(url, alice.clone()).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let before = connection.chain(&me).await.unwrap();
+    let link = before
+        .next_link(
+            now,
+            Op::AddEndpoint(Endpoint {
+                name: "note".into(),
+                kind: "note".into(),
+                address: "after the upgrade".into(),
+            }),
+        )
+        .sign(&alice)
+        .unwrap();
+    assert_eq!(
+        link.link().version,
+        1,
+        "a chain without devices is still written in v1"
+    );
+    let head = connection.append(link.bytes()).await.unwrap();
+    assert_eq!(head.seq, before.seq() + 1);
+
+    let laptop = SecretKey::generate();
+    let chain = connection.chain(&me).await.unwrap();
+    let added = chain
+        .add_device_link(now, &alice, &laptop, "laptop", DeviceKind::Desktop)
+        .unwrap();
+    let head = connection.append(added.bytes()).await.unwrap();
+    assert_eq!(head.head, added.hash());
+
+    let after = connection.chain(&me).await.unwrap();
+    let devices: Vec<(PublicKey, &str, bool)> = after
+        .devices()
+        .iter()
+        .map(|device| (device.key, device.name.as_str(), device.is_active()))
+        .collect();
+    assert_eq!(
+        devices,
+        [(me, "primary", true), (laptop.public_key(), "laptop", true)]
+    );
+    assert!(after.endpoints().contains_key("note"));
+    connection.close().await.unwrap();
 }
 
 /// `kez-chat --home <home> args…`, isolated from the developer's environment.
