@@ -55,7 +55,7 @@ use kez_client::{
 };
 use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
-use kez_core::sigchain::Endpoint;
+use kez_core::sigchain::{Device, Endpoint};
 use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
 use serde_json::{Value, json};
 
@@ -148,6 +148,13 @@ enum Command {
     Profile {
         /// The handle, e.g. `@bob` or `@bob@kez.lat`.
         handle: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the own devices, from the own sigchain as verified here (never the server's word):
+    /// each device's name, kind, key, and the links that added and revoked it.
+    Devices {
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -342,6 +349,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         } => app.add(&handle, accept_key, json).await,
         Command::Contacts { json } => app.contacts(json),
         Command::Profile { handle, json } => app.profile(&handle, json).await,
+        Command::Devices { json } => app.devices(json).await,
         Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
@@ -686,6 +694,30 @@ impl App {
         Ok(())
     }
 
+    /// `devices`: the own chain's devices, verified here.
+    async fn devices(&self, json: bool) -> Result<(), Failure> {
+        let conn = self.connect().await?;
+        let me = conn.public_key();
+        let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        let _ = conn.close().await;
+        if json {
+            print_json(&json!({
+                "this_device": me.to_string(),
+                "devices": devices_json(chain.devices()),
+            }));
+            return Ok(());
+        }
+        for device in chain.devices() {
+            let this = if device.key == me {
+                "  (this device)"
+            } else {
+                ""
+            };
+            println!("{}{this}", device_line(device));
+        }
+        Ok(())
+    }
+
     /// `profile @name`: the registry's record and the verified sigchain, and how the key
     /// compares with the pinned one.
     async fn profile(&self, handle: &str, json: bool) -> Result<(), Failure> {
@@ -720,6 +752,7 @@ impl App {
                     "time": chain.time(),
                     "current_key": chain.current_key().to_string(),
                     "rotated": chain.current_key() != chain.chain_id(),
+                    "devices": devices_json(chain.devices()),
                     "endpoints": chain.endpoints().values().collect::<Vec<_>>(),
                     "claims": chain.claims(),
                     "shared_files": chain.shared_files(),
@@ -759,6 +792,9 @@ impl App {
             println!("rotations   none: the registering key still signs");
         } else {
             println!("rotations   rotated: now signed by {}", chain.current_key());
+        }
+        for device in chain.devices() {
+            println!("device      {}", device_line(device));
         }
         if chain.endpoints().is_empty() {
             println!("endpoints   none");
@@ -1292,6 +1328,37 @@ fn clock(time: u64) -> String {
                 .to_string()
         })
         .unwrap_or_else(|| format!("unix time {time}"))
+}
+
+/// One device on one line: its name (a peer's text, escaped), kind, key and history.
+fn device_line(device: &Device) -> String {
+    let state = match device.revoked {
+        None => format!("added at link {}", device.added),
+        Some(revoked) => format!("added at link {}, REVOKED at link {revoked}", device.added),
+    };
+    format!(
+        "{}  {}  {}  {state}",
+        display::inline(&device.name),
+        device.kind,
+        device.key
+    )
+}
+
+/// The devices as JSON: the state's own form (PROTOCOL.md §4.4), plus whether each is active.
+fn devices_json(devices: &[Device]) -> Value {
+    devices
+        .iter()
+        .map(|device| {
+            json!({
+                "key": device.key.to_string(),
+                "name": device.name,
+                "kind": device.kind.as_str(),
+                "added": device.added,
+                "revoked": device.revoked,
+                "active": device.is_active(),
+            })
+        })
+        .collect()
 }
 
 /// Prints JSON to stdout, one line.

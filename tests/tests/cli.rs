@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use kez_core::sigchain::DeviceKind;
 use kez_core::{Op, SecretKey};
 use kez_proto::subjects::MAIL_STREAM;
 use kez_tests::callout::CalloutStack;
@@ -299,6 +300,86 @@ async fn a_rotation_in_the_sigchain_is_followed_without_a_warning() {
     assert!(
         !String::from_utf8_lossy(&output.stderr).contains("rotated"),
         "{output:?}"
+    );
+}
+
+/// `devices` lists the own chain's devices as verified by the client, and `profile` shows a
+/// contact's: the first key as `primary`, then a device added by a link, then one revoked.
+#[tokio::test]
+async fn devices_and_profiles_show_the_devices_the_chain_says() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let bob_key = key_of(&bob);
+    let me = bob_key.public_key();
+
+    let listed: Value = serde_json::from_str(&bob.ok(&["devices", "--json"]).await).unwrap();
+    assert_eq!(listed["this_device"], me.to_string());
+    assert_eq!(
+        listed["devices"],
+        serde_json::json!([{ "key": me.to_string(), "name": "primary", "kind": "cli",
+            "added": 1, "revoked": null, "active": true }])
+    );
+
+    let laptop = SecretKey::generate();
+    let paper = SecretKey::generate();
+    let conn = kez_client::Connection::connect(&url, bob_key.clone())
+        .await
+        .unwrap();
+    for (device, name, kind) in [
+        (&laptop, "laptop", DeviceKind::Desktop),
+        (&paper, "paper1", DeviceKind::Paper),
+    ] {
+        let chain = conn.chain(&me).await.unwrap();
+        let link = chain
+            .add_device_link(kez_client::now(), &bob_key, device, name, kind)
+            .unwrap();
+        conn.append(link.bytes()).await.unwrap();
+    }
+    let chain = conn.chain(&me).await.unwrap();
+    let revoke = chain
+        .revoke_device_link(kez_client::now(), &bob_key, paper.public_key(), None)
+        .unwrap();
+    conn.append(revoke.bytes()).await.unwrap();
+    let seq = conn.chain(&me).await.unwrap().seq();
+    conn.close().await.unwrap();
+
+    let text = bob.ok(&["devices"]).await;
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(
+        lines[0],
+        format!("primary  cli  {me}  added at link 1  (this device)")
+    );
+    assert!(
+        lines[1].starts_with(&format!(
+            "laptop  desktop  {}  added at link",
+            laptop.public_key()
+        )),
+        "{text}"
+    );
+    assert!(
+        lines[2].ends_with(&format!("REVOKED at link {seq}"))
+            && lines[2].starts_with("paper1  paper"),
+        "{text}"
+    );
+
+    let profile: Value =
+        serde_json::from_str(&alice.ok(&["profile", "@bob", "--json"]).await).unwrap();
+    let devices = profile["sigchain"]["devices"].as_array().unwrap();
+    let active: Vec<&str> = devices
+        .iter()
+        .filter(|device| device["active"] == true)
+        .map(|device| device["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(active, ["primary", "laptop"]);
+    let text = alice.ok(&["profile", "@bob"]).await;
+    assert!(
+        text.contains(&format!(
+            "device      laptop  desktop  {}",
+            laptop.public_key()
+        )),
+        "{text}"
     );
 }
 
