@@ -55,7 +55,8 @@ use kez_client::{
 };
 use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
-use kez_core::sigchain::{Device, Endpoint};
+use kez_core::paper::{PAPER_KEY_WORDS, PaperKey};
+use kez_core::sigchain::{Device, DeviceKind, Endpoint};
 use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
 use serde_json::{Value, json};
 
@@ -158,6 +159,14 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Make a paper key: 24 words that are a device of your identity, kept on paper for when
+    /// every other device is lost. Shown once and never stored; you type one of them back
+    /// before it is added to your sigchain.
+    Paperkey {
+        /// Its device name (default: `paper1`, or the next number free).
+        #[arg(long)]
+        name: Option<String>,
     },
     /// List the contacts and their pinned keys.
     Contacts {
@@ -350,6 +359,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Contacts { json } => app.contacts(json),
         Command::Profile { handle, json } => app.profile(&handle, json).await,
         Command::Devices { json } => app.devices(json).await,
+        Command::Paperkey { name } => app.paperkey(name).await,
         Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
@@ -715,6 +725,107 @@ impl App {
             };
             println!("{}{this}", device_line(device));
         }
+        Ok(())
+    }
+
+    /// `paperkey [--name NAME]`: a new paper key, shown once, confirmed by one word typed back,
+    /// then added to the own chain as a device of kind `paper`. Nothing changes unless the
+    /// word is right.
+    async fn paperkey(&self, name: Option<String>) -> Result<(), Failure> {
+        let key = self.key()?;
+        let me = key.public_key();
+        let conn = self.connect().await?;
+        let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        let name = name.unwrap_or_else(|| {
+            (1..)
+                .map(|n| format!("paper{n}"))
+                .find(|name| !chain.active_devices().any(|device| device.name == *name))
+                .expect("some number is free")
+        });
+        if chain.active_devices().any(|device| device.name == name) {
+            return Err(Failure::new(
+                USAGE,
+                format!(
+                    "a device named {} is already on your chain; choose another with --name",
+                    display::inline(&name)
+                ),
+            ));
+        }
+        let paper = PaperKey::generate();
+        // Made before anything is shown: a name the link cannot carry fails here.
+        let link = chain
+            .add_device_link(
+                kez_client::now(),
+                &key,
+                &paper.secret_key(),
+                &name,
+                DeviceKind::Paper,
+            )
+            .map_err(|err| {
+                Failure::new(
+                    USAGE,
+                    format!(
+                        "cannot add a paper key named {}: {err}; choose another with --name",
+                        display::inline(&name)
+                    ),
+                )
+            })?;
+        println!(
+            "Your paper key {name}: write these {PAPER_KEY_WORDS} words down, in order, and keep the paper safe."
+        );
+        println!(
+            "Whoever has them can act as you. kez-chat shows them only now and never stores them."
+        );
+        println!();
+        for (row, words) in paper.words().chunks(6).enumerate() {
+            let line: Vec<String> = words
+                .iter()
+                .enumerate()
+                .map(|(column, word)| format!("{:>2} {word:<9}", row * 6 + column + 1))
+                .collect();
+            println!("  {}", line.join(" ").trim_end());
+        }
+        println!();
+        let position = PaperKey::position_to_confirm();
+        let mut confirmed = false;
+        for _ in 0..3 {
+            eprint!("Type word {position} from your paper to confirm you wrote them down: ");
+            let mut answer = String::new();
+            let read = std::io::stdin().read_line(&mut answer).map_err(|err| {
+                Failure::new(RUNTIME, format!("cannot read the word from stdin: {err}"))
+            })?;
+            if read == 0 {
+                break;
+            }
+            if paper.is_word(position, &answer) {
+                confirmed = true;
+                break;
+            }
+            eprintln!("That is not word {position}.");
+        }
+        if !confirmed {
+            return Err(Failure::new(
+                USAGE,
+                "the paper key was not confirmed, so it was not added: nothing changed. Run `kez-chat paperkey` again for a new one",
+            ));
+        }
+        let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
+        let _ = conn.close().await;
+        if head.head != link.hash() {
+            return Err(Failure::new(
+                RUNTIME,
+                format!(
+                    "the server answered head {} for the paper key's link {}: it was not stored as sent; run `kez-chat devices` to see what your chain holds",
+                    head.head,
+                    link.hash()
+                ),
+            ));
+        }
+        println!(
+            "Added paper key {name} ({}) to your sigchain at link {}.",
+            paper.secret_key().public_key(),
+            head.seq
+        );
         Ok(())
     }
 

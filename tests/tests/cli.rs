@@ -383,6 +383,104 @@ async fn devices_and_profiles_show_the_devices_the_chain_says() {
     );
 }
 
+/// `paperkey` shows 24 words once, adds the key they encode as a `paper` device only when the
+/// word asked back is right, and leaves no trace of them in the home.
+#[tokio::test]
+async fn a_paper_key_is_shown_once_confirmed_and_becomes_a_device() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let alice = Person::new();
+    alice.register(&url, "alice").await;
+
+    let refused = alice
+        .run_with_stdin(&["paperkey"], "wrong\nwrong\nwrong\n")
+        .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nothing changed"), "{stderr}");
+    let devices = alice.json(&["devices"]).await;
+    assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
+
+    let home = alice.home.clone();
+    let (words, stdout) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Read, Write};
+        let mut child = kez_chat(&home, &["paperkey"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut shown = String::new();
+        let mut words = Vec::new();
+        while words.len() < 24 {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "{shown}");
+            shown.push_str(&line);
+            if line.starts_with("  ") {
+                let tokens: Vec<&str> = line.split_whitespace().collect();
+                for pair in tokens.chunks(2) {
+                    assert_eq!(pair[0], (words.len() + 1).to_string(), "{line}");
+                    words.push(pair[1].to_owned());
+                }
+            }
+        }
+        let mut stderr = child.stderr.take().unwrap();
+        let mut prompt = Vec::new();
+        let mut byte = [0u8];
+        while !prompt.ends_with(b"wrote them down: ") {
+            assert_eq!(stderr.read(&mut byte).unwrap(), 1, "{prompt:?}");
+            prompt.push(byte[0]);
+        }
+        let prompt = String::from_utf8(prompt).unwrap();
+        let position: usize = prompt
+            .split("Type word ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|number| number.parse().ok())
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", words[position - 1]).unwrap();
+        drop(stdin);
+        stdout.read_to_string(&mut shown).unwrap();
+        assert!(child.wait().unwrap().success(), "{shown}");
+        (words, shown)
+    })
+    .await
+    .unwrap();
+    assert!(stdout.contains("Added paper key paper1"), "{stdout}");
+
+    let paper = kez_core::paper::PaperKey::parse(&words.join(" ")).unwrap();
+    let devices = alice.json(&["devices"]).await;
+    let added = &devices["devices"][1];
+    assert_eq!(added["name"], "paper1");
+    assert_eq!(added["kind"], "paper");
+    assert_eq!(added["active"], true);
+    assert_eq!(added["key"], paper.secret_key().public_key().to_string());
+
+    // Neither the words nor the seed they encode were written anywhere in the home.
+    let key_file = paper.secret_key().to_key_file();
+    let seed_hex = key_file.trim().trim_start_matches("ed25519-secret:");
+    let seed: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&seed_hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let mut dirs = vec![alice.home.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(&words[..3].join(" ")), "{path:?}");
+            assert!(!text.contains(seed_hex), "{path:?}");
+            assert!(!bytes.windows(32).any(|window| window == seed), "{path:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn errors_say_what_to_do() {
     let stack = CalloutStack::start().await;

@@ -92,6 +92,14 @@ impl PaperKey {
         self.mnemonic.words().collect()
     }
 
+    /// A position (1 to 24) to ask a person for, to confirm they wrote the words down: random,
+    /// so that writing down one remembered word is not enough.
+    pub fn position_to_confirm() -> usize {
+        use rand_core::RngCore;
+        // 2^64 is not a multiple of 24; the bias is below 2^-59.
+        (rand_core::OsRng.next_u64() % PAPER_KEY_WORDS as u64) as usize + 1
+    }
+
     /// Whether `answer` is the word at `position` (from 1), as a person types it.
     pub fn is_word(&self, position: usize, answer: &str) -> bool {
         position
@@ -224,6 +232,14 @@ mod tests {
         assert!(!paper.is_word(2, "legal"));
         assert!(!paper.is_word(0, "legal"));
         assert!(!paper.is_word(25, "title"));
+    }
+
+    #[test]
+    fn positions_to_confirm_are_word_positions_and_vary() {
+        let positions: std::collections::BTreeSet<usize> =
+            (0..200).map(|_| PaperKey::position_to_confirm()).collect();
+        assert!(positions.iter().all(|p| (1..=PAPER_KEY_WORDS).contains(p)));
+        assert!(positions.len() > 12, "{positions:?}");
     }
 
     #[test]
