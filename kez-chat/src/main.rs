@@ -114,6 +114,20 @@ struct Cli {
     command: Command,
 }
 
+/// `kez-chat device …`.
+#[derive(Subcommand)]
+enum DeviceChange {
+    /// Revoke a device (a lost phone, a paper key someone may have seen): from the next link on
+    /// its key signs nothing for you. Revoke other devices from this one; the last one stays.
+    Revoke {
+        /// Its name, as `kez-chat devices` lists it.
+        name: String,
+        /// Why, kept in the chain's link (visible to everyone who reads your chain).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
 /// The commands.
 #[derive(Subcommand)]
 enum Command {
@@ -159,6 +173,12 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Change the own devices: `device revoke NAME`.
+    Device {
+        /// What to change.
+        #[command(subcommand)]
+        change: DeviceChange,
     },
     /// Make a paper key: 24 words that are a device of your identity, kept on paper for when
     /// every other device is lost. Shown once and never stored; you type one of them back
@@ -360,6 +380,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Profile { handle, json } => app.profile(&handle, json).await,
         Command::Devices { json } => app.devices(json).await,
         Command::Paperkey { name } => app.paperkey(name).await,
+        Command::Device {
+            change: DeviceChange::Revoke { name, reason },
+        } => app.revoke_device(&name, reason.as_deref()).await,
         Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
@@ -725,6 +748,60 @@ impl App {
             };
             println!("{}{this}", device_line(device));
         }
+        Ok(())
+    }
+
+    /// `device revoke NAME [--reason TEXT]`: a `revoke_device` link for the own active device
+    /// of that name, signed by this device.
+    async fn revoke_device(&self, name: &str, reason: Option<&str>) -> Result<(), Failure> {
+        let key = self.key()?;
+        let me = key.public_key();
+        let conn = self.connect().await?;
+        let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        let Some(device) = chain.active_devices().find(|device| device.name == name) else {
+            let names: Vec<String> = chain
+                .active_devices()
+                .map(|device| display::inline(&device.name))
+                .collect();
+            return Err(Failure::new(
+                failure::NOT_FOUND,
+                format!(
+                    "no active device is named {}; yours are: {}",
+                    display::inline(name),
+                    names.join(", ")
+                ),
+            ));
+        };
+        if device.key == me {
+            return Err(Failure::new(
+                USAGE,
+                format!(
+                    "{} is this device: revoke it from another of your devices",
+                    display::inline(name)
+                ),
+            ));
+        }
+        let revoked = device.key;
+        let link = chain
+            .revoke_device_link(kez_client::now(), &key, revoked, reason)
+            .map_err(|err| Failure::new(USAGE, format!("cannot make the revocation: {err}")))?;
+        let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
+        let _ = conn.close().await;
+        if head.head != link.hash() {
+            return Err(Failure::new(
+                RUNTIME,
+                format!(
+                    "the server answered head {} for the revocation {}: it was not stored as sent; run `kez-chat devices` to see what your chain holds",
+                    head.head,
+                    link.hash()
+                ),
+            ));
+        }
+        println!(
+            "Revoked {} ({revoked}) at link {}: it signs nothing for you from now on.",
+            display::inline(name),
+            head.seq
+        );
         Ok(())
     }
 

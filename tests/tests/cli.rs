@@ -336,13 +336,33 @@ async fn devices_and_profiles_show_the_devices_the_chain_says() {
             .unwrap();
         conn.append(link.bytes()).await.unwrap();
     }
-    let chain = conn.chain(&me).await.unwrap();
-    let revoke = chain
-        .revoke_device_link(kez_client::now(), &bob_key, paper.public_key(), None)
-        .unwrap();
-    conn.append(revoke.bytes()).await.unwrap();
-    let seq = conn.chain(&me).await.unwrap().seq();
+    let seq = conn.chain(&me).await.unwrap().seq() + 1;
     conn.close().await.unwrap();
+
+    let err = bob.fails(&["device", "revoke", "primary"], 2).await;
+    assert!(err.contains("is this device"), "{err}");
+    let err = bob.fails(&["device", "revoke", "phone"], 3).await;
+    assert!(err.contains("yours are: primary, laptop, paper1"), "{err}");
+    let err = bob
+        .fails(
+            &["device", "revoke", "paper1", "--reason", "line\nbreak"],
+            2,
+        )
+        .await;
+    assert!(
+        err.contains("revocation reason must be 1 to 1024 bytes"),
+        "{err}"
+    );
+    let revoked = bob
+        .ok(&["device", "revoke", "paper1", "--reason", "seen by others"])
+        .await;
+    assert!(
+        revoked.starts_with(&format!(
+            "Revoked paper1 ({}) at link {seq}",
+            paper.public_key()
+        )),
+        "{revoked}"
+    );
 
     let text = bob.ok(&["devices"]).await;
     let lines: Vec<&str> = text.lines().collect();
