@@ -133,8 +133,8 @@ url="$(awk '/^  NATS URL/ { print $3; exit }' dev.out)"
 [[ "$url" == nats://127.0.0.1:* ]] || fail "no NATS URL in the dev banner"
 
 say "alice and bob register, each with their own home (key, contacts, messages)"
-step "registered as @alice@kez.localhost" kez-chat --home alice --server "$url" register alice
-step "registered as @bob@kez.localhost" kez-chat --home bob --server "$url" register bob
+step "registered as @alice@kez.localhost" kez-chat --home alice --server "$url" register alice --no-paper-key
+step "registered as @bob@kez.localhost" kez-chat --home bob --server "$url" register bob --no-paper-key
 step "@alice@kez.localhost" kez-chat --home alice whoami
 
 say "They add each other: look up, verify the sigchain, pin the key"

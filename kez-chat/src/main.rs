@@ -128,6 +128,15 @@ enum DeviceChange {
     },
 }
 
+/// Who asks for a new paper key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PaperKeyAsk {
+    /// `kez-chat paperkey`.
+    Command,
+    /// `kez-chat register`, printing JSON or not.
+    Registration { json: bool },
+}
+
 /// The commands.
 #[derive(Subcommand)]
 enum Command {
@@ -136,6 +145,10 @@ enum Command {
     Register {
         /// The name to register, e.g. `alice` or `@alice`.
         name: String,
+        /// Make no paper key (for scripts; `kez-chat paperkey` makes one later). By default a
+        /// registration shows a new paper key once and asks for one of its words back.
+        #[arg(long)]
+        no_paper_key: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -369,7 +382,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         plaintext_flag: cli.allow_plaintext,
     };
     match cli.command {
-        Command::Register { name, json } => app.register(&name, json).await,
+        Command::Register {
+            name,
+            no_paper_key,
+            json,
+        } => app.register(&name, !no_paper_key, json).await,
         Command::Whoami { json } => app.whoami(json).await,
         Command::Add {
             handle,
@@ -379,7 +396,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Contacts { json } => app.contacts(json),
         Command::Profile { handle, json } => app.profile(&handle, json).await,
         Command::Devices { json } => app.devices(json).await,
-        Command::Paperkey { name } => app.paperkey(name).await,
+        Command::Paperkey { name } => app.paperkey(name, PaperKeyAsk::Command).await,
         Command::Device {
             change: DeviceChange::Revoke { name, reason },
         } => app.revoke_device(&name, reason.as_deref()).await,
@@ -509,7 +526,7 @@ impl App {
     }
 
     /// `register <name>`.
-    async fn register(mut self, name: &str, json: bool) -> Result<(), Failure> {
+    async fn register(mut self, name: &str, paper_key: bool, json: bool) -> Result<(), Failure> {
         let url = self.server()?;
         // A name no server takes is refused before a key is made or a server asked (its domain,
         // if it names one, is checked against the server's below).
@@ -616,6 +633,10 @@ impl App {
         self.config.allow_plaintext |= self.plaintext_flag;
         self.config.handle = Some(record.handle.to_string());
         self.home.save_config(&self.config).map_err(Failure::home)?;
+        if paper_key {
+            self.paperkey(None, PaperKeyAsk::Registration { json })
+                .await?;
+        }
         let head = self.confirm(&url, key.clone()).await?;
         if json {
             print_json(&json!({
@@ -805,14 +826,30 @@ impl App {
         Ok(())
     }
 
-    /// `paperkey [--name NAME]`: a new paper key, shown once, confirmed by one word typed back,
-    /// then added to the own chain as a device of kind `paper`. Nothing changes unless the
-    /// word is right.
-    async fn paperkey(&self, name: Option<String>) -> Result<(), Failure> {
+    /// A new paper key, shown once, confirmed by one word typed back, then added to the own
+    /// chain as a device of kind `paper` (`paperkey`, and `register` unless `--no-paper-key`).
+    /// Nothing changes unless the word is right. For `register`, a chain that already has an
+    /// active paper key gets none (registering again is harmless), and with `--json` the words
+    /// go to stderr, the terminal, not into the JSON.
+    async fn paperkey(&self, name: Option<String>, asked: PaperKeyAsk) -> Result<(), Failure> {
         let key = self.key()?;
         let me = key.public_key();
         let conn = self.connect().await?;
         let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        if asked != PaperKeyAsk::Command
+            && chain
+                .active_devices()
+                .any(|device| device.kind == DeviceKind::Paper)
+        {
+            return Ok(());
+        }
+        let say = |line: &str| {
+            if asked == (PaperKeyAsk::Registration { json: true }) {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+        };
         let name = name.unwrap_or_else(|| {
             (1..)
                 .map(|n| format!("paper{n}"))
@@ -847,22 +884,21 @@ impl App {
                     ),
                 )
             })?;
-        println!(
+        say(&format!(
             "Your paper key {name}: write these {PAPER_KEY_WORDS} words down, in order, and keep the paper safe."
-        );
-        println!(
-            "Whoever has them can act as you. kez-chat shows them only now and never stores them."
-        );
-        println!();
+        ));
+        say("It recovers your identity when every device is lost. Whoever has it can act as you.");
+        say("kez-chat shows it only now and never stores it.");
+        say("");
         for (row, words) in paper.words().chunks(6).enumerate() {
             let line: Vec<String> = words
                 .iter()
                 .enumerate()
                 .map(|(column, word)| format!("{:>2} {word:<9}", row * 6 + column + 1))
                 .collect();
-            println!("  {}", line.join(" ").trim_end());
+            say(&format!("  {}", line.join(" ").trim_end()));
         }
-        println!();
+        say("");
         let position = PaperKey::position_to_confirm();
         let mut confirmed = false;
         for _ in 0..3 {
@@ -881,9 +917,17 @@ impl App {
             eprintln!("That is not word {position}.");
         }
         if !confirmed {
+            let what = match asked {
+                PaperKeyAsk::Command => "nothing changed",
+                PaperKeyAsk::Registration { .. } => {
+                    "you are registered, without a paper key (scripts: register with --no-paper-key)"
+                }
+            };
             return Err(Failure::new(
                 USAGE,
-                "the paper key was not confirmed, so it was not added: nothing changed. Run `kez-chat paperkey` again for a new one",
+                format!(
+                    "the paper key was not confirmed, so it was not added: {what}. Run `kez-chat paperkey` for a new one"
+                ),
             ));
         }
         let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
@@ -898,11 +942,11 @@ impl App {
                 ),
             ));
         }
-        println!(
+        say(&format!(
             "Added paper key {name} ({}) to your sigchain at link {}.",
             paper.secret_key().public_key(),
             head.seq
-        );
+        ));
         Ok(())
     }
 

@@ -97,7 +97,8 @@ impl Person {
 
     /// `register <name>` against `server`.
     pub async fn register(&self, server: &str, name: &str) -> String {
-        self.ok(&["--server", server, "register", name]).await
+        self.ok(&["--server", server, "register", name, "--no-paper-key"])
+            .await
     }
 }
 

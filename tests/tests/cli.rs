@@ -37,7 +37,9 @@ async fn two_people_chat_through_the_cli() {
         "register wrote the nats and the iroh endpoints"
     );
     // Registering again changes nothing.
-    let again = alice.run(&["--server", &url, "register", "alice"]).await;
+    let again = alice
+        .run(&["--server", &url, "register", "alice", "--no-paper-key"])
+        .await;
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(
         again.status.success() && said.contains("already registered as @alice@kez.test"),
@@ -421,10 +423,49 @@ async fn a_paper_key_is_shown_once_confirmed_and_becomes_a_device() {
     let devices = alice.json(&["devices"]).await;
     assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
 
-    let home = alice.home.clone();
-    let (words, stdout) = tokio::task::spawn_blocking(move || {
+    let (words, stdout) = type_back_a_paper_key(&alice, &["paperkey"]).await;
+    assert!(stdout.contains("Added paper key paper1"), "{stdout}");
+
+    let paper = kez_core::paper::PaperKey::parse(&words.join(" ")).unwrap();
+    let devices = alice.json(&["devices"]).await;
+    let added = &devices["devices"][1];
+    assert_eq!(added["name"], "paper1");
+    assert_eq!(added["kind"], "paper");
+    assert_eq!(added["active"], true);
+    assert_eq!(added["key"], paper.secret_key().public_key().to_string());
+
+    // Neither the words nor the seed they encode were written anywhere in the home.
+    let key_file = paper.secret_key().to_key_file();
+    let seed_hex = key_file.trim().trim_start_matches("ed25519-secret:");
+    let seed: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&seed_hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let mut dirs = vec![alice.home.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).unwrap();
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains(&words[..3].join(" ")), "{path:?}");
+            assert!(!text.contains(seed_hex), "{path:?}");
+            assert!(!bytes.windows(32).any(|window| window == seed), "{path:?}");
+        }
+    }
+}
+
+/// Runs `kez-chat args…` in `person`'s home, reads the paper key it shows on stdout, and types
+/// back the word it asks for; answers the words and everything it printed. The run must succeed.
+async fn type_back_a_paper_key(person: &Person, args: &[&str]) -> (Vec<String>, String) {
+    let home = person.home.clone();
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
         use std::io::{BufRead, Read, Write};
-        let mut child = kez_chat(&home, &["paperkey"])
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = kez_chat(&home, &args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -467,38 +508,43 @@ async fn a_paper_key_is_shown_once_confirmed_and_becomes_a_device() {
         (words, shown)
     })
     .await
-    .unwrap();
-    assert!(stdout.contains("Added paper key paper1"), "{stdout}");
+    .unwrap()
+}
 
+/// `register` makes a paper key unless told not to: a confirmed one is a device from the start;
+/// an unconfirmed one leaves the user registered without one, and says so.
+#[tokio::test]
+async fn registering_makes_a_paper_key_unless_told_not_to() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let carol = Person::new();
+    let refused = carol
+        .run_with_stdin(
+            &["--server", &url, "register", "carol"],
+            "wrong\nwrong\nwrong\n",
+        )
+        .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("you are registered, without a paper key"),
+        "{stderr}"
+    );
+    let devices = carol.json(&["devices"]).await;
+    assert_eq!(devices["devices"].as_array().unwrap().len(), 1);
+
+    // Registering again offers one again, and this time it is typed back.
+    let (words, stdout) = type_back_a_paper_key(&carol, &["register", "carol"]).await;
+    assert!(stdout.contains("registered as @carol@kez.test"), "{stdout}");
     let paper = kez_core::paper::PaperKey::parse(&words.join(" ")).unwrap();
-    let devices = alice.json(&["devices"]).await;
-    let added = &devices["devices"][1];
-    assert_eq!(added["name"], "paper1");
-    assert_eq!(added["kind"], "paper");
-    assert_eq!(added["active"], true);
-    assert_eq!(added["key"], paper.secret_key().public_key().to_string());
-
-    // Neither the words nor the seed they encode were written anywhere in the home.
-    let key_file = paper.secret_key().to_key_file();
-    let seed_hex = key_file.trim().trim_start_matches("ed25519-secret:");
-    let seed: Vec<u8> = (0..32)
-        .map(|i| u8::from_str_radix(&seed_hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect();
-    let mut dirs = vec![alice.home.clone()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-                continue;
-            }
-            let bytes = std::fs::read(&path).unwrap();
-            let text = String::from_utf8_lossy(&bytes);
-            assert!(!text.contains(&words[..3].join(" ")), "{path:?}");
-            assert!(!text.contains(seed_hex), "{path:?}");
-            assert!(!bytes.windows(32).any(|window| window == seed), "{path:?}");
-        }
-    }
+    let devices = carol.json(&["devices"]).await;
+    assert_eq!(devices["devices"][1]["kind"], "paper");
+    assert_eq!(
+        devices["devices"][1]["key"],
+        paper.secret_key().public_key().to_string()
+    );
+    // With one, registering again asks for nothing.
+    carol.ok(&["register", "carol"]).await;
 }
 
 #[tokio::test]
@@ -507,7 +553,9 @@ async fn errors_say_what_to_do() {
     let url = stack.nats.url();
     let fresh = Person::new();
 
-    let err = fresh.fails(&["register", "dave"], 2).await;
+    let err = fresh
+        .fails(&["register", "dave", "--no-paper-key"], 2)
+        .await;
     assert!(err.contains("--server nats://"), "{err}");
     let err = fresh.fails(&["whoami"], 2).await;
     assert!(
@@ -520,7 +568,16 @@ async fn errors_say_what_to_do() {
     assert!(err.contains("register NAME"), "{err}");
     assert!(!nobody.home.exists(), "whoami made no home");
     let err = fresh
-        .fails(&["--server", "nats://127.0.0.1:1", "register", "dave"], 1)
+        .fails(
+            &[
+                "--server",
+                "nats://127.0.0.1:1",
+                "register",
+                "dave",
+                "--no-paper-key",
+            ],
+            1,
+        )
         .await;
     assert!(
         err.contains("cannot connect to nats://127.0.0.1:1"),
@@ -532,7 +589,7 @@ async fn errors_say_what_to_do() {
 
     Person::new().register(&url, "erin").await;
     let err = fresh
-        .fails(&["--server", &url, "register", "erin"], 4)
+        .fails(&["--server", &url, "register", "erin", "--no-paper-key"], 4)
         .await;
     assert!(
         err.contains("@erin@kez.test is already registered"),
@@ -540,7 +597,9 @@ async fn errors_say_what_to_do() {
     );
     // The same home can still register a free name, keeping its key.
     fresh.register(&url, "dave").await;
-    let err = fresh.fails(&["register", "frank"], 4).await;
+    let err = fresh
+        .fails(&["register", "frank", "--no-paper-key"], 4)
+        .await;
     assert!(
         err.contains("already registered as @dave@kez.test"),
         "{err}"
@@ -765,7 +824,16 @@ async fn the_cli_refuses_a_disguised_nonce_and_plaintext_to_other_machines() {
     .await;
     let alice = Person::new();
     let err = alice
-        .fails(&["--server", &broker.url(), "register", "alice"], 1)
+        .fails(
+            &[
+                "--server",
+                &broker.url(),
+                "register",
+                "alice",
+                "--no-paper-key",
+            ],
+            1,
+        )
         .await;
     assert!(err.contains("did not prove this key"), "{err}");
     assert!(err.contains("nonce"), "{err}");
@@ -780,7 +848,13 @@ async fn the_cli_refuses_a_disguised_nonce_and_plaintext_to_other_machines() {
 
     let err = alice
         .fails(
-            &["--server", "nats://192.0.2.1:4222", "register", "alice"],
+            &[
+                "--server",
+                "nats://192.0.2.1:4222",
+                "register",
+                "alice",
+                "--no-paper-key",
+            ],
             2,
         )
         .await;
@@ -838,10 +912,15 @@ async fn the_exit_code_table_holds() {
     // 2: usage and setup.
     let fresh = Person::new();
     for bad in ["http://kez.lat", "nats://", "nats://192.0.2.1:4222"] {
-        fresh.fails(&["--server", bad, "register", "dave"], 2).await;
+        fresh
+            .fails(&["--server", bad, "register", "dave", "--no-paper-key"], 2)
+            .await;
     }
     let err = fresh
-        .fails(&["--server", &url, "register", "admin"], 2)
+        .fails(
+            &["--server", &url, "register", "admin", "--no-paper-key"],
+            2,
+        )
         .await;
     assert!(err.contains("reserved"), "{err}");
     assert!(
@@ -849,7 +928,16 @@ async fn the_exit_code_table_holds() {
         "no key made for a name no server takes"
     );
     let err = fresh
-        .fails(&["--server", &url, "register", "@zed@kez.lat"], 2)
+        .fails(
+            &[
+                "--server",
+                &url,
+                "register",
+                "@zed@kez.lat",
+                "--no-paper-key",
+            ],
+            2,
+        )
         .await;
     assert!(err.contains("serves kez.test"), "{err}");
     let max = kez_core::envelope::max_body_len("text", kez_client::now()).unwrap();
@@ -896,7 +984,10 @@ async fn the_exit_code_table_holds() {
     lost.register(&url, "carol").await;
     std::fs::remove_file(lost.home.join("key")).unwrap();
     let err = lost
-        .fails(&["--server", &url, "register", "carol"], 6)
+        .fails(
+            &["--server", &url, "register", "carol", "--no-paper-key"],
+            6,
+        )
         .await;
     assert!(err.contains("key file") && err.contains("missing"), "{err}");
     assert!(!lost.home.join("key").exists(), "no new key made");
@@ -957,7 +1048,14 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
     let carol = Person::new();
     let registered: Value = serde_json::from_str(
         &carol
-            .ok(&["--server", &url, "register", "carol", "--json"])
+            .ok(&[
+                "--server",
+                &url,
+                "register",
+                "carol",
+                "--no-paper-key",
+                "--json",
+            ])
             .await,
     )
     .unwrap();
@@ -1092,9 +1190,12 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
     // several URLs become one normal form in the sigchain's nats endpoint.
     let dave = Person::new();
     let several = format!("{url}, {url}");
-    dave.fails(&["--server", &several, "register", "alice"], 4)
-        .await;
-    dave.ok(&["register", "dave"]).await;
+    dave.fails(
+        &["--server", &several, "register", "alice", "--no-paper-key"],
+        4,
+    )
+    .await;
+    dave.ok(&["register", "dave", "--no-paper-key"]).await;
     let me = dave.json(&["whoami"]).await;
     let endpoints = &alice.json(&["profile", "@dave"]).await["sigchain"]["endpoints"];
     let nats = endpoints
@@ -1130,7 +1231,7 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
     }
     let gone = alice.fails(&["profile", "@dave"], 3).await;
     assert!(gone.contains("@dave@kez.test"), "{gone}");
-    let again = dave.json(&["register", "dave"]).await;
+    let again = dave.json(&["register", "dave", "--no-paper-key"]).await;
     assert_eq!(again["key"], me["key"]);
     assert_eq!(again["already_registered"], true);
     assert_eq!(again["new_key"], false);

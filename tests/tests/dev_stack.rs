@@ -259,13 +259,16 @@ async fn dev_keeps_users_and_messages_across_a_restart() {
 
     let alice = Person::new();
     let bob = Person::new();
-    let out_alice = alice.ok(&["--server", &dev.url, "register", "alice"]).await;
+    let out_alice = alice
+        .ok(&["--server", &dev.url, "register", "alice", "--no-paper-key"])
+        .await;
     assert!(
         out_alice.contains("registered as @alice@kez.localhost"),
         "{out_alice}"
     );
     let alice_key = alice.json(&["whoami"]).await["key"].clone();
-    bob.ok(&["--server", &dev.url, "register", "bob"]).await;
+    bob.ok(&["--server", &dev.url, "register", "bob", "--no-paper-key"])
+        .await;
     alice.ok(&["add", "@bob"]).await;
     bob.ok(&["add", "@alice"]).await;
     // bob is not running: the broker keeps it, across the restart.
@@ -307,7 +310,9 @@ async fn dev_keeps_users_and_messages_across_a_restart() {
         "the offline message survived the restart: {read}"
     );
     let carol = Person::new();
-    carol.ok(&["--server", &dev.url, "register", "carol"]).await;
+    carol
+        .ok(&["--server", &dev.url, "register", "carol", "--no-paper-key"])
+        .await;
     let added = carol.json(&["add", "@alice"]).await;
     assert_eq!(added["handle"], "@alice@kez.localhost");
     assert_eq!(
@@ -379,8 +384,11 @@ async fn pinned_files_download_after_the_dev_stack_restarts_and_after_its_pin_no
     let provider = pin_line(&dev);
     let alice = Person::new();
     let bob = Person::new();
-    alice.ok(&["--server", &dev.url, "register", "alice"]).await;
-    bob.ok(&["--server", &dev.url, "register", "bob"]).await;
+    alice
+        .ok(&["--server", &dev.url, "register", "alice", "--no-paper-key"])
+        .await;
+    bob.ok(&["--server", &dev.url, "register", "bob", "--no-paper-key"])
+        .await;
     alice.ok(&["add", "@bob"]).await;
     bob.ok(&["add", "@alice"]).await;
     // Two files: each download below fetches a blob bob does not have yet.
