@@ -62,38 +62,48 @@ impl Recipients {
 /// Most keys [`Identities`] remembers; past it, it starts afresh.
 const MAX_KNOWN_IDENTITIES: usize = 100_000;
 
-/// The identity each caller key this instance has seen belongs to: the identity that added it
-/// as a device, or the key itself. Only a registered key or an active device gets a profile that
-/// reaches `kez.mail.*` (PROTOCOL.md §6.2), and neither can become another identity's device
-/// (the device index holds a key for one identity, ever, and never a key with a handle), so an
-/// answer never goes stale. Bounded, and cleared when full.
+/// Which identity a caller of `kez.mail.*` speaks for. The keys found to be no device of
+/// another identity are remembered: only a registered key or an active device gets a profile
+/// that reaches `kez.mail.*` (PROTOCOL.md §6.2), and a registered key never becomes a device
+/// (the device index takes no key with a handle), so that never goes stale. A device is looked
+/// up at every call instead, so that one revoked since it connected is refused at once. Bounded,
+/// and cleared when full.
 #[derive(Debug, Default)]
 pub struct Identities {
-    known: Mutex<HashMap<PublicKey, PublicKey>>,
+    own: Mutex<HashSet<PublicKey>>,
 }
 
 impl Identities {
-    /// The identity `key`, a caller of `kez.mail.*`, belongs to.
+    /// The identity `key`, a caller of `kez.mail.*`, speaks for: itself, or the identity whose
+    /// active device it is. A device no longer active is 403 `revoked_device` (its connection
+    /// lasts until its authorization expires).
     async fn of(&self, store: &Store, key: PublicKey) -> Result<PublicKey, ErrorAnswer> {
-        if let Some(identity) = self.lock().get(&key) {
-            return Ok(*identity);
+        if self.lock().contains(&key) {
+            return Ok(key);
         }
-        let identity = store
-            .device(key)
-            .await?
-            .map_or(key, |device| device.identity);
-        let mut known = self.lock();
-        if known.len() >= MAX_KNOWN_IDENTITIES {
-            known.clear();
+        match store.device(key).await? {
+            None => {
+                let mut own = self.lock();
+                if own.len() >= MAX_KNOWN_IDENTITIES {
+                    own.clear();
+                }
+                own.insert(key);
+                Ok(key)
+            }
+            Some(device) if device.state == DeviceState::Active => Ok(device.identity),
+            Some(device) => Err(ErrorAnswer::new(
+                403,
+                "revoked_device",
+                format!(
+                    "this connection's key is no active device of {}: its chain revoked it; add this device again with a new key",
+                    device.identity
+                ),
+            )),
         }
-        known.insert(key, identity);
-        Ok(identity)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, PublicKey>> {
-        self.known
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<PublicKey>> {
+        self.own.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -163,8 +173,6 @@ pub async fn fetch(
             "kez.mail.fetch reads the inbox of the connection's key; connect through the server's auth callout with a registered key",
         )
     })?;
-    // A device revoked since it connected may still read what was sealed to it until the
-    // callout's refusal ends its connection; nothing new is stored for it (`send`).
     let identity = identities.of(store, key).await?;
     let subject = inbox_subject(&identity, &key);
     if request.after > 0 {

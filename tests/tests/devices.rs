@@ -173,7 +173,24 @@ async fn a_revoked_device_is_refused_at_connect_and_as_a_recipient() {
     let bob = Identity::new(&stack, "bob").await;
     let laptop = alice.add_device("laptop").await;
     let phone = alice.add_device("phone").await;
+    let (laptop_client, _) = stack.connect_as(&laptop).await.unwrap();
     alice.revoke(&laptop).await;
+
+    // Its live connection reaches no mail any more, its own inbox included.
+    let body = serde_json::to_vec(&FetchRequest {
+        after: 0,
+        max: 1,
+        time: 0,
+    })
+    .unwrap();
+    assert_eq!(
+        error_of(call(&laptop_client, "kez.mail.fetch", body).await),
+        (403, "revoked_device".to_owned())
+    );
+    assert_eq!(
+        error_of(send(&laptop_client, &bob.public_key(), b"still me").await),
+        (403, "revoked_device".to_owned())
+    );
 
     assert!(
         stack.connect_as(&laptop).await.is_err(),
