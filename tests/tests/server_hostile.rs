@@ -584,9 +584,10 @@ async fn append_refuses_hostile_bodies() {
         400,
         "malformed",
     ));
+    // Version 2 is the devices' format (PROTOCOL.md §4.1); 3 is unknown.
     cases.push(case(
-        "version 2",
-        with(&valid, "v", json!(2)),
+        "version 3",
+        with(&valid, "v", json!(3)),
         400,
         "unknown_version",
     ));
