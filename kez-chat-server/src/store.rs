@@ -21,7 +21,7 @@
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES, StateJsonError};
 use kez_core::{Handle, PublicKey, Sigchain};
 use kez_proto::mail::{Fetched, MAX_FETCH_BYTES};
@@ -625,8 +625,9 @@ impl Store {
 
     /// Writes the device index entries `state`, a verified chain state stored as the chain's,
     /// implies: its devices other than the chain id's key, active or revoked (a key a version 1
-    /// `rotate` came back to is listed twice: its last entry is its standing). Bounded: a chain
-    /// has at most `MAX_DEVICE_ENTRIES` devices.
+    /// `rotate` came back to is listed twice: its last entry is its standing). Every entry, not
+    /// only this link's, so that one a failed earlier append left behind is caught up; bounded:
+    /// a chain has at most `MAX_DEVICE_ENTRIES` devices, read [`PARALLEL_LINK_READS`] at a time.
     async fn index_devices(&self, state: &Sigchain) -> Result<(), ErrorAnswer> {
         let identity = state.chain_id();
         let mut standing = std::collections::HashMap::new();
@@ -647,8 +648,10 @@ impl Store {
             };
             self.index_device(key, wanted)
         });
-        futures::future::try_join_all(writes).await?;
-        Ok(())
+        futures::stream::iter(writes)
+            .buffer_unordered(PARALLEL_LINK_READS)
+            .try_collect::<()>()
+            .await
     }
 
     /// One entry of [`Store::index_devices`]: `key` as `wanted` says, unless a state as far
@@ -668,11 +671,10 @@ impl Store {
                 Some(entry) => {
                     let held: DeviceRecord = decode(&entry.value)?;
                     if held.identity != identity {
-                        // claim_devices refused that link: a verified chain never holds it.
-                        return Err(ErrorAnswer::internal(format!(
-                            "{key} is indexed as a device of {}, but the chain of {identity} holds it",
-                            held.identity
-                        )));
+                        // Only a chain that added the device before this index existed (its
+                        // append was not claimed) gets here: the first identity keeps the key.
+                        tracing::warn!(%key, holder = %held.identity, chain = %identity, "a device of this chain is indexed as another identity's; it stays refused for this chain");
+                        return Ok(());
                     }
                     let behind = held.seq < wanted.seq
                         || (held.seq == wanted.seq && held.state == DeviceState::Adding);
