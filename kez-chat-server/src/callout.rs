@@ -4,7 +4,10 @@
 //! `$SYS.REQ.USER.AUTH` as a signed JWT. In callout mode nats-server does not check an nkey
 //! client's signature itself, so this does: the client must have signed the connection nonce with
 //! the key it names, under the KEZ connect tag (`kez_core::connect`). The key then gets one of
-//! two permission profiles (PROTOCOL.md §6), or is refused if an operator disabled it.
+//! three permission profiles (PROTOCOL.md §6.2): a registered key's, an active device's (of a
+//! registered identity, as the device index says), or the narrow one of a key without a
+//! handle; a revoked device, a device still being added, and a key an operator disabled (or a
+//! device of one) are refused.
 
 use kez_core::connect::{LegacyProofs, ProofForm, verify_proof};
 use kez_core::{PublicKey, Signature};
@@ -15,13 +18,14 @@ use kez_nats_jwt::{
 use kez_proto::ErrorAnswer;
 use kez_proto::answer::HandleRecord;
 use kez_proto::subjects::{
-    registered_publish, registered_subscribe, unregistered_publish, unregistered_subscribe,
+    device_subscribe, registered_publish, registered_subscribe, unregistered_publish,
+    unregistered_subscribe,
 };
 use nkeys::KeyPair;
 
 use crate::limits::Limiter;
 use crate::nats_conf::APP_ACCOUNT;
-use crate::store::{DisabledRecord, Store};
+use crate::store::{DeviceRecord, DeviceState, DisabledRecord, Store};
 
 /// How long a granted authorization lasts. When it ends nats-server disconnects the client,
 /// whose reconnect runs the callout again: a disabled user is out within this time.
@@ -44,6 +48,9 @@ pub struct Callout {
 pub enum Verdict {
     /// A registered, enabled key: the chat profile.
     Registered(PublicKey, ProofForm),
+    /// An active device (the first key) of a registered, enabled identity (the second): the
+    /// device profile.
+    Device(PublicKey, PublicKey, ProofForm),
     /// A valid key without a handle: the narrow profile.
     Unregistered(PublicKey, ProofForm),
     /// Refused, with the reason nats-server logs.
@@ -119,18 +126,37 @@ impl Callout {
             self.legacy_proofs,
         )
         .map_err(|err| format!("kez: {err}"))?;
-        // Independent reads: both at once, so a connect waits for two round trips, not three.
-        let (record, disabled) = tokio::join!(self.store.whois(key), self.store.disabled(key));
+        // Independent reads: all at once, so a connect waits for two round trips, not four.
+        let (record, disabled, device) = tokio::join!(
+            self.store.whois(key),
+            self.store.disabled(key),
+            self.store.device(key)
+        );
         let unavailable = |err: ErrorAnswer| format!("kez: registry unavailable: {}", err.message);
-        let (record, disabled) = (record.map_err(unavailable)?, disabled.map_err(unavailable)?);
-        let (claims, verdict) = match grant(
-            &request.user_nkey,
-            &key,
-            record.as_ref(),
-            disabled.as_ref(),
-            now,
-        )? {
+        let (record, mut disabled, device) = (
+            record.map_err(unavailable)?,
+            disabled.map_err(unavailable)?,
+            device.map_err(unavailable)?,
+        );
+        // A device is out when its identity is.
+        if record.is_none()
+            && disabled.is_none()
+            && let Some(device) = &device
+        {
+            disabled = self
+                .store
+                .disabled(device.identity)
+                .await
+                .map_err(unavailable)?;
+        }
+        let standing = Standing {
+            record: record.as_ref(),
+            device: device.as_ref(),
+            disabled: disabled.as_ref(),
+        };
+        let (claims, verdict) = match grant(&request.user_nkey, &key, standing, now)? {
             Grant::Registered(claims) => (claims, Verdict::Registered(key, form)),
+            Grant::Device(claims, identity) => (claims, Verdict::Device(key, identity, form)),
             Grant::Unregistered(claims) => {
                 if let Some(limiter) = &self.connect_limit
                     && let Err(limited) = limiter.check(
@@ -158,30 +184,61 @@ impl Callout {
 pub enum Grant {
     /// The chat profile of a registered key.
     Registered(UserClaims),
+    /// The device profile of an active device of the identity named.
+    Device(UserClaims, PublicKey),
     /// The narrow profile of a key without a handle.
     Unregistered(UserClaims),
 }
 
+/// What the store says of a key that proved itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Standing<'a> {
+    /// The handle it registered, if any.
+    pub record: Option<&'a HandleRecord>,
+    /// Its device index entry, if a chain other than its own added it.
+    pub device: Option<&'a DeviceRecord>,
+    /// Whether an operator disabled it or, for a device, its identity.
+    pub disabled: Option<&'a DisabledRecord>,
+}
+
 /// The callout's decision for `key`, which proved itself on the connection nats-server calls
-/// `user_nkey`, from its registration and whether an operator disabled it (PROTOCOL.md §6.2):
-/// a disabled key is refused (the reason nats-server logs), a registered one gets the chat
-/// profile, any other the narrow one.
+/// `user_nkey`, from its `standing` (PROTOCOL.md §6.2): a disabled key (or device of a disabled
+/// identity) is refused (the reason nats-server logs), a registered one gets the chat profile,
+/// an active device the device profile, a revoked device or one still being added is refused,
+/// and any other key gets the narrow profile.
 pub fn grant(
     user_nkey: &str,
     key: &PublicKey,
-    record: Option<&HandleRecord>,
-    disabled: Option<&DisabledRecord>,
+    standing: Standing<'_>,
     now: u64,
 ) -> Result<Grant, String> {
-    if let Some(disabled) = disabled {
+    if let Some(disabled) = standing.disabled {
         return Err(format!(
             "kez: {} is disabled by the operator",
             disabled.handle
         ));
     }
-    Ok(match record {
-        Some(record) => Grant::Registered(registered_profile(user_nkey, record, now)),
-        None => Grant::Unregistered(unregistered_profile(user_nkey, key, now)),
+    Ok(match (standing.record, standing.device) {
+        (Some(record), _) => Grant::Registered(registered_profile(user_nkey, record, now)),
+        (None, Some(device)) => match device.state {
+            DeviceState::Active => Grant::Device(
+                device_profile(user_nkey, key, &device.identity, now),
+                device.identity,
+            ),
+            DeviceState::Revoked => {
+                return Err(format!(
+                    "kez: {key} is a revoked device of {}; add this device again with a new key",
+                    device.identity
+                ));
+            }
+            DeviceState::Adding => {
+                return Err(format!(
+                    "kez: {key} is not (yet) a device of {}: the link adding it is not stored; append it again",
+                    device.identity
+                ));
+            }
+        },
+        (None, None) => Grant::Unregistered(unregistered_profile(user_nkey, key, now)),
     })
 }
 
@@ -214,6 +271,19 @@ fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserC
         .allow_subscribe(registered_subscribe(&record.key))
 }
 
+/// An active device of `identity` may do what its registered key may, as itself: replies on
+/// its own reply prefix, and new mail only for its own inbox.
+fn device_profile(
+    user_nkey: &str,
+    device: &PublicKey,
+    identity: &PublicKey,
+    now: u64,
+) -> UserClaims {
+    base_claims(user_nkey, device, now)
+        .allow_publish(registered_publish())
+        .allow_subscribe(device_subscribe(identity, device))
+}
+
 #[cfg(test)]
 mod tests {
     use kez_core::{Handle, SecretKey};
@@ -233,7 +303,8 @@ mod tests {
         };
         let user = "UCONNECTION";
 
-        let Ok(Grant::Unregistered(narrow)) = grant(user, &key, None, None, NOW) else {
+        let nothing = Standing::default();
+        let Ok(Grant::Unregistered(narrow)) = grant(user, &key, nothing, NOW) else {
             panic!("a key without a handle gets the narrow profile");
         };
         assert_eq!(narrow.publish.allow, unregistered_publish());
@@ -242,7 +313,11 @@ mod tests {
             (user, APP_ACCOUNT)
         );
 
-        let Ok(Grant::Registered(chat)) = grant(user, &key, Some(&record), None, NOW) else {
+        let registered = Standing {
+            record: Some(&record),
+            ..nothing
+        };
+        let Ok(Grant::Registered(chat)) = grant(user, &key, registered, NOW) else {
             panic!("a registered key gets the chat profile");
         };
         assert_eq!(chat.publish.allow, registered_publish());
@@ -250,9 +325,48 @@ mod tests {
         assert_eq!(chat.name, Some(key.to_nkey()), "named by the KEZ key");
         assert_eq!(chat.expires_at, Some(NOW + AUTHORIZATION_LIFETIME_SECS));
 
+        let laptop = SecretKey::from_seed(&[6; 32]).public_key();
+        let device = |state| DeviceRecord {
+            identity: key,
+            state,
+            seq: 2,
+        };
+        let active = device(DeviceState::Active);
+        let as_device = Standing {
+            device: Some(&active),
+            ..nothing
+        };
+        let Ok(Grant::Device(claims, identity)) = grant(user, &laptop, as_device, NOW) else {
+            panic!("an active device gets the device profile");
+        };
+        assert_eq!(identity, key);
+        assert_eq!(claims.publish.allow, registered_publish());
+        assert_eq!(claims.subscribe.allow, device_subscribe(&key, &laptop));
+        assert_eq!(
+            claims.name,
+            Some(laptop.to_nkey()),
+            "named by the device key"
+        );
+        for (state, reason) in [
+            (DeviceState::Revoked, "revoked device"),
+            (DeviceState::Adding, "not (yet) a device"),
+        ] {
+            let record = device(state);
+            let standing = Standing {
+                device: Some(&record),
+                ..nothing
+            };
+            let refused = grant(user, &laptop, standing, NOW).unwrap_err();
+            assert!(refused.contains(reason), "{refused}");
+        }
+
         let disabled = DisabledRecord { handle, since: NOW };
-        for record in [Some(&record), None] {
-            let refused = grant(user, &key, record, Some(&disabled), NOW).unwrap_err();
+        for standing in [registered, nothing, as_device] {
+            let standing = Standing {
+                disabled: Some(&disabled),
+                ..standing
+            };
+            let refused = grant(user, &key, standing, NOW).unwrap_err();
             assert!(refused.contains("disabled by the operator"), "{refused}");
         }
     }

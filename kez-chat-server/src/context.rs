@@ -3,7 +3,7 @@
 
 use crate::callout::Callout;
 use crate::limits::Limiters;
-use crate::mail::{Floors, Recipients};
+use crate::mail::MailState;
 use crate::metrics::Metrics;
 use crate::pin::Pinning;
 use crate::store::Store;
@@ -26,8 +26,6 @@ pub struct Context {
     pub pin: Option<Pinning>,
     /// The per-key and per-address request limits.
     pub limiters: Limiters,
-    /// Keys known to be registered (`kez.mail.send` recipients).
-    pub recipients: Recipients,
-    /// How far inboxes were purged, and the inbox stream's last sequence, as far as known.
-    pub floors: Floors,
+    /// What `kez.mail.*` remembers between requests.
+    pub mail: MailState,
 }

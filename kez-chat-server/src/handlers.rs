@@ -188,21 +188,14 @@ pub async fn handle(
             crate::pin::handle(&ctx.store, pinning, &request, now).await
         }
         Request::MailSend(request) => {
-            crate::mail::send(
-                &ctx.store,
-                &ctx.limiters,
-                &ctx.recipients,
-                &ctx.floors,
-                caller,
-                &request,
-            )
-            .await
+            crate::mail::send(&ctx.store, &ctx.limiters, &ctx.mail, caller, &request).await
         }
         Request::MailFetch(request) => {
             crate::mail::fetch(
                 &ctx.store,
                 &ctx.domain,
-                &ctx.floors,
+                &ctx.mail.identities,
+                &ctx.mail.floors,
                 &ctx.metrics,
                 caller,
                 &request,
@@ -232,12 +225,17 @@ async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ErrorA
             tracing::debug!(%key, "connection authorized (registered)");
             CalloutDecision::Registered
         }
+        Verdict::Device(key, identity, _) => {
+            tracing::debug!(%key, %identity, "connection authorized (device)");
+            CalloutDecision::Registered
+        }
         Verdict::Unregistered(key, _) => {
             tracing::debug!(%key, "connection authorized (unregistered)");
             CalloutDecision::Unregistered
         }
     };
     if let Verdict::Registered(key, ProofForm::Legacy)
+    | Verdict::Device(key, _, ProofForm::Legacy)
     | Verdict::Unregistered(key, ProofForm::Legacy) = &verdict
     {
         tracing::info!(%key, "connection proved its key the old way (an untagged nonce signature): that client signs whatever a broker sends; upgrade it");

@@ -216,8 +216,7 @@ impl Server {
             public_nats_url: config.public_nats_url.clone(),
             pin: pinning,
             limiters: limits::Limiters::new(&config.limits),
-            recipients: mail::Recipients::default(),
-            floors: mail::Floors::default(),
+            mail: mail::MailState::default(),
         });
         phase.send_replace(http::Phase::Serving(context.clone()));
         Ok(Server {

@@ -1,6 +1,7 @@
 //! `kez.mail.*` (PROTOCOL.md §6.3): `send` stores a client's sealed envelope in the inbox of a
-//! registered recipient, within the sender's budget of messages and bytes; `fetch` reads the
-//! caller's own inbox and deletes what the caller says it has stored.
+//! registered recipient or of one of its active devices, within the budget of messages and bytes
+//! of the sender's identity; `fetch` reads the caller's own device inbox and deletes what the
+//! caller says it has stored.
 //!
 //! Users cannot touch `KEZ_MAIL` themselves: an inbox subject nobody owns, or a flood from one
 //! key, would otherwise fill the broker's disk, and the JetStream calls that read or delete by
@@ -21,7 +22,7 @@ use kez_proto::subjects::inbox_subject;
 
 use crate::limits::{Caller, Limited, Limiters};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{DeviceState, Store};
 
 /// Most recipients [`Recipients`] remembers; past it, it starts afresh.
 const MAX_KNOWN_RECIPIENTS: usize = 100_000;
@@ -55,6 +56,54 @@ impl Recipients {
         self.known
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+/// Most keys [`Identities`] remembers; past it, it starts afresh.
+const MAX_KNOWN_IDENTITIES: usize = 100_000;
+
+/// Which identity a caller of `kez.mail.*` speaks for. The keys found to be no device of
+/// another identity are remembered: only a registered key or an active device gets a profile
+/// that reaches `kez.mail.*` (PROTOCOL.md §6.2), and a registered key never becomes a device
+/// (the device index takes no key with a handle), so that never goes stale. A device is looked
+/// up at every call instead, so that one revoked since it connected is refused at once. Bounded,
+/// and cleared when full.
+#[derive(Debug, Default)]
+pub struct Identities {
+    own: Mutex<HashSet<PublicKey>>,
+}
+
+impl Identities {
+    /// The identity `key`, a caller of `kez.mail.*`, speaks for: itself, or the identity whose
+    /// active device it is. A device no longer active is 403 `revoked_device` (its connection
+    /// lasts until its authorization expires).
+    async fn of(&self, store: &Store, key: PublicKey) -> Result<PublicKey, ErrorAnswer> {
+        if self.lock().contains(&key) {
+            return Ok(key);
+        }
+        match store.device(key).await? {
+            None => {
+                let mut own = self.lock();
+                if own.len() >= MAX_KNOWN_IDENTITIES {
+                    own.clear();
+                }
+                own.insert(key);
+                Ok(key)
+            }
+            Some(device) if device.state == DeviceState::Active => Ok(device.identity),
+            Some(device) => Err(ErrorAnswer::new(
+                403,
+                "revoked_device",
+                format!(
+                    "this connection's key is no active device of {}: its chain revoked it; add this device again with a new key",
+                    device.identity
+                ),
+            )),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<PublicKey>> {
+        self.own.lock().unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -106,11 +155,12 @@ impl Floors {
 }
 
 /// Answers `kez.mail.fetch` from `caller`: checks the floor the caller names, purges its inbox
-/// up to it (the acknowledgement), then reads what comes after. The inbox is the caller's own,
-/// as nats-server names the connection; nothing in the body can name another.
+/// up to it (the acknowledgement), then reads what comes after. The inbox is the caller's own
+/// device's, as nats-server names the connection; nothing in the body can name another.
 pub async fn fetch(
     store: &Store,
     domain: &str,
+    identities: &Identities,
     floors: &Floors,
     metrics: &Metrics,
     caller: &Caller,
@@ -123,8 +173,8 @@ pub async fn fetch(
             "kez.mail.fetch reads the inbox of the connection's key; connect through the server's auth callout with a registered key",
         )
     })?;
-    // One device per identity until devices land: the key itself.
-    let subject = inbox_subject(&key, &key);
+    let identity = identities.of(store, key).await?;
+    let subject = inbox_subject(&identity, &key);
     if request.after > 0 {
         if request.after > floors.last_sequence.load(Ordering::Relaxed) {
             let last = store.inbox_last_sequence().await?;
@@ -196,37 +246,35 @@ async fn caller_key(
     }
 }
 
-/// Answers `kez.mail.send` from `caller`: the budget (before anything else), the recipient,
-/// then the store.
+/// Answers `kez.mail.send` from `caller`: the budget of the caller's identity (before anything
+/// else but learning that identity), the recipient, then the store.
 pub async fn send(
     store: &Store,
     limiters: &Limiters,
-    recipients: &Recipients,
-    floors: &Floors,
+    mail: &MailState,
     caller: &Caller,
     request: &SendRequest<'_>,
 ) -> Result<Bytes, ErrorAnswer> {
     if let Some(user) = &caller.user {
+        // One budget per identity, whichever of its devices sends: adding devices must not
+        // multiply what one person can make the broker store. A user named by a handle (a
+        // callout of 0.1) is an identity already.
+        let budget = match PublicKey::from_nkey(user) {
+            Ok(key) => mail.identities.of(store, key).await?.to_nkey(),
+            Err(_) => user.clone(),
+        };
         let now = Instant::now();
         let size = u32::try_from(request.envelope.len()).unwrap_or(u32::MAX);
         limiters
             .send_per_key
-            .check(user, now)
-            .and_then(|()| limiters.send_bytes_per_key.take(user, size, now))
+            .check(&budget, now)
+            .and_then(|()| limiters.send_bytes_per_key.take(&budget, size, now))
             .map_err(over_budget)?;
     }
-    if !recipients.is_registered(store, request.to).await? {
-        return Err(ErrorAnswer::new(
-            404,
-            "unknown_recipient",
-            format!(
-                "{} has no handle on this server: nothing was stored",
-                request.to
-            ),
-        ));
-    }
+    let identity = recipient_identity(store, &mail.recipients, request.to).await?;
     let (seq, duplicate) = store
         .deliver(
+            identity,
             request.to,
             &request.id,
             Bytes::copy_from_slice(request.envelope),
@@ -234,9 +282,51 @@ pub async fn send(
         .await?;
     // A duplicate's sequence is the earlier message's, not the stream's last.
     if !duplicate {
-        floors.stored(seq);
+        mail.floors.stored(seq);
     }
     kez_proto::answer::encode(&Delivered { seq, duplicate }).map(Bytes::from)
+}
+
+/// The identity whose device `to` is, when mail may be stored for it: `to` itself when it holds
+/// a handle here, or the identity of which it is an active device. A revoked device is 410
+/// `recipient_revoked`; any other key 404 `unknown_recipient`.
+async fn recipient_identity(
+    store: &Store,
+    recipients: &Recipients,
+    to: PublicKey,
+) -> Result<PublicKey, ErrorAnswer> {
+    if recipients.is_registered(store, to).await? {
+        return Ok(to);
+    }
+    match store.device(to).await? {
+        Some(device) if device.state == DeviceState::Active => Ok(device.identity),
+        Some(device) if device.state == DeviceState::Revoked => Err(ErrorAnswer::new(
+            410,
+            "recipient_revoked",
+            format!(
+                "{to} is a revoked device of {}: nothing was stored; read that identity's chain again and send to its active devices",
+                device.identity
+            ),
+        )),
+        _ => Err(ErrorAnswer::new(
+            404,
+            "unknown_recipient",
+            format!(
+                "{to} has no handle and is no active device on this server: nothing was stored"
+            ),
+        )),
+    }
+}
+
+/// What `kez.mail.*` remembers between requests, on one instance; any of it may be forgotten.
+#[derive(Debug, Default)]
+pub struct MailState {
+    /// Keys known to be registered (`kez.mail.send` recipients).
+    pub recipients: Recipients,
+    /// The identity of each caller.
+    pub identities: Identities,
+    /// How far inboxes were purged, and the inbox stream's last sequence, as far as known.
+    pub floors: Floors,
 }
 
 fn over_budget(limited: Limited) -> ErrorAnswer {

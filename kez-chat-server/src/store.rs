@@ -11,10 +11,17 @@
 //!   seq, so racing appends cannot fork a chain. The head entry is an index that may lag the
 //!   links (a crash, or a failed index update); readers go on past it until the first missing
 //!   seq, and move it forward when they find it behind.
+//! - The device index maps a key to at most one identity, ever: an entry is claimed (`adding`)
+//!   with KV `create` before the link that adds the device is stored, and is then written from
+//!   the verified chain state after each append, only by a state at least as far along the chain
+//!   as the one that wrote it (its `seq`): an append that finishes late cannot undo a later
+//!   revocation. A crash in between leaves a device refused (`adding`), never a revoked one
+//!   admitted. A key holding a handle is never a device of another identity, and a device key
+//!   never registers a handle.
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES, StateJsonError};
 use kez_core::{Handle, PublicKey, Sigchain};
 use kez_proto::mail::{Fetched, MAX_FETCH_BYTES};
@@ -40,6 +47,9 @@ pub const STATES_BUCKET: &str = "kez_chain_states";
 const MAX_STATE_BYTES: usize = 512 * 1024;
 /// How many link bytes one read of a chain's stored links fetches at a time.
 const MAX_CHAIN_BYTES_PER_READ: usize = 1024 * 1024;
+/// Bucket: device key hex → [`DeviceRecord`], for every device a verified chain added other
+/// than its own chain id's key (the chain id is its own identity, found in [`KEYS_BUCKET`]).
+pub const DEVICES_BUCKET: &str = "kez_devices";
 /// Bucket: key hex → [`DisabledRecord`], for keys an operator disabled.
 pub const DISABLED_BUCKET: &str = "kez_disabled";
 /// The key the health check reads: no bucket ever holds it (`-` is in no handle or key hex).
@@ -88,10 +98,35 @@ pub struct DisabledRecord {
     pub since: u64,
 }
 
+/// Where a device stands in its identity's verified chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceState {
+    /// Claimed by an append that has not (yet) stored its link: not a credential.
+    Adding,
+    /// Active in the chain: a NATS credential of the identity, with an inbox of its own.
+    Active,
+    /// Revoked in the chain: refused for good.
+    Revoked,
+}
+
+/// The device index's value: whose device a key is, and whether it is active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    /// The identity (chain id) the key is a device of.
+    pub identity: PublicKey,
+    /// Where it stands.
+    pub state: DeviceState,
+    /// The chain seq of the verified state (or, `adding`, of the link) this entry comes from.
+    pub seq: u64,
+}
+
 /// The buckets and the inbox stream.
 #[derive(Clone)]
 pub struct Store {
     js: jetstream::Context,
+    devices: kv::Store,
     disabled: kv::Store,
     handles: kv::Store,
     keys: kv::Store,
@@ -162,7 +197,7 @@ impl Store {
             num_replicas: replicas,
             ..Default::default()
         };
-        // Boxed: six of them at once would make a future too large for a small stack.
+        // Boxed: seven of them at once would make a future too large for a small stack.
         let open = |config: kv::Config| Box::pin(ensure_bucket(js, config));
         ensure_stream(
             js,
@@ -197,7 +232,14 @@ impl Store {
         )
         .await?;
         // At once: each is a round of the cluster's meta layer.
-        let (disabled, handles, keys, links, heads, states) = futures::try_join!(
+        // A store of a release before devices has no devices bucket: it is made here like the
+        // others, empty (that release had no devices to index).
+        let (devices, disabled, handles, keys, links, heads, states) = futures::try_join!(
+            open(bucket(
+                DEVICES_BUCKET,
+                "kez-chat: device key -> identity",
+                1024
+            )),
             open(bucket(DISABLED_BUCKET, "kez-chat: disabled keys", 1024)),
             open(bucket(HANDLES_BUCKET, "kez-chat: handle -> key", 1024)),
             open(bucket(KEYS_BUCKET, "kez-chat: key -> handle", 1024)),
@@ -215,6 +257,7 @@ impl Store {
         )?;
         Ok(Store {
             js: js.clone(),
+            devices,
             disabled,
             handles,
             keys,
@@ -288,6 +331,13 @@ impl Store {
             }
         };
 
+        // Checked after the reverse entry is written, as an append claims a device before it
+        // checks for a handle: of a registration and a device claim racing for one key, at
+        // least one sees the other.
+        if let Some(device) = self.device(key).await? {
+            self.withdraw_reverse(key, claimed).await;
+            return Err(key_is_device(key, device.identity));
+        }
         let record = HandleRecord {
             handle: handle.clone(),
             key,
@@ -300,14 +350,8 @@ impl Store {
                     // A concurrent attempt by the same key for the same name finished first.
                     Some(existing) if existing.key == key => Ok(Registered::Existing(existing)),
                     _ => {
-                        // Taken by someone else: withdraw the reverse entry, unless it changed.
-                        if let Err(undo) = self
-                            .keys
-                            .delete_expect_revision(&key_hex, Some(claimed))
-                            .await
-                        {
-                            tracing::warn!(key = %key, error = %undo, "could not withdraw reverse entry; it stays stale and is reclaimed later");
-                        }
+                        // Taken by someone else.
+                        self.withdraw_reverse(key, claimed).await;
                         Err(ErrorAnswer::new(
                             409,
                             "handle_taken",
@@ -322,20 +366,33 @@ impl Store {
         }
     }
 
-    /// Stores `envelope` in `to`'s inbox with `id` as its `Nats-Msg-Id`; answers its stream
-    /// sequence and whether the stream had the id already (then nothing was stored).
+    /// Withdraws the reverse entry of a registration that did not happen, unless it changed
+    /// since (revision `claimed`).
+    async fn withdraw_reverse(&self, key: PublicKey, claimed: u64) {
+        if let Err(undo) = self
+            .keys
+            .delete_expect_revision(&key.to_hex(), Some(claimed))
+            .await
+        {
+            tracing::warn!(key = %key, error = %undo, "could not withdraw reverse entry; it stays stale and is reclaimed later");
+        }
+    }
+
+    /// Stores `envelope` in the inbox of `device`, a device of `identity`, with `id` as its
+    /// `Nats-Msg-Id`; answers its stream sequence and whether the stream had the id already
+    /// (then nothing was stored).
     pub async fn deliver(
         &self,
-        to: PublicKey,
+        identity: PublicKey,
+        device: PublicKey,
         id: &kez_core::envelope::MessageId,
         envelope: Bytes,
     ) -> Result<(u64, bool), ErrorAnswer> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.to_string().as_str());
-        // One device per identity until devices land: the key itself.
         let ack = self
             .js
-            .publish_with_headers(inbox_subject(&to, &to), headers, envelope)
+            .publish_with_headers(inbox_subject(&identity, &device), headers, envelope)
             .await
             .map_err(ErrorAnswer::unavailable)?
             .await
@@ -501,6 +558,7 @@ impl Store {
             &self.heads,
             &self.states,
             &self.disabled,
+            &self.devices,
         ];
         futures::future::try_join_all(
             buckets
@@ -510,6 +568,133 @@ impl Store {
         .await
         .map_err(ErrorAnswer::unavailable)?;
         Ok(())
+    }
+
+    /// Whose device `key` is, if a verified chain other than its own ever added it.
+    pub async fn device(&self, key: PublicKey) -> Result<Option<DeviceRecord>, ErrorAnswer> {
+        match self
+            .devices
+            .get(key.to_hex())
+            .await
+            .map_err(ErrorAnswer::unavailable)?
+        {
+            Some(value) => Ok(Some(decode(&value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Claims the keys `added` as devices of `identity` before the link that adds them is
+    /// stored: each must be a device of no other identity and hold no handle (409
+    /// `device_in_use`). A claim is `adding`, which admits nothing; a claim left by an append
+    /// that failed stays with `identity` (its key's owner counter-signed that link).
+    async fn claim_devices(
+        &self,
+        identity: PublicKey,
+        seq: u64,
+        added: &[PublicKey],
+    ) -> Result<(), ErrorAnswer> {
+        for &key in added {
+            let claim = encode(&DeviceRecord {
+                identity,
+                state: DeviceState::Adding,
+                seq,
+            });
+            match self.devices.create(key.to_hex(), claim).await {
+                Ok(_) => {}
+                Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    match self.device(key).await? {
+                        Some(held) if held.identity == identity => {}
+                        Some(_) => return Err(device_in_use(key)),
+                        // Deleted meanwhile (only an operator does that): claim it next time.
+                        None => {
+                            return Err(ErrorAnswer::unavailable(format!(
+                                "the device index entry of {key} changed meanwhile"
+                            )));
+                        }
+                    }
+                }
+                Err(err) => return Err(ErrorAnswer::unavailable(err)),
+            }
+            // After the claim, as a registration checks for a device after its reverse entry.
+            if self.whois(key).await?.is_some() {
+                return Err(device_in_use(key));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the device index entries `state`, a verified chain state stored as the chain's,
+    /// implies: its devices other than the chain id's key, active or revoked (a key a version 1
+    /// `rotate` came back to is listed twice: its last entry is its standing). Every entry, not
+    /// only this link's, so that one a failed earlier append left behind is caught up; bounded:
+    /// a chain has at most `MAX_DEVICE_ENTRIES` devices, read [`PARALLEL_LINK_READS`] at a time.
+    async fn index_devices(&self, state: &Sigchain) -> Result<(), ErrorAnswer> {
+        let identity = state.chain_id();
+        let mut standing = std::collections::HashMap::new();
+        for device in state.devices() {
+            if device.key != identity {
+                standing.insert(device.key, device.is_active());
+            }
+        }
+        let writes = standing.into_iter().map(|(key, active)| {
+            let wanted = DeviceRecord {
+                identity,
+                state: if active {
+                    DeviceState::Active
+                } else {
+                    DeviceState::Revoked
+                },
+                seq: state.seq(),
+            };
+            self.index_device(key, wanted)
+        });
+        futures::stream::iter(writes)
+            .buffer_unordered(PARALLEL_LINK_READS)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// One entry of [`Store::index_devices`]: `key` as `wanted` says, unless a state as far
+    /// along the chain or further wrote it already.
+    async fn index_device(&self, key: PublicKey, wanted: DeviceRecord) -> Result<(), ErrorAnswer> {
+        let identity = wanted.identity;
+        let key_hex = key.to_hex();
+        let value = encode(&wanted);
+        for _ in 0..HEAD_UPDATE_ATTEMPTS {
+            let entry = self
+                .devices
+                .entry(&key_hex)
+                .await
+                .map_err(ErrorAnswer::unavailable)?
+                .filter(|entry| entry.operation == kv::Operation::Put);
+            let written = match entry {
+                Some(entry) => {
+                    let held: DeviceRecord = decode(&entry.value)?;
+                    if held.identity != identity {
+                        // Only a chain that added the device before this index existed (its
+                        // append was not claimed) gets here: the first identity keeps the key.
+                        tracing::warn!(%key, holder = %held.identity, chain = %identity, "a device of this chain is indexed as another identity's; it stays refused for this chain");
+                        return Ok(());
+                    }
+                    let behind = held.seq < wanted.seq
+                        || (held.seq == wanted.seq && held.state == DeviceState::Adding);
+                    if !behind {
+                        return Ok(());
+                    }
+                    self.devices
+                        .update(&key_hex, value.clone(), entry.revision)
+                        .await
+                        .is_ok()
+                }
+                None => self.devices.create(&key_hex, value.clone()).await.is_ok(),
+            };
+            if written {
+                return Ok(());
+            }
+        }
+        Err(ErrorAnswer::unavailable(format!(
+            "the device index entry of {key} kept changing"
+        )))
     }
 
     /// The record of a handle name, if registered.
@@ -741,6 +926,8 @@ impl Store {
                 self.advance_head(chain_id, head).await?;
                 if let Some(state) = &state {
                     self.keep_state(chain_id, state, revision).await;
+                    // The first attempt may have failed to index its devices.
+                    self.index_devices(state).await?;
                 }
                 return Ok(head);
             }
@@ -756,6 +943,22 @@ impl Store {
             seq: next.seq(),
             head: next.head(),
         };
+
+        // Keys the link makes devices of this chain (`add_device`, a `rotate`): claimed for it
+        // before the link is stored, so that no key is ever a device of two identities.
+        let added: Vec<PublicKey> = next
+            .devices()
+            .iter()
+            .map(|device| device.key)
+            .filter(|key| {
+                *key != chain_id
+                    && !state
+                        .iter()
+                        .flat_map(Sigchain::devices)
+                        .any(|known| known.key == *key)
+            })
+            .collect();
+        self.claim_devices(chain_id, head.seq, &added).await?;
 
         let key = link_key(&chain_id.to_hex(), head.seq);
         if let Err(err) = self.links.create(&key, Bytes::copy_from_slice(link)).await {
@@ -779,6 +982,9 @@ impl Store {
         }
         self.advance_head(chain_id, head).await?;
         self.keep_state(chain_id, &next, revision).await;
+        // The link is stored: a failure here is 503, and the client's retry of the same link
+        // writes the index (the retry path above).
+        self.index_devices(&next).await?;
         Ok(head)
     }
 
@@ -1188,6 +1394,28 @@ fn store_refusal(err: &jetstream::context::PublishError) -> ErrorAnswer {
             "the message store has no leader at the moment, as while a cluster elects one: nothing was stored ({err})"
         )),
     }
+}
+
+/// A device claim's refusal: the key is another identity's device, or holds a handle.
+fn device_in_use(key: PublicKey) -> ErrorAnswer {
+    ErrorAnswer::new(
+        409,
+        "device_in_use",
+        format!(
+            "{key} is a device or the key of another identity on this server: a key serves one identity; add a freshly generated device key"
+        ),
+    )
+}
+
+/// A registration's refusal: the key is a device of `identity`.
+fn key_is_device(key: PublicKey, identity: PublicKey) -> ErrorAnswer {
+    ErrorAnswer::new(
+        409,
+        "key_is_device",
+        format!(
+            "{key} is a device of {identity} on this server: it connects as that identity; register with a freshly generated key"
+        ),
+    )
 }
 
 fn in_progress() -> ErrorAnswer {

@@ -33,6 +33,7 @@ const STREAMS: &[&str] = &[
     "KV_kez_chain_links",
     "KV_kez_chain_heads",
     "KV_kez_chain_states",
+    "KV_kez_devices",
     "KV_kez_disabled",
 ];
 

@@ -469,7 +469,8 @@ async fn the_current_binaries_take_over_the_store_and_homes_the_previous_release
 
 /// The server kept 0.1's chain states without devices; the owner of such a chain appends to it
 /// (the server verifies it again from its links, once) and adds a device with a version 2 link,
-/// and a lookup's chain shows both devices.
+/// and a lookup's chain shows both devices; the device connects with its own key (the device
+/// index, a bucket 0.1 did not have, holds it).
 async fn owner_of_a_chain_kept_by_0_1_appends_and_adds_a_device(fixture: &Fixture, url: &str) {
     let alice = Arc::new(Home::open(fixture.home("alice")).unwrap().key().unwrap());
     let me = alice.public_key();
@@ -498,7 +499,7 @@ async fn owner_of_a_chain_kept_by_0_1_appends_and_adds_a_device(fixture: &Fixtur
     let head = connection.append(link.bytes()).await.unwrap();
     assert_eq!(head.seq, before.seq() + 1);
 
-    let laptop = SecretKey::generate();
+    let laptop = Arc::new(SecretKey::generate());
     let chain = connection.chain(&me).await.unwrap();
     let added = chain
         .add_device_link(now, &alice, &laptop, "laptop", DeviceKind::Desktop)
@@ -518,6 +519,12 @@ async fn owner_of_a_chain_kept_by_0_1_appends_and_adds_a_device(fixture: &Fixtur
     );
     assert!(after.endpoints().contains_key("note"));
     connection.close().await.unwrap();
+
+    let device = Connection::connect(url, laptop.clone())
+        .await
+        .expect("the added device connects with its own key");
+    assert_eq!(device.chain(&me).await.unwrap().head(), after.head());
+    device.close().await.unwrap();
 }
 
 /// `kez-chat --home <home> args…`, isolated from the developer's environment.

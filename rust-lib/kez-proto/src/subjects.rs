@@ -3,8 +3,8 @@
 //! permissions on them) and clients (which use them) take them from here, so the two cannot
 //! drift apart. PROTOCOL.md §6.
 //!
-//! Inboxes are per device from the start: `kez.inbox.<identity hex>.<device hex>`. Until an
-//! identity can have several devices (DESIGN-NEXT §2), its one device is its key itself.
+//! Inboxes are per device: `kez.inbox.<identity hex>.<device hex>`. An identity's own key (its
+//! chain id) is a device of it too, with the same hex twice.
 
 use kez_core::key::PublicKey;
 
@@ -62,11 +62,17 @@ pub fn unregistered_subscribe(key: &PublicKey) -> Vec<String> {
 }
 
 /// What `key`, registered, may subscribe to: replies under its own [`reply_prefix`] and the
-/// new-mail notifications of its own inbox (its key is its one device).
+/// new-mail notifications of its own inbox (the identity's key is a device of it).
 pub fn registered_subscribe(key: &PublicKey) -> Vec<String> {
+    device_subscribe(key, key)
+}
+
+/// What `device`, an active device of `identity`, may subscribe to: replies under the device's
+/// own [`reply_prefix`] and the new-mail notifications of the device's own inbox.
+pub fn device_subscribe(identity: &PublicKey, device: &PublicKey) -> Vec<String> {
     vec![
-        format!("{}.>", reply_prefix(key)),
-        new_mail_subject(key, key),
+        format!("{}.>", reply_prefix(device)),
+        new_mail_subject(identity, device),
     ]
 }
 
@@ -93,6 +99,10 @@ mod tests {
         assert_eq!(
             registered_subscribe(&key),
             [format!("_INBOX.{hex}.>"), format!("kez.new.{hex}.{hex}")]
+        );
+        assert_eq!(
+            device_subscribe(&key, &device),
+            [format!("_INBOX.{dev}.>"), format!("kez.new.{hex}.{dev}")]
         );
     }
 

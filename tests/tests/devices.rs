@@ -1,0 +1,300 @@
+//! Devices as NATS credentials (PROTOCOL.md §6.2, §6.3), against a real nats-server with the
+//! auth callout and an in-process kez-chat-server: a device its identity's chain added connects
+//! with the device profile and reads only its own inbox; mail to a device key arrives only
+//! there; a revoked device is refused at connect and as a recipient; an unknown key gets nothing
+//! of anyone's mail; the identity key works as before; and no key serves two identities.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Client;
+use kez_chat_server::config::ServerConfig;
+use kez_chat_server::limits::{Limits, Rate};
+use kez_core::sigchain::DeviceKind;
+use kez_core::{PublicKey, SecretKey, Sigchain, SignedLink, UnsignedLink};
+use kez_proto::mail::{FetchAnswer, FetchRequest};
+use kez_proto::subjects::new_mail_subject;
+use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
+use kez_tests::kez_server::{ServiceError, call};
+use kez_tests::requests::{mail, nats_endpoint, now};
+
+/// How long a refusal by the broker may take to arrive.
+const REFUSED_WITHIN: Duration = Duration::from_secs(5);
+
+/// A registered identity with a sigchain, as the test keeps it.
+struct Identity {
+    key: Arc<SecretKey>,
+    client: Client,
+    chain: Sigchain,
+}
+
+impl Identity {
+    /// Registers `name` for a fresh key and writes its first link.
+    async fn new(stack: &CalloutStack, name: &str) -> Identity {
+        let (key, client) = stack.registered(name).await;
+        let first = UnsignedLink::first(key.public_key(), now(), nats_endpoint("nats"))
+            .sign(&key)
+            .unwrap();
+        append(&client, &first).await.expect("the first link");
+        let chain = Sigchain::start(first.bytes()).unwrap();
+        Identity { key, client, chain }
+    }
+
+    fn public_key(&self) -> PublicKey {
+        self.key.public_key()
+    }
+
+    /// The link adding `device` as `name`, signed by the identity key.
+    fn add_link(&self, device: &SecretKey, name: &str) -> SignedLink {
+        self.chain
+            .add_device_link(now(), &self.key, device, name, DeviceKind::Desktop)
+            .unwrap()
+    }
+
+    /// Appends `link` on the server and to the test's copy of the chain.
+    async fn append(&mut self, link: SignedLink) {
+        append(&self.client, &link).await.expect("the append");
+        self.chain.append(link.bytes()).unwrap();
+    }
+
+    /// Adds a fresh device called `name`; returns its key.
+    async fn add_device(&mut self, name: &str) -> Arc<SecretKey> {
+        let device = Arc::new(SecretKey::generate());
+        self.append(self.add_link(&device, name)).await;
+        device
+    }
+
+    /// Revokes `device` on the chain.
+    async fn revoke(&mut self, device: &SecretKey) {
+        let link = self
+            .chain
+            .revoke_device_link(now(), &self.key, device.public_key(), None)
+            .unwrap();
+        self.append(link).await;
+    }
+}
+
+async fn append(client: &Client, link: &SignedLink) -> Result<(), ServiceError> {
+    call(client, "kez.sigchain.append", link.bytes().to_vec())
+        .await
+        .map(drop)
+}
+
+/// Sends `envelope` to `to`; the answer's sequence, or the refusal.
+async fn send(client: &Client, to: &PublicKey, envelope: &[u8]) -> Result<u64, ServiceError> {
+    let id = *kez_core::envelope::MessageId::random().as_bytes();
+    let answer = call(client, "kez.mail.send", mail(to, id, envelope)).await?;
+    let delivered: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    Ok(delivered["seq"].as_u64().expect("a sequence"))
+}
+
+/// The envelopes in the caller's inbox, from the start.
+async fn inbox(client: &Client) -> Vec<Vec<u8>> {
+    let body = serde_json::to_vec(&FetchRequest {
+        after: 0,
+        max: 256,
+        time: 0,
+    })
+    .unwrap();
+    let answer = call(client, "kez.mail.fetch", body)
+        .await
+        .expect("the fetch is answered");
+    let decoded = FetchAnswer::decode(&answer).expect("a fetch answer decodes");
+    decoded
+        .messages
+        .iter()
+        .map(|message| message.envelope.to_vec())
+        .collect()
+}
+
+fn error_of(result: Result<impl std::fmt::Debug, ServiceError>) -> (u16, String) {
+    let err = result.expect_err("a refusal");
+    (err.code, err.name)
+}
+
+#[tokio::test]
+async fn a_device_connects_and_reads_only_its_own_inbox() {
+    let stack = CalloutStack::start().await;
+    let mut alice = Identity::new(&stack, "alice").await;
+    let bob = Identity::new(&stack, "bob").await;
+    let laptop = alice.add_device("laptop").await;
+    let (laptop_client, mut laptop_errors) = stack
+        .connect_as(&laptop)
+        .await
+        .expect("an active device connects");
+
+    send(&bob.client, &laptop.public_key(), b"for the laptop")
+        .await
+        .expect("mail to a device key is stored");
+    send(&bob.client, &alice.public_key(), b"for alice's key")
+        .await
+        .expect("mail to the identity key is stored as before");
+    assert_eq!(inbox(&laptop_client).await, [b"for the laptop".to_vec()]);
+    assert_eq!(inbox(&alice.client).await, [b"for alice's key".to_vec()]);
+    assert!(inbox(&bob.client).await.is_empty());
+
+    // The device may send, as its identity.
+    send(&laptop_client, &bob.public_key(), b"from the laptop")
+        .await
+        .expect("a device sends");
+    assert_eq!(inbox(&bob.client).await, [b"from the laptop".to_vec()]);
+
+    // It hears of its own new mail only.
+    let own = new_mail_subject(&alice.public_key(), &laptop.public_key());
+    let mut notes = laptop_client.subscribe(own).await.unwrap();
+    laptop_client.flush().await.unwrap();
+    send(&bob.client, &laptop.public_key(), b"again")
+        .await
+        .unwrap();
+    tokio::time::timeout(REFUSED_WITHIN, futures::StreamExt::next(&mut notes))
+        .await
+        .expect("the device hears of its new mail")
+        .expect("a notification");
+    for other in [
+        new_mail_subject(&alice.public_key(), &alice.public_key()),
+        new_mail_subject(&bob.public_key(), &bob.public_key()),
+    ] {
+        let _ignored = laptop_client.subscribe(other.clone()).await.unwrap();
+        expect_violation(
+            &mut laptop_errors,
+            Violation::Subscription,
+            &other,
+            REFUSED_WITHIN,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_device_is_refused_at_connect_and_as_a_recipient() {
+    let stack = CalloutStack::start().await;
+    let mut alice = Identity::new(&stack, "alice").await;
+    let bob = Identity::new(&stack, "bob").await;
+    let laptop = alice.add_device("laptop").await;
+    let phone = alice.add_device("phone").await;
+    let (laptop_client, _) = stack.connect_as(&laptop).await.unwrap();
+    alice.revoke(&laptop).await;
+
+    // Its live connection reaches no mail any more, its own inbox included.
+    let body = serde_json::to_vec(&FetchRequest {
+        after: 0,
+        max: 1,
+        time: 0,
+    })
+    .unwrap();
+    assert_eq!(
+        error_of(call(&laptop_client, "kez.mail.fetch", body).await),
+        (403, "revoked_device".to_owned())
+    );
+    assert_eq!(
+        error_of(send(&laptop_client, &bob.public_key(), b"still me").await),
+        (403, "revoked_device".to_owned())
+    );
+
+    assert!(
+        stack.connect_as(&laptop).await.is_err(),
+        "a revoked device is refused"
+    );
+    assert_eq!(
+        error_of(send(&bob.client, &laptop.public_key(), b"too late").await),
+        (410, "recipient_revoked".to_owned())
+    );
+    // The other device and the identity key go on.
+    let (phone_client, _) = stack.connect_as(&phone).await.expect("the phone connects");
+    send(&bob.client, &phone.public_key(), b"hi phone")
+        .await
+        .unwrap();
+    assert_eq!(inbox(&phone_client).await, [b"hi phone".to_vec()]);
+    let (alice_again, _) = stack
+        .connect_as(&alice.key)
+        .await
+        .expect("the identity key connects as before");
+    assert!(inbox(&alice_again).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_unknown_key_reaches_no_mail() {
+    let stack = CalloutStack::start().await;
+    let bob = Identity::new(&stack, "bob").await;
+    let stranger = Arc::new(SecretKey::generate());
+    let (client, mut errors) = stack
+        .connect_as(&stranger)
+        .await
+        .expect("an unknown key gets the narrow profile, to register");
+    let _ignored = client
+        .publish("kez.mail.fetch", b"{}".as_slice().into())
+        .await;
+    expect_violation(
+        &mut errors,
+        Violation::Publish,
+        "kez.mail.fetch",
+        REFUSED_WITHIN,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        error_of(send(&bob.client, &stranger.public_key(), b"nobody").await),
+        (404, "unknown_recipient".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn no_key_serves_two_identities() {
+    let stack = CalloutStack::start().await;
+    let mut alice = Identity::new(&stack, "alice").await;
+    let mut bob = Identity::new(&stack, "bob").await;
+    let laptop = alice.add_device("laptop").await;
+
+    // Bob holds the laptop's secret (he counter-signs with it) and still cannot add it.
+    let taken = bob.add_link(&laptop, "laptop");
+    assert_eq!(
+        error_of(append(&bob.client, &taken).await),
+        (409, "device_in_use".to_owned())
+    );
+    // Nor alice's identity key.
+    let alices = bob.add_link(&alice.key, "alice");
+    assert_eq!(
+        error_of(append(&bob.client, &alices).await),
+        (409, "device_in_use".to_owned())
+    );
+    // Bob's chain goes on without them.
+    let own = bob.add_device("own").await;
+    assert!(stack.connect_as(&own).await.is_ok());
+
+    // A device key registers no handle of its own.
+    let (laptop_client, _) = stack.connect_as(&laptop).await.unwrap();
+    let refused = register(&laptop_client, &laptop, "laptop").await;
+    assert_eq!(error_of(refused), (409, "key_is_device".to_owned()));
+
+    // The same link again (a retry after a lost answer) is fine: the claim is alice's.
+    let again = alice.add_link(&SecretKey::generate(), "again");
+    append(&alice.client, &again).await.unwrap();
+    append(&alice.client, &again).await.unwrap();
+    alice.chain.append(again.bytes()).unwrap();
+}
+
+#[tokio::test]
+async fn an_identitys_devices_share_one_send_budget() {
+    let stack = CalloutStack::start_configured(|config: &mut ServerConfig| {
+        config.limits = Limits {
+            send_per_key: Rate::new(0.001, 2),
+            ..Limits::OFF
+        };
+    })
+    .await;
+    let mut alice = Identity::new(&stack, "alice").await;
+    let bob = Identity::new(&stack, "bob").await;
+    let laptop = alice.add_device("laptop").await;
+    let (laptop_client, _) = stack.connect_as(&laptop).await.unwrap();
+    send(&alice.client, &bob.public_key(), b"1").await.unwrap();
+    send(&laptop_client, &bob.public_key(), b"2").await.unwrap();
+    assert_eq!(
+        error_of(send(&laptop_client, &bob.public_key(), b"3").await),
+        (429, "rate_limited".to_owned())
+    );
+    assert_eq!(
+        error_of(send(&alice.client, &bob.public_key(), b"3").await),
+        (429, "rate_limited".to_owned())
+    );
+}
