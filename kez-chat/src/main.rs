@@ -57,7 +57,7 @@ use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
 use kez_core::paper::{PAPER_KEY_WORDS, PaperKey};
 use kez_core::sigchain::{Device, DeviceKind, Endpoint};
-use kez_core::{Handle, Op, PublicKey, SecretKey, UnsignedLink};
+use kez_core::{Handle, Op, PublicKey, SecretKey, SignedLink, UnsignedLink};
 use serde_json::{Value, json};
 
 use failure::{Failure, RUNTIME, USAGE};
@@ -806,18 +806,7 @@ impl App {
         let link = chain
             .revoke_device_link(kez_client::now(), &key, revoked, reason)
             .map_err(|err| Failure::new(USAGE, format!("cannot make the revocation: {err}")))?;
-        let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
-        let _ = conn.close().await;
-        if head.head != link.hash() {
-            return Err(Failure::new(
-                RUNTIME,
-                format!(
-                    "the server answered head {} for the revocation {}: it was not stored as sent; run `kez-chat devices` to see what your chain holds",
-                    head.head,
-                    link.hash()
-                ),
-            ));
-        }
+        let head = append_device_link(conn, &link).await?;
         println!(
             "Revoked {} ({revoked}) at link {}: it signs nothing for you from now on.",
             display::inline(name),
@@ -930,18 +919,7 @@ impl App {
                 ),
             ));
         }
-        let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
-        let _ = conn.close().await;
-        if head.head != link.hash() {
-            return Err(Failure::new(
-                RUNTIME,
-                format!(
-                    "the server answered head {} for the paper key's link {}: it was not stored as sent; run `kez-chat devices` to see what your chain holds",
-                    head.head,
-                    link.hash()
-                ),
-            ));
-        }
+        let head = append_device_link(conn, &link).await?;
         say(&format!(
             "Added paper key {name} ({}) to your sigchain at link {}.",
             paper.secret_key().public_key(),
@@ -1560,6 +1538,27 @@ fn clock(time: u64) -> String {
                 .to_string()
         })
         .unwrap_or_else(|| format!("unix time {time}"))
+}
+
+/// Appends a device link of the own chain and closes the connection; the head the server
+/// answers must be that link's, or the link was not stored as sent.
+async fn append_device_link(
+    conn: Connection,
+    link: &SignedLink,
+) -> Result<kez_client::ChainHead, Failure> {
+    let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
+    let _ = conn.close().await;
+    if head.head != link.hash() {
+        return Err(Failure::new(
+            RUNTIME,
+            format!(
+                "the server answered head {} for the link {}: it was not stored as sent; run `kez-chat devices` to see what your chain holds",
+                head.head,
+                link.hash()
+            ),
+        ));
+    }
+    Ok(head)
 }
 
 /// One device on one line: its name (a peer's text, escaped), kind, key and history.
