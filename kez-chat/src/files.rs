@@ -90,7 +90,7 @@ impl App {
     ) -> Result<(), Failure> {
         let provider = node.provider();
         let mut chain = conn
-            .chain(&key.public_key())
+            .chain(&conn.identity())
             .await
             .map_err(Failure::client)?;
         let ops = chain.ops_to_advertise(&Endpoint {
@@ -102,12 +102,15 @@ impl App {
             return Ok(());
         }
         for op in ops {
-            let link = chain.next_link(now(), op).sign(key).map_err(|err| {
-                Failure::new(RUNTIME, format!("cannot sign a sigchain link: {err}"))
-            })?;
+            let link = chain
+                .next_link_by(key.public_key(), now(), op)
+                .sign(key)
+                .map_err(|err| {
+                    Failure::new(RUNTIME, format!("cannot sign a sigchain link: {err}"))
+                })?;
             conn.append(link.bytes()).await.map_err(Failure::client)?;
             chain = conn
-                .chain(&key.public_key())
+                .chain(&conn.identity())
                 .await
                 .map_err(Failure::client)?;
         }

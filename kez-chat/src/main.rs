@@ -517,12 +517,27 @@ impl App {
         }
     }
 
-    /// Connects to `url` as `key`.
+    /// Connects to `url` as `key`, a device of the own identity.
     async fn connect_to(&self, url: &str, key: Arc<SecretKey>) -> Result<Connection, Failure> {
         let options = Connection::options(&key);
-        Connection::connect_with(url, key, options, self.plaintext())
+        self.connect_with(url, key, options).await
+    }
+
+    /// Connects to `url` as `key` with `options` ([`Connection::options`] and more), speaking
+    /// for the own identity when this home's key is another device of it.
+    async fn connect_with(
+        &self,
+        url: &str,
+        key: Arc<SecretKey>,
+        options: async_nats::ConnectOptions,
+    ) -> Result<Connection, Failure> {
+        let conn = Connection::connect_with(url, key, options, self.plaintext())
             .await
-            .map_err(Failure::client)
+            .map_err(Failure::client)?;
+        Ok(match self.config.identity {
+            Some(identity) => conn.as_device_of(identity),
+            None => conn,
+        })
     }
 
     /// `register <name>`.
@@ -673,7 +688,8 @@ impl App {
     async fn whoami(&self, json: bool) -> Result<(), Failure> {
         let handle = self.handle()?;
         let conn = self.connect().await?;
-        let me = conn.public_key();
+        let me = conn.identity();
+        let device = conn.public_key();
         let head = conn.head(&me).await.map_err(Failure::client)?;
         let _ = conn.close().await;
         let server = self.server()?;
@@ -681,14 +697,18 @@ impl App {
             print_json(&json!({
                 "handle": handle,
                 "key": me.to_string(),
-                "nkey": me.to_nkey(),
+                "device": device.to_string(),
+                "nkey": device.to_nkey(),
                 "server": server,
                 "sigchain": { "seq": head.seq, "head": head.head.to_string() },
             }));
         } else {
             println!("handle  {handle}");
             println!("key     {me}");
-            println!("nkey    {}", me.to_nkey());
+            if device != me {
+                println!("device  {device}");
+            }
+            println!("nkey    {}", device.to_nkey());
             println!("server  {server}");
             println!("head    seq {} {}", head.seq, head.head);
         }
@@ -752,7 +772,10 @@ impl App {
     async fn devices(&self, json: bool) -> Result<(), Failure> {
         let conn = self.connect().await?;
         let me = conn.public_key();
-        let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        let chain = conn
+            .chain(&conn.identity())
+            .await
+            .map_err(Failure::client)?;
         let _ = conn.close().await;
         if json {
             print_json(&json!({
@@ -778,7 +801,10 @@ impl App {
         let key = self.key()?;
         let me = key.public_key();
         let conn = self.connect().await?;
-        let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        let chain = conn
+            .chain(&conn.identity())
+            .await
+            .map_err(Failure::client)?;
         let Some(device) = chain.active_devices().find(|device| device.name == name) else {
             let names: Vec<String> = chain
                 .active_devices()
@@ -822,9 +848,11 @@ impl App {
     /// go to stderr, the terminal, not into the JSON.
     async fn paperkey(&self, name: Option<String>, asked: PaperKeyAsk) -> Result<(), Failure> {
         let key = self.key()?;
-        let me = key.public_key();
         let conn = self.connect().await?;
-        let chain = conn.chain(&me).await.map_err(Failure::client)?;
+        let chain = conn
+            .chain(&conn.identity())
+            .await
+            .map_err(Failure::client)?;
         if asked != PaperKeyAsk::Command
             && chain
                 .active_devices()
@@ -1160,10 +1188,9 @@ impl App {
                 std::future::ready(())
             }
         });
-        let conn =
-            Connection::connect_with(&self.server()?, key.clone(), options, self.plaintext())
-                .await
-                .map_err(Failure::client)?;
+        let conn = self
+            .connect_with(&self.server()?, key.clone(), options)
+            .await?;
         let node = self.open_node().await?;
         self.advertise_node(&conn, &key, &node).await?;
         eprintln!(

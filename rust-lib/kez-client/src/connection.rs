@@ -326,6 +326,9 @@ pub fn now() -> u64 {
 pub struct Connection {
     client: Client,
     key: Arc<SecretKey>,
+    /// The identity the key is a device of (the sigchain id): the key itself unless
+    /// [`Connection::as_device_of`] said otherwise.
+    identity: PublicKey,
     /// The subscription to the own new-mail notifications, made by the first
     /// [`Connection::receive`] and kept (async-nats renews it on every reconnect).
     new_mail: Arc<tokio::sync::Mutex<Option<async_nats::Subscriber>>>,
@@ -404,6 +407,7 @@ impl Connection {
         };
         Ok(Connection {
             client,
+            identity: key.public_key(),
             key,
             new_mail: Arc::default(),
         })
@@ -414,9 +418,22 @@ impl Connection {
         &self.client
     }
 
-    /// The connection's key.
+    /// The connection's key: the device key.
     pub fn public_key(&self) -> PublicKey {
         self.key.public_key()
+    }
+
+    /// The identity this connection speaks for: the sigchain id its key is a device of.
+    pub fn identity(&self) -> PublicKey {
+        self.identity
+    }
+
+    /// This connection, speaking for `identity`, of which its key is another device (a home
+    /// added by pairing or recovery, [`crate::Config::identity`]). The broker knows it from
+    /// the device index; the client needs it for its own inbox and its own sigchain.
+    pub fn as_device_of(mut self, identity: PublicKey) -> Connection {
+        self.identity = identity;
+        self
     }
 
     /// Sends `body` to a service and returns the answer's body, or its [`ServiceError`].
@@ -831,10 +848,9 @@ impl Connection {
     ) -> Result<Vec<Message>, ClientError> {
         let mut new_mail = self.new_mail.lock().await;
         if new_mail.is_none() {
-            let me = self.key.public_key();
             let subscriber = self
                 .client
-                .subscribe(new_mail_subject(&me, &me))
+                .subscribe(new_mail_subject(&self.identity, &self.key.public_key()))
                 .await
                 .map_err(|err| ClientError::Nats {
                     action: "subscribe to the own new-mail notifications",

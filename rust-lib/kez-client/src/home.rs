@@ -118,6 +118,11 @@ pub struct Config {
     /// The own handle once registered, e.g. `@alice@kez.lat`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handle: Option<String>,
+    /// The own identity (the sigchain id) when this home's key is another device of it: a
+    /// device added by pairing or recovery. Unset: the home's key is the identity itself (the
+    /// device that registered). Homes of 0.1 have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<kez_core::PublicKey>,
     /// The UDP address the blob node binds, kept after the first start so the provider string
     /// in the sigchain stays valid. Default `127.0.0.1` with a port chosen on first use: others
     /// on this machine only. Set a routable address (or `0.0.0.0:PORT`) to share beyond it.

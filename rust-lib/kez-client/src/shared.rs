@@ -122,9 +122,10 @@ pub async fn publish_manifest(
             providers.insert(0, pin.provider.clone());
         }
     }
-    let chain = conn.chain(&key.public_key()).await?;
+    let chain = conn.chain(&conn.identity()).await?;
     let link = chain
-        .next_link(
+        .next_link_by(
+            key.public_key(),
             time,
             Op::SetSharedFiles(SharedFiles {
                 manifest: hash.to_string(),
