@@ -4,7 +4,8 @@
 # Starts `kez-chat-server dev --pin` (nats-server child + services + auth callout + pin node) in a temporary
 # directory on a free loopback port, then alice and bob, each with their own home, register, add
 # each other and chat (offline delivery, `inbox`, live `listen`, `history`), alice shares a file
-# with bob, and publishes files that bob browses and downloads. Every step prints the
+# with bob, and publishes files that bob browses and downloads; alice makes a paper key, and
+# recovers from it on a new home that revokes her lost laptop. Every step prints the
 # command and its output and is checked; the first failed check stops the demo with exit 1. The
 # stack and any background listener are always torn down, and the temporary directory removed
 # (KEZ_DEMO_KEEP=1 keeps it).
@@ -209,6 +210,46 @@ printf '$ cmp plans.txt plans-from-alice.txt\n'
 cmp plans.txt plans-from-alice.txt || fail "the downloaded file differs from the published one"
 echo "    identical"
 step "files       2 visible to you" kez-chat --home bob profile @alice
+
+say "alice makes a paper key: 24 words shown once, one typed back, then a device in her chain"
+printf '$ kez-chat --home alice paperkey\n'
+mkfifo paperkey.in
+kez-chat --home alice paperkey <paperkey.in >paperkey.out 2>paperkey.err &
+paper_pid=$!
+exec {paper_in}>paperkey.in
+wait_for paperkey.err "wrote them down: " 30 "kez-chat paperkey"
+paper_words=()
+while IFS= read -r line; do
+    if [[ "$line" == "  "* ]]; then
+        read -ra tokens <<<"$line"
+        for ((k = 1; k < ${#tokens[@]}; k += 2)); do paper_words+=("${tokens[k]}"); done
+    fi
+done <paperkey.out
+((${#paper_words[@]} == 24)) || fail "kez-chat paperkey did not show 24 words"
+position="$(grep -o 'Type word [0-9]*' paperkey.err | awk '{ print $3 }')"
+printf '%s\n' "${paper_words[position - 1]}" >&"$paper_in"
+exec {paper_in}>&-
+wait "$paper_pid" || fail "kez-chat paperkey failed: $(cat paperkey.err)"
+sed 's/^/    /' paperkey.out
+[[ "$(cat paperkey.out)" == *"Added paper key paper1"* ]] || fail "the paper key was not added"
+steps=$((steps + 1))
+
+say "alice loses her laptop: the paper key makes a new home her device and revokes the laptop"
+printf '$ echo "<the 24 words>" | kez-chat --home alice-desk --server %s recover @alice --name desk --revoke primary\n' "$url"
+recovered="$(printf '%s\n' "${paper_words[*]}" | kez-chat --home alice-desk --server "$url" recover @alice --name desk --revoke primary 2>&1)" ||
+    fail "kez-chat recover failed: $recovered"
+printf '%s\n' "$recovered" | sed 's/^/    /'
+[[ "$recovered" == *"This home is now @alice@kez.localhost, device desk"* ]] || fail "recover did not make the device"
+steps=$((steps + 1))
+step "REVOKED at link" kez-chat --home alice-desk devices
+step "added @bob@kez.localhost (key pinned)" kez-chat --home alice-desk add @bob
+step "delivered to server for @alice@kez.localhost" kez-chat --home bob send @alice "is this your new device?"
+step "@bob@kez.localhost: is this your new device?" kez-chat --home alice-desk inbox
+step "you: is this your new device?" kez-chat --home bob history @alice
+printf '$ kez-chat --home alice inbox    # the lost laptop\n'
+if lost="$(kez-chat --home alice inbox 2>&1)"; then fail "the revoked laptop still reads mail: $lost"; fi
+printf '%s\n' "$lost" | sed 's/^/    /'
+steps=$((steps + 1))
 
 say "Stop the stack (SIGTERM): services first, then its nats-server"
 printf '$ kill -TERM %s\n' "$dev_pid"

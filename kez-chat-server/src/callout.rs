@@ -219,6 +219,11 @@ pub fn grant(
         ));
     }
     Ok(match (standing.record, standing.device) {
+        (Some(_), Some(device)) if device.state == DeviceState::Revoked => {
+            return Err(format!(
+                "kez: {key} holds its handle, but its own chain revoked it as a device; connect with one of its active devices"
+            ));
+        }
         (Some(record), _) => Grant::Registered(registered_profile(user_nkey, record, now)),
         (None, Some(device)) => match device.state {
             DeviceState::Active => Grant::Device(
@@ -359,6 +364,14 @@ mod tests {
             let refused = grant(user, &laptop, standing, NOW).unwrap_err();
             assert!(refused.contains(reason), "{refused}");
         }
+        // The identity's own key, revoked by its chain, is refused although it holds the handle.
+        let revoked = device(DeviceState::Revoked);
+        let revoked_identity = Standing {
+            device: Some(&revoked),
+            ..registered
+        };
+        let refused = grant(user, &key, revoked_identity, NOW).unwrap_err();
+        assert!(refused.contains("revoked it as a device"), "{refused}");
 
         let disabled = DisabledRecord { handle, since: NOW };
         for standing in [registered, nothing, as_device] {

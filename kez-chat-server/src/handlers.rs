@@ -15,7 +15,7 @@ use crate::callout::Verdict;
 use crate::context::Context;
 use crate::limits::{Caller, Limited};
 use crate::metrics::CalloutDecision;
-use crate::store::Registered;
+use crate::store::{DeviceState, Registered};
 
 /// 429 `rate_limited`, with the time to wait.
 fn rate_limited(limited: Limited) -> ErrorAnswer {
@@ -118,8 +118,21 @@ pub async fn handle(
             profile(ctx, record).await
         }
         Request::Whois(key) => {
-            let record = ctx.store.whois(key).await?.ok_or_else(|| {
-                ErrorAnswer::not_found(format!("{key} has no handle on this server"))
+            let record = match ctx.store.whois(key).await? {
+                Some(record) => Some(record),
+                // An active device answers for its identity: the asker checks that the
+                // identity's chain lists the device.
+                None => match ctx.store.device(key).await? {
+                    Some(device) if device.state == DeviceState::Active => {
+                        ctx.store.whois(device.identity).await?
+                    }
+                    _ => None,
+                },
+            };
+            let record = record.ok_or_else(|| {
+                ErrorAnswer::not_found(format!(
+                    "{key} has no handle and is no active device on this server"
+                ))
             })?;
             profile(ctx, record).await
         }

@@ -378,9 +378,9 @@ impl Store {
         }
     }
 
-    /// Stores `envelope` in the inbox of `device`, a device of `identity`, with `id` as its
-    /// `Nats-Msg-Id`; answers its stream sequence and whether the stream had the id already
-    /// (then nothing was stored).
+    /// Stores `envelope` in the inbox of `device`, a device of `identity`, with the
+    /// `Nats-Msg-Id` [`inbox_msg_id`]; answers its stream sequence and whether the stream had
+    /// that id already (then nothing was stored).
     pub async fn deliver(
         &self,
         identity: PublicKey,
@@ -389,7 +389,7 @@ impl Store {
         envelope: Bytes,
     ) -> Result<(u64, bool), ErrorAnswer> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.to_string().as_str());
+        headers.insert("Nats-Msg-Id", inbox_msg_id(&device, id).as_str());
         let ack = self
             .js
             .publish_with_headers(inbox_subject(&identity, &device), headers, envelope)
@@ -624,7 +624,8 @@ impl Store {
     }
 
     /// Writes the device index entries `state`, a verified chain state stored as the chain's,
-    /// implies: its devices other than the chain id's key, active or revoked (a key a version 1
+    /// implies: its devices other than the chain id's key, active or revoked, and the chain
+    /// id's key once revoked (a key a version 1
     /// `rotate` came back to is listed twice: its last entry is its standing). Every entry, not
     /// only this link's, so that one a failed earlier append left behind is caught up; bounded:
     /// a chain has at most `MAX_DEVICE_ENTRIES` devices, read [`PARALLEL_LINK_READS`] at a time.
@@ -632,7 +633,9 @@ impl Store {
         let identity = state.chain_id();
         let mut standing = std::collections::HashMap::new();
         for device in state.devices() {
-            if device.key != identity {
+            // The chain id's own key holds the handle, and the registry speaks for it while
+            // it is active; revoked, it is indexed like any device, which refuses it.
+            if device.key != identity || !device.is_active() {
                 standing.insert(device.key, device.is_active());
             }
         }
@@ -1359,6 +1362,14 @@ fn direct_get_reply(message: &async_nats::Message) -> Result<DirectGetReply, Err
 }
 
 /// What a refused inbox publish means for the sender (PROTOCOL.md §6.3).
+/// The `Nats-Msg-Id` of message `id` in the inbox of `device`: `<id>.<device hex>`. One
+/// message goes to several devices (of its recipient, and of its sender for their copies) with
+/// one id, and the stream's duplicate window spans every inbox, so each device's copy needs an
+/// id of its own; a request repeated for the same device is still one message.
+fn inbox_msg_id(device: &PublicKey, id: &kez_core::envelope::MessageId) -> String {
+    format!("{id}.{}", device.to_hex())
+}
+
 fn store_refusal(err: &jetstream::context::PublishError) -> ErrorAnswer {
     use std::error::Error as _;
     let refusal = err
@@ -1450,6 +1461,15 @@ mod tests {
     use kez_core::{Op, SecretKey, UnsignedLink};
 
     use super::*;
+
+    #[test]
+    fn each_device_of_a_message_has_its_own_msg_id() {
+        let key = |seed| SecretKey::from_seed(&[seed; 32]).public_key();
+        let id = kez_core::envelope::MessageId::from_bytes([0xab; 16]);
+        let phone = inbox_msg_id(&key(2), &id);
+        assert_eq!(phone, format!("{id}.{}", key(2).to_hex()));
+        assert_ne!(phone, inbox_msg_id(&key(3), &id));
+    }
 
     fn endpoint(name: &str) -> Op {
         Op::AddEndpoint(Endpoint {

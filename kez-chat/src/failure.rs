@@ -122,7 +122,7 @@ impl Failure {
                     Failure::new(
                         REFUSED,
                         format!(
-                            "the server at {url} refused this key, also when asked again for a few seconds: either its auth service is not running (a server starting or broken: try again in a minute), or the operator disabled this account (ask them)"
+                            "the server at {url} refused this key, also when asked again for a few seconds: either its auth service is not running (a server starting or broken: try again in a minute), this device was revoked from your sigchain (another of your devices lists it: `kez-chat devices`), or the operator disabled this account (ask them)"
                         ),
                     )
                 } else {

@@ -138,7 +138,7 @@ impl App {
         let key = self.key()?;
         let store = self.store()?;
         let conn = self.connect().await?;
-        let contact = recipient(&conn, &store, &full).await?;
+        let contact = recipient(&conn, &store, self.handle()?, &full).await?;
         let pin_node = if pin {
             let info = conn.server_info().await.map_err(Failure::client)?;
             let Some(pin_info) = info.pin else {

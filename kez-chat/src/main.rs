@@ -57,6 +57,7 @@ use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
 use kez_core::paper::{PAPER_KEY_WORDS, PaperKey};
 use kez_core::sigchain::{Device, DeviceKind, Endpoint};
+use kez_core::trust;
 use kez_core::{Handle, Op, PublicKey, SecretKey, SignedLink, UnsignedLink};
 use serde_json::{Value, json};
 
@@ -200,6 +201,19 @@ enum Command {
         /// Its device name (default: `paper1`, or the next number free).
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Recover your identity on this fresh home from your paper key: the 24 words (typed on
+    /// stdin, never stored) add this home as a new device, and revoke the lost devices you
+    /// name. Then make a new paper key if the old one may have been seen.
+    Recover {
+        /// Your handle, e.g. `@alice@kez.lat`.
+        handle: String,
+        /// This device's name (default: `device1`, or the next number free).
+        #[arg(long)]
+        name: Option<String>,
+        /// A lost device to revoke, by name as `kez-chat devices` listed it (repeat for more).
+        #[arg(long = "revoke", value_name = "NAME")]
+        revoke: Vec<String>,
     },
     /// List the contacts and their pinned keys.
     Contacts {
@@ -364,12 +378,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Some(dir) => dir.clone(),
         None => kez_client::home::home_dir_from_env().map_err(Failure::home)?,
     };
-    // Only `register` makes a home; a read of one that does not exist creates nothing.
-    if !matches!(cli.command, Command::Register { .. }) && !dir.exists() {
+    // Only `register` and `recover` make a home; a read of one that does not exist creates
+    // nothing.
+    if !matches!(
+        cli.command,
+        Command::Register { .. } | Command::Recover { .. }
+    ) && !dir.exists()
+    {
         return Err(Failure::new(
             USAGE,
             format!(
-                "there is no kez-chat home at {}: run `kez-chat --server tls://HOST:4222 register NAME` to make one (or pass --home DIR)",
+                "there is no kez-chat home at {}: run `kez-chat --server tls://HOST:4222 register NAME` to make one, or `kez-chat --server tls://HOST:4222 recover @NAME@DOMAIN` to recover yours from its paper key (or pass --home DIR)",
                 dir.display()
             ),
         ));
@@ -397,6 +416,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Profile { handle, json } => app.profile(&handle, json).await,
         Command::Devices { json } => app.devices(json).await,
         Command::Paperkey { name } => app.paperkey(name, PaperKeyAsk::Command).await,
+        Command::Recover {
+            handle,
+            name,
+            revoke,
+        } => app.recover(&handle, name, &revoke).await,
         Command::Device {
             change: DeviceChange::Revoke { name, reason },
         } => app.revoke_device(&name, reason.as_deref()).await,
@@ -551,6 +575,14 @@ impl App {
         let url = kez_client::broker_urls(&url, self.plaintext())
             .map_err(|err| Failure::client(err.into()))?
             .join(",");
+        if let (Some(existing), Some(_)) = (&self.config.handle, self.config.identity) {
+            return Err(Failure::new(
+                failure::CONFLICT,
+                format!(
+                    "this home is a device of {existing}, not an identity of its own: to register a new name, use another home (--home DIR)"
+                ),
+            ));
+        }
         if let Some(existing) = &self.config.handle
             && !self.home.has_key()
         {
@@ -733,6 +765,7 @@ impl App {
         let VerifiedContact {
             contact,
             change,
+            devices_changed,
             chain,
         } = verified.map_err(|err| Failure::contact(err, &full))?;
         let endpoints: Vec<&str> = chain.endpoints().keys().map(String::as_str).collect();
@@ -752,10 +785,13 @@ impl App {
             } else {
                 match change {
                     PinChange::New => eprintln!("added {} (key pinned)", contact.handle),
-                    PinChange::Same => {
+                    PinChange::Same if devices_changed.is_empty() => {
                         eprintln!("{} was already in your contacts, same key", contact.handle)
                     }
-                    PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
+                    PinChange::Same | PinChange::Rotated { .. } => {}
+                }
+                for note in change_notes(&contact, change, &devices_changed, &chain) {
+                    eprintln!("{note}");
                 }
             }
             println!("{}  {}", contact.handle, contact.key);
@@ -806,16 +842,12 @@ impl App {
             .await
             .map_err(Failure::client)?;
         let Some(device) = chain.active_devices().find(|device| device.name == name) else {
-            let names: Vec<String> = chain
-                .active_devices()
-                .map(|device| display::inline(&device.name))
-                .collect();
             return Err(Failure::new(
                 failure::NOT_FOUND,
                 format!(
                     "no active device is named {}; yours are: {}",
                     display::inline(name),
-                    names.join(", ")
+                    device_names(&chain)
                 ),
             ));
         };
@@ -953,6 +985,161 @@ impl App {
             paper.secret_key().public_key(),
             head.seq
         ));
+        Ok(())
+    }
+
+    /// `recover @handle`: the paper key (typed on stdin) signs this fresh home's new key into
+    /// the chain as a device, and revokes the named lost devices; every name is checked before
+    /// anything is appended. The words are read into memory that is wiped, never written.
+    async fn recover(
+        mut self,
+        handle: &str,
+        name: Option<String>,
+        revoke: &[String],
+    ) -> Result<(), Failure> {
+        if let Some(existing) = &self.config.handle {
+            return Err(Failure::new(
+                failure::CONFLICT,
+                format!(
+                    "this home is already {existing}'s; recover into a fresh home (--home DIR)"
+                ),
+            ));
+        }
+        let url = self.server()?;
+        let url = kez_client::broker_urls(&url, self.plaintext())
+            .map_err(|err| Failure::client(err.into()))?
+            .join(",");
+        eprint!("Type the {PAPER_KEY_WORDS} words of your paper key, in order, on one line: ");
+        let mut typed = zeroize::Zeroizing::new(String::new());
+        std::io::stdin().read_line(&mut typed).map_err(|err| {
+            Failure::new(RUNTIME, format!("cannot read the words from stdin: {err}"))
+        })?;
+        let paper = PaperKey::parse(&typed).map_err(|err| {
+            Failure::new(
+                USAGE,
+                format!("that is not your paper key: {err}; nothing changed"),
+            )
+        })?;
+        let paper_key = Arc::new(paper.secret_key());
+        drop(paper);
+        let paper_conn = self
+            .connect_to(&url, paper_key.clone())
+            .await
+            .map_err(|failure| {
+                Failure::new(
+                    failure.code,
+                    format!(
+                        "{}. If the server refused the paper key, it was revoked or the words are another paper key's; nothing changed",
+                        failure.message
+                    ),
+                )
+            })?;
+        let info = paper_conn.server_info().await.map_err(Failure::client)?;
+        let full = Handle::parse(handle, &info.domain).map_err(|err| {
+            Failure::new(USAGE, format!("{handle:?} is not a valid handle: {err}"))
+        })?;
+        let profile = paper_conn.lookup(&full).await.map_err(Failure::client)?;
+        let chain = paper_conn
+            .chain(&profile.key)
+            .await
+            .map_err(Failure::client)?;
+        let paper_pub = paper_key.public_key();
+        if !chain.active_devices().any(|device| device.key == paper_pub) {
+            return Err(Failure::new(
+                failure::REFUSED,
+                format!(
+                    "this paper key is no active device of {full}: it was revoked, or it belongs to another identity; nothing changed"
+                ),
+            ));
+        }
+        let mut revoked = Vec::new();
+        for lost in revoke {
+            let device = chain
+                .active_devices()
+                .find(|device| device.name == *lost)
+                .ok_or_else(|| {
+                    Failure::new(
+                        failure::NOT_FOUND,
+                        format!(
+                            "{full} has no active device named {}; the active ones are: {}; nothing changed",
+                            display::inline(lost),
+                            device_names(&chain)
+                        ),
+                    )
+                })?;
+            revoked.push((device.name.clone(), device.key));
+        }
+        let name = name.unwrap_or_else(|| {
+            (1..)
+                .map(|n| format!("device{n}"))
+                .find(|name| !chain.active_devices().any(|device| device.name == *name))
+                .expect("some number is free")
+        });
+        let (device_key, _) = self.home.key_or_create().map_err(Failure::home)?;
+        let device_key = Arc::new(device_key);
+        let link = chain
+            .add_device_link(now(), &paper_key, &device_key, &name, DeviceKind::Cli)
+            .map_err(|err| {
+                Failure::new(
+                    USAGE,
+                    format!(
+                        "cannot add this device as {}: {err}; choose another with --name",
+                        display::inline(&name)
+                    ),
+                )
+            })?;
+        let head = paper_conn
+            .append(link.bytes())
+            .await
+            .map_err(Failure::client)?;
+        if head.head != link.hash() {
+            return Err(Failure::new(
+                RUNTIME,
+                "the server did not store the new device as sent; run `kez-chat recover` again",
+            ));
+        }
+        eprintln!(
+            "added this home as device {} of {full} at link {}",
+            display::inline(&name),
+            head.seq
+        );
+        self.config.server = Some(url.clone());
+        self.config.allow_plaintext |= self.plaintext_flag;
+        self.config.handle = Some(full.to_string());
+        self.config.identity = Some(profile.key);
+        self.home.save_config(&self.config).map_err(Failure::home)?;
+        for (lost, key) in revoked {
+            let chain = paper_conn
+                .chain(&profile.key)
+                .await
+                .map_err(Failure::client)?;
+            let link = chain
+                .revoke_device_link(now(), &device_key, key, Some("lost; revoked on recovery"))
+                .map_err(|err| Failure::new(RUNTIME, format!("cannot revoke {lost}: {err}")))?;
+            let head = paper_conn
+                .append(link.bytes())
+                .await
+                .map_err(Failure::client)?;
+            if head.head != link.hash() {
+                return Err(Failure::new(
+                    RUNTIME,
+                    format!(
+                        "the server did not store the revocation of {} as sent; run `kez-chat device revoke {}`",
+                        display::inline(&lost),
+                        display::inline(&lost)
+                    ),
+                ));
+            }
+            eprintln!("revoked {} at link {}", display::inline(&lost), head.seq);
+        }
+        let _ = paper_conn.close().await;
+        println!(
+            "This home is now {full}, device {}.",
+            display::inline(&name)
+        );
+        println!(
+            "If the paper may have been seen, revoke it (`kez-chat device revoke NAME`) and make a new one (`kez-chat paperkey`)."
+        );
         Ok(())
     }
 
@@ -1135,7 +1322,7 @@ impl App {
         let full = self.full_handle(handle)?;
         let store = self.store()?;
         let conn = self.connect().await?;
-        let contact = recipient(&conn, &store, &full).await?;
+        let contact = recipient(&conn, &store, self.handle()?, &full).await?;
         let sent = deliver(conn, &store, &contact, TEXT, text.as_bytes()).await?;
         eprintln!("delivered to server for {}: id {}", contact.handle, sent.id);
         if json {
@@ -1155,6 +1342,9 @@ impl App {
     async fn inbox(&self, wait: Duration, json: bool) -> Result<(), Failure> {
         let store = self.store()?;
         let conn = self.connect().await?;
+        conn.own_devices(&store, self.handle()?)
+            .await
+            .map_err(Failure::client)?;
         conn.receive(&store, FETCH_MAX, wait)
             .await
             .map_err(Failure::client)?;
@@ -1191,6 +1381,9 @@ impl App {
         let conn = self
             .connect_with(&self.server()?, key.clone(), options)
             .await?;
+        conn.own_devices(&store, self.handle()?)
+            .await
+            .map_err(Failure::client)?;
         let node = self.open_node().await?;
         self.advertise_node(&conn, &key, &node).await?;
         eprintln!(
@@ -1365,6 +1558,20 @@ enum Sender {
     Stranger(Option<String>, PublicKey),
     /// A key a contact (this handle) has rotated away from: not that contact any more.
     Retired(String, PublicKey),
+    /// The own identity, from another own device: a copy of what it sent to this peer (a
+    /// contact's handle, else the peer's key).
+    You(String),
+}
+
+/// The handle of the contact with identity `key`, else the key.
+fn contact_handle(store: &Store, key: &PublicKey) -> String {
+    match store.contacts() {
+        Ok(contacts) => contacts
+            .into_iter()
+            .find(|contact| contact.key == *key)
+            .map_or_else(|| key.to_string(), |contact| contact.handle),
+        Err(_) => key.to_string(),
+    }
 }
 
 impl Sender {
@@ -1401,7 +1608,10 @@ async fn show_unshown(
     let unshown = store.unshown().map_err(Failure::store)?;
     let mut senders = Vec::with_capacity(unshown.len());
     for (_, message) in &unshown {
-        senders.push(Sender::of(store, conn, &message.from).await);
+        senders.push(match message.direction {
+            Direction::Incoming => Sender::of(store, conn, &message.from).await,
+            Direction::Outgoing => Sender::You(contact_handle(store, &message.to)),
+        });
     }
     let mut list = Vec::new();
     for ((_, message), sender) in unshown.iter().zip(&senders) {
@@ -1428,6 +1638,7 @@ fn sender_label(sender: &Sender) -> String {
         Sender::Retired(handle, key) => {
             format!("(NOT {handle}: signed by the old key {handle} rotated away from) {key}")
         }
+        Sender::You(to) => format!("you → {to}"),
     }
 }
 
@@ -1450,11 +1661,22 @@ fn message_json(sender: &Sender, message: &StoredMessage) -> Value {
         Sender::Contact(handle) => (Some(handle.clone()), true, None),
         Sender::Stranger(handle, _) => (handle.clone(), false, None),
         Sender::Retired(handle, _) => (None, false, Some(handle.clone())),
+        Sender::You(_) => (None, false, None),
+    };
+    let to_handle = match sender {
+        Sender::You(to) => Some(to.clone()),
+        _ => None,
     };
     json!({
         "id": message.id.to_string(),
+        "direction": match message.direction {
+            Direction::Incoming => "incoming",
+            Direction::Outgoing => "outgoing",
+        },
         "from": message.from.to_string(),
         "from_handle": handle,
+        "to": message.to.to_string(),
+        "to_handle": to_handle,
         "in_contacts": contact,
         "from_retired_key_of": retired_by,
         "time": message.time,
@@ -1480,23 +1702,75 @@ fn stored_json(message: &StoredMessage) -> Value {
 }
 
 /// Verifies `full` before sending to it ([`Connection::verify_contact`]): pins a new
-/// recipient, follows a rotation with a note, refuses a changed key loudly.
-async fn recipient(conn: &Connection, store: &Store, full: &Handle) -> Result<Contact, Failure> {
+/// recipient, follows a rotation with a note, refuses a changed key loudly. Learns the own
+/// devices too (`own` is the own handle), which get a copy of what is sent.
+async fn recipient(
+    conn: &Connection,
+    store: &Store,
+    own: &str,
+    full: &Handle,
+) -> Result<Contact, Failure> {
+    conn.own_devices(store, own)
+        .await
+        .map_err(Failure::client)?;
     let verified = conn
         .verify_contact(store, full)
         .await
         .map_err(|err| Failure::send_refused(err, full))?;
     let contact = verified.contact;
-    match verified.change {
-        PinChange::New => eprintln!(
+    if verified.change == PinChange::New {
+        eprintln!(
             "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
             verified.chain.seq(),
             contact.key
-        ),
-        PinChange::Same => {}
-        PinChange::Rotated { from } => eprintln!("{}", rotation_note(&contact, &from)),
+        );
+    }
+    for note in change_notes(
+        &contact,
+        verified.change,
+        &verified.devices_changed,
+        &verified.chain,
+    ) {
+        eprintln!("{note}");
     }
     Ok(contact)
+}
+
+/// The notes for what a contact's own chain changed since it was last verified: a version 1
+/// chain's rotation (its devices are what the rotation made them), or a chain with devices'
+/// device changes (which are what moves its current key).
+fn change_notes(
+    contact: &Contact,
+    change: PinChange,
+    devices_changed: &[trust::DeviceChange],
+    chain: &kez_core::Sigchain,
+) -> Vec<String> {
+    if chain.version() == 1 {
+        return match change {
+            PinChange::Rotated { from } => vec![rotation_note(contact, &from)],
+            PinChange::New | PinChange::Same => Vec::new(),
+        };
+    }
+    devices_changed
+        .iter()
+        .map(|change| device_note(contact, change))
+        .collect()
+}
+
+/// Tells that a contact's own sigchain added or revoked a device: the same identity, so a
+/// note, not a warning. The device's name is the contact's text.
+fn device_note(contact: &Contact, change: &trust::DeviceChange) -> String {
+    let (what, device) = match change {
+        trust::DeviceChange::Added(device) => ("added a device", device),
+        trust::DeviceChange::Revoked(device) => ("revoked the device", device),
+    };
+    format!(
+        "note: {} {what} {} ({}, {}); their sigchain says so, messages go to their active devices",
+        contact.handle,
+        display::inline(&device.name),
+        device.kind,
+        device.key
+    )
 }
 
 /// Sends `body` to `contact`, closes the connection and records the message in the history.
@@ -1515,6 +1789,12 @@ async fn deliver(
     store
         .record_outgoing(&sent, now())
         .map_err(Failure::store)?;
+    for (device, reason) in &sent.missed {
+        eprintln!(
+            "note: the device {device} did not get it: {}",
+            display::inline(reason)
+        );
+    }
     Ok(sent)
 }
 
@@ -1586,6 +1866,15 @@ async fn append_device_link(
         ));
     }
     Ok(head)
+}
+
+/// The names of a chain's active devices, for people.
+fn device_names(chain: &kez_core::Sigchain) -> String {
+    chain
+        .active_devices()
+        .map(|device| display::inline(&device.name))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// One device on one line: its name (a peer's text, escaped), kind, key and history.

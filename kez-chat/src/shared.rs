@@ -80,7 +80,7 @@ impl App {
         if let Audiences::To(handles) = &audience {
             for handle in handles {
                 let full = self.full_handle(handle)?;
-                let contact = recipient(&conn, &store, &full).await?;
+                let contact = recipient(&conn, &store, self.handle()?, &full).await?;
                 if !recipients.contains(&contact.handle) {
                     recipients.push(contact.handle);
                 }

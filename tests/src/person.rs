@@ -116,6 +116,60 @@ pub fn kez_chat(home: &Path, args: &[&str]) -> Command {
     command
 }
 
+/// Runs `kez-chat args…` in `person`'s home, reads the paper key it shows on stdout, and types
+/// back the word it asks for; answers the words and everything it printed. The run must succeed.
+pub async fn type_back_a_paper_key(person: &Person, args: &[&str]) -> (Vec<String>, String) {
+    let home = person.home.clone();
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Read, Write};
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = kez_chat(&home, &args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut shown = String::new();
+        let mut words = Vec::new();
+        while words.len() < 24 {
+            let mut line = String::new();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "{shown}");
+            shown.push_str(&line);
+            if line.starts_with("  ") {
+                let tokens: Vec<&str> = line.split_whitespace().collect();
+                for pair in tokens.chunks(2) {
+                    assert_eq!(pair[0], (words.len() + 1).to_string(), "{line}");
+                    words.push(pair[1].to_owned());
+                }
+            }
+        }
+        let mut stderr = child.stderr.take().unwrap();
+        let mut prompt = Vec::new();
+        let mut byte = [0u8];
+        while !prompt.ends_with(b"wrote them down: ") {
+            assert_eq!(stderr.read(&mut byte).unwrap(), 1, "{prompt:?}");
+            prompt.push(byte[0]);
+        }
+        let prompt = String::from_utf8(prompt).unwrap();
+        let position: usize = prompt
+            .split("Type word ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|number| number.parse().ok())
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "{}", words[position - 1]).unwrap();
+        drop(stdin);
+        stdout.read_to_string(&mut shown).unwrap();
+        assert!(child.wait().unwrap().success(), "{shown}");
+        (words, shown)
+    })
+    .await
+    .unwrap()
+}
+
 /// Registers alice and bob through the CLI and makes each the other's contact.
 pub async fn alice_and_bob(url: &str) -> (Person, Person) {
     let alice = Person::new();

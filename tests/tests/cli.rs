@@ -11,7 +11,9 @@ use kez_core::{Op, SecretKey};
 use kez_proto::subjects::MAIL_STREAM;
 use kez_tests::callout::CalloutStack;
 use kez_tests::chat::inbox_held;
-use kez_tests::person::{Person, alice_and_bob, key_of, kez_chat, serving, stop};
+use kez_tests::person::{
+    Person, alice_and_bob, key_of, kez_chat, serving, stop, type_back_a_paper_key,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -244,7 +246,7 @@ async fn a_rotation_in_the_sigchain_is_followed_without_a_warning() {
     let url = stack.nats.url();
     let (alice, bob) = alice_and_bob(&url).await;
     let old_key = key_of(&bob);
-    let new_key = SecretKey::generate();
+    let new_key = std::sync::Arc::new(SecretKey::generate());
 
     let conn = kez_client::Connection::connect(&url, old_key.clone())
         .await
@@ -276,20 +278,40 @@ async fn a_rotation_in_the_sigchain_is_followed_without_a_warning() {
         "{stderr}"
     );
 
-    // What the stream holds: in bob's inbox (his identity, whose one device is still the
-    // key he registered), sealed to his new key only.
+    // What the stream holds: in the inbox of bob's new key, a device of his identity (the
+    // rotation revoked the key he registered), sealed to his new key only.
     let js = async_nats::jetstream::new(stack.server_client().await);
     let mut inbox = js.get_stream(MAIL_STREAM).await.unwrap();
     let last = inbox.info().await.unwrap().state.last_sequence;
     let stored = inbox.get_raw_message(last).await.unwrap();
     assert_eq!(
         stored.subject.as_str(),
-        kez_proto::subjects::inbox_subject(&old_key.public_key(), &old_key.public_key())
+        kez_proto::subjects::inbox_subject(&old_key.public_key(), &new_key.public_key())
     );
     let opened = kez_core::envelope::open(&new_key, &stored.payload).expect("opens");
     assert_eq!(opened.body, b"after the rotation");
     assert_eq!(opened.from, key_of(&alice).public_key());
     assert!(kez_core::envelope::open(&old_key, &stored.payload).is_err());
+    // bob connects with the new key, as his identity, and reads it; the old key is refused.
+    let rotated = kez_client::Connection::connect(&url, new_key.clone())
+        .await
+        .unwrap()
+        .as_device_of(old_key.public_key());
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = kez_client::Store::open(store_dir.path().join("store.redb")).unwrap();
+    let read = rotated
+        .receive(&store, 10, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].body, b"after the rotation");
+    rotated.close().await.unwrap();
+    assert!(
+        kez_client::Connection::connect(&url, old_key.clone())
+            .await
+            .is_err(),
+        "the key rotated away from is a revoked device"
+    );
 
     let contacts = alice.ok(&["contacts"]).await;
     assert!(
@@ -455,60 +477,6 @@ async fn a_paper_key_is_shown_once_confirmed_and_becomes_a_device() {
             assert!(!bytes.windows(32).any(|window| window == seed), "{path:?}");
         }
     }
-}
-
-/// Runs `kez-chat args…` in `person`'s home, reads the paper key it shows on stdout, and types
-/// back the word it asks for; answers the words and everything it printed. The run must succeed.
-async fn type_back_a_paper_key(person: &Person, args: &[&str]) -> (Vec<String>, String) {
-    let home = person.home.clone();
-    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        use std::io::{BufRead, Read, Write};
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut child = kez_chat(&home, &args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-        let mut shown = String::new();
-        let mut words = Vec::new();
-        while words.len() < 24 {
-            let mut line = String::new();
-            assert!(stdout.read_line(&mut line).unwrap() > 0, "{shown}");
-            shown.push_str(&line);
-            if line.starts_with("  ") {
-                let tokens: Vec<&str> = line.split_whitespace().collect();
-                for pair in tokens.chunks(2) {
-                    assert_eq!(pair[0], (words.len() + 1).to_string(), "{line}");
-                    words.push(pair[1].to_owned());
-                }
-            }
-        }
-        let mut stderr = child.stderr.take().unwrap();
-        let mut prompt = Vec::new();
-        let mut byte = [0u8];
-        while !prompt.ends_with(b"wrote them down: ") {
-            assert_eq!(stderr.read(&mut byte).unwrap(), 1, "{prompt:?}");
-            prompt.push(byte[0]);
-        }
-        let prompt = String::from_utf8(prompt).unwrap();
-        let position: usize = prompt
-            .split("Type word ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next())
-            .and_then(|number| number.parse().ok())
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "{}", words[position - 1]).unwrap();
-        drop(stdin);
-        stdout.read_to_string(&mut shown).unwrap();
-        assert!(child.wait().unwrap().success(), "{shown}");
-        (words, shown)
-    })
-    .await
-    .unwrap()
 }
 
 /// `register` makes a paper key unless told not to: a confirmed one is a device from the start;

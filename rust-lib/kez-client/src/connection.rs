@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::Client;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
 use kez_core::file::BlobHash;
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
@@ -27,8 +28,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::store::{Contact, InboxFloor, Store, StoreError};
-use kez_core::trust::PinChange;
 use kez_core::trust::VerifiedChain;
+use kez_core::trust::{DeviceChange, PinChange, device_changes};
 
 /// The first pause of [`Connection::receive`] before it fetches again when a notification named
 /// a message the fetch did not bring yet; it doubles each time, [`CATCH_UP_PAUSES`] times
@@ -169,6 +170,8 @@ pub struct VerifiedContact {
     pub contact: Contact,
     /// What changed since it was last verified.
     pub change: PinChange,
+    /// The devices added and revoked since it was last verified (notes for people).
+    pub devices_changed: Vec<DeviceChange>,
     /// The verified sigchain.
     pub chain: VerifiedChain,
 }
@@ -177,11 +180,11 @@ pub struct VerifiedContact {
 /// puts it in the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sent {
-    /// The random message id (also its `Nats-Msg-Id`).
+    /// The random message id: the same in the envelope of every device it went to.
     pub id: MessageId,
-    /// The sender: our key.
+    /// The sender: the sending device's key.
     pub from: PublicKey,
-    /// The recipient's identity (the inbox owner; the envelope is sealed to its current key).
+    /// The recipient's identity (the envelopes are sealed to its active devices).
     pub to: PublicKey,
     /// The time sealed into the message, seconds since the epoch.
     pub time: u64,
@@ -189,18 +192,26 @@ pub struct Sent {
     pub content_type: String,
     /// The content.
     pub body: Vec<u8>,
-    /// The message's sequence in the inbox stream.
+    /// The message's sequence in the inbox stream of the first recipient device that took it.
     pub stream_sequence: u64,
+    /// The devices (the recipient's, or the own other devices for their copy) the server did
+    /// not take it for, and why: one revoked a moment ago, say. Empty when every one did.
+    pub missed: Vec<(PublicKey, String)>,
 }
 
-/// A message handed to the server by [`Connection::publish`] whose answer is still
-/// outstanding. The request is on its way already: several can be in flight at once.
+/// A message handed to the server by [`Connection::publish`] whose answers are still
+/// outstanding: one request per device, on their way already; several messages can be in
+/// flight at once.
 #[derive(Debug)]
 pub struct Pending {
-    /// The answer, and whether it is to a repeated request.
-    answer: tokio::task::JoinHandle<Result<(Bytes, bool), ClientError>>,
+    /// For each device, in the order the recipient's come first: the device, whether it is
+    /// the recipient's (not an own copy), and the answer with whether it is to a repeated
+    /// request.
+    answers: Vec<(PublicKey, bool, DeliveryAnswer)>,
     sent: Sent,
 }
+
+type DeliveryAnswer = tokio::task::JoinHandle<Result<(Bytes, bool), ClientError>>;
 
 impl Pending {
     /// The message's id.
@@ -208,26 +219,54 @@ impl Pending {
         self.sent.id
     }
 
-    /// Waits for the server's answer: the message is stored in the recipient's inbox once this
-    /// answers [`Sent`]. A `duplicate` answer to a request sent once is
-    /// [`ClientError::Duplicate`]; to a repeated one (after a 429 or 503 that named a pause) it
-    /// means the first attempt was stored, and the message is sent (PROTOCOL.md §6.3). A refusal
-    /// is the server's [`ServiceError`] (`unknown_recipient`, `rate_limited`, `inbox_full`, …).
+    /// Waits for the server's answers: the message is sent once a device of the recipient
+    /// has it in its inbox, and this answers [`Sent`], naming the devices that did not take it
+    /// ([`Sent::missed`]). When none of the recipient's did, the answer for the first is the
+    /// error. A `duplicate` answer to a request sent once is [`ClientError::Duplicate`]; to a
+    /// repeated one (after a 429 or 503 that named a pause) it means the first attempt was
+    /// stored, and the message is sent (PROTOCOL.md §6.3). A refusal is the server's
+    /// [`ServiceError`] (`unknown_recipient`, `rate_limited`, `inbox_full`, …).
     pub async fn acked(self) -> Result<Sent, ClientError> {
-        let (answer, repeated) = self.answer.await.map_err(|err| ClientError::Nats {
-            action: "wait for the server's answer",
-            source: err.into(),
-        })??;
-        let delivered: Delivered =
-            serde_json::from_slice(&answer).map_err(|err| bad_answer(Endpoint::MailSend, &err))?;
-        if delivered.duplicate && !repeated {
-            return Err(ClientError::Duplicate { id: self.sent.id });
+        let mut sent = self.sent;
+        let mut delivered_to_peer = false;
+        let mut first_error = None;
+        for (device, for_peer, answer) in self.answers {
+            let outcome = delivery(answer, sent.id).await;
+            match outcome {
+                Ok(seq) if for_peer => {
+                    if !delivered_to_peer {
+                        sent.stream_sequence = seq;
+                    }
+                    delivered_to_peer = true;
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    sent.missed.push((device, err.to_string()));
+                    if for_peer && first_error.is_none() {
+                        first_error = Some(err);
+                    }
+                }
+            }
         }
-        Ok(Sent {
-            stream_sequence: delivered.seq,
-            ..self.sent
-        })
+        match first_error {
+            Some(err) if !delivered_to_peer => Err(err),
+            _ => Ok(sent),
+        }
     }
+}
+
+/// The stream sequence one device's answer names.
+async fn delivery(answer: DeliveryAnswer, id: MessageId) -> Result<u64, ClientError> {
+    let (answer, repeated) = answer.await.map_err(|err| ClientError::Nats {
+        action: "wait for the server's answer",
+        source: err.into(),
+    })??;
+    let delivered: Delivered =
+        serde_json::from_slice(&answer).map_err(|err| bad_answer(Endpoint::MailSend, &err))?;
+    if delivered.duplicate && !repeated {
+        return Err(ClientError::Duplicate { id });
+    }
+    Ok(delivered.seq)
 }
 
 /// Whether a connection may go to its broker unencrypted (`nats://`, `ws://`). The connect
@@ -332,6 +371,9 @@ pub struct Connection {
     /// The subscription to the own new-mail notifications, made by the first
     /// [`Connection::receive`] and kept (async-nats renews it on every reconnect).
     new_mail: Arc<tokio::sync::Mutex<Option<async_nats::Subscriber>>>,
+    /// The own identity's devices that get a copy of what this connection sends, as last
+    /// learned by [`Connection::own_devices`]: none until then.
+    own_devices: Arc<std::sync::Mutex<Vec<PublicKey>>>,
 }
 
 impl Connection {
@@ -410,6 +452,7 @@ impl Connection {
             identity: key.public_key(),
             key,
             new_mail: Arc::default(),
+            own_devices: Arc::default(),
         })
     }
 
@@ -737,8 +780,11 @@ impl Connection {
     ) -> Result<VerifiedContact, ClientError> {
         let profile = self.lookup(handle).await?;
         let chain = self.chain(&profile.key).await?;
-        let (contact, change) = store.pin(&handle.to_string(), &chain, now())?;
+        let name = handle.to_string();
+        let before = store.contact(&name)?.map(|contact| contact.devices);
+        let (contact, change) = store.pin(&name, &chain, now())?;
         Ok(VerifiedContact {
+            devices_changed: device_changes(&before.unwrap_or_default(), &contact.devices),
             contact,
             change,
             chain,
@@ -767,14 +813,17 @@ impl Connection {
         Ok(VerifiedContact {
             contact,
             change: PinChange::New,
+            devices_changed: Vec::new(),
             chain,
         })
     }
 
-    /// Seals `body` for `to`'s current key and hands it to the home server for the inbox of
-    /// `to`'s identity (`kez.mail.send`, PROTOCOL.md §6.3); returns once the server stored it.
-    /// A `duplicate` answer is [`ClientError::Duplicate`]. Record the result with
-    /// [`Store::record_outgoing`]. Check the contact first ([`Connection::verify_contact`]).
+    /// Seals `body` for each of `to`'s active devices and, as a copy, for each other active
+    /// device of the own identity as last learned ([`Connection::own_devices`]), and hands them
+    /// to the home server for their inboxes (`kez.mail.send`, PROTOCOL.md §6.3, §8.5); returns
+    /// once the server stored them. A `duplicate` answer is [`ClientError::Duplicate`]. Record
+    /// the result with [`Store::record_outgoing`]. Check the contact first
+    /// ([`Connection::verify_contact`]): its devices come from its verified chain.
     pub async fn send(
         &self,
         to: &Contact,
@@ -784,8 +833,8 @@ impl Connection {
         self.publish(to, content_type, body).await?.acked().await
     }
 
-    /// [`Connection::send`] without waiting for the answer: seals, sends the request, and
-    /// returns the [`Pending`] answer. Sending many messages before awaiting their answers
+    /// [`Connection::send`] without waiting for the answers: seals, sends the requests, and
+    /// returns the [`Pending`] answers. Sending many messages before awaiting their answers
     /// (pipelining) costs one round trip for all of them instead of one each; a message counts
     /// as sent only once [`Pending::acked`] answers.
     pub async fn publish(
@@ -795,34 +844,89 @@ impl Connection {
         body: &[u8],
     ) -> Result<Pending, ClientError> {
         let time = now();
-        let max = envelope::max_body_len(content_type, time).unwrap_or(0);
+        let me = self.key.public_key();
+        let copies: Vec<PublicKey> = self
+            .own_devices
+            .lock()
+            .expect("own devices lock")
+            .iter()
+            .copied()
+            .filter(|device| *device != me)
+            .collect();
+        let max = if copies.is_empty() {
+            envelope::max_body_len(content_type, time)
+        } else {
+            SentCopy::max_body_len(content_type, time)
+        }
+        .unwrap_or(0);
         if body.len() > max {
             return Err(ClientError::TooLarge {
                 size: body.len(),
                 max,
             });
         }
-        let (id, sealed) = envelope::seal(&self.key, &to.current_key, content_type, body, time)
-            .map_err(ClientError::Seal)?;
-        let request = SendRequest::encode(&to.key, &id, &sealed);
-        let connection = self.clone();
-        let answer = tokio::spawn(async move {
-            connection
-                .call_repeating(Endpoint::MailSend, request, None)
-                .await
-        });
+        let id = MessageId::random();
+        let copy = SentCopy {
+            to: to.key,
+            content_type: content_type.to_owned(),
+            body: body.to_vec(),
+        }
+        .encode();
+        let mut envelopes = Vec::new();
+        for device in to.recipient_keys() {
+            let sealed = envelope::seal_with_id(&self.key, &device, content_type, body, time, id)
+                .map_err(ClientError::Seal)?;
+            envelopes.push((device, true, sealed));
+        }
+        for device in copies {
+            let sealed =
+                envelope::seal_with_id(&self.key, &device, SENT_COPY_CONTENT_TYPE, &copy, time, id)
+                    .map_err(ClientError::Seal)?;
+            envelopes.push((device, false, sealed));
+        }
+        let answers = envelopes
+            .into_iter()
+            .map(|(device, for_peer, sealed)| {
+                let request = SendRequest::encode(&device, &id, &sealed);
+                let connection = self.clone();
+                let answer = tokio::spawn(async move {
+                    connection
+                        .call_repeating(Endpoint::MailSend, request, None)
+                        .await
+                });
+                (device, for_peer, answer)
+            })
+            .collect();
         Ok(Pending {
-            answer,
+            answers,
             sent: Sent {
                 id,
-                from: self.key.public_key(),
+                from: me,
                 to: to.key,
                 time,
                 content_type: content_type.to_owned(),
                 body: body.to_vec(),
                 stream_sequence: 0,
+                missed: Vec::new(),
             },
         })
+    }
+
+    /// The own identity's verified sigchain as a [`Contact`]: its devices. Asks the server for
+    /// the chain's head and fetches the chain only when it moved since `store` pinned it
+    /// ([`Store::pin_own`]: it must extend what was verified before). Sends from now on are
+    /// copied to the other active devices it lists.
+    pub async fn own_devices(&self, store: &Store, handle: &str) -> Result<Contact, ClientError> {
+        let head = self.head(&self.identity).await?;
+        let own = match store.own()? {
+            Some(own) if own.chain_seq == head.seq && own.chain_head == head.head => own,
+            _ => {
+                let chain = self.chain(&self.identity).await?;
+                store.pin_own(handle, &chain, now())?.0
+            }
+        };
+        *self.own_devices.lock().expect("own devices lock") = own.recipient_keys();
+        Ok(own)
     }
 
     /// Fetches up to `max` new messages from the own inbox (`kez.mail.fetch`), waiting up to
@@ -981,6 +1085,7 @@ impl Connection {
             let Some(OpenedBatch { opened, next_floor }) = batch else {
                 break;
             };
+            self.learn_senders(store, &opened).await;
             let fresh = store.record_incoming_all(&opened, next_floor, now())?;
             for ((message, _), fresh) in opened.into_iter().zip(fresh) {
                 if fresh {
@@ -994,6 +1099,65 @@ impl Connection {
         Ok(received)
     }
 
+    /// Learns the devices that signed `opened` and are not known yet, before the batch is
+    /// stored (which files each message under its sender): a contact's new device (its
+    /// handle by `whois`, then the contact's chain verified again: the chain must list the
+    /// key, never the server's word alone) or another own device (the own chain verified
+    /// again, when it was pinned before: [`Connection::own_devices`]). At most
+    /// [`MAX_SENDERS_LEARNED`] keys a batch; what fails is logged, and the message is then
+    /// stored as a stranger's.
+    async fn learn_senders(&self, store: &Store, opened: &[(Message, u64)]) {
+        let mut asked = Vec::new();
+        for (message, _) in opened {
+            let from = message.from;
+            if asked.contains(&from) || asked.len() >= MAX_SENDERS_LEARNED {
+                continue;
+            }
+            let own = store.own().ok().flatten();
+            if own.as_ref().is_some_and(|own| own.signs_with(&from))
+                || store.contact_by_key(&from).ok().flatten().is_some()
+            {
+                continue;
+            }
+            asked.push(from);
+            let learned = if message.content_type == SENT_COPY_CONTENT_TYPE {
+                match own {
+                    Some(own) => self.own_devices(store, &own.handle).await.map(drop),
+                    None => Ok(()),
+                }
+            } else {
+                self.learn_contact_device(store, &from).await
+            };
+            if let Err(err) = learned {
+                tracing::info!(key = %from, "could not tell whose device signed a message: {err}");
+            }
+        }
+    }
+
+    /// Verifies again the chain of the contact whose device the server says `device` is
+    /// (`kez.registry.whois` answers an active device with its identity's profile): if the
+    /// handle is a contact pinned to that identity, its chain is fetched, verified, and pinned
+    /// ([`Store::pin`]), listing the new device if it really is one.
+    async fn learn_contact_device(
+        &self,
+        store: &Store,
+        device: &PublicKey,
+    ) -> Result<(), ClientError> {
+        let profile: Profile = self
+            .call_json(Endpoint::Whois, request_body(&KeyRequest { key: *device }))
+            .await?;
+        let handle = profile.handle.to_string();
+        let Some(contact) = store.contact(&handle)? else {
+            return Ok(());
+        };
+        if contact.key != profile.key {
+            return Ok(());
+        }
+        let chain = self.chain(&contact.key).await?;
+        store.pin(&handle, &chain, now())?;
+        Ok(())
+    }
+
     /// Flushes what is buffered and closes the connection.
     pub async fn close(self) -> Result<(), ClientError> {
         self.client.drain().await.map_err(|err| ClientError::Nats {
@@ -1002,6 +1166,9 @@ impl Connection {
         })
     }
 }
+
+/// Most unknown signers of one fetched batch [`Connection::learn_senders`] asks about.
+const MAX_SENDERS_LEARNED: usize = 8;
 
 /// A fetched batch, opened: the messages that opened, each with its stream sequence, and the
 /// floor that storing the batch moves to (past the envelopes that did not open, too: they

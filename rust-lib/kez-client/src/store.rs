@@ -11,10 +11,11 @@
 use std::path::Path;
 
 use kez_core::PublicKey;
+use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{Message, MessageId};
 use kez_core::file::{BlobHash, FILE_OFFER_CONTENT_TYPE};
 use kez_core::manifest::ManifestEntry;
-use kez_core::sigchain::LinkHash;
+use kez_core::sigchain::{Device, DeviceKind, LinkHash};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,9 @@ use kez_core::trust::{PinChange, PinRefusal, PinnedChain, VerifiedChain, check_p
 
 /// handle → JSON [`Contact`].
 const CONTACTS: TableDefinition<&str, &[u8]> = TableDefinition::new("contacts");
+/// [`OWN_CHAIN`] → JSON [`Contact`] of the own identity: its devices, as last verified.
+const OWN: TableDefinition<&str, &[u8]> = TableDefinition::new("own");
+const OWN_CHAIN: &str = "chain";
 /// (conversation: the peer's key hex, receive order) → JSON [`StoredMessage`].
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 /// message id → when it was first seen (seconds since the epoch).
@@ -142,9 +146,41 @@ fn incoming(message: &Message, seq: u64, now: u64) -> StoredMessage {
     }
 }
 
-/// Writes `message` (seen id, history, offer index, unshown mark) in `tx`; `false`, writing
-/// nothing, when its id was seen before.
-fn record_in(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<bool, StoreError> {
+/// `message`, fetched from the own inbox, as the own sent message it copies (PROTOCOL.md
+/// §8.5): when it is a sent copy signed by another active device of `own` (the own identity as
+/// last verified). `None` for anything else, which is an incoming message like any other.
+fn own_copy(own: Option<&Contact>, message: &Message, seq: u64, now: u64) -> Option<StoredMessage> {
+    let own = own?;
+    if message.content_type != SENT_COPY_CONTENT_TYPE || !own.signs_with(&message.from) {
+        return None;
+    }
+    let copy = match SentCopy::decode(&message.body) {
+        Ok(copy) => copy,
+        Err(err) => {
+            tracing::warn!(id = %message.id, "a copy from another own device is not valid: {err}");
+            return None;
+        }
+    };
+    Some(StoredMessage {
+        id: message.id,
+        from: message.from,
+        to: copy.to,
+        time: message.time,
+        seq,
+        stored_at: now,
+        content_type: copy.content_type,
+        body: copy.body,
+        direction: Direction::Outgoing,
+    })
+}
+
+/// Writes `message` (seen id, history, offer index, and an unshown mark if `unshown`) in `tx`;
+/// `false`, writing nothing, when its id was seen before.
+fn record_in(
+    tx: &redb::WriteTransaction,
+    message: &StoredMessage,
+    unshown: bool,
+) -> Result<bool, StoreError> {
     let mut seen = tx.open_table(SEEN).map_err(db)?;
     if seen.get(message.id.as_bytes()).map_err(db)?.is_some() {
         return Ok(false);
@@ -169,7 +205,7 @@ fn record_in(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<boo
             .insert(message.id.as_bytes(), (peer.as_str(), order))
             .map_err(db)?;
     }
-    if message.direction == Direction::Incoming {
+    if unshown {
         let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
         unshown.insert(order, peer.as_str()).map_err(db)?;
     }
@@ -211,6 +247,25 @@ fn conversation(
     })
 }
 
+/// The own identity as pinned, read in a write transaction.
+fn own_in(tx: &redb::WriteTransaction) -> Result<Option<Contact>, StoreError> {
+    let table = tx.open_table(OWN).map_err(db)?;
+    read_contact(&table, OWN_CHAIN)
+}
+
+/// The contact stored under `entry` of `table`, if any.
+fn read_contact(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    entry: &str,
+) -> Result<Option<Contact>, StoreError> {
+    match table.get(entry).map_err(db)? {
+        Some(guard) => Ok(Some(
+            serde_json::from_slice(guard.value()).map_err(corrupt)?,
+        )),
+        None => Ok(None),
+    }
+}
+
 fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
     Contact {
         handle: handle.to_owned(),
@@ -219,6 +274,7 @@ fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
         chain_seq: chain.seq(),
         chain_head: chain.head(),
         added_at: now,
+        devices: chain.devices().to_vec(),
     }
 }
 
@@ -240,19 +296,44 @@ pub struct Contact {
     pub chain_head: LinkHash,
     /// When the contact was added, seconds since the epoch.
     pub added_at: u64,
+    /// Every device the sigchain lists, active and revoked, as last verified. Empty for a
+    /// contact stored by 0.2 or earlier until it is verified again: then its one device is
+    /// `current_key`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<Device>,
 }
 
 impl Contact {
-    /// Whether `key` is the key this contact signs with now: only messages it signed are the
-    /// contact's. The identity key stops being one when the chain rotates away from it.
+    /// Whether `key` is a key this contact signs with now, an active device of its chain: only
+    /// messages such a key signed are the contact's. A key stops being one when the chain
+    /// revokes it (or rotates away from it).
     pub fn signs_with(&self, key: &PublicKey) -> bool {
-        self.current_key == *key
+        if self.devices.is_empty() {
+            return self.current_key == *key;
+        }
+        self.devices
+            .iter()
+            .any(|device| device.key == *key && device.is_active())
     }
 
-    /// Whether `key` is a key this contact signed with before a rotation: its identity key,
-    /// once the chain's current key is another. A message signed by it now is not theirs.
+    /// Whether `key` is a key this contact signed with before: its identity key or a device
+    /// its chain revoked or rotated away from. A message signed by it now is not theirs.
     pub fn retired(&self, key: &PublicKey) -> bool {
-        self.key == *key && self.current_key != *key
+        let known = self.key == *key || self.devices.iter().any(|device| device.key == *key);
+        known && !self.signs_with(key)
+    }
+
+    /// The keys a message to this contact is sealed to, one envelope each: every active device
+    /// that runs a client (a paper key is kept off any machine and receives nothing).
+    pub fn recipient_keys(&self) -> Vec<PublicKey> {
+        if self.devices.is_empty() {
+            return vec![self.current_key];
+        }
+        self.devices
+            .iter()
+            .filter(|device| device.is_active() && device.kind != DeviceKind::Paper)
+            .map(|device| device.key)
+            .collect()
     }
 }
 
@@ -561,6 +642,7 @@ impl Store {
         })?;
         let tx = database.begin_write().map_err(db)?;
         tx.open_table(CONTACTS).map_err(db)?;
+        tx.open_table(OWN).map_err(db)?;
         tx.open_table(MESSAGES).map_err(db)?;
         tx.open_table(SEEN).map_err(db)?;
         tx.open_table(META).map_err(db)?;
@@ -582,10 +664,41 @@ impl Store {
         chain: &VerifiedChain,
         now: u64,
     ) -> Result<(Contact, PinChange), StoreError> {
+        self.pin_in(CONTACTS, handle, handle, chain, now)
+    }
+
+    /// [`Store::pin`] for the own identity (under the own `handle`): its devices, which a
+    /// sent message is copied to, and whose copies are the own sent messages. The first pin
+    /// is trust on first use, like a contact's; every later chain must extend it.
+    pub fn pin_own(
+        &self,
+        handle: &str,
+        chain: &VerifiedChain,
+        now: u64,
+    ) -> Result<(Contact, PinChange), StoreError> {
+        self.pin_in(OWN, OWN_CHAIN, handle, chain, now)
+    }
+
+    /// The own identity as last pinned ([`Store::pin_own`]), if it was.
+    pub fn own(&self) -> Result<Option<Contact>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(OWN).map_err(db)?;
+        read_contact(&table, OWN_CHAIN)
+    }
+
+    /// [`Store::pin`] into `table` under `entry`.
+    fn pin_in(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        entry: &str,
+        handle: &str,
+        chain: &VerifiedChain,
+        now: u64,
+    ) -> Result<(Contact, PinChange), StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
         let result = {
-            let mut table = tx.open_table(CONTACTS).map_err(db)?;
-            let existing = match table.get(handle).map_err(db)? {
+            let mut table = tx.open_table(table).map_err(db)?;
+            let existing = match table.get(entry).map_err(db)? {
                 Some(guard) => {
                     Some(serde_json::from_slice::<Contact>(guard.value()).map_err(corrupt)?)
                 }
@@ -608,11 +721,12 @@ impl Store {
                     current_key: now_pinned.current_key,
                     chain_seq: now_pinned.seq,
                     chain_head: now_pinned.head,
+                    devices: chain.devices().to_vec(),
                     ..contact
                 },
             };
             let json = serde_json::to_vec(&contact).expect("a contact serialises");
-            table.insert(handle, json.as_slice()).map_err(db)?;
+            table.insert(entry, json.as_slice()).map_err(db)?;
             (contact, change)
         };
         tx.commit().map_err(db)?;
@@ -700,9 +814,14 @@ impl Store {
         now: u64,
     ) -> Result<Vec<bool>, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
+        let own = own_in(&tx)?;
         let fresh = messages
             .iter()
-            .map(|(message, seq)| record_in(&tx, &incoming(message, *seq, now)))
+            .map(|(message, seq)| {
+                let stored = own_copy(own.as_ref(), message, *seq, now)
+                    .unwrap_or_else(|| incoming(message, *seq, now));
+                record_in(&tx, &stored, true)
+            })
             .collect::<Result<Vec<bool>, StoreError>>()?;
         write_floor(&tx, floor)?;
         tx.commit().map_err(db)?;
@@ -748,7 +867,8 @@ impl Store {
 
     fn record(&self, message: StoredMessage) -> Result<bool, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
-        let fresh = record_in(&tx, &message)?;
+        let unshown = message.direction == Direction::Incoming;
+        let fresh = record_in(&tx, &message, unshown)?;
         if fresh {
             tx.commit().map_err(db)?;
         }

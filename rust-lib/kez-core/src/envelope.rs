@@ -183,11 +183,24 @@ pub fn seal(
     time: u64,
 ) -> Result<(MessageId, Vec<u8>), EnvelopeError> {
     let id = MessageId::random();
+    let envelope = seal_with_id(sender, recipient, content_type, body, time, id)?;
+    Ok((id, envelope))
+}
+
+/// [`seal`] with the message id given: one message sent to several devices of its recipients
+/// is one envelope per device, all with the message's id (each with its own ephemeral key),
+/// so that every device knows it by the same id.
+pub fn seal_with_id(
+    sender: &SecretKey,
+    recipient: &PublicKey,
+    content_type: &str,
+    body: &[u8],
+    time: u64,
+    id: MessageId,
+) -> Result<Vec<u8>, EnvelopeError> {
     let mut ephemeral = Zeroizing::new([0u8; 32]);
     OsRng.fill_bytes(ephemeral.as_mut());
-    let envelope =
-        seal_with_fixed_randomness(sender, recipient, content_type, body, time, id, &ephemeral)?;
-    Ok((id, envelope))
+    seal_with_fixed_randomness(sender, recipient, content_type, body, time, id, &ephemeral)
 }
 
 /// The largest body an envelope of `content_type` sealed at `time` can carry within
@@ -302,7 +315,7 @@ pub fn signed_body(header: &[u8], body: &[u8]) -> Vec<u8> {
     message
 }
 
-fn check_content_type(content_type: &str) -> Result<(), EnvelopeError> {
+pub(crate) fn check_content_type(content_type: &str) -> Result<(), EnvelopeError> {
     let ok = !content_type.is_empty()
         && content_type.len() <= MAX_CONTENT_TYPE_LEN
         && content_type.bytes().all(|b| {

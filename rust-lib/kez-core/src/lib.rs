@@ -64,6 +64,7 @@ pub mod canonical;
 #[cfg(test)]
 mod committed_vectors;
 pub mod connect;
+pub mod copy;
 pub mod envelope;
 pub mod file;
 pub mod handle;

@@ -6,7 +6,7 @@
 use std::ops::Deref;
 
 use crate::key::PublicKey;
-use crate::sigchain::{ChainError, ChainErrorKind, LinkHash, Sigchain};
+use crate::sigchain::{ChainError, ChainErrorKind, Device, LinkHash, Sigchain};
 
 /// A sigchain whose links verified ([`Sigchain::verify`]), with each link's hash.
 /// Dereferences to the [`Sigchain`].
@@ -140,6 +140,41 @@ pub enum PinRefusal {
     },
 }
 
+/// A change to a contact's devices between two verified copies of its chain: a note for
+/// people, not a warning (the identity is the same; its own chain signed the change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceChange {
+    /// A device added since.
+    Added(Device),
+    /// A device revoked since (it was active before).
+    Revoked(Device),
+}
+
+/// What changed from the devices `before` (as last verified; empty when they were never
+/// recorded, which yields no changes) to `after` (a chain that extends that one), in chain
+/// order.
+pub fn device_changes(before: &[Device], after: &[Device]) -> Vec<DeviceChange> {
+    if before.is_empty() {
+        return Vec::new();
+    }
+    let mut changes = Vec::new();
+    for device in after {
+        match before.iter().find(|known| known.key == device.key) {
+            None => {
+                changes.push(DeviceChange::Added(device.clone()));
+                if !device.is_active() {
+                    changes.push(DeviceChange::Revoked(device.clone()));
+                }
+            }
+            Some(known) if known.is_active() && !device.is_active() => {
+                changes.push(DeviceChange::Revoked(device.clone()));
+            }
+            Some(_) => {}
+        }
+    }
+    changes
+}
+
 /// The trust decision for `chain` when `pinned` was seen before (`None`: a new contact). On
 /// success, what to keep now and what changed.
 pub fn check_pin(
@@ -187,6 +222,41 @@ mod tests {
             kind: "nats".into(),
             address: format!("kez.inbox.{name}"),
         })
+    }
+
+    fn device(seed: u8, added: u64, revoked: Option<u64>) -> Device {
+        Device {
+            key: SecretKey::from_seed(&[seed; 32]).public_key(),
+            name: format!("d{seed}"),
+            kind: crate::sigchain::DeviceKind::Cli,
+            added,
+            revoked,
+        }
+    }
+
+    #[test]
+    fn device_changes_name_what_was_added_and_revoked_since() {
+        let before = [device(1, 1, None), device(2, 2, None)];
+        let after = [
+            device(1, 1, None),
+            device(2, 2, Some(4)),
+            device(3, 3, None),
+            device(4, 5, Some(6)),
+        ];
+        assert_eq!(
+            device_changes(&before, &after),
+            vec![
+                DeviceChange::Revoked(device(2, 2, Some(4))),
+                DeviceChange::Added(device(3, 3, None)),
+                DeviceChange::Added(device(4, 5, Some(6))),
+                DeviceChange::Revoked(device(4, 5, Some(6))),
+            ]
+        );
+        assert!(device_changes(&before, &before).is_empty());
+        assert!(
+            device_changes(&[], &after).is_empty(),
+            "never recorded: no notes"
+        );
     }
 
     #[test]

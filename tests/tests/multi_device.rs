@@ -1,0 +1,210 @@
+//! One identity on several devices, through the CLI against a real nats-server and
+//! kez-chat-server: a paper key recovers the identity on a fresh home as a new device; every
+//! running device receives what is sent to the identity and shows what the others sent as
+//! "you"; contacts attribute a new device's messages by the identity's verified chain; a lost
+//! device is revoked and gets nothing more.
+
+use kez_tests::callout::CalloutStack;
+use kez_tests::person::{Person, type_back_a_paper_key};
+
+/// The words of a new paper key `person` makes (`kez-chat paperkey`), typed back as asked.
+async fn paper_words(person: &Person) -> String {
+    let (words, _) = type_back_a_paper_key(person, &["paperkey"]).await;
+    words.join(" ")
+}
+
+/// `kez-chat recover @alice` on `home` with `words` typed on stdin, and `args` after it.
+async fn recover(home: &Person, url: &str, words: &str, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["--server", url, "recover", "@alice"];
+    all.extend_from_slice(args);
+    home.run_with_stdin(&all, &format!("{words}\n")).await
+}
+
+/// alice on her laptop, her paper key, and a second running device recovered from it: what
+/// bob sends reaches both running devices; what the second one sends, bob sees from @alice and
+/// the laptop shows as hers; the devices list and bob's note say what the chain says.
+#[tokio::test]
+async fn two_running_devices_and_a_paper_key_share_one_conversation() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let laptop = Person::new();
+    let bob = Person::new();
+    laptop.register(&url, "alice").await;
+    bob.register(&url, "bob").await;
+    laptop.ok(&["add", "@bob"]).await;
+    bob.ok(&["add", "@alice"]).await;
+    let words = paper_words(&laptop).await;
+
+    let desk = Person::new();
+    let recovered = recover(&desk, &url, &words, &["--name", "desk"]).await;
+    let said = String::from_utf8_lossy(&recovered.stderr);
+    assert!(recovered.status.success(), "{said}");
+    let out = String::from_utf8_lossy(&recovered.stdout);
+    assert!(
+        out.contains("This home is now @alice@kez.test, device desk"),
+        "{out}"
+    );
+    let devices = desk.json(&["devices"]).await;
+    let names: Vec<&str> = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|device| device["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["primary", "paper1", "desk"]);
+    assert_eq!(devices["this_device"], devices["devices"][2]["key"]);
+    assert_eq!(
+        laptop.json(&["devices"]).await["devices"],
+        devices["devices"]
+    );
+    let me = desk.json(&["whoami"]).await;
+    assert_eq!(me["handle"], "@alice@kez.test");
+    assert_eq!(
+        me["key"], devices["devices"][0]["key"],
+        "the identity stays the first key"
+    );
+    assert_eq!(me["device"], devices["devices"][2]["key"]);
+
+    // The new device writes first: bob pinned alice before it existed, and learns it from
+    // alice's chain when its message arrives.
+    desk.ok(&["send", "@bob", "hello from my desk"]).await;
+    let read = bob.json(&["inbox", "--wait", "2"]).await;
+    assert_eq!(read.as_array().unwrap().len(), 1, "{read}");
+    assert_eq!(read[0]["text"], "hello from my desk");
+    assert_eq!(read[0]["from_handle"], "@alice@kez.test");
+    assert_eq!(read[0]["in_contacts"], true);
+    assert_eq!(read[0]["from"], devices["devices"][2]["key"]);
+    // The laptop shows it as its own, sent to bob.
+    let mine = laptop.ok(&["inbox", "--wait", "2"]).await;
+    assert!(
+        mine.contains("you → @bob@kez.test: hello from my desk"),
+        "{mine}"
+    );
+    let history = laptop.ok(&["history", "@bob"]).await;
+    assert!(history.contains("you: hello from my desk"), "{history}");
+
+    // bob's reply reaches both running devices (the paper key gets nothing: it is paper).
+    let sent = bob.run(&["send", "@alice", "hi, both of you"]).await;
+    assert!(sent.status.success());
+    let said = String::from_utf8_lossy(&sent.stderr);
+    assert!(
+        !said.contains("did not get it"),
+        "every device took it: {said}"
+    );
+    for device in [&laptop, &desk] {
+        let read = device.json(&["inbox", "--wait", "2"]).await;
+        assert_eq!(read.as_array().unwrap().len(), 1, "{read}");
+        assert_eq!(read[0]["text"], "hi, both of you");
+        assert_eq!(read[0]["from_handle"], "@bob@kez.test");
+    }
+    // Each shows the same conversation, in the same words.
+    let on_desk = desk.json(&["history", "@bob"]).await;
+    let on_laptop = laptop.json(&["history", "@bob"]).await;
+    let texts = |history: &serde_json::Value| -> Vec<(String, String)> {
+        history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["direction"].to_string(), m["text"].to_string()))
+            .collect()
+    };
+    assert_eq!(texts(&on_desk), texts(&on_laptop));
+    assert_eq!(on_desk[0]["id"], on_laptop[0]["id"], "one message, one id");
+
+    // A contact that pins alice again hears of the devices as a note, not a key change.
+    let carol = Person::new();
+    carol.register(&url, "carol").await;
+    carol.ok(&["add", "@alice"]).await;
+    desk.ok(&["device", "revoke", "paper1"]).await;
+    let sent = carol.run(&["send", "@alice", "still you?"]).await;
+    let said = String::from_utf8_lossy(&sent.stderr);
+    assert!(sent.status.success(), "{said}");
+    assert!(
+        said.contains("note: @alice@kez.test revoked the device paper1 (paper,"),
+        "{said}"
+    );
+}
+
+/// The laptop is lost: the paper key makes a fresh home a device and revokes the laptop there
+/// and then. Wrong words change nothing; the laptop's key is refused from then on and receives
+/// nothing more; the new device reads what comes next.
+#[tokio::test]
+async fn recovery_from_the_paper_key_revokes_the_lost_device() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let laptop = Person::new();
+    let bob = Person::new();
+    laptop.register(&url, "alice").await;
+    bob.register(&url, "bob").await;
+    let words = paper_words(&laptop).await;
+    let before = laptop.json(&["devices"]).await;
+
+    let phone = Person::new();
+    // One word wrong: the checksum fails, nothing is written, the home stays unregistered.
+    let mut wrong: Vec<&str> = words.split(' ').collect();
+    wrong[3] = if wrong[3] == "abandon" {
+        "ability"
+    } else {
+        "abandon"
+    };
+    let refused = recover(&phone, &url, &wrong.join(" "), &["--revoke", "primary"]).await;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("that is not your paper key"), "{said}");
+    assert!(said.contains("nothing changed"), "{said}");
+    assert_eq!(laptop.json(&["devices"]).await, before);
+    phone.fails(&["whoami"], 2).await;
+    // A device name the chain does not have: refused before anything is appended.
+    let refused = recover(&phone, &url, &words, &["--revoke", "tablet"]).await;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(3), "{said}");
+    assert!(said.contains("no active device named tablet"), "{said}");
+    assert_eq!(laptop.json(&["devices"]).await, before);
+
+    let recovered = recover(
+        &phone,
+        &url,
+        &words,
+        &["--name", "phone", "--revoke", "primary"],
+    )
+    .await;
+    let said = String::from_utf8_lossy(&recovered.stderr);
+    assert!(recovered.status.success(), "{said}");
+    assert!(said.contains("revoked primary"), "{said}");
+    let devices = phone.json(&["devices"]).await;
+    let listed = devices["devices"].as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0]["name"], "primary");
+    assert_eq!(listed[0]["active"], false, "the lost laptop is revoked");
+    assert_eq!(listed[2]["name"], "phone");
+    assert_eq!(listed[2]["active"], true);
+
+    // The lost laptop's key is refused; the new device gets what bob sends now.
+    let err = laptop.fails(&["inbox"], 5).await;
+    assert!(err.contains("revoked from your sigchain"), "{err}");
+    let sent = bob.run(&["send", "@alice", "welcome back"]).await;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let read = phone.json(&["inbox", "--wait", "2"]).await;
+    assert_eq!(read.as_array().unwrap().len(), 1, "{read}");
+    assert_eq!(read[0]["text"], "welcome back");
+    assert_eq!(
+        read[0]["in_contacts"], false,
+        "bob is no contact of this home yet"
+    );
+    // The phone is alice now: it sends as her, and bob sees @alice.
+    phone.ok(&["send", "@bob", "it is me, on my phone"]).await;
+    let read = bob.json(&["inbox", "--wait", "2"]).await;
+    assert_eq!(read[0]["from_handle"], "@alice@kez.test");
+    // The home was never registered under its own key, and register says so.
+    let err = phone
+        .fails(
+            &["--server", &url, "register", "phone", "--no-paper-key"],
+            4,
+        )
+        .await;
+    assert!(err.contains("is a device of @alice@kez.test"), "{err}");
+}
