@@ -27,11 +27,15 @@ const KEYS: usize = 32;
 pub const CONCURRENCY: usize = 8;
 
 /// What one connect loop saw.
-struct Outcome {
-    connects: usize,
-    failures: Vec<String>,
-    latencies: Latencies,
-    elapsed: Duration,
+pub struct Outcome {
+    /// Connects that completed.
+    pub connects: usize,
+    /// Why the others failed.
+    pub failures: Vec<String>,
+    /// How long each completed connect took.
+    pub latencies: Latencies,
+    /// The whole loop's time.
+    pub elapsed: Duration,
 }
 
 /// Runs measurement 3.
@@ -165,7 +169,7 @@ fn random_seed() -> [u8; 32] {
 }
 
 /// [`CONCURRENCY`] tasks connecting with each of `users` in turn to `url` for `duration`.
-async fn connect_loop(
+pub async fn connect_loop(
     url: &str,
     users: Arc<Vec<async_nats::ConnectOptions>>,
     duration: Duration,

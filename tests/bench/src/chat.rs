@@ -52,15 +52,19 @@ const CONSUMER_SUBJECT: &str = "bench.raw.inbox";
 const CONSUMER_NAME: &str = "bench_raw";
 
 /// A registered user with a connection on the chat profile and a store.
-struct User {
-    conn: Connection,
-    store: Store,
-    key: Arc<SecretKey>,
+pub struct User {
+    /// The connection, on the chat profile.
+    pub conn: Connection,
+    /// The user's store.
+    pub store: Store,
+    /// The user's key.
+    pub key: Arc<SecretKey>,
     _dir: TempDir,
 }
 
 impl User {
-    async fn register(url: &str, name: &str) -> Result<User, String> {
+    /// Registers `name` with a new key in a new home, and writes its first link.
+    pub async fn register(url: &str, name: &str) -> Result<User, String> {
         let dir = tempfile::tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let home = Home::open(dir.path().join("home")).map_err(|e| e.to_string())?;
         let (key, _) = home.key_or_create().map_err(|e| e.to_string())?;
@@ -98,7 +102,7 @@ impl User {
 }
 
 /// A body of `len` bytes whose first 8 are the microseconds since `epoch` now.
-fn stamped(epoch: Instant, len: usize) -> Vec<u8> {
+pub fn stamped(epoch: Instant, len: usize) -> Vec<u8> {
     let mut body = vec![b'k'; len.max(8)];
     let micros = epoch.elapsed().as_micros() as u64;
     body[..8].copy_from_slice(&micros.to_be_bytes());

@@ -9,6 +9,7 @@
 mod callout;
 mod chat;
 mod crypto;
+mod devices;
 mod files;
 mod footprint;
 mod measure;
@@ -81,18 +82,21 @@ enum Section {
     /// 6: what a registered user costs: broker memory and disk beyond the KV entries,
     /// registration rate, restart and start times, and a user coming online.
     Footprint,
+    /// 7: fan-out to a recipient with 1, 3 and 10 devices; connects with a device key.
+    Devices,
 }
 
 type Rows = Pin<Box<dyn Future<Output = Result<Vec<Row>, String>>>>;
 
 impl Section {
-    const ALL: [Section; 6] = [
+    const ALL: [Section; 7] = [
         Section::Chat,
         Section::Registry,
         Section::Callout,
         Section::Files,
         Section::Crypto,
         Section::Footprint,
+        Section::Devices,
     ];
 
     fn run(self, budget: Budget) -> Rows {
@@ -103,6 +107,7 @@ impl Section {
             Section::Files => Box::pin(files::run(budget)),
             Section::Crypto => Box::pin(async move { crypto::run(budget) }),
             Section::Footprint => Box::pin(footprint::run(budget)),
+            Section::Devices => Box::pin(devices::run(budget)),
         }
     }
 }
