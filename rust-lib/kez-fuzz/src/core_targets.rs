@@ -1,10 +1,11 @@
-//! Targets for kez-core: sigchain links and chains, envelopes, files and offers, manifests,
-//! handles, keys, provider strings.
+//! Targets for kez-core: sigchain links and chains, envelopes, sent copies, files and offers,
+//! manifests, handles, keys, provider strings.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use kez_core::SignatureDomain;
+use kez_core::copy::{MAX_META_BYTES, SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
@@ -268,6 +269,28 @@ pub fn file_offer(data: &[u8]) -> bool {
     let again = FileOffer::from_json(&json).expect("an encoded offer parses");
     assert_eq!(again, offer);
     assert_eq!(*again.to_json().expect("encodes"), *json);
+    true
+}
+
+/// [`SentCopy::decode`] on the input: a sent copy's body (PROTOCOL.md §8.5), which another
+/// device of the own identity controls.
+///
+/// Asserts: an accepted copy names a valid content type other than the copy's own, its meta
+/// fits [`MAX_META_BYTES`], and it encodes back to the input exactly (the meta is canonical),
+/// so a copy has one form. Returns whether the copy was accepted.
+pub fn sent_copy(data: &[u8]) -> bool {
+    let Ok(copy) = SentCopy::decode(data) else {
+        return false;
+    };
+    assert_ne!(copy.content_type, SENT_COPY_CONTENT_TYPE);
+    assert!(
+        content_type_ok(&copy.content_type),
+        "{:?}",
+        copy.content_type
+    );
+    let encoded = copy.encode();
+    assert!(encoded.len() - copy.body.len() <= 2 + MAX_META_BYTES);
+    assert_eq!(encoded, data, "a copy has one encoding");
     true
 }
 

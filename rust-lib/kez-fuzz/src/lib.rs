@@ -19,7 +19,7 @@ pub mod seeds;
 mod server;
 
 pub use core_targets::{
-    envelope, file_decrypt, file_offer, handle, manifest, provider, public_key, sigchain,
+    envelope, file_decrypt, file_offer, handle, manifest, provider, public_key, sent_copy, sigchain,
 };
 pub use jwt::callout_jwt;
 pub use server::{
@@ -36,6 +36,7 @@ pub type Target = fn(&[u8]) -> bool;
 pub const TARGETS: &[(&str, Target)] = &[
     ("sigchain", sigchain),
     ("envelope", envelope),
+    ("sent_copy", sent_copy),
     ("file_decrypt", file_decrypt),
     ("file_offer", file_offer),
     ("manifest", manifest),

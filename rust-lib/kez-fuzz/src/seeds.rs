@@ -155,6 +155,14 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             seeds
         }
         "file_offer" => vec![sample_offer(), b"report (1).pdf".to_vec()],
+        "sent_copy" => vec![
+            kez_core::copy::SentCopy {
+                to: crate::keys::bob().public_key(),
+                content_type: "text".into(),
+                body: b"see you at eight".to_vec(),
+            }
+            .encode(),
+        ],
         "manifest" => vectors("manifest")
             .iter()
             .filter(|vector| vector["expected_owner"] == "alice")
