@@ -806,6 +806,7 @@ impl App {
 
     /// `devices`: the own chain's devices, verified here.
     async fn devices(&self, json: bool) -> Result<(), Failure> {
+        let store = self.store()?;
         let conn = self.connect().await?;
         let me = conn.public_key();
         let chain = conn
@@ -813,10 +814,11 @@ impl App {
             .await
             .map_err(Failure::client)?;
         let _ = conn.close().await;
+        let last_seen = |key: &PublicKey| store.last_seen(key).ok().flatten();
         if json {
             print_json(&json!({
                 "this_device": me.to_string(),
-                "devices": devices_json(chain.devices()),
+                "devices": devices_json(chain.devices(), last_seen),
             }));
             return Ok(());
         }
@@ -826,7 +828,7 @@ impl App {
             } else {
                 ""
             };
-            println!("{}{this}", device_line(device));
+            println!("{}{this}", device_line(device, last_seen(&device.key)));
         }
         Ok(())
     }
@@ -1164,6 +1166,7 @@ impl App {
         };
         let store = self.store()?;
         let pinned = store.contact(&full.to_string()).map_err(Failure::store)?;
+        let last_seen = |key: &PublicKey| store.last_seen(key).ok().flatten();
         let contact = match &pinned {
             None => "not in contacts",
             Some(c) if c.key == profile.key => "in contacts, key pinned",
@@ -1177,7 +1180,7 @@ impl App {
                     "time": chain.time(),
                     "current_key": chain.current_key().to_string(),
                     "rotated": chain.current_key() != chain.chain_id(),
-                    "devices": devices_json(chain.devices()),
+                    "devices": devices_json(chain.devices(), last_seen),
                     "endpoints": chain.endpoints().values().collect::<Vec<_>>(),
                     "claims": chain.claims(),
                     "shared_files": chain.shared_files(),
@@ -1219,7 +1222,10 @@ impl App {
             println!("rotations   rotated: now signed by {}", chain.current_key());
         }
         for device in chain.devices() {
-            println!("device      {}", device_line(device));
+            println!(
+                "device      {}",
+                device_line(device, last_seen(&device.key))
+            );
         }
         if chain.endpoints().is_empty() {
             println!("endpoints   none");
@@ -1877,12 +1883,16 @@ fn device_names(chain: &kez_core::Sigchain) -> String {
         .join(", ")
 }
 
-/// One device on one line: its name (a peer's text, escaped), kind, key and history.
-fn device_line(device: &Device) -> String {
-    let state = match device.revoked {
+/// One device on one line: its name (a peer's text, escaped), kind, key, history, and when
+/// this home last had a message from it.
+fn device_line(device: &Device, last_seen: Option<u64>) -> String {
+    let mut state = match device.revoked {
         None => format!("added at link {}", device.added),
         Some(revoked) => format!("added at link {}, REVOKED at link {revoked}", device.added),
     };
+    if let Some(time) = last_seen {
+        state.push_str(&format!(", last seen {}", clock(time)));
+    }
     format!(
         "{}  {}  {}  {state}",
         display::inline(&device.name),
@@ -1891,8 +1901,9 @@ fn device_line(device: &Device) -> String {
     )
 }
 
-/// The devices as JSON: the state's own form (PROTOCOL.md §4.4), plus whether each is active.
-fn devices_json(devices: &[Device]) -> Value {
+/// The devices as JSON: the state's own form (PROTOCOL.md §4.4), plus whether each is active
+/// and `last_seen`: the sender's time of the latest message from it this home stored, if any.
+fn devices_json(devices: &[Device], last_seen: impl Fn(&PublicKey) -> Option<u64>) -> Value {
     devices
         .iter()
         .map(|device| {
@@ -1903,6 +1914,7 @@ fn devices_json(devices: &[Device]) -> Value {
                 "added": device.added,
                 "revoked": device.revoked,
                 "active": device.is_active(),
+                "last_seen": last_seen(&device.key),
             })
         })
         .collect()

@@ -342,7 +342,7 @@ async fn devices_and_profiles_show_the_devices_the_chain_says() {
     assert_eq!(
         listed["devices"],
         serde_json::json!([{ "key": me.to_string(), "name": "primary", "kind": "cli",
-            "added": 1, "revoked": null, "active": true }])
+            "added": 1, "revoked": null, "active": true, "last_seen": null }])
     );
 
     let laptop = SecretKey::generate();

@@ -82,6 +82,17 @@ async fn two_running_devices_and_a_paper_key_share_one_conversation() {
     );
     let history = laptop.ok(&["history", "@bob"]).await;
     assert!(history.contains("you: hello from my desk"), "{history}");
+    let seen = laptop.json(&["devices"]).await;
+    assert!(
+        seen["devices"][2]["last_seen"].is_u64(),
+        "the desk wrote: {seen}"
+    );
+    assert!(
+        seen["devices"][1]["last_seen"].is_null(),
+        "the paper never writes: {seen}"
+    );
+    let listed = laptop.ok(&["devices"]).await;
+    assert!(listed.contains("added at link 4, last seen 20"), "{listed}");
 
     // bob's reply reaches both running devices (the paper key gets nothing: it is paper).
     let sent = bob.run(&["send", "@alice", "hi, both of you"]).await;

@@ -33,6 +33,9 @@ const SEEN: TableDefinition<[u8; 16], u64> = TableDefinition::new("seen");
 /// Counters: `next_order`, the next history position; `inbox_floor` and `inbox_floor_time`, the
 /// [`InboxFloor`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Device key → the sender's time of the latest message from it this home stored: when a
+/// contact's or another own device was last seen.
+const LAST_SEEN: TableDefinition<[u8; 32], u64> = TableDefinition::new("last_seen");
 /// Received messages not yet shown to the user: storage order → peer (key hex).
 const UNSHOWN: TableDefinition<u64, &str> = TableDefinition::new("unshown");
 /// File offers (received and sent), by message id → (peer key hex, storage order): where the
@@ -208,6 +211,14 @@ fn record_in(
     if unshown {
         let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
         unshown.insert(order, peer.as_str()).map_err(db)?;
+        let mut last_seen = tx.open_table(LAST_SEEN).map_err(db)?;
+        let before = last_seen
+            .get(message.from.as_bytes())
+            .map_err(db)?
+            .map_or(0, |time| time.value());
+        last_seen
+            .insert(message.from.as_bytes(), before.max(message.time))
+            .map_err(db)?;
     }
     Ok(true)
 }
@@ -677,6 +688,21 @@ impl Store {
         now: u64,
     ) -> Result<(Contact, PinChange), StoreError> {
         self.pin_in(OWN, OWN_CHAIN, handle, chain, now)
+    }
+
+    /// When a message from the device `key` (a contact's, or another own device's) was last
+    /// stored here: the sender's time of the latest one. `None` if none was.
+    pub fn last_seen(&self, key: &PublicKey) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = match tx.open_table(LAST_SEEN) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(err) => return Err(db(err)),
+        };
+        Ok(table
+            .get(key.as_bytes())
+            .map_err(db)?
+            .map(|time| time.value()))
     }
 
     /// The own identity as last pinned ([`Store::pin_own`]), if it was.
