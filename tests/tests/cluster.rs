@@ -176,7 +176,7 @@ impl ServedCluster {
             .prefix("kez-keys-")
             .tempdir()
             .unwrap();
-        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+        let keys = nats_conf::keygen(keys_dir.path()).unwrap().0;
         let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
         let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
         wait_for_jetstream(&admin, PATIENCE).await;
@@ -448,6 +448,7 @@ fn committed_accounts_conf_is_what_the_server_renders() {
         issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
         auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
         server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+        system_user: "U_SERVER_SYSTEM_USER_PUBLIC_KEY".into(),
     });
     // What `sed -n '/^# Accounts:/,$p'` keeps: from the first line starting so.
     let start = committed
@@ -471,7 +472,7 @@ async fn two_instances_started_at_once_on_a_fresh_cluster_both_serve() {
         .prefix("kez-keys-")
         .tempdir()
         .unwrap();
-    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+    let keys = nats_conf::keygen(keys_dir.path()).unwrap().0;
     let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
     let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
     wait_for_jetstream(&admin, PATIENCE).await;
