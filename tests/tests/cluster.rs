@@ -537,3 +537,71 @@ async fn a_waiting_receive_in_a_cluster_gets_every_announced_message() {
         assert_eq!(bodies, [body.as_bytes()], "round {round}");
     }
 }
+
+/// A revoked device's connection on one node of a cluster ends within 5 s: the server asks
+/// every node for the device's connections and has the node holding it close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_on_another_node_is_disconnected() {
+    use kez_core::sigchain::DeviceKind;
+    use kez_core::{SecretKey, Sigchain, UnsignedLink};
+    use kez_tests::callout::{connect_as, register};
+    use kez_tests::kez_server::call;
+    use kez_tests::requests::{nats_endpoint, now};
+
+    let served = ServedCluster::start(&[]).await;
+    let cluster = &served.cluster;
+    // Alice on node 2, her laptop on node 3 only; the servers on whichever node they picked.
+    let (alice_url, laptop_url) = (cluster.nodes[1].url(), cluster.nodes[2].url());
+    let alice = Arc::new(SecretKey::generate());
+    let (narrow, _) = connect_as(&alice_url, &alice).await.unwrap();
+    register(&narrow, &alice, "alice").await.unwrap();
+    let (alice_client, _) = connect_as(&alice_url, &alice).await.unwrap();
+    let first = UnsignedLink::first(alice.public_key(), now(), nats_endpoint("nats"))
+        .sign(&alice)
+        .unwrap();
+    call(&alice_client, "kez.sigchain.append", first.bytes().to_vec())
+        .await
+        .unwrap();
+    let mut chain = Sigchain::start(first.bytes()).unwrap();
+    let laptop = Arc::new(SecretKey::generate());
+    let add = chain
+        .add_device_link(now(), &alice, &laptop, "laptop", DeviceKind::Desktop)
+        .unwrap();
+    call(&alice_client, "kez.sigchain.append", add.bytes().to_vec())
+        .await
+        .unwrap();
+    chain.append(add.bytes()).unwrap();
+
+    let (disconnected, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let _laptop_client = kez_client::Connection::options(&laptop)
+        .event_callback(move |event| {
+            let disconnected = disconnected.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    let _ = disconnected.send(Instant::now());
+                }
+            }
+        })
+        .connect(laptop_url)
+        .await
+        .expect("the laptop connects");
+    let revoke = chain
+        .revoke_device_link(now(), &alice, laptop.public_key(), None)
+        .unwrap();
+    call(
+        &alice_client,
+        "kez.sigchain.append",
+        revoke.bytes().to_vec(),
+    )
+    .await
+    .unwrap();
+    let revoked_at = Instant::now();
+    let kicked = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("node 3 closes the revoked laptop's connection within 5 s")
+        .unwrap();
+    eprintln!(
+        "cluster: time to kick on another node: {:?}",
+        kicked - revoked_at
+    );
+}
