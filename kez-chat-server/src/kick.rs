@@ -174,6 +174,22 @@ impl Kicker {
         Kicker { client }
     }
 
+    /// Whether nats-server answers this connection's CONNZ requests, asked once at start: a
+    /// connection the broker did not place in its system account (say an older instance's
+    /// callout let the key in as a user) gets no answer. One request, answered by the first
+    /// server within [`KICK_TIMEOUT`], about a user that does not exist.
+    pub async fn check(&self) -> Result<(), String> {
+        let probe = serde_json::json!({ "acc": APP_ACCOUNT, "user": "-", "limit": 1 });
+        let answer = tokio::time::timeout(
+            KICK_TIMEOUT,
+            self.client.request(CONNZ_SUBJECT, probe.to_string().into()),
+        )
+        .await
+        .map_err(|_| format!("no answer to {CONNZ_SUBJECT} within {KICK_TIMEOUT:?}"))?
+        .map_err(|err| format!("{CONNZ_SUBJECT}: {err}"))?;
+        parse_connz(&answer.payload).map(drop)
+    }
+
     /// Closes every connection of `key` in `APP` on every server that answers; how many it
     /// closed. Bounded: one CONNZ round of at most [`ANSWERS_WITHIN`], then at most
     /// [`MAX_CONNECTIONS_PER_SERVER`] KICKs per answering server, each within [`KICK_TIMEOUT`].

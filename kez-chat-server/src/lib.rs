@@ -221,8 +221,9 @@ impl Server {
                 .await
                 .map_err(|err| StartError::Nats(err.into()))?;
         }
-        // After the callout serves: with a config older than the system user, nats-server sends
-        // its connection there, and the callout's refusal is what says so.
+        // With a config older than the system user nats-server sends its connection to the
+        // callout, which refuses the server's own key (or, this instance's own callout not
+        // serving before the start ends, does not answer: refused as well).
         let (store, kick_worker) = match system_user {
             Some((seed_file, public)) => {
                 match connect_system(&config.nats_url, seed_file, &public, &phase).await? {
@@ -652,9 +653,9 @@ fn system_user(keys_dir: &std::path::Path) -> Result<Option<(PathBuf, String)>, 
     Ok(Some((seed_file, public)))
 }
 
-/// Connects as the system user. `None`, after one warning, when the broker refuses it: its
-/// config predates the key, and the server serves as before without ending revoked devices'
-/// connections.
+/// Connects as the system user and checks that nats-server answers it CONNZ. `None`, after one
+/// warning, when the broker refuses it or does not answer: its config predates the key, and the
+/// server serves as before without ending revoked devices' connections.
 async fn connect_system(
     url: &str,
     seed_file: PathBuf,
@@ -662,18 +663,21 @@ async fn connect_system(
     phase: &watch::Sender<http::Phase>,
 ) -> Result<Option<async_nats::Client>, StartError> {
     let auth = NatsAuth::NkeySeedFile(seed_file);
-    match connect(url, &auth, "kez-chat-server revocations", phase).await {
-        Ok(client) => Ok(Some(client)),
+    let refused = match connect(url, &auth, "kez-chat-server revocations", phase).await {
+        // Connected is not enough: only an answer to CONNZ shows it is in the system account.
+        Ok(client) => match kick::Kicker::new(client.clone()).check().await {
+            Ok(()) => return Ok(Some(client)),
+            Err(err) => err,
+        },
         // The seed was read before: a credentials error here is the broker's refusal.
-        Err(StartError::Credentials(err)) => {
-            tracing::warn!(
-                system_user = public,
-                "nats-server's config lacks the server's system user ({err}). Serving without it: a revoked device's open connections last until their authorization expires (at most an hour) instead of ending at once; new connections and requests are refused either way. Re-render the config with `kez-chat-server nats-conf --keys-dir DIR` (or copy the generated part of deploy/nats/nats-server.conf, or nats/cluster/kez-accounts.conf on every node), reload nats-server (`systemctl reload nats-server`), then restart kez-chat-server (deploy/DEPLOY.md, Upgrades)"
-            );
-            Ok(None)
-        }
-        Err(err) => Err(err),
-    }
+        Err(StartError::Credentials(err)) => err,
+        Err(err) => return Err(err),
+    };
+    tracing::warn!(
+        system_user = public,
+        "nats-server's config lacks the server's system user ({refused}). Serving without it: a revoked device's open connections last until their authorization expires (at most an hour) instead of ending at once; new connections and requests are refused either way. Re-render the config with `kez-chat-server nats-conf --keys-dir DIR` (or copy the generated part of deploy/nats/nats-server.conf, or nats/cluster/kez-accounts.conf on every node), reload nats-server (`systemctl reload nats-server`), then restart kez-chat-server (deploy/DEPLOY.md, Upgrades)"
+    );
+    Ok(None)
 }
 
 /// Connects to the broker at `url`, waiting as long as it takes: every failed attempt's cause
