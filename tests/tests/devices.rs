@@ -506,6 +506,16 @@ async fn a_config_without_the_system_user_still_serves_and_refuses_revoked_devic
     );
 
     let url = nats.url();
+    // Not in `auth_users`, the system user goes to the callout, which refuses the server's own
+    // key (an unknown key would get the unregistered profile).
+    let sys = std::fs::read_to_string(&sys_seed).unwrap();
+    assert!(
+        async_nats::ConnectOptions::with_nkey(sys.trim().to_owned())
+            .connect(&url)
+            .await
+            .is_err(),
+        "the callout refuses the server's system user"
+    );
     let mut alice = Identity::new_at(&url, "alice").await;
     let laptop = alice.add_device("laptop").await;
     let (laptop_client, _) = connect_as(&url, &laptop).await.unwrap();
