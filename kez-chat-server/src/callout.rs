@@ -41,6 +41,10 @@ pub struct Callout {
     connect_limit: Option<Limiter>,
     /// Whether the untagged proofs of clients older than this release are accepted.
     legacy_proofs: LegacyProofs,
+    /// The nkeys of the server's own users, refused here: one reaching the callout is missing
+    /// from nats-server's `auth_users` (a config older than the key), and must not be let in
+    /// as a user of `APP`, where the server would take it for its own.
+    server_users: Vec<String>,
 }
 
 /// What the callout decided, for logs and metrics.
@@ -66,7 +70,14 @@ impl Callout {
             store,
             connect_limit: None,
             legacy_proofs,
+            server_users: Vec::new(),
         }
+    }
+
+    /// The same callout, refusing the server's own users `nkeys` (`U...`).
+    pub fn with_server_users(mut self, nkeys: Vec<String>) -> Self {
+        self.server_users = nkeys;
+        self
     }
 
     /// The same callout, granting the unregistered profile to at most what `limiter` allows
@@ -119,6 +130,12 @@ impl Callout {
         let proof = client_nonce_proof(request).map_err(|err| format!("kez: {err}"))?;
         let key = PublicKey::from_bytes(&proof.ed25519)
             .map_err(|err| format!("kez: client key refused: {err}"))?;
+        if self.server_users.contains(&key.to_nkey()) {
+            return Err(format!(
+                "kez: {} is one of kez-chat-server's own users, which nats-server's config must list in auth_users: re-render it (kez-chat-server nats-conf) and reload nats-server",
+                key.to_nkey()
+            ));
+        }
         let form = verify_proof(
             &key,
             &proof.nonce,

@@ -173,7 +173,8 @@ pub struct Prepared {
     pub new_keys: bool,
 }
 
-/// Creates the data directory (mode 0700), generates the keys unless all three are there, and
+/// Creates the data directory (mode 0700), generates the keys unless the first three are there
+/// (then adds the system user's if missing), and
 /// writes the nats-server config: listen on `127.0.0.1:<port>` (`-1`, nats-server's "any free
 /// port", for 0), JetStream in `<data>/jetstream`.
 pub fn prepare(options: &DevOptions) -> Result<Prepared, String> {
@@ -196,8 +197,13 @@ pub fn prepare(options: &DevOptions) -> Result<Prepared, String> {
         .filter(|file| keys_dir.join(file).exists())
         .count();
     let (keys, new_keys) = match present {
-        0 => (nats_conf::keygen(&keys_dir)?, true),
-        3 => (nats_conf::public_keys(&keys_dir)?, false),
+        0 => (nats_conf::keygen(&keys_dir)?.0, true),
+        // A data directory from before the system user existed gets it; the config below,
+        // written on every start, lists it.
+        3 => {
+            nats_conf::add_system_user(&keys_dir)?;
+            (nats_conf::public_keys(&keys_dir)?, false)
+        }
         _ => {
             return Err(format!(
                 "{} holds only some of the server's keys ({}); restore the missing ones, or \

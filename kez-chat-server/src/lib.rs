@@ -12,6 +12,7 @@ pub mod context;
 pub mod dev;
 pub mod handlers;
 pub mod http;
+pub mod kick;
 pub mod limits;
 pub mod mail;
 pub mod metrics;
@@ -23,6 +24,7 @@ pub mod store;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -59,7 +61,8 @@ type RequestStream = Pin<Box<dyn futures::Stream<Item = (Endpoint, service::Requ
 
 /// A started server: connected, buckets open, services subscribed.
 pub struct Server {
-    /// The `APP` connection (services, JetStream); the `AUTH` one follows when the callout is on.
+    /// The `SERVER` connection (services, JetStream); the `AUTH` one follows when the callout is
+    /// on. (The `SYS` one, when nats-server knows the system user, is the kick worker's.)
     clients: Vec<async_nats::Client>,
     services: Vec<service::Service>,
     requests: SelectAll<RequestStream>,
@@ -71,6 +74,8 @@ pub struct Server {
     http_stop: watch::Sender<bool>,
     /// How often the pin node's orphaned tags are swept, when pinning is on.
     pin_gc_interval: Option<Duration>,
+    /// The task ending revoked devices' connections, when the system user is connected.
+    kick_worker: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Why the server could not start.
@@ -175,6 +180,10 @@ impl Server {
             add_service(&client, spec, &mut services, &mut requests).await?;
         }
         let mut clients = vec![client];
+        let system_user = match &config.callout {
+            Some(callout_config) => system_user(&callout_config.keys_dir)?,
+            None => None,
+        };
         let callout = match (&config.callout, issuer) {
             (Some(callout_config), Some(issuer)) => {
                 let callout =
@@ -182,7 +191,13 @@ impl Server {
                         .with_connect_limit(limits::Limiter::new(
                             config.limits.unregistered_connects_per_addr,
                             config.limits.max_buckets,
-                        ));
+                        ))
+                        .with_server_users(
+                            system_user
+                                .iter()
+                                .map(|(_, public)| public.clone())
+                                .collect(),
+                        );
                 let auth = NatsAuth::NkeySeedFile(
                     callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
                 );
@@ -206,6 +221,23 @@ impl Server {
                 .await
                 .map_err(|err| StartError::Nats(err.into()))?;
         }
+        // With a config older than the system user nats-server sends its connection to the
+        // callout, which refuses the server's own key (or, this instance's own callout not
+        // serving before the start ends, does not answer: refused as well).
+        let (store, kick_worker) = match system_user {
+            Some((seed_file, public)) => {
+                match connect_system(&config.nats_url, seed_file, &public, &phase).await? {
+                    // Not among `clients`: it may publish only CONNZ and KICK requests, and
+                    // has nothing to answer or flush at shutdown.
+                    Some(system_client) => {
+                        let (revocations, worker) = kick::spawn(kick::Kicker::new(system_client));
+                        (store.with_revocations(revocations), Some(worker))
+                    }
+                    None => (store, None),
+                }
+            }
+            None => (store, None),
+        };
         tracing::info!(domain = %config.domain, "kez-chat-server serving");
         let context = Arc::new(Context {
             client: clients[0].clone(),
@@ -227,6 +259,7 @@ impl Server {
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
             http,
             http_stop,
+            kick_worker,
         })
     }
 
@@ -327,6 +360,11 @@ impl Server {
         }
         let _ = stop_tasks.send(true);
         let _ = self.http_stop.send(true);
+        // No request is left to revoke anything; kicks under way end with the process (the
+        // connections they were after end with their authorization).
+        if let Some(worker) = self.kick_worker.take() {
+            worker.abort();
+        }
         if let Some(task) = http_task {
             if let Err(err) = task.await {
                 tracing::error!(error = %err, "HTTP shim task failed");
@@ -585,6 +623,61 @@ fn load_issuer(config: &config::CalloutConfig) -> Result<nkeys::KeyPair, StartEr
         )));
     }
     Ok(issuer)
+}
+
+/// The system user's seed file in `keys_dir` and its public key, the seed created first if it
+/// is missing (a deployment older than the key). `None`, after one warning, when it cannot be
+/// created (a read-only keys directory): the server serves without ending revoked devices'
+/// connections.
+fn system_user(keys_dir: &std::path::Path) -> Result<Option<(PathBuf, String)>, StartError> {
+    let seed_file = keys_dir.join(nats_conf::SYSTEM_USER_SEED_FILE);
+    match nats_conf::add_system_user(keys_dir) {
+        Ok(true) => {
+            tracing::info!(seed_file = %seed_file.display(), "created the server's system user key (new in this release)");
+        }
+        Ok(false) => {}
+        Err(err) => {
+            tracing::warn!(
+                "{err}. Without the system user a revoked device's open connections last until their authorization expires (at most an hour); new connections and requests are refused either way. Run `kez-chat-server keygen --keys-dir {}` (it adds only that key), re-render nats-server's config with `kez-chat-server nats-conf` and reload nats-server (deploy/DEPLOY.md, Upgrades), then restart kez-chat-server",
+                keys_dir.display()
+            );
+            return Ok(None);
+        }
+    }
+    let seed = nats_conf::read_nkey_seed(&seed_file).map_err(StartError::Credentials)?;
+    let public = nkeys::KeyPair::from_seed(&seed)
+        .map_err(|err| {
+            StartError::Credentials(format!("{}: not an nkey seed: {err}", seed_file.display()))
+        })?
+        .public_key();
+    Ok(Some((seed_file, public)))
+}
+
+/// Connects as the system user and checks that nats-server answers it CONNZ. `None`, after one
+/// warning, when the broker refuses it or does not answer: its config predates the key, and the
+/// server serves as before without ending revoked devices' connections.
+async fn connect_system(
+    url: &str,
+    seed_file: PathBuf,
+    public: &str,
+    phase: &watch::Sender<http::Phase>,
+) -> Result<Option<async_nats::Client>, StartError> {
+    let auth = NatsAuth::NkeySeedFile(seed_file);
+    let refused = match connect(url, &auth, "kez-chat-server revocations", phase).await {
+        // Connected is not enough: only an answer to CONNZ shows it is in the system account.
+        Ok(client) => match kick::Kicker::new(client.clone()).check().await {
+            Ok(()) => return Ok(Some(client)),
+            Err(err) => err,
+        },
+        // The seed was read before: a credentials error here is the broker's refusal.
+        Err(StartError::Credentials(err)) => err,
+        Err(err) => return Err(err),
+    };
+    tracing::warn!(
+        system_user = public,
+        "nats-server's config lacks the server's system user ({refused}). Serving without it: a revoked device's open connections last until their authorization expires (at most an hour) instead of ending at once; new connections and requests are refused either way. Re-render the config with `kez-chat-server nats-conf --keys-dir DIR` (or copy the generated part of deploy/nats/nats-server.conf, or nats/cluster/kez-accounts.conf on every node), reload nats-server (`systemctl reload nats-server`), then restart kez-chat-server (deploy/DEPLOY.md, Upgrades)"
+    );
+    Ok(None)
 }
 
 /// Connects to the broker at `url`, waiting as long as it takes: every failed attempt's cause

@@ -75,8 +75,8 @@ pub struct Identities {
 
 impl Identities {
     /// The identity `key`, a caller of `kez.mail.*`, speaks for: itself, or the identity whose
-    /// active device it is. A device no longer active is 403 `revoked_device` (its connection
-    /// lasts until its authorization expires).
+    /// active device it is. A device no longer active is 403 `revoked_device` (until the
+    /// broker has closed its connection, [`crate::kick`]).
     async fn of(&self, store: &Store, key: PublicKey) -> Result<PublicKey, ErrorAnswer> {
         if self.lock().contains(&key) {
             return Ok(key);

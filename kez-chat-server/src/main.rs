@@ -27,8 +27,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create the server's NATS keys (callout issuer, AUTH and SERVER users) in a directory, each
-    /// seed in its own 0600 file, and print the values nats-server's config needs.
+    /// Create the server's NATS keys (callout issuer, AUTH, SERVER and SYS users) in a directory,
+    /// each seed in its own 0600 file, and print the values nats-server's config needs. A
+    /// directory holding the first three (made before the SYS user existed) gets only the SYS
+    /// user's key.
     Keygen {
         /// Where to write the seed files (created if missing; existing keys are never replaced)
         #[arg(long, env = "KEZ_KEYS_DIR")]
@@ -154,31 +156,43 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Keygen { keys_dir } => match nats_conf::keygen(&keys_dir) {
-            Ok(keys) => {
-                println!(
-                    "Wrote the server's NATS keys to {} (mode 0600):",
-                    keys_dir.display()
-                );
-                println!(
-                    "  {}  callout issuer   {}",
-                    nats_conf::ISSUER_SEED_FILE,
-                    keys.issuer
-                );
-                println!(
-                    "  {}     AUTH user        {}",
-                    nats_conf::AUTH_USER_SEED_FILE,
-                    keys.auth_user
-                );
-                println!(
-                    "  {}            SERVER user      {}",
-                    nats_conf::SERVER_USER_SEED_FILE,
-                    keys.server_user
-                );
+            Ok((keys, generated)) => {
+                match generated {
+                    nats_conf::Generated::All => println!(
+                        "Wrote the server's NATS keys to {} (mode 0600):",
+                        keys_dir.display()
+                    ),
+                    nats_conf::Generated::SystemUser => println!(
+                        "Added the system user's key to {} (mode 0600); the other three are unchanged:",
+                        keys_dir.display()
+                    ),
+                }
+                for (file, role, key) in [
+                    (nats_conf::ISSUER_SEED_FILE, "callout issuer", &keys.issuer),
+                    (nats_conf::AUTH_USER_SEED_FILE, "AUTH user", &keys.auth_user),
+                    (
+                        nats_conf::SERVER_USER_SEED_FILE,
+                        "SERVER user",
+                        &keys.server_user,
+                    ),
+                    (
+                        nats_conf::SYSTEM_USER_SEED_FILE,
+                        "SYS user",
+                        &keys.system_user,
+                    ),
+                ] {
+                    println!("  {file:<18} {role:<15} {key}");
+                }
                 println!();
                 println!(
                     "nats-server config: kez-chat-server nats-conf --keys-dir {}",
                     keys_dir.display()
                 );
+                if generated == nats_conf::Generated::SystemUser {
+                    println!(
+                        "(the SYS user must be in the running broker's config: re-render it, then reload nats-server)"
+                    );
+                }
                 println!(
                     "then run:           kez-chat-server run --keys-dir {} --callout-issuer {}",
                     keys_dir.display(),

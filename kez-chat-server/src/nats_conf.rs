@@ -1,15 +1,27 @@
 //! The nats-server side of the deployment: the server's NATS keys and the config that uses them.
 //!
-//! Three nkeys make a kez-chat broker (`keygen` writes them, each seed in its own 0600 file):
+//! Four nkeys make a kez-chat broker (`keygen` writes them, each seed in its own 0600 file):
 //! - the **callout issuer** (an account key, `A...`): signs every authorization the callout
 //!   grants; nats-server is told its public key and trusts nothing else from the callout;
 //! - the **auth user** (`U...`, account `AUTH`): the connection that answers `$SYS.REQ.USER.AUTH`;
 //! - the **server user** (`U...`, account `SERVER`): the connection that serves `kez.*` and owns
-//!   the JetStream state. The callout places clients in `APP`, which imports those services.
+//!   the JetStream state. The callout places clients in `APP`, which imports those services;
+//! - the **system user** (`U...`, nats-server's system account `SYS`): the connection that ends
+//!   a revoked device's live connections (`$SYS.REQ.SERVER.PING.CONNZ`, then
+//!   `$SYS.REQ.SERVER.<id>.KICK`, [`crate::kick`]).
 //!
-//! Both server users are listed in `auth_users`, so they bypass the callout. Their being nkey
+//! The server users are listed in `auth_users`, so they bypass the callout. Their being nkey
 //! users also makes nats-server send every client a nonce to sign (it only does so when some nkey
 //! user is configured), which is what lets the callout check a client's key at all.
+//!
+//! Upgrading a deployment made before the system user existed (three seed files, a config
+//! without a `SYS` user): `keygen` on the same directory adds the missing `server-sys.nk` and
+//! touches nothing else, and a start does the same when it may write there. Until nats-server's
+//! config lists the system user (re-render it with `nats-conf`, or copy the generated part of
+//! `deploy/nats/nats-server.conf`, then reload nats-server; deploy/DEPLOY.md, Upgrades) the
+//! server logs one warning at start and serves as before, except that a revoked device's open
+//! connections last until their authorization expires (at most an hour) instead of ending at
+//! once; the callout refuses its new connections and the services its requests either way.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -26,6 +38,8 @@ pub const ISSUER_SEED_FILE: &str = "callout-issuer.nk";
 pub const AUTH_USER_SEED_FILE: &str = "server-auth.nk";
 /// Seed file of the server's `SERVER` account user.
 pub const SERVER_USER_SEED_FILE: &str = "server.nk";
+/// Seed file of the server's user in the system account `SYS`.
+pub const SYSTEM_USER_SEED_FILE: &str = "server-sys.nk";
 /// Account that holds the callout connection.
 pub const AUTH_ACCOUNT: &str = "AUTH";
 /// Account of the kez services and all JetStream state.
@@ -35,7 +49,10 @@ pub const APP_ACCOUNT: &str = "APP";
 /// nats-server's system account.
 pub const SYSTEM_ACCOUNT: &str = "SYS";
 
-/// The public halves of the three keys: what goes into the nats-server config.
+/// The seed files of a deployment made before the system user existed.
+const FIRST_SEED_FILES: [&str; 3] = [ISSUER_SEED_FILE, AUTH_USER_SEED_FILE, SERVER_USER_SEED_FILE];
+
+/// The public halves of the four keys: what goes into the nats-server config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicKeys {
     /// Callout issuer, `A...`.
@@ -44,38 +61,72 @@ pub struct PublicKeys {
     pub auth_user: String,
     /// The server's `SERVER` user, `U...`.
     pub server_user: String,
+    /// The server's `SYS` user, `U...`.
+    pub system_user: String,
 }
 
-/// Creates the three seed files in `dir` (mode 0600, never overwriting) and returns their
-/// public keys.
-pub fn keygen(dir: &Path) -> Result<PublicKeys, String> {
+/// What [`keygen`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generated {
+    /// All four keys: the directory held none.
+    All,
+    /// Only the system user's: the directory held the other three (a deployment made before
+    /// it existed), which stay as they were.
+    SystemUser,
+}
+
+/// Creates the seed files missing in `dir` (mode 0600, never overwriting) and returns every
+/// public key and what was written. An empty directory gets all four; one holding the first
+/// three (an older deployment) gets only the system user's. Anything else is refused: a
+/// directory with all four has nothing to add, and new keys beside some old ones would not
+/// match the broker's config.
+pub fn keygen(dir: &Path) -> Result<(PublicKeys, Generated), String> {
     std::fs::create_dir_all(dir)
         .map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
-    let issuer = KeyPair::new_account();
-    let auth_user = KeyPair::new_user();
-    let server_user = KeyPair::new_user();
-    for (file, key) in [
-        (ISSUER_SEED_FILE, &issuer),
-        (AUTH_USER_SEED_FILE, &auth_user),
-        (SERVER_USER_SEED_FILE, &server_user),
-    ] {
-        if dir.join(file).exists() {
-            return Err(format!(
-                "{} already exists; keygen never overwrites keys (remove the directory's key files deliberately, or use another directory)",
-                dir.join(file).display()
-            ));
-        }
-        let seed = Zeroizing::new(
-            key.seed()
-                .map_err(|err| format!("cannot export a new seed: {err}"))?,
-        );
-        write_secret(&dir.join(file), seed.as_bytes())?;
+    let present: Vec<&str> = FIRST_SEED_FILES
+        .into_iter()
+        .chain([SYSTEM_USER_SEED_FILE])
+        .filter(|file| dir.join(file).exists())
+        .collect();
+    if present == FIRST_SEED_FILES {
+        add_system_user(dir)?;
+        return Ok((public_keys(dir)?, Generated::SystemUser));
     }
-    Ok(PublicKeys {
-        issuer: issuer.public_key(),
-        auth_user: auth_user.public_key(),
-        server_user: server_user.public_key(),
-    })
+    if let Some(file) = present.first() {
+        return Err(format!(
+            "{} already exists; keygen never overwrites keys and adds only the system user's ({SYSTEM_USER_SEED_FILE}) beside the other three (remove the directory's key files deliberately, or use another directory)",
+            dir.join(file).display()
+        ));
+    }
+    for (file, key) in [
+        (ISSUER_SEED_FILE, KeyPair::new_account()),
+        (AUTH_USER_SEED_FILE, KeyPair::new_user()),
+        (SERVER_USER_SEED_FILE, KeyPair::new_user()),
+        (SYSTEM_USER_SEED_FILE, KeyPair::new_user()),
+    ] {
+        write_seed(&dir.join(file), &key)?;
+    }
+    Ok((public_keys(dir)?, Generated::All))
+}
+
+/// Creates the system user's seed file in `dir` unless it exists (mode 0600, never
+/// overwriting); whether it was created. The upgrade step a start takes for a deployment made
+/// before that key existed.
+pub fn add_system_user(dir: &Path) -> Result<bool, String> {
+    let path = dir.join(SYSTEM_USER_SEED_FILE);
+    if path.exists() {
+        return Ok(false);
+    }
+    write_seed(&path, &KeyPair::new_user())?;
+    Ok(true)
+}
+
+fn write_seed(path: &Path, key: &KeyPair) -> Result<(), String> {
+    let seed = Zeroizing::new(
+        key.seed()
+            .map_err(|err| format!("cannot export a new seed: {err}"))?,
+    );
+    write_secret(path, seed.as_bytes())
 }
 
 /// Reads the public keys of the seed files in `dir`.
@@ -90,6 +141,7 @@ pub fn public_keys(dir: &Path) -> Result<PublicKeys, String> {
         issuer: public(ISSUER_SEED_FILE)?,
         auth_user: public(AUTH_USER_SEED_FILE)?,
         server_user: public(SERVER_USER_SEED_FILE)?,
+        system_user: public(SYSTEM_USER_SEED_FILE)?,
     })
 }
 
@@ -155,7 +207,9 @@ pub fn render_auth(keys: &PublicKeys) -> String {
         issuer,
         auth_user,
         server_user,
+        system_user,
     } = keys;
+    let (connz, kick) = (crate::kick::CONNZ_SUBJECT, crate::kick::kick_subject("*"));
     let mut exports = String::new();
     let mut imports = String::new();
     for service in exported_services() {
@@ -176,7 +230,8 @@ pub fn render_auth(keys: &PublicKeys) -> String {
         r#"# Accounts: AUTH holds the callout connection; SERVER the kez services and all JetStream
 # state; APP every user (the callout places clients there), reaching SERVER only through the
 # imported services below, and hearing of new mail through the imported stream (each user may
-# subscribe to its own subject only); SYS is nats-server's own. `share: true` makes nats-server
+# subscribe to its own subject only); SYS is nats-server's own, where kez-chat-server's system
+# user asks for a revoked device's connections and ends them. `share: true` makes nats-server
 # tell the kez services which user (nkey) and address sent each request: they serve the
 # caller's own inbox and rate-limit by it.
 accounts {{
@@ -193,7 +248,17 @@ accounts {{
     imports: [
 {imports}    ]
   }}
-  {SYSTEM_ACCOUNT}: {{}}
+  {SYSTEM_ACCOUNT}: {{
+    # kez-chat-server's system user may only list connections and close one, nothing else of
+    # the system account (no reload, no account or server changes).
+    users: [ {{
+      nkey: "{system_user}"
+      permissions: {{
+        publish: [ "{connz}", "{kick}" ]
+        subscribe: [ "_INBOX.>" ]
+      }}
+    }} ]
+  }}
 }}
 system_account: {SYSTEM_ACCOUNT}
 
@@ -205,7 +270,7 @@ authorization {{
     issuer: "{issuer}"
     account: {AUTH_ACCOUNT}
     # The server's own users skip the callout.
-    auth_users: [ "{auth_user}", "{server_user}" ]
+    auth_users: [ "{auth_user}", "{server_user}", "{system_user}" ]
   }}
 }}
 "#
@@ -275,10 +340,17 @@ mod tests {
     fn keygen_writes_private_files_once() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let keys = keygen(dir.path()).unwrap();
+        let (keys, generated) = keygen(dir.path()).unwrap();
+        assert_eq!(generated, Generated::All);
         assert!(keys.issuer.starts_with('A'));
         assert!(keys.auth_user.starts_with('U') && keys.server_user.starts_with('U'));
-        for file in [ISSUER_SEED_FILE, AUTH_USER_SEED_FILE, SERVER_USER_SEED_FILE] {
+        assert!(keys.system_user.starts_with('U'));
+        for file in [
+            ISSUER_SEED_FILE,
+            AUTH_USER_SEED_FILE,
+            SERVER_USER_SEED_FILE,
+            SYSTEM_USER_SEED_FILE,
+        ] {
             let mode = std::fs::metadata(dir.path().join(file))
                 .unwrap()
                 .permissions()
@@ -289,6 +361,49 @@ mod tests {
         assert!(keygen(dir.path()).unwrap_err().contains("never overwrites"));
     }
 
+    /// A keys directory from before the system user existed: keygen (and a start,
+    /// `add_system_user`) adds that key only, leaving the other three as they were.
+    #[test]
+    fn keygen_adds_only_the_missing_system_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let (before, _) = keygen(dir.path()).unwrap();
+        let kept: Vec<String> = FIRST_SEED_FILES
+            .iter()
+            .map(|file| std::fs::read_to_string(dir.path().join(file)).unwrap())
+            .collect();
+        std::fs::remove_file(dir.path().join(SYSTEM_USER_SEED_FILE)).unwrap();
+        let (after, generated) = keygen(dir.path()).unwrap();
+        assert_eq!(generated, Generated::SystemUser);
+        assert_eq!(
+            (&after.issuer, &after.auth_user, &after.server_user),
+            (&before.issuer, &before.auth_user, &before.server_user)
+        );
+        assert_ne!(after.system_user, before.system_user);
+        for (file, seed) in FIRST_SEED_FILES.iter().zip(&kept) {
+            assert_eq!(
+                &std::fs::read_to_string(dir.path().join(file)).unwrap(),
+                seed
+            );
+        }
+        assert!(!add_system_user(dir.path()).unwrap(), "present: kept");
+        std::fs::remove_file(dir.path().join(SYSTEM_USER_SEED_FILE)).unwrap();
+        assert!(add_system_user(dir.path()).unwrap());
+        assert!(read_nkey_seed(&dir.path().join(SYSTEM_USER_SEED_FILE)).is_ok());
+        // Some of the first three missing: refused, nothing written.
+        let partial = tempfile::tempdir().unwrap();
+        write_seed(
+            &partial.path().join(SERVER_USER_SEED_FILE),
+            &KeyPair::new_user(),
+        )
+        .unwrap();
+        assert!(
+            keygen(partial.path())
+                .unwrap_err()
+                .contains("never overwrites")
+        );
+        assert!(!partial.path().join(ISSUER_SEED_FILE).exists());
+    }
+
     /// `nats/nats-server.conf.example` is what `nats-conf` prints, with placeholders for keys.
     #[test]
     fn the_committed_example_is_current() {
@@ -296,6 +411,7 @@ mod tests {
             issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
             auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
             server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+            system_user: "U_SERVER_SYSTEM_USER_PUBLIC_KEY".into(),
         };
         let expected = render(
             &keys,
@@ -324,6 +440,7 @@ mod tests {
             issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
             auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
             server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+            system_user: "U_SERVER_SYSTEM_USER_PUBLIC_KEY".into(),
         };
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -349,6 +466,7 @@ mod tests {
             issuer: "AISSUER".into(),
             auth_user: "UAUTH".into(),
             server_user: "USERVER".into(),
+            system_user: "USYS".into(),
         };
         let conf = render(
             &keys,
@@ -358,7 +476,11 @@ mod tests {
             },
         );
         assert!(conf.contains(r#"issuer: "AISSUER""#));
-        assert!(conf.contains(r#"auth_users: [ "UAUTH", "USERVER" ]"#));
+        assert!(conf.contains(r#"auth_users: [ "UAUTH", "USERVER", "USYS" ]"#));
+        assert!(conf.contains(r#"nkey: "USYS""#));
+        assert!(
+            conf.contains(r#"publish: [ "$SYS.REQ.SERVER.PING.CONNZ", "$SYS.REQ.SERVER.*.KICK" ]"#)
+        );
         assert!(conf.contains("sync_interval: always"));
         assert!(conf.contains(r#"store_dir: "/var/lib/nats""#));
     }

@@ -133,6 +133,9 @@ pub struct Store {
     links: kv::Store,
     heads: kv::Store,
     states: kv::Store,
+    /// Where a device whose index entry this store turned `revoked` is handed on, to end its
+    /// live connections ([`crate::kick`]); none without the server's system user.
+    revocations: Option<tokio::sync::mpsc::Sender<PublicKey>>,
 }
 
 /// Outcome of a registration.
@@ -264,7 +267,25 @@ impl Store {
             links,
             heads,
             states,
+            revocations: None,
         })
+    }
+
+    /// The same store, handing every device key it turns `revoked` to `revocations` (never
+    /// waiting: when the queue is full the device's connections end with their authorization).
+    pub fn with_revocations(mut self, revocations: tokio::sync::mpsc::Sender<PublicKey>) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
+    /// Hands `key`, just written as revoked, to whoever ends its connections.
+    fn revoked(&self, key: PublicKey) {
+        let Some(revocations) = &self.revocations else {
+            return;
+        };
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = revocations.try_send(key) {
+            tracing::warn!(device = %key, "too many revocations at once: this device's open connections end when their authorization expires (at most an hour)");
+        }
     }
 
     /// Claims `handle` for `key`, first come first served; one handle per key.
@@ -670,9 +691,11 @@ impl Store {
                 .await
                 .map_err(ErrorAnswer::unavailable)?
                 .filter(|entry| entry.operation == kv::Operation::Put);
+            let mut was_revoked = false;
             let written = match entry {
                 Some(entry) => {
                     let held: DeviceRecord = decode(&entry.value)?;
+                    was_revoked = held.state == DeviceState::Revoked;
                     if held.identity != identity {
                         // Only a chain that added the device before this index existed (its
                         // append was not claimed) gets here: the first identity keeps the key.
@@ -692,6 +715,11 @@ impl Store {
                 None => self.devices.create(&key_hex, value.clone()).await.is_ok(),
             };
             if written {
+                // Every later append writes the entry again (a later seq): only the change
+                // ends connections.
+                if wanted.state == DeviceState::Revoked && !was_revoked {
+                    self.revoked(key);
+                }
                 return Ok(());
             }
         }

@@ -38,7 +38,7 @@ pub fn keys_and_broker() -> (TempDir, nats_conf::PublicKeys, NatsServer) {
         .prefix("kez-keys-")
         .tempdir()
         .unwrap();
-    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+    let keys = nats_conf::keygen(keys_dir.path()).unwrap().0;
     let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
     (keys_dir, keys, nats)
 }

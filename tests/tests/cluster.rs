@@ -176,7 +176,7 @@ impl ServedCluster {
             .prefix("kez-keys-")
             .tempdir()
             .unwrap();
-        let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+        let keys = nats_conf::keygen(keys_dir.path()).unwrap().0;
         let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
         let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
         wait_for_jetstream(&admin, PATIENCE).await;
@@ -448,6 +448,7 @@ fn committed_accounts_conf_is_what_the_server_renders() {
         issuer: "A_CALLOUT_ISSUER_PUBLIC_KEY".into(),
         auth_user: "U_SERVER_AUTH_USER_PUBLIC_KEY".into(),
         server_user: "U_SERVER_USER_PUBLIC_KEY".into(),
+        system_user: "U_SERVER_SYSTEM_USER_PUBLIC_KEY".into(),
     });
     // What `sed -n '/^# Accounts:/,$p'` keeps: from the first line starting so.
     let start = committed
@@ -471,7 +472,7 @@ async fn two_instances_started_at_once_on_a_fresh_cluster_both_serve() {
         .prefix("kez-keys-")
         .tempdir()
         .unwrap();
-    let keys = nats_conf::keygen(keys_dir.path()).unwrap();
+    let keys = nats_conf::keygen(keys_dir.path()).unwrap().0;
     let cluster = NatsCluster::start(&nats_conf::render_auth(&keys));
     let admin = server_client(&cluster.urls_from(0), keys_dir.path()).await;
     wait_for_jetstream(&admin, PATIENCE).await;
@@ -535,4 +536,72 @@ async fn a_waiting_receive_in_a_cluster_gets_every_announced_message() {
         let bodies: Vec<&[u8]> = received.iter().map(|m| m.body.as_slice()).collect();
         assert_eq!(bodies, [body.as_bytes()], "round {round}");
     }
+}
+
+/// A revoked device's connection on one node of a cluster ends within 5 s: the server asks
+/// every node for the device's connections and has the node holding it close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_device_on_another_node_is_disconnected() {
+    use kez_core::sigchain::DeviceKind;
+    use kez_core::{SecretKey, Sigchain, UnsignedLink};
+    use kez_tests::callout::{connect_as, register};
+    use kez_tests::kez_server::call;
+    use kez_tests::requests::{nats_endpoint, now};
+
+    let served = ServedCluster::start(&[]).await;
+    let cluster = &served.cluster;
+    // Alice on node 2, her laptop on node 3 only; the servers on whichever node they picked.
+    let (alice_url, laptop_url) = (cluster.nodes[1].url(), cluster.nodes[2].url());
+    let alice = Arc::new(SecretKey::generate());
+    let (narrow, _) = connect_as(&alice_url, &alice).await.unwrap();
+    register(&narrow, &alice, "alice").await.unwrap();
+    let (alice_client, _) = connect_as(&alice_url, &alice).await.unwrap();
+    let first = UnsignedLink::first(alice.public_key(), now(), nats_endpoint("nats"))
+        .sign(&alice)
+        .unwrap();
+    call(&alice_client, "kez.sigchain.append", first.bytes().to_vec())
+        .await
+        .unwrap();
+    let mut chain = Sigchain::start(first.bytes()).unwrap();
+    let laptop = Arc::new(SecretKey::generate());
+    let add = chain
+        .add_device_link(now(), &alice, &laptop, "laptop", DeviceKind::Desktop)
+        .unwrap();
+    call(&alice_client, "kez.sigchain.append", add.bytes().to_vec())
+        .await
+        .unwrap();
+    chain.append(add.bytes()).unwrap();
+
+    let (disconnected, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let _laptop_client = kez_client::Connection::options(&laptop)
+        .event_callback(move |event| {
+            let disconnected = disconnected.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    let _ = disconnected.send(Instant::now());
+                }
+            }
+        })
+        .connect(laptop_url)
+        .await
+        .expect("the laptop connects");
+    let revoke = chain
+        .revoke_device_link(now(), &alice, laptop.public_key(), None)
+        .unwrap();
+    call(
+        &alice_client,
+        "kez.sigchain.append",
+        revoke.bytes().to_vec(),
+    )
+    .await
+    .unwrap();
+    let revoked_at = Instant::now();
+    let kicked = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("node 3 closes the revoked laptop's connection within 5 s")
+        .unwrap();
+    eprintln!(
+        "cluster: time to kick on another node: {:?}",
+        kicked - revoked_at
+    );
 }

@@ -278,7 +278,9 @@ async fn every_acknowledged_message_is_shown_exactly_once_through_faults() {
         .prefix("kez-keys-")
         .tempdir()
         .unwrap();
-    let keys = kez_chat_server::nats_conf::keygen(keys_dir.path()).unwrap();
+    let keys = kez_chat_server::nats_conf::keygen(keys_dir.path())
+        .unwrap()
+        .0;
     let nats = NatsServer::start_durable(&kez_chat_server::nats_conf::render_auth(&keys));
     let mut stack = Stack {
         nats,

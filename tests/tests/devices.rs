@@ -4,19 +4,25 @@
 //! there; a revoked device is refused at connect and as a recipient; an unknown key gets nothing
 //! of anyone's mail; the identity key works as before; and no key serves two identities.
 
+use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::Client;
+use futures::StreamExt;
 use kez_chat_server::config::ServerConfig;
 use kez_chat_server::limits::{Limits, Rate};
+use kez_chat_server::{kick, nats_conf};
 use kez_core::sigchain::DeviceKind;
 use kez_core::{PublicKey, SecretKey, Sigchain, SignedLink, UnsignedLink};
 use kez_proto::mail::{FetchAnswer, FetchRequest};
 use kez_proto::subjects::new_mail_subject;
-use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
+use kez_tests::NatsServer;
+use kez_tests::callout::{CalloutStack, Violation, connect_as, expect_violation, register};
 use kez_tests::kez_server::{ServiceError, call};
+use kez_tests::process::KezServerProcess;
 use kez_tests::requests::{mail, nats_endpoint, now};
+use tokio::sync::mpsc;
 
 /// How long a refusal by the broker may take to arrive.
 const REFUSED_WITHIN: Duration = Duration::from_secs(5);
@@ -29,9 +35,22 @@ struct Identity {
 }
 
 impl Identity {
-    /// Registers `name` for a fresh key and writes its first link.
+    /// Registers `name` for a fresh key on the stack and writes its first link.
     async fn new(stack: &CalloutStack, name: &str) -> Identity {
-        let (key, client) = stack.registered(name).await;
+        Identity::new_at(&stack.nats.url(), name).await
+    }
+
+    /// Registers `name` for a fresh key on the broker at `url` and writes its first link.
+    async fn new_at(url: &str, name: &str) -> Identity {
+        let key = Arc::new(SecretKey::generate());
+        let (narrow, _) = connect_as(url, &key).await.expect("a new key connects");
+        register(&narrow, &key, name)
+            .await
+            .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
+        narrow.drain().await.unwrap();
+        let (client, _) = connect_as(url, &key)
+            .await
+            .expect("a registered key connects");
         let first = UnsignedLink::first(key.public_key(), now(), nats_endpoint("nats"))
             .sign(&key)
             .unwrap();
@@ -146,7 +165,7 @@ async fn a_device_connects_and_reads_only_its_own_inbox() {
     send(&bob.client, &laptop.public_key(), b"again")
         .await
         .unwrap();
-    tokio::time::timeout(REFUSED_WITHIN, futures::StreamExt::next(&mut notes))
+    tokio::time::timeout(REFUSED_WITHIN, notes.next())
         .await
         .expect("the device hears of its new mail")
         .expect("a notification");
@@ -296,5 +315,229 @@ async fn an_identitys_devices_share_one_send_budget() {
     assert_eq!(
         error_of(send(&alice.client, &bob.public_key(), b"3").await),
         (429, "rate_limited".to_owned())
+    );
+}
+
+/// How long the broker may take to end a revoked device's live connection (PROTOCOL.md §6.2).
+const KICKED_WITHIN: Duration = Duration::from_secs(5);
+/// Past the server's second look for a revoked device's connections (`kick::SECOND_LOOK_AFTER`):
+/// by then it has done everything it would to any connection.
+const EVERY_LOOK_DONE: Duration = Duration::from_secs(4);
+
+/// Connects as `key` with the real client's options, reporting the connection's events
+/// (`Disconnected`, `Connected`, ...) on the returned channel.
+async fn connect_watched(
+    url: &str,
+    key: &Arc<SecretKey>,
+) -> (Client, mpsc::UnboundedReceiver<async_nats::Event>) {
+    let (events, received) = mpsc::unbounded_channel();
+    let client = kez_client::Connection::options(key)
+        .event_callback(move |event| {
+            let events = events.clone();
+            async move {
+                let _ = events.send(event);
+            }
+        })
+        .connect(url)
+        .await
+        .expect("an active key connects");
+    (client, received)
+}
+
+/// Waits up to `within` for `events` to report a disconnection; when it did.
+async fn disconnected(
+    events: &mut mpsc::UnboundedReceiver<async_nats::Event>,
+    within: Duration,
+) -> Option<Instant> {
+    tokio::time::timeout(within, async {
+        while let Some(event) = events.recv().await {
+            if matches!(event, async_nats::Event::Disconnected) {
+                return Some(Instant::now());
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Who the broker lists as connected in `APP` under `key`'s nkey, asked as the server's
+/// system user (what kez-chat-server itself asks before it kicks).
+async fn connections_of(stack: &CalloutStack, key: &SecretKey) -> usize {
+    let seed =
+        std::fs::read_to_string(stack.keys_dir.path().join(nats_conf::SYSTEM_USER_SEED_FILE))
+            .unwrap();
+    let system = async_nats::ConnectOptions::with_nkey(seed.trim().to_owned())
+        .connect(stack.nats.url())
+        .await
+        .expect("the system user connects");
+    let answer = system
+        .request(
+            kick::CONNZ_SUBJECT,
+            kick::connz_request(&key.public_key()).into(),
+        )
+        .await
+        .expect("nats-server answers CONNZ");
+    kick::parse_connz(&answer.payload).unwrap().cids.len()
+}
+
+#[tokio::test]
+async fn a_revoked_devices_live_connection_ends_within_five_seconds() {
+    let stack = CalloutStack::start().await;
+    let mut alice = Identity::new(&stack, "alice").await;
+    let bob = Identity::new(&stack, "bob").await;
+    let laptop = alice.add_device("laptop").await;
+    let phone = alice.add_device("phone").await;
+    let url = stack.nats.url();
+    let (laptop_client, mut laptop_events) = connect_watched(&url, &laptop).await;
+    let (phone_client, mut phone_events) = connect_watched(&url, &phone).await;
+    // Both listen for their new mail, as `kez-chat listen` does.
+    let mut laptop_notes = laptop_client
+        .subscribe(new_mail_subject(&alice.public_key(), &laptop.public_key()))
+        .await
+        .unwrap();
+    let mut phone_notes = phone_client
+        .subscribe(new_mail_subject(&alice.public_key(), &phone.public_key()))
+        .await
+        .unwrap();
+    laptop_client.flush().await.unwrap();
+    phone_client.flush().await.unwrap();
+    assert_eq!(connections_of(&stack, &laptop).await, 1);
+
+    // The phone revokes the laptop (any active device may).
+    let revoke = alice
+        .chain
+        .revoke_device_link(now(), &phone, laptop.public_key(), Some("stolen"))
+        .unwrap();
+    append(&phone_client, &revoke)
+        .await
+        .expect("the revocation");
+    let revoked_at = Instant::now();
+    alice.chain.append(revoke.bytes()).unwrap();
+
+    let kicked = disconnected(&mut laptop_events, KICKED_WITHIN)
+        .await
+        .expect("the broker ends the revoked laptop's connection within 5 s");
+    eprintln!(
+        "time to kick: {:?} from the revocation's answer",
+        kicked - revoked_at
+    );
+    assert_eq!(
+        connections_of(&stack, &laptop).await,
+        0,
+        "no connection of the laptop is left, its reconnects are refused"
+    );
+    // The client keeps trying, and the callout keeps refusing: it never hears of mail again.
+    tokio::time::sleep(EVERY_LOOK_DONE).await;
+    assert_ne!(
+        laptop_client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    assert!(stack.connect_as(&laptop).await.is_err());
+
+    // The phone and the identity key stayed connected throughout, and mail reaches the phone.
+    while let Ok(event) = phone_events.try_recv() {
+        assert!(
+            !matches!(event, async_nats::Event::Disconnected),
+            "the phone's connection was not touched"
+        );
+    }
+    assert_eq!(
+        phone_client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    assert_eq!(
+        alice.client.connection_state(),
+        async_nats::connection::State::Connected
+    );
+    send(&bob.client, &phone.public_key(), b"for the phone")
+        .await
+        .unwrap();
+    tokio::time::timeout(KICKED_WITHIN, phone_notes.next())
+        .await
+        .expect("the phone hears of its new mail")
+        .expect("a notification");
+    assert_eq!(inbox(&phone_client).await, [b"for the phone".to_vec()]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), laptop_notes.next())
+            .await
+            .is_err(),
+        "the laptop hears nothing"
+    );
+}
+
+/// A deployment from before the system user: three seed files, and a broker config without a
+/// `SYS` user. The server creates the fourth seed, warns once that the config lacks it, and
+/// serves; a revoked device is still refused at connect and in its requests.
+#[tokio::test]
+async fn a_config_without_the_system_user_still_serves_and_refuses_revoked_devices() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let (keys, _) = nats_conf::keygen(keys_dir.path()).unwrap();
+    // The config as the previous release rendered it: `SYS: {}`, two `auth_users`.
+    let config = nats_conf::render_auth(&keys);
+    let sys_start = config.find("  SYS: {\n").expect("a SYS account");
+    let sys_end = sys_start + config[sys_start..].find("\n  }\n").expect("its end") + 5;
+    let old_config = format!(
+        "{}  SYS: {{}}\n{}",
+        &config[..sys_start],
+        &config[sys_end..]
+    )
+    .replace(&format!(", \"{}\"", keys.system_user), "");
+    assert!(!old_config.contains(&keys.system_user), "{old_config}");
+    let nats = NatsServer::start_with(&old_config);
+    let sys_seed = keys_dir.path().join(nats_conf::SYSTEM_USER_SEED_FILE);
+    std::fs::remove_file(&sys_seed).unwrap();
+    let server =
+        KezServerProcess::spawn_with_callout(&nats.url(), keys_dir.path(), &keys.issuer).await;
+    let mode = std::fs::metadata(&sys_seed).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the start created the missing seed");
+    assert_eq!(
+        nats_conf::public_keys(keys_dir.path()).unwrap().issuer,
+        keys.issuer,
+        "and left the others as they were"
+    );
+    let log = server.log();
+    assert_eq!(
+        log.matches("nats-server's config lacks the server's system user")
+            .count(),
+        1,
+        "{log}"
+    );
+
+    let url = nats.url();
+    // Not in `auth_users`, the system user goes to the callout, which refuses the server's own
+    // key (an unknown key would get the unregistered profile).
+    let sys = std::fs::read_to_string(&sys_seed).unwrap();
+    assert!(
+        async_nats::ConnectOptions::with_nkey(sys.trim().to_owned())
+            .connect(&url)
+            .await
+            .is_err(),
+        "the callout refuses the server's system user"
+    );
+    let mut alice = Identity::new_at(&url, "alice").await;
+    let laptop = alice.add_device("laptop").await;
+    let (laptop_client, _) = connect_as(&url, &laptop).await.unwrap();
+    alice.revoke(&laptop).await;
+    assert!(
+        connect_as(&url, &laptop).await.is_err(),
+        "a revoked device is refused"
+    );
+    let body = serde_json::to_vec(&FetchRequest {
+        after: 0,
+        max: 1,
+        time: 0,
+    })
+    .unwrap();
+    assert_eq!(
+        error_of(call(&laptop_client, "kez.mail.fetch", body).await),
+        (403, "revoked_device".to_owned())
+    );
+    let log = server.log();
+    assert_eq!(
+        log.matches("lacks the server's system user").count(),
+        1,
+        "one warning only: {log}"
     );
 }

@@ -1,0 +1,355 @@
+//! Ending a revoked device's live connections (PROTOCOL.md §6.2).
+//!
+//! The callout refuses a revoked device's new connections and `kez.mail.*` answers its requests
+//! 403 `revoked_device`, but a connection authorized before the revocation would otherwise stay
+//! up until its authorization expires (an hour), hearing of new mail on its subject. When the
+//! store writes a device's index entry as revoked it hands the key to [`spawn`]'s worker, which,
+//! off the append's request path, asks every nats-server of the cluster for that key's
+//! connections in account `APP` (`$SYS.REQ.SERVER.PING.CONNZ` filtered by account and user)
+//! and has each server close its own (`$SYS.REQ.SERVER.<server id>.KICK` with the `cid`). Both
+//! are nats-server's system services (server/events.go, `monSrvc` "CONNZ" and `kickClient`),
+//! reachable only from the system account: the server's `SYS` user makes the requests.
+//!
+//! A device reconnecting meanwhile is refused by the callout, which reads the index entry the
+//! store has already written; a connection the callout authorized just before that write but
+//! which the broker had not yet registered when the first look came is caught by a second look,
+//! [`SECOND_LOOK_AFTER`] later.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use kez_core::PublicKey;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::nats_conf::APP_ACCOUNT;
+
+/// Where every nats-server of a cluster answers with its connections (filtered by the body).
+pub const CONNZ_SUBJECT: &str = "$SYS.REQ.SERVER.PING.CONNZ";
+/// Most connections of one key each server is asked to list (and so to close) per look: a
+/// device has one or two; more are a misbehaving client, whose rest end with their
+/// authorization.
+pub const MAX_CONNECTIONS_PER_SERVER: usize = 64;
+/// How long answers to a CONNZ request are awaited at most.
+const ANSWERS_WITHIN: Duration = Duration::from_secs(1);
+/// Once one server answered, how long a silence ends the wait: the servers of a cluster answer
+/// within milliseconds of each other, and their number is not known here.
+const ANSWERS_QUIET: Duration = Duration::from_millis(250);
+/// How long one KICK may take to be answered.
+const KICK_TIMEOUT: Duration = Duration::from_secs(2);
+/// When the second look for the device's connections comes: past nats-server's authorization
+/// timeout (`authorization.timeout`, 2 s, nats_conf), so every connection the callout let in
+/// before the index changed is registered by then.
+pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(2500);
+/// Revoked keys waiting for the worker; past that a revocation is logged and its connections
+/// end with their authorization.
+const QUEUE: usize = 1024;
+/// Revoked keys handled at once.
+const PARALLEL: usize = 16;
+
+/// One nats-server's answer to a CONNZ request (`ServerAPIConnzResponse`): which server, and
+/// the connections it lists, or its error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnzAnswer {
+    /// The answering server's id (`N...`), the token of its KICK subject.
+    pub server_id: String,
+    /// The `cid` of every connection it listed.
+    pub cids: Vec<u64>,
+}
+
+#[derive(Deserialize)]
+struct ApiResponse<T> {
+    server: ServerInfo,
+    data: Option<T>,
+    error: Option<ApiError>,
+}
+
+#[derive(Deserialize)]
+struct ServerInfo {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    code: u16,
+    #[serde(default)]
+    description: String,
+}
+
+#[derive(Deserialize)]
+struct Connz {
+    #[serde(default)]
+    connections: Vec<ConnInfo>,
+}
+
+#[derive(Deserialize)]
+struct ConnInfo {
+    cid: u64,
+}
+
+/// The CONNZ request body for the connections of `key` in `APP` (`ConnzEventOptions`: `acc`
+/// and `user` filter, `limit` bounds the list). The callout names each user by its key's nkey,
+/// which is what nats-server matches `user` against.
+pub fn connz_request(key: &PublicKey) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "acc": APP_ACCOUNT,
+        "user": key.to_nkey(),
+        "limit": MAX_CONNECTIONS_PER_SERVER,
+    }))
+    .expect("a JSON object serialises")
+}
+
+/// Reads one server's answer to [`connz_request`].
+pub fn parse_connz(body: &[u8]) -> Result<ConnzAnswer, String> {
+    let answer: ApiResponse<Connz> =
+        serde_json::from_slice(body).map_err(|err| format!("unreadable CONNZ answer: {err}"))?;
+    let server_id = checked_server_id(answer.server.id)?;
+    if let Some(error) = answer.error {
+        return Err(format!(
+            "server {server_id} refused the CONNZ request: {} {}",
+            error.code, error.description
+        ));
+    }
+    let cids = answer
+        .data
+        .map(|connz| connz.connections.into_iter().map(|conn| conn.cid).collect())
+        .unwrap_or_default();
+    Ok(ConnzAnswer { server_id, cids })
+}
+
+/// The KICK request body for connection `cid` (`KickClientReq`).
+pub fn kick_request(cid: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "cid": cid })).expect("a JSON object serialises")
+}
+
+/// The subject on which server `server_id` closes a connection of its own.
+pub fn kick_subject(server_id: &str) -> String {
+    format!("$SYS.REQ.SERVER.{server_id}.KICK")
+}
+
+/// What a KICK did, from the server's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kicked {
+    /// The connection is closed.
+    Closed,
+    /// There was no such connection any more (it had ended meanwhile).
+    Gone,
+}
+
+/// Reads a server's answer to [`kick_request`].
+pub fn parse_kick(body: &[u8]) -> Result<Kicked, String> {
+    let answer: ApiResponse<serde::de::IgnoredAny> =
+        serde_json::from_slice(body).map_err(|err| format!("unreadable KICK answer: {err}"))?;
+    match answer.error {
+        None => Ok(Kicked::Closed),
+        // nats-server's DisconnectClientByID, for a cid it does not hold.
+        Some(error) if error.description.contains("no such client") => Ok(Kicked::Gone),
+        Some(error) => Err(format!(
+            "server {} refused the KICK: {} {}",
+            answer.server.id, error.code, error.description
+        )),
+    }
+}
+
+/// A server id goes into a subject: only the characters nats-server's ids (`N...`, base32)
+/// have.
+fn checked_server_id(id: String) -> Result<String, String> {
+    if !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_alphanumeric()) {
+        Ok(id)
+    } else {
+        Err(format!("a CONNZ answer names the server {id:?}"))
+    }
+}
+
+/// Closes connections through the server's `SYS` connection.
+#[derive(Clone)]
+pub struct Kicker {
+    client: async_nats::Client,
+}
+
+impl Kicker {
+    /// A kicker over `client`, a connection as a user of nats-server's system account.
+    pub fn new(client: async_nats::Client) -> Kicker {
+        Kicker { client }
+    }
+
+    /// Whether nats-server answers this connection's CONNZ requests, asked once at start: a
+    /// connection the broker did not place in its system account (say an older instance's
+    /// callout let the key in as a user) gets no answer. One request, answered by the first
+    /// server within [`KICK_TIMEOUT`], about a user that does not exist.
+    pub async fn check(&self) -> Result<(), String> {
+        let probe = serde_json::json!({ "acc": APP_ACCOUNT, "user": "-", "limit": 1 });
+        let answer = tokio::time::timeout(
+            KICK_TIMEOUT,
+            self.client.request(CONNZ_SUBJECT, probe.to_string().into()),
+        )
+        .await
+        .map_err(|_| format!("no answer to {CONNZ_SUBJECT} within {KICK_TIMEOUT:?}"))?
+        .map_err(|err| format!("{CONNZ_SUBJECT}: {err}"))?;
+        parse_connz(&answer.payload).map(drop)
+    }
+
+    /// Closes every connection of `key` in `APP` on every server that answers; how many it
+    /// closed. Bounded: one CONNZ round of at most [`ANSWERS_WITHIN`], then at most
+    /// [`MAX_CONNECTIONS_PER_SERVER`] KICKs per answering server, each within [`KICK_TIMEOUT`].
+    pub async fn kick(&self, key: &PublicKey) -> Result<usize, String> {
+        let answers = self.connections(key).await?;
+        let mut closed = 0;
+        let mut failures = Vec::new();
+        for answer in &answers {
+            for &cid in &answer.cids {
+                match self.kick_one(&answer.server_id, cid).await {
+                    Ok(Kicked::Closed) => closed += 1,
+                    Ok(Kicked::Gone) => {}
+                    Err(err) => failures.push(err),
+                }
+            }
+        }
+        match failures.first() {
+            None => Ok(closed),
+            Some(first) => Err(format!(
+                "closed {closed}, {} KICKs failed, the first: {first}",
+                failures.len()
+            )),
+        }
+    }
+
+    /// Every server's answer to a CONNZ request for `key`: all answers that come within
+    /// [`ANSWERS_WITHIN`], the wait ending early after a silence of [`ANSWERS_QUIET`].
+    async fn connections(&self, key: &PublicKey) -> Result<Vec<ConnzAnswer>, String> {
+        let inbox = self.client.new_inbox();
+        let mut replies = self
+            .client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(|err| format!("cannot subscribe for CONNZ answers: {err}"))?;
+        self.client
+            .publish_with_reply(CONNZ_SUBJECT, inbox, connz_request(key).into())
+            .await
+            .map_err(|err| format!("cannot send the CONNZ request: {err}"))?;
+        let deadline = tokio::time::Instant::now() + ANSWERS_WITHIN;
+        let mut answers = Vec::new();
+        loop {
+            let wait = match answers.is_empty() {
+                true => deadline,
+                false => deadline.min(tokio::time::Instant::now() + ANSWERS_QUIET),
+            };
+            match tokio::time::timeout_at(wait, replies.next()).await {
+                Ok(Some(message)) => match parse_connz(&message.payload) {
+                    Ok(answer) => answers.push(answer),
+                    Err(err) => tracing::warn!(error = %err, "a CONNZ answer is of no use"),
+                },
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if answers.is_empty() {
+            return Err(format!(
+                "no nats-server answered {CONNZ_SUBJECT} within {ANSWERS_WITHIN:?}: is the server's system user in nats-server's SYS account?"
+            ));
+        }
+        Ok(answers)
+    }
+
+    async fn kick_one(&self, server_id: &str, cid: u64) -> Result<Kicked, String> {
+        let answer = tokio::time::timeout(
+            KICK_TIMEOUT,
+            self.client
+                .request(kick_subject(server_id), kick_request(cid).into()),
+        )
+        .await
+        .map_err(|_| format!("server {server_id} did not answer the KICK of {cid}"))?
+        .map_err(|err| format!("the KICK of {cid} on server {server_id}: {err}"))?;
+        parse_kick(&answer.payload)
+    }
+}
+
+/// Starts the worker that kicks each revoked key sent on the returned sender (twice: at once
+/// and [`SECOND_LOOK_AFTER`] later), at most [`PARALLEL`] keys at a time. The worker ends when
+/// every sender is dropped.
+pub fn spawn(kicker: Kicker) -> (mpsc::Sender<PublicKey>, tokio::task::JoinHandle<()>) {
+    let (revoked, received) = mpsc::channel(QUEUE);
+    let keys = futures::stream::unfold(received, |mut received| async move {
+        received.recv().await.map(|key| (key, received))
+    });
+    let worker = tokio::spawn(keys.for_each_concurrent(PARALLEL, move |key| {
+        let kicker = kicker.clone();
+        async move {
+            let started = std::time::Instant::now();
+            match kicker.kick(&key).await {
+                Ok(0) => tracing::debug!(device = %key, "a revoked device had no open connection"),
+                Ok(closed) => tracing::info!(device = %key, closed, took = ?started.elapsed(), "closed a revoked device's connections"),
+                Err(err) => tracing::warn!(device = %key, error = %err, "cannot close a revoked device's connections; they end when their authorization expires (at most an hour)"),
+            }
+            tokio::time::sleep(SECOND_LOOK_AFTER).await;
+            match kicker.kick(&key).await {
+                Ok(0) => {}
+                Ok(closed) => tracing::info!(device = %key, closed, "closed a revoked device's connections at the second look"),
+                Err(err) => tracing::warn!(device = %key, error = %err, "second look at a revoked device's connections failed"),
+            }
+        }
+    }));
+    (revoked, worker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Captured from nats-server 2.15.1 (the test broker of tests/tests/devices.rs):
+    /// `$SYS.REQ.SERVER.PING.CONNZ` with `{"acc":"APP","user":"U...","limit":64}` for a user
+    /// with one connection.
+    const CONNZ_ANSWER: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":80,"time":"2026-12-06T01:00:04.140440728Z"},"data":{"server_id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","now":"2026-12-06T01:00:04.140429041Z","num_connections":1,"total":1,"offset":0,"limit":64,"connections":[{"cid":36,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42894,"start":"2026-12-06T01:00:04.128249462Z","last_activity":"2026-12-06T01:00:04.13790827Z","rtt":"375µs","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":1,"out_msgs":1,"in_bytes":443,"out_bytes":83,"subscriptions":1,"lang":"rust","version":"0.51.0"}]}}"#;
+    /// Captured likewise, for a key without a connection.
+    const CONNZ_EMPTY: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":86,"time":"2026-12-06T01:00:04.142302678Z"},"data":{"server_id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","now":"2026-12-06T01:00:04.14229752Z","num_connections":0,"total":0,"offset":0,"limit":64,"connections":[]}}"#;
+    /// Captured likewise: `$SYS.REQ.SERVER.<id>.KICK` with `{"cid":36}`, then the same again.
+    const KICK_DONE: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":83,"time":"2026-12-06T01:00:04.141021441Z"}}"#;
+    const KICK_GONE: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":85,"time":"2026-12-06T01:00:04.141458762Z"},"error":{"code":500,"description":"no such client or leafnode id"}}"#;
+
+    #[test]
+    fn reads_captured_connz_and_kick_answers() {
+        assert_eq!(
+            parse_connz(CONNZ_ANSWER.as_bytes()).unwrap(),
+            ConnzAnswer {
+                server_id: "NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN".into(),
+                cids: vec![36],
+            }
+        );
+        assert_eq!(
+            parse_connz(CONNZ_EMPTY.as_bytes()).unwrap().cids,
+            Vec::<u64>::new()
+        );
+        assert_eq!(parse_kick(KICK_DONE.as_bytes()), Ok(Kicked::Closed));
+        assert_eq!(parse_kick(KICK_GONE.as_bytes()), Ok(Kicked::Gone));
+        assert_eq!(
+            kick_subject("NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN"),
+            "$SYS.REQ.SERVER.NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN.KICK"
+        );
+        assert_eq!(kick_request(36), br#"{"cid":36}"#);
+    }
+
+    #[test]
+    fn refuses_errors_and_odd_server_ids() {
+        let refused = r#"{"server":{"id":"NABC"},"error":{"code":400,"description":"bad"}}"#;
+        assert!(
+            parse_connz(refused.as_bytes())
+                .unwrap_err()
+                .contains("400 bad")
+        );
+        let odd = r#"{"server":{"id":"N.>"},"data":{"connections":[{"cid":1}]}}"#;
+        assert!(parse_connz(odd.as_bytes()).is_err());
+        let other = r#"{"server":{"id":"NABC"},"error":{"code":500,"description":"boom"}}"#;
+        assert!(parse_kick(other.as_bytes()).is_err());
+        assert!(parse_connz(b"not json").is_err());
+    }
+
+    #[test]
+    fn the_connz_request_filters_by_account_and_user() {
+        let key = kez_core::SecretKey::generate().public_key();
+        let request: serde_json::Value = serde_json::from_slice(&connz_request(&key)).unwrap();
+        assert_eq!(
+            request,
+            serde_json::json!({"acc": "APP", "user": key.to_nkey(), "limit": 64})
+        );
+    }
+}
