@@ -1393,7 +1393,8 @@ fn direct_get_reply(message: &async_nats::Message) -> Result<DirectGetReply, Err
 /// The `Nats-Msg-Id` of message `id` in the inbox of `device`: `<id>.<device hex>`. One
 /// message goes to several devices (of its recipient, and of its sender for their copies) with
 /// one id, and the stream's duplicate window spans every inbox, so each device's copy needs an
-/// id of its own; a request repeated for the same device is still one message.
+/// id of its own; a request repeated for the same device is still one message. (0.1 stored
+/// the bare id.)
 fn inbox_msg_id(device: &PublicKey, id: &kez_core::envelope::MessageId) -> String {
     format!("{id}.{}", device.to_hex())
 }

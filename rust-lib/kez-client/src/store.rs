@@ -308,7 +308,7 @@ pub struct Contact {
     /// When the contact was added, seconds since the epoch.
     pub added_at: u64,
     /// Every device the sigchain lists, active and revoked, as last verified. Empty for a
-    /// contact stored by 0.2 or earlier until it is verified again: then its one device is
+    /// contact stored before devices (0.1) until it is verified again: then its one device is
     /// `current_key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<Device>,
