@@ -351,6 +351,7 @@ mod tests {
         let config = Config {
             server: Some("nats://127.0.0.1:4222".into()),
             handle: Some("@alice@kez.test".into()),
+            identity: Some(kez_core::SecretKey::from_seed(&[5; 32]).public_key()),
             iroh_bind: Some("127.0.0.1:40001".parse().unwrap()),
             iroh_relay: Some("https://relay.example.org./".into()),
             allow_plaintext: true,
