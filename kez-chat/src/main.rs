@@ -39,6 +39,7 @@
 mod display;
 mod failure;
 mod files;
+mod pairing;
 mod shared;
 
 use std::io::Read;
@@ -117,6 +118,31 @@ struct Cli {
 /// `kez-chat device …`.
 #[derive(Subcommand)]
 enum DeviceChange {
+    /// On a new device (a fresh home, `--home DIR --server URL`): ask to become a device of
+    /// your identity. Shows a pairing request (a line and a QR code) to carry to one of your
+    /// devices, where `kez-chat device add` adds this one, and waits for it.
+    Join {
+        /// Your handle, e.g. `@alice` or `@alice@kez.lat`.
+        handle: String,
+        /// This device's name (default: its kind and the start of its key).
+        #[arg(long)]
+        name: Option<String>,
+        /// What this device is: `cli`, `desktop` or `mobile`.
+        #[arg(long, default_value = "cli", value_parser = pairing::parse_kind)]
+        kind: DeviceKind,
+        /// How long the request lives and this command waits, in seconds (at most 900).
+        #[arg(long, default_value_t = kez_core::pair::DEFAULT_LIFETIME_SECS)]
+        wait: u64,
+    },
+    /// On one of your devices: add the new device whose pairing request (`kez-pair:…`,
+    /// shown by `device join`) you paste here, after checking its fingerprint.
+    Add {
+        /// The pairing request line, as the new device shows it.
+        request: String,
+        /// Do not ask for confirmation (for scripts).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Revoke a device (a lost phone, a paper key someone may have seen): from the next link on
     /// its key signs nothing for you. Revoke other devices from this one; the last one stays.
     Revoke {
@@ -187,7 +213,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Change the own devices: `device revoke NAME`.
+    /// Change the own devices: `device join @you` (on a new device), `device add REQUEST`,
+    /// `device revoke NAME`.
     Device {
         /// What to change.
         #[command(subcommand)]
@@ -365,7 +392,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         None => kez_client::home::home_dir_from_env().map_err(Failure::home)?,
     };
     // Only `register` makes a home; a read of one that does not exist creates nothing.
-    if !matches!(cli.command, Command::Register { .. }) && !dir.exists() {
+    let makes_home = matches!(
+        cli.command,
+        Command::Register { .. }
+            | Command::Device {
+                change: DeviceChange::Join { .. }
+            }
+    );
+    if !makes_home && !dir.exists() {
         return Err(Failure::new(
             USAGE,
             format!(
@@ -400,6 +434,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Device {
             change: DeviceChange::Revoke { name, reason },
         } => app.revoke_device(&name, reason.as_deref()).await,
+        Command::Device {
+            change:
+                DeviceChange::Join {
+                    handle,
+                    name,
+                    kind,
+                    wait,
+                },
+        } => app.join(&handle, name, kind, wait).await,
+        Command::Device {
+            change: DeviceChange::Add { request, yes },
+        } => app.add_device(&request, yes).await,
         Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,
@@ -1382,8 +1428,30 @@ impl Sender {
             .await
             .ok()
             .map(|profile| profile.handle.to_string());
+        if handle.is_none()
+            && let Some(contact) = contact_of_device(store, conn, key).await
+        {
+            return Sender::Contact(contact);
+        }
         Sender::Stranger(handle, *key)
     }
+}
+
+/// The contact whose verified chain (extending the pinned state) lists `key` as an active
+/// device: a message signed by another device of a contact is the contact's. (Until contacts
+/// keep their device lists, each chain is fetched and verified here.)
+async fn contact_of_device(store: &Store, conn: &Connection, key: &PublicKey) -> Option<String> {
+    for contact in store.contacts().ok()? {
+        let Ok(chain) = conn.chain(&contact.key).await else {
+            continue;
+        };
+        if chain.extends(contact.chain_seq, contact.chain_head)
+            && chain.active_devices().any(|device| device.key == *key)
+        {
+            return Some(contact.handle);
+        }
+    }
+    None
 }
 
 /// Prints the received messages not shown yet, then marks them shown; returns how many.
