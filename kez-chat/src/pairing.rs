@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use data_encoding::BASE64;
 use kez_client::{Connection, now};
+use kez_client::{PairGetRequest as GetRequest, PairPutRequest as PutRequest, PairSlot as Slot};
 use kez_core::pair::{
     self, MAX_LIFETIME_SECS, PairError, PairRequest, SYNC_CONTENT_TYPE, Sync, SyncContact,
 };
 use kez_core::sigchain::DeviceKind;
 use kez_core::trust::VerifiedChain;
 use kez_core::{Handle, envelope};
-use kez_proto::pair::{GetRequest, PutRequest, Slot};
 
 use crate::failure::{self, Failure, RUNTIME, USAGE};
 use crate::{App, display};
