@@ -235,3 +235,129 @@ async fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(seq_of(&alice).await, seq, "nothing appended");
     assert_eq!(device_keys(&alice).await.len(), 1);
 }
+
+/// One `kez.pair.*` request; the answer's JSON, or the error's code and name.
+async fn relay(
+    client: &async_nats::Client,
+    subject: &str,
+    body: serde_json::Value,
+) -> Result<serde_json::Value, (u16, String)> {
+    kez_tests::kez_server::call(client, subject, serde_json::to_vec(&body).unwrap())
+        .await
+        .map(|answer| serde_json::from_slice(&answer).unwrap())
+        .map_err(|err| (err.code, err.name))
+}
+
+#[tokio::test]
+async fn the_relay_lets_each_key_touch_only_its_own_part_of_a_pairing() {
+    use std::sync::Arc;
+
+    use kez_core::SecretKey;
+    use serde_json::json;
+
+    let stack = CalloutStack::start().await;
+    let (_alice, alice) = stack.registered("alice").await;
+    let (_bob, bob) = stack.registered("bob").await;
+    let device_key = Arc::new(SecretKey::generate());
+    let (device, _) = stack.connect_as(&device_key).await.unwrap();
+    let stranger_key = Arc::new(SecretKey::generate());
+    let (stranger, _) = stack.connect_as(&stranger_key).await.unwrap();
+    let key = device_key.public_key().to_string();
+    let nonce = Nonce::random().to_hex();
+    let expires = kez_client::now() + 120;
+    let put = |slot: &str, data: &str| json!({"device": key, "nonce": nonce, "slot": slot, "expires": expires, "data": data});
+    let get = |slot: &str| json!({"device": key, "nonce": nonce, "slot": slot});
+    let refused = |code: u16, name: &str| Err((code, name.to_owned()));
+
+    // Nothing yet; nobody but the device reads what is for it.
+    assert_eq!(
+        relay(&device, "kez.pair.get", get("offer")).await,
+        refused(404, "not_found")
+    );
+    assert_eq!(
+        relay(&stranger, "kez.pair.get", get("offer")).await,
+        refused(403, "not_your_request")
+    );
+    // A key without a handle makes no offer, not even to itself.
+    assert_eq!(
+        relay(&device, "kez.pair.put", put("offer", "o")).await,
+        refused(403, "not_your_request")
+    );
+    assert_eq!(
+        relay(&stranger, "kez.pair.put", put("offer", "o")).await,
+        refused(403, "not_registered")
+    );
+    // alice offers; the slot is written once (the same put again is answered as the first).
+    let stored = Ok(json!({"stored": true}));
+    assert_eq!(
+        relay(&alice, "kez.pair.put", put("offer", "o")).await,
+        stored
+    );
+    assert_eq!(
+        relay(&alice, "kez.pair.put", put("offer", "o")).await,
+        stored
+    );
+    assert_eq!(
+        relay(&bob, "kez.pair.put", put("offer", "other")).await,
+        refused(409, "slot_taken")
+    );
+    assert_eq!(
+        relay(&device, "kez.pair.get", get("offer")).await,
+        Ok(json!({"data": "o"}))
+    );
+    // Only the device answers, and only alice (who offered) reads the answer.
+    assert_eq!(
+        relay(&stranger, "kez.pair.put", put("answer", "a")).await,
+        refused(403, "not_your_request")
+    );
+    assert_eq!(
+        relay(&device, "kez.pair.put", put("answer", "a")).await,
+        stored
+    );
+    for other in [&bob, &stranger, &device] {
+        assert_eq!(
+            relay(other, "kez.pair.get", get("answer")).await,
+            refused(403, "not_your_request")
+        );
+    }
+    assert_eq!(
+        relay(&alice, "kez.pair.get", get("answer")).await,
+        Ok(json!({"data": "a"}))
+    );
+    // Only alice sends the sync.
+    assert_eq!(
+        relay(&bob, "kez.pair.put", put("sync", "s")).await,
+        refused(403, "not_your_request")
+    );
+    assert_eq!(
+        relay(&alice, "kez.pair.put", put("sync", "s")).await,
+        stored
+    );
+
+    // Hostile input: a stable error each, never a hang.
+    let mut expired = put("sync", "s");
+    expired["expires"] = json!(kez_client::now() - 1);
+    assert_eq!(
+        relay(&alice, "kez.pair.put", expired).await,
+        refused(410, "expired")
+    );
+    let mut far = put("answer", "x");
+    far["expires"] = json!(kez_client::now() + 100_000);
+    assert_eq!(
+        relay(&device, "kez.pair.put", far).await,
+        refused(400, "malformed")
+    );
+    let huge = "x".repeat(kez_proto::pair::MAX_PAIR_DATA_BYTES + 1);
+    assert_eq!(
+        relay(&device, "kez.pair.put", put("answer", &huge)).await,
+        refused(413, "too_large")
+    );
+    for body in [json!([]), json!({"device": key}), json!({"nonce": 1})] {
+        assert_eq!(
+            relay(&device, "kez.pair.get", body).await,
+            refused(400, "malformed")
+        );
+    }
+    let answer = kez_tests::kez_server::call(&device, "kez.pair.put", &b"\xff\xfe"[..]).await;
+    assert_eq!(answer.unwrap_err().name, "malformed");
+}
