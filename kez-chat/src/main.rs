@@ -27,6 +27,13 @@
 //! without pinning; `history` lists the conversations or shows one, a stranger's found by the
 //! key the server names for the handle and marked as not a contact.
 //!
+//! Pairing (`pairing.rs`): `device join @you` in a fresh home makes the device key, prints a
+//! `kez-pair:` request line, its QR code and fingerprint, and waits (countdown, Ctrl-C safe)
+//! for an existing device; `device add LINE` there checks the line against its own chain, asks
+//! for confirmation (`--yes` for scripts), appends the `add_device` link once the new key's
+//! counter-signature verifies under the pasted key, and sends the contacts and settings end to
+//! end. The relay (PROTOCOL.md §5.6) is not trusted: see `kez_core::pair`.
+//!
 //! Files (`files.rs`): `share` verifies the contact, opens the home's blob node, keeps the
 //! sigchain's `iroh` endpoint current, encrypts into the node and sends the offer end to end;
 //! `files` and `download` take offers from contacts only, fetch with progress, decrypt into a

@@ -231,7 +231,7 @@ impl App {
             Waited::Expired | Waited::Cancelled => {
                 return Err(Failure::new(
                     RUNTIME,
-                    "stopped before the other device sent your contacts. If `kez-chat devices` on the other device lists this one, run `device join` here again after revoking it there; else nothing changed",
+                    "stopped before the other device sent your contacts. If `kez-chat devices` on the other device lists this one, revoke it there (`kez-chat device revoke NAME`) and pair a new home (--home DIR): a key is added once; else nothing changed",
                 ));
             }
         };
