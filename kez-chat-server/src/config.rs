@@ -83,6 +83,8 @@ pub struct ServerConfig {
     /// Most bytes `KEZ_MAIL` may hold; `None`: an existing stream keeps its bound, a new one
     /// gets [`crate::store::DEFAULT_INBOX_MAX_BYTES`].
     pub inbox_max_bytes: Option<u64>,
+    /// Tests only: a pairing relay that misbehaves on purpose (no flag or setting sets it).
+    pub pair_relay_tamper: Option<crate::relay::Tamper>,
 }
 
 impl ServerConfig {
@@ -102,6 +104,7 @@ impl ServerConfig {
             limits: crate::limits::Limits::default(),
             retired_settings: Vec::new(),
             inbox_max_bytes: None,
+            pair_relay_tamper: None,
         }
     }
 }
@@ -437,6 +440,7 @@ impl Settings {
             limits,
             retired_settings,
             inbox_max_bytes,
+            pair_relay_tamper: None,
         })
     }
 }

@@ -28,4 +28,6 @@ pub struct Context {
     pub limiters: Limiters,
     /// What `kez.mail.*` remembers between requests.
     pub mail: MailState,
+    /// The pairing relay (`kez.pair.*`).
+    pub relay: crate::relay::Relay,
 }

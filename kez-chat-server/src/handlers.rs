@@ -203,6 +203,8 @@ pub async fn handle(
         Request::MailSend(request) => {
             crate::mail::send(&ctx.store, &ctx.limiters, &ctx.mail, caller, &request).await
         }
+        Request::PairPut(request) => ctx.relay.put(&ctx.store, caller, &request, now).await,
+        Request::PairGet(request) => ctx.relay.get(caller, &request, now).await,
         Request::MailFetch(request) => {
             crate::mail::fetch(
                 &ctx.store,

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod nats_conf;
 pub mod pin;
+pub mod relay;
 pub mod store;
 
 use std::future::Future;
@@ -90,6 +91,9 @@ pub enum StartError {
     /// The pin node or the pins bucket could not be opened.
     #[error("pinning: {0}")]
     Pin(String),
+    /// The pairing relay's bucket could not be opened.
+    #[error("pairing relay: {0}")]
+    Relay(String),
     /// Connecting or subscribing failed.
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
@@ -170,6 +174,13 @@ impl Server {
             None => None,
         };
 
+        let relay = relay::Relay::open(
+            &async_nats::jetstream::new(client.clone()),
+            config.kv_replicas,
+            config.pair_relay_tamper,
+        )
+        .await
+        .map_err(|err| StartError::Relay(err.to_string()))?;
         let mut services = Vec::new();
         let mut requests = SelectAll::new();
         // Pinning only where a pin node serves.
@@ -249,6 +260,7 @@ impl Server {
             pin: pinning,
             limiters: limits::Limiters::new(&config.limits),
             mail: mail::MailState::default(),
+            relay,
         });
         phase.send_replace(http::Phase::Serving(context.clone()));
         Ok(Server {

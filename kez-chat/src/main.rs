@@ -27,6 +27,13 @@
 //! without pinning; `history` lists the conversations or shows one, a stranger's found by the
 //! key the server names for the handle and marked as not a contact.
 //!
+//! Pairing (`pairing.rs`): `device join @you` in a fresh home makes the device key, prints a
+//! `kez-pair:` request line, its QR code and fingerprint, and waits (countdown, Ctrl-C safe)
+//! for an existing device; `device add LINE` there checks the line against its own chain, asks
+//! for confirmation (`--yes` for scripts), appends the `add_device` link once the new key's
+//! counter-signature verifies under the pasted key, and sends the contacts and settings end to
+//! end. The relay (PROTOCOL.md §5.6) is not trusted: see `kez_core::pair`.
+//!
 //! Files (`files.rs`): `share` verifies the contact, opens the home's blob node, keeps the
 //! sigchain's `iroh` endpoint current, encrypts into the node and sends the offer end to end;
 //! `files` and `download` take offers from contacts only, fetch with progress, decrypt into a
@@ -39,6 +46,7 @@
 mod display;
 mod failure;
 mod files;
+mod pairing;
 mod shared;
 
 use std::io::Read;
@@ -118,6 +126,31 @@ struct Cli {
 /// `kez-chat device …`.
 #[derive(Subcommand)]
 enum DeviceChange {
+    /// On a new device (a fresh home, `--home DIR --server URL`): ask to become a device of
+    /// your identity. Shows a pairing request (a line and a QR code) to carry to one of your
+    /// devices, where `kez-chat device add` adds this one, and waits for it.
+    Join {
+        /// Your handle, e.g. `@alice` or `@alice@kez.lat`.
+        handle: String,
+        /// This device's name (default: its kind and the start of its key).
+        #[arg(long)]
+        name: Option<String>,
+        /// What this device is: `cli`, `desktop` or `mobile`.
+        #[arg(long, default_value = "cli", value_parser = pairing::parse_kind)]
+        kind: DeviceKind,
+        /// How long the request lives and this command waits, in seconds (at most 900).
+        #[arg(long, default_value_t = kez_core::pair::DEFAULT_LIFETIME_SECS)]
+        wait: u64,
+    },
+    /// On one of your devices: add the new device whose pairing request (`kez-pair:…`,
+    /// shown by `device join`) you paste here, after checking its fingerprint.
+    Add {
+        /// The pairing request line, as the new device shows it.
+        request: String,
+        /// Do not ask for confirmation (for scripts).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Revoke a device (a lost phone, a paper key someone may have seen): from the next link on
     /// its key signs nothing for you. Revoke other devices from this one; the last one stays.
     Revoke {
@@ -188,7 +221,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Change the own devices: `device revoke NAME`.
+    /// Change the own devices: `device join @you` (on a new device), `device add REQUEST`,
+    /// `device revoke NAME`.
     Device {
         /// What to change.
         #[command(subcommand)]
@@ -378,13 +412,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Some(dir) => dir.clone(),
         None => kez_client::home::home_dir_from_env().map_err(Failure::home)?,
     };
-    // Only `register` and `recover` make a home; a read of one that does not exist creates
-    // nothing.
-    if !matches!(
+    // Only `register`, `recover` and `device join` make a home; a read of one that does not
+    // exist creates nothing.
+    let makes_home = matches!(
         cli.command,
-        Command::Register { .. } | Command::Recover { .. }
-    ) && !dir.exists()
-    {
+        Command::Register { .. }
+            | Command::Recover { .. }
+            | Command::Device {
+                change: DeviceChange::Join { .. }
+            }
+    );
+    if !makes_home && !dir.exists() {
         return Err(Failure::new(
             USAGE,
             format!(
@@ -424,6 +462,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Device {
             change: DeviceChange::Revoke { name, reason },
         } => app.revoke_device(&name, reason.as_deref()).await,
+        Command::Device {
+            change:
+                DeviceChange::Join {
+                    handle,
+                    name,
+                    kind,
+                    wait,
+                },
+        } => app.join(&handle, name, kind, wait).await,
+        Command::Device {
+            change: DeviceChange::Add { request, yes },
+        } => app.add_device(&request, yes).await,
         Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
         Command::Listen { json } => app.listen(json).await,

@@ -1158,6 +1158,71 @@ impl Connection {
         Ok(())
     }
 
+    /// `key`'s sigchain as the server stores it: every link's exact text, fetched page by page
+    /// and verified as a whole (a pairing offer carries them to the new device, which verifies
+    /// them itself).
+    pub async fn chain_links(&self, key: &PublicKey) -> Result<Vec<String>, ClientError> {
+        let mut links: Vec<String> = Vec::new();
+        for _ in 0..MAX_CHAIN_PAGES {
+            let from_seq = links.len() as u64 + 1;
+            let request = GetChainRequest {
+                key: *key,
+                from_seq,
+            };
+            let page: ChainPage = self
+                .call_json(Endpoint::GetChain, request_body(&request))
+                .await?;
+            if page.key != *key || page.from_seq != from_seq || (page.more && page.links.is_empty())
+            {
+                return Err(ClientError::BadAnswer {
+                    subject: Endpoint::GetChain.subject().into(),
+                    reason: format!(
+                        "asked for {key}'s chain from seq {from_seq}, got another page"
+                    ),
+                });
+            }
+            links.extend(page.links);
+            if !page.more {
+                let chain = VerifiedChain::verify(&links)
+                    .map_err(|source| ClientError::Chain { key: *key, source })?;
+                if chain.chain_id() != *key {
+                    return Err(ClientError::BadAnswer {
+                        subject: Endpoint::GetChain.subject().into(),
+                        reason: format!("asked for {key}'s chain, got {}'s", chain.chain_id()),
+                    });
+                }
+                return Ok(links);
+            }
+        }
+        Err(ClientError::BadAnswer {
+            subject: Endpoint::GetChain.subject().into(),
+            reason: format!("more than {MAX_CHAIN_PAGES} pages"),
+        })
+    }
+
+    /// Writes one slot of a pairing request through the relay (`kez.pair.put`, PROTOCOL.md
+    /// §5.6).
+    pub async fn pair_put(&self, request: &kez_proto::pair::PutRequest) -> Result<(), ClientError> {
+        self.call(Endpoint::PairPut, request_body(request))
+            .await
+            .map(drop)
+    }
+
+    /// Reads one slot of a pairing request (`kez.pair.get`): `None` while it is empty.
+    pub async fn pair_get(
+        &self,
+        request: &kez_proto::pair::GetRequest,
+    ) -> Result<Option<String>, ClientError> {
+        match self
+            .call_json::<kez_proto::pair::GetAnswer>(Endpoint::PairGet, request_body(request))
+            .await
+        {
+            Ok(answer) => Ok(Some(answer.data)),
+            Err(ClientError::Service(err)) if err.answer.code == 404 => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
     /// Flushes what is buffered and closes the connection.
     pub async fn close(self) -> Result<(), ClientError> {
         self.client.drain().await.map_err(|err| ClientError::Nats {

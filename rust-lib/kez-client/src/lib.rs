@@ -55,6 +55,10 @@ pub use kez_proto::answer::{
     ChainHead, HandleRecord, Limits, PinInfo, PinList, PinRecord, PinRemoved, PinState, PinStatus,
     Profile, ServerInfo,
 };
+/// The pairing relay's requests ([`Connection::pair_put`], [`Connection::pair_get`]).
+pub use kez_proto::pair::{
+    GetRequest as PairGetRequest, PutRequest as PairPutRequest, Slot as PairSlot,
+};
 pub use store::{
     Contact, Conversation, Direction, Downloaded, InboxFloor, Offer, Published, PublishedManifest,
     Store, StoreError, StoredMessage,

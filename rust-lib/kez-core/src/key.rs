@@ -92,11 +92,15 @@ pub enum SignatureDomain {
     Message,
     /// The proof of the key when connecting to the broker (§6.1): `KEZ-NATS-CONNECT-V1`.
     NatsConnect,
+    /// A pairing offer by an existing device (§4.7): `KEZ-PAIR-OFFER-V1`.
+    PairOffer,
+    /// A pairing answer by the new device (§4.7): `KEZ-PAIR-ANSWER-V1`.
+    PairAnswer,
 }
 
 impl SignatureDomain {
     /// Every domain.
-    pub const ALL: [SignatureDomain; 8] = [
+    pub const ALL: [SignatureDomain; 10] = [
         SignatureDomain::Register,
         SignatureDomain::SigchainLink,
         SignatureDomain::SigchainRotate,
@@ -105,6 +109,8 @@ impl SignatureDomain {
         SignatureDomain::Manifest,
         SignatureDomain::Message,
         SignatureDomain::NatsConnect,
+        SignatureDomain::PairOffer,
+        SignatureDomain::PairAnswer,
     ];
 
     /// The domain's tag: the bytes before the zero byte.
@@ -118,6 +124,8 @@ impl SignatureDomain {
             SignatureDomain::Manifest => b"KEZ-MANIFEST-V1",
             SignatureDomain::Message => b"KEZ-MESSAGE-V1",
             SignatureDomain::NatsConnect => b"KEZ-NATS-CONNECT-V1",
+            SignatureDomain::PairOffer => b"KEZ-PAIR-OFFER-V1",
+            SignatureDomain::PairAnswer => b"KEZ-PAIR-ANSWER-V1",
         }
     }
 

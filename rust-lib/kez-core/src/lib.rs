@@ -70,6 +70,7 @@ pub mod file;
 pub mod handle;
 pub mod key;
 pub mod manifest;
+pub mod pair;
 pub mod paper;
 pub mod provider;
 pub mod sigchain;

@@ -597,9 +597,49 @@ impl UnsignedLink {
         self.sign(signer)
     }
 
+    /// Reads back what [`UnsignedLink::counter_signed_body`] wrote (a pairing offer carries
+    /// it): the link is parsed as strictly as a signed one, and must give back exactly `bytes`.
+    pub fn from_counter_signed_body(bytes: &[u8]) -> Result<UnsignedLink, ChainErrorKind> {
+        if bytes.len() > MAX_LINK_BYTES {
+            return Err(ChainErrorKind::TooLarge { size: bytes.len() });
+        }
+        let mut value: Value = serde_json::from_slice(bytes)
+            .map_err(|err| ChainErrorKind::Malformed(format!("not JSON: {err}")))?;
+        let zero = "0".repeat(128);
+        let Some(object) = value.as_object_mut() else {
+            return Err(ChainErrorKind::Malformed("not an object".into()));
+        };
+        match object.get_mut("payload").and_then(Value::as_object_mut) {
+            Some(payload) if !payload.contains_key("counter_sig") => {
+                payload.insert("counter_sig".into(), json!(zero));
+            }
+            _ => {
+                return Err(ChainErrorKind::Malformed(
+                    "no payload, or one with a counter_sig".into(),
+                ));
+            }
+        }
+        if object.contains_key("sig") {
+            return Err(ChainErrorKind::Malformed("it has a sig".into()));
+        }
+        object.insert("sig".into(), json!(zero));
+        let full =
+            canonical::encode(&value).map_err(|err| ChainErrorKind::Malformed(err.to_string()))?;
+        let link = SignedLink::parse(&full)?.link;
+        let again = link
+            .counter_signed_body()
+            .map_err(|err| ChainErrorKind::Malformed(err.to_string()))?;
+        if again != bytes {
+            return Err(ChainErrorKind::Malformed(
+                canonical::CanonicalError::NotCanonical.to_string(),
+            ));
+        }
+        Ok(link)
+    }
+
     /// What the new key of a `rotate` or `add_device` link counter-signs: the link without
     /// `sig` and without `payload.counter_sig`.
-    fn counter_signed_body(&self) -> Result<Vec<u8>, canonical::CanonicalError> {
+    pub fn counter_signed_body(&self) -> Result<Vec<u8>, canonical::CanonicalError> {
         self.encode(None, false)
     }
 

@@ -34,11 +34,15 @@ pub enum Endpoint {
     MailSend,
     /// `kez.mail.fetch`
     MailFetch,
+    /// `kez.pair.put`
+    PairPut,
+    /// `kez.pair.get`
+    PairGet,
 }
 
 impl Endpoint {
     /// Every endpoint, in a fixed order (metrics index by it).
-    pub const ALL: [Endpoint; 14] = [
+    pub const ALL: [Endpoint; 16] = [
         Endpoint::Register,
         Endpoint::Lookup,
         Endpoint::Whois,
@@ -53,6 +57,8 @@ impl Endpoint {
         Endpoint::PinStatus,
         Endpoint::MailSend,
         Endpoint::MailFetch,
+        Endpoint::PairPut,
+        Endpoint::PairGet,
     ];
 
     /// The endpoint's position in [`Endpoint::ALL`].
@@ -77,6 +83,8 @@ impl Endpoint {
             Endpoint::PinStatus => "kez.pin.status",
             Endpoint::MailSend => "kez.mail.send",
             Endpoint::MailFetch => "kez.mail.fetch",
+            Endpoint::PairPut => "kez.pair.put",
+            Endpoint::PairGet => "kez.pair.get",
         }
     }
 
@@ -172,6 +180,14 @@ pub const MAIL_SERVICE: ServiceSpec = ServiceSpec {
     endpoints: &[Endpoint::MailSend, Endpoint::MailFetch],
 };
 
+/// `kez.pair.*`: the pairing relay (PROTOCOL.md §5.6).
+pub const PAIR_SERVICE: ServiceSpec = ServiceSpec {
+    name: "kez-pair",
+    prefix: "kez.pair",
+    description: "Pairing relay: write-once, short-lived slots for adding a device",
+    endpoints: &[Endpoint::PairPut, Endpoint::PairGet],
+};
+
 /// The auth callout service, served on the `AUTH` account connection when enabled.
 pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
     name: "kez-auth",
@@ -181,12 +197,13 @@ pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
 };
 
 /// The services users reach, in a fixed order (the broker configuration's).
-pub const USER_SERVICES: [&ServiceSpec; 5] = [
+pub const USER_SERVICES: [&ServiceSpec; 6] = [
     &REGISTRY_SERVICE,
     &SIGCHAIN_SERVICE,
     &SERVER_SERVICE,
     &PIN_SERVICE,
     &MAIL_SERVICE,
+    &PAIR_SERVICE,
 ];
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod answer;
 pub mod endpoint;
 pub mod error;
 pub mod mail;
+pub mod pair;
 pub mod pin;
 pub mod registry;
 pub mod request;

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::Endpoint;
 use crate::error::ErrorAnswer;
 use crate::mail::{FetchRequest, MAX_SEND_BYTES, SendRequest};
+use crate::pair::{
+    GetRequest as PairGetRequest, MAX_PAIR_REQUEST_BYTES, PutRequest as PairPutRequest,
+};
 use crate::pin::{PinOp, PinRequest};
 use crate::registry::RegistrationRequest;
 
@@ -87,6 +90,10 @@ pub enum Request<'a> {
     MailSend(SendRequest<'a>),
     /// `kez.mail.fetch`: a sequence and a count within their bounds.
     MailFetch(FetchRequest),
+    /// `kez.pair.put`, checked at the time given to [`decode`].
+    PairPut(PairPutRequest),
+    /// `kez.pair.get`.
+    PairGet(PairGetRequest),
 }
 
 /// The largest body `endpoint` accepts: [`MAX_REQUEST_BYTES`], or
@@ -96,6 +103,7 @@ pub fn request_limit(endpoint: Endpoint) -> usize {
     match endpoint {
         Endpoint::Authorize => kez_nats_jwt::MAX_JWT_LEN,
         Endpoint::MailSend => MAX_SEND_BYTES,
+        Endpoint::PairPut => MAX_PAIR_REQUEST_BYTES,
         _ => MAX_REQUEST_BYTES,
     }
 }
@@ -161,6 +169,16 @@ pub fn decode<'a>(
             let request: FetchRequest = parse(body)?;
             request.check().map_err(ErrorAnswer::malformed)?;
             Ok(Request::MailFetch(request))
+        }
+        Endpoint::PairPut => {
+            let request: PairPutRequest = parse(body)?;
+            request.check(now)?;
+            Ok(Request::PairPut(request))
+        }
+        Endpoint::PairGet => {
+            let request: PairGetRequest = parse(body)?;
+            request.check()?;
+            Ok(Request::PairGet(request))
         }
     }
 }

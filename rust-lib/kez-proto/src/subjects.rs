@@ -38,12 +38,19 @@ pub fn reply_prefix(key: &PublicKey) -> String {
     format!("_INBOX.{}", key.to_hex())
 }
 
-/// What a key without a handle may publish (PROTOCOL.md §6.2): register, look handles up and
-/// read the server's information. It may subscribe only to [`reply_prefix`].
+/// What a key without a handle may publish (PROTOCOL.md §6.2): register, look handles up,
+/// read the server's information, and its own pairing exchange through the relay (which lets
+/// it touch only the slots of its own key, §5.6). It may subscribe only to [`reply_prefix`].
 pub fn unregistered_publish() -> Vec<String> {
-    [Endpoint::Register, Endpoint::Lookup, Endpoint::Info]
-        .map(|endpoint| endpoint.subject().to_owned())
-        .into()
+    [
+        Endpoint::Register,
+        Endpoint::Lookup,
+        Endpoint::Info,
+        Endpoint::PairPut,
+        Endpoint::PairGet,
+    ]
+    .map(|endpoint| endpoint.subject().to_owned())
+    .into()
 }
 
 /// What a registered key may publish (PROTOCOL.md §6.2): every kez service, nothing else. Mail
@@ -118,7 +125,14 @@ mod tests {
         );
         assert_eq!(
             unregistered_publish(),
-            [Endpoint::Register, Endpoint::Lookup, Endpoint::Info].map(Endpoint::subject)
+            [
+                Endpoint::Register,
+                Endpoint::Lookup,
+                Endpoint::Info,
+                Endpoint::PairPut,
+                Endpoint::PairGet
+            ]
+            .map(Endpoint::subject)
         );
     }
 }
