@@ -4,8 +4,9 @@
 # Starts `kez-chat-server dev --pin` (nats-server child + services + auth callout + pin node) in a temporary
 # directory on a free loopback port, then alice and bob, each with their own home, register, add
 # each other and chat (offline delivery, `inbox`, live `listen`, `history`), alice shares a file
-# with bob, and publishes files that bob browses and downloads; alice makes a paper key, and
-# recovers from it on a new home that revokes her lost laptop. Every step prints the
+# with bob, and publishes files that bob browses and downloads; bob pairs his phone, which
+# then receives and sends as him; alice makes a paper key, and recovers from it on a new home
+# that revokes her lost laptop. Every step prints the
 # command and its output and is checked; the first failed check stops the demo with exit 1. The
 # stack and any background listener are always torn down, and the temporary directory removed
 # (KEZ_DEMO_KEEP=1 keeps it).
@@ -31,6 +32,7 @@ export NO_COLOR=1
 demo_dir="$(mktemp -d "${TMPDIR:-/tmp}/kez-demo.XXXXXX")"
 dev_pid=""
 listen_pid=""
+join_pid=""
 steps=0
 started=$SECONDS
 
@@ -50,6 +52,7 @@ cleanup() {
     local status=$?
     trap - EXIT INT TERM
     stop_pid "$listen_pid" INT
+    stop_pid "$join_pid" INT
     # dev stops its services, then its nats-server child.
     stop_pid "$dev_pid" TERM
     if [[ "${KEZ_DEMO_KEEP:-}" == 1 || $status -ne 0 ]]; then
@@ -210,6 +213,29 @@ printf '$ cmp plans.txt plans-from-alice.txt\n'
 cmp plans.txt plans-from-alice.txt || fail "the downloaded file differs from the published one"
 echo "    identical"
 step "files       2 visible to you" kez-chat --home bob profile @alice
+
+say "bob adds his phone: the new device shows a pairing request, bob confirms it on his laptop"
+printf '$ kez-chat --home bob-phone --server %s device join @bob --name phone --kind mobile &\n' "$url"
+kez-chat --home bob-phone --server "$url" device join @bob --name phone --kind mobile >join.out 2>join.err &
+join_pid=$!
+wait_for join.out "kez-pair:" 30 "kez-chat device join"
+wait_for join.err "Fingerprint: " 30 "kez-chat device join"
+request="$(grep -m 1 '^kez-pair:' join.out)"
+grep -v '█\|▀\|▄' join.err | sed 's/^/    /'
+step "Added device phone (mobile)" kez-chat --home bob device add "$request" --yes
+steps=$((steps + 1))
+wait "$join_pid" || fail "kez-chat device join failed: $(cat join.err)"
+join_pid=""
+grep -v '^kez-pair:' join.out | sed 's/^/    /'
+grep -q "This home is now device phone (mobile) of @bob@kez.localhost" join.out ||
+    fail "the phone did not become bob's device"
+step "phone  mobile" kez-chat --home bob-phone devices
+step "delivered to server for @bob@kez.localhost" kez-chat --home alice send @bob "see you on your phone too"
+step "@alice@kez.localhost: see you on your phone too" kez-chat --home bob-phone inbox
+step "@alice@kez.localhost: see you on your phone too" kez-chat --home bob inbox
+step "delivered to server for @alice@kez.localhost" kez-chat --home bob-phone send @alice "typed on my phone"
+step "you → @alice@kez.localhost: typed on my phone" kez-chat --home bob inbox
+step "@bob@kez.localhost: typed on my phone" kez-chat --home alice inbox
 
 say "alice makes a paper key: 24 words shown once, one typed back, then a device in her chain"
 printf '$ kez-chat --home alice paperkey\n'

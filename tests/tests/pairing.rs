@@ -123,7 +123,19 @@ async fn a_new_device_joins_gets_the_contacts_and_sends_as_the_identity() {
     phone.ok(&["send", "@bob", "from", "the", "phone"]).await;
     let read = bob.ok(&["inbox", "--wait", "5"]).await;
     assert!(read.contains("@alice@kez.test: from the phone"), "{read}");
+    // alice's first device shows the phone's message as her own; bob's answer reaches both.
+    let mine = alice.ok(&["inbox", "--wait", "5"]).await;
+    assert!(
+        mine.contains("you → @bob@kez.test: from the phone"),
+        "{mine}"
+    );
     bob.ok(&["send", "@alice", "hi"]).await;
+    for device in [&alice, &phone] {
+        let read = device.json(&["inbox", "--wait", "5"]).await;
+        assert_eq!(read.as_array().unwrap().len(), 1, "{read}");
+        assert_eq!(read[0]["text"], "hi");
+        assert_eq!(read[0]["from_handle"], "@bob@kez.test");
+    }
 
     // The same request again, after its success: used already, nothing changes.
     let seq = seq_of(&alice).await;
