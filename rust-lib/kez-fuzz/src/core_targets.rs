@@ -1,5 +1,5 @@
-//! Targets for kez-core: sigchain links and chains, envelopes, sent copies, files and offers,
-//! manifests, handles, keys, provider strings.
+//! Targets for kez-core: sigchain links and chains, envelopes, sent copies, pairing requests,
+//! files and offers, manifests, handles, keys, provider strings.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -10,10 +10,11 @@ use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
 use kez_core::manifest::{self, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest, ManifestError};
+use kez_core::pair::{PairRequest, REQUEST_PREFIX};
 use kez_core::provider::{MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, Provider};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
 use kez_core::{Handle, PublicKey, SecretKey, Sigchain, Signature, SignedLink};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 use crate::{keys, mode};
 
@@ -291,6 +292,52 @@ pub fn sent_copy(data: &[u8]) -> bool {
     let encoded = copy.encode();
     assert!(encoded.len() - copy.body.len() <= 2 + MAX_META_BYTES);
     assert_eq!(encoded, data, "a copy has one encoding");
+    true
+}
+
+/// When [`pair_request`] parses: 2026-01-01.
+pub const PAIR_NOW: u64 = 1_767_225_600;
+
+/// Pairing request lines (PROTOCOL.md §4.7), the text a user pastes, parsed at [`PAIR_NOW`].
+/// Mode byte 0: the rest is the line. Mode 1: the rest is a request's bytes without their
+/// checksum; the harness appends it (SHA-256 of `KEZ-PAIR-REQUEST-V1` || 0x00 || bytes, first
+/// 4 bytes) and encodes the line, so mutated inputs reach the checks past the checksum.
+///
+/// Asserts: an accepted request is not expired and not a paper key; it encodes to a line that
+/// parses to the same request; its fingerprint is 6 groups of 4 base32 characters. Returns
+/// whether the line was accepted.
+pub fn pair_request(data: &[u8]) -> bool {
+    let (mode, rest) = mode(data);
+    let line = if mode == 1 {
+        let sum = Sha256::new()
+            .chain_update(b"KEZ-PAIR-REQUEST-V1\0")
+            .chain_update(rest)
+            .finalize();
+        let mut bytes = rest.to_vec();
+        bytes.extend_from_slice(&sum[..4]);
+        format!(
+            "{REQUEST_PREFIX}{}",
+            data_encoding::BASE32_NOPAD.encode(&bytes)
+        )
+    } else {
+        String::from_utf8_lossy(rest).into_owned()
+    };
+    let Ok(request) = PairRequest::parse(&line, PAIR_NOW) else {
+        return false;
+    };
+    assert!(request.expires > PAIR_NOW);
+    assert_ne!(request.kind, kez_core::sigchain::DeviceKind::Paper);
+    let again = PairRequest::parse(&request.to_line(), PAIR_NOW).expect("its own line parses");
+    assert_eq!(again, request);
+    let fingerprint = request.fingerprint();
+    let groups: Vec<&str> = fingerprint.split('-').collect();
+    assert_eq!(groups.len(), 6, "{fingerprint}");
+    assert!(groups.iter().all(|group| {
+        group.len() == 4
+            && group
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+    }));
     true
 }
 

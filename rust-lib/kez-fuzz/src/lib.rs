@@ -19,12 +19,13 @@ pub mod seeds;
 mod server;
 
 pub use core_targets::{
-    envelope, file_decrypt, file_offer, handle, manifest, provider, public_key, sent_copy, sigchain,
+    PAIR_NOW, envelope, file_decrypt, file_offer, handle, manifest, pair_request, provider,
+    public_key, sent_copy, sigchain,
 };
 pub use jwt::callout_jwt;
 pub use server::{
     mail_fetch_answer, server_append, server_get, server_head, server_info, server_lookup,
-    server_mail_fetch, server_mail_send, server_pin, server_register, server_whois,
+    server_mail_fetch, server_mail_send, server_pair, server_pin, server_register, server_whois,
     webfinger_query,
 };
 
@@ -37,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sigchain", sigchain),
     ("envelope", envelope),
     ("sent_copy", sent_copy),
+    ("pair_request", pair_request),
     ("file_decrypt", file_decrypt),
     ("file_offer", file_offer),
     ("manifest", manifest),
@@ -55,6 +57,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_mail_fetch", server_mail_fetch),
     ("mail_fetch_answer", mail_fetch_answer),
     ("server_pin", server_pin),
+    ("server_pair", server_pair),
     ("webfinger_query", webfinger_query),
 ];
 

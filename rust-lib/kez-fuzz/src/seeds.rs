@@ -155,6 +155,23 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             seeds
         }
         "file_offer" => vec![sample_offer(), b"report (1).pdf".to_vec()],
+        "pair_request" => {
+            let request = kez_core::pair::PairRequest::new(
+                crate::keys::alice().public_key(),
+                "@alice@kez.lat",
+                crate::keys::bob().public_key(),
+                "phone",
+                kez_core::sigchain::DeviceKind::Mobile,
+                crate::PAIR_NOW,
+                600,
+            )
+            .expect("a valid request");
+            let bytes = request.to_bytes();
+            vec![
+                tagged(0, request.to_line().as_bytes()),
+                tagged(1, &bytes[..bytes.len() - 4]),
+            ]
+        }
         "sent_copy" => vec![
             kez_core::copy::SentCopy {
                 to: crate::keys::bob().public_key(),
@@ -265,6 +282,17 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                         },
                     ],
                 ),
+            ]
+        }
+        "server_pair" => {
+            let device = keys::bob().public_key();
+            let nonce = "0123456789abcdef0123456789abcdef";
+            let put = serde_json::json!({ "device": device, "nonce": nonce, "slot": "offer",
+                "expires": crate::server::NOW + 600, "data": "{}" });
+            let get = serde_json::json!({ "device": device, "nonce": nonce, "slot": "answer" });
+            vec![
+                tagged(0, put.to_string().as_bytes()),
+                tagged(1, get.to_string().as_bytes()),
             ]
         }
         "server_pin" => {

@@ -200,6 +200,43 @@ pub fn server_pin(data: &[u8]) -> bool {
     true
 }
 
+/// `kez.pair.put` and `kez.pair.get` (PROTOCOL.md §5.6): an even first byte picks `put`, an odd
+/// one `get`; the rest is the body. Asserts: an accepted request's nonce is 32 hex digits, and
+/// its JSON decodes again to the same request.
+pub fn server_pair(data: &[u8]) -> bool {
+    let (mode, body) = crate::mode(data);
+    let endpoint = if mode % 2 == 0 {
+        Endpoint::PairPut
+    } else {
+        Endpoint::PairGet
+    };
+    let Some(request) = decode(endpoint, body) else {
+        return false;
+    };
+    match (&request, decode(endpoint, &encode_pair(&request))) {
+        (Request::PairPut(put), Some(Request::PairPut(again))) => {
+            assert!(kez_core::pair::Nonce::from_hex(&put.nonce).is_some());
+            assert_eq!(*put, again);
+        }
+        (Request::PairGet(get), Some(Request::PairGet(again))) => {
+            assert!(kez_core::pair::Nonce::from_hex(&get.nonce).is_some());
+            assert_eq!(*get, again);
+        }
+        (request, again) => panic!("{endpoint:?}: {request:?} decoded again as {again:?}"),
+    }
+    true
+}
+
+/// A pairing request's JSON.
+fn encode_pair(request: &Request<'_>) -> Vec<u8> {
+    match request {
+        Request::PairPut(put) => serde_json::to_vec(put),
+        Request::PairGet(get) => serde_json::to_vec(get),
+        other => panic!("not a pairing request: {other:?}"),
+    }
+    .expect("encodes")
+}
+
 /// The WebFinger query (`/.well-known/webfinger?<query>`, PROTOCOL.md §7.1). Asserts: an
 /// accepted query names a handle on [`DOMAIN`], which its plain `acct:` form names again.
 pub fn webfinger_query(data: &[u8]) -> bool {
