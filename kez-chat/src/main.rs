@@ -916,7 +916,8 @@ impl App {
         let link = chain
             .revoke_device_link(kez_client::now(), &key, revoked, reason)
             .map_err(|err| Failure::new(USAGE, format!("cannot make the revocation: {err}")))?;
-        let head = append_device_link(conn, &link).await?;
+        let head = append_device_link(&conn, &link).await?;
+        let _ = conn.close().await;
         println!(
             "Revoked {} ({revoked}) at link {}: it signs nothing for you from now on.",
             display::inline(name),
@@ -1031,7 +1032,8 @@ impl App {
                 ),
             ));
         }
-        let head = append_device_link(conn, &link).await?;
+        let head = append_device_link(&conn, &link).await?;
+        let _ = conn.close().await;
         say(&format!(
             "Added paper key {name} ({}) to your sigchain at link {}.",
             paper.secret_key().public_key(),
@@ -1140,16 +1142,7 @@ impl App {
                     ),
                 )
             })?;
-        let head = paper_conn
-            .append(link.bytes())
-            .await
-            .map_err(Failure::client)?;
-        if head.head != link.hash() {
-            return Err(Failure::new(
-                RUNTIME,
-                "the server did not store the new device as sent; run `kez-chat recover` again",
-            ));
-        }
+        let head = append_device_link(&paper_conn, &link).await?;
         eprintln!(
             "added this home as device {} of {full} at link {}",
             display::inline(&name),
@@ -1168,20 +1161,7 @@ impl App {
             let link = chain
                 .revoke_device_link(now(), &device_key, key, Some("lost; revoked on recovery"))
                 .map_err(|err| Failure::new(RUNTIME, format!("cannot revoke {lost}: {err}")))?;
-            let head = paper_conn
-                .append(link.bytes())
-                .await
-                .map_err(Failure::client)?;
-            if head.head != link.hash() {
-                return Err(Failure::new(
-                    RUNTIME,
-                    format!(
-                        "the server did not store the revocation of {} as sent; run `kez-chat device revoke {}`",
-                        display::inline(&lost),
-                        display::inline(&lost)
-                    ),
-                ));
-            }
+            let head = append_device_link(&paper_conn, &link).await?;
             eprintln!("revoked {} at link {}", display::inline(&lost), head.seq);
         }
         let _ = paper_conn.close().await;
@@ -1903,14 +1883,13 @@ fn clock(time: u64) -> String {
         .unwrap_or_else(|| format!("unix time {time}"))
 }
 
-/// Appends a device link of the own chain and closes the connection; the head the server
-/// answers must be that link's, or the link was not stored as sent.
-async fn append_device_link(
-    conn: Connection,
+/// Appends a device link of the own chain; the head the server answers must be that link's,
+/// or the link was not stored as sent.
+pub(crate) async fn append_device_link(
+    conn: &Connection,
     link: &SignedLink,
 ) -> Result<kez_client::ChainHead, Failure> {
     let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
-    let _ = conn.close().await;
     if head.head != link.hash() {
         return Err(Failure::new(
             RUNTIME,

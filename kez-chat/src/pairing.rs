@@ -353,17 +353,7 @@ impl App {
         let signed = ready
             .sign(&key)
             .map_err(|err| Failure::new(RUNTIME, format!("cannot sign the link: {err}")))?;
-        let head = conn.append(signed.bytes()).await.map_err(Failure::client)?;
-        if head.head != signed.hash() {
-            return Err(Failure::new(
-                RUNTIME,
-                format!(
-                    "the server answered head {} for the link {}: it was not stored as sent; run `kez-chat devices` to see what your chain holds",
-                    head.head,
-                    signed.hash()
-                ),
-            ));
-        }
+        let head = crate::append_device_link(&conn, &signed).await?;
         eprintln!(
             "added {} ({}) at link {}; sending it your contacts",
             display::inline(&request.name),

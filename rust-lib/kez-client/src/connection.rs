@@ -717,7 +717,24 @@ impl Connection {
     /// `kez_core::sigchain::MAX_LINKS`); the chain must be `key`'s. `not_found` when it has
     /// none.
     pub async fn chain(&self, key: &PublicKey) -> Result<VerifiedChain, ClientError> {
+        Ok(self.fetch_chain(key, false).await?.0)
+    }
+
+    /// `key`'s sigchain as the server stores it, every link's exact text, verified as
+    /// [`Connection::chain`] verifies it (a pairing offer carries them to the new device, which
+    /// verifies them itself).
+    pub async fn chain_links(&self, key: &PublicKey) -> Result<Vec<String>, ClientError> {
+        Ok(self.fetch_chain(key, true).await?.1)
+    }
+
+    /// [`Connection::chain`], and the links' texts too if `keep_links`.
+    async fn fetch_chain(
+        &self,
+        key: &PublicKey,
+        keep_links: bool,
+    ) -> Result<(VerifiedChain, Vec<String>), ClientError> {
         let mut chain: Option<VerifiedChain> = None;
+        let mut kept = Vec::new();
         let bad_answer = |reason: String| ClientError::BadAnswer {
             subject: Endpoint::GetChain.subject().into(),
             reason,
@@ -756,14 +773,18 @@ impl Connection {
                     }
                     Some(chain) => chain.append(link.as_bytes()).map_err(verify)?,
                 }
+                if keep_links {
+                    kept.push(link);
+                }
             }
             if !page.more {
-                return chain.ok_or_else(|| {
+                let chain = chain.ok_or_else(|| {
                     verify(ChainError {
                         position: 0,
                         kind: kez_core::ChainErrorKind::Empty,
                     })
-                });
+                })?;
+                return Ok((chain, kept));
             }
         }
         Err(bad_answer(format!("more than {MAX_CHAIN_PAGES} pages")))
@@ -1156,48 +1177,6 @@ impl Connection {
         let chain = self.chain(&contact.key).await?;
         store.pin(&handle, &chain, now())?;
         Ok(())
-    }
-
-    /// `key`'s sigchain as the server stores it: every link's exact text, fetched page by page
-    /// and verified as a whole (a pairing offer carries them to the new device, which verifies
-    /// them itself).
-    pub async fn chain_links(&self, key: &PublicKey) -> Result<Vec<String>, ClientError> {
-        let mut links: Vec<String> = Vec::new();
-        for _ in 0..MAX_CHAIN_PAGES {
-            let from_seq = links.len() as u64 + 1;
-            let request = GetChainRequest {
-                key: *key,
-                from_seq,
-            };
-            let page: ChainPage = self
-                .call_json(Endpoint::GetChain, request_body(&request))
-                .await?;
-            if page.key != *key || page.from_seq != from_seq || (page.more && page.links.is_empty())
-            {
-                return Err(ClientError::BadAnswer {
-                    subject: Endpoint::GetChain.subject().into(),
-                    reason: format!(
-                        "asked for {key}'s chain from seq {from_seq}, got another page"
-                    ),
-                });
-            }
-            links.extend(page.links);
-            if !page.more {
-                let chain = VerifiedChain::verify(&links)
-                    .map_err(|source| ClientError::Chain { key: *key, source })?;
-                if chain.chain_id() != *key {
-                    return Err(ClientError::BadAnswer {
-                        subject: Endpoint::GetChain.subject().into(),
-                        reason: format!("asked for {key}'s chain, got {}'s", chain.chain_id()),
-                    });
-                }
-                return Ok(links);
-            }
-        }
-        Err(ClientError::BadAnswer {
-            subject: Endpoint::GetChain.subject().into(),
-            reason: format!("more than {MAX_CHAIN_PAGES} pages"),
-        })
     }
 
     /// Writes one slot of a pairing request through the relay (`kez.pair.put`, PROTOCOL.md
