@@ -18,8 +18,25 @@ use crate::display;
 use crate::failure::{self, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
 use crate::{App, clock, deliver, print_json, recipient};
 
-/// The sigchain endpoint that names the own blob node (kind and name `iroh`).
+/// The sigchain endpoint that names the own blob node (its kind; and its name, for the
+/// identity's own key: [`node_endpoint_name`]).
 pub const IROH_ENDPOINT: &str = "iroh";
+
+/// The name of the endpoint naming the blob node of `device`, a device of `chain`: `iroh` for
+/// the identity's own key (as before devices), `iroh.<device name>` for another device (or
+/// `iroh.<first 16 hex digits of its key>` when the name is too long for an endpoint name), so
+/// that devices do not take turns overwriting one endpoint.
+fn node_endpoint_name(chain: &kez_core::Sigchain, device: &kez_core::PublicKey) -> String {
+    if *device == chain.chain_id() {
+        return IROH_ENDPOINT.to_owned();
+    }
+    let name = chain
+        .active_devices()
+        .find(|known| known.key == *device)
+        .map(|known| format!("{IROH_ENDPOINT}.{}", known.name))
+        .filter(|name| name.len() <= kez_core::sigchain::MAX_NAME_LEN);
+    name.unwrap_or_else(|| format!("{IROH_ENDPOINT}.{}", &device.to_hex()[..16]))
+}
 
 /// How many progress lines a long step prints when stderr is not a terminal.
 const PROGRESS_LINES: u64 = 10;
@@ -94,7 +111,7 @@ impl App {
             .await
             .map_err(Failure::client)?;
         let ops = chain.ops_to_advertise(&Endpoint {
-            name: IROH_ENDPOINT.into(),
+            name: node_endpoint_name(&chain, &key.public_key()),
             kind: IROH_ENDPOINT.into(),
             address: provider.clone(),
         });

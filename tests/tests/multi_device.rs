@@ -5,7 +5,7 @@
 //! device is revoked and gets nothing more.
 
 use kez_tests::callout::CalloutStack;
-use kez_tests::person::{Person, type_back_a_paper_key};
+use kez_tests::person::{Person, serving, stop, type_back_a_paper_key};
 
 /// The words of a new paper key `person` makes (`kez-chat paperkey`), typed back as asked.
 async fn paper_words(person: &Person) -> String {
@@ -121,6 +121,26 @@ async fn two_running_devices_and_a_paper_key_share_one_conversation() {
     };
     assert_eq!(texts(&on_desk), texts(&on_laptop));
     assert_eq!(on_desk[0]["id"], on_laptop[0]["id"], "one message, one id");
+
+    // Each device names its own file node in the chain; listening again appends nothing.
+    stop(serving(&desk).await).await;
+    let endpoints = |profile: serde_json::Value| -> Vec<String> {
+        profile["sigchain"]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|endpoint| endpoint["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let profile = desk.json(&["profile", "@alice"]).await;
+    let seq = profile["sigchain"]["seq"].clone();
+    assert_eq!(endpoints(profile), ["iroh", "iroh.desk", "nats"]);
+    stop(serving(&laptop).await).await;
+    stop(serving(&desk).await).await;
+    assert_eq!(
+        desk.json(&["profile", "@alice"]).await["sigchain"]["seq"],
+        seq
+    );
 
     // A contact that pins alice again hears of the devices as a note, not a key change.
     let carol = Person::new();
