@@ -29,7 +29,7 @@ use kez_proto::answer::{PinList, PinRecord, PinRemoved, PinState, PinStatus};
 use kez_proto::pin::{PinOp, PinRequest};
 use serde::{Deserialize, Serialize};
 
-use crate::store::Store;
+use crate::store::{DeviceState, Store};
 
 /// Bucket: owner key hex → [`OwnerPins`].
 pub const PINS_BUCKET: &str = "kez_pins";
@@ -352,14 +352,23 @@ pub async fn handle(
     request: &PinRequest,
     now: u64,
 ) -> Result<Bytes, ErrorAnswer> {
-    let owner = request.key;
-    if store.whois(owner).await?.is_none() {
-        return Err(ErrorAnswer::new(
-            403,
-            "not_registered",
-            format!("{owner} has not registered a handle here; only registered keys may pin"),
-        ));
-    }
+    // The pins and the quota are the identity's, whichever of its devices asks.
+    let owner = match store.whois(request.key).await? {
+        Some(_) => request.key,
+        None => match store.device(request.key).await? {
+            Some(device) if device.state == DeviceState::Active => device.identity,
+            _ => {
+                return Err(ErrorAnswer::new(
+                    403,
+                    "not_registered",
+                    format!(
+                        "{} has not registered a handle here and is no active device of an identity that has; only they may pin",
+                        request.key
+                    ),
+                ));
+            }
+        },
+    };
     if let Some(disabled) = store.disabled(owner).await? {
         return Err(ErrorAnswer::new(
             403,

@@ -239,3 +239,66 @@ async fn recovery_from_the_paper_key_revokes_the_lost_device() {
         .await;
     assert!(err.contains("is a device of @alice@kez.test"), "{err}");
 }
+
+/// Shared files follow the devices: what bob publishes for alice opens on each of her devices,
+/// and a manifest her second device publishes is hers to bob (any active device may sign it).
+#[tokio::test]
+async fn published_files_open_on_every_device_and_any_device_publishes() {
+    let pin_dir = tempfile::tempdir().unwrap();
+    let stack = CalloutStack::start_pinning(&pin_dir.path().join("pin")).await;
+    let url = stack.nats.url();
+    let laptop = Person::new();
+    let bob = Person::new();
+    laptop.register(&url, "alice").await;
+    bob.register(&url, "bob").await;
+    laptop.ok(&["add", "@bob"]).await;
+    bob.ok(&["add", "@alice"]).await;
+    let words = paper_words(&laptop).await;
+    let desk = Person::new();
+    let recovered = recover(&desk, &url, &words, &["--name", "desk"]).await;
+    assert!(recovered.status.success(), "{recovered:?}");
+
+    let work = tempfile::tempdir().unwrap();
+    let for_alice = work.path().join("for-alice.txt");
+    std::fs::write(&for_alice, b"only alice's devices read this").unwrap();
+    bob.ok(&[
+        "publish",
+        "--to",
+        "@alice",
+        "--pin",
+        for_alice.to_str().unwrap(),
+    ])
+    .await;
+    for device in [&laptop, &desk] {
+        let browsed = device.json(&["browse", "@bob"]).await;
+        let names: Vec<&str> = browsed["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|file| file["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["for-alice.txt"], "{browsed}");
+    }
+
+    let from_desk = work.path().join("from-the-desk.txt");
+    std::fs::write(&from_desk, b"published on the second device").unwrap();
+    desk.ok(&["publish", "--public", "--pin", from_desk.to_str().unwrap()])
+        .await;
+    let browsed = bob.json(&["browse", "@alice"]).await;
+    assert_eq!(
+        browsed["files"][0]["name"], "from-the-desk.txt",
+        "{browsed}"
+    );
+    let saved = work.path().join("downloaded.txt");
+    bob.ok(&[
+        "download",
+        "@alice/from-the-desk.txt",
+        "-o",
+        saved.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(
+        std::fs::read(&saved).unwrap(),
+        b"published on the second device"
+    );
+}

@@ -3,12 +3,12 @@
 //! sigchain names, checked against the hash and key it commits to, then read with the own key.
 
 use kez_blobs::{BlobNode, Hash};
-use kez_core::SecretKey;
 use kez_core::file::BlobHash;
 use kez_core::manifest::{
     self, MAX_MANIFEST_BYTES, Manifest, ManifestError, PrivateEntry, VisibleEntry,
 };
 use kez_core::sigchain::{Op, SharedFiles};
+use kez_core::{PublicKey, SecretKey};
 
 use kez_proto::answer::PinInfo;
 use tokio::io::AsyncReadExt;
@@ -63,7 +63,7 @@ pub struct Browsed {
 }
 
 /// Builds manifest number `version` from the files in `store`: public ones plain, private
-/// ones sealed to each recipient's current key as pinned in the contacts.
+/// ones sealed to each device of each recipient as pinned in the contacts.
 pub fn build_own(
     store: &Store,
     key: &SecretKey,
@@ -82,7 +82,7 @@ pub fn build_own(
             let contact = store
                 .contact(handle)?
                 .ok_or_else(|| SharedError::UnknownRecipient(handle.clone()))?;
-            keys.push(contact.current_key);
+            keys.extend(contact.recipient_keys());
         }
         private.push(PrivateEntry {
             entry: published.entry,
@@ -184,7 +184,8 @@ pub async fn browse(
         .read_to_end(&mut bytes)
         .await
         .map_err(SharedError::Read)?;
-    let manifest = Manifest::open(&bytes, &expected, &chain.current_key())?;
+    let owners: Vec<PublicKey> = chain.active_devices().map(|device| device.key).collect();
+    let manifest = Manifest::open(&bytes, &expected, &owners)?;
     let visible = manifest.visible_to(reader)?;
     Ok(Some(Browsed {
         hash: expected,

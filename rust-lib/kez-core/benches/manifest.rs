@@ -42,7 +42,7 @@ fn manifest(c: &mut Criterion) {
     group.bench_function("browse 1000 sealed entries", |b| {
         b.iter(|| {
             let opened =
-                Manifest::open(black_box(&bytes), &hash, &owner.public_key()).expect("opens");
+                Manifest::open(black_box(&bytes), &hash, &[owner.public_key()]).expect("opens");
             let visible = opened.visible_to(&reader).expect("reads");
             assert_eq!(visible.len(), 500);
         });

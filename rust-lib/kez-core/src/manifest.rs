@@ -91,11 +91,9 @@ pub enum ManifestError {
         /// The limit.
         limit: usize,
     },
-    /// Owned (signed) by another key than the chain's current key.
-    #[error("manifest is owned by {found}, not by {expected}, the chain's key")]
+    /// Owned (signed) by a key that is no active device of the chain.
+    #[error("manifest is owned by {found}, which is no active device of the chain")]
     WrongOwner {
-        /// The chain's current key.
-        expected: PublicKey,
         /// The manifest's owner.
         found: PublicKey,
     },
@@ -341,12 +339,12 @@ struct Wire {
 
 impl Manifest {
     /// Checks `bytes` as the manifest a verified sigchain commits to: its BLAKE3 hash must be
-    /// `expected_hash` and its owner `expected_owner` (the chain's current key). The first
-    /// failure is the answer, in the order of PROTOCOL.md §11.3.
+    /// `expected_hash` and its owner one of `owners` (the chain's active devices: any of them
+    /// may publish). The first failure is the answer, in the order of PROTOCOL.md §11.3.
     pub fn open(
         bytes: &[u8],
         expected_hash: &BlobHash,
-        expected_owner: &PublicKey,
+        owners: &[PublicKey],
     ) -> Result<Manifest, ManifestError> {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge { size: bytes.len() });
@@ -379,11 +377,8 @@ impl Manifest {
             })?;
             sealed.push(sealed_box);
         }
-        if wire.owner != *expected_owner {
-            return Err(ManifestError::WrongOwner {
-                expected: *expected_owner,
-                found: wire.owner,
-            });
+        if !owners.contains(&wire.owner) {
+            return Err(ManifestError::WrongOwner { found: wire.owner });
         }
         value
             .as_object_mut()

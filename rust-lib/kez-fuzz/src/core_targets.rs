@@ -362,10 +362,10 @@ pub fn manifest(data: &[u8]) -> bool {
         _ => return false,
     };
     let hash = manifest::manifest_hash(&bytes);
-    let opened = Manifest::open(&bytes, &hash, &alice.public_key());
+    let opened = Manifest::open(&bytes, &hash, &[alice.public_key()]);
     let wrong = manifest::manifest_hash(b"another manifest");
     assert!(matches!(
-        Manifest::open(&bytes, &wrong, &alice.public_key()),
+        Manifest::open(&bytes, &wrong, &[alice.public_key()]),
         Err(ManifestError::TooLarge { .. } | ManifestError::HashMismatch { .. })
     ));
     let Ok(opened) = opened else {
@@ -387,7 +387,7 @@ pub fn manifest(data: &[u8]) -> bool {
         assert_eq!(item.entry.validate(), Ok(()));
         assert!(seen.insert(item.entry.name.clone()));
     }
-    let again = Manifest::open(&bytes, &hash, &alice.public_key())
+    let again = Manifest::open(&bytes, &hash, &[alice.public_key()])
         .expect("an opened manifest opens again")
         .visible_to(&keys::bob())
         .expect("and reads the same");

@@ -145,8 +145,8 @@ fn manifest_rows(budget: Budget) -> Result<Vec<Row>, String> {
     let hash = manifest::manifest_hash(&bytes);
     let started = Instant::now();
     for _ in 0..rounds {
-        let opened =
-            Manifest::open(&bytes, &hash, &owner.public_key()).map_err(|e| format!("open: {e}"))?;
+        let opened = Manifest::open(&bytes, &hash, &[owner.public_key()])
+            .map_err(|e| format!("open: {e}"))?;
         let visible = opened
             .visible_to(&reader)
             .map_err(|e| format!("read: {e}"))?;

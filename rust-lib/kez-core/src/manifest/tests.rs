@@ -109,7 +109,7 @@ fn alice_manifest(randomness: &str) -> Vec<u8> {
 }
 
 fn open_as(bytes: &[u8], owner: &str) -> Result<Manifest, ManifestError> {
-    Manifest::open(bytes, &manifest_hash(bytes), &key(owner).public_key())
+    Manifest::open(bytes, &manifest_hash(bytes), &[key(owner).public_key()])
 }
 
 fn names(manifest: &Manifest, reader: &str) -> Vec<(String, Audience)> {
@@ -292,10 +292,14 @@ fn the_committed_hash_and_the_chain_key_are_required() {
     let bytes = alice_manifest("commit");
     let alice = key("alice").public_key();
     let other = manifest_hash(b"another manifest");
-    let err = Manifest::open(&bytes, &other, &alice).unwrap_err();
+    let err = Manifest::open(&bytes, &other, &[alice]).unwrap_err();
     assert_eq!(err.code(), "hash_mismatch");
-    let err =
-        Manifest::open(&bytes, &manifest_hash(&bytes), &key("mallory").public_key()).unwrap_err();
+    let err = Manifest::open(
+        &bytes,
+        &manifest_hash(&bytes),
+        &[key("mallory").public_key()],
+    )
+    .unwrap_err();
     assert_eq!(err.code(), "wrong_owner");
 }
 
@@ -382,7 +386,7 @@ fn limits_are_enforced_before_the_expensive_work() {
         Manifest::open(
             &too_big,
             &manifest_hash(&too_big),
-            &key("alice").public_key()
+            &[key("alice").public_key()]
         )
         .unwrap_err()
         .code(),
@@ -482,7 +486,7 @@ fn outcome(vector: &Vector) -> Value {
     let opened = Manifest::open(
         &vector.manifest,
         &vector.expected_hash,
-        &key(vector.expected_owner).public_key(),
+        &[key(vector.expected_owner).public_key()],
     );
     let manifest = match opened {
         Ok(manifest) => manifest,
