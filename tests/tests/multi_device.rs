@@ -5,7 +5,7 @@
 //! device is revoked and gets nothing more.
 
 use kez_tests::callout::CalloutStack;
-use kez_tests::person::{Person, serving, stop, type_back_a_paper_key};
+use kez_tests::person::{Person, alice_and_bob, serving, stop, type_back_a_paper_key};
 
 /// The words of a new paper key `person` makes (`kez-chat paperkey`), typed back as asked.
 async fn paper_words(person: &Person) -> String {
@@ -27,12 +27,7 @@ async fn recover(home: &Person, url: &str, words: &str, args: &[&str]) -> std::p
 async fn two_running_devices_and_a_paper_key_share_one_conversation() {
     let stack = CalloutStack::start().await;
     let url = stack.nats.url();
-    let laptop = Person::new();
-    let bob = Person::new();
-    laptop.register(&url, "alice").await;
-    bob.register(&url, "bob").await;
-    laptop.ok(&["add", "@bob"]).await;
-    bob.ok(&["add", "@alice"]).await;
+    let (laptop, bob) = alice_and_bob(&url).await;
     let words = paper_words(&laptop).await;
 
     let desk = Person::new();
@@ -247,12 +242,7 @@ async fn published_files_open_on_every_device_and_any_device_publishes() {
     let pin_dir = tempfile::tempdir().unwrap();
     let stack = CalloutStack::start_pinning(&pin_dir.path().join("pin")).await;
     let url = stack.nats.url();
-    let laptop = Person::new();
-    let bob = Person::new();
-    laptop.register(&url, "alice").await;
-    bob.register(&url, "bob").await;
-    laptop.ok(&["add", "@bob"]).await;
-    bob.ok(&["add", "@alice"]).await;
+    let (laptop, bob) = alice_and_bob(&url).await;
     let words = paper_words(&laptop).await;
     let desk = Person::new();
     let recovered = recover(&desk, &url, &words, &["--name", "desk"]).await;
