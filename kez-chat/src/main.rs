@@ -365,6 +365,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Find the messages that contain some words (ignoring case): in the text of messages and
+    /// the names of offered files, in every conversation this home holds.
+    Search {
+        /// The words, as one phrase.
+        #[arg(required = true)]
+        words: Vec<String>,
+        /// Print JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the conversation with someone; without a handle, list the conversations (the
     /// latest first, with their unread messages).
     History {
@@ -482,6 +492,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             json,
         } => app.history(&handle, json).await,
         Command::History { handle: None, json } => app.conversations(json),
+        Command::Search { words, json } => app.search(&words.join(" "), json),
         Command::Share {
             handle,
             path,
@@ -1510,6 +1521,59 @@ impl App {
                 Direction::Outgoing => "you",
             };
             println!("{}", message_line(who, message));
+        }
+        Ok(())
+    }
+
+    /// `search WORDS`: the messages of every conversation that contain the words, in the order
+    /// they were sent, each with whom it was exchanged.
+    fn search(&self, words: &str, json: bool) -> Result<(), Failure> {
+        if words.trim().is_empty() {
+            return Err(Failure::new(
+                USAGE,
+                "nothing to search for: give some words",
+            ));
+        }
+        let store = self.store()?;
+        let found = store.search(words).map_err(Failure::store)?;
+        let contacts = store.contacts().map_err(Failure::store)?;
+        // The peer's handle when the conversation is a contact's (not one kept apart for a
+        // key the contact retired), and how a line names the peer.
+        let peer_of = |found: &kez_client::Found| {
+            let contact = contacts.iter().find(|c| c.key == found.peer);
+            let handle = contact.filter(|_| !found.retired).map(|c| c.handle.clone());
+            let label = match (contact, found.retired) {
+                (Some(c), false) => c.handle.clone(),
+                (Some(c), true) => {
+                    format!("(NOT {}: an old key of theirs) {}", c.handle, found.peer)
+                }
+                (None, _) => format!("(not in contacts) {}", found.peer),
+            };
+            (handle, label)
+        };
+        if json {
+            let list: Vec<Value> = found
+                .iter()
+                .map(|found| {
+                    let mut value = stored_json(&found.message);
+                    value["peer"] = json!(found.peer.to_string());
+                    value["peer_handle"] = json!(peer_of(found).0);
+                    value
+                })
+                .collect();
+            print_json(&Value::Array(list));
+            return Ok(());
+        }
+        if found.is_empty() {
+            eprintln!("no message contains {}", display::inline(words));
+        }
+        for found in &found {
+            let (_, peer) = peer_of(found);
+            let who = match found.message.direction {
+                Direction::Incoming => peer,
+                Direction::Outgoing => format!("you → {peer}"),
+            };
+            println!("{}", message_line(&who, &found.message));
         }
         Ok(())
     }

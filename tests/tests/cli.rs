@@ -1310,3 +1310,41 @@ async fn a_send_while_the_server_starts_waits_for_it() {
     let read = bob.json(&["inbox", "--wait", "2"]).await;
     assert_eq!(read[0]["text"], "while it starts", "{read}");
 }
+
+/// `search` finds words in every conversation's messages, ignoring case, both directions, and
+/// says so when nothing matches.
+#[tokio::test]
+async fn search_finds_words_in_every_conversation() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    alice.ok(&["send", "@bob", "Lunch at noon?"]).await;
+    bob.ok(&["send", "@alice", "lunch sounds good"]).await;
+    bob.ok(&["send", "@alice", "see you"]).await;
+    alice.ok(&["inbox", "--wait", "2"]).await;
+
+    let found = alice.ok(&["search", "LUNCH"]).await;
+    let lines: Vec<&str> = found.lines().collect();
+    assert_eq!(lines.len(), 2, "{found}");
+    assert!(
+        lines[0].ends_with("you → @bob@kez.test: Lunch at noon?"),
+        "{found}"
+    );
+    assert!(
+        lines[1].ends_with("@bob@kez.test: lunch sounds good"),
+        "{found}"
+    );
+    let found = alice.json(&["search", "sounds", "good"]).await;
+    assert_eq!(found.as_array().unwrap().len(), 1, "{found}");
+    assert_eq!(found[0]["text"], "lunch sounds good");
+    assert_eq!(found[0]["direction"], "incoming");
+    assert_eq!(found[0]["peer_handle"], "@bob@kez.test");
+    let output = alice.run(&["search", "dinner"]).await;
+    assert!(output.status.success());
+    assert!(output.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no message contains dinner"),
+        "{output:?}"
+    );
+    alice.fails(&["search"], 2).await;
+}

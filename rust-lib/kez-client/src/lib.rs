@@ -60,6 +60,6 @@ pub use kez_proto::pair::{
     GetRequest as PairGetRequest, PutRequest as PairPutRequest, Slot as PairSlot,
 };
 pub use store::{
-    Contact, Conversation, Direction, Downloaded, InboxFloor, Offer, Published, PublishedManifest,
-    Store, StoreError, StoredMessage,
+    Contact, Conversation, Direction, Downloaded, Found, InboxFloor, Offer, Published,
+    PublishedManifest, Store, StoreError, StoredMessage,
 };

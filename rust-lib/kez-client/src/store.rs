@@ -258,6 +258,30 @@ fn conversation(
     })
 }
 
+/// The peer of conversation `name` (a key in [`MESSAGES`]) and whether it is the conversation
+/// kept apart for a key a contact retired.
+fn conversation_peer(name: &str) -> Result<(PublicKey, bool), StoreError> {
+    let (retired, hex) = match name.strip_prefix("retired.") {
+        Some(hex) => (true, hex),
+        None => (false, name),
+    };
+    let peer = format!("ed25519:{hex}")
+        .parse()
+        .map_err(|err| StoreError::Corrupt(format!("conversation {name:?} is not a key: {err}")))?;
+    Ok((peer, retired))
+}
+
+/// What [`Store::search`] looks in: a text message's text, a file offer's file name.
+fn searchable_words(message: &StoredMessage) -> Option<String> {
+    match message.content_type.as_str() {
+        "text" => Some(String::from_utf8_lossy(&message.body).into_owned()),
+        FILE_OFFER_CONTENT_TYPE => kez_core::file::FileOffer::from_json(&message.body)
+            .ok()
+            .map(|offer| offer.name),
+        _ => None,
+    }
+}
+
 /// The own identity as pinned, read in a write transaction.
 fn own_in(tx: &redb::WriteTransaction) -> Result<Option<Contact>, StoreError> {
     let table = tx.open_table(OWN).map_err(db)?;
@@ -346,6 +370,17 @@ impl Contact {
             .map(|device| device.key)
             .collect()
     }
+}
+
+/// A message [`Store::search`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// The conversation's peer: a contact's identity key, or a stranger's key.
+    pub peer: PublicKey,
+    /// Whether it is the conversation kept apart for a key a contact retired.
+    pub retired: bool,
+    /// The message.
+    pub message: StoredMessage,
 }
 
 /// A file offer in the history ([`Store::offers`]).
@@ -1085,13 +1120,7 @@ impl Store {
                 }
                 continue;
             }
-            let (retired, hex) = match name.strip_prefix("retired.") {
-                Some(hex) => (true, hex),
-                None => (false, name),
-            };
-            let peer: PublicKey = format!("ed25519:{hex}").parse().map_err(|err| {
-                StoreError::Corrupt(format!("conversation {name:?} is not a key: {err}"))
-            })?;
+            let (peer, retired) = conversation_peer(name)?;
             out.push(Conversation {
                 peer,
                 retired,
@@ -1105,6 +1134,34 @@ impl Store {
             std::cmp::Reverse((conversation.last.time, conversation.last.seq))
         });
         Ok(out)
+    }
+
+    /// Every stored message whose words contain `query`, ignoring case: the text of a `text`
+    /// message, the file name of a file offer. With the conversation each belongs to, in the
+    /// order they were sent (the sender's time, then the stream sequence). Reads the whole
+    /// history: local search over what this home holds.
+    pub fn search(&self, query: &str) -> Result<Vec<Found>, StoreError> {
+        let query = query.to_lowercase();
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(MESSAGES).map_err(db)?;
+        let mut found = Vec::new();
+        for entry in table.iter().map_err(db)? {
+            let (key, value) = entry.map_err(db)?;
+            let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            if !searchable_words(&message)
+                .is_some_and(|words| words.to_lowercase().contains(&query))
+            {
+                continue;
+            }
+            let (peer, retired) = conversation_peer(key.value().0)?;
+            found.push(Found {
+                peer,
+                retired,
+                message,
+            });
+        }
+        found.sort_by_key(|found| (found.message.time, found.message.seq));
+        Ok(found)
     }
 
     /// The conversation with `peer` (a contact's identity key, see [`Contact::key`]), in the
@@ -1332,6 +1389,75 @@ mod tests {
             .collect();
         listed.sort_by_key(|(_, retired, _)| *retired);
         assert_eq!(listed, [(key(2), false, 2), (key(2), true, 1)]);
+    }
+
+    #[test]
+    fn search_finds_words_in_texts_and_file_names_ignoring_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let at = |mut message: Message, time: u64| {
+            message.time = time;
+            message
+        };
+        let mut binary = message(3, 1, "Lunch at noon");
+        binary.content_type = "image/png".into();
+        let mut offer = at(message(3, 1, ""), 50);
+        offer.content_type = FILE_OFFER_CONTENT_TYPE.into();
+        offer.body = kez_core::file::FileOffer {
+            name: "lunch-menu.pdf".into(),
+            size: 17,
+            blob: BlobHash::from_bytes([9; 32]),
+            cipher_size: kez_core::file::ciphertext_len(17).unwrap(),
+            providers: vec!["iroh:node".into()],
+            key: kez_core::file::ContentKey::from_bytes([3; 32]),
+            pinned: false,
+        }
+        .to_json()
+        .unwrap()
+        .to_vec();
+        for m in [
+            at(message(2, 1, "LUNCH tomorrow?"), 200),
+            at(message(3, 1, "no lunch for me"), 100),
+            at(message(2, 1, "see you"), 300),
+            binary,
+            offer,
+        ] {
+            assert!(store.record_incoming(&m, 400).unwrap());
+        }
+        let sent = crate::Sent {
+            id: MessageId::random(),
+            from: key(1),
+            to: key(2),
+            time: 250,
+            content_type: "text".into(),
+            body: "lunch: yes".into(),
+            stream_sequence: 0,
+            missed: Vec::new(),
+        };
+        store.record_outgoing(&sent, 400).unwrap();
+        let found: Vec<(PublicKey, String)> = store
+            .search("Lunch")
+            .unwrap()
+            .into_iter()
+            .map(|found| {
+                let text = match found.message.content_type.as_str() {
+                    "text" => String::from_utf8(found.message.body).unwrap(),
+                    other => other.to_owned(),
+                };
+                (found.peer, text)
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (key(3), FILE_OFFER_CONTENT_TYPE.to_owned()),
+                (key(3), "no lunch for me".to_owned()),
+                (key(2), "LUNCH tomorrow?".to_owned()),
+                (key(2), "lunch: yes".to_owned()),
+            ],
+            "texts and file names (not other content types), by time, both directions"
+        );
+        assert!(store.search("dinner").unwrap().is_empty());
     }
 
     #[test]
