@@ -1916,7 +1916,8 @@ fn rotation_note(contact: &Contact, from: &PublicKey) -> String {
 }
 
 /// A message's content as text: the text itself, or for a file offer its name, size and how
-/// to download it (never its key), or what kind of content it is. Exact (for `--json`); lines
+/// to download it (never its key), or, for a content type this version does not know, that it
+/// cannot show it (never dropped silently). Exact (for `--json`); lines
 /// for people pass it through [`display::body`].
 fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
     match content_type {
@@ -1930,7 +1931,10 @@ fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
             ),
             Err(err) => format!("(a file offer that is not valid: {err})"),
         },
-        other => format!("({other}, {} bytes)", body.len()),
+        other => format!(
+            "(a message this version cannot show: {other}, {} bytes)",
+            body.len()
+        ),
     }
 }
 

@@ -1348,3 +1348,29 @@ async fn search_finds_words_in_every_conversation() {
     );
     alice.fails(&["search"], 2).await;
 }
+
+/// A message of a content type this version does not know is shown as such, never dropped.
+#[tokio::test]
+async fn a_content_type_this_version_does_not_know_is_shown_not_dropped() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let store_dir = tempfile::tempdir().unwrap();
+    let store = kez_client::Store::open(store_dir.path().join("store.redb")).unwrap();
+    let conn = kez_client::Connection::connect(&url, key_of(&bob))
+        .await
+        .unwrap();
+    let alice_handle = kez_core::Handle::parse("@alice@kez.test", "kez.test").unwrap();
+    let to_alice = conn.verify_contact(&store, &alice_handle).await.unwrap();
+    conn.send(&to_alice.contact, "x-future/poll", b"{\"q\":\"lunch?\"}")
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let read = alice.ok(&["inbox", "--wait", "2"]).await;
+    assert!(
+        read.contains(
+            "@bob@kez.test: (a message this version cannot show: x-future/poll, 14 bytes)"
+        ),
+        "{read}"
+    );
+}
