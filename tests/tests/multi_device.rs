@@ -225,6 +225,13 @@ async fn recovery_from_the_paper_key_revokes_the_lost_device() {
     phone.ok(&["send", "@bob", "it is me, on my phone"]).await;
     let read = bob.json(&["inbox", "--wait", "2"]).await;
     assert_eq!(read[0]["from_handle"], "@alice@kez.test");
+    // Someone who never added alice sees the handle her chain proves for the device.
+    let carol = Person::new();
+    carol.register(&url, "carol").await;
+    phone.ok(&["send", "@carol", "hello stranger"]).await;
+    let read = carol.json(&["inbox", "--wait", "2"]).await;
+    assert_eq!(read[0]["from_handle"], "@alice@kez.test", "{read}");
+    assert_eq!(read[0]["in_contacts"], false);
     // The home was never registered under its own key, and register says so.
     let err = phone
         .fails(

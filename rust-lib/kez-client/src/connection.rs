@@ -674,19 +674,36 @@ impl Connection {
         Ok(profile)
     }
 
-    /// The handle of a key (`kez.registry.whois`): the server's word for it. The answer must be
-    /// about `key` (else [`ClientError::BadAnswer`]).
+    /// The handle of a key (`kez.registry.whois`): the server's word for it. For a key that
+    /// holds a handle the answer must be about `key`; for a device of an identity the server
+    /// answers the identity's profile, and then the identity's chain is verified and must list
+    /// `key` as an active device (else [`ClientError::BadAnswer`]).
     pub async fn whois(&self, key: &PublicKey) -> Result<Profile, ClientError> {
+        Ok(self.whois_verified(key).await?.0)
+    }
+
+    /// [`Connection::whois`], with the identity's verified chain when `key` is a device of it.
+    async fn whois_verified(
+        &self,
+        key: &PublicKey,
+    ) -> Result<(Profile, Option<VerifiedChain>), ClientError> {
         let profile: Profile = self
             .call_json(Endpoint::Whois, request_body(&KeyRequest { key: *key }))
             .await?;
-        if profile.key != *key {
+        if profile.key == *key {
+            return Ok((profile, None));
+        }
+        let chain = self.chain(&profile.key).await?;
+        if !chain.active_devices().any(|device| device.key == *key) {
             return Err(ClientError::BadAnswer {
                 subject: Endpoint::Whois.subject().into(),
-                reason: format!("asked for {key}, answered for {}", profile.key),
+                reason: format!(
+                    "asked for {key}, answered for {}, whose chain does not list it as a device",
+                    profile.key
+                ),
             });
         }
-        Ok(profile)
+        Ok((profile, Some(chain)))
     }
 
     /// Appends a signed link (its exact bytes) to its chain (`kez.sigchain.append`); answers
@@ -1156,26 +1173,24 @@ impl Connection {
     }
 
     /// Verifies again the chain of the contact whose device the server says `device` is
-    /// (`kez.registry.whois` answers an active device with its identity's profile): if the
-    /// handle is a contact pinned to that identity, its chain is fetched, verified, and pinned
-    /// ([`Store::pin`]), listing the new device if it really is one.
+    /// (`kez.registry.whois` answers an active device with its identity's profile, and
+    /// [`Connection::whois`] checks the identity's chain lists it): if the handle is a contact
+    /// pinned to that identity, that chain is pinned ([`Store::pin`]: it must extend the pin).
     async fn learn_contact_device(
         &self,
         store: &Store,
         device: &PublicKey,
     ) -> Result<(), ClientError> {
-        let profile: Profile = self
-            .call_json(Endpoint::Whois, request_body(&KeyRequest { key: *device }))
-            .await?;
-        let handle = profile.handle.to_string();
-        let Some(contact) = store.contact(&handle)? else {
+        let (profile, Some(chain)) = self.whois_verified(device).await? else {
             return Ok(());
         };
-        if contact.key != profile.key {
-            return Ok(());
+        let handle = profile.handle.to_string();
+        match store.contact(&handle)? {
+            Some(contact) if contact.key == profile.key => {
+                store.pin(&handle, &chain, now())?;
+            }
+            _ => {}
         }
-        let chain = self.chain(&contact.key).await?;
-        store.pin(&handle, &chain, now())?;
         Ok(())
     }
 
