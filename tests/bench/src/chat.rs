@@ -80,17 +80,7 @@ impl User {
         let conn = Connection::connect(url, key.clone())
             .await
             .map_err(|e| e.to_string())?;
-        // Contacts verify the sigchain, so write its first link as `kez-chat register` does.
-        let first = kez_core::UnsignedLink::first(
-            key.public_key(),
-            kez_client::now(),
-            kez_tests::requests::nats_endpoint("nats"),
-        )
-        .sign(&key)
-        .map_err(|e| e.to_string())?;
-        conn.append(first.bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        write_first_link(&conn, &key).await?;
         let store = home.store().map_err(|e| e.to_string())?;
         Ok(User {
             conn,
@@ -99,6 +89,22 @@ impl User {
             _dir: dir,
         })
     }
+}
+
+/// Writes `key`'s first sigchain link over `conn`, as `kez-chat register` does: contacts
+/// verify the sigchain.
+pub async fn write_first_link(conn: &Connection, key: &SecretKey) -> Result<(), String> {
+    let first = kez_core::UnsignedLink::first(
+        key.public_key(),
+        kez_client::now(),
+        kez_tests::requests::nats_endpoint("nats"),
+    )
+    .sign(key)
+    .map_err(|e| e.to_string())?;
+    conn.append(first.bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 /// A body of `len` bytes whose first 8 are the microseconds since `epoch` now.

@@ -21,7 +21,7 @@ use kez_tests::callout::{CalloutProcessStack, CalloutStack};
 use tempfile::TempDir;
 
 use crate::callout::{CONCURRENCY, connect_loop};
-use crate::chat::{BODY_BYTES, User, WINDOW, stamped};
+use crate::chat::{BODY_BYTES, User, WINDOW, stamped, write_first_link};
 use crate::measure::{Budget, per_sec};
 use crate::report::{Goal, Row};
 
@@ -121,24 +121,7 @@ async fn fan_out(devices: usize, n: usize) -> Result<f64, String> {
 /// A new device of `bob`: its key counter-signs, bob's key signs the `add_device` link.
 async fn add_device(url: &str, bob: &User, index: usize) -> Result<Device, String> {
     let key = Arc::new(SecretKey::generate());
-    let chain = bob
-        .conn
-        .chain(&bob.key.public_key())
-        .await
-        .map_err(|e| e.to_string())?;
-    let link = chain
-        .add_device_link(
-            kez_client::now(),
-            &bob.key,
-            &key,
-            &format!("device{index}"),
-            DeviceKind::Cli,
-        )
-        .map_err(|e| e.to_string())?;
-    bob.conn
-        .append(link.bytes())
-        .await
-        .map_err(|e| format!("adding device {index}: {e}"))?;
+    append_device(&bob.conn, &bob.key, &key, &format!("device{index}")).await?;
     let conn = Connection::connect(url, key)
         .await
         .map_err(|e| e.to_string())?
@@ -150,6 +133,27 @@ async fn add_device(url: &str, bob: &User, index: usize) -> Result<Device, Strin
         store,
         _dir: dir,
     })
+}
+
+/// Appends to `owner`'s chain, over `conn`, the `add_device` link of `device` named `name`:
+/// `device` counter-signs, `owner` signs.
+async fn append_device(
+    conn: &Connection,
+    owner: &SecretKey,
+    device: &SecretKey,
+    name: &str,
+) -> Result<(), String> {
+    let chain = conn
+        .chain(&owner.public_key())
+        .await
+        .map_err(|e| e.to_string())?;
+    let link = chain
+        .add_device_link(kez_client::now(), owner, device, name, DeviceKind::Cli)
+        .map_err(|e| e.to_string())?;
+    conn.append(link.bytes())
+        .await
+        .map_err(|e| format!("adding device {name}: {e}"))?;
+    Ok(())
 }
 
 /// alice publishes `n` messages with up to [`WINDOW`] outstanding.
@@ -205,25 +209,9 @@ async fn connects(budget: Budget) -> Result<Vec<Row>, String> {
         let conn = Connection::connect(&url, key.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let first = kez_core::UnsignedLink::first(
-            key.public_key(),
-            kez_client::now(),
-            kez_tests::requests::nats_endpoint("nats"),
-        )
-        .sign(&key)
-        .map_err(|e| e.to_string())?;
-        conn.append(first.bytes())
-            .await
-            .map_err(|e| e.to_string())?;
+        write_first_link(&conn, &key).await?;
         let device = Arc::new(SecretKey::generate());
-        let chain = conn
-            .chain(&key.public_key())
-            .await
-            .map_err(|e| e.to_string())?;
-        let link = chain
-            .add_device_link(kez_client::now(), &key, &device, "laptop", DeviceKind::Cli)
-            .map_err(|e| e.to_string())?;
-        conn.append(link.bytes()).await.map_err(|e| e.to_string())?;
+        append_device(&conn, &key, &device, "laptop").await?;
         conn.close().await.map_err(|e| e.to_string())?;
         identities.push(Connection::options(&key));
         devices.push(Connection::options(&device));
