@@ -35,6 +35,7 @@ vectors:
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib envelope::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib file::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib manifest::tests::committed
+	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-core --lib chat::tests::committed
 	KEZ_REGEN_VECTORS=1 $(CARGO) test -p kez-chat-server --lib nats_conf
 
 build:

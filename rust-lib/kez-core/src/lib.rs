@@ -61,6 +61,7 @@ macro_rules! serde_as_text {
 }
 
 pub mod canonical;
+pub mod chat;
 #[cfg(test)]
 mod committed_vectors;
 pub mod connect;
