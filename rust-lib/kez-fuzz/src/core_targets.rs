@@ -1,10 +1,11 @@
-//! Targets for kez-core: sigchain links and chains, envelopes, sent copies, pairing requests,
-//! files and offers, manifests, handles, keys, provider strings.
+//! Targets for kez-core: sigchain links and chains, envelopes, sent copies, chat bodies,
+//! pairing requests, files and offers, manifests, handles, keys, provider strings.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
 use kez_core::SignatureDomain;
+use kez_core::chat::{self, ChatContent, ChatError};
 use kez_core::copy::{MAX_META_BYTES, SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
@@ -292,6 +293,40 @@ pub fn sent_copy(data: &[u8]) -> bool {
     let encoded = copy.encode();
     assert!(encoded.len() - copy.body.len() <= 2 + MAX_META_BYTES);
     assert_eq!(encoded, data, "a copy has one encoding");
+    true
+}
+
+/// [`ChatContent::decode`] on a chat body (PROTOCOL.md §8.6), which any sender controls: the
+/// first byte picks the content type (modulo the number of [`chat::CONTENT_TYPES`]), the rest
+/// is the body.
+///
+/// Asserts: an accepted body is of the content type it was read as, passes its own checks,
+/// encodes back to the input exactly (one form), and names at most [`chat::MAX_RECEIPT_IDS`]
+/// messages; a refused one is refused with a code. Returns whether the body was accepted.
+pub fn chat(data: &[u8]) -> bool {
+    let (mode, body) = mode(data);
+    let content_type = chat::CONTENT_TYPES[usize::from(mode) % chat::CONTENT_TYPES.len()];
+    let content = match ChatContent::decode(content_type, body) {
+        Ok(content) => content,
+        Err(err) => {
+            assert!(!err.code().is_empty());
+            assert!(
+                !matches!(err, ChatError::NotChat(_)),
+                "{content_type} is chat"
+            );
+            return false;
+        }
+    };
+    assert_eq!(content.content_type(), content_type);
+    let encoded = content.encode().expect("an accepted body encodes");
+    assert_eq!(encoded, body, "a chat body has one encoding");
+    if let Some((_, ids)) = content.change() {
+        assert!((1..=chat::MAX_RECEIPT_IDS).contains(&ids.len()));
+    }
+    assert_eq!(
+        ChatContent::decode(content_type, &encoded).as_ref(),
+        Ok(&content)
+    );
     true
 }
 

@@ -19,7 +19,7 @@ pub mod seeds;
 mod server;
 
 pub use core_targets::{
-    PAIR_NOW, envelope, file_decrypt, file_offer, handle, manifest, pair_request, provider,
+    PAIR_NOW, chat, envelope, file_decrypt, file_offer, handle, manifest, pair_request, provider,
     public_key, sent_copy, sigchain,
 };
 pub use jwt::callout_jwt;
@@ -38,6 +38,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sigchain", sigchain),
     ("envelope", envelope),
     ("sent_copy", sent_copy),
+    ("chat", chat),
     ("pair_request", pair_request),
     ("file_decrypt", file_decrypt),
     ("file_offer", file_offer),

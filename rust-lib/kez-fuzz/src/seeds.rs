@@ -180,6 +180,20 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             }
             .encode(),
         ],
+        "chat" => vectors("chat")
+            .iter()
+            .map(|vector| {
+                let content_type = vector["content_type"].as_str().expect("a content type");
+                let mode = kez_core::chat::CONTENT_TYPES
+                    .iter()
+                    .position(|known| *known == content_type)
+                    .expect("a chat content type");
+                tagged(
+                    u8::try_from(mode).expect("a few types"),
+                    &hex(&vector["body_hex"]),
+                )
+            })
+            .collect(),
         "manifest" => vectors("manifest")
             .iter()
             .filter(|vector| vector["expected_owner"] == "alice")
