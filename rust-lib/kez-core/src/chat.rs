@@ -28,8 +28,8 @@
 //! functions here: [`may_change`] (edits and deletions only by the target's sender, and only of
 //! a text or a reply; reactions and replies to any shown message; receipts only from the
 //! target's recipient; always within one conversation), [`is_message`] (which content types
-//! are messages a person sees, and may be reacted or replied to) and [`expires_at`] (when a
-//! message under a timer disappears).
+//! are messages a person sees, and may be reacted or replied to), and [`timer_in_force`] with
+//! [`expires_at`] (when a message under a timer disappears).
 
 use std::collections::BTreeSet;
 
@@ -633,6 +633,7 @@ impl Profile {
     /// standard base64 (RFC 4648 §4) in its one form.
     pub fn decode(bytes: &[u8]) -> Result<Self, ChatError> {
         let json: ProfileJson = parse(bytes)?;
+        check_display_name(&json.display_name)?;
         let avatar = match json.avatar {
             None => None,
             Some(avatar) => {
@@ -832,6 +833,18 @@ pub fn expires_at(time: u64, timer: Timer) -> Option<u64> {
 /// every device settles on the same timer whatever order they arrive in.
 pub fn timer_replaces(time: u64, id: MessageId, current_time: u64, current_id: MessageId) -> bool {
     (time, id) > (current_time, current_id)
+}
+
+/// The timer in force at `time` in a conversation whose `kez.timer` messages are `timers`
+/// (envelope time, id, timer; in any order): of those sent at or before `time`, the one that
+/// [replaces](timer_replaces) the others; off (0) when there is none. A message sent at `time`
+/// expires at [`expires_at`]`(time, timer_in_force(timers, time))`.
+pub fn timer_in_force(timers: &[(u64, MessageId, Timer)], time: u64) -> Timer {
+    timers
+        .iter()
+        .filter(|(set, _, _)| *set <= time)
+        .max_by_key(|(set, id, _)| (*set, *id))
+        .map_or(Timer { seconds: 0 }, |(_, _, timer)| *timer)
 }
 
 #[cfg(test)]

@@ -797,6 +797,34 @@ fn a_message_expires_its_timer_after_its_envelope_time() {
     assert!(timer_replaces(T0, id(2), T0, id(1)));
     assert!(!timer_replaces(T0, id(1), T0, id(1)));
     assert!(!timer_replaces(T0 - 1, id(9), T0, id(0)));
+    let timers = [
+        (T0 + 100, id(1), Timer { seconds: 0 }),
+        (T0, id(2), Timer { seconds: 60 }),
+        (T0, id(1), Timer { seconds: 30 }),
+    ];
+    assert_eq!(timer_in_force(&timers, T0 - 1), Timer { seconds: 0 });
+    assert_eq!(timer_in_force(&timers, T0), Timer { seconds: 60 });
+    assert_eq!(timer_in_force(&timers, T0 + 99), Timer { seconds: 60 });
+    assert_eq!(timer_in_force(&timers, T0 + 100), Timer { seconds: 0 });
+    assert_eq!(timer_in_force(&[], T0), Timer { seconds: 0 });
+}
+
+#[test]
+fn a_profiles_checks_run_in_the_documented_order() {
+    assert_eq!(
+        code(
+            PROFILE_CONTENT_TYPE,
+            r#"{"avatar":{"data":"%%%","type":"image/png"},"display_name":""}"#
+        ),
+        "bad_display_name"
+    );
+    assert_eq!(
+        code(
+            PROFILE_CONTENT_TYPE,
+            r#"{"avatar":{"data":"%%%","type":"image/gif"},"display_name":""}"#
+        ),
+        "malformed"
+    );
 }
 
 #[test]
