@@ -8,15 +8,17 @@
 //! (by naming the floor in its next fetch) only after storing them: a crash in between means
 //! a redelivery, which the seen ids drop.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use kez_core::PublicKey;
+use kez_core::chat::{self, ChangeKind, ChatContent, ChatError, ReceiptKind, Timer};
 use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{Message, MessageId};
 use kez_core::file::{BlobHash, FILE_OFFER_CONTENT_TYPE};
 use kez_core::manifest::ManifestEntry;
 use kez_core::sigchain::{Device, DeviceKind, LinkHash};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
 use kez_core::trust::{PinChange, PinRefusal, PinnedChain, VerifiedChain, check_pin};
@@ -47,6 +49,13 @@ const DOWNLOADS: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("downlo
 const PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("published");
 /// The own manifest last committed: [`LAST_MANIFEST`] → JSON [`PublishedManifest`].
 const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+/// (conversation, message id) → JSON `ChatState`: what edits, deletions, reactions and receipts
+/// did to that message (PROTOCOL.md §8.6).
+const CHAT_STATE: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::new("chat_state");
+/// Conversation → JSON list of its `kez.timer` settings.
+const TIMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("timers");
+/// Conversation → the storage order up to which (exclusive) its messages were read.
+const READ_UPTO: TableDefinition<&str, u64> = TableDefinition::new("read_upto");
 const LAST_MANIFEST: &str = "last";
 const NEXT_ORDER: &str = "next_order";
 const INBOX_FLOOR: &str = "inbox_floor";
@@ -109,6 +118,11 @@ pub enum StoreError {
         /// Why.
         refusal: PinRefusal,
     },
+    /// A chat change (an edit, deletion, reaction, reply or receipt, PROTOCOL.md §8.6) was not
+    /// applied: its target is not stored in that conversation, or its sender may not make it.
+    /// Nothing was stored.
+    #[error("the change was not applied: {0}")]
+    ChangeRefused(ChatError),
 }
 
 /// What a person is told about a refused chain.
@@ -271,13 +285,17 @@ fn conversation_peer(name: &str) -> Result<(PublicKey, bool), StoreError> {
     Ok((peer, retired))
 }
 
-/// What [`Store::search`] looks in: a text message's text, a file offer's file name.
+/// What [`Store::search`] looks in: a text message's text, a file offer's file name, a reply's
+/// text.
 fn searchable_words(message: &StoredMessage) -> Option<String> {
     match message.content_type.as_str() {
         "text" => Some(String::from_utf8_lossy(&message.body).into_owned()),
         FILE_OFFER_CONTENT_TYPE => kez_core::file::FileOffer::from_json(&message.body)
             .ok()
             .map(|offer| offer.name),
+        chat::REPLY_CONTENT_TYPE => chat::Reply::decode(&message.body)
+            .ok()
+            .map(|reply| reply.text),
         _ => None,
     }
 }
@@ -461,6 +479,11 @@ pub struct Conversation {
     pub messages: usize,
     /// How many of its received messages were not shown yet.
     pub unshown: usize,
+    /// How many of its received messages a person sees ([`kez_core::chat::is_message`]) were
+    /// not read yet: stored after the conversation was last marked read ([`Store::mark_read`]),
+    /// not marked read by another own device, not deleted. A store written before read state
+    /// starts each conversation read up to its first message not yet shown.
+    pub unread: usize,
     /// Its last message, in the order of [`Store::history`].
     pub last: StoredMessage,
 }
@@ -612,6 +635,7 @@ fn check_readable(database: &Database) -> Result<(), OpenFailure> {
     scan!(
         CONTACTS, MESSAGES, SEEN, META, UNSHOWN, OFFERS, DOWNLOADS, PUBLISHED, MANIFESTS
     );
+    scan!(CHAT_STATE, TIMERS, READ_UPTO);
     Ok(())
 }
 
@@ -696,6 +720,7 @@ impl Store {
         tx.open_table(DOWNLOADS).map_err(db)?;
         tx.open_table(PUBLISHED).map_err(db)?;
         tx.open_table(MANIFESTS).map_err(db)?;
+        create_chat_tables(&tx)?;
         tx.commit().map_err(db)?;
         Ok(Store { db: database })
     }
@@ -1105,16 +1130,34 @@ impl Store {
             Err(redb::TableError::TableDoesNotExist(_)) => {}
             Err(err) => return Err(db(err)),
         }
+        let read_upto = tx.open_table(READ_UPTO).map_err(db)?;
+        let states = tx.open_table(CHAT_STATE).map_err(db)?;
         let mut out: Vec<Conversation> = Vec::new();
         let mut current: Option<String> = None;
+        let mut upto = 0;
         for entry in table.iter().map_err(db)? {
             let (key, value) = entry.map_err(db)?;
-            let name = key.value().0;
+            let (name, order) = key.value();
             let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            if current.as_deref() != Some(name) {
+                upto = read_upto
+                    .get(name)
+                    .map_err(db)?
+                    .map_or(0, |guard| guard.value());
+            }
+            let is_unread = message.direction == Direction::Incoming
+                && order >= upto
+                && unread(
+                    &message,
+                    order,
+                    upto,
+                    &read_state(&states, name, &message.id)?,
+                );
             if current.as_deref() == Some(name)
                 && let Some(conversation) = out.last_mut()
             {
                 conversation.messages += 1;
+                conversation.unread += usize::from(is_unread);
                 if (message.time, message.seq) >= (conversation.last.time, conversation.last.seq) {
                     conversation.last = message;
                 }
@@ -1126,6 +1169,7 @@ impl Store {
                 retired,
                 messages: 1,
                 unshown: unshown.get(name).copied().unwrap_or(0),
+                unread: usize::from(is_unread),
                 last: message,
             });
             current = Some(name.to_owned());
@@ -1137,7 +1181,7 @@ impl Store {
     }
 
     /// Every stored message whose words contain `query`, ignoring case: the text of a `text`
-    /// message, the file name of a file offer. With the conversation each belongs to, in the
+    /// message, the file name of a file offer, the text of a reply. With the conversation each belongs to, in the
     /// order they were sent (the sender's time, then the stream sequence). Reads the whole
     /// history: local search over what this home holds.
     pub fn search(&self, query: &str) -> Result<Vec<Found>, StoreError> {
@@ -1183,6 +1227,563 @@ impl Store {
         // after a crash arrives late): the sender's time, then the server's stream order.
         messages.sort_by_key(|message: &StoredMessage| (message.time, message.seq));
         Ok(messages)
+    }
+}
+
+// ---- Chat changes, read state and disappearing messages (PROTOCOL.md §8.6) ----
+
+/// One change to a stored message, as received or sent ([`Store::apply_change`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatChange {
+    /// The conversation the change came in: the peer's identity ([`Contact::key`]), as for
+    /// [`Store::history`].
+    pub peer: PublicKey,
+    /// The identity that sent the change (the own identity, or the peer's), resolved from the
+    /// envelope's verified device through a verified chain.
+    pub sender: PublicKey,
+    /// The change message's id.
+    pub id: MessageId,
+    /// The change message's envelope time.
+    pub time: u64,
+    /// What it says.
+    pub content: ChatContent,
+}
+
+/// A shown message with what later messages did to it ([`Store::message`],
+/// [`Store::messages`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageView {
+    /// The message as stored (after a deletion: its body is empty).
+    pub message: StoredMessage,
+    /// The text to show for a `text` or `kez.reply` message: the latest edit's, else its own
+    /// (lossy UTF-8, PROTOCOL.md §8.1); `None` for other content types and once deleted.
+    pub text: Option<String>,
+    /// Whether `text` is an edit's.
+    pub edited: bool,
+    /// Whether its sender deleted it (its text is gone from the store).
+    pub deleted: bool,
+    /// The message a `kez.reply` quotes (`None` once deleted).
+    pub reply_to: Option<MessageId>,
+    /// Each reaction with the identities that reacted with it.
+    pub reactions: BTreeMap<String, BTreeSet<PublicKey>>,
+    /// Outgoing: a device of the peer stored it (read implies delivered).
+    pub delivered: bool,
+    /// Outgoing: the peer read it. Incoming: the own person read it (the conversation was
+    /// marked read after it was stored, or another own device said so).
+    pub read: bool,
+    /// When a disappearing-message timer deletes it (seconds since the epoch).
+    pub expires_at: Option<u64>,
+}
+
+/// A value written by the message (`time`, `id`): of two, the later wins
+/// ([`chat::timer_replaces`]), whatever order they arrived in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Versioned<T> {
+    time: u64,
+    id: MessageId,
+    value: T,
+}
+
+impl<T> Versioned<T> {
+    fn replaces(&self, current: Option<&Versioned<T>>) -> bool {
+        current.is_none_or(|current| {
+            chat::timer_replaces(self.time, self.id, current.time, current.id)
+        })
+    }
+}
+
+/// What changes did to one message: a JSON record in [`CHAT_STATE`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ChatState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    edit: Option<Versioned<String>>,
+    #[serde(default)]
+    deleted: bool,
+    /// emoji → identity (text form) → whether it is there.
+    #[serde(default)]
+    reactions: BTreeMap<String, BTreeMap<PublicKey, Versioned<bool>>>,
+    #[serde(default)]
+    delivered: bool,
+    #[serde(default)]
+    read: bool,
+}
+
+/// A conversation's `kez.timer` settings: a JSON list in [`TIMERS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct TimerSetting {
+    time: u64,
+    id: MessageId,
+    seconds: u32,
+}
+
+fn timer_list(settings: &[TimerSetting]) -> Vec<(u64, MessageId, Timer)> {
+    settings
+        .iter()
+        .map(|setting| {
+            (
+                setting.time,
+                setting.id,
+                Timer {
+                    seconds: setting.seconds,
+                },
+            )
+        })
+        .collect()
+}
+
+fn read_timers(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    conversation: &str,
+) -> Result<Vec<TimerSetting>, StoreError> {
+    match table.get(conversation).map_err(db)? {
+        Some(guard) => serde_json::from_slice(guard.value()).map_err(corrupt),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn read_state(
+    table: &impl ReadableTable<(&'static str, [u8; 16]), &'static [u8]>,
+    conversation: &str,
+    id: &MessageId,
+) -> Result<ChatState, StoreError> {
+    match table.get((conversation, *id.as_bytes())).map_err(db)? {
+        Some(guard) => serde_json::from_slice(guard.value()).map_err(corrupt),
+        None => Ok(ChatState::default()),
+    }
+}
+
+/// The messages of `conversation` with these ids: id → (storage order, message).
+fn find_messages(
+    table: &impl ReadableTable<(&'static str, u64), &'static [u8]>,
+    conversation: &str,
+    ids: &BTreeSet<MessageId>,
+) -> Result<HashMap<MessageId, (u64, StoredMessage)>, StoreError> {
+    let mut found = HashMap::new();
+    for entry in table
+        .range((conversation, 0)..=(conversation, u64::MAX))
+        .map_err(db)?
+    {
+        let (key, value) = entry.map_err(db)?;
+        let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+        if ids.contains(&message.id) {
+            found.insert(message.id, (key.value().1, message));
+        }
+    }
+    Ok(found)
+}
+
+/// Whether an incoming shown message at storage `order` counts as unread.
+fn unread(message: &StoredMessage, order: u64, read_upto: u64, state: &ChatState) -> bool {
+    message.direction == Direction::Incoming
+        && chat::is_message(&message.content_type)
+        && order >= read_upto
+        && !state.read
+        && !state.deleted
+}
+
+fn refused(reason: ChatError) -> StoreError {
+    StoreError::ChangeRefused(reason)
+}
+
+/// Sets up the tables of chat changes, read state and timers in a store that lacks them:
+/// every conversation of a store an earlier version wrote starts read up to its first message
+/// not yet shown (what the CLI printed counts as read).
+fn create_chat_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let exists = tx
+        .list_tables()
+        .map_err(db)?
+        .any(|table| table.name() == READ_UPTO.name());
+    tx.open_table(CHAT_STATE).map_err(db)?;
+    tx.open_table(TIMERS).map_err(db)?;
+    let mut read_upto = tx.open_table(READ_UPTO).map_err(db)?;
+    if exists {
+        return Ok(());
+    }
+    let next = tx
+        .open_table(META)
+        .map_err(db)?
+        .get(NEXT_ORDER)
+        .map_err(db)?
+        .map_or(0, |guard| guard.value());
+    let mut first_unshown = HashMap::<String, u64>::new();
+    for entry in tx.open_table(UNSHOWN).map_err(db)?.iter().map_err(db)? {
+        let (order, peer) = entry.map_err(db)?;
+        first_unshown
+            .entry(peer.value().to_owned())
+            .or_insert(order.value());
+    }
+    let messages = tx.open_table(MESSAGES).map_err(db)?;
+    let mut conversations = BTreeSet::new();
+    for entry in messages.iter().map_err(db)? {
+        let (key, _) = entry.map_err(db)?;
+        conversations.insert(key.value().0.to_owned());
+    }
+    for name in conversations {
+        let upto = first_unshown.get(&name).copied().unwrap_or(next);
+        read_upto.insert(name.as_str(), upto).map_err(db)?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Applies a change (PROTOCOL.md §8.6) to the message(s) it names in conversation
+    /// `change.peer`, the own identity being `own`, in one transaction; `true` when it changed
+    /// something. The rules of [`chat::may_change`] hold here: the sender must be `own` or the
+    /// peer, the target must be stored in this conversation (a change that arrives before its
+    /// target is refused, not parked: [`ChatError::NotInConversation`]), an edit or deletion
+    /// must come from the target's sender (the peer for an incoming message, `own` for an
+    /// outgoing one) and name a text or a reply. A refused change is
+    /// [`StoreError::ChangeRefused`] and stores nothing.
+    ///
+    /// - Edit: the latest edit (envelope time, then id) is the text; ignored once deleted.
+    /// - Delete: the target's body is emptied in the store and its edit dropped.
+    /// - Reaction: the sender's reaction is added or taken back (latest wins per emoji).
+    /// - Reply: checks its target if stored (a reply is a message, recorded like one; a reply
+    ///   to a message not stored is still shown); changes nothing.
+    /// - Receipt: the ids found in the conversation are marked (ids not stored, for example
+    ///   already expired, are passed over; none found is refused). From the peer, own messages
+    ///   are delivered or read; from `own`, a `read` marks the peer's messages read and a
+    ///   `delivered` changes nothing.
+    /// - Timer: the conversation's timer setting is kept ([`Store::timer`]).
+    /// - Typing, presence, profile: not stored here; `Ok(false)`.
+    pub fn apply_change(&self, own: &PublicKey, change: &ChatChange) -> Result<bool, StoreError> {
+        let peer = change.peer;
+        if change.sender != *own && change.sender != peer {
+            return Err(refused(ChatError::NotInConversation));
+        }
+        let Some((kind, ids)) = change.content.change() else {
+            if let ChatContent::Timer(timer) = change.content {
+                return self.set_timer(&peer, change.time, change.id, timer);
+            }
+            return Ok(false);
+        };
+        let conversation = peer.to_hex();
+        let ids: BTreeSet<MessageId> = ids.into_iter().collect();
+        let tx = self.db.begin_write().map_err(db)?;
+        let changed = {
+            let mut messages = tx.open_table(MESSAGES).map_err(db)?;
+            let mut states = tx.open_table(CHAT_STATE).map_err(db)?;
+            let found = find_messages(&messages, &conversation, &ids)?;
+            if found.is_empty() && kind == ChangeKind::Reply {
+                return Ok(false);
+            }
+            if found.is_empty()
+                || (found.len() != ids.len() && !matches!(kind, ChangeKind::Receipt(_)))
+            {
+                return Err(refused(ChatError::NotInConversation));
+            }
+            for (_, target) in found.values() {
+                let target_sender = match target.direction {
+                    Direction::Incoming => &peer,
+                    Direction::Outgoing => own,
+                };
+                chat::may_change(
+                    target_sender,
+                    &target.content_type,
+                    true,
+                    &change.sender,
+                    kind,
+                )
+                .map_err(refused)?;
+            }
+            let mut changed = false;
+            for (id, (order, target)) in &found {
+                let before = read_state(&states, &conversation, id)?;
+                let mut state = before.clone();
+                match &change.content {
+                    ChatContent::Edit(edit) => {
+                        let new = Versioned {
+                            time: change.time,
+                            id: change.id,
+                            value: edit.text.clone(),
+                        };
+                        if !state.deleted && new.replaces(state.edit.as_ref()) {
+                            state.edit = Some(new);
+                        }
+                    }
+                    ChatContent::Delete(_) => {
+                        state.deleted = true;
+                        state.edit = None;
+                        if !target.body.is_empty() {
+                            let emptied = StoredMessage {
+                                body: Vec::new(),
+                                ..target.clone()
+                            };
+                            let json = serde_json::to_vec(&emptied).expect("a message serialises");
+                            messages
+                                .insert((conversation.as_str(), *order), json.as_slice())
+                                .map_err(db)?;
+                            changed = true;
+                        }
+                    }
+                    ChatContent::Reaction(reaction) => {
+                        let new = Versioned {
+                            time: change.time,
+                            id: change.id,
+                            value: !reaction.remove,
+                        };
+                        let by = state.reactions.entry(reaction.emoji.clone()).or_default();
+                        if new.replaces(by.get(&change.sender)) {
+                            by.insert(change.sender, new);
+                        }
+                    }
+                    ChatContent::Receipt(receipt) => {
+                        let read = receipt.kind == ReceiptKind::Read;
+                        if change.sender == peer {
+                            state.delivered = true;
+                            state.read |= read;
+                        } else {
+                            state.read |= read;
+                        }
+                    }
+                    _ => {}
+                }
+                if state != before {
+                    let json = serde_json::to_vec(&state).expect("a state serialises");
+                    states
+                        .insert((conversation.as_str(), *id.as_bytes()), json.as_slice())
+                        .map_err(db)?;
+                    changed = true;
+                }
+            }
+            changed
+        };
+        tx.commit().map_err(db)?;
+        Ok(changed)
+    }
+
+    /// The message `id` of the conversation with `peer`, with its state; `None` when it is not
+    /// stored there.
+    pub fn message(
+        &self,
+        peer: &PublicKey,
+        id: &MessageId,
+    ) -> Result<Option<MessageView>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let conversation = peer.to_hex();
+        let messages = tx.open_table(MESSAGES).map_err(db)?;
+        let found = find_messages(&messages, &conversation, &BTreeSet::from([*id]))?;
+        let Some((order, message)) = found.into_values().next() else {
+            return Ok(None);
+        };
+        Ok(Some(self.view(&tx, &conversation, order, message)?))
+    }
+
+    /// The shown messages ([`chat::is_message`]) of the conversation with `peer` with their
+    /// state, in the order of [`Store::history`]: what a chat view lists (changes, receipts
+    /// and the like that were recorded as messages are left out).
+    pub fn messages(&self, peer: &PublicKey) -> Result<Vec<MessageView>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let conversation = peer.to_hex();
+        let table = tx.open_table(MESSAGES).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in table
+            .range((conversation.as_str(), 0)..=(conversation.as_str(), u64::MAX))
+            .map_err(db)?
+        {
+            let (key, value) = entry.map_err(db)?;
+            let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            if chat::is_message(&message.content_type) {
+                out.push(self.view(&tx, &conversation, key.value().1, message)?);
+            }
+        }
+        out.sort_by_key(|view| (view.message.time, view.message.seq));
+        Ok(out)
+    }
+
+    fn view(
+        &self,
+        tx: &redb::ReadTransaction,
+        conversation: &str,
+        order: u64,
+        message: StoredMessage,
+    ) -> Result<MessageView, StoreError> {
+        let state = read_state(
+            &tx.open_table(CHAT_STATE).map_err(db)?,
+            conversation,
+            &message.id,
+        )?;
+        let timers = read_timers(&tx.open_table(TIMERS).map_err(db)?, conversation)?;
+        let read_upto = tx
+            .open_table(READ_UPTO)
+            .map_err(db)?
+            .get(conversation)
+            .map_err(db)?
+            .map_or(0, |guard| guard.value());
+        let reply = (message.content_type == chat::REPLY_CONTENT_TYPE && !state.deleted)
+            .then(|| chat::Reply::decode(&message.body).ok())
+            .flatten();
+        let text = match (state.deleted, &state.edit, message.content_type.as_str()) {
+            (true, _, _) => None,
+            (false, Some(edit), _) => Some(edit.value.clone()),
+            (false, None, "text") => Some(String::from_utf8_lossy(&message.body).into_owned()),
+            (false, None, _) => reply.as_ref().map(|reply| reply.text.clone()),
+        };
+        let read = match message.direction {
+            Direction::Incoming => order < read_upto || state.read,
+            Direction::Outgoing => state.read,
+        };
+        Ok(MessageView {
+            edited: state.edit.is_some() && !state.deleted,
+            deleted: state.deleted,
+            text,
+            reply_to: reply.map(|reply| reply.id),
+            reactions: state
+                .reactions
+                .iter()
+                .map(|(emoji, by)| {
+                    let who: BTreeSet<PublicKey> = by
+                        .iter()
+                        .filter(|(_, there)| there.value)
+                        .map(|(identity, _)| *identity)
+                        .collect();
+                    (emoji.clone(), who)
+                })
+                .filter(|(_, who)| !who.is_empty())
+                .collect(),
+            delivered: state.delivered || (message.direction == Direction::Outgoing && state.read),
+            read,
+            expires_at: chat::expires_at(
+                message.time,
+                chat::timer_in_force(&timer_list(&timers), message.time),
+            ),
+            message,
+        })
+    }
+
+    /// Keeps the `kez.timer` setting (`time`, `id`) of the conversation with `peer`: messages
+    /// sent from `time` on expire after `timer` ([`chat::timer_in_force`]). `false` when this
+    /// setting was kept before.
+    pub fn set_timer(
+        &self,
+        peer: &PublicKey,
+        time: u64,
+        id: MessageId,
+        timer: Timer,
+    ) -> Result<bool, StoreError> {
+        timer.validate().map_err(refused)?;
+        let conversation = peer.to_hex();
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = tx.open_table(TIMERS).map_err(db)?;
+            let mut settings = read_timers(&table, &conversation)?;
+            if settings.iter().any(|setting| setting.id == id) {
+                return Ok(false);
+            }
+            settings.push(TimerSetting {
+                time,
+                id,
+                seconds: timer.seconds,
+            });
+            let json = serde_json::to_vec(&settings).expect("timers serialise");
+            table
+                .insert(conversation.as_str(), json.as_slice())
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// The conversation's timer now: the latest setting ([`chat::timer_replaces`]); off when
+    /// none.
+    pub fn timer(&self, peer: &PublicKey) -> Result<Timer, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let settings = read_timers(&tx.open_table(TIMERS).map_err(db)?, &peer.to_hex())?;
+        Ok(chat::timer_in_force(&timer_list(&settings), u64::MAX))
+    }
+
+    /// Deletes every message whose timer expired at `now` ([`MessageView::expires_at`] at or
+    /// before `now`), with its state, unshown mark, offer index and download record (a
+    /// downloaded file itself is the caller's); its id stays seen, so a redelivery does not
+    /// bring it back. Answers how many were deleted.
+    pub fn purge_expired(&self, now: u64) -> Result<usize, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let mut purged = 0;
+        {
+            let timers = tx.open_table(TIMERS).map_err(db)?;
+            let mut all = Vec::new();
+            for entry in timers.iter().map_err(db)? {
+                let (name, value) = entry.map_err(db)?;
+                let settings: Vec<TimerSetting> =
+                    serde_json::from_slice(value.value()).map_err(corrupt)?;
+                all.push((name.value().to_owned(), timer_list(&settings)));
+            }
+            let mut messages = tx.open_table(MESSAGES).map_err(db)?;
+            let mut states = tx.open_table(CHAT_STATE).map_err(db)?;
+            let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
+            let mut offers = tx.open_table(OFFERS).map_err(db)?;
+            let mut downloads = tx.open_table(DOWNLOADS).map_err(db)?;
+            for (conversation, timers) in all {
+                let mut expired = Vec::new();
+                for entry in messages
+                    .range((conversation.as_str(), 0)..=(conversation.as_str(), u64::MAX))
+                    .map_err(db)?
+                {
+                    let (key, value) = entry.map_err(db)?;
+                    let message: StoredMessage =
+                        serde_json::from_slice(value.value()).map_err(corrupt)?;
+                    let timer = chat::timer_in_force(&timers, message.time);
+                    if chat::expires_at(message.time, timer).is_some_and(|at| at <= now) {
+                        expired.push((key.value().1, message.id));
+                    }
+                }
+                for (order, id) in expired {
+                    messages
+                        .remove((conversation.as_str(), order))
+                        .map_err(db)?;
+                    states
+                        .remove((conversation.as_str(), *id.as_bytes()))
+                        .map_err(db)?;
+                    unshown.remove(order).map_err(db)?;
+                    offers.remove(id.as_bytes()).map_err(db)?;
+                    downloads.remove(id.as_bytes()).map_err(db)?;
+                    purged += 1;
+                }
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(purged)
+    }
+
+    /// Marks every message of the conversation with `peer` stored so far as read by the own
+    /// person, and answers the ids of the incoming shown messages that were unread until now
+    /// (for a `read` receipt to the peer and the own other devices), in storage order.
+    pub fn mark_read(&self, peer: &PublicKey) -> Result<Vec<MessageId>, StoreError> {
+        let conversation = peer.to_hex();
+        let tx = self.db.begin_write().map_err(db)?;
+        let mut newly_read = Vec::new();
+        {
+            let next = tx
+                .open_table(META)
+                .map_err(db)?
+                .get(NEXT_ORDER)
+                .map_err(db)?
+                .map_or(0, |guard| guard.value());
+            let mut read_upto = tx.open_table(READ_UPTO).map_err(db)?;
+            let upto = read_upto
+                .get(conversation.as_str())
+                .map_err(db)?
+                .map_or(0, |guard| guard.value());
+            let messages = tx.open_table(MESSAGES).map_err(db)?;
+            let states = tx.open_table(CHAT_STATE).map_err(db)?;
+            for entry in messages
+                .range((conversation.as_str(), upto)..=(conversation.as_str(), u64::MAX))
+                .map_err(db)?
+            {
+                let (key, value) = entry.map_err(db)?;
+                let message: StoredMessage =
+                    serde_json::from_slice(value.value()).map_err(corrupt)?;
+                let state = read_state(&states, &conversation, &message.id)?;
+                if unread(&message, key.value().1, upto, &state) {
+                    newly_read.push(message.id);
+                }
+            }
+            read_upto
+                .insert(conversation.as_str(), next.max(upto))
+                .map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(newly_read)
     }
 }
 
@@ -1721,5 +2322,531 @@ mod tests {
         assert_eq!(left[0].1.body, b"two");
         store.mark_shown(&[left[0].0]).unwrap();
         assert!(store.unshown().unwrap().is_empty());
+    }
+
+    // ---- chat changes (PROTOCOL.md §8.6) ----
+
+    const OWN_ID: u8 = 1;
+    const BOB: u8 = 2;
+
+    fn chat_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        (dir, store)
+    }
+
+    /// An outgoing message of the own identity to bob, stored.
+    fn sent(store: &Store, content_type: &str, body: &[u8], time: u64) -> MessageId {
+        let id = MessageId::random();
+        assert!(
+            store
+                .record(StoredMessage {
+                    id,
+                    from: key(OWN_ID),
+                    to: key(BOB),
+                    time,
+                    seq: 0,
+                    stored_at: time,
+                    content_type: content_type.into(),
+                    body: body.to_vec(),
+                    direction: Direction::Outgoing,
+                })
+                .unwrap()
+        );
+        id
+    }
+
+    /// An incoming message from `from` to the own identity, stored.
+    fn received(store: &Store, from: u8, content_type: &str, body: &[u8], time: u64) -> MessageId {
+        let mut message = message(from, OWN_ID, "");
+        message.content_type = content_type.into();
+        message.body = body.to_vec();
+        message.time = time;
+        assert!(store.record_incoming(&message, time).unwrap());
+        message.id
+    }
+
+    fn change(sender: u8, time: u64, content: ChatContent) -> ChatChange {
+        ChatChange {
+            peer: key(BOB),
+            sender: key(sender),
+            id: MessageId::random(),
+            time,
+            content,
+        }
+    }
+
+    fn apply(store: &Store, change: &ChatChange) -> Result<bool, StoreError> {
+        store.apply_change(&key(OWN_ID), change)
+    }
+
+    fn edit(id: MessageId, text: &str) -> ChatContent {
+        ChatContent::Edit(chat::Edit {
+            id,
+            text: text.into(),
+        })
+    }
+
+    fn refusal(result: Result<bool, StoreError>) -> &'static str {
+        match result {
+            Err(StoreError::ChangeRefused(reason)) => reason.code(),
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    fn view(store: &Store, id: MessageId) -> MessageView {
+        store.message(&key(BOB), &id).unwrap().expect("stored")
+    }
+
+    #[test]
+    fn an_edit_from_the_sender_changes_the_text_and_the_latest_edit_wins() {
+        let (_dir, store) = chat_store();
+        let mine = sent(&store, "text", b"helo", 100);
+        let theirs = received(&store, BOB, "text", b"hi", 101);
+        assert_eq!(view(&store, mine).text.as_deref(), Some("helo"));
+        assert!(!view(&store, mine).edited);
+
+        let later = change(OWN_ID, 110, edit(mine, "hello!"));
+        let earlier = change(OWN_ID, 105, edit(mine, "hello"));
+        assert!(apply(&store, &later).unwrap());
+        assert!(
+            !apply(&store, &earlier).unwrap(),
+            "an older edit arriving late"
+        );
+        let shown = view(&store, mine);
+        assert_eq!(
+            (shown.text.as_deref(), shown.edited),
+            (Some("hello!"), true)
+        );
+        assert_eq!(shown.message.body, b"helo", "the original stays");
+
+        assert!(apply(&store, &change(BOB, 111, edit(theirs, "hi there"))).unwrap());
+        assert_eq!(view(&store, theirs).text.as_deref(), Some("hi there"));
+    }
+
+    #[test]
+    fn a_forged_edit_or_delete_is_refused_and_stores_nothing() {
+        let (_dir, store) = chat_store();
+        let mine = sent(&store, "text", b"mine", 100);
+        let theirs = received(&store, BOB, "text", b"theirs", 101);
+        // bob edits or deletes the own message; the own identity edits bob's.
+        for forged in [
+            change(BOB, 110, edit(mine, "forged")),
+            change(BOB, 110, ChatContent::Delete(chat::Delete { id: mine })),
+            change(OWN_ID, 110, edit(theirs, "forged")),
+        ] {
+            assert_eq!(refusal(apply(&store, &forged)), "not_the_sender");
+        }
+        // carol is not in this conversation at all.
+        assert_eq!(
+            refusal(apply(&store, &change(3, 110, edit(mine, "carol")))),
+            "not_in_conversation"
+        );
+        for id in [mine, theirs] {
+            let shown = view(&store, id);
+            assert!(!shown.edited && !shown.deleted, "nothing stored");
+        }
+        assert_eq!(view(&store, mine).text.as_deref(), Some("mine"));
+        let err = apply(&store, &change(BOB, 110, edit(mine, "forged"))).unwrap_err();
+        assert!(err.to_string().contains("only the sender"), "{err}");
+    }
+
+    #[test]
+    fn a_change_must_name_a_message_of_its_conversation_of_a_kind_it_applies_to() {
+        let (_dir, store) = chat_store();
+        let elsewhere = received(&store, 3, "text", b"carol's", 100);
+        let offer = sent(&store, FILE_OFFER_CONTENT_TYPE, b"{}", 101);
+        let unknown = MessageId::random();
+        assert_eq!(
+            refusal(apply(&store, &change(OWN_ID, 110, edit(unknown, "x")))),
+            "not_in_conversation",
+            "a change before its target is refused, not parked"
+        );
+        let reaction = |id| {
+            ChatContent::Reaction(chat::Reaction {
+                id,
+                emoji: "👍".into(),
+                remove: false,
+            })
+        };
+        assert_eq!(
+            refusal(apply(&store, &change(BOB, 110, reaction(elsewhere)))),
+            "not_in_conversation"
+        );
+        assert_eq!(
+            refusal(apply(&store, &change(OWN_ID, 110, edit(offer, "x")))),
+            "not_editable"
+        );
+        assert!(apply(&store, &change(BOB, 110, reaction(offer))).unwrap());
+        let receipt_id = received(&store, BOB, chat::RECEIPT_CONTENT_TYPE, b"{}", 111);
+        assert_eq!(
+            refusal(apply(&store, &change(OWN_ID, 112, reaction(receipt_id)))),
+            "not_a_message"
+        );
+        assert_eq!(
+            store.message(&key(BOB), &elsewhere).unwrap(),
+            None,
+            "carol's message is not in bob's conversation"
+        );
+    }
+
+    #[test]
+    fn a_delete_removes_the_text_from_the_store_and_from_search() {
+        let (_dir, store) = chat_store();
+        let mine = sent(&store, "text", b"secret plans", 100);
+        let reply_body = chat::Reply {
+            id: mine,
+            text: "more secret".into(),
+        }
+        .encode()
+        .unwrap();
+        let reply = sent(&store, chat::REPLY_CONTENT_TYPE, &reply_body, 101);
+        assert!(apply(&store, &change(OWN_ID, 105, edit(mine, "secret plans v2"))).unwrap());
+        assert_eq!(
+            store.search("secret").unwrap().len(),
+            2,
+            "texts and replies"
+        );
+        for id in [mine, reply] {
+            let delete = change(OWN_ID, 110, ChatContent::Delete(chat::Delete { id }));
+            assert!(apply(&store, &delete).unwrap());
+            assert!(!apply(&store, &delete).unwrap(), "once");
+        }
+        assert!(!apply(&store, &change(OWN_ID, 120, edit(mine, "back"))).unwrap());
+        for id in [mine, reply] {
+            let shown = view(&store, id);
+            assert!(shown.deleted && !shown.edited);
+            assert_eq!((shown.text, shown.reply_to), (None, None));
+            assert!(shown.message.body.is_empty());
+        }
+        assert!(store.search("secret").unwrap().is_empty());
+        assert!(
+            store
+                .history(&key(BOB))
+                .unwrap()
+                .iter()
+                .all(|message| message.body.is_empty()),
+            "gone from the records, not only hidden"
+        );
+    }
+
+    #[test]
+    fn reactions_collect_identities_and_can_be_taken_back() {
+        let (_dir, store) = chat_store();
+        let theirs = received(&store, BOB, "text", b"lunch?", 100);
+        let react = |sender, time, emoji: &str, remove| {
+            change(
+                sender,
+                time,
+                ChatContent::Reaction(chat::Reaction {
+                    id: theirs,
+                    emoji: emoji.into(),
+                    remove,
+                }),
+            )
+        };
+        for reaction in [
+            react(OWN_ID, 110, "👍", false),
+            react(BOB, 111, "👍", false),
+            react(BOB, 112, "🎉", false),
+            react(BOB, 114, "🎉", true),
+            react(BOB, 113, "🎉", false),
+        ] {
+            apply(&store, &reaction).unwrap();
+        }
+        let reactions = view(&store, theirs).reactions;
+        assert_eq!(
+            reactions,
+            BTreeMap::from([("👍".to_string(), BTreeSet::from([key(OWN_ID), key(BOB)]))]),
+            "taken back, and the older add arriving late does not undo that"
+        );
+    }
+
+    #[test]
+    fn a_reply_shows_its_target_and_needs_none_stored() {
+        let (_dir, store) = chat_store();
+        let theirs = received(&store, BOB, "text", b"when?", 100);
+        let body = chat::Reply {
+            id: theirs,
+            text: "at 8".into(),
+        };
+        let reply = sent(
+            &store,
+            chat::REPLY_CONTENT_TYPE,
+            &body.encode().unwrap(),
+            101,
+        );
+        let replying = change(OWN_ID, 101, ChatContent::Reply(body));
+        assert!(
+            !apply(&store, &replying).unwrap(),
+            "a reply changes nothing"
+        );
+        let shown = view(&store, reply);
+        assert_eq!(
+            (shown.text.as_deref(), shown.reply_to),
+            (Some("at 8"), Some(theirs))
+        );
+        let orphan = change(
+            OWN_ID,
+            102,
+            ChatContent::Reply(chat::Reply {
+                id: MessageId::random(),
+                text: "?".into(),
+            }),
+        );
+        assert!(!apply(&store, &orphan).unwrap());
+        let views = store.messages(&key(BOB)).unwrap();
+        assert_eq!(views.len(), 2);
+    }
+
+    #[test]
+    fn receipts_mark_own_messages_delivered_and_read_and_sync_read_state() {
+        let (_dir, store) = chat_store();
+        let one = sent(&store, "text", b"one", 100);
+        let two = sent(&store, "text", b"two", 101);
+        let theirs = received(&store, BOB, "text", b"three", 102);
+        let receipt = |kind, ids: &[MessageId]| {
+            ChatContent::Receipt(chat::Receipt {
+                kind,
+                ids: ids.iter().copied().collect(),
+            })
+        };
+        assert!(
+            apply(
+                &store,
+                &change(BOB, 110, receipt(ReceiptKind::Delivered, &[one, two]))
+            )
+            .unwrap()
+        );
+        assert!(
+            apply(
+                &store,
+                &change(BOB, 111, receipt(ReceiptKind::Read, &[one]))
+            )
+            .unwrap()
+        );
+        let (one_view, two_view) = (view(&store, one), view(&store, two));
+        assert_eq!((one_view.delivered, one_view.read), (true, true));
+        assert_eq!((two_view.delivered, two_view.read), (true, false));
+        // Ids not stored (expired, say) are passed over; none stored is refused.
+        let gone = MessageId::random();
+        assert!(
+            apply(
+                &store,
+                &change(BOB, 112, receipt(ReceiptKind::Read, &[two, gone]))
+            )
+            .unwrap()
+        );
+        assert!(view(&store, two).read);
+        assert_eq!(
+            refusal(apply(
+                &store,
+                &change(BOB, 113, receipt(ReceiptKind::Read, &[gone]))
+            )),
+            "not_in_conversation"
+        );
+        // A receipt from the message's own sender is refused, whole.
+        assert_eq!(
+            refusal(apply(
+                &store,
+                &change(BOB, 114, receipt(ReceiptKind::Read, &[one, theirs]))
+            )),
+            "receipt_from_sender"
+        );
+        // Another own device read bob's message; its `delivered` means nothing.
+        assert_eq!(store.conversations().unwrap()[0].unread, 1);
+        assert!(
+            !apply(
+                &store,
+                &change(OWN_ID, 115, receipt(ReceiptKind::Delivered, &[theirs]))
+            )
+            .unwrap()
+        );
+        assert!(
+            apply(
+                &store,
+                &change(OWN_ID, 116, receipt(ReceiptKind::Read, &[theirs]))
+            )
+            .unwrap()
+        );
+        assert!(view(&store, theirs).read);
+        assert_eq!(store.conversations().unwrap()[0].unread, 0);
+    }
+
+    #[test]
+    fn marking_a_conversation_read_counts_unread_apart_from_unshown() {
+        let (_dir, store) = chat_store();
+        let first = received(&store, BOB, "text", b"one", 100);
+        let second = received(&store, BOB, "text", b"two", 101);
+        received(&store, BOB, chat::RECEIPT_CONTENT_TYPE, b"{}", 102);
+        sent(&store, "text", b"mine", 103);
+        received(&store, 3, "text", b"carol", 104);
+        let unread = |peer: u8| {
+            store
+                .conversations()
+                .unwrap()
+                .into_iter()
+                .find(|conversation| conversation.peer == key(peer))
+                .unwrap()
+        };
+        let bob = unread(BOB);
+        assert_eq!(
+            (bob.unread, bob.unshown, bob.messages),
+            (2, 3, 4),
+            "the receipt is unshown but no message to read; the own one is neither"
+        );
+        assert!(!view(&store, first).read);
+        assert_eq!(store.mark_read(&key(BOB)).unwrap(), [first, second]);
+        assert_eq!(store.mark_read(&key(BOB)).unwrap(), Vec::<MessageId>::new());
+        let bob = unread(BOB);
+        assert_eq!(
+            (bob.unread, bob.unshown),
+            (0, 3),
+            "shown is the CLI's, read the person's"
+        );
+        assert!(view(&store, first).read);
+        assert_eq!(unread(3).unread, 1, "other conversations untouched");
+        let third = received(&store, BOB, "text", b"three", 105);
+        assert_eq!(unread(BOB).unread, 1);
+        assert!(!view(&store, third).read);
+    }
+
+    #[test]
+    fn a_timer_makes_later_messages_disappear_everywhere_in_the_store() {
+        let (_dir, store) = chat_store();
+        assert_eq!(store.timer(&key(BOB)).unwrap(), Timer { seconds: 0 });
+        let before = received(&store, BOB, "text", b"kept forever", 100);
+        let timer = change(OWN_ID, 200, ChatContent::Timer(Timer { seconds: 60 }));
+        assert!(apply(&store, &timer).unwrap());
+        assert!(!apply(&store, &timer).unwrap(), "once");
+        assert_eq!(store.timer(&key(BOB)).unwrap(), Timer { seconds: 60 });
+        let theirs = received(&store, BOB, "text", b"vanishing words", 200);
+        let offer = sent(
+            &store,
+            FILE_OFFER_CONTENT_TYPE,
+            b"{\"name\":\"v.txt\"}",
+            230,
+        );
+        let late = received(&store, BOB, "text", b"vanishing later", 300);
+        // bob turns it off at 400 (a setting at the same time with a smaller id loses).
+        store
+            .set_timer(
+                &key(BOB),
+                400,
+                MessageId::from_bytes([9; 16]),
+                Timer { seconds: 0 },
+            )
+            .unwrap();
+        store
+            .set_timer(
+                &key(BOB),
+                400,
+                MessageId::from_bytes([1; 16]),
+                Timer { seconds: 5 },
+            )
+            .unwrap();
+        let after = received(&store, BOB, "text", b"after the timer", 400);
+        assert_eq!(store.timer(&key(BOB)).unwrap(), Timer { seconds: 0 });
+        assert_eq!(view(&store, theirs).expires_at, Some(260));
+        assert_eq!(
+            (
+                view(&store, before).expires_at,
+                view(&store, after).expires_at
+            ),
+            (None, None)
+        );
+        assert_eq!(
+            store
+                .set_timer(&key(BOB), 1, MessageId::random(), Timer { seconds: u32::MAX })
+                .map_err(|err| err.to_string()),
+            Err("the change was not applied: a timer of 4294967295 seconds; the limit is 31536000 (a year)".into())
+        );
+
+        assert_eq!(store.purge_expired(259).unwrap(), 0);
+        assert_eq!(
+            store.purge_expired(290).unwrap(),
+            2,
+            "the text and the offer"
+        );
+        assert_eq!(store.search("vanishing").unwrap().len(), 1);
+        assert!(store.offers().unwrap().is_empty());
+        assert_eq!(store.message(&key(BOB), &theirs).unwrap(), None);
+        assert!(
+            store.is_seen(&theirs).unwrap(),
+            "a redelivery stays dropped"
+        );
+        let mut again = message(BOB, OWN_ID, "vanishing words");
+        again.id = theirs;
+        assert!(!store.record_incoming(&again, 500).unwrap());
+        assert_eq!(store.purge_expired(10_000).unwrap(), 1);
+        assert!(store.message(&key(BOB), &late).unwrap().is_none());
+        let left: Vec<MessageId> = store
+            .history(&key(BOB))
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(left, [before, after]);
+        assert!(
+            store
+                .unshown()
+                .unwrap()
+                .iter()
+                .all(|(_, m)| m.id != theirs && m.id != late),
+            "no unshown mark left pointing at nothing"
+        );
+        let _ = offer;
+    }
+
+    #[test]
+    fn a_store_from_before_chat_state_opens_with_every_message_and_shown_ones_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        let shown = received(&store, BOB, "text", b"shown", 100);
+        let unshown_one = received(&store, BOB, "text", b"not shown", 101);
+        let mine = sent(&store, "text", b"mine", 102);
+        let carol = received(&store, 3, "text", b"carol", 103);
+        let order = store
+            .unshown()
+            .unwrap()
+            .into_iter()
+            .find(|(_, message)| message.id == shown)
+            .unwrap()
+            .0;
+        store.mark_shown(&[order]).unwrap();
+        let carol_order = store.unshown().unwrap().last().unwrap().0;
+        store.mark_shown(&[carol_order]).unwrap();
+        drop(store);
+        // What the previous version wrote: the same tables without the chat ones.
+        {
+            let database = Database::create(&path).unwrap();
+            let tx = database.begin_write().unwrap();
+            assert!(tx.delete_table(CHAT_STATE).unwrap());
+            assert!(tx.delete_table(TIMERS).unwrap());
+            assert!(tx.delete_table(READ_UPTO).unwrap());
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<MessageId> = store
+            .history(&key(BOB))
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, [shown, unshown_one, mine]);
+        assert_eq!(store.history(&key(3)).unwrap()[0].id, carol);
+        let conversations = store.conversations().unwrap();
+        let bob = conversations.iter().find(|c| c.peer == key(BOB)).unwrap();
+        assert_eq!((bob.messages, bob.unshown, bob.unread), (3, 1, 1));
+        let carol_conversation = conversations.iter().find(|c| c.peer == key(3)).unwrap();
+        assert_eq!(carol_conversation.unread, 0, "shown: read");
+        assert!(view(&store, shown).read && !view(&store, unshown_one).read);
+        // Reopening again keeps the read state (the upgrade runs once).
+        store.mark_read(&key(BOB)).unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert!(view(&store, unshown_one).read);
+        assert!(apply(&store, &change(OWN_ID, 200, edit(mine, "mine!"))).unwrap());
     }
 }
