@@ -53,6 +53,10 @@ cleanup() {
     trap - EXIT INT TERM
     stop_pid "$listen_pid" INT
     stop_pid "$join_pid" INT
+    # Each home's kez-chat service (the first command of a registered home started it).
+    for home in "$demo_dir"/*/; do
+        [[ -S "$home/service.sock" ]] && "$bin_dir/kez-chat" --home "$home" service stop >/dev/null 2>&1 || true
+    done
     # dev stops its services, then its nats-server child.
     stop_pid "$dev_pid" TERM
     if [[ "${KEZ_DEMO_KEEP:-}" == 1 || $status -ne 0 ]]; then

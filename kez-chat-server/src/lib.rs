@@ -377,10 +377,10 @@ impl Server {
         if let Some(worker) = self.kick_worker.take() {
             worker.abort();
         }
-        if let Some(task) = http_task {
-            if let Err(err) = task.await {
-                tracing::error!(error = %err, "HTTP shim task failed");
-            }
+        if let Some(task) = http_task
+            && let Err(err) = task.await
+        {
+            tracing::error!(error = %err, "HTTP shim task failed");
         }
         if let Some(task) = pin_sweep_task {
             let _ = task.await;

@@ -1,11 +1,10 @@
 //! `share`, `files` and `download`: files over iroh, encrypted before they leave the sender
 //! (PROTOCOL.md §9), and the blob node that `listen` keeps serving.
 
-use std::io::IsTerminal;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use kez_blobs::{BlobNode, DownloadStats, NodeConfig, RelayUrl};
 use kez_client::files::{self, FileError};
 use kez_client::{Connection, Direction, Offer, now};
@@ -16,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::display;
 use crate::failure::{self, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
+use crate::term::{self, Meter, say, tell};
 use crate::{App, clock, deliver, print_json, recipient};
 
 /// The sigchain endpoint that names the own blob node (its kind; and its name, for the
@@ -38,13 +38,15 @@ fn node_endpoint_name(chain: &kez_core::Sigchain, device: &kez_core::PublicKey) 
     name.unwrap_or_else(|| format!("{IROH_ENDPOINT}.{}", &device.to_hex()[..16]))
 }
 
-/// How many progress lines a long step prints when stderr is not a terminal.
-const PROGRESS_LINES: u64 = 10;
-
 impl App {
-    /// Opens the home's blob node, binding the address kept in the config (or, the first
+    /// The home's blob node: the service's, or one opened for this command.
+    pub(crate) async fn open_node(&self) -> Result<Arc<BlobNode>, Failure> {
+        self.held.node(async || self.start_node().await).await
+    }
+
+    /// Starts the home's blob node, binding the address kept in the config (or, the first
     /// time, `127.0.0.1` on a port the OS picks, which is then kept).
-    pub(crate) async fn open_node(&self) -> Result<BlobNode, Failure> {
+    async fn start_node(&self) -> Result<BlobNode, Failure> {
         let bind = self
             .config
             .iroh_bind
@@ -70,14 +72,7 @@ impl App {
             },
         )
         .await
-        .map_err(|err| {
-            Failure::new(
-                RUNTIME,
-                format!(
-                    "cannot start the file node ({err}); if another kez-chat (e.g. `listen`) uses this home, stop it or run the command there"
-                ),
-            )
-        })?;
+        .map_err(|err| Failure::new(RUNTIME, format!("cannot start the file node ({err})")))?;
         if self.config.iroh_bind.is_none()
             && let Some(bound) = node.addr().ip_addrs().next().copied()
         {
@@ -93,7 +88,6 @@ impl App {
     pub(crate) async fn current_pin_node(&self) -> Option<String> {
         let conn = self.connect().await.ok()?;
         let info = conn.server_info().await.ok();
-        let _ = conn.close().await;
         info?.pin.map(|pin| pin.provider)
     }
 
@@ -106,6 +100,7 @@ impl App {
         node: &BlobNode,
     ) -> Result<(), Failure> {
         let provider = node.provider();
+        let _writing = self.held.chain_writer.lock().await;
         let mut chain = conn
             .chain(&conn.identity())
             .await
@@ -131,7 +126,7 @@ impl App {
                 .await
                 .map_err(Failure::client)?;
         }
-        eprintln!("sigchain: your file node is {provider}");
+        tell!("sigchain: your file node is {provider}");
         Ok(())
     }
 
@@ -185,8 +180,12 @@ impl App {
         .await
         .map_err(file_failure)?;
         meter.finish();
+        // Durable before the offer goes out: a service killed later still serves it.
+        node.sync()
+            .await
+            .map_err(|err| file_failure(FileError::Blobs(err)))?;
         if let Some(pin_info) = pin_node {
-            eprintln!(
+            tell!(
                 "asking your server to pin it ({} of your {} quota)...",
                 bytes(offer.cipher_size),
                 bytes(pin_info.quota_bytes)
@@ -198,7 +197,6 @@ impl App {
             {
                 Ok(record) => record,
                 Err(err) => {
-                    let _ = node.shutdown().await;
                     return Err(Failure::client(err));
                 }
             };
@@ -214,9 +212,9 @@ impl App {
                 offer.validate().map_err(|err| {
                     Failure::new(RUNTIME, format!("cannot offer the file: {err}"))
                 })?;
-                eprintln!("pinned: {full} can download it even while you are offline");
+                tell!("pinned: {full} can download it even while you are offline");
             } else {
-                eprintln!(
+                tell!(
                     "pinned on server node {}, but the server named another node; the offer lists only yours",
                     record.node
                 );
@@ -226,8 +224,7 @@ impl App {
             .to_json()
             .map_err(|err| Failure::new(RUNTIME, format!("cannot write the offer: {err}")))?;
         let sent = deliver(conn, &store, &contact, FILE_OFFER_CONTENT_TYPE, &body).await?;
-        let _ = node.shutdown().await;
-        eprintln!(
+        tell!(
             "shared {} ({}) with {}: encrypted blob {}",
             offer.name,
             bytes(offer.size),
@@ -235,7 +232,7 @@ impl App {
             offer.blob
         );
         if !offer.pinned {
-            eprintln!(
+            tell!(
                 "{} can download it while you run `kez-chat listen` (your node serves it then), or share it again with --pin",
                 contact.handle
             );
@@ -252,7 +249,7 @@ impl App {
                 "providers": offer.providers,
             }));
         } else {
-            println!("{}", short_id(&sent.id.to_string()));
+            say!("{}", short_id(&sent.id.to_string()));
         }
         Ok(())
     }
@@ -298,12 +295,12 @@ impl App {
         if json {
             print_json(&Value::Array(list));
         } else if offers.is_empty() {
-            eprintln!("no files offered to you yet");
+            tell!("no files offered to you yet");
         } else {
             for line in display::columns(&rows) {
-                println!("{line}");
+                say!("{line}");
             }
-            eprintln!("download one with `kez-chat download <offer>` (the first column)");
+            tell!("download one with `kez-chat download <offer>` (the first column)");
         }
         Ok(())
     }
@@ -373,7 +370,7 @@ impl App {
         from: &str,
         output: Option<PathBuf>,
     ) -> Result<(PathBuf, u64, DownloadStats), Failure> {
-        let dest = output.unwrap_or_else(|| PathBuf::from(&offer.name));
+        let dest = term::path(&output.unwrap_or_else(|| PathBuf::from(&offer.name)));
         if dest.exists() {
             return Err(Failure::new(
                 failure::CONFLICT,
@@ -393,7 +390,7 @@ impl App {
             ..offer.clone()
         };
         let node = self.open_node().await?;
-        eprintln!(
+        tell!(
             "fetching {} ({}) from {}",
             display::inline(&offer.name),
             bytes(offer.size),
@@ -407,9 +404,8 @@ impl App {
         };
         let fetched = tokio::select! {
             fetched = files::fetch(&node, offer, |progress| meter.set(plaintext_of(progress.done))) => fetched,
-            signal = interrupted() => {
+            signal = term::interrupted() => {
                 meter.finish();
-                let _ = node.shutdown().await;
                 return Err(Failure::new(
                     RUNTIME,
                     format!("download interrupted ({signal}): what arrived is kept; run the same command again to resume"),
@@ -420,11 +416,9 @@ impl App {
         let stats = match fetched {
             Ok(stats) => stats,
             Err(err @ FileError::Blobs(kez_blobs::Error::TooLarge { .. })) => {
-                let _ = node.shutdown().await;
                 return Err(file_failure(err));
             }
             Err(err) => {
-                let _ = node.shutdown().await;
                 return Err(Failure::new(
                     RUNTIME,
                     format!(
@@ -436,11 +430,10 @@ impl App {
         let meter = Meter::new("verifying and decrypting", offer.size);
         let decrypted = files::decrypt_to(&node, offer, &dest, |done| meter.set(done)).await;
         meter.finish();
-        let _ = node.shutdown().await;
         let size = decrypted.map_err(file_failure)?;
         let path = std::fs::canonicalize(&dest).unwrap_or(dest);
         let already = stats.total.saturating_sub(stats.bytes_transferred);
-        eprintln!(
+        tell!(
             "fetched {} over the network ({} were already here), verified (BLAKE3) and decrypted",
             bytes(stats.bytes_transferred),
             bytes(already)
@@ -465,19 +458,7 @@ pub(crate) fn report_download(
         about["total"] = json!(stats.total);
         print_json(&about);
     } else {
-        println!("{}", path.display());
-    }
-}
-
-/// Resolves on Ctrl-C or SIGTERM, naming which.
-async fn interrupted() -> &'static str {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "Ctrl-C",
-        _ = term.recv() => "SIGTERM",
+        say!("{}", path.display());
     }
 }
 
@@ -491,7 +472,7 @@ fn received_offers(store: &kez_client::Store) -> Result<Vec<(Offer, FileOffer)>,
         }
         match FileOffer::from_json(&offer.message.body) {
             Ok(parsed) => out.push((offer, parsed)),
-            Err(err) => eprintln!(
+            Err(err) => tell!(
                 "note: skipping offer {} from {}: {err}",
                 short_id(&offer.message.id.to_string()),
                 offer.message.from
@@ -533,54 +514,4 @@ pub fn bytes(count: u64) -> String {
         unit += 1;
     }
     format!("{value:.1} {}", UNITS[unit])
-}
-
-/// Progress for long work: a bar with bytes and rate on a terminal; otherwise a line at every
-/// 10% (`downloading: 12.0 MiB of 50.0 MiB`), so logs and scripts see it too.
-pub(crate) struct Meter {
-    bar: Option<ProgressBar>,
-    what: &'static str,
-    total: u64,
-    next_line: std::cell::Cell<u64>,
-}
-
-impl Meter {
-    pub(crate) fn new(what: &'static str, total: u64) -> Meter {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = ProgressBar::new(total);
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
-            );
-            bar.set_message(what);
-            bar
-        });
-        Meter {
-            bar,
-            what,
-            total,
-            next_line: std::cell::Cell::new(0),
-        }
-    }
-
-    pub(crate) fn set(&self, done: u64) {
-        if let Some(bar) = &self.bar {
-            bar.set_position(done);
-            return;
-        }
-        if done >= self.next_line.get() {
-            self.next_line
-                .set(done + (self.total / PROGRESS_LINES).max(1));
-            eprintln!("{}: {} of {}", self.what, bytes(done), bytes(self.total));
-        }
-    }
-
-    pub(crate) fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }

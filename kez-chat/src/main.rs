@@ -37,26 +37,34 @@
 //! Files (`files.rs`): `share` verifies the contact, opens the home's blob node, keeps the
 //! sigchain's `iroh` endpoint current, encrypts into the node and sends the offer end to end;
 //! `files` and `download` take offers from contacts only, fetch with progress, decrypt into a
-//! temporary file and rename it (Ctrl-C or SIGTERM keeps what arrived, for a resume). `listen`
-//! runs the blob node too, so the user's files are served while it runs. Shared files
+//! temporary file and rename it (Ctrl-C or SIGTERM keeps what arrived, for a resume). The
+//! service (`service.rs`) runs the blob node, so the user's files are served while it runs.
+//! Shared files
 //! (`shared.rs`): `publish` encrypts into the node, records and publishes the manifest (undone if
 //! the commit fails); `unpublish`, `shared`, `browse`, and `download @name/FILE` (browse, then
 //! the offer path); `profile` counts the files visible to the reader.
+//!
+//! The service (`service.rs`, PROTOCOL.md §12): a registered home's commands run in its one
+//! service process, which this process starts when none runs and talks to over
+//! `<home>/service.sock`; the output, prompts, progress and exit code are relayed (`term.rs`), so
+//! a command behaves the same either way. `listen` is a view of the service's live events;
+//! `inbox` shows what it received and nobody has seen. `service status|stop`.
 
 mod display;
 mod failure;
 mod files;
+mod local;
 mod pairing;
+mod service;
 mod shared;
+mod term;
 
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use kez_client::{
     ClientError, Config, Connection, Contact, Direction, Home, PinChange, Plaintext, Store,
     StoredMessage, VerifiedContact, now,
@@ -69,7 +77,9 @@ use kez_core::trust;
 use kez_core::{Handle, Op, PublicKey, SecretKey, SignedLink, UnsignedLink};
 use serde_json::{Value, json};
 
-use failure::{Failure, RUNTIME, USAGE};
+use failure::{CONFLICT, Failure, RUNTIME, USAGE};
+use service::{Event, Held};
+use term::{say, tell, tell_part};
 
 /// The exit codes, as `--help` shows them.
 const EXIT_CODES: &str = "\
@@ -95,7 +105,7 @@ const FETCH_MAX: usize = 256;
 /// How many terminal columns of a conversation's last message `history` shows in its list.
 const PREVIEW_CHARS: usize = 60;
 
-/// How long `listen` waits for a new-mail notification before fetching anyway. Notifications
+/// How long the service waits for a new-mail notification before fetching anyway. Notifications
 /// are at most once (a reconnect fetches at once, and so does each notification), so this only
 /// bounds how late a message may show whose notification was lost otherwise; each fetch costs
 /// the server a request, so it is long.
@@ -283,7 +293,7 @@ enum Command {
     },
     /// Encrypt a file and offer it to someone: the encrypted file stays in your file node
     /// (never on the chat server); the offer (name, size, hash, key) goes end-to-end encrypted.
-    /// They can download it while you run `listen`.
+    /// They can download it while your kez-chat service runs (any command starts it).
     Share {
         /// The recipient's handle.
         handle: String,
@@ -319,8 +329,8 @@ enum Command {
     },
     /// Publish a file in your shared-files manifest: for everyone (`--public`) or only for
     /// the people named with `--to`. Nobody else can see a private file, nor whom it is for.
-    /// Encrypted before it leaves; fetched from your node while you run `listen` (or from
-    /// your server with --pin).
+    /// Encrypted before it leaves; fetched from your node while your kez-chat service runs
+    /// (or from your server with --pin).
     #[command(group(clap::ArgGroup::new("audience").required(true).args(["to", "public"])))]
     Publish {
         /// The file.
@@ -375,6 +385,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run this home's service in the foreground (for a systemd user unit and the like; any
+    /// other command starts one in the background when none runs): it holds the store, the
+    /// connection and the file node, receives messages and serves your files while it runs.
+    Service {
+        /// `status` or `stop`; nothing to run it.
+        #[command(subcommand)]
+        action: Option<ServiceAction>,
+        /// Started by a client: say on stdout, in one JSON line, whether it is ready.
+        #[arg(long, hide = true)]
+        announce: bool,
+    },
     /// Show the conversation with someone; without a handle, list the conversations (the
     /// latest first, with their unread messages).
     History {
@@ -387,8 +408,21 @@ enum Command {
     },
 }
 
+/// `kez-chat service …`.
+#[derive(Subcommand)]
+enum ServiceAction {
+    /// Whether the service runs, and what it does.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the service (running commands get a few seconds to finish).
+    Stop,
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn main() {
     // Warnings of the client library (a message dropped from the inbox and why) go to stderr
     // beside the status lines; KEZ_CHAT_LOG (an env-filter, e.g. `kez_client=debug`) says more.
     tracing_subscriber::fmt()
@@ -405,19 +439,26 @@ async fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
-    let cli = Cli::parse();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    let code = match run(cli, &matches).await {
+        Ok(code) => code,
         Err(failure) => {
             // Failures may quote what a server or a peer sent.
-            eprintln!("kez-chat: {}", display::body(&failure.message));
-            ExitCode::from(failure.code)
+            tell!("kez-chat: {}", display::body(&failure.message));
+            failure.code
         }
-    }
+    };
+    // Not a return: a read of stdin for the service may still block a thread, and the runtime
+    // would wait for it.
+    std::process::exit(i32::from(code));
 }
 
-/// Runs one command.
-async fn run(cli: Cli) -> Result<(), Failure> {
+/// Runs one command, through the home's service once it is registered; returns the exit code.
+async fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<u8, Failure> {
     let dir = match &cli.home {
         Some(dir) => dir.clone(),
         None => kez_client::home::home_dir_from_env().map_err(Failure::home)?,
@@ -442,13 +483,82 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         ));
     }
     let home = Home::open(dir).map_err(Failure::home)?;
+    match cli.command {
+        Command::Service {
+            action: None,
+            announce,
+        } => return service::serve(home, announce).await.map(|()| 0),
+        Command::Service {
+            action: Some(ServiceAction::Status { json }),
+            ..
+        } => {
+            return service::control(&home, local::Request::Status {}, json)
+                .await
+                .map(|()| 0);
+        }
+        Command::Service {
+            action: Some(ServiceAction::Stop),
+            ..
+        } => {
+            return service::control(&home, local::Request::Stop {}, false)
+                .await
+                .map(|()| 0);
+        }
+        _ => {}
+    }
+    let config = home.config().map_err(Failure::home)?;
+    // A registered home's commands run in its service. An unregistered one has nothing for a
+    // service to own: `register`, `recover` and `device join` make it, the others say so.
+    if config.handle.is_some() {
+        return service::run_as_client(&home, forwarded(matches)?).await;
+    }
+    if service::lock_held(&home) {
+        return Err(Failure::new(
+            CONFLICT,
+            "the kez-chat service runs for this home: stop it first (`kez-chat service stop`)",
+        ));
+    }
     let app = App {
-        config: home.config().map_err(Failure::home)?,
+        config,
         home,
         server_flag: cli.server,
         plaintext_flag: cli.allow_plaintext,
+        held: Held::own(),
     };
-    match cli.command {
+    let held = app.held.clone();
+    let result = command(app, cli.command).await;
+    held.release().await;
+    result.map(|()| 0)
+}
+
+/// This process's command line for the service: its arguments, with the flags that came from
+/// the environment made explicit (the service has its own).
+fn forwarded(matches: &clap::ArgMatches) -> Result<Vec<String>, Failure> {
+    let mut args = Vec::new();
+    if matches.value_source("server") == Some(ValueSource::EnvVariable)
+        && let Some(server) = matches.get_one::<String>("server")
+    {
+        args.extend(["--server".to_owned(), server.clone()]);
+    }
+    if matches.value_source("allow_plaintext") == Some(ValueSource::EnvVariable)
+        && matches.get_flag("allow_plaintext")
+    {
+        args.push("--allow-plaintext".to_owned());
+    }
+    for arg in std::env::args_os().skip(1) {
+        args.push(arg.into_string().map_err(|arg| {
+            Failure::new(
+                USAGE,
+                format!("{arg:?} is not UTF-8: give paths and text as UTF-8"),
+            )
+        })?);
+    }
+    Ok(args)
+}
+
+/// Runs `command` as `app`.
+async fn command(app: App, command: Command) -> Result<(), Failure> {
+    match command {
         Command::Register {
             name,
             no_paper_key,
@@ -498,7 +608,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             path,
             pin,
             json,
-        } => app.share(&handle, &path, pin, json).await,
+        } => app.share(&handle, &term::path(&path), pin, json).await,
         Command::Files { json } => app.files(json),
         Command::Download {
             offer,
@@ -523,20 +633,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             } else {
                 shared::Audiences::To(to)
             };
-            app.publish(&path, audience, name, pin, json).await
+            app.publish(&term::path(&path), audience, name, pin, json)
+                .await
         }
         Command::Unpublish { name, json } => app.unpublish(&name, json).await,
         Command::Shared { json } => app.shared(json),
         Command::Browse { handle, json } => app.browse(&handle, json).await,
+        Command::Service { .. } => Err(Failure::new(
+            USAGE,
+            "`kez-chat service` runs on its own, not as a command of a service",
+        )),
     }
 }
 
-/// The home, its config and the `--server` and `--allow-plaintext` flags.
+/// The home, its config, the `--server` and `--allow-plaintext` flags, and what the command
+/// uses (the service's, or its own).
 struct App {
     home: Home,
     config: Config,
     server_flag: Option<String>,
     plaintext_flag: bool,
+    held: Arc<Held>,
 }
 
 impl App {
@@ -574,8 +691,8 @@ impl App {
     }
 
     /// The store.
-    fn store(&self) -> Result<Store, Failure> {
-        self.home.store().map_err(Failure::store)
+    fn store(&self) -> Result<Arc<Store>, Failure> {
+        self.held.store(&self.home)
     }
 
     /// `handle` in full form (`@name@domain`), bare names taking the own domain.
@@ -586,11 +703,16 @@ impl App {
             .map_err(|err| Failure::new(USAGE, format!("{handle:?} is not a valid handle: {err}")))
     }
 
-    /// Connects as the registered key.
+    /// The connection as the registered key: the service's, or one for this command.
     async fn connect(&self) -> Result<Connection, Failure> {
         let key = self.key()?;
         let url = self.server()?;
-        self.connect_to(&url, key).await
+        let options = Connection::options(&key);
+        self.held
+            .connection(&url, options, async |options| {
+                self.connect_with(&url, key, options).await
+            })
+            .await
     }
 
     /// Whether plaintext to another machine is allowed: `--allow-plaintext`, or the config's.
@@ -657,14 +779,14 @@ impl App {
         }
         let (key, created) = self.home.key_or_create().map_err(Failure::home)?;
         let key = Arc::new(key);
-        eprintln!(
+        tell!(
             "{} key {} in {}",
             if created { "made" } else { "using" },
             key.public_key(),
             self.home.key_path().display()
         );
 
-        eprintln!("connecting to {url}");
+        tell!("connecting to {url}");
         let narrow = self.connect_to(&url, key.clone()).await?;
         // Kept from the first connection on: a registration that fails later (the server's
         // storage unavailable) is retried with `register NAME` alone.
@@ -705,15 +827,16 @@ impl App {
         let record = narrow.register(name).await.map_err(Failure::client)?;
         let _ = narrow.close().await;
         if again {
-            eprintln!("already registered as {}", record.handle);
+            tell!("already registered as {}", record.handle);
         } else {
-            eprintln!("registered {} on {}", record.handle, info.domain);
+            tell!("registered {} on {}", record.handle, info.domain);
         }
 
         // The chat profile comes with a new connection (PROTOCOL.md §6.2).
         let full = self.connect_to(&url, key.clone()).await?;
+        let writing = self.held.chain_writer.lock().await;
         match full.head(&key.public_key()).await {
-            Ok(head) => eprintln!("sigchain already started (seq {})", head.seq),
+            Ok(head) => tell!("sigchain already started (seq {})", head.seq),
             Err(ClientError::Service(err)) if err.answer.code == 404 => {
                 let op = Op::AddEndpoint(Endpoint {
                     name: NATS_ENDPOINT.into(),
@@ -726,13 +849,13 @@ impl App {
                         Failure::new(RUNTIME, format!("cannot sign the first link: {err}"))
                     })?;
                 full.append(link.bytes()).await.map_err(Failure::client)?;
-                eprintln!("wrote the first sigchain link (nats endpoint {url})");
+                tell!("wrote the first sigchain link (nats endpoint {url})");
             }
             Err(err) => return Err(Failure::client(err)),
         }
+        drop(writing);
         let node = self.open_node().await?;
         self.advertise_node(&full, &key, &node).await?;
-        let _ = node.shutdown().await;
         // open_node kept the node's address in the config file.
         self.config.iroh_bind = self.home.config().map_err(Failure::home)?.iroh_bind;
         let _ = full.close().await;
@@ -756,10 +879,10 @@ impl App {
                 "sigchain": { "seq": head.seq, "head": head.head.to_string() },
             }));
         } else {
-            println!("registered as {}", record.handle);
-            println!("key     {}", key.public_key());
-            println!("server  {url}");
-            println!("head    seq {} {}", head.seq, head.head);
+            say!("registered as {}", record.handle);
+            say!("key     {}", key.public_key());
+            say!("server  {url}");
+            say!("head    seq {} {}", head.seq, head.head);
         }
         Ok(())
     }
@@ -784,7 +907,6 @@ impl App {
         let me = conn.identity();
         let device = conn.public_key();
         let head = conn.head(&me).await.map_err(Failure::client)?;
-        let _ = conn.close().await;
         let server = self.server()?;
         if json {
             print_json(&json!({
@@ -796,14 +918,14 @@ impl App {
                 "sigchain": { "seq": head.seq, "head": head.head.to_string() },
             }));
         } else {
-            println!("handle  {handle}");
-            println!("key     {me}");
+            say!("handle  {handle}");
+            say!("key     {me}");
             if device != me {
-                println!("device  {device}");
+                say!("device  {device}");
             }
-            println!("nkey    {}", device.to_nkey());
-            println!("server  {server}");
-            println!("head    seq {} {}", head.seq, head.head);
+            say!("nkey    {}", device.to_nkey());
+            say!("server  {server}");
+            say!("head    seq {} {}", head.seq, head.head);
         }
         Ok(())
     }
@@ -822,7 +944,6 @@ impl App {
             Some(key) => conn.accept_key_change(&store, &full, key).await,
             None => conn.verify_contact(&store, &full).await,
         };
-        let _ = conn.close().await;
         let VerifiedContact {
             contact,
             change,
@@ -842,21 +963,21 @@ impl App {
             }));
         } else {
             if accept_key.is_some() {
-                eprintln!("accepted the new key of {}: pinned again", contact.handle);
+                tell!("accepted the new key of {}: pinned again", contact.handle);
             } else {
                 match change {
-                    PinChange::New => eprintln!("added {} (key pinned)", contact.handle),
+                    PinChange::New => tell!("added {} (key pinned)", contact.handle),
                     PinChange::Same if devices_changed.is_empty() => {
-                        eprintln!("{} was already in your contacts, same key", contact.handle)
+                        tell!("{} was already in your contacts, same key", contact.handle)
                     }
                     PinChange::Same | PinChange::Rotated { .. } => {}
                 }
                 for note in change_notes(&contact, change, &devices_changed, &chain) {
-                    eprintln!("{note}");
+                    tell!("{note}");
                 }
             }
-            println!("{}  {}", contact.handle, contact.key);
-            println!(
+            say!("{}  {}", contact.handle, contact.key);
+            say!(
                 "  sigchain verified: seq {}, endpoints: {}",
                 chain.seq(),
                 endpoints.join(", ")
@@ -874,7 +995,6 @@ impl App {
             .chain(&conn.identity())
             .await
             .map_err(Failure::client)?;
-        let _ = conn.close().await;
         let last_seen = |key: &PublicKey| store.last_seen(key).ok().flatten();
         if json {
             print_json(&json!({
@@ -889,7 +1009,7 @@ impl App {
             } else {
                 ""
             };
-            println!("{}{this}", device_line(device, last_seen(&device.key)));
+            say!("{}{this}", device_line(device, last_seen(&device.key)));
         }
         Ok(())
     }
@@ -928,8 +1048,7 @@ impl App {
             .revoke_device_link(kez_client::now(), &key, revoked, reason)
             .map_err(|err| Failure::new(USAGE, format!("cannot make the revocation: {err}")))?;
         let head = append_device_link(&conn, &link).await?;
-        let _ = conn.close().await;
-        println!(
+        say!(
             "Revoked {} ({revoked}) at link {}: it signs nothing for you from now on.",
             display::inline(name),
             head.seq
@@ -958,9 +1077,9 @@ impl App {
         }
         let say = |line: &str| {
             if asked == (PaperKeyAsk::Registration { json: true }) {
-                eprintln!("{line}");
+                tell!("{line}");
             } else {
-                println!("{line}");
+                say!("{line}");
             }
         };
         let name = name.unwrap_or_else(|| {
@@ -1015,19 +1134,15 @@ impl App {
         let position = PaperKey::position_to_confirm();
         let mut confirmed = false;
         for _ in 0..3 {
-            eprint!("Type word {position} from your paper to confirm you wrote them down: ");
-            let mut answer = String::new();
-            let read = std::io::stdin().read_line(&mut answer).map_err(|err| {
-                Failure::new(RUNTIME, format!("cannot read the word from stdin: {err}"))
-            })?;
-            if read == 0 {
+            tell_part!("Type word {position} from your paper to confirm you wrote them down: ");
+            let Some(answer) = term::read_line().await? else {
                 break;
-            }
+            };
             if paper.is_word(position, &answer) {
                 confirmed = true;
                 break;
             }
-            eprintln!("That is not word {position}.");
+            tell!("That is not word {position}.");
         }
         if !confirmed {
             let what = match asked {
@@ -1044,7 +1159,6 @@ impl App {
             ));
         }
         let head = append_device_link(&conn, &link).await?;
-        let _ = conn.close().await;
         say(&format!(
             "Added paper key {name} ({}) to your sigchain at link {}.",
             paper.secret_key().public_key(),
@@ -1074,7 +1188,9 @@ impl App {
         let url = kez_client::broker_urls(&url, self.plaintext())
             .map_err(|err| Failure::client(err.into()))?
             .join(",");
-        eprint!("Type the {PAPER_KEY_WORDS} words of your paper key, in order, on one line: ");
+        tell_part!("Type the {PAPER_KEY_WORDS} words of your paper key, in order, on one line: ");
+        // `recover` runs without a service (it makes the home), and reads its own stdin into a
+        // buffer that is wiped.
         let mut typed = zeroize::Zeroizing::new(String::new());
         std::io::stdin().read_line(&mut typed).map_err(|err| {
             Failure::new(RUNTIME, format!("cannot read the words from stdin: {err}"))
@@ -1154,7 +1270,7 @@ impl App {
                 )
             })?;
         let head = append_device_link(&paper_conn, &link).await?;
-        eprintln!(
+        tell!(
             "added this home as device {} of {full} at link {}",
             display::inline(&name),
             head.seq
@@ -1173,14 +1289,14 @@ impl App {
                 .revoke_device_link(now(), &device_key, key, Some("lost; revoked on recovery"))
                 .map_err(|err| Failure::new(RUNTIME, format!("cannot revoke {lost}: {err}")))?;
             let head = append_device_link(&paper_conn, &link).await?;
-            eprintln!("revoked {} at link {}", display::inline(&lost), head.seq);
+            tell!("revoked {} at link {}", display::inline(&lost), head.seq);
         }
         let _ = paper_conn.close().await;
-        println!(
+        say!(
             "This home is now {full}, device {}.",
             display::inline(&name)
         );
-        println!(
+        say!(
             "If the paper may have been seen, revoke it (`kez-chat device revoke NAME`) and make a new one (`kez-chat paperkey`)."
         );
         Ok(())
@@ -1198,7 +1314,6 @@ impl App {
             Err(ClientError::Service(err)) if err.answer.code == 404 => None,
             Err(err) => return Err(Failure::client(err)),
         };
-        let _ = conn.close().await;
         drop(store);
         // Reading the manifest needs the file node (and the store, closed above: one lock).
         let files = match &chain {
@@ -1240,39 +1355,39 @@ impl App {
             }));
             return Ok(());
         }
-        println!("{}  ({contact})", profile.handle);
-        println!("key         {}", profile.key);
-        println!(
+        say!("{}  ({contact})", profile.handle);
+        say!("key         {}", profile.key);
+        say!(
             "registered  {} (unix time {})",
             clock(profile.registered_at),
             profile.registered_at
         );
         let Some(chain) = chain else {
-            println!("sigchain    none yet");
+            say!("sigchain    none yet");
             return Ok(());
         };
-        println!(
+        say!(
             "sigchain    verified: seq {}, head {}, last link {}",
             chain.seq(),
             chain.head(),
             clock(chain.time())
         );
         if chain.current_key() == chain.chain_id() {
-            println!("rotations   none: the registering key still signs");
+            say!("rotations   none: the registering key still signs");
         } else {
-            println!("rotations   rotated: now signed by {}", chain.current_key());
+            say!("rotations   rotated: now signed by {}", chain.current_key());
         }
         for device in chain.devices() {
-            println!(
+            say!(
                 "device      {}",
                 device_line(device, last_seen(&device.key))
             );
         }
         if chain.endpoints().is_empty() {
-            println!("endpoints   none");
+            say!("endpoints   none");
         }
         for endpoint in chain.endpoints().values() {
-            println!(
+            say!(
                 "endpoint    {} ({}) {}",
                 endpoint.name,
                 endpoint.kind,
@@ -1280,10 +1395,10 @@ impl App {
             );
         }
         if chain.claims().is_empty() {
-            println!("claims      none");
+            say!("claims      none");
         }
         for claim in chain.claims() {
-            println!(
+            say!(
                 "claim       {} {} (proof: {})",
                 claim.service,
                 display::inline(&claim.identity),
@@ -1292,24 +1407,25 @@ impl App {
         }
         match (chain.shared_files(), &files) {
             (Some(committed), Some(files)) => match files.get("visible") {
-                Some(visible) => println!(
+                Some(visible) => say!(
                     "files       {visible} visible to you (manifest {} of {}); `kez-chat browse {}` lists them",
                     files["version"],
                     clock(files["time"].as_u64().unwrap_or_default()),
                     profile.handle
                 ),
-                None => println!(
+                None => say!(
                     "files       manifest {} (not fetched: {})",
                     committed.manifest,
                     display::inline(files["error"].as_str().unwrap_or("unknown error"))
                 ),
             },
-            _ => println!("files       none shared"),
+            _ => say!("files       none shared"),
         }
         for unknown in chain.unknown_ops() {
-            println!(
+            say!(
                 "note        link {} uses `{}`, unknown to this version",
-                unknown.seq, unknown.op
+                unknown.seq,
+                unknown.op
             );
         }
         Ok(())
@@ -1332,15 +1448,17 @@ impl App {
                 .collect();
             print_json(&Value::Array(list));
         } else if contacts.is_empty() {
-            eprintln!("no contacts yet: add one with `kez-chat add @name`");
+            tell!("no contacts yet: add one with `kez-chat add @name`");
         } else {
             for contact in contacts {
                 if contact.current_key == contact.key {
-                    println!("{}  {}", contact.handle, contact.key);
+                    say!("{}  {}", contact.handle, contact.key);
                 } else {
-                    println!(
+                    say!(
                         "{}  {} (rotated to {})",
-                        contact.handle, contact.key, contact.current_key
+                        contact.handle,
+                        contact.key,
+                        contact.current_key
                     );
                 }
             }
@@ -1352,10 +1470,7 @@ impl App {
     /// up before every send; a new recipient is verified and pinned, a changed key refused.
     async fn send(&self, handle: &str, text: Vec<String>, json: bool) -> Result<(), Failure> {
         let text = if text.is_empty() {
-            let mut input = String::new();
-            std::io::stdin().read_to_string(&mut input).map_err(|err| {
-                Failure::new(RUNTIME, format!("cannot read the text from stdin: {err}"))
-            })?;
+            let input = term::read_all().await?;
             input.trim_end_matches(['\n', '\r']).to_owned()
         } else {
             text.join(" ")
@@ -1371,7 +1486,7 @@ impl App {
         let conn = self.connect().await?;
         let contact = recipient(&conn, &store, self.handle()?, &full).await?;
         let sent = deliver(conn, &store, &contact, TEXT, text.as_bytes()).await?;
-        eprintln!("delivered to server for {}: id {}", contact.handle, sent.id);
+        tell!("delivered to server for {}: id {}", contact.handle, sent.id);
         if json {
             print_json(&json!({
                 "id": sent.id.to_string(),
@@ -1380,99 +1495,115 @@ impl App {
                 "time": sent.time,
             }));
         } else {
-            println!("{}", sent.id);
+            say!("{}", sent.id);
         }
         Ok(())
     }
 
-    /// `inbox`.
+    /// `inbox`: what the service received and nobody has seen, after it fetched what the inbox
+    /// holds now; with `wait`, waits that long for a message when there is none.
     async fn inbox(&self, wait: Duration, json: bool) -> Result<(), Failure> {
-        let store = self.store()?;
+        let mut events = self.held.subscribe();
+        // Whether the server takes this key now: a refusal is the answer, not "no messages".
         let conn = self.connect().await?;
-        conn.own_devices(&store, self.handle()?)
-            .await
-            .map_err(Failure::client)?;
-        conn.receive(&store, FETCH_MAX, wait)
-            .await
-            .map_err(Failure::client)?;
-        let shown = show_unshown(&store, &conn, json, false).await?;
-        let _ = conn.close().await;
-        if shown == 0 && !json {
-            eprintln!("no new messages");
+        self.still_a_device(&conn).await?;
+        if !self.held.fetch_now().await? {
+            return Err(Failure::new(RUNTIME, "`inbox` runs in the service"));
+        }
+        let mut shown = taken(&mut events);
+        if shown.is_empty() && !wait.is_zero() {
+            let deadline = tokio::time::Instant::now() + wait;
+            while shown.is_empty() {
+                match tokio::time::timeout_at(deadline, events.recv()).await {
+                    Ok(Ok(Event::Message(sender, message))) => {
+                        shown.push((sender, message));
+                        shown.extend(taken(&mut events));
+                    }
+                    Ok(Ok(Event::Note(_))) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        }
+        if json {
+            print_json(&Value::Array(
+                shown
+                    .iter()
+                    .map(|(sender, message)| message_json(sender, message))
+                    .collect(),
+            ));
+        } else if shown.is_empty() {
+            tell!("no new messages");
+        } else {
+            for (sender, message) in &shown {
+                say!("{}", message_line(&sender_label(sender), message));
+            }
         }
         Ok(())
     }
 
-    /// `listen`.
-    async fn listen(&self, json: bool) -> Result<(), Failure> {
+    /// Checks that this home's key is still an active device of the own identity, by the own
+    /// chain as verified now: a connection made before a revocation works until the server
+    /// ends it, and a revoked device must hear it at once, not read on.
+    async fn still_a_device(&self, conn: &Connection) -> Result<(), Failure> {
         let store = self.store()?;
-        // One line when receiving stops working (the connection drops, or a pull fails during a
-        // leader election; async-nats reconnects on its own), one when it works again; not a
-        // line per failed attempt. A broker restart that takes milliseconds may fail no pull,
-        // so the connection's own events say it too.
-        let failing = Arc::new(AtomicBool::new(false));
-        let key = self.key()?;
-        let options = Connection::options(&key).event_callback({
-            let failing = failing.clone();
-            move |event| {
-                if matches!(event, async_nats::Event::Disconnected)
-                    && !failing.swap(true, Ordering::SeqCst)
-                {
-                    eprintln!(
-                        "kez-chat: receiving stopped (the connection to the broker was lost); reconnecting, messages wait on the server meanwhile"
-                    );
-                }
-                std::future::ready(())
-            }
-        });
-        let conn = self
-            .connect_with(&self.server()?, key.clone(), options)
-            .await?;
-        conn.own_devices(&store, self.handle()?)
+        let own = conn
+            .own_devices(&store, self.handle()?)
             .await
             .map_err(Failure::client)?;
+        let key = conn.public_key();
+        if own.signs_with(&key) {
+            return Ok(());
+        }
+        Err(Failure::new(
+            failure::REFUSED,
+            format!(
+                "this device ({key}) was revoked from your sigchain (another of your devices lists it: `kez-chat devices`): the server refuses it from now on. Recover into a fresh home with your paper key (`kez-chat recover`) or pair a new device"
+            ),
+        ))
+    }
+
+    /// `listen`: the service's live events (messages as they arrive, a line when receiving
+    /// stops and starts again) until Ctrl-C.
+    async fn listen(&self, json: bool) -> Result<(), Failure> {
+        let mut events = self.held.subscribe();
+        let conn = self.connect().await?;
+        self.still_a_device(&conn).await?;
         let node = self.open_node().await?;
-        self.advertise_node(&conn, &key, &node).await?;
-        eprintln!(
+        tell!(
             "listening as {} (Ctrl-C to stop); serving your shared files at {}",
             self.config.handle.as_deref().unwrap_or_default(),
             node.provider()
         );
-        let stop = tokio::signal::ctrl_c();
+        match self.held.fetch_now().await {
+            Ok(true) => {}
+            Ok(false) => return Err(Failure::new(RUNTIME, "`listen` runs in the service")),
+            Err(failure) => tell!(
+                "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
+                display::inline(&failure.message)
+            ),
+        }
+        let stop = term::interrupted();
         tokio::pin!(stop);
         loop {
-            // After a failure, one fetch that works is news enough: say so at once.
-            let wait = if failing.load(Ordering::SeqCst) {
-                Duration::ZERO
-            } else {
-                LISTEN_WAIT
-            };
-            let messages = tokio::select! {
+            let event = tokio::select! {
                 _ = &mut stop => break,
-                received = conn.receive(&store, FETCH_MAX, wait) => received,
+                event = events.recv() => event,
             };
-            match messages {
-                Ok(_) => {
-                    let connected =
-                        conn.nats().connection_state() == async_nats::connection::State::Connected;
-                    if connected && failing.swap(false, Ordering::SeqCst) {
-                        eprintln!("kez-chat: reconnected; receiving again");
+            match event {
+                Ok(Event::Message(sender, message)) => {
+                    if json {
+                        say!("{}", message_json(&sender, &message));
+                    } else {
+                        say!("{}", message_line(&sender_label(&sender), &message));
                     }
-                    show_unshown(&store, &conn, json, true).await?;
                 }
-                Err(err) => {
-                    if !failing.swap(true, Ordering::SeqCst) {
-                        eprintln!(
-                            "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
-                            display::inline(&err.to_string())
-                        );
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
+                Ok(Event::Note(note)) => tell!("{note}"),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => tell!(
+                    "kez-chat: {missed} messages arrived faster than this view showed them; `kez-chat history` has every one"
+                ),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
             }
         }
-        let _ = conn.close().await;
-        let _ = node.shutdown().await;
         Ok(())
     }
 
@@ -1486,7 +1617,6 @@ impl App {
             None => {
                 let conn = self.connect().await?;
                 let looked_up = conn.lookup(&full).await;
-                let _ = conn.close().await;
                 (looked_up.map_err(Failure::client)?.key, false)
             }
         };
@@ -1504,12 +1634,12 @@ impl App {
             return Ok(());
         }
         if !in_contacts {
-            eprintln!(
+            tell!(
                 "{full} is not in your contacts: shown are the messages signed by {peer}, the key the server names for {full}. `kez-chat add {full}` verifies and pins it"
             );
         }
         if messages.is_empty() {
-            eprintln!("no messages with {full} yet");
+            tell!("no messages with {full} yet");
         }
         let them = match in_contacts {
             true => full.to_string(),
@@ -1520,7 +1650,7 @@ impl App {
                 Direction::Incoming => them.as_str(),
                 Direction::Outgoing => "you",
             };
-            println!("{}", message_line(who, message));
+            say!("{}", message_line(who, message));
         }
         Ok(())
     }
@@ -1565,7 +1695,7 @@ impl App {
             return Ok(());
         }
         if found.is_empty() {
-            eprintln!("no message contains {}", display::inline(words));
+            tell!("no message contains {}", display::inline(words));
         }
         for found in &found {
             let (_, peer) = peer_of(found);
@@ -1573,7 +1703,7 @@ impl App {
                 Direction::Incoming => peer,
                 Direction::Outgoing => format!("you → {peer}"),
             };
-            println!("{}", message_line(&who, &found.message));
+            say!("{}", message_line(&who, &found.message));
         }
         Ok(())
     }
@@ -1610,7 +1740,7 @@ impl App {
             return Ok(());
         }
         if conversations.is_empty() {
-            eprintln!("no conversations yet: `kez-chat send @name TEXT` starts one");
+            tell!("no conversations yet: `kez-chat send @name TEXT` starts one");
             return Ok(());
         }
         let rows: Vec<[String; 4]> = conversations
@@ -1643,14 +1773,15 @@ impl App {
             })
             .collect();
         for line in display::columns(&rows) {
-            println!("{line}");
+            say!("{line}");
         }
-        eprintln!("`kez-chat history @name` shows one; `kez-chat inbox` shows the unread");
+        tell!("`kez-chat history @name` shows one; `kez-chat inbox` shows the unread");
         Ok(())
     }
 }
 
 /// Who sent a message, as far as the client knows.
+#[derive(Debug, Clone)]
 enum Sender {
     /// A contact (its pinned key signed the message).
     Contact(String),
@@ -1674,7 +1805,27 @@ fn contact_handle(store: &Store, key: &PublicKey) -> String {
     }
 }
 
+/// The messages among the events already there.
+fn taken(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Vec<(Sender, StoredMessage)> {
+    let mut messages = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let Event::Message(sender, message) = event {
+            messages.push((sender, message));
+        }
+    }
+    messages
+}
+
 impl Sender {
+    /// Who sent `message`: for a received one, [`Sender::of`] its signer; for a copy of one
+    /// sent from another own device, the own identity.
+    async fn resolve(store: &Store, conn: &Connection, message: &StoredMessage) -> Sender {
+        match message.direction {
+            Direction::Incoming => Sender::of(store, conn, &message.from).await,
+            Direction::Outgoing => Sender::You(contact_handle(store, &message.to)),
+        }
+    }
+
     /// The contact with `key`, or else the key's handle by `whois` (the message's signature
     /// proves the key; the handle is the server's word for it).
     async fn of(store: &Store, conn: &Connection, key: &PublicKey) -> Sender {
@@ -1691,42 +1842,6 @@ impl Sender {
             .map(|profile| profile.handle.to_string());
         Sender::Stranger(handle, *key)
     }
-}
-
-/// Prints the received messages not shown yet, then marks them shown; returns how many.
-/// Messages are stored (and acknowledged) before they are shown, so a client killed in between
-/// shows them on its next run: none is lost. Every sender is resolved (a `whois` for strangers
-/// may wait on the network) before the first line is printed, so the only moment in which a
-/// kill makes the next run show messages again is between printing them and marking them
-/// shown. With `json`, one array, or with `lines` one object per line (`listen`).
-async fn show_unshown(
-    store: &Store,
-    conn: &Connection,
-    json: bool,
-    lines: bool,
-) -> Result<usize, Failure> {
-    let unshown = store.unshown().map_err(Failure::store)?;
-    let mut senders = Vec::with_capacity(unshown.len());
-    for (_, message) in &unshown {
-        senders.push(match message.direction {
-            Direction::Incoming => Sender::of(store, conn, &message.from).await,
-            Direction::Outgoing => Sender::You(contact_handle(store, &message.to)),
-        });
-    }
-    let mut list = Vec::new();
-    for ((_, message), sender) in unshown.iter().zip(&senders) {
-        match (json, lines) {
-            (false, _) => println!("{}", message_line(&sender_label(sender), message)),
-            (true, true) => println!("{}", message_json(sender, message)),
-            (true, false) => list.push(message_json(sender, message)),
-        }
-    }
-    if json && !lines {
-        print_json(&Value::Array(list));
-    }
-    let orders: Vec<u64> = unshown.iter().map(|(order, _)| *order).collect();
-    store.mark_shown(&orders).map_err(Failure::store)?;
-    Ok(unshown.len())
 }
 
 /// Who sent a message, for people.
@@ -1819,7 +1934,7 @@ async fn recipient(
         .map_err(|err| Failure::send_refused(err, full))?;
     let contact = verified.contact;
     if verified.change == PinChange::New {
-        eprintln!(
+        tell!(
             "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
             verified.chain.seq(),
             contact.key
@@ -1831,7 +1946,7 @@ async fn recipient(
         &verified.devices_changed,
         &verified.chain,
     ) {
-        eprintln!("{note}");
+        tell!("{note}");
     }
     Ok(contact)
 }
@@ -1885,12 +2000,11 @@ async fn deliver(
         .send(contact, content_type, body)
         .await
         .map_err(Failure::client)?;
-    let _ = conn.close().await;
     store
         .record_outgoing(&sent, now())
         .map_err(Failure::store)?;
     for (device, reason) in &sent.missed {
-        eprintln!(
+        tell!(
             "note: the device {device} did not get it: {}",
             display::inline(reason)
         );
@@ -2019,5 +2133,5 @@ fn devices_json(devices: &[Device], last_seen: impl Fn(&PublicKey) -> Option<u64
 
 /// Prints JSON to stdout, one line.
 fn print_json(value: &Value) {
-    println!("{value}");
+    say!("{value}");
 }

@@ -2,7 +2,6 @@
 //! home server's relay, which neither side trusts (PROTOCOL.md §4.7, §5.6). The new key comes
 //! from the request line the user carries to the existing device, never from the server.
 
-use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use kez_core::trust::VerifiedChain;
 use kez_core::{Handle, envelope};
 
 use crate::failure::{self, Failure, RUNTIME, USAGE};
+use crate::term::{self, say, tell, tell_part};
 use crate::{App, display};
 
 /// How often a waiting device asks the relay.
@@ -44,33 +44,33 @@ async fn wait_for(
         nonce: request.nonce.to_hex(),
         slot,
     };
-    let terminal = std::io::stderr().is_terminal();
-    let stop = tokio::signal::ctrl_c();
+    let terminal = term::is_terminal();
+    let stop = term::interrupted();
     tokio::pin!(stop);
     let mut last_shown = None;
     loop {
         let now = now();
         if now >= request.expires {
             if terminal {
-                eprintln!();
+                tell!();
             }
             return Ok(Waited::Expired);
         }
         let left = request.expires - now;
         if terminal {
-            eprint!(
+            tell_part!(
                 "\rwaiting for {what}: {}:{:02} left (Ctrl-C to stop)  ",
                 left / 60,
                 left % 60
             );
         } else if last_shown.is_none_or(|shown: u64| shown >= left + PROGRESS_EVERY) {
-            eprintln!("waiting for {what}: {} s left", left);
+            tell!("waiting for {what}: {} s left", left);
             last_shown = Some(left);
         }
         match conn.pair_get(&get).await {
             Ok(Some(data)) => {
                 if terminal {
-                    eprintln!();
+                    tell!();
                 }
                 return Ok(Waited::Got(data));
             }
@@ -87,7 +87,7 @@ async fn wait_for(
         tokio::select! {
             _ = &mut stop => {
                 if terminal {
-                    eprintln!();
+                    tell!();
                 }
                 return Ok(Waited::Cancelled);
             }
@@ -142,7 +142,7 @@ impl App {
         let url = self.server()?;
         let (key, made) = self.home.key_or_create().map_err(Failure::home)?;
         if made {
-            eprintln!(
+            tell!(
                 "made this device's key in {}",
                 self.home.key_path().display()
             );
@@ -168,28 +168,28 @@ impl App {
         )
         .map_err(|err| pair_failure(&err))?;
         let line = request.to_line();
-        eprintln!(
+        tell!(
             "To make this home device {} ({kind}) of {full}, run on one of your devices of {full}:",
             display::inline(&name)
         );
-        eprintln!();
-        println!("{line}");
-        eprintln!();
-        eprintln!("  kez-chat device add '{line}'");
-        eprintln!();
+        tell!();
+        say!("{line}");
+        tell!();
+        tell!("  kez-chat device add '{line}'");
+        tell!();
         if let Ok(code) = qrcode::QrCode::new(line.as_bytes()) {
             let image = code
                 .render::<qrcode::render::unicode::Dense1x2>()
                 .dark_color(qrcode::render::unicode::Dense1x2::Light)
                 .light_color(qrcode::render::unicode::Dense1x2::Dark)
                 .build();
-            eprintln!("{image}");
+            tell!("{image}");
         }
-        eprintln!(
+        tell!(
             "Fingerprint: {}  (the other device shows it too: they must match)",
             request.fingerprint()
         );
-        eprintln!("This device's key: {device}");
+        tell!("This device's key: {device}");
         let offer = match wait_for(&conn, &request, Slot::Offer, "your other device").await? {
             Waited::Got(offer) => offer,
             Waited::Expired => {
@@ -225,7 +225,7 @@ impl App {
             )
         })?;
         sent.map_err(Failure::client)?;
-        eprintln!("counter-signed the link adding this device; waiting for it to be appended");
+        tell!("counter-signed the link adding this device; waiting for it to be appended");
         let sync = match wait_for(&conn, &request, Slot::Sync, "your contacts").await? {
             Waited::Got(sync) => sync,
             Waited::Expired | Waited::Cancelled => {
@@ -269,7 +269,7 @@ impl App {
         for contact in &sync.contacts {
             match pin_synced(&conn, &store, contact).await {
                 Ok(()) => copied += 1,
-                Err(err) => eprintln!(
+                Err(err) => tell!(
                     "kez-chat: contact {} not copied: {err}; `kez-chat add {}` adds it",
                     display::inline(&contact.handle),
                     display::inline(&contact.handle)
@@ -282,7 +282,7 @@ impl App {
         self.config.identity = Some(identity);
         self.config.allow_plaintext = sync.allow_plaintext || self.plaintext_flag;
         self.home.save_config(&self.config).map_err(Failure::home)?;
-        println!(
+        say!(
             "This home is now device {} ({kind}) of {} ({device}); {} copied.",
             display::inline(&name),
             sync.handle,
@@ -307,7 +307,7 @@ impl App {
         request
             .check_for_chain(&chain)
             .map_err(|err| pair_failure(&err))?;
-        eprintln!(
+        tell!(
             "Add a device to {}:\n  name         {}\n  kind         {}\n  key          {}\n  fingerprint  {}",
             display::inline(&request.handle),
             display::inline(&request.name),
@@ -316,11 +316,10 @@ impl App {
             request.fingerprint()
         );
         if !yes {
-            eprint!("Does the new device show this fingerprint, and do you want to add it? [y/N] ");
-            let mut answer = String::new();
-            std::io::stdin()
-                .read_line(&mut answer)
-                .map_err(|err| Failure::new(RUNTIME, format!("cannot read stdin: {err}")))?;
+            tell_part!(
+                "Does the new device show this fingerprint, and do you want to add it? [y/N] "
+            );
+            let answer = term::read_line().await?.unwrap_or_default();
             if !matches!(answer.trim(), "y" | "Y" | "yes") {
                 return Err(Failure::new(USAGE, "not confirmed; nothing changed"));
             }
@@ -354,7 +353,7 @@ impl App {
             .sign(&key)
             .map_err(|err| Failure::new(RUNTIME, format!("cannot sign the link: {err}")))?;
         let head = crate::append_device_link(&conn, &signed).await?;
-        eprintln!(
+        tell!(
             "added {} ({}) at link {}; sending it your contacts",
             display::inline(&request.name),
             request.kind,
@@ -397,8 +396,7 @@ impl App {
                     format!("the device is added, but sending it your contacts failed: {err}"),
                 )
             })?;
-        let _ = conn.close().await;
-        println!(
+        say!(
             "Added device {} ({}) {} at link {}; sent it {} and your settings.",
             display::inline(&request.name),
             request.kind,

@@ -14,7 +14,8 @@ use serde_json::{Value, json};
 
 use crate::display;
 use crate::failure::{CONFLICT, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
-use crate::files::{Meter, bytes, file_failure, report_download};
+use crate::files::{bytes, file_failure, report_download};
+use crate::term::{Meter, say, tell};
 use crate::{App, clock, print_json, recipient, rotation_note};
 
 /// Who a publish is for.
@@ -93,21 +94,22 @@ impl App {
                 &conn, &store, &key, &node, path, &name, recipients, pin, pin_info,
             )
             .await;
-        let _ = node.shutdown().await;
-        let _ = conn.close().await;
         let (published, entry_pinned) = result?;
+        node.sync()
+            .await
+            .map_err(|err| file_failure(files::FileError::Blobs(err)))?;
         let audience_text = match &audience {
             Audiences::Public => "everyone".to_owned(),
             Audiences::To(_) => published.recipients.join(", "),
         };
-        eprintln!(
+        tell!(
             "published {} ({}) for {audience_text}: manifest {} committed to your sigchain",
             published.entry.name,
             bytes(published.entry.size),
             manifest_label(&store)?,
         );
         if !entry_pinned {
-            eprintln!(
+            tell!(
                 "it can be downloaded while you run `kez-chat listen` (your node serves it then); publish with --pin to have your server keep it"
             );
         }
@@ -122,7 +124,7 @@ impl App {
                 "manifest": manifest_json(&store)?,
             }));
         } else {
-            println!("{}", published.entry.name);
+            say!("{}", published.entry.name);
         }
         Ok(())
     }
@@ -154,7 +156,7 @@ impl App {
                 ),
             )),
             None => {
-                eprintln!(
+                tell!(
                     "note: your manifest was pinned, but {} no longer pins files; this one is not",
                     info.domain
                 );
@@ -189,7 +191,7 @@ impl App {
         meter.finish();
         let mut file_pinned = false;
         if pin_file && let Some(pin) = &pin_info {
-            eprintln!(
+            tell!(
                 "asking your server to pin it ({} of your {} quota)...",
                 bytes(offer.cipher_size),
                 bytes(pin.quota_bytes)
@@ -218,7 +220,7 @@ impl App {
                 format!("another kez-chat published {name:?} meanwhile: nothing changed"),
             ));
         }
-        eprintln!("publishing your manifest...");
+        tell!("publishing your manifest...");
         if let Err(err) = shared::publish_manifest(conn, store, key, node, pin_info.as_ref()).await
         {
             let _ = store.remove_published(name);
@@ -278,10 +280,8 @@ impl App {
         } else {
             let _ = store.add_published(&removed);
         }
-        let _ = node.shutdown().await;
-        let _ = conn.close().await;
         result?;
-        eprintln!(
+        tell!(
             "unpublished {name}: manifest {} without it is committed to your sigchain. Whoever downloaded it already keeps their copy.",
             manifest_label(&store)?
         );
@@ -301,7 +301,7 @@ impl App {
         published: &Published,
     ) {
         if let Err(err) = node.delete_tag(&published.tag).await {
-            eprintln!(
+            tell!(
                 "note: cannot drop the local copy of {}: {err}",
                 published.entry.name
             );
@@ -314,7 +314,7 @@ impl App {
             && !still_named
             && let Err(err) = conn.pin_remove(&published.entry.blob).await
         {
-            eprintln!(
+            tell!(
                 "note: your server still pins {} ({err}); it is unpinned when you run `kez-chat unpublish` again or ask its operator",
                 published.entry.name
             );
@@ -349,7 +349,7 @@ impl App {
             return Ok(());
         }
         if published.is_empty() {
-            eprintln!("you publish no files: `kez-chat publish FILE --public` or `--to @name`");
+            tell!("you publish no files: `kez-chat publish FILE --public` or `--to @name`");
             return Ok(());
         }
         let rows: Vec<[String; 4]> = published
@@ -369,10 +369,10 @@ impl App {
             })
             .collect();
         for line in display::columns(&rows) {
-            println!("{line}");
+            say!("{line}");
         }
         if let Some(m) = manifest {
-            eprintln!(
+            tell!(
                 "manifest {} of {}{}: others see only the public files and those for them",
                 m.version,
                 clock(m.time),
@@ -398,25 +398,23 @@ impl App {
             .ok()
             .and_then(|info| info.pin)
             .map(|pin| pin.provider);
-        let _ = conn.close().await;
         match &verified.change {
-            PinChange::New => eprintln!(
+            PinChange::New => tell!(
                 "{full} was not in your contacts: sigchain verified (seq {}), key {} pinned",
                 verified.chain.seq(),
                 verified.contact.key
             ),
             PinChange::Same => {}
             PinChange::Rotated { from } => {
-                eprintln!("{}", rotation_note(&verified.contact, from))
+                tell!("{}", rotation_note(&verified.contact, from))
             }
         }
         if verified.chain.shared_files().is_none() {
             return Ok(None);
         }
         let node = self.open_node().await?;
-        eprintln!("fetching {full}'s manifest...");
+        tell!("fetching {full}'s manifest...");
         let browsed = shared::browse(&node, &verified.chain, &key, pin_node.as_deref()).await;
-        let _ = node.shutdown().await;
         browsed.map_err(|err| match err {
             SharedError::File(_) => Failure::new(
                 RUNTIME,
@@ -454,10 +452,10 @@ impl App {
             return Ok(());
         }
         let Some(browsed) = browsed else {
-            eprintln!("{full} shares no files");
+            tell!("{full} shares no files");
             return Ok(());
         };
-        eprintln!(
+        tell!(
             "{full} shares {} with you (manifest {} of {}, verified)",
             display::plural(browsed.visible.len(), "file"),
             browsed.manifest.version(),
@@ -480,10 +478,10 @@ impl App {
             })
             .collect();
         for line in display::columns(&rows) {
-            println!("{line}");
+            say!("{line}");
         }
         if let Some(first) = browsed.visible.first() {
-            eprintln!(
+            tell!(
                 "download one with `kez-chat download {full}/NAME`, e.g. `kez-chat download {}`",
                 display::shell_word(&format!("{full}/{}", first.entry.name))
             );
@@ -542,7 +540,6 @@ impl App {
             Err(err) => return json!({ "error": err.message }),
         };
         let browsed = shared::browse(&node, chain, &key, pin_node.as_deref()).await;
-        let _ = node.shutdown().await;
         match browsed {
             Ok(Some(b)) => json!({
                 "visible": b.visible.len(),

@@ -48,9 +48,10 @@ impl Person {
         let output = self.run(args).await;
         assert!(
             output.status.success(),
-            "kez-chat {args:?} failed ({:?}):\n{}",
+            "kez-chat {args:?} failed ({:?}):\n{}\nthe service's log:\n{}",
             output.status,
-            String::from_utf8_lossy(&output.stderr)
+            String::from_utf8_lossy(&output.stderr),
+            self.service_log()
         );
         String::from_utf8(output.stdout).unwrap()
     }
@@ -70,8 +71,9 @@ impl Person {
         assert_eq!(
             output.status.code(),
             Some(code),
-            "kez-chat {args:?}: stdout {:?}, stderr {stderr}",
-            String::from_utf8_lossy(&output.stdout)
+            "kez-chat {args:?}: stdout {:?}, stderr {stderr}\nthe service's log:\n{}",
+            String::from_utf8_lossy(&output.stdout),
+            self.service_log()
         );
         stderr
     }
@@ -93,6 +95,17 @@ impl Person {
             .await
             .expect("kez-chat finishes within 30 s")
             .unwrap()
+    }
+
+    /// The log of the home's service (what it said while it ran in the background).
+    pub fn service_log(&self) -> String {
+        std::fs::read_to_string(self.home.join("service.log")).unwrap_or_default()
+    }
+
+    /// Stops the home's kez-chat service (if one runs) and waits until it has let go of the
+    /// home: for a test that reads or damages the store itself.
+    pub async fn stop_service(&self) {
+        self.ok(&["service", "stop"]).await;
     }
 
     /// `register <name>` against `server`.

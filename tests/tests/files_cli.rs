@@ -41,7 +41,8 @@ async fn a_shared_file_arrives_identical_and_no_store_holds_plaintext() {
     assert_eq!(files[0]["from_handle"], "@alice@kez.test");
     assert_eq!(files[0]["downloaded"], serde_json::Value::Null);
 
-    // alice is offline: the download fails, says why, and writes nothing.
+    // alice is offline (her service stopped): the download fails, says why, and writes nothing.
+    alice.stop_service().await;
     let target = work.path().join("received.bin");
     let err = bob
         .fails(&["download", &offer, "-o", target.to_str().unwrap()], 1)
@@ -285,6 +286,7 @@ async fn forge_offer(
     alice: &Person,
     forge: impl FnOnce(&mut kez_core::file::FileOffer),
 ) -> String {
+    alice.stop_service().await;
     let home = kez_client::Home::open(&alice.home).unwrap();
     let store = home.store().unwrap();
     let last = store.offers().unwrap().pop().expect("alice's offer");

@@ -567,7 +567,9 @@ async fn hostile_inbox_messages_are_dropped_with_a_reason_and_good_ones_delivere
         ["one", "two"],
         "the good messages, in order; stderr: {stderr}"
     );
-    let dropped: Vec<&str> = stderr
+    // The warnings are the service's, which received the messages: in its log.
+    let log = bob.service_log();
+    let dropped: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("dropping a message that does not open"))
         .collect();

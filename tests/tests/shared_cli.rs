@@ -43,6 +43,7 @@ async fn committed_manifest(alice: &Person, reader: &Person) -> Vec<u8> {
         .unwrap()
         .parse()
         .unwrap();
+    alice.stop_service().await;
     let node = BlobNode::open(&alice.home.join("iroh"), NodeConfig::default())
         .await
         .unwrap();

@@ -786,9 +786,15 @@ impl BlobNode {
         (received, result)
     }
 
+    /// Makes what the store holds durable (its database synced): after this, a process killed
+    /// without a shutdown still has every blob added before.
+    pub async fn sync(&self) -> Result<()> {
+        self.store.sync_db().await.map_err(store_err("sync"))
+    }
+
     /// Stops serving, closes the endpoint and shuts the store down (the router's shutdown of
     /// the blobs protocol shuts the store; its database is synced first).
-    pub async fn shutdown(self) -> Result<()> {
+    pub async fn shutdown(&self) -> Result<()> {
         let synced = self.store.sync_db().await.map_err(store_err("sync"));
         self.router
             .shutdown()

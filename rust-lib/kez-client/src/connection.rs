@@ -55,6 +55,11 @@ pub const AUTHORIZATION_RETRY_WINDOW: Duration = Duration::from_secs(4);
 /// "unavailable" while a cluster elects a leader, both with `Kez-Retry-After-Ms`) before it
 /// gives up with the server's answer.
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(15);
+/// How long a request is asked again while no service answers its subject (the server is
+/// starting), before that is the caller's error.
+pub const MAX_ABSENT_WAIT: Duration = Duration::from_secs(5);
+/// The pause between two requests that found no service.
+const NO_RESPONDERS_PAUSE: Duration = Duration::from_millis(250);
 
 /// The largest number of chain pages [`Connection::chain`] fetches before giving up on a
 /// server that keeps saying `more`.
@@ -519,20 +524,32 @@ impl Connection {
         let subject = endpoint.subject();
         let body = Bytes::from(body);
         let give_up = tokio::time::Instant::now() + MAX_RETRY_WAIT;
+        let absent_until = tokio::time::Instant::now() + MAX_ABSENT_WAIT;
         let mut repeated = false;
         loop {
             let mut request = async_nats::Request::new().payload(body.clone());
             if let Some(timeout) = timeout {
                 request = request.timeout(Some(timeout));
             }
-            let answer = self
-                .client
-                .send_request(subject.to_owned(), request)
-                .await
-                .map_err(|source| ClientError::Request {
-                    subject: subject.to_owned(),
-                    source,
-                })?;
+            let answer = match self.client.send_request(subject.to_owned(), request).await {
+                Ok(answer) => answer,
+                // No service answers the subject: the server is (re)starting, which takes a
+                // moment; a long-lived connection (the service's) sees it as this.
+                Err(source)
+                    if source.kind() == async_nats::RequestErrorKind::NoResponders
+                        && tokio::time::Instant::now() + NO_RESPONDERS_PAUSE <= absent_until =>
+                {
+                    tracing::debug!(subject, "no responders; asking again");
+                    tokio::time::sleep(NO_RESPONDERS_PAUSE).await;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ClientError::Request {
+                        subject: subject.to_owned(),
+                        source,
+                    });
+                }
+            };
             let Some(err) = answer.headers.as_ref().and_then(|headers| {
                 ErrorAnswer::from_headers(|name| headers.get(name).map(|value| value.as_str()))
             }) else {

@@ -16,7 +16,7 @@ use kez_core::{Op, SecretKey, Sigchain, UnsignedLink};
 fn chain_of(length: usize) -> Vec<Vec<u8>> {
     let key = SecretKey::from_seed(&[7; 32]);
     let op = |seq: usize| {
-        if seq % 2 == 0 {
+        if seq.is_multiple_of(2) {
             Op::AddEndpoint(Endpoint {
                 name: "home".into(),
                 kind: "nats".into(),

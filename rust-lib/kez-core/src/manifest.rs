@@ -283,7 +283,7 @@ pub fn build_with_rng<R: RngCore + CryptoRng>(
             )?);
         }
     }
-    while boxes.len() % SEALED_BATCH != 0 {
+    while !boxes.len().is_multiple_of(SEALED_BATCH) {
         boxes.push(decoy(rng));
     }
     check_count("public entries", public.len(), MAX_PUBLIC_ENTRIES)?;

@@ -183,7 +183,7 @@ fn ms(duration: Duration) -> f64 {
 pub fn chain_of(length: usize) -> Result<Vec<Vec<u8>>, String> {
     let key = SecretKey::from_seed(&[7; 32]);
     let op = |seq: usize| {
-        if seq % 2 == 0 {
+        if seq.is_multiple_of(2) {
             Op::AddEndpoint(Endpoint {
                 name: "home".into(),
                 kind: "nats".into(),

@@ -1,0 +1,230 @@
+//! The kez-chat service (PROTOCOL.md §12): one owner per home, every CLI command its client.
+//! Many commands at once against one home, `listen` while the same home sends, a second service
+//! refused, a socket left by a killed service replaced, and local API requests that are
+//! malformed, oversized or not a request refused with their stable codes.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader as StdBufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kez_tests::callout::CalloutStack;
+use kez_tests::person::{Person, alice_and_bob, kez_chat};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The service's pid, from `service status --json`.
+async fn service_pid(person: &Person) -> u32 {
+    let status = person.json(&["service", "status"]).await;
+    u32::try_from(status["pid"].as_u64().expect("a pid")).unwrap()
+}
+
+/// Ten sends from one home at once all succeed, each once, and the recipient gets all ten.
+#[tokio::test]
+async fn ten_parallel_sends_from_one_home_all_succeed() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let sends = (0..10).map(|n| {
+        let alice = &alice;
+        async move { alice.run(&["send", "@bob", &format!("parallel {n}")]).await }
+    });
+    let outputs = futures::future::join_all(sends).await;
+    for output in &outputs {
+        assert!(
+            output.status.success(),
+            "{}\nthe service's log:\n{}",
+            String::from_utf8_lossy(&output.stderr),
+            alice.service_log()
+        );
+    }
+    let ids: BTreeSet<String> = outputs
+        .iter()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 10, "ten different message ids: {ids:?}");
+    let received = bob.json(&["inbox", "--wait", "5"]).await;
+    let texts: BTreeSet<String> = received
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| message["text"].as_str().unwrap().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = (0..10).map(|n| format!("parallel {n}")).collect();
+    assert_eq!(texts, expected);
+    // Other commands at once too: readers and a writer of the store side by side.
+    let (contacts, history, conversations) = tokio::join!(
+        alice.run(&["contacts", "--json"]),
+        alice.run(&["history", "@bob", "--json"]),
+        alice.run(&["history", "--json"]),
+    );
+    for output in [contacts, history, conversations] {
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+/// `listen` in one terminal while the same home sends and lists in another: the listener shows
+/// what arrives, the sends succeed, and Ctrl-C ends the view, not the service.
+#[tokio::test]
+async fn listen_while_the_same_home_sends() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let mut listen = tokio::process::Command::from(kez_chat(&bob.home, &["listen", "--json"]));
+    listen
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut listen = listen.spawn().unwrap();
+    let mut status = BufReader::new(listen.stderr.take().unwrap()).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = status.next_line().await.unwrap() {
+            if line.contains("listening as @bob") {
+                return;
+            }
+        }
+        panic!("listen ended before it listened");
+    })
+    .await
+    .expect("listen starts");
+    let mut lines = BufReader::new(listen.stdout.take().unwrap()).lines();
+    for n in 0..3 {
+        bob.ok(&["send", "@alice", &format!("from bob {n}")]).await;
+        bob.ok(&["contacts"]).await;
+        alice.ok(&["send", "@bob", &format!("to bob {n}")]).await;
+        let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+            .await
+            .expect("listen shows the message")
+            .unwrap()
+            .expect("listen is still running");
+        let message: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(message["text"], format!("to bob {n}"), "{line}");
+    }
+    let pid = listen.id().unwrap().to_string();
+    let service = service_pid(&bob).await;
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(15), listen.wait())
+        .await
+        .expect("listen stops on Ctrl-C")
+        .unwrap();
+    assert!(ended.success(), "{ended:?}");
+    assert_eq!(service_pid(&bob).await, service, "the service runs on");
+    let history = bob.json(&["history", "@alice"]).await;
+    assert_eq!(history.as_array().unwrap().len(), 6, "{history}");
+}
+
+/// One service per home: a second is refused clearly; a service killed with SIGKILL leaves
+/// its socket behind, and the next command replaces it and loses nothing that was stored.
+#[tokio::test]
+async fn one_service_per_home_and_a_killed_one_is_replaced() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let first = service_pid(&alice).await;
+    let second = alice.run(&["service"]).await;
+    assert_eq!(second.status.code(), Some(4), "{second:?}");
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains("already runs for this home") && said.contains(&first.to_string()),
+        "{said}"
+    );
+    alice.ok(&["send", "@bob", "before the kill"]).await;
+    bob.ok(&["send", "@alice", "while alice is gone"]).await;
+    let kill = std::process::Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let socket = alice.home.join("service.sock");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(socket.exists(), "SIGKILL leaves the socket behind");
+    let received = alice.json(&["inbox", "--wait", "5"]).await;
+    assert_eq!(received[0]["text"], "while alice is gone", "{received}");
+    assert_ne!(service_pid(&alice).await, first, "a new service");
+    let history = alice.json(&["history", "@bob"]).await;
+    let texts: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|message| message["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["before the kill", "while alice is gone"]);
+    // `service stop` lets go of the home; `status` then says none runs (exit 3).
+    alice.stop_service().await;
+    let status = alice.run(&["service", "status"]).await;
+    assert_eq!(status.status.code(), Some(3), "{status:?}");
+    assert!(!socket.exists(), "a stopped service removes its socket");
+}
+
+/// Talks to the home's socket directly: one request line, the answer lines.
+fn exchange(person: &Person, request: &[u8]) -> Vec<Value> {
+    let mut stream = UnixStream::connect(person.home.join("service.sock")).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    // A large request may be refused before it is all written.
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    StdBufReader::new(stream)
+        .lines()
+        .map(|line| serde_json::from_str(&line.unwrap()).unwrap())
+        .collect()
+}
+
+/// Requests that are malformed, oversized or unknown get a stable refusal and the service
+/// goes on; the socket is private; a well-formed `run` streams the command's output.
+#[tokio::test]
+async fn hostile_local_requests_are_refused_and_the_service_goes_on() {
+    let stack = CalloutStack::start().await;
+    let (alice, _bob) = alice_and_bob(&stack.nats.url()).await;
+    let pid = service_pid(&alice).await;
+    let socket = alice.home.join("service.sock");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the socket is private");
+    let refused = |answer: &[Value], code: &str| {
+        assert_eq!(answer.len(), 1, "{answer:?}");
+        assert_eq!(answer[0]["refused"]["code"], code, "{answer:?}");
+    };
+    refused(&exchange(&alice, b"not json\n"), "malformed");
+    refused(
+        &exchange(&alice, b"{\"exec\":{\"cmd\":\"sh\"}}\n"),
+        "malformed",
+    );
+    refused(
+        &exchange(
+            &alice,
+            b"{\"run\":{\"args\":[],\"cwd\":\"/\",\"tty\":false,\"env\":{}}}\n",
+        ),
+        "malformed",
+    );
+    refused(&exchange(&alice, b""), "malformed");
+    let mut huge = b"{\"run\":{\"args\":[\"".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 2 << 20));
+    huge.extend(b"\"],\"cwd\":\"/\",\"tty\":false}}\n");
+    refused(&exchange(&alice, &huge), "too_large");
+    // A command line no shell could give, and a relative working directory: a usage error.
+    let answer = exchange(
+        &alice,
+        b"{\"run\":{\"args\":[\"contacts\"],\"cwd\":\"relative\",\"tty\":false}}\n",
+    );
+    assert_eq!(answer.last().unwrap()["exit"]["code"], 2, "{answer:?}");
+    // A well-formed request: the output, then the exit.
+    let answer = exchange(
+        &alice,
+        b"{\"run\":{\"args\":[\"contacts\",\"--json\"],\"cwd\":\"/\",\"tty\":false}}\n",
+    );
+    let out: String = answer
+        .iter()
+        .filter_map(|frame| frame["out"].as_str())
+        .collect();
+    let contacts: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(contacts[0]["handle"], "@bob@kez.test", "{answer:?}");
+    assert_eq!(answer.last().unwrap()["exit"]["code"], 0, "{answer:?}");
+    assert_eq!(service_pid(&alice).await, pid, "still the same service");
+}
