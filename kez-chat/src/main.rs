@@ -49,7 +49,14 @@
 //! `<home>/service.sock`; the output, prompts, progress and exit code are relayed (`term.rs`), so
 //! a command behaves the same either way. `listen` is a view of the service's live events;
 //! `inbox` shows what it received and nobody has seen. `service status|stop`.
+//!
+//! Chat beyond text (`chat.rs`, PROTOCOL.md §8.6): `edit`, `delete`, `react`, `reply` (a
+//! message named by an id prefix from `history --ids`), `timer`; the service applies received
+//! changes under the store's rules, sends delivery receipts, and read receipts when the person
+//! has seen messages (`history @name`, `listen`, `inbox`) unless `settings read-receipts off`;
+//! `history @name` shows edits, deletions, replies, reactions and ✓ delivered / ✓✓ read.
 
+mod chat;
 mod display;
 mod failure;
 mod files;
@@ -95,7 +102,7 @@ Exit codes:
      file): restore it from a backup";
 
 /// The content type of a text message.
-const TEXT: &str = "text";
+pub(crate) const TEXT: &str = "text";
 
 /// The endpoint `register` writes into the first sigchain link.
 const NATS_ENDPOINT: &str = "nats";
@@ -402,7 +409,85 @@ enum Command {
         /// The handle, e.g. `@bob`; someone not in your contacts is looked up on the server
         /// and their messages shown marked so.
         handle: Option<String>,
+        /// Begin each message with its id (its first 8 hex digits), for `edit`, `delete`,
+        /// `react` and `reply`.
+        #[arg(long)]
+        ids: bool,
         /// Print JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Edit a message you sent: everyone's devices show the new text, marked edited.
+    Edit {
+        /// The conversation, e.g. `@bob`.
+        handle: String,
+        /// The message: its id or its first few hex digits (`history @bob --ids`).
+        id: String,
+        /// The new text (several words are joined with spaces).
+        #[arg(required = true)]
+        text: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a message you sent, for everyone: their devices drop its text and show it as
+    /// deleted (a modified client could have kept a copy).
+    Delete {
+        /// The conversation, e.g. `@bob`.
+        handle: String,
+        /// The message: its id or its first few hex digits.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// React to a message with an emoji (`--remove` takes it back).
+    React {
+        /// The conversation, e.g. `@bob`.
+        handle: String,
+        /// The message: its id or its first few hex digits.
+        id: String,
+        /// The emoji, e.g. 👍.
+        emoji: String,
+        /// Take the reaction back.
+        #[arg(long)]
+        remove: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reply to a message: a text message that quotes it.
+    Reply {
+        /// The conversation, e.g. `@bob`.
+        handle: String,
+        /// The message: its id or its first few hex digits.
+        id: String,
+        /// The text (several words are joined with spaces).
+        #[arg(required = true)]
+        text: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the messages of a conversation disappear: those sent from now on are deleted on
+    /// every device of both sides this long after they were sent (`off` stops it).
+    Timer {
+        /// The conversation, e.g. `@bob`.
+        handle: String,
+        /// e.g. `30s`, `10m`, `1h`, `7d`, or `off`.
+        duration: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the settings, or change one: `settings read-receipts off`,
+    /// `settings notifications on`.
+    Settings {
+        /// The setting: `read-receipts` or `notifications`.
+        key: Option<String>,
+        /// `on` or `off`.
+        value: Option<String>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -599,9 +684,51 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
         Command::Listen { json } => app.listen(json).await,
         Command::History {
             handle: Some(handle),
+            ids,
             json,
-        } => app.history(&handle, json).await,
-        Command::History { handle: None, json } => app.conversations(json),
+        } => app.history(&handle, ids, json).await,
+        Command::History {
+            handle: None, json, ..
+        } => app.conversations(json),
+        Command::Edit {
+            handle,
+            id,
+            text,
+            json,
+        } => {
+            app.change(&handle, &id, chat::Change::Edit(text.join(" ")), json)
+                .await
+        }
+        Command::Delete { handle, id, json } => {
+            app.change(&handle, &id, chat::Change::Delete, json).await
+        }
+        Command::React {
+            handle,
+            id,
+            emoji,
+            remove,
+            json,
+        } => {
+            app.change(&handle, &id, chat::Change::React { emoji, remove }, json)
+                .await
+        }
+        Command::Reply {
+            handle,
+            id,
+            text,
+            json,
+        } => {
+            app.change(&handle, &id, chat::Change::Reply(text.join(" ")), json)
+                .await
+        }
+        Command::Timer {
+            handle,
+            duration,
+            json,
+        } => app.timer(&handle, &duration, json).await,
+        Command::Settings { key, value, json } => {
+            app.settings(key.as_deref(), value.as_deref(), json)
+        }
         Command::Search { words, json } => app.search(&words.join(" "), json),
         Command::Share {
             handle,
@@ -1609,7 +1736,7 @@ impl App {
 
     /// `history @name`: the conversation with a contact, or with someone not in the contacts
     /// whose key the server names for the handle (marked so).
-    async fn history(&self, handle: &str, json: bool) -> Result<(), Failure> {
+    async fn history(&self, handle: &str, ids: bool, json: bool) -> Result<(), Failure> {
         let full = self.full_handle(handle)?;
         let store = self.store()?;
         let (peer, in_contacts) = match store.contact(&full.to_string()).map_err(Failure::store)? {
@@ -1620,12 +1747,15 @@ impl App {
                 (looked_up.map_err(Failure::client)?.key, false)
             }
         };
-        let messages = store.history(&peer).map_err(Failure::store)?;
+        let messages = store.messages(&peer).map_err(Failure::store)?;
+        if in_contacts {
+            self.mark_read(&store, &peer).await;
+        }
         if json {
             let list: Vec<Value> = messages
                 .iter()
-                .map(|message| {
-                    let mut value = stored_json(message);
+                .map(|view| {
+                    let mut value = chat::view_json(view, stored_json(&view.message));
                     value["in_contacts"] = json!(in_contacts);
                     value
                 })
@@ -1645,12 +1775,12 @@ impl App {
             true => full.to_string(),
             false => format!("(not in contacts) {full}"),
         };
-        for message in &messages {
-            let who = match message.direction {
+        for view in &messages {
+            let who = match view.message.direction {
                 Direction::Incoming => them.as_str(),
                 Direction::Outgoing => "you",
             };
-            say!("{}", message_line(who, message));
+            say!("{}", chat::view_line(who, view, ids));
         }
         Ok(())
     }

@@ -43,6 +43,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many live events a slow listener may fall behind before it is told it missed some.
 const EVENT_BACKLOG: usize = 1024;
+/// How often the service deletes messages whose disappearing-message timer ran out.
+const PURGE_EVERY: Duration = Duration::from_secs(10);
 /// A service log larger than this is started afresh.
 const MAX_LOG_BYTES: u64 = 4 << 20;
 
@@ -271,6 +273,7 @@ pub(crate) async fn serve(home: Home, announce: bool) -> Result<(), Failure> {
     }
     let receiver = tokio::spawn(receive(service.clone(), fetch));
     let watchdog = tokio::spawn(watch_socket(service.clone()));
+    let purger = tokio::spawn(purge_expired(service.clone()));
     let mut stop = service.stop.subscribe();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|err| Failure::new(RUNTIME, format!("cannot handle SIGTERM: {err}")))?;
@@ -298,6 +301,7 @@ pub(crate) async fn serve(home: Home, announce: bool) -> Result<(), Failure> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     watchdog.abort();
+    purger.abort();
     let _ = receiver.await;
     if let Some((_, conn)) = service.app.held.conn.lock().await.take() {
         let _ = conn.close().await;
@@ -420,6 +424,20 @@ async fn watch_socket(service: Arc<Service>) {
     }
 }
 
+/// Deletes the messages whose disappearing-message timer ran out, every [`PURGE_EVERY`].
+async fn purge_expired(service: Arc<Service>) {
+    loop {
+        if let Ok(store) = service.app.store() {
+            match store.purge_expired(now()) {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!("{purged} disappearing messages deleted"),
+                Err(err) => tracing::warn!("cannot delete disappearing messages: {err}"),
+            }
+        }
+        tokio::time::sleep(PURGE_EVERY).await;
+    }
+}
+
 /// Receives while the service runs: connects (and reconnects), keeps the own devices and the
 /// file node's endpoint current, fetches when the inbox says there is mail (and when a client
 /// asks), and shows what arrived to the listeners.
@@ -487,7 +505,8 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
             received = conn.receive(&store, FETCH_MAX, wait) => (received, None),
         };
         let answer = match received {
-            Ok(_) => {
+            Ok(received) => {
+                crate::chat::received(app, &store, &conn, &received).await;
                 let connected =
                     conn.nats().connection_state() == async_nats::connection::State::Connected;
                 if connected && app.held.failing.swap(false, Ordering::SeqCst) {
@@ -508,6 +527,9 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
                 Err(Failure::client(err))
             }
         };
+        for note in crate::chat::apply_received(&store, &conn.identity()) {
+            let _ = app.held.events.send(note);
+        }
         show_listeners(app, &store, &conn).await;
         let failed = answer.is_err();
         if let Some(asked) = asked {
@@ -570,11 +592,22 @@ async fn show_listeners(app: &App, store: &Store, conn: &Connection) {
         shown.push((order, sender, message));
     }
     let orders: Vec<u64> = shown.iter().map(|(order, _, _)| *order).collect();
+    let mut seen = std::collections::BTreeSet::new();
     for (_, sender, message) in shown {
+        if message.direction == kez_client::Direction::Incoming
+            && let Sender::Contact(_) = sender
+            && let Ok(Some(contact)) = store.contact_by_key(&message.from)
+        {
+            seen.insert(contact.key);
+        }
         let _ = app.held.events.send(Event::Message(sender, message));
     }
     if let Err(err) = store.mark_shown(&orders) {
         tracing::warn!("cannot mark messages shown: {err}");
+    }
+    // Shown to the person: read.
+    for peer in seen {
+        app.mark_read(store, &peer).await;
     }
 }
 

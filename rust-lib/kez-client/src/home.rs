@@ -109,7 +109,7 @@ pub fn home_dir_from_env() -> Result<PathBuf, HomeError> {
 
 /// The client's config (`config.json`). Unknown members are ignored, so an older client can
 /// read a newer client's config.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// The home server's NATS URL, e.g. `nats://kez.lat:4222`.
@@ -136,6 +136,33 @@ pub struct Config {
     /// machine (`register --allow-plaintext`); unset: only `tls://` leaves this machine.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_plaintext: bool,
+    /// Whether the own devices tell a peer when its messages were read (`kez.receipt` of kind
+    /// `read`, PROTOCOL.md §8.6). On unless turned off; delivery receipts are always sent.
+    #[serde(skip_serializing_if = "is_on")]
+    pub read_receipts: bool,
+    /// Whether the service shows a desktop notification for each message that arrives (where
+    /// the platform has a notifier). Off unless turned on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub notifications: bool,
+}
+
+fn is_on(value: &bool) -> bool {
+    *value
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            server: None,
+            handle: None,
+            identity: None,
+            iroh_bind: None,
+            iroh_relay: None,
+            allow_plaintext: false,
+            read_receipts: true,
+            notifications: false,
+        }
+    }
 }
 
 /// The client's home directory. Opening one creates the directory (mode 0700) if needed;
@@ -355,9 +382,15 @@ mod tests {
             iroh_bind: Some("127.0.0.1:40001".parse().unwrap()),
             iroh_relay: Some("https://relay.example.org./".into()),
             allow_plaintext: true,
+            read_receipts: false,
+            notifications: true,
         };
         home.save_config(&config).unwrap();
         assert_eq!(home.config().unwrap(), config);
+        // A config written before the settings existed has read receipts on.
+        fs::write(home.config_path(), br#"{"handle":"@alice@kez.test"}"#).unwrap();
+        let old = home.config().unwrap();
+        assert!(old.read_receipts && !old.notifications);
         fs::write(home.config_path(), b"{not json").unwrap();
         assert!(matches!(home.config(), Err(HomeError::BadConfig { .. })));
     }

@@ -1,0 +1,259 @@
+//! What people expect of a chat (issue 22, PROTOCOL.md §8.6), through the CLI and the services
+//! of two homes on a real stack: delivery and read receipts (and turning read receipts off),
+//! edits, deletes for everyone, reactions, replies, disappearing messages; an edit of someone
+//! else's message refused by the CLI, and one forged with the library refused by the recipient.
+
+use std::future::Future;
+use std::time::Duration;
+
+use kez_core::chat::{ChatContent, Edit};
+use kez_core::envelope::MessageId;
+use kez_tests::callout::CalloutStack;
+use kez_tests::kez_server::test_handle;
+use kez_tests::person::{alice_and_bob, key_of};
+use serde_json::Value;
+
+/// Waits (up to 20 s) until `check` holds for what `read` answers; panics with the last answer.
+async fn until<F, Fut>(what: &str, mut read: F, check: impl Fn(&Value) -> bool) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Value>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let value = read().await;
+        if check(&value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: never; last {value:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The message with `id` in `history`.
+fn message<'a>(history: &'a Value, id: &str) -> &'a Value {
+    history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|message| message["id"] == id)
+        .unwrap_or_else(|| panic!("no message {id} in {history:#}"))
+}
+
+#[tokio::test]
+async fn receipts_edits_deletes_reactions_and_replies_between_two_people() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let id = alice
+        .ok(&["send", "@bob", "hello bob"])
+        .await
+        .trim()
+        .to_owned();
+
+    // Delivered once bob's service stored it; read once bob looked at it.
+    let history = until(
+        "delivered",
+        || alice.json(&["history", "@bob"]),
+        |history| message(history, &id)["delivered"] == true,
+    )
+    .await;
+    assert_eq!(message(&history, &id)["read"], false, "not read yet");
+    bob.ok(&["history", "@alice"]).await;
+    let history = until(
+        "read",
+        || alice.json(&["history", "@bob"]),
+        |history| message(history, &id)["read"] == true,
+    )
+    .await;
+    assert!(
+        alice
+            .ok(&["history", "@bob"])
+            .await
+            .contains("hello bob ✓✓"),
+        "{history:#}"
+    );
+
+    // Edits: the sender's, shown everywhere; not the peer's (refused before anything is sent).
+    alice
+        .ok(&["edit", "@bob", &id[..6], "hello bob, edited"])
+        .await;
+    let seen = until(
+        "the edit",
+        || bob.json(&["history", "@alice"]),
+        |history| message(history, &id)["edited"] == true,
+    )
+    .await;
+    assert_eq!(message(&seen, &id)["text"], "hello bob, edited");
+    let refused = bob.fails(&["edit", "@alice", &id, "my words now"], 5).await;
+    assert!(
+        refused.contains("not_the_sender") || refused.contains("sender"),
+        "{refused}"
+    );
+    assert!(refused.contains("nothing was sent"), "{refused}");
+
+    // Reactions and replies.
+    bob.ok(&["react", "@alice", &id, "👍"]).await;
+    let reply = bob
+        .ok(&["reply", "@alice", &id, "yes, it is me"])
+        .await
+        .trim()
+        .to_owned();
+    let history = until(
+        "the reaction and the reply",
+        || alice.json(&["history", "@bob"]),
+        |history| {
+            message(history, &id)["reactions"]["👍"]
+                .as_array()
+                .is_some_and(|by| by.len() == 1)
+                && history.as_array().unwrap().iter().any(|m| m["id"] == reply)
+        },
+    )
+    .await;
+    assert_eq!(message(&history, &reply)["reply_to"], id.as_str());
+    assert_eq!(message(&history, &reply)["text"], "yes, it is me");
+    let lines = alice.ok(&["history", "@bob", "--ids"]).await;
+    assert!(
+        lines.contains(&format!("(reply to {})", &id[..8])),
+        "{lines}"
+    );
+    assert!(
+        lines.contains("[👍 1]") && lines.contains("(edited)"),
+        "{lines}"
+    );
+
+    // Delete for everyone: the text is gone on both sides.
+    alice.ok(&["delete", "@bob", &id]).await;
+    let seen = until(
+        "the deletion",
+        || bob.json(&["history", "@alice"]),
+        |history| message(history, &id)["deleted"] == true,
+    )
+    .await;
+    assert_eq!(message(&seen, &id)["text"], "");
+    assert!(!bob.ok(&["search", "edited"]).await.contains("hello bob"));
+
+    // Read receipts off: bob reads, alice never hears it; delivery still is.
+    bob.ok(&["settings", "read-receipts", "off"]).await;
+    let quiet = alice
+        .ok(&["send", "@bob", "are you there?"])
+        .await
+        .trim()
+        .to_owned();
+    until(
+        "delivered",
+        || alice.json(&["history", "@bob"]),
+        |history| message(history, &quiet)["delivered"] == true,
+    )
+    .await;
+    bob.ok(&["history", "@alice"]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        message(&alice.json(&["history", "@bob"]).await, &quiet)["read"],
+        false
+    );
+}
+
+/// An edit of alice's message that bob's key signs (bob's own client would refuse to send it):
+/// alice's devices refuse it and keep the text.
+#[tokio::test]
+async fn a_forged_edit_of_someone_elses_message_is_refused() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (alice, bob) = alice_and_bob(&url).await;
+    let id = alice
+        .ok(&["send", "@bob", "my own words"])
+        .await
+        .trim()
+        .to_owned();
+    let scratch = tempfile::tempdir().unwrap();
+    let store = kez_client::Store::open(scratch.path().join("store.redb")).unwrap();
+    let conn = kez_client::Connection::connect(&url, key_of(&bob))
+        .await
+        .unwrap();
+    let alice_contact = conn
+        .verify_contact(&store, &test_handle("@alice"))
+        .await
+        .unwrap()
+        .contact;
+    let forged = ChatContent::Edit(Edit {
+        id: id.parse::<MessageId>().unwrap(),
+        text: "words alice never wrote".into(),
+    });
+    conn.send(
+        &alice_contact,
+        forged.content_type(),
+        &forged.encode().unwrap(),
+    )
+    .await
+    .unwrap();
+    let marker = alice.ok(&["send", "@bob", "after the forgery"]).await;
+    assert!(!marker.is_empty());
+    // bob's answer arrives after the forgery: by then alice's service handled it.
+    bob.ok(&["send", "@alice", "back"]).await;
+    let history = until(
+        "bob's answer",
+        || alice.json(&["history", "@bob"]),
+        |history| {
+            history
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["text"] == "back")
+        },
+    )
+    .await;
+    assert_eq!(message(&history, &id)["text"], "my own words");
+    assert_eq!(message(&history, &id)["edited"], false);
+    assert!(
+        alice.service_log().contains("refusing a change"),
+        "{}",
+        alice.service_log()
+    );
+}
+
+/// A conversation's timer: messages sent after it disappear from both homes once it runs out.
+#[tokio::test]
+async fn disappearing_messages_are_purged_on_both_sides() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let kept = alice
+        .ok(&["send", "@bob", "before the timer"])
+        .await
+        .trim()
+        .to_owned();
+    // Times are whole seconds: the timer applies from its own second on.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    alice.ok(&["timer", "@bob", "2s"]).await;
+    let gone = alice
+        .ok(&["send", "@bob", "this one disappears"])
+        .await
+        .trim()
+        .to_owned();
+    let has = |history: &Value, id: &str| history.as_array().unwrap().iter().any(|m| m["id"] == id);
+    until(
+        "bob receives it",
+        || bob.json(&["history", "@alice"]),
+        |history| has(history, &gone),
+    )
+    .await;
+    for (person, peer) in [(&alice, "@bob"), (&bob, "@alice")] {
+        let history = until(
+            "the purge",
+            || async move { person.json(&["history", peer]).await },
+            |history| {
+                let ids: Vec<&str> = history
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|m| m["id"].as_str().unwrap())
+                    .collect();
+                ids.contains(&kept.as_str()) && !ids.contains(&gone.as_str())
+            },
+        )
+        .await;
+        assert!(!history.to_string().contains("this one disappears"));
+    }
+}
