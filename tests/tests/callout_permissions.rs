@@ -796,7 +796,14 @@ async fn a_live_notice_reaches_its_recipient_and_no_stream() {
     let (a, mut a_errors) = world.stack.connect_as(&world.a).await.unwrap();
     let (b, mut b_errors) = world.stack.connect_as(&world.b).await.unwrap();
     let mut b_hears = b.subscribe(live(&world.b)).await.unwrap();
-    b.flush().await.unwrap();
+    // B's own empty message, heard back, proves the broker has the subscription (a flush only
+    // writes it to the socket).
+    b.publish(live(&world.b), Bytes::new()).await.unwrap();
+    let echo = tokio::time::timeout(VIOLATION_WITHIN, b_hears.next())
+        .await
+        .expect("B hears its own live subject")
+        .unwrap();
+    assert!(echo.payload.is_empty());
 
     a.publish(live(&world.b), Bytes::from_static(b"sealed typing notice"))
         .await
