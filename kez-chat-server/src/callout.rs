@@ -285,8 +285,9 @@ fn unregistered_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaim
 }
 
 /// A registered key may use every kez service (mail goes in through `kez.mail.send` and out
-/// through `kez.mail.fetch`, never through JetStream), hear replies only on its own reply
-/// prefix, and hear of new mail only for its own inbox.
+/// through `kez.mail.fetch`, never through JetStream) and send live notices to anyone's devices
+/// (core NATS, PROTOCOL.md §8.6), hear replies only on its own reply prefix, and hear of new
+/// mail and live notices only for its own inbox.
 fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserClaims {
     base_claims(user_nkey, &record.key, now)
         .allow_publish(registered_publish())
@@ -294,7 +295,7 @@ fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserC
 }
 
 /// An active device of `identity` may do what its registered key may, as itself: replies on
-/// its own reply prefix, and new mail only for its own inbox.
+/// its own reply prefix, new mail and live notices only for itself.
 fn device_profile(
     user_nkey: &str,
     device: &PublicKey,
@@ -364,6 +365,31 @@ mod tests {
         assert_eq!(identity, key);
         assert_eq!(claims.publish.allow, registered_publish());
         assert_eq!(claims.subscribe.allow, device_subscribe(&key, &laptop));
+        let live = kez_proto::subjects::live_subject(&key, &laptop);
+        assert!(
+            claims.subscribe.allow.contains(&live),
+            "its own live notices"
+        );
+        assert!(
+            claims
+                .publish
+                .allow
+                .contains(&kez_proto::subjects::LIVE_SUBJECTS.to_owned()),
+            "live notices to anyone"
+        );
+        assert!(
+            !narrow
+                .publish
+                .allow
+                .iter()
+                .any(|s| s.starts_with("kez.live"))
+                && !narrow
+                    .subscribe
+                    .allow
+                    .iter()
+                    .any(|s| s.starts_with("kez.live")),
+            "the narrow profile has no live notices"
+        );
         assert_eq!(
             claims.name,
             Some(laptop.to_nkey()),

@@ -18,7 +18,9 @@ use futures::{StreamExt, TryStreamExt};
 use kez_chat_server::store::LEGACY_INBOX_STREAM;
 use kez_core::SecretKey;
 use kez_proto::mail::{FetchAnswer, FetchRequest};
-use kez_proto::subjects::{MAIL_STREAM, inbox_subject, new_mail_subject, reply_prefix};
+use kez_proto::subjects::{
+    MAIL_STREAM, inbox_subject, live_subject, new_mail_subject, reply_prefix,
+};
 use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
 use kez_tests::kez_server::{ServiceError, call, call_ok};
 use kez_tests::requests::mail;
@@ -72,6 +74,11 @@ impl World {
 /// `key`'s inbox subject (its key is its one device).
 fn inbox(key: &SecretKey) -> String {
     inbox_subject(&key.public_key(), &key.public_key())
+}
+
+/// `key`'s live-notice subject (its key is its one device).
+fn live(key: &SecretKey) -> String {
+    live_subject(&key.public_key(), &key.public_key())
 }
 
 /// `key`'s new-mail subject.
@@ -189,6 +196,39 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             "B's new mail, in a queue group",
         ),
         row(A, Publish, b_new.clone(), "forge a notification for B"),
+        // Other users' live notices (typing, presence): sending is open, listening is not.
+        row(A, Subscribe, live(&world.b), "hear B's live notices"),
+        row(A, Subscribe, "kez.live.>", "hear everyone's live notices"),
+        row(
+            A,
+            Subscribe,
+            "kez.live.*.*",
+            "hear every device's live notices",
+        ),
+        row(
+            A,
+            Subscribe,
+            format!("kez.live.{a_hex}.*"),
+            "a wildcard over the own identity's devices' notices",
+        ),
+        row(
+            A,
+            Subscribe,
+            format!("kez.live.{a_hex}.{b_hex}"),
+            "live notices of a device of the own identity that is not the own key",
+        ),
+        row(
+            A,
+            QueueSubscribe,
+            live(&world.b),
+            "B's live notices, in a queue group",
+        ),
+        row(
+            A,
+            Publish,
+            format!("kez.live.{b_hex}"),
+            "a live subject of the wrong shape",
+        ),
         // Reading the stream through the JetStream API: by sequence, by subject, its counts.
         row(
             A,
@@ -437,6 +477,18 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             "the own new-mail subject before registering",
         ),
         row(C, Subscribe, b_new, "hear of B's new mail"),
+        row(
+            C,
+            Publish,
+            live(&world.b),
+            "unregistered sends a live notice",
+        ),
+        row(
+            C,
+            Subscribe,
+            format!("kez.live.{c_hex}.{c_hex}"),
+            "the own live subject before registering",
+        ),
         row(C, Request, "kez.sigchain.head", "sigchain service"),
         row(C, Request, "kez.sigchain.append", "sigchain service"),
         row(
@@ -732,6 +784,55 @@ async fn allowed_actions_work() {
     assert_no_errors("A", &mut a_errors);
     assert_no_errors("B", &mut b_errors);
     assert_no_errors("C", &mut c_errors);
+}
+
+/// Live notices (PROTOCOL.md §6.2, §8.6): A publishes on B's live subject over core NATS and B,
+/// subscribed to its own, gets it; no stream holds it; and neither side's connection reports a
+/// permission error.
+#[tokio::test]
+async fn a_live_notice_reaches_its_recipient_and_no_stream() {
+    let world = World::start().await;
+    let app = world.stack.server_client().await;
+    let (a, mut a_errors) = world.stack.connect_as(&world.a).await.unwrap();
+    let (b, mut b_errors) = world.stack.connect_as(&world.b).await.unwrap();
+    let mut b_hears = b.subscribe(live(&world.b)).await.unwrap();
+    // B's own empty message, heard back, proves the broker has the subscription (a flush only
+    // writes it to the socket).
+    b.publish(live(&world.b), Bytes::new()).await.unwrap();
+    let echo = tokio::time::timeout(VIOLATION_WITHIN, b_hears.next())
+        .await
+        .expect("B hears its own live subject")
+        .unwrap();
+    assert!(echo.payload.is_empty());
+
+    a.publish(live(&world.b), Bytes::from_static(b"sealed typing notice"))
+        .await
+        .unwrap();
+    a.flush().await.unwrap();
+    let notice = tokio::time::timeout(VIOLATION_WITHIN, b_hears.next())
+        .await
+        .expect("B gets the notice")
+        .unwrap();
+    assert_eq!(notice.payload.as_ref(), b"sealed typing notice");
+    assert_eq!(notice.subject.as_str(), live(&world.b));
+
+    // The server's account holds every stream there is; none took the notice.
+    let js = jetstream::new(app.clone());
+    let names: Vec<String> = js.stream_names().try_collect().await.unwrap();
+    assert!(names.contains(&MAIL_STREAM.to_owned()), "{names:?}");
+    for name in names {
+        let stream = js.get_stream(&name).await.unwrap();
+        let mut counts = stream.info_with_subjects("kez.live.>").await.unwrap();
+        assert!(
+            counts.try_next().await.unwrap().is_none(),
+            "{name} holds a live notice"
+        );
+    }
+    assert_eq!(mail_messages(&app, None).await, 0, "nothing in any inbox");
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_no_errors("A", &mut a_errors);
+    assert_no_errors("B", &mut b_errors);
 }
 
 /// The profile is fixed when a connection is authorized: registering over the narrow profile

@@ -1378,6 +1378,14 @@ fn bad_answer(endpoint: Endpoint, err: &serde_json::Error) -> ClientError {
     }
 }
 
+impl Connection {
+    /// The connection's secret key, for the crate's other modules that seal and open as it
+    /// ([`crate::live`]).
+    pub(crate) fn secret_key(&self) -> &Arc<SecretKey> {
+        &self.key
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

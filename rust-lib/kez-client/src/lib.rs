@@ -8,6 +8,7 @@
 //!   auth callout; typed calls for the home server's services, sending sealed messages, and
 //!   receiving from the own inbox (store first, then acknowledge).
 //!
+//! - [`live`]: typing and presence notices over core NATS, never stored (§8.6).
 //! - [`files`] and [`shared`]: files over iroh — offers (§9) and the shared-files manifest (§11).
 //!
 //! PROTOCOL.md §5, §6, §8, §9 and §11 specify what goes over the wire.
@@ -40,6 +41,7 @@
 pub mod connection;
 pub mod files;
 pub mod home;
+pub mod live;
 pub mod shared;
 pub mod store;
 
@@ -59,6 +61,7 @@ pub use kez_proto::answer::{
 pub use kez_proto::pair::{
     GetRequest as PairGetRequest, PutRequest as PairPutRequest, Slot as PairSlot,
 };
+pub use live::{LIVE_WINDOW_SECS, LiveError, LiveNotice};
 pub use store::{
     Contact, Conversation, Direction, Downloaded, Found, InboxFloor, Offer, Published,
     PublishedManifest, Store, StoreError, StoredMessage,

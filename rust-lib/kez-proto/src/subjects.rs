@@ -4,7 +4,9 @@
 //! drift apart. PROTOCOL.md §6.
 //!
 //! Inboxes are per device: `kez.inbox.<identity hex>.<device hex>`. An identity's own key (its
-//! chain id) is a device of it too, with the same hex twice.
+//! chain id) is a device of it too, with the same hex twice. Live notices (typing, presence:
+//! PROTOCOL.md §8.6) go to devices the same way, on `kez.live.<identity hex>.<device hex>`, over
+//! core NATS only.
 
 use kez_core::key::PublicKey;
 
@@ -20,6 +22,19 @@ pub const INBOX_SUBJECTS: &str = "kez.inbox.*.*";
 pub const NEW_MAIL_DESTINATION: &str = "kez.new.{{wildcard(1)}}.{{wildcard(2)}}";
 /// Every new-mail notification subject.
 pub const NEW_MAIL_SUBJECTS: &str = "kez.new.*.*";
+
+/// Every live-notice subject (`kez.live.<identity hex>.<device hex>`): what a chat profile may
+/// publish to. Core NATS only: users live in an account without JetStream, and the subjects
+/// share no first tokens with [`INBOX_SUBJECTS`], so no stream ever holds a notice.
+pub const LIVE_SUBJECTS: &str = "kez.live.*.*";
+
+/// Where `device`, a device of `identity`, hears live notices (typing, presence; PROTOCOL.md
+/// §8.6): `kez.live.<identity hex>.<device hex>`. One subject per device, like the inbox,
+/// because a sender seals one envelope per recipient device (§6.5 rule 3): each device gets
+/// only the envelope it can open, and only that device may subscribe.
+pub fn live_subject(identity: &PublicKey, device: &PublicKey) -> String {
+    format!("kez.live.{}.{}", identity.to_hex(), device.to_hex())
+}
 
 /// The inbox of `device`, a device of `identity`: `kez.inbox.<identity hex>.<device hex>`.
 pub fn inbox_subject(identity: &PublicKey, device: &PublicKey) -> String {
@@ -53,13 +68,15 @@ pub fn unregistered_publish() -> Vec<String> {
     .into()
 }
 
-/// What a registered key may publish (PROTOCOL.md §6.2): every kez service, nothing else. Mail
+/// What a registered key (or an active device) may publish (PROTOCOL.md §6.2): every kez
+/// service and the live notices of anyone's devices ([`LIVE_SUBJECTS`]), nothing else. Mail
 /// goes in through `kez.mail.send` and out through `kez.mail.fetch`; no user reaches the
 /// JetStream API.
 pub fn registered_publish() -> Vec<String> {
     USER_SERVICES
         .iter()
         .map(|service| service.wildcard())
+        .chain([LIVE_SUBJECTS.to_owned()])
         .collect()
 }
 
@@ -68,18 +85,21 @@ pub fn unregistered_subscribe(key: &PublicKey) -> Vec<String> {
     vec![format!("{}.>", reply_prefix(key))]
 }
 
-/// What `key`, registered, may subscribe to: replies under its own [`reply_prefix`] and the
-/// new-mail notifications of its own inbox (the identity's key is a device of it).
+/// What `key`, registered, may subscribe to: replies under its own [`reply_prefix`], the
+/// new-mail notifications of its own inbox and its own live notices (the identity's key is a
+/// device of it).
 pub fn registered_subscribe(key: &PublicKey) -> Vec<String> {
     device_subscribe(key, key)
 }
 
 /// What `device`, an active device of `identity`, may subscribe to: replies under the device's
-/// own [`reply_prefix`] and the new-mail notifications of the device's own inbox.
+/// own [`reply_prefix`], the new-mail notifications of the device's own inbox and the
+/// device's own live notices ([`live_subject`]).
 pub fn device_subscribe(identity: &PublicKey, device: &PublicKey) -> Vec<String> {
     vec![
         format!("{}.>", reply_prefix(device)),
         new_mail_subject(identity, device),
+        live_subject(identity, device),
     ]
 }
 
@@ -101,15 +121,24 @@ mod tests {
             new_mail_subject(&key, &device),
             format!("kez.new.{hex}.{dev}")
         );
+        assert_eq!(live_subject(&key, &device), format!("kez.live.{hex}.{dev}"));
         assert_eq!(reply_prefix(&key), format!("_INBOX.{hex}"));
         assert_eq!(unregistered_subscribe(&key), [format!("_INBOX.{hex}.>")]);
         assert_eq!(
             registered_subscribe(&key),
-            [format!("_INBOX.{hex}.>"), format!("kez.new.{hex}.{hex}")]
+            [
+                format!("_INBOX.{hex}.>"),
+                format!("kez.new.{hex}.{hex}"),
+                format!("kez.live.{hex}.{hex}")
+            ]
         );
         assert_eq!(
             device_subscribe(&key, &device),
-            [format!("_INBOX.{dev}.>"), format!("kez.new.{hex}.{dev}")]
+            [
+                format!("_INBOX.{dev}.>"),
+                format!("kez.new.{hex}.{dev}"),
+                format!("kez.live.{hex}.{dev}")
+            ]
         );
     }
 
@@ -117,6 +146,7 @@ mod tests {
     fn a_registered_key_reaches_the_services_only() {
         let allowed = registered_publish();
         assert!(allowed.contains(&"kez.mail.>".to_owned()));
+        assert!(allowed.contains(&LIVE_SUBJECTS.to_owned()));
         assert!(
             allowed
                 .iter()
@@ -134,5 +164,33 @@ mod tests {
             ]
             .map(Endpoint::subject)
         );
+        assert!(
+            !unregistered_publish()
+                .iter()
+                .any(|s| s.starts_with("kez.live")),
+            "the narrow profile sends no live notices"
+        );
+    }
+
+    #[test]
+    fn live_notices_share_no_subject_with_the_mail_stream_or_a_service() {
+        // The first two tokens differ from every stored or service subject, so no wildcard of
+        // one matches the other.
+        let live_prefix = "kez.live.";
+        for other in [INBOX_SUBJECTS, NEW_MAIL_SUBJECTS] {
+            assert!(!other.starts_with(live_prefix), "{other}");
+        }
+        assert!(LIVE_SUBJECTS.starts_with(live_prefix));
+        for service in USER_SERVICES {
+            let wildcard = service.wildcard();
+            assert!(!wildcard.starts_with(live_prefix), "{wildcard}");
+            assert_ne!(
+                wildcard, "kez.>",
+                "a service wildcard would cover live notices"
+            );
+        }
+        for endpoint in Endpoint::ALL {
+            assert!(!endpoint.subject().starts_with(live_prefix), "{endpoint:?}");
+        }
     }
 }
