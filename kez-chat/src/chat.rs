@@ -180,11 +180,13 @@ impl App {
             match key {
                 "read-receipts" => config.read_receipts = on,
                 "notifications" => config.notifications = on,
+                "typing" => config.typing = on,
+                "presence" => config.presence = on,
                 other => {
                     return Err(Failure::new(
                         USAGE,
                         format!(
-                            "there is no setting {other:?}: the settings are read-receipts and notifications"
+                            "there is no setting {other:?}: the settings are read-receipts, notifications, typing and presence"
                         ),
                     ));
                 }
@@ -196,6 +198,8 @@ impl App {
             print_json(&json!({
                 "read_receipts": config.read_receipts,
                 "notifications": config.notifications,
+                "typing": config.typing,
+                "presence": config.presence,
             }));
         } else {
             say!(
@@ -206,7 +210,37 @@ impl App {
                 "notifications  {}  (a desktop notification for each message that arrives)",
                 onoff(config.notifications)
             );
+            say!(
+                "typing         {}  (tell contacts when you are typing: `kez-chat typing @name`)",
+                onoff(config.typing)
+            );
+            say!(
+                "presence       {}  (tell contacts when your kez-chat service is online)",
+                onoff(config.presence)
+            );
         }
+        Ok(())
+    }
+
+    /// `typing @name [--stop]`: tells the contact's devices that the person is typing (or
+    /// stopped), live; only when `settings typing on`.
+    pub(crate) async fn typing(&self, handle: &str, typing: bool) -> Result<(), Failure> {
+        if !self.config.typing {
+            return Err(Failure::new(
+                USAGE,
+                "typing notices are off: `kez-chat settings typing on` turns them on",
+            ));
+        }
+        let full = self.full_handle(handle)?;
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        let contact = recipient(&conn, &store, self.handle()?, &full).await?;
+        conn.send_live(
+            &contact,
+            &ChatContent::Typing(kez_core::chat::Typing { typing }),
+        )
+        .await
+        .map_err(|err| Failure::new(crate::failure::RUNTIME, err.to_string()))?;
         Ok(())
     }
 
@@ -600,4 +634,47 @@ pub(crate) fn view_json(view: &MessageView, stored: Value) -> Value {
     value["read"] = json!(view.read);
     value["expires_at"] = json!(view.expires_at);
     value
+}
+
+/// Tells every contact the own presence (`settings presence on` only); failures are logged.
+pub(crate) async fn announce_presence(
+    app: &App,
+    store: &Store,
+    conn: &Connection,
+    state: kez_core::chat::PresenceState,
+) {
+    let on = app
+        .home
+        .config()
+        .map_or(app.config.presence, |config| config.presence);
+    if !on {
+        return;
+    }
+    let Ok(contacts) = store.contacts() else {
+        return;
+    };
+    let presence = ChatContent::Presence(kez_core::chat::Presence { state });
+    for contact in contacts {
+        if let Err(err) = conn.send_live(&contact, &presence).await {
+            tracing::debug!("no presence to {}: {err}", contact.handle);
+        }
+    }
+}
+
+/// A live notice for people: `@bob is typing…`, `@bob is online`.
+pub(crate) fn live_note(notice: &kez_client::LiveNotice) -> Option<String> {
+    let who = display::inline(&notice.handle);
+    match &notice.content {
+        ChatContent::Typing(typing) if typing.typing => Some(format!("{who} is typing…")),
+        ChatContent::Typing(_) => Some(format!("{who} stopped typing")),
+        ChatContent::Presence(presence) => Some(format!(
+            "{who} is {}",
+            match presence.state {
+                kez_core::chat::PresenceState::Online => "online",
+                kez_core::chat::PresenceState::Away => "away",
+                kez_core::chat::PresenceState::Offline => "offline",
+            }
+        )),
+        _ => None,
+    }
 }

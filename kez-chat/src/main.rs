@@ -55,6 +55,8 @@
 //! changes under the store's rules, sends delivery receipts, and read receipts when the person
 //! has seen messages (`history @name`, `listen`, `inbox`) unless `settings read-receipts off`;
 //! `history @name` shows edits, deletions, replies, reactions and ✓ delivered / ✓✓ read.
+//! Typing (`typing @name`) and presence (the service, when it starts and stops) are opt-in
+//! live notices (`settings typing on`, `settings presence on`), shown by `listen`.
 
 mod chat;
 mod display;
@@ -480,10 +482,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tell a contact you are typing (or, with `--stop`, that you stopped): a live notice,
+    /// never stored; only with `settings typing on`.
+    Typing {
+        /// The contact, e.g. `@bob`.
+        handle: String,
+        /// You stopped typing.
+        #[arg(long)]
+        stop: bool,
+    },
     /// Show the settings, or change one: `settings read-receipts off`,
-    /// `settings notifications on`.
+    /// `settings notifications on`, `settings typing on`, `settings presence on`.
     Settings {
-        /// The setting: `read-receipts` or `notifications`.
+        /// The setting: `read-receipts`, `notifications`, `typing` or `presence`.
         key: Option<String>,
         /// `on` or `off`.
         value: Option<String>,
@@ -726,6 +737,7 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
             duration,
             json,
         } => app.timer(&handle, &duration, json).await,
+        Command::Typing { handle, stop } => app.typing(&handle, !stop).await,
         Command::Settings { key, value, json } => {
             app.settings(key.as_deref(), value.as_deref(), json)
         }

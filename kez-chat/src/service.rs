@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
+use futures::StreamExt;
 use kez_blobs::BlobNode;
 use kez_client::{Connection, Home, Store, StoredMessage, now};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
@@ -272,6 +273,7 @@ pub(crate) async fn serve(home: Home, announce: bool) -> Result<(), Failure> {
         );
     }
     let receiver = tokio::spawn(receive(service.clone(), fetch));
+    let live = tokio::spawn(hear_live(service.clone()));
     let watchdog = tokio::spawn(watch_socket(service.clone()));
     let purger = tokio::spawn(purge_expired(service.clone()));
     let mut stop = service.stop.subscribe();
@@ -302,8 +304,18 @@ pub(crate) async fn serve(home: Home, announce: bool) -> Result<(), Failure> {
     }
     watchdog.abort();
     purger.abort();
+    live.abort();
     let _ = receiver.await;
     if let Some((_, conn)) = service.app.held.conn.lock().await.take() {
+        if let Ok(store) = service.app.store() {
+            crate::chat::announce_presence(
+                &service.app,
+                &store,
+                &conn,
+                kez_core::chat::PresenceState::Offline,
+            )
+            .await;
+        }
         let _ = conn.close().await;
     }
     service.app.held.shutdown_node().await;
@@ -424,6 +436,31 @@ async fn watch_socket(service: Arc<Service>) {
     }
 }
 
+/// Hands the live notices (typing, presence) of contacts to the listeners, on whichever
+/// connection is held now.
+async fn hear_live(service: Arc<Service>) {
+    let app = &service.app;
+    let Ok(store) = app.store() else {
+        return;
+    };
+    loop {
+        if let Some(conn) = app.held.current().await {
+            match conn.live_notices(&store).await {
+                Ok(notices) => {
+                    tokio::pin!(notices);
+                    while let Some(notice) = notices.next().await {
+                        if let Some(note) = crate::chat::live_note(&notice) {
+                            let _ = app.held.events.send(Event::Note(note));
+                        }
+                    }
+                }
+                Err(err) => tracing::debug!("no live notices for now: {err}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Deletes the messages whose disappearing-message timer ran out, every [`PURGE_EVERY`].
 async fn purge_expired(service: Arc<Service>) {
     loop {
@@ -482,6 +519,15 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
         retry = Duration::from_millis(500);
         if !ready {
             ready = prepare(app, &conn, &store, &handle).await;
+            if ready {
+                crate::chat::announce_presence(
+                    app,
+                    &store,
+                    &conn,
+                    kez_core::chat::PresenceState::Online,
+                )
+                .await;
+            }
         }
         let failing = app.held.failing.load(Ordering::SeqCst);
         let wait = if failing { Duration::ZERO } else { LISTEN_WAIT };

@@ -257,3 +257,57 @@ async fn disappearing_messages_are_purged_on_both_sides() {
         assert!(!history.to_string().contains("this one disappears"));
     }
 }
+
+/// Typing and presence are opt-in live notices: `listen` shows them; nothing is stored.
+#[tokio::test]
+async fn typing_and_presence_show_in_listen_when_turned_on() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let refused = alice.fails(&["typing", "@bob"], 2).await;
+    assert!(refused.contains("settings typing on"), "{refused}");
+    alice.ok(&["settings", "typing", "on"]).await;
+    alice.ok(&["settings", "presence", "on"]).await;
+
+    let mut listen =
+        tokio::process::Command::from(kez_tests::person::kez_chat(&bob.home, &["listen"]));
+    listen
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut listen = listen.spawn().unwrap();
+    let mut lines = BufReader::new(listen.stderr.take().unwrap()).lines();
+    let mut expect = async |wanted: &str| {
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains(wanted) {
+                    return;
+                }
+            }
+            panic!("listen ended before {wanted:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {wanted:?} within 20 s"));
+    };
+    expect("listening as @bob").await;
+    // Live notices reach a subscription made now, so say it until it is heard.
+    let typing = async {
+        loop {
+            alice.ok(&["typing", "@bob"]).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        () = expect("@alice@kez.test is typing") => {}
+        () = typing => unreachable!(),
+    }
+    // alice's service starting again says she is online (presence on).
+    alice.stop_service().await;
+    alice.ok(&["contacts"]).await;
+    expect("@alice@kez.test is online").await;
+    let stored = bob.json(&["history", "@alice"]).await;
+    assert!(
+        !stored.to_string().contains("kez.typing") && !stored.to_string().contains("kez.presence"),
+        "{stored:#}"
+    );
+}

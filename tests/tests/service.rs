@@ -228,3 +228,60 @@ async fn hostile_local_requests_are_refused_and_the_service_goes_on() {
     assert_eq!(answer.last().unwrap()["exit"]["code"], 0, "{answer:?}");
     assert_eq!(service_pid(&alice).await, pid, "still the same service");
 }
+
+/// Delivery under faults, extended to the service: while alice sends, bob's service is killed
+/// with SIGKILL again and again (and started again by his next command). Every message whose
+/// send was acknowledged ends up in bob's history exactly once.
+#[tokio::test]
+async fn a_service_killed_again_and_again_loses_nothing_acknowledged() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let sending = std::sync::atomic::AtomicBool::new(true);
+    let sends = async {
+        let mut sent = Vec::new();
+        for n in 0..30 {
+            let text = format!("through the kills {n}");
+            alice.ok(&["send", "@bob", &text]).await;
+            sent.push(text);
+        }
+        sending.store(false, std::sync::atomic::Ordering::SeqCst);
+        sent
+    };
+    let kills = async {
+        let mut kills = 0;
+        while sending.load(std::sync::atomic::Ordering::SeqCst) {
+            // Any command starts the service again; it receives at once.
+            bob.ok(&["contacts"]).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let pid = service_pid(&bob).await;
+            let killed = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+            kills += 1;
+        }
+        kills
+    };
+    let (sent, kills) = tokio::join!(sends, kills);
+    assert!(kills >= 3, "only {kills} kills");
+    let expected: BTreeSet<String> = sent.into_iter().collect();
+    let mut texts = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let history = bob.json(&["history", "@alice"]).await;
+        texts = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|message| message["text"].as_str().unwrap().to_owned())
+            .collect();
+        if texts.len() >= expected.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let unique: BTreeSet<String> = texts.iter().cloned().collect();
+    assert_eq!(texts.len(), unique.len(), "each once: {texts:?}");
+    assert_eq!(unique, expected, "after {kills} kills");
+}

@@ -144,6 +144,14 @@ pub struct Config {
     /// the platform has a notifier). Off unless turned on.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub notifications: bool,
+    /// Whether this home tells contacts when the person is typing (`kez.typing`, live). Off
+    /// unless turned on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub typing: bool,
+    /// Whether the service tells contacts when this home comes online and goes offline
+    /// (`kez.presence`, live). Off unless turned on.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub presence: bool,
 }
 
 fn is_on(value: &bool) -> bool {
@@ -161,6 +169,8 @@ impl Default for Config {
             allow_plaintext: false,
             read_receipts: true,
             notifications: false,
+            typing: false,
+            presence: false,
         }
     }
 }
@@ -384,13 +394,15 @@ mod tests {
             allow_plaintext: true,
             read_receipts: false,
             notifications: true,
+            typing: true,
+            presence: true,
         };
         home.save_config(&config).unwrap();
         assert_eq!(home.config().unwrap(), config);
         // A config written before the settings existed has read receipts on.
         fs::write(home.config_path(), br#"{"handle":"@alice@kez.test"}"#).unwrap();
         let old = home.config().unwrap();
-        assert!(old.read_receipts && !old.notifications);
+        assert!(old.read_receipts && !old.notifications && !old.typing && !old.presence);
         fs::write(home.config_path(), b"{not json").unwrap();
         assert!(matches!(home.config(), Err(HomeError::BadConfig { .. })));
     }
