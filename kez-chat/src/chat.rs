@@ -222,6 +222,68 @@ impl App {
         Ok(())
     }
 
+    /// `name "Display Name" [--avatar FILE]`: tells every contact (and the own other devices)
+    /// the name and picture to show beside this identity's handle, in a signed message.
+    pub(crate) async fn set_name(
+        &self,
+        name: &str,
+        avatar: Option<&std::path::Path>,
+        json: bool,
+    ) -> Result<(), Failure> {
+        let avatar = match avatar {
+            Some(path) => Some(read_avatar(path)?),
+            None => None,
+        };
+        let profile = kez_core::chat::Profile {
+            display_name: name.trim().to_owned(),
+            avatar,
+        };
+        let content = ChatContent::Profile(profile.clone());
+        let body = content
+            .encode()
+            .map_err(|err| Failure::new(USAGE, format!("cannot use that: {err}")))?;
+        let store = self.store()?;
+        let conn = self.connect().await?;
+        conn.own_devices(&store, self.handle()?)
+            .await
+            .map_err(Failure::client)?;
+        let contacts = store.contacts().map_err(Failure::store)?;
+        let mut told = Vec::new();
+        let mut kept = None;
+        for contact in &contacts {
+            match deliver(conn.clone(), &store, contact, content.content_type(), &body).await {
+                Ok(sent) => {
+                    kept.get_or_insert((sent.time, sent.id));
+                    told.push(contact.handle.clone());
+                }
+                Err(failure) => tell!(
+                    "note: {} was not told: {}",
+                    contact.handle,
+                    display::inline(&failure.message)
+                ),
+            }
+        }
+        let (time, id) = kept.unwrap_or_else(|| (kez_client::now(), MessageId::random()));
+        store
+            .set_profile(&conn.identity(), time, id, &profile)
+            .map_err(Failure::store)?;
+        if json {
+            print_json(&json!({"display_name": profile.display_name, "told": told}));
+        } else {
+            tell!(
+                "your name is now \"{}\"{}; told {}",
+                display::inline(&profile.display_name),
+                if profile.avatar.is_some() {
+                    ", with a picture"
+                } else {
+                    ""
+                },
+                display::plural(told.len(), "contact")
+            );
+        }
+        Ok(())
+    }
+
     /// `typing @name [--stop]`: tells the contact's devices that the person is typing (or
     /// stopped), live; only when `settings typing on`.
     pub(crate) async fn typing(&self, handle: &str, typing: bool) -> Result<(), Failure> {
@@ -459,6 +521,23 @@ pub(crate) fn apply_received(store: &Store, own: &PublicKey) -> Vec<Event> {
             }
             Direction::Outgoing => (message.to, *own),
         };
+        if let ChatContent::Profile(profile) = &content {
+            // What the sender says about itself: kept for the sender's identity only.
+            let of = match message.direction {
+                Direction::Incoming => sender,
+                Direction::Outgoing => *own,
+            };
+            match store.set_profile(&of, message.time, message.id, profile) {
+                Ok(true) if of != *own => events.push(Event::Note(format!(
+                    "{} calls themselves \"{}\"",
+                    crate::contact_handle(store, &of),
+                    display::inline(&profile.display_name)
+                ))),
+                Ok(_) => {}
+                Err(err) => tracing::warn!("refusing a profile from {of}: {err}"),
+            }
+            continue;
+        }
         let is_reply = matches!(content, ChatContent::Reply(_));
         let note = change_note(store, &peer, &sender, own, &content);
         let change = ChatChange {
@@ -677,4 +756,41 @@ pub(crate) fn live_note(notice: &kez_client::LiveNotice) -> Option<String> {
         )),
         _ => None,
     }
+}
+
+/// An avatar from a file: PNG, JPEG or WebP by its first bytes, at most
+/// [`kez_core::chat::MAX_AVATAR_BYTES`].
+fn read_avatar(path: &std::path::Path) -> Result<kez_core::chat::Avatar, Failure> {
+    use kez_core::chat::{Avatar, ImageType, MAX_AVATAR_BYTES};
+    let metadata = std::fs::metadata(path)
+        .map_err(|err| Failure::new(USAGE, format!("cannot read {}: {err}", path.display())))?;
+    if metadata.len() > MAX_AVATAR_BYTES as u64 {
+        return Err(Failure::new(
+            USAGE,
+            format!(
+                "{} is {}; a picture may have at most {MAX_AVATAR_BYTES} bytes: make it smaller (e.g. 256×256)",
+                path.display(),
+                crate::files::bytes(metadata.len())
+            ),
+        ));
+    }
+    let data = std::fs::read(path)
+        .map_err(|err| Failure::new(USAGE, format!("cannot read {}: {err}", path.display())))?;
+    let image_type = [ImageType::Png, ImageType::Jpeg, ImageType::Webp]
+        .into_iter()
+        .find(|image_type| image_type.matches(&data))
+        .ok_or_else(|| {
+            Failure::new(
+                USAGE,
+                format!("{} is not a PNG, JPEG or WebP picture", path.display()),
+            )
+        })?;
+    Ok(Avatar { image_type, data })
+}
+
+/// What a contact calls themselves, for people: `"Alice L."` (always beside the handle, never
+/// instead of it), or nothing.
+pub(crate) fn shown_name(store: &Store, identity: &PublicKey) -> Option<String> {
+    let (profile, _) = store.profile(identity).ok()??;
+    Some(format!("\"{}\"", display::inline(&profile.display_name)))
 }

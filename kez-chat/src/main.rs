@@ -56,7 +56,10 @@
 //! has seen messages (`history @name`, `listen`, `inbox`) unless `settings read-receipts off`;
 //! `history @name` shows edits, deletions, replies, reactions and ✓ delivered / ✓✓ read.
 //! Typing (`typing @name`) and presence (the service, when it starts and stops) are opt-in
-//! live notices (`settings typing on`, `settings presence on`), shown by `listen`.
+//! live notices (`settings typing on`, `settings presence on`), shown by `listen`. `name`
+//! sends a display name (and picture) to every contact; what an identity said about itself is
+//! shown beside its handle, quoted, never instead of it. `settings notifications on`: the
+//! service runs `notify-send` for each arriving message.
 
 mod chat;
 mod display;
@@ -482,6 +485,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Set the name (and picture) your contacts see beside your handle: sent to each of them
+    /// in a message your key signs, so nobody else can set it for you.
+    Name {
+        /// e.g. `"Alice Liddell"` (1 to 64 characters).
+        name: String,
+        /// A PNG, JPEG or WebP picture of at most 48,000 bytes.
+        #[arg(long, value_name = "FILE")]
+        avatar: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Tell a contact you are typing (or, with `--stop`, that you stopped): a live notice,
     /// never stored; only with `settings typing on`.
     Typing {
@@ -738,6 +753,10 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
             json,
         } => app.timer(&handle, &duration, json).await,
         Command::Typing { handle, stop } => app.typing(&handle, !stop).await,
+        Command::Name { name, avatar, json } => {
+            app.set_name(&name, avatar.map(|path| term::path(&path)).as_deref(), json)
+                .await
+        }
         Command::Settings { key, value, json } => {
             app.settings(key.as_deref(), value.as_deref(), json)
         }
@@ -1496,6 +1515,23 @@ impl App {
         }
         say!("{}  ({contact})", profile.handle);
         say!("key         {}", profile.key);
+        // Only what the pinned identity said itself, in a message its key signed.
+        if pinned
+            .as_ref()
+            .is_some_and(|pinned| pinned.key == profile.key)
+            && let Ok(Some((said, time))) = store.profile(&profile.key)
+        {
+            say!(
+                "name        \"{}\"{} (from their signed message of {})",
+                display::inline(&said.display_name),
+                if said.avatar.is_some() {
+                    ", with a picture"
+                } else {
+                    ""
+                },
+                clock(time)
+            );
+        }
         say!(
             "registered  {} (unix time {})",
             clock(profile.registered_at),
@@ -1572,16 +1608,23 @@ impl App {
 
     /// `contacts`.
     fn contacts(&self, json: bool) -> Result<(), Failure> {
-        let contacts = self.store()?.contacts().map_err(Failure::store)?;
+        let store = self.store()?;
+        let contacts = store.contacts().map_err(Failure::store)?;
         if json {
             let list: Vec<Value> = contacts
                 .iter()
                 .map(|c| {
+                    let profile = store.profile(&c.key).ok().flatten();
                     json!({
                         "handle": c.handle,
                         "key": c.key.to_string(),
                         "current_key": c.current_key.to_string(),
                         "added_at": c.added_at,
+                        "display_name": profile.as_ref().map(|(p, _)| p.display_name.clone()),
+                        "avatar": profile.as_ref().and_then(|(p, _)| p.avatar.as_ref()).map(|a| json!({
+                            "type": a.image_type.media_type(),
+                            "bytes": a.data.len(),
+                        })),
                     })
                 })
                 .collect();
@@ -1590,11 +1633,14 @@ impl App {
             tell!("no contacts yet: add one with `kez-chat add @name`");
         } else {
             for contact in contacts {
+                let name = chat::shown_name(&store, &contact.key)
+                    .map(|name| format!("  {name}"))
+                    .unwrap_or_default();
                 if contact.current_key == contact.key {
-                    say!("{}  {}", contact.handle, contact.key);
+                    say!("{}  {}{name}", contact.handle, contact.key);
                 } else {
                     say!(
-                        "{}  {} (rotated to {})",
+                        "{}  {} (rotated to {}){name}",
                         contact.handle,
                         contact.key,
                         contact.current_key
@@ -1873,7 +1919,7 @@ impl App {
                         "in_contacts": handle.is_some(),
                         "from_retired_key_of": retired_key_of,
                         "messages": conversation.messages,
-                        "unread": conversation.unshown,
+                        "unread": conversation.unread,
                         "last": stored_json(&conversation.last),
                     })
                 })
@@ -1908,7 +1954,7 @@ impl App {
                     format!(
                         "{}, {} unread",
                         display::plural(conversation.messages, "message"),
-                        conversation.unshown
+                        conversation.unread
                     ),
                     display::truncate(&preview, PREVIEW_CHARS),
                 ]

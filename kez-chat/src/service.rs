@@ -640,11 +640,16 @@ async fn show_listeners(app: &App, store: &Store, conn: &Connection) {
     let orders: Vec<u64> = shown.iter().map(|(order, _, _)| *order).collect();
     let mut seen = std::collections::BTreeSet::new();
     for (_, sender, message) in shown {
-        if message.direction == kez_client::Direction::Incoming
-            && let Sender::Contact(_) = sender
-            && let Ok(Some(contact)) = store.contact_by_key(&message.from)
-        {
-            seen.insert(contact.key);
+        if message.direction == kez_client::Direction::Incoming {
+            match (&sender, store.contact_by_key(&message.from)) {
+                (Sender::Contact(_), Ok(Some(contact))) => {
+                    seen.insert(contact.key);
+                }
+                (Sender::Stranger(..), _) => {
+                    seen.insert(message.from);
+                }
+                _ => {}
+            }
         }
         let _ = app.held.events.send(Event::Message(sender, message));
     }

@@ -311,3 +311,105 @@ async fn typing_and_presence_show_in_listen_when_turned_on() {
         "{stored:#}"
     );
 }
+
+/// A display name (and picture) comes only from the identity's own signed message, and is
+/// shown beside the handle, never instead of it; a later one replaces it.
+#[tokio::test]
+async fn a_display_name_is_what_the_identity_said_itself() {
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let work = tempfile::tempdir().unwrap();
+    let png = work.path().join("me.png");
+    let mut picture = b"\x89PNG\r\n\x1a\n".to_vec();
+    picture.extend([7u8; 200]);
+    std::fs::write(&png, &picture).unwrap();
+    let not_a_picture = work.path().join("me.txt");
+    std::fs::write(&not_a_picture, "hello").unwrap();
+    let refused = alice
+        .fails(
+            &["name", "Alice", "--avatar", not_a_picture.to_str().unwrap()],
+            2,
+        )
+        .await;
+    assert!(refused.contains("not a PNG, JPEG or WebP"), "{refused}");
+    let refused = alice.fails(&["name", "@bob@kez.test\nfake"], 2).await;
+    assert!(refused.contains("cannot use that"), "{refused}");
+    alice
+        .ok(&["name", "Alice Liddell", "--avatar", png.to_str().unwrap()])
+        .await;
+    let contacts = until(
+        "the name",
+        || bob.json(&["contacts"]),
+        |contacts| contacts[0]["display_name"] == "Alice Liddell",
+    )
+    .await;
+    assert_eq!(contacts[0]["handle"], "@alice@kez.test");
+    assert_eq!(contacts[0]["avatar"]["type"], "image/png");
+    assert_eq!(contacts[0]["avatar"]["bytes"], picture.len());
+    let lines = bob.ok(&["contacts"]).await;
+    assert!(lines.starts_with("@alice@kez.test  ed25519:"), "{lines}");
+    assert!(lines.contains("\"Alice Liddell\""), "{lines}");
+    let profile = bob.ok(&["profile", "@alice"]).await;
+    assert!(
+        profile.contains("name        \"Alice Liddell\", with a picture"),
+        "{profile}"
+    );
+    alice.ok(&["name", "Alice L."]).await;
+    until(
+        "the new name",
+        || bob.json(&["contacts"]),
+        |contacts| contacts[0]["display_name"] == "Alice L.",
+    )
+    .await;
+}
+
+/// With `settings notifications on`, the service shows each arriving message through the
+/// platform's notifier (`notify-send`; here a stand-in that records what it was asked to
+/// show), with the peer's text made safe to display.
+#[tokio::test]
+async fn a_message_arriving_is_a_desktop_notification_when_turned_on() {
+    use std::os::unix::fs::PermissionsExt;
+    let stack = CalloutStack::start().await;
+    let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
+    let bin = tempfile::tempdir().unwrap();
+    let shown = bin.path().join("shown");
+    let notifier = bin.path().join("notify-send");
+    std::fs::write(
+        &notifier,
+        format!(
+            "#!/bin/sh\nprintf '%s|' \"$@\" >> '{}'\necho >> '{}'\n",
+            shown.display(),
+            shown.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&notifier, std::fs::Permissions::from_mode(0o755)).unwrap();
+    bob.ok(&["settings", "notifications", "on"]).await;
+    // bob's service again, started by a command that finds the notifier on its PATH.
+    bob.stop_service().await;
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut contacts = kez_tests::person::kez_chat(&bob.home, &["contacts"]);
+    contacts.env("PATH", path);
+    let started = kez_tests::callout::run_to_completion(contacts).await;
+    assert!(started.status.success(), "{started:?}");
+    alice.ok(&["send", "@bob", "ring ring\u{202e}gnir"]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let recorded = loop {
+        let recorded = std::fs::read_to_string(&shown).unwrap_or_default();
+        if !recorded.is_empty() || tokio::time::Instant::now() >= deadline {
+            break recorded;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(recorded.contains("--app-name=kez-chat"), "{recorded:?}");
+    assert!(recorded.contains("@alice@kez.test|"), "{recorded:?}");
+    assert!(recorded.contains("ring ring"), "{recorded:?}");
+    assert!(
+        !recorded.contains('\u{202e}'),
+        "bidi controls escaped: {recorded:?}"
+    );
+}

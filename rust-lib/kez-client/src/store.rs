@@ -56,6 +56,8 @@ const CHAT_STATE: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::ne
 const TIMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("timers");
 /// Conversation → the storage order up to which (exclusive) its messages were read.
 const READ_UPTO: TableDefinition<&str, u64> = TableDefinition::new("read_upto");
+/// Identity (hex) → the latest `kez.profile` it sent (JSON [`StoredProfile`]).
+const PROFILES: TableDefinition<&str, &[u8]> = TableDefinition::new("profiles");
 const LAST_MANIFEST: &str = "last";
 const NEXT_ORDER: &str = "next_order";
 const INBOX_FLOOR: &str = "inbox_floor";
@@ -1139,6 +1141,10 @@ impl Store {
             let (key, value) = entry.map_err(db)?;
             let (name, order) = key.value();
             let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
+            // Changes of other messages (receipts, edits…) are not messages of their own here.
+            if !chat::is_message(&message.content_type) {
+                continue;
+            }
             if current.as_deref() != Some(name) {
                 upto = read_upto
                     .get(name)
@@ -1388,6 +1394,27 @@ fn refused(reason: ChatError) -> StoreError {
 /// Sets up the tables of chat changes, read state and timers in a store that lacks them:
 /// every conversation of a store an earlier version wrote starts read up to its first message
 /// not yet shown (what the CLI printed counts as read).
+/// A kept profile: its message's time and id, and its §8.6 body.
+#[derive(Serialize, Deserialize)]
+struct StoredProfile {
+    time: u64,
+    id: MessageId,
+    #[serde(with = "base64_bytes")]
+    body: Vec<u8>,
+}
+
+fn read_profile(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<StoredProfile>, StoreError> {
+    match table.get(key).map_err(db)? {
+        Some(value) => serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(corrupt),
+        None => Ok(None),
+    }
+}
+
 fn create_chat_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
     let exists = tx
         .list_tables()
@@ -1395,6 +1422,7 @@ fn create_chat_tables(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
         .any(|table| table.name() == READ_UPTO.name());
     tx.open_table(CHAT_STATE).map_err(db)?;
     tx.open_table(TIMERS).map_err(db)?;
+    tx.open_table(PROFILES).map_err(db)?;
     let mut read_upto = tx.open_table(READ_UPTO).map_err(db)?;
     if exists {
         return Ok(());
@@ -1682,6 +1710,46 @@ impl Store {
         }
         tx.commit().map_err(db)?;
         Ok(true)
+    }
+
+    /// Keeps `profile` as what the identity `of` says about itself, from its message `id` of
+    /// `time`, unless a later one is kept already ([`chat::timer_replaces`]: the later message
+    /// wins whatever order they arrived in). Answers whether it is kept.
+    pub fn set_profile(
+        &self,
+        of: &PublicKey,
+        time: u64,
+        id: MessageId,
+        profile: &chat::Profile,
+    ) -> Result<bool, StoreError> {
+        let body = profile.encode().map_err(refused)?;
+        let key = of.to_hex();
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = tx.open_table(PROFILES).map_err(db)?;
+            if let Some(kept) = read_profile(&table, &key)?
+                && !chat::timer_replaces(time, id, kept.time, kept.id)
+            {
+                return Ok(false);
+            }
+            let json = serde_json::to_vec(&StoredProfile { time, id, body })
+                .expect("a profile serialises");
+            table.insert(key.as_str(), json.as_slice()).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// The latest profile the identity `of` sent ([`Store::set_profile`]) and its time.
+    pub fn profile(&self, of: &PublicKey) -> Result<Option<(chat::Profile, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(PROFILES).map_err(db)?;
+        let Some(kept) = read_profile(&table, &of.to_hex())? else {
+            return Ok(None);
+        };
+        let profile = chat::Profile::decode(&kept.body)
+            .map_err(|err| StoreError::Corrupt(format!("a kept profile does not decode: {err}")))?;
+        Ok(Some((profile, kept.time)))
     }
 
     /// The conversation's timer now: the latest setting ([`chat::timer_replaces`]); off when
@@ -2848,5 +2916,42 @@ mod tests {
         let store = Store::open(&path).unwrap();
         assert!(view(&store, unshown_one).read);
         assert!(apply(&store, &change(OWN_ID, 200, edit(mine, "mine!"))).unwrap());
+    }
+
+    #[test]
+    fn the_latest_profile_wins_whatever_order_it_arrives_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let alice = kez_core::SecretKey::from_seed(&[7; 32]).public_key();
+        assert_eq!(store.profile(&alice).unwrap(), None);
+        let named = |name: &str| chat::Profile {
+            display_name: name.into(),
+            avatar: None,
+        };
+        let later = MessageId::from_bytes([2; 16]);
+        let earlier = MessageId::from_bytes([1; 16]);
+        assert!(
+            store
+                .set_profile(&alice, 200, later, &named("Alice L."))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .set_profile(&alice, 100, earlier, &named("Old Alice"))
+                .unwrap()
+        );
+        assert_eq!(
+            store.profile(&alice).unwrap(),
+            Some((named("Alice L."), 200))
+        );
+        let bad = named(" padded");
+        assert!(
+            store
+                .set_profile(&alice, 300, MessageId::from_bytes([3; 16]), &bad)
+                .is_err()
+        );
+        drop(store);
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        assert_eq!(store.profile(&alice).unwrap().unwrap().0, named("Alice L."));
     }
 }
