@@ -15,6 +15,7 @@ mod footprint;
 mod measure;
 mod registry;
 mod report;
+mod service;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -84,12 +85,14 @@ enum Section {
     Footprint,
     /// 7: fan-out to a recipient with 1, 3 and 10 devices; connects with a device key.
     Devices,
+    /// 8: a CLI send through the home's service against connect-verify-send; the service idle.
+    Service,
 }
 
 type Rows = Pin<Box<dyn Future<Output = Result<Vec<Row>, String>>>>;
 
 impl Section {
-    const ALL: [Section; 7] = [
+    const ALL: [Section; 8] = [
         Section::Chat,
         Section::Registry,
         Section::Callout,
@@ -97,6 +100,7 @@ impl Section {
         Section::Crypto,
         Section::Footprint,
         Section::Devices,
+        Section::Service,
     ];
 
     fn run(self, budget: Budget) -> Rows {
@@ -108,6 +112,7 @@ impl Section {
             Section::Crypto => Box::pin(async move { crypto::run(budget) }),
             Section::Footprint => Box::pin(footprint::run(budget)),
             Section::Devices => Box::pin(devices::run(budget)),
+            Section::Service => Box::pin(service::run(budget)),
         }
     }
 }
