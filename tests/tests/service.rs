@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use kez_tests::callout::CalloutStack;
-use kez_tests::person::{Person, alice_and_bob, kez_chat};
+use kez_tests::person::{Person, alice_and_bob, kez_chat, stop};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -103,17 +103,8 @@ async fn listen_while_the_same_home_sends() {
         let message: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(message["text"], format!("to bob {n}"), "{line}");
     }
-    let pid = listen.id().unwrap().to_string();
     let service = service_pid(&bob).await;
-    std::process::Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap();
-    let ended = tokio::time::timeout(Duration::from_secs(15), listen.wait())
-        .await
-        .expect("listen stops on Ctrl-C")
-        .unwrap();
-    assert!(ended.success(), "{ended:?}");
+    stop(listen).await;
     assert_eq!(service_pid(&bob).await, service, "the service runs on");
     let history = bob.json(&["history", "@alice"]).await;
     assert_eq!(history.as_array().unwrap().len(), 6, "{history}");
