@@ -489,6 +489,8 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
     };
     let mut ready = false;
     let mut retry = Duration::from_millis(500);
+    // A client's request for a fetch that came while there was no connection.
+    let mut pending: Option<oneshot::Sender<Result<(), Failure>>> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -504,15 +506,17 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
             Ok(conn) => conn,
             Err(failure) => {
                 tracing::warn!("cannot connect ({}); trying again", failure.message);
-                // Clients asking for a fetch meanwhile hear why it cannot be done.
-                while let Ok(asked) = fetches.try_recv() {
-                    let _ = asked.send(Err(Failure::new(failure.code, failure.message.clone())));
+                if let Some(asked) = pending.take() {
+                    let _ = asked.send(Err(failure));
                 }
+                // A client asking for a fetch meanwhile ends the pause: the server may be back.
                 tokio::select! {
                     () = stopped(&mut stop) => return,
-                    () = tokio::time::sleep(retry) => {}
+                    () = tokio::time::sleep(retry) => {
+                        retry = (retry * 2).min(Duration::from_secs(30));
+                    }
+                    Some(asked) = fetches.recv() => pending = Some(asked),
                 }
-                retry = (retry * 2).min(Duration::from_secs(30));
                 continue;
             }
         };
@@ -531,7 +535,13 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
         }
         let failing = app.held.failing.load(Ordering::SeqCst);
         let wait = if failing { Duration::ZERO } else { LISTEN_WAIT };
-        let (received, asked) = tokio::select! {
+        let (received, asked) = if let Some(asked) = pending.take() {
+            (
+                conn.receive(&store, FETCH_MAX, Duration::ZERO).await,
+                Some(asked),
+            )
+        } else {
+            tokio::select! {
             () = stopped(&mut stop) => return,
             Some(asked) = fetches.recv() => {
                 // The held connection may have been replaced since this one was taken.
@@ -549,6 +559,7 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
                 (received, Some(asked))
             }
             received = conn.receive(&store, FETCH_MAX, wait) => (received, None),
+            }
         };
         let answer = match received {
             Ok(received) => {

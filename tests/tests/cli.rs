@@ -635,6 +635,8 @@ async fn the_broker_stores_neither_plaintext_nor_the_sender() {
     let stack = CalloutStack::start().await;
     let url = stack.nats.url();
     let (alice, bob) = alice_and_bob(&url).await;
+    // bob is offline: his service (which the setup started) is stopped.
+    bob.stop_service().await;
     let plaintext = "the plaintext that only bob may read";
     for _ in 0..3 {
         alice.ok(&["send", "@bob", plaintext]).await;
@@ -672,7 +674,16 @@ async fn the_broker_stores_neither_plaintext_nor_the_sender() {
     assert_eq!(read.as_array().unwrap().len(), 3, "{read}");
     assert_eq!(read[0]["text"], plaintext);
     assert_eq!(inbox_held(&js, &key_of(&bob).public_key()).await, Some(0));
-    assert_eq!(inbox.info().await.unwrap().state.messages, 0);
+    // bob's delivery receipts went to alice, whose service fetches (and so acknowledges) them.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while inbox.info().await.unwrap().state.messages != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            inbox.info().await.unwrap().state
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// bob's client dies after the server answered its fetch but before it stored anything (here:
@@ -684,6 +695,8 @@ async fn a_crash_before_storing_loses_nothing_and_shows_once() {
     let stack = CalloutStack::start().await;
     let url = stack.nats.url();
     let (alice, bob) = alice_and_bob(&url).await;
+    // bob is offline: his service (which the setup started) is stopped.
+    bob.stop_service().await;
     for n in 0..3 {
         alice.ok(&["send", "@bob", &format!("crash {n}")]).await;
     }
@@ -745,12 +758,13 @@ async fn messages_stored_but_not_shown_appear_on_the_next_run_once() {
     let stack = CalloutStack::start().await;
     let url = stack.nats.url();
     let (alice, bob) = alice_and_bob(&url).await;
+    // bob is offline: his service (which the setup started) is stopped.
+    bob.stop_service().await;
     for n in 0..3 {
         alice.ok(&["send", "@bob", &format!("stored {n}")]).await;
     }
-    // bob's client receives (stores, acks) and dies before printing: the library alone, with
-    // bob's service stopped (it owns the store while it runs).
-    bob.stop_service().await;
+    // bob's client receives (stores, acks) and dies before printing: the library alone (bob's
+    // service, which would own the store, is stopped).
     let home = kez_client::Home::open(&bob.home).unwrap();
     let store = home.store().unwrap();
     let conn = kez_client::Connection::connect(&url, key_of(&bob))
