@@ -1771,7 +1771,12 @@ impl App {
         tokio::pin!(stop);
         loop {
             let event = tokio::select! {
-                _ = &mut stop => break,
+                why = &mut stop => {
+                    if !matches!(why, "Ctrl-C" | "SIGTERM") {
+                        tell!("kez-chat: listening ended: {why}");
+                    }
+                    break;
+                }
                 event = events.recv() => event,
             };
             match event {

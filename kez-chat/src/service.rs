@@ -802,9 +802,21 @@ async fn run(
     let (inputs, input) = mpsc::unbounded_channel();
     let (cancel, cancelled) = watch::channel(None);
     // The client's frames: answers to reads; Ctrl-C, a malformed frame or going away cancel.
+    let mut stopping = service.stop.subscribe();
     let reader = tokio::spawn(async move {
         loop {
-            let frame = match read_line(&mut read).await {
+            let line = tokio::select! {
+                line = read_line(&mut read) => line,
+                // A stopping service stops its commands as Ctrl-C would (a `listen`, the wait
+                // of a `share`), so they end in time and say so.
+                () = stopped(&mut stopping) => {
+                    let _ = cancel.send(Some("the service stopping"));
+                    let _ = inputs.send(None);
+                    std::future::pending::<()>().await;
+                    continue;
+                }
+            };
+            let frame = match line {
                 Ok(Some(line)) => serde_json::from_str::<ClientFrame>(&line).ok(),
                 _ => None,
             };
