@@ -1,5 +1,6 @@
 //! `share`, `files` and `download`: files over iroh, encrypted before they leave the sender
-//! (PROTOCOL.md §9), and the blob node that `listen` keeps serving.
+//! (PROTOCOL.md §9), served by the home's blob node while the service runs; `share` waits
+//! until the recipient has the file (the node's [`BlobNode::watch_served`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -446,7 +447,7 @@ impl App {
                 return Err(Failure::new(
                     RUNTIME,
                     format!(
-                        "{err}. The sender's node must be online (they run `kez-chat listen`), or the file pinned on their server; run the same command again later: what arrived is kept and the download resumes."
+                        "{err}. The sender's node must be online (their kez-chat service runs), or the file pinned on their server; run the same command again later: what arrived is kept and the download resumes."
                     ),
                 ));
             }
