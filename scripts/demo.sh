@@ -183,7 +183,7 @@ step "@alice@kez.localhost: one more" kez-chat --home bob history @alice
 say "alice shares a file with bob: encrypted on her machine, offered end to end, served by her node"
 head -c 3000000 /dev/urandom >holiday.jpg
 printf '$ head -c 3000000 /dev/urandom > holiday.jpg\n'
-step "shared holiday.jpg (2.9 MiB) with @bob@kez.localhost" kez-chat --home alice share @bob holiday.jpg
+step "shared holiday.jpg (2.9 MiB) with @bob@kez.localhost" kez-chat --home alice share --no-wait @bob holiday.jpg
 step "offers the file holiday.jpg (2.9 MiB)" kez-chat --home bob inbox
 step "holiday.jpg  2.9 MiB  not downloaded" kez-chat --home bob files
 offer="$(kez-chat --home bob files --json | grep -o '"offer":"[0-9a-f]\{12\}' | head -n 1 | cut -d'"' -f4)"

@@ -1,17 +1,19 @@
 //! `share`, `files` and `download`: files over iroh, encrypted before they leave the sender
-//! (PROTOCOL.md §9), and the blob node that `listen` keeps serving.
+//! (PROTOCOL.md §9), served by the home's blob node while the service runs; `share` waits
+//! until the recipient has the file (the node's [`BlobNode::watch_served`]).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kez_blobs::{BlobNode, DownloadStats, NodeConfig, RelayUrl};
+use kez_blobs::{BlobNode, DownloadStats, NodeConfig, RelayUrl, ServeEvent, Served};
 use kez_client::files::{self, FileError};
 use kez_client::{Connection, Direction, Offer, now};
 use kez_core::SecretKey;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
 use kez_core::sigchain::Endpoint;
 use serde_json::{Value, json};
+use tokio::sync::broadcast;
 
 use crate::display;
 use crate::failure::{self, Failure, NOT_FOUND, REFUSED, RUNTIME, USAGE};
@@ -130,12 +132,14 @@ impl App {
         Ok(())
     }
 
-    /// `share @name ./file`.
+    /// `share @name ./file`; with `wait` (no `--no-wait`), waits until the recipient has the
+    /// file (or Ctrl-C), unless it was pinned.
     pub(crate) async fn share(
         &self,
         handle: &str,
         path: &Path,
         pin: bool,
+        wait: bool,
         json: bool,
     ) -> Result<(), Failure> {
         let full = self.full_handle(handle)?;
@@ -157,7 +161,7 @@ impl App {
                 return Err(Failure::new(
                     REFUSED,
                     format!(
-                        "{} does not pin files (its operator has not turned pinning on): share without --pin, and keep `kez-chat listen` running until {full} has downloaded it",
+                        "{} does not pin files (its operator has not turned pinning on): share without --pin, and keep your kez-chat service running until {full} has downloaded it",
                         info.domain
                     ),
                 ));
@@ -184,6 +188,13 @@ impl App {
         node.sync()
             .await
             .map_err(|err| file_failure(FileError::Blobs(err)))?;
+        // The pin node fetches the blob too; that is not the recipient's download.
+        let mut not_recipient: Vec<String> = Vec::new();
+        if let Some(pin_info) = &pin_node
+            && let Ok(addr) = kez_blobs::parse_provider(&pin_info.provider)
+        {
+            not_recipient.push(addr.id.to_string());
+        }
         if let Some(pin_info) = pin_node {
             tell!(
                 "asking your server to pin it ({} of your {} quota)...",
@@ -200,6 +211,7 @@ impl App {
                     return Err(Failure::client(err));
                 }
             };
+            not_recipient.push(record.node.clone());
             // With several server instances, the one that answered server info may not be
             // the one whose node pinned the blob: offer only the pinning node's address.
             if pin_info
@@ -223,6 +235,8 @@ impl App {
         let body = offer
             .to_json()
             .map_err(|err| Failure::new(RUNTIME, format!("cannot write the offer: {err}")))?;
+        // Watching from before the offer goes out: a quick download is not missed.
+        let watch = (wait && !offer.pinned).then(|| node.watch_served());
         let sent = deliver(conn, &store, &contact, FILE_OFFER_CONTENT_TYPE, &body).await?;
         tell!(
             "shared {} ({}) with {}: encrypted blob {}",
@@ -231,12 +245,22 @@ impl App {
             contact.handle,
             offer.blob
         );
-        if !offer.pinned {
-            tell!(
-                "{} can download it while you run `kez-chat listen` (your node serves it then), or share it again with --pin",
-                contact.handle
-            );
-        }
+        let downloaded = match watch {
+            Some(watch) => wait_for_download(watch, &offer, &contact.handle, &not_recipient).await,
+            None if offer.pinned => {
+                if wait {
+                    tell!("not waiting for the download: your server has the file");
+                }
+                false
+            }
+            None => {
+                tell!(
+                    "{} can download it while your kez-chat service runs (it serves the file), or share it again with --pin",
+                    contact.handle
+                );
+                false
+            }
+        };
         if json {
             print_json(&json!({
                 "offer": sent.id.to_string(),
@@ -247,6 +271,7 @@ impl App {
                 "cipher_size": offer.cipher_size,
                 "pinned": offer.pinned,
                 "providers": offer.providers,
+                "downloaded": downloaded,
             }));
         } else {
             say!("{}", short_id(&sent.id.to_string()));
@@ -422,7 +447,7 @@ impl App {
                 return Err(Failure::new(
                     RUNTIME,
                     format!(
-                        "{err}. The sender's node must be online (they run `kez-chat listen`), or the file pinned on their server; run the same command again later: what arrived is kept and the download resumes."
+                        "{err}. The sender's node must be online (their kez-chat service runs), or the file pinned on their server; run the same command again later: what arrived is kept and the download resumes."
                     ),
                 ));
             }
@@ -439,6 +464,64 @@ impl App {
             bytes(already)
         );
         Ok((path, size, stats))
+    }
+}
+
+/// Waits until a peer not in `not_recipient` (endpoint ids) has fetched all of `offer`'s blob
+/// from this node, showing the bytes sent, or until Ctrl-C (or the node stops). Whether the
+/// recipient (`who`) got it.
+async fn wait_for_download(
+    mut watch: broadcast::Receiver<Served>,
+    offer: &FileOffer,
+    who: &str,
+    not_recipient: &[String],
+) -> bool {
+    let blob = files::blob_hash(offer);
+    tell!(
+        "waiting for {who} to download it (Ctrl-C to stop waiting; your kez-chat service keeps serving it)"
+    );
+    let meter = Meter::new(&format!("sending to {who}"), offer.cipher_size);
+    let outcome = loop {
+        let event = tokio::select! {
+            event = watch.recv() => event,
+            signal = term::interrupted() => break Err(Some(signal)),
+        };
+        let served = match event {
+            Ok(served) => served,
+            // Missed progress only: a completion is the newest event.
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => break Err(None),
+        };
+        let theirs = served
+            .peer
+            .is_none_or(|peer| !not_recipient.contains(&peer.to_string()));
+        if served.hash != blob || !theirs {
+            continue;
+        }
+        match served.event {
+            // Everything they asked for: all of it, or the rest of an interrupted download.
+            ServeEvent::Completed { .. } => break Ok(()),
+            _ => meter.set(served.offset),
+        }
+    };
+    meter.finish();
+    match outcome {
+        Ok(()) => {
+            tell!("{who} has the file");
+            true
+        }
+        Err(Some(signal)) => {
+            tell!(
+                "stopped waiting ({signal}); your kez-chat service keeps serving the file while it runs, so {who} can still download it"
+            );
+            false
+        }
+        Err(None) => {
+            tell!(
+                "stopped waiting: your kez-chat service is stopping; {who} can download the file while it runs again"
+            );
+            false
+        }
     }
 }
 

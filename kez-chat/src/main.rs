@@ -35,7 +35,9 @@
 //! end. The relay (PROTOCOL.md §5.6) is not trusted: see `kez_core::pair`.
 //!
 //! Files (`files.rs`): `share` verifies the contact, opens the home's blob node, keeps the
-//! sigchain's `iroh` endpoint current, encrypts into the node and sends the offer end to end;
+//! sigchain's `iroh` endpoint current, encrypts into the node and sends the offer end to end,
+//! then waits (progress) until the recipient's download completes or Ctrl-C (`--no-wait`; not
+//! for a pinned file);
 //! `files` and `download` take offers from contacts only, fetch with progress, decrypt into a
 //! temporary file and rename it (Ctrl-C or SIGTERM keeps what arrived, for a resume). The
 //! service (`service.rs`) runs the blob node, so the user's files are served while it runs.
@@ -306,6 +308,11 @@ enum Command {
     /// Encrypt a file and offer it to someone: the encrypted file stays in your file node
     /// (never on the chat server); the offer (name, size, hash, key) goes end-to-end encrypted.
     /// They can download it while your kez-chat service runs (any command starts it).
+    ///
+    /// Then, like sendme, it waits with progress until they have downloaded all of it, however
+    /// long that takes (there is no timeout), also when not on a terminal. Ctrl-C stops only
+    /// the waiting (exit 0): your service keeps serving the file. A pinned file is not waited
+    /// for (the server has it), nor with --no-wait.
     Share {
         /// The recipient's handle.
         handle: String,
@@ -315,7 +322,10 @@ enum Command {
         /// while you are offline (counts against your quota there).
         #[arg(long)]
         pin: bool,
-        /// Print JSON.
+        /// Return once the offer is sent, without waiting for the download (for scripts).
+        #[arg(long)]
+        no_wait: bool,
+        /// Print JSON, once share ends (`downloaded`: whether it saw them download all of it).
         #[arg(long)]
         json: bool,
     },
@@ -765,8 +775,12 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
             handle,
             path,
             pin,
+            no_wait,
             json,
-        } => app.share(&handle, &term::path(&path), pin, json).await,
+        } => {
+            app.share(&handle, &term::path(&path), pin, !no_wait, json)
+                .await
+        }
         Command::Files { json } => app.files(json),
         Command::Download {
             offer,

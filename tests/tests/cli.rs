@@ -1124,7 +1124,7 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
     assert_eq!(published["public"], true);
     assert_eq!(published["size"], 1000);
     assert_eq!(published["manifest"]["version"], 1);
-    let offered = alice.json(&["share", "@bob", path]).await;
+    let offered = alice.json(&["share", "--no-wait", "@bob", path]).await;
     assert_eq!(
         (offered["to"].clone(), offered["size"].clone()),
         ("@bob@kez.test".into(), 1000.into())

@@ -21,7 +21,7 @@ async fn a_shared_file_arrives_identical_and_no_store_holds_plaintext() {
     plaintext_file(&original, 50 * 1024 * 1024);
 
     let offer = alice
-        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .ok(&["share", "--no-wait", "@bob", original.to_str().unwrap()])
         .await
         .trim()
         .to_owned();
@@ -94,7 +94,7 @@ async fn an_interrupted_download_resumes_with_the_rest() {
     let size = 50 * 1024 * 1024;
     plaintext_file(&original, size);
     let offer = alice
-        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .ok(&["share", "--no-wait", "@bob", original.to_str().unwrap()])
         .await
         .trim()
         .to_owned();
@@ -177,7 +177,7 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
 
     // carol is not in bob's contacts: her offer is listed, but not downloaded.
     let from_carol = carol
-        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .ok(&["share", "--no-wait", "@bob", original.to_str().unwrap()])
         .await
         .trim()
         .to_owned();
@@ -196,7 +196,7 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
     // claims a smaller file: the first download fetches and verifies the blob, the decryption
     // fails, nothing is written.
     let real = alice
-        .ok(&["share", "@bob", original.to_str().unwrap()])
+        .ok(&["share", "--no-wait", "@bob", original.to_str().unwrap()])
         .await
         .trim()
         .to_owned();
@@ -237,7 +237,7 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
     let other = work.path().join("other.txt");
     plaintext_file(&other, 200 * 1024);
     let damaged = alice
-        .ok(&["share", "@bob", other.to_str().unwrap()])
+        .ok(&["share", "--no-wait", "@bob", other.to_str().unwrap()])
         .await
         .trim()
         .to_owned();
@@ -332,6 +332,11 @@ async fn a_pinned_file_downloads_while_the_sender_is_offline() {
     assert!(output.status.success(), "{stderr}");
     assert!(
         stderr.contains("pinned: @bob@kez.test can download it"),
+        "{stderr}"
+    );
+    // The server has it: share does not wait for bob's download.
+    assert!(
+        stderr.contains("not waiting for the download: your server has the file"),
         "{stderr}"
     );
     let offer = String::from_utf8(output.stdout).unwrap().trim().to_owned();

@@ -44,6 +44,9 @@ use iroh::{Endpoint, NetReportConfig, RelayMode};
 use iroh_blobs::api::blobs::{AddPathOptions, ImportMode};
 use iroh_blobs::api::proto::BlobStatus;
 use iroh_blobs::api::remote::GetProgressItem;
+use iroh_blobs::provider::events::{
+    ConnectMode, EventMask, EventSender, ProviderMessage, RequestMode, RequestUpdate,
+};
 use iroh_blobs::store::GcConfig;
 use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::fs::options::Options;
@@ -51,11 +54,13 @@ use iroh_blobs::{BlobFormat, BlobsProtocol, HashAndFormat};
 
 mod keyfile;
 mod provider;
+mod serving;
 
 pub use iroh::{EndpointAddr, EndpointId, RelayUrl};
 pub use iroh_blobs::Hash;
 pub use iroh_blobs::api::blobs::BlobReader;
 pub use provider::{dialable, is_public_unicast, parse_provider};
+pub use serving::{ServeEvent, Served};
 
 /// Name of the endpoint key file inside the node directory.
 pub const KEY_FILE_NAME: &str = "iroh.key";
@@ -259,6 +264,9 @@ pub struct BlobNode {
     store: FsStore,
     config: NodeConfig,
     collector: std::sync::Arc<Collector>,
+    /// The only strong sender of what is served (the handler holds a weak one), so that
+    /// taking it at shutdown closes the watchers' channels.
+    served: std::sync::Mutex<Option<tokio::sync::broadcast::Sender<Served>>>,
 }
 
 /// Asks `collector` for a collection of `store` and waits until it has run.
@@ -456,14 +464,19 @@ impl BlobNode {
                 return Err(Error::Endpoint(e.to_string()));
             }
         };
+        let served = tokio::sync::broadcast::channel(serving::CAPACITY).0;
         let router = Router::builder(endpoint)
-            .accept(iroh_blobs::ALPN, BlobsProtocol::new(&store, None))
+            .accept(
+                iroh_blobs::ALPN,
+                BlobsProtocol::new(&store, Some(serving::events(served.downgrade()))),
+            )
             .spawn();
         Ok(BlobNode {
             router,
             store,
             config,
             collector,
+            served: std::sync::Mutex::new(Some(served)),
         })
     }
 
@@ -471,6 +484,22 @@ impl BlobNode {
     /// hundred milliseconds on a small store): what a failed import left behind, for one.
     pub async fn collect_garbage(&self) -> Result<()> {
         collect(&self.collector, &self.store).await
+    }
+
+    /// What this node serves from now on: an event when a peer's request for a blob starts,
+    /// as it progresses, and when it completes or is aborted (see [`Served`]). Watching never
+    /// slows or changes serving: a receiver that falls more than a few hundred events behind
+    /// misses the oldest (`RecvError::Lagged`), and the channel closes when the node shuts down.
+    pub fn watch_served(&self) -> tokio::sync::broadcast::Receiver<Served> {
+        let served = self
+            .served
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        match &*served {
+            Some(sender) => sender.subscribe(),
+            // Shut down: a channel that is closed already.
+            None => tokio::sync::broadcast::channel(1).1,
+        }
     }
 
     /// This node's endpoint id (its public key).
@@ -795,6 +824,10 @@ impl BlobNode {
     /// Stops serving, closes the endpoint and shuts the store down (the router's shutdown of
     /// the blobs protocol shuts the store; its database is synced first).
     pub async fn shutdown(&self) -> Result<()> {
+        self.served
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .take();
         let synced = self.store.sync_db().await.map_err(store_err("sync"));
         self.router
             .shutdown()

@@ -147,11 +147,24 @@ async fn interrupted_download_resumes_with_the_remainder() {
         BlobState::Partial { .. }
     ));
 
+    let mut watch = a.watch_served();
     let stats = b
         .download(hash, &providers, "dl/big", u64::MAX, |_| {})
         .await
         .expect("resumed download");
     assert_eq!(stats.total, size);
+    // The resume is a request that completes, having sent only what B lacked.
+    let sent = loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.recv())
+            .await
+            .expect("events within 5 s")
+            .expect("no lag");
+        if let kez_blobs::ServeEvent::Completed { sent } = event.event {
+            assert_eq!((event.hash, event.peer), (hash, Some(b.id())));
+            break sent;
+        }
+    };
+    assert!(sent < size, "the resume sent {sent} of {size}");
     assert!(
         stats.bytes_transferred < size,
         "resume transferred {} of {size}",
@@ -398,4 +411,82 @@ async fn a_blob_larger_than_expected_stops_early_and_is_not_kept() {
         .await
         .unwrap();
     assert_eq!(stats.total, small_size);
+}
+
+/// A watcher of A sees B's download of a blob: it starts, progresses in order and completes,
+/// naming B and the whole size; and a node nobody watches serves as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_served_sees_a_download_start_progress_and_complete() {
+    use kez_blobs::{ServeEvent, Served};
+    use tokio::sync::broadcast::error::RecvError;
+
+    let dirs = [(); 3].map(|_| tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        node(dirs[0].path()).await,
+        node(dirs[1].path()).await,
+        node(dirs[2].path()).await,
+    );
+    let bytes = data(4 * MIB, 3);
+    let (hash, size) = import(&a, &bytes, "share/watched").await;
+    let mut watch = a.watch_served();
+
+    // Nobody watches C: serving is unaffected.
+    let (other, _) = import(&c, &data(MIB, 5), "share/unwatched").await;
+    b.download(other, &[c.addr()], "dl/unwatched", u64::MAX, |_| {})
+        .await
+        .expect("download from an unwatched node");
+
+    b.download(hash, &[a.addr()], "dl/watched", u64::MAX, |_| {})
+        .await
+        .expect("download");
+    let mut events: Vec<Served> = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.recv())
+            .await
+            .expect("events within 5 s");
+        match event {
+            Ok(event) => {
+                let done = matches!(event.event, ServeEvent::Completed { .. });
+                events.push(event);
+                if done {
+                    break;
+                }
+            }
+            Err(RecvError::Lagged(n)) => panic!("lagged by {n}"),
+            Err(RecvError::Closed) => panic!("closed"),
+        }
+    }
+    assert!(events.iter().all(|e| e.hash == hash && e.size == size));
+    assert!(events.iter().all(|e| e.peer == Some(b.id())));
+    assert_eq!(events[0].event, ServeEvent::Started);
+    assert_eq!(events[0].offset, 0);
+    let progress: Vec<u64> = events
+        .iter()
+        .filter(|e| e.event == ServeEvent::Progress)
+        .map(|e| e.offset)
+        .collect();
+    assert!(
+        !progress.is_empty() && progress.len() <= 101,
+        "{progress:?}"
+    );
+    assert!(progress.windows(2).all(|w| w[0] < w[1]));
+    let last = events.last().unwrap();
+    assert_eq!(last.event, ServeEvent::Completed { sent: size });
+    assert_eq!(last.offset, size);
+
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+    c.shutdown().await.unwrap();
+    // The node is gone: the channel closes, and a new watcher's is closed already.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.recv().await {
+                Err(RecvError::Closed) => break,
+                Ok(_) | Err(RecvError::Lagged(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("closed at shutdown");
+    assert_eq!(a.watch_served().recv().await, Err(RecvError::Closed));
 }

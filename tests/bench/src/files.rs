@@ -219,7 +219,8 @@ async fn kez_transfer(work: &Path, original: &Path) -> Result<KezTimes, String> 
     let path = original.to_str().ok_or("the work directory is not UTF-8")?;
 
     let started = Instant::now();
-    let (shared, share_peaks) = run_watched(&alice, &["share", "@bob", path], &[]).await?;
+    let (shared, share_peaks) =
+        run_watched(&alice, &["share", "--no-wait", "@bob", path], &[]).await?;
     let share = started.elapsed();
     let offer = String::from_utf8_lossy(&shared.stdout).trim().to_owned();
     bob.ok(&["inbox"]).await;
