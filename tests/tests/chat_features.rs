@@ -413,3 +413,66 @@ async fn a_message_arriving_is_a_desktop_notification_when_turned_on() {
         "bidi controls escaped: {recorded:?}"
     );
 }
+
+/// The same across devices: alice on her laptop and on a desk recovered from her paper key.
+/// bob's edit reaches both; the laptop's reaction reaches bob and, as a sent copy, the desk;
+/// the desk reading tells bob it was read.
+#[tokio::test]
+async fn edits_reactions_and_receipts_reach_every_device() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (laptop, bob) = alice_and_bob(&url).await;
+    let (words, _) = kez_tests::person::type_back_a_paper_key(&laptop, &["paperkey"]).await;
+    let desk = kez_tests::person::Person::new();
+    let recovered = desk
+        .run_with_stdin(
+            &["--server", &url, "recover", "@alice", "--name", "desk"],
+            &format!("{}\n", words.join(" ")),
+        )
+        .await;
+    assert!(recovered.status.success(), "{recovered:?}");
+    desk.ok(&["add", "@bob"]).await;
+
+    let id = bob
+        .ok(&["send", "@alice", "to both of you"])
+        .await
+        .trim()
+        .to_owned();
+    bob.ok(&["edit", "@alice", &id, "to both of you, edited"])
+        .await;
+    for device in [&laptop, &desk] {
+        let seen = until(
+            "the edit on every device",
+            || device.json(&["history", "@bob"]),
+            |history| {
+                history.as_array().unwrap().iter().any(|m| m["id"] == id)
+                    && message(history, &id)["edited"] == true
+            },
+        )
+        .await;
+        assert_eq!(message(&seen, &id)["text"], "to both of you, edited");
+    }
+    laptop.ok(&["react", "@bob", &id, "🎉"]).await;
+    for (who, person, peer) in [("bob", &bob, "@alice"), ("the desk", &desk, "@bob")] {
+        until(
+            &format!("the reaction at {who}"),
+            || async move { person.json(&["history", peer]).await },
+            |history| {
+                message(history, &id)["reactions"]["🎉"]
+                    .as_array()
+                    .is_some_and(|by| by.len() == 1)
+            },
+        )
+        .await;
+    }
+    // Read on the desk: bob hears it (his message shows ✓✓).
+    until(
+        "read",
+        || async {
+            desk.ok(&["history", "@bob"]).await;
+            bob.json(&["history", "@alice"]).await
+        },
+        |history| message(history, &id)["read"] == true,
+    )
+    .await;
+}

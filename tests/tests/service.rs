@@ -103,11 +103,30 @@ async fn listen_while_the_same_home_sends() {
         let message: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(message["text"], format!("to bob {n}"), "{line}");
     }
+    // Sharing and browsing from the listening home too.
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("notes.txt");
+    std::fs::write(&file, "notes for alice").unwrap();
+    bob.ok(&["share", "--no-wait", "@alice", file.to_str().unwrap()])
+        .await;
+    alice
+        .ok(&["publish", file.to_str().unwrap(), "--public"])
+        .await;
+    let browsed = bob.ok(&["browse", "@alice"]).await;
+    assert!(browsed.contains("notes.txt"), "{browsed}");
+    alice.ok(&["send", "@bob", "after the share"]).await;
+    let line = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+        .await
+        .expect("listen shows the message")
+        .unwrap()
+        .expect("listen is still running");
+    let message: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(message["text"], "after the share", "{line}");
     let service = service_pid(&bob).await;
     stop(listen).await;
     assert_eq!(service_pid(&bob).await, service, "the service runs on");
     let history = bob.json(&["history", "@alice"]).await;
-    assert_eq!(history.as_array().unwrap().len(), 6, "{history}");
+    assert_eq!(history.as_array().unwrap().len(), 8, "{history}");
 }
 
 /// One service per home: a second is refused clearly; a service killed with SIGKILL leaves
