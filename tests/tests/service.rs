@@ -295,3 +295,51 @@ async fn a_service_killed_again_and_again_loses_nothing_acknowledged() {
     assert_eq!(texts.len(), unique.len(), "each once: {texts:?}");
     assert_eq!(unique, expected, "after {kills} kills");
 }
+
+/// Another local user who reaches the socket (here: the home and the socket opened up to
+/// everyone on purpose) is refused with `not_owner`: the service answers only the home's
+/// owner. Switching users needs root, which CI has; elsewhere the socket's own mode keeps
+/// others out, as the hostile test checks.
+#[tokio::test]
+async fn another_local_user_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let stack = CalloutStack::start().await;
+    let (alice, _bob) = alice_and_bob(&stack.nats.url()).await;
+    let pid = service_pid(&alice).await;
+    let root = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+        eprintln!("not root: the other-user case needs root to switch users");
+        return;
+    }
+    let socket = alice.home.join("service.sock");
+    let open = |path: &std::path::Path, mode| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    open(alice.home.parent().unwrap(), 0o711);
+    open(&alice.home, 0o711);
+    open(&socket, 0o666);
+    let script = "import socket, sys\n\
+                  s = socket.socket(socket.AF_UNIX)\n\
+                  s.connect(sys.argv[1])\n\
+                  s.sendall(b'{\"status\":{}}\\n')\n\
+                  print(s.makefile().readline(), end='')\n";
+    let output = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    open(&socket, 0o600);
+    open(&alice.home, 0o700);
+    open(alice.home.parent().unwrap(), 0o700);
+    assert!(output.status.success(), "{output:?}");
+    let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer["refused"]["code"], "not_owner", "{answer}");
+    assert_eq!(service_pid(&alice).await, pid, "the service goes on");
+}
