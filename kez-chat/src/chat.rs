@@ -247,6 +247,13 @@ impl App {
         conn.own_devices(&store, self.handle()?)
             .await
             .map_err(Failure::client)?;
+        // Of two profiles the later second wins (§8.6; within a second, the larger id): a new
+        // one is sent in a later second than the last, so it always replaces it.
+        if let Ok(Some((_, last))) = store.profile(&conn.identity()) {
+            while kez_client::now() <= last {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
         let contacts = store.contacts().map_err(Failure::store)?;
         let mut told = Vec::new();
         let mut kept = None;
