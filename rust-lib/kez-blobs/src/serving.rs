@@ -20,6 +20,24 @@ const PROGRESS_STEPS: u64 = 100;
 /// Events iroh-blobs queues for the handler before the provider waits for it.
 const QUEUE: usize = 64;
 
+/// Turns one request's updates into [`Served`] events for the watchers, until it ends.
+fn relay(
+    mut request: Request,
+    mut updates: irpc::channel::mpsc::Receiver<RequestUpdate>,
+    out: broadcast::WeakSender<Served>,
+) {
+    tokio::spawn(async move {
+        while let Ok(Some(update)) = updates.recv().await {
+            if let Some(served) = request.on(update)
+                && let Some(out) = out.upgrade()
+            {
+                // Nobody watching is fine: the event goes nowhere.
+                let _ = out.send(served);
+            }
+        }
+    });
+}
+
 /// One step of serving one blob to one peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Served {
@@ -99,32 +117,19 @@ pub(crate) fn events(out: broadcast::WeakSender<Served>) -> EventSender {
                 }
                 ProviderMessage::GetRequestReceivedNotify(msg) => {
                     let (connection, id) = (msg.inner.connection_id, msg.inner.request_id);
-                    let mut request = Request::new(peer_of(connection), connection, id);
-                    let (mut updates, out) = (msg.rx, out.clone());
-                    tokio::spawn(async move {
-                        while let Ok(Some(update)) = updates.recv().await {
-                            if let Some(served) = request.on(update)
-                                && let Some(out) = out.upgrade()
-                            {
-                                // Nobody watching is fine: the event goes nowhere.
-                                let _ = out.send(served);
-                            }
-                        }
-                    });
+                    relay(
+                        Request::new(peer_of(connection), connection, id),
+                        msg.rx,
+                        out.clone(),
+                    );
                 }
                 ProviderMessage::GetManyRequestReceivedNotify(msg) => {
                     let (connection, id) = (msg.inner.connection_id, msg.inner.request_id);
-                    let mut request = Request::new(peer_of(connection), connection, id);
-                    let (mut updates, out) = (msg.rx, out.clone());
-                    tokio::spawn(async move {
-                        while let Ok(Some(update)) = updates.recv().await {
-                            if let Some(served) = request.on(update)
-                                && let Some(out) = out.upgrade()
-                            {
-                                let _ = out.send(served);
-                            }
-                        }
-                    });
+                    relay(
+                        Request::new(peer_of(connection), connection, id),
+                        msg.rx,
+                        out.clone(),
+                    );
                 }
                 // Not asked for (push is refused, observe and throttling are off); intercept
                 // variants are answered "yes" should they come anyway.
