@@ -27,7 +27,19 @@ const state = {
   open: null,        // the open conversation's handle
   typing: new Map(), // peer key → timeout id (someone is typing)
   presence: new Map(), // handle → online/away/offline
+  // peer key → handle, learned from live messages: `history --json` names no handle for someone
+  // not in the contacts, but the message that arrived did (the server's word, as the CLI shows it).
+  handles: new Map(loadHandles()),
 };
+
+function loadHandles() {
+  try { return JSON.parse(sessionStorage.getItem('kez-handles') || '[]'); } catch { return []; }
+}
+function learnHandle(peer, handle) {
+  if (!peer || !handle || state.handles.get(peer) === handle) return;
+  state.handles.set(peer, handle);
+  try { sessionStorage.setItem('kez-handles', JSON.stringify([...state.handles])); } catch { /* full */ }
+}
 
 const ctx = {
   api, state,
@@ -37,6 +49,8 @@ const ctx = {
     const c = state.contacts.get(handle);
     return c?.display_name || shortHandle(handle, state.domain);
   },
+  /** The `history --json` entry of a handle's conversation. */
+  convOf: handle => state.convs.find(c => (c.handle || state.handles.get(c.peer)) === handle),
   openConversation, reloadList, reloadOffers, afterRegister, showList,
   refreshSettings,
   profile: handle => profileDialog(ctx, handle),
@@ -96,11 +110,30 @@ setInterval(() => { if (api.state === 'offline') showConnState('offline'); }, 10
 api.addEventListener('hello', e => {
   const hello = e.detail;
   if (!hello.registered) {
-    document.body.dataset.screen = 'register';
+    // A registration that failed is followed by a hello that still says unregistered: the
+    // register screen keeps showing what went wrong (its "Try again" starts over).
+    if (document.body.dataset.screen === 'register' && ctx.registering) return;
+    setScreen('register');
     showRegister(ctx, $('welcome'));
     return;
   }
-  document.body.dataset.screen = 'app';
+  // Right after registering the gateway sends a new hello; the register screen still shows the
+  // paper key step's end until the user continues.
+  if (document.body.dataset.screen === 'register' && ctx.registering) { pendingHello = hello; return; }
+  enterApp(hello);
+});
+
+let pendingHello = null;
+
+/** `register` or `app`: only one of them is shown (and only its <main> is in the page's tree). */
+function setScreen(screen) {
+  document.body.dataset.screen = screen;
+  $('welcome').hidden = screen !== 'register';
+  $('app').hidden = screen !== 'app';
+}
+
+function enterApp(hello) {
+  setScreen('app');
   state.me = hello.handle;
   state.domain = String(hello.handle || '').split('@')[2] || null;
   renderMe();
@@ -108,17 +141,19 @@ api.addEventListener('hello', e => {
   Promise.all([reloadList(), reloadOffers(), refreshSettings(),
     api.json(['whoami', '--json']).then(w => { state.myKey = w.key; }).catch(() => {})])
     .then(() => {
-      if (state.open) chat.reload();
+      renderMe();
+      if (state.open) openConversation(state.open, { focus: false });
       else if (!matchMedia('(max-width: 720px)').matches && state.convs[0]) {
         // On a wide window open the latest conversation, like desktop chat apps do.
         openConversation(state.convs[0].handle, { focus: false });
       }
     });
-});
+}
 
 function afterRegister() {
-  // The gateway says who we are in its hello: a new socket after registering brings the app up.
-  api.reconnect();
+  ctx.registering = false;
+  if (pendingHello?.registered) { const h = pendingHello; pendingHello = null; enterApp(h); }
+  else api.reconnect();
 }
 
 // ---------------------------------------------------------------- live events
@@ -172,6 +207,7 @@ function onEvent(ev) {
     // A message: it arrived, or another of my devices sent it.
     const peer = ev.direction === 'incoming' ? ev.from : ev.to;
     const handle = ev.direction === 'incoming' ? ev.from_handle : ev.to_handle;
+    learnHandle(peer, handle);
     if (ev.direction === 'incoming') setTyping(ev.from, handle, false);
     if ((peer && peer === chat.peer()) || (handle && handle === state.open)) chat.reload();
     reloadList();
@@ -239,7 +275,7 @@ async function refreshSettings() {
 
 /** The entries of the sidebar: conversations (latest first), then contacts not talked to yet. */
 function entries() {
-  const list = state.convs.map(c => ({ handle: c.handle, peer: c.peer, conv: c }));
+  const list = state.convs.map(c => ({ handle: c.handle || state.handles.get(c.peer) || null, peer: c.peer, conv: c }));
   const seen = new Set(list.map(e => e.handle));
   for (const c of state.contacts.values()) {
     if (!seen.has(c.handle)) list.push({ handle: c.handle, peer: c.key, conv: null });
@@ -264,19 +300,21 @@ function renderList() {
   const ul = $('conv-list');
   const items = entries();
   const filter = ($('list-filter')?.value || '').trim().toLowerCase();
-  const shown = filter ? items.filter(e => (ctx.nameOf(e.handle) + ' ' + e.handle).toLowerCase().includes(filter)) : items;
+  const shown = filter ? items.filter(e => (ctx.nameOf(e.handle) + ' ' + (e.handle || e.peer)).toLowerCase().includes(filter)) : items;
   fill(ul, shown.map(e => {
-    const name = ctx.nameOf(e.handle);
+    // Someone not in the contacts whose handle this page has not seen: known by key only.
+    const name = e.handle ? ctx.nameOf(e.handle) : `Unknown ${String(e.peer).slice(8, 16)}…`;
     const unread = e.conv?.unread || 0;
     const pv = e.conv ? previewOf(e.conv) : { text: state.typing.has(e.peer) ? 'typing…' : 'New contact', cls: 'muted' };
     const presence = state.presence.get(e.handle);
-    const current = e.handle === state.open;
-    const label = `${inline(name)}, ${inline(ctx.short(e.handle))}${unread ? `, ${unread} unread` : ''}`;
+    const current = !!e.handle && e.handle === state.open;
+    const label = `${inline(name)}, ${e.handle ? inline(ctx.short(e.handle)) : 'not in your contacts'}${unread ? `, ${unread} unread` : ''}`;
     return el('li', {},
       el('button', {
         type: 'button', class: ['conv', current && 'current', unread && 'has-unread'],
         'aria-current': current ? 'true' : null, 'aria-label': label,
-        dataset: { handle: e.handle }, onclick: () => openConversation(e.handle),
+        dataset: { handle: e.handle || '' },
+        onclick: () => e.handle ? openConversation(e.handle) : toast('This person is not in your contacts and kez-chat has not told this page their handle; their next message will.'),
       },
         el('span', { class: ['avatar', hueClass(e.peer || e.handle)], 'aria-hidden': 'true' }, initial(name),
           presence && el('span', { class: ['presence', presence] })),
@@ -319,7 +357,7 @@ function showList() {
 }
 
 function stepConversation(delta) {
-  const list = entries();
+  const list = entries().filter(e => e.handle);
   if (!list.length) return;
   const i = list.findIndex(e => e.handle === state.open);
   const next = list[(i + delta + list.length) % list.length] || list[0];

@@ -25,6 +25,9 @@ export class ChatView {
     this.typingSentAt = 0;
     this.typingTimer = null;
     this.renderEmpty();
+    document.addEventListener('visibilitychange', () => {
+      if (!document.hidden && this.staleWhileHidden) { this.staleWhileHidden = false; this.reload(); }
+    });
   }
 
   peer() { return this.peerKey; }
@@ -33,7 +36,7 @@ export class ChatView {
     fill(this.root, el('div', { class: 'chat-empty' },
       el('img', { src: 'icon.svg', alt: '', width: '72', height: '72' }),
       el('h2', {}, 'kez-chat'),
-      el('p', {}, 'Choose a conversation, or start a new one with ＋.')));
+      el('p', {}, 'Choose a conversation, or start a new one with the + button (Alt+N).')));
   }
 
   open(handle, { focus = true, highlight = null } = {}) {
@@ -45,7 +48,7 @@ export class ChatView {
       this.mode = null;
       this.pending = [];
       this.highlight = highlight;
-      const conv = this.ctx.state.convs.find(c => c.handle === handle);
+      const conv = this.ctx.convOf(handle);
       const contact = this.ctx.state.contacts.get(handle);
       this.peerKey = conv?.peer || contact?.key || null;
       this.build();
@@ -110,6 +113,8 @@ export class ChatView {
   /** Re-reads the conversation (`history @x --json`, which also marks it read). */
   async reload() {
     if (!this.handle) return;
+    // Reading a conversation marks it read (and tells the sender ✓✓): not while nobody looks.
+    if (document.hidden) { this.staleWhileHidden = true; return; }
     if (this.loading) { this.again = true; return this.loading; }
     this.loading = (async () => {
       do {
@@ -142,7 +147,7 @@ export class ChatView {
     const name = ctx.nameOf(this.handle);
     const contact = ctx.state.contacts.get(this.handle);
     const presence = ctx.state.presence.get(this.handle);
-    const conv = ctx.state.convs.find(c => c.handle === this.handle);
+    const conv = ctx.convOf(this.handle);
     if (!this.peerKey) this.peerKey = conv?.peer || contact?.key || null;
     fill(this.header,
       el('button', { type: 'button', class: 'icon-btn back-btn', 'aria-label': 'Back to the conversations', onclick: () => ctx.showList() }, icon('back')),

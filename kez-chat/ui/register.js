@@ -7,13 +7,13 @@ import { interactivePanel } from './dialogs.js';
 export function showRegister(ctx, root) {
   const { api } = ctx;
   const hello = api.hello || {};
-  const nameInput = el('input', { id: 'reg-name', name: 'name', class: 'input', required: true, autocomplete: 'username', spellcheck: 'false', placeholder: 'alice', pattern: '@?[A-Za-z0-9][A-Za-z0-9._-]*' });
+  const nameInput = el('input', { id: 'reg-name', name: 'name', class: 'input', required: true, autocomplete: 'username', spellcheck: 'false', placeholder: 'alice', pattern: '@?[A-Za-z][A-Za-z0-9_]{1,31}' });
   const serverInput = el('input', { id: 'reg-server', name: 'server', class: 'input', required: !hello.server, spellcheck: 'false', placeholder: 'tls://kez.lat:4222', value: hello.server || '' });
   const submit = el('button', { type: 'submit', class: 'btn primary' }, 'Create my account');
   const stage = el('div', { class: 'register-stage' });
   const form = el('form', { class: 'stack', 'aria-describedby': 'reg-help' },
     el('div', { class: 'field' }, el('label', { for: 'reg-name' }, 'Your name'),
-      nameInput, el('p', { class: 'hint' }, 'Your handle will be @name on the server. Letters, digits, dots, dashes.')),
+      nameInput, el('p', { class: 'hint' }, 'Your handle will be @name on the server: 2 to 32 letters, digits and _, starting with a letter.')),
     el('div', { class: 'field' }, el('label', { for: 'reg-server' }, 'Server'),
       serverInput, el('p', { class: 'hint' }, hello.server ? 'The server kez-chat ui was started with.' : 'The NATS URL of your home server.')),
     el('div', { class: 'actions' }, submit));
@@ -27,6 +27,7 @@ export function showRegister(ctx, root) {
     if (server && server !== hello.server) args.unshift('--server', server);
     args.push('--', name);
     form.hidden = true;
+    ctx.registering = true;
     const panel = interactivePanel(api, args, {
       onExit: r => {
         if (r.ok) {
@@ -37,7 +38,12 @@ export function showRegister(ctx, root) {
             el('div', { class: 'actions' }, el('button', { type: 'button', class: 'btn primary', id: 'reg-continue', onclick: () => ctx.afterRegister() }, 'Start chatting')));
           stage.querySelector('#reg-continue').focus();
         } else {
-          stage.append(el('div', { class: 'actions' }, el('button', { type: 'button', class: 'btn', onclick: () => showRegister(ctx, root) }, 'Try again')));
+          // A paper key not confirmed still leaves the home registered (without a paper key):
+          // "Continue" goes on if so, "Try again" starts over (registering again is harmless).
+          stage.append(el('p', { class: 'hint' }, 'If you were registered anyway, you can make a paper key later (menu → Paper key).'),
+            el('div', { class: 'actions' },
+              el('button', { type: 'button', class: 'btn', onclick: () => { ctx.registering = false; showRegister(ctx, root); } }, 'Try again'),
+              el('button', { type: 'button', class: 'btn primary', onclick: () => ctx.afterRegister() }, 'Continue')));
         }
       },
     });
