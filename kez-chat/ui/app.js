@@ -191,8 +191,8 @@ api.addEventListener('state', e => { if (e.detail !== 'online') listenRun = null
 function onEvent(ev) {
   if (ev.changed) {
     const peer = ev.changed.peer;
-    if (peer === '*' || peer === chat.peer()) chat.reload();
-    reloadList();
+    if (peer === chat.peer()) chat.reload().then(reloadList);
+    else reloadList();
     return;
   }
   if (ev.typing) { setTyping(ev.typing.from, ev.typing.handle, ev.typing.typing); return; }
@@ -202,18 +202,29 @@ function onEvent(ev) {
     chat.renderHeader();
     return;
   }
-  if (ev.note) { toast(ev.note); return; }
+  if (ev.note) { serviceNote(ev.note); return; }
   if (ev.id) {
     // A message: it arrived, or another of my devices sent it.
     const peer = ev.direction === 'incoming' ? ev.from : ev.to;
     const handle = ev.direction === 'incoming' ? ev.from_handle : ev.to_handle;
     learnHandle(peer, handle);
     if (ev.direction === 'incoming') setTyping(ev.from, handle, false);
-    if ((peer && peer === chat.peer()) || (handle && handle === state.open)) chat.reload();
-    reloadList();
+    // The open conversation is re-read first (which marks it read), then the list, so the
+    // list does not count as unread what is on the screen.
+    if ((peer && peer === chat.peer()) || (handle && handle === state.open)) chat.reload().then(reloadList);
+    else reloadList();
     if (ev.content_type === 'file-offer') reloadOffers();
     if (ev.direction === 'incoming') notify(ev);
   }
+}
+
+/** Notes of the service itself ("kez-chat: receiving stopped …", "… receiving again") go to the
+ * status bar; the others (x edited, reacted, calls themselves …) are what the views show anyway. */
+function serviceNote(note) {
+  if (!/^kez-chat:/.test(note)) return;
+  const bar = $('service-note');
+  if (/stopped/.test(note)) { bar.hidden = false; fill(bar, el('strong', {}, 'Not receiving. '), inline(note.replace(/^kez-chat: /, ''))); }
+  else { bar.hidden = true; fill(bar); toast(note.replace(/^kez-chat: /, '')); }
 }
 
 /** A browser notification for a message, when the page is not being looked at and the user
@@ -289,6 +300,12 @@ function previewOf(conv) {
   const last = conv.last;
   if (!last) return { text: 'No messages yet', cls: 'muted' };
   const you = last.direction === 'outgoing' ? 'You: ' : '';
+  // The last stored message may be an edit, a reaction, …: say what happened.
+  const did = {
+    'kez.reaction': 'reacted to a message', 'kez.edit': 'edited a message', 'kez.delete': 'deleted a message',
+    'kez.profile': 'changed their profile', 'kez.timer': 'changed disappearing messages', 'kez.receipt': 'read your messages',
+  }[last.content_type];
+  if (did) return { text: `${last.direction === 'outgoing' ? 'You' : ctx.nameOf(conv.handle || state.handles.get(conv.peer) || '')} ${did}`.trim(), cls: 'muted' };
   if (last.content_type === 'file-offer') {
     const m = /^offers the file (.*) \(/s.exec(last.text || '');
     return { text: `${you}File: ${m ? m[1] : 'a file'}` };

@@ -69,7 +69,11 @@ export function messageDialog(title, text) {
  */
 export function interactivePanel(api, args, { onExit, secretInput = false } = {}) {
   const outPre = el('pre', { class: 'run-out', hidden: true, tabindex: '0', 'aria-label': 'Output' });
-  const errLog = el('div', { class: 'run-log', 'aria-live': 'polite' });
+  // The command's status lines, folded away (the prompt and the result are what matter); a
+  // line that answers a wrong input ("That is not word 7.") is also shown by the prompt.
+  const errLog = el('div', { class: 'run-log' });
+  const lastLine = el('p', { class: 'run-last', 'aria-live': 'polite' });
+  const logBox = el('details', { class: 'run-details' }, el('summary', {}, 'Details'), errLog);
   const inputId = `run-input-${++seq}`;
   const promptLabel = el('label', { for: inputId }, 'Answer');
   const input = el('input', { id: inputId, type: secretInput ? 'password' : 'text', autocomplete: 'off', spellcheck: 'false', class: 'input' });
@@ -87,7 +91,7 @@ export function interactivePanel(api, args, { onExit, secretInput = false } = {}
       errBuf += text;
       const lines = errBuf.split('\n');
       errBuf = lines.pop();
-      for (const line of lines) if (line.trim()) { errLog.append(el('p', {}, line)); lastErr = line; }
+      for (const line of lines) if (line.trim()) { errLog.append(el('p', {}, line)); lastErr = line; fill(lastLine, line); }
       if (errBuf.trim()) lastErr = errBuf;
     },
     onRead: () => {
@@ -114,9 +118,10 @@ export function interactivePanel(api, args, { onExit, secretInput = false } = {}
   });
   cancelBtn.addEventListener('click', () => run.cancel());
   const done = run.done.then(
-    r => { status.textContent = 'Done.'; form.hidden = true; cancelBtn.hidden = true; return { ok: true, ...r }; },
+    r => { status.textContent = 'Done.'; fill(lastLine); form.hidden = true; cancelBtn.hidden = true; return { ok: true, ...r }; },
     error => {
       if (errBuf.trim()) errLog.append(el('p', {}, errBuf));
+      fill(lastLine);
       status.textContent = '';
       status.append(el('strong', { class: 'error-text' }, inline(error.message)));
       form.hidden = true;
@@ -124,7 +129,7 @@ export function interactivePanel(api, args, { onExit, secretInput = false } = {}
       return { ok: false, error, out: run.out, err: run.err };
     });
   done.then(r => onExit?.(r));
-  const node = el('div', { class: 'run-panel' }, outPre, errLog, form, el('div', { class: 'row run-foot' }, status, cancelBtn));
+  const node = el('div', { class: 'run-panel' }, outPre, lastLine, form, logBox, el('div', { class: 'row run-foot' }, status, cancelBtn));
   return { node, run, done, input };
 }
 
@@ -152,6 +157,7 @@ export function toast(text, { error = false, timeout = 5000 } = {}) {
   const t = el('div', { class: ['toast', error && 'error'] }, el('span', {}, inline(text)),
     el('button', { type: 'button', class: 'icon-btn', 'aria-label': 'Dismiss', onclick: () => t.remove() }, icon('close', { size: 16 })));
   host.append(t);
+  while (host.children.length > 3) host.firstChild.remove();
   setTimeout(() => t.remove(), error ? timeout * 2 : timeout);
 }
 

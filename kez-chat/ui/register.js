@@ -27,6 +27,7 @@ export function showRegister(ctx, root) {
     if (server && server !== hello.server) args.unshift('--server', server);
     args.push('--', name);
     form.hidden = true;
+    root.querySelector('.welcome-card').classList.add('wide');
     ctx.registering = true;
     const panel = interactivePanel(api, args, {
       onExit: r => {
