@@ -49,8 +49,16 @@ const ctx = {
     const c = state.contacts.get(handle);
     return c?.display_name || shortHandle(handle, state.domain);
   },
+  /** The handle of a peer key: its conversation's, its contact's, or one a message named. */
+  handleOfPeer(peer) {
+    const conv = state.convs.find(c => c.peer === peer);
+    if (conv?.handle) return conv.handle;
+    for (const c of state.contacts.values()) if (c.key === peer || c.current_key === peer) return c.handle;
+    const h = state.handles.get(peer);
+    return h && !state.contacts.has(h) && !state.convs.some(c => c.handle === h) ? h : null;
+  },
   /** The `history --json` entry of a handle's conversation. */
-  convOf: handle => state.convs.find(c => (c.handle || state.handles.get(c.peer)) === handle),
+  convOf: handle => state.convs.find(c => c.handle === handle) || state.convs.find(c => !c.handle && ctx.handleOfPeer(c.peer) === handle),
   openConversation, reloadList, reloadOffers, afterRegister, showList,
   refreshSettings,
   profile: handle => profileDialog(ctx, handle),
@@ -286,7 +294,11 @@ async function refreshSettings() {
 
 /** The entries of the sidebar: conversations (latest first), then contacts not talked to yet. */
 function entries() {
-  const list = state.convs.map(c => ({ handle: c.handle || state.handles.get(c.peer) || null, peer: c.peer, conv: c }));
+  // A learned handle names an old identity only while no contact or conversation holds it now
+  // (after a key change the old conversation keeps the old key, and has no handle).
+  const claimed = new Set([...state.convs.map(c => c.handle), ...state.contacts.keys()]);
+  const learned = peer => { const h = state.handles.get(peer); return h && !claimed.has(h) ? h : null; };
+  const list = state.convs.map(c => ({ handle: c.handle || learned(c.peer), peer: c.peer, conv: c }));
   const seen = new Set(list.map(e => e.handle));
   for (const c of state.contacts.values()) {
     if (!seen.has(c.handle)) list.push({ handle: c.handle, peer: c.key, conv: null });

@@ -26,12 +26,16 @@ export function searchDialog(ctx) {
         const hits = await ctx.api.json(['search', '--json', '--', q]) || [];
         if (q !== input.value.trim()) return;
         fill(status, hits.length ? `${hits.length} message(s)` : 'No message contains that.');
-        fill(found, hits.slice(0, 50).map(h => el('li', {}, el('button', {
-          type: 'button', class: 'result', onclick: () => go(h.peer_handle, h.id), disabled: !h.peer_handle,
+        fill(found, hits.slice(0, 50).map(h => {
+          const handle = h.peer_handle || ctx.handleOfPeer(h.peer);
+          const who = handle ? ctx.nameOf(handle) : 'someone not in your contacts';
+          return el('li', {}, el('button', {
+          type: 'button', class: 'result', onclick: () => go(handle, h.id), disabled: !handle,
         },
-          el('span', { class: 'result-top' }, el('strong', {}, h.direction === 'outgoing' ? `You → ${inline(ctx.nameOf(h.peer_handle))}` : inline(ctx.nameOf(h.peer_handle))),
+          el('span', { class: 'result-top' }, el('strong', {}, h.direction === 'outgoing' ? `You → ${inline(who)}` : inline(who)),
             el('time', { class: 'hint' }, fmtTime(h.time))),
-          el('span', { class: 'result-text' }, inline(h.text).slice(0, 200))))));
+          el('span', { class: 'result-text' }, inline(h.text).slice(0, 200))));
+        }));
       } catch (err) { fill(status, el('span', { class: 'error-text' }, inline(err.message))); }
     };
     input.addEventListener('input', () => { names(); clearTimeout(timer); timer = setTimeout(words, 300); });

@@ -57,7 +57,12 @@ export function el(tag, attrs = {}, ...children) {
     else if (k === 'class') node.className = Array.isArray(v) ? v.filter(Boolean).join(' ') : v;
     else if (k === 'dataset') Object.assign(node.dataset, v);
     else if (k === 'value') node.value = v;
-    else if (k === 'checked' || k === 'disabled' || k === 'hidden' || k === 'selected') node[k] = !!v;
+    else if (k === 'checked' || k === 'disabled' || k === 'hidden' || k === 'selected') {
+      node[k] = !!v;
+      // The default too, so that form.reset() comes back to it.
+      if (k === 'checked') node.defaultChecked = !!v;
+      if (k === 'selected') node.defaultSelected = !!v;
+    }
     else node.setAttribute(k, v === true ? '' : String(v));
   }
   append(node, children);
