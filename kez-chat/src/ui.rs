@@ -1198,7 +1198,7 @@ mod tests {
             &["device", "add", "kez-pair:x"][..],
             &["device", "revoke", "phone"],
         ] {
-            prepare(&gateway, line(allowed)).expect(&format!("{allowed:?}"));
+            prepare(&gateway, line(allowed)).unwrap_or_else(|_| panic!("{allowed:?}"));
         }
     }
 
