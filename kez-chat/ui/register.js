@@ -54,12 +54,56 @@ export function showRegister(ctx, root) {
       panel.node);
   });
 
+  // Someone who has an identity already: this home joins it as a new device (`device join`,
+  // approved on another device), or recovers it from the paper key (`recover`, the 24 words).
+  const other = (mode) => {
+    const handleInput = el('input', { id: 'other-handle', class: 'input', required: true, spellcheck: 'false', placeholder: '@alice' });
+    const otherForm = el('form', { class: 'stack' },
+      el('h2', {}, mode === 'join' ? 'Join as a new device' : 'Recover with your paper key'),
+      el('p', { class: 'hint' }, mode === 'join'
+        ? 'This shows a pairing request. On one of your devices, add it (Devices → Add a device, or `kez-chat device add`).'
+        : 'You will type the 24 words of your paper key. They are used once and never stored.'),
+      el('div', { class: 'field' }, el('label', { for: 'other-handle' }, 'Your handle'), handleInput),
+      el('div', { class: 'actions' },
+        el('button', { type: 'button', class: 'btn', onclick: () => showRegister(ctx, root) }, 'Back'),
+        el('button', { type: 'submit', class: 'btn primary' }, mode === 'join' ? 'Show the pairing request' : 'Recover')));
+    otherForm.addEventListener('submit', e => {
+      e.preventDefault();
+      let handle = handleInput.value.trim();
+      if (!handle.startsWith('@')) handle = `@${handle}`;
+      const server = serverInput.value.trim();
+      const args = mode === 'join' ? ['device', 'join', '--', handle] : ['recover', '--', handle];
+      if (server && server !== hello.server) args.unshift('--server', server);
+      ctx.registering = true;
+      root.querySelector('.welcome-card').classList.add('wide');
+      const panel = interactivePanel(api, args, {
+        secretInput: mode === 'recover',
+        onExit: r => {
+          stage.append(el('div', { class: 'actions' },
+            el('button', { type: 'button', class: 'btn', onclick: () => { ctx.registering = false; showRegister(ctx, root); } }, 'Back'),
+            r.ok ? el('button', { type: 'button', class: 'btn primary', id: 'reg-continue', onclick: () => ctx.afterRegister() }, 'Start chatting') : null));
+          stage.querySelector('#reg-continue')?.focus();
+        },
+      });
+      fill(stage, el('h2', {}, mode === 'join' ? 'Pairing request' : 'Your paper key'), panel.node);
+    });
+    form.hidden = true;
+    alt.hidden = true;
+    fill(stage, otherForm);
+    handleInput.focus();
+  };
+  const alt = el('p', { class: 'hint alt-ways' }, 'Already use kez-chat? ',
+    el('button', { type: 'button', class: 'link-btn', onclick: () => other('join') }, 'Join as a new device'), ' or ',
+    el('button', { type: 'button', class: 'link-btn', onclick: () => other('recover') }, 'recover with your paper key'), '.');
+  // The server field serves every way in; it stays in the form for the first.
+  form.addEventListener('submit', () => { alt.hidden = true; });
+
   fill(root,
     el('section', { class: 'welcome', 'aria-labelledby': 'welcome-title' },
       el('div', { class: 'welcome-card' },
         el('div', { class: 'brand' }, el('img', { src: 'icon.svg', alt: '', width: '48', height: '48' }), el('span', {}, 'kez-chat')),
         el('h1', { id: 'welcome-title' }, 'Welcome'),
         el('p', { id: 'reg-help' }, 'End-to-end encrypted chat. Your key never leaves this computer; your server only sees who talks to whom.'),
-        form, stage)));
+        form, alt, stage)));
   nameInput.focus();
 }
