@@ -61,6 +61,10 @@ const ctx = {
   convOf: handle => state.convs.find(c => c.handle === handle) || state.convs.find(c => !c.handle && ctx.handleOfPeer(c.peer) === handle),
   openConversation, reloadList, reloadOffers, afterRegister, showList,
   refreshSettings,
+  // The own display name: no command prints it back, so the page keeps what it last set (per
+  // handle).
+  myName: () => { try { return localStorage.getItem(`kez-my-name:${state.me}`) || ''; } catch { return ''; } },
+  setMyName: name => { try { localStorage.setItem(`kez-my-name:${state.me}`, name); } catch { /* ignore */ } renderMe(); },
   profile: handle => profileDialog(ctx, handle),
   browse: handle => browseDialog(ctx, handle),
   addContact: handle => addContactDialog(ctx, handle),
@@ -219,11 +223,20 @@ function onEvent(ev) {
     if (ev.direction === 'incoming') setTyping(ev.from, handle, false);
     // The open conversation is re-read first (which marks it read), then the list, so the
     // list does not count as unread what is on the screen.
-    if ((peer && peer === chat.peer()) || (handle && handle === state.open)) chat.reload().then(reloadList);
-    else reloadList();
+    if ((peer && peer === chat.peer()) || (handle && handle === state.open)) {
+      chat.reload().then(reloadList);
+      if (ev.direction === 'incoming') announce(`${ctx.nameOf(handle)}: ${ev.content_type === 'file-offer' ? 'offers a file' : inline(ev.text)}`);
+    } else reloadList();
     if (ev.content_type === 'file-offer') reloadOffers();
     if (ev.direction === 'incoming') notify(ev);
   }
+}
+
+/** Says something to screen readers (a polite live region that is otherwise invisible). */
+function announce(text) {
+  const host = $('announcer');
+  host.textContent = '';
+  setTimeout(() => { host.textContent = inline(text).slice(0, 300); }, 50);
 }
 
 /** Notes of the service itself ("kez-chat: receiving stopped …", "… receiving again") go to the
@@ -362,7 +375,7 @@ function renderList() {
 }
 
 function renderMe() {
-  const name = state.contacts.get(state.me)?.display_name;
+  const name = ctx.myName();
   fill($('me'),
     el('span', { class: ['avatar', 'small', hueClass(state.me)], 'aria-hidden': 'true' }, initial(ctx.short(state.me))),
     el('span', { class: 'me-handle', title: inline(state.me) }, inline(name || ctx.short(state.me))));

@@ -61,7 +61,9 @@ export class ChatView {
   build() {
     this.header = el('header', { class: 'chat-head' });
     this.banner = el('div', { class: 'banner-host' });
-    this.list = el('ol', { class: 'messages', id: 'messages', 'aria-label': 'Messages', role: 'log', 'aria-live': 'polite', 'aria-relevant': 'additions' });
+    // Not a live region itself: the list is re-rendered whole, which would re-read everything.
+    // New messages from the other side are announced through ctx.announce instead.
+    this.list = el('ol', { class: 'messages', id: 'messages', 'aria-label': 'Messages' });
     this.scroller = el('div', { class: 'scroller', tabindex: '-1' }, this.list);
     this.typingLine = el('div', { class: 'typing-line', 'aria-live': 'polite' });
     this.transferHost = el('div', { class: 'transfers', 'aria-label': 'File transfers' });
@@ -258,7 +260,8 @@ export class ChatView {
       m.expires_at && el('span', { class: 'timer', title: `disappears ${fmtTime(m.expires_at, { long: true })}` }, icon('timer', { size: 12 })),
       m.edited && !m.deleted && el('span', { class: 'edited' }, 'edited'),
       el('time', { datetime: new Date(m.time * 1000).toISOString(), title: fmtTime(m.time, { long: true }) }, fmtTime(m.time).replace(/^.* (?=\d)/, '')),
-      status && el('span', { class: ['status', status.key], 'aria-label': status.label, title: status.label, dataset: { status: status.key } }, status.mark));
+      status && el('span', { class: ['status', status.key], 'aria-hidden': 'true', title: status.label, dataset: { status: status.key } }, status.mark),
+      status && el('span', { class: 'visually-hidden' }, status.label));
 
     const reactions = Object.entries(m.reactions || {}).filter(([, who]) => who.length);
     const reactRow = reactions.length ? el('div', { class: 'reactions' }, reactions.map(([emoji, keys]) => {
@@ -274,12 +277,11 @@ export class ChatView {
       type: 'button', class: 'icon-btn msg-menu-btn', 'aria-label': 'Message actions', 'aria-haspopup': 'menu', tabindex: '-1',
       onclick: e => this.menu(m, e.currentTarget),
     }, icon('more', { className: 'more-icon' }));
-    const label = `${who}, ${fmtTime(m.time)}${status ? `, ${status.label}` : ''}${m.edited ? ', edited' : ''}`;
     return el('li', {
       class: ['msg', own ? 'out' : 'in', grouped && 'grouped', m.deleted && 'is-deleted'],
-      tabindex: '0', dataset: { id: m.id, status: status?.key || '' }, 'aria-label': label,
+      tabindex: '0', dataset: { id: m.id, status: status?.key || '' },
     },
-      el('div', { class: 'bubble' }, parts, meta),
+      el('div', { class: 'bubble' }, el('span', { class: 'visually-hidden' }, `${inline(who)}:`), parts, meta),
       reactRow,
       !m.deleted && menuBtn);
   }

@@ -38,7 +38,7 @@ export function settingsDialog(ctx) {
     };
     ctx.refreshSettings().then(render);
 
-    const nameInput = el('input', { id: 'set-name', class: 'input', maxlength: '64', placeholder: 'Alice Liddell', value: ctx.state.contacts.get(ctx.state.me)?.display_name || '' });
+    const nameInput = el('input', { id: 'set-name', class: 'input', maxlength: '64', placeholder: 'Alice Liddell', value: ctx.myName() });
     const nameStatus = el('span', { role: 'status' });
     const nameForm = el('form', { class: 'stack' },
       el('div', { class: 'field' }, el('label', { for: 'set-name' }, 'Display name'), el('div', { class: 'row' }, nameInput, el('button', { type: 'submit', class: 'btn primary' }, 'Save')),
@@ -51,6 +51,7 @@ export function settingsDialog(ctx) {
       try {
         const r = await ctx.api.json(['name', '--json', '--', name]);
         fill(nameStatus, el('span', { class: 'ok-text' }, `✓ Saved${r?.told?.length ? `; told ${r.told.length} contact(s)` : ''}`));
+        ctx.setMyName(r?.display_name || name);
       } catch (err) { fill(nameStatus, el('span', { class: 'error-text' }, inline(err.message))); }
     });
 
