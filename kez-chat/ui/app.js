@@ -146,6 +146,8 @@ function setScreen(screen) {
 
 function enterApp(hello) {
   setScreen('app');
+  // The register screen may still hold the paper key's words: they leave the page now.
+  fill($('welcome'));
   state.me = hello.handle;
   state.domain = String(hello.handle || '').split('@')[2] || null;
   renderMe();

@@ -67,13 +67,17 @@ export function messageDialog(title, text) {
  * with the prompt the command just wrote. Resolves {ok, out, err, error} at the end.
  * Used inside a dialog (paperkey, device add) and by the register screen.
  */
-export function interactivePanel(api, args, { onExit, secretInput = false } = {}) {
+export function interactivePanel(api, args, { onExit, secretInput = false, foldLog = false, copyOut = false } = {}) {
   const outPre = el('pre', { class: 'run-out', hidden: true, tabindex: '0', 'aria-label': 'Output' });
   // The command's status lines, folded away (the prompt and the result are what matter); a
   // line that answers a wrong input ("That is not word 7.") is also shown by the prompt.
   const errLog = el('div', { class: 'run-log' });
   const lastLine = el('p', { class: 'run-last', 'aria-live': 'polite' });
-  const logBox = el('details', { class: 'run-details' }, el('summary', {}, 'Details'), errLog);
+  // Folded only where the lines are routine (registering); elsewhere they carry what the user
+  // must check (a new device's fingerprint), so they stay in view.
+  const logBox = foldLog ? el('details', { class: 'run-details' }, el('summary', {}, 'Details'), errLog) : errLog;
+  const copyBtn = copyOut ? el('button', { type: 'button', class: 'btn small', hidden: true, onclick: () =>
+    navigator.clipboard?.writeText(outPre.textContent.trim()).then(() => toast('Copied'), () => toast('Could not copy: select the text instead', { error: true })) }, 'Copy') : null;
   const inputId = `run-input-${++seq}`;
   const promptLabel = el('label', { for: inputId }, 'Answer');
   const input = el('input', { id: inputId, type: secretInput ? 'password' : 'text', autocomplete: 'off', spellcheck: 'false', class: 'input' });
@@ -85,13 +89,14 @@ export function interactivePanel(api, args, { onExit, secretInput = false } = {}
   let errBuf = '';
 
   const run = api.start(args, {
-    onOut: text => { outPre.hidden = false; outPre.append(document.createTextNode(text)); },
+    onOut: text => { outPre.hidden = false; if (copyBtn) copyBtn.hidden = false; outPre.append(document.createTextNode(text)); },
     onErr: text => {
       // Whole lines go to the log; a partial line (a prompt without a line end) is the prompt.
       errBuf += text;
       const lines = errBuf.split('\n');
       errBuf = lines.pop();
       for (const line of lines) if (line.trim()) { errLog.append(el('p', {}, line)); lastErr = line; fill(lastLine, line); }
+      errLog.scrollTop = errLog.scrollHeight;
       if (errBuf.trim()) lastErr = errBuf;
     },
     onRead: () => {
@@ -129,7 +134,7 @@ export function interactivePanel(api, args, { onExit, secretInput = false } = {}
       return { ok: false, error, out: run.out, err: run.err };
     });
   done.then(r => onExit?.(r));
-  const node = el('div', { class: 'run-panel' }, outPre, lastLine, form, logBox, el('div', { class: 'row run-foot' }, status, cancelBtn));
+  const node = el('div', { class: 'run-panel' }, outPre, copyBtn, foldLog ? lastLine : null, form, logBox, el('div', { class: 'row run-foot' }, status, cancelBtn));
   return { node, run, done, input };
 }
 

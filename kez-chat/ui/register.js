@@ -30,6 +30,7 @@ export function showRegister(ctx, root) {
     root.querySelector('.welcome-card').classList.add('wide');
     ctx.registering = true;
     const panel = interactivePanel(api, args, {
+      foldLog: true,
       onExit: r => {
         if (r.ok) {
           fill(stage,
@@ -78,6 +79,7 @@ export function showRegister(ctx, root) {
       root.querySelector('.welcome-card').classList.add('wide');
       const panel = interactivePanel(api, args, {
         secretInput: mode === 'recover',
+        copyOut: mode === 'join',
         onExit: r => {
           stage.append(el('div', { class: 'actions' },
             el('button', { type: 'button', class: 'btn', onclick: () => { ctx.registering = false; showRegister(ctx, root); } }, 'Back'),
