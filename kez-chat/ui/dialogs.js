@@ -95,7 +95,12 @@ export function interactivePanel(api, args, { onExit, secretInput = false, foldL
       errBuf += text;
       const lines = errBuf.split('\n');
       errBuf = lines.pop();
-      for (const line of lines) if (line.trim()) { errLog.append(el('p', {}, line)); lastErr = line; fill(lastLine, line); }
+      for (const line of lines) {
+        if (!line.trim()) continue;
+        errLog.append(el('p', { class: /[\u2580-\u259f]/.test(line) ? 'blocks' : null }, line));
+        lastErr = line;
+        fill(lastLine, line);
+      }
       errLog.scrollTop = errLog.scrollHeight;
       if (errBuf.trim()) lastErr = errBuf;
     },
