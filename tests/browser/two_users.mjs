@@ -4,18 +4,20 @@
 // reply, a shared file downloaded byte for byte, a published file browsed and downloaded, hostile
 // text shown as text, a narrow window and the dark theme, and a key change that is warned about.
 //
-// Run by tests/tests/ui_browser.rs (see lib.mjs for the environment). The key change needs the
-// harness: the scenario writes a line `KEZ-REKEY <name>` on stdout and waits for a line on stdin;
-// the harness makes the server name a new key for that handle (a new account under the same
-// name, or a lying server) and answers `KEZ-REKEYED`. Without `KEZ_REKEY=stdin` that step is
-// skipped, and says so.
+// Run by tests/tests/ui_browser.rs (see lib.mjs for the environment). The key change needs one
+// more variable, KEZ_SERVER_KEYS: the server's keys directory (its NATS user's seed, server.nk),
+// with which the scenario makes the registry name another key for bob (registry_lie.mjs); see
+// changeBobsKey() for the other way. Without it that step is skipped, and says so.
 
-import { readFileSync, writeFileSync, mkdirSync } from 'node:fs';
+import { readFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join, dirname } from 'node:path';
+import { tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
+import { execFileSync } from 'node:child_process';
 
 import { env, eventually, expect, scenario, shot } from './lib.mjs';
+import { lieAboutHandle } from './registry_lie.mjs';
 
 const DOMAIN = env('KEZ_DOMAIN');
 const SERVER = env('KEZ_SERVER');
@@ -82,6 +84,37 @@ async function settingOn(page, label) {
   await eventually(async () => !(await sw.isDisabled()), `the ${label} switch is ready`);
   if (!(await sw.isChecked())) await sw.check();
   await eventually(async () => (await sw.isChecked()) && !(await sw.isDisabled()), `${label} is on`);
+}
+
+/**
+ * Makes the server name another key for @bob: mallory registers (a real account, with the CLI),
+ * then the registry's record of bob names mallory's key. With KEZ_SERVER_KEYS (the server's keys
+ * directory) the scenario rewrites the record itself (registry_lie.mjs); with KEZ_REKEY=stdin it
+ * asks the harness (a line `KEZ-REKEY bob` on stdout, answered `KEZ-REKEYED` on stdin).
+ * Answers false (and says so) when neither is there.
+ */
+async function changeBobsKey() {
+  if (process.env.KEZ_SERVER_KEYS) {
+    const home = mkdtempSync(join(tmpdir(), 'kez-mallory-'));
+    try {
+      execFileSync(env('KEZ_CHAT'), ['--home', home, '--server', SERVER, 'register', 'mallory', '--no-paper-key'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      const key = await lieAboutHandle(SERVER, process.env.KEZ_SERVER_KEYS, 'bob', 'mallory');
+      log(`the registry now names ${key} for @bob`);
+    } finally {
+      try { execFileSync(env('KEZ_CHAT'), ['--home', home, 'service', 'stop'], { stdio: 'ignore' }); } catch { /* none ran */ }
+      rmSync(home, { recursive: true, force: true });
+    }
+    return true;
+  }
+  if (process.env.KEZ_REKEY === 'stdin') {
+    const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+    console.log('KEZ-REKEY bob');
+    const answer = await lines.next();
+    expect(answer.value, 'the harness answer to KEZ-REKEY').toBe('KEZ-REKEYED');
+    return true;
+  }
+  log('SKIPPED the key change: set KEZ_SERVER_KEYS (the server keys directory) or KEZ_REKEY=stdin');
+  return false;
 }
 
 await scenario('two_users', async ({ open }) => {
@@ -269,13 +302,9 @@ await scenario('two_users', async ({ open }) => {
   await snap(bob, 'bob-narrow-dark');
   log('narrow window and dark theme');
 
-  // A key change: the server names a new key for bob. alice's next send is refused and warned
-  // about; accepting needs an explicit confirmation.
-  if (process.env.KEZ_REKEY === 'stdin') {
-    const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-    console.log('KEZ-REKEY bob');
-    const answer = await lines.next();
-    expect(answer.value, 'the harness answer to KEZ-REKEY').toBe('KEZ-REKEYED');
+  // A key change: the server names a new key for bob (it lies, or bob's name went to a new
+  // account). alice's next send is refused and warned about; accepting needs a confirmation.
+  if (await changeBobsKey()) {
     await send(alice, 'Are you still you?');
     const warning = alice.locator('#key-warning');
     await warning.waitFor({ timeout: 30_000 });
@@ -295,7 +324,5 @@ await scenario('two_users', async ({ open }) => {
     await alice.getByRole('textbox', { name: 'Message' }).press('Enter');
     await bubble(alice, 'Are you still you?').waitFor({ timeout: 30_000 });
     log('key change warned about, accepted only after confirmation');
-  } else {
-    log('SKIPPED the key change: the harness does not answer KEZ-REKEY (set KEZ_REKEY=stdin)');
   }
 });
