@@ -4,20 +4,15 @@
 // reply, a shared file downloaded byte for byte, a published file browsed and downloaded, hostile
 // text shown as text, a narrow window and the dark theme, and a key change that is warned about.
 //
-// Run by tests/tests/ui_browser.rs (see lib.mjs for the environment). The key change needs one
-// more variable, KEZ_SERVER_KEYS: the server's keys directory (its NATS user's seed, server.nk),
-// with which the scenario makes the registry name another key for bob (registry_lie.mjs); see
-// changeBobsKey() for the other way. Without it that step is skipped, and says so.
+// Run by tests/tests/ui_browser.rs (see lib.mjs for the environment); the key change asks the
+// harness to make the server name a new key for bob (changeBobsKey()).
 
-import { readFileSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { readFileSync, mkdirSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join, dirname } from 'node:path';
-import { tmpdir } from 'node:os';
 import { createInterface } from 'node:readline';
-import { execFileSync } from 'node:child_process';
 
-import { env, eventually, expect, scenario, shot } from './lib.mjs';
-import { lieAboutHandle } from './registry_lie.mjs';
+import { env, eventually, expect, scenario, shot, withTimeout } from './lib.mjs';
 
 const DOMAIN = env('KEZ_DOMAIN');
 const SERVER = env('KEZ_SERVER');
@@ -87,34 +82,21 @@ async function settingOn(page, label) {
 }
 
 /**
- * Makes the server name another key for @bob: mallory registers (a real account, with the CLI),
- * then the registry's record of bob names mallory's key. With KEZ_SERVER_KEYS (the server's keys
- * directory) the scenario rewrites the record itself (registry_lie.mjs); with KEZ_REKEY=stdin it
- * asks the harness (a line `KEZ-REKEY bob` on stdout, answered `KEZ-REKEYED` on stdin).
- * Answers false (and says so) when neither is there.
+ * Makes the server name another key for @bob, through the harness (tests/src/browser.rs): a
+ * line `KEZ-REKEY bob` on stdout, answered `KEZ-REKEYED` on stdin once the registry's record of
+ * bob names an impostor's key (as the lying server of tests/tests/cli.rs). Answers false, and
+ * says so, when the harness does not offer it (KEZ_REKEY=stdin).
  */
 async function changeBobsKey() {
-  if (process.env.KEZ_SERVER_KEYS) {
-    const home = mkdtempSync(join(tmpdir(), 'kez-mallory-'));
-    try {
-      execFileSync(env('KEZ_CHAT'), ['--home', home, '--server', SERVER, 'register', 'mallory', '--no-paper-key'], { stdio: ['ignore', 'ignore', 'pipe'] });
-      const key = await lieAboutHandle(SERVER, process.env.KEZ_SERVER_KEYS, 'bob', 'mallory');
-      log(`the registry now names ${key} for @bob`);
-    } finally {
-      try { execFileSync(env('KEZ_CHAT'), ['--home', home, 'service', 'stop'], { stdio: 'ignore' }); } catch { /* none ran */ }
-      rmSync(home, { recursive: true, force: true });
-    }
-    return true;
+  if (process.env.KEZ_REKEY !== 'stdin') {
+    log('SKIPPED the key change: the harness does not offer KEZ-REKEY (KEZ_REKEY=stdin)');
+    return false;
   }
-  if (process.env.KEZ_REKEY === 'stdin') {
-    const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
-    console.log('KEZ-REKEY bob');
-    const answer = await lines.next();
-    expect(answer.value, 'the harness answer to KEZ-REKEY').toBe('KEZ-REKEYED');
-    return true;
-  }
-  log('SKIPPED the key change: set KEZ_SERVER_KEYS (the server keys directory) or KEZ_REKEY=stdin');
-  return false;
+  const lines = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+  console.log('KEZ-REKEY bob');
+  const answer = await withTimeout(lines.next(), 60_000, 'the harness answer to KEZ-REKEY');
+  expect(answer.value, 'the harness answer to KEZ-REKEY').toBe('KEZ-REKEYED');
+  return true;
 }
 
 await scenario('two_users', async ({ open }) => {
