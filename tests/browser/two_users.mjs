@@ -33,25 +33,37 @@ async function register(page, name) {
   const server = page.getByLabel('Server');
   if (!(await server.inputValue())) await server.fill(SERVER);
   await page.getByRole('button', { name: 'Create my account' }).click();
-  // The paper key block (the CLI's own text), then a prompt "Type word N …" with an input.
-  const prompt = page.locator('.run-input:not([hidden]) label');
-  await prompt.waitFor({ state: 'visible', timeout: 30_000 });
-  const promptText = await prompt.textContent();
-  const n = Number(/word (\d+)/.exec(promptText)?.[1]);
-  expect(n, `the word number in ${JSON.stringify(promptText)}`).toBeGreaterThan(0);
-  const block = await page.locator('.run-out').textContent();
-  expect(block, 'the paper key block').toContain('paper key');
-  const word = new RegExp(`(?:^|\\s)${n} +([a-z]+)`).exec(block)?.[1];
-  expect(word, `word ${n} of the paper key`).toBeTruthy();
-  await snap(page, `${name}-paper-key`);
-  await page.locator('.run-input input').fill(word);
-  await page.locator('.run-input button[type=submit]').click();
-  await page.locator('#reg-done').waitFor({ state: 'visible', timeout: 30_000 });
+  // The paper key block (the CLI's own text), then a prompt "Type word N …" with an input. The
+  // CLI allows three tries; a wrong one (which should not happen) is logged with what was typed.
+  for (let attempt = 1; ; attempt++) {
+    const prompt = page.locator('.run-input:not([hidden]) label');
+    await prompt.waitFor({ state: 'visible', timeout: 30_000 });
+    const promptText = await prompt.textContent();
+    const n = Number(/word (\d+)/.exec(promptText)?.[1]);
+    expect(n, `the word number in ${JSON.stringify(promptText)}`).toBeGreaterThan(0);
+    const block = await page.locator('.run-out').textContent();
+    expect(block, 'the paper key block').toContain('paper key');
+    const word = new RegExp(`(?:^|\\s)${n} +([a-z]+)`).exec(block)?.[1];
+    expect(word, `word ${n} of the paper key`).toBeTruthy();
+    if (attempt === 1) await snap(page, `${name}-paper-key`);
+    const input = page.locator('.run-input:not([hidden]) input');
+    await input.fill(word);
+    expect(await input.inputValue(), 'the word in the input').toBe(word);
+    await page.locator('.run-input:not([hidden]) button[type=submit]').click();
+    const outcome = await eventually(async () => {
+      if (await page.locator('#reg-done').isVisible()) return 'done';
+      if ((await page.locator('.run-log').textContent()).includes('That is not word')) return 'wrong';
+      return null;
+    }, `${name}'s registration ends`, { timeout: 30_000 });
+    if (outcome === 'done') { log(`${name} registered (paper key word ${n} confirmed)`); break; }
+    log(`${name}: the CLI took ${JSON.stringify(word)} as not word ${n}; the block was:\n${block}`);
+    if (attempt >= 2) throw new Error(`${name}: the paper key word was refused twice`);
+    await page.locator('.run-log p', { hasText: 'That is not word' }).evaluateAll(ps => ps.forEach(p => p.remove()));
+  }
   await snap(page, `${name}-registered`);
   await page.locator('#reg-continue').click();
   await page.locator('#conv-list').waitFor({ state: 'attached' });
   await page.locator('#app:not([hidden])').waitFor();
-  log(`${name} registered (paper key word ${n} confirmed)`);
 }
 
 /** The message bubble (li.msg) whose text contains `text`. */
