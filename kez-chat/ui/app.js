@@ -347,7 +347,10 @@ function renderList() {
   const shown = filter ? items.filter(e => (ctx.nameOf(e.handle) + ' ' + (e.handle || e.peer)).toLowerCase().includes(filter)) : items;
   fill(ul, shown.map(e => {
     // Someone not in the contacts whose handle this page has not seen: known by key only.
-    const name = e.handle ? ctx.nameOf(e.handle) : `Unknown ${String(e.peer).slice(8, 16)}…`;
+    // After a key change the old identity's conversation stays, without a handle: it is named
+    // after the handle it had, marked, so it is not taken for the new one.
+    const old = !e.handle && state.handles.get(e.peer);
+    const name = e.handle ? ctx.nameOf(e.handle) : old ? `${ctx.short(old)} (previous key)` : `Unknown ${String(e.peer).slice(8, 16)}…`;
     const unread = e.conv?.unread || 0;
     const pv = e.conv ? previewOf(e.conv) : { text: state.typing.has(e.peer) ? 'typing…' : 'New contact', cls: 'muted' };
     const presence = state.presence.get(e.handle);

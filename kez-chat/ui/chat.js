@@ -163,6 +163,10 @@ export class ChatView {
       el('div', { class: 'chat-tools' },
         contact ? null : el('button', { type: 'button', class: 'btn small', onclick: () => ctx.addContact(this.handle) }, 'Add contact'),
         el('button', { type: 'button', class: 'icon-btn', 'aria-label': `Share a file with ${inline(name)}`, title: 'Share a file', onclick: () => this.fileInput.click() }, icon('upload')),
+        el('button', {
+          type: 'button', class: 'icon-btn', id: 'timer-btn', 'aria-label': 'Disappearing messages', 'aria-haspopup': 'menu',
+          title: 'Disappearing messages', onclick: e => this.timerMenu(e.currentTarget),
+        }, icon('timer')),
         el('button', { type: 'button', class: 'icon-btn', id: 'browse-btn', 'aria-label': `Files ${inline(name)} shares`, title: 'Their shared files', onclick: () => ctx.browse(this.handle) }, icon('folder')),
         el('button', { type: 'button', class: 'icon-btn', id: 'profile-btn', 'aria-label': `Profile of ${inline(name)}`, title: 'Profile and keys', onclick: () => ctx.profile(this.handle) }, icon('info'))));
     this.root.setAttribute('aria-labelledby', 'chat-name');
@@ -398,6 +402,28 @@ export class ChatView {
     if (m.text && m.content_type !== 'file-offer') items.push(['Copy text', () => navigator.clipboard?.writeText(m.text).then(() => toast('Copied'), () => toast('Could not copy', { error: true }))]);
     if (own) items.push(['Delete for everyone', () => this.remove(m), { class: 'danger' }]);
     popupMenu(button, items, { className: 'msg-menu' });
+  }
+
+  /** Disappearing messages for this conversation (`timer @x DURATION`): from now on, both
+   * sides delete each message that long after it was sent. */
+  timerMenu(button) {
+    const set = async (duration, label) => {
+      try {
+        await this.ctx.api.json(['timer', this.handle, '--json', '--', duration]);
+        toast(duration === 'off' ? 'Messages no longer disappear' : `New messages disappear after ${label}`);
+        this.reload();
+      } catch (err) {
+        if (this.ctx.noteKeyChange?.(this.handle, err)) this.renderBanner();
+        else toast(`Not changed: ${err.message}`, { error: true });
+      }
+    };
+    popupMenu(button, [
+      ['Off', () => set('off')],
+      ['5 minutes', () => set('5m', '5 minutes')],
+      ['1 hour', () => set('1h', '1 hour')],
+      ['1 day', () => set('1d', '1 day')],
+      ['1 week', () => set('7d', '1 week')],
+    ]);
   }
 
   jumpTo(id) {

@@ -40,16 +40,28 @@ export function settingsDialog(ctx) {
 
     const nameInput = el('input', { id: 'set-name', class: 'input', maxlength: '64', placeholder: 'Alice Liddell', value: ctx.myName() });
     const nameStatus = el('span', { role: 'status' });
+    const avatarInput = el('input', { id: 'set-avatar', type: 'file', class: 'input', accept: 'image/png,image/jpeg,image/webp', 'aria-describedby': 'set-avatar-hint' });
     const nameForm = el('form', { class: 'stack' },
       el('div', { class: 'field' }, el('label', { for: 'set-name' }, 'Display name'), el('div', { class: 'row' }, nameInput, el('button', { type: 'submit', class: 'btn primary' }, 'Save')),
-        el('p', { class: 'hint' }, 'Sent, signed by your key, to each of your contacts.')), nameStatus);
+        el('p', { class: 'hint' }, 'Sent, signed by your key, to each of your contacts.')),
+      el('div', { class: 'field' }, el('label', { for: 'set-avatar' }, 'Picture (optional)'), avatarInput,
+        el('p', { class: 'hint', id: 'set-avatar-hint' }, 'PNG, JPEG or WebP, at most 48,000 bytes; sent with the name when you save.')),
+      nameStatus);
     nameForm.addEventListener('submit', async e => {
       e.preventDefault();
       const name = nameInput.value.trim();
       if (!name) return;
       fill(nameStatus, 'Saving…');
       try {
-        const r = await ctx.api.json(['name', '--json', '--', name]);
+        const args = ['name', '--json'];
+        const picture = avatarInput.files[0];
+        if (picture) {
+          if (picture.size > 48000) throw new Error('the picture is larger than 48,000 bytes');
+          args.push('--avatar', await ctx.api.upload(picture));
+        }
+        args.push('--', name);
+        const r = await ctx.api.json(args);
+        avatarInput.value = '';
         fill(nameStatus, el('span', { class: 'ok-text' }, `✓ Saved${r?.told?.length ? `; told ${r.told.length} contact(s)` : ''}`));
         ctx.setMyName(r?.display_name || name);
       } catch (err) { fill(nameStatus, el('span', { class: 'error-text' }, inline(err.message))); }

@@ -239,6 +239,19 @@ await scenario('two_users', async ({ open }) => {
   await snap(bob, 'bob-downloaded-file');
   log('file shared and downloaded byte for byte');
 
+  // Drag and drop: a file dropped on the conversation is shared too.
+  const dropped = await alice.evaluateHandle(() => {
+    const dt = new DataTransfer();
+    dt.items.add(new File(['dropped on the chat\n'], 'dropped-note.txt', { type: 'text/plain' }));
+    return dt;
+  });
+  await alice.locator('#chat').dispatchEvent('dragenter', { dataTransfer: dropped });
+  await alice.locator('.drop-zone:not([hidden])').waitFor();
+  await snap(alice, 'alice-drags-a-file');
+  await alice.locator('#chat').dispatchEvent('drop', { dataTransfer: dropped });
+  await bob.locator('#messages .file-card', { hasText: 'dropped-note.txt' }).waitFor({ timeout: 30_000 });
+  log('a dropped file is offered');
+
   // alice publishes a file for everyone; bob browses her files and downloads it.
   const published = Buffer.from('The minutes of the tea party.\n'.repeat(100));
   await alice.locator('#main-menu').click();
