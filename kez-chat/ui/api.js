@@ -60,7 +60,7 @@ export class Api extends EventTarget {
     this.hello = null;
     this.state = 'connecting';
     this.backoff = 500;
-    this.queue = [];
+    this.failures = 0;   // connections lost in a row (reset by a hello)
   }
 
   /** The gateway's base URL: the page's own (`http://127.0.0.1:PORT/TOKEN/`). */
@@ -80,6 +80,7 @@ export class Api extends EventTarget {
       // Runs of the lost socket are gone with it (the gateway cancels them).
       for (const run of this.runs.values()) run.finish('disconnected', 'the connection to kez-chat ui was lost');
       this.runs.clear();
+      this.failures++;
       this.setState('offline');
       // Back off so a gateway that is down is not hammered; the banner shows when we retry.
       const wait = this.backoff;
@@ -113,9 +114,8 @@ export class Api extends EventTarget {
     if (msg.hello) {
       this.hello = msg.hello;
       this.backoff = 500;
+      this.failures = 0;
       this.setState('online');
-      const queued = this.queue.splice(0);
-      for (const q of queued) this.send(q);
       this.dispatchEvent(new CustomEvent('hello', { detail: msg.hello }));
       return;
     }
@@ -127,7 +127,6 @@ export class Api extends EventTarget {
 
   send(obj) {
     if (this.ws && this.ws.readyState === WebSocket.OPEN && this.hello) this.ws.send(JSON.stringify(obj));
-    else if (obj.run) this.queue.push(obj);
   }
 
   /** Starts `kez-chat <args>`; returns the Run (await `run.done`). */

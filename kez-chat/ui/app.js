@@ -111,8 +111,11 @@ function showConnState(s) {
   if (s === 'connecting') fill(bar, el('span', { class: 'spinner', 'aria-hidden': 'true' }), 'Connecting to kez-chat…');
   else {
     const secs = Math.max(1, Math.round((api.retryAt - Date.now()) / 1000));
+    // A gateway that was restarted has a new address (its token changes): this one will not
+    // come back, so after a few tries say where to look.
     fill(bar, 'Not connected to kez-chat ui. ', `Retrying in ${secs} s. `,
-      el('button', { type: 'button', class: 'link-btn', onclick: () => api.reconnect() }, 'Retry now'));
+      el('button', { type: 'button', class: 'link-btn', onclick: () => api.reconnect() }, 'Retry now'),
+      api.failures >= 3 ? el('span', { class: 'conn-hint' }, ' If you restarted `kez-chat ui`, open the new address it printed.') : null);
   }
 }
 api.addEventListener('state', e => showConnState(e.detail));
