@@ -345,6 +345,8 @@ function previewOf(conv) {
 
 function renderList() {
   const ul = $('conv-list');
+  // The list is rebuilt on every change: keep the keyboard focus on the same conversation.
+  const focused = document.activeElement?.closest?.('.conv')?.dataset.handle;
   const items = entries();
   const filter = ($('list-filter')?.value || '').trim().toLowerCase();
   const shown = filter ? items.filter(e => (ctx.nameOf(e.handle) + ' ' + (e.handle || e.peer)).toLowerCase().includes(filter)) : items;
@@ -377,6 +379,7 @@ function renderList() {
             unread ? el('span', { class: 'badge', 'aria-hidden': 'true' }, String(unread)) : null),
           e.conv && !e.conv.in_contacts && el('span', { class: 'tag warn' }, 'not in contacts'))));
   }));
+  if (focused) ul.querySelector(`.conv[data-handle="${CSS.escape(focused)}"]`)?.focus();
   $('list-empty').hidden = items.length > 0;
   const total = state.convs.reduce((n, c) => n + (c.unread || 0), 0);
   document.title = total ? `(${total}) kez-chat` : 'kez-chat';

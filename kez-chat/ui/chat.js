@@ -59,6 +59,7 @@ export class ChatView {
 
   /** The DOM skeleton of a conversation; the parts are re-rendered separately. */
   build() {
+    this.headerSignature = null;
     this.header = el('header', { class: 'chat-head' });
     this.banner = el('div', { class: 'banner-host' });
     // Not a live region itself: the list is re-rendered whole, which would re-read everything.
@@ -151,6 +152,10 @@ export class ChatView {
     const presence = ctx.state.presence.get(this.handle);
     const conv = ctx.convOf(this.handle);
     if (!this.peerKey) this.peerKey = conv?.peer || contact?.key || null;
+    // Rebuilt only when what it shows changed, so a focused header button keeps its focus.
+    const signature = JSON.stringify([this.handle, name, presence, !!contact, this.peerKey]);
+    if (signature === this.headerSignature) return;
+    this.headerSignature = signature;
     fill(this.header,
       el('button', { type: 'button', class: 'icon-btn back-btn', 'aria-label': 'Back to the conversations', onclick: () => ctx.showList() }, icon('back')),
       el('span', { class: ['avatar', hueClass(this.peerKey || this.handle)], 'aria-hidden': 'true' }, initial(name)),

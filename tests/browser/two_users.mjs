@@ -276,6 +276,28 @@ await scenario('two_users', async ({ open }) => {
   await bob.keyboard.press('Escape');
   log('published file browsed and downloaded');
 
+  // alice unpublishes it (after confirming); bob's browse no longer lists it.
+  await alice.locator('#main-menu').click();
+  await alice.getByRole('menuitem', { name: 'My shared files' }).click();
+  await alice.getByRole('button', { name: 'Stop publishing minutes.txt' }).click();
+  await alice.getByRole('button', { name: 'Unpublish', exact: true }).click();
+  await alice.getByText('You do not publish any file yet.').waitFor({ timeout: 30_000 });
+  await alice.keyboard.press('Escape');
+  await bob.locator('#browse-btn').click();
+  await bob.getByText('shares no file you may see').waitFor({ timeout: 30_000 });
+  await bob.keyboard.press('Escape');
+  log('unpublished');
+
+  // Search (Ctrl+K): bob finds alice's message and jumps to it.
+  await bob.keyboard.press('Control+K');
+  await bob.getByRole('searchbox', { name: 'Search' }).fill('let me');
+  const hit = bob.locator('.result', { hasText: 'Let me think' });
+  await hit.waitFor({ timeout: 20_000 });
+  await snap(bob, 'bob-search');
+  await hit.click();
+  await bob.locator('#messages li.msg.flash', { hasText: 'Let me think' }).waitFor();
+  log('search finds and jumps to a message');
+
   // Hostile text: shown as text, nothing runs, no element is made of it; bidi is made visible.
   const hostile = ['<img src=x onerror="window.__pwned=1">', '<script>window.__pwned=1</script>', 'invoice\u202Etxt.exe'];
   for (const text of hostile) await send(alice, text);
