@@ -535,11 +535,14 @@ pub(crate) fn apply_received(store: &Store, own: &PublicKey) -> Vec<Event> {
                 Direction::Outgoing => *own,
             };
             match store.set_profile(&of, message.time, message.id, profile) {
-                Ok(true) if of != *own => events.push(Event::Note(format!(
-                    "{} calls themselves \"{}\"",
-                    crate::contact_handle(store, &of),
-                    display::inline(&profile.display_name)
-                ))),
+                Ok(true) if of != *own => {
+                    events.push(Event::Note(format!(
+                        "{} calls themselves \"{}\"",
+                        crate::contact_handle(store, &of),
+                        display::inline(&profile.display_name)
+                    )));
+                    events.push(Event::Changed(of));
+                }
                 Ok(_) => {}
                 Err(err) => tracing::warn!("refusing a profile from {of}: {err}"),
             }
@@ -559,6 +562,7 @@ pub(crate) fn apply_received(store: &Store, own: &PublicKey) -> Vec<Event> {
                 if let Some(note) = note {
                     events.push(Event::Note(note));
                 }
+                events.push(Event::Changed(peer));
             }
             Err(err) => tracing::warn!("refusing a change from {sender}: {err}"),
         }
@@ -762,6 +766,29 @@ pub(crate) fn live_note(notice: &kez_client::LiveNotice) -> Option<String> {
             }
         )),
         _ => None,
+    }
+}
+
+/// A live notice as a `listen --json --events` line: `typing` or `presence`; `null` for
+/// other content.
+pub(crate) fn live_json(notice: &kez_client::LiveNotice) -> serde_json::Value {
+    let (from, handle) = (notice.identity.to_string(), &notice.handle);
+    match &notice.content {
+        ChatContent::Typing(typing) => serde_json::json!({
+            "typing": { "from": from, "handle": handle, "typing": typing.typing }
+        }),
+        ChatContent::Presence(presence) => serde_json::json!({
+            "presence": {
+                "from": from,
+                "handle": handle,
+                "state": match presence.state {
+                    kez_core::chat::PresenceState::Online => "online",
+                    kez_core::chat::PresenceState::Away => "away",
+                    kez_core::chat::PresenceState::Offline => "offline",
+                },
+            }
+        }),
+        _ => serde_json::Value::Null,
     }
 }
 

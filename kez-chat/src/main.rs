@@ -72,6 +72,8 @@ mod pairing;
 mod service;
 mod shared;
 mod term;
+mod ui;
+mod ui_assets;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -304,6 +306,11 @@ enum Command {
         /// Print JSON, one object per line.
         #[arg(long)]
         json: bool,
+        /// With --json, for a view that shows only what it looks at (the web UI): print every
+        /// event as a JSON line (`changed`, `typing`, `presence`, `note` besides messages), and
+        /// leave marking a conversation read to `history @name`.
+        #[arg(long, requires = "json")]
+        events: bool,
     },
     /// Encrypt a file and offer it to someone: the encrypted file stays in your file node
     /// (never on the chat server); the offer (name, size, hash, key) goes end-to-end encrypted.
@@ -404,6 +411,20 @@ enum Command {
         #[arg(required = true)]
         words: Vec<String>,
         /// Print JSON (an array).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Open the web UI: serves it on 127.0.0.1 with an address that holds a new secret token,
+    /// opens your browser there (or prints the address), and runs until Ctrl-C. The page does
+    /// what the CLI does, through this home's service; in a new home it registers you first.
+    Ui {
+        /// The loopback port to serve on (0: any free one).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// Do not open a browser; only print the address.
+        #[arg(long)]
+        no_open: bool,
+        /// Print the address as one JSON line, `{"url": …}`.
         #[arg(long)]
         json: bool,
     },
@@ -589,6 +610,7 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<u8, Failure> {
     let makes_home = matches!(
         cli.command,
         Command::Register { .. }
+            | Command::Ui { .. }
             | Command::Recover { .. }
             | Command::Device {
                 change: DeviceChange::Join { .. }
@@ -605,6 +627,19 @@ async fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<u8, Failure> {
     }
     let home = Home::open(dir).map_err(Failure::home)?;
     match cli.command {
+        Command::Ui {
+            port,
+            no_open,
+            json,
+        } => {
+            let options = ui::Options {
+                port,
+                open: !no_open,
+                json,
+                server: cli.server,
+            };
+            return ui::serve(home, options).await.map(|()| 0);
+        }
         Command::Service {
             action: None,
             announce,
@@ -717,7 +752,7 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
         } => app.add_device(&request, yes).await,
         Command::Send { handle, text, json } => app.send(&handle, text, json).await,
         Command::Inbox { wait, json } => app.inbox(Duration::from_secs(wait), json).await,
-        Command::Listen { json } => app.listen(json).await,
+        Command::Listen { json, events } => app.listen(json, events).await,
         Command::History {
             handle: Some(handle),
             ids,
@@ -814,6 +849,10 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
         Command::Service { .. } => Err(Failure::new(
             USAGE,
             "`kez-chat service` runs on its own, not as a command of a service",
+        )),
+        Command::Ui { .. } => Err(Failure::new(
+            USAGE,
+            "`kez-chat ui` runs on its own, not as a command of a service",
         )),
     }
 }
@@ -1703,6 +1742,7 @@ impl App {
     /// holds now; with `wait`, waits that long for a message when there is none.
     async fn inbox(&self, wait: Duration, json: bool) -> Result<(), Failure> {
         let mut events = self.held.subscribe();
+        let _reading = self.held.reading();
         // Whether the server takes this key now: a refusal is the answer, not "no messages".
         let conn = self.connect().await?;
         self.still_a_device(&conn).await?;
@@ -1718,7 +1758,7 @@ impl App {
                         shown.push((sender, message));
                         shown.extend(taken(&mut events));
                     }
-                    Ok(Ok(Event::Note(_))) => {}
+                    Ok(Ok(Event::Note(_) | Event::Changed(_) | Event::Live(_))) => {}
                     Ok(Err(_)) | Err(_) => break,
                 }
             }
@@ -1763,8 +1803,9 @@ impl App {
 
     /// `listen`: the service's live events (messages as they arrive, a line when receiving
     /// stops and starts again) until Ctrl-C.
-    async fn listen(&self, json: bool) -> Result<(), Failure> {
+    async fn listen(&self, json: bool, all_events: bool) -> Result<(), Failure> {
         let mut events = self.held.subscribe();
+        let _reading = (!all_events).then(|| self.held.reading());
         let conn = self.connect().await?;
         self.still_a_device(&conn).await?;
         let node = self.open_node().await?;
@@ -1801,7 +1842,18 @@ impl App {
                         say!("{}", message_line(&sender_label(&sender), &message));
                     }
                 }
+                Ok(Event::Note(note)) if all_events => say!("{}", json!({ "note": note })),
                 Ok(Event::Note(note)) => tell!("{note}"),
+                Ok(Event::Changed(peer)) if all_events => {
+                    say!("{}", json!({ "changed": { "peer": peer.to_string() } }));
+                }
+                Ok(Event::Changed(_)) => {}
+                Ok(Event::Live(notice)) if all_events => say!("{}", chat::live_json(&notice)),
+                Ok(Event::Live(notice)) => {
+                    if let Some(note) = chat::live_note(&notice) {
+                        tell!("{note}");
+                    }
+                }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => tell!(
                     "kez-chat: {missed} messages arrived faster than this view showed them; `kez-chat history` has every one"
                 ),

@@ -23,6 +23,7 @@ use clap::Parser;
 use futures::StreamExt;
 use kez_blobs::BlobNode;
 use kez_client::{Connection, Home, Store, StoredMessage, now};
+use kez_core::PublicKey;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OnceCell, broadcast, mpsc, oneshot, watch};
@@ -55,8 +56,23 @@ pub(crate) enum Event {
     /// A message was received (or a copy of one sent from another own device), stored, and is
     /// shown now.
     Message(Sender, StoredMessage),
-    /// A line about receiving itself (it stopped, it works again).
+    /// A line for people: about receiving itself (it stopped, it works again), or about a
+    /// change (an edit, a reaction) beside its [`Event::Changed`].
     Note(String),
+    /// A change (an edit, a delete, a reaction, a receipt, a timer) was applied to the
+    /// conversation with this peer.
+    Changed(PublicKey),
+    /// A live notice (typing, presence) of a contact.
+    Live(kez_client::LiveNotice),
+}
+
+/// A listener that shows messages to a person, counted while it lives ([`Held::reading`]).
+pub(crate) struct Reading(Arc<AtomicUsize>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What commands use and, in the service, keep between them: the store, the connection, the
@@ -68,6 +84,9 @@ pub(crate) struct Held {
     conn: tokio::sync::Mutex<Option<(String, Connection)>>,
     node: OnceCell<Arc<BlobNode>>,
     events: broadcast::Sender<Event>,
+    /// How many listeners show what arrives to a person (`listen`, not `listen --events`):
+    /// only then is a shown message read.
+    readers: Arc<AtomicUsize>,
     /// Whether receiving is failing now (for one line when it stops and one when it works).
     failing: Arc<AtomicBool>,
     /// Held by whoever builds a link of the own chain on its head and appends it: in the
@@ -91,6 +110,7 @@ impl Held {
             conn: tokio::sync::Mutex::new(None),
             node: OnceCell::new(),
             events: broadcast::channel(EVENT_BACKLOG).0,
+            readers: Arc::new(AtomicUsize::new(0)),
             failing: Arc::new(AtomicBool::new(false)),
             chain_writer: tokio::sync::Mutex::new(()),
             fetch,
@@ -178,6 +198,13 @@ impl Held {
     /// The live events from now on.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    /// Counts a listener that shows what arrives to a person (so it is read) while the guard
+    /// lives.
+    pub(crate) fn reading(&self) -> Reading {
+        self.readers.fetch_add(1, Ordering::SeqCst);
+        Reading(self.readers.clone())
     }
 
     /// Asks the service's receiver to fetch what the inbox holds now and store it, and waits
@@ -449,9 +476,7 @@ async fn hear_live(service: Arc<Service>) {
                 Ok(notices) => {
                     tokio::pin!(notices);
                     while let Some(notice) = notices.next().await {
-                        if let Some(note) = crate::chat::live_note(&notice) {
-                            let _ = app.held.events.send(Event::Note(note));
-                        }
+                        let _ = app.held.events.send(Event::Live(notice));
                     }
                 }
                 Err(err) => tracing::debug!("no live notices for now: {err}"),
@@ -667,7 +692,11 @@ async fn show_listeners(app: &App, store: &Store, conn: &Connection) {
     if let Err(err) = store.mark_shown(&orders) {
         tracing::warn!("cannot mark messages shown: {err}");
     }
-    // Shown to the person: read.
+    // Shown to a person: read. (A view that shows only what it is looking at, the web UI,
+    // reads a conversation when it opens it.)
+    if app.held.readers.load(Ordering::SeqCst) == 0 {
+        return;
+    }
     for peer in seen {
         app.mark_read(store, &peer).await;
     }
@@ -752,7 +781,9 @@ async fn service_status(service: &Service) -> Status {
 }
 
 /// Reads one line of at most [`MAX_LINE`] bytes; `None` at the end.
-async fn read_line<R: AsyncRead + Unpin>(read: &mut BufReader<R>) -> Result<Option<String>, Frame> {
+pub(crate) async fn read_line<R: AsyncRead + Unpin>(
+    read: &mut BufReader<R>,
+) -> Result<Option<String>, Frame> {
     use tokio::io::AsyncReadExt;
     let mut line = Vec::new();
     let mut limited = read.take(MAX_LINE as u64 + 1);
@@ -780,7 +811,7 @@ async fn read_line<R: AsyncRead + Unpin>(read: &mut BufReader<R>) -> Result<Opti
         })
 }
 
-async fn send_frame<T: serde::Serialize>(
+pub(crate) async fn send_frame<T: serde::Serialize>(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     frame: &T,
 ) -> std::io::Result<()> {
@@ -852,15 +883,31 @@ async fn run(
             }
         }
     });
-    let link_cwd = cwd.clone();
-    let link = Arc::new(Link {
+    let link = Link {
         frames: frames.clone(),
         input: tokio::sync::Mutex::new(input),
         cancelled,
         cwd,
         tty,
-    });
-    let result = term::with_link(link, async {
+    };
+    let exit = run_linked(&service.home, service.app.held.clone(), args, link).await;
+    let _ = frames.send(exit);
+    drop(frames);
+    let _ = writer.await;
+    reader.abort();
+}
+
+/// Runs one command line in this process with `link` as its terminal, on `held`; answers the
+/// `exit` frame. The service runs its clients' commands so; the web UI's gateway runs
+/// `register` so in a home that has no service yet.
+pub(crate) async fn run_linked(
+    home: &Home,
+    held: Arc<Held>,
+    args: Vec<String>,
+    link: Link,
+) -> Frame {
+    let link_cwd = link.cwd.clone();
+    let result = term::with_link(Arc::new(link), async {
         if !plausible(&args, &link_cwd) {
             return Err(Failure::new(
                 USAGE,
@@ -880,16 +927,16 @@ async fn run(
             }
         };
         let app = App {
-            config: service.home.config().map_err(Failure::home)?,
-            home: service.home.clone(),
+            config: home.config().map_err(Failure::home)?,
+            home: home.clone(),
             server_flag: cli.server,
             plaintext_flag: cli.allow_plaintext,
-            held: service.app.held.clone(),
+            held,
         };
         crate::command(app, cli.command).await
     })
     .await;
-    let exit = match result {
+    match result {
         Ok(()) => Frame::Exit {
             code: 0,
             message: None,
@@ -898,11 +945,7 @@ async fn run(
             code: failure.code,
             message: Some(failure.message),
         },
-    };
-    let _ = frames.send(exit);
-    drop(frames);
-    let _ = writer.await;
-    reader.abort();
+    }
 }
 
 /// Whether a command line could come from a real one: no NUL bytes, an absolute directory.
@@ -1018,7 +1061,7 @@ fn lost(home: &Home, why: String) -> Failure {
 }
 
 /// Connects to the home's service, starting one when none answers.
-async fn connect_or_start(home: &Home) -> Result<UnixStream, Failure> {
+pub(crate) async fn connect_or_start(home: &Home) -> Result<UnixStream, Failure> {
     let path = socket_path(home);
     if let Ok(stream) = UnixStream::connect(&path).await {
         return Ok(stream);
