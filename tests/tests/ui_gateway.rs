@@ -323,6 +323,13 @@ async fn only_the_token_and_the_pages_own_host_get_in() {
         assert_security_headers(&script, port, &format!("GET /TOKEN/{src}"));
     }
 
+    // Bound to 127.0.0.1 only: not to every address (127.0.0.2 is loopback too, so a socket on
+    // 0.0.0.0 would answer there).
+    assert!(
+        TcpStream::connect(("127.0.0.2", port)).await.is_err(),
+        "the gateway answers on 127.0.0.2:{port}: it listens on more than 127.0.0.1"
+    );
+
     // No token, a wrong one, a token somewhere else than the first segment.
     let wrong = other_token(&token);
     for target in [
@@ -629,7 +636,14 @@ async fn ws_send(stream: &mut TcpStream, text: &str) {
 /// Reads the next text message (joining fragments, skipping pings and pongs) as JSON; panics
 /// on a close or after 30 s.
 async fn ws_next(stream: &mut TcpStream) -> Value {
-    tokio::time::timeout(Duration::from_secs(30), async {
+    ws_next_within(stream, Duration::from_secs(30))
+        .await
+        .expect("a WebSocket message within 30 s")
+}
+
+/// [`ws_next`], or `None` when no message came within `within`.
+async fn ws_next_within(stream: &mut TcpStream, within: Duration) -> Option<Value> {
+    tokio::time::timeout(within, async {
         let mut message = Vec::new();
         loop {
             let mut head = [0u8; 2];
@@ -672,16 +686,22 @@ async fn ws_next(stream: &mut TcpStream) -> Value {
         }
     })
     .await
-    .expect("a WebSocket message within 30 s")
+    .ok()
 }
 
-/// Runs `args` over the socket as run `id`; answers the frames of that run, the last being its
-/// `exit` or `refused` (messages of other runs are skipped).
-async fn ws_run(stream: &mut TcpStream, id: u64, args: Value) -> Vec<Value> {
+/// Runs `args` over the socket as run `id`; answers the frames of that run (messages of other
+/// runs are skipped) and whether it ended (its last frame is `exit` or `refused`). A run that
+/// has not ended within 15 s is cancelled.
+async fn ws_run(stream: &mut TcpStream, id: u64, args: Value) -> (Vec<Value>, bool) {
     ws_send(stream, &json!({"id": id, "run": args}).to_string()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut frames = Vec::new();
     loop {
-        let message = ws_next(stream).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(message) = ws_next_within(stream, left).await else {
+            ws_send(stream, &json!({"id": id, "cancel": true}).to_string()).await;
+            return (frames, false);
+        };
         if message["id"] != id {
             continue;
         }
@@ -689,7 +709,7 @@ async fn ws_run(stream: &mut TcpStream, id: u64, args: Value) -> Vec<Value> {
             message["frame"].get("exit").is_some() || message["frame"].get("refused").is_some();
         frames.push(message);
         if done {
-            return frames;
+            return (frames, true);
         }
     }
 }
@@ -748,6 +768,7 @@ async fn the_websocket_opens_only_for_the_pages_own_origin_and_runs_only_allowed
     // What the page may not make the CLI do: another home or server, plaintext, the service,
     // a second registration, a file of the disk instead of an upload, a download to a path.
     let mut id = 0;
+    let mut not_refused = Vec::new();
     for args in [
         json!(["--home", "/tmp", "whoami"]),
         json!(["whoami", "--home", "/tmp"]),
@@ -761,7 +782,8 @@ async fn the_websocket_opens_only_for_the_pages_own_origin_and_runs_only_allowed
         json!(["device", "join", "x"]),
         json!(["share", "@alice", "/etc/passwd"]),
         json!(["share", "@alice", "--", "/etc/passwd"]),
-        json!(["publish", "/etc/passwd"]),
+        json!(["publish", "/etc/passwd", "--public"]),
+        json!(["publish", "--", "/etc/passwd"]),
         json!(["name", "Alice", "--avatar", "/etc/passwd"]),
         json!(["download", "abcdef", "--out", "/tmp/kez-ui-stolen"]),
         json!(["download", "abcdef", "--out=/tmp/kez-ui-stolen"]),
@@ -769,18 +791,29 @@ async fn the_websocket_opens_only_for_the_pages_own_origin_and_runs_only_allowed
         json!("whoami"),
     ] {
         id += 1;
-        let frames = ws_run(&mut socket, id, args.clone()).await;
-        let last = &frames.last().unwrap()["frame"];
-        let code = last["refused"]["code"].as_str().unwrap_or("");
-        assert!(
-            ["not_allowed", "malformed", "unregistered"].contains(&code),
-            "run {args} was not refused by the gateway: {frames:#?}"
-        );
+        let (frames, ended) = ws_run(&mut socket, id, args.clone()).await;
+        let code = frames.last().map_or("", |last| {
+            last["frame"]["refused"]["code"].as_str().unwrap_or("")
+        });
+        if !["not_allowed", "malformed", "unregistered"].contains(&code) {
+            let said: Vec<String> = frames.iter().map(|f| f["frame"].to_string()).collect();
+            let still = if ended {
+                ""
+            } else {
+                " (still running after 15 s)"
+            };
+            not_refused.push(format!("{args}: {}{still}", said.join(" ")));
+        }
     }
+    assert!(
+        not_refused.is_empty(),
+        "the gateway did not refuse these runs (the CLI ran them):\n  {}",
+        not_refused.join("\n  ")
+    );
 
     // The socket still works, and the service still runs.
     id += 1;
-    let frames = ws_run(&mut socket, id, json!(["whoami", "--json"])).await;
+    let (frames, _) = ws_run(&mut socket, id, json!(["whoami", "--json"])).await;
     let last = &frames.last().unwrap()["frame"];
     assert_eq!(last["exit"]["code"], 0, "whoami --json: {frames:#?}");
     let out: String = frames
