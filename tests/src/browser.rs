@@ -11,13 +11,14 @@ use std::fs::{DirBuilder, File};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use crate::callout::{CalloutProcessStack, run_to_completion};
 use crate::kez_server::TEST_DOMAIN;
-use crate::person::kez_chat;
+use crate::person::{Person, kez_chat};
 use crate::process::kez_chat_binary;
 
 /// Environment variable naming the chromium binary (default [`DEFAULT_CHROMIUM`]).
@@ -315,6 +316,8 @@ pub struct UiStack {
     pub alice_home: PathBuf,
     /// Bob's home.
     pub bob_home: PathBuf,
+    /// The homes [`UiStack::rekey`] registered new keys in.
+    impostors: Mutex<Vec<Person>>,
     // Declared last: the homes are removed after everything that uses them stopped (a service
     // still running stops by itself once its home is gone).
     _dir: TempDir,
@@ -359,6 +362,7 @@ impl UiStack {
             stack,
             alice_home,
             bob_home,
+            impostors: Mutex::new(Vec::new()),
             _dir: dir,
         }
     }
@@ -381,10 +385,17 @@ impl UiStack {
     /// Runs `node tests/browser/<name>.mjs` against this stack, with [`SCENARIO_TIMEOUT`];
     /// screenshots go to `<workspace>/target/ui-screenshots/<name>/`, emptied first.
     ///
+    /// The script may ask for a key change (`KEZ_REKEY=stdin` tells it that it can): a line
+    /// `KEZ-REKEY <name>` on its stdout makes the server name a new key for `@<name>`
+    /// ([`UiStack::rekey`]); the harness then answers `KEZ-REKEYED` on its stdin (or
+    /// `KEZ-REKEY-FAILED <why>`).
+    ///
     /// # Panics
     ///
     /// If the script, chromium or the node modules are missing, or node cannot be started.
     pub async fn run_scenario(&self, name: &str) -> ScenarioRun {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
         let script = scenario_script(name);
         chromium_binary();
         check_node_modules();
@@ -404,48 +415,140 @@ impl UiStack {
             .arg(&script)
             .current_dir(browser_dir())
             .envs(self.scenario_env(&screenshots))
+            .env("KEZ_REKEY", "stdin")
             .env_remove("KEZ_CHAT_HOME")
             .env_remove("KEZ_CHAT_SERVER")
             .env_remove("KEZ_CHAT_ALLOW_PLAINTEXT")
             .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let started = Instant::now();
-        let child = command.spawn().unwrap_or_else(|e| {
+        let mut child = command.spawn().unwrap_or_else(|e| {
             panic!("cannot start node (Node.js 20+ must be on PATH) for {name}.mjs: {e}")
         });
-        let pid = child.id();
-        let output = tokio::time::timeout(SCENARIO_TIMEOUT, child.wait_with_output()).await;
-        let elapsed = started.elapsed();
-        match output {
-            Ok(output) => {
-                let output = output.unwrap_or_else(|e| panic!("cannot wait for node: {e}"));
-                ScenarioRun {
-                    status: Some(output.status),
-                    stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-                    stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-                    elapsed,
-                    screenshots,
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr_task = tokio::spawn(async move {
+            let mut bytes = Vec::new();
+            let _ = stderr.read_to_end(&mut bytes).await;
+            String::from_utf8_lossy(&bytes).into_owned()
+        });
+
+        let mut said = String::new();
+        let finished = tokio::time::timeout(SCENARIO_TIMEOUT, async {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match stdout.read_line(&mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                said.push_str(&line);
+                if let Some(who) = line.trim_end().strip_prefix("KEZ-REKEY ") {
+                    let answer = match self.rekey(who.trim()).await {
+                        Ok(()) => "KEZ-REKEYED\n".to_owned(),
+                        Err(why) => format!("KEZ-REKEY-FAILED {}\n", why.replace('\n', " ")),
+                    };
+                    said.push_str(&format!("(harness) {answer}"));
+                    let _ = stdin.write_all(answer.as_bytes()).await;
+                    let _ = stdin.flush().await;
                 }
             }
+            child.wait().await
+        })
+        .await;
+        let status = match finished {
+            Ok(status) => Some(status.unwrap_or_else(|e| panic!("cannot wait for node: {e}"))),
             Err(_) => {
-                // The future (and with it the child, kill_on_drop) is gone; make sure.
-                if let Some(pid) = pid {
+                // SIGTERM first: Playwright closes chromium on it; then SIGKILL.
+                if let Some(pid) = child.id() {
                     let _ = std::process::Command::new("kill")
-                        .args(["-KILL", &pid.to_string()])
+                        .args(["-TERM", &pid.to_string()])
                         .status();
                 }
-                ScenarioRun {
-                    status: None,
-                    stdout: String::new(),
-                    stderr: format!("(killed after {SCENARIO_TIMEOUT:?}; its output is lost)"),
-                    elapsed,
-                    screenshots,
+                if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
                 }
+                None
             }
+        };
+        drop(stdin);
+        let stderr = tokio::time::timeout(Duration::from_secs(10), stderr_task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_else(|| "(its stderr could not be read)".to_owned());
+        ScenarioRun {
+            status,
+            stdout: said,
+            stderr,
+            elapsed: started.elapsed(),
+            screenshots,
         }
+    }
+
+    /// Makes the server name a new key for `@name`, as a lying server (or the same name
+    /// registered again by someone else) would: registers `<name>_rekeyed` through the CLI in
+    /// a new home, then puts that key into `name`'s handle record. Contacts who pinned the old
+    /// key then see "the key changed" on their next `send` or `add`.
+    pub async fn rekey(&self, name: &str) -> Result<(), String> {
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!("{name:?} is not a plain handle name"));
+        }
+        let impostor = Person::new();
+        let registered = impostor
+            .run(&[
+                "--server",
+                &self.stack.nats.url(),
+                "register",
+                &format!("{name}_rekeyed"),
+                "--no-paper-key",
+            ])
+            .await;
+        self.impostors
+            .lock()
+            .expect("impostors lock")
+            .push(impostor);
+        if !registered.status.success() {
+            return Err(format!(
+                "registering {name}_rekeyed failed: {}",
+                String::from_utf8_lossy(&registered.stderr)
+            ));
+        }
+        let js = async_nats::jetstream::new(self.stack.server_client().await);
+        let handles = js
+            .get_key_value("kez_handles")
+            .await
+            .map_err(|e| format!("no kez_handles bucket: {e}"))?;
+        let record = |name: String| {
+            let handles = handles.clone();
+            async move {
+                let bytes = handles
+                    .get(&name)
+                    .await
+                    .map_err(|e| format!("cannot read the record of {name}: {e}"))?
+                    .ok_or_else(|| format!("{name} is not registered"))?;
+                serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .map_err(|e| format!("the record of {name} is not JSON: {e}"))
+            }
+        };
+        let mut lie = record(name.to_owned()).await?;
+        lie["key"] = record(format!("{name}_rekeyed")).await?["key"].clone();
+        handles
+            .put(name, serde_json::to_vec(&lie).expect("JSON").into())
+            .await
+            .map_err(|e| format!("cannot rewrite the record of {name}: {e}"))?;
+        Ok(())
     }
 
     /// Runs scenario `name` ([`UiStack::run_scenario`]) and asserts it passed; the panic shows
@@ -481,6 +584,10 @@ impl UiStack {
         self.bob.stop();
         for home in [&self.alice_home, &self.bob_home] {
             stop_service(home).await;
+        }
+        let impostors = std::mem::take(self.impostors.get_mut().expect("impostors lock"));
+        for impostor in impostors {
+            stop_service(&impostor.home).await;
         }
     }
 }
