@@ -40,36 +40,13 @@ use crate::service::{self, Held};
 use crate::term::{Link, say, tell};
 use crate::ui_assets::ASSETS;
 
-/// The commands the browser may run (`device` only with `add` or `revoke`).
+/// The commands the browser may run (`device` only to add or revoke, or to join in a new home).
+#[rustfmt::skip]
 const ALLOWED: &[&str] = &[
-    "whoami",
-    "add",
-    "profile",
-    "devices",
-    "device",
-    "paperkey",
-    "contacts",
-    "send",
-    "inbox",
-    "listen",
-    "share",
-    "files",
-    "download",
-    "publish",
-    "unpublish",
-    "shared",
-    "browse",
-    "search",
-    "history",
-    "edit",
-    "delete",
-    "react",
-    "reply",
-    "timer",
-    "name",
-    "typing",
-    "settings",
-    "register",
+    "whoami", "add", "profile", "devices", "device", "paperkey", "contacts", "send", "inbox",
+    "listen", "share", "files", "download", "publish", "unpublish", "shared", "browse", "search",
+    "history", "edit", "delete", "react", "reply", "timer", "name", "typing", "settings",
+    "register", "recover",
 ];
 /// Flags that would point a command at another home or server.
 const HOME_FLAGS: &[&str] = &["--home", "--server", "--allow-plaintext"];
@@ -809,7 +786,7 @@ fn prepare(gateway: &Gateway, mut args: Vec<String>) -> Result<Prepared, (&'stat
     if args.iter().map(String::len).sum::<usize>() > crate::local::MAX_LINE / 2 {
         return Err(("too_large", "the command line is too long".into()));
     }
-    // A registration may name its server first: `--server URL [--allow-plaintext] register …`.
+    // What makes a home may name its server first: `--server URL [--allow-plaintext] register …`.
     let mut start = 0;
     while start < text_at && HOME_FLAGS[1..].contains(&args[start].as_str()) {
         start += if args[start] == "--server" { 2 } else { 1 };
@@ -819,18 +796,25 @@ fn prepare(gateway: &Gateway, mut args: Vec<String>) -> Result<Prepared, (&'stat
         .filter(|_| start < text_at)
         .cloned()
         .unwrap_or_default();
+    let sub = args.get(start + 1).map(String::as_str);
     if !ALLOWED.contains(&command.as_str()) {
+        let what = match command.as_str() {
+            "" => "nothing",
+            flag if flag.starts_with('-') => "a flag",
+            other => other,
+        };
         return Err(not_allowed(format!(
-            "{} is not a command the page may run",
-            if command.is_empty() {
-                "nothing"
-            } else {
-                &command
-            }
+            "{what} is not a command the page may run"
         )));
     }
-    if start > 0 && command != "register" {
-        return Err(not_allowed("only a registration names its server".into()));
+    let makes_home = matches!(
+        (command.as_str(), sub),
+        ("register" | "recover", _) | ("device", Some("join"))
+    );
+    if start > 0 && !makes_home {
+        return Err(not_allowed(
+            "only a registration, a recovery or a joining device names its server".into(),
+        ));
     }
     for arg in &args[start..text_at] {
         let flag = arg.split('=').next().unwrap_or_default();
@@ -838,24 +822,19 @@ fn prepare(gateway: &Gateway, mut args: Vec<String>) -> Result<Prepared, (&'stat
             return Err(not_allowed(format!("{flag} is not for the page")));
         }
     }
-    if !registered && command != "register" {
+    if !registered && !makes_home {
         return Err((
             "unregistered",
-            "this home is not registered yet: register first".into(),
+            "this home is not registered yet: register, recover or join as a device first".into(),
         ));
     }
-    if command == "device"
-        && !matches!(
-            args.get(start + 1).map(String::as_str),
-            Some("add" | "revoke")
-        )
-    {
+    if registered && command == "device" && !matches!(sub, Some("add" | "revoke")) {
         return Err(not_allowed(
-            "the page may only add and revoke devices".into(),
+            "this home's page may only add and revoke devices".into(),
         ));
     }
-    // A registration without a server goes to the one `kez-chat ui` was given.
-    if command == "register"
+    // Without a server of its own, what makes a home goes to the one `kez-chat ui` was given.
+    if makes_home
         && start == 0
         && let Some(server) = &gateway.server
     {
@@ -1145,6 +1124,142 @@ mod tests {
         ] {
             assert!(!plain_file_name(bad), "{bad:?}");
         }
+    }
+
+    /// A gateway on a fresh home in `dir`, registered as alice or not.
+    fn gateway(dir: &Path, registered: bool) -> Gateway {
+        let home = Home::open(dir.join("home")).unwrap();
+        if registered {
+            let mut config = home.config().unwrap();
+            config.handle = Some("@alice@kez.localhost".into());
+            config.server = Some("nats://127.0.0.1:1".into());
+            home.save_config(&config).unwrap();
+        }
+        let stage = prepare_stage(&home).unwrap();
+        Gateway {
+            home,
+            token: new_token(),
+            port: 1,
+            stage,
+            server: Some("nats://127.0.0.1:2".into()),
+            uploads: Mutex::new(HashMap::new()),
+            downloads: Mutex::new(HashMap::new()),
+            assets_dir: None,
+        }
+    }
+
+    fn line(args: &[&str]) -> Vec<String> {
+        args.iter().map(|arg| (*arg).to_owned()).collect()
+    }
+
+    fn refusal(gateway: &Gateway, args: &[&str]) -> &'static str {
+        prepare(gateway, line(args)).expect_err("refused").0
+    }
+
+    #[test]
+    fn a_page_runs_only_the_listed_commands_on_its_own_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = gateway(dir.path(), true);
+        let sent = prepare(
+            &gateway,
+            line(&["send", "@bob", "--json", "--", "--home /tmp"]),
+        )
+        .unwrap();
+        assert_eq!(
+            sent.args,
+            line(&["send", "@bob", "--json", "--", "--home /tmp"])
+        );
+        assert_eq!(sent.cwd, gateway.stage);
+        assert!(!sent.here);
+        for refused in [
+            &["service", "stop"][..],
+            &["ui"],
+            &["rotate"],
+            &[],
+            &["--home", "/tmp", "whoami"],
+            &["whoami", "--home", "/tmp"],
+            &["whoami", "--home=/tmp"],
+            &["send", "@bob", "--server", "nats://evil:4222", "hi"],
+            &["--server", "nats://evil:4222", "send", "@bob", "hi"],
+            &["send", "@bob", "--allow-plaintext", "hi"],
+            &["device", "join", "@alice"],
+            &["share", "@bob", "/etc/passwd"],
+            &["share", "@bob", "upload:u-0000"],
+            &["publish", "/etc/passwd", "--public"],
+            &["name", "Alice", "--avatar", "/etc/passwd"],
+            &["name", "Alice", "--avatar=upload:u-1"],
+            &["download", "abc", "-o", "/tmp/x"],
+            &["download", "abc", "--output=/tmp/x"],
+            &["download", "abc", "def"],
+        ] {
+            assert_eq!(refusal(&gateway, refused), "not_allowed", "{refused:?}");
+        }
+        for allowed in [
+            &["device", "add", "kez-pair:x"][..],
+            &["device", "revoke", "phone"],
+        ] {
+            prepare(&gateway, line(allowed)).unwrap_or_else(|_| panic!("{allowed:?}"));
+        }
+    }
+
+    #[test]
+    fn a_file_comes_from_an_upload_used_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = gateway(dir.path(), true);
+        let staged = gateway.stage.join("u-1").join("notes.txt");
+        std::fs::create_dir_all(staged.parent().unwrap()).unwrap();
+        std::fs::write(&staged, b"hi").unwrap();
+        gateway
+            .uploads
+            .lock()
+            .unwrap()
+            .insert("u-1".into(), staged.clone());
+        let shared = prepare(&gateway, line(&["share", "@bob", "upload:u-1", "--json"])).unwrap();
+        assert_eq!(shared.args[2], staged.to_string_lossy());
+        assert_eq!(shared.consumed, vec![staged]);
+        assert_eq!(
+            refusal(&gateway, &["share", "@bob", "upload:u-1"]),
+            "not_allowed",
+            "used once"
+        );
+        let download = prepare(&gateway, line(&["download", "@bob/notes.txt", "--json"])).unwrap();
+        let into = download.download_dir.expect("a download folder");
+        assert!(into.starts_with(&gateway.stage) && into.is_dir());
+        assert_eq!(download.cwd, into);
+    }
+
+    #[test]
+    fn a_new_home_only_makes_itself_here_with_the_given_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = gateway(dir.path(), false);
+        assert_eq!(refusal(&gateway, &["send", "@bob", "hi"]), "unregistered");
+        assert_eq!(refusal(&gateway, &["whoami"]), "unregistered");
+        let register = prepare(&gateway, line(&["register", "alice", "--json"])).unwrap();
+        assert!(register.here);
+        assert_eq!(
+            register.args,
+            line(&[
+                "--server",
+                "nats://127.0.0.1:2",
+                "register",
+                "alice",
+                "--json"
+            ])
+        );
+        let own = prepare(
+            &gateway,
+            line(&[
+                "--server",
+                "nats://10.0.0.1:4222",
+                "--allow-plaintext",
+                "register",
+                "alice",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(own.args[1], "nats://10.0.0.1:4222");
+        prepare(&gateway, line(&["device", "join", "@alice@kez.localhost"])).unwrap();
+        prepare(&gateway, line(&["recover", "@alice@kez.localhost"])).unwrap();
     }
 
     #[test]
