@@ -702,6 +702,11 @@ async fn ws_run(stream: &mut TcpStream, id: u64, args: Value) -> (Vec<Value>, bo
             ws_send(stream, &json!({"id": id, "cancel": true}).to_string()).await;
             return (frames, false);
         };
+        // A message the gateway cannot take gets an error of its own, without an id.
+        if message.get("error").is_some() && message.get("id").is_none() {
+            frames.push(message);
+            return (frames, true);
+        }
         if message["id"] != id {
             continue;
         }
@@ -793,8 +798,23 @@ async fn the_websocket_opens_only_for_the_pages_own_origin_and_runs_only_allowed
         id += 1;
         let (frames, ended) = ws_run(&mut socket, id, args.clone()).await;
         let code = frames.last().map_or("", |last| {
-            last["frame"]["refused"]["code"].as_str().unwrap_or("")
+            last["frame"]["refused"]["code"]
+                .as_str()
+                .or(last["error"]["code"].as_str())
+                .unwrap_or("")
         });
+        // What makes a home may reach the CLI in a registered one (PROTOCOL.md §13 lists them
+        // without a condition), which refuses it without touching the home.
+        let makes_home = matches!(args[0].as_str(), Some("register" | "recover"));
+        let cli_refused_it = frames.last().is_some_and(|last| {
+            last["frame"]["exit"]["code"] == 4
+                && last["frame"]["exit"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("already"))
+        });
+        if makes_home && cli_refused_it {
+            continue;
+        }
         if !["not_allowed", "malformed", "unregistered"].contains(&code) {
             let said: Vec<String> = frames.iter().map(|f| f["frame"].to_string()).collect();
             let still = if ended {
