@@ -1,7 +1,7 @@
 # kez-chat developer entry points. `make test` is what CI runs (.ci/run), from a fresh clone.
 CARGO ?= cargo
 
-.PHONY: all tools build test fmt vectors run demo soak bench
+.PHONY: all tools browser-tools browser-chromium build test fmt vectors run demo soak bench
 
 all: test
 
@@ -9,7 +9,24 @@ all: test
 tools:
 	bash nats/install.sh
 
-test: tools
+# The browser tests' tools (tests/tests/ui_browser.rs): Debian's chromium, which only the system
+# can install, and the playwright-core pinned in tests/browser/package-lock.json, installed with
+# `npm ci` whenever node_modules is missing or older than the lock file.
+KEZ_CHROMIUM ?= /usr/bin/chromium
+BROWSER_MODULES := tests/browser/node_modules/.package-lock.json
+
+browser-tools: browser-chromium $(BROWSER_MODULES)
+	@echo "browser tests: $$("$(KEZ_CHROMIUM)" --version 2>/dev/null | head -n1), playwright-core $$(node -p "require('./tests/browser/node_modules/playwright-core/package.json').version")"
+
+browser-chromium:
+	@test -x "$(KEZ_CHROMIUM)" || { echo "chromium not found at $(KEZ_CHROMIUM) (the browser tests need it): sudo apt-get install -y chromium" >&2; exit 1; }
+
+$(BROWSER_MODULES): tests/browser/package-lock.json tests/browser/package.json
+	@command -v npm >/dev/null || { echo "npm not found (the browser tests need Node.js 20+ with npm): install Node.js 20+" >&2; exit 1; }
+	cd tests/browser && npm ci --no-audit --no-fund
+	touch $@
+
+test: tools browser-tools
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	# tests/ runs the real kez-chat-server binary (kez_tests::process), so build it first.

@@ -841,6 +841,12 @@ fn prepare(gateway: &Gateway, mut args: Vec<String>) -> Result<Prepared, (&'stat
         args.splice(0..0, ["--server".to_owned(), server.clone()]);
         return prepare(gateway, args);
     }
+    // Whatever follows a `--` is taken as it is: none of it may be a path.
+    if matches!(command.as_str(), "share" | "publish" | "download") && text_at < args.len() {
+        return Err(not_allowed(format!(
+            "`{command}` takes no `--`: its file comes from an upload"
+        )));
+    }
     let mut consumed = Vec::new();
     // Positions of the file a command reads: it must come from an upload.
     let file_at = match command.as_str() {
@@ -1191,6 +1197,10 @@ mod tests {
             &["download", "abc", "-o", "/tmp/x"],
             &["download", "abc", "--output=/tmp/x"],
             &["download", "abc", "def"],
+            &["download", "abc", "--json", "--", "-o/tmp/x"],
+            &["share", "@bob", "--", "/etc/passwd"],
+            &["share", "@bob", "upload:u-1", "--", "/etc/passwd"],
+            &["publish", "--public", "--", "/etc/passwd"],
         ] {
             assert_eq!(refusal(&gateway, refused), "not_allowed", "{refused:?}");
         }

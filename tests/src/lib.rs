@@ -14,6 +14,7 @@
 //! // the server is killed and its files removed when `nats` goes out of scope
 //! ```
 
+pub mod browser;
 pub mod callout;
 pub mod chat;
 pub mod cluster;

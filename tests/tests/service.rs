@@ -271,11 +271,14 @@ async fn a_service_killed_again_and_again_loses_nothing_acknowledged() {
             assert!(killed.success());
             kills += 1;
             // Until it is gone: a command that reaches a dying service's socket loses it (and
-            // says so), which is not what this test is about.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            // says so), which is not what this test is about. Gone is when its socket refuses:
+            // a killed leader thread is a zombie while the other threads still hold the socket.
+            let socket = bob.home.join("service.sock");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             while tokio::time::Instant::now() < deadline
-                && std::fs::read_to_string(format!("/proc/{pid}/status"))
+                && (std::fs::read_to_string(format!("/proc/{pid}/status"))
                     .is_ok_and(|status| !status.contains("State:\tZ"))
+                    || UnixStream::connect(&socket).is_ok())
             {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }

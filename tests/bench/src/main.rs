@@ -16,6 +16,7 @@ mod measure;
 mod registry;
 mod report;
 mod service;
+mod ui;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -87,12 +88,14 @@ enum Section {
     Devices,
     /// 8: a CLI send through the home's service against connect-verify-send; the service idle.
     Service,
+    /// 9: a message from one browser to another through `kez-chat ui` against the CLI path.
+    Ui,
 }
 
 type Rows = Pin<Box<dyn Future<Output = Result<Vec<Row>, String>>>>;
 
 impl Section {
-    const ALL: [Section; 8] = [
+    const ALL: [Section; 9] = [
         Section::Chat,
         Section::Registry,
         Section::Callout,
@@ -101,6 +104,7 @@ impl Section {
         Section::Footprint,
         Section::Devices,
         Section::Service,
+        Section::Ui,
     ];
 
     fn run(self, budget: Budget) -> Rows {
@@ -113,6 +117,7 @@ impl Section {
             Section::Footprint => Box::pin(footprint::run(budget)),
             Section::Devices => Box::pin(devices::run(budget)),
             Section::Service => Box::pin(service::run(budget)),
+            Section::Ui => Box::pin(ui::run(budget)),
         }
     }
 }
