@@ -68,7 +68,7 @@ export function messageDialog(title, text) {
  * Used inside a dialog (paperkey, device add) and by the register screen.
  */
 export function interactivePanel(api, args, { onExit, secretInput = false, foldLog = false, copyOut = false } = {}) {
-  const outPre = el('pre', { class: 'run-out', hidden: true, tabindex: '0', 'aria-label': 'Output' });
+  const outPre = el('pre', { class: ['run-out', copyOut && 'wrap'], hidden: true, tabindex: '0', 'aria-label': 'Output' });
   // The command's status lines, folded away (the prompt and the result are what matter); a
   // line that answers a wrong input ("That is not word 7.") is also shown by the prompt.
   const errLog = el('div', { class: 'run-log' });
@@ -87,9 +87,17 @@ export function interactivePanel(api, args, { onExit, secretInput = false, foldL
   const cancelBtn = el('button', { type: 'button', class: 'btn' }, 'Cancel');
   let lastErr = '';
   let errBuf = '';
+  let outBuf = '';
 
   const run = api.start(args, {
-    onOut: text => { outPre.hidden = false; if (copyBtn) copyBtn.hidden = false; outPre.append(document.createTextNode(text)); },
+    onOut: text => {
+      outPre.hidden = false;
+      if (copyBtn) copyBtn.hidden = false;
+      outBuf += text;
+      const lines = outBuf.split('\n');
+      outBuf = lines.pop();
+      for (const line of lines) outPre.append(outLine(line));
+    },
     onErr: text => {
       // Whole lines go to the log; a partial line (a prompt without a line end) is the prompt.
       errBuf += text;
@@ -127,6 +135,8 @@ export function interactivePanel(api, args, { onExit, secretInput = false, foldL
     status.textContent = 'Working…';
   });
   cancelBtn.addEventListener('click', () => run.cancel());
+  const flushOut = () => { if (outBuf) { outPre.append(outLine(outBuf)); outBuf = ''; } };
+  run.done.then(flushOut, flushOut);
   const done = run.done.then(
     r => { status.textContent = 'Done.'; fill(lastLine); form.hidden = true; cancelBtn.hidden = true; return { ok: true, ...r }; },
     error => {
@@ -141,6 +151,17 @@ export function interactivePanel(api, args, { onExit, secretInput = false, foldL
   done.then(r => onExit?.(r));
   const node = el('div', { class: 'run-panel' }, outPre, copyBtn, foldLog ? lastLine : null, form, logBox, el('div', { class: 'row run-foot' }, status, cancelBtn));
   return { node, run, done, input };
+}
+
+/**
+ * One line of a command's text output. A row of the paper key's grid (`  1 witness    2 little
+ * …`) becomes one cell per word, which wrap as whole cells on a narrow window (the text is the
+ * CLI's, space for space); any other line stays a plain text line.
+ */
+function outLine(line) {
+  const cells = line.match(/\s*\d+ \S+\s*/g);
+  if (!cells || cells.join('') !== line || cells.length < 2) return document.createTextNode(`${line}\n`);
+  return el('span', { class: 'grid-line' }, cells.map(c => el('span', { class: 'grid-cell' }, c)));
 }
 
 /** An interactive command in its own dialog. */
