@@ -229,6 +229,7 @@ function onEvent(ev) {
     // The open conversation is re-read first (which marks it read), then the list, so the
     // list does not count as unread what is on the screen.
     if ((peer && peer === chat.peer()) || (handle && handle === state.open)) {
+      if (!document.hidden) chat.showArrived(ev);
       chat.reload().then(reloadList);
       if (ev.direction === 'incoming') announce(`${ctx.nameOf(handle)}: ${ev.content_type === 'file-offer' ? 'offers a file' : inline(ev.text)}`);
     } else reloadList();

@@ -142,6 +142,20 @@ export class ChatView {
     return this.loading;
   }
 
+  /** A message the live stream just brought for this conversation: shown at once from the
+   * event, before the re-read (`history`) that marks it read and brings its full state. */
+  showArrived(ev) {
+    if (!this.handle || this.messages.some(m => m.id === ev.id)) return;
+    if (!['text', 'kez.reply', 'file-offer'].includes(ev.content_type)) return;
+    this.messages.push({
+      id: ev.id, direction: ev.direction, from: ev.from, to: ev.to, time: ev.time,
+      content_type: ev.content_type, text: ev.text, in_contacts: ev.in_contacts,
+      from_retired_key_of: ev.from_retired_key_of, reply_to: null, reactions: {},
+      edited: false, deleted: false, delivered: false, read: false, expires_at: null,
+    });
+    this.renderMessages();
+  }
+
   // ------------------------------------------------------------ rendering
 
   renderHeader() {
