@@ -74,6 +74,6 @@ demo: tools build
 # ARGS=--quick is a smoke run of under two minutes; ARGS="--only chat" runs one section.
 # Not part of `test`.
 ARGS ?=
-bench: tools
+bench: tools browser-tools
 	$(CARGO) build --release -p kez-bench -p kez-chat-server -p kez-chat
 	target/release/kez-bench $(ARGS)

@@ -337,7 +337,15 @@ impl App {
         let Ok(conn) = self.connect().await else {
             return;
         };
-        send_receipts(&conn, &contact, ReceiptKind::Read, ids).await;
+        // In the service the receipts go out behind the command, which only showed what it
+        // read (a view waits for it); a command on its own sends them before it exits.
+        if self.held.outlives_commands() {
+            tokio::spawn(async move {
+                send_receipts(&conn, &contact, ReceiptKind::Read, ids).await;
+            });
+        } else {
+            send_receipts(&conn, &contact, ReceiptKind::Read, ids).await;
+        }
     }
 }
 

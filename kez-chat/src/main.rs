@@ -2304,6 +2304,12 @@ fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
             ),
             Err(err) => format!("(a file offer that is not valid: {err})"),
         },
+        kez_core::chat::REPLY_CONTENT_TYPE => {
+            match kez_core::chat::ChatContent::decode(content_type, body) {
+                Ok(kez_core::chat::ChatContent::Reply(reply)) => reply.text,
+                _ => "(a reply that is not valid)".to_owned(),
+            }
+        }
         other => format!(
             "(a message this version cannot show: {other}, {} bytes)",
             body.len()

@@ -200,6 +200,11 @@ impl Held {
         self.events.subscribe()
     }
 
+    /// Whether these outlive the command (the service's): work may go on behind it.
+    pub(crate) fn outlives_commands(&self) -> bool {
+        self.kept
+    }
+
     /// Counts a listener that shows what arrives to a person (so it is read) while the guard
     /// lives.
     pub(crate) fn reading(&self) -> Reading {

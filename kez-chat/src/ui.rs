@@ -151,6 +151,9 @@ pub(crate) async fn serve(home: Home, options: Options) -> Result<(), Failure> {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 };
+                // Frames are small and come in bursts: Nagle's algorithm would hold the last
+                // one of each for the browser's delayed ACK (40 ms a command).
+                let _ = stream.set_nodelay(true);
                 let gateway = gateway.clone();
                 let stopping = stopping.clone();
                 tokio::spawn(async move {

@@ -114,6 +114,12 @@ async fn receipts_edits_deletes_reactions_and_replies_between_two_people() {
     .await;
     assert_eq!(message(&history, &reply)["reply_to"], id.as_str());
     assert_eq!(message(&history, &reply)["text"], "yes, it is me");
+    // The conversation list shows the reply as the last message, by its text.
+    let conversations = alice.json(&["history"]).await;
+    assert_eq!(
+        conversations[0]["last"]["text"], "yes, it is me",
+        "{conversations}"
+    );
     let lines = alice.ok(&["history", "@bob", "--ids"]).await;
     assert!(
         lines.contains(&format!("(reply to {})", &id[..8])),

@@ -1832,6 +1832,12 @@ impl Store {
                 .get(conversation.as_str())
                 .map_err(db)?
                 .map_or(0, |guard| guard.value());
+            if next <= upto {
+                // Nothing stored since it was last read: no write (and no sync) at all.
+                drop(read_upto);
+                tx.abort().map_err(db)?;
+                return Ok(newly_read);
+            }
             let messages = tx.open_table(MESSAGES).map_err(db)?;
             let states = tx.open_table(CHAT_STATE).map_err(db)?;
             for entry in messages
