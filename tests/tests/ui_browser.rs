@@ -34,3 +34,8 @@ async fn smoke() {
 async fn two_users() {
     scenario("two_users").await;
 }
+
+#[tokio::test]
+async fn devices() {
+    scenario("devices").await;
+}
