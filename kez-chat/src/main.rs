@@ -1119,6 +1119,7 @@ impl App {
         let device = conn.public_key();
         let head = conn.head(&me).await.map_err(Failure::client)?;
         let server = self.server()?;
+        let name = self.store()?.profile(&me).ok().flatten();
         if json {
             print_json(&json!({
                 "handle": handle,
@@ -1127,6 +1128,7 @@ impl App {
                 "nkey": device.to_nkey(),
                 "server": server,
                 "sigchain": { "seq": head.seq, "head": head.head.to_string() },
+                "display_name": name.map(|(profile, _)| profile.display_name),
             }));
         } else {
             say!("handle  {handle}");
@@ -1137,6 +1139,9 @@ impl App {
             say!("nkey    {}", device.to_nkey());
             say!("server  {server}");
             say!("head    seq {} {}", head.seq, head.head);
+            if let Some((profile, _)) = name {
+                say!("name    \"{}\"", display::inline(&profile.display_name));
+            }
         }
         Ok(())
     }
@@ -1945,6 +1950,10 @@ impl App {
                 .iter()
                 .map(|found| {
                     let mut value = stored_json(&found.message);
+                    if let Some(edited) = &found.edited {
+                        value["text"] = json!(edited);
+                        value["edited"] = json!(true);
+                    }
                     value["peer"] = json!(found.peer.to_string());
                     value["peer_handle"] = json!(peer_of(found).0);
                     value
@@ -1962,7 +1971,14 @@ impl App {
                 Direction::Incoming => peer,
                 Direction::Outgoing => format!("you → {peer}"),
             };
-            say!("{}", message_line(&who, &found.message));
+            match &found.edited {
+                Some(text) => say!(
+                    "[{}] {who}: {} (edited)",
+                    clock(found.message.time),
+                    display::body(text)
+                ),
+                None => say!("{}", message_line(&who, &found.message)),
+            }
         }
         Ok(())
     }

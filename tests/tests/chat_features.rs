@@ -343,6 +343,8 @@ async fn a_display_name_is_what_the_identity_said_itself() {
     alice
         .ok(&["name", "Alice Liddell", "--avatar", png.to_str().unwrap()])
         .await;
+    let own = alice.json(&["whoami"]).await;
+    assert_eq!(own["display_name"], "Alice Liddell", "{own}");
     let contacts = until(
         "the name",
         || bob.json(&["contacts"]),

@@ -401,6 +401,8 @@ pub struct Found {
     pub retired: bool,
     /// The message.
     pub message: StoredMessage,
+    /// Its text as last edited (§8.6), when it was: what was searched, not the message's body.
+    pub edited: Option<String>,
 }
 
 /// A file offer in the history ([`Store::offers`]).
@@ -1194,13 +1196,19 @@ impl Store {
         let query = query.to_lowercase();
         let tx = self.db.begin_read().map_err(db)?;
         let table = tx.open_table(MESSAGES).map_err(db)?;
+        let states = tx.open_table(CHAT_STATE).map_err(db)?;
         let mut found = Vec::new();
         for entry in table.iter().map_err(db)? {
             let (key, value) = entry.map_err(db)?;
             let message: StoredMessage = serde_json::from_slice(value.value()).map_err(corrupt)?;
-            if !searchable_words(&message)
-                .is_some_and(|words| words.to_lowercase().contains(&query))
-            {
+            // What the conversation shows: the last edit's text, nothing of a deleted message.
+            let state = read_state(&states, key.value().0, &message.id)?;
+            if state.deleted {
+                continue;
+            }
+            let edited = state.edit.map(|edit| edit.value);
+            let words = edited.clone().or_else(|| searchable_words(&message));
+            if !words.is_some_and(|words| words.to_lowercase().contains(&query)) {
                 continue;
             }
             let (peer, retired) = conversation_peer(key.value().0)?;
@@ -1208,6 +1216,7 @@ impl Store {
                 peer,
                 retired,
                 message,
+                edited,
             });
         }
         found.sort_by_key(|found| (found.message.time, found.message.seq));
@@ -2496,6 +2505,31 @@ mod tests {
 
         assert!(apply(&store, &change(BOB, 111, edit(theirs, "hi there"))).unwrap());
         assert_eq!(view(&store, theirs).text.as_deref(), Some("hi there"));
+    }
+
+    #[test]
+    fn search_finds_what_the_conversation_shows() {
+        let (_dir, store) = chat_store();
+        let edited = sent(&store, "text", b"meet at 5?", 100);
+        let deleted = sent(&store, "text", b"meet in secret", 101);
+        let kept = received(&store, BOB, "text", b"meet me there", 102);
+        assert!(apply(&store, &change(OWN_ID, 110, edit(edited, "meet at 6?"))).unwrap());
+        let delete = ChatContent::Delete(chat::Delete { id: deleted });
+        assert!(apply(&store, &change(OWN_ID, 111, delete)).unwrap());
+        let found = |words: &str| -> Vec<(MessageId, Option<String>)> {
+            let found = store.search(words).unwrap();
+            found
+                .into_iter()
+                .map(|f| (f.message.id, f.edited))
+                .collect()
+        };
+        assert_eq!(
+            found("meet"),
+            [(edited, Some("meet at 6?".to_owned())), (kept, None)],
+            "the edit's text; not the deleted message"
+        );
+        assert!(found("at 5").is_empty(), "not the text before the edit");
+        assert!(found("secret").is_empty(), "not a deleted message");
     }
 
     #[test]
