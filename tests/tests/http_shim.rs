@@ -7,13 +7,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper::header::{HeaderMap, HeaderValue};
+use hyper::header::HeaderValue;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use kez_chat_server::config::ServerConfig;
 use kez_chat_server::http::HttpLimits;
 use kez_core::{SecretKey, UnsignedLink};
 use kez_tests::NatsServer;
+use kez_tests::http::{self, Answer};
 use kez_tests::kez_server::{KezServer, TEST_DOMAIN, call, call_ok};
 use kez_tests::requests::{nats_endpoint, now, registration};
 use serde_json::{Value, json};
@@ -72,50 +73,9 @@ async fn register(client: &async_nats::Client, name: &str) -> SecretKey {
     key
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|value| value.to_str().unwrap())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|err| panic!("not JSON ({err}): {:?}", self.body))
-    }
-
-    fn text(&self) -> &str {
-        std::str::from_utf8(&self.body).unwrap()
-    }
-}
-
-/// One request over a fresh connection with hyper's HTTP/1.1 client.
+/// One request with `Host: kez.test`.
 async fn request(addr: SocketAddr, method: &str, target: &str) -> Answer {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(target)
-        .header("host", "kez.test")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(10), sender.send_request(request))
-        .await
-        .unwrap_or_else(|_| panic!("{method} {target}: no answer"))
-        .unwrap_or_else(|err| panic!("{method} {target}: {err}"));
-    let (parts, body) = response.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    http::request(addr, method, target, &[("host", "kez.test")], b"").await
 }
 
 async fn get(addr: SocketAddr, target: &str) -> Answer {
@@ -570,7 +530,10 @@ async fn healthz_says_why_while_the_server_waits_for_the_broker() {
     nats.resume();
     let server = starting.await.unwrap();
     let answer = get(http, "/healthz").await;
-    assert_eq!((answer.status, answer.text()), (StatusCode::OK, "ok\n"));
+    assert_eq!(
+        (answer.status, answer.text().as_str()),
+        (StatusCode::OK, "ok\n")
+    );
     server.stop().await;
 }
 

@@ -10,13 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::header::HeaderMap;
-use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
 use kez_tests::browser::Gateway;
 use kez_tests::callout::CalloutProcessStack;
+use kez_tests::http::{self, Answer};
 use kez_tests::person::Person;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,24 +77,7 @@ impl Setup {
     }
 }
 
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|value| value.to_str().ok())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// One request over a fresh connection with hyper's HTTP/1.1 client. `headers` are sent as
-/// given: no Host is added when they have none.
+/// One request to the gateway on `port`.
 async fn send(
     port: u16,
     method: &str,
@@ -105,30 +85,7 @@ async fn send(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Answer {
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("cannot connect to the gateway on port {port}: {e}"));
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let mut request = Request::builder().method(method).uri(target);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(20), sender.send_request(request))
-        .await
-        .unwrap_or_else(|_| panic!("{method} {target} {headers:?}: no answer within 20 s"))
-        .unwrap_or_else(|err| panic!("{method} {target} {headers:?}: {err}"));
-    let (parts, body) = response.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    http::request(([127, 0, 0, 1], port).into(), method, target, headers, body).await
 }
 
 /// A GET with `Host: host` and no Origin (a top-level navigation).
