@@ -302,6 +302,15 @@ async fn answer(
     if let Err((code, message)) = check(&gateway, request.headers(), must_have_origin) {
         return Ok(secure(error(StatusCode::FORBIDDEN, code, message), port));
     }
+    if token_ok && rest.is_none() {
+        // The address without its last slash: the page's relative addresses need it.
+        let mut moved = Response::new(full(Bytes::new()));
+        *moved.status_mut() = StatusCode::PERMANENT_REDIRECT;
+        if let Ok(location) = HeaderValue::from_str(&format!("/{}/", gateway.token)) {
+            moved.headers_mut().insert(header::LOCATION, location);
+        }
+        return Ok(secure(moved, port));
+    }
     let Some(rest) = rest.filter(|_| token_ok) else {
         return Ok(secure(
             error(

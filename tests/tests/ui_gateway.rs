@@ -287,6 +287,12 @@ async fn only_the_token_and_the_pages_own_host_get_in() {
         "the gateway answers on 127.0.0.2:{port}: it listens on more than 127.0.0.1"
     );
 
+    // The address without its last slash leads to the page; a wrong one leads nowhere.
+    let moved = get_as(port, &format!("/{token}"), &host).await;
+    assert_eq!(moved.status, StatusCode::PERMANENT_REDIRECT, "GET /TOKEN");
+    assert_eq!(moved.header("location"), Some(index.as_str()), "GET /TOKEN");
+    assert_security_headers(&moved, port, "GET /TOKEN");
+
     // No token, a wrong one, a token somewhere else than the first segment.
     let wrong = other_token(&token);
     for target in [
@@ -295,6 +301,7 @@ async fn only_the_token_and_the_pages_own_host_get_in() {
         "/favicon.ico".to_owned(),
         "/ws".to_owned(),
         format!("/{wrong}/"),
+        format!("/{wrong}"),
         format!("/{wrong}/index.html"),
         format!("/{}/", &token[..42]),
         format!("/{token}A/"),
