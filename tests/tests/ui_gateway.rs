@@ -1,4 +1,4 @@
-//! The `kez-chat ui` gateway (issue 23, /work/ui-contract.md "HTTP") against hostile requests,
+//! The `kez-chat ui` gateway (issue 23, PROTOCOL.md §13) against hostile requests,
 //! with no browser: a registered home on a real stack, its gateway, and requests that a page of
 //! another site (or another local program) could make. Well-formed requests go through hyper's
 //! HTTP/1.1 client; WebSocket upgrades and frames through a raw TCP socket.
