@@ -4,7 +4,7 @@
 // made a second paper key before, revokes the new device. Run by tests/tests/ui_browser.rs like two_users.mjs
 // (KEZ_UI_BOB is used as alice's second device).
 
-import { env, eventually, expect, scenario, shot } from './lib.mjs';
+import { env, eventually, expect, scenario, shot, paperWord } from './lib.mjs';
 
 const DOMAIN = env('KEZ_DOMAIN');
 const SERVER = env('KEZ_SERVER');
@@ -17,7 +17,7 @@ async function typePaperWord(page) {
   await prompt.waitFor({ state: 'visible', timeout: 30_000 });
   const n = Number(/word (\d+)/.exec(await prompt.textContent())?.[1]);
   const block = await page.locator('.run-out').last().textContent();
-  const word = new RegExp(`(?:^|\\s)${n} +([a-z]+)`).exec(block)?.[1];
+  const word = paperWord(block, n);
   expect(word, `word ${n} of the paper key`).toBeTruthy();
   await page.locator('.run-input:not([hidden]) input').fill(word);
   await page.locator('.run-input:not([hidden]) button[type=submit]').click();

@@ -300,3 +300,20 @@ export async function scenario(name, body) {
   console.log(`scenario ${name} passed in ${seconds} s`);
   process.exit(0);
 }
+
+/**
+ * Word `n` (from 1) of a paper key as the CLI shows it: only its grid lines ("  1 slab   2 belt
+ * …") count, not the sentence above them ("write these 24 words down"), so word 24 is not
+ * "words".
+ * @param {string} block  the shown text
+ * @param {number} n
+ * @returns {string | undefined}
+ */
+export function paperWord(block, n) {
+  for (const line of block.split('\n')) {
+    if (!/^\s*(\d+ +[a-z]+\s*)+$/.test(line)) continue;
+    const match = new RegExp(`(?:^|\\s)${n} +([a-z]+)`).exec(line);
+    if (match) return match[1];
+  }
+  return undefined;
+}
