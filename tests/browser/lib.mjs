@@ -317,3 +317,27 @@ export function paperWord(block, n) {
   }
   return undefined;
 }
+
+/**
+ * The visible controls of `page` (buttons, links, inputs, selects, text areas, switches; not
+ * those hidden from assistive technology) that a screen reader could not name: no label, aria-label(ledby), title or text. Answers a short
+ * description of each, for an assertion that there are none.
+ * @param {import('playwright-core').Page} page
+ * @returns {Promise<string[]>}
+ */
+export async function unlabelledControls(page) {
+  return page.evaluate(() => {
+    const controls = document.querySelectorAll('button, a[href], input:not([type=hidden]), select, textarea, [role=button], [role=switch], [role=menuitem]');
+    const named = (el) => {
+      if (el.getAttribute('aria-label')?.trim() || el.title?.trim()) return true;
+      const by = el.getAttribute('aria-labelledby');
+      if (by && by.split(/\s+/).some(id => document.getElementById(id)?.textContent.trim())) return true;
+      if (el.labels && [...el.labels].some(label => label.textContent.trim())) return true;
+      if (['button', 'a'].includes(el.localName) || el.getAttribute('role')) return !!el.textContent.trim();
+      return !!el.placeholder?.trim();
+    };
+    const visible = (el) => !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+    const hidden = (el) => !!el.closest('[aria-hidden="true"], [inert]');
+    return [...controls].filter(el => visible(el) && !hidden(el) && !named(el)).map(el => el.outerHTML.slice(0, 120));
+  });
+}

@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { join, dirname } from 'node:path';
 import { createInterface } from 'node:readline';
 
-import { env, eventually, expect, scenario, shot, withTimeout, paperWord } from './lib.mjs';
+import { env, eventually, expect, scenario, shot, withTimeout, paperWord, unlabelledControls } from './lib.mjs';
 
 const DOMAIN = env('KEZ_DOMAIN');
 const SERVER = env('KEZ_SERVER');
@@ -29,6 +29,7 @@ const log = (...a) => console.log(`[${new Date().toISOString().slice(11, 19)}]`,
 async function register(page, name) {
   await page.locator('#reg-name').waitFor({ state: 'visible' });
   await snap(page, `${name}-welcome`);
+  expect(await unlabelledControls(page), 'controls without a name on the welcome screen').toEqual([]);
   await page.getByLabel('Your name').fill(name);
   const server = page.getByLabel('Server');
   if (!(await server.inputValue())) await server.fill(SERVER);
@@ -302,6 +303,15 @@ await scenario('two_users', async ({ open }) => {
   expect(await alice.evaluate(() => window.__pwned), 'window.__pwned on alice').toBe(undefined);
   await snap(bob, 'bob-hostile-text');
   log('hostile text stays text');
+  // Every control a person can reach has a name a screen reader says, in the full chat view
+  // (list, conversation, composer, message actions) and in a dialog.
+  for (const page of [alice, bob]) {
+    expect(await unlabelledControls(page), 'controls without a name in the chat view').toEqual([]);
+  }
+  await alice.keyboard.press('F1');
+  await alice.getByRole('dialog').waitFor();
+  expect(await unlabelledControls(alice), 'controls without a name in the shortcuts dialog').toEqual([]);
+  await alice.keyboard.press('Escape');
 
   // A narrow window (375 px): the list and the chat are separate screens.
   await bob.setViewportSize({ width: 375, height: 740 });
