@@ -10,12 +10,24 @@ const REACTIONS = ['👍', '❤️', '😂', '😮', '😢', '🎉'];
 const TYPING_EVERY = 4000;   // at most one `typing @x` per this many ms while typing
 const TYPING_IDLE = 5000;    // `typing @x --stop` after this long without a key
 
+/** Makes `list`'s children `items`, touching only what differs from the first difference on:
+ * a new message at the end moves nothing above it (no relayout of the whole conversation). */
+function reconcile(list, items) {
+  let same = 0;
+  while (same < items.length && list.children[same] === items[same]) same++;
+  while (list.children.length > same) list.lastChild.remove();
+  list.append(...items.slice(same));
+}
+
 export class ChatView {
   constructor(ctx, root) {
     this.ctx = ctx;
     this.root = root;
     this.handle = null;
     this.messages = [];
+    /** id → { key, node }: a message's element, kept while what it shows is the same, so a new
+     * message costs one element, not the whole conversation's. */
+    this.bubbles = new Map();
     this.peerKey = null;
     this.mode = null;          // {kind: 'reply'|'edit', msg}
     this.pending = [];         // sends not yet confirmed: shown greyed
@@ -45,6 +57,7 @@ export class ChatView {
       this.stopTyping();
       this.handle = handle;
       this.messages = [];
+      this.bubbles = new Map();
       this.mode = null;
       this.pending = [];
       this.highlight = highlight;
@@ -219,17 +232,18 @@ export class ChatView {
     let prev = null;
     for (const m of this.messages) {
       const d = new Date(m.time * 1000).toDateString();
-      if (d !== day) { day = d; prev = null; items.push(el('li', { class: 'day', role: 'separator' }, el('span', {}, fmtDay(m.time)))); }
+      if (d !== day) { day = d; prev = null; items.push(this.daySeparator(d, m.time)); }
       // Bubbles of one sender within two minutes group together, as chat apps do.
       const grouped = prev && prev.direction === m.direction && m.time - prev.time < 120;
-      items.push(this.renderMessage(m, byId, grouped));
+      items.push(this.bubble(m, byId, grouped));
       prev = m;
     }
+    for (const id of this.bubbles.keys()) if (!byId.has(id) && !id.startsWith('day:')) this.bubbles.delete(id);
     for (const p of this.pending) items.push(this.renderPending(p));
     if (!this.messages.length && !this.pending.length) {
       items.push(el('li', { class: 'empty-conv' }, 'No messages yet. Say hello — it is end-to-end encrypted.'));
     }
-    fill(this.list, items);
+    reconcile(this.list, items);
     this.rendered = true;
     if (focusedId) this.list.querySelector(`.msg[data-id="${CSS.escape(focusedId)}"]`)?.focus({ preventScroll: true });
     if (this.highlight) {
@@ -250,6 +264,30 @@ export class ChatView {
     if (m.read) return { key: 'read', mark: '✓✓', label: 'Read' };
     if (m.delivered) return { key: 'delivered', mark: '✓', label: 'Delivered' };
     return { key: 'sent', mark: '○', label: 'Sent to the server' };
+  }
+
+  /** The "Today" / date line above a day's first message, kept like the bubbles. */
+  daySeparator(day, time) {
+    const key = `day:${day}:${fmtDay(time)}`;
+    const kept = this.bubbles.get(key);
+    if (kept) return kept.node;
+    const node = el('li', { class: 'day', role: 'separator' }, el('span', {}, fmtDay(time)));
+    this.bubbles.set(key, { key, node });
+    return node;
+  }
+
+  /** The element of message `m`: the one made before when nothing it shows changed. A file
+   * offer is made afresh (its transfer state lives outside the message). */
+  bubble(m, byId, grouped) {
+    if (m.content_type === 'file-offer') return this.renderMessage(m, byId, grouped);
+    const q = m.reply_to ? byId.get(m.reply_to) : null;
+    const key = JSON.stringify([m, grouped, q && [q.direction, q.deleted, q.text],
+      this.ctx.nameOf(this.handle), this.ctx.state.myKey]);
+    const kept = this.bubbles.get(m.id);
+    if (kept?.key === key) return kept.node;
+    const node = this.renderMessage(m, byId, grouped);
+    this.bubbles.set(m.id, { key, node });
+    return node;
   }
 
   renderMessage(m, byId, grouped) {
@@ -352,15 +390,17 @@ export class ChatView {
     this.input.value = '';
     this.autosize();
     this.setMode(null);
-    this.stopTyping();
+    this.stopTyping({ sent: mode?.kind !== 'edit' });
     let args;
     if (mode?.kind === 'edit') args = ['edit', handle, mode.msg.id, '--json', '--', text];
     else if (mode?.kind === 'reply') args = ['reply', handle, mode.msg.id, '--json', '--', text];
     else args = ['send', handle, '--json', '--', text];
     const pending = mode?.kind === 'edit' ? null : { text };
+    // The command goes out first; the "sending" bubble is drawn while it runs.
+    const sending = this.ctx.api.json(args);
     if (pending) { this.pending.push(pending); this.renderMessages(); this.scroller.scrollTop = this.scroller.scrollHeight; }
     try {
-      await this.ctx.api.json(args);
+      await sending;
       if (pending) this.pending = this.pending.filter(p => p !== pending);
       await this.reload();
       this.ctx.reloadList();
@@ -510,9 +550,11 @@ export class ChatView {
     this.typingTimer = setTimeout(() => this.stopTyping(), TYPING_IDLE);
   }
 
-  stopTyping() {
+  /** Says "stopped typing" if a typing notice went out; `sent` when a message goes instead (a
+   * message ends the other side's typing line by itself). */
+  stopTyping({ sent = false } = {}) {
     clearTimeout(this.typingTimer);
-    if (this.typingSentAt && this.typingTo) this.ctx.api.start(['typing', this.typingTo, '--stop']);
+    if (!sent && this.typingSentAt && this.typingTo) this.ctx.api.start(['typing', this.typingTo, '--stop']);
     this.typingSentAt = 0;
     this.typingTo = null;
   }
