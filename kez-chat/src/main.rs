@@ -83,7 +83,7 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use kez_client::{
     ClientError, Config, Connection, Contact, Direction, Home, PinChange, Plaintext, Store,
-    StoredMessage, VerifiedContact, now,
+    StoredMessage, VerifiedChain, VerifiedContact, now,
 };
 use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
@@ -116,6 +116,9 @@ pub(crate) const TEXT: &str = "text";
 /// The endpoint `register` writes into the first sigchain link.
 const NATS_ENDPOINT: &str = "nats";
 
+/// How often a link of the own chain is made and appended when other devices keep appending
+/// first.
+const APPEND_TRIES: u32 = 3;
 /// How many messages one fetch from the inbox takes at most.
 const FETCH_MAX: usize = 256;
 /// How many terminal columns of a conversation's last message `history` shows in its list.
@@ -926,6 +929,41 @@ impl App {
             .await
     }
 
+    /// Appends the link of the own chain that `build` makes on the chain as it is now, holding
+    /// the home's chain lock. When another device appended first (a 409 `conflict`,
+    /// `wrong_seq` or `wrong_prev`, by timing, PROTOCOL.md §5: a device that just joined
+    /// announces its file node), the link is made again on the new head, at most
+    /// [`APPEND_TRIES`] times in all.
+    async fn append_own(
+        &self,
+        conn: &Connection,
+        build: impl Fn(&VerifiedChain) -> Result<SignedLink, Failure>,
+    ) -> Result<kez_client::ChainHead, Failure> {
+        let _writing = self.held.chain_writer.lock().await;
+        let mut tries = 1;
+        loop {
+            let chain = conn
+                .chain(&conn.identity())
+                .await
+                .map_err(Failure::client)?;
+            let link = build(&chain)?;
+            match conn.append(link.bytes()).await {
+                Err(ClientError::Service(err))
+                    if err.answer.code == 409
+                        && matches!(
+                            err.answer.name.as_ref(),
+                            "conflict" | "wrong_seq" | "wrong_prev"
+                        )
+                        && tries < APPEND_TRIES =>
+                {
+                    tries += 1;
+                }
+                Err(err) => return Err(Failure::client(err)),
+                Ok(head) => return stored_as_sent(head, &link),
+            }
+        }
+    }
+
     /// Whether plaintext to another machine is allowed: `--allow-plaintext`, or the config's.
     fn plaintext(&self) -> Plaintext {
         if self.plaintext_flag || self.config.allow_plaintext {
@@ -1260,10 +1298,15 @@ impl App {
             ));
         }
         let revoked = device.key;
-        let link = chain
-            .revoke_device_link(kez_client::now(), &key, revoked, reason)
-            .map_err(|err| Failure::new(USAGE, format!("cannot make the revocation: {err}")))?;
-        let head = append_device_link(&conn, &link).await?;
+        let head = self
+            .append_own(&conn, |chain| {
+                chain
+                    .revoke_device_link(kez_client::now(), &key, revoked, reason)
+                    .map_err(|err| {
+                        Failure::new(USAGE, format!("cannot make the revocation: {err}"))
+                    })
+            })
+            .await?;
         say!(
             "Revoked {} ({revoked}) at link {}: it signs nothing for you from now on.",
             display::inline(name),
@@ -1314,24 +1357,28 @@ impl App {
             ));
         }
         let paper = PaperKey::generate();
-        // Made before anything is shown: a name the link cannot carry fails here.
-        let link = chain
-            .add_device_link(
-                kez_client::now(),
-                &key,
-                &paper.secret_key(),
-                &name,
-                DeviceKind::Paper,
-            )
-            .map_err(|err| {
-                Failure::new(
-                    USAGE,
-                    format!(
-                        "cannot add a paper key named {}: {err}; choose another with --name",
-                        display::inline(&name)
-                    ),
+        let link_on = |chain: &VerifiedChain| {
+            chain
+                .add_device_link(
+                    kez_client::now(),
+                    &key,
+                    &paper.secret_key(),
+                    &name,
+                    DeviceKind::Paper,
                 )
-            })?;
+                .map_err(|err| {
+                    Failure::new(
+                        USAGE,
+                        format!(
+                            "cannot add a paper key named {}: {err}; choose another with --name",
+                            display::inline(&name)
+                        ),
+                    )
+                })
+        };
+        // Made once before anything is shown: a name the link cannot carry fails here. It is
+        // made again on the chain as it is once the person has written the words down.
+        link_on(&chain)?;
         say(&format!(
             "Your paper key {name}: write these {PAPER_KEY_WORDS} words down, in order, and keep the paper safe."
         ));
@@ -1374,7 +1421,7 @@ impl App {
                 ),
             ));
         }
-        let head = append_device_link(&conn, &link).await?;
+        let head = self.append_own(&conn, link_on).await?;
         say(&format!(
             "Added paper key {name} ({}) to your sigchain at link {}.",
             paper.secret_key().public_key(),
@@ -2353,6 +2400,14 @@ pub(crate) async fn append_device_link(
     link: &SignedLink,
 ) -> Result<kez_client::ChainHead, Failure> {
     let head = conn.append(link.bytes()).await.map_err(Failure::client)?;
+    stored_as_sent(head, link)
+}
+
+/// The head an append answered, which must be the appended link's.
+fn stored_as_sent(
+    head: kez_client::ChainHead,
+    link: &SignedLink,
+) -> Result<kez_client::ChainHead, Failure> {
     if head.head != link.hash() {
         return Err(Failure::new(
             RUNTIME,

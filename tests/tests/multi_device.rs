@@ -299,3 +299,50 @@ async fn published_files_open_on_every_device_and_any_device_publishes() {
         b"published on the second device"
     );
 }
+
+/// Two devices of alice change her chain at the same moment: each revokes another paper key.
+/// Whichever appends second finds the head moved (a 409) and makes its link again on
+/// the new head, so both revocations land and neither command fails.
+#[tokio::test]
+async fn two_devices_appending_at_once_both_succeed() {
+    let stack = CalloutStack::start().await;
+    let url = stack.nats.url();
+    let (laptop, _bob) = alice_and_bob(&url).await;
+    let words = paper_words(&laptop).await;
+    let desk = Person::new();
+    let recovered = recover(&desk, &url, &words, &["--name", "desk"]).await;
+    assert!(
+        recovered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&recovered.stderr)
+    );
+    for round in 0..2 {
+        let (first, second) = (format!("spare{round}a"), format!("spare{round}b"));
+        for name in [&first, &second] {
+            type_back_a_paper_key(&laptop, &["paperkey", "--name", name]).await;
+        }
+        let (revoke_first, revoke_second) = (
+            ["device", "revoke", first.as_str()],
+            ["device", "revoke", second.as_str()],
+        );
+        let (from_laptop, from_desk) =
+            tokio::join!(laptop.run(&revoke_first), desk.run(&revoke_second));
+        for (who, output) in [("laptop", from_laptop), ("desk", from_desk)] {
+            assert!(
+                output.status.success(),
+                "round {round}: the {who}'s revocation failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let devices = laptop.json(&["devices"]).await;
+        for name in [&first, &second] {
+            let device = devices["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|device| device["name"] == name.as_str())
+                .unwrap_or_else(|| panic!("{name} is not listed: {devices}"));
+            assert_eq!(device["active"], false, "{name}: {device}");
+        }
+    }
+}
