@@ -262,6 +262,24 @@ struct Service {
     running: AtomicUsize,
     stop: watch::Sender<bool>,
     owner: u32,
+    /// The program file it runs, and what identified that file when it started.
+    program: Option<(PathBuf, ProgramFile)>,
+    /// Set when the program file was replaced (an upgrade): the service runs the new one in
+    /// its place once it stopped.
+    upgraded: AtomicBool,
+}
+
+/// What tells one program file from the one that replaced it: device, inode, modification time.
+type ProgramFile = (u64, u64, i64, i64);
+
+fn program_file(path: &Path) -> Option<ProgramFile> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((
+        metadata.dev(),
+        metadata.ino(),
+        metadata.mtime(),
+        metadata.mtime_nsec(),
+    ))
 }
 
 /// `kez-chat service`: runs the service until it is stopped. With `announce`, the one stdout
@@ -351,6 +369,11 @@ pub(crate) async fn serve(home: Home, announce: bool) -> Result<(), Failure> {
         let _ = conn.close().await;
     }
     service.app.held.shutdown_node().await;
+    if service.upgraded.load(Ordering::SeqCst)
+        && let Some((program, _)) = &service.program
+    {
+        run_upgraded(program);
+    }
     Ok(())
 }
 
@@ -442,6 +465,9 @@ async fn start(home: Home) -> Result<(Service, UnixListener, Fetches), Start> {
             ))
         })?
         .uid();
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|path| program_file(&path).map(|file| (path, file)));
     let service = Service {
         home,
         app,
@@ -449,15 +475,20 @@ async fn start(home: Home) -> Result<(Service, UnixListener, Fetches), Start> {
         running: AtomicUsize::new(0),
         stop: watch::channel(false).0,
         owner,
+        program,
+        upgraded: AtomicBool::new(false),
     };
     Ok((service, listener, fetch_rx))
 }
 
 /// Stops the service when its socket is removed or replaced (its home deleted, a second
-/// service forced in by hand): a service nobody can reach has nothing to do.
+/// service forced in by hand): a service nobody can reach has nothing to do. Also when its
+/// program file was replaced (an upgrade) and the new one stayed the same for a check: then
+/// it runs the new program once it stopped, so clients never talk to an older service.
 async fn watch_socket(service: Arc<Service>) {
     let path = socket_path(&service.home);
     let inode = std::fs::metadata(&path).map(|metadata| metadata.ino()).ok();
+    let mut replaced_by = None;
     loop {
         tokio::time::sleep(SOCKET_CHECK).await;
         if std::fs::metadata(&path).map(|metadata| metadata.ino()).ok() != inode {
@@ -465,7 +496,36 @@ async fn watch_socket(service: Arc<Service>) {
             let _ = service.stop.send(true);
             return;
         }
+        let Some((program, started_as)) = &service.program else {
+            continue;
+        };
+        let now_file = program_file(program).filter(|file| file != started_as);
+        if now_file.is_some() && now_file == replaced_by {
+            tracing::warn!(
+                "{} was replaced (an upgrade): restarting the service into it",
+                program.display()
+            );
+            service.upgraded.store(true, Ordering::SeqCst);
+            let _ = service.stop.send(true);
+            return;
+        }
+        replaced_by = now_file;
     }
+}
+
+/// Runs the upgraded program in this process's place (the same pid, so a supervisor such as
+/// systemd sees one service), as it was started; returns only if that fails.
+fn run_upgraded(program: &Path) {
+    use std::os::unix::process::CommandExt;
+    // A client that started this service read its one announce line long ago.
+    let args = std::env::args_os()
+        .skip(1)
+        .filter(|arg| arg != "--announce");
+    let err = std::process::Command::new(program).args(args).exec();
+    tracing::warn!(
+        "cannot run the new {} ({err}): stopped; the next command starts it",
+        program.display()
+    );
 }
 
 /// Hands the live notices (typing, presence) of contacts to the listeners, on whichever

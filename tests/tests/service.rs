@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use kez_tests::callout::CalloutStack;
 use kez_tests::person::{Person, alice_and_bob, kez_chat, stop};
+use kez_tests::process::kez_chat_binary;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -354,4 +355,67 @@ async fn another_local_user_is_refused() {
     let answer: Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(answer["refused"]["code"], "not_owner", "{answer}");
     assert_eq!(service_pid(&alice).await, pid, "the service goes on");
+}
+
+/// An upgrade replaces the kez-chat program while its service runs (a new file renamed over the
+/// old, as installers do): the service notices, stops cleanly and runs the new program in its
+/// place — the same pid, started anew — and the home's commands go on against it.
+#[tokio::test]
+async fn a_replaced_program_restarts_its_service_in_place() {
+    let stack = CalloutStack::start().await;
+    let (alice, _bob) = alice_and_bob(&stack.nats.url()).await;
+    alice.stop_service().await;
+    // The service runs a copy of kez-chat in the test's own directory, which the test replaces.
+    let programs = tempfile::tempdir().unwrap();
+    let program = programs.path().join("kez-chat");
+    std::fs::copy(kez_chat_binary(), &program).unwrap();
+    let started = tokio::process::Command::new(&program)
+        .arg("--home")
+        .arg(&alice.home)
+        .args(["service", "status", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!started.status.success(), "no service runs yet");
+    let output = tokio::process::Command::new(&program)
+        .arg("--home")
+        .arg(&alice.home)
+        .args(["contacts"])
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let before = alice.json(&["service", "status"]).await;
+    // The next second, so the new start is told from the old one.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let upgrade = programs.path().join("kez-chat.new");
+    std::fs::copy(kez_chat_binary(), &upgrade).unwrap();
+    std::fs::rename(&upgrade, &program).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let output = alice.run(&["service", "status", "--json"]).await;
+        if output.status.success() {
+            let status: Value = serde_json::from_slice(&output.stdout).unwrap();
+            if status["since"] != before["since"] {
+                break status;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service did not restart into the new program within 20 s:\n{}",
+            alice.service_log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        after["pid"], before["pid"],
+        "the same process runs the new program"
+    );
+    let log = alice.service_log();
+    assert!(log.contains("was replaced (an upgrade)"), "{log}");
+    assert!(
+        alice.ok(&["contacts"]).await.contains("@bob@kez.test"),
+        "commands go on"
+    );
+    alice.stop_service().await;
 }
