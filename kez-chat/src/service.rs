@@ -39,6 +39,8 @@ use crate::{App, Cli, FETCH_MAX, LISTEN_WAIT, Sender};
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the service checks that its socket is still there.
 const SOCKET_CHECK: Duration = Duration::from_secs(2);
+/// How long a stopping service tries to say "offline" and close its connection.
+const GOODBYE_LIMIT: Duration = Duration::from_secs(3);
 /// How long a stopping service lets running commands finish.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// How long a client waits for a service it started (or saw starting) to answer.
@@ -355,18 +357,28 @@ pub(crate) async fn serve(home: Home, announce: bool) -> Result<(), Failure> {
     watchdog.abort();
     purger.abort();
     live.abort();
-    let _ = receiver.await;
-    if let Some((_, conn)) = service.app.held.conn.lock().await.take() {
-        if let Ok(store) = service.app.store() {
-            crate::chat::announce_presence(
-                &service.app,
-                &store,
-                &conn,
-                kez_core::chat::PresenceState::Offline,
-            )
-            .await;
+    // Saying goodbye is bounded: a broker that is gone would otherwise keep a stopping
+    // service waiting for a connect, a publish or a flush that never ends.
+    let goodbye = async {
+        let _ = receiver.await;
+        if let Some((_, conn)) = service.app.held.conn.lock().await.take() {
+            if let Ok(store) = service.app.store() {
+                crate::chat::announce_presence(
+                    &service.app,
+                    &store,
+                    &conn,
+                    kez_core::chat::PresenceState::Offline,
+                )
+                .await;
+            }
+            let _ = conn.close().await;
         }
-        let _ = conn.close().await;
+    };
+    if tokio::time::timeout(GOODBYE_LIMIT, goodbye).await.is_err() {
+        tracing::warn!(
+            "the broker did not answer within {} s: stopped without closing the connection",
+            GOODBYE_LIMIT.as_secs()
+        );
     }
     service.app.held.shutdown_node().await;
     if service.upgraded.load(Ordering::SeqCst)
@@ -826,11 +838,13 @@ async fn answer(service: Arc<Service>, stream: UnixStream) {
 
 async fn service_status(service: &Service) -> Status {
     let held = &service.app.held;
-    let connected = match &*held.conn.lock().await {
-        Some((_, conn)) => {
+    // Not waited for while a connection is being made (a broker that is gone can take its
+    // connect timeout): then it is not connected.
+    let connected = match held.conn.try_lock().as_deref() {
+        Ok(Some((_, conn))) => {
             conn.nats().connection_state() == async_nats::connection::State::Connected
         }
-        None => false,
+        _ => false,
     };
     Status {
         pid: std::process::id(),

@@ -419,3 +419,36 @@ async fn a_replaced_program_restarts_its_service_in_place() {
     );
     alice.stop_service().await;
 }
+
+/// A service whose broker is gone for good (the server machine died, a test's broker ended)
+/// still stops at once when asked: its status does not wait for a connect in progress, and
+/// saying "offline" and closing the connection are bounded (3 s). It took over 10 s before.
+#[tokio::test]
+async fn a_service_stops_when_its_broker_is_gone() {
+    let stack = CalloutStack::start().await;
+    let (alice, _bob) = alice_and_bob(&stack.nats.url()).await;
+    alice.ok(&["settings", "presence", "on"]).await;
+    let pid = service_pid(&alice).await;
+    drop(stack);
+    let started = tokio::time::Instant::now();
+    let stopped = alice.run(&["service", "stop"]).await;
+    assert!(stopped.status.success(), "{stopped:?}");
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .is_ok_and(|status| status.contains("State:\tZ"));
+        if zombie {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "the service still runs 8 s after `service stop`:\n{}",
+            alice.service_log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "`service stop` took {:?} to end a service whose broker is gone",
+        started.elapsed()
+    );
+}
