@@ -6,6 +6,7 @@ use kez_core::sigchain::MAX_LINK_BYTES;
 use kez_proto::answer::{
     ChainPage, HandleRecord, HeadAnswer, Limits, PinInfo, Profile, ServerInfo,
 };
+use kez_proto::federation::not_federated;
 use kez_proto::registry::REGISTRATION_WINDOW_SECS;
 use kez_proto::request::{MAX_CHAIN_PAGE_BYTES, MAX_REQUEST_BYTES, Request};
 use kez_proto::{Endpoint, ErrorAnswer};
@@ -109,6 +110,15 @@ pub async fn handle(
             };
             answer(&record)
         }
+        Request::Lookup(handle) if handle.domain() != ctx.domain => {
+            Err(not_federated(handle.domain(), &ctx.domain))
+        }
+        Request::Whois(_, Some(domain))
+        | Request::Head(_, Some(domain))
+        | Request::GetChain {
+            domain: Some(domain),
+            ..
+        } => Err(not_federated(&domain, &ctx.domain)),
         Request::Lookup(handle) => {
             let record = ctx
                 .store
@@ -117,7 +127,7 @@ pub async fn handle(
                 .ok_or_else(|| ErrorAnswer::not_found(format!("{handle} is not registered")))?;
             profile(ctx, record).await
         }
-        Request::Whois(key) => {
+        Request::Whois(key, None) => {
             let record = match ctx.store.whois(key).await? {
                 Some(record) => Some(record),
                 // An active device answers for its identity: the asker checks that the
@@ -141,7 +151,11 @@ pub async fn handle(
             let head = ctx.store.append(body).await?;
             answer(&head)
         }
-        Request::GetChain { key, from_seq } => {
+        Request::GetChain {
+            key,
+            from_seq,
+            domain: None,
+        } => {
             let (links, more) = ctx
                 .store
                 .links_page(key, from_seq, MAX_CHAIN_PAGE_BYTES)
@@ -165,7 +179,7 @@ pub async fn handle(
                 more,
             })
         }
-        Request::Head(key) => {
+        Request::Head(key, None) => {
             let head = ctx.store.head(key).await?.ok_or_else(|| {
                 ErrorAnswer::not_found(format!("{key} has no sigchain on this server"))
             })?;
@@ -189,6 +203,7 @@ pub async fn handle(
                 provider: pin.provider(),
                 quota_bytes: pin.quota_bytes(),
             }),
+            federation: None,
         }),
         Request::Pin(request) => {
             let Some(pinning) = &ctx.pin else {
@@ -203,6 +218,12 @@ pub async fn handle(
         Request::MailSend(request) => {
             crate::mail::send(&ctx.store, &ctx.limiters, &ctx.mail, caller, &request).await
         }
+        Request::MailRelay(request) => Err(not_federated(&request.domain, &ctx.domain)),
+        Request::MailDeliver(_) => Err(ErrorAnswer::new(
+            403,
+            "forbidden",
+            "only a peer server may deliver mail here",
+        )),
         Request::PairPut(request) => ctx.relay.put(&ctx.store, caller, &request, now).await,
         Request::PairGet(request) => ctx.relay.get(caller, &request, now).await,
         Request::MailFetch(request) => {

@@ -389,7 +389,7 @@ fn not_found(message: impl Into<String>) -> Refusal {
 
 /// The JRD for a WebFinger query, or why there is none.
 async fn webfinger(context: &Context, query: Option<&str>) -> Result<Vec<u8>, Refusal> {
-    let (handle, rels) = webfinger::account(query, &context.domain).map_err(|refusal| {
+    let (asked, rels) = webfinger::account(query, &context.domain).map_err(|refusal| {
         let status = match refusal {
             webfinger::Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
             webfinger::Refusal::NotFound(_) => StatusCode::NOT_FOUND,
@@ -409,6 +409,9 @@ async fn webfinger(context: &Context, query: Option<&str>) -> Result<Vec<u8>, Re
             StatusCode::SERVICE_UNAVAILABLE,
             "storage unavailable; retry".to_owned(),
         )
+    };
+    let webfinger::Asked::User(handle) = asked else {
+        return Err(not_found("this server does not federate"));
     };
     let record = context
         .store

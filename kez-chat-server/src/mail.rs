@@ -221,7 +221,7 @@ pub async fn fetch(
     if let Some(last) = read.messages.last() {
         floors.saw(last.seq);
     }
-    Ok(FetchAnswer::encode(read.pending, &read.fetched()).into())
+    Ok(FetchAnswer::encode(read.pending, &read.fetched(), request.origins).into())
 }
 
 /// The key of the connection that sent a request: the callout names every user by its key's

@@ -1334,6 +1334,7 @@ impl InboxRead {
                 seq: message.seq,
                 time: message.time,
                 envelope: &message.envelope,
+                origin: None,
             })
             .collect()
     }

@@ -614,9 +614,14 @@ fn assert_no_errors(
 
 /// A `kez.mail.fetch` body: the floor `after`, stored at `time` (µs).
 fn fetch_body(after: u64, max: u32, time: u64) -> Bytes {
-    serde_json::to_vec(&FetchRequest { after, max, time })
-        .unwrap()
-        .into()
+    serde_json::to_vec(&FetchRequest {
+        after,
+        max,
+        time,
+        origins: false,
+    })
+    .unwrap()
+    .into()
 }
 
 /// A decoded fetch answer: the time of its last message (the floor's `time` for the next
@@ -624,7 +629,7 @@ fn fetch_body(after: u64, max: u32, time: u64) -> Bytes {
 type Fetched = (u64, u64, Vec<(u64, Vec<u8>)>);
 
 fn decode_fetch(body: &[u8]) -> Fetched {
-    let answer = FetchAnswer::decode(body).expect("a fetch answer decodes");
+    let answer = FetchAnswer::decode(body, false).expect("a fetch answer decodes");
     (
         answer.messages.last().map_or(0, |message| message.time),
         answer.pending,

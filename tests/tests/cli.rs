@@ -708,6 +708,7 @@ async fn a_crash_before_storing_loses_nothing_and_shows_once() {
         after: 0,
         max: 10,
         time: 0,
+        origins: false,
     };
     let answer = kez_tests::kez_server::call(
         &conn,
@@ -716,7 +717,7 @@ async fn a_crash_before_storing_loses_nothing_and_shows_once() {
     )
     .await
     .unwrap();
-    let fetched = kez_proto::mail::FetchAnswer::decode(&answer).unwrap();
+    let fetched = kez_proto::mail::FetchAnswer::decode(&answer, false).unwrap();
     assert_eq!(
         fetched.messages.len(),
         3,

@@ -167,6 +167,7 @@ async fn crash_while_receiving(
         after: floor.seq,
         max: 20,
         time: floor.time,
+        origins: false,
     };
     let answer = tokio::time::timeout(
         Duration::from_secs(5),
@@ -190,7 +191,7 @@ async fn crash_while_receiving(
         // No answer or an error answer (a server or the broker is down): nothing in hand.
         _ => return false,
     };
-    let fetched = FetchAnswer::decode(&body).expect("a fetch answer");
+    let fetched = FetchAnswer::decode(&body, false).expect("a fetch answer");
     let Some(last) = fetched.messages.last() else {
         return false;
     };

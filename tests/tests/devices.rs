@@ -113,12 +113,13 @@ async fn inbox(client: &Client) -> Vec<Vec<u8>> {
         after: 0,
         max: 256,
         time: 0,
+        origins: false,
     })
     .unwrap();
     let answer = call(client, "kez.mail.fetch", body)
         .await
         .expect("the fetch is answered");
-    let decoded = FetchAnswer::decode(&answer).expect("a fetch answer decodes");
+    let decoded = FetchAnswer::decode(&answer, false).expect("a fetch answer decodes");
     decoded
         .messages
         .iter()
@@ -200,6 +201,7 @@ async fn a_revoked_device_is_refused_at_connect_and_as_a_recipient() {
         after: 0,
         max: 1,
         time: 0,
+        origins: false,
     })
     .unwrap();
     assert_eq!(
@@ -528,6 +530,7 @@ async fn a_config_without_the_system_user_still_serves_and_refuses_revoked_devic
         after: 0,
         max: 1,
         time: 0,
+        origins: false,
     })
     .unwrap();
     assert_eq!(

@@ -40,7 +40,13 @@ async fn stack_with(limits: Limits) -> CalloutStack {
 
 /// A fetch request body.
 fn body(after: u64, max: u32, time: u64) -> Vec<u8> {
-    serde_json::to_vec(&FetchRequest { after, max, time }).unwrap()
+    serde_json::to_vec(&FetchRequest {
+        after,
+        max,
+        time,
+        origins: false,
+    })
+    .unwrap()
 }
 
 /// One message of a fetch answer, owned.
@@ -111,7 +117,7 @@ async fn call_within(
 /// Sends `body` to `kez.mail.fetch` and decodes the answer.
 async fn fetch_body(client: &Client, body: impl Into<Bytes>) -> Result<Answer, ServiceError> {
     let answer = call_within(client, FETCH, body).await?;
-    let decoded = FetchAnswer::decode(&answer).expect("a fetch answer decodes");
+    let decoded = FetchAnswer::decode(&answer, false).expect("a fetch answer decodes");
     Ok(Answer {
         pending: decoded.pending,
         messages: decoded
@@ -1275,7 +1281,7 @@ async fn a_fetch_flood_gets_429_while_other_users_fetch_on() {
         let headers = answer.headers.as_ref();
         match headers.and_then(|headers| headers.get("Nats-Service-Error-Code")) {
             None => {
-                let fetched = FetchAnswer::decode(&answer.payload).unwrap();
+                let fetched = FetchAnswer::decode(&answer.payload, false).unwrap();
                 let seqs: Vec<u64> = fetched.messages.iter().map(|m| m.seq).collect();
                 assert_eq!(seqs, [mallory_seq], "mallory reads only her own inbox");
                 ok += 1;

@@ -705,7 +705,13 @@ impl Connection {
         key: &PublicKey,
     ) -> Result<(Profile, Option<VerifiedChain>), ClientError> {
         let profile: Profile = self
-            .call_json(Endpoint::Whois, request_body(&KeyRequest { key: *key }))
+            .call_json(
+                Endpoint::Whois,
+                request_body(&KeyRequest {
+                    key: *key,
+                    domain: None,
+                }),
+            )
             .await?;
         if profile.key == *key {
             return Ok((profile, None));
@@ -732,7 +738,13 @@ impl Connection {
     /// The head of `key`'s chain (`kez.sigchain.head`); `not_found` when it has none.
     pub async fn head(&self, key: &PublicKey) -> Result<ChainHead, ClientError> {
         let answer: HeadAnswer = self
-            .call_json(Endpoint::Head, request_body(&KeyRequest { key: *key }))
+            .call_json(
+                Endpoint::Head,
+                request_body(&KeyRequest {
+                    key: *key,
+                    domain: None,
+                }),
+            )
             .await?;
         if answer.key != *key {
             return Err(ClientError::BadAnswer {
@@ -778,6 +790,7 @@ impl Connection {
             let request = GetChainRequest {
                 key: *key,
                 from_seq,
+                domain: None,
             };
             let page: ChainPage = self
                 .call_json(Endpoint::GetChain, request_body(&request))
@@ -1101,6 +1114,7 @@ impl Connection {
                 after: floor.seq,
                 max: want,
                 time: floor.time,
+                origins: false,
             };
             let answer = match self.call(Endpoint::MailFetch, request_body(&request)).await {
                 Ok(answer) => answer,
@@ -1267,7 +1281,7 @@ fn open_fetched(
     floor: InboxFloor,
     answer: &[u8],
 ) -> Result<Option<OpenedBatch>, String> {
-    let fetched = FetchAnswer::decode(answer)
+    let fetched = FetchAnswer::decode(answer, request.origins)
         .map_err(|err| err.to_string())
         .and_then(|fetched| check_fetch(request, fetched))?;
     let Some(last) = fetched.messages.last() else {
@@ -1418,6 +1432,7 @@ mod tests {
                 // Times need not rise with sequences (a cluster's nodes disagree).
                 time: if n == 3 { 9_000 } else { 5_000 + n as u64 },
                 envelope,
+                origin: None,
             })
             .collect();
         fetched.insert(
@@ -1426,16 +1441,18 @@ mod tests {
                 seq: 29,
                 time: 5_100,
                 envelope: &garbage,
+                origin: None,
             },
         );
         for (n, message) in fetched.iter_mut().enumerate() {
             message.seq = 10 + n as u64;
         }
-        let answer = FetchAnswer::encode(0, &fetched);
+        let answer = FetchAnswer::encode(0, &fetched, false);
         let request = FetchRequest {
             after: 9,
             max: 256,
             time: 4_000,
+            origins: false,
         };
         let floor = InboxFloor {
             seq: 9,
@@ -1458,7 +1475,7 @@ mod tests {
             }
         );
 
-        let empty = FetchAnswer::encode(0, &[]);
+        let empty = FetchAnswer::encode(0, &[], false);
         assert!(
             open_fetched(&bob, &request, floor, &empty)
                 .unwrap()

@@ -24,8 +24,9 @@ pub use core_targets::{
 };
 pub use jwt::callout_jwt;
 pub use server::{
-    mail_fetch_answer, server_append, server_get, server_head, server_info, server_lookup,
-    server_mail_fetch, server_mail_send, server_pair, server_pin, server_register, server_whois,
+    mail_fetch_answer, mail_fetch_origins, server_append, server_discovery, server_get,
+    server_head, server_info, server_lookup, server_mail_deliver, server_mail_fetch,
+    server_mail_relay, server_mail_send, server_pair, server_pin, server_register, server_whois,
     webfinger_query,
 };
 
@@ -57,6 +58,10 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_mail_send", server_mail_send),
     ("server_mail_fetch", server_mail_fetch),
     ("mail_fetch_answer", mail_fetch_answer),
+    ("mail_fetch_origins", mail_fetch_origins),
+    ("server_mail_relay", server_mail_relay),
+    ("server_mail_deliver", server_mail_deliver),
+    ("server_discovery", server_discovery),
     ("server_pin", server_pin),
     ("server_pair", server_pair),
     ("webfinger_query", webfinger_query),

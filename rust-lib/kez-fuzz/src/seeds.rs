@@ -258,10 +258,15 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             br#"{"handle":"alice"}"#.to_vec(),
             br#"{"handle":"@bob@kez.lat"}"#.to_vec(),
         ],
-        "server_whois" | "server_head" => vec![json!({ "key": alice }).to_string().into_bytes()],
+        "server_whois" | "server_head" => vec![
+            json!({ "key": alice }).to_string().into_bytes(),
+            json!({ "key": bob, "domain": "b.localhost" })
+                .to_string()
+                .into_bytes(),
+        ],
         "server_get" => vec![
             json!({ "key": alice }).to_string().into_bytes(),
-            json!({ "key": bob, "from_seq": 3 })
+            json!({ "key": bob, "from_seq": 3, "domain": "b.localhost" })
                 .to_string()
                 .into_bytes(),
         ],
@@ -277,10 +282,11 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             br#"{"after":0,"max":64,"time":0}"#.to_vec(),
             br#"{"after":41,"max":256,"time":1764900000123456}"#.to_vec(),
         ],
-        "mail_fetch_answer" => {
+        "mail_fetch_answer" | "mail_fetch_origins" => {
             use kez_proto::mail::{FetchAnswer, Fetched};
+            let origins = name == "mail_fetch_origins";
             vec![
-                FetchAnswer::encode(0, &[]),
+                FetchAnswer::encode(0, &[], origins),
                 FetchAnswer::encode(
                     3,
                     &[
@@ -288,16 +294,42 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                             seq: 7,
                             time: 1_764_900_000_123_456,
                             envelope: b"sealed",
+                            origin: None,
                         },
                         Fetched {
                             seq: 9,
                             time: 1_764_900_000_123_999,
                             envelope: &[0; 200],
+                            origin: origins.then_some("a.localhost"),
                         },
                     ],
+                    origins,
                 ),
             ]
         }
+        "server_mail_relay" => {
+            let id = kez_core::envelope::MessageId::from_bytes([7; 16]);
+            let frame = kez_proto::mail::SendRequest::encode(&bob, &id, b"sealed");
+            vec![
+                kez_proto::federation::RelayRequest::encode("b.localhost", &frame),
+                kez_proto::federation::RelayRequest::encode("example.org", &frame),
+            ]
+        }
+        "server_mail_deliver" => {
+            let id = kez_core::envelope::MessageId::from_bytes([7; 16]);
+            vec![kez_proto::mail::SendRequest::encode(&bob, &id, b"sealed")]
+        }
+        "server_discovery" => vec![
+            serde_json::to_vec(
+                &kez_proto::federation::ServerDiscovery {
+                    domain: "b.localhost".into(),
+                    key: bob,
+                    nats_url: "nats://127.0.0.1:4333".into(),
+                }
+                .jrd(),
+            )
+            .expect("encodes"),
+        ],
         "server_pair" => {
             let device = keys::bob().public_key();
             let nonce = "0123456789abcdef0123456789abcdef";

@@ -41,8 +41,8 @@ pub fn server_register(data: &[u8]) -> bool {
     true
 }
 
-/// `kez.registry.lookup`. Asserts: an accepted handle is on [`DOMAIN`], and its full form
-/// decodes to the same handle.
+/// `kez.registry.lookup`. Asserts: an accepted handle's full form decodes to the same handle
+/// (another domain's too: the server asks that domain's server).
 pub fn server_lookup(data: &[u8]) -> bool {
     let Some(request) = decode(Endpoint::Lookup, data) else {
         return false;
@@ -50,7 +50,6 @@ pub fn server_lookup(data: &[u8]) -> bool {
     let Request::Lookup(handle) = request else {
         panic!("lookup decoded as {request:?}");
     };
-    assert_eq!(handle.domain(), DOMAIN);
     let again =
         serde_json::to_vec(&serde_json::json!({ "handle": handle.to_string() })).expect("encodes");
     assert!(matches!(decode(Endpoint::Lookup, &again), Some(Request::Lookup(h)) if h == handle));
@@ -68,15 +67,24 @@ pub fn server_head(data: &[u8]) -> bool {
 }
 
 fn key_request(route: Endpoint, data: &[u8]) -> bool {
-    let key = match decode(route, data) {
+    let (key, domain) = match decode(route, data) {
         None => return false,
-        Some(Request::Whois(key) | Request::Head(key)) => key,
+        Some(Request::Whois(key, domain) | Request::Head(key, domain)) => (key, domain),
         Some(other) => panic!("{route:?} decoded as {other:?}"),
     };
-    let again = serde_json::to_vec(&serde_json::json!({ "key": key })).expect("encodes");
+    assert_ne!(
+        domain.as_deref(),
+        Some(DOMAIN),
+        "the served domain is no remote"
+    );
+    let again = serde_json::to_vec(&kez_proto::request::KeyRequest {
+        key,
+        domain: domain.clone(),
+    })
+    .expect("encodes");
     assert!(matches!(
         decode(route, &again),
-        Some(Request::Whois(k) | Request::Head(k)) if k == key
+        Some(Request::Whois(k, d) | Request::Head(k, d)) if k == key && d == domain
     ));
     true
 }
@@ -100,15 +108,24 @@ pub fn server_get(data: &[u8]) -> bool {
     let Some(request) = decode(Endpoint::GetChain, data) else {
         return false;
     };
-    let Request::GetChain { key, from_seq } = request else {
+    let Request::GetChain {
+        key,
+        from_seq,
+        domain,
+    } = request
+    else {
         panic!("get decoded as {request:?}");
     };
     assert!(from_seq >= 1);
-    let again = serde_json::to_vec(&serde_json::json!({ "key": key, "from_seq": from_seq }))
-        .expect("encodes");
+    let again = serde_json::to_vec(&kez_proto::request::GetChainRequest {
+        key,
+        from_seq,
+        domain: domain.clone(),
+    })
+    .expect("encodes");
     assert!(matches!(
         decode(Endpoint::GetChain, &again),
-        Some(Request::GetChain { key: k, from_seq: s }) if k == key && s == from_seq
+        Some(Request::GetChain { key: k, from_seq: s, domain: d }) if k == key && s == from_seq && d == domain
     ));
     true
 }
@@ -138,6 +155,57 @@ pub fn server_mail_send(data: &[u8]) -> bool {
     true
 }
 
+/// `kez.mail.relay`. Asserts: an accepted request names a normalised domain and re-encodes
+/// to its exact bytes.
+pub fn server_mail_relay(data: &[u8]) -> bool {
+    let Some(request) = decode(Endpoint::MailRelay, data) else {
+        return false;
+    };
+    let Request::MailRelay(relay) = request else {
+        panic!("mail relay decoded as {request:?}");
+    };
+    assert_eq!(
+        kez_core::handle::parse_domain(&relay.domain).as_deref(),
+        Ok(relay.domain.as_str())
+    );
+    let frame =
+        kez_proto::mail::SendRequest::encode(&relay.send.to, &relay.send.id, relay.send.envelope);
+    assert_eq!(
+        kez_proto::federation::RelayRequest::encode(&relay.domain, &frame),
+        data
+    );
+    true
+}
+
+/// `kez.mail.deliver` (a peer server's request). Asserts: it is a send request's frame.
+pub fn server_mail_deliver(data: &[u8]) -> bool {
+    let Some(request) = decode(Endpoint::MailDeliver, data) else {
+        return false;
+    };
+    let Request::MailDeliver(send) = request else {
+        panic!("mail deliver decoded as {request:?}");
+    };
+    assert_eq!(
+        kez_proto::mail::SendRequest::encode(&send.to, &send.id, send.envelope),
+        data
+    );
+    true
+}
+
+/// A peer server's WebFinger answer about itself, as the discovery reads it for
+/// `b.localhost`. Asserts: what it accepts names that domain and a valid key, and its JRD reads
+/// back the same.
+pub fn server_discovery(data: &[u8]) -> bool {
+    use kez_proto::federation::ServerDiscovery;
+    let Ok(found) = ServerDiscovery::from_jrd("b.localhost", data) else {
+        return false;
+    };
+    assert_eq!(found.domain, "b.localhost");
+    let again = serde_json::to_vec(&found.jrd()).expect("encodes");
+    assert_eq!(ServerDiscovery::from_jrd("b.localhost", &again), Ok(found));
+    true
+}
+
 /// `kez.mail.fetch`. Asserts: an accepted request is within its bounds, and its JSON decodes
 /// again to the same request.
 pub fn server_mail_fetch(data: &[u8]) -> bool {
@@ -158,8 +226,18 @@ pub fn server_mail_fetch(data: &[u8]) -> bool {
 /// Asserts: an accepted answer's messages ascend, are within the size and count bounds, and
 /// encode back to the same bytes.
 pub fn mail_fetch_answer(data: &[u8]) -> bool {
+    fetch_answer(data, false)
+}
+
+/// A `kez.mail.fetch` answer with origins (a federating client's fetch). Asserts as
+/// [`mail_fetch_answer`], and every origin is a normalised domain.
+pub fn mail_fetch_origins(data: &[u8]) -> bool {
+    fetch_answer(data, true)
+}
+
+fn fetch_answer(data: &[u8], origins: bool) -> bool {
     use kez_proto::mail::{FetchAnswer, MAX_FETCH_MESSAGES};
-    let Ok(answer) = FetchAnswer::decode(data) else {
+    let Ok(answer) = FetchAnswer::decode(data, origins) else {
         return false;
     };
     assert!(answer.messages.len() <= MAX_FETCH_MESSAGES as usize);
@@ -173,7 +251,16 @@ pub fn mail_fetch_answer(data: &[u8]) -> bool {
         !message.envelope.is_empty()
             && message.envelope.len() <= kez_core::envelope::MAX_ENVELOPE_BYTES
     }));
-    assert_eq!(FetchAnswer::encode(answer.pending, &answer.messages), data);
+    assert!(answer.messages.iter().all(|message| {
+        message
+            .origin
+            .is_none_or(|origin| kez_core::handle::parse_domain(origin).as_deref() == Ok(origin))
+            && (origins || message.origin.is_none())
+    }));
+    assert_eq!(
+        FetchAnswer::encode(answer.pending, &answer.messages, origins),
+        data
+    );
     true
 }
 
@@ -243,12 +330,18 @@ pub fn webfinger_query(data: &[u8]) -> bool {
     let Ok(query) = std::str::from_utf8(data) else {
         return false;
     };
-    let Ok((handle, _rels)) = kez_proto::webfinger::account(Some(query), DOMAIN) else {
+    use kez_proto::webfinger::{Asked, account};
+    let Ok((asked, _rels)) = account(Some(query), DOMAIN) else {
         return false;
     };
-    assert_eq!(handle.domain(), DOMAIN);
-    let plain = format!("resource=acct:{}@{}", handle.name(), handle.domain());
-    let (again, rels) = kez_proto::webfinger::account(Some(&plain), DOMAIN).expect("accepted");
-    assert_eq!((again, rels.len()), (handle, 0));
+    let plain = match &asked {
+        Asked::User(handle) => {
+            assert_eq!(handle.domain(), DOMAIN);
+            format!("resource=acct:{}@{}", handle.name(), handle.domain())
+        }
+        Asked::Server => format!("resource=acct:kez@{DOMAIN}"),
+    };
+    let (again, rels) = account(Some(&plain), DOMAIN).expect("accepted");
+    assert_eq!((again, rels.len()), (asked, 0));
     true
 }

@@ -88,6 +88,17 @@ pub struct ServerInfo {
     /// Pinning, when the server offers it (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<PinInfo>,
+    /// Federation, when the server talks to other servers (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federation: Option<FederationInfo>,
+}
+
+/// What a federating server announces in [`ServerInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FederationInfo {
+    /// The server key: it connects to peers with it, and seals bounces with it (PROTOCOL.md
+    /// §14.4), so a client believes a bounce only from this key.
+    pub key: PublicKey,
 }
 
 /// The limits a server announces in [`ServerInfo`].

@@ -38,11 +38,15 @@ pub enum Endpoint {
     PairPut,
     /// `kez.pair.get`
     PairGet,
+    /// `kez.mail.relay`: a client hands its home server an envelope for another domain.
+    MailRelay,
+    /// `kez.mail.deliver`: a peer server hands over an envelope for a user here.
+    MailDeliver,
 }
 
 impl Endpoint {
     /// Every endpoint, in a fixed order (metrics index by it).
-    pub const ALL: [Endpoint; 16] = [
+    pub const ALL: [Endpoint; 18] = [
         Endpoint::Register,
         Endpoint::Lookup,
         Endpoint::Whois,
@@ -59,6 +63,8 @@ impl Endpoint {
         Endpoint::MailFetch,
         Endpoint::PairPut,
         Endpoint::PairGet,
+        Endpoint::MailRelay,
+        Endpoint::MailDeliver,
     ];
 
     /// The endpoint's position in [`Endpoint::ALL`].
@@ -85,16 +91,23 @@ impl Endpoint {
             Endpoint::MailFetch => "kez.mail.fetch",
             Endpoint::PairPut => "kez.pair.put",
             Endpoint::PairGet => "kez.pair.get",
+            Endpoint::MailRelay => "kez.mail.relay",
+            Endpoint::MailDeliver => "kez.mail.deliver",
         }
     }
 
     /// Whether requests count against the caller's per-key request limit (PROTOCOL.md §5.5):
     /// every `kez.registry.*`, `kez.sigchain.*`, `kez.pin.*` and `kez.mail.fetch` request.
-    /// `kez.mail.send` has budgets of its own (messages and bytes per sender).
+    /// `kez.mail.send` and `kez.mail.relay` have budgets of their own (messages and bytes per
+    /// sender), `kez.mail.deliver` per peer domain.
     pub fn is_rate_limited(self) -> bool {
         !matches!(
             self,
-            Endpoint::Info | Endpoint::Authorize | Endpoint::MailSend
+            Endpoint::Info
+                | Endpoint::Authorize
+                | Endpoint::MailSend
+                | Endpoint::MailRelay
+                | Endpoint::MailDeliver
         )
     }
 }
@@ -176,8 +189,13 @@ pub const PIN_SERVICE: ServiceSpec = ServiceSpec {
 pub const MAIL_SERVICE: ServiceSpec = ServiceSpec {
     name: "kez-mail",
     prefix: "kez.mail",
-    description: "Mail: store a sealed envelope in a registered recipient's inbox; fetch the own",
-    endpoints: &[Endpoint::MailSend, Endpoint::MailFetch],
+    description: "Mail: store a sealed envelope in a registered recipient's inbox; fetch the own; relay to and take from other servers",
+    endpoints: &[
+        Endpoint::MailSend,
+        Endpoint::MailFetch,
+        Endpoint::MailRelay,
+        Endpoint::MailDeliver,
+    ],
 };
 
 /// `kez.pair.*`: the pairing relay (PROTOCOL.md §5.6).
@@ -246,7 +264,13 @@ mod tests {
             .collect();
         assert_eq!(
             exempt,
-            [Endpoint::Info, Endpoint::Authorize, Endpoint::MailSend]
+            [
+                Endpoint::Info,
+                Endpoint::Authorize,
+                Endpoint::MailSend,
+                Endpoint::MailRelay,
+                Endpoint::MailDeliver
+            ]
         );
     }
 }

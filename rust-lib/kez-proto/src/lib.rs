@@ -9,6 +9,7 @@
 pub mod answer;
 pub mod endpoint;
 pub mod error;
+pub mod federation;
 pub mod mail;
 pub mod pair;
 pub mod pin;

@@ -119,6 +119,10 @@ pub struct FetchRequest {
     /// When the message at `after` was stored, microseconds since the Unix epoch, from the
     /// answer that brought it (0 with `after` 0).
     pub time: u64,
+    /// Whether each message of the answer names the peer domain it came from (PROTOCOL.md
+    /// §6.3, §14.5): a client that federates asks for it. Absent: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub origins: bool,
 }
 
 impl FetchRequest {
@@ -157,6 +161,9 @@ pub struct Fetched<'a> {
     pub time: u64,
     /// The sealed envelope (PROTOCOL.md §8), as the sender handed it over.
     pub envelope: &'a [u8],
+    /// The domain of the peer server that handed it over (`None`: a sender of this server),
+    /// only in an answer to a fetch with `origins`.
+    pub origin: Option<&'a str>,
 }
 
 /// A decoded `kez.mail.fetch` answer.
@@ -191,15 +198,23 @@ pub enum FetchAnswerError {
     /// More messages than any fetch may carry.
     #[error("the fetch answer holds more than {MAX_FETCH_MESSAGES} messages")]
     TooMany,
+    /// The frame starting at this byte names an origin that is not a normalised domain.
+    #[error("the fetch answer's frame at byte {0} names an origin that is not a domain")]
+    BadOrigin(usize),
 }
 
 impl<'a> FetchAnswer<'a> {
-    /// The answer body: `pending`, then each message framed.
-    pub fn encode(pending: u64, messages: &[Fetched<'_>]) -> Vec<u8> {
+    /// The answer body: `pending`, then each message framed; with `origins` (the request's),
+    /// each frame names its origin (a length byte, then the domain; 0 for none).
+    pub fn encode(pending: u64, messages: &[Fetched<'_>], origins: bool) -> Vec<u8> {
         let size = FETCH_HEADER_LEN
             + messages
                 .iter()
-                .map(|message| FETCH_FRAME_LEN + message.envelope.len())
+                .map(|message| {
+                    FETCH_FRAME_LEN
+                        + message.envelope.len()
+                        + usize::from(origins) * (1 + message.origin.map_or(0, str::len))
+                })
                 .sum::<usize>();
         let mut body = Vec::with_capacity(size);
         body.extend_from_slice(&pending.to_be_bytes());
@@ -208,13 +223,19 @@ impl<'a> FetchAnswer<'a> {
             body.extend_from_slice(&message.seq.to_be_bytes());
             body.extend_from_slice(&message.time.to_be_bytes());
             body.extend_from_slice(&length.to_be_bytes());
+            if origins {
+                let origin = message.origin.unwrap_or_default();
+                body.push(u8::try_from(origin.len()).expect("a domain is at most 253 bytes"));
+                body.extend_from_slice(origin.as_bytes());
+            }
             body.extend_from_slice(message.envelope);
         }
         body
     }
 
-    /// Reads an answer body, checking every frame (sequences ascending, sizes in bounds).
-    pub fn decode(body: &'a [u8]) -> Result<FetchAnswer<'a>, FetchAnswerError> {
+    /// Reads an answer body, checking every frame (sequences ascending, sizes in bounds);
+    /// `origins` as the request asked.
+    pub fn decode(body: &'a [u8], origins: bool) -> Result<FetchAnswer<'a>, FetchAnswerError> {
         let (header, mut rest) = body
             .split_first_chunk::<FETCH_HEADER_LEN>()
             .ok_or(FetchAnswerError::Truncated(0))?;
@@ -231,6 +252,30 @@ impl<'a> FetchAnswer<'a> {
             if length == 0 || length as usize > MAX_ENVELOPE_BYTES {
                 return Err(FetchAnswerError::BadLength(length));
             }
+            let (origin, after_frame) = match origins {
+                false => (None, after_frame),
+                true => {
+                    let (&origin_length, rest) = after_frame
+                        .split_first()
+                        .ok_or(FetchAnswerError::Truncated(at))?;
+                    if rest.len() < usize::from(origin_length) {
+                        return Err(FetchAnswerError::Truncated(at));
+                    }
+                    let (origin, rest) = rest.split_at(usize::from(origin_length));
+                    let origin = match origin {
+                        [] => None,
+                        bytes => Some(
+                            std::str::from_utf8(bytes)
+                                .ok()
+                                .filter(|text| {
+                                    kez_core::handle::parse_domain(text).as_deref() == Ok(*text)
+                                })
+                                .ok_or(FetchAnswerError::BadOrigin(at))?,
+                        ),
+                    };
+                    (origin, rest)
+                }
+            };
             if after_frame.len() < length as usize {
                 return Err(FetchAnswerError::Truncated(at));
             }
@@ -247,6 +292,7 @@ impl<'a> FetchAnswer<'a> {
                 seq,
                 time,
                 envelope,
+                origin,
             });
             rest = next;
         }
@@ -297,7 +343,15 @@ mod tests {
 
     #[test]
     fn fetch_requests_are_bounded() {
-        let ok = |after, max, time| FetchRequest { after, max, time }.check();
+        let ok = |after, max, time| {
+            FetchRequest {
+                after,
+                max,
+                time,
+                origins: false,
+            }
+            .check()
+        };
         assert_eq!(ok(0, 1, 0), Ok(()));
         assert_eq!(
             ok(MAX_FETCH_AFTER, MAX_FETCH_MESSAGES, MAX_FETCH_AFTER),
@@ -317,62 +371,64 @@ mod tests {
                 seq: 3,
                 time: 1_000,
                 envelope: b"one",
+                origin: None,
             },
             Fetched {
                 seq: 9,
                 time: 2_000,
                 envelope: b"two!",
+                origin: None,
             },
         ];
-        let body = FetchAnswer::encode(5, &messages);
+        let body = FetchAnswer::encode(5, &messages, false);
         assert_eq!(body.len(), 8 + 20 + 3 + 20 + 4);
         assert_eq!(&body[..8], &5u64.to_be_bytes());
         assert_eq!(&body[8..16], &3u64.to_be_bytes());
         assert_eq!(&body[16..24], &1_000u64.to_be_bytes());
         assert_eq!(&body[24..28], &3u32.to_be_bytes());
-        let answer = FetchAnswer::decode(&body).unwrap();
+        let answer = FetchAnswer::decode(&body, false).unwrap();
         assert_eq!((answer.pending, &answer.messages[..]), (5, &messages[..]));
-        let empty = FetchAnswer::encode(0, &[]);
-        assert_eq!(FetchAnswer::decode(&empty).unwrap().messages, []);
+        let empty = FetchAnswer::encode(0, &[], false);
+        assert_eq!(FetchAnswer::decode(&empty, false).unwrap().messages, []);
 
         assert_eq!(
-            FetchAnswer::decode(&body[..7]),
+            FetchAnswer::decode(&body[..7], false),
             Err(FetchAnswerError::Truncated(0))
         );
         for cut in [9, 27, 30] {
             assert_eq!(
-                FetchAnswer::decode(&body[..cut]),
+                FetchAnswer::decode(&body[..cut], false),
                 Err(FetchAnswerError::Truncated(8)),
                 "{cut}"
             );
         }
         assert_eq!(
-            FetchAnswer::decode(&body[..body.len() - 1]),
+            FetchAnswer::decode(&body[..body.len() - 1], false),
             Err(FetchAnswerError::Truncated(31))
         );
-        let backwards = FetchAnswer::encode(0, &[messages[1], messages[0]]);
+        let backwards = FetchAnswer::encode(0, &[messages[1], messages[0]], false);
         assert_eq!(
-            FetchAnswer::decode(&backwards),
+            FetchAnswer::decode(&backwards, false),
             Err(FetchAnswerError::OutOfOrder {
                 previous: 9,
                 seq: 3
             })
         );
-        let repeated = FetchAnswer::encode(0, &[messages[0], messages[0]]);
-        assert!(FetchAnswer::decode(&repeated).is_err());
-        let mut empty_envelope = FetchAnswer::encode(0, &[]);
+        let repeated = FetchAnswer::encode(0, &[messages[0], messages[0]], false);
+        assert!(FetchAnswer::decode(&repeated, false).is_err());
+        let mut empty_envelope = FetchAnswer::encode(0, &[], false);
         empty_envelope.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
         empty_envelope.extend_from_slice(&[0; 12]);
         assert_eq!(
-            FetchAnswer::decode(&empty_envelope),
+            FetchAnswer::decode(&empty_envelope, false),
             Err(FetchAnswerError::BadLength(0))
         );
-        let mut huge = FetchAnswer::encode(0, &[]);
+        let mut huge = FetchAnswer::encode(0, &[], false);
         huge.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 1]);
         huge.extend_from_slice(&[0; 8]);
         huge.extend_from_slice(&(MAX_ENVELOPE_BYTES as u32 + 1).to_be_bytes());
         assert!(matches!(
-            FetchAnswer::decode(&huge),
+            FetchAnswer::decode(&huge, false),
             Err(FetchAnswerError::BadLength(_))
         ));
         let many: Vec<Fetched> = (1..=u64::from(MAX_FETCH_MESSAGES) + 1)
@@ -380,12 +436,55 @@ mod tests {
                 seq,
                 time: seq,
                 envelope: b"x",
+                origin: None,
             })
             .collect();
-        assert!(FetchAnswer::decode(&FetchAnswer::encode(0, &many[1..])).is_ok());
+        assert!(FetchAnswer::decode(&FetchAnswer::encode(0, &many[1..], false), false).is_ok());
         assert_eq!(
-            FetchAnswer::decode(&FetchAnswer::encode(0, &many)),
+            FetchAnswer::decode(&FetchAnswer::encode(0, &many, false), false),
             Err(FetchAnswerError::TooMany)
+        );
+    }
+
+    #[test]
+    fn fetch_answers_with_origins_name_each_peer_domain() {
+        let messages = [
+            Fetched {
+                seq: 3,
+                time: 1,
+                envelope: b"local",
+                origin: None,
+            },
+            Fetched {
+                seq: 4,
+                time: 2,
+                envelope: b"from a peer",
+                origin: Some("a.localhost"),
+            },
+        ];
+        let body = FetchAnswer::encode(0, &messages, true);
+        assert_eq!(body.len(), 8 + 20 + 1 + 5 + 20 + 1 + 11 + 11);
+        assert_eq!(FetchAnswer::decode(&body, true).unwrap().messages, messages);
+        assert!(
+            FetchAnswer::decode(&body, false).is_err(),
+            "the flag is the request's"
+        );
+        for (bad, err) in [("A.localhost", 8), ("a b", 8)] {
+            let mut frame = FetchAnswer::encode(0, &messages[..1], true);
+            frame.truncate(8 + 20);
+            frame.push(u8::try_from(bad.len()).unwrap());
+            frame.extend_from_slice(bad.as_bytes());
+            frame.extend_from_slice(b"local");
+            assert_eq!(
+                FetchAnswer::decode(&frame, true),
+                Err(FetchAnswerError::BadOrigin(err)),
+                "{bad}"
+            );
+        }
+        let cut = FetchAnswer::encode(0, &messages[1..], true);
+        assert_eq!(
+            FetchAnswer::decode(&cut[..8 + 20 + 5], true),
+            Err(FetchAnswerError::Truncated(8))
         );
     }
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Endpoint;
 use crate::error::ErrorAnswer;
+use crate::federation::{MAX_RELAY_BYTES, RelayRequest, check_domain};
 use crate::mail::{FetchRequest, MAX_SEND_BYTES, SendRequest};
 use crate::pair::{
     GetRequest as PairGetRequest, MAX_PAIR_REQUEST_BYTES, PutRequest as PairPutRequest,
@@ -34,6 +35,10 @@ pub struct LookupRequest {
 pub struct KeyRequest {
     /// The key asked about.
     pub key: PublicKey,
+    /// The home domain of the key, when it is another server's: the home server asks that
+    /// server (PROTOCOL.md §14.3). Absent (or the served domain): this server's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// The body of `kez.sigchain.get`.
@@ -45,6 +50,9 @@ pub struct GetChainRequest {
     /// The first link wanted, counting from 1 (absent: 1).
     #[serde(default = "first_seq")]
     pub from_seq: u64,
+    /// The chain's home domain, when it is another server's (as in [`KeyRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 fn first_seq() -> u64 {
@@ -64,10 +72,11 @@ pub enum Request<'a> {
         /// The handle it registers (on the served domain).
         handle: Handle,
     },
-    /// `kez.registry.lookup`: a handle on the served domain.
+    /// `kez.registry.lookup`: a handle, on the served domain or (asked of its own server
+    /// through federation) another.
     Lookup(Handle),
-    /// `kez.registry.whois`: a key.
-    Whois(PublicKey),
+    /// `kez.registry.whois`: a key, and its home domain when that is another server's.
+    Whois(PublicKey, Option<String>),
     /// `kez.sigchain.append`: a link that parsed (its chain rules are the store's to check).
     Append(SignedLink),
     /// `kez.sigchain.get`: a key and the first seq wanted (at least 1).
@@ -76,9 +85,11 @@ pub enum Request<'a> {
         key: PublicKey,
         /// The first link wanted, counting from 1.
         from_seq: u64,
+        /// The chain's home domain when that is another server's.
+        domain: Option<String>,
     },
-    /// `kez.sigchain.head`: a key.
-    Head(PublicKey),
+    /// `kez.sigchain.head`: a key, and its home domain when that is another server's.
+    Head(PublicKey, Option<String>),
     /// `kez.server.info` (the body is ignored).
     Info,
     /// `$SYS.REQ.USER.AUTH`: the body is nats-server's JWT, which the callout decodes.
@@ -90,6 +101,11 @@ pub enum Request<'a> {
     MailSend(SendRequest<'a>),
     /// `kez.mail.fetch`: a sequence and a count within their bounds.
     MailFetch(FetchRequest),
+    /// `kez.mail.relay`: a domain (another server's, checked by the server) and a send
+    /// request for it.
+    MailRelay(RelayRequest<'a>),
+    /// `kez.mail.deliver`: a send request from a peer server.
+    MailDeliver(SendRequest<'a>),
     /// `kez.pair.put`, checked at the time given to [`decode`].
     PairPut(PairPutRequest),
     /// `kez.pair.get`.
@@ -102,7 +118,8 @@ pub enum Request<'a> {
 pub fn request_limit(endpoint: Endpoint) -> usize {
     match endpoint {
         Endpoint::Authorize => kez_nats_jwt::MAX_JWT_LEN,
-        Endpoint::MailSend => MAX_SEND_BYTES,
+        Endpoint::MailSend | Endpoint::MailDeliver => MAX_SEND_BYTES,
+        Endpoint::MailRelay => MAX_RELAY_BYTES,
         Endpoint::PairPut => MAX_PAIR_REQUEST_BYTES,
         _ => MAX_REQUEST_BYTES,
     }
@@ -120,7 +137,11 @@ pub fn decode<'a>(
 ) -> Result<Request<'a>, ErrorAnswer> {
     let limit = request_limit(endpoint);
     // A send request's frame checks its size itself, naming the envelope's.
-    if endpoint != Endpoint::MailSend && body.len() > limit {
+    let frames_size = matches!(
+        endpoint,
+        Endpoint::MailSend | Endpoint::MailDeliver | Endpoint::MailRelay
+    );
+    if !frames_size && body.len() > limit {
         return Err(ErrorAnswer::too_large("request", body.len(), limit));
     }
     match endpoint {
@@ -133,14 +154,12 @@ pub fn decode<'a>(
             let request: LookupRequest = parse(body)?;
             let handle = Handle::parse(&request.handle, domain)
                 .map_err(|err| ErrorAnswer::new(400, err.code(), err.to_string()))?;
-            if handle.domain() != domain {
-                return Err(ErrorAnswer::not_found(format!(
-                    "{handle} is not on this server ({domain}); ask its own home server"
-                )));
-            }
             Ok(Request::Lookup(handle))
         }
-        Endpoint::Whois => Ok(Request::Whois(parse::<KeyRequest>(body)?.key)),
+        Endpoint::Whois => {
+            let request: KeyRequest = parse(body)?;
+            Ok(Request::Whois(request.key, remote(request.domain, domain)?))
+        }
         Endpoint::Append => {
             if body.len() > MAX_LINK_BYTES {
                 return Err(ErrorAnswer::too_large("link", body.len(), MAX_LINK_BYTES));
@@ -155,9 +174,13 @@ pub fn decode<'a>(
             Ok(Request::GetChain {
                 key: request.key,
                 from_seq: request.from_seq,
+                domain: remote(request.domain, domain)?,
             })
         }
-        Endpoint::Head => Ok(Request::Head(parse::<KeyRequest>(body)?.key)),
+        Endpoint::Head => {
+            let request: KeyRequest = parse(body)?;
+            Ok(Request::Head(request.key, remote(request.domain, domain)?))
+        }
         Endpoint::Info => Ok(Request::Info),
         Endpoint::Authorize => Ok(Request::Authorize),
         Endpoint::PinAdd => pin(PinOp::Add, body, domain, now),
@@ -180,7 +203,24 @@ pub fn decode<'a>(
             request.check()?;
             Ok(Request::PairGet(request))
         }
+        Endpoint::MailRelay => {
+            if body.len() > MAX_RELAY_BYTES {
+                return Err(ErrorAnswer::too_large("relay request", body.len(), limit));
+            }
+            Ok(Request::MailRelay(RelayRequest::decode(body)?))
+        }
+        Endpoint::MailDeliver => Ok(Request::MailDeliver(SendRequest::decode(body)?)),
     }
+}
+
+/// The `domain` member of a request, checked: `None` for this server's own (absent, or the
+/// served domain), else another server's domain, normalised.
+fn remote(asked: Option<String>, served: &str) -> Result<Option<String>, ErrorAnswer> {
+    let Some(asked) = asked else {
+        return Ok(None);
+    };
+    let asked = check_domain("domain", &asked)?;
+    Ok((asked != served).then_some(asked))
 }
 
 fn pin<'a>(op: PinOp, body: &[u8], domain: &str, now: u64) -> Result<Request<'a>, ErrorAnswer> {
@@ -226,8 +266,14 @@ mod tests {
             FetchRequest {
                 after: 7,
                 max: 10,
-                time: 1_764_900_000_123_456
+                time: 1_764_900_000_123_456,
+                origins: false,
             }
+        );
+        assert!(
+            fetch(r#"{"after":0,"max":1,"time":0,"origins":true}"#)
+                .unwrap()
+                .origins
         );
         for bad in [
             r#"{"after":7,"max":10}"#,

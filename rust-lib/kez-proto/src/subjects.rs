@@ -80,6 +80,23 @@ pub fn registered_publish() -> Vec<String> {
         .collect()
 }
 
+/// What a peer server may publish on this broker (PROTOCOL.md §14.2), the federation
+/// subjects: hand over mail for users here, and read what anyone may read of them (lookups,
+/// whois, sigchains, server information). Nothing that changes state but mail, which is checked
+/// like any other.
+pub fn peer_publish() -> Vec<String> {
+    [
+        Endpoint::MailDeliver,
+        Endpoint::Lookup,
+        Endpoint::Whois,
+        Endpoint::GetChain,
+        Endpoint::Head,
+        Endpoint::Info,
+    ]
+    .map(|endpoint| endpoint.subject().to_owned())
+    .into()
+}
+
 /// What a key without a handle may subscribe to: replies under its own [`reply_prefix`].
 pub fn unregistered_subscribe(key: &PublicKey) -> Vec<String> {
     vec![format!("{}.>", reply_prefix(key))]

@@ -169,10 +169,19 @@ fn uri_char(byte: u8) -> bool {
         )
 }
 
-/// The account a query (the URL's query component) asks about on the server of `domain`: the
-/// handle, by the registry's own normalisation (PROTOCOL.md §2), and the link relations wanted.
-/// A host other than `domain`, or a user part no handle can have, names no account here (404).
-pub fn account(query: Option<&str>, domain: &str) -> Result<(Handle, Vec<String>), Refusal> {
+/// What a WebFinger query asks about on the server of `domain`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// A user's account: the handle, by the registry's own normalisation (PROTOCOL.md §2).
+    User(Handle),
+    /// The server itself, `acct:kez@<domain>` (PROTOCOL.md §14.1): its key and federation URL.
+    Server,
+}
+
+/// The account a query (the URL's query component) asks about on the server of `domain`, and
+/// the link relations wanted. A host other than `domain`, or a user part no handle can have,
+/// names no account here (404); `kez` (a reserved name) is the server.
+pub fn account(query: Option<&str>, domain: &str) -> Result<(Asked, Vec<String>), Refusal> {
     let query = parse_query(query)?;
     let (user, host) = parse_acct(&query.resource)?;
     let host = host.to_ascii_lowercase();
@@ -181,12 +190,15 @@ pub fn account(query: Option<&str>, domain: &str) -> Result<(Handle, Vec<String>
             "{host} is not served here; this server serves {domain}"
         )));
     }
+    if user.eq_ignore_ascii_case(crate::federation::SERVER_ACCOUNT) {
+        return Ok((Asked::Server, query.rels));
+    }
     let handle = match user.contains('@') {
         true => None,
         false => Handle::parse(&format!("@{user}@{host}"), domain).ok(),
     }
     .ok_or_else(|| Refusal::NotFound(format!("no account {user:?} here")))?;
-    Ok((handle, query.rels))
+    Ok((Asked::User(handle), query.rels))
 }
 
 fn bad_request(message: impl Into<String>) -> Refusal {
@@ -342,13 +354,19 @@ mod tests {
 
     #[test]
     fn an_account_is_a_handle_of_the_served_domain() {
-        let (handle, rels) = account(
+        let (asked, rels) = account(
             Some("resource=acct%3AAlice%40KEZ.lat&rel=https://kez.lat/ns/rel/nats"),
             "kez.lat",
         )
         .unwrap();
+        let Asked::User(handle) = asked else {
+            panic!("{asked:?}")
+        };
         assert_eq!(handle.to_string(), "@alice@kez.lat");
         assert_eq!(rels, [REL_NATS]);
+        for server in ["resource=acct:kez@kez.lat", "resource=acct%3AKEZ%40kez.lat"] {
+            assert_eq!(account(Some(server), "kez.lat").unwrap().0, Asked::Server);
+        }
         for elsewhere in [
             "resource=acct:alice@example.org",
             "resource=acct:al%2540ice@kez.lat",

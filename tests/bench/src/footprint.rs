@@ -808,10 +808,11 @@ async fn fetch_backlog(client: &Client) -> Result<(), String> {
             after: 0,
             max: MAX_FETCH_MESSAGES,
             time: 0,
+            origins: false,
         },
     )
     .await?;
-    let read = FetchAnswer::decode(&first).map_err(|e| format!("a fetch answer: {e}"))?;
+    let read = FetchAnswer::decode(&first, false).map_err(|e| format!("a fetch answer: {e}"))?;
     let last = match read.messages.as_slice() {
         [.., last] if read.messages.len() == BACKLOG => (last.seq, last.time),
         _ => {
@@ -827,10 +828,11 @@ async fn fetch_backlog(client: &Client) -> Result<(), String> {
             after: last.0,
             max: MAX_FETCH_MESSAGES,
             time: last.1,
+            origins: false,
         },
     )
     .await?;
-    let after = FetchAnswer::decode(&second).map_err(|e| format!("a fetch answer: {e}"))?;
+    let after = FetchAnswer::decode(&second, false).map_err(|e| format!("a fetch answer: {e}"))?;
     if !after.messages.is_empty() {
         return Err("the acknowledging fetch found more messages".to_owned());
     }
