@@ -310,7 +310,7 @@ pub fn peer_key_changed(domain: &str, pinned: &PublicKey, offered: &PublicKey) -
         403,
         "peer_key_changed",
         format!(
-            "{domain}'s server key changed from {pinned} to {offered}; refused until this server's operator accepts it (kez-chat-server admin peer accept {domain} {offered})"
+            "{domain}'s server key changed from {pinned} to {offered}; refused until this server's operator accepts it (kez-chat-server admin peer forget {domain})"
         ),
     )
 }
