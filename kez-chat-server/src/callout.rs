@@ -17,12 +17,14 @@ use kez_nats_jwt::{
 };
 use kez_proto::ErrorAnswer;
 use kez_proto::answer::HandleRecord;
+use kez_proto::federation::claimed_domain;
 use kez_proto::subjects::{
-    device_subscribe, registered_publish, registered_subscribe, unregistered_publish,
+    device_subscribe, peer_publish, registered_publish, registered_subscribe, unregistered_publish,
     unregistered_subscribe,
 };
 use nkeys::KeyPair;
 
+use crate::federation::{DIALBACK_TIMEOUT, Federation, PinDecision, pin_decision};
 use crate::limits::Limiter;
 use crate::nats_conf::APP_ACCOUNT;
 use crate::store::{DeviceRecord, DeviceState, DisabledRecord, Store};
@@ -45,6 +47,8 @@ pub struct Callout {
     /// from nats-server's `auth_users` (a config older than the key), and must not be let in
     /// as a user of `APP`, where the server would take it for its own.
     server_users: Vec<String>,
+    /// Federation, when on: peers are let in.
+    federation: Option<std::sync::Arc<Federation>>,
 }
 
 /// What the callout decided, for logs and metrics.
@@ -57,8 +61,55 @@ pub enum Verdict {
     Device(PublicKey, PublicKey, ProofForm),
     /// A valid key without a handle: the narrow profile.
     Unregistered(PublicKey, ProofForm),
+    /// A peer server of the domain named: the peer profile.
+    Peer(PublicKey, String),
     /// Refused, with the reason nats-server logs.
     Denied(String),
+    /// A connection claiming to be the server of `domain`, refused for `reason` (a stable
+    /// name, for metrics) as `message` says.
+    PeerRefused {
+        /// The domain claimed.
+        domain: String,
+        /// Why, as a stable name.
+        reason: &'static str,
+        /// What nats-server logs.
+        message: String,
+    },
+}
+
+/// Why a connection is refused: the reason nats-server logs, and the peer domain it claimed
+/// with a stable reason when it took the peer path.
+struct Refusal {
+    message: String,
+    peer: Option<(String, &'static str)>,
+}
+
+impl From<String> for Refusal {
+    fn from(message: String) -> Refusal {
+        Refusal {
+            message,
+            peer: None,
+        }
+    }
+}
+
+/// The peer path's refusal of `domain` for `reason`.
+fn peer_refusal(domain: &str, reason: &'static str, message: impl std::fmt::Display) -> Refusal {
+    Refusal {
+        message: format!("kez: peer {domain}: {message}"),
+        peer: Some((domain.to_owned(), reason)),
+    }
+}
+
+/// The stable reason of a pin or discovery refusal.
+fn reason_of(err: &ErrorAnswer) -> &'static str {
+    match err.name.as_ref() {
+        "domain_blocked" => "domain_blocked",
+        "peer_key_changed" => "peer_key_changed",
+        "peer_key_in_use" => "peer_key_in_use",
+        "unavailable" => "unavailable",
+        _ => "other",
+    }
 }
 
 impl Callout {
@@ -71,7 +122,14 @@ impl Callout {
             connect_limit: None,
             legacy_proofs,
             server_users: Vec::new(),
+            federation: None,
         }
+    }
+
+    /// The same callout, letting in peer servers through `federation` (none: refusing them).
+    pub fn with_federation(mut self, federation: Option<std::sync::Arc<Federation>>) -> Self {
+        self.federation = federation;
+        self
     }
 
     /// The same callout, refusing the server's own users `nkeys` (`U...`).
@@ -107,7 +165,21 @@ impl Callout {
         };
         let (decision, verdict) = match self.decide(&request, now).await {
             Ok((user_jwt, verdict)) => (Ok(user_jwt), verdict),
-            Err(reason) => (Err(reason.clone()), Verdict::Denied(reason)),
+            Err(Refusal {
+                message,
+                peer: Some((domain, reason)),
+            }) => (
+                Err(message.clone()),
+                Verdict::PeerRefused {
+                    domain,
+                    reason,
+                    message,
+                },
+            ),
+            Err(Refusal {
+                message,
+                peer: None,
+            }) => (Err(message.clone()), Verdict::Denied(message)),
         };
         let decision = match &decision {
             Ok(user_jwt) => Decision::Allow { user_jwt },
@@ -126,7 +198,7 @@ impl Callout {
         &self,
         request: &AuthorizationRequest,
         now: u64,
-    ) -> Result<(String, Verdict), String> {
+    ) -> Result<(String, Verdict), Refusal> {
         let proof = client_nonce_proof(request).map_err(|err| format!("kez: {err}"))?;
         let key = PublicKey::from_bytes(&proof.ed25519)
             .map_err(|err| format!("kez: client key refused: {err}"))?;
@@ -134,7 +206,8 @@ impl Callout {
             return Err(format!(
                 "kez: {} is one of kez-chat-server's own users, which nats-server's config must list in auth_users: re-render it (kez-chat-server nats-conf) and reload nats-server",
                 key.to_nkey()
-            ));
+            )
+            .into());
         }
         let form = verify_proof(
             &key,
@@ -166,6 +239,17 @@ impl Callout {
                 .await
                 .map_err(unavailable)?;
         }
+        // A key that is nobody here and names itself a peer server: the peer path.
+        if record.is_none()
+            && device.is_none()
+            && disabled.is_none()
+            && let Some(domain) = claimed_domain(&request.connect_opts.name)
+        {
+            let claims = self.peer(&request.user_nkey, &key, &domain, now).await?;
+            let user_jwt =
+                encode_user_jwt(&self.issuer, &claims).map_err(|err| format!("kez: {err}"))?;
+            return Ok((user_jwt, Verdict::Peer(key, domain)));
+        }
         let standing = Standing {
             record: record.as_ref(),
             device: device.as_ref(),
@@ -185,7 +269,8 @@ impl Callout {
                         "kez: too many unregistered connections from {}; retry in {} ms",
                         request.client_info.host,
                         limited.retry_after_ms()
-                    ));
+                    )
+                    .into());
                 }
                 (claims, Verdict::Unregistered(key, form))
             }
@@ -193,6 +278,78 @@ impl Callout {
         let user_jwt =
             encode_user_jwt(&self.issuer, &claims).map_err(|err| format!("kez: {err}"))?;
         Ok((user_jwt, verdict))
+    }
+
+    /// The peer path for `key`, claiming to be the server of `domain`: the lists and block,
+    /// then the pinned key, or on first contact the dialback (the domain's WebFinger must name
+    /// this very key) and the pin.
+    async fn peer(
+        &self,
+        user_nkey: &str,
+        key: &PublicKey,
+        domain: &str,
+        now: u64,
+    ) -> Result<UserClaims, Refusal> {
+        let Some(federation) = &self.federation else {
+            return Err(peer_refusal(
+                domain,
+                "not_federated",
+                "this server does not federate",
+            ));
+        };
+        if domain == federation.discovery().domain {
+            return Err(peer_refusal(
+                domain,
+                "forbidden",
+                "that is this server's own domain",
+            ));
+        }
+        federation
+            .check_allowed(domain)
+            .await
+            .map_err(|err| peer_refusal(domain, reason_of(&err), &err.message))?;
+        let pinned = federation
+            .pins
+            .record(domain)
+            .await
+            .map_err(|err| peer_refusal(domain, reason_of(&err), &err.message))?;
+        match pin_decision(pinned.as_ref().map(|(record, _)| record), key) {
+            PinDecision::Matches => {}
+            PinDecision::Blocked => {
+                return Err(peer_refusal(
+                    domain,
+                    "domain_blocked",
+                    "blocked by the operator",
+                ));
+            }
+            PinDecision::Changed(pinned) => {
+                tracing::warn!(%domain, %pinned, offered = %key, "a peer connected with another server key than the one pinned; refused until the operator runs `kez-chat-server admin peer forget {domain}`");
+                return Err(peer_refusal(
+                    domain,
+                    "peer_key_changed",
+                    format!("connected with {key}, but {pinned} is pinned"),
+                ));
+            }
+            PinDecision::Pin => {
+                let found = federation
+                    .discover(domain, DIALBACK_TIMEOUT)
+                    .await
+                    .map_err(|why| peer_refusal(domain, "dialback_failed", why))?;
+                if found.key != *key {
+                    return Err(peer_refusal(
+                        domain,
+                        "dialback_failed",
+                        format!("its WebFinger names {}, not {key}", found.key),
+                    ));
+                }
+                federation
+                    .pins
+                    .pin(domain, key, now)
+                    .await
+                    .map_err(|err| peer_refusal(domain, reason_of(&err), &err.message))?;
+            }
+        }
+        Ok(peer_profile(user_nkey, key, now))
     }
 }
 
@@ -294,6 +451,14 @@ fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserC
         .allow_subscribe(registered_subscribe(&record.key))
 }
 
+/// A peer server may hand over mail and read what anyone may read (`subjects::peer_publish`),
+/// and hear replies on its own reply prefix. Nothing else: no live notices, no registration.
+pub fn peer_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
+    base_claims(user_nkey, key, now)
+        .allow_publish(peer_publish())
+        .allow_subscribe(unregistered_subscribe(key))
+}
+
 /// An active device of `identity` may do what its registered key may, as itself: replies on
 /// its own reply prefix, new mail and live notices only for itself.
 fn device_profile(
@@ -314,6 +479,38 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_767_225_600;
+
+    #[test]
+    fn a_peer_gets_the_federation_subjects_and_its_own_replies_only() {
+        let key = SecretKey::from_seed(&[7; 32]).public_key();
+        let claims = peer_profile("UCONNECTION", &key, NOW);
+        assert_eq!(
+            claims.publish.allow,
+            [
+                "kez.mail.deliver",
+                "kez.registry.lookup",
+                "kez.registry.whois",
+                "kez.sigchain.get",
+                "kez.sigchain.head",
+                "kez.server.info"
+            ]
+        );
+        assert_eq!(
+            claims.subscribe.allow,
+            [format!("_INBOX.{}.>", key.to_hex())]
+        );
+        assert_eq!(claims.name, Some(key.to_nkey()), "named by the server key");
+        assert_eq!(claims.account, APP_ACCOUNT);
+        assert_eq!(claims.expires_at, Some(NOW + AUTHORIZATION_LIFETIME_SECS));
+        assert!(
+            !claims
+                .publish
+                .allow
+                .iter()
+                .any(|subject| subject.contains('>') || subject.contains('*')),
+            "no wildcard: not kez.mail.send, not kez.mail.relay"
+        );
+    }
 
     #[test]
     fn the_grant_follows_registration_and_the_operators_word() {

@@ -1,8 +1,10 @@
 //! Server configuration: command-line flags, each also settable from the environment, over an
 //! optional TOML file, over defaults. Precedence: flag > environment > file > default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use zeroize::Zeroizing;
@@ -85,6 +87,84 @@ pub struct ServerConfig {
     pub inbox_max_bytes: Option<u64>,
     /// Tests only: a pairing relay that misbehaves on purpose (no flag or setting sets it).
     pub pair_relay_tamper: Option<crate::relay::Tamper>,
+    /// Federation with other home servers (`--federate`); `None`: this server talks to no other.
+    pub federation: Option<FederationConfig>,
+}
+
+/// Default `--bounce-after`: how long the outbox keeps trying a peer before it bounces.
+pub const DEFAULT_BOUNCE_AFTER: Duration = Duration::from_secs(3 * 24 * 3600);
+/// Default `--retry-max`: the longest wait between two attempts of the outbox.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(600);
+/// The file of the server key in `--keys-dir` when `--federation-key` is not set.
+pub const FEDERATION_KEY_FILE: &str = "federation.key";
+/// Default messages per second one peer domain may deliver, and at once.
+pub const DEFAULT_PEER_MESSAGES: crate::limits::Rate = crate::limits::Rate::new(50.0, 500);
+/// Default envelope bytes per second one peer domain may deliver (4 MiB/s, 32 MiB at once).
+pub const DEFAULT_PEER_BYTES: crate::limits::Rate =
+    crate::limits::Rate::new(4.0 * 1024.0 * 1024.0, 32 << 20);
+
+/// What one peer domain may deliver through `kez.mail.deliver` (token buckets per domain).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerLimits {
+    /// Messages.
+    pub messages: crate::limits::Rate,
+    /// Envelope bytes (one token a byte).
+    pub bytes: crate::limits::Rate,
+}
+
+impl Default for PeerLimits {
+    fn default() -> PeerLimits {
+        PeerLimits {
+            messages: DEFAULT_PEER_MESSAGES,
+            bytes: DEFAULT_PEER_BYTES,
+        }
+    }
+}
+
+/// Federation (PROTOCOL.md §14): the server key, where peers reach this server, how peers are
+/// found and which are talked to, and the outbox's patience.
+#[derive(Debug, Clone)]
+pub struct FederationConfig {
+    /// The server key's file (kez-keyfile format), created with mode 0600 when missing.
+    pub key_file: PathBuf,
+    /// The NATS URL peers connect to, advertised in `acct:kez@<domain>`'s WebFinger answer.
+    pub nats_url: String,
+    /// Per peer domain, the WebFinger base URL to ask instead of `https://<domain>`.
+    pub peer_webfinger: BTreeMap<String, String>,
+    /// Whether an `http://` WebFinger base and a peer broker without TLS are accepted (dev and
+    /// tests only).
+    pub allow_http: bool,
+    /// When not empty, the only peer domains talked to.
+    pub allow: Vec<String>,
+    /// Peer domains never talked to.
+    pub deny: Vec<String>,
+    /// How long the outbox keeps trying before it bounces a message to its sender.
+    pub bounce_after: Duration,
+    /// The longest wait between two attempts.
+    pub retry_max: Duration,
+    /// What one peer domain may deliver.
+    pub peer_limits: PeerLimits,
+    /// Most bytes `KEZ_OUTBOX` may hold; `None`: [`crate::outbox::DEFAULT_OUTBOX_MAX_BYTES`].
+    pub outbox_max_bytes: Option<u64>,
+}
+
+impl FederationConfig {
+    /// Federation with the server key in `key_file`, advertising `nats_url`, with the defaults
+    /// for everything else.
+    pub fn new(key_file: PathBuf, nats_url: String) -> FederationConfig {
+        FederationConfig {
+            key_file,
+            nats_url,
+            peer_webfinger: BTreeMap::new(),
+            allow_http: false,
+            allow: Vec::new(),
+            deny: Vec::new(),
+            bounce_after: DEFAULT_BOUNCE_AFTER,
+            retry_max: DEFAULT_RETRY_MAX,
+            peer_limits: PeerLimits::default(),
+            outbox_max_bytes: None,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -105,6 +185,7 @@ impl ServerConfig {
             retired_settings: Vec::new(),
             inbox_max_bytes: None,
             pair_relay_tamper: None,
+            federation: None,
         }
     }
 }
@@ -232,6 +313,76 @@ pub struct Settings {
     /// accepted (and ignored, with a warning) so that an upgraded deployment keeps starting.
     #[arg(long, env = "KEZ_INBOX_SWEEP_SECS", hide = true)]
     pub inbox_sweep_secs: Option<u64>,
+    /// Federate: exchange mail, lookups and sigchains with other kez home servers (PROTOCOL.md
+    /// §14). Needs --keys-dir (the auth callout admits peers) [default: off]
+    #[arg(long, env = "KEZ_FEDERATE", num_args = 0..=1, default_missing_value = "true")]
+    pub federate: Option<bool>,
+    /// The server key file (created, mode 0600, when missing): peers know this server by it,
+    /// and bounces are signed with it [default: <keys-dir>/federation.key]
+    #[arg(long, env = "KEZ_FEDERATION_KEY")]
+    pub federation_key: Option<PathBuf>,
+    /// The NATS URL peer servers connect to, published at acct:kez@<domain> [default:
+    /// --public-nats-url]
+    #[arg(long, env = "KEZ_FEDERATION_URL")]
+    pub federation_url: Option<String>,
+    /// Where to ask a peer domain's WebFinger instead of https://<domain> (repeatable; in the
+    /// file a table `[peer_webfinger]` of domain = "URL")
+    #[arg(long = "peer-webfinger", env = "KEZ_PEER_WEBFINGER", value_delimiter = ',', value_name = "DOMAIN=URL", value_parser = parse_peer_webfinger)]
+    #[serde(default, deserialize_with = "peer_webfinger_table")]
+    pub peer_webfinger: Option<Vec<(String, String)>>,
+    /// Accept plain-HTTP WebFinger bases and peer brokers without TLS: development and tests
+    /// only [default: off]
+    #[arg(long, env = "KEZ_FEDERATION_ALLOW_HTTP", num_args = 0..=1, default_missing_value = "true")]
+    pub federation_allow_http: Option<bool>,
+    /// Talk only to these peer domains (repeatable) [default: any not denied]
+    #[arg(
+        long = "federation-allow",
+        env = "KEZ_FEDERATION_ALLOW",
+        value_delimiter = ',',
+        value_name = "DOMAIN"
+    )]
+    pub federation_allow: Option<Vec<String>>,
+    /// Never talk to these peer domains (repeatable)
+    #[arg(
+        long = "federation-deny",
+        env = "KEZ_FEDERATION_DENY",
+        value_delimiter = ',',
+        value_name = "DOMAIN"
+    )]
+    pub federation_deny: Option<Vec<String>>,
+    /// Seconds the outbox keeps trying a peer before the message bounces back to its sender
+    /// [default: 259200, 3 days]
+    #[arg(long, env = "KEZ_BOUNCE_AFTER")]
+    pub bounce_after: Option<u64>,
+    /// Longest wait between two attempts of the outbox, in seconds [default: 600]
+    #[arg(long, env = "KEZ_RETRY_MAX")]
+    pub retry_max: Option<u64>,
+    /// Messages per second each peer domain may deliver (over it: 429 rate_limited) [default: 50]
+    #[arg(long, env = "KEZ_PEER_MESSAGES_PER_SEC")]
+    pub peer_messages_per_sec: Option<f64>,
+    /// Messages each peer domain may deliver at once [default: 500]
+    #[arg(long, env = "KEZ_PEER_MESSAGE_BURST")]
+    pub peer_message_burst: Option<u32>,
+    /// Most bytes the KEZ_OUTBOX stream (mail waiting for other servers) may hold [default:
+    /// 1073741824, 1 GiB]
+    #[arg(long, env = "KEZ_OUTBOX_MAX_BYTES")]
+    pub outbox_max_bytes: Option<u64>,
+}
+
+/// One `--peer-webfinger DOMAIN=URL`.
+fn parse_peer_webfinger(text: &str) -> Result<(String, String), String> {
+    let (domain, url) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not DOMAIN=URL"))?;
+    Ok((domain.to_owned(), url.to_owned()))
+}
+
+/// The file's `[peer_webfinger]` table, as the flag's pairs.
+fn peer_webfinger_table<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<(String, String)>>, D::Error> {
+    let table = BTreeMap::<String, String>::deserialize(deserializer)?;
+    Ok(Some(table.into_iter().collect()))
 }
 
 impl Settings {
@@ -286,11 +437,131 @@ impl Settings {
             send_bytes_burst: self.send_bytes_burst.or(fallback.send_bytes_burst),
             inbox_max_bytes: self.inbox_max_bytes.or(fallback.inbox_max_bytes),
             inbox_sweep_secs: self.inbox_sweep_secs.or(fallback.inbox_sweep_secs),
+            federate: self.federate.or(fallback.federate),
+            federation_key: self.federation_key.or(fallback.federation_key),
+            federation_url: self.federation_url.or(fallback.federation_url),
+            peer_webfinger: self.peer_webfinger.or(fallback.peer_webfinger),
+            federation_allow_http: self
+                .federation_allow_http
+                .or(fallback.federation_allow_http),
+            federation_allow: self.federation_allow.or(fallback.federation_allow),
+            federation_deny: self.federation_deny.or(fallback.federation_deny),
+            bounce_after: self.bounce_after.or(fallback.bounce_after),
+            retry_max: self.retry_max.or(fallback.retry_max),
+            peer_messages_per_sec: self
+                .peer_messages_per_sec
+                .or(fallback.peer_messages_per_sec),
+            peer_message_burst: self.peer_message_burst.or(fallback.peer_message_burst),
+            outbox_max_bytes: self.outbox_max_bytes.or(fallback.outbox_max_bytes),
         }
+    }
+
+    /// The federation settings checked, for a server whose callout keys are in `keys_dir` and
+    /// whose clients connect to `public_nats_url`: `None` without `--federate`.
+    pub fn resolve_federation(
+        &self,
+        keys_dir: Option<&Path>,
+        public_nats_url: &str,
+    ) -> Result<Option<FederationConfig>, String> {
+        if self.federate != Some(true) {
+            let set = self.federation_key.is_some()
+                || self.federation_url.is_some()
+                || self.peer_webfinger.is_some()
+                || self.federation_allow_http.is_some()
+                || self.federation_allow.is_some()
+                || self.federation_deny.is_some()
+                || self.bounce_after.is_some()
+                || self.retry_max.is_some()
+                || self.peer_messages_per_sec.is_some()
+                || self.peer_message_burst.is_some()
+                || self.outbox_max_bytes.is_some();
+            return match set {
+                true => Err("the federation settings (--federation-*, --peer-*, --bounce-after, --retry-max, --outbox-max-bytes) need --federate".into()),
+                false => Ok(None),
+            };
+        }
+        let Some(keys_dir) = keys_dir else {
+            return Err("--federate needs --keys-dir: peers are let in by the auth callout".into());
+        };
+        let key_file = self
+            .federation_key
+            .clone()
+            .unwrap_or_else(|| keys_dir.join(FEDERATION_KEY_FILE));
+        let nats_url = match &self.federation_url {
+            Some(url) => {
+                check_public_url(url).map_err(|err| format!("--federation-url {url:?}: {err}"))?;
+                url.clone()
+            }
+            None => public_nats_url.to_owned(),
+        };
+        let mut federation = FederationConfig::new(key_file, nats_url);
+        federation.allow_http = self.federation_allow_http.unwrap_or(false);
+        for (domain, url) in self.peer_webfinger.iter().flatten() {
+            let domain = kez_core::handle::parse_domain(domain)
+                .map_err(|err| format!("--peer-webfinger {domain:?}: {err}"))?;
+            crate::federation::check_webfinger_base(url, federation.allow_http)
+                .map_err(|err| format!("--peer-webfinger {domain}={url}: {err}"))?;
+            federation
+                .peer_webfinger
+                .insert(domain, url.trim_end_matches('/').to_owned());
+        }
+        let domains = |flag: &str, list: &Option<Vec<String>>| {
+            list.iter()
+                .flatten()
+                .map(|domain| {
+                    kez_core::handle::parse_domain(domain)
+                        .map_err(|err| format!("--{flag} {domain:?}: {err}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        federation.allow = domains("federation-allow", &self.federation_allow)?;
+        federation.deny = domains("federation-deny", &self.federation_deny)?;
+        match self.bounce_after {
+            Some(0) => return Err("--bounce-after must be at least 1 second".into()),
+            Some(secs) => federation.bounce_after = Duration::from_secs(secs),
+            None => {}
+        }
+        match self.retry_max {
+            Some(0) => return Err("--retry-max must be at least 1 second".into()),
+            Some(secs) => federation.retry_max = Duration::from_secs(secs),
+            None => {}
+        }
+        let per_sec = self
+            .peer_messages_per_sec
+            .unwrap_or(DEFAULT_PEER_MESSAGES.per_sec);
+        let burst = self
+            .peer_message_burst
+            .unwrap_or(DEFAULT_PEER_MESSAGES.burst);
+        if !per_sec.is_finite() || per_sec < 0.0 {
+            return Err("--peer-messages-per-sec must be a number of at least 0".into());
+        }
+        federation.peer_limits.messages = match per_sec == 0.0 {
+            true => crate::limits::Rate::OFF,
+            false if burst == 0 => {
+                return Err(
+                    "--peer-message-burst must be at least 1 (set the rate to 0 to turn it off)"
+                        .into(),
+                );
+            }
+            false => crate::limits::Rate::new(per_sec, burst),
+        };
+        match self.outbox_max_bytes {
+            Some(bytes) if bytes < MIN_INBOX_MAX_BYTES => {
+                return Err("--outbox-max-bytes must be at least 1048576 (1 MiB)".into());
+            }
+            bytes => federation.outbox_max_bytes = bytes,
+        }
+        Ok(Some(federation))
     }
 
     /// Applies defaults and checks the combination.
     pub fn resolve(self) -> Result<ServerConfig, String> {
+        // Before the fields move: peers are told the public URL unless told another.
+        let public_for_peers = match &self.public_nats_url {
+            Some(url) => url.clone(),
+            None => public_url_from(self.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL)),
+        };
+        let federation = self.resolve_federation(self.keys_dir.as_deref(), &public_for_peers)?;
         let callout = match (self.keys_dir, self.callout_issuer) {
             (None, None) if self.refuse_legacy_connect_proofs.is_some() => {
                 return Err("--refuse-legacy-connect-proofs needs --keys-dir: it is a rule of the auth callout".into());
@@ -441,6 +712,7 @@ impl Settings {
             retired_settings,
             inbox_max_bytes,
             pair_relay_tamper: None,
+            federation,
         })
     }
 }
@@ -687,6 +959,93 @@ mod tests {
         let config = file.resolve().unwrap();
         assert_eq!(config.http_listen, Some("[::1]:8080".parse().unwrap()));
         assert_eq!(config.public_nats_url, "wss://chat.kez.lat");
+    }
+
+    #[test]
+    fn federation_is_off_unless_federate_and_its_settings_are_checked() {
+        assert!(Settings::default().resolve().unwrap().federation.is_none());
+        let without = Settings {
+            bounce_after: Some(5),
+            ..Settings::default()
+        };
+        assert!(without.resolve().unwrap_err().contains("--federate"));
+        let no_keys = Settings {
+            federate: Some(true),
+            ..Settings::default()
+        };
+        assert!(no_keys.resolve().unwrap_err().contains("--keys-dir"));
+        let file: Settings = toml::from_str(
+            "federate = true\nkeys_dir = \"/k\"\ncallout_issuer = \"AX\"\npublic_nats_url = \"tls://chat.a.example:4222\"\nfederation_allow_http = true\nfederation_deny = [\"Evil.Example\"]\nbounce_after = 60\n[peer_webfinger]\n\"b.localhost\" = \"http://127.0.0.1:8081/\"\n",
+        )
+        .unwrap();
+        let flags = Settings {
+            retry_max: Some(2),
+            peer_messages_per_sec: Some(5.0),
+            ..Settings::default()
+        };
+        let federation = flags.or(file).resolve().unwrap().federation.unwrap();
+        assert_eq!(federation.key_file, PathBuf::from("/k/federation.key"));
+        assert_eq!(federation.nats_url, "tls://chat.a.example:4222");
+        assert_eq!(
+            federation
+                .peer_webfinger
+                .get("b.localhost")
+                .map(String::as_str),
+            Some("http://127.0.0.1:8081")
+        );
+        assert!(federation.allow_http);
+        assert_eq!(federation.deny, ["evil.example"]);
+        assert!(federation.allow.is_empty());
+        assert_eq!(federation.bounce_after, Duration::from_secs(60));
+        assert_eq!(federation.retry_max, Duration::from_secs(2));
+        assert_eq!(
+            federation.peer_limits.messages,
+            crate::limits::Rate::new(5.0, DEFAULT_PEER_MESSAGES.burst)
+        );
+        assert_eq!(federation.peer_limits.bytes, DEFAULT_PEER_BYTES);
+        let base = || Settings {
+            federate: Some(true),
+            keys_dir: Some("/k".into()),
+            callout_issuer: Some("AX".into()),
+            ..Settings::default()
+        };
+        let defaults = base().resolve().unwrap().federation.unwrap();
+        assert_eq!(defaults.nats_url, DEFAULT_NATS_URL);
+        assert_eq!(defaults.bounce_after, DEFAULT_BOUNCE_AFTER);
+        assert!(!defaults.allow_http);
+        for bad in [
+            Settings {
+                peer_webfinger: Some(vec![("b.localhost".into(), "http://127.0.0.1:1".into())]),
+                ..base()
+            },
+            Settings {
+                peer_webfinger: Some(vec![("b_x".into(), "https://b".into())]),
+                ..base()
+            },
+            Settings {
+                federation_allow: Some(vec!["a b".into()]),
+                ..base()
+            },
+            Settings {
+                federation_url: Some("nats://u:p@h".into()),
+                ..base()
+            },
+            Settings {
+                retry_max: Some(0),
+                ..base()
+            },
+            Settings {
+                outbox_max_bytes: Some(10),
+                ..base()
+            },
+        ] {
+            assert!(bad.resolve().is_err());
+        }
+        assert_eq!(
+            parse_peer_webfinger("b.localhost=http://x:1").unwrap(),
+            ("b.localhost".to_owned(), "http://x:1".to_owned())
+        );
+        assert!(parse_peer_webfinger("b.localhost").is_err());
     }
 
     #[test]

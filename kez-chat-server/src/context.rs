@@ -30,4 +30,6 @@ pub struct Context {
     pub mail: MailState,
     /// The pairing relay (`kez.pair.*`).
     pub relay: crate::relay::Relay,
+    /// Federation with other home servers, when on.
+    pub federation: Option<std::sync::Arc<crate::federation::Federation>>,
 }

@@ -4,7 +4,7 @@ use bytes::Bytes;
 use kez_core::connect::ProofForm;
 use kez_core::sigchain::MAX_LINK_BYTES;
 use kez_proto::answer::{
-    ChainPage, HandleRecord, HeadAnswer, Limits, PinInfo, Profile, ServerInfo,
+    ChainPage, FederationInfo, HandleRecord, HeadAnswer, Limits, PinInfo, Profile, ServerInfo,
 };
 use kez_proto::federation::not_federated;
 use kez_proto::registry::REGISTRATION_WINDOW_SECS;
@@ -110,15 +110,26 @@ pub async fn handle(
             };
             answer(&record)
         }
-        Request::Lookup(handle) if handle.domain() != ctx.domain => {
-            Err(not_federated(handle.domain(), &ctx.domain))
+        Request::Lookup(handle) if handle.domain() != ctx.domain => answer(
+            &federation(ctx, handle.domain())?
+                .lookup(&handle, now)
+                .await?,
+        ),
+        Request::Whois(key, Some(domain)) => {
+            answer(&federation(ctx, &domain)?.whois(key, &domain, now).await?)
         }
-        Request::Whois(_, Some(domain))
-        | Request::Head(_, Some(domain))
-        | Request::GetChain {
+        Request::Head(key, Some(domain)) => {
+            answer(&federation(ctx, &domain)?.head(key, &domain, now).await?)
+        }
+        Request::GetChain {
+            key,
+            from_seq,
             domain: Some(domain),
-            ..
-        } => Err(not_federated(&domain, &ctx.domain)),
+        } => answer(
+            &federation(ctx, &domain)?
+                .chain(key, from_seq, &domain, now)
+                .await?,
+        ),
         Request::Lookup(handle) => {
             let record = ctx
                 .store
@@ -203,7 +214,9 @@ pub async fn handle(
                 provider: pin.provider(),
                 quota_bytes: pin.quota_bytes(),
             }),
-            federation: None,
+            federation: ctx.federation.as_ref().map(|federation| FederationInfo {
+                key: federation.public_key(),
+            }),
         }),
         Request::Pin(request) => {
             let Some(pinning) = &ctx.pin else {
@@ -218,12 +231,19 @@ pub async fn handle(
         Request::MailSend(request) => {
             crate::mail::send(&ctx.store, &ctx.limiters, &ctx.mail, caller, &request).await
         }
-        Request::MailRelay(request) => Err(not_federated(&request.domain, &ctx.domain)),
-        Request::MailDeliver(_) => Err(ErrorAnswer::new(
-            403,
-            "forbidden",
-            "only a peer server may deliver mail here",
-        )),
+        Request::MailRelay(request) => crate::outbox::relay(ctx, caller, &request, now).await,
+        Request::MailDeliver(request) => match &ctx.federation {
+            Some(federation) => {
+                federation
+                    .deliver(&ctx.store, &ctx.mail, &ctx.metrics, caller, &request)
+                    .await
+            }
+            None => Err(ErrorAnswer::new(
+                403,
+                "forbidden",
+                "only a peer server may deliver mail here, and this server does not federate",
+            )),
+        },
         Request::PairPut(request) => ctx.relay.put(&ctx.store, caller, &request, now).await,
         Request::PairGet(request) => ctx.relay.get(caller, &request, now).await,
         Request::MailFetch(request) => {
@@ -269,6 +289,19 @@ async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ErrorA
             tracing::debug!(%key, "connection authorized (unregistered)");
             CalloutDecision::Unregistered
         }
+        Verdict::Peer(key, domain) => {
+            tracing::info!(%key, %domain, "connection authorized (peer server)");
+            CalloutDecision::Peer
+        }
+        Verdict::PeerRefused {
+            domain,
+            reason,
+            message,
+        } => {
+            tracing::warn!(%domain, %reason, %message, "peer connection refused");
+            ctx.metrics.record_federation_refused(domain, reason);
+            CalloutDecision::Denied
+        }
     };
     if let Verdict::Registered(key, ProofForm::Legacy)
     | Verdict::Device(key, _, ProofForm::Legacy)
@@ -279,6 +312,16 @@ async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ErrorA
     }
     ctx.metrics.record_callout(decision);
     Ok(Bytes::from(response))
+}
+
+/// Federation, to proxy a read for `domain`: `not_federated` when it is off.
+fn federation<'a>(
+    ctx: &'a Context,
+    domain: &str,
+) -> Result<&'a crate::federation::Federation, ErrorAnswer> {
+    ctx.federation
+        .as_deref()
+        .ok_or_else(|| not_federated(domain, &ctx.domain))
 }
 
 async fn profile(ctx: &Context, record: HandleRecord) -> Result<Bytes, ErrorAnswer> {

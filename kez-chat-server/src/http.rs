@@ -410,8 +410,20 @@ async fn webfinger(context: &Context, query: Option<&str>) -> Result<Vec<u8>, Re
             "storage unavailable; retry".to_owned(),
         )
     };
-    let webfinger::Asked::User(handle) = asked else {
-        return Err(not_found("this server does not federate"));
+    let handle = match asked {
+        webfinger::Asked::User(handle) => handle,
+        webfinger::Asked::Server => {
+            let federation = context
+                .federation
+                .as_ref()
+                .ok_or_else(|| not_found("this server does not federate"))?;
+            return serde_json::to_vec(&federation.discovery().jrd()).map_err(|err| {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("could not encode the answer: {err}"),
+                )
+            });
+        }
     };
     let record = context
         .store

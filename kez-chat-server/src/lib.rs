@@ -10,6 +10,7 @@ pub mod callout;
 pub mod config;
 pub mod context;
 pub mod dev;
+pub mod federation;
 pub mod handlers;
 pub mod http;
 pub mod kick;
@@ -18,6 +19,7 @@ pub mod mail;
 pub mod metrics;
 pub mod migrate;
 pub mod nats_conf;
+pub mod outbox;
 pub mod pin;
 pub mod relay;
 pub mod store;
@@ -97,6 +99,9 @@ pub enum StartError {
     /// Connecting or subscribing failed.
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
+    /// The server key, the peers bucket or the outbox could not be opened.
+    #[error("federation: {0}")]
+    Federation(String),
     /// The HTTP listen address could not be bound.
     #[error("--http-listen {addr}: {source}")]
     Http {
@@ -181,6 +186,12 @@ impl Server {
         )
         .await
         .map_err(|err| StartError::Relay(err.to_string()))?;
+        let federation = match &config.federation {
+            Some(federation_config) => Some(Arc::new(
+                open_federation(&client, config, federation_config).await?,
+            )),
+            None => None,
+        };
         let mut services = Vec::new();
         let mut requests = SelectAll::new();
         // Pinning only where a pin node serves.
@@ -199,6 +210,7 @@ impl Server {
             (Some(callout_config), Some(issuer)) => {
                 let callout =
                     callout::Callout::new(issuer, store.clone(), callout_config.legacy_proofs)
+                        .with_federation(federation.clone())
                         .with_connect_limit(limits::Limiter::new(
                             config.limits.unregistered_connects_per_addr,
                             config.limits.max_buckets,
@@ -261,6 +273,7 @@ impl Server {
             limiters: limits::Limiters::new(&config.limits),
             mail: mail::MailState::default(),
             relay,
+            federation,
         });
         phase.send_replace(http::Phase::Serving(context.clone()));
         Ok(Server {
@@ -302,8 +315,17 @@ impl Server {
         let (stop_tasks, tasks_stopped) = watch::channel(false);
         let http_task = self.http.take().map(|(_, task)| task);
         let pin_sweep_task = self.pin_gc_interval.map(|interval| {
-            tokio::spawn(sweep_pins(self.context.clone(), interval, tasks_stopped))
+            tokio::spawn(sweep_pins(
+                self.context.clone(),
+                interval,
+                tasks_stopped.clone(),
+            ))
         });
+        let outbox_task = self
+            .context
+            .federation
+            .is_some()
+            .then(|| tokio::spawn(outbox::run(self.context.clone(), tasks_stopped)));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -385,6 +407,9 @@ impl Server {
         if let Some(task) = pin_sweep_task {
             let _ = task.await;
         }
+        if let Some(task) = outbox_task {
+            let _ = task.await;
+        }
         // The answers are queued in the clients; make sure they are on the wire before they go.
         if broker_connected(&self.clients) {
             let drained =
@@ -403,6 +428,50 @@ impl Server {
         }
         tracing::info!("stopped");
     }
+}
+
+/// The server key (created when missing), the peers bucket and the outbox.
+async fn open_federation(
+    client: &async_nats::Client,
+    config: &ServerConfig,
+    federation_config: &config::FederationConfig,
+) -> Result<federation::Federation, StartError> {
+    let key = federation::load_or_create_key(&federation_config.key_file)
+        .map_err(StartError::Federation)?;
+    let js = async_nats::jetstream::new(client.clone());
+    let pins = federation::Pins::open(&js, config.kv_replicas)
+        .await
+        .map_err(|err| {
+            StartError::Federation(format!("bucket {}: {err}", federation::PEERS_BUCKET))
+        })?;
+    outbox::open(&js, config.kv_replicas, federation_config)
+        .await
+        .map_err(|err| {
+            StartError::Federation(format!("stream {}: {err}", outbox::OUTBOX_STREAM))
+        })?;
+    tracing::info!(key = %key.public_key(), url = %federation_config.nats_url, "federating");
+    Ok(federation::Federation::new(
+        config.domain.clone(),
+        key,
+        federation_config.clone(),
+        pins,
+    ))
+}
+
+/// Connects like `run` does and opens the peers bucket: for `admin peer…`.
+pub async fn open_pins(config: &ServerConfig) -> Result<federation::Pins, StartError> {
+    let phase = watch::Sender::new(http::Phase::Starting("".into()));
+    let client = connect(
+        &config.nats_url,
+        &config.auth,
+        "kez-chat-server admin",
+        &phase,
+    )
+    .await?;
+    let js = async_nats::jetstream::new(client);
+    federation::Pins::open(&js, None).await.map_err(|err| {
+        StartError::Federation(format!("bucket {}: {err}", federation::PEERS_BUCKET))
+    })
 }
 
 /// Drops the pin node's orphaned tags every `interval` until `stopped` turns true.

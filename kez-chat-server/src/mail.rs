@@ -77,7 +77,7 @@ impl Identities {
     /// The identity `key`, a caller of `kez.mail.*`, speaks for: itself, or the identity whose
     /// active device it is. A device no longer active is 403 `revoked_device` (until the
     /// broker has closed its connection, [`crate::kick`]).
-    async fn of(&self, store: &Store, key: PublicKey) -> Result<PublicKey, ErrorAnswer> {
+    pub(crate) async fn of(&self, store: &Store, key: PublicKey) -> Result<PublicKey, ErrorAnswer> {
         if self.lock().contains(&key) {
             return Ok(key);
         }
@@ -255,22 +255,7 @@ pub async fn send(
     caller: &Caller,
     request: &SendRequest<'_>,
 ) -> Result<Bytes, ErrorAnswer> {
-    if let Some(user) = &caller.user {
-        // One budget per identity, whichever of its devices sends: adding devices must not
-        // multiply what one person can make the broker store. A user named by a handle (a
-        // callout of 0.1) is an identity already.
-        let budget = match PublicKey::from_nkey(user) {
-            Ok(key) => mail.identities.of(store, key).await?.to_nkey(),
-            Err(_) => user.clone(),
-        };
-        let now = Instant::now();
-        let size = u32::try_from(request.envelope.len()).unwrap_or(u32::MAX);
-        limiters
-            .send_per_key
-            .check(&budget, now)
-            .and_then(|()| limiters.send_bytes_per_key.take(&budget, size, now))
-            .map_err(over_budget)?;
-    }
+    charge(store, limiters, mail, caller, request.envelope.len()).await?;
     let identity = recipient_identity(store, &mail.recipients, request.to).await?;
     let (seq, duplicate) = store
         .deliver(
@@ -287,10 +272,38 @@ pub async fn send(
     kez_proto::answer::encode(&Delivered { seq, duplicate }).map(Bytes::from)
 }
 
+/// Takes one message of `size` envelope bytes from the budget of `caller`'s identity
+/// (`kez.mail.send` and `kez.mail.relay` share it), when nats-server names the caller.
+pub(crate) async fn charge(
+    store: &Store,
+    limiters: &Limiters,
+    mail: &MailState,
+    caller: &Caller,
+    size: usize,
+) -> Result<(), ErrorAnswer> {
+    let Some(user) = &caller.user else {
+        return Ok(());
+    };
+    // One budget per identity, whichever of its devices sends: adding devices must not
+    // multiply what one person can make the broker store. A user named by a handle (a
+    // callout of 0.1) is an identity already.
+    let budget = match PublicKey::from_nkey(user) {
+        Ok(key) => mail.identities.of(store, key).await?.to_nkey(),
+        Err(_) => user.clone(),
+    };
+    let now = Instant::now();
+    let size = u32::try_from(size).unwrap_or(u32::MAX);
+    limiters
+        .send_per_key
+        .check(&budget, now)
+        .and_then(|()| limiters.send_bytes_per_key.take(&budget, size, now))
+        .map_err(over_budget)
+}
+
 /// The identity whose device `to` is, when mail may be stored for it: `to` itself when it holds
 /// a handle here, or the identity of which it is an active device. A revoked device is 410
 /// `recipient_revoked`; any other key 404 `unknown_recipient`.
-async fn recipient_identity(
+pub(crate) async fn recipient_identity(
     store: &Store,
     recipients: &Recipients,
     to: PublicKey,

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use kez_chat_server::config::{ServerConfig, Settings};
+use kez_chat_server::federation::PeerRecord;
 use kez_chat_server::store::DisabledRecord;
 use kez_chat_server::{Server, dev, nats_conf};
 use kez_core::Handle;
@@ -94,7 +95,86 @@ enum Command {
         /// Also pin: a pin node in <data dir>/pin on 127.0.0.1 (kez.pin.*, 1 GiB per user)
         #[arg(long)]
         pin: bool,
+        #[command(flatten)]
+        federation: DevFederation,
     },
+}
+
+/// Federation for `dev`: the flags of `run` (the server key defaults to
+/// <data dir>/keys/federation.key; the federation URL to the broker's).
+#[derive(clap::Args)]
+struct DevFederation {
+    /// Federate with other kez home servers (PROTOCOL.md §14)
+    #[arg(long)]
+    federate: bool,
+    /// The server key file (created when missing) [default: <data dir>/keys/federation.key]
+    #[arg(long)]
+    federation_key: Option<PathBuf>,
+    /// The NATS URL peers connect to [default: the dev broker's]
+    #[arg(long)]
+    federation_url: Option<String>,
+    /// Where to ask a peer domain's WebFinger instead of https://<domain> (repeatable)
+    #[arg(long = "peer-webfinger", value_name = "DOMAIN=URL")]
+    peer_webfinger: Vec<String>,
+    /// Accept plain-HTTP WebFinger bases and peer brokers without TLS
+    #[arg(long)]
+    federation_allow_http: bool,
+    /// Talk only to these peer domains (repeatable)
+    #[arg(long = "federation-allow", value_name = "DOMAIN")]
+    federation_allow: Vec<String>,
+    /// Never talk to these peer domains (repeatable)
+    #[arg(long = "federation-deny", value_name = "DOMAIN")]
+    federation_deny: Vec<String>,
+    /// Seconds the outbox keeps trying before a message bounces [default: 259200]
+    #[arg(long)]
+    bounce_after: Option<u64>,
+    /// Longest wait between two attempts of the outbox, in seconds [default: 600]
+    #[arg(long)]
+    retry_max: Option<u64>,
+    /// Messages per second each peer domain may deliver [default: 50]
+    #[arg(long)]
+    peer_messages_per_sec: Option<f64>,
+    /// Messages each peer domain may deliver at once [default: 500]
+    #[arg(long)]
+    peer_message_burst: Option<u32>,
+    /// Most bytes KEZ_OUTBOX may hold [default: 1073741824]
+    #[arg(long)]
+    outbox_max_bytes: Option<u64>,
+}
+
+impl DevFederation {
+    /// The same as `run`'s settings.
+    fn settings(self) -> Result<Settings, String> {
+        let pairs = self
+            .peer_webfinger
+            .iter()
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(domain, url)| (domain.to_owned(), url.to_owned()))
+                    .ok_or_else(|| format!("--peer-webfinger {pair:?} is not DOMAIN=URL"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let list = |list: Vec<String>| (!list.is_empty()).then_some(list);
+        Ok(Settings {
+            federate: self.federate.then_some(true),
+            federation_key: self.federation_key,
+            federation_url: self.federation_url,
+            peer_webfinger: list_pairs(pairs),
+            federation_allow_http: self.federation_allow_http.then_some(true),
+            federation_allow: list(self.federation_allow),
+            federation_deny: list(self.federation_deny),
+            bounce_after: self.bounce_after,
+            retry_max: self.retry_max,
+            peer_messages_per_sec: self.peer_messages_per_sec,
+            peer_message_burst: self.peer_message_burst,
+            outbox_max_bytes: self.outbox_max_bytes,
+            ..Settings::default()
+        })
+    }
+}
+
+fn list_pairs(pairs: Vec<(String, String)>) -> Option<Vec<(String, String)>> {
+    (!pairs.is_empty()).then_some(pairs)
 }
 
 /// The handle an admin action is about, and how to reach the registry.
@@ -109,6 +189,25 @@ struct AdminTarget {
     settings: Settings,
 }
 
+/// How an admin action reaches the broker.
+#[derive(clap::Args)]
+struct AdminConnection {
+    /// TOML config file, as for `run`
+    #[arg(long, env = "KEZ_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+/// The peer domain an admin action is about.
+#[derive(clap::Args)]
+struct PeerTarget {
+    /// The peer server's domain, e.g. b.example
+    domain: String,
+    #[command(flatten)]
+    connection: AdminConnection,
+}
+
 #[derive(Subcommand)]
 enum AdminAction {
     /// Refuse the handle's key at the broker: it can no longer connect (existing connections end
@@ -116,6 +215,24 @@ enum AdminAction {
     Disable(AdminTarget),
     /// Let a disabled handle's key connect again.
     Enable(AdminTarget),
+    /// List the peer servers met or blocked: domain, pinned server key, since when, blocked.
+    Peers(AdminConnection),
+    /// Operator actions on one peer server (federation).
+    Peer {
+        #[command(subcommand)]
+        action: PeerAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PeerAction {
+    /// Refuse the domain both ways: its connections, its deliveries, mail and lookups for it.
+    Block(PeerTarget),
+    /// Talk to the domain again.
+    Unblock(PeerTarget),
+    /// Drop the server key pinned for the domain (after its operator said it changed): the
+    /// next contact pins the key its WebFinger names then.
+    Forget(PeerTarget),
 }
 
 #[tokio::main]
@@ -141,18 +258,26 @@ async fn main() -> ExitCode {
             http_port,
             domain,
             pin,
+            federation,
         } => {
             let data_dir = match data_dir.map_or_else(dev::default_data_dir, Ok) {
                 Ok(dir) => dir,
                 Err(err) => return fail(&err),
             };
-            run_dev(dev::DevOptions {
-                data_dir,
-                port,
-                http_port,
-                domain,
-                pin,
-            })
+            let federation = match federation.settings() {
+                Ok(settings) => settings,
+                Err(err) => return fail(&err),
+            };
+            run_dev(
+                dev::DevOptions {
+                    data_dir,
+                    port,
+                    http_port,
+                    domain,
+                    pin,
+                },
+                federation,
+            )
             .await
         }
         Command::Keygen { keys_dir } => match nats_conf::keygen(&keys_dir) {
@@ -216,23 +341,19 @@ async fn main() -> ExitCode {
             }
             Err(err) => fail(&err),
         },
-        Command::Admin { action } => {
-            let (target, disable) = match action {
-                AdminAction::Disable(target) => (target, true),
-                AdminAction::Enable(target) => (target, false),
-            };
-            match resolve(target.config, target.settings) {
-                Ok(config) => match admin(&config, &target.handle, disable).await {
-                    Ok(message) => {
-                        println!("{message}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(err) => fail(&err),
-                },
-                Err(err) => fail(&err),
-            }
-        }
+        Command::Admin { action } => report(match action {
+            AdminAction::Disable(target) => admin_handle(target, true).await,
+            AdminAction::Enable(target) => admin_handle(target, false).await,
+            AdminAction::Peers(connection) => admin_peers(connection).await,
+            AdminAction::Peer { action } => admin_peer(action).await,
+        }),
     }
+}
+
+/// `admin disable|enable HANDLE`.
+async fn admin_handle(target: AdminTarget, disable: bool) -> Result<String, String> {
+    let config = resolve(target.config, target.settings)?;
+    admin(&config, &target.handle, disable).await
 }
 
 fn resolve(config: Option<PathBuf>, settings: Settings) -> Result<ServerConfig, String> {
@@ -258,12 +379,16 @@ async fn run(config: Option<PathBuf>, settings: Settings) -> ExitCode {
 }
 
 /// `dev`: the broker as a child, the services in-process.
-async fn run_dev(options: dev::DevOptions) -> ExitCode {
+async fn run_dev(options: dev::DevOptions, federation: Settings) -> ExitCode {
     // The same checks `run` makes, before anything is started.
     let domain = match kez_core::handle::parse_domain(&options.domain) {
         Ok(domain) => domain,
         Err(err) => return fail(&format!("--domain {:?}: {err}", options.domain)),
     };
+    let keys_dir = options.data_dir.join(dev::KEYS_DIR);
+    if let Err(err) = federation.resolve_federation(Some(&keys_dir), "nats://127.0.0.1") {
+        return fail(&err);
+    }
     let binary = match dev::find_nats_server() {
         Ok(binary) => binary,
         Err(err) => return fail(&err),
@@ -295,7 +420,17 @@ async fn run_dev(options: dev::DevOptions) -> ExitCode {
         tracing::warn!(error = %err, "the broker's port is not kept for the next start");
     }
     let url = broker.url();
-    let config = prepared.server_config(&url, &domain, options.http_port, options.pin);
+    let mut config = prepared.server_config(&url, &domain, options.http_port, options.pin);
+    config.federation = match federation.resolve_federation(
+        Some(&prepared.data_dir.join(dev::KEYS_DIR)),
+        &config.public_nats_url,
+    ) {
+        Ok(federation) => federation,
+        Err(err) => {
+            broker.stop().await;
+            return fail(&err);
+        }
+    };
     let server = tokio::select! {
         started = Server::start(&config) => match started {
             Ok(server) => server,
@@ -408,6 +543,87 @@ async fn admin(config: &ServerConfig, handle: &str, disable: bool) -> Result<Str
             record.key
         ),
         false => format!("{handle} ({}) is enabled again", record.key),
+    })
+}
+
+/// Prints what an admin action did, or fails with why not.
+fn report(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => fail(&err),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// `admin peers`: one line per peer domain.
+async fn admin_peers(connection: AdminConnection) -> Result<String, String> {
+    let config = resolve(connection.config, connection.settings)?;
+    let pins = kez_chat_server::open_pins(&config)
+        .await
+        .map_err(|err| err.to_string())?;
+    let records = pins.list().await.map_err(|err| err.message)?;
+    if records.is_empty() {
+        return Ok("no peer server met or blocked yet".into());
+    }
+    let mut lines = vec![format!(
+        "{:<40} {:<73} {:<12} {}",
+        "DOMAIN", "KEY", "PINNED_AT", "BLOCKED"
+    )];
+    for record in records {
+        lines.push(format!(
+            "{:<40} {:<73} {:<12} {}",
+            record.domain,
+            record
+                .key
+                .map_or_else(|| "-".to_owned(), |key| key.to_string()),
+            record.pinned_at,
+            if record.blocked { "yes" } else { "no" }
+        ));
+    }
+    Ok(lines.join("\n"))
+}
+
+/// `admin peer block|unblock|forget DOMAIN`.
+async fn admin_peer(action: PeerAction) -> Result<String, String> {
+    let (PeerAction::Block(target) | PeerAction::Unblock(target) | PeerAction::Forget(target)) =
+        &action;
+    let domain = kez_core::handle::parse_domain(&target.domain)
+        .map_err(|err| format!("{:?}: {err}", target.domain))?;
+    let connection = &target.connection;
+    let config = resolve(connection.config.clone(), connection.settings.clone())?;
+    let pins = kez_chat_server::open_pins(&config)
+        .await
+        .map_err(|err| err.to_string())?;
+    let now = unix_now();
+    Ok(match action {
+        PeerAction::Forget(_) => match pins.forget(&domain).await.map_err(|err| err.message)? {
+            Some(PeerRecord { key: Some(key), .. }) => format!(
+                "{domain}: the pinned key {key} is forgotten; the next contact pins the key its WebFinger names"
+            ),
+            _ => format!("{domain}: no key was pinned"),
+        },
+        PeerAction::Block(_) => {
+            pins.set_blocked(&domain, true, now)
+                .await
+                .map_err(|err| err.message)?;
+            format!(
+                "{domain} is blocked: its connections, deliveries and lookups are refused (an open connection at its next request)"
+            )
+        }
+        PeerAction::Unblock(_) => {
+            pins.set_blocked(&domain, false, now)
+                .await
+                .map_err(|err| err.message)?;
+            format!("{domain} is unblocked")
+        }
     })
 }
 

@@ -3,7 +3,9 @@
 //! Plain atomics in fixed arrays: recording is a few uncontended atomic adds on the request path,
 //! with no allocation and no lock.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -65,6 +67,47 @@ struct RouteMetrics {
     latency: Histogram,
 }
 
+/// Most peer domains counted under their own name; the others are counted as `other`.
+pub const MAX_METRIC_DOMAINS: usize = 1000;
+/// The bounce and refusal reasons counted by name; any other is counted as `other` (a peer
+/// chooses its error names).
+const FEDERATION_REASONS: [&str; 15] = [
+    "expired",
+    "dialback_failed",
+    "unavailable",
+    "unknown_recipient",
+    "recipient_revoked",
+    "domain_blocked",
+    "forbidden",
+    "malformed",
+    "too_large",
+    "rate_limited",
+    "peer_key_changed",
+    "peer_key_in_use",
+    "peer_unavailable",
+    "bad_peer_answer",
+    "not_federated",
+];
+
+/// What happened with one peer domain.
+#[derive(Default)]
+struct PeerCounters {
+    sent: u64,
+    received: u64,
+    retries: u64,
+    bounced: BTreeMap<&'static str, u64>,
+    refused: BTreeMap<&'static str, u64>,
+}
+
+/// The reason label for `reason`.
+fn reason_label(reason: &str) -> &'static str {
+    FEDERATION_REASONS
+        .iter()
+        .find(|known| **known == reason)
+        .copied()
+        .unwrap_or("other")
+}
+
 /// What the callout decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CalloutDecision {
@@ -74,16 +117,20 @@ pub enum CalloutDecision {
     Unregistered,
     /// Refused.
     Denied,
+    /// Allowed with the peer profile (another home server).
+    Peer,
 }
 
 /// All counters of one server instance.
 #[derive(Default)]
 pub struct Metrics {
     routes: [RouteMetrics; Endpoint::ALL.len()],
-    callout: [AtomicU64; 3],
+    callout: [AtomicU64; 4],
     legacy_proofs: AtomicU64,
     http: [[AtomicU64; HTTP_STATUSES.len()]; HttpEndpoint::ALL.len()],
     inbox_acknowledged: AtomicU64,
+    federation: Mutex<BTreeMap<String, PeerCounters>>,
+    outbox_pending: AtomicU64,
 }
 
 impl Metrics {
@@ -127,6 +174,52 @@ impl Metrics {
     /// ([`crate::mail::fetch`]).
     pub fn record_inbox_acknowledged(&self, messages: u64) {
         self.inbox_acknowledged.fetch_add(messages, Relaxed);
+    }
+
+    fn peer(&self, domain: &str, count: impl FnOnce(&mut PeerCounters)) {
+        let mut peers = self
+            .federation
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let domain = match peers.contains_key(domain) || peers.len() < MAX_METRIC_DOMAINS {
+            true => domain,
+            false => "other",
+        };
+        count(peers.entry(domain.to_owned()).or_default());
+    }
+
+    /// Records a message the outbox handed to `domain`'s server.
+    pub fn record_federation_sent(&self, domain: &str) {
+        self.peer(domain, |peer| peer.sent += 1);
+    }
+
+    /// Records a message `domain`'s server delivered here.
+    pub fn record_federation_received(&self, domain: &str) {
+        self.peer(domain, |peer| peer.received += 1);
+    }
+
+    /// Records a failed attempt of the outbox that will be made again.
+    pub fn record_federation_retry(&self, domain: &str) {
+        self.peer(domain, |peer| peer.retries += 1);
+    }
+
+    /// Records a message bounced to its sender for `reason`.
+    pub fn record_federation_bounced(&self, domain: &str, reason: &str) {
+        self.peer(domain, |peer| {
+            *peer.bounced.entry(reason_label(reason)).or_default() += 1;
+        });
+    }
+
+    /// Records a connection or delivery from `domain` refused for `reason`.
+    pub fn record_federation_refused(&self, domain: &str, reason: &str) {
+        self.peer(domain, |peer| {
+            *peer.refused.entry(reason_label(reason)).or_default() += 1;
+        });
+    }
+
+    /// Sets the outbox's pending messages, as its consumer last said.
+    pub fn set_outbox_pending(&self, pending: u64) {
+        self.outbox_pending.store(pending, Relaxed);
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -212,7 +305,7 @@ impl Metrics {
             "# HELP kez_callout_decisions_total Auth callout decisions."
         )?;
         writeln!(out, "# TYPE kez_callout_decisions_total counter")?;
-        for (name, count) in ["registered", "unregistered", "denied"]
+        for (name, count) in ["registered", "unregistered", "denied", "peer"]
             .iter()
             .zip(&self.callout)
         {
@@ -247,7 +340,71 @@ impl Metrics {
                 )?;
             }
         }
-        Ok(())
+        self.write_federation(out)
+    }
+
+    fn write_federation(&self, out: &mut String) -> std::fmt::Result {
+        let peers = self
+            .federation
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        for (name, help, count) in [
+            (
+                "kez_federation_sent_total",
+                "Messages the outbox handed to a peer server, per peer domain.",
+                (|peer: &PeerCounters| peer.sent) as fn(&PeerCounters) -> u64,
+            ),
+            (
+                "kez_federation_received_total",
+                "Messages a peer server delivered here, per peer domain.",
+                |peer| peer.received,
+            ),
+            (
+                "kez_federation_retries_total",
+                "Failed outbox attempts that will be made again, per peer domain.",
+                |peer| peer.retries,
+            ),
+        ] {
+            writeln!(out, "# HELP {name} {help}")?;
+            writeln!(out, "# TYPE {name} counter")?;
+            for (domain, peer) in peers.iter() {
+                writeln!(out, "{name}{{domain=\"{domain}\"}} {}", count(peer))?;
+            }
+        }
+        for (name, help, reasons) in [
+            (
+                "kez_federation_bounced_total",
+                "Messages bounced to their sender, per peer domain and reason.",
+                (|peer: &PeerCounters| &peer.bounced)
+                    as fn(&PeerCounters) -> &BTreeMap<&'static str, u64>,
+            ),
+            (
+                "kez_federation_refused_total",
+                "Peer connections and deliveries refused, per peer domain and reason.",
+                |peer| &peer.refused,
+            ),
+        ] {
+            writeln!(out, "# HELP {name} {help}")?;
+            writeln!(out, "# TYPE {name} counter")?;
+            for (domain, peer) in peers.iter() {
+                for (reason, count) in reasons(peer) {
+                    writeln!(
+                        out,
+                        "{name}{{domain=\"{domain}\",reason=\"{reason}\"}} {count}"
+                    )?;
+                }
+            }
+        }
+        writeln!(
+            out,
+            "# HELP kez_outbox_pending Messages in KEZ_OUTBOX not yet handed to a worker."
+        )?;
+        writeln!(out, "# TYPE kez_outbox_pending gauge")?;
+        writeln!(
+            out,
+            "kez_outbox_pending {}",
+            self.outbox_pending.load(Relaxed)
+        )
     }
 }
 
@@ -286,5 +443,37 @@ mod tests {
         assert!(text.contains("kez_http_requests_total{endpoint=\"webfinger\",status=\"405\"} 1"));
         assert!(text.contains("kez_http_requests_total{endpoint=\"healthz\",status=\"405\"} 0"));
         assert!(text.contains("kez_inbox_acknowledged_messages_total 5\n"));
+    }
+
+    #[test]
+    fn federation_is_counted_per_domain_within_bounds() {
+        let metrics = Metrics::default();
+        metrics.record_callout(CalloutDecision::Peer);
+        metrics.record_federation_sent("b.localhost");
+        metrics.record_federation_received("b.localhost");
+        metrics.record_federation_retry("b.localhost");
+        metrics.record_federation_bounced("b.localhost", "expired");
+        metrics.record_federation_bounced("b.localhost", "whatever_a_peer_says");
+        metrics.record_federation_refused("c.localhost", "rate_limited");
+        metrics.set_outbox_pending(7);
+        let text = metrics.render();
+        for line in [
+            "kez_callout_decisions_total{decision=\"peer\"} 1",
+            "kez_federation_sent_total{domain=\"b.localhost\"} 1",
+            "kez_federation_received_total{domain=\"b.localhost\"} 1",
+            "kez_federation_retries_total{domain=\"b.localhost\"} 1",
+            "kez_federation_bounced_total{domain=\"b.localhost\",reason=\"expired\"} 1",
+            "kez_federation_bounced_total{domain=\"b.localhost\",reason=\"other\"} 1",
+            "kez_federation_refused_total{domain=\"c.localhost\",reason=\"rate_limited\"} 1",
+            "kez_outbox_pending 7",
+        ] {
+            assert!(text.contains(line), "{line}");
+        }
+        for i in 0..MAX_METRIC_DOMAINS + 10 {
+            metrics.record_federation_received(&format!("d{i}.example"));
+        }
+        let text = metrics.render();
+        assert!(text.contains("kez_federation_received_total{domain=\"other\"} 12"));
+        assert!(!text.contains(&format!("d{}.example", MAX_METRIC_DOMAINS + 5)));
     }
 }

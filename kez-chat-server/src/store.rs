@@ -24,6 +24,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES, StateJsonError};
 use kez_core::{Handle, PublicKey, Sigchain};
+use kez_proto::federation::ORIGIN_HEADER;
 use kez_proto::mail::{Fetched, MAX_FETCH_BYTES};
 use kez_proto::subjects::{INBOX_SUBJECTS, MAIL_STREAM, NEW_MAIL_DESTINATION, inbox_subject};
 use serde::{Deserialize, Serialize};
@@ -271,6 +272,11 @@ impl Store {
         })
     }
 
+    /// The JetStream context the store writes with (the outbox shares it).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
     /// The same store, handing every device key it turns `revoked` to `revocations` (never
     /// waiting: when the queue is full the device's connections end with their authorization).
     pub fn with_revocations(mut self, revocations: tokio::sync::mpsc::Sender<PublicKey>) -> Self {
@@ -409,8 +415,46 @@ impl Store {
         id: &kez_core::envelope::MessageId,
         envelope: Bytes,
     ) -> Result<(u64, bool), ErrorAnswer> {
+        self.deliver_with_origin(identity, device, id, envelope, None)
+            .await
+    }
+
+    /// [`Store::deliver`] of a message a peer server handed over: `origin` (its domain) is
+    /// kept with it in the `Kez-Origin` header, which a fetch with `origins` passes on.
+    pub async fn deliver_with_origin(
+        &self,
+        identity: PublicKey,
+        device: PublicKey,
+        id: &kez_core::envelope::MessageId,
+        envelope: Bytes,
+        origin: Option<&str>,
+    ) -> Result<(u64, bool), ErrorAnswer> {
+        self.store_in_inbox(
+            identity,
+            device,
+            &inbox_msg_id(&device, id),
+            origin,
+            envelope,
+        )
+        .await
+    }
+
+    /// Stores `envelope` in the inbox of `device` (of `identity`) under the de-duplication id
+    /// `msg_id`, with its `origin` when a peer handed it over; answers its sequence and whether
+    /// the stream already held that id.
+    pub async fn store_in_inbox(
+        &self,
+        identity: PublicKey,
+        device: PublicKey,
+        msg_id: &str,
+        origin: Option<&str>,
+        envelope: Bytes,
+    ) -> Result<(u64, bool), ErrorAnswer> {
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", inbox_msg_id(&device, id).as_str());
+        headers.insert("Nats-Msg-Id", msg_id);
+        if let Some(origin) = origin {
+            headers.insert(ORIGIN_HEADER, origin);
+        }
         let ack = self
             .js
             .publish_with_headers(inbox_subject(&identity, &device), headers, envelope)
@@ -468,10 +512,20 @@ impl Store {
                         )));
                     }
                     read.pending = pending;
+                    let origin = message
+                        .headers
+                        .as_ref()
+                        .and_then(|headers| headers.get(ORIGIN_HEADER))
+                        .map(|value| value.as_str())
+                        .filter(|origin| {
+                            kez_core::handle::parse_domain(origin).as_deref() == Ok(*origin)
+                        })
+                        .map(str::to_owned);
                     read.messages.push(Stored {
                         seq,
                         time,
                         envelope: message.payload,
+                        origin,
                     });
                 }
                 DirectGetReply::End { pending } => {
@@ -1137,7 +1191,7 @@ async fn within_step<T>(step: impl std::future::Future<Output = T>) -> Option<T>
 /// request timeout, again at every retry: 55 s before either served. So nothing is updated that
 /// need not be, each step waits [`ENSURE_STEP`] and is asked again, equal creations at once
 /// agree, and a creation refused because the stream appeared meanwhile finds it next round.
-async fn ensure_stream(
+pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     wanted: jetstream::stream::Config,
 ) -> Result<jetstream::stream::Config, async_nats::Error> {
@@ -1314,6 +1368,8 @@ pub struct Stored {
     pub time: u64,
     /// The envelope.
     pub envelope: Bytes,
+    /// The domain of the peer server that handed it over (`kez.mail.deliver`), if one did.
+    pub origin: Option<String>,
 }
 
 /// What [`Store::read_inbox`] found.
@@ -1334,7 +1390,7 @@ impl InboxRead {
                 seq: message.seq,
                 time: message.time,
                 envelope: &message.envelope,
-                origin: None,
+                origin: message.origin.as_deref(),
             })
             .collect()
     }
