@@ -484,17 +484,24 @@ mod tests {
     fn a_peer_gets_the_federation_subjects_and_its_own_replies_only() {
         let key = SecretKey::from_seed(&[7; 32]).public_key();
         let claims = peer_profile("UCONNECTION", &key, NOW);
-        assert_eq!(
-            claims.publish.allow,
-            [
-                "kez.mail.deliver",
-                "kez.registry.lookup",
-                "kez.registry.whois",
-                "kez.sigchain.get",
-                "kez.sigchain.head",
-                "kez.server.info"
-            ]
-        );
+        assert_eq!(claims.publish.allow, peer_publish());
+        for endpoint in [
+            kez_proto::Endpoint::MailDeliver,
+            kez_proto::Endpoint::Lookup,
+            kez_proto::Endpoint::Whois,
+            kez_proto::Endpoint::GetChain,
+            kez_proto::Endpoint::Head,
+            kez_proto::Endpoint::Info,
+        ] {
+            assert!(
+                claims
+                    .publish
+                    .allow
+                    .contains(&endpoint.subject().to_owned()),
+                "{endpoint:?}"
+            );
+        }
+        assert_eq!(claims.publish.allow.len(), 6);
         assert_eq!(
             claims.subscribe.allow,
             [format!("_INBOX.{}.>", key.to_hex())]
