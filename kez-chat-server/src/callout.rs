@@ -245,7 +245,7 @@ impl Callout {
             && disabled.is_none()
             && let Some(domain) = claimed_domain(&request.connect_opts.name)
         {
-            let claims = self.peer(&request.user_nkey, &key, &domain, now).await?;
+            let claims = self.peer(request, &key, &domain, now).await?;
             let user_jwt =
                 encode_user_jwt(&self.issuer, &claims).map_err(|err| format!("kez: {err}"))?;
             return Ok((user_jwt, Verdict::Peer(key, domain)));
@@ -285,7 +285,7 @@ impl Callout {
     /// this very key) and the pin.
     async fn peer(
         &self,
-        user_nkey: &str,
+        request: &AuthorizationRequest,
         key: &PublicKey,
         domain: &str,
         now: u64,
@@ -331,6 +331,24 @@ impl Callout {
                 ));
             }
             PinDecision::Pin => {
+                // A dialback is an HTTPS request a stranger makes this server send: as few per
+                // address as unregistered connections.
+                if let Some(limiter) = &self.connect_limit
+                    && let Err(limited) = limiter.check(
+                        &crate::limits::address_bucket(&request.client_info.host),
+                        std::time::Instant::now(),
+                    )
+                {
+                    return Err(peer_refusal(
+                        domain,
+                        "rate_limited",
+                        format!(
+                            "too many new peers from {}; retry in {} ms",
+                            request.client_info.host,
+                            limited.retry_after_ms()
+                        ),
+                    ));
+                }
                 let found = federation
                     .discover(domain, DIALBACK_TIMEOUT)
                     .await
@@ -349,7 +367,7 @@ impl Callout {
                     .map_err(|err| peer_refusal(domain, reason_of(&err), &err.message))?;
             }
         }
-        Ok(peer_profile(user_nkey, key, now))
+        Ok(peer_profile(&request.user_nkey, key, now))
     }
 }
 

@@ -358,6 +358,51 @@ impl Pins {
     }
 }
 
+/// Ends the open connections of every peer whose domain the operator blocks (`admin peer
+/// block`, from any process) while this server runs, until `stop` changes: their next request
+/// would be refused anyway, but reads (lookups, chains) are not checked against blocks.
+pub async fn end_blocked_connections(
+    pins: Pins,
+    store: Store,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    loop {
+        let mut updates = match pins.kv.watch("d.>").await {
+            Ok(updates) => updates,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot watch the peers bucket; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                    _ = stop.changed() => return,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                entry = updates.next() => entry,
+                _ = stop.changed() => return,
+            };
+            let Some(Ok(entry)) = entry else {
+                break;
+            };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            if let Ok(PeerRecord {
+                key: Some(key),
+                blocked: true,
+                domain,
+                ..
+            }) = serde_json::from_slice(&entry.value)
+            {
+                tracing::info!(%domain, %key, "peer blocked: ending its connections");
+                store.end_connections(key);
+            }
+        }
+    }
+}
+
 /// A WebFinger base URL, split.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebfingerBase {
@@ -463,8 +508,18 @@ impl PeerBudgets {
     }
 }
 
-/// One slot of the pool: the connection to a peer, if made.
-type Slot = Arc<tokio::sync::Mutex<Option<async_nats::Client>>>;
+/// How long a failed attempt to reach a peer is remembered: requests meanwhile fail at once
+/// instead of each waiting out a discovery of its own.
+const FAILURE_REMEMBERED: Duration = Duration::from_secs(5);
+
+/// One slot of the pool: the connection to a peer, if made, or the last failure to make one.
+#[derive(Default)]
+struct SlotState {
+    client: Option<async_nats::Client>,
+    failed: Option<(Instant, ErrorAnswer)>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<SlotState>>;
 
 /// Federation, as a running server does it.
 pub struct Federation {
@@ -616,16 +671,31 @@ impl Federation {
         self.check_allowed(domain).await?;
         let slot = self.slot(domain)?;
         let mut held = slot.lock().await;
-        if let Some(client) = held.as_ref() {
+        if let Some(client) = &held.client {
             if client.connection_state() == async_nats::connection::State::Connected {
                 return Ok(client.clone());
             }
             // Dropped: made again, through discovery, so a changed key is seen.
-            *held = None;
+            held.client = None;
         }
-        let client = self.connect(domain, now).await?;
-        *held = Some(client.clone());
-        Ok(client)
+        if let Some((at, err)) = &held.failed
+            && at.elapsed() < FAILURE_REMEMBERED
+        {
+            return Err(err.clone());
+        }
+        match self.connect(domain, now).await {
+            Ok(client) => {
+                *held = SlotState {
+                    client: Some(client.clone()),
+                    failed: None,
+                };
+                Ok(client)
+            }
+            Err(err) => {
+                held.failed = Some((Instant::now(), err.clone()));
+                Err(err)
+            }
+        }
     }
 
     fn slot(&self, domain: &str) -> Result<Slot, ErrorAnswer> {
@@ -640,7 +710,7 @@ impl Federation {
             // Slots without a live connection go first (a slot in use is locked).
             pool.retain(|_, slot| {
                 slot.try_lock().map_or(true, |held| {
-                    held.as_ref().is_some_and(|client| {
+                    held.client.as_ref().is_some_and(|client| {
                         client.connection_state() == async_nats::connection::State::Connected
                     })
                 })
@@ -667,7 +737,7 @@ impl Federation {
             .remove(domain);
         if let Some(slot) = slot
             && let Ok(mut held) = slot.try_lock()
-            && let Some(client) = held.take()
+            && let Some(client) = held.client.take()
         {
             tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;

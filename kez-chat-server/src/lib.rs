@@ -325,7 +325,14 @@ impl Server {
             .context
             .federation
             .is_some()
-            .then(|| tokio::spawn(outbox::run(self.context.clone(), tasks_stopped)));
+            .then(|| tokio::spawn(outbox::run(self.context.clone(), tasks_stopped.clone())));
+        let blocks_task = self.context.federation.as_ref().map(|federation| {
+            tokio::spawn(federation::end_blocked_connections(
+                federation.pins.clone(),
+                self.context.store.clone(),
+                tasks_stopped,
+            ))
+        });
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -408,6 +415,9 @@ impl Server {
             let _ = task.await;
         }
         if let Some(task) = outbox_task {
+            let _ = task.await;
+        }
+        if let Some(task) = blocks_task {
             let _ = task.await;
         }
         // The answers are queued in the clients; make sure they are on the wire before they go.

@@ -284,6 +284,13 @@ impl Store {
         self
     }
 
+    /// Ends the open connections of `key` (a peer server's key whose domain the operator just
+    /// blocked), when the server's system user is connected; else they end at their next
+    /// request's refusal or with their authorization.
+    pub fn end_connections(&self, key: PublicKey) {
+        self.revoked(key);
+    }
+
     /// Hands `key`, just written as revoked, to whoever ends its connections.
     fn revoked(&self, key: PublicKey) {
         let Some(revocations) = &self.revocations else {
