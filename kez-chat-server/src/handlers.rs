@@ -110,26 +110,26 @@ pub async fn handle(
             };
             answer(&record)
         }
-        Request::Lookup(handle) if handle.domain() != ctx.domain => answer(
-            &federation(ctx, handle.domain())?
-                .lookup(&handle, now)
-                .await?,
-        ),
+        Request::Lookup(handle) if handle.domain() != ctx.domain => {
+            let federation = remote_reader(ctx, caller, handle.domain()).await?;
+            answer(&federation.lookup(&handle, now).await?)
+        }
         Request::Whois(key, Some(domain)) => {
-            answer(&federation(ctx, &domain)?.whois(key, &domain, now).await?)
+            let federation = remote_reader(ctx, caller, &domain).await?;
+            answer(&federation.whois(key, &domain, now).await?)
         }
         Request::Head(key, Some(domain)) => {
-            answer(&federation(ctx, &domain)?.head(key, &domain, now).await?)
+            let federation = remote_reader(ctx, caller, &domain).await?;
+            answer(&federation.head(key, &domain, now).await?)
         }
         Request::GetChain {
             key,
             from_seq,
             domain: Some(domain),
-        } => answer(
-            &federation(ctx, &domain)?
-                .chain(key, from_seq, &domain, now)
-                .await?,
-        ),
+        } => {
+            let federation = remote_reader(ctx, caller, &domain).await?;
+            answer(&federation.chain(key, from_seq, &domain, now).await?)
+        }
         Request::Lookup(handle) => {
             let record = ctx
                 .store
@@ -314,14 +314,44 @@ async fn authorize(ctx: &Context, body: &[u8], now: u64) -> Result<Bytes, ErrorA
     Ok(Bytes::from(response))
 }
 
-/// Federation, to proxy a read for `domain`: `not_federated` when it is off.
-fn federation<'a>(
+/// Federation, to proxy a read for `domain` asked by `caller`: `not_federated` when it is off;
+/// 403 `forbidden` unless the caller is a user of this server (a registered key or an active
+/// device): a key without a handle, or a peer server, must not make this server reach out to
+/// any domain it names.
+async fn remote_reader<'a>(
     ctx: &'a Context,
+    caller: &Caller,
     domain: &str,
 ) -> Result<&'a crate::federation::Federation, ErrorAnswer> {
-    ctx.federation
+    let federation = ctx
+        .federation
         .as_deref()
-        .ok_or_else(|| not_federated(domain, &ctx.domain))
+        .ok_or_else(|| not_federated(domain, &ctx.domain))?;
+    let key = caller
+        .user
+        .as_deref()
+        .and_then(|user| kez_core::PublicKey::from_nkey(user).ok());
+    let local = match key {
+        None => false,
+        Some(key) => {
+            ctx.mail.recipients.is_registered(&ctx.store, key).await?
+                || ctx
+                    .store
+                    .device(key)
+                    .await?
+                    .is_some_and(|device| device.state == DeviceState::Active)
+        }
+    };
+    match local {
+        true => Ok(federation),
+        false => Err(ErrorAnswer::new(
+            403,
+            "forbidden",
+            format!(
+                "reads of {domain} through this server are for its registered users; ask {domain}'s server itself"
+            ),
+        )),
+    }
 }
 
 async fn profile(ctx: &Context, record: HandleRecord) -> Result<Bytes, ErrorAnswer> {

@@ -37,7 +37,11 @@ pub struct Recipients {
 
 impl Recipients {
     /// Whether `key` holds a handle here.
-    async fn is_registered(&self, store: &Store, key: PublicKey) -> Result<bool, ErrorAnswer> {
+    pub(crate) async fn is_registered(
+        &self,
+        store: &Store,
+        key: PublicKey,
+    ) -> Result<bool, ErrorAnswer> {
         if self.lock().contains(&key) {
             return Ok(true);
         }

@@ -341,6 +341,35 @@ async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
         .expect("A's own key connects as A");
     let b_info: ServerInfo = json(&peer, "kez.server.info", json!({})).await.unwrap();
     assert_eq!(b_info.domain, B);
+    // A peer reads B's own users; it cannot make B reach out to a third domain, and neither
+    // can a key without a handle on A.
+    let bob_again: Profile = json(
+        &peer,
+        "kez.registry.lookup",
+        json!({"handle": "@bob@b.localhost"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(bob_again.key, bob_key.public_key());
+    let third = json::<Profile>(
+        &peer,
+        "kez.registry.lookup",
+        json!({"handle": "@carol@c.localhost"}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((third.code, third.name.as_str()), (403, "forbidden"));
+    let (stranger_client, _) = connect_as(&a.url(), &Arc::new(SecretKey::generate()))
+        .await
+        .unwrap();
+    let narrow = json::<Profile>(
+        &stranger_client,
+        "kez.registry.lookup",
+        json!({"handle": "@bob@b.localhost"}),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!((narrow.code, narrow.name.as_str()), (403, "forbidden"));
     peer.publish("kez.mail.relay", Bytes::from_static(b"x"))
         .await
         .unwrap();
