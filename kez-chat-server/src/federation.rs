@@ -274,8 +274,8 @@ impl Pins {
         )))
     }
 
-    /// Blocks or unblocks `domain` (a record is made for a domain never met), answering the
-    /// record as written.
+    /// Blocks or unblocks `domain` (a record is made for a domain never met, and dropped again
+    /// when it is unblocked with no key pinned), answering the record as written.
     pub async fn set_blocked(
         &self,
         domain: &str,
@@ -291,13 +291,22 @@ impl Pins {
                 blocked,
             },
         };
-        self.kv
-            .put(
-                domain_entry(domain),
-                Bytes::from(serde_json::to_vec(&record).expect("a record serialises")),
-            )
-            .await
-            .map_err(ErrorAnswer::unavailable)?;
+        match (&record.key, blocked) {
+            (None, false) => self
+                .kv
+                .delete(domain_entry(domain))
+                .await
+                .map_err(ErrorAnswer::unavailable)?,
+            _ => {
+                self.kv
+                    .put(
+                        domain_entry(domain),
+                        Bytes::from(serde_json::to_vec(&record).expect("a record serialises")),
+                    )
+                    .await
+                    .map_err(ErrorAnswer::unavailable)?;
+            }
+        }
         Ok(record)
     }
 

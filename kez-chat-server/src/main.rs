@@ -202,8 +202,9 @@ struct AdminConnection {
 /// The peer domain an admin action is about.
 #[derive(clap::Args)]
 struct PeerTarget {
-    /// The peer server's domain, e.g. b.example
-    domain: String,
+    /// The peer server's domain, e.g. b.example (not `domain`: that is --domain, the served one)
+    #[arg(value_name = "DOMAIN")]
+    peer: String,
     #[command(flatten)]
     connection: AdminConnection,
 }
@@ -595,8 +596,8 @@ async fn admin_peers(connection: AdminConnection) -> Result<String, String> {
 async fn admin_peer(action: PeerAction) -> Result<String, String> {
     let (PeerAction::Block(target) | PeerAction::Unblock(target) | PeerAction::Forget(target)) =
         &action;
-    let domain = kez_core::handle::parse_domain(&target.domain)
-        .map_err(|err| format!("{:?}: {err}", target.domain))?;
+    let domain = kez_core::handle::parse_domain(&target.peer)
+        .map_err(|err| format!("{:?}: {err}", target.peer))?;
     let connection = &target.connection;
     let config = resolve(connection.config.clone(), connection.settings.clone())?;
     let pins = kez_chat_server::open_pins(&config)
@@ -615,7 +616,7 @@ async fn admin_peer(action: PeerAction) -> Result<String, String> {
                 .await
                 .map_err(|err| err.message)?;
             format!(
-                "{domain} is blocked: its connections, deliveries and lookups are refused (an open connection at its next request)"
+                "{domain} is blocked: its connections (open ones end now), deliveries, and mail and lookups for it are refused"
             )
         }
         PeerAction::Unblock(_) => {
@@ -641,4 +642,14 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }
