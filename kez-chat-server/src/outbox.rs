@@ -86,6 +86,23 @@ pub async fn open(
     config: &FederationConfig,
 ) -> Result<(), async_nats::Error> {
     let max_bytes = config.outbox_max_bytes.unwrap_or(DEFAULT_OUTBOX_MAX_BYTES);
+    // Without the setting an existing outbox keeps its replicas, and a new one gets the inbox
+    // stream's (which the store just opened): a start never scales a cluster's stream down.
+    let replicas = match replicas {
+        Some(replicas) => replicas,
+        None => {
+            let name = match js.get_stream(OUTBOX_STREAM).await {
+                Ok(_) => OUTBOX_STREAM,
+                Err(_) => kez_proto::subjects::MAIL_STREAM,
+            };
+            js.get_stream(name)
+                .await?
+                .cached_info()
+                .config
+                .num_replicas
+                .max(1)
+        }
+    };
     crate::store::ensure_stream(
         js,
         jetstream::stream::Config {
@@ -99,7 +116,7 @@ pub async fn open(
             max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
             max_age: config.bounce_after + KEPT_PAST_BOUNCE,
             duplicate_window: DUPLICATE_WINDOW,
-            num_replicas: replicas.unwrap_or(1),
+            num_replicas: replicas,
             ..Default::default()
         },
     )
