@@ -629,3 +629,49 @@ async fn mail_for_a_server_that_stays_down_is_retried_then_bounced() {
     );
     assert!(!metrics.contains("kez_federation_retries_total{domain=\"c.localhost\"} 0"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_peer_is_slowed_down_and_its_mail_still_arrives() {
+    let (port_a, port_b) = (reserve_port(), reserve_port());
+    let a = start(A, port_a, (B, port_b), |_| {}).await;
+    // B takes 2 messages at once from a peer, then one a second.
+    let b = start(B, port_b, (A, port_a), |federation| {
+        federation.peer_limits.messages = kez_chat_server::limits::Rate::new(1.0, 2);
+    })
+    .await;
+    let (alice_key, alice) = a.registered("alice").await;
+    let (bob_key, bob) = b.registered("bob").await;
+    for text in ["one", "two", "three", "four"] {
+        let (id, envelope) = kez_core::envelope::seal(
+            &alice_key,
+            &bob_key.public_key(),
+            "text",
+            text.as_bytes(),
+            now(),
+        )
+        .unwrap();
+        relay(&alice, B, &bob_key.public_key(), &id, &envelope)
+            .await
+            .unwrap();
+    }
+    let fetched = fetch_until(&bob, 0, 0, 4).await;
+    let mut texts: Vec<Vec<u8>> = fetched
+        .iter()
+        .map(|(_, origin, envelope)| {
+            assert_eq!(origin.as_deref(), Some(A));
+            kez_core::envelope::open(&bob_key, envelope).unwrap().body
+        })
+        .collect();
+    texts.sort();
+    assert_eq!(texts, [&b"four"[..], b"one", b"three", b"two"]);
+    let metrics = get_metrics(&b).await;
+    assert!(
+        metrics.contains(
+            "kez_federation_refused_total{domain=\"a.localhost\",reason=\"rate_limited\"}"
+        ),
+        "{metrics}"
+    );
+    let metrics = get_metrics(&a).await;
+    assert!(metrics.contains("kez_federation_sent_total{domain=\"b.localhost\"} 4"));
+    assert!(!metrics.contains("kez_federation_retries_total{domain=\"b.localhost\"} 0"));
+}
