@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use kez_client::store::{ChatChange, MessageView};
-use kez_client::{Connection, Contact, Direction, Store};
+use kez_client::{Connection, Contact, Direction, Store, Undelivered, UndeliveredNote};
 use kez_core::PublicKey;
 use kez_core::chat::{
     ChatContent, Delete, Edit, Reaction, Receipt, ReceiptKind, Reply, Timer, may_change,
@@ -705,6 +705,42 @@ pub(crate) fn view_line(who: &str, view: &MessageView, ids: bool) -> String {
     format!("{id}[{}] {who}: {text}", clock(message.time))
 }
 
+/// The note that a sent message did not reach a device of `handle` (the home server's
+/// bounce): `[time] ⚠ not delivered to @bob@b.example: <what went wrong> (<reason>)`. The
+/// server's words, which may carry a peer's, go through `display`.
+pub(crate) fn undelivered_line(handle: &str, undelivered: &Undelivered) -> String {
+    format!(
+        "[{}] ⚠ not delivered to {}: {} ({})",
+        clock(undelivered.time),
+        display::inline(handle),
+        display::inline(&undelivered.message),
+        display::inline(&undelivered.reason)
+    )
+}
+
+/// `listen --json`'s line for a sent message that did not reach a device of `handle`:
+/// `{"type":"bounce","id","peer","to_handle"}` and the [`undelivered_json`] members.
+pub(crate) fn bounce_json(handle: &str, note: &UndeliveredNote) -> Value {
+    let mut value = undelivered_json(&note.undelivered);
+    value["type"] = json!("bounce");
+    value["id"] = json!(note.id.to_string());
+    value["peer"] = json!(note.peer.to_string());
+    value["to_handle"] = json!(handle);
+    value
+}
+
+/// An [`Undelivered`] as JSON (exact text).
+pub(crate) fn undelivered_json(undelivered: &Undelivered) -> Value {
+    json!({
+        "device": undelivered.device.to_string(),
+        "domain": undelivered.domain,
+        "reason": undelivered.reason,
+        "message": undelivered.message,
+        "queued_at": undelivered.queued_at,
+        "time": undelivered.time,
+    })
+}
+
 /// One message of a conversation as JSON: the stored message's members and its state.
 pub(crate) fn view_json(view: &MessageView, stored: Value) -> Value {
     let mut value = stored;
@@ -731,6 +767,7 @@ pub(crate) fn view_json(view: &MessageView, stored: Value) -> Value {
     value["delivered"] = json!(view.delivered);
     value["read"] = json!(view.read);
     value["expires_at"] = json!(view.expires_at);
+    value["undelivered"] = view.undelivered.iter().map(undelivered_json).collect();
     value
 }
 

@@ -143,7 +143,7 @@ async fn registration_and_service_calls() {
     assert_eq!(profile.key, bob.key.public_key());
     assert_eq!(profile.handle.to_string(), bob.handle);
     assert_eq!(profile.sigchain, None);
-    let whois = conn.whois(&bob.key.public_key()).await.unwrap();
+    let whois = conn.whois(&bob.key.public_key(), None).await.unwrap();
     assert_eq!(whois.handle.to_string(), bob.handle);
     match conn.lookup(&test_handle("@nobody")).await {
         Err(ClientError::Service(err)) => assert_eq!(err.answer.name, "not_found"),
