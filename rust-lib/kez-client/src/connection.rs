@@ -198,7 +198,9 @@ pub struct Sent {
     pub content_type: String,
     /// The content.
     pub body: Vec<u8>,
-    /// The message's sequence in the inbox stream of the first recipient device that took it.
+    /// The message's sequence in the inbox stream of the first recipient device that took it;
+    /// 0 for a contact on another domain (the home server's outbox took it: its sequence there
+    /// does not order it among the inbox's).
     pub stream_sequence: u64,
     /// The devices (the recipient's, or the own other devices for their copy) the server did
     /// not take it for, and why: one revoked a moment ago, say. Empty when every one did.
@@ -214,6 +216,8 @@ pub struct Pending {
     /// the recipient's (not an own copy), and the answer with whether it is to a repeated
     /// request.
     answers: Vec<(PublicKey, bool, DeliveryAnswer)>,
+    /// Whether the recipient's envelopes went to the outbox (`kez.mail.relay`).
+    relayed: bool,
     sent: Sent,
 }
 
@@ -240,7 +244,7 @@ impl Pending {
             let outcome = delivery(answer, sent.id).await;
             match outcome {
                 Ok(seq) if for_peer => {
-                    if !delivered_to_peer {
+                    if !delivered_to_peer && !self.relayed {
                         sent.stream_sequence = seq;
                     }
                     delivered_to_peer = true;
@@ -1128,6 +1132,7 @@ impl Connection {
             .collect();
         Ok(Pending {
             answers,
+            relayed: remote.is_some(),
             sent: Sent {
                 id,
                 from: me,
@@ -1208,9 +1213,14 @@ impl Connection {
                 notified = notified.max(notified_sequence(&notification));
             }
             let connected_at = connects();
-            let received = self.fetch_caught_up(store, max, notified).await?;
-            // After a reconnect the caller hears that receiving works again, messages or not.
-            if !received.is_empty() || reconnected || tokio::time::Instant::now() >= deadline {
+            let (received, bounced) = self.fetch_caught_up(store, max, notified).await?;
+            // After a reconnect the caller hears that receiving works again, messages or not;
+            // after a bounce, that there is an undelivered note to show.
+            if !received.is_empty()
+                || bounced
+                || reconnected
+                || tokio::time::Instant::now() >= deadline
+            {
                 return Ok(received);
             }
             loop {
@@ -1246,12 +1256,12 @@ impl Connection {
         store: &Store,
         max: usize,
         notified: u64,
-    ) -> Result<Vec<Message>, ClientError> {
+    ) -> Result<(Vec<Message>, bool), ClientError> {
         let mut pause = CATCH_UP_PAUSE;
         for _ in 0..CATCH_UP_PAUSES {
-            let received = self.fetch(store, max).await?;
-            if !received.is_empty() || store.inbox_floor()?.seq >= notified {
-                return Ok(received);
+            let (received, bounced) = self.fetch(store, max).await?;
+            if !received.is_empty() || bounced || store.inbox_floor()?.seq >= notified {
+                return Ok((received, bounced));
             }
             tokio::time::sleep(pause).await;
             pause *= 2;
@@ -1262,13 +1272,16 @@ impl Connection {
     /// Fetches and stores up to `max` messages after the stored inbox floor, one
     /// `kez.mail.fetch` after another until one brings nothing new: each names the floor the
     /// one before stored, so what this returns is acknowledged too (unless `max` cut it short),
-    /// and the server does not keep it.
-    async fn fetch(&self, store: &Store, max: usize) -> Result<Vec<Message>, ClientError> {
+    /// and the server does not keep it. Also answers whether a bounce came (recorded on its
+    /// message by [`Store::record_fetched`], not returned).
+    async fn fetch(&self, store: &Store, max: usize) -> Result<(Vec<Message>, bool), ClientError> {
         let mut floor = store.inbox_floor()?;
         let mut received = Vec::new();
+        let mut bounced = false;
         let mut started_over = false;
         let home = self.home_server().await?;
-        let (origins, home_key) = (home.federates(), home.federation);
+        // Origins only from a server that knows the member (an older one refuses it).
+        let (ask_origins, home_key) = (home.federates(), home.federation);
         while received.len() < max {
             let want = u32::try_from(max - received.len())
                 .unwrap_or(u32::MAX)
@@ -1277,7 +1290,7 @@ impl Connection {
                 after: floor.seq,
                 max: want,
                 time: floor.time,
-                origins,
+                origins: ask_origins,
             };
             let answer = match self.call(Endpoint::MailFetch, request_body(&request)).await {
                 Ok(answer) => answer,
@@ -1296,7 +1309,7 @@ impl Connection {
                     store.set_inbox_floor(floor)?;
                     continue;
                 }
-                Err(err) if !received.is_empty() => {
+                Err(err) if !received.is_empty() || bounced => {
                     tracing::debug!("fetching from the own inbox stopped early: {err}");
                     break;
                 }
@@ -1329,6 +1342,7 @@ impl Connection {
             } = take_bounces(opened, origins, home_key.as_ref());
             self.learn_senders(store, &opened, &origins).await;
             let fresh = store.record_fetched(&opened, &origins, &bounces, next_floor, now())?;
+            bounced |= !bounces.is_empty();
             for ((message, _), fresh) in opened.into_iter().zip(fresh) {
                 if fresh {
                     received.push(message);
@@ -1338,7 +1352,7 @@ impl Connection {
             }
             floor = next_floor;
         }
-        Ok(received)
+        Ok((received, bounced))
     }
 
     /// Learns the devices that signed `opened` and are not known yet, before the batch is
