@@ -873,3 +873,44 @@ pub(crate) fn shown_name(store: &Store, identity: &PublicKey) -> Option<String> 
     let (profile, _) = store.profile(identity).ok()??;
     Some(format!("\"{}\"", display::inline(&profile.display_name)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's words in a bounce (which may carry a peer's) are escaped for people and
+    /// exact in JSON.
+    #[test]
+    fn an_undelivered_note_escapes_the_servers_words_and_json_keeps_them() {
+        let device = kez_core::SecretKey::from_seed(&[3; 32]).public_key();
+        let undelivered = Undelivered {
+            device,
+            domain: "b.localhost".into(),
+            reason: "unknown_recipient\u{202e}".into(),
+            message: "no such\nuser \u{1b}[31m".into(),
+            queued_at: 5,
+            time: 0,
+        };
+        let line = undelivered_line("@bob@b.localhost", &undelivered);
+        assert!(
+            line.contains("] ⚠ not delivered to @bob@b.localhost: no such"),
+            "{line}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{line:?}"
+        );
+        let note = UndeliveredNote {
+            peer: device,
+            id: MessageId::from_bytes([7; 16]),
+            undelivered: undelivered.clone(),
+        };
+        let json = bounce_json("@bob@b.localhost", &note);
+        assert_eq!(json["type"], "bounce");
+        assert_eq!(json["id"], "07".repeat(16));
+        assert_eq!(json["to_handle"], "@bob@b.localhost");
+        assert_eq!(json["device"], device.to_string());
+        assert_eq!(json["message"], undelivered.message);
+        assert_eq!(json["reason"], undelivered.reason);
+    }
+}
