@@ -1776,7 +1776,19 @@ impl App {
         let conn = self.connect().await?;
         let contact = recipient(&conn, &store, self.handle()?, &full).await?;
         let sent = deliver(conn, &store, &contact, TEXT, text.as_bytes()).await?;
-        tell!("delivered to server for {}: id {}", contact.handle, sent.id);
+        let own_domain = self.handle()?.rsplit('@').next().unwrap_or_default();
+        if full.domain() == own_domain {
+            tell!("delivered to server for {}: id {}", contact.handle, sent.id);
+        } else {
+            // Another domain: the own server's outbox delivers it later, or bounces it.
+            tell!(
+                "handed to your server for {} (on {}): id {}; if it cannot be delivered, `kez-chat history {}` says so",
+                contact.handle,
+                full.domain(),
+                sent.id,
+                contact.handle
+            );
+        }
         if json {
             print_json(&json!({
                 "id": sent.id.to_string(),
