@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use kez_client::store::{ChatChange, MessageView};
-use kez_client::{Connection, Contact, Direction, Store};
+use kez_client::{Connection, Contact, Direction, Store, Undelivered, UndeliveredNote};
 use kez_core::PublicKey;
 use kez_core::chat::{
     ChatContent, Delete, Edit, Reaction, Receipt, ReceiptKind, Reply, Timer, may_change,
@@ -705,6 +705,42 @@ pub(crate) fn view_line(who: &str, view: &MessageView, ids: bool) -> String {
     format!("{id}[{}] {who}: {text}", clock(message.time))
 }
 
+/// The note that a sent message did not reach a device of `handle` (the home server's
+/// bounce): `[time] ⚠ not delivered to @bob@b.example: <what went wrong> (<reason>)`. The
+/// server's words, which may carry a peer's, go through `display`.
+pub(crate) fn undelivered_line(handle: &str, undelivered: &Undelivered) -> String {
+    format!(
+        "[{}] ⚠ not delivered to {}: {} ({})",
+        clock(undelivered.time),
+        display::inline(handle),
+        display::inline(&undelivered.message),
+        display::inline(&undelivered.reason)
+    )
+}
+
+/// `listen --json`'s line for a sent message that did not reach a device of `handle`:
+/// `{"type":"bounce","id","peer","to_handle"}` and the [`undelivered_json`] members.
+pub(crate) fn bounce_json(handle: &str, note: &UndeliveredNote) -> Value {
+    let mut value = undelivered_json(&note.undelivered);
+    value["type"] = json!("bounce");
+    value["id"] = json!(note.id.to_string());
+    value["peer"] = json!(note.peer.to_string());
+    value["to_handle"] = json!(handle);
+    value
+}
+
+/// An [`Undelivered`] as JSON (exact text).
+pub(crate) fn undelivered_json(undelivered: &Undelivered) -> Value {
+    json!({
+        "device": undelivered.device.to_string(),
+        "domain": undelivered.domain,
+        "reason": undelivered.reason,
+        "message": undelivered.message,
+        "queued_at": undelivered.queued_at,
+        "time": undelivered.time,
+    })
+}
+
 /// One message of a conversation as JSON: the stored message's members and its state.
 pub(crate) fn view_json(view: &MessageView, stored: Value) -> Value {
     let mut value = stored;
@@ -731,6 +767,7 @@ pub(crate) fn view_json(view: &MessageView, stored: Value) -> Value {
     value["delivered"] = json!(view.delivered);
     value["read"] = json!(view.read);
     value["expires_at"] = json!(view.expires_at);
+    value["undelivered"] = view.undelivered.iter().map(undelivered_json).collect();
     value
 }
 
@@ -835,4 +872,45 @@ fn read_avatar(path: &std::path::Path) -> Result<kez_core::chat::Avatar, Failure
 pub(crate) fn shown_name(store: &Store, identity: &PublicKey) -> Option<String> {
     let (profile, _) = store.profile(identity).ok()??;
     Some(format!("\"{}\"", display::inline(&profile.display_name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's words in a bounce (which may carry a peer's) are escaped for people and
+    /// exact in JSON.
+    #[test]
+    fn an_undelivered_note_escapes_the_servers_words_and_json_keeps_them() {
+        let device = kez_core::SecretKey::from_seed(&[3; 32]).public_key();
+        let undelivered = Undelivered {
+            device,
+            domain: "b.localhost".into(),
+            reason: "unknown_recipient\u{202e}".into(),
+            message: "no such\nuser \u{1b}[31m".into(),
+            queued_at: 5,
+            time: 0,
+        };
+        let line = undelivered_line("@bob@b.localhost", &undelivered);
+        assert!(
+            line.contains("] ⚠ not delivered to @bob@b.localhost: no such"),
+            "{line}"
+        );
+        assert!(
+            !line.chars().any(|c| c.is_control() || c == '\u{202e}'),
+            "{line:?}"
+        );
+        let note = UndeliveredNote {
+            peer: device,
+            id: MessageId::from_bytes([7; 16]),
+            undelivered: undelivered.clone(),
+        };
+        let json = bounce_json("@bob@b.localhost", &note);
+        assert_eq!(json["type"], "bounce");
+        assert_eq!(json["id"], "07".repeat(16));
+        assert_eq!(json["to_handle"], "@bob@b.localhost");
+        assert_eq!(json["device"], device.to_string());
+        assert_eq!(json["message"], undelivered.message);
+        assert_eq!(json["reason"], undelivered.reason);
+    }
 }

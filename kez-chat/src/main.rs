@@ -1572,7 +1572,7 @@ impl App {
         let store = self.store()?;
         let conn = self.connect().await?;
         let profile = conn.lookup(&full).await.map_err(Failure::client)?;
-        let chain = match conn.chain(&profile.key).await {
+        let chain = match conn.chain_at(&profile.key, full.domain()).await {
             Ok(chain) => Some(chain),
             Err(ClientError::Service(err)) if err.answer.code == 404 => None,
             Err(err) => return Err(Failure::client(err)),
@@ -1776,7 +1776,19 @@ impl App {
         let conn = self.connect().await?;
         let contact = recipient(&conn, &store, self.handle()?, &full).await?;
         let sent = deliver(conn, &store, &contact, TEXT, text.as_bytes()).await?;
-        tell!("delivered to server for {}: id {}", contact.handle, sent.id);
+        let own_domain = self.handle()?.rsplit('@').next().unwrap_or_default();
+        if full.domain() == own_domain {
+            tell!("delivered to server for {}: id {}", contact.handle, sent.id);
+        } else {
+            // Another domain: the own server's outbox delivers it later, or bounces it.
+            tell!(
+                "handed to your server for {} (on {}): id {}; if it cannot be delivered, `kez-chat history {}` says so",
+                contact.handle,
+                full.domain(),
+                sent.id,
+                contact.handle
+            );
+        }
         if json {
             print_json(&json!({
                 "id": sent.id.to_string(),
@@ -1810,7 +1822,12 @@ impl App {
                         shown.push((sender, message));
                         shown.extend(taken(&mut events));
                     }
-                    Ok(Ok(Event::Note(_) | Event::Changed(_) | Event::Live(_))) => {}
+                    Ok(Ok(
+                        Event::Note(_)
+                        | Event::Changed(_)
+                        | Event::Live(_)
+                        | Event::Undelivered(..),
+                    )) => {}
                     Ok(Err(_)) | Err(_) => break,
                 }
             }
@@ -1894,6 +1911,13 @@ impl App {
                         say!("{}", message_line(&sender_label(&sender), &message));
                     }
                 }
+                Ok(Event::Undelivered(handle, note)) => {
+                    if json {
+                        say!("{}", chat::bounce_json(&handle, &note));
+                    } else {
+                        say!("{}", chat::undelivered_line(&handle, &note.undelivered));
+                    }
+                }
                 Ok(Event::Note(note)) if all_events => say!("{}", json!({ "note": note })),
                 Ok(Event::Note(note)) => tell!("{note}"),
                 Ok(Event::Changed(peer)) if all_events => {
@@ -1962,6 +1986,9 @@ impl App {
                 Direction::Outgoing => "you",
             };
             say!("{}", chat::view_line(who, view, ids));
+            for undelivered in &view.undelivered {
+                say!("{}", chat::undelivered_line(&full.to_string(), undelivered));
+            }
         }
         Ok(())
     }
@@ -2149,7 +2176,8 @@ impl Sender {
     }
 
     /// The contact with `key`, or else the key's handle by `whois` (the message's signature
-    /// proves the key; the handle is the server's word for it).
+    /// proves the key; the handle is the server's word for it), asked of the server its
+    /// messages came from when that was another domain's ([`Store::origin`]).
     async fn of(store: &Store, conn: &Connection, key: &PublicKey) -> Sender {
         if let Ok(Some(contact)) = store.contact_by_key(key) {
             return Sender::Contact(contact.handle);
@@ -2157,8 +2185,9 @@ impl Sender {
         if let Ok(Some(contact)) = store.contact_retired_key(key) {
             return Sender::Retired(contact.handle, *key);
         }
+        let origin = store.origin(key).ok().flatten();
         let handle = conn
-            .whois(key)
+            .whois(key, origin.as_deref())
             .await
             .ok()
             .map(|profile| profile.handle.to_string());

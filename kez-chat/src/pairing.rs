@@ -415,8 +415,9 @@ async fn pin_synced(
     store: &kez_client::Store,
     contact: &SyncContact,
 ) -> Result<(), String> {
+    let domain = contact.handle.rsplit('@').next().unwrap_or_default();
     let chain = conn
-        .chain(&contact.key)
+        .chain_at(&contact.key, domain)
         .await
         .map_err(|err| err.to_string())?;
     if chain.chain_id() != contact.key || !chain.extends(contact.seq, contact.head) {

@@ -66,6 +66,9 @@ pub(crate) enum Event {
     Changed(PublicKey),
     /// A live notice (typing, presence) of a contact.
     Live(kez_client::LiveNotice),
+    /// A sent message did not reach a device of the contact with this handle: the home
+    /// server's bounce (federation), recorded on the message and shown now.
+    Undelivered(String, kez_client::UndeliveredNote),
 }
 
 /// A listener that shows messages to a person, counted while it lives ([`Held::reading`]).
@@ -739,6 +742,7 @@ async fn show_listeners(app: &App, store: &Store, conn: &Connection) {
     if app.held.events.receiver_count() == 0 {
         return;
     }
+    show_undelivered(app, store);
     let Ok(unshown) = store.unshown() else {
         return;
     };
@@ -776,6 +780,29 @@ async fn show_listeners(app: &App, store: &Store, conn: &Connection) {
     }
     for peer in seen {
         app.mark_read(store, &peer).await;
+    }
+}
+
+/// Hands the undelivered notes (bounces) nobody has seen to the listeners and marks them
+/// shown; `history` shows them with their messages either way.
+fn show_undelivered(app: &App, store: &Store) {
+    let notes = match store.unshown_undelivered() {
+        Ok(notes) if !notes.is_empty() => notes,
+        Ok(_) => return,
+        Err(err) => {
+            tracing::warn!("cannot read the undelivered notes: {err}");
+            return;
+        }
+    };
+    for note in &notes {
+        let handle = crate::contact_handle(store, &note.peer);
+        let _ = app
+            .held
+            .events
+            .send(Event::Undelivered(handle, note.clone()));
+    }
+    if let Err(err) = store.mark_undelivered_shown(&notes) {
+        tracing::warn!("cannot mark undelivered notes shown: {err}");
     }
 }
 

@@ -220,6 +220,12 @@ function onEvent(ev) {
     return;
   }
   if (ev.note) { serviceNote(ev.note); return; }
+  if (ev.type === 'bounce') {
+    // A sent message did not reach a device on another server: the conversation shows it
+    // under the message.
+    if (ev.peer === chat.peer() || ev.to_handle === state.open) chat.reload().then(reloadList);
+    return;
+  }
   if (ev.id) {
     // A message: it arrived, or another of my devices sent it.
     const peer = ev.direction === 'incoming' ? ev.from : ev.to;

@@ -314,6 +314,10 @@ export class ChatView {
     } else {
       parts.push(el('p', { class: 'text other' }, m.text || `a message of type ${inline(m.content_type)}`));
     }
+    // The home server could not deliver it to a device on another server (a bounce).
+    for (const u of own ? m.undelivered || [] : []) {
+      parts.push(el('p', { class: 'tag warn undelivered' }, `⚠ not delivered to ${inline(this.handle)}: ${inline(u.message)} (${inline(u.reason)})`));
+    }
     if (!m.in_contacts && !own) parts.unshift(el('p', { class: 'tag warn' }, 'sender not in your contacts'));
     if (m.from_retired_key_of) parts.unshift(el('p', { class: 'tag warn' }, 'signed by a key this contact retired'));
 

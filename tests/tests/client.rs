@@ -143,7 +143,7 @@ async fn registration_and_service_calls() {
     assert_eq!(profile.key, bob.key.public_key());
     assert_eq!(profile.handle.to_string(), bob.handle);
     assert_eq!(profile.sigchain, None);
-    let whois = conn.whois(&bob.key.public_key()).await.unwrap();
+    let whois = conn.whois(&bob.key.public_key(), None).await.unwrap();
     assert_eq!(whois.handle.to_string(), bob.handle);
     match conn.lookup(&test_handle("@nobody")).await {
         Err(ClientError::Service(err)) => assert_eq!(err.answer.name, "not_found"),
@@ -625,6 +625,7 @@ async fn a_lookup_answer_cannot_choose_the_handle_a_pin_is_checked_under() {
             }
         });
     }
+    answer_server_info(&server, None).await;
     server.flush().await.unwrap();
 
     let dir = TempDir::new().unwrap();
@@ -732,6 +733,40 @@ async fn a_file_growing_while_shared_is_read_to_its_size_and_leaves_nothing() {
     let usage = node.usage().await.unwrap();
     assert_eq!((usage.complete_blobs, usage.partial_blobs), (0, 0));
     node.shutdown().await.unwrap();
+}
+
+/// Answers `kez.server.info` on `server` (a stand-in for the home server) as a server of
+/// `kez.test`, federating with `federation` as its server key when given: the client asks it
+/// once per connection, before it chooses where a contact's requests and mail go.
+async fn answer_server_info(server: &async_nats::Client, federation: Option<kez_core::PublicKey>) {
+    use futures::StreamExt;
+    let mut infos = server
+        .subscribe(kez_proto::Endpoint::Info.subject())
+        .await
+        .unwrap();
+    let server = server.clone();
+    tokio::spawn(async move {
+        let mut info = serde_json::json!({
+            "domain": kez_tests::kez_server::TEST_DOMAIN,
+            "version": "test",
+            "limits": {
+                "max_request_bytes": 16384,
+                "max_link_bytes": 16384,
+                "max_chain_page_bytes": 65536,
+                "registration_window_secs": 300,
+            },
+        });
+        if let Some(key) = federation {
+            info["federation"] = serde_json::json!({ "key": key });
+        }
+        while let Some(request) = infos.next().await {
+            let reply = request.reply.unwrap();
+            server
+                .publish(reply, info.to_string().into())
+                .await
+                .unwrap();
+        }
+    });
 }
 
 /// The headers of a 503 `unavailable` answer (PROTOCOL.md §5.1), naming a pause in
@@ -851,6 +886,7 @@ async fn a_duplicate_answer_to_a_repeated_send_is_a_delivery() {
             }
         });
     }
+    answer_server_info(&server, None).await;
     server.flush().await.unwrap();
     let alice = Connection::connect(&nats.url(), Arc::new(SecretKey::generate()))
         .await
@@ -872,4 +908,240 @@ async fn a_duplicate_answer_to_a_repeated_send_is_a_delivery() {
         Err(ClientError::Duplicate { .. }) => {}
         other => panic!("a duplicate of a request sent once was taken: {other:?}"),
     }
+}
+
+/// Through a home server that federates (a stand-in answering on the broker): mail for a
+/// contact on another domain is handed to `kez.mail.relay` naming that domain, a fetch asks
+/// for origins, a stranger's origin is remembered and its `whois` asked at that domain, and a
+/// bounce counts only when the home server's key sealed it: it is recorded on the sent
+/// message, while the same bounce from anyone else is an ordinary (unknown) message.
+#[tokio::test]
+async fn a_federating_home_server_relays_remote_mail_and_its_bounces_are_recorded() {
+    use futures::StreamExt;
+    use kez_proto::federation::{BOUNCE_CONTENT_TYPE, Bounce, RelayRequest};
+    use kez_proto::mail::{FetchAnswer, Fetched};
+
+    let nats = kez_tests::NatsServer::start();
+    let server = async_nats::connect(nats.url()).await.unwrap();
+    let server_key = SecretKey::generate();
+    let alice = Arc::new(SecretKey::generate());
+    let bob = SecretKey::generate();
+    let carol = SecretKey::generate();
+    answer_server_info(&server, Some(server_key.public_key())).await;
+
+    // kez.mail.relay: the request, as the server got it.
+    let (relayed_tx, mut relayed) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+    let mut relays = server
+        .subscribe(kez_proto::Endpoint::MailRelay.subject())
+        .await
+        .unwrap();
+    {
+        let server = server.clone();
+        tokio::spawn(async move {
+            while let Some(request) = relays.next().await {
+                relayed_tx.send(request.payload.clone()).unwrap();
+                let reply = request.reply.unwrap();
+                let body = r#"{"seq":41,"duplicate":false}"#;
+                server.publish(reply, body.into()).await.unwrap();
+            }
+        });
+    }
+    // kez.registry.whois: the requests, and carol's profile on b.test.
+    let (whois_tx, mut whoised) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let mut whoises = server
+        .subscribe(kez_proto::Endpoint::Whois.subject())
+        .await
+        .unwrap();
+    {
+        let server = server.clone();
+        let carol = carol.public_key();
+        tokio::spawn(async move {
+            while let Some(request) = whoises.next().await {
+                whois_tx
+                    .send(serde_json::from_slice(&request.payload).unwrap())
+                    .unwrap();
+                let profile = serde_json::json!({
+                    "handle": "@carol@b.test", "key": carol,
+                    "registered_at": 1, "sigchain": null,
+                });
+                let reply = request.reply.unwrap();
+                server
+                    .publish(reply, profile.to_string().into())
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    server.flush().await.unwrap();
+
+    let dir = TempDir::new().unwrap();
+    let store = kez_client::Store::open(dir.path().join("store.redb")).unwrap();
+    let bob_chain = VerifiedChain::verify(&[UnsignedLink::first(
+        bob.public_key(),
+        100,
+        Op::AddEndpoint(Endpoint {
+            name: "bob".into(),
+            kind: "nats".into(),
+            address: "kez.inbox.bob".into(),
+        }),
+    )
+    .sign(&bob)
+    .unwrap()
+    .bytes()
+    .to_vec()])
+    .unwrap();
+    let (contact, _) = store
+        .pin("@bob@b.test", &bob_chain, kez_client::now())
+        .unwrap();
+    let conn = Connection::connect(&nats.url(), alice.clone())
+        .await
+        .unwrap();
+    let sent = conn.send(&contact, "text", b"hi bob").await.unwrap();
+    store.record_outgoing(&sent, kez_client::now()).unwrap();
+    let body = relayed.recv().await.unwrap();
+    let request = RelayRequest::decode(&body).unwrap();
+    assert_eq!(request.domain, "b.test");
+    assert_eq!(
+        (request.send.to, request.send.id),
+        (bob.public_key(), sent.id)
+    );
+    assert_eq!(
+        sent.stream_sequence, 0,
+        "an outbox sequence is no inbox order"
+    );
+
+    // The inbox: the server's bounce of that message, the same bounce sealed by carol (who
+    // is nobody's contact, on b.test), then nothing.
+    let bounce = Bounce {
+        id: sent.id.to_string(),
+        to: bob.public_key(),
+        domain: "b.test".into(),
+        reason: "unknown_recipient".into(),
+        message: "@bob@b.test does not exist".into(),
+        queued_at: sent.time,
+    };
+    let json = serde_json::to_vec(&bounce).unwrap();
+    let seal = |by: &SecretKey| {
+        envelope::seal(
+            by,
+            &alice.public_key(),
+            BOUNCE_CONTENT_TYPE,
+            &json,
+            sent.time + 1,
+        )
+        .unwrap()
+    };
+    let (_, real) = seal(&server_key);
+    let (forged_id, forged) = seal(&carol);
+    let (_, again) = seal(&server_key);
+    let later = FetchAnswer::encode(
+        0,
+        &[Fetched {
+            seq: 3,
+            time: 1_002,
+            envelope: &again,
+            origin: None,
+        }],
+        true,
+    );
+    let bounce_later = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answer = FetchAnswer::encode(
+        0,
+        &[
+            Fetched {
+                seq: 1,
+                time: 1_000,
+                envelope: &real,
+                origin: None,
+            },
+            Fetched {
+                seq: 2,
+                time: 1_001,
+                envelope: &forged,
+                origin: Some("b.test"),
+            },
+        ],
+        true,
+    );
+    let mut fetches = server
+        .subscribe(kez_proto::Endpoint::MailFetch.subject())
+        .await
+        .unwrap();
+    {
+        let server = server.clone();
+        let bounce_later = bounce_later.clone();
+        tokio::spawn(async move {
+            while let Some(request) = fetches.next().await {
+                let asked: serde_json::Value = serde_json::from_slice(&request.payload).unwrap();
+                assert_eq!(asked["origins"], true, "{asked}");
+                let body = match asked["after"].as_u64() {
+                    Some(0) => answer.clone(),
+                    Some(2) if bounce_later.load(std::sync::atomic::Ordering::SeqCst) => {
+                        later.clone()
+                    }
+                    _ => FetchAnswer::encode(0, &[], true),
+                };
+                let reply = request.reply.unwrap();
+                server.publish(reply, body.into()).await.unwrap();
+            }
+        });
+    }
+    server.flush().await.unwrap();
+    let received = conn.receive(&store, 10, Duration::ZERO).await.unwrap();
+    let ids: Vec<_> = received.iter().map(|message| message.id).collect();
+    assert_eq!(ids, [forged_id], "the server's bounce is no message");
+    assert_eq!(received[0].content_type, BOUNCE_CONTENT_TYPE);
+    let asked = whoised.recv().await.unwrap();
+    assert_eq!(
+        (&asked["key"], &asked["domain"]),
+        (
+            &serde_json::json!(carol.public_key()),
+            &serde_json::json!("b.test")
+        )
+    );
+    assert_eq!(
+        store.origin(&carol.public_key()).unwrap().as_deref(),
+        Some("b.test")
+    );
+    let whois = conn
+        .whois(&carol.public_key(), Some("b.test"))
+        .await
+        .unwrap();
+    assert_eq!(whois.handle.to_string(), "@carol@b.test");
+
+    let view = store.message(&contact.key, &sent.id).unwrap().unwrap();
+    assert_eq!(view.undelivered.len(), 1);
+    let undelivered = &view.undelivered[0];
+    assert_eq!(
+        (
+            undelivered.device,
+            undelivered.reason.as_str(),
+            undelivered.message.as_str()
+        ),
+        (
+            bob.public_key(),
+            "unknown_recipient",
+            "@bob@b.test does not exist"
+        )
+    );
+    assert_eq!(store.unshown_undelivered().unwrap().len(), 1);
+    assert!(store.history(&carol.public_key()).unwrap().len() == 1);
+
+    // A fetch that brings only a bounce ends a waiting receive at once (a listener has a note
+    // to show), though it returns no message; the same bounce again is noted once.
+    bounce_later.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = Instant::now();
+    let received = conn
+        .receive(&store, 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(received.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(store.inbox_floor().unwrap().seq, 3);
+    let view = store.message(&contact.key, &sent.id).unwrap().unwrap();
+    assert_eq!(view.undelivered.len(), 1);
 }

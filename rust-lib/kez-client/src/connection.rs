@@ -16,6 +16,7 @@ use kez_proto::answer::{
     ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
     PinStatus, Profile, ServerInfo,
 };
+use kez_proto::federation::{BOUNCE_CONTENT_TYPE, Bounce, RelayRequest, not_federated};
 use kez_proto::mail::{
     FetchAnswer, FetchRequest, Fetched, MAX_FETCH_AFTER, MAX_FETCH_MESSAGES, SendRequest,
 };
@@ -27,7 +28,7 @@ use kez_proto::{Endpoint, ErrorAnswer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{Contact, InboxFloor, Store, StoreError};
+use crate::store::{Contact, InboxFloor, ReceivedBounce, Store, StoreError};
 use kez_core::trust::VerifiedChain;
 use kez_core::trust::{DeviceChange, PinChange, device_changes};
 
@@ -197,7 +198,9 @@ pub struct Sent {
     pub content_type: String,
     /// The content.
     pub body: Vec<u8>,
-    /// The message's sequence in the inbox stream of the first recipient device that took it.
+    /// The message's sequence in the inbox stream of the first recipient device that took it;
+    /// 0 for a contact on another domain (the home server's outbox took it: its sequence there
+    /// does not order it among the inbox's).
     pub stream_sequence: u64,
     /// The devices (the recipient's, or the own other devices for their copy) the server did
     /// not take it for, and why: one revoked a moment ago, say. Empty when every one did.
@@ -213,6 +216,8 @@ pub struct Pending {
     /// the recipient's (not an own copy), and the answer with whether it is to a repeated
     /// request.
     answers: Vec<(PublicKey, bool, DeliveryAnswer)>,
+    /// Whether the recipient's envelopes went to the outbox (`kez.mail.relay`).
+    relayed: bool,
     sent: Sent,
 }
 
@@ -239,7 +244,7 @@ impl Pending {
             let outcome = delivery(answer, sent.id).await;
             match outcome {
                 Ok(seq) if for_peer => {
-                    if !delivered_to_peer {
+                    if !delivered_to_peer && !self.relayed {
                         sent.stream_sequence = seq;
                     }
                     delivered_to_peer = true;
@@ -379,6 +384,83 @@ pub struct Connection {
     /// The own identity's devices that get a copy of what this connection sends, as last
     /// learned by [`Connection::own_devices`]: none until then.
     own_devices: Arc<std::sync::Mutex<Vec<PublicKey>>>,
+    /// The home server's domain and federation key, asked once ([`Connection::home_server`]).
+    home: Arc<tokio::sync::OnceCell<HomeServer>>,
+}
+
+/// What a connection knows of its home server from `kez.server.info`, asked once per
+/// connection: the domain it serves and, when it talks to other servers, its federation key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HomeServer {
+    /// The domain it serves (normalised).
+    pub domain: String,
+    /// Its server key when it federates (PROTOCOL.md §14): the only signer a bounce is
+    /// believed from. `None`: it does not federate, and no request names another domain.
+    pub federation: Option<PublicKey>,
+}
+
+impl HomeServer {
+    /// The `domain` member of a request about a key or handle whose home is `domain`
+    /// (normalised): `None` for the home server's own domain (the member is left out, as
+    /// before federation), the domain for another server's, which the home server asks in
+    /// turn. Another domain through a server that does not federate is its `not_federated`
+    /// answer, made here: such a server refuses a `domain` member it does not know.
+    pub fn domain_member(&self, domain: &str) -> Result<Option<String>, ErrorAnswer> {
+        if domain == self.domain {
+            return Ok(None);
+        }
+        match self.federation {
+            Some(_) => Ok(Some(domain.to_owned())),
+            None => Err(not_federated(domain, &self.domain)),
+        }
+    }
+
+    /// Whether fetches ask for each message's origin (`origins`): only a federating server
+    /// knows the member.
+    pub fn federates(&self) -> bool {
+        self.federation.is_some()
+    }
+}
+
+/// The service request that hands `sealed` (for `device`, with message `id`) to the home
+/// server: `kez.mail.send` for a device of the home domain (`remote` `None`), else
+/// `kez.mail.relay` naming the recipient's domain, which the home server's outbox delivers.
+fn mail_request(
+    remote: Option<&str>,
+    device: &PublicKey,
+    id: &MessageId,
+    sealed: &[u8],
+) -> (Endpoint, Vec<u8>) {
+    let frame = SendRequest::encode(device, id, sealed);
+    match remote {
+        None => (Endpoint::MailSend, frame),
+        Some(domain) => (Endpoint::MailRelay, RelayRequest::encode(domain, &frame)),
+    }
+}
+
+/// What a fetched message is: a bounce only when the home server's federation key (`home_key`)
+/// signed it with the bounce content type. `None` for anything else (another signer's
+/// `kez.bounce` too: that is a message like any other, of a type this client does not show);
+/// `Some(Err)` for a bounce whose body does not parse, which is dropped.
+fn bounce_of(message: &Message, home_key: Option<&PublicKey>) -> Option<Result<Bounce, String>> {
+    if home_key != Some(&message.from) || message.content_type != BOUNCE_CONTENT_TYPE {
+        return None;
+    }
+    let bounce = serde_json::from_slice::<Bounce>(&message.body)
+        .map_err(|err| format!("a bounce from the home server does not parse: {err}"))
+        .and_then(|bounce| match bounce.message_id() {
+            Some(_) => Ok(bounce),
+            None => Err(format!(
+                "a bounce from the home server names no message id ({:?})",
+                bounce.id
+            )),
+        });
+    Some(bounce)
+}
+
+/// The domain of a full handle as stored (`@name@domain`).
+fn handle_domain(handle: &str) -> &str {
+    handle.rsplit('@').next().unwrap_or_default()
 }
 
 impl Connection {
@@ -458,6 +540,7 @@ impl Connection {
             key,
             new_mail: Arc::default(),
             own_devices: Arc::default(),
+            home: Arc::default(),
         })
     }
 
@@ -596,6 +679,45 @@ impl Connection {
         self.call_json(Endpoint::Info, b"{}".to_vec()).await
     }
 
+    /// The home server's domain and federation key: `kez.server.info`, asked on the first call
+    /// and kept for the connection's life (a server that starts federating is seen by the next
+    /// connection). The domain must be a valid one, in normal form.
+    pub async fn home_server(&self) -> Result<&HomeServer, ClientError> {
+        self.home
+            .get_or_try_init(|| async {
+                let info = self.server_info().await?;
+                match kez_core::handle::parse_domain(&info.domain) {
+                    Ok(domain) if domain == info.domain => Ok(HomeServer {
+                        domain,
+                        federation: info.federation.map(|federation| federation.key),
+                    }),
+                    _ => Err(ClientError::BadAnswer {
+                        subject: Endpoint::Info.subject().into(),
+                        reason: format!("{:?} is not a domain in normal form", info.domain),
+                    }),
+                }
+            })
+            .await
+    }
+
+    /// The `domain` member for requests to `endpoint` about a key whose home is `domain`
+    /// ([`HomeServer::domain_member`]; `None`: the home domain).
+    async fn domain_member(
+        &self,
+        endpoint: Endpoint,
+        domain: Option<&str>,
+    ) -> Result<Option<String>, ClientError> {
+        let home = self.home_server().await?;
+        home.domain_member(domain.unwrap_or(&home.domain))
+            .map_err(|answer| {
+                ServiceError {
+                    subject: endpoint.subject().to_owned(),
+                    answer,
+                }
+                .into()
+            })
+    }
+
     /// Registers `name` (e.g. `alice`, `@alice`; bare names mean the server's domain) for this
     /// connection's key, signed now (`kez.registry.register`). Registering the name the key
     /// already holds answers the existing record. Reconnect afterwards for the chat profile.
@@ -695,28 +817,52 @@ impl Connection {
     /// holds a handle the answer must be about `key`; for a device of an identity the server
     /// answers the identity's profile, and then the identity's chain is verified and must list
     /// `key` as an active device (else [`ClientError::BadAnswer`]).
-    pub async fn whois(&self, key: &PublicKey) -> Result<Profile, ClientError> {
-        Ok(self.whois_verified(key).await?.0)
+    ///
+    /// `domain` is the key's home domain when it is known to be another server's (the origin
+    /// its messages came from, [`Store::origin`]): the home server asks that server, and the
+    /// answer's handle must be on `domain`. `None`: the home server's own, whose domain the
+    /// handle must be on.
+    pub async fn whois(
+        &self,
+        key: &PublicKey,
+        domain: Option<&str>,
+    ) -> Result<Profile, ClientError> {
+        Ok(self.whois_verified(key, domain).await?.0)
     }
 
     /// [`Connection::whois`], with the identity's verified chain when `key` is a device of it.
     async fn whois_verified(
         &self,
         key: &PublicKey,
+        domain: Option<&str>,
     ) -> Result<(Profile, Option<VerifiedChain>), ClientError> {
+        let member = self.domain_member(Endpoint::Whois, domain).await?;
+        let asked = match &member {
+            Some(remote) => remote.clone(),
+            None => self.home_server().await?.domain.clone(),
+        };
         let profile: Profile = self
             .call_json(
                 Endpoint::Whois,
                 request_body(&KeyRequest {
                     key: *key,
-                    domain: None,
+                    domain: member,
                 }),
             )
             .await?;
+        if profile.handle.domain() != asked {
+            return Err(ClientError::BadAnswer {
+                subject: Endpoint::Whois.subject().into(),
+                reason: format!(
+                    "asked who {key} is on {asked}, answered {}, a handle of another domain",
+                    profile.handle
+                ),
+            });
+        }
         if profile.key == *key {
             return Ok((profile, None));
         }
-        let chain = self.chain(&profile.key).await?;
+        let chain = self.chain_at(&profile.key, &asked).await?;
         if !chain.active_devices().any(|device| device.key == *key) {
             return Err(ClientError::BadAnswer {
                 subject: Endpoint::Whois.subject().into(),
@@ -735,7 +881,8 @@ impl Connection {
         self.call_json(Endpoint::Append, link.to_vec()).await
     }
 
-    /// The head of `key`'s chain (`kez.sigchain.head`); `not_found` when it has none.
+    /// The head of `key`'s chain on the home server (`kez.sigchain.head`); `not_found` when it
+    /// has none.
     pub async fn head(&self, key: &PublicKey) -> Result<ChainHead, ClientError> {
         let answer: HeadAnswer = self
             .call_json(
@@ -763,20 +910,34 @@ impl Connection {
     /// `kez_core::sigchain::MAX_LINKS`); the chain must be `key`'s. `not_found` when it has
     /// none.
     pub async fn chain(&self, key: &PublicKey) -> Result<VerifiedChain, ClientError> {
-        Ok(self.fetch_chain(key, false).await?.0)
+        Ok(self.fetch_chain(key, None, false).await?.0)
+    }
+
+    /// [`Connection::chain`] of a key whose home is `domain` (a handle's domain): on the home
+    /// server when that is its own domain, else through it from `domain`'s server (the home
+    /// server must federate). Verified here the same way either way.
+    pub async fn chain_at(
+        &self,
+        key: &PublicKey,
+        domain: &str,
+    ) -> Result<VerifiedChain, ClientError> {
+        let member = self.domain_member(Endpoint::GetChain, Some(domain)).await?;
+        Ok(self.fetch_chain(key, member, false).await?.0)
     }
 
     /// `key`'s sigchain as the server stores it, every link's exact text, verified as
     /// [`Connection::chain`] verifies it (a pairing offer carries them to the new device, which
     /// verifies them itself).
     pub async fn chain_links(&self, key: &PublicKey) -> Result<Vec<String>, ClientError> {
-        Ok(self.fetch_chain(key, true).await?.1)
+        Ok(self.fetch_chain(key, None, true).await?.1)
     }
 
-    /// [`Connection::chain`], and the links' texts too if `keep_links`.
+    /// [`Connection::chain`] from the server of `domain` (`None`: the home server's), and the
+    /// links' texts too if `keep_links`.
     async fn fetch_chain(
         &self,
         key: &PublicKey,
+        domain: Option<String>,
         keep_links: bool,
     ) -> Result<(VerifiedChain, Vec<String>), ClientError> {
         let mut chain: Option<VerifiedChain> = None;
@@ -790,7 +951,7 @@ impl Connection {
             let request = GetChainRequest {
                 key: *key,
                 from_seq,
-                domain: None,
+                domain: domain.clone(),
             };
             let page: ChainPage = self
                 .call_json(Endpoint::GetChain, request_body(&request))
@@ -847,7 +1008,7 @@ impl Connection {
         handle: &Handle,
     ) -> Result<VerifiedContact, ClientError> {
         let profile = self.lookup(handle).await?;
-        let chain = self.chain(&profile.key).await?;
+        let chain = self.chain_at(&profile.key, handle.domain()).await?;
         let name = handle.to_string();
         let before = store.contact(&name)?.map(|contact| contact.devices);
         let (contact, change) = store.pin(&name, &chain, now())?;
@@ -876,7 +1037,7 @@ impl Connection {
                 offered: profile.key,
             });
         }
-        let chain = self.chain(&profile.key).await?;
+        let chain = self.chain_at(&profile.key, handle.domain()).await?;
         let contact = store.repin(&handle.to_string(), &chain, now())?;
         Ok(VerifiedContact {
             contact,
@@ -888,7 +1049,9 @@ impl Connection {
 
     /// Seals `body` for each of `to`'s active devices and, as a copy, for each other active
     /// device of the own identity as last learned ([`Connection::own_devices`]), and hands them
-    /// to the home server for their inboxes (`kez.mail.send`, PROTOCOL.md §6.3, §8.5); returns
+    /// to the home server for their inboxes (`kez.mail.send`, PROTOCOL.md §6.3, §8.5; for a
+    /// contact whose handle is on another domain, its envelopes go to the home server's outbox
+    /// with `kez.mail.relay`, and the copies to the own devices stay `kez.mail.send`); returns
     /// once the server stored them. A `duplicate` answer is [`ClientError::Duplicate`]. Record
     /// the result with [`Store::record_outgoing`]. Check the contact first
     /// ([`Connection::verify_contact`]): its devices come from its verified chain.
@@ -911,6 +1074,9 @@ impl Connection {
         content_type: &str,
         body: &[u8],
     ) -> Result<Pending, ClientError> {
+        let remote = self
+            .domain_member(Endpoint::MailRelay, Some(handle_domain(&to.handle)))
+            .await?;
         let time = now();
         let me = self.key.public_key();
         let copies: Vec<PublicKey> = self
@@ -955,18 +1121,18 @@ impl Connection {
         let answers = envelopes
             .into_iter()
             .map(|(device, for_peer, sealed)| {
-                let request = SendRequest::encode(&device, &id, &sealed);
+                let remote = remote.as_deref().filter(|_| for_peer);
+                let (endpoint, request) = mail_request(remote, &device, &id, &sealed);
                 let connection = self.clone();
                 let answer = tokio::spawn(async move {
-                    connection
-                        .call_repeating(Endpoint::MailSend, request, None)
-                        .await
+                    connection.call_repeating(endpoint, request, None).await
                 });
                 (device, for_peer, answer)
             })
             .collect();
         Ok(Pending {
             answers,
+            relayed: remote.is_some(),
             sent: Sent {
                 id,
                 from: me,
@@ -1047,9 +1213,14 @@ impl Connection {
                 notified = notified.max(notified_sequence(&notification));
             }
             let connected_at = connects();
-            let received = self.fetch_caught_up(store, max, notified).await?;
-            // After a reconnect the caller hears that receiving works again, messages or not.
-            if !received.is_empty() || reconnected || tokio::time::Instant::now() >= deadline {
+            let (received, bounced) = self.fetch_caught_up(store, max, notified).await?;
+            // After a reconnect the caller hears that receiving works again, messages or not;
+            // after a bounce, that there is an undelivered note to show.
+            if !received.is_empty()
+                || bounced
+                || reconnected
+                || tokio::time::Instant::now() >= deadline
+            {
                 return Ok(received);
             }
             loop {
@@ -1085,12 +1256,12 @@ impl Connection {
         store: &Store,
         max: usize,
         notified: u64,
-    ) -> Result<Vec<Message>, ClientError> {
+    ) -> Result<(Vec<Message>, bool), ClientError> {
         let mut pause = CATCH_UP_PAUSE;
         for _ in 0..CATCH_UP_PAUSES {
-            let received = self.fetch(store, max).await?;
-            if !received.is_empty() || store.inbox_floor()?.seq >= notified {
-                return Ok(received);
+            let (received, bounced) = self.fetch(store, max).await?;
+            if !received.is_empty() || bounced || store.inbox_floor()?.seq >= notified {
+                return Ok((received, bounced));
             }
             tokio::time::sleep(pause).await;
             pause *= 2;
@@ -1101,11 +1272,16 @@ impl Connection {
     /// Fetches and stores up to `max` messages after the stored inbox floor, one
     /// `kez.mail.fetch` after another until one brings nothing new: each names the floor the
     /// one before stored, so what this returns is acknowledged too (unless `max` cut it short),
-    /// and the server does not keep it.
-    async fn fetch(&self, store: &Store, max: usize) -> Result<Vec<Message>, ClientError> {
+    /// and the server does not keep it. Also answers whether a bounce came (recorded on its
+    /// message by [`Store::record_fetched`], not returned).
+    async fn fetch(&self, store: &Store, max: usize) -> Result<(Vec<Message>, bool), ClientError> {
         let mut floor = store.inbox_floor()?;
         let mut received = Vec::new();
+        let mut bounced = false;
         let mut started_over = false;
+        let home = self.home_server().await?;
+        // Origins only from a server that knows the member (an older one refuses it).
+        let (ask_origins, home_key) = (home.federates(), home.federation);
         while received.len() < max {
             let want = u32::try_from(max - received.len())
                 .unwrap_or(u32::MAX)
@@ -1114,7 +1290,7 @@ impl Connection {
                 after: floor.seq,
                 max: want,
                 time: floor.time,
-                origins: false,
+                origins: ask_origins,
             };
             let answer = match self.call(Endpoint::MailFetch, request_body(&request)).await {
                 Ok(answer) => answer,
@@ -1133,7 +1309,7 @@ impl Connection {
                     store.set_inbox_floor(floor)?;
                     continue;
                 }
-                Err(err) if !received.is_empty() => {
+                Err(err) if !received.is_empty() || bounced => {
                     tracing::debug!("fetching from the own inbox stopped early: {err}");
                     break;
                 }
@@ -1151,11 +1327,22 @@ impl Connection {
                         subject: Endpoint::MailFetch.subject().to_owned(),
                         reason,
                     })?;
-            let Some(OpenedBatch { opened, next_floor }) = batch else {
+            let Some(OpenedBatch {
+                opened,
+                origins,
+                next_floor,
+            }) = batch
+            else {
                 break;
             };
-            self.learn_senders(store, &opened).await;
-            let fresh = store.record_incoming_all(&opened, next_floor, now())?;
+            let SortedBatch {
+                messages: opened,
+                origins,
+                bounces,
+            } = take_bounces(opened, origins, home_key.as_ref());
+            self.learn_senders(store, &opened, &origins).await;
+            let fresh = store.record_fetched(&opened, &origins, &bounces, next_floor, now())?;
+            bounced |= !bounces.is_empty();
             for ((message, _), fresh) in opened.into_iter().zip(fresh) {
                 if fresh {
                     received.push(message);
@@ -1165,7 +1352,7 @@ impl Connection {
             }
             floor = next_floor;
         }
-        Ok(received)
+        Ok((received, bounced))
     }
 
     /// Learns the devices that signed `opened` and are not known yet, before the batch is
@@ -1174,10 +1361,16 @@ impl Connection {
     /// key, never the server's word alone) or another own device (the own chain verified
     /// again, when it was pinned before: [`Connection::own_devices`]). At most
     /// [`MAX_SENDERS_LEARNED`] keys a batch; what fails is logged, and the message is then
-    /// stored as a stranger's.
-    async fn learn_senders(&self, store: &Store, opened: &[(Message, u64)]) {
+    /// stored as a stranger's. A message that came from another server (its `origin`) is
+    /// asked about at that server, through the home server.
+    async fn learn_senders(
+        &self,
+        store: &Store,
+        opened: &[(Message, u64)],
+        origins: &[Option<String>],
+    ) {
         let mut asked = Vec::new();
-        for (message, _) in opened {
+        for ((message, _), origin) in opened.iter().zip(origins) {
             let from = message.from;
             if asked.contains(&from) || asked.len() >= MAX_SENDERS_LEARNED {
                 continue;
@@ -1195,7 +1388,8 @@ impl Connection {
                     None => Ok(()),
                 }
             } else {
-                self.learn_contact_device(store, &from).await
+                self.learn_contact_device(store, &from, origin.as_deref())
+                    .await
             };
             if let Err(err) = learned {
                 tracing::info!(key = %from, "could not tell whose device signed a message: {err}");
@@ -1207,12 +1401,14 @@ impl Connection {
     /// (`kez.registry.whois` answers an active device with its identity's profile, and
     /// [`Connection::whois`] checks the identity's chain lists it): if the handle is a contact
     /// pinned to that identity, that chain is pinned ([`Store::pin`]: it must extend the pin).
+    /// `origin`: the domain of the server the message came from, which is asked.
     async fn learn_contact_device(
         &self,
         store: &Store,
         device: &PublicKey,
+        origin: Option<&str>,
     ) -> Result<(), ClientError> {
-        let (profile, Some(chain)) = self.whois_verified(device).await? else {
+        let (profile, Some(chain)) = self.whois_verified(device, origin).await? else {
             return Ok(());
         };
         let handle = profile.handle.to_string();
@@ -1265,7 +1461,50 @@ const MAX_SENDERS_LEARNED: usize = 8;
 /// would never open on a retry either).
 struct OpenedBatch {
     opened: Vec<(Message, u64)>,
+    /// The domain each of `opened` came from, when another server handed it over (always
+    /// `None` without `origins` in the request).
+    origins: Vec<Option<String>>,
     next_floor: InboxFloor,
+}
+
+/// A batch as [`Connection::fetch`] stores it ([`take_bounces`]).
+#[derive(Debug)]
+struct SortedBatch {
+    /// The messages, as opened.
+    messages: Vec<(Message, u64)>,
+    /// The origin of each of `messages`.
+    origins: Vec<Option<String>>,
+    /// The bounces the home server sent, apart from the messages.
+    bounces: Vec<ReceivedBounce>,
+}
+
+/// Takes the bounces the home server (its key `home_key`) sent out of an opened batch; a
+/// bounce that does not parse is logged and dropped, with the floor.
+fn take_bounces(
+    opened: Vec<(Message, u64)>,
+    origins: Vec<Option<String>>,
+    home_key: Option<&PublicKey>,
+) -> SortedBatch {
+    let mut sorted = SortedBatch {
+        messages: Vec::with_capacity(opened.len()),
+        origins: Vec::with_capacity(opened.len()),
+        bounces: Vec::new(),
+    };
+    for ((message, seq), origin) in opened.into_iter().zip(origins) {
+        match bounce_of(&message, home_key) {
+            None => {
+                sorted.messages.push((message, seq));
+                sorted.origins.push(origin);
+            }
+            Some(Ok(bounce)) => sorted.bounces.push(ReceivedBounce {
+                envelope: message.id,
+                time: message.time,
+                bounce,
+            }),
+            Some(Err(reason)) => tracing::warn!(id = %message.id, seq, "{reason}; dropped"),
+        }
+    }
+    sorted
 }
 
 /// Fewest envelopes worth another thread: opening one takes ~0.1 ms, starting a thread a
@@ -1303,11 +1542,11 @@ fn open_fetched(
         .min(fetched.messages.len().div_ceil(OPEN_PER_THREAD))
         .max(1);
     let chunk = fetched.messages.len().div_ceil(threads);
-    let open_chunk = |messages: &[Fetched<'_>]| -> Vec<(Message, u64)> {
+    let open_chunk = |messages: &[Fetched<'_>]| -> Vec<((Message, u64), Option<String>)> {
         messages
             .iter()
             .filter_map(|message| match envelope::open(key, message.envelope) {
-                Ok(opened) => Some((opened, message.seq)),
+                Ok(opened) => Some(((opened, message.seq), message.origin.map(str::to_owned))),
                 Err(err) => {
                     tracing::warn!(
                         code = err.code(),
@@ -1332,7 +1571,12 @@ fn open_fetched(
         }
         opened
     });
-    Ok(Some(OpenedBatch { opened, next_floor }))
+    let (opened, origins) = opened.into_iter().unzip();
+    Ok(Some(OpenedBatch {
+        opened,
+        origins,
+        next_floor,
+    }))
 }
 
 /// The stream sequence a new-mail notification names (`Nats-Sequence`), 0 if none.
@@ -1487,6 +1731,196 @@ mod tests {
         };
         let refused = open_fetched(&bob, &too_early, floor, &answer).err();
         assert!(refused.is_some_and(|reason| reason.contains("after sequence 10")));
+    }
+
+    fn home(federation: Option<PublicKey>) -> HomeServer {
+        HomeServer {
+            domain: "a.test".into(),
+            federation,
+        }
+    }
+
+    /// A handle of the home domain is asked without a `domain` member (as before federation);
+    /// another domain's names it, and only through a server that federates.
+    #[test]
+    fn requests_name_a_domain_only_for_another_domain_through_a_federating_server() {
+        let server_key = SecretKey::from_seed(&[9; 32]).public_key();
+        let federating = home(Some(server_key));
+        assert_eq!(federating.domain_member("a.test"), Ok(None));
+        assert_eq!(
+            federating.domain_member("b.test"),
+            Ok(Some("b.test".to_owned()))
+        );
+        assert!(federating.federates());
+
+        let alone = home(None);
+        assert!(!alone.federates());
+        assert_eq!(alone.domain_member("a.test"), Ok(None));
+        let refused = alone.domain_member("b.test").unwrap_err();
+        assert_eq!(
+            (refused.code, refused.name.as_ref()),
+            (404, "not_federated")
+        );
+        assert!(refused.message.contains("b.test"), "{}", refused.message);
+
+        // Without a federating server, a fetch asks no origins: the member stays out.
+        let request = FetchRequest {
+            after: 0,
+            max: 1,
+            time: 0,
+            origins: alone.federates(),
+        };
+        assert_eq!(request_body(&request), br#"{"after":0,"max":1,"time":0}"#);
+        let request = KeyRequest {
+            key: server_key,
+            domain: alone.domain_member("a.test").unwrap(),
+        };
+        assert!(
+            !String::from_utf8(request_body(&request))
+                .unwrap()
+                .contains("domain")
+        );
+    }
+
+    /// Envelopes for a device of another domain go to the own server's outbox
+    /// (`kez.mail.relay`, naming the domain); those of the home domain to `kez.mail.send`.
+    #[test]
+    fn mail_for_another_domain_is_relayed_and_the_rest_sent() {
+        let device = SecretKey::from_seed(&[3; 32]).public_key();
+        let id = MessageId::from_bytes([7; 16]);
+        let frame = SendRequest::encode(&device, &id, b"sealed");
+        assert_eq!(
+            mail_request(None, &device, &id, b"sealed"),
+            (Endpoint::MailSend, frame.clone())
+        );
+        let (endpoint, body) = mail_request(Some("b.test"), &device, &id, b"sealed");
+        assert_eq!(endpoint, Endpoint::MailRelay);
+        let relayed = RelayRequest::decode(&body).unwrap();
+        assert_eq!(relayed.domain, "b.test");
+        assert_eq!(
+            (relayed.send.to, relayed.send.id, relayed.send.envelope),
+            (device, id, &b"sealed"[..])
+        );
+        assert_eq!(handle_domain("@bob@b.test"), "b.test");
+    }
+
+    fn bounce_message(from: &SecretKey, content_type: &str, body: &[u8]) -> Message {
+        let me = SecretKey::from_seed(&[1; 32]);
+        let (_, sealed) = envelope::seal(from, &me.public_key(), content_type, body, 500).unwrap();
+        envelope::open(&me, &sealed).unwrap()
+    }
+
+    /// Only the home server's federation key's `kez.bounce` is a bounce; the same from any
+    /// other signer, or another type from that key, is a message like any other.
+    #[test]
+    fn a_bounce_is_believed_only_from_the_home_servers_key() {
+        let server = SecretKey::from_seed(&[9; 32]);
+        let stranger = SecretKey::from_seed(&[8; 32]);
+        let bounce = Bounce {
+            id: "07".repeat(16),
+            to: SecretKey::from_seed(&[3; 32]).public_key(),
+            domain: "b.test".into(),
+            reason: "unknown_recipient".into(),
+            message: "no such user".into(),
+            queued_at: 7,
+        };
+        let json = serde_json::to_vec(&bounce).unwrap();
+        let key = server.public_key();
+        let from_server = bounce_message(&server, BOUNCE_CONTENT_TYPE, &json);
+        assert_eq!(
+            bounce_of(&from_server, Some(&key)),
+            Some(Ok(bounce.clone()))
+        );
+        assert_eq!(
+            bounce_of(&from_server, None),
+            None,
+            "no federation: no bounces"
+        );
+        let forged = bounce_message(&stranger, BOUNCE_CONTENT_TYPE, &json);
+        assert_eq!(bounce_of(&forged, Some(&key)), None);
+        let text = bounce_message(&server, "text", &json);
+        assert_eq!(bounce_of(&text, Some(&key)), None);
+        let garbage = bounce_message(&server, BOUNCE_CONTENT_TYPE, b"{}");
+        assert!(matches!(bounce_of(&garbage, Some(&key)), Some(Err(_))));
+        let no_id = Bounce {
+            id: "x".into(),
+            ..bounce.clone()
+        };
+        let no_id = bounce_message(
+            &server,
+            BOUNCE_CONTENT_TYPE,
+            &serde_json::to_vec(&no_id).unwrap(),
+        );
+        assert!(matches!(bounce_of(&no_id, Some(&key)), Some(Err(_))));
+
+        // A fetched batch: the bounce is taken apart, the forged one stays a message, and
+        // the origins stay with their messages; the unreadable one is dropped.
+        let SortedBatch {
+            messages,
+            origins,
+            bounces,
+        } = take_bounces(
+            vec![
+                (forged.clone(), 1),
+                (from_server.clone(), 2),
+                (garbage, 3),
+                (text.clone(), 4),
+            ],
+            vec![Some("b.test".into()), None, None, Some("c.test".into())],
+            Some(&key),
+        );
+        let ids: Vec<MessageId> = messages.iter().map(|(message, _)| message.id).collect();
+        assert_eq!(ids, [forged.id, text.id]);
+        assert_eq!(origins, [Some("b.test".into()), Some("c.test".into())]);
+        assert_eq!(
+            bounces,
+            [ReceivedBounce {
+                envelope: from_server.id,
+                time: 500,
+                bounce,
+            }]
+        );
+    }
+
+    /// A fetch with `origins` hands each message's origin on with it.
+    #[test]
+    fn fetched_origins_stay_with_their_messages() {
+        let alice = SecretKey::from_seed(&[1; 32]);
+        let bob = SecretKey::from_seed(&[2; 32]);
+        let envelopes: Vec<Vec<u8>> = (0..2u8)
+            .map(|n| {
+                envelope::seal(&alice, &bob.public_key(), "text", &[n], 1_000)
+                    .unwrap()
+                    .1
+            })
+            .collect();
+        let fetched = [
+            Fetched {
+                seq: 5,
+                time: 10,
+                envelope: &envelopes[0],
+                origin: Some("a.test"),
+            },
+            Fetched {
+                seq: 6,
+                time: 11,
+                envelope: &envelopes[1],
+                origin: None,
+            },
+        ];
+        let request = FetchRequest {
+            after: 4,
+            max: 10,
+            time: 9,
+            origins: true,
+        };
+        let answer = FetchAnswer::encode(0, &fetched, true);
+        let floor = InboxFloor { seq: 4, time: 9 };
+        let batch = open_fetched(&bob, &request, floor, &answer)
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.origins, [Some("a.test".to_owned()), None]);
+        assert_eq!(batch.opened.len(), 2);
     }
 
     #[test]

@@ -46,8 +46,8 @@ pub mod shared;
 pub mod store;
 
 pub use connection::{
-    ClientError, Connection, PIN_ADD_TIMEOUT, Pending, Plaintext, Sent, ServiceError, UrlError,
-    VerifiedContact, broker_urls, now,
+    ClientError, Connection, HomeServer, PIN_ADD_TIMEOUT, Pending, Plaintext, Sent, ServiceError,
+    UrlError, VerifiedContact, broker_urls, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
 /// A verified sigchain and the trust decision on a contact's chain (kez-core `trust`).
@@ -64,5 +64,6 @@ pub use kez_proto::pair::{
 pub use live::{LIVE_WINDOW_SECS, LiveError, LiveNotice};
 pub use store::{
     Contact, Conversation, Direction, Downloaded, Found, InboxFloor, Offer, Published,
-    PublishedManifest, Store, StoreError, StoredMessage,
+    PublishedManifest, ReceivedBounce, Store, StoreError, StoredMessage, Undelivered,
+    UndeliveredNote,
 };

@@ -18,6 +18,7 @@ use kez_core::envelope::{Message, MessageId};
 use kez_core::file::{BlobHash, FILE_OFFER_CONTENT_TYPE};
 use kez_core::manifest::ManifestEntry;
 use kez_core::sigchain::{Device, DeviceKind, LinkHash};
+use kez_proto::federation::Bounce;
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,17 @@ const TIMERS: TableDefinition<&str, &[u8]> = TableDefinition::new("timers");
 const READ_UPTO: TableDefinition<&str, u64> = TableDefinition::new("read_upto");
 /// Identity (hex) → the latest `kez.profile` it sent (JSON [`StoredProfile`]).
 const PROFILES: TableDefinition<&str, &[u8]> = TableDefinition::new("profiles");
+/// Signer key → the domain of the server its latest message came from (a fetch's origin,
+/// PROTOCOL.md §6.3): where to ask who a stranger of another domain is. Added with
+/// federation; a store without it gets it at open.
+const ORIGINS: TableDefinition<[u8; 32], &str> = TableDefinition::new("origins");
+/// (conversation, message id) → JSON list of [`Undelivered`]: the devices an own sent message
+/// did not reach, as the home server's bounces said. Added with federation.
+const UNDELIVERED: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::new("undelivered");
+/// (conversation, message id, device) → the bounce's time: the [`UNDELIVERED`] entries not
+/// shown to a listener yet ([`Store::unshown_undelivered`]).
+const UNSHOWN_UNDELIVERED: TableDefinition<(&str, [u8; 16], [u8; 32]), u64> =
+    TableDefinition::new("unshown_undelivered");
 const LAST_MANIFEST: &str = "last";
 const NEXT_ORDER: &str = "next_order";
 const INBOX_FLOOR: &str = "inbox_floor";
@@ -471,6 +483,142 @@ impl StoredMessage {
     }
 }
 
+/// A bounce from the home server, opened and checked (kez-client's fetch believes one only
+/// from the home server's federation key): what [`Store::record_fetched`] records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceivedBounce {
+    /// The bounce envelope's own id: it is stored once.
+    pub envelope: MessageId,
+    /// When the home server sealed it, seconds since the epoch.
+    pub time: u64,
+    /// What it says.
+    pub bounce: Bounce,
+}
+
+/// A device an own sent message did not reach, as the home server's bounce said
+/// (PROTOCOL.md §14.4). `reason` and `message` are the server's words, which may carry a
+/// peer's: shown through `display`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Undelivered {
+    /// The recipient device.
+    pub device: PublicKey,
+    /// The recipient's home domain.
+    pub domain: String,
+    /// The stable error name (`unknown_recipient`, `expired`, …).
+    pub reason: String,
+    /// What went wrong, for people.
+    pub message: String,
+    /// When the home server took the message, seconds since the epoch.
+    pub queued_at: u64,
+    /// When the home server gave up (the bounce's time).
+    pub time: u64,
+}
+
+/// An [`Undelivered`] with the sent message it is about ([`Store::unshown_undelivered`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndeliveredNote {
+    /// The conversation: the contact's identity.
+    pub peer: PublicKey,
+    /// The sent message.
+    pub id: MessageId,
+    /// Which device it did not reach, and why.
+    pub undelivered: Undelivered,
+}
+
+/// Records `received` on the own sent message it names, in `tx`, once (its envelope id is
+/// kept as seen). The message must be an outgoing one of the conversation of the contact on
+/// the bounce's domain whose chain lists the bounced device; a bounce about anything else is
+/// logged and dropped. `false` when nothing was recorded.
+fn record_bounce(
+    tx: &redb::WriteTransaction,
+    received: &ReceivedBounce,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let mut seen = tx.open_table(SEEN).map_err(db)?;
+    if seen
+        .get(received.envelope.as_bytes())
+        .map_err(db)?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    seen.insert(received.envelope.as_bytes(), now).map_err(db)?;
+    let bounce = &received.bounce;
+    let Some(id) = bounce.message_id() else {
+        return Ok(false);
+    };
+    let mut contact = None;
+    for entry in tx.open_table(CONTACTS).map_err(db)?.iter().map_err(db)? {
+        let (_, value) = entry.map_err(db)?;
+        let candidate: Contact = serde_json::from_slice(value.value()).map_err(corrupt)?;
+        let lists = candidate.key == bounce.to
+            || candidate.current_key == bounce.to
+            || candidate
+                .devices
+                .iter()
+                .any(|device| device.key == bounce.to);
+        if lists && candidate.handle.rsplit('@').next() == Some(bounce.domain.as_str()) {
+            contact = Some(candidate);
+            break;
+        }
+    }
+    let Some(contact) = contact else {
+        tracing::info!(id = bounce.id, to = %bounce.to, "a bounce names a device of no contact on {}; dropped", bounce.domain);
+        return Ok(false);
+    };
+    let conversation = contact.key.to_hex();
+    let messages = tx.open_table(MESSAGES).map_err(db)?;
+    let sent = find_messages(&messages, &conversation, &BTreeSet::from([id]))?;
+    if !sent
+        .values()
+        .any(|(_, message)| message.direction == Direction::Outgoing)
+    {
+        tracing::info!(
+            id = bounce.id,
+            "a bounce names no message sent to {}; dropped",
+            contact.handle
+        );
+        return Ok(false);
+    }
+    let mut table = tx.open_table(UNDELIVERED).map_err(db)?;
+    let mut list = read_undelivered(&table, &conversation, id.as_bytes())?;
+    if list.iter().any(|note| note.device == bounce.to) {
+        return Ok(false);
+    }
+    list.push(Undelivered {
+        device: bounce.to,
+        domain: bounce.domain.clone(),
+        reason: bounce.reason.clone(),
+        message: bounce.message.clone(),
+        queued_at: bounce.queued_at,
+        time: received.time,
+    });
+    let json = serde_json::to_vec(&list).expect("undelivered notes serialise");
+    table
+        .insert((conversation.as_str(), *id.as_bytes()), json.as_slice())
+        .map_err(db)?;
+    tx.open_table(UNSHOWN_UNDELIVERED)
+        .map_err(db)?
+        .insert(
+            (conversation.as_str(), *id.as_bytes(), *bounce.to.as_bytes()),
+            received.time,
+        )
+        .map_err(db)?;
+    Ok(true)
+}
+
+/// The undelivered notes of message `id` in `conversation`.
+fn read_undelivered(
+    table: &impl ReadableTable<(&'static str, [u8; 16]), &'static [u8]>,
+    conversation: &str,
+    id: &[u8; 16],
+) -> Result<Vec<Undelivered>, StoreError> {
+    match table.get((conversation, *id)).map_err(db)? {
+        Some(guard) => serde_json::from_slice(guard.value()).map_err(corrupt),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// One conversation in the store, as a list of conversations shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conversation {
@@ -639,7 +787,9 @@ fn check_readable(database: &Database) -> Result<(), OpenFailure> {
     scan!(
         CONTACTS, MESSAGES, SEEN, META, UNSHOWN, OFFERS, DOWNLOADS, PUBLISHED, MANIFESTS
     );
-    scan!(CHAT_STATE, TIMERS, READ_UPTO);
+    scan!(CHAT_STATE, TIMERS, READ_UPTO, UNDELIVERED);
+    scan!(ORIGINS);
+    scan!(UNSHOWN_UNDELIVERED);
     Ok(())
 }
 
@@ -725,6 +875,9 @@ impl Store {
         tx.open_table(PUBLISHED).map_err(db)?;
         tx.open_table(MANIFESTS).map_err(db)?;
         create_chat_tables(&tx)?;
+        tx.open_table(ORIGINS).map_err(db)?;
+        tx.open_table(UNDELIVERED).map_err(db)?;
+        tx.open_table(UNSHOWN_UNDELIVERED).map_err(db)?;
         tx.commit().map_err(db)?;
         Ok(Store { db: database })
     }
@@ -903,6 +1056,22 @@ impl Store {
         floor: InboxFloor,
         now: u64,
     ) -> Result<Vec<bool>, StoreError> {
+        self.record_fetched(messages, &[], &[], floor, now)
+    }
+
+    /// [`Store::record_incoming_all`] for a batch from a federating server: `origins` (as many
+    /// as `messages`, or none) names the domain of the server each message came from, which is
+    /// remembered for its signer ([`Store::origin`]); `bounces` are recorded on the own sent
+    /// messages they name ([`MessageView::undelivered`]), each once (by its envelope's id),
+    /// and never as messages. All in the one transaction that moves the floor.
+    pub fn record_fetched(
+        &self,
+        messages: &[(Message, u64)],
+        origins: &[Option<String>],
+        bounces: &[ReceivedBounce],
+        floor: InboxFloor,
+        now: u64,
+    ) -> Result<Vec<bool>, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
         let own = own_in(&tx)?;
         let fresh = messages
@@ -913,9 +1082,80 @@ impl Store {
                 record_in(&tx, &stored, true)
             })
             .collect::<Result<Vec<bool>, StoreError>>()?;
+        {
+            let mut table = tx.open_table(ORIGINS).map_err(db)?;
+            for ((message, _), origin) in messages.iter().zip(origins) {
+                if let Some(origin) = origin {
+                    table
+                        .insert(message.from.as_bytes(), origin.as_str())
+                        .map_err(db)?;
+                }
+            }
+        }
+        for bounce in bounces {
+            record_bounce(&tx, bounce, now)?;
+        }
         write_floor(&tx, floor)?;
         tx.commit().map_err(db)?;
         Ok(fresh)
+    }
+
+    /// The domain of the server the latest message signed by `key` came from, when that was
+    /// another server ([`Store::record_fetched`]): where to ask who a stranger is.
+    pub fn origin(&self, key: &PublicKey) -> Result<Option<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(ORIGINS).map_err(db)?;
+        Ok(table
+            .get(key.as_bytes())
+            .map_err(db)?
+            .map(|origin| origin.value().to_owned()))
+    }
+
+    /// The undelivered notes (bounces recorded on own sent messages) not shown to a listener
+    /// yet, in the order of the conversations and messages.
+    pub fn unshown_undelivered(&self) -> Result<Vec<UndeliveredNote>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let unshown = tx.open_table(UNSHOWN_UNDELIVERED).map_err(db)?;
+        let undelivered = tx.open_table(UNDELIVERED).map_err(db)?;
+        let mut out = Vec::new();
+        for entry in unshown.iter().map_err(db)? {
+            let (key, _) = entry.map_err(db)?;
+            let (conversation, id, device) = key.value();
+            let (peer, _) = conversation_peer(conversation)?;
+            let device = PublicKey::from_bytes(&device)
+                .map_err(|err| StoreError::Corrupt(format!("an undelivered device: {err}")))?;
+            let found = read_undelivered(&undelivered, conversation, &id)?
+                .into_iter()
+                .find(|note| note.device == device)
+                .ok_or_else(|| {
+                    StoreError::Corrupt("an unshown undelivered note is missing".into())
+                })?;
+            out.push(UndeliveredNote {
+                peer,
+                id: MessageId::from_bytes(id),
+                undelivered: found,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Marks these notes (from [`Store::unshown_undelivered`]) as shown.
+    pub fn mark_undelivered_shown(&self, notes: &[UndeliveredNote]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut unshown = tx.open_table(UNSHOWN_UNDELIVERED).map_err(db)?;
+            for note in notes {
+                let conversation = note.peer.to_hex();
+                unshown
+                    .remove((
+                        conversation.as_str(),
+                        *note.id.as_bytes(),
+                        *note.undelivered.device.as_bytes(),
+                    ))
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)
     }
 
     /// How far the own inbox is stored.
@@ -1288,6 +1528,9 @@ pub struct MessageView {
     pub read: bool,
     /// When a disappearing-message timer deletes it (seconds since the epoch).
     pub expires_at: Option<u64>,
+    /// Outgoing: the devices of the peer it was not delivered to, as the home server's
+    /// bounces said (a contact on another domain).
+    pub undelivered: Vec<Undelivered>,
 }
 
 /// A value written by the message (`time`, `id`): of two, the later wins
@@ -1647,6 +1890,11 @@ impl Store {
             .get(conversation)
             .map_err(db)?
             .map_or(0, |guard| guard.value());
+        let undelivered = read_undelivered(
+            &tx.open_table(UNDELIVERED).map_err(db)?,
+            conversation,
+            message.id.as_bytes(),
+        )?;
         let reply = (message.content_type == chat::REPLY_CONTENT_TYPE && !state.deleted)
             .then(|| chat::Reply::decode(&message.body).ok())
             .flatten();
@@ -1684,6 +1932,7 @@ impl Store {
                 message.time,
                 chat::timer_in_force(&timer_list(&timers), message.time),
             ),
+            undelivered,
             message,
         })
     }
@@ -1790,6 +2039,8 @@ impl Store {
             let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
             let mut offers = tx.open_table(OFFERS).map_err(db)?;
             let mut downloads = tx.open_table(DOWNLOADS).map_err(db)?;
+            let mut undelivered = tx.open_table(UNDELIVERED).map_err(db)?;
+            let mut unshown_undelivered = tx.open_table(UNSHOWN_UNDELIVERED).map_err(db)?;
             for (conversation, timers) in all {
                 let mut expired = Vec::new();
                 for entry in messages
@@ -1814,6 +2065,18 @@ impl Store {
                     unshown.remove(order).map_err(db)?;
                     offers.remove(id.as_bytes()).map_err(db)?;
                     downloads.remove(id.as_bytes()).map_err(db)?;
+                    for note in read_undelivered(&undelivered, &conversation, id.as_bytes())? {
+                        unshown_undelivered
+                            .remove((
+                                conversation.as_str(),
+                                *id.as_bytes(),
+                                *note.device.as_bytes(),
+                            ))
+                            .map_err(db)?;
+                    }
+                    undelivered
+                        .remove((conversation.as_str(), *id.as_bytes()))
+                        .map_err(db)?;
                     purged += 1;
                 }
             }
@@ -2993,5 +3256,165 @@ mod tests {
         drop(store);
         let store = Store::open(dir.path().join("store.redb")).unwrap();
         assert_eq!(store.profile(&alice).unwrap().unwrap().0, named("Alice L."));
+    }
+
+    /// A bounce of message `id` for bob's device (key 2) on `domain`.
+    fn bounce_for(id: MessageId, domain: &str, time: u64) -> ReceivedBounce {
+        ReceivedBounce {
+            envelope: MessageId::random(),
+            time,
+            bounce: Bounce {
+                id: id.to_string(),
+                to: key(2),
+                domain: domain.into(),
+                reason: "unknown_recipient".into(),
+                message: "no such user".into(),
+                queued_at: time - 5,
+            },
+        }
+    }
+
+    #[test]
+    fn a_bounce_is_recorded_on_the_sent_message_once_and_never_as_a_message() {
+        let (_dir, store) = chat_store();
+        let (bob, _) = store
+            .pin("@bob@b.test", &verified(&links(2, &["a"])), 10)
+            .unwrap();
+        let sent = crate::Sent {
+            id: MessageId::random(),
+            from: key(1),
+            to: bob.key,
+            time: 100,
+            content_type: "text".into(),
+            body: b"hello".to_vec(),
+            stream_sequence: 7,
+            missed: Vec::new(),
+        };
+        store.record_outgoing(&sent, 100).unwrap();
+        let bounce = bounce_for(sent.id, "b.test", 200);
+        let floor = InboxFloor { seq: 3, time: 9 };
+        let others = [
+            // Another domain than the contact's, a message never sent, a device of nobody.
+            bounce_for(sent.id, "c.test", 201),
+            bounce_for(MessageId::random(), "b.test", 202),
+            ReceivedBounce {
+                bounce: Bounce {
+                    to: key(5),
+                    ..bounce.bounce.clone()
+                },
+                ..bounce_for(sent.id, "b.test", 203)
+            },
+        ];
+        let fresh = store
+            .record_fetched(&[], &[], &[bounce.clone(), bounce.clone()], floor, 300)
+            .unwrap();
+        assert!(fresh.is_empty());
+        store.record_fetched(&[], &[], &others, floor, 301).unwrap();
+        assert_eq!(store.inbox_floor().unwrap(), floor);
+        assert!(store.is_seen(&bounce.envelope).unwrap());
+
+        let views = store.messages(&bob.key).unwrap();
+        assert_eq!(views.len(), 1, "the bounce is no message");
+        let expected = Undelivered {
+            device: key(2),
+            domain: "b.test".into(),
+            reason: "unknown_recipient".into(),
+            message: "no such user".into(),
+            queued_at: 195,
+            time: 200,
+        };
+        assert_eq!(views[0].undelivered, std::slice::from_ref(&expected));
+        assert!(store.unshown().unwrap().is_empty());
+
+        let notes = store.unshown_undelivered().unwrap();
+        assert_eq!(
+            notes,
+            [UndeliveredNote {
+                peer: bob.key,
+                id: sent.id,
+                undelivered: expected.clone(),
+            }]
+        );
+        store.mark_undelivered_shown(&notes).unwrap();
+        assert!(store.unshown_undelivered().unwrap().is_empty());
+        // The same device bounced again (a bounce sealed anew): noted once.
+        store
+            .record_fetched(&[], &[], &[bounce_for(sent.id, "b.test", 400)], floor, 400)
+            .unwrap();
+        assert_eq!(
+            store
+                .message(&bob.key, &sent.id)
+                .unwrap()
+                .unwrap()
+                .undelivered,
+            [expected]
+        );
+        assert!(store.unshown_undelivered().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_origin_of_a_signer_is_remembered_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        let local = message(3, 1, "local");
+        let remote = message(4, 1, "from b");
+        let fresh = store
+            .record_fetched(
+                &[(local, 1), (remote, 2)],
+                &[None, Some("b.test".into())],
+                &[],
+                InboxFloor { seq: 2, time: 5 },
+                10,
+            )
+            .unwrap();
+        assert_eq!(fresh, [true, true]);
+        assert_eq!(store.origin(&key(3)).unwrap(), None);
+        assert_eq!(store.origin(&key(4)).unwrap().as_deref(), Some("b.test"));
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.origin(&key(4)).unwrap().as_deref(), Some("b.test"));
+        assert_eq!(store.history(&key(4)).unwrap()[0].body, b"from b");
+    }
+
+    #[test]
+    fn a_store_from_before_federation_opens_and_keeps_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        let kept = received(&store, BOB, "text", b"kept", 100);
+        let mine = sent(&store, "text", b"mine", 101);
+        drop(store);
+        // What the previous version wrote: the same tables without the federation ones.
+        {
+            let database = Database::create(&path).unwrap();
+            let tx = database.begin_write().unwrap();
+            assert!(tx.delete_table(ORIGINS).unwrap());
+            assert!(tx.delete_table(UNDELIVERED).unwrap());
+            assert!(tx.delete_table(UNSHOWN_UNDELIVERED).unwrap());
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let ids: Vec<MessageId> = store
+            .history(&key(BOB))
+            .unwrap()
+            .iter()
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(ids, [kept, mine]);
+        assert_eq!(store.origin(&key(BOB)).unwrap(), None);
+        assert!(store.unshown_undelivered().unwrap().is_empty());
+        assert!(view(&store, mine).undelivered.is_empty());
+        let later = message(BOB, OWN_ID, "later");
+        store
+            .record_fetched(
+                &[(later, 4)],
+                &[Some("b.test".into())],
+                &[],
+                InboxFloor { seq: 4, time: 6 },
+                102,
+            )
+            .unwrap();
+        assert_eq!(store.origin(&key(BOB)).unwrap().as_deref(), Some("b.test"));
     }
 }
