@@ -249,6 +249,17 @@ impl Queued {
     }
 }
 
+/// `wait` for people: in days, hours, minutes or seconds, whichever reads best.
+fn span(wait: Duration) -> String {
+    let secs = wait.as_secs();
+    let (count, unit) = match secs {
+        s if s >= 2 * 86_400 => (s.div_ceil(86_400), "days"),
+        s if s >= 2 * 3_600 => (s.div_ceil(3_600), "hours"),
+        s if s >= 120 => (s.div_ceil(60), "minutes"),
+        s => (s, "seconds"),
+    };
+    format!("{count} {unit}")
+}
 /// The bounce of message `id` to `to` on `queued.domain`, which failed for `reason` (an error
 /// name, or `expired`). The message is the server's own words: a peer's text never goes in.
 pub fn bounce_of(
@@ -262,13 +273,13 @@ pub fn bounce_of(
     let domain = &queued.domain;
     let message = match reason.as_str() {
         "expired" => format!(
-            "{domain}'s server could not be reached or did not take the message within {} hours; it was not delivered",
-            bounce_after.as_secs().div_ceil(3600)
+            "{domain}'s server could not be reached or did not take the message within {}; it was not delivered",
+            span(bounce_after)
         ),
         "domain_blocked" => format!(
             "this server does not exchange mail with {domain}; the message was not delivered"
         ),
-        other => format!("{domain}'s server refused the message ({other}); it was not delivered"),
+        _ => format!("{domain}'s server refused the message; it was not delivered"),
     };
     Bounce {
         id: id.to_string(),
@@ -549,6 +560,9 @@ mod tests {
         assert!(bounce.message.contains("refused"), "{}", bounce.message);
         let expired = bounce_of(&id, to, &queued(), "expired", day);
         assert!(expired.message.contains("24 hours"), "{}", expired.message);
+        assert_eq!(span(Duration::from_secs(8)), "8 seconds");
+        assert_eq!(span(Duration::from_secs(600)), "10 minutes");
+        assert_eq!(span(Duration::from_secs(3 * 86_400)), "3 days");
         let hostile = bounce_of(&id, to, &queued(), "Evil\nName", day);
         assert_eq!(hostile.reason, "refused");
         assert!(!hostile.message.contains("Evil"));

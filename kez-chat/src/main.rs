@@ -2279,10 +2279,24 @@ async fn recipient(
     conn.own_devices(store, own)
         .await
         .map_err(Failure::client)?;
-    let verified = conn
-        .verify_contact(store, full)
-        .await
-        .map_err(|err| Failure::send_refused(err, full))?;
+    let verified = match conn.verify_contact(store, full).await {
+        Ok(verified) => verified,
+        // Another domain's server that is down cannot say whether the chain moved: mail to the
+        // devices verified before waits in the own server's outbox (and comes back as a bounce
+        // if that server stays away), as an email would.
+        Err(ClientError::Service(err)) if err.answer.name == "peer_unavailable" => {
+            if let Some(pinned) = store.contact(&full.to_string()).map_err(Failure::store)? {
+                tell!(
+                    "{}'s server cannot be reached now: sending to the devices verified before (sigchain seq {}); your server keeps trying to deliver",
+                    full.domain(),
+                    pinned.chain_seq
+                );
+                return Ok(pinned);
+            }
+            return Err(Failure::send_refused(ClientError::Service(err), full));
+        }
+        Err(err) => return Err(Failure::send_refused(err, full)),
+    };
     let contact = verified.contact;
     if verified.change == PinChange::New {
         tell!(

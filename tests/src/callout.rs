@@ -265,11 +265,21 @@ pub async fn register(
     key: &SecretKey,
     name: &str,
 ) -> Result<serde_json::Value, ServiceError> {
+    register_on(client, key, name, TEST_DOMAIN).await
+}
+
+/// [`register`] on a server for `domain`.
+pub async fn register_on(
+    client: &Client,
+    key: &SecretKey,
+    name: &str,
+    domain: &str,
+) -> Result<serde_json::Value, ServiceError> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .expect("the clock is past 1970")
         .as_secs();
-    let handle = Handle::parse(name, TEST_DOMAIN).expect("a valid test handle");
+    let handle = Handle::parse(name, domain).expect("a valid test handle");
     let request = RegistrationRequest::sign(key, &handle, now);
     let answer = call(
         client,

@@ -19,6 +19,7 @@ pub mod callout;
 pub mod chat;
 pub mod cluster;
 pub mod fake_broker;
+pub mod federation;
 pub mod http;
 pub mod kez_server;
 pub mod person;

@@ -269,7 +269,7 @@ fn store_commits(alice: &SecretKey, bob: &SecretKey, count: usize) -> Result<Lat
 }
 
 /// kez-client throughput: alice publishes `n` messages pipelined while bob receives.
-async fn throughput(
+pub async fn throughput(
     alice: &User,
     bob: &User,
     contact: &Contact,
@@ -318,7 +318,7 @@ async fn receive_all(bob: &User, n: usize) -> Result<(), String> {
 }
 
 /// kez-client latency: one message at a time, sealed, sent, received, stored, acknowledged.
-async fn latency(
+pub async fn latency(
     alice: &User,
     bob: &User,
     contact: &Contact,

@@ -10,6 +10,7 @@ mod callout;
 mod chat;
 mod crypto;
 mod devices;
+mod federation;
 mod files;
 mod footprint;
 mod measure;
@@ -90,12 +91,14 @@ enum Section {
     Service,
     /// 9: a message from one browser to another through `kez-chat ui` against the CLI path.
     Ui,
+    /// 10: messages across two home servers against the same on one; the outbox's cost.
+    Federation,
 }
 
 type Rows = Pin<Box<dyn Future<Output = Result<Vec<Row>, String>>>>;
 
 impl Section {
-    const ALL: [Section; 9] = [
+    const ALL: [Section; 10] = [
         Section::Chat,
         Section::Registry,
         Section::Callout,
@@ -105,6 +108,7 @@ impl Section {
         Section::Devices,
         Section::Service,
         Section::Ui,
+        Section::Federation,
     ];
 
     fn run(self, budget: Budget) -> Rows {
@@ -118,6 +122,7 @@ impl Section {
             Section::Devices => Box::pin(devices::run(budget)),
             Section::Service => Box::pin(service::run(budget)),
             Section::Ui => Box::pin(ui::run(budget)),
+            Section::Federation => Box::pin(federation::run(budget)),
         }
     }
 }
