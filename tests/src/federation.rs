@@ -60,6 +60,53 @@ impl Home {
         crate::callout::server_client(&self.url(), self.keys_dir.path()).await
     }
 
+    /// Registers `name` here for a fresh key (over the narrow profile) and connects again with
+    /// the chat profile: the key and that connection.
+    pub async fn registered(&self, name: &str) -> (Arc<SecretKey>, async_nats::Client) {
+        let key = Arc::new(SecretKey::generate());
+        let (narrow, _) = connect_as(&self.url(), &key)
+            .await
+            .expect("a new key connects");
+        register_on(&narrow, &key, name, &self.domain)
+            .await
+            .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
+        narrow.drain().await.expect("drained");
+        let (client, _) = connect_as(&self.url(), &key)
+            .await
+            .expect("a registered key connects");
+        (key, client)
+    }
+
+    /// Connects to this broker as `key`, naming itself the server of `domain` (as a peer
+    /// server does, PROTOCOL.md §14.2). Also returns the errors the broker reports on the
+    /// connection (permission violations arrive there).
+    pub async fn connect_as_peer(
+        &self,
+        key: &Arc<SecretKey>,
+        domain: &str,
+    ) -> Result<
+        (
+            async_nats::Client,
+            tokio::sync::mpsc::UnboundedReceiver<async_nats::ServerError>,
+        ),
+        async_nats::ConnectError,
+    > {
+        let (errors, received) = tokio::sync::mpsc::unbounded_channel();
+        let client = kez_client::Connection::options(key)
+            .name(kez_proto::federation::peer_connection_name(domain))
+            .event_callback(move |event| {
+                let errors = errors.clone();
+                async move {
+                    if let async_nats::Event::ServerError(err) = event {
+                        let _ = errors.send(err);
+                    }
+                }
+            })
+            .connect(self.url())
+            .await?;
+        Ok((client, received))
+    }
+
     /// Stops the kez-chat-server (gracefully); the broker stays.
     pub async fn stop_server(&mut self) {
         if let Some(server) = self.server.take() {
@@ -107,6 +154,8 @@ impl Federation {
                 FederationConfig::new(keys_dir.path().join(SERVER_KEY_FILE), nats.url());
             federation.peer_webfinger = peers;
             federation.allow_http = true;
+            // Tests wait for retries: a second at most between two attempts.
+            federation.retry_max = Duration::from_secs(1);
             let mut config = ServerConfig {
                 auth: NatsAuth::NkeySeedFile(
                     keys_dir.path().join(nats_conf::SERVER_USER_SEED_FILE),
@@ -151,23 +200,6 @@ impl Federation {
     }
 }
 
-/// Registers `name` on `home` for a fresh key (over the narrow profile) and connects again with
-/// the chat profile: the key and that connection.
-pub async fn registered(home: &Home, name: &str) -> (Arc<SecretKey>, async_nats::Client) {
-    let key = Arc::new(SecretKey::generate());
-    let (narrow, _) = connect_as(&home.url(), &key)
-        .await
-        .expect("a new key connects");
-    register_on(&narrow, &key, name, &home.domain)
-        .await
-        .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
-    narrow.drain().await.expect("drained");
-    let (client, _) = connect_as(&home.url(), &key)
-        .await
-        .expect("a registered key connects");
-    (key, client)
-}
-
 /// The first message in `key`'s own inbox (`kez.mail.fetch` over `client`, `key`'s
 /// connection), opened with `key`; `None` while it is empty.
 pub async fn fetch_one(client: &async_nats::Client, key: &SecretKey) -> Option<Message> {
@@ -199,7 +231,7 @@ pub fn federation_of(config: &mut ServerConfig) -> &mut FederationConfig {
 
 /// A free loopback port, found by binding port 0 and letting it go: the servers' WebFinger
 /// addresses must be known before any of them starts, since each names the others.
-fn reserve_port() -> SocketAddr {
+pub fn reserve_port() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
     listener.local_addr().expect("its address")
 }

@@ -9,11 +9,9 @@ use std::time::Duration;
 use kez_chat_server::limits::Rate;
 use kez_core::SecretKey;
 use kez_core::envelope::MessageId;
-use kez_proto::federation::{RelayRequest, peer_connection_name};
+use kez_proto::federation::RelayRequest;
 use kez_proto::mail::SendRequest;
-use kez_tests::federation::{
-    Federation, eventually, federation_of, fetch_one, registered as registered_key,
-};
+use kez_tests::federation::{Federation, eventually, federation_of, fetch_one};
 use kez_tests::kez_server::call;
 use kez_tests::person::{Person, plaintext_file, serving, stop};
 use serde_json::Value;
@@ -38,10 +36,11 @@ async fn texts(person: &Person, handle: &str) -> Vec<String> {
         .collect()
 }
 
-/// Waits until `person`'s inbox brings a message whose text is `text` from another server.
+/// Waits until `person`'s inbox brings a message whose text is `text` from another server
+/// (a broker that was just restarted refuses logins until its home server is back: asked again).
 async fn arrives(person: &Person, handle: &str, text: &str) {
     eventually(Duration::from_secs(30), text, || async {
-        person.ok(&["inbox"]).await;
+        person.run(&["inbox"]).await;
         texts(person, handle)
             .await
             .iter()
@@ -177,7 +176,10 @@ async fn mail_for_a_server_that_is_down_waits_and_bounces_after_the_bound() {
     );
     assert!(shown.contains("expired"), "{shown}");
     federation.home_mut(B).nats.resume();
-    bob.ok(&["inbox"]).await;
+    eventually(Duration::from_secs(30), "b back", || async {
+        bob.run(&["inbox"]).await.status.success().then_some(())
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     bob.ok(&["inbox"]).await;
     assert!(
@@ -188,18 +190,6 @@ async fn mail_for_a_server_that_is_down_waits_and_bounces_after_the_bound() {
     );
 }
 
-/// Connects to `home`'s broker as a server claiming `domain`, with `key`.
-async fn as_peer(
-    url: &str,
-    key: &Arc<SecretKey>,
-    domain: &str,
-) -> Result<async_nats::Client, async_nats::ConnectError> {
-    kez_client::Connection::options(key)
-        .name(peer_connection_name(domain))
-        .connect(url)
-        .await
-}
-
 #[tokio::test]
 async fn a_peer_that_lies_about_its_domain_is_refused() {
     let federation = Federation::start().await;
@@ -207,17 +197,17 @@ async fn a_peer_that_lies_about_its_domain_is_refused() {
     let a_key = Arc::new(federation.home(A).server_key());
     // A stranger's key claiming to be a.localhost: a's WebFinger names another key.
     let impostor = Arc::new(SecretKey::generate());
-    assert!(as_peer(&b.url(), &impostor, A).await.is_err());
+    assert!(b.connect_as_peer(&impostor, A).await.is_err());
     // a's own key claiming another domain: that domain's WebFinger does not vouch for it.
-    assert!(as_peer(&b.url(), &a_key, "c.localhost").await.is_err());
+    assert!(b.connect_as_peer(&a_key, "c.localhost").await.is_err());
     // a's key as a.localhost: admitted, and may only use the federation subjects.
-    let peer = as_peer(&b.url(), &a_key, A).await.expect("a is a peer");
+    let (peer, _) = b.connect_as_peer(&a_key, A).await.expect("a is a peer");
     let info = call(&peer, "kez.server.info", b"{}".to_vec())
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&info).contains(B));
     // A changed key for a.localhost afterwards is refused: the pin holds.
-    assert!(as_peer(&b.url(), &impostor, A).await.is_err());
+    assert!(b.connect_as_peer(&impostor, A).await.is_err());
 }
 
 #[tokio::test]
@@ -232,7 +222,7 @@ async fn a_flooding_peer_is_limited_and_other_peers_are_not() {
     let bob = registered(&b.url(), "bob").await;
     let bob_key = kez_tests::person::key_of(&bob).public_key();
     let peer_of = |domain: &str| Arc::new(federation.home(domain).server_key());
-    let flooder = as_peer(&b.url(), &peer_of(A), A).await.unwrap();
+    let (flooder, _) = b.connect_as_peer(&peer_of(A), A).await.unwrap();
     let mut limited = 0;
     for _ in 0..30 {
         let frame = SendRequest::encode(&bob_key, &MessageId::random(), b"flood");
@@ -243,7 +233,8 @@ async fn a_flooding_peer_is_limited_and_other_peers_are_not() {
         }
     }
     assert!(limited >= 15, "the flood was limited: {limited} of 30");
-    let other = as_peer(&b.url(), &peer_of("c.localhost"), "c.localhost")
+    let (other, _) = b
+        .connect_as_peer(&peer_of("c.localhost"), "c.localhost")
         .await
         .unwrap();
     let frame = SendRequest::encode(&bob_key, &MessageId::random(), b"from c");
@@ -261,7 +252,7 @@ async fn an_unknown_recipient_bounces_and_a_blocked_domain_is_refused() {
     })
     .await;
     let a = federation.home(A);
-    let (alice_key, alice) = registered_key(a, "alice").await;
+    let (alice_key, alice) = a.registered("alice").await;
     // To a key b does not know: relayed, then bounced by a's server into alice's inbox.
     let nobody = SecretKey::generate().public_key();
     let id = MessageId::random();

@@ -6,141 +6,26 @@
 //! claims to be A's server with another key is refused (before and after A's key is pinned),
 //! and so is a blocked domain, both ways.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
 use bytes::Bytes;
-use kez_chat_server::config::{FederationConfig, ServerConfig};
 use kez_core::envelope::MessageId;
-use kez_core::{Handle, PublicKey, SecretKey, UnsignedLink};
+use kez_core::{PublicKey, SecretKey, UnsignedLink};
 use kez_proto::answer::{ChainPage, Delivered, HeadAnswer, Profile, ServerInfo};
 use kez_proto::federation::{BOUNCE_CONTENT_TYPE, Bounce, RelayRequest, peer_connection_name};
 use kez_proto::mail::{FetchAnswer, FetchRequest, SendRequest};
-use kez_proto::registry::RegistrationRequest;
-use kez_tests::NatsServer;
-use kez_tests::callout::{CalloutStack, Violation, connect_as, expect_violation, keys_and_broker};
-use kez_tests::kez_server::{KezServer, ServiceError, call};
+use kez_tests::callout::{CalloutStack, Violation, connect_as, expect_violation};
+use kez_tests::federation::{Federation, Home, federation_of, reserve_port};
+use kez_tests::kez_server::{ServiceError, call};
 use kez_tests::requests::{nats_endpoint, now};
 use serde_json::json;
-use tempfile::TempDir;
 
 const A: &str = "a.localhost";
 const B: &str = "b.localhost";
 /// How long a message may take through the outbox (and a bounce back).
 const THROUGH_WITHIN: Duration = Duration::from_secs(15);
-
-/// One federating stack.
-struct Stack {
-    server: KezServer,
-    nats: NatsServer,
-    keys_dir: TempDir,
-    config: ServerConfig,
-}
-
-impl Stack {
-    /// The server key, as its file holds it.
-    fn server_key(&self) -> SecretKey {
-        let text = std::fs::read_to_string(self.keys_dir.path().join("federation.key")).unwrap();
-        SecretKey::from_key_file(&text).unwrap()
-    }
-
-    fn url(&self) -> String {
-        self.nats.url()
-    }
-
-    /// Registers `name` on this stack's domain for a fresh key, and connects again with the
-    /// chat profile.
-    async fn registered(&self, name: &str) -> (Arc<SecretKey>, Client) {
-        let key = Arc::new(SecretKey::generate());
-        let (narrow, _) = connect_as(&self.url(), &key).await.unwrap();
-        let handle = Handle::parse(name, &self.config.domain).unwrap();
-        let request = RegistrationRequest::sign(&key, &handle, now());
-        call(
-            &narrow,
-            "kez.registry.register",
-            serde_json::to_vec(&request).unwrap(),
-        )
-        .await
-        .unwrap_or_else(|err| panic!("registering {handle}: {err:?}"));
-        narrow.drain().await.unwrap();
-        let (client, _) = connect_as(&self.url(), &key).await.unwrap();
-        (key, client)
-    }
-}
-
-/// A free loopback port: bound, read and let go (the server binds it again at once).
-fn reserve_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-/// Two stacks, each finding the other's WebFinger on its reserved HTTP port.
-async fn two_stacks() -> (Stack, Stack) {
-    let (port_a, port_b) = (reserve_port(), reserve_port());
-    let a = start(A, port_a, (B, port_b), |_| {}).await;
-    let b = start(B, port_b, (A, port_a), |_| {}).await;
-    (a, b)
-}
-
-async fn start(
-    domain: &str,
-    http_port: u16,
-    peer: (&str, u16),
-    change: impl FnOnce(&mut FederationConfig),
-) -> Stack {
-    let (keys_dir, keys, nats) = keys_and_broker();
-    let mut config = CalloutStack::config(&nats, &keys_dir, &keys);
-    config.domain = domain.to_owned();
-    config.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], http_port)));
-    let mut federation = FederationConfig::new(
-        keys_dir.path().join("federation.key"),
-        config.public_nats_url.clone(),
-    );
-    federation
-        .peer_webfinger
-        .insert(peer.0.to_owned(), format!("http://127.0.0.1:{}", peer.1));
-    federation.allow_http = true;
-    federation.retry_max = Duration::from_secs(1);
-    change(&mut federation);
-    config.federation = Some(federation);
-    let server = KezServer::start_with(&config).await;
-    Stack {
-        server,
-        nats,
-        keys_dir,
-        config,
-    }
-}
-
-/// Connects to `stack`'s broker as `key`, naming itself the server of `domain`.
-async fn connect_as_peer(
-    stack: &Stack,
-    key: &Arc<SecretKey>,
-    domain: &str,
-) -> Result<
-    (
-        Client,
-        tokio::sync::mpsc::UnboundedReceiver<async_nats::ServerError>,
-    ),
-    async_nats::ConnectError,
-> {
-    let (errors, received) = tokio::sync::mpsc::unbounded_channel();
-    let client = kez_client::Connection::options(key)
-        .name(peer_connection_name(domain))
-        .event_callback(move |event| {
-            let errors = errors.clone();
-            async move {
-                if let async_nats::Event::ServerError(err) = event {
-                    let _ = errors.send(err);
-                }
-            }
-        })
-        .connect(stack.url())
-        .await?;
-    Ok((client, received))
-}
 
 async fn json<T: serde::de::DeserializeOwned>(
     client: &Client,
@@ -214,10 +99,9 @@ fn opened_bounce(device: &SecretKey, server: &PublicKey, envelope: &[u8]) -> Bou
     serde_json::from_slice(&opened.body).expect("a bounce body")
 }
 
-async fn get_metrics(stack: &Stack) -> String {
+async fn get_metrics(home: &Home) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = stack.server.http_addr().expect("HTTP on");
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(home.http).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
@@ -229,7 +113,8 @@ async fn get_metrics(stack: &Stack) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
-    let (a, b) = two_stacks().await;
+    let federation = Federation::start().await;
+    let (a, b) = (federation.home(A), federation.home(B));
     let a_key = a.server_key();
     let (alice_key, alice) = a.registered("alice").await;
     let (bob_key, bob) = b.registered("bob").await;
@@ -243,7 +128,7 @@ async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
     // Before any contact: a key that is not A's, claiming A's name, fails the dialback.
     let impostor = Arc::new(SecretKey::generate());
     assert!(
-        connect_as_peer(&b, &impostor, A).await.is_err(),
+        b.connect_as_peer(&impostor, A).await.is_err(),
         "an impostor of a.localhost is refused (dialback)"
     );
 
@@ -334,9 +219,10 @@ async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
 
     // A's key is pinned at B now: an impostor is refused by the pin, A's key gets the peer
     // profile, which does not reach kez.mail.relay.
-    assert!(connect_as_peer(&b, &impostor, A).await.is_err());
+    assert!(b.connect_as_peer(&impostor, A).await.is_err());
     let a_key = Arc::new(a_key);
-    let (peer, mut peer_errors) = connect_as_peer(&b, &a_key, A)
+    let (peer, mut peer_errors) = b
+        .connect_as_peer(&a_key, A)
         .await
         .expect("A's own key connects as A");
     let b_info: ServerInfo = json(&peer, "kez.server.info", json!({})).await.unwrap();
@@ -420,7 +306,7 @@ async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
         .unwrap_err();
     assert_eq!((own.code, own.name.as_str()), (400, "malformed"));
 
-    let metrics = get_metrics(&b).await;
+    let metrics = get_metrics(b).await;
     assert!(
         metrics.contains("kez_federation_received_total{domain=\"a.localhost\"} 1"),
         "{metrics}"
@@ -438,7 +324,7 @@ async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
     assert!(metrics.contains(
         "kez_federation_refused_total{domain=\"a.localhost\",reason=\"unknown_recipient\"} 1"
     ));
-    let metrics = get_metrics(&a).await;
+    let metrics = get_metrics(a).await;
     assert!(metrics.contains("kez_federation_sent_total{domain=\"b.localhost\"} 1"));
     assert!(metrics.contains(
         "kez_federation_bounced_total{domain=\"b.localhost\",reason=\"unknown_recipient\"} 1"
@@ -447,12 +333,13 @@ async fn users_of_two_servers_look_each_other_up_and_exchange_mail() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_blocked_domain_is_refused_both_ways() {
-    let (port_a, port_b) = (reserve_port(), reserve_port());
-    let a = start(A, port_a, (B, port_b), |federation| {
-        federation.bounce_after = Duration::from_secs(3);
+    let federation = Federation::start_with(&[A, B], |domain, config| {
+        if domain == A {
+            federation_of(config).bounce_after = Duration::from_secs(3);
+        }
     })
     .await;
-    let b = start(B, port_b, (A, port_a), |_| {}).await;
+    let (a, b) = (federation.home(A), federation.home(B));
     let a_key = Arc::new(a.server_key());
     let (alice_key, alice) = a.registered("alice").await;
     let (bob_key, _bob) = b.registered("bob").await;
@@ -473,7 +360,7 @@ async fn a_blocked_domain_is_refused_both_ways() {
         assert!(Instant::now() < deadline, "A never reached B");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (open, _) = connect_as_peer(&b, &a_key, A).await.unwrap();
+    let (open, _) = b.connect_as_peer(&a_key, A).await.unwrap();
 
     // B's operator blocks A: A's open connections end, and a new one is refused.
     let record = b_pins.set_blocked(A, true, now()).await.unwrap();
@@ -501,7 +388,7 @@ async fn a_blocked_domain_is_refused_both_ways() {
         "{bounce:?}"
     );
     assert!(
-        connect_as_peer(&b, &a_key, A).await.is_err(),
+        b.connect_as_peer(&a_key, A).await.is_err(),
         "a new connection of the blocked domain is refused"
     );
     let listed = b_pins.list().await.unwrap();
@@ -586,11 +473,16 @@ async fn a_server_that_does_not_federate_says_so() {
 #[tokio::test(flavor = "multi_thread")]
 async fn mail_for_a_server_that_stays_down_is_retried_then_bounced() {
     // c.localhost's WebFinger is a port nobody listens on.
-    let (port_a, port_c) = (reserve_port(), reserve_port());
-    let a = start(A, port_a, ("c.localhost", port_c), |federation| {
+    let nowhere = format!("http://{}", reserve_port());
+    let federation = Federation::start_with(&[A], |_, config| {
+        let federation = federation_of(config);
         federation.bounce_after = Duration::from_secs(3);
+        federation
+            .peer_webfinger
+            .insert("c.localhost".to_owned(), nowhere.clone());
     })
     .await;
+    let a = federation.home(A);
     let a_key = a.server_key();
     let (alice_key, alice) = a.registered("alice").await;
     let to = SecretKey::generate().public_key();
@@ -621,7 +513,7 @@ async fn mail_for_a_server_that_stays_down_is_retried_then_bounced() {
         ),
         (Some(id), "expired", "c.localhost")
     );
-    let metrics = get_metrics(&a).await;
+    let metrics = get_metrics(a).await;
     assert!(
         metrics
             .contains("kez_federation_bounced_total{domain=\"c.localhost\",reason=\"expired\"} 1"),
@@ -632,13 +524,14 @@ async fn mail_for_a_server_that_stays_down_is_retried_then_bounced() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flooding_peer_is_slowed_down_and_its_mail_still_arrives() {
-    let (port_a, port_b) = (reserve_port(), reserve_port());
-    let a = start(A, port_a, (B, port_b), |_| {}).await;
     // B takes 2 messages at once from a peer, then one a second.
-    let b = start(B, port_b, (A, port_a), |federation| {
-        federation.peer_limits.messages = kez_chat_server::limits::Rate::new(1.0, 2);
+    let federation = Federation::start_with(&[A, B], |domain, config| {
+        if domain == B {
+            federation_of(config).peer_limits.messages = kez_chat_server::limits::Rate::new(1.0, 2);
+        }
     })
     .await;
+    let (a, b) = (federation.home(A), federation.home(B));
     let (alice_key, alice) = a.registered("alice").await;
     let (bob_key, bob) = b.registered("bob").await;
     for text in ["one", "two", "three", "four"] {
@@ -664,14 +557,14 @@ async fn a_flooding_peer_is_slowed_down_and_its_mail_still_arrives() {
         .collect();
     texts.sort();
     assert_eq!(texts, [&b"four"[..], b"one", b"three", b"two"]);
-    let metrics = get_metrics(&b).await;
+    let metrics = get_metrics(b).await;
     assert!(
         metrics.contains(
             "kez_federation_refused_total{domain=\"a.localhost\",reason=\"rate_limited\"}"
         ),
         "{metrics}"
     );
-    let metrics = get_metrics(&a).await;
+    let metrics = get_metrics(a).await;
     assert!(metrics.contains("kez_federation_sent_total{domain=\"b.localhost\"} 4"));
     assert!(!metrics.contains("kez_federation_retries_total{domain=\"b.localhost\"} 0"));
 }
