@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The scripted two-user kez-chat session (`make demo`).
 #
-# Starts `kez-chat-server dev --pin` (nats-server child + services + auth callout + pin node) in a temporary
-# directory on a free loopback port, then alice and bob, each with their own home, register, add
-# each other and chat (offline delivery, `inbox`, live `listen`, `history`), alice shares a file
-# with bob, and publishes files that bob browses and downloads; bob pairs his phone, which
+# Starts `kez-chat-server dev --pin --federate` (nats-server child + services + auth callout + pin
+# node) in a temporary directory on a free loopback port, then alice and bob, each with their own
+# home, register, add each other and chat (offline delivery, `inbox`, live `listen`, `history`),
+# alice shares a file with bob, and publishes files that bob browses and downloads; a second
+# server (far.localhost) starts, and carol there chats with alice across the two servers and
+# browses her files; bob pairs his phone, which
 # then receives and sends as him; alice makes a paper key, and recovers from it on a new home
 # that revokes her lost laptop. Every step prints the
 # command and its output and is checked; the first failed check stops the demo with exit 1. The
@@ -31,6 +33,7 @@ export NO_COLOR=1
 
 demo_dir="$(mktemp -d "${TMPDIR:-/tmp}/kez-demo.XXXXXX")"
 dev_pid=""
+far_pid=""
 listen_pid=""
 join_pid=""
 steps=0
@@ -58,6 +61,7 @@ cleanup() {
         [[ -S "$home/service.sock" ]] && "$bin_dir/kez-chat" --home "$home" service stop >/dev/null 2>&1 || true
     done
     # dev stops its services, then its nats-server child.
+    stop_pid "$far_pid" TERM
     stop_pid "$dev_pid" TERM
     if [[ "${KEZ_DEMO_KEEP:-}" == 1 || $status -ne 0 ]]; then
         echo "demo: files kept in $demo_dir (dev.out, dev.log, data/nats-server.log, homes)"
@@ -113,6 +117,38 @@ quote() {
     printf '%s' "${out[*]}"
 }
 
+# free_port: a loopback TCP port nothing listens on (the two servers must know each other's
+# WebFinger address before either starts).
+free_port() {
+    local port i
+    for ((i = 0; i < 100; i++)); do
+        port=$((20000 + RANDOM % 30000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+    fail "no free loopback port found"
+}
+
+# start_dev OUT LOG ARGS...: starts `kez-chat-server dev ARGS` in the background (pid in
+# $started_pid), waits for its banner in OUT and prints it; its NATS URL goes into $started_url.
+start_dev() {
+    local out="$1" log="$2" i
+    shift 2
+    kez-chat-server dev "$@" >"$out" 2>"$log" &
+    started_pid=$!
+    for ((i = 0; i < 600; i++)); do
+        grep -q '^  NATS URL' "$out" 2>/dev/null && break
+        kill -0 "$started_pid" 2>/dev/null || { cat "$out" >&2; fail "kez-chat-server dev exited before serving"; }
+        sleep 0.1
+    done
+    grep -q '^  NATS URL' "$out" || fail "kez-chat-server dev did not serve within 60s"
+    sed 's/^/    /' "$out"
+    started_url="$(awk '/^  NATS URL/ { print $3; exit }' "$out")"
+    [[ "$started_url" == nats://127.0.0.1:* ]] || fail "no NATS URL in the dev banner"
+}
+
 # wait_for FILE TEXT SECONDS WHAT: waits until FILE contains TEXT.
 wait_for() {
     local file="$1" text="$2" seconds="$3" what="$4" i
@@ -127,18 +163,17 @@ cd "$demo_dir"
 echo "kez-chat demo in $demo_dir"
 
 say "A local stack: nats-server (child), registry + sigchain services, auth callout, HTTP shim"
-printf '$ kez-chat-server dev --data-dir data --port 0 --http-port 0 --pin &\n'
-kez-chat-server dev --data-dir data --port 0 --http-port 0 --pin >dev.out 2>dev.log &
-dev_pid=$!
-for ((i = 0; i < 600; i++)); do
-    grep -q '^  NATS URL' dev.out 2>/dev/null && break
-    kill -0 "$dev_pid" 2>/dev/null || { cat dev.out >&2; fail "kez-chat-server dev exited before serving"; }
-    sleep 0.1
-done
-grep -q '^  NATS URL' dev.out || fail "kez-chat-server dev did not serve within 60s"
-sed 's/^/    /' dev.out
-url="$(awk '/^  NATS URL/ { print $3; exit }' dev.out)"
-[[ "$url" == nats://127.0.0.1:* ]] || fail "no NATS URL in the dev banner"
+http_port="$(free_port)"
+far_http_port="$(free_port)"
+while [[ "$far_http_port" == "$http_port" ]]; do far_http_port="$(free_port)"; done
+# It federates: a second server, far.localhost, starts later; each finds the other's WebFinger
+# on loopback (plain HTTP: a development allowance; production asks https://<domain>).
+dev_args=(--data-dir data --port 0 --http-port "$http_port" --pin --federate --federation-allow-http
+    --peer-webfinger "far.localhost=http://127.0.0.1:$far_http_port")
+printf '$ kez-chat-server dev %s &\n' "$(quote "${dev_args[@]}")"
+start_dev dev.out dev.log "${dev_args[@]}"
+dev_pid=$started_pid
+url=$started_url
 
 say "alice and bob register, each with their own home (key, contacts, messages)"
 step "registered as @alice@kez.localhost" kez-chat --home alice --server "$url" register alice --no-paper-key
@@ -218,6 +253,32 @@ cmp plans.txt plans-from-alice.txt || fail "the downloaded file differs from the
 echo "    identical"
 step "files       2 visible to you" kez-chat --home bob profile @alice
 
+say "A second home server, far.localhost: carol lives there; the servers find each other through WebFinger"
+far_args=(--data-dir data-far --port 0 --http-port "$far_http_port" --domain far.localhost --federate
+    --federation-allow-http --peer-webfinger "kez.localhost=http://127.0.0.1:$http_port")
+printf '$ kez-chat-server dev %s &\n' "$(quote "${far_args[@]}")"
+start_dev far.out far.log "${far_args[@]}"
+far_pid=$started_pid
+far_url=$started_url
+step "registered as @carol@far.localhost" kez-chat --home carol --server "$far_url" register carol --no-paper-key
+
+say "alice writes to carol on the other server: her server queues it and hands it to carol's"
+step "added @carol@far.localhost (key pinned)" kez-chat --home alice add @carol@far.localhost
+step "handed to your server for @carol@far.localhost" kez-chat --home alice send @carol@far.localhost "hello from kez.localhost"
+step "@alice@kez.localhost" kez-chat --home carol inbox --wait 30
+
+say "carol adds alice (her client verifies alice's sigchain through far.localhost) and answers"
+step "added @alice@kez.localhost (key pinned)" kez-chat --home carol add @alice@kez.localhost
+step "handed to your server for @alice@kez.localhost" kez-chat --home carol send @alice@kez.localhost "hi alice, greetings from far away"
+step "@carol@far.localhost: hi alice, greetings from far away" kez-chat --home alice inbox --wait 30
+
+say "carol browses alice's public files across the servers and downloads one"
+step "notes.txt" kez-chat --home carol browse @alice@kez.localhost
+step "verified (BLAKE3) and decrypted" kez-chat --home carol download @alice@kez.localhost/notes.txt -o notes-from-alice.txt
+printf '$ cmp notes.txt notes-from-alice.txt\n'
+cmp notes.txt notes-from-alice.txt || fail "the file downloaded across servers differs"
+echo "    identical"
+
 say "bob adds his phone: the new device shows a pairing request, bob confirms it on his laptop"
 printf '$ kez-chat --home bob-phone --server %s device join @bob --name phone --kind mobile &\n' "$url"
 kez-chat --home bob-phone --server "$url" device join @bob --name phone --kind mobile >join.out 2>join.err &
@@ -281,7 +342,9 @@ if lost="$(kez-chat --home alice inbox 2>&1)"; then fail "the revoked laptop sti
 printf '%s\n' "$lost" | sed 's/^/    /'
 steps=$((steps + 1))
 
-say "Stop the stack (SIGTERM): services first, then its nats-server"
+say "Stop far.localhost, then the first stack (SIGTERM): services first, then their nats-servers"
+stop_pid "$far_pid" TERM
+far_pid=""
 printf '$ kill -TERM %s\n' "$dev_pid"
 kill -TERM "$dev_pid"
 for ((i = 0; i < 300; i++)); do
