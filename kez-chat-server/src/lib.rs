@@ -470,14 +470,7 @@ async fn open_federation(
 
 /// Connects like `run` does and opens the peers bucket: for `admin peer…`.
 pub async fn open_pins(config: &ServerConfig) -> Result<federation::Pins, StartError> {
-    let phase = watch::Sender::new(http::Phase::Starting("".into()));
-    let client = connect(
-        &config.nats_url,
-        &config.auth,
-        "kez-chat-server admin",
-        &phase,
-    )
-    .await?;
+    let (client, _) = admin_connection(config).await?;
     let js = async_nats::jetstream::new(client);
     federation::Pins::open(&js, None).await.map_err(|err| {
         StartError::Federation(format!("bucket {}: {err}", federation::PEERS_BUCKET))
@@ -633,7 +626,15 @@ async fn respond(context: &Context, route: Endpoint, request: service::Request) 
 /// Connects like `run` does and opens the buckets, never changing their replicas: for operator
 /// commands.
 pub async fn open_store(config: &ServerConfig) -> Result<Store, StartError> {
-    // Nobody asks an operator command's health: what it waits for goes to the log only.
+    let (client, phase) = admin_connection(config).await?;
+    Ok(open_store_on(&client, store::StoreSettings::default(), &phase).await)
+}
+
+/// An operator command's connection, made like `run`'s, and the phase it reports to (nobody
+/// asks an operator command's health: what it waits for goes to the log only).
+async fn admin_connection(
+    config: &ServerConfig,
+) -> Result<(async_nats::Client, watch::Sender<http::Phase>), StartError> {
     let phase = watch::Sender::new(http::Phase::Starting("".into()));
     let client = connect(
         &config.nats_url,
@@ -642,7 +643,7 @@ pub async fn open_store(config: &ServerConfig) -> Result<Store, StartError> {
         &phase,
     )
     .await?;
-    Ok(open_store_on(&client, store::StoreSettings::default(), &phase).await)
+    Ok((client, phase))
 }
 
 /// Opens the buckets, waiting for JetStream as long as it takes.
