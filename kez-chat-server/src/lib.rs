@@ -460,12 +460,8 @@ async fn open_federation(
             StartError::Federation(format!("stream {}: {err}", outbox::OUTBOX_STREAM))
         })?;
     tracing::info!(key = %key.public_key(), url = %federation_config.nats_url, "federating");
-    Ok(federation::Federation::new(
-        config.domain.clone(),
-        key,
-        federation_config.clone(),
-        pins,
-    ))
+    federation::Federation::new(config.domain.clone(), key, federation_config.clone(), pins)
+        .map_err(StartError::Federation)
 }
 
 /// Connects like `run` does and opens the peers bucket: for `admin peer…`.
