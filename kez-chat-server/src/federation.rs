@@ -855,7 +855,13 @@ impl Federation {
         )
         .await
         .map_err(|_| peer_unavailable(domain, "its broker did not answer in time"))?
-        .map_err(|err| peer_unavailable(domain, err.kind()))
+        // The whole chain: the kind alone says "IO error" for a certificate this server does
+        // not trust, where the operator needs "invalid peer certificate: UnknownIssuer".
+        .map_err(|err| {
+            let why = crate::error_chain(&err);
+            tracing::warn!(%domain, %url, error = %why, "cannot connect to a peer's broker");
+            peer_unavailable(domain, format!("its broker at {url}: {why}"))
+        })
     }
 
     /// Sends `body` to `endpoint` on `domain`'s broker and waits `within` for the answer: its

@@ -832,7 +832,7 @@ async fn connect(
 }
 
 /// `err` and every cause under it that its own text does not already name.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
