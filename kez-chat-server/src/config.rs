@@ -134,6 +134,9 @@ pub struct FederationConfig {
     /// Whether an `http://` WebFinger base and a peer broker without TLS are accepted (dev and
     /// tests only).
     pub allow_http: bool,
+    /// A PEM file of CA certificates trusted for peers (WebFinger over HTTPS and their brokers'
+    /// TLS) besides Mozilla's roots: a private federation's CA (`--federation-ca`).
+    pub ca_file: Option<PathBuf>,
     /// When not empty, the only peer domains talked to.
     pub allow: Vec<String>,
     /// Peer domains never talked to.
@@ -157,6 +160,7 @@ impl FederationConfig {
             nats_url,
             peer_webfinger: BTreeMap::new(),
             allow_http: false,
+            ca_file: None,
             allow: Vec::new(),
             deny: Vec::new(),
             bounce_after: DEFAULT_BOUNCE_AFTER,
@@ -334,6 +338,11 @@ pub struct Settings {
     /// only [default: off]
     #[arg(long, env = "KEZ_FEDERATION_ALLOW_HTTP", num_args = 0..=1, default_missing_value = "true")]
     pub federation_allow_http: Option<bool>,
+    /// A PEM file of one or more CA certificates trusted for peers' WebFinger (HTTPS) and
+    /// brokers (TLS) besides the built-in Mozilla roots: a private federation's own CA
+    /// [default: the built-in roots only]
+    #[arg(long, env = "KEZ_FEDERATION_CA", value_name = "FILE")]
+    pub federation_ca: Option<PathBuf>,
     /// Talk only to these peer domains (repeatable) [default: any not denied]
     #[arg(
         long = "federation-allow",
@@ -444,6 +453,7 @@ impl Settings {
             federation_allow_http: self
                 .federation_allow_http
                 .or(fallback.federation_allow_http),
+            federation_ca: self.federation_ca.or(fallback.federation_ca),
             federation_allow: self.federation_allow.or(fallback.federation_allow),
             federation_deny: self.federation_deny.or(fallback.federation_deny),
             bounce_after: self.bounce_after.or(fallback.bounce_after),
@@ -468,6 +478,7 @@ impl Settings {
                 || self.federation_url.is_some()
                 || self.peer_webfinger.is_some()
                 || self.federation_allow_http.is_some()
+                || self.federation_ca.is_some()
                 || self.federation_allow.is_some()
                 || self.federation_deny.is_some()
                 || self.bounce_after.is_some()
@@ -496,6 +507,12 @@ impl Settings {
         };
         let mut federation = FederationConfig::new(key_file, nats_url);
         federation.allow_http = self.federation_allow_http.unwrap_or(false);
+        if let Some(path) = &self.federation_ca {
+            // Read now, so that a wrong file stops the start before anything connects.
+            crate::federation::load_federation_ca(path)
+                .map_err(|err| format!("--federation-ca: {err}"))?;
+            federation.ca_file = Some(path.clone());
+        }
         for (domain, url) in self.peer_webfinger.iter().flatten() {
             let domain = kez_core::handle::parse_domain(domain)
                 .map_err(|err| format!("--peer-webfinger {domain:?}: {err}"))?;
@@ -1046,6 +1063,49 @@ mod tests {
             ("b.localhost".to_owned(), "http://x:1".to_owned())
         );
         assert!(parse_peer_webfinger("b.localhost").is_err());
+    }
+
+    #[test]
+    fn a_federation_ca_file_must_hold_a_ca_certificate() {
+        let base = |ca: &Path| Settings {
+            federate: Some(true),
+            keys_dir: Some("/k".into()),
+            callout_issuer: Some("AX".into()),
+            federation_ca: Some(ca.to_owned()),
+            ..Settings::default()
+        };
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tls/ca.pem");
+        let federation = base(&fixture).resolve().unwrap().federation.unwrap();
+        assert_eq!(federation.ca_file.as_deref(), Some(fixture.as_path()));
+        assert!(
+            crate::federation::peer_tls_config(Some(&fixture)).is_ok(),
+            "the webpki roots and the CA"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let err = base(&missing).resolve().unwrap_err();
+        assert!(err.starts_with("--federation-ca: cannot read"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let err = base(&empty).resolve().unwrap_err();
+        assert!(err.contains("holds no certificate"), "{err}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        assert!(base(&garbage).resolve().is_err());
+        let without = Settings {
+            federation_ca: Some(fixture),
+            ..Settings::default()
+        };
+        assert!(without.resolve().unwrap_err().contains("--federate"));
+        let file: Settings = toml::from_str("federation_ca = \"/etc/kez/peers-ca.pem\"\n").unwrap();
+        assert_eq!(
+            file.federation_ca.as_deref(),
+            Some(Path::new("/etc/kez/peers-ca.pem"))
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! pool holds at most [`MAX_PEERS`] domains; deliveries are budgeted per peer domain.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -543,20 +544,76 @@ pub struct Federation {
     budgets: PeerBudgets,
 }
 
-impl Federation {
-    /// Federation for the server of `domain` with `key`, as `config` says, pinning in `pins`.
-    pub fn new(domain: String, key: SecretKey, config: FederationConfig, pins: Pins) -> Federation {
-        let roots = tokio_rustls::rustls::RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        };
-        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+/// The CA certificates in the PEM file `path` (`--federation-ca`): at least one, every one a
+/// usable trust anchor.
+pub fn load_federation_ca(
+    path: &Path,
+) -> Result<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>, String> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    let text =
+        std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    let certs = tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| format!("{}: not a PEM file of certificates: {err}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no certificate: put the PEM (-----BEGIN CERTIFICATE-----) of the CA that signed your peers' certificates in it",
+            path.display()
+        ));
+    }
+    // Checked here rather than at the first peer: a bad anchor is the operator's to fix now.
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for (at, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|err| {
+            format!(
+                "{}: certificate {} is not a usable CA certificate: {err}",
+                path.display(),
+                at + 1
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
+/// The TLS settings for peers, WebFinger and brokers alike: Mozilla's roots (webpki-roots; not
+/// the system store, so that what a peer must present does not depend on the host), plus the
+/// operator's CA certificates from `ca_file` (`--federation-ca`), e.g. a private federation's.
+pub fn peer_tls_config(
+    ca_file: Option<&Path>,
+) -> Result<tokio_rustls::rustls::ClientConfig, String> {
+    let mut roots = tokio_rustls::rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        for cert in load_federation_ca(path)? {
+            roots
+                .add(cert)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+        }
+    }
+    Ok(
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
             tokio_rustls::rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .with_root_certificates(roots)
-        .with_no_client_auth();
-        Federation {
+        .with_no_client_auth(),
+    )
+}
+
+impl Federation {
+    /// Federation for the server of `domain` with `key`, as `config` says, pinning in `pins`;
+    /// an error when `config.ca_file` holds no usable CA certificate.
+    pub fn new(
+        domain: String,
+        key: SecretKey,
+        config: FederationConfig,
+        pins: Pins,
+    ) -> Result<Federation, String> {
+        let tls = peer_tls_config(config.ca_file.as_deref())
+            .map_err(|err| format!("--federation-ca: {err}"))?;
+        Ok(Federation {
             budgets: PeerBudgets::new(config.peer_limits),
             domain,
             key: Arc::new(key),
@@ -565,7 +622,7 @@ impl Federation {
             pool: Mutex::new(HashMap::new()),
             discoveries: Semaphore::new(PARALLEL_DISCOVERIES),
             tls: Arc::new(tls),
-        }
+        })
     }
 
     /// The server key's public half.
@@ -788,14 +845,23 @@ impl Federation {
         .ignore_discovered_servers()
         .max_reconnects(Some(3))
         // A nats:// URL is upgraded when the peer's broker offers TLS; only dev goes without.
-        .require_tls(!self.config.allow_http);
+        .require_tls(!self.config.allow_http)
+        // The roots WebFinger is checked against (and --federation-ca): async-nats on its own
+        // would trust the system store instead, or with add_root_certificates only the file.
+        .tls_client_config((*self.tls).clone());
         tokio::time::timeout(
             CONNECT_TIMEOUT + Duration::from_secs(1),
             options.connect(url),
         )
         .await
         .map_err(|_| peer_unavailable(domain, "its broker did not answer in time"))?
-        .map_err(|err| peer_unavailable(domain, err.kind()))
+        // The whole chain: the kind alone says "IO error" for a certificate this server does
+        // not trust, where the operator needs "invalid peer certificate: UnknownIssuer".
+        .map_err(|err| {
+            let why = crate::error_chain(&err);
+            tracing::warn!(%domain, %url, error = %why, "cannot connect to a peer's broker");
+            peer_unavailable(domain, format!("its broker at {url}: {why}"))
+        })
     }
 
     /// Sends `body` to `endpoint` on `domain`'s broker and waits `within` for the answer: its

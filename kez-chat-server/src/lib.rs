@@ -460,12 +460,8 @@ async fn open_federation(
             StartError::Federation(format!("stream {}: {err}", outbox::OUTBOX_STREAM))
         })?;
     tracing::info!(key = %key.public_key(), url = %federation_config.nats_url, "federating");
-    Ok(federation::Federation::new(
-        config.domain.clone(),
-        key,
-        federation_config.clone(),
-        pins,
-    ))
+    federation::Federation::new(config.domain.clone(), key, federation_config.clone(), pins)
+        .map_err(StartError::Federation)
 }
 
 /// Connects like `run` does and opens the peers bucket: for `admin peer…`.
@@ -837,7 +833,7 @@ async fn connect(
 }
 
 /// `err` and every cause under it that its own text does not already name.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {

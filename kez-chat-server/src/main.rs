@@ -119,6 +119,9 @@ struct DevFederation {
     /// Accept plain-HTTP WebFinger bases and peer brokers without TLS
     #[arg(long)]
     federation_allow_http: bool,
+    /// A PEM file of CA certificates trusted for peers besides the built-in roots
+    #[arg(long, value_name = "FILE")]
+    federation_ca: Option<PathBuf>,
     /// Talk only to these peer domains (repeatable)
     #[arg(long = "federation-allow", value_name = "DOMAIN")]
     federation_allow: Vec<String>,
@@ -161,6 +164,7 @@ impl DevFederation {
             federation_url: self.federation_url,
             peer_webfinger: list_pairs(pairs),
             federation_allow_http: self.federation_allow_http.then_some(true),
+            federation_ca: self.federation_ca,
             federation_allow: list(self.federation_allow),
             federation_deny: list(self.federation_deny),
             bounce_after: self.bounce_after,

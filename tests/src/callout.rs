@@ -34,12 +34,18 @@ pub struct CalloutStack {
 /// Fresh server keys in a temporary directory, and a nats-server configured for them (the
 /// kez accounts and the auth callout), not yet answered by any kez-chat-server.
 pub fn keys_and_broker() -> (TempDir, nats_conf::PublicKeys, NatsServer) {
+    keys_and_broker_with("")
+}
+
+/// Like [`keys_and_broker`], with `conf_extra` appended to the broker's config (e.g.
+/// [`crate::tls::nats_tls_conf`]).
+pub fn keys_and_broker_with(conf_extra: &str) -> (TempDir, nats_conf::PublicKeys, NatsServer) {
     let keys_dir = tempfile::Builder::new()
         .prefix("kez-keys-")
         .tempdir()
         .unwrap();
     let keys = nats_conf::keygen(keys_dir.path()).unwrap().0;
-    let nats = NatsServer::start_with(&nats_conf::render_auth(&keys));
+    let nats = NatsServer::start_with(&(nats_conf::render_auth(&keys) + conf_extra));
     (keys_dir, keys, nats)
 }
 

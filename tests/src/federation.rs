@@ -1,7 +1,9 @@
 //! Home servers that federate: two (or more) stacks on loopback, `a.localhost` and
 //! `b.localhost`, each a nats-server with the kez accounts and the auth callout and an
 //! in-process kez-chat-server with its HTTP shim (WebFinger) and federation on, finding each
-//! other through WebFinger over plain HTTP on loopback (the dev/test allowance).
+//! other through WebFinger over plain HTTP on loopback (the dev/test allowance), or, with
+//! [`Federation::start_tls`], as in production: WebFinger over HTTPS (a TLS proxy in front of
+//! each shim) and brokers that speak TLS, trusted through `federation_ca` (the test CA).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -16,8 +18,9 @@ use kez_proto::mail::{FetchAnswer, FetchRequest};
 use tempfile::TempDir;
 
 use crate::NatsServer;
-use crate::callout::{connect_as, register_on};
+use crate::callout::register_on;
 use crate::kez_server::{KezServer, call};
+use crate::tls::TlsProxy;
 
 use kez_chat_server::config::FEDERATION_KEY_FILE as SERVER_KEY_FILE;
 
@@ -37,17 +40,80 @@ pub struct Home {
     pub http: SocketAddr,
     /// The config it was started with (for a restart).
     pub config: ServerConfig,
+    /// With TLS ([`Federation::start_tls`]): the HTTPS proxy in front of the HTTP shim.
+    pub https: Option<TlsProxy>,
 }
 
 impl Home {
-    /// The broker's URL, for `kez-chat --server`.
+    /// The broker's URL for clients (`kez-chat --server`): `tls://` when it speaks TLS.
     pub fn url(&self) -> String {
-        self.nats.url()
+        match self.https {
+            Some(_) => format!("tls://127.0.0.1:{}", self.nats.port()),
+            None => self.nats.url(),
+        }
     }
 
-    /// WebFinger's base URL.
+    /// WebFinger's base URL: the HTTPS proxy's with TLS, else the shim's.
     pub fn webfinger(&self) -> String {
-        format!("http://{}", self.http)
+        match &self.https {
+            Some(proxy) => proxy.https_url(),
+            None => format!("http://{}", self.http),
+        }
+    }
+
+    /// The options a kez client connects to this broker with ([`kez_client::Connection::options`]),
+    /// trusting the test CA when the broker speaks TLS (kez-chat itself trusts the system's
+    /// roots, or `SSL_CERT_FILE`, which a test cannot set for itself alone).
+    pub fn client_options(&self, key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
+        let options = kez_client::Connection::options(key);
+        match self.https {
+            Some(_) => options
+                .add_root_certificates(crate::tls::ca_file())
+                .require_tls(true),
+            None => options,
+        }
+    }
+
+    /// Connects as `key` like a kez client ([`Home::client_options`]), with the errors the
+    /// broker reports on the connection.
+    pub async fn connect_as(
+        &self,
+        key: &Arc<SecretKey>,
+    ) -> Result<
+        (
+            async_nats::Client,
+            tokio::sync::mpsc::UnboundedReceiver<async_nats::ServerError>,
+        ),
+        async_nats::ConnectError,
+    > {
+        self.connect_named(key, None).await
+    }
+
+    async fn connect_named(
+        &self,
+        key: &Arc<SecretKey>,
+        name: Option<String>,
+    ) -> Result<
+        (
+            async_nats::Client,
+            tokio::sync::mpsc::UnboundedReceiver<async_nats::ServerError>,
+        ),
+        async_nats::ConnectError,
+    > {
+        let (errors, received) = tokio::sync::mpsc::unbounded_channel();
+        let mut options = self.client_options(key).event_callback(move |event| {
+            let errors = errors.clone();
+            async move {
+                if let async_nats::Event::ServerError(err) = event {
+                    let _ = errors.send(err);
+                }
+            }
+        });
+        if let Some(name) = name {
+            options = options.name(name);
+        }
+        let client = options.connect(self.url()).await?;
+        Ok((client, received))
     }
 
     /// The server key, read from its file.
@@ -55,23 +121,23 @@ impl Home {
         kez_keyfile::load(self.keys_dir.path().join(SERVER_KEY_FILE)).expect("the server key file")
     }
 
-    /// A connection as the server's own `SERVER` user (unrestricted).
+    /// A connection as the server's own `SERVER` user (unrestricted), on loopback as the
+    /// server's own (plain also when the broker speaks TLS, see [`crate::tls::nats_tls_conf`]).
     pub async fn server_client(&self) -> async_nats::Client {
-        crate::callout::server_client(&self.url(), self.keys_dir.path()).await
+        crate::callout::server_client(&self.nats.url(), self.keys_dir.path()).await
     }
 
     /// Registers `name` here for a fresh key (over the narrow profile) and connects again with
     /// the chat profile: the key and that connection.
     pub async fn registered(&self, name: &str) -> (Arc<SecretKey>, async_nats::Client) {
         let key = Arc::new(SecretKey::generate());
-        let (narrow, _) = connect_as(&self.url(), &key)
-            .await
-            .expect("a new key connects");
+        let (narrow, _) = self.connect_as(&key).await.expect("a new key connects");
         register_on(&narrow, &key, name, &self.domain)
             .await
             .unwrap_or_else(|err| panic!("registering {name}: {err:?}"));
         narrow.drain().await.expect("drained");
-        let (client, _) = connect_as(&self.url(), &key)
+        let (client, _) = self
+            .connect_as(&key)
             .await
             .expect("a registered key connects");
         (key, client)
@@ -91,20 +157,11 @@ impl Home {
         ),
         async_nats::ConnectError,
     > {
-        let (errors, received) = tokio::sync::mpsc::unbounded_channel();
-        let client = kez_client::Connection::options(key)
-            .name(kez_proto::federation::peer_connection_name(domain))
-            .event_callback(move |event| {
-                let errors = errors.clone();
-                async move {
-                    if let async_nats::Event::ServerError(err) = event {
-                        let _ = errors.send(err);
-                    }
-                }
-            })
-            .connect(self.url())
-            .await?;
-        Ok((client, received))
+        self.connect_named(
+            key,
+            Some(kez_proto::federation::peer_connection_name(domain)),
+        )
+        .await
     }
 
     /// Stops the kez-chat-server (gracefully); the broker stays.
@@ -139,21 +196,63 @@ impl Federation {
         domains: &[&str],
         change: impl Fn(&str, &mut ServerConfig),
     ) -> Federation {
+        Federation::start_over(false, domains, change).await
+    }
+
+    /// Like [`Federation::start_with`], as in production: each broker speaks TLS (the test
+    /// PKI's server certificate) and is advertised to peers as `tls://127.0.0.1:<port>`, each
+    /// WebFinger is reached over HTTPS through a [`TlsProxy`] in front of the shim, plain HTTP
+    /// is not allowed (`allow_http: false`) and `federation_ca` is the test CA.
+    pub async fn start_tls(
+        domains: &[&str],
+        change: impl Fn(&str, &mut ServerConfig),
+    ) -> Federation {
+        Federation::start_over(true, domains, change).await
+    }
+
+    async fn start_over(
+        tls: bool,
+        domains: &[&str],
+        change: impl Fn(&str, &mut ServerConfig),
+    ) -> Federation {
         // Every WebFinger address is known before any server starts: each names all the others.
         let ports: Vec<SocketAddr> = domains.iter().map(|_| reserve_port()).collect();
+        let mut proxies = Vec::new();
+        for port in &ports {
+            proxies.push(match tls {
+                true => Some(TlsProxy::start(*port).await),
+                false => None,
+            });
+        }
+        let bases: Vec<String> = ports
+            .iter()
+            .zip(&proxies)
+            .map(|(addr, proxy)| match proxy {
+                Some(proxy) => proxy.https_url(),
+                None => format!("http://{addr}"),
+            })
+            .collect();
         let mut homes = Vec::new();
-        for (i, domain) in domains.iter().enumerate() {
-            let (keys_dir, keys, nats) = crate::callout::keys_and_broker();
+        for ((i, domain), https) in domains.iter().enumerate().zip(proxies) {
+            let (keys_dir, keys, nats) = match tls {
+                true => crate::callout::keys_and_broker_with(&crate::tls::nats_tls_conf()),
+                false => crate::callout::keys_and_broker(),
+            };
             let peers: BTreeMap<String, String> = domains
                 .iter()
-                .zip(&ports)
+                .zip(&bases)
                 .filter(|(other, _)| *other != domain)
-                .map(|(other, addr)| ((*other).to_owned(), format!("http://{addr}")))
+                .map(|(other, base)| ((*other).to_owned(), base.clone()))
                 .collect();
+            let advertised = match tls {
+                true => format!("tls://127.0.0.1:{}", nats.port()),
+                false => nats.url(),
+            };
             let mut federation =
-                FederationConfig::new(keys_dir.path().join(SERVER_KEY_FILE), nats.url());
+                FederationConfig::new(keys_dir.path().join(SERVER_KEY_FILE), advertised.clone());
             federation.peer_webfinger = peers;
-            federation.allow_http = true;
+            federation.allow_http = !tls;
+            federation.ca_file = tls.then(crate::tls::ca_file);
             // Tests wait for retries: a second at most between two attempts.
             federation.retry_max = Duration::from_secs(1);
             let mut config = ServerConfig {
@@ -165,6 +264,8 @@ impl Federation {
                     keys.issuer.clone(),
                 )),
                 http_listen: Some(ports[i]),
+                // Users are told the URL peers are: TLS when the broker speaks it.
+                public_nats_url: advertised,
                 federation: Some(federation),
                 ..ServerConfig::new(&nats.url(), domain)
             };
@@ -178,6 +279,7 @@ impl Federation {
                 keys,
                 http: ports[i],
                 config,
+                https,
             });
         }
         Federation { homes }

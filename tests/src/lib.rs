@@ -26,6 +26,7 @@ pub mod person;
 pub mod previous_release;
 pub mod process;
 pub mod requests;
+pub mod tls;
 
 use std::fmt::Write as _;
 use std::fs::OpenOptions;
