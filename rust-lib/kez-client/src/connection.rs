@@ -1052,9 +1052,8 @@ impl Connection {
         handle: &Handle,
     ) -> Result<VerifiedContact, ClientError> {
         let mut handle = handle.clone();
-        if store.contact(&handle.to_string())?.is_none()
-            && let Some(moved) = store.contact_moved_from(&handle.to_string())?
-            && let Ok(now) = moved.handle.parse::<Handle>()
+        if let Some(pinned) = store.contact_or_moved(&handle.to_string())?
+            && let Ok(now) = pinned.handle.parse::<Handle>()
         {
             handle = now;
         }

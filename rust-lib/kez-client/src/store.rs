@@ -1087,6 +1087,15 @@ impl Store {
             .find(|contact| contact.moved_from.iter().any(|old| old == handle)))
     }
 
+    /// The contact pinned under `handle`, else the one that lived under it before it moved
+    /// ([`Store::contact_moved_from`]): who a person means by `handle`.
+    pub fn contact_or_moved(&self, handle: &str) -> Result<Option<Contact>, StoreError> {
+        match self.contact(handle)? {
+            Some(contact) => Ok(Some(contact)),
+            None => self.contact_moved_from(handle),
+        }
+    }
+
     /// Replaces whatever is pinned for `handle` with `chain`'s identity: the user accepted a
     /// key change after checking the new key another way.
     pub fn repin(
@@ -2383,6 +2392,8 @@ mod tests {
         assert_eq!(store.contact(old).unwrap(), None);
         assert_eq!(store.contact(new).unwrap(), Some(moved.clone()));
         assert_eq!(store.contact_moved_from(old).unwrap(), Some(moved.clone()));
+        assert_eq!(store.contact_or_moved(old).unwrap(), Some(moved.clone()));
+        assert_eq!(store.contact_or_moved(new).unwrap(), Some(moved.clone()));
         assert_eq!(store.history(&key(2)).unwrap().len(), 1, "history is kept");
         assert!(matches!(
             store.rename_contact(old, new, &grown),
