@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kez_chat_server::limits::Rate;
-use kez_core::SecretKey;
-use kez_core::envelope::MessageId;
+use kez_core::envelope::{self, MessageId};
+use kez_core::sigchain::Endpoint;
+use kez_core::{Op, PublicKey, SecretKey, UnsignedLink};
 use kez_proto::federation::{RelayRequest, peer_connection_name};
 use kez_proto::mail::SendRequest;
 use kez_tests::federation::{
@@ -363,6 +364,52 @@ async fn a_person_moves_house_and_a_contact_follows() {
     let profile = bob.json(&["profile", "@alice@b.localhost"]).await;
     assert_eq!(profile["moved_to"], Value::Null, "{profile}");
     assert_eq!(profile["pinned_key"], identity, "{profile}");
+
+    // A client that does not follow moves (one that ignores the `home` endpoint) still sends
+    // to her key on a: a's server forwards it to b through its outbox.
+    let (carol, carol_client) = registered_key(federation.home(A), "carol").await;
+    let first = UnsignedLink::first(
+        carol.public_key(),
+        kez_client::now(),
+        Op::AddEndpoint(Endpoint {
+            name: "nats".into(),
+            kind: "nats".into(),
+            address: a_url.clone(),
+        }),
+    )
+    .sign(&carol)
+    .unwrap();
+    call(&carol_client, "kez.sigchain.append", first.bytes().to_vec())
+        .await
+        .expect("carol's first link");
+    let alice_key: PublicKey = identity.as_str().unwrap().parse().unwrap();
+    let (id, sealed) = envelope::seal(
+        &carol,
+        &alice_key,
+        "text",
+        b"forwarded by a",
+        kez_client::now(),
+    )
+    .unwrap();
+    let answer = call(
+        &carol_client,
+        "kez.mail.send",
+        SendRequest::encode(&alice_key, &id, &sealed),
+    )
+    .await
+    .expect("a takes mail for alice");
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["duplicate"], false, "{answer}");
+    eventually(Duration::from_secs(30), "the forwarded message", || async {
+        let inbox = alice.json(&["inbox"]).await;
+        inbox
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|message| message["text"] == "forwarded by a")
+            .then_some(())
+    })
+    .await;
 
     // a's broker is gone: bob reaches alice, by either handle, and she him.
     federation.home_mut(A).nats.stop();
