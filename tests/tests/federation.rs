@@ -313,7 +313,9 @@ async fn a_person_moves_house_and_a_contact_follows() {
     let (a_url, b_url) = (federation.home(A).url(), federation.home(B).url());
     let alice = registered(&a_url, "alice").await;
     let bob = registered(&b_url, "bob").await;
+    let dave = registered(&b_url, "dave").await;
     bob.ok(&["add", "@alice@a.localhost"]).await;
+    dave.ok(&["add", "@alice@a.localhost"]).await;
     alice.ok(&["add", "@bob@b.localhost"]).await;
     bob.ok(&["send", "@alice@a.localhost", "before the move"])
         .await;
@@ -419,4 +421,15 @@ async fn a_person_moves_house_and_a_contact_follows() {
         .ok(&["send", "@bob@b.localhost", "from my new home"])
         .await;
     arrives(&bob, "@alice@b.localhost", "from my new home").await;
+
+    // dave pinned her on a and has not written since: her message from b (a is gone) makes
+    // his client ask b who she is; b's copy of her chain names b as her home, so he follows.
+    alice.ok(&["send", "@dave@b.localhost", "I moved"]).await;
+    eventually(Duration::from_secs(30), "dave follows", || async {
+        dave.ok(&["inbox"]).await;
+        let contacts = dave.json(&["contacts"]).await;
+        (contacts[0]["handle"] == "@alice@b.localhost").then_some(())
+    })
+    .await;
+    assert_eq!(texts(&dave, "@alice@a.localhost").await, ["I moved"]);
 }
