@@ -27,6 +27,13 @@
 //! without pinning; `history` lists the conversations or shows one, a stranger's found by the
 //! key the server names for the handle and marked as not a contact.
 //!
+//! Moving house (`moving.rs`, PROTOCOL.md §14.6): `move --server URL [--name NAME]`, on the
+//! device that holds the identity's key, registers it on the new server, copies the sigchain,
+//! appends the `nats` and `home` endpoint links there and on the old server, saves the config
+//! and moves the service's connection. A contact that moved is followed by `add`/`send` (and by
+//! the service on a message from the new home) with a note; `profile` shows `moved to`, and an
+//! old handle keeps naming the contact.
+//!
 //! Pairing (`pairing.rs`): `device join @you` in a fresh home makes the device key, prints a
 //! `kez-pair:` request line, its QR code and fingerprint, and waits (countdown, Ctrl-C safe)
 //! for an existing device; `device add LINE` there checks the line against its own chain, asks
