@@ -247,3 +247,33 @@ impl App {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A followed move is a note of the same identity; one not followed says why, through
+    /// `display` (the reason may quote a server), and where messages go meanwhile.
+    #[test]
+    fn the_move_notes_say_what_happened() {
+        let moved = |not_followed: Option<&str>| Moved {
+            from: "@alice@a.test".parse().unwrap(),
+            to: "@alice@b.test".parse().unwrap(),
+            not_followed: not_followed.map(str::to_owned),
+        };
+        assert_eq!(
+            moved_note(&moved(None)),
+            "@alice@a.test moved to @alice@b.test (same identity, sigchain verified)"
+        );
+        let note = moved_note(&moved(Some("peer down\u{1b}[2J")));
+        assert!(
+            note.starts_with("@alice@a.test's sigchain says it moved to @alice@b.test, not followed yet (peer down"),
+            "{note}"
+        );
+        assert!(!note.contains('\u{1b}'), "{note}");
+        assert!(
+            note.ends_with("messages go to @alice@a.test meanwhile"),
+            "{note}"
+        );
+    }
+}
