@@ -5,7 +5,7 @@
 //! safe to repeat: a move that stopped half way is finished by running it again.
 
 use kez_client::{ClientError, Connection, Moved, now};
-use kez_core::moving::move_ops;
+use kez_core::moving::{home_of, move_ops};
 use kez_core::{Handle, PublicKey};
 use serde_json::json;
 
@@ -101,7 +101,9 @@ impl App {
         let new = self.connect_to(&new_url, key.clone()).await?;
         let old = self.connect_to(old_url, key.clone()).await;
         let writing = self.held.chain_writer.lock().await;
-        let links = self.links_to_copy(old.as_ref(), &new, &me).await?;
+        let links = self
+            .links_to_copy(old.as_ref(), &new, &me, &record.handle)
+            .await?;
         let there = match new.chain_links(&me).await {
             Ok(there) => there,
             Err(ClientError::Service(err)) if err.answer.code == 404 => Vec::new(),
@@ -219,14 +221,16 @@ impl App {
         Ok(())
     }
 
-    /// The own chain's links to copy to the new server: the old server's copy, or when that
-    /// server cannot be reached the new server's own (a move run again after the old server
-    /// went away); an error when neither has it.
+    /// The own chain's links to copy to the new server: the old server's copy; or, when that
+    /// server cannot be read, the new server's own when it already names `handle` as home (a
+    /// move run again after the old server went away: nothing is left to copy). A part copied
+    /// before is never taken for the whole chain: a move appended to it would fork the chain.
     async fn links_to_copy(
         &self,
         old: Result<&Connection, &Failure>,
         new: &Connection,
         me: &PublicKey,
+        handle: &Handle,
     ) -> Result<Vec<String>, Failure> {
         let unread = match old {
             Ok(old) => match old.chain_links(me).await {
@@ -235,16 +239,18 @@ impl App {
             },
             Err(failure) => failure.message.clone(),
         };
-        match new.chain_links(me).await {
-            Ok(links) => Ok(links),
-            Err(_) => Err(Failure::new(
-                RUNTIME,
-                format!(
-                    "cannot read your sigchain from your old server ({}): a move copies it from there. Run `kez-chat move` again when that server answers",
-                    display::inline(&unread)
-                ),
-            )),
+        if let Ok(chain) = new.chain(me).await
+            && home_of(&chain).as_ref() == Some(handle)
+        {
+            return new.chain_links(me).await.map_err(Failure::client);
         }
+        Err(Failure::new(
+            RUNTIME,
+            format!(
+                "cannot read your sigchain from your old server ({}): a move copies it from there. Run `kez-chat move` again when that server answers",
+                display::inline(&unread)
+            ),
+        ))
     }
 }
 

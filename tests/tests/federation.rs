@@ -314,6 +314,7 @@ async fn a_person_moves_house_and_a_contact_follows() {
     let alice = registered(&a_url, "alice").await;
     let bob = registered(&b_url, "bob").await;
     let dave = registered(&b_url, "dave").await;
+    let erin = registered(&a_url, "erin").await;
     bob.ok(&["add", "@alice@a.localhost"]).await;
     dave.ok(&["add", "@alice@a.localhost"]).await;
     alice.ok(&["add", "@bob@b.localhost"]).await;
@@ -432,4 +433,18 @@ async fn a_person_moves_house_and_a_contact_follows() {
     })
     .await;
     assert_eq!(texts(&dave, "@alice@a.localhost").await, ["I moved"]);
+
+    // A move needs the chain from the old server, unless the new one holds the whole move.
+    let refused = erin.fails(&["move", "--server", &b_url], 1).await;
+    assert!(
+        refused.contains("cannot read your sigchain from your old server"),
+        "{refused}"
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(erin.home.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&config["handle"], &config["server"]),
+        (&Value::from("@erin@a.localhost"), &Value::from(a_url)),
+        "nothing changed in her home"
+    );
 }
