@@ -228,9 +228,7 @@ pub async fn handle(
             };
             crate::pin::handle(&ctx.store, pinning, &request, now).await
         }
-        Request::MailSend(request) => {
-            crate::mail::send(&ctx.store, &ctx.limiters, &ctx.mail, caller, &request).await
-        }
+        Request::MailSend(request) => crate::mail::send(ctx, caller, &request, now).await,
         Request::MailRelay(request) => crate::outbox::relay(ctx, caller, &request, now).await,
         Request::MailDeliver(request) => match &ctx.federation {
             Some(federation) => {

@@ -20,6 +20,7 @@ use kez_proto::answer::Delivered;
 use kez_proto::mail::{FetchAnswer, FetchRequest, SendRequest};
 use kez_proto::subjects::inbox_subject;
 
+use crate::context::Context;
 use crate::limits::{Caller, Limited, Limiters};
 use crate::metrics::Metrics;
 use crate::store::{DeviceState, Store};
@@ -251,16 +252,28 @@ async fn caller_key(
 }
 
 /// Answers `kez.mail.send` from `caller`: the budget of the caller's identity (before anything
-/// else but learning that identity), the recipient, then the store.
+/// else but learning that identity), the recipient, then the store; or, for an identity that
+/// moved to another server (PROTOCOL.md §14.6), the outbox toward its new home.
 pub async fn send(
-    store: &Store,
-    limiters: &Limiters,
-    mail: &MailState,
+    ctx: &Context,
     caller: &Caller,
     request: &SendRequest<'_>,
+    now: u64,
 ) -> Result<Bytes, ErrorAnswer> {
-    charge(store, limiters, mail, caller, request.envelope.len()).await?;
+    let (store, mail) = (&ctx.store, &ctx.mail);
+    charge(store, &ctx.limiters, mail, caller, request.envelope.len()).await?;
     let identity = recipient_identity(store, &mail.recipients, request.to).await?;
+    // A forward's bounce goes back to the sending device: only a sender the callout names.
+    let sender = caller
+        .user
+        .as_deref()
+        .and_then(|user| PublicKey::from_nkey(user).ok());
+    if let Some(device) = sender
+        && let Some(domain) = crate::outbox::forward_domain(ctx, identity, request.to).await?
+    {
+        let sender_identity = mail.identities.of(store, device).await?;
+        return crate::outbox::enqueue(ctx, &domain, device, sender_identity, request, now).await;
+    }
     let (seq, duplicate) = store
         .deliver(
             identity,

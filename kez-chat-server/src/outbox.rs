@@ -184,14 +184,27 @@ pub async fn relay(
     .await?;
     let identity = ctx.mail.identities.of(&ctx.store, device).await?;
     federation.check_allowed(&request.domain).await?;
+    enqueue(ctx, &request.domain, device, identity, &request.send, now).await
+}
+
+/// Stores `send` from `device` (of `identity`) in the outbox toward `domain` and answers as
+/// `kez.mail.send` does (`seq` is the outbox's): the caller checked the domain and the budget.
+pub(crate) async fn enqueue(
+    ctx: &Context,
+    domain: &str,
+    device: PublicKey,
+    identity: PublicKey,
+    send: &SendRequest<'_>,
+    now: u64,
+) -> Result<Bytes, ErrorAnswer> {
     let mut headers = async_nats::HeaderMap::new();
-    let msg_id = format!("{}.{}", request.send.id, request.send.to.to_hex());
+    let msg_id = format!("{}.{}", send.id, send.to.to_hex());
     headers.insert("Nats-Msg-Id", msg_id.as_str());
-    headers.insert(DOMAIN_HEADER, request.domain.as_str());
+    headers.insert(DOMAIN_HEADER, domain);
     headers.insert(SENDER_HEADER, device.to_hex().as_str());
     headers.insert(IDENTITY_HEADER, identity.to_hex().as_str());
     headers.insert(QUEUED_HEADER, now.to_string().as_str());
-    let frame = SendRequest::encode(&request.send.to, &request.send.id, request.send.envelope);
+    let frame = SendRequest::encode(&send.to, &send.id, send.envelope);
     let ack = ctx
         .store
         .jetstream()
@@ -212,6 +225,31 @@ pub async fn relay(
         duplicate: ack.duplicate,
     })
     .map(Bytes::from)
+}
+
+/// Where mail for `to`, a key of the local `identity`, goes instead of its inbox here
+/// (PROTOCOL.md §14.6): the domain of the home `identity`'s verified chain names, when `to` is
+/// the identity's own key (the key that moved; its other devices still read this server), that
+/// home is on another domain, federation is on and that domain not blocked. `None`: store it
+/// here as always.
+pub(crate) async fn forward_domain(
+    ctx: &Context,
+    identity: PublicKey,
+    to: PublicKey,
+) -> Result<Option<String>, ErrorAnswer> {
+    let Some(federation) = &ctx.federation else {
+        return Ok(None);
+    };
+    if to != identity {
+        return Ok(None);
+    }
+    let Some(home) = ctx.store.home_of(identity).await? else {
+        return Ok(None);
+    };
+    if home.domain() == ctx.domain || federation.check_allowed(home.domain()).await.is_err() {
+        return Ok(None);
+    }
+    Ok(Some(home.domain().to_owned()))
 }
 
 /// An outbox message's headers, read.

@@ -986,6 +986,13 @@ impl Store {
         Ok((Some(caught_up), revision))
     }
 
+    /// The handle `chain`'s verified state names as its home (its `home` endpoint,
+    /// PROTOCOL.md §14.6): `None` when it has no chain, or never moved.
+    pub async fn home_of(&self, chain: PublicKey) -> Result<Option<kez_core::Handle>, ErrorAnswer> {
+        let (state, _) = self.verified_state(chain).await?;
+        Ok(state.as_ref().and_then(kez_core::moving::home_of))
+    }
+
     /// Verifies `link` as the next link of its chain and stores it. Returns the new head.
     ///
     /// The seq and prev are checked against the kept state before any signature, and the

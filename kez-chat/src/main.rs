@@ -27,6 +27,13 @@
 //! without pinning; `history` lists the conversations or shows one, a stranger's found by the
 //! key the server names for the handle and marked as not a contact.
 //!
+//! Moving house (`moving.rs`, PROTOCOL.md §14.6): `move --server URL [--name NAME]`, on the
+//! device that holds the identity's key, registers it on the new server, copies the sigchain,
+//! appends the `nats` and `home` endpoint links there and on the old server, saves the config
+//! and moves the service's connection. A contact that moved is followed by `add`/`send` (and by
+//! the service on a message from the new home) with a note; `profile` shows `moved to`, and an
+//! old handle keeps naming the contact.
+//!
 //! Pairing (`pairing.rs`): `device join @you` in a fresh home makes the device key, prints a
 //! `kez-pair:` request line, its QR code and fingerprint, and waits (countdown, Ctrl-C safe)
 //! for an existing device; `device add LINE` there checks the line against its own chain, asks
@@ -68,6 +75,7 @@ mod display;
 mod failure;
 mod files;
 mod local;
+mod moving;
 mod pairing;
 mod service;
 mod shared;
@@ -277,6 +285,18 @@ enum Command {
         /// A lost device to revoke, by name as `kez-chat devices` listed it (repeat for more).
         #[arg(long = "revoke", value_name = "NAME")]
         revoke: Vec<String>,
+    },
+    /// Move your identity to another domain's server (with `--server URL`): register NAME
+    /// there with your identity key, copy your sigchain, and name the new home in it. Contacts
+    /// follow (same identity, their pins stay); the old server forwards your mail while it
+    /// runs. Run it on the device that registered (it holds the identity's key).
+    Move {
+        /// Your name on the new server (default: your name now).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List the contacts and their pinned keys.
     Contacts {
@@ -730,6 +750,7 @@ async fn command(app: App, command: Command) -> Result<(), Failure> {
             json,
         } => app.add(&handle, accept_key, json).await,
         Command::Contacts { json } => app.contacts(json),
+        Command::Move { name, json } => app.move_home(name, json).await,
         Command::Profile { handle, json } => app.profile(&handle, json).await,
         Command::Devices { json } => app.devices(json).await,
         Command::Paperkey { name } => app.paperkey(name, PaperKeyAsk::Command).await,
@@ -1203,7 +1224,11 @@ impl App {
             change,
             devices_changed,
             chain,
+            moved,
         } = verified.map_err(|err| Failure::contact(err, &full))?;
+        if let Some(moved) = &moved {
+            tell!("{}", moving::moved_note(moved));
+        }
         let endpoints: Vec<&str> = chain.endpoints().keys().map(String::as_str).collect();
         if json {
             print_json(&json!({
@@ -1584,7 +1609,13 @@ impl App {
             _ => None,
         };
         let store = self.store()?;
-        let pinned = store.contact(&full.to_string()).map_err(Failure::store)?;
+        // A handle a contact lived under before it moved still names that contact.
+        let pinned = store
+            .contact_or_moved(&full.to_string())
+            .map_err(Failure::store)?;
+        let moved_to = chain
+            .as_ref()
+            .and_then(|chain| kez_core::moving::moved_to(chain, &full));
         let last_seen = |key: &PublicKey| store.last_seen(key).ok().flatten();
         let contact = match &pinned {
             None => "not in contacts",
@@ -1612,6 +1643,7 @@ impl App {
                 "registered_at": profile.registered_at,
                 "in_contacts": pinned.is_some(),
                 "pinned_key": pinned.map(|c| c.key.to_string()),
+                "moved_to": moved_to.map(|handle| handle.to_string()),
                 "sigchain": sigchain,
                 // Shares nothing: no file visible, as for a manifest with nothing for us.
                 "files": files.clone().unwrap_or_else(|| json!({ "visible": 0 })),
@@ -1619,6 +1651,9 @@ impl App {
             return Ok(());
         }
         say!("{}  ({contact})", profile.handle);
+        if let Some(to) = &moved_to {
+            say!("moved to    {to} (its sigchain says so)");
+        }
         say!("key         {}", profile.key);
         // Only what the pinned identity said itself, in a message its key signed.
         if pinned
@@ -1944,7 +1979,10 @@ impl App {
     async fn history(&self, handle: &str, ids: bool, json: bool) -> Result<(), Failure> {
         let full = self.full_handle(handle)?;
         let store = self.store()?;
-        let (peer, in_contacts) = match store.contact(&full.to_string()).map_err(Failure::store)? {
+        let (peer, in_contacts) = match store
+            .contact_or_moved(&full.to_string())
+            .map_err(Failure::store)?
+        {
             Some(contact) => (contact.key, true),
             None => {
                 let conn = self.connect().await?;
@@ -2297,6 +2335,9 @@ async fn recipient(
         }
         Err(err) => return Err(Failure::send_refused(err, full)),
     };
+    if let Some(moved) = &verified.moved {
+        tell!("{}", moving::moved_note(moved));
+    }
     let contact = verified.contact;
     if verified.change == PinChange::New {
         tell!(

@@ -162,22 +162,55 @@ impl Held {
             }
             None => true,
         };
+        let conn = connect(self.noted(options)).await?;
+        if replaces && let Some((_, old)) = held.replace((url.to_owned(), conn.clone())) {
+            // Its users (the receiver) notice it closed and take the new one.
+            tokio::spawn(old.close());
+        }
+        Ok(conn)
+    }
+
+    /// Makes a connection to `url` (the home's new server after `move`) the held one in place
+    /// of the one held now, which is closed: the service's receiver takes the new one on its
+    /// next round. The inbox floor is reset, since it counts the old server's inbox: the new
+    /// one is fetched from its start (what was seen is dropped by id).
+    pub(crate) async fn rehome<F>(
+        &self,
+        url: &str,
+        store: &Store,
+        options: async_nats::ConnectOptions,
+        connect: F,
+    ) -> Result<Connection, Failure>
+    where
+        F: AsyncFnOnce(async_nats::ConnectOptions) -> Result<Connection, Failure>,
+    {
+        let conn = connect(self.noted(options)).await?;
+        let old = self
+            .conn
+            .lock()
+            .await
+            .replace((url.to_owned(), conn.clone()));
+        if let Some((_, old)) = old {
+            let _ = old.close().await;
+        }
+        store
+            .set_inbox_floor(kez_client::InboxFloor::default())
+            .map_err(Failure::store)?;
+        Ok(conn)
+    }
+
+    /// `options` with a callback that tells the listeners when the connection drops.
+    fn noted(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
         let failing = self.failing.clone();
         let events = self.events.clone();
-        let options = options.event_callback(move |event| {
+        options.event_callback(move |event| {
             if matches!(event, async_nats::Event::Disconnected) && !failing.swap(true, Ordering::SeqCst) {
                 let _ = events.send(Event::Note(
                     "kez-chat: receiving stopped (the connection to the broker was lost); reconnecting, messages wait on the server meanwhile".into(),
                 ));
             }
             std::future::ready(())
-        });
-        let conn = connect(options).await?;
-        if replaces && let Some((_, old)) = held.replace((url.to_owned(), conn.clone())) {
-            // Its users (the receiver) notice it closed and take the new one.
-            tokio::spawn(old.close());
-        }
-        Ok(conn)
+        })
     }
 
     /// The held connection, connected or reconnecting, if there is one.
@@ -668,6 +701,12 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
         };
         let answer = match received {
             Ok(received) => {
+                for moved in conn.take_moves() {
+                    let _ = app
+                        .held
+                        .events
+                        .send(Event::Note(crate::moving::moved_note(&moved)));
+                }
                 crate::chat::received(app, &store, &conn, &received).await;
                 let connected =
                     conn.nats().connection_state() == async_nats::connection::State::Connected;

@@ -900,6 +900,7 @@ async fn a_duplicate_answer_to_a_repeated_send_is_a_delivery() {
         chain_head: kez_core::sigchain::LinkHash::of(b"bob's first link"),
         added_at: 0,
         devices: Vec::new(),
+        moved_from: Vec::new(),
     };
     let sent = alice.send(&contact, "text", b"hi").await.unwrap();
     assert_eq!(sent.stream_sequence, 7);

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kez_chat_server::limits::Rate;
-use kez_core::SecretKey;
-use kez_core::envelope::MessageId;
+use kez_core::envelope::{self, MessageId};
+use kez_core::sigchain::Endpoint;
+use kez_core::{Op, PublicKey, SecretKey, UnsignedLink};
 use kez_proto::federation::RelayRequest;
 use kez_proto::mail::SendRequest;
 use kez_tests::federation::{Federation, eventually, federation_of, fetch_one};
@@ -291,4 +292,150 @@ async fn an_unknown_recipient_bounces_and_a_blocked_domain_is_refused() {
     .await
     .unwrap_err();
     assert_eq!(err.name, "domain_blocked", "{err:?}");
+}
+
+/// Moving house (PROTOCOL.md §14.6): alice moves from a.localhost to b.localhost with
+/// `kez-chat move`; bob, who pinned her on a, follows the move when he next writes to her old
+/// handle (same identity, no key-change warning, his history kept under the new handle), and
+/// still reaches her once a's broker is gone.
+#[tokio::test]
+async fn a_person_moves_house_and_a_contact_follows() {
+    let mut federation = Federation::start().await;
+    let (a_url, b_url) = (federation.home(A).url(), federation.home(B).url());
+    let alice = registered(&a_url, "alice").await;
+    let bob = registered(&b_url, "bob").await;
+    let dave = registered(&b_url, "dave").await;
+    let erin = registered(&a_url, "erin").await;
+    bob.ok(&["add", "@alice@a.localhost"]).await;
+    dave.ok(&["add", "@alice@a.localhost"]).await;
+    alice.ok(&["add", "@bob@b.localhost"]).await;
+    bob.ok(&["send", "@alice@a.localhost", "before the move"])
+        .await;
+    arrives(&alice, "@bob@b.localhost", "before the move").await;
+    let identity = alice.json(&["whoami"]).await["key"].clone();
+
+    let moved = alice.json(&["move", "--server", &b_url]).await;
+    assert_eq!(moved["from"], "@alice@a.localhost", "{moved}");
+    assert_eq!(moved["handle"], "@alice@b.localhost", "{moved}");
+    assert_eq!(moved["key"], identity, "{moved}");
+    assert_eq!(moved["old_server_told"], true, "{moved}");
+    let me = alice.json(&["whoami"]).await;
+    assert_eq!(me["handle"], "@alice@b.localhost", "{me}");
+    assert_eq!(me["key"], identity, "{me}");
+    assert_eq!(me["server"], b_url.as_str(), "{me}");
+    // Moving again to where she lives is refused as a usage error, changing nothing.
+    let again = alice.fails(&["move", "--server", &b_url], 2).await;
+    assert!(again.contains("nothing to move"), "{again}");
+
+    // The old handle's chain (on a) says where she lives now.
+    let profile = bob.json(&["profile", "@alice@a.localhost"]).await;
+    assert_eq!(profile["moved_to"], "@alice@b.localhost", "{profile}");
+
+    // bob writes to her old handle: his client follows the move, the same identity.
+    let sent = bob
+        .run(&["send", "@alice@a.localhost", "after the move"])
+        .await;
+    let said = String::from_utf8_lossy(&sent.stderr);
+    assert!(sent.status.success(), "{said}\n{}", bob.service_log());
+    assert!(
+        said.contains(
+            "@alice@a.localhost moved to @alice@b.localhost (same identity, sigchain verified)"
+        ),
+        "{said}"
+    );
+    assert!(!said.contains("WARNING"), "{said}");
+    arrives(&alice, "@bob@b.localhost", "after the move").await;
+    let contacts = bob.json(&["contacts"]).await;
+    let contacts = contacts.as_array().unwrap();
+    assert_eq!(contacts.len(), 1, "{contacts:?}");
+    assert_eq!(contacts[0]["handle"], "@alice@b.localhost", "{contacts:?}");
+    assert_eq!(contacts[0]["key"], identity, "{contacts:?}");
+    assert_eq!(
+        texts(&bob, "@alice@b.localhost").await,
+        ["before the move", "after the move"],
+        "the history is kept under the new handle"
+    );
+    let profile = bob.json(&["profile", "@alice@b.localhost"]).await;
+    assert_eq!(profile["moved_to"], Value::Null, "{profile}");
+    assert_eq!(profile["pinned_key"], identity, "{profile}");
+
+    // A client that does not follow moves (one that ignores the `home` endpoint) still sends
+    // to her key on a: a's server forwards it to b through its outbox.
+    let (carol, carol_client) = federation.home(A).registered("carol").await;
+    let first = UnsignedLink::first(
+        carol.public_key(),
+        kez_client::now(),
+        Op::AddEndpoint(Endpoint {
+            name: "nats".into(),
+            kind: "nats".into(),
+            address: a_url.clone(),
+        }),
+    )
+    .sign(&carol)
+    .unwrap();
+    call(&carol_client, "kez.sigchain.append", first.bytes().to_vec())
+        .await
+        .expect("carol's first link");
+    let alice_key: PublicKey = identity.as_str().unwrap().parse().unwrap();
+    let (id, sealed) = envelope::seal(
+        &carol,
+        &alice_key,
+        "text",
+        b"forwarded by a",
+        kez_client::now(),
+    )
+    .unwrap();
+    let answer = call(
+        &carol_client,
+        "kez.mail.send",
+        SendRequest::encode(&alice_key, &id, &sealed),
+    )
+    .await
+    .expect("a takes mail for alice");
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["duplicate"], false, "{answer}");
+    eventually(Duration::from_secs(30), "the forwarded message", || async {
+        let inbox = alice.json(&["inbox"]).await;
+        inbox
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|message| message["text"] == "forwarded by a")
+            .then_some(())
+    })
+    .await;
+
+    // a's broker is gone: bob reaches alice, by either handle, and she him.
+    federation.home_mut(A).nats.stop();
+    bob.ok(&["send", "@alice@a.localhost", "a is gone"]).await;
+    arrives(&alice, "@bob@b.localhost", "a is gone").await;
+    alice
+        .ok(&["send", "@bob@b.localhost", "from my new home"])
+        .await;
+    arrives(&bob, "@alice@b.localhost", "from my new home").await;
+
+    // dave pinned her on a and has not written since: her message from b (a is gone) makes
+    // his client ask b who she is; b's copy of her chain names b as her home, so he follows.
+    alice.ok(&["send", "@dave@b.localhost", "I moved"]).await;
+    eventually(Duration::from_secs(30), "dave follows", || async {
+        dave.ok(&["inbox"]).await;
+        let contacts = dave.json(&["contacts"]).await;
+        (contacts[0]["handle"] == "@alice@b.localhost").then_some(())
+    })
+    .await;
+    assert_eq!(texts(&dave, "@alice@a.localhost").await, ["I moved"]);
+
+    // A move needs the chain from the old server, unless the new one holds the whole move.
+    let refused = erin.fails(&["move", "--server", &b_url], 1).await;
+    assert!(
+        refused.contains("cannot read your sigchain from your old server"),
+        "{refused}"
+    );
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(erin.home.join("config.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&config["handle"], &config["server"]),
+        (&Value::from("@erin@a.localhost"), &Value::from(a_url)),
+        "nothing changed in her home"
+    );
 }

@@ -59,6 +59,14 @@ async fn two_running_devices_and_a_paper_key_share_one_conversation() {
         "the identity stays the first key"
     );
     assert_eq!(me["device"], devices["devices"][2]["key"]);
+    // Only the device that holds the identity's key can move it (PROTOCOL.md §14.6).
+    let refused = desk
+        .fails(&["move", "--server", "nats://127.0.0.1:1"], 2)
+        .await;
+    assert!(
+        refused.contains("Run `kez-chat move` on the device that holds that first key"),
+        "{refused}"
+    );
 
     // The new device writes first: bob pinned alice before it existed, and learns it from
     // alice's chain when its message arrives.

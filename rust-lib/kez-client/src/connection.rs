@@ -11,6 +11,7 @@ use futures::{FutureExt, StreamExt};
 use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
 use kez_core::file::BlobHash;
+use kez_core::moving;
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
 use kez_proto::answer::{
     ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
@@ -155,6 +156,21 @@ pub enum ClientError {
     /// The local store failed, or refused a contact's key ([`Store::pin`]).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A contact's chain names a new home whose server names another identity for it: the
+    /// move is not followed.
+    #[error(
+        "{from}'s sigchain says it moved to {to}, but the server of {to} names another identity for it ({offered}, not {pinned}): not followed"
+    )]
+    MovedToAnother {
+        /// The handle the contact is pinned under.
+        from: Handle,
+        /// The handle its chain names.
+        to: Handle,
+        /// The identity pinned.
+        pinned: PublicKey,
+        /// The key the new server names.
+        offered: PublicKey,
+    },
     /// The server names another key for the handle than the one the user accepted.
     #[error(
         "the server names key {offered} for {handle}, not the key you accepted ({accepted}): nothing was changed"
@@ -180,7 +196,26 @@ pub struct VerifiedContact {
     pub devices_changed: Vec<DeviceChange>,
     /// The verified sigchain.
     pub chain: VerifiedChain,
+    /// The contact's chain says it moved to another handle (PROTOCOL.md §14.6), found now.
+    pub moved: Option<Moved>,
 }
+
+/// A contact's move, as [`Connection::verify_contact`] found it.
+#[derive(Debug, Clone)]
+pub struct Moved {
+    /// The handle the contact was pinned under.
+    pub from: Handle,
+    /// The handle its chain names as its home now.
+    pub to: Handle,
+    /// Why the move was not followed (the contact stays pinned under `from`, whose server
+    /// forwards while it lives), or `None`: the contact is pinned under `to` now, the same
+    /// identity, its chain as `to`'s server serves it verified and extending the pin.
+    pub not_followed: Option<String>,
+}
+
+/// How many moves in a row [`Connection::verify_contact`] follows at once (a chain names one
+/// home; a later server's copy may name a later one).
+const MAX_MOVES_FOLLOWED: usize = 4;
 
 /// A message the stream accepted (see [`Connection::send`]); [`Store::record_outgoing`]
 /// puts it in the history.
@@ -384,6 +419,8 @@ pub struct Connection {
     /// The own identity's devices that get a copy of what this connection sends, as last
     /// learned by [`Connection::own_devices`]: none until then.
     own_devices: Arc<std::sync::Mutex<Vec<PublicKey>>>,
+    /// The contacts' moves followed while receiving, for [`Connection::take_moves`].
+    moves: Arc<std::sync::Mutex<Vec<Moved>>>,
     /// The home server's domain and federation key, asked once ([`Connection::home_server`]).
     home: Arc<tokio::sync::OnceCell<HomeServer>>,
 }
@@ -540,6 +577,7 @@ impl Connection {
             key,
             new_mail: Arc::default(),
             own_devices: Arc::default(),
+            moves: Arc::default(),
             home: Arc::default(),
         })
     }
@@ -1002,22 +1040,90 @@ impl Connection {
     /// `handle` on first use or checks it against the identity pinned for `handle`, following
     /// the chain's own rotations ([`Store::pin`]). The answer is what to trust for `handle`
     /// now; a changed identity, an older or a forked chain is an error and changes nothing.
+    ///
+    /// Moves (PROTOCOL.md §14.6): a handle a contact lived under before it moved
+    /// ([`Contact::moved_from`]) means that contact where it lives now. When the verified
+    /// chain's `home` endpoint names another handle, the move is followed
+    /// ([`Connection::follow_move`]) and reported in [`VerifiedContact::moved`]; a move that
+    /// cannot be followed now keeps the contact where it is, with the reason.
     pub async fn verify_contact(
         &self,
         store: &Store,
         handle: &Handle,
     ) -> Result<VerifiedContact, ClientError> {
-        let profile = self.lookup(handle).await?;
+        let mut handle = handle.clone();
+        if let Some(pinned) = store.contact_or_moved(&handle.to_string())?
+            && let Ok(now) = pinned.handle.parse::<Handle>()
+        {
+            handle = now;
+        }
+        let profile = self.lookup(&handle).await?;
         let chain = self.chain_at(&profile.key, handle.domain()).await?;
         let name = handle.to_string();
         let before = store.contact(&name)?.map(|contact| contact.devices);
         let (contact, change) = store.pin(&name, &chain, now())?;
-        Ok(VerifiedContact {
+        let mut verified = VerifiedContact {
             devices_changed: device_changes(&before.unwrap_or_default(), &contact.devices),
             contact,
             change,
             chain,
-        })
+            moved: None,
+        };
+        for _ in 0..MAX_MOVES_FOLLOWED {
+            let Some(to) = moving::moved_to(&verified.chain, &handle) else {
+                break;
+            };
+            match self.follow_move(store, &verified.contact, &to).await {
+                Ok((contact, chain)) => {
+                    verified
+                        .devices_changed
+                        .extend(device_changes(&verified.contact.devices, &contact.devices));
+                    verified.contact = contact;
+                    verified.chain = chain;
+                    let from = verified.moved.take().map_or(handle, |moved| moved.from);
+                    verified.moved = Some(Moved {
+                        from,
+                        to: to.clone(),
+                        not_followed: None,
+                    });
+                    handle = to;
+                }
+                Err(err) => {
+                    tracing::warn!("{handle} moved to {to}, not followed: {err}");
+                    verified.moved = Some(Moved {
+                        from: handle,
+                        to,
+                        not_followed: Some(err.to_string()),
+                    });
+                    break;
+                }
+            }
+        }
+        Ok(verified)
+    }
+
+    /// Follows the move of `contact` (pinned under its handle) to `to`, the handle its verified
+    /// chain names as home: `to` must name the same identity, whose chain as `to`'s server
+    /// serves it verifies and extends the pin; then the contact is pinned under `to`
+    /// ([`Store::rename_contact`]) and answered with that chain. On error nothing changes.
+    pub async fn follow_move(
+        &self,
+        store: &Store,
+        contact: &Contact,
+        to: &Handle,
+    ) -> Result<(Contact, VerifiedChain), ClientError> {
+        let profile = self.lookup(to).await?;
+        if profile.key != contact.key {
+            return Err(ClientError::MovedToAnother {
+                from: contact.handle.parse()?,
+                to: to.clone(),
+                pinned: contact.key,
+                offered: profile.key,
+            });
+        }
+        let chain = self.chain_at(&profile.key, to.domain()).await?;
+        let (contact, _) = store.rename_contact(&contact.handle, &to.to_string(), &chain)?;
+        Ok((contact, chain))
     }
 
     /// Replaces the identity pinned for `handle` with the one the server names now, which
@@ -1044,6 +1150,7 @@ impl Connection {
             change: PinChange::New,
             devices_changed: Vec::new(),
             chain,
+            moved: None,
         })
     }
 
@@ -1376,9 +1483,22 @@ impl Connection {
                 continue;
             }
             let own = store.own().ok().flatten();
-            if own.as_ref().is_some_and(|own| own.signs_with(&from))
-                || store.contact_by_key(&from).ok().flatten().is_some()
-            {
+            if own.as_ref().is_some_and(|own| own.signs_with(&from)) {
+                continue;
+            }
+            if let Some(contact) = store.contact_by_key(&from).ok().flatten() {
+                asked.push(from);
+                match self
+                    .follow_from_origin(store, &contact, origin.as_deref())
+                    .await
+                {
+                    Ok(Some(moved)) => self.moves.lock().expect("moves lock").push(moved),
+                    Ok(None) => {}
+                    Err(err) => tracing::info!(
+                        "{} sent from another server than its handle's; not followed: {err}",
+                        contact.handle
+                    ),
+                }
                 continue;
             }
             asked.push(from);
@@ -1395,6 +1515,49 @@ impl Connection {
                 tracing::info!(key = %from, "could not tell whose device signed a message: {err}");
             }
         }
+    }
+
+    /// The moves of contacts followed while receiving since the last call (notes for people),
+    /// oldest first.
+    pub fn take_moves(&self) -> Vec<Moved> {
+        std::mem::take(&mut *self.moves.lock().expect("moves lock"))
+    }
+
+    /// Follows the move of `contact`, whose message came from `origin` (`None`: from the
+    /// home server's own users), when that is another domain than its handle's (its old
+    /// server may be gone): `whois` at `origin` must name the same identity under a handle
+    /// that its chain there names as home, and that chain must extend the pin; then the
+    /// contact is pinned under that handle ([`Store::rename_contact`]). `None` when the
+    /// message came from the handle's own domain, or `origin` does not say the identity moved
+    /// there.
+    async fn follow_from_origin(
+        &self,
+        store: &Store,
+        contact: &Contact,
+        origin: Option<&str>,
+    ) -> Result<Option<Moved>, ClientError> {
+        let from: Handle = contact.handle.parse()?;
+        let origin = match origin {
+            Some(origin) => origin.to_owned(),
+            None => self.home_server().await?.domain.clone(),
+        };
+        if origin == from.domain() {
+            return Ok(None);
+        }
+        let profile = self.whois(&contact.key, Some(&origin)).await?;
+        if profile.key != contact.key {
+            return Ok(None);
+        }
+        let chain = self.chain_at(&contact.key, &origin).await?;
+        if moving::home_of(&chain).as_ref() != Some(&profile.handle) {
+            return Ok(None);
+        }
+        store.rename_contact(&contact.handle, &profile.handle.to_string(), &chain)?;
+        Ok(Some(Moved {
+            from,
+            to: profile.handle,
+            not_followed: None,
+        }))
     }
 
     /// Verifies again the chain of the contact whose device the server says `device` is

@@ -46,8 +46,8 @@ pub mod shared;
 pub mod store;
 
 pub use connection::{
-    ClientError, Connection, HomeServer, PIN_ADD_TIMEOUT, Pending, Plaintext, Sent, ServiceError,
-    UrlError, VerifiedContact, broker_urls, now,
+    ClientError, Connection, HomeServer, Moved, PIN_ADD_TIMEOUT, Pending, Plaintext, Sent,
+    ServiceError, UrlError, VerifiedContact, broker_urls, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
 /// A verified sigchain and the trust decision on a contact's chain (kez-core `trust`).

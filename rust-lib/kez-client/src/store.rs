@@ -137,6 +137,12 @@ pub enum StoreError {
     /// Nothing was stored.
     #[error("the change was not applied: {0}")]
     ChangeRefused(ChatError),
+    /// No contact is pinned under that handle. Nothing was changed.
+    #[error("{handle} is not in your contacts: add it with `kez-chat add {handle}`")]
+    NotAContact {
+        /// The handle asked for.
+        handle: String,
+    },
 }
 
 /// What a person is told about a refused chain.
@@ -333,6 +339,16 @@ fn read_contact(
     }
 }
 
+/// What `contact` pinned, to check a later chain against.
+fn pinned_of(contact: &Contact) -> PinnedChain {
+    PinnedChain {
+        key: contact.key,
+        current_key: contact.current_key,
+        seq: contact.chain_seq,
+        head: contact.chain_head,
+    }
+}
+
 fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
     Contact {
         handle: handle.to_owned(),
@@ -342,6 +358,7 @@ fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
         chain_head: chain.head(),
         added_at: now,
         devices: chain.devices().to_vec(),
+        moved_from: Vec::new(),
     }
 }
 
@@ -368,6 +385,11 @@ pub struct Contact {
     /// `current_key`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<Device>,
+    /// The handles this identity lived under before its chain said it moved (PROTOCOL.md
+    /// §14.6), oldest first: a command naming one of them means this contact. Absent in a
+    /// contact stored before moves.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moved_from: Vec<String>,
 }
 
 impl Contact {
@@ -974,6 +996,104 @@ impl Store {
         };
         tx.commit().map_err(db)?;
         Ok(result)
+    }
+
+    /// Follows a contact's move (PROTOCOL.md §14.6): the contact pinned under `old` is pinned
+    /// under `new` from now on, with `chain` (the identity's chain as `new`'s server serves it,
+    /// which must extend the pin, [`check_pin`]) and everything else kept (identity, devices,
+    /// when it was added; the history is the identity's already); `old` is remembered in
+    /// [`Contact::moved_from`], and the own published files shared with `old` are shared with
+    /// `new`. A contact already pinned under `new` must be the same identity; the two become one.
+    /// All in one transaction: on error nothing changes.
+    pub fn rename_contact(
+        &self,
+        old: &str,
+        new: &str,
+        chain: &VerifiedChain,
+    ) -> Result<(Contact, PinChange), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let result = {
+            let mut table = tx.open_table(CONTACTS).map_err(db)?;
+            let Some(existing) = read_contact(&table, old)? else {
+                return Err(StoreError::NotAContact {
+                    handle: old.to_owned(),
+                });
+            };
+            let refused = |handle: &str, refusal| StoreError::Refused {
+                handle: handle.to_owned(),
+                refusal,
+            };
+            let (now_pinned, change) = check_pin(Some(&pinned_of(&existing)), chain)
+                .map_err(|refusal| refused(old, refusal))?;
+            let there = read_contact(&table, new)?;
+            if let Some(there) = &there {
+                check_pin(Some(&pinned_of(there)), chain)
+                    .map_err(|refusal| refused(new, refusal))?;
+            }
+            let mut moved_from = existing.moved_from.clone();
+            moved_from.extend(there.iter().flat_map(|there| there.moved_from.clone()));
+            moved_from.push(old.to_owned());
+            moved_from.retain(|handle| handle != new);
+            let mut seen = std::collections::HashSet::new();
+            moved_from.retain(|handle| seen.insert(handle.clone()));
+            let contact = Contact {
+                handle: new.to_owned(),
+                current_key: now_pinned.current_key,
+                chain_seq: now_pinned.seq,
+                chain_head: now_pinned.head,
+                devices: chain.devices().to_vec(),
+                added_at: existing
+                    .added_at
+                    .min(there.map_or(u64::MAX, |there| there.added_at)),
+                moved_from,
+                ..existing
+            };
+            table.remove(old).map_err(db)?;
+            let json = serde_json::to_vec(&contact).expect("a contact serialises");
+            table.insert(new, json.as_slice()).map_err(db)?;
+            let mut published = tx.open_table(PUBLISHED).map_err(db)?;
+            let mut renamed = Vec::new();
+            for entry in published.iter().map_err(db)? {
+                let (name, value) = entry.map_err(db)?;
+                let mut file: Published = serde_json::from_slice(value.value()).map_err(corrupt)?;
+                if file.recipients.iter().any(|handle| handle == old) {
+                    for handle in &mut file.recipients {
+                        if handle == old {
+                            new.clone_into(handle);
+                        }
+                    }
+                    let mut seen = std::collections::HashSet::new();
+                    file.recipients.retain(|handle| seen.insert(handle.clone()));
+                    renamed.push((name.value().to_owned(), file));
+                }
+            }
+            for (name, file) in renamed {
+                let json = serde_json::to_vec(&file).expect("a published file serialises");
+                published
+                    .insert(name.as_str(), json.as_slice())
+                    .map_err(db)?;
+            }
+            (contact, change)
+        };
+        tx.commit().map_err(db)?;
+        Ok(result)
+    }
+
+    /// The contact that lived under `handle` before it moved ([`Contact::moved_from`]), if any.
+    pub fn contact_moved_from(&self, handle: &str) -> Result<Option<Contact>, StoreError> {
+        Ok(self
+            .contacts()?
+            .into_iter()
+            .find(|contact| contact.moved_from.iter().any(|old| old == handle)))
+    }
+
+    /// The contact pinned under `handle`, else the one that lived under it before it moved
+    /// ([`Store::contact_moved_from`]): who a person means by `handle`.
+    pub fn contact_or_moved(&self, handle: &str) -> Result<Option<Contact>, StoreError> {
+        match self.contact(handle)? {
+            Some(contact) => Ok(Some(contact)),
+            None => self.contact_moved_from(handle),
+        }
     }
 
     /// Replaces whatever is pinned for `handle` with `chain`'s identity: the user accepted a
@@ -2233,6 +2353,52 @@ mod tests {
             .unwrap();
         assert_eq!((repinned.key, repinned.added_at), (key(3), 40));
         assert_eq!(store.contact("@bob@kez.test").unwrap(), Some(repinned));
+    }
+
+    /// A contact that moved is pinned under its new handle with everything kept, and its old
+    /// handle still finds it; a chain that does not extend the pin, or a new handle pinned to
+    /// another identity, changes nothing.
+    #[test]
+    fn a_move_renames_the_contact_and_keeps_identity_devices_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store.redb")).unwrap();
+        let (old, new) = ("@bob@a.test", "@bob@b.test");
+        let (before, _) = store.pin(old, &verified(&links(2, &["a"])), 10).unwrap();
+        assert!(store.record_incoming(&message(2, 1, "hi"), 11).unwrap());
+
+        let forked = verified(&links(2, &["b"]));
+        assert!(matches!(
+            store.rename_contact(old, new, &forked),
+            Err(StoreError::Refused { .. })
+        ));
+        store
+            .pin("@carol@b.test", &verified(&links(3, &["c"])), 12)
+            .unwrap();
+        let grown = verified(&links(2, &["a", "moved"]));
+        assert!(matches!(
+            store.rename_contact(old, "@carol@b.test", &grown),
+            Err(StoreError::Refused { .. })
+        ));
+        assert_eq!(store.contact(old).unwrap(), Some(before.clone()));
+
+        let (moved, change) = store.rename_contact(old, new, &grown).unwrap();
+        assert_eq!(change, PinChange::Same);
+        assert_eq!(moved.handle, new);
+        assert_eq!(
+            (moved.key, moved.added_at, moved.chain_seq),
+            (key(2), 10, 2)
+        );
+        assert_eq!(moved.moved_from, [old.to_owned()]);
+        assert_eq!(store.contact(old).unwrap(), None);
+        assert_eq!(store.contact(new).unwrap(), Some(moved.clone()));
+        assert_eq!(store.contact_moved_from(old).unwrap(), Some(moved.clone()));
+        assert_eq!(store.contact_or_moved(old).unwrap(), Some(moved.clone()));
+        assert_eq!(store.contact_or_moved(new).unwrap(), Some(moved.clone()));
+        assert_eq!(store.history(&key(2)).unwrap().len(), 1, "history is kept");
+        assert!(matches!(
+            store.rename_contact(old, new, &grown),
+            Err(StoreError::NotAContact { .. })
+        ));
     }
 
     #[test]

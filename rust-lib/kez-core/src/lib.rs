@@ -71,6 +71,7 @@ pub mod file;
 pub mod handle;
 pub mod key;
 pub mod manifest;
+pub mod moving;
 pub mod pair;
 pub mod paper;
 pub mod provider;
