@@ -457,5 +457,5 @@ fn the_demo_script_passes() {
         "the demo failed:\n{text}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(text.contains("demo: all 44 steps passed"), "{text}");
+    assert!(text.contains("demo: all 53 steps passed"), "{text}");
 }
