@@ -792,82 +792,11 @@ async fn sigterm_with_the_broker_down_stops_the_server() {
 async fn a_private_ca_is_trusted_through_ssl_cert_file_and_a_tls_failure_names_its_cause() {
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
-    let openssl = |args: &[&str]| {
-        let output = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            output.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    openssl(
-        &[
-            &["req", "-x509"][..],
-            &ec,
-            &[
-                "-keyout",
-                &path("ca.key"),
-                "-out",
-                &path("ca.pem"),
-                "-days",
-                "2",
-                "-subj",
-                "/CN=kez test CA",
-            ],
-        ]
-        .concat(),
-    );
-    openssl(
-        &[
-            &["req"][..],
-            &ec,
-            &[
-                "-keyout",
-                &path("server.key"),
-                "-out",
-                &path("server.csr"),
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        ]
-        .concat(),
-    );
-    std::fs::write(
-        path("ext"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &path("server.csr"),
-        "-CA",
-        &path("ca.pem"),
-        "-CAkey",
-        &path("ca.key"),
-        "-CAcreateserial",
-        "-out",
-        &path("server.pem"),
-        "-days",
-        "2",
-        "-extfile",
-        &path("ext"),
-    ]);
+    // The committed test PKI (tests/fixtures/tls): a private CA no system store trusts.
     let nats = NatsServer::start_with(&format!(
-        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
-        path("server.pem"),
-        path("server.key")
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n}}\n",
+        kez_tests::tls::server_cert_file().display().to_string(),
+        kez_tests::tls::server_key_file().display().to_string()
     ));
     let url = format!("tls://127.0.0.1:{}", nats.port());
 
@@ -917,6 +846,9 @@ async fn a_private_ca_is_trusted_through_ssl_cert_file_and_a_tls_failure_names_i
         + &std::fs::read_to_string(path("untrusting.log.err")).unwrap();
     assert!(!log.contains('\u{1b}'), "colour codes in a file:\n{log}");
 
-    let _trusting = run(Some(path("ca.pem")), "trusting.log");
+    let _trusting = run(
+        Some(kez_tests::tls::ca_file().display().to_string()),
+        "trusting.log",
+    );
     wait_for("trusting.log", "kez-chat-server serving");
 }
