@@ -96,11 +96,13 @@ pub enum SignatureDomain {
     PairOffer,
     /// A pairing answer by the new device (§4.7): `KEZ-PAIR-ANSWER-V1`.
     PairAnswer,
+    /// A device's Olm prekey (one-time or fallback, §15.1): `KEZ-OLM-PREKEY-V1`.
+    OlmPrekey,
 }
 
 impl SignatureDomain {
     /// Every domain.
-    pub const ALL: [SignatureDomain; 10] = [
+    pub const ALL: [SignatureDomain; 11] = [
         SignatureDomain::Register,
         SignatureDomain::SigchainLink,
         SignatureDomain::SigchainRotate,
@@ -111,6 +113,7 @@ impl SignatureDomain {
         SignatureDomain::NatsConnect,
         SignatureDomain::PairOffer,
         SignatureDomain::PairAnswer,
+        SignatureDomain::OlmPrekey,
     ];
 
     /// The domain's tag: the bytes before the zero byte.
@@ -126,6 +129,7 @@ impl SignatureDomain {
             SignatureDomain::NatsConnect => b"KEZ-NATS-CONNECT-V1",
             SignatureDomain::PairOffer => b"KEZ-PAIR-OFFER-V1",
             SignatureDomain::PairAnswer => b"KEZ-PAIR-ANSWER-V1",
+            SignatureDomain::OlmPrekey => b"KEZ-OLM-PREKEY-V1",
         }
     }
 

@@ -74,6 +74,7 @@ pub mod manifest;
 pub mod moving;
 pub mod pair;
 pub mod paper;
+pub mod prekey;
 pub mod provider;
 pub mod sigchain;
 pub mod trust;
