@@ -355,6 +355,11 @@ impl SecretKey {
         }
     }
 
+    /// The 32-byte seed, for keys derived from this one (the Olm pickle key): zeroized on drop.
+    pub(crate) fn seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.signing.to_bytes())
+    }
+
     /// The matching public key.
     pub fn public_key(&self) -> PublicKey {
         PublicKey(self.signing.verifying_key().to_bytes())

@@ -72,6 +72,7 @@ pub mod handle;
 pub mod key;
 pub mod manifest;
 pub mod moving;
+pub mod olm;
 pub mod pair;
 pub mod paper;
 pub mod prekey;
