@@ -123,7 +123,7 @@ impl SentCopy {
 mod tests {
     use super::*;
     use crate::SecretKey;
-    use crate::envelope::{MAX_ENVELOPE_BYTES, MessageId, open, seal_with_id};
+    use crate::envelope::{MessageId, open, seal_with_id};
 
     fn copy(body: &[u8]) -> SentCopy {
         SentCopy {
@@ -184,20 +184,20 @@ mod tests {
         let max = SentCopy::max_body_len("text", time).unwrap();
         assert_eq!(
             (max, envelope::max_body_len("text", time).unwrap()),
-            (65_061, 65_170),
+            (64_807, 64_916),
             "PROTOCOL.md §8.5 names these"
         );
         let sender = SecretKey::from_seed(&[1; 32]);
         let device = SecretKey::from_seed(&[2; 32]).public_key();
         let id = MessageId::from_bytes([5; 16]);
+        // The copy's own limit is envelope::max_body_len, which holds for both envelope
+        // versions (envelope's tests check that it fits each).
+        let copy_max = envelope::max_body_len(SENT_COPY_CONTENT_TYPE, time).unwrap();
         let fits = copy(&vec![b'x'; max]).encode();
-        let sealed =
-            seal_with_id(&sender, &device, SENT_COPY_CONTENT_TYPE, &fits, time, id).unwrap();
-        assert_eq!(sealed.len(), MAX_ENVELOPE_BYTES);
+        assert_eq!(fits.len(), copy_max);
+        seal_with_id(&sender, &device, SENT_COPY_CONTENT_TYPE, &fits, time, id).unwrap();
         let too_big = copy(&vec![b'x'; max + 1]).encode();
-        assert!(
-            seal_with_id(&sender, &device, SENT_COPY_CONTENT_TYPE, &too_big, time, id).is_err()
-        );
+        assert_eq!(too_big.len(), copy_max + 1);
     }
 
     #[test]

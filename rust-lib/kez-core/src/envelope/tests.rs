@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::*;
+use crate::olm::OlmAccount;
 
 /// 2026-01-01T00:00:00Z, as in the sigchain vectors.
 const T0: u64 = 1_767_225_600;
@@ -281,32 +282,343 @@ fn a_header_length_past_the_end_is_truncation_not_a_panic() {
 
 #[test]
 fn the_largest_body_fits_and_one_more_byte_does_not() {
+    // max_body_len leaves room for version 2's bound, so version 1 has that much to spare.
+    let spare = ENVELOPE_V2_OVERHEAD_BOUND - ENVELOPE_FRAME;
     for time in [0, T0, 9_007_199_254_740_991] {
         for content_type in ["text", "file-offer", "x"] {
             let max = max_body_len(content_type, time).unwrap();
-            let body = vec![0x41; max];
-            let sealed = seal(
-                &key("alice"),
-                &key("bob").public_key(),
-                content_type,
-                &body,
-                time,
-            )
-            .unwrap()
-            .1;
-            assert_eq!(sealed.len(), MAX_ENVELOPE_BYTES, "{content_type} at {time}");
-            let one_more = vec![0x41; max + 1];
-            assert!(matches!(
+            let seal_v1 = |len: usize| {
                 seal(
                     &key("alice"),
                     &key("bob").public_key(),
                     content_type,
-                    &one_more,
-                    time
-                ),
+                    &vec![0x41; len],
+                    time,
+                )
+            };
+            assert_eq!(
+                seal_v1(max).unwrap().1.len(),
+                MAX_ENVELOPE_BYTES - spare,
+                "{content_type} at {time}"
+            );
+            assert_eq!(seal_v1(max + spare).unwrap().1.len(), MAX_ENVELOPE_BYTES);
+            assert!(matches!(
+                seal_v1(max + spare + 1),
                 Err(EnvelopeError::TooLarge { .. })
             ));
+
+            let (mut session, _, _) = session_pair();
+            let sealed = seal_olm_to_bob(&mut session, content_type, &vec![0x41; max], time);
+            assert!(sealed.unwrap().len() <= MAX_ENVELOPE_BYTES);
+            let refused = seal_olm_to_bob(&mut session, content_type, &vec![0x41; max + 1], time);
+            assert!(matches!(refused, Err(EnvelopeError::TooLarge { .. })));
         }
     }
     assert_eq!(max_body_len("", T0), None);
+}
+
+/// alice's outbound Olm session to bob's account, bob's account, and the prekey it used.
+fn session_pair() -> (OlmSession, OlmAccount, OlmAccount) {
+    let alice = OlmAccount::new();
+    let mut bob = OlmAccount::new();
+    let prekey = bob.generate_one_time_keys(1, &key("bob"))[0];
+    let session = alice
+        .create_outbound(&bob.identity_key(), &prekey.key)
+        .unwrap();
+    (session, alice, bob)
+}
+
+fn seal_olm_to_bob(
+    session: &mut OlmSession,
+    content_type: &str,
+    body: &[u8],
+    time: u64,
+) -> Result<Vec<u8>, EnvelopeError> {
+    seal_olm(
+        &key("alice"),
+        &key("bob").public_key(),
+        session,
+        content_type,
+        body,
+        time,
+        id("v2"),
+    )
+}
+
+fn olm_outer(opened: Opened) -> OlmEnvelope {
+    match opened {
+        Opened::Olm(outer) => outer,
+        Opened::Sealed(message) => panic!("version 1: {message:?}"),
+    }
+}
+
+#[test]
+fn the_v2_overhead_bound_holds() {
+    let (mut session, alice_account, mut bob_account) = session_pair();
+    let (alice, bob) = (key("alice"), key("bob"));
+    let max = max_body_len("text", T0).unwrap();
+    let mut measured = Vec::new();
+    for len in [0, 1, 15, 16, 17, 1000, max] {
+        let body = vec![7; len];
+        let plaintext_len =
+            signed_plaintext(&alice, &bob.public_key(), 2, "text", &body, T0, id("x"))
+                .unwrap()
+                .len();
+        let envelope = seal_olm_to_bob(&mut session, "text", &body, T0).unwrap();
+        let overhead = envelope.len() - plaintext_len;
+        assert!(overhead <= ENVELOPE_V2_OVERHEAD_BOUND, "{len}: {overhead}");
+        measured.push(overhead);
+    }
+    // At the largest body every length takes its 3 varint bytes: the bound is loose only
+    // by the chain index (1 byte here, 10 at most) and the padding (16 at most).
+    let at_max = *measured.last().unwrap();
+    assert!(
+        at_max + 9 + 15 >= ENVELOPE_V2_OVERHEAD_BOUND,
+        "{measured:?}"
+    );
+    // Normal messages are smaller.
+    let first = seal_olm_to_bob(&mut session, "text", b"x", T0).unwrap();
+    let outer = olm_outer(open_outer(&bob, &first).unwrap());
+    let (mut bob_session, _) = bob_account
+        .create_inbound(&alice_account.identity_key(), &outer.message)
+        .unwrap();
+    let reply = bob_session.encrypt(b"ack");
+    session.decrypt(&reply).unwrap();
+    let normal = seal_olm_to_bob(&mut session, "text", &vec![7; max], T0).unwrap();
+    assert!(normal.len() < MAX_ENVELOPE_BYTES - 100);
+    assert_eq!(ENVELOPE_V2_OVERHEAD_BOUND, 303);
+}
+
+#[test]
+fn a_v2_envelope_opens_in_two_steps_both_ways() {
+    let (mut to_bob, alice_account, mut bob_account) = session_pair();
+    let (alice, bob) = (key("alice"), key("bob"));
+    let envelope = seal_olm_to_bob(&mut to_bob, "text", b"hello bob", T0).unwrap();
+    assert_eq!(envelope[0], ENVELOPE_VERSION_OLM);
+    assert_eq!(outer_id(&envelope), Some(id("v2")));
+    let outer = olm_outer(open_outer(&bob, &envelope).unwrap());
+    assert_eq!((outer.id, outer.sender), (id("v2"), alice.public_key()));
+    assert!(outer.message.is_pre_key());
+    assert_eq!(
+        outer.message.sender_identity(),
+        Some(alice_account.identity_key())
+    );
+    let (mut to_alice, plaintext) = bob_account
+        .create_inbound(&alice_account.identity_key(), &outer.message)
+        .unwrap();
+    let message = open_inner(&bob.public_key(), &outer, &plaintext).unwrap();
+    assert_eq!(
+        message,
+        Message {
+            from: alice.public_key(),
+            to: bob.public_key(),
+            id: id("v2"),
+            time: T0,
+            content_type: "text".into(),
+            body: b"hello bob".to_vec(),
+        }
+    );
+
+    let reply = seal_olm(
+        &bob,
+        &alice.public_key(),
+        &mut to_alice,
+        "text",
+        b"hi alice",
+        T0 + 1,
+        id("reply"),
+    )
+    .unwrap();
+    let outer = olm_outer(open_outer(&alice, &reply).unwrap());
+    assert!(!outer.message.is_pre_key());
+    let plaintext = to_bob.decrypt(&outer.message).unwrap();
+    let message = open_inner(&alice.public_key(), &outer, &plaintext).unwrap();
+    assert_eq!(
+        (message.from, message.body.as_slice()),
+        (bob.public_key(), &b"hi alice"[..])
+    );
+
+    // A version 1 envelope opens in full through the same door.
+    let v1 = sealed("good-text", "alice", "bob", "text", b"hello bob");
+    assert_eq!(outer_id(&v1), None);
+    assert_eq!(
+        open_outer(&bob, &v1).unwrap(),
+        Opened::Sealed(open(&bob, &v1).unwrap())
+    );
+}
+
+#[test]
+fn versions_never_pass_for_each_other() {
+    let (alice, bob) = (key("alice"), key("bob"));
+    let (mut session, _, _) = session_pair();
+    let v2 = seal_olm_to_bob(&mut session, "text", b"x", T0).unwrap();
+    assert_eq!(
+        open(&bob, &v2),
+        Err(EnvelopeError::UnknownVersion { version: 2 })
+    );
+
+    // A version 1 envelope around a header that says 2, and the reverse.
+    let inner_v2 =
+        signed_plaintext(&alice, &bob.public_key(), 2, "text", b"x", T0, id("x")).unwrap();
+    let v1_of_v2 = encrypt(&bob.public_key(), &seed("ephemeral", "x"), &inner_v2).unwrap();
+    assert_eq!(
+        open(&bob, &v1_of_v2),
+        Err(EnvelopeError::UnknownVersion { version: 2 })
+    );
+    assert_eq!(
+        open_outer(&bob, &v1_of_v2),
+        Err(EnvelopeError::UnknownVersion { version: 2 })
+    );
+    let inner_v1 =
+        signed_plaintext(&alice, &bob.public_key(), 1, "text", b"x", T0, id("x")).unwrap();
+    let outer = OlmEnvelope {
+        id: id("x"),
+        sender: alice.public_key(),
+        message: OlmMessage::Normal(Vec::new()),
+    };
+    assert_eq!(
+        open_inner(&bob.public_key(), &outer, &inner_v1),
+        Err(EnvelopeError::UnknownVersion { version: 1 })
+    );
+    assert!(open_inner(&bob.public_key(), &outer, &inner_v2).is_ok());
+    let mut future = v2.clone();
+    future[0] = 3;
+    assert_eq!(
+        open_outer(&bob, &future),
+        Err(EnvelopeError::UnknownVersion { version: 3 })
+    );
+}
+
+#[test]
+fn open_inner_checks_every_link_to_the_outer_layer() {
+    let (alice, bob, carol, mallory) = (key("alice"), key("bob"), key("carol"), key("mallory"));
+    let outer = OlmEnvelope {
+        id: id("x"),
+        sender: alice.public_key(),
+        message: OlmMessage::Normal(Vec::new()),
+    };
+    let signed = |signer: &SecretKey, to: &SecretKey, id: MessageId| {
+        signed_plaintext(signer, &to.public_key(), 2, "text", b"x", T0, id).unwrap()
+    };
+    let cases = [
+        (
+            signed(&alice, &carol, id("x")),
+            EnvelopeError::WrongRecipient,
+        ),
+        (signed(&carol, &bob, id("x")), EnvelopeError::SenderMismatch),
+        (signed(&alice, &bob, id("y")), EnvelopeError::IdMismatch),
+    ];
+    for (plaintext, expected) in cases {
+        assert_eq!(
+            open_inner(&bob.public_key(), &outer, &plaintext),
+            Err(expected)
+        );
+    }
+    // mallory signs a header naming alice.
+    let mut forged = signed(&alice, &bob, id("x")).to_vec();
+    let header_len = u32::from_be_bytes(forged[..4].try_into().unwrap()) as usize;
+    let body_end = forged.len() - 64;
+    let signature = mallory.sign(
+        SignatureDomain::Message,
+        &signed_body(
+            &forged[4..4 + header_len],
+            &forged[4 + header_len..body_end],
+        ),
+    );
+    forged[body_end..].copy_from_slice(&signature.to_bytes());
+    assert_eq!(
+        open_inner(&bob.public_key(), &outer, &forged),
+        Err(EnvelopeError::BadSignature)
+    );
+    assert_eq!(
+        open_inner(&bob.public_key(), &outer, &[0, 0]),
+        Err(EnvelopeError::Truncated)
+    );
+    assert_eq!(EnvelopeError::SenderMismatch.code(), "sender_mismatch");
+    assert_eq!(EnvelopeError::IdMismatch.code(), "id_mismatch");
+}
+
+#[test]
+fn every_single_byte_change_of_a_v2_envelope_is_refused() {
+    let bob = key("bob");
+    let (mut session, _, _) = session_pair();
+    let envelope = seal_olm_to_bob(&mut session, "text", b"hello bob", T0).unwrap();
+    for i in 0..envelope.len() {
+        let mut changed = envelope.clone();
+        changed[i] ^= 0x80;
+        let err = open_outer(&bob, &changed).unwrap_err();
+        let expected = match i {
+            0 => "unknown_version",
+            _ => "decryption_failed",
+        };
+        assert_eq!(err.code(), expected, "byte {i}");
+    }
+    // The clear id is bound: another id is refused, not reported.
+    let mut other_id = envelope.clone();
+    other_id[1..17].copy_from_slice(id("other").as_bytes());
+    assert_eq!(outer_id(&other_id), Some(id("other")));
+    assert_eq!(
+        open_outer(&bob, &other_id),
+        Err(EnvelopeError::DecryptionFailed)
+    );
+    assert!(open_outer(&bob, &envelope).is_ok());
+    assert_eq!(
+        open_outer(&key("carol"), &envelope),
+        Err(EnvelopeError::DecryptionFailed)
+    );
+}
+
+#[test]
+fn hostile_v2_frames_are_refused_not_a_panic() {
+    let (alice, bob) = (key("alice"), key("bob"));
+    assert_eq!(open_outer(&bob, &[]), Err(EnvelopeError::Truncated));
+    for len in 1..ENVELOPE_V2_FRAME + OUTER_PREFIX {
+        assert_eq!(
+            open_outer(&bob, &vec![2; len]),
+            Err(EnvelopeError::Truncated),
+            "{len}"
+        );
+    }
+    let mut weak = vec![2];
+    weak.extend_from_slice(&[9; 16]);
+    weak.extend_from_slice(&[0; 32]);
+    weak.extend_from_slice(&[0x55; 100]);
+    assert_eq!(open_outer(&bob, &weak), Err(EnvelopeError::WeakKey));
+    let huge = vec![2; MAX_ENVELOPE_BYTES + 1];
+    assert!(matches!(
+        open_outer(&bob, &huge),
+        Err(EnvelopeError::TooLarge { .. })
+    ));
+    assert_eq!(outer_id(&huge), None);
+    assert_eq!(outer_id(&[2; 16]), None);
+    assert_eq!(outer_id(&[2; 17]), Some(MessageId::from_bytes([2; 16])));
+    assert_eq!(outer_id(&[1; 100]), None);
+
+    // A sealed outer layer whose Olm message is garbage, or whose sender is no key.
+    let seal_outer = |outer: &[u8]| {
+        let ephemeral_secret = seed("ephemeral", "outer");
+        let message = OlmMessage::Normal(outer.to_vec());
+        seal_olm_outer_with_fixed_randomness(
+            &bob.public_key(),
+            id("x"),
+            &alice.public_key(),
+            &message,
+            &ephemeral_secret,
+        )
+        .unwrap()
+    };
+    assert!(matches!(
+        open_outer(&bob, &seal_outer(&[4, 1, 2, 3])),
+        Err(EnvelopeError::Malformed(_))
+    ));
+    assert!(matches!(
+        seal_olm_outer_with_fixed_randomness(
+            &PublicKey::from_bytes(&[0; 32]).unwrap_or(bob.public_key()),
+            id("x"),
+            &alice.public_key(),
+            &OlmMessage::Normal(vec![0; MAX_ENVELOPE_BYTES]),
+            &seed("ephemeral", "outer"),
+        ),
+        Err(EnvelopeError::TooLarge { .. })
+    ));
 }
