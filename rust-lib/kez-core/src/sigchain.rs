@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use crate::canonical;
 use crate::key::{KeyError, PublicKey, SecretKey, Signature, SignatureDomain, decode_hex};
+use crate::prekey::OlmKey;
 
 /// Link format version 1: the chain's current key signs every link; there are no devices to
 /// add or revoke (PROTOCOL.md §4.1).
@@ -253,6 +254,13 @@ pub enum Op {
         /// Why, for people (the *text* rule); may be left out.
         reason: Option<String>,
     },
+    /// `set_olm_key`: binds the Olm identity key `key` to the link's signer, the device that
+    /// holds that Olm account (PROTOCOL.md §15.1), replacing what it bound before. The
+    /// binding ends when the device is revoked or rotated away.
+    SetOlmKey {
+        /// The device's Olm (Curve25519) identity key.
+        key: OlmKey,
+    },
     /// `claim`: adds a claim; (service, identity) must not already be claimed.
     Claim(Claim),
     /// `revoke_claim`: withdraws the claim of that (service, identity), which must exist.
@@ -283,6 +291,7 @@ impl Op {
             Op::Rotate { .. } => "rotate",
             Op::AddDevice { .. } => "add_device",
             Op::RevokeDevice { .. } => "revoke_device",
+            Op::SetOlmKey { .. } => "set_olm_key",
             Op::Claim(_) => "claim",
             Op::RevokeClaim { .. } => "revoke_claim",
             Op::Unknown { op, .. } => op,
@@ -320,6 +329,7 @@ impl Op {
                 }
                 payload
             }
+            Op::SetOlmKey { key } => json!({ "key": key }),
             Op::Claim(claim) => json!(claim),
             Op::RevokeClaim { service, identity } => {
                 json!({ "service": service, "identity": identity })
@@ -361,6 +371,11 @@ impl Op {
         struct RevokeDevicePayload {
             key: PublicKey,
             reason: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct SetOlmKeyPayload {
+            key: OlmKey,
         }
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -415,6 +430,9 @@ impl Op {
                     reason: revocation.reason,
                 }
             }
+            "set_olm_key" => Op::SetOlmKey {
+                key: from::<SetOlmKeyPayload>(op, payload)?.key,
+            },
             "claim" => Op::Claim(from(op, payload)?),
             "revoke_claim" => {
                 let claim: ClaimRef = from(op, payload)?;
@@ -462,7 +480,7 @@ impl Op {
                     .iter()
                     .try_for_each(|provider| check_value("provider", provider))
             }
-            Op::Rotate { .. } | Op::Unknown { .. } => Ok(()),
+            Op::Rotate { .. } | Op::SetOlmKey { .. } | Op::Unknown { .. } => Ok(()),
             Op::AddDevice { name, .. } => check_name("device name", name),
             Op::RevokeDevice { reason, .. } => reason
                 .as_deref()
@@ -1048,6 +1066,10 @@ pub struct Sigchain {
     shared_files: Option<SharedFiles>,
     claims: Vec<Claim>,
     unknown_ops: Vec<UnknownOpRecord>,
+    /// Active device → the Olm identity key it bound. Left out of the state JSON while empty,
+    /// so that the state of a chain without `set_olm_key` is what the release before wrote.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    olm_keys: BTreeMap<PublicKey, OlmKey>,
 }
 
 /// Where a chain used an operation this version ignores.
@@ -1078,6 +1100,9 @@ struct StateJson {
     shared_files: Option<SharedFiles>,
     claims: Vec<Claim>,
     unknown_ops: Vec<UnknownOpRecord>,
+    /// Absent from the states of releases before Olm, and while no device bound a key.
+    #[serde(default)]
+    olm_keys: BTreeMap<PublicKey, OlmKey>,
 }
 
 /// Why [`Sigchain::from_trusted_state_json`] refused a kept state.
@@ -1138,11 +1163,21 @@ impl Sigchain {
             shared_files: state.shared_files,
             claims: state.claims,
             unknown_ops: state.unknown_ops,
+            olm_keys: state.olm_keys,
         };
         if chain.earliest_active_device() != Some(chain.current_key) {
             return Err(StateJsonError::Inconsistent(
                 "current_key is not the earliest active device".into(),
             ));
+        }
+        if let Some(device) = chain
+            .olm_keys
+            .keys()
+            .find(|device| chain.active_device_index(device).is_none())
+        {
+            return Err(StateJsonError::Inconsistent(format!(
+                "olm_keys binds a key to {device}, which is not an active device"
+            )));
         }
         Ok(chain)
     }
@@ -1187,6 +1222,7 @@ impl Sigchain {
             shared_files: None,
             claims: Vec::new(),
             unknown_ops: Vec::new(),
+            olm_keys: BTreeMap::new(),
         };
         chain.apply(&signed)?;
         Ok(chain)
@@ -1253,6 +1289,8 @@ impl Sigchain {
             }
             Op::SetSharedFiles(files) => self.shared_files = Some(files.clone()),
             Op::Rotate { new_key, .. } => {
+                // The new key is a new device: it binds its own Olm key, if it has one.
+                self.olm_keys.remove(&link.signer);
                 let replaced = &mut self.devices[signer_device];
                 replaced.revoked = Some(link.seq);
                 let successor = Device {
@@ -1278,7 +1316,11 @@ impl Sigchain {
                 if let Some(index) = self.active_device_index(key) {
                     self.devices[index].revoked = Some(link.seq);
                 }
+                self.olm_keys.remove(key);
                 self.follow_current_key();
+            }
+            Op::SetOlmKey { key } => {
+                self.olm_keys.insert(link.signer, *key);
             }
             Op::Claim(claim) => self.claims.push(claim.clone()),
             Op::RevokeClaim { service, identity } => {
@@ -1346,7 +1388,8 @@ impl Sigchain {
                     return Err(ChainErrorKind::UnknownEndpoint { name: name.clone() });
                 }
             }
-            Op::SetSharedFiles(_) => {}
+            // The signer is an active device (checked above), and any Olm key may be bound.
+            Op::SetSharedFiles(_) | Op::SetOlmKey { .. } => {}
             Op::Rotate {
                 new_key,
                 counter_sig,
@@ -1608,6 +1651,17 @@ impl Sigchain {
     /// The shared-files manifest last set, if any.
     pub fn shared_files(&self) -> Option<&SharedFiles> {
         self.shared_files.as_ref()
+    }
+
+    /// The Olm identity key `device` bound with `set_olm_key`, while it is an active device of
+    /// the chain: messages to it may use envelope version 2 (PROTOCOL.md §15).
+    pub fn olm_key(&self, device: &PublicKey) -> Option<OlmKey> {
+        self.olm_keys.get(device).copied()
+    }
+
+    /// Every active device's bound Olm identity key.
+    pub fn olm_keys(&self) -> &BTreeMap<PublicKey, OlmKey> {
+        &self.olm_keys
     }
 
     /// Current claims, in the order they were made.
@@ -2661,5 +2715,191 @@ mod tests {
                 "{member}"
             );
         }
+    }
+
+    fn olm(byte: u8) -> OlmKey {
+        OlmKey::from_bytes([byte; 32])
+    }
+
+    fn set_olm_key(byte: u8) -> Op {
+        Op::SetOlmKey { key: olm(byte) }
+    }
+
+    /// `set_olm_key` binds the key to the link's signer, a later one replaces it, and the
+    /// state JSON carries the map and reads back.
+    #[test]
+    fn set_olm_key_binds_the_key_to_its_signer() {
+        let (alice, laptop) = (key(1), key(3));
+        let (mut chain, mut links) = with_laptop(&alice, &laptop);
+        assert_eq!(chain.olm_key(&laptop.public_key()), None);
+        let before = chain.to_state_json();
+        assert!(!String::from_utf8_lossy(&before).contains("olm_keys"));
+
+        let by_laptop = chain
+            .next_link_by(laptop.public_key(), 102, set_olm_key(7))
+            .sign(&laptop)
+            .unwrap();
+        assert_eq!(by_laptop.link().version, LINK_VERSION_2);
+        push(&mut chain, &mut links, by_laptop);
+        let by_alice = chain.next_link(103, set_olm_key(8)).sign(&alice).unwrap();
+        push(&mut chain, &mut links, by_alice);
+        assert_eq!(chain.olm_key(&laptop.public_key()), Some(olm(7)));
+        assert_eq!(chain.olm_key(&alice.public_key()), Some(olm(8)));
+        assert!(chain.unknown_ops().is_empty());
+
+        let again = chain
+            .next_link_by(laptop.public_key(), 104, set_olm_key(9))
+            .sign(&laptop)
+            .unwrap();
+        push(&mut chain, &mut links, again);
+        assert_eq!(
+            chain.olm_key(&laptop.public_key()),
+            Some(olm(9)),
+            "replaced"
+        );
+        assert_eq!(chain.olm_keys().len(), 2);
+
+        let state: Value = serde_json::from_slice(&chain.to_state_json()).unwrap();
+        assert_eq!(
+            state["olm_keys"],
+            json!({
+                alice.public_key().to_string(): olm(8).to_string(),
+                laptop.public_key().to_string(): olm(9).to_string(),
+            })
+        );
+        let kept = Sigchain::from_trusted_state_json(&chain.to_state_json()).unwrap();
+        assert_eq!(kept, chain);
+        assert_eq!(kept.to_state_json(), chain.to_state_json());
+        assert_eq!(Sigchain::verify(&links).unwrap(), chain);
+    }
+
+    /// A version 1 chain may bind its key's Olm key without going to version 2 (older
+    /// verifiers keep reading it, as an unknown op), and a version 1 rotation drops it.
+    #[test]
+    fn set_olm_key_exists_in_version_1_and_a_rotation_drops_the_binding() {
+        let (alice, alice2) = (key(1), key(2));
+        let (mut chain, mut links) = start(&alice);
+        let op = set_olm_key(7);
+        assert!(op.exists_in_version_1());
+        assert_eq!(op.name(), "set_olm_key");
+        let link = chain.next_link(101, op).sign(&alice).unwrap();
+        assert_eq!(link.link().version, LINK_VERSION_1);
+        assert!(String::from_utf8_lossy(link.bytes()).contains(&format!(
+            "\"op\":\"set_olm_key\",\"payload\":{{\"key\":\"{}\"}}",
+            olm(7)
+        )));
+        push(&mut chain, &mut links, link);
+        assert_eq!(chain.olm_key(&alice.public_key()), Some(olm(7)));
+        let rotate = chain
+            .next_link(102, endpoint("x"))
+            .sign_rotation(&alice, &alice2)
+            .unwrap();
+        push(&mut chain, &mut links, rotate);
+        assert_eq!(chain.olm_key(&alice.public_key()), None);
+        assert_eq!(chain.olm_key(&alice2.public_key()), None);
+        assert!(chain.olm_keys().is_empty());
+        // Rotating back does not bring the binding back.
+        let back = chain
+            .next_link(103, endpoint("y"))
+            .sign_rotation(&alice2, &alice)
+            .unwrap();
+        push(&mut chain, &mut links, back);
+        assert_eq!(chain.olm_key(&alice.public_key()), None);
+        assert_eq!(Sigchain::verify(&links).unwrap(), chain);
+    }
+
+    #[test]
+    fn revoking_or_rotating_a_device_drops_its_olm_key_only() {
+        let (alice, laptop, phone, phone2) = (key(1), key(3), key(4), key(5));
+        let (mut chain, mut links) = with_laptop(&alice, &laptop);
+        let add = chain
+            .add_device_link(102, &alice, &phone, "phone", DeviceKind::Mobile)
+            .unwrap();
+        push(&mut chain, &mut links, add);
+        for (device, byte) in [(&alice, 1), (&laptop, 3), (&phone, 4)] {
+            let link = chain
+                .next_link_by(device.public_key(), 103, set_olm_key(byte))
+                .sign(device)
+                .unwrap();
+            push(&mut chain, &mut links, link);
+        }
+        let revoke = chain
+            .revoke_device_link(104, &alice, laptop.public_key(), None)
+            .unwrap();
+        push(&mut chain, &mut links, revoke);
+        assert_eq!(chain.olm_key(&laptop.public_key()), None);
+        assert_eq!(chain.olm_key(&alice.public_key()), Some(olm(1)));
+        let rotate = chain
+            .next_link_by(phone.public_key(), 105, endpoint("p"))
+            .sign_rotation(&phone, &phone2)
+            .unwrap();
+        push(&mut chain, &mut links, rotate);
+        assert_eq!(chain.olm_key(&phone.public_key()), None);
+        assert_eq!(chain.olm_key(&phone2.public_key()), None);
+        assert_eq!(chain.olm_keys().len(), 1);
+        // A revoked device binds nothing.
+        let late = chain
+            .next_link_by(laptop.public_key(), 106, set_olm_key(9))
+            .sign(&laptop)
+            .unwrap();
+        assert_refused(
+            &mut chain,
+            &late,
+            ChainErrorKind::RevokedSigner {
+                signer: laptop.public_key(),
+            },
+        );
+        assert_eq!(Sigchain::verify(&links).unwrap(), chain);
+        let kept = Sigchain::from_trusted_state_json(&chain.to_state_json()).unwrap();
+        assert_eq!(kept, chain);
+    }
+
+    #[test]
+    fn set_olm_key_payload_has_one_form() {
+        let alice = key(1);
+        let (mut chain, _) = start(&alice);
+        let good = unsigned_json(&chain.next_link(101, set_olm_key(7)));
+        let payloads = [
+            json!({}),
+            json!({"key": olm(7), "extra": 1}),
+            json!({"key": "07".repeat(31)}),
+            json!({"key": "0A".repeat(32)}),
+            json!({"key": 7}),
+            json!({"key": null}),
+            json!([olm(7)]),
+        ];
+        for payload in payloads {
+            let mut link = good.clone();
+            link["payload"] = payload;
+            assert_malformed(&mut chain, &sign_json(link, &alice));
+        }
+        chain.append(sign_json(good, &alice).as_slice()).unwrap();
+    }
+
+    /// States written before `set_olm_key` existed (no `olm_keys`) still load and re-encode
+    /// byte for byte; a state binding a key to a device that is not active is refused.
+    #[test]
+    fn states_without_olm_keys_load_and_bindings_must_name_active_devices() {
+        let (alice, laptop) = (key(1), key(3));
+        let (chain, _) = with_laptop(&alice, &laptop);
+        let written = chain.to_state_json();
+        assert!(!String::from_utf8_lossy(&written).contains("olm_keys"));
+        let kept = Sigchain::from_trusted_state_json(&written).unwrap();
+        assert_eq!(kept.to_state_json(), written);
+        let mut state: Value = serde_json::from_slice(&written).unwrap();
+        state["olm_keys"] = json!({});
+        let empty =
+            Sigchain::from_trusted_state_json(&serde_json::to_vec(&state).unwrap()).unwrap();
+        assert_eq!(empty.to_state_json(), written, "an empty map is left out");
+        state["olm_keys"] = json!({ key(9).public_key().to_string(): olm(1) });
+        assert!(matches!(
+            Sigchain::from_trusted_state_json(&serde_json::to_vec(&state).unwrap()),
+            Err(StateJsonError::Inconsistent(_))
+        ));
+        state["olm_keys"] = json!({ "not a key": olm(1) });
+        assert!(matches!(
+            Sigchain::from_trusted_state_json(&serde_json::to_vec(&state).unwrap()),
+            Err(StateJsonError::Json(_))
+        ));
     }
 }
