@@ -510,6 +510,7 @@ mod tests {
             kez_proto::Endpoint::GetChain,
             kez_proto::Endpoint::Head,
             kez_proto::Endpoint::Info,
+            kez_proto::Endpoint::KeysClaim,
         ] {
             assert!(
                 claims
@@ -519,7 +520,7 @@ mod tests {
                 "{endpoint:?}"
             );
         }
-        assert_eq!(claims.publish.allow.len(), 6);
+        assert_eq!(claims.publish.allow.len(), 7);
         assert_eq!(
             claims.subscribe.allow,
             [format!("_INBOX.{}.>", key.to_hex())]

@@ -787,6 +787,8 @@ fn resolve_limits(
         unregistered_connects_per_addr,
         send_per_key,
         send_bytes_per_key,
+        claim_per_key: defaults.claim_per_key,
+        one_time_per_target: defaults.one_time_per_target,
         max_buckets: defaults.max_buckets,
     })
 }

@@ -30,6 +30,8 @@ pub struct Context {
     pub mail: MailState,
     /// The pairing relay (`kez.pair.*`).
     pub relay: crate::relay::Relay,
+    /// The key service (`kez.keys.*`).
+    pub keys: crate::keys::Keys,
     /// Federation with other home servers, when on.
     pub federation: Option<std::sync::Arc<crate::federation::Federation>>,
 }

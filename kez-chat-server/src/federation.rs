@@ -23,6 +23,7 @@ use kez_proto::federation::{
     ServerDiscovery, domain_blocked, peer_connection_name, peer_key_changed, peer_unavailable,
     server_resource,
 };
+use kez_proto::keys::{ClaimAnswer, ClaimRequest};
 use kez_proto::mail::SendRequest;
 use kez_proto::request::{GetChainRequest, KeyRequest, LookupRequest, MAX_CHAIN_PAGE_BYTES};
 use kez_proto::subjects::reply_prefix;
@@ -988,6 +989,37 @@ impl Federation {
             return Err(bad_peer_answer(domain, "a chain page over the page limit"));
         }
         Ok(page)
+    }
+
+    /// `kez.keys.claim` of `device` on `domain`'s server: the answer must be about `device`
+    /// and its prekey signed by it for the identity key it names (the claimer checks that key
+    /// against the device's chain).
+    pub async fn claim(
+        &self,
+        device: PublicKey,
+        domain: &str,
+        now: u64,
+    ) -> Result<ClaimAnswer, ErrorAnswer> {
+        let body = json_body(&ClaimRequest {
+            device,
+            domain: None,
+        });
+        let answer = self
+            .request(domain, Endpoint::KeysClaim, body, READ_TIMEOUT, now)
+            .await?;
+        let claimed: ClaimAnswer = serde_json::from_slice(&answer)
+            .map_err(|err| bad_peer_answer(domain, format!("not a claimed prekey: {err}")))?;
+        if claimed.device != device {
+            return Err(bad_peer_answer(domain, "a prekey of another device"));
+        }
+        if claimed
+            .prekey
+            .verify(&device, &claimed.identity_key)
+            .is_err()
+        {
+            return Err(bad_peer_answer(domain, "a prekey the device did not sign"));
+        }
+        Ok(claimed)
     }
 
     /// Answers `kez.mail.deliver` from `caller`, a peer server: its domain from the pin of its

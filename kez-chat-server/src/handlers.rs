@@ -244,6 +244,54 @@ pub async fn handle(
         },
         Request::PairPut(request) => ctx.relay.put(&ctx.store, caller, &request, now).await,
         Request::PairGet(request) => ctx.relay.get(caller, &request, now).await,
+        Request::KeysPublish(request) => {
+            ctx.keys
+                .publish(
+                    &ctx.store,
+                    &ctx.mail.recipients,
+                    &ctx.metrics,
+                    caller,
+                    request,
+                )
+                .await
+        }
+        Request::KeysCount => {
+            ctx.keys
+                .count(&ctx.store, &ctx.mail.recipients, caller)
+                .await
+        }
+        Request::KeysClaim(device, domain) => {
+            // The claimer's budget (a peer server's claims count against its key).
+            let claimer = caller.user.as_deref().unwrap_or_default();
+            ctx.limiters
+                .claim_per_key
+                .check(claimer, std::time::Instant::now())
+                .map_err(|limited| {
+                    let ms = limited.retry_after_ms();
+                    ErrorAnswer::rate_limited(
+                        format!("too many prekey claims from this key; retry in {ms} ms"),
+                        ms,
+                    )
+                })?;
+            let claimed = match domain {
+                Some(domain) => {
+                    let federation = remote_reader(ctx, caller, &domain).await?;
+                    federation.claim(device, &domain, now).await?
+                }
+                None => {
+                    ctx.keys
+                        .claim(
+                            &ctx.store,
+                            &ctx.mail.recipients,
+                            &ctx.limiters,
+                            &ctx.metrics,
+                            device,
+                        )
+                        .await?
+                }
+            };
+            answer(&claimed)
+        }
         Request::MailFetch(request) => {
             crate::mail::fetch(
                 &ctx.store,

@@ -13,6 +13,7 @@ pub mod dev;
 pub mod federation;
 pub mod handlers;
 pub mod http;
+pub mod keys;
 pub mod kick;
 pub mod limits;
 pub mod mail;
@@ -96,6 +97,9 @@ pub enum StartError {
     /// The pairing relay's bucket could not be opened.
     #[error("pairing relay: {0}")]
     Relay(String),
+    /// The key service's bucket could not be opened.
+    #[error("key service: {0}")]
+    Keys(String),
     /// Connecting or subscribing failed.
     #[error("NATS: {0}")]
     Nats(#[from] async_nats::Error),
@@ -186,6 +190,12 @@ impl Server {
         )
         .await
         .map_err(|err| StartError::Relay(err.to_string()))?;
+        let keys = keys::Keys::open(
+            &async_nats::jetstream::new(client.clone()),
+            config.kv_replicas,
+        )
+        .await
+        .map_err(|err| StartError::Keys(err.to_string()))?;
         let federation = match &config.federation {
             Some(federation_config) => Some(Arc::new(
                 open_federation(&client, config, federation_config).await?,
@@ -273,6 +283,7 @@ impl Server {
             limiters: limits::Limiters::new(&config.limits),
             mail: mail::MailState::default(),
             relay,
+            keys,
             federation,
         });
         phase.send_replace(http::Phase::Serving(context.clone()));

@@ -11,7 +11,11 @@
 //! - **unregistered connections per address**: the auth callout's narrow-profile grants, keyed
 //!   by `client_info.host`; over the limit the connection is refused;
 //! - **messages and bytes per sender**: `kez.mail.send`, keyed by the caller's key; over either
-//!   limit 429 `rate_limited`.
+//!   limit 429 `rate_limited`;
+//! - **claims per claimer**: `kez.keys.claim`, keyed by the caller's key; over the limit 429
+//!   `rate_limited`;
+//! - **one-time keys per target**: the one-time prekeys `kez.keys.claim` hands out per target
+//!   device; over the limit the device's fallback key is handed out instead.
 //!
 //! A bucket holds at most `burst` tokens, refills at `per_sec` tokens a second and each request
 //! takes one. A bucket that has refilled completely is the same as no bucket, so those are the
@@ -72,6 +76,11 @@ pub struct Limits {
     /// Envelope bytes per sender key through `kez.mail.send` (one token a byte): what one key
     /// can make the broker store.
     pub send_bytes_per_key: Rate,
+    /// `kez.keys.claim` requests per claimer key (PROTOCOL.md §15.2).
+    pub claim_per_key: Rate,
+    /// One-time prekeys handed out per target device; past it a claim gets the device's
+    /// fallback key (draining a device's one-time keys is bounded).
+    pub one_time_per_target: Rate,
     /// Most buckets each limiter keeps.
     pub max_buckets: usize,
 }
@@ -89,6 +98,11 @@ pub const DEFAULT_SEND_PER_KEY: Rate = Rate::new(20.0, 200);
 /// Default envelope bytes per sender: 8 MiB at once, then 16 MiB an hour.
 pub const DEFAULT_SEND_BYTES_PER_KEY: Rate = Rate::new(16.0 * 1024.0 * 1024.0 / 3600.0, 8 << 20);
 
+/// Default claims per claimer: 50 at once, then 10 a second.
+pub const DEFAULT_CLAIM_PER_KEY: Rate = Rate::new(10.0, 50);
+/// Default one-time keys handed out per target device: 20 at once, then 20 a minute.
+pub const DEFAULT_ONE_TIME_PER_TARGET: Rate = Rate::new(20.0 / 60.0, 20);
+
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
@@ -98,6 +112,8 @@ impl Default for Limits {
             unregistered_connects_per_addr: DEFAULT_UNREGISTERED_CONNECTS_PER_ADDR,
             send_per_key: DEFAULT_SEND_PER_KEY,
             send_bytes_per_key: DEFAULT_SEND_BYTES_PER_KEY,
+            claim_per_key: DEFAULT_CLAIM_PER_KEY,
+            one_time_per_target: DEFAULT_ONE_TIME_PER_TARGET,
             max_buckets: DEFAULT_MAX_BUCKETS,
         }
     }
@@ -112,6 +128,8 @@ impl Limits {
         unregistered_connects_per_addr: Rate::OFF,
         send_per_key: Rate::OFF,
         send_bytes_per_key: Rate::OFF,
+        claim_per_key: Rate::OFF,
+        one_time_per_target: Rate::OFF,
         max_buckets: DEFAULT_MAX_BUCKETS,
     };
 }
@@ -319,6 +337,10 @@ pub struct Limiters {
     pub send_per_key: Limiter,
     /// `kez.mail.send` envelope bytes per sender key.
     pub send_bytes_per_key: Limiter,
+    /// `kez.keys.claim` requests per claimer key.
+    pub claim_per_key: Limiter,
+    /// One-time prekeys handed out per target device.
+    pub one_time_per_target: Limiter,
 }
 
 impl Limiters {
@@ -331,6 +353,8 @@ impl Limiters {
             register_global: limiter(limits.register_global),
             send_per_key: limiter(limits.send_per_key),
             send_bytes_per_key: limiter(limits.send_bytes_per_key),
+            claim_per_key: limiter(limits.claim_per_key),
+            one_time_per_target: limiter(limits.one_time_per_target),
         }
     }
 }

@@ -131,6 +131,19 @@ pub struct Metrics {
     inbox_acknowledged: AtomicU64,
     federation: Mutex<BTreeMap<String, PeerCounters>>,
     outbox_pending: AtomicU64,
+    /// `kez.keys.claim` answers served here: one-time keys, fallback keys.
+    prekey_claims: [AtomicU64; 2],
+    /// Prekeys stored by `kez.keys.publish` (one-time and fallback keys, each counted).
+    prekeys_published: AtomicU64,
+}
+
+/// Which prekey a claim was answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimServed {
+    /// A one-time key, removed from the store before it was answered.
+    OneTime,
+    /// The fallback key (no one-time key left, or the target's budget spent).
+    Fallback,
 }
 
 impl Metrics {
@@ -217,6 +230,16 @@ impl Metrics {
         });
     }
 
+    /// Records a `kez.keys.claim` answered with a prekey of this server's.
+    pub fn record_prekey_claim(&self, served: ClaimServed) {
+        self.prekey_claims[served as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Records prekeys a `kez.keys.publish` handed over and the server stored.
+    pub fn record_prekeys_published(&self, count: u64) {
+        self.prekeys_published.fetch_add(count, Relaxed);
+    }
+
     /// Sets the outbox's pending messages, as its consumer last said.
     pub fn set_outbox_pending(&self, pending: u64) {
         self.outbox_pending.store(pending, Relaxed);
@@ -299,6 +322,28 @@ impl Metrics {
             out,
             "kez_inbox_acknowledged_messages_total {}",
             self.inbox_acknowledged.load(Relaxed)
+        )?;
+        writeln!(
+            out,
+            "# HELP kez_prekey_claims_total Olm prekeys handed out by kez.keys.claim, per kind."
+        )?;
+        writeln!(out, "# TYPE kez_prekey_claims_total counter")?;
+        for (kind, count) in ["one_time", "fallback"].iter().zip(&self.prekey_claims) {
+            writeln!(
+                out,
+                "kez_prekey_claims_total{{kind=\"{kind}\"}} {}",
+                count.load(Relaxed)
+            )?;
+        }
+        writeln!(
+            out,
+            "# HELP kez_prekeys_published_total Olm prekeys devices published (kez.keys.publish)."
+        )?;
+        writeln!(out, "# TYPE kez_prekeys_published_total counter")?;
+        writeln!(
+            out,
+            "kez_prekeys_published_total {}",
+            self.prekeys_published.load(Relaxed)
         )?;
         writeln!(
             out,

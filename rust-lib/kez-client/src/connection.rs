@@ -824,6 +824,52 @@ impl Connection {
         self.pin_call(PinOp::Status, &request).await
     }
 
+    /// Publishes Olm prekeys of this connection's key (`kez.keys.publish`, PROTOCOL.md §15.2).
+    pub async fn keys_publish(
+        &self,
+        request: &kez_proto::keys::PublishRequest,
+    ) -> Result<kez_proto::keys::PublishAnswer, ClientError> {
+        self.call_json(Endpoint::KeysPublish, request_body(request))
+            .await
+    }
+
+    /// What the server keeps of this connection's prekeys (`kez.keys.count`).
+    pub async fn keys_count(&self) -> Result<kez_proto::keys::CountAnswer, ClientError> {
+        self.call_json(
+            Endpoint::KeysCount,
+            request_body(&kez_proto::keys::CountRequest {}),
+        )
+        .await
+    }
+
+    /// Claims one prekey of `device` (`kez.keys.claim`), of `domain`'s server when that is
+    /// another than the home server's. The answer must be about `device` (else
+    /// [`ClientError::BadAnswer`]); its prekey is the server's word: verify it with the device
+    /// key and the Olm identity key the device's verified chain binds.
+    pub async fn keys_claim(
+        &self,
+        device: &PublicKey,
+        domain: Option<&str>,
+    ) -> Result<kez_proto::keys::ClaimAnswer, ClientError> {
+        let domain = self.domain_member(Endpoint::KeysClaim, domain).await?;
+        let answer: kez_proto::keys::ClaimAnswer = self
+            .call_json(
+                Endpoint::KeysClaim,
+                request_body(&kez_proto::keys::ClaimRequest {
+                    device: *device,
+                    domain,
+                }),
+            )
+            .await?;
+        if answer.device != *device {
+            return Err(ClientError::BadAnswer {
+                subject: Endpoint::KeysClaim.subject().into(),
+                reason: format!("asked for {device}, answered for {}", answer.device),
+            });
+        }
+        Ok(answer)
+    }
+
     async fn pin_call<T: DeserializeOwned>(
         &self,
         op: PinOp,

@@ -42,11 +42,17 @@ pub enum Endpoint {
     MailRelay,
     /// `kez.mail.deliver`: a peer server hands over an envelope for a user here.
     MailDeliver,
+    /// `kez.keys.publish`: a device hands the server Olm prekeys (PROTOCOL.md §15.2).
+    KeysPublish,
+    /// `kez.keys.count`: what the server keeps of the caller's prekeys.
+    KeysCount,
+    /// `kez.keys.claim`: one prekey of a device, taken atomically.
+    KeysClaim,
 }
 
 impl Endpoint {
     /// Every endpoint, in a fixed order (metrics index by it).
-    pub const ALL: [Endpoint; 18] = [
+    pub const ALL: [Endpoint; 21] = [
         Endpoint::Register,
         Endpoint::Lookup,
         Endpoint::Whois,
@@ -65,6 +71,9 @@ impl Endpoint {
         Endpoint::PairGet,
         Endpoint::MailRelay,
         Endpoint::MailDeliver,
+        Endpoint::KeysPublish,
+        Endpoint::KeysCount,
+        Endpoint::KeysClaim,
     ];
 
     /// The endpoint's position in [`Endpoint::ALL`].
@@ -93,13 +102,17 @@ impl Endpoint {
             Endpoint::PairGet => "kez.pair.get",
             Endpoint::MailRelay => "kez.mail.relay",
             Endpoint::MailDeliver => "kez.mail.deliver",
+            Endpoint::KeysPublish => "kez.keys.publish",
+            Endpoint::KeysCount => "kez.keys.count",
+            Endpoint::KeysClaim => "kez.keys.claim",
         }
     }
 
     /// Whether requests count against the caller's per-key request limit (PROTOCOL.md §5.5):
-    /// every `kez.registry.*`, `kez.sigchain.*`, `kez.pin.*` and `kez.mail.fetch` request.
-    /// `kez.mail.send` and `kez.mail.relay` have budgets of their own (messages and bytes per
-    /// sender), `kez.mail.deliver` per peer domain.
+    /// every `kez.registry.*`, `kez.sigchain.*`, `kez.pin.*`, `kez.mail.fetch`,
+    /// `kez.keys.publish` and `kez.keys.count` request. `kez.mail.send` and `kez.mail.relay`
+    /// have budgets of their own (messages and bytes per sender), `kez.mail.deliver` per peer
+    /// domain, `kez.keys.claim` per claimer (PROTOCOL.md §15.2).
     pub fn is_rate_limited(self) -> bool {
         !matches!(
             self,
@@ -108,6 +121,7 @@ impl Endpoint {
                 | Endpoint::MailSend
                 | Endpoint::MailRelay
                 | Endpoint::MailDeliver
+                | Endpoint::KeysClaim
         )
     }
 }
@@ -206,6 +220,18 @@ pub const PAIR_SERVICE: ServiceSpec = ServiceSpec {
     endpoints: &[Endpoint::PairPut, Endpoint::PairGet],
 };
 
+/// `kez.keys.*`: Olm prekeys for forward-secret sessions (PROTOCOL.md §15.2).
+pub const KEYS_SERVICE: ServiceSpec = ServiceSpec {
+    name: "kez-keys",
+    prefix: "kez.keys",
+    description: "Key service: devices' Olm one-time and fallback prekeys, claimed atomically",
+    endpoints: &[
+        Endpoint::KeysPublish,
+        Endpoint::KeysCount,
+        Endpoint::KeysClaim,
+    ],
+};
+
 /// The auth callout service, served on the `AUTH` account connection when enabled.
 pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
     name: "kez-auth",
@@ -215,13 +241,14 @@ pub const CALLOUT_SERVICE: ServiceSpec = ServiceSpec {
 };
 
 /// The services users reach, in a fixed order (the broker configuration's).
-pub const USER_SERVICES: [&ServiceSpec; 6] = [
+pub const USER_SERVICES: [&ServiceSpec; 7] = [
     &REGISTRY_SERVICE,
     &SIGCHAIN_SERVICE,
     &SERVER_SERVICE,
     &PIN_SERVICE,
     &MAIL_SERVICE,
     &PAIR_SERVICE,
+    &KEYS_SERVICE,
 ];
 
 #[cfg(test)]
@@ -257,7 +284,7 @@ mod tests {
     }
 
     #[test]
-    fn only_service_information_and_mail_escape_the_per_key_limit() {
+    fn only_service_information_mail_and_claims_escape_the_per_key_limit() {
         let exempt: Vec<Endpoint> = Endpoint::ALL
             .into_iter()
             .filter(|endpoint| !endpoint.is_rate_limited())
@@ -269,7 +296,8 @@ mod tests {
                 Endpoint::Authorize,
                 Endpoint::MailSend,
                 Endpoint::MailRelay,
-                Endpoint::MailDeliver
+                Endpoint::MailDeliver,
+                Endpoint::KeysClaim
             ]
         );
     }

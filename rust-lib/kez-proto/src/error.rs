@@ -75,6 +75,27 @@ impl ErrorAnswer {
         )
     }
 
+    /// 404 `no_prekeys` (`kez.keys.claim`, PROTOCOL.md §15.2): `device` has published no
+    /// prekeys, or none is left.
+    pub fn no_prekeys(device: &kez_core::PublicKey) -> Self {
+        ErrorAnswer::new(
+            404,
+            "no_prekeys",
+            format!("{device} has no prekeys on this server; send it a version 1 envelope"),
+        )
+    }
+
+    /// 400 `too_many_keys` (`kez.keys.publish`, PROTOCOL.md §15.2): more one-time keys than
+    /// one request may carry or the server keeps for a device.
+    pub fn too_many_keys(message: impl Into<String>) -> Self {
+        ErrorAnswer::new(400, "too_many_keys", message)
+    }
+
+    /// 429 `rate_limited`: too many requests; the same request is accepted after `ms`.
+    pub fn rate_limited(message: impl Into<String>, ms: u64) -> Self {
+        ErrorAnswer::new(429, "rate_limited", message).with_retry_after_ms(ms)
+    }
+
     /// 500 `internal`: a bug or corrupt state. The message is for the server's log; the
     /// caller gets [`ErrorAnswer::status`]'s generic one.
     pub fn internal(message: impl Into<String>) -> Self {

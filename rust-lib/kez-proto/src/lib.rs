@@ -10,6 +10,7 @@ pub mod answer;
 pub mod endpoint;
 pub mod error;
 pub mod federation;
+pub mod keys;
 pub mod mail;
 pub mod pair;
 pub mod pin;

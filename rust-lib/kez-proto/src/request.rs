@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::endpoint::Endpoint;
 use crate::error::ErrorAnswer;
 use crate::federation::{MAX_RELAY_BYTES, RelayRequest, check_domain};
+use crate::keys::{ClaimRequest, CountRequest, PublishRequest};
 use crate::mail::{FetchRequest, MAX_SEND_BYTES, SendRequest};
 use crate::pair::{
     GetRequest as PairGetRequest, MAX_PAIR_REQUEST_BYTES, PutRequest as PairPutRequest,
@@ -110,6 +111,13 @@ pub enum Request<'a> {
     PairPut(PairPutRequest),
     /// `kez.pair.get`.
     PairGet(PairGetRequest),
+    /// `kez.keys.publish`: bounded, every prekey of its member's kind, none twice (the
+    /// signatures are the server's to verify with the caller's key).
+    KeysPublish(PublishRequest),
+    /// `kez.keys.count` (`{}`).
+    KeysCount,
+    /// `kez.keys.claim`: a device, and its home domain when that is another server's.
+    KeysClaim(PublicKey, Option<String>),
 }
 
 /// The largest body `endpoint` accepts: [`MAX_REQUEST_BYTES`], or
@@ -210,6 +218,22 @@ pub fn decode<'a>(
             Ok(Request::MailRelay(RelayRequest::decode(body)?))
         }
         Endpoint::MailDeliver => Ok(Request::MailDeliver(SendRequest::decode(body)?)),
+        Endpoint::KeysPublish => {
+            let request: PublishRequest = parse(body)?;
+            request.check()?;
+            Ok(Request::KeysPublish(request))
+        }
+        Endpoint::KeysCount => {
+            let CountRequest {} = parse(body)?;
+            Ok(Request::KeysCount)
+        }
+        Endpoint::KeysClaim => {
+            let request: ClaimRequest = parse(body)?;
+            Ok(Request::KeysClaim(
+                request.device,
+                remote(request.domain, domain)?,
+            ))
+        }
     }
 }
 

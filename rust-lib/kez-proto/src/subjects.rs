@@ -82,8 +82,9 @@ pub fn registered_publish() -> Vec<String> {
 
 /// What a peer server may publish on this broker (PROTOCOL.md §14.2), the federation
 /// subjects: hand over mail for users here, and read what anyone may read of them (lookups,
-/// whois, sigchains, server information). Nothing that changes state but mail, which is checked
-/// like any other.
+/// whois, sigchains, server information), and claim a device's prekey for one of its users
+/// (PROTOCOL.md §15.2). Nothing that changes state but mail and claims, which are checked and
+/// limited like any other.
 pub fn peer_publish() -> Vec<String> {
     [
         Endpoint::MailDeliver,
@@ -92,6 +93,7 @@ pub fn peer_publish() -> Vec<String> {
         Endpoint::GetChain,
         Endpoint::Head,
         Endpoint::Info,
+        Endpoint::KeysClaim,
     ]
     .map(|endpoint| endpoint.subject().to_owned())
     .into()
