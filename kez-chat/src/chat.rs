@@ -705,6 +705,36 @@ pub(crate) fn view_line(who: &str, view: &MessageView, ids: bool) -> String {
     format!("{id}[{}] {who}: {text}", clock(message.time))
 }
 
+/// Whether messages with `contact` are forward secret (PROTOCOL.md §15): every device they
+/// go to has an Olm key bound in its chain, or else which devices get today's envelope.
+pub(crate) fn secrecy_note(contact: &kez_client::Contact) -> String {
+    let without = contact.without_olm_key();
+    if without.is_empty() {
+        return format!(
+            "messages with {} are forward secret: a key stolen later does not open them",
+            contact.handle
+        );
+    }
+    let names: Vec<String> = without
+        .iter()
+        .map(|key| {
+            contact
+                .devices
+                .iter()
+                .find(|device| device.key == *key)
+                .map_or_else(
+                    || key.to_string(),
+                    |device| crate::display::inline(&device.name),
+                )
+        })
+        .collect();
+    format!(
+        "note: messages to {} are not forward secret on {} (no Olm key in their sigchain yet: an older client); a key stolen later opens them",
+        contact.handle,
+        names.join(", ")
+    )
+}
+
 /// The note that a sent message did not reach a device of `handle` (the home server's
 /// bounce): `[time] ⚠ not delivered to @bob@b.example: <what went wrong> (<reason>)`. The
 /// server's words, which may carry a peer's, go through `display`.

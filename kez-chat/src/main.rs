@@ -1760,6 +1760,7 @@ impl App {
                         "key": c.key.to_string(),
                         "current_key": c.current_key.to_string(),
                         "added_at": c.added_at,
+                        "forward_secret": c.forward_secret(),
                         "display_name": profile.as_ref().map(|(p, _)| p.display_name.clone()),
                         "avatar": profile.as_ref().and_then(|(p, _)| p.avatar.as_ref()).map(|a| json!({
                             "type": a.image_type.media_type(),
@@ -2010,6 +2011,12 @@ impl App {
             tell!(
                 "{full} is not in your contacts: shown are the messages signed by {peer}, the key the server names for {full}. `kez-chat add {full}` verifies and pins it"
             );
+        }
+        if let Some(contact) = store
+            .contact_or_moved(&full.to_string())
+            .map_err(Failure::store)?
+        {
+            tell!("{}", chat::secrecy_note(&contact));
         }
         if messages.is_empty() {
             tell!("no messages with {full} yet");
@@ -2457,6 +2464,10 @@ fn body_text(id: &MessageId, content_type: &str, body: &[u8]) -> String {
                 _ => "(a reply that is not valid)".to_owned(),
             }
         }
+        kez_client::UNDECRYPTABLE_CONTENT_TYPE => format!(
+            "⚠ this message did not decrypt ({}); the sending device was asked to send it again",
+            String::from_utf8_lossy(body)
+        ),
         other => format!(
             "(a message this version cannot show: {other}, {} bytes)",
             body.len()

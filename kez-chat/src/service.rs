@@ -745,9 +745,23 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
     }
 }
 
-/// What the service does once connected: learn the own devices (so sends are copied to
-/// them) and serve the user's files at the endpoint the chain names. `false` to try again.
+/// What the service does once connected: prepare forward secrecy (prekeys published, the Olm
+/// key bound in the own chain), learn the own devices (so sends are copied to them) and serve
+/// the user's files at the endpoint the chain names. `false` to try again.
 async fn prepare(app: &App, conn: &Connection, store: &Store, handle: &str) -> bool {
+    {
+        let _writing = app.held.chain_writer.lock().await;
+        match conn.prepare_forward_secrecy(store).await {
+            Ok(kez_client::ForwardSecrecy::Ready) => {}
+            Ok(kez_client::ForwardSecrecy::Unavailable(why)) => {
+                tracing::warn!("messages are sealed without forward secrecy: {why}");
+            }
+            Err(err) => {
+                tracing::warn!("cannot prepare forward secrecy ({err}); trying again");
+                return false;
+            }
+        }
+    }
     if let Err(err) = conn.own_devices(store, handle).await {
         tracing::warn!("cannot read the own sigchain ({err}); trying again");
         return false;

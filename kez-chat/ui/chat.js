@@ -180,7 +180,7 @@ export class ChatView {
     const conv = ctx.convOf(this.handle);
     if (!this.peerKey) this.peerKey = conv?.peer || contact?.key || null;
     // Rebuilt only when what it shows changed, so a focused header button keeps its focus.
-    const signature = JSON.stringify([this.handle, name, presence, !!contact, this.peerKey]);
+    const signature = JSON.stringify([this.handle, name, presence, !!contact, contact?.forward_secret, this.peerKey]);
     if (signature === this.headerSignature) return;
     this.headerSignature = signature;
     fill(this.header,
@@ -191,7 +191,10 @@ export class ChatView {
         el('p', { class: 'chat-sub' },
           el('span', { class: 'chat-handle' }, inline(this.handle)),
           presence && el('span', { class: ['presence-text', presence] }, ` · ${presence}`),
-          contact ? null : el('span', { class: 'tag warn' }, 'not in contacts'))),
+          contact ? null : el('span', { class: 'tag warn' }, 'not in contacts'),
+          contact && (contact.forward_secret
+            ? el('span', { class: 'tag secrecy', id: 'secrecy-tag', title: 'Every device of theirs has an Olm key: a key stolen later does not open these messages' }, '🔒 forward secret')
+            : el('span', { class: 'tag warn', id: 'secrecy-tag', title: 'A device of theirs has no Olm key yet (an older client): a key stolen later opens what it gets' }, 'not forward secret')))),
       el('div', { class: 'chat-tools' },
         contact ? null : el('button', { type: 'button', class: 'btn small', onclick: () => ctx.addContact(this.handle) }, 'Add contact'),
         el('button', { type: 'button', class: 'icon-btn', 'aria-label': `Share a file with ${inline(name)}`, title: 'Share a file', onclick: () => this.fileInput.click() }, icon('upload')),
@@ -309,6 +312,8 @@ export class ChatView {
       parts.push(el('p', { class: 'text deleted' }, own ? 'You deleted this message' : 'This message was deleted'));
     } else if (m.content_type === 'file-offer') {
       parts.push(this.renderOffer(m));
+    } else if (m.content_type === '!undecryptable') {
+      parts.push(el('p', { class: 'text warn undecryptable' }, '⚠ This message did not decrypt. The sending device was asked to send it again.'));
     } else if (m.content_type === 'text' || m.content_type === 'kez.reply') {
       parts.push(el('p', { class: 'text' }, m.text));
     } else {

@@ -89,6 +89,11 @@ impl ChatUser {
         }
     }
 
+    /// Where the store file is.
+    pub fn store_path(&self) -> std::path::PathBuf {
+        self._home.store_path()
+    }
+
     /// Connects with the chat profile (retrying for at most `patience`).
     ///
     /// # Panics

@@ -901,6 +901,7 @@ async fn a_duplicate_answer_to_a_repeated_send_is_a_delivery() {
         added_at: 0,
         devices: Vec::new(),
         moved_from: Vec::new(),
+        olm_keys: Default::default(),
     };
     let sent = alice.send(&contact, "text", b"hi").await.unwrap();
     assert_eq!(sent.stream_sequence, 7);

@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_nats::Client;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use kez_core::chat::RESEND_CONTENT_TYPE;
 use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
-use kez_core::envelope::{self, EnvelopeError, Message, MessageId};
+use kez_core::envelope::{self, EnvelopeError, Message, MessageId, OlmEnvelope, Opened};
 use kez_core::file::BlobHash;
 use kez_core::moving;
 use kez_core::{ChainError, Handle, HandleError, PublicKey, SecretKey};
@@ -29,7 +30,9 @@ use kez_proto::{Endpoint, ErrorAnswer};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::store::{Contact, InboxFloor, ReceivedBounce, Store, StoreError};
+use crate::store::{Contact, InboxFloor, Received, ReceivedBounce, Store, StoreError};
+
+pub mod secrecy;
 use kez_core::trust::VerifiedChain;
 use kez_core::trust::{DeviceChange, PinChange, device_changes};
 
@@ -125,6 +128,15 @@ pub enum ClientError {
         key: PublicKey,
         /// Why.
         source: ChainError,
+    },
+    /// A forward-secret session with a device could not be made (no prekey from its key
+    /// service, or one that does not check): the device does not get the message.
+    #[error("cannot start a forward-secret session with device {device}: {reason}")]
+    Session {
+        /// The device.
+        device: PublicKey,
+        /// Why.
+        reason: String,
     },
     /// A message could not be sealed.
     #[error("cannot seal the message: {0}")]
@@ -419,6 +431,10 @@ pub struct Connection {
     /// The own identity's devices that get a copy of what this connection sends, as last
     /// learned by [`Connection::own_devices`]: none until then.
     own_devices: Arc<std::sync::Mutex<Vec<PublicKey>>>,
+    /// The store whose Olm account and sessions seal forward-secret messages, once
+    /// [`Connection::prepare_forward_secrecy`] found the key service: until then (and with a
+    /// server without one) every message is sealed with envelope version 1.
+    secrecy: Arc<std::sync::OnceLock<Store>>,
     /// The contacts' moves followed while receiving, for [`Connection::take_moves`].
     moves: Arc<std::sync::Mutex<Vec<Moved>>>,
     /// The home server's domain and federation key, asked once ([`Connection::home_server`]).
@@ -577,6 +593,7 @@ impl Connection {
             key,
             new_mail: Arc::default(),
             own_devices: Arc::default(),
+            secrecy: Arc::default(),
             moves: Arc::default(),
             home: Arc::default(),
         })
@@ -1259,27 +1276,49 @@ impl Connection {
             body: body.to_vec(),
         }
         .encode();
-        let mut envelopes = Vec::new();
-        for device in to.recipient_keys() {
-            let sealed = envelope::seal_with_id(&self.key, &device, content_type, body, time, id)
-                .map_err(ClientError::Seal)?;
-            envelopes.push((device, true, sealed));
-        }
-        for device in copies {
-            let sealed =
-                envelope::seal_with_id(&self.key, &device, SENT_COPY_CONTENT_TYPE, &copy, time, id)
-                    .map_err(ClientError::Seal)?;
-            envelopes.push((device, false, sealed));
-        }
-        let answers = envelopes
+        let peers = self
+            .seal_for(
+                &Connection::recipients_of(to, remote.as_deref()),
+                content_type,
+                body,
+                time,
+                id,
+                false,
+            )
+            .await?;
+        let copies = self
+            .seal_for(
+                &self.own_recipients(&copies),
+                SENT_COPY_CONTENT_TYPE,
+                &copy,
+                time,
+                id,
+                false,
+            )
+            .await?;
+        let sealed = peers
             .into_iter()
+            .map(|(device, sealed)| (device, true, sealed))
+            .chain(
+                copies
+                    .into_iter()
+                    .map(|(device, sealed)| (device, false, sealed)),
+            );
+        let answers = sealed
             .map(|(device, for_peer, sealed)| {
                 let remote = remote.as_deref().filter(|_| for_peer);
-                let (endpoint, request) = mail_request(remote, &device, &id, &sealed);
-                let connection = self.clone();
-                let answer = tokio::spawn(async move {
-                    connection.call_repeating(endpoint, request, None).await
-                });
+                let answer = match sealed {
+                    Ok(sealed) => {
+                        let (endpoint, request) = mail_request(remote, &device, &id, &sealed);
+                        let connection = self.clone();
+                        tokio::spawn(async move {
+                            connection.call_repeating(endpoint, request, None).await
+                        })
+                    }
+                    Err(reason) => {
+                        tokio::spawn(async move { Err(ClientError::Session { device, reason }) })
+                    }
+                };
                 (device, for_peer, answer)
             })
             .collect();
@@ -1483,6 +1522,7 @@ impl Connection {
             let Some(OpenedBatch {
                 opened,
                 origins,
+                olm,
                 next_floor,
             }) = batch
             else {
@@ -1493,14 +1533,45 @@ impl Connection {
                 origins,
                 bounces,
             } = take_bounces(opened, origins, home_key.as_ref());
-            self.learn_senders(store, &opened, &origins).await;
-            let fresh = store.record_fetched(&opened, &origins, &bounces, next_floor, now())?;
+            let senders: Vec<(PublicKey, Option<&str>, Option<&str>)> = opened
+                .iter()
+                .zip(&origins)
+                .map(|((message, _), origin)| {
+                    (
+                        message.from,
+                        Some(message.content_type.as_str()),
+                        origin.as_deref(),
+                    )
+                })
+                .chain(
+                    olm.iter()
+                        .map(|(outer, _, origin)| (outer.sender, None, origin.as_deref())),
+                )
+                .collect();
+            self.learn_senders(store, &senders).await;
+            let mut batch: Vec<(Received, u64, Option<String>)> = opened
+                .into_iter()
+                .zip(origins)
+                .map(|((message, seq), origin)| (Received::Sealed(message), seq, origin))
+                .chain(
+                    olm.into_iter()
+                        .map(|(outer, seq, origin)| (Received::Olm(outer), seq, origin)),
+                )
+                .collect();
+            batch.sort_by_key(|(_, seq, _)| *seq);
+            let recorded =
+                store.record_fetched_olm(&self.key, batch, &bounces, next_floor, now())?;
+            if recorded.duplicates > 0 {
+                tracing::info!(count = recorded.duplicates, "dropped messages seen before");
+            }
             bounced |= !bounces.is_empty();
-            for ((message, _), fresh) in opened.into_iter().zip(fresh) {
-                if fresh {
-                    received.push(message);
+            self.recover_sessions(store, recorded.undecryptable, recorded.used_prekeys)
+                .await;
+            for message in recorded.fresh {
+                if message.content_type == RESEND_CONTENT_TYPE {
+                    self.answer_resend(store, &message).await;
                 } else {
-                    tracing::info!(id = %message.id, "dropping a message seen before");
+                    received.push(message);
                 }
             }
             floor = next_floor;
@@ -1519,12 +1590,10 @@ impl Connection {
     async fn learn_senders(
         &self,
         store: &Store,
-        opened: &[(Message, u64)],
-        origins: &[Option<String>],
+        senders: &[(PublicKey, Option<&str>, Option<&str>)],
     ) {
         let mut asked = Vec::new();
-        for ((message, _), origin) in opened.iter().zip(origins) {
-            let from = message.from;
+        for &(from, content_type, origin) in senders {
             if asked.contains(&from) || asked.len() >= MAX_SENDERS_LEARNED {
                 continue;
             }
@@ -1534,10 +1603,7 @@ impl Connection {
             }
             if let Some(contact) = store.contact_by_key(&from).ok().flatten() {
                 asked.push(from);
-                match self
-                    .follow_from_origin(store, &contact, origin.as_deref())
-                    .await
-                {
+                match self.follow_from_origin(store, &contact, origin).await {
                     Ok(Some(moved)) => self.moves.lock().expect("moves lock").push(moved),
                     Ok(None) => {}
                     Err(err) => tracing::info!(
@@ -1548,14 +1614,13 @@ impl Connection {
                 continue;
             }
             asked.push(from);
-            let learned = if message.content_type == SENT_COPY_CONTENT_TYPE {
+            let learned = if content_type == Some(SENT_COPY_CONTENT_TYPE) {
                 match own {
                     Some(own) => self.own_devices(store, &own.handle).await.map(drop),
                     None => Ok(()),
                 }
             } else {
-                self.learn_contact_device(store, &from, origin.as_deref())
-                    .await
+                self.learn_contact_device(store, &from, origin).await
             };
             if let Err(err) = learned {
                 tracing::info!(key = %from, "could not tell whose device signed a message: {err}");
@@ -1621,6 +1686,14 @@ impl Connection {
             return Ok(());
         };
         let handle = profile.handle.to_string();
+        // A forward-secret message says who sent it only inside: a new own device is found
+        // by its identity here.
+        if profile.key == self.identity {
+            if let Some(own) = store.own()? {
+                self.own_devices(store, &own.handle).await?;
+            }
+            return Ok(());
+        }
         match store.contact(&handle)? {
             Some(contact) if contact.key == profile.key => {
                 store.pin(&handle, &chain, now())?;
@@ -1673,6 +1746,9 @@ struct OpenedBatch {
     /// The domain each of `opened` came from, when another server handed it over (always
     /// `None` without `origins` in the request).
     origins: Vec<Option<String>>,
+    /// The version 2 envelopes, their outer layer opened, with sequence and origin: their
+    /// Olm messages are decrypted where they are stored.
+    olm: Vec<(OlmEnvelope, u64, Option<String>)>,
     next_floor: InboxFloor,
 }
 
@@ -1751,21 +1827,23 @@ fn open_fetched(
         .min(fetched.messages.len().div_ceil(OPEN_PER_THREAD))
         .max(1);
     let chunk = fetched.messages.len().div_ceil(threads);
-    let open_chunk = |messages: &[Fetched<'_>]| -> Vec<((Message, u64), Option<String>)> {
+    let open_chunk = |messages: &[Fetched<'_>]| -> Vec<(Opened, u64, Option<String>)> {
         messages
             .iter()
-            .filter_map(|message| match envelope::open(key, message.envelope) {
-                Ok(opened) => Some(((opened, message.seq), message.origin.map(str::to_owned))),
-                Err(err) => {
-                    tracing::warn!(
-                        code = err.code(),
-                        size = message.envelope.len(),
-                        seq = message.seq,
-                        "dropping a message that does not open: {err}"
-                    );
-                    None
-                }
-            })
+            .filter_map(
+                |message| match envelope::open_outer(key, message.envelope) {
+                    Ok(opened) => Some((opened, message.seq, message.origin.map(str::to_owned))),
+                    Err(err) => {
+                        tracing::warn!(
+                            code = err.code(),
+                            size = message.envelope.len(),
+                            seq = message.seq,
+                            "dropping a message that does not open: {err}"
+                        );
+                        None
+                    }
+                },
+            )
             .collect()
     };
     let opened = std::thread::scope(|scope| {
@@ -1780,12 +1858,22 @@ fn open_fetched(
         }
         opened
     });
-    let (opened, origins) = opened.into_iter().unzip();
-    Ok(Some(OpenedBatch {
-        opened,
-        origins,
+    let mut batch = OpenedBatch {
+        opened: Vec::new(),
+        origins: Vec::new(),
+        olm: Vec::new(),
         next_floor,
-    }))
+    };
+    for (opened, seq, origin) in opened {
+        match opened {
+            Opened::Sealed(message) => {
+                batch.opened.push((message, seq));
+                batch.origins.push(origin);
+            }
+            Opened::Olm(outer) => batch.olm.push((outer, seq, origin)),
+        }
+    }
+    Ok(Some(batch))
 }
 
 /// The stream sequence a new-mail notification names (`Nats-Sequence`), 0 if none.

@@ -45,6 +45,7 @@ pub mod live;
 pub mod shared;
 pub mod store;
 
+pub use connection::secrecy::ForwardSecrecy;
 pub use connection::{
     ClientError, Connection, HomeServer, Moved, PIN_ADD_TIMEOUT, Pending, Plaintext, Sent,
     ServiceError, UrlError, VerifiedContact, broker_urls, now,
@@ -64,6 +65,6 @@ pub use kez_proto::pair::{
 pub use live::{LIVE_WINDOW_SECS, LiveError, LiveNotice};
 pub use store::{
     Contact, Conversation, Direction, Downloaded, Found, InboxFloor, Offer, Published,
-    PublishedManifest, ReceivedBounce, Store, StoreError, StoredMessage, Undelivered,
-    UndeliveredNote,
+    PublishedManifest, ReceivedBounce, Store, StoreError, StoredMessage,
+    UNDECRYPTABLE_CONTENT_TYPE, Undelivered, UndeliveredNote,
 };

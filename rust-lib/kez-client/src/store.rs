@@ -17,6 +17,7 @@ use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{Message, MessageId};
 use kez_core::file::{BlobHash, FILE_OFFER_CONTENT_TYPE};
 use kez_core::manifest::ManifestEntry;
+use kez_core::prekey::OlmKey;
 use kez_core::sigchain::{Device, DeviceKind, LinkHash};
 use kez_proto::federation::Bounce;
 use redb::{Database, ReadableTable, TableDefinition, TableHandle};
@@ -218,9 +219,25 @@ fn record_in(
     message: &StoredMessage,
     unshown: bool,
 ) -> Result<bool, StoreError> {
+    Ok(record_at(tx, message, unshown)?.is_some())
+}
+
+/// [`record_in`] of an unshown message, answering where it went: its conversation and order.
+fn record_placed(
+    tx: &redb::WriteTransaction,
+    message: &StoredMessage,
+) -> Result<Option<(String, u64)>, StoreError> {
+    record_at(tx, message, true)
+}
+
+fn record_at(
+    tx: &redb::WriteTransaction,
+    message: &StoredMessage,
+    unshown: bool,
+) -> Result<Option<(String, u64)>, StoreError> {
     let mut seen = tx.open_table(SEEN).map_err(db)?;
     if seen.get(message.id.as_bytes()).map_err(db)?.is_some() {
-        return Ok(false);
+        return Ok(None);
     }
     seen.insert(message.id.as_bytes(), message.stored_at)
         .map_err(db)?;
@@ -254,7 +271,7 @@ fn record_in(
             .insert(message.from.as_bytes(), before.max(message.time))
             .map_err(db)?;
     }
-    Ok(true)
+    Ok(Some((peer, order)))
 }
 
 /// The conversation `message` belongs to (its key in [`MESSAGES`]): for a message to a
@@ -262,6 +279,39 @@ fn record_in(
 /// identity (so a contact's messages stay in one conversation across a rotation). A message
 /// signed by the identity key of a contact that has rotated away from it is not the contact's:
 /// it goes to a conversation of its own (`retired.<key hex>`). Anything else: the sender's key.
+/// The body of [`Store::record_fetched`] inside the caller's transaction (without the floor).
+fn record_batch_in(
+    tx: &redb::WriteTransaction,
+    messages: &[(Message, u64)],
+    origins: &[Option<String>],
+    bounces: &[ReceivedBounce],
+    now: u64,
+) -> Result<Vec<bool>, StoreError> {
+    let own = own_in(tx)?;
+    let fresh = messages
+        .iter()
+        .map(|(message, seq)| {
+            let stored = own_copy(own.as_ref(), message, *seq, now)
+                .unwrap_or_else(|| incoming(message, *seq, now));
+            record_in(tx, &stored, true)
+        })
+        .collect::<Result<Vec<bool>, StoreError>>()?;
+    {
+        let mut table = tx.open_table(ORIGINS).map_err(db)?;
+        for ((message, _), origin) in messages.iter().zip(origins) {
+            if let Some(origin) = origin {
+                table
+                    .insert(message.from.as_bytes(), origin.as_str())
+                    .map_err(db)?;
+            }
+        }
+    }
+    for bounce in bounces {
+        record_bounce(tx, bounce, now)?;
+    }
+    Ok(fresh)
+}
+
 fn write_floor(tx: &redb::WriteTransaction, floor: InboxFloor) -> Result<(), StoreError> {
     let mut meta = tx.open_table(META).map_err(db)?;
     meta.insert(INBOX_FLOOR, floor.seq).map_err(db)?;
@@ -359,7 +409,23 @@ fn contact_for(handle: &str, chain: &VerifiedChain, now: u64) -> Contact {
         added_at: now,
         devices: chain.devices().to_vec(),
         moved_from: Vec::new(),
+        olm_keys: olm_keys_of(chain),
     }
+}
+
+/// The Olm identity key each active device of `chain` bound to itself (PROTOCOL.md §15.1).
+fn olm_keys_of(chain: &VerifiedChain) -> BTreeMap<PublicKey, OlmKey> {
+    let mut devices: Vec<PublicKey> = chain
+        .devices()
+        .iter()
+        .filter(|device| device.is_active())
+        .map(|device| device.key)
+        .collect();
+    devices.push(chain.current_key());
+    devices
+        .into_iter()
+        .filter_map(|device| chain.olm_key(&device).map(|olm| (device, olm)))
+        .collect()
 }
 
 /// A contact: a handle, the identity pinned for it on first use (trust on first use), and the
@@ -390,6 +456,12 @@ pub struct Contact {
     /// contact stored before moves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moved_from: Vec<String>,
+    /// The Olm identity key each active device bound to itself (`set_olm_key`, PROTOCOL.md
+    /// §15.1), as last verified: such a device gets forward-secret messages (envelope version
+    /// 2), the others today's. Absent in a contact stored before forward secrecy until it is
+    /// verified again.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub olm_keys: BTreeMap<PublicKey, OlmKey>,
 }
 
 impl Contact {
@@ -410,6 +482,23 @@ impl Contact {
     pub fn retired(&self, key: &PublicKey) -> bool {
         let known = self.key == *key || self.devices.iter().any(|device| device.key == *key);
         known && !self.signs_with(key)
+    }
+
+    /// Whether every device a message to this contact goes to has an Olm key bound, so that
+    /// messages to it are forward secret (PROTOCOL.md §15).
+    pub fn forward_secret(&self) -> bool {
+        self.recipient_keys()
+            .iter()
+            .all(|device| self.olm_keys.contains_key(device))
+    }
+
+    /// The devices of [`Contact::recipient_keys`] that have no Olm key bound: they still get
+    /// today's envelope (an older client, or one that has not bound its key yet).
+    pub fn without_olm_key(&self) -> Vec<PublicKey> {
+        self.recipient_keys()
+            .into_iter()
+            .filter(|device| !self.olm_keys.contains_key(device))
+            .collect()
     }
 
     /// The keys a message to this contact is sealed to, one envelope each: every active device
@@ -662,6 +751,9 @@ pub struct Conversation {
     pub last: StoredMessage,
 }
 
+mod olm;
+pub use olm::{OlmTarget, Prekeys, Received, RecordedBatch, UNDECRYPTABLE_CONTENT_TYPE};
+
 mod base64_bytes {
     use data_encoding::BASE64;
     use serde::{Deserialize, Deserializer, Serializer};
@@ -841,8 +933,9 @@ fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
 }
 
 /// The local store (see the module docs). One process at a time: redb locks the file.
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
+    db: std::sync::Arc<Database>,
 }
 
 impl std::fmt::Debug for Store {
@@ -901,7 +994,10 @@ impl Store {
         tx.open_table(UNDELIVERED).map_err(db)?;
         tx.open_table(UNSHOWN_UNDELIVERED).map_err(db)?;
         tx.commit().map_err(db)?;
-        Ok(Store { db: database })
+        olm::create_tables(&database)?;
+        Ok(Store {
+            db: std::sync::Arc::new(database),
+        })
     }
 
     /// Pins `chain`'s identity for `handle` on first use, or checks it against the pinned one
@@ -987,6 +1083,7 @@ impl Store {
                     chain_seq: now_pinned.seq,
                     chain_head: now_pinned.head,
                     devices: chain.devices().to_vec(),
+                    olm_keys: olm_keys_of(chain),
                     ..contact
                 },
             };
@@ -1042,6 +1139,7 @@ impl Store {
                 chain_seq: now_pinned.seq,
                 chain_head: now_pinned.head,
                 devices: chain.devices().to_vec(),
+                olm_keys: olm_keys_of(chain),
                 added_at: existing
                     .added_at
                     .min(there.map_or(u64::MAX, |there| there.added_at)),
@@ -1193,28 +1291,7 @@ impl Store {
         now: u64,
     ) -> Result<Vec<bool>, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
-        let own = own_in(&tx)?;
-        let fresh = messages
-            .iter()
-            .map(|(message, seq)| {
-                let stored = own_copy(own.as_ref(), message, *seq, now)
-                    .unwrap_or_else(|| incoming(message, *seq, now));
-                record_in(&tx, &stored, true)
-            })
-            .collect::<Result<Vec<bool>, StoreError>>()?;
-        {
-            let mut table = tx.open_table(ORIGINS).map_err(db)?;
-            for ((message, _), origin) in messages.iter().zip(origins) {
-                if let Some(origin) = origin {
-                    table
-                        .insert(message.from.as_bytes(), origin.as_str())
-                        .map_err(db)?;
-                }
-            }
-        }
-        for bounce in bounces {
-            record_bounce(&tx, bounce, now)?;
-        }
+        let fresh = record_batch_in(&tx, messages, origins, bounces, now)?;
         write_floor(&tx, floor)?;
         tx.commit().map_err(db)?;
         Ok(fresh)

@@ -60,6 +60,13 @@ pub const PROFILE_CONTENT_TYPE: &str = "kez.profile";
 /// The content type of a conversation's disappearing-message timer.
 pub const TIMER_CONTENT_TYPE: &str = "kez.timer";
 
+/// The content type of a request to send messages again that did not decrypt (PROTOCOL.md
+/// §15.4): a device that could not decrypt a forward-secret message asks the sending device,
+/// over a new session, for those ids. Not a [`ChatContent`]: it never changes a message.
+pub const RESEND_CONTENT_TYPE: &str = "kez.resend";
+/// Most ids one resend request names.
+pub const MAX_RESEND_IDS: usize = 64;
+
 /// Every content type this module reads, in the order of PROTOCOL.md §8.6.
 pub const CONTENT_TYPES: [&str; 9] = [
     RECEIPT_CONTENT_TYPE,
@@ -599,6 +606,52 @@ impl Receipt {
     }
 }
 
+/// `kez.resend`: the messages `ids` reached the asking device but did not decrypt; the
+/// sending device is asked to seal them again for it, over the newest session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resend {
+    /// The messages, 1 to [`MAX_RESEND_IDS`] (a set: written in ascending order).
+    pub ids: BTreeSet<MessageId>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResendJson {
+    ids: Vec<MessageId>,
+}
+
+impl Resend {
+    /// This body's content type.
+    pub const CONTENT_TYPE: &'static str = RESEND_CONTENT_TYPE;
+
+    fn check(ids: &[MessageId]) -> Result<(), ChatError> {
+        if ids.len() > MAX_RESEND_IDS {
+            return Err(ChatError::Malformed(format!(
+                "a resend request names {} messages; the limit is {MAX_RESEND_IDS}",
+                ids.len()
+            )));
+        }
+        check_ids(ids)
+    }
+
+    /// The body's bytes (canonical JSON, ids ascending).
+    pub fn encode(&self) -> Result<Vec<u8>, ChatError> {
+        let ids: Vec<MessageId> = self.ids.iter().copied().collect();
+        Self::check(&ids)?;
+        Ok(to_canonical(&ResendJson { ids }))
+    }
+
+    /// Reads a body: 1 to [`MAX_RESEND_IDS`] ids, strictly ascending.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ChatError> {
+        let json: ResendJson = parse(bytes)?;
+        Self::check(&json.ids)?;
+        one_form(bytes, &to_canonical(&json))?;
+        Ok(Resend {
+            ids: json.ids.into_iter().collect(),
+        })
+    }
+}
+
 impl Profile {
     /// This body's content type.
     pub const CONTENT_TYPE: &'static str = PROFILE_CONTENT_TYPE;
@@ -759,6 +812,7 @@ pub enum ChangeKind {
 pub fn is_message(content_type: &str) -> bool {
     content_type == REPLY_CONTENT_TYPE
         || !(CONTENT_TYPES.contains(&content_type)
+            || content_type == RESEND_CONTENT_TYPE
             || content_type == crate::copy::SENT_COPY_CONTENT_TYPE
             || content_type == crate::pair::SYNC_CONTENT_TYPE)
 }

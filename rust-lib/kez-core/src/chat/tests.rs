@@ -1069,3 +1069,27 @@ fn committed_vectors_are_reproduced_and_name_each_failure() {
         .collect();
     crate::committed_vectors::check("chat", &rendered, |error| error);
 }
+
+#[test]
+fn a_resend_request_has_one_form_and_bounded_ids() {
+    let resend = Resend {
+        ids: [id(2), id(1)].into_iter().collect(),
+    };
+    let body = resend.encode().unwrap();
+    assert_eq!(
+        String::from_utf8(body.clone()).unwrap(),
+        format!("{{\"ids\":[\"{}\",\"{}\"]}}", id(1), id(2))
+    );
+    assert_eq!(Resend::decode(&body).unwrap(), resend);
+    let unsorted = format!("{{\"ids\":[\"{}\",\"{}\"]}}", id(2), id(1));
+    assert_eq!(
+        Resend::decode(unsorted.as_bytes()).unwrap_err().code(),
+        "unsorted_ids"
+    );
+    assert!(Resend::decode(b"{\"ids\":[]}").is_err());
+    let too_many = Resend {
+        ids: (0..=MAX_RESEND_IDS as u16).map(numbered).collect(),
+    };
+    assert!(too_many.encode().is_err());
+    assert!(!is_message(RESEND_CONTENT_TYPE), "never shown as a message");
+}
