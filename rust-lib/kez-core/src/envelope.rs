@@ -431,9 +431,11 @@ pub struct OlmEnvelope {
 }
 
 /// Opens what needs no state: a version 1 envelope in full ([`open`]), or a version 2
-/// envelope's outer layer (PROTOCOL.md §15.3 steps 1–6). Then, for version 2, the caller
-/// checks the sender has an Olm key, decrypts [`OlmEnvelope::message`] with its session, and
-/// gives the plaintext to [`open_inner`].
+/// envelope's outer layer (PROTOCOL.md §15.3 steps 2–5; step 1, dropping a duplicate by
+/// [`outer_id`], comes before). Then, for version 2, the caller checks that the sender's chain
+/// binds an Olm key (and for a pre-key message that it is the one the message names),
+/// decrypts [`OlmEnvelope::message`] with its session, and gives the plaintext to
+/// [`open_inner`]; it records the id only once that succeeded.
 pub fn open_outer(recipient: &SecretKey, envelope: &[u8]) -> Result<Opened, EnvelopeError> {
     if envelope.len() > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::TooLarge {
@@ -490,7 +492,7 @@ pub fn open_outer(recipient: &SecretKey, envelope: &[u8]) -> Result<Opened, Enve
     }))
 }
 
-/// Checks the Olm plaintext of `outer` (PROTOCOL.md §15.3): the signed header is version 2,
+/// Checks the Olm plaintext of `outer` (PROTOCOL.md §15.3 step 8): the signed header is version 2,
 /// for `recipient`, from `outer.sender`, with `outer.id`, and the signature verifies. Gives
 /// the message.
 pub fn open_inner(

@@ -804,7 +804,55 @@ fn generate() -> Vec<Vector> {
     }
 
     devices(&mut out);
+    olm_keys(&mut out);
     out
+}
+
+/// A fixed Olm identity key for the vectors: SHA-256 of `kez test vector olm key: <name>`.
+fn olm_key(name: &str) -> String {
+    sha256_hex(format!("kez test vector olm key: {name}").as_bytes())
+}
+
+/// `set_olm_key` (PROTOCOL.md §4.3): bound to its signer, replaced, dropped on revocation.
+fn olm_keys(out: &mut Vec<Vector>) {
+    let set = |version: u64, signer: &'static str, key: &'static str| {
+        move |c: &Chain| {
+            c.draft("alice", signer, "set_olm_key", json!({"key": olm_key(key)}))
+                .set("v", json!(version))
+                .sign(signer)
+        }
+    };
+    let good = Chain::alice_base().then(&[
+        &set(1, "alice", "alice-1"),
+        &|c| c.add_device("alice", "alice-laptop", "laptop", "desktop"),
+        &set(2, "alice-laptop", "laptop"),
+        &set(2, "alice", "alice-2"),
+        &|c| c.add_device("alice", "alice-phone", "phone", "mobile"),
+        &set(2, "alice-phone", "phone"),
+        &|c| c.revoke_device("alice", "alice-phone", None),
+    ]);
+    out.push(good_vector(
+        "good-olm-keys",
+        "alice's two version 1 links, then: 3 alice binds an Olm key in a version 1 link; 4 she adds her laptop (version 2 from here); 5 the laptop binds its Olm key; 6 alice binds another, replacing hers; 7 she adds her phone; 8 the phone binds its Olm key; 9 alice revokes the phone, which drops its binding. olm_keys ends with alice's second key and the laptop's.",
+        &["alice", "alice-laptop", "alice-phone"],
+        good.links,
+    ));
+    let base = Chain::alice_base();
+    let extra = base
+        .draft(
+            "alice",
+            "alice",
+            "set_olm_key",
+            json!({"key": olm_key("alice-1"), "kind": "curve25519"}),
+        )
+        .sign("alice");
+    out.push(vector(
+        "malformed-set_olm_key-extra-member",
+        "Link 3 is a set_olm_key whose payload has a member besides key.",
+        &["alice"],
+        base.push(extra).links,
+        error("malformed", 3),
+    ));
 }
 
 /// The device vectors (PROTOCOL.md §4.3, §4.5): version 2 links after alice's version 1 start.

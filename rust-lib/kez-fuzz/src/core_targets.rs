@@ -1,5 +1,6 @@
-//! Targets for kez-core: sigchain links and chains, envelopes, sent copies, chat bodies,
-//! pairing requests, files and offers, manifests, handles, keys, provider strings.
+//! Targets for kez-core: sigchain links and chains (and the `set_olm_key` payload), envelopes
+//! of both versions, Olm messages, sent copies, chat bodies, pairing requests, files and
+//! offers, manifests, handles, keys, provider strings.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -7,14 +8,18 @@ use hkdf::Hkdf;
 use kez_core::SignatureDomain;
 use kez_core::chat::{self, ChatContent, ChatError};
 use kez_core::copy::{MAX_META_BYTES, SENT_COPY_CONTENT_TYPE, SentCopy};
-use kez_core::envelope::{self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION};
+use kez_core::envelope::{
+    self, ENVELOPE_KDF_INFO, ENVELOPE_VERSION, ENVELOPE_VERSION_OLM, MessageId, OlmEnvelope, Opened,
+};
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
 use kez_core::manifest::{self, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest, ManifestError};
+use kez_core::olm::{MAX_OLM_MESSAGE_BYTES, OLM_TYPE_NORMAL, OLM_TYPE_PRE_KEY, OlmMessage};
 use kez_core::pair::{PairRequest, REQUEST_PREFIX};
+use kez_core::prekey::OlmKey;
 use kez_core::provider::{MAX_PROVIDER_ADDRS, MAX_PROVIDER_LEN, Provider};
-use kez_core::sigchain::{LinkHash, MAX_LINK_BYTES};
-use kez_core::{Handle, PublicKey, SecretKey, Sigchain, Signature, SignedLink};
+use kez_core::sigchain::{DeviceKind, LinkHash, MAX_LINK_BYTES};
+use kez_core::{Handle, Op, PublicKey, SecretKey, Sigchain, Signature, SignedLink};
 use sha2::{Digest, Sha256};
 
 use crate::{keys, mode};
@@ -116,6 +121,201 @@ pub fn envelope(data: &[u8]) -> bool {
 
 const EPHEMERAL: [u8; 32] = [0x42; 32];
 
+/// The id of the version 2 envelopes [`envelope_v2`] builds.
+const V2_ID: [u8; 16] = [0x24; 16];
+
+/// Version 2 envelopes (PROTOCOL.md §15.3), bob the recipient, alice the sender. Mode byte 0:
+/// the rest is an envelope as received, opened with [`envelope::open_outer`]. Mode 1: the rest
+/// is an Olm message as the outer layer carries it (type byte, message bytes), which the
+/// target seals from alice to bob (fixed id and ephemeral key) and opens, so the Olm decoder
+/// behind the AEAD is reached. Mode 2: the rest is `header length (u16 BE) ‖ header ‖ body`,
+/// signed with alice's key as the Olm plaintext of an outer layer from alice with the fixed
+/// id, and checked with [`envelope::open_inner`].
+///
+/// Asserts: an opened outer layer's id is the clear one [`envelope::outer_id`] reads, its Olm
+/// message re-encodes to itself, and (mode 1) it is the input, from alice, and sealing it again
+/// gives the same bytes; a version 1 envelope opens to bob; an opened inside is from alice, to
+/// bob, with the outer id and the input's body. Returns whether it opened.
+pub fn envelope_v2(data: &[u8]) -> bool {
+    let bob = keys::bob();
+    let alice = keys::alice();
+    let id = MessageId::from_bytes(V2_ID);
+    let (mode, rest) = mode(data);
+    match mode {
+        0 => match envelope::open_outer(&bob, rest) {
+            Ok(Opened::Olm(outer)) => {
+                assert_eq!(envelope::outer_id(rest), Some(outer.id));
+                let bytes = outer.message.to_bytes();
+                assert_eq!(OlmMessage::from_bytes(&bytes).as_ref(), Ok(&outer.message));
+                assert!(bytes.len() < rest.len());
+                true
+            }
+            Ok(Opened::Sealed(message)) => {
+                assert_eq!(rest.first(), Some(&ENVELOPE_VERSION));
+                assert_eq!(message.to, bob.public_key());
+                true
+            }
+            Err(_) => false,
+        },
+        1 => {
+            let message = match rest.split_first() {
+                Some((&OLM_TYPE_PRE_KEY, bytes)) => OlmMessage::PreKey(bytes.to_vec()),
+                Some((&OLM_TYPE_NORMAL, bytes)) => OlmMessage::Normal(bytes.to_vec()),
+                _ => {
+                    assert!(OlmMessage::from_bytes(rest).is_err());
+                    return false;
+                }
+            };
+            let Ok(built) = envelope::seal_olm_outer_with_fixed_randomness(
+                &bob.public_key(),
+                id,
+                &alice.public_key(),
+                &message,
+                &EPHEMERAL,
+            ) else {
+                return false;
+            };
+            assert_eq!(built[0], ENVELOPE_VERSION_OLM);
+            let Ok(Opened::Olm(outer)) = envelope::open_outer(&bob, &built) else {
+                assert!(OlmMessage::from_bytes(rest).is_err());
+                return false;
+            };
+            assert_eq!((outer.id, outer.sender), (id, alice.public_key()));
+            assert_eq!(outer.message, message);
+            assert_eq!(outer.message.to_bytes(), rest);
+            let resealed = envelope::seal_olm_outer_with_fixed_randomness(
+                &bob.public_key(),
+                outer.id,
+                &outer.sender,
+                &outer.message,
+                &EPHEMERAL,
+            );
+            assert_eq!(
+                resealed.as_ref(),
+                Ok(&built),
+                "one byte form per outer layer"
+            );
+            true
+        }
+        _ => {
+            let (header, body) = match rest.split_first_chunk::<2>() {
+                Some((len, rest)) => {
+                    rest.split_at(usize::from(u16::from_be_bytes(*len)).min(rest.len()))
+                }
+                None => (rest, &[][..]),
+            };
+            let plaintext = signed_plaintext(&alice, header, body);
+            let outer = OlmEnvelope {
+                id,
+                sender: alice.public_key(),
+                message: OlmMessage::Normal(Vec::new()),
+            };
+            let Ok(message) = envelope::open_inner(&bob.public_key(), &outer, &plaintext) else {
+                return false;
+            };
+            assert_eq!(message.from, alice.public_key());
+            assert_eq!(message.to, bob.public_key());
+            assert_eq!(message.id, id);
+            assert_eq!(message.body, body);
+            assert!(content_type_ok(&message.content_type));
+            true
+        }
+    }
+}
+
+/// Olm messages as envelope version 2 carries them (type byte, then vodozemac's encoding),
+/// decoded with [`OlmMessage::from_bytes`].
+///
+/// Asserts: an accepted message is at most [`MAX_OLM_MESSAGE_BYTES`], re-encodes to its input,
+/// is a pre-key message exactly when its type byte says so, and names a sender identity exactly
+/// then. Returns whether it decoded.
+pub fn olm_message(data: &[u8]) -> bool {
+    let Ok(message) = OlmMessage::from_bytes(data) else {
+        return false;
+    };
+    assert!(data.len() <= MAX_OLM_MESSAGE_BYTES);
+    assert_eq!(message.to_bytes(), data);
+    assert_eq!(message.is_pre_key(), data[0] == OLM_TYPE_PRE_KEY);
+    assert_eq!(message.sender_identity().is_some(), message.is_pre_key());
+    true
+}
+
+/// The payload of a `set_olm_key` link (PROTOCOL.md §4.3): the input is parsed as JSON and, if
+/// an object, signed into a link with that payload. Mode byte 0: alice's version 1 chain, alice
+/// signs. Otherwise: bob is added as a device (version 2) and signs, then is revoked.
+///
+/// Asserts: an accepted payload is exactly `{"key": <its key>}`, binds that key to the signer
+/// and nobody else, survives the state JSON, and is dropped when the signer is revoked.
+/// Returns whether the link was accepted.
+pub fn sigchain_olm_key(data: &[u8]) -> bool {
+    let (mode, rest) = mode(data);
+    let Ok(serde_json::Value::Object(payload)) = serde_json::from_slice(rest) else {
+        return false;
+    };
+    let (alice, bob) = (keys::alice(), keys::bob());
+    let nats = kez_core::sigchain::Endpoint {
+        name: "nats".into(),
+        kind: "nats".into(),
+        address: "nats://127.0.0.1:4222".into(),
+    };
+    let first = kez_core::UnsignedLink::first(alice.public_key(), 100, Op::AddEndpoint(nats))
+        .sign(&alice)
+        .expect("a small link signs");
+    let mut chain = Sigchain::start(first.bytes()).expect("a valid first link");
+    let signer = if mode == 0 {
+        &alice
+    } else {
+        let add = chain
+            .add_device_link(101, &alice, &bob, "laptop", DeviceKind::Desktop)
+            .expect("a small link signs");
+        chain.append(add.bytes()).expect("a valid device");
+        &bob
+    };
+    let op = Op::Unknown {
+        op: "set_olm_key".into(),
+        payload: payload.clone(),
+    };
+    let Ok(link) = chain
+        .next_link_by(signer.public_key(), 102, op)
+        .sign(signer)
+    else {
+        return false;
+    };
+    let before = chain.clone();
+    if chain.append(link.bytes()).is_err() {
+        assert_eq!(chain, before);
+        return false;
+    }
+    assert_eq!(payload.len(), 1);
+    let key: OlmKey = serde_json::from_value(payload["key"].clone()).expect("the bound key");
+    assert_eq!(chain.olm_key(&signer.public_key()), Some(key));
+    assert_eq!(chain.olm_keys().len(), 1);
+    let kept = Sigchain::from_trusted_state_json(&chain.to_state_json()).expect("state reads back");
+    assert_eq!(kept, chain);
+    if mode != 0 {
+        let revoke = chain
+            .revoke_device_link(103, &alice, bob.public_key(), None)
+            .expect("a small link signs");
+        chain.append(revoke.bytes()).expect("bob can be revoked");
+        assert_eq!(chain.olm_key(&bob.public_key()), None);
+    }
+    true
+}
+
+/// `u32be(header_len) ‖ header ‖ body ‖ signature` signed by `sender`, the header as is.
+fn signed_plaintext(sender: &SecretKey, header: &[u8], body: &[u8]) -> Vec<u8> {
+    let signature = sender.sign(
+        SignatureDomain::Message,
+        &envelope::signed_body(header, body),
+    );
+    let mut plaintext = Vec::with_capacity(4 + header.len() + body.len() + 64);
+    plaintext.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    plaintext.extend_from_slice(header);
+    plaintext.extend_from_slice(body);
+    plaintext.extend_from_slice(&signature.to_bytes());
+    plaintext
+}
+
 fn content_type_ok(content_type: &str) -> bool {
     (1..=envelope::MAX_CONTENT_TYPE_LEN).contains(&content_type.len())
         && content_type
@@ -130,18 +330,7 @@ fn build_envelope(
     header: &[u8],
     body: &[u8],
 ) -> Vec<u8> {
-    let header_len = (header.len() as u32).to_be_bytes();
-    let signature = sender.sign(
-        SignatureDomain::Message,
-        &envelope::signed_body(header, body),
-    );
-
-    let mut plaintext = Vec::with_capacity(4 + header.len() + body.len() + 64);
-    plaintext.extend_from_slice(&header_len);
-    plaintext.extend_from_slice(header);
-    plaintext.extend_from_slice(body);
-    plaintext.extend_from_slice(&signature.to_bytes());
-
+    let plaintext = signed_plaintext(sender, header, body);
     let secret = x25519_dalek::StaticSecret::from(EPHEMERAL);
     let ephemeral_public = x25519_dalek::PublicKey::from(&secret).to_bytes();
     let recipient = recipient.to_x25519();

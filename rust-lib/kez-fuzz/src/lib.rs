@@ -19,8 +19,8 @@ pub mod seeds;
 mod server;
 
 pub use core_targets::{
-    PAIR_NOW, chat, envelope, file_decrypt, file_offer, handle, manifest, pair_request, provider,
-    public_key, sent_copy, sigchain,
+    PAIR_NOW, chat, envelope, envelope_v2, file_decrypt, file_offer, handle, manifest, olm_message,
+    pair_request, provider, public_key, sent_copy, sigchain, sigchain_olm_key,
 };
 pub use jwt::callout_jwt;
 pub use server::{
@@ -65,6 +65,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_pin", server_pin),
     ("server_pair", server_pair),
     ("webfinger_query", webfinger_query),
+    ("envelope_v2", envelope_v2),
+    ("olm_message", olm_message),
+    ("sigchain_olm_key", sigchain_olm_key),
 ];
 
 /// The target named `name`.

@@ -44,6 +44,18 @@ fn tagged(mode: u8, rest: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The Olm messages (type byte, bytes) the good envelope v2 vectors carry.
+fn olm_messages(vectors: &[Value]) -> Vec<Vec<u8>> {
+    vectors
+        .iter()
+        .filter_map(|vector| vector["expect"].get("ok"))
+        .map(|ok| {
+            let kind = u8::try_from(ok["olm_type"].as_u64().expect("a type")).expect("a byte");
+            tagged(kind, &hex(&ok["olm_message_hex"]))
+        })
+        .collect()
+}
+
 fn sigchain_links() -> Vec<Vec<String>> {
     vectors("sigchain")
         .iter()
@@ -132,6 +144,35 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 seeds.push(seed);
             }
             seeds
+        }
+        "envelope_v2" => {
+            let vectors = vectors("envelope-v2");
+            let mut seeds: Vec<Vec<u8>> = vectors
+                .iter()
+                .filter(|vector| vector["opener"] == "bob")
+                .map(|vector| tagged(0, &hex(&vector["envelope_hex"])))
+                .collect();
+            seeds.extend(olm_messages(&vectors).iter().map(|olm| tagged(1, olm)));
+            let header = json!({
+                "content_type": "text",
+                "from": alice.to_string(),
+                "id": "24".repeat(16),
+                "time": 1_767_225_600u64,
+                "to": bob.to_string(),
+                "v": 2,
+            });
+            let header = serde_json::to_vec(&header).expect("encodes");
+            let mut seed = vec![2];
+            seed.extend_from_slice(&(header.len() as u16).to_be_bytes());
+            seed.extend_from_slice(&header);
+            seed.extend_from_slice(b"hello bob");
+            seeds.push(seed);
+            seeds
+        }
+        "olm_message" => olm_messages(&vectors("envelope-v2")),
+        "sigchain_olm_key" => {
+            let payload = json!({ "key": "07".repeat(32) }).to_string();
+            vec![tagged(0, payload.as_bytes()), tagged(1, payload.as_bytes())]
         }
         "file_decrypt" => {
             let mut seeds = Vec::new();

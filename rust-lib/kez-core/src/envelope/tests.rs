@@ -1,4 +1,5 @@
-//! Envelope tests and the committed vectors (`vectors/envelope/*.json`, PROTOCOL.md §8).
+//! Envelope tests and the committed vectors (`vectors/envelope/*.json`, PROTOCOL.md §8, and
+//! `vectors/envelope-v2/*.json`, §15.5).
 //! `make vectors` (KEZ_REGEN_VECTORS=1) rewrites the vectors; otherwise the test fails when
 //! regeneration would change a byte.
 
@@ -621,4 +622,253 @@ fn hostile_v2_frames_are_refused_not_a_panic() {
         ),
         Err(EnvelopeError::TooLarge { .. })
     ));
+}
+
+/// A well-formed Olm version 2 message with fixed bytes, for the vectors: Olm draws its keys
+/// from the OS inside vodozemac, so the vectors pin the outer layer around fixed Olm bytes and
+/// the inner signed plaintext separately. The ciphertext decrypts under no session.
+fn fixed_olm_message(pre_key: bool) -> OlmMessage {
+    let field = |tag: u8, bytes: &[u8]| {
+        let mut out = vec![tag, bytes.len() as u8];
+        out.extend_from_slice(bytes);
+        out
+    };
+    let mut inner = vec![4];
+    inner.extend(field(0x0a, &seed("olm ratchet key", "v2")));
+    inner.extend([0x10, 0x00]);
+    inner.extend(field(0x22, &seed("olm ciphertext", "v2")));
+    inner.extend_from_slice(&seed("olm mac", "v2"));
+    let message = if pre_key {
+        let mut outer = vec![3];
+        outer.extend(field(0x0a, &seed("olm one-time key", "v2")));
+        outer.extend(field(0x12, &seed("olm base key", "v2")));
+        outer.extend(field(0x1a, &seed("olm identity key", "alice")));
+        outer.extend(field(0x22, &inner));
+        OlmMessage::PreKey(outer)
+    } else {
+        OlmMessage::Normal(inner)
+    };
+    OlmMessage::from_bytes(&message.to_bytes()).expect("the fixed message is well formed")
+}
+
+struct VectorV2 {
+    name: &'static str,
+    description: &'static str,
+    opener: &'static str,
+    envelope: Vec<u8>,
+    /// What the opener's Olm session gives for the envelope's Olm message.
+    olm_plaintext: Vec<u8>,
+}
+
+fn header_v2(name: &str, from: &str, to: &str) -> Value {
+    let mut header = header(name, from, to);
+    header["v"] = json!(2);
+    header
+}
+
+/// An envelope v2 from `sender` (the outer layer's) to `to`, with the case's id and
+/// ephemeral key, around the fixed Olm message.
+fn sealed_v2(name: &str, sender: &str, to: &str, message: &OlmMessage) -> Vec<u8> {
+    seal_olm_outer_with_fixed_randomness(
+        &key(to).public_key(),
+        id(name),
+        &key(sender).public_key(),
+        message,
+        &seed("ephemeral", name),
+    )
+    .unwrap()
+}
+
+fn vectors_v2() -> Vec<VectorV2> {
+    let pre_key = fixed_olm_message(true);
+    let good = sealed_v2("good-text", "alice", "bob", &pre_key);
+    let good_plaintext = plaintext(
+        &header_v2("good-text", "alice", "bob"),
+        b"hello bob",
+        "alice",
+    );
+    let with = |name: &'static str, description: &'static str, envelope: Vec<u8>| VectorV2 {
+        name,
+        description,
+        opener: "bob",
+        envelope,
+        olm_plaintext: good_plaintext.clone(),
+    };
+    let edited = |index: usize, xor: u8| {
+        let mut envelope = good.clone();
+        envelope[index] ^= xor;
+        envelope
+    };
+    let inner = |name: &'static str, description: &'static str, plaintext: Vec<u8>| VectorV2 {
+        name,
+        description,
+        opener: "bob",
+        envelope: sealed_v2(name, "alice", "bob", &pre_key),
+        olm_plaintext: plaintext,
+    };
+    let binary: Vec<u8> = (0..300).map(|i| i as u8).collect();
+    let mut binary_header = header_v2("good-binary", "alice", "bob");
+    binary_header["content_type"] = json!("file_offer");
+    let mut v1_header = header("unknown_version-inner-v1", "alice", "bob");
+    v1_header["v"] = json!(1);
+    let mut malformed_header = header_v2("malformed", "alice", "bob");
+    malformed_header["content_type"] = json!("Text/Plain");
+    let mut weak = vec![ENVELOPE_VERSION_OLM];
+    weak.extend_from_slice(id("weak_key").as_bytes());
+    weak.extend_from_slice(&[0; 32]);
+    weak.extend_from_slice(&[0x55; 100]);
+    let mut future = good.clone();
+    future[0] = 3;
+    vec![
+        VectorV2 {
+            name: "good-text",
+            description: "alice's `hello bob` to bob around a pre-key Olm message",
+            opener: "bob",
+            envelope: good.clone(),
+            olm_plaintext: good_plaintext.clone(),
+        },
+        VectorV2 {
+            name: "good-binary",
+            description: "300 bytes i mod 256 around a normal Olm message",
+            opener: "bob",
+            envelope: sealed_v2("good-binary", "alice", "bob", &fixed_olm_message(false)),
+            olm_plaintext: plaintext(&binary_header, &binary, "alice"),
+        },
+        with(
+            "decryption_failed-id",
+            "good-text with another clear id (byte 1 flipped): the AEAD binds it",
+            edited(1, 0x01),
+        ),
+        with(
+            "decryption_failed-tampered",
+            "good-text with byte 80 flipped",
+            edited(80, 0x01),
+        ),
+        VectorV2 {
+            name: "decryption_failed-wrong-recipient",
+            description: "good-text opened by carol",
+            opener: "carol",
+            envelope: good.clone(),
+            olm_plaintext: good_plaintext.clone(),
+        },
+        with("unknown_version", "good-text with byte 0 = 3", future),
+        with(
+            "truncated",
+            "the first 97 bytes of good-text",
+            good[..97].to_vec(),
+        ),
+        with(
+            "weak_key",
+            "an all-zero ephemeral public key: the shared secret is zero",
+            weak,
+        ),
+        with(
+            "malformed-olm",
+            "the sealed outer layer carries a normal Olm message of 4 bytes, not a message",
+            sealed_v2(
+                "malformed-olm",
+                "alice",
+                "bob",
+                &OlmMessage::Normal(vec![4, 1, 2, 3]),
+            ),
+        ),
+        VectorV2 {
+            name: "sender_mismatch",
+            description: "the outer layer names carol; alice signed the inside",
+            opener: "bob",
+            envelope: sealed_v2("sender_mismatch", "carol", "bob", &pre_key),
+            olm_plaintext: plaintext(
+                &header_v2("sender_mismatch", "alice", "bob"),
+                b"hi",
+                "alice",
+            ),
+        },
+        inner(
+            "id_mismatch",
+            "the signed header's id is good-text's, not the envelope's",
+            good_plaintext.clone(),
+        ),
+        inner(
+            "wrong_recipient",
+            "alice signed for carol; the envelope is sealed to bob",
+            plaintext(
+                &header_v2("wrong_recipient", "alice", "carol"),
+                b"hi",
+                "alice",
+            ),
+        ),
+        inner(
+            "bad_signature",
+            "mallory signed a header naming alice",
+            plaintext(
+                &header_v2("bad_signature", "alice", "bob"),
+                b"hi",
+                "mallory",
+            ),
+        ),
+        inner(
+            "unknown_version-inner-v1",
+            "the signed header says v 1 inside a version 2 envelope",
+            plaintext(&v1_header, b"hi", "alice"),
+        ),
+        inner(
+            "malformed",
+            "the signed header's content type is Text/Plain",
+            plaintext(&malformed_header, b"hi", "alice"),
+        ),
+    ]
+}
+
+/// Opens a v2 vector as a receiver would: the outer layer, then (in place of the Olm session)
+/// the vector's plaintext through `open_inner`.
+fn open_v2(vector: &VectorV2) -> Result<(OlmEnvelope, Message), EnvelopeError> {
+    let recipient = key(vector.opener);
+    let outer = olm_outer(open_outer(&recipient, &vector.envelope)?);
+    let message = open_inner(&recipient.public_key(), &outer, &vector.olm_plaintext)?;
+    Ok((outer, message))
+}
+
+fn render_v2(vector: &VectorV2) -> String {
+    let expect = match open_v2(vector) {
+        Ok((outer, message)) => {
+            let olm = outer.message.to_bytes();
+            json!({"ok": {
+                "id": outer.id,
+                "sender": outer.sender,
+                "olm_type": olm[0],
+                "olm_message_hex": hex(&olm[1..]),
+                "from": message.from,
+                "to": message.to,
+                "time": message.time,
+                "content_type": message.content_type,
+                "body_hex": hex(&message.body),
+            }})
+        }
+        Err(err) => json!({"error": err.code()}),
+    };
+    let value = json!({
+        "name": vector.name,
+        "description": vector.description,
+        "keys": {
+            "alice": hex(&seed("key", "alice")),
+            "bob": hex(&seed("key", "bob")),
+            "carol": hex(&seed("key", "carol")),
+            "mallory": hex(&seed("key", "mallory")),
+        },
+        "opener": vector.opener,
+        "envelope_hex": hex(&vector.envelope),
+        "olm_plaintext_hex": hex(&vector.olm_plaintext),
+        "expect": expect,
+    });
+    serde_json::to_string_pretty(&value).unwrap() + "\n"
+}
+
+#[test]
+fn committed_v2_vectors_are_reproduced_and_name_each_failure() {
+    let vectors = vectors_v2();
+    let rendered: Vec<(String, String)> = vectors
+        .iter()
+        .map(|vector| (vector.name.to_string(), render_v2(vector)))
+        .collect();
+    crate::committed_vectors::check("envelope-v2", &rendered, |error| error);
 }
