@@ -486,15 +486,31 @@ pub fn sent_copy(data: &[u8]) -> bool {
 }
 
 /// [`ChatContent::decode`] on a chat body (PROTOCOL.md §8.6), which any sender controls: the
-/// first byte picks the content type (modulo the number of [`chat::CONTENT_TYPES`]), the rest
-/// is the body.
+/// first byte picks the content type (modulo one more than the number of
+/// [`chat::CONTENT_TYPES`]: the last is `kez.resend`, [`chat::Resend::decode`], §15.4), the
+/// rest is the body.
 ///
 /// Asserts: an accepted body is of the content type it was read as, passes its own checks,
 /// encodes back to the input exactly (one form), and names at most [`chat::MAX_RECEIPT_IDS`]
-/// messages; a refused one is refused with a code. Returns whether the body was accepted.
+/// messages (a resend request [`chat::MAX_RESEND_IDS`]); a refused one is refused with a code.
+/// Returns whether the body was accepted.
 pub fn chat(data: &[u8]) -> bool {
     let (mode, body) = mode(data);
-    let content_type = chat::CONTENT_TYPES[usize::from(mode) % chat::CONTENT_TYPES.len()];
+    let choice = usize::from(mode) % (chat::CONTENT_TYPES.len() + 1);
+    if choice == chat::CONTENT_TYPES.len() {
+        return match chat::Resend::decode(body) {
+            Ok(resend) => {
+                assert!((1..=chat::MAX_RESEND_IDS).contains(&resend.ids.len()));
+                assert_eq!(resend.encode().as_deref(), Ok(body), "one form");
+                true
+            }
+            Err(err) => {
+                assert!(!err.code().is_empty());
+                false
+            }
+        };
+    }
+    let content_type = chat::CONTENT_TYPES[choice];
     let content = match ChatContent::decode(content_type, body) {
         Ok(content) => content,
         Err(err) => {

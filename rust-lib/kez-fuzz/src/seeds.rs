@@ -234,6 +234,14 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                     &hex(&vector["body_hex"]),
                 )
             })
+            .chain([tagged(
+                u8::try_from(kez_core::chat::CONTENT_TYPES.len()).expect("a few types"),
+                &kez_core::chat::Resend {
+                    ids: [kez_core::envelope::MessageId::from_bytes([7; 16])].into(),
+                }
+                .encode()
+                .expect("a valid request"),
+            )])
             .collect(),
         "manifest" => vectors("manifest")
             .iter()
