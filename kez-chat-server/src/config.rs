@@ -308,6 +308,20 @@ pub struct Settings {
     /// Envelope bytes each key may send at once, at least 65536 [default: 8388608, 8 MiB]
     #[arg(long, env = "KEZ_SEND_BYTES_BURST")]
     pub send_bytes_burst: Option<u32>,
+    /// Prekey claims (kez.keys.claim) per second each key may make (over it: 429
+    /// rate_limited); 0 turns the limit off [default: 10]
+    #[arg(long, env = "KEZ_CLAIM_LIMIT_PER_SEC")]
+    pub claim_limit_per_sec: Option<f64>,
+    /// Prekey claims each key may make at once [default: 50]
+    #[arg(long, env = "KEZ_CLAIM_LIMIT_BURST")]
+    pub claim_limit_burst: Option<u32>,
+    /// One-time prekeys per minute handed out of one device's (past it claims get the
+    /// device's fallback key); 0 turns the limit off [default: 20]
+    #[arg(long, env = "KEZ_ONE_TIME_KEYS_PER_MIN")]
+    pub one_time_keys_per_min: Option<f64>,
+    /// One-time prekeys of one device handed out at once [default: 20]
+    #[arg(long, env = "KEZ_ONE_TIME_KEYS_BURST")]
+    pub one_time_keys_burst: Option<u32>,
     /// Most bytes the KEZ_MAIL stream may hold (JetStream reserves them, so the key-value
     /// buckets keep the rest of the store); a full stream refuses new messages [default:
     /// 4294967296, 4 GiB; an existing stream keeps its own]
@@ -444,6 +458,12 @@ impl Settings {
             send_limit_burst: self.send_limit_burst.or(fallback.send_limit_burst),
             send_bytes_per_hour: self.send_bytes_per_hour.or(fallback.send_bytes_per_hour),
             send_bytes_burst: self.send_bytes_burst.or(fallback.send_bytes_burst),
+            claim_limit_per_sec: self.claim_limit_per_sec.or(fallback.claim_limit_per_sec),
+            claim_limit_burst: self.claim_limit_burst.or(fallback.claim_limit_burst),
+            one_time_keys_per_min: self
+                .one_time_keys_per_min
+                .or(fallback.one_time_keys_per_min),
+            one_time_keys_burst: self.one_time_keys_burst.or(fallback.one_time_keys_burst),
             inbox_max_bytes: self.inbox_max_bytes.or(fallback.inbox_max_bytes),
             inbox_sweep_secs: self.inbox_sweep_secs.or(fallback.inbox_sweep_secs),
             federate: self.federate.or(fallback.federate),
@@ -701,6 +721,11 @@ impl Settings {
                 per_hour(self.send_bytes_per_hour.map(|bytes| bytes as f64)),
                 self.send_bytes_burst,
             ),
+            (self.claim_limit_per_sec, self.claim_limit_burst),
+            (
+                self.one_time_keys_per_min.map(|min| min / 60.0),
+                self.one_time_keys_burst,
+            ),
         ])?;
         let inbox_max_bytes = match self.inbox_max_bytes {
             Some(bytes) if bytes < MIN_INBOX_MAX_BYTES => {
@@ -748,6 +773,8 @@ fn resolve_limits(
         defaults.unregistered_connects_per_addr,
         defaults.send_per_key,
         defaults.send_bytes_per_key,
+        defaults.claim_per_key,
+        defaults.one_time_per_target,
     ];
     let mut rates = [Rate::OFF; LIMIT_FLAGS.len()];
     for (((per_sec, burst), default), (flag, least_burst), rate) in settings
@@ -779,6 +806,8 @@ fn resolve_limits(
         unregistered_connects_per_addr,
         send_per_key,
         send_bytes_per_key,
+        claim_per_key,
+        one_time_per_target,
     ] = rates;
     Ok(Limits {
         per_key,
@@ -787,15 +816,15 @@ fn resolve_limits(
         unregistered_connects_per_addr,
         send_per_key,
         send_bytes_per_key,
-        claim_per_key: defaults.claim_per_key,
-        one_time_per_target: defaults.one_time_per_target,
+        claim_per_key,
+        one_time_per_target,
         max_buckets: defaults.max_buckets,
     })
 }
 
 /// Each limit's rate flag and the least burst it takes: one request, or for the byte budget
 /// one envelope of the largest size, which must always fit.
-const LIMIT_FLAGS: [(&str, u32); 6] = [
+const LIMIT_FLAGS: [(&str, u32); 8] = [
     ("rate-limit-per-sec", 1),
     ("register-limit-per-hour", 1),
     ("register-limit-global-per-hour", 1),
@@ -805,6 +834,8 @@ const LIMIT_FLAGS: [(&str, u32); 6] = [
         "send-bytes-per-hour",
         kez_core::envelope::MAX_ENVELOPE_BYTES as u32,
     ),
+    ("claim-limit-per-sec", 1),
+    ("one-time-keys-per-min", 1),
 ];
 
 /// Least `--inbox-max-bytes`.
@@ -895,6 +926,21 @@ mod tests {
         assert_eq!(limits.per_key, Rate::new(5.0, 7));
         assert_eq!(limits.register_per_addr, Rate::OFF);
         assert_eq!(limits.unregistered_connects_per_addr, Rate::new(2.0, 50));
+        assert_eq!(config.limits.claim_per_key, Rate::new(10.0, 50));
+        assert_eq!(
+            config.limits.one_time_per_target,
+            Rate::new(20.0 / 60.0, 20)
+        );
+        let file: Settings = toml::from_str(
+            "claim_limit_per_sec = 0
+one_time_keys_per_min = 6.0
+one_time_keys_burst = 3
+",
+        )
+        .unwrap();
+        let limits = file.resolve().unwrap().limits;
+        assert_eq!(limits.claim_per_key, Rate::OFF);
+        assert_eq!(limits.one_time_per_target, Rate::new(0.1, 3));
         let zero_burst = Settings {
             rate_limit_burst: Some(0),
             ..Settings::default()

@@ -261,18 +261,20 @@ pub async fn handle(
                 .await
         }
         Request::KeysClaim(device, domain) => {
-            // The claimer's budget (a peer server's claims count against its key).
-            let claimer = caller.user.as_deref().unwrap_or_default();
-            ctx.limiters
-                .claim_per_key
-                .check(claimer, std::time::Instant::now())
-                .map_err(|limited| {
-                    let ms = limited.retry_after_ms();
-                    ErrorAnswer::rate_limited(
-                        format!("too many prekey claims from this key; retry in {ms} ms"),
-                        ms,
-                    )
-                })?;
+            // The claimer's budget (a peer server's claims count against its key); like the
+            // per-key limit, only for a caller nats-server names.
+            if let Some(claimer) = &caller.user {
+                ctx.limiters
+                    .claim_per_key
+                    .check(claimer, std::time::Instant::now())
+                    .map_err(|limited| {
+                        let ms = limited.retry_after_ms();
+                        ErrorAnswer::rate_limited(
+                            format!("too many prekey claims from this key; retry in {ms} ms"),
+                            ms,
+                        )
+                    })?;
+            }
             let claimed = match domain {
                 Some(domain) => {
                     let federation = remote_reader(ctx, caller, &domain).await?;

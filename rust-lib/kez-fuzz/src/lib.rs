@@ -25,9 +25,9 @@ pub use core_targets::{
 pub use jwt::callout_jwt;
 pub use server::{
     mail_fetch_answer, mail_fetch_origins, server_append, server_discovery, server_get,
-    server_head, server_info, server_lookup, server_mail_deliver, server_mail_fetch,
-    server_mail_relay, server_mail_send, server_pair, server_pin, server_register, server_whois,
-    webfinger_query,
+    server_head, server_info, server_keys_claim, server_keys_count, server_keys_publish,
+    server_lookup, server_mail_deliver, server_mail_fetch, server_mail_relay, server_mail_send,
+    server_pair, server_pin, server_register, server_whois, webfinger_query,
 };
 
 /// A fuzz target: any bytes in, `true` if the input was accepted; panics only on a bug.
@@ -64,6 +64,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("server_discovery", server_discovery),
     ("server_pin", server_pin),
     ("server_pair", server_pair),
+    ("server_keys_publish", server_keys_publish),
+    ("server_keys_count", server_keys_count),
+    ("server_keys_claim", server_keys_claim),
     ("webfinger_query", webfinger_query),
     ("envelope_v2", envelope_v2),
     ("olm_message", olm_message),

@@ -390,6 +390,29 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
                 tagged(1, get.to_string().as_bytes()),
             ]
         }
+        "server_keys_publish" => {
+            use kez_core::prekey::{OlmKey, PrekeyKind, SignedPrekey};
+            let device = keys::alice();
+            let identity = OlmKey::from_bytes([1; 32]);
+            let prekey = |byte, kind| {
+                SignedPrekey::sign(&device, &identity, OlmKey::from_bytes([byte; 32]), kind)
+            };
+            vec![
+                json!({ "identity_key": identity,
+                    "one_time": [prekey(2, PrekeyKind::OneTime), prekey(3, PrekeyKind::OneTime)],
+                    "fallback": prekey(4, PrekeyKind::Fallback) })
+                .to_string()
+                .into_bytes(),
+                json!({ "identity_key": identity }).to_string().into_bytes(),
+            ]
+        }
+        "server_keys_count" => vec![b"{}".to_vec(), b" { } ".to_vec()],
+        "server_keys_claim" => vec![
+            json!({ "device": alice }).to_string().into_bytes(),
+            json!({ "device": bob, "domain": "b.localhost" })
+                .to_string()
+                .into_bytes(),
+        ],
         "server_pin" => {
             let vector = read_json(&repo_root().join("rust-lib/kez-core/vectors/pin.json"));
             let add = vector["request"].as_str().expect("a request").as_bytes();

@@ -324,6 +324,73 @@ fn encode_pair(request: &Request<'_>) -> Vec<u8> {
     .expect("encodes")
 }
 
+/// `kez.keys.publish` (PROTOCOL.md §15.2). Asserts: an accepted request holds at most
+/// [`kez_proto::keys::MAX_PUBLISH_ONE_TIME`] one-time keys, each member of its kind, no prekey
+/// twice, and its JSON decodes again to the same request. (The signatures are the server's to
+/// verify with the caller's key.)
+pub fn server_keys_publish(data: &[u8]) -> bool {
+    use kez_core::prekey::PrekeyKind;
+    let Some(request) = decode(Endpoint::KeysPublish, data) else {
+        return false;
+    };
+    let Request::KeysPublish(request) = request else {
+        panic!("publish decoded as {request:?}");
+    };
+    assert!(request.one_time.len() <= kez_proto::keys::MAX_PUBLISH_ONE_TIME);
+    assert!(
+        request
+            .one_time
+            .iter()
+            .all(|prekey| prekey.kind == PrekeyKind::OneTime)
+    );
+    assert!(
+        request
+            .fallback
+            .is_none_or(|prekey| prekey.kind == PrekeyKind::Fallback)
+    );
+    let keys: std::collections::HashSet<_> = request.prekeys().map(|prekey| prekey.key).collect();
+    assert_eq!(keys.len(), request.prekeys().count(), "no prekey twice");
+    let again = serde_json::to_vec(&request).expect("encodes");
+    assert!(matches!(
+        decode(Endpoint::KeysPublish, &again),
+        Some(Request::KeysPublish(same)) if same == request
+    ));
+    true
+}
+
+/// `kez.keys.count`. Asserts: only an empty object is accepted.
+pub fn server_keys_count(data: &[u8]) -> bool {
+    let Some(request) = decode(Endpoint::KeysCount, data) else {
+        return false;
+    };
+    assert!(matches!(request, Request::KeysCount), "{request:?}");
+    let value: serde_json::Value = serde_json::from_slice(data).expect("accepted JSON");
+    assert_eq!(value, serde_json::json!({}));
+    true
+}
+
+/// `kez.keys.claim`. Asserts: an accepted domain is another than [`DOMAIN`], and the request
+/// with it decodes again to the same device and domain.
+pub fn server_keys_claim(data: &[u8]) -> bool {
+    let Some(request) = decode(Endpoint::KeysClaim, data) else {
+        return false;
+    };
+    let Request::KeysClaim(device, domain) = request else {
+        panic!("claim decoded as {request:?}");
+    };
+    assert_ne!(domain.as_deref(), Some(DOMAIN));
+    let again = serde_json::to_vec(&kez_proto::keys::ClaimRequest {
+        device,
+        domain: domain.clone(),
+    })
+    .expect("encodes");
+    assert!(matches!(
+        decode(Endpoint::KeysClaim, &again),
+        Some(Request::KeysClaim(same, same_domain)) if same == device && same_domain == domain
+    ));
+    true
+}
+
 /// The WebFinger query (`/.well-known/webfinger?<query>`, PROTOCOL.md §7.1). Asserts: an
 /// accepted query names a handle on [`DOMAIN`], which its plain `acct:` form names again.
 pub fn webfinger_query(data: &[u8]) -> bool {

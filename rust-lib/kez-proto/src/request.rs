@@ -312,6 +312,47 @@ mod tests {
         }
     }
 
+    #[test]
+    fn key_service_bodies_decode_strictly() {
+        let device = kez_core::SecretKey::from_seed(&[9; 32]).public_key();
+        let claim = |body: String| match decode(Endpoint::KeysClaim, body.as_bytes(), "kez.lat", 0)
+        {
+            Ok(Request::KeysClaim(key, domain)) => Ok(Request::KeysClaim(key, domain)),
+            Ok(other) => panic!("{other:?}"),
+            Err(err) => Err(err),
+        };
+        assert!(matches!(
+            claim(format!(r#"{{"device":"{device}"}}"#)),
+            Ok(Request::KeysClaim(key, None)) if key == device
+        ));
+        assert!(matches!(
+            claim(format!(r#"{{"device":"{device}","domain":"kez.lat"}}"#)),
+            Ok(Request::KeysClaim(_, None))
+        ));
+        assert!(matches!(
+            claim(format!(r#"{{"device":"{device}","domain":"b.example"}}"#)),
+            Ok(Request::KeysClaim(_, Some(domain))) if domain == "b.example"
+        ));
+        for bad in [
+            "{}".to_owned(),
+            format!(r#"{{"device":"{device}","x":1}}"#),
+            format!(r#"{{"device":"{device}","domain":"not a domain"}}"#),
+        ] {
+            assert_eq!(claim(bad.clone()).unwrap_err().name, "malformed", "{bad}");
+        }
+        assert!(matches!(
+            decode(Endpoint::KeysCount, b"{}", "kez.lat", 0),
+            Ok(Request::KeysCount)
+        ));
+        for bad in [&b""[..], b"[]", b"{\"a\":1}"] {
+            let err = decode(Endpoint::KeysCount, bad, "kez.lat", 0).unwrap_err();
+            assert_eq!(err.name, "malformed");
+        }
+        let huge = vec![b' '; MAX_REQUEST_BYTES + 1];
+        let err = decode(Endpoint::KeysPublish, &huge, "kez.lat", 0).unwrap_err();
+        assert_eq!((err.code, err.name.as_ref()), (413, "too_large"));
+    }
+
     /// A JSON value keeps the last of a repeated member; a request with one is refused, so a
     /// reader that keeps the first cannot be told something else than the server acted on.
     #[test]

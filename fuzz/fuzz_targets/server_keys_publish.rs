@@ -1,0 +1,3 @@
+//! `kez_fuzz::server_keys_publish` for cargo-fuzz.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| { kez_fuzz::server_keys_publish(data); });
