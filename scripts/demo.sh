@@ -183,7 +183,7 @@ step "@alice@kez.localhost" kez-chat --home alice whoami
 say "They add each other: look up, verify the sigchain, pin the key"
 step "added @bob@kez.localhost (key pinned)" kez-chat --home alice add @bob
 step "added @alice@kez.localhost (key pinned)" kez-chat --home bob add @alice
-step "sigchain    verified: seq 2" kez-chat --home alice profile @bob
+step "sigchain    verified: seq 3" kez-chat --home alice profile @bob
 
 say "alice writes while bob is offline: the broker keeps the ciphertext for him"
 step "delivered to server for @bob@kez.localhost" kez-chat --home alice send @bob "hi bob, are you there?"

@@ -1128,6 +1128,26 @@ impl App {
         self.advertise_node(&full, &key, &node).await?;
         // open_node kept the node's address in the config file.
         self.config.iroh_bind = self.home.config().map_err(Failure::home)?.iroh_bind;
+        // Forward secrecy from the first message on (PROTOCOL.md §15): prekeys published and
+        // the Olm key bound before anyone can add us.
+        {
+            let store = self.store()?;
+            let _writing = self.held.chain_writer.lock().await;
+            match full.prepare_forward_secrecy(&store).await {
+                Ok(kez_client::ForwardSecrecy::Ready) => {
+                    tell!(
+                        "published prekeys and bound this device's Olm key: messages are forward secret"
+                    );
+                }
+                Ok(kez_client::ForwardSecrecy::Unavailable(why)) => {
+                    tell!(
+                        "note: messages are not forward secret yet: {}",
+                        display::inline(&why)
+                    );
+                }
+                Err(err) => return Err(Failure::client(err)),
+            }
+        }
         let _ = full.close().await;
 
         self.config.server = Some(url.clone());
@@ -1631,6 +1651,7 @@ impl App {
                     "current_key": chain.current_key().to_string(),
                     "rotated": chain.current_key() != chain.chain_id(),
                     "devices": devices_json(chain.devices(), last_seen),
+                    "olm_keys": chain.olm_keys(),
                     "endpoints": chain.endpoints().values().collect::<Vec<_>>(),
                     "claims": chain.claims(),
                     "shared_files": chain.shared_files(),
@@ -1696,6 +1717,24 @@ impl App {
             say!(
                 "device      {}",
                 device_line(device, last_seen(&device.key))
+            );
+        }
+        let without_olm: Vec<String> = chain
+            .devices()
+            .iter()
+            .filter(|device| {
+                device.is_active()
+                    && device.kind != kez_core::sigchain::DeviceKind::Paper
+                    && chain.olm_key(&device.key).is_none()
+            })
+            .map(|device| display::inline(&device.name))
+            .collect();
+        if without_olm.is_empty() {
+            say!("secrecy     forward secret: every device has an Olm key in the sigchain");
+        } else {
+            say!(
+                "secrecy     not forward secret on {} (no Olm key in the sigchain yet: an older client)",
+                without_olm.join(", ")
             );
         }
         if chain.endpoints().is_empty() {

@@ -35,8 +35,8 @@ async fn two_people_chat_through_the_cli() {
     assert_eq!(me["handle"], "@alice@kez.test");
     assert_eq!(me["server"], url.as_str(), "register remembers the server");
     assert_eq!(
-        me["sigchain"]["seq"], 2,
-        "register wrote the nats and the iroh endpoints"
+        me["sigchain"]["seq"], 3,
+        "register wrote the nats and the iroh endpoints and bound the Olm key"
     );
     // Registering again changes nothing.
     let again = alice
@@ -72,7 +72,7 @@ async fn two_people_chat_through_the_cli() {
 
     let added = alice.json(&["add", "@bob"]).await;
     assert_eq!(added["handle"], "@bob@kez.test");
-    assert_eq!(added["sigchain"]["seq"], 2);
+    assert_eq!(added["sigchain"]["seq"], 3);
     assert_eq!(added["endpoints"], serde_json::json!(["iroh", "nats"]));
     bob.ok(&["add", "@alice"]).await;
     // `profile` renders the verified sigchain.
@@ -81,7 +81,7 @@ async fn two_people_chat_through_the_cli() {
     assert_eq!(profile["key"], added["key"]);
     assert_eq!(profile["in_contacts"], true);
     assert_eq!(profile["pinned_key"], added["key"]);
-    assert_eq!(profile["sigchain"]["seq"], 2);
+    assert_eq!(profile["sigchain"]["seq"], 3);
     assert_eq!(profile["sigchain"]["rotated"], false);
     assert_eq!(profile["sigchain"]["endpoints"][1]["kind"], "nats");
     assert_eq!(profile["sigchain"]["endpoints"][1]["address"], url.as_str());
@@ -97,7 +97,11 @@ async fn two_people_chat_through_the_cli() {
     assert_eq!(profile["sigchain"]["shared_files"], Value::Null);
     let text = alice.ok(&["profile", "@bob"]).await;
     assert!(text.contains("in contacts, key pinned"), "{text}");
-    assert!(text.contains("sigchain    verified: seq 2"), "{text}");
+    assert!(text.contains("sigchain    verified: seq 3"), "{text}");
+    assert!(
+        text.contains("secrecy     forward secret: every device has an Olm key"),
+        "{text}"
+    );
     assert!(
         text.contains(&format!("endpoint    nats (nats) {url}")),
         "{text}"
@@ -1053,7 +1057,7 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
     assert_eq!(registered["handle"], "@carol@kez.test");
     assert_eq!(registered["new_key"], true);
     assert_eq!(registered["already_registered"], false);
-    assert_eq!(registered["sigchain"]["seq"], 2);
+    assert_eq!(registered["sigchain"]["seq"], 3);
 
     let sent = alice.json(&["send", "@bob", "hello bob"]).await;
     assert_eq!(sent["to"], "@bob@kez.test");
@@ -1226,7 +1230,7 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
     assert_eq!(again["key"], me["key"]);
     assert_eq!(again["already_registered"], true);
     assert_eq!(again["new_key"], false);
-    assert_eq!(dave.json(&["whoami"]).await["sigchain"]["seq"], 2);
+    assert_eq!(dave.json(&["whoami"]).await["sigchain"]["seq"], 3);
 }
 
 /// Whether `text` is `YYYY-MM-DD HH:MM:SS`.

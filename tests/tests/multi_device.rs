@@ -95,7 +95,7 @@ async fn two_running_devices_and_a_paper_key_share_one_conversation() {
         "the paper never writes: {seen}"
     );
     let listed = laptop.ok(&["devices"]).await;
-    assert!(listed.contains("added at link 4, last seen 20"), "{listed}");
+    assert!(listed.contains("added at link 5, last seen 20"), "{listed}");
 
     // bob's reply reaches both running devices (the paper key gets nothing: it is paper).
     let sent = bob.run(&["send", "@alice", "hi, both of you"]).await;

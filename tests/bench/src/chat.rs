@@ -167,6 +167,32 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let mut ours_latency = latency(&alice, &bob, &contact, single, epoch).await?;
     let mut commits = store_commits(&alice.key, &bob.key, single)?;
 
+    // Forward secrecy in the same run (PROTOCOL.md §15): both publish prekeys and bind their
+    // Olm keys, alice verifies bob again (his Olm key), bob answers once so the session is
+    // established (normal Olm messages, as in a conversation), then the same measurements.
+    for (who, user) in [("alice", &alice), ("bob", &bob)] {
+        match user.conn.prepare_forward_secrecy(&user.store).await {
+            Ok(kez_client::ForwardSecrecy::Ready) => {}
+            other => return Err(format!("{who} prepares forward secrecy: {other:?}")),
+        }
+    }
+    let secret = alice
+        .conn
+        .verify_contact(&alice.store, &kez_tests::kez_server::test_handle("@bob"))
+        .await
+        .map_err(|e| format!("alice verifies bob again: {e}"))?
+        .contact;
+    if !secret.forward_secret() {
+        return Err("bob's Olm key is not in his verified chain".to_owned());
+    }
+    establish(&alice, &bob, &secret).await?;
+    let before = cpu()?;
+    let secret_rate = throughput(&alice, &bob, &secret, n, epoch).await?;
+    let secret_cpu = cpu()? - before;
+    let mut secret_latency = latency(&alice, &bob, &secret, single, epoch).await?;
+    let mut claims = claim_latency(&alice, &bob, single).await?;
+    let mut sessions = session_cost(single)?;
+
     let what = format!("{BODY_BYTES} B body, {sealed_len} B sealed");
     let ours_p50 = ours_latency.percentile_ms(50.0);
     Ok(vec![
@@ -239,7 +265,145 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             "ms",
             commits.percentile_ms(50.0),
         ),
+        Row::versus(
+            SECTION,
+            format!("forward secret messages/s, {n} pipelined (Olm, envelope v2)"),
+            "msg/s",
+            secret_rate,
+            consumer_rate,
+            CONSUMER,
+            Goal::RatioAtLeast(0.8),
+        ),
+        Row::versus(
+            SECTION,
+            format!("forward secret messages/s, {n} pipelined"),
+            "msg/s",
+            secret_rate,
+            ours_rate,
+            ENVELOPE_V1,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            format!("forward secret CPU per message, {n} pipelined (nats-server + both clients)"),
+            "µs",
+            per_message(secret_cpu),
+            per_message(ours_cpu),
+            ENVELOPE_V1,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            format!("forward secret latency p50, one at a time ({single})"),
+            "ms",
+            secret_latency.percentile_ms(50.0),
+            ours_p50,
+            ENVELOPE_V1,
+            Goal::AddedBelow(1.0),
+        ),
+        Row::versus(
+            SECTION,
+            format!("forward secret latency p50, one at a time ({single})"),
+            "ms",
+            secret_latency.percentile_ms(50.0),
+            consumer_latency.percentile_ms(50.0),
+            CONSUMER,
+            Goal::AddedBelow(1.5),
+        ),
+        Row::info(
+            SECTION,
+            format!("new session: prekey claim round trip p50 ({single})"),
+            "ms",
+            claims.percentile_ms(50.0),
+        ),
+        Row::info(
+            SECTION,
+            format!(
+                "new session: Olm outbound + first pre-key message + inbound + decrypt p50 ({single})"
+            ),
+            "ms",
+            sessions.percentile_ms(50.0),
+        ),
     ])
+}
+
+/// The same run's kez-client rows with envelope version 1, as a baseline's name.
+const ENVELOPE_V1: &str = "envelope v1 (same run)";
+
+/// alice and bob exchange one message each way over `secret` (bob's contact of alice verified
+/// with her Olm key), so that alice's later messages are normal Olm messages of an established
+/// session, not pre-key messages.
+async fn establish(alice: &User, bob: &User, secret: &Contact) -> Result<(), String> {
+    alice
+        .conn
+        .send(secret, CONTENT_TYPE, b"hello")
+        .await
+        .map_err(|e| format!("alice's first forward-secret message: {e}"))?;
+    receive_all(bob, 1).await?;
+    let to_alice = bob
+        .conn
+        .verify_contact(&bob.store, &kez_tests::kez_server::test_handle("@alice"))
+        .await
+        .map_err(|e| format!("bob adds alice: {e}"))?
+        .contact;
+    bob.conn
+        .send(&to_alice, CONTENT_TYPE, b"hi")
+        .await
+        .map_err(|e| format!("bob answers: {e}"))?;
+    let mut got = 0;
+    while got < 1 {
+        got += alice
+            .conn
+            .receive(&alice.store, 1, Duration::from_millis(500))
+            .await
+            .map_err(|e| format!("alice receives: {e}"))?
+            .len();
+    }
+    Ok(())
+}
+
+/// What a new session costs on the network: one `kez.keys.claim` round trip (one-time keys
+/// until the target's budget is spent, then its fallback key: the same work).
+async fn claim_latency(alice: &User, bob: &User, count: usize) -> Result<Latencies, String> {
+    let mut latencies = Latencies::default();
+    let device = bob.key.public_key();
+    for _ in 0..count {
+        let started = Instant::now();
+        alice
+            .conn
+            .keys_claim(&device, None)
+            .await
+            .map_err(|e| format!("claiming a prekey: {e}"))?;
+        latencies.push(started.elapsed());
+    }
+    Ok(latencies)
+}
+
+/// What a new session costs in Olm: the outbound session from a prekey, its first (pre-key)
+/// message of a 256-byte body, the inbound session from it and the decryption, in process.
+fn session_cost(count: usize) -> Result<Latencies, String> {
+    use kez_core::olm::OlmAccount;
+    let bob_key = SecretKey::generate();
+    let alice = OlmAccount::new();
+    let mut bob = OlmAccount::new();
+    let mut latencies = Latencies::default();
+    let body = [b'k'; BODY_BYTES];
+    for _ in 0..count {
+        let prekey = bob.generate_one_time_keys(1, &bob_key)[0].key;
+        let started = Instant::now();
+        let mut outbound = alice
+            .create_outbound(&bob.identity_key(), &prekey)
+            .map_err(|e| e.to_string())?;
+        let message = outbound.encrypt(&body);
+        let (_inbound, plaintext) = bob
+            .create_inbound(&alice.identity_key(), &message)
+            .map_err(|e| e.to_string())?;
+        latencies.push(started.elapsed());
+        if plaintext.as_slice() != body {
+            return Err("the first pre-key message decrypted to another body".to_owned());
+        }
+    }
+    Ok(latencies)
 }
 
 /// What storing one received message costs bob before he may acknowledge it: one redb
