@@ -209,6 +209,7 @@ impl App {
                 blob: offer.blob,
                 cipher_size: offer.cipher_size,
                 key: offer.key.clone(),
+                wrapped: false,
             },
             recipients,
             pinned: file_pinned,
