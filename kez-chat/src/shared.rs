@@ -214,6 +214,7 @@ impl App {
             recipients,
             pinned: file_pinned,
             tag,
+            wraps: Default::default(),
         };
         if !store.add_published(&published).map_err(Failure::store)? {
             return Err(Failure::new(
