@@ -191,10 +191,13 @@ pub async fn send_wraps(conn: &Connection, store: &Store) -> Result<(), SharedEr
                 wrap: wrap.clone(),
             }
             .encode();
-            conn.send(&contact, FILE_KEY_CONTENT_TYPE, &body).await?;
+            let delivered = conn.send(&contact, FILE_KEY_CONTENT_TYPE, &body).await?;
             let mut devices = sent.map(|sent| sent.devices.clone()).unwrap_or_default();
+            // A device the server did not take it for keeps getting the plain key.
             for device in olm {
-                if !devices.contains(&device) {
+                if !devices.contains(&device)
+                    && !delivered.missed.iter().any(|(missed, _)| *missed == device)
+                {
                     devices.push(device);
                 }
             }
