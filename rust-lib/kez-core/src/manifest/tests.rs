@@ -772,7 +772,7 @@ fn a_wrapped_entry_round_trips_and_unwraps_to_the_content_key() {
 #[test]
 fn a_public_entry_is_never_wrapped() {
     let wrapped = entry("readme.txt", 17).wrap(&ContentKey::from_bytes(seed("wrap", "x")));
-    let err = build(&key("alice"), 1, T0, &[wrapped.clone()], &[]).unwrap_err();
+    let err = build(&key("alice"), 1, T0, std::slice::from_ref(&wrapped), &[]).unwrap_err();
     assert_eq!(err.code(), "malformed");
     let mut body = body_of(&build(&key("alice"), 1, T0, &[], &[]).unwrap());
     body["public"] = json!([wrapped]);
