@@ -209,10 +209,12 @@ impl App {
                 blob: offer.blob,
                 cipher_size: offer.cipher_size,
                 key: offer.key.clone(),
+                wrapped: false,
             },
             recipients,
             pinned: file_pinned,
             tag,
+            wraps: Default::default(),
         };
         if !store.add_published(&published).map_err(Failure::store)? {
             return Err(Failure::new(
@@ -414,7 +416,14 @@ impl App {
         }
         let node = self.open_node().await?;
         tell!("fetching {full}'s manifest...");
-        let browsed = shared::browse(&node, &verified.chain, &key, pin_node.as_deref()).await;
+        let browsed = shared::browse(
+            &node,
+            &verified.chain,
+            &key,
+            pin_node.as_deref(),
+            Some(&store),
+        )
+        .await;
         browsed.map_err(|err| match err {
             SharedError::File(_) => Failure::new(
                 RUNTIME,
@@ -469,9 +478,10 @@ impl App {
                     display::inline(&visible.entry.name),
                     bytes(visible.entry.size),
                     clock(visible.entry.time),
-                    match visible.audience {
-                        Audience::Public => "public",
-                        Audience::Private => "shared with you",
+                    match (visible.audience, visible.entry.wrapped) {
+                        (Audience::Public, _) => "public",
+                        (Audience::Private, false) => "shared with you",
+                        (Audience::Private, true) => "shared with you (key not arrived yet)",
                     }
                     .to_owned(),
                 ]
@@ -521,7 +531,9 @@ impl App {
                 },
             ));
         };
-        let offer = visible.entry.offer(browsed.providers.clone());
+        let offer = browsed
+            .offer(visible, &full.to_string())
+            .map_err(shared_failure)?;
         let (path, size, stats) = self.transfer(&offer, &full.to_string(), output).await?;
         let about = json!({ "from": full, "name": visible.entry.name });
         report_download(json, about, &path, size, &stats);
@@ -539,7 +551,7 @@ impl App {
             Ok(node) => node,
             Err(err) => return json!({ "error": err.message }),
         };
-        let browsed = shared::browse(&node, chain, &key, pin_node.as_deref()).await;
+        let browsed = shared::browse(&node, chain, &key, pin_node.as_deref(), None).await;
         match browsed {
             Ok(Some(b)) => json!({
                 "visible": b.visible.len(),
@@ -585,6 +597,8 @@ fn shared_failure(err: SharedError) -> Failure {
             format!("{err}; nothing from it is shown or downloaded"),
         ),
         SharedError::UnknownRecipient(_) => Failure::new(USAGE, err.to_string()),
-        SharedError::Read(_) => Failure::new(RUNTIME, err.to_string()),
+        SharedError::Read(_) | SharedError::KeyNotArrived { .. } => {
+            Failure::new(RUNTIME, err.to_string())
+        }
     }
 }

@@ -204,6 +204,7 @@ async fn a_manifest_not_signed_by_the_chain_key_is_refused() {
         blob: manifest::manifest_hash(b"anything"),
         cipher_size: kez_core::file::ciphertext_len(1).unwrap(),
         key: kez_core::file::ContentKey::generate(),
+        wrapped: false,
     };
     let owned_by_mallory =
         manifest::build(&mallory, 1, now(), std::slice::from_ref(&entry), &[]).unwrap();

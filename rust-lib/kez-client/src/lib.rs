@@ -65,6 +65,6 @@ pub use kez_proto::pair::{
 pub use live::{LIVE_WINDOW_SECS, LiveError, LiveNotice};
 pub use store::{
     Contact, Conversation, Direction, Downloaded, Found, InboxFloor, Offer, Published,
-    PublishedManifest, ReceivedBounce, Store, StoreError, StoredMessage,
+    PublishedManifest, ReceivedBounce, SentWrap, Store, StoreError, StoredMessage,
     UNDECRYPTABLE_CONTENT_TYPE, Undelivered, UndeliveredNote,
 };

@@ -1,11 +1,20 @@
 //! The shared-files manifest (PROTOCOL.md §11): publish the own manifest from the files kept in
 //! the [`Store`], and browse someone's — fetched over iroh from the providers their verified
 //! sigchain names, checked against the hash and key it commits to, then read with the own key.
+//!
+//! A private entry's key is forward secret (PROTOCOL.md §11.5): for each recipient with a
+//! device that has an Olm key, the publisher draws a wrap, sends it in a forward-secret
+//! `kez.file-key` message before the manifest that needs it is committed, and seals to those
+//! devices the entry with its key XOR the wrap. A device key stolen later opens the box, but
+//! not the file: the wrap is in the recipient's store, not in any box.
+
+use std::collections::BTreeMap;
 
 use kez_blobs::{BlobNode, Hash};
-use kez_core::file::BlobHash;
+use kez_core::file::{BlobHash, ContentKey, FileOffer};
 use kez_core::manifest::{
-    self, MAX_MANIFEST_BYTES, Manifest, ManifestError, PrivateEntry, VisibleEntry,
+    self, FILE_KEY_CONTENT_TYPE, FileKey, MAX_MANIFEST_BYTES, Manifest, ManifestError,
+    PrivateEntry, VisibleEntry,
 };
 use kez_core::sigchain::{Op, SharedFiles};
 use kez_core::{PublicKey, SecretKey};
@@ -15,7 +24,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::connection::{ClientError, Connection, now};
 use crate::files::{self, FileError};
-use crate::store::{PublishedManifest, Store, StoreError};
+use crate::store::{PublishedManifest, SentWrap, Store, StoreError};
 use kez_core::trust::VerifiedChain;
 
 /// Why publishing or browsing a manifest failed.
@@ -41,6 +50,17 @@ pub enum SharedError {
         "{0}, a recipient of a published file, is not in your contacts: `kez-chat add` them again, or unpublish what you shared with them"
     )]
     UnknownRecipient(String),
+    /// A private entry's key is wrapped, and the `kez.file-key` message with its wrap has not
+    /// been received yet (PROTOCOL.md §11.5).
+    #[error(
+        "the key for {name} from {owner} has not arrived yet: run `kez-chat inbox` and try again"
+    )]
+    KeyNotArrived {
+        /// The file's name.
+        name: String,
+        /// Whose manifest it is in.
+        owner: String,
+    },
 }
 
 impl From<ClientError> for SharedError {
@@ -58,12 +78,30 @@ pub struct Browsed {
     pub manifest: Manifest,
     /// Where it and its files are fetched from (the `set_shared_files` link's providers).
     pub providers: Vec<String>,
-    /// The public entries and those sealed to the reader.
+    /// The public entries and those sealed to the reader, unwrapped where the wrap has
+    /// arrived: an entry still `wrapped` waits for its `kez.file-key` message.
     pub visible: Vec<VisibleEntry>,
 }
 
+impl Browsed {
+    /// `visible` as a file offer to download, `owner` (a handle) naming whose it is in the
+    /// error: [`SharedError::KeyNotArrived`] when its key is still wrapped, which never
+    /// decrypts the file.
+    pub fn offer(&self, visible: &VisibleEntry, owner: &str) -> Result<FileOffer, SharedError> {
+        if visible.entry.wrapped {
+            return Err(SharedError::KeyNotArrived {
+                name: visible.entry.name.clone(),
+                owner: owner.to_owned(),
+            });
+        }
+        Ok(visible.entry.offer(self.providers.clone()))
+    }
+}
+
 /// Builds manifest number `version` from the files in `store`: public ones plain, private
-/// ones sealed to each device of each recipient as pinned in the contacts.
+/// ones sealed to each device of each recipient as pinned in the contacts — with the key
+/// wrapped ([`ManifestEntry::wrap`](kez_core::manifest::ManifestEntry::wrap)) for the devices
+/// a wrap was sent to ([`send_wraps`]), plain for the others.
 pub fn build_own(
     store: &Store,
     key: &SecretKey,
@@ -77,24 +115,103 @@ pub fn build_own(
             public.push(published.entry);
             continue;
         }
-        let mut keys = Vec::with_capacity(published.recipients.len());
+        let mut plain = Vec::with_capacity(published.recipients.len());
+        let mut wrapped = Vec::new();
         for handle in &published.recipients {
             let contact = store
                 .contact(handle)?
                 .ok_or_else(|| SharedError::UnknownRecipient(handle.clone()))?;
-            keys.extend(contact.recipient_keys());
+            let sent = published.wraps.get(&contact.key);
+            let (to_wrapped, to_plain): (Vec<_>, Vec<_>) = contact
+                .recipient_keys()
+                .into_iter()
+                .partition(|device| sent.is_some_and(|sent| sent.devices.contains(device)));
+            plain.extend(to_plain);
+            if let Some(sent) = sent.filter(|_| !to_wrapped.is_empty()) {
+                wrapped.push(PrivateEntry {
+                    entry: published.entry.wrap(&sent.wrap),
+                    recipients: to_wrapped,
+                });
+            }
         }
-        private.push(PrivateEntry {
-            entry: published.entry,
-            recipients: keys,
-        });
+        // No device at all is refused by `build`, as before.
+        if !plain.is_empty() || wrapped.is_empty() {
+            private.push(PrivateEntry {
+                entry: published.entry,
+                recipients: plain,
+            });
+        }
+        private.extend(wrapped);
     }
     Ok(manifest::build(key, version, time, &public, &private)?)
 }
 
+/// Makes sure every recipient of a private file whose devices have Olm keys holds the wrap
+/// of its entry (PROTOCOL.md §11.5): draws one (reusing the one of another published entry of
+/// the same blob for that recipient, since a recipient keeps one wrap per owner and blob),
+/// sends it in a `kez.file-key` message to the recipient (all its devices, and the own
+/// others), and keeps it with the published file. A wrap already sent to all those devices is
+/// not sent again; when a device gained an Olm key since, the same wrap is sent again. Called
+/// before the manifest that carries the wrapped keys is committed, so that a recipient who
+/// sees a wrapped entry can always unwrap it once its inbox is read.
+pub async fn send_wraps(conn: &Connection, store: &Store) -> Result<(), SharedError> {
+    let published = store.published()?;
+    let mut known: BTreeMap<(PublicKey, BlobHash), ContentKey> = BTreeMap::new();
+    for file in &published {
+        for (recipient, sent) in &file.wraps {
+            known.insert((*recipient, file.entry.blob), sent.wrap.clone());
+        }
+    }
+    for file in published {
+        if file.recipients.is_empty() {
+            continue;
+        }
+        let mut wraps = file.wraps.clone();
+        for handle in &file.recipients {
+            let contact = store
+                .contact(handle)?
+                .ok_or_else(|| SharedError::UnknownRecipient(handle.clone()))?;
+            let olm: Vec<PublicKey> = contact
+                .recipient_keys()
+                .into_iter()
+                .filter(|device| contact.olm_keys.contains_key(device))
+                .collect();
+            let sent = wraps.get(&contact.key);
+            if olm.is_empty()
+                || sent.is_some_and(|sent| olm.iter().all(|d| sent.devices.contains(d)))
+            {
+                continue;
+            }
+            let wrap = known
+                .entry((contact.key, file.entry.blob))
+                .or_insert_with(ContentKey::generate)
+                .clone();
+            let body = FileKey {
+                blob: file.entry.blob,
+                wrap: wrap.clone(),
+            }
+            .encode();
+            let delivered = conn.send(&contact, FILE_KEY_CONTENT_TYPE, &body).await?;
+            let mut devices = sent.map(|sent| sent.devices.clone()).unwrap_or_default();
+            // A device the server did not take it for keeps getting the plain key.
+            for device in olm {
+                if !devices.contains(&device)
+                    && !delivered.missed.iter().any(|(missed, _)| *missed == device)
+                {
+                    devices.push(device);
+                }
+            }
+            wraps.insert(contact.key, SentWrap { wrap, devices });
+            store.set_published_wraps(&file.entry.name, &wraps)?;
+        }
+    }
+    Ok(())
+}
+
 /// Builds the next manifest from `store`, keeps it in `node`, pins it when `pin` names the
 /// home server's pin node, commits it with a `set_shared_files` link, records it, and then
-/// drops (and unpins) the manifest it replaces.
+/// drops (and unpins) the manifest it replaces. The wraps of private entries are sent first
+/// ([`send_wraps`]).
 pub async fn publish_manifest(
     conn: &Connection,
     store: &Store,
@@ -105,6 +222,7 @@ pub async fn publish_manifest(
     let last = store.last_manifest()?;
     let version = last.as_ref().map_or(1, |m| m.version + 1);
     let time = now();
+    send_wraps(conn, store).await?;
     let bytes = build_own(store, key, version, time)?;
     let size = bytes.len() as u64;
     let tag = format!("kez/manifest/{version}");
@@ -158,12 +276,15 @@ pub async fn publish_manifest(
 
 /// Fetches the manifest `chain` commits to into `node`, checks it (PROTOCOL.md §11.3) and reads
 /// it with `reader`'s key. `None` when the chain commits to no manifest. `pin_node` is the home
-/// server's pin node as it is now ([`files::with_current_pin_node`]), if it pins.
+/// server's pin node as it is now ([`files::with_current_pin_node`]), if it pins. Wrapped
+/// entries are unwrapped with the wraps in `wraps` (the reader's store) that have arrived;
+/// without a store, or before their wrap arrives, they stay wrapped ([`Browsed::offer`]).
 pub async fn browse(
     node: &BlobNode,
     chain: &VerifiedChain,
     reader: &SecretKey,
     pin_node: Option<&str>,
+    wraps: Option<&Store>,
 ) -> Result<Option<Browsed>, SharedError> {
     let Some(committed) = chain.shared_files() else {
         return Ok(None);
@@ -186,7 +307,14 @@ pub async fn browse(
         .map_err(SharedError::Read)?;
     let owners: Vec<PublicKey> = chain.active_devices().map(|device| device.key).collect();
     let manifest = Manifest::open(&bytes, &expected, &owners)?;
-    let visible = manifest.visible_to(reader)?;
+    let mut visible = manifest.visible_to(reader)?;
+    if let Some(store) = wraps {
+        for seen in visible.iter_mut().filter(|seen| seen.entry.wrapped) {
+            if let Some(wrap) = store.file_wrap(&chain.chain_id(), &seen.entry.blob)? {
+                seen.entry = seen.entry.unwrap_with(&wrap);
+            }
+        }
+    }
     Ok(Some(Browsed {
         hash: expected,
         manifest,

@@ -15,8 +15,8 @@ use kez_core::PublicKey;
 use kez_core::chat::{self, ChangeKind, ChatContent, ChatError, ReceiptKind, Timer};
 use kez_core::copy::{SENT_COPY_CONTENT_TYPE, SentCopy};
 use kez_core::envelope::{Message, MessageId};
-use kez_core::file::{BlobHash, FILE_OFFER_CONTENT_TYPE};
-use kez_core::manifest::ManifestEntry;
+use kez_core::file::{BlobHash, ContentKey, FILE_OFFER_CONTENT_TYPE};
+use kez_core::manifest::{FILE_KEY_CONTENT_TYPE, FileKey, ManifestEntry};
 use kez_core::prekey::OlmKey;
 use kez_core::sigchain::{Device, DeviceKind, LinkHash};
 use kez_proto::federation::Bounce;
@@ -71,6 +71,10 @@ const UNDELIVERED: TableDefinition<(&str, [u8; 16]), &[u8]> = TableDefinition::n
 /// shown to a listener yet ([`Store::unshown_undelivered`]).
 const UNSHOWN_UNDELIVERED: TableDefinition<(&str, [u8; 16], [u8; 32]), u64> =
     TableDefinition::new("unshown_undelivered");
+/// (owner identity key, blob hash) → the wrap of that owner's private manifest entries for the
+/// blob, from a `kez.file-key` message of that contact (PROTOCOL.md §11.5).
+const FILE_WRAPS: TableDefinition<([u8; 32], [u8; 32]), [u8; 32]> =
+    TableDefinition::new("file_wraps");
 const LAST_MANIFEST: &str = "last";
 const NEXT_ORDER: &str = "next_order";
 const INBOX_FLOOR: &str = "inbox_floor";
@@ -259,6 +263,9 @@ fn record_at(
             .insert(message.id.as_bytes(), (peer.as_str(), order))
             .map_err(db)?;
     }
+    if message.content_type == FILE_KEY_CONTENT_TYPE && message.direction == Direction::Incoming {
+        record_file_key(tx, message)?;
+    }
     if unshown {
         let mut unshown = tx.open_table(UNSHOWN).map_err(db)?;
         unshown.insert(order, peer.as_str()).map_err(db)?;
@@ -279,6 +286,42 @@ fn record_at(
 /// identity (so a contact's messages stay in one conversation across a rotation). A message
 /// signed by the identity key of a contact that has rotated away from it is not the contact's:
 /// it goes to a conversation of its own (`retired.<key hex>`). Anything else: the sender's key.
+/// Keeps the wrap a `kez.file-key` message carries, in the transaction that records the
+/// message: under its sender's identity when a contact's active device signed it (the owner of
+/// the entries it unwraps is the verified sender, never a member of the body). Anything else
+/// (a stranger's, a malformed body) is recorded as a message and its wrap dropped.
+fn record_file_key(tx: &redb::WriteTransaction, message: &StoredMessage) -> Result<(), StoreError> {
+    let contacts = tx.open_table(CONTACTS).map_err(db)?;
+    let mut owner = None;
+    for entry in contacts.iter().map_err(db)? {
+        let (_, value) = entry.map_err(db)?;
+        let contact: Contact = serde_json::from_slice(value.value()).map_err(corrupt)?;
+        if contact.signs_with(&message.from) {
+            owner = Some(contact.key);
+            break;
+        }
+    }
+    let Some(owner) = owner else {
+        tracing::warn!(id = %message.id, "a file key from someone not in the contacts: dropped");
+        return Ok(());
+    };
+    let file_key = match FileKey::decode(&message.body) {
+        Ok(file_key) => file_key,
+        Err(err) => {
+            tracing::warn!(id = %message.id, "a file key is not valid: {err}");
+            return Ok(());
+        }
+    };
+    let mut wraps = tx.open_table(FILE_WRAPS).map_err(db)?;
+    wraps
+        .insert(
+            (*owner.as_bytes(), *file_key.blob.as_bytes()),
+            *file_key.wrap.as_bytes(),
+        )
+        .map_err(db)?;
+    Ok(())
+}
+
 /// The body of [`Store::record_fetched`] inside the caller's transaction (without the floor).
 fn record_batch_in(
     tx: &redb::WriteTransaction,
@@ -782,6 +825,22 @@ pub struct Published {
     pub pinned: bool,
     /// The own blob node's tag that keeps the encrypted file.
     pub tag: String,
+    /// For a private file, by recipient identity: the wrap its boxes for that recipient's
+    /// devices with an Olm key carry the key under, and the devices a `kez.file-key` message
+    /// carried it to (PROTOCOL.md §11.5). Kept so a republish reuses it. Absent for a file
+    /// published before forward secrecy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub wraps: BTreeMap<PublicKey, SentWrap>,
+}
+
+/// A wrap sent to one recipient of a private published file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentWrap {
+    /// The wrap.
+    pub wrap: ContentKey,
+    /// The recipient's devices it was sent to (those with an Olm key at the time): only their
+    /// boxes carry the wrapped key.
+    pub devices: Vec<PublicKey>,
 }
 
 /// The own manifest last committed to the sigchain.
@@ -904,6 +963,7 @@ fn check_readable(database: &Database) -> Result<(), OpenFailure> {
     scan!(CHAT_STATE, TIMERS, READ_UPTO, UNDELIVERED);
     scan!(ORIGINS);
     scan!(UNSHOWN_UNDELIVERED);
+    scan!(FILE_WRAPS);
     Ok(())
 }
 
@@ -993,6 +1053,7 @@ impl Store {
         tx.open_table(ORIGINS).map_err(db)?;
         tx.open_table(UNDELIVERED).map_err(db)?;
         tx.open_table(UNSHOWN_UNDELIVERED).map_err(db)?;
+        tx.open_table(FILE_WRAPS).map_err(db)?;
         tx.commit().map_err(db)?;
         olm::create_tables(&database)?;
         Ok(Store {
@@ -1517,6 +1578,48 @@ impl Store {
         }
         tx.commit().map_err(db)?;
         Ok(true)
+    }
+
+    /// Sets the wraps of the published file `name` ([`Published::wraps`]); `false` (and nothing
+    /// changes) when there is none.
+    pub fn set_published_wraps(
+        &self,
+        name: &str,
+        wraps: &BTreeMap<PublicKey, SentWrap>,
+    ) -> Result<bool, StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        {
+            let mut table = tx.open_table(PUBLISHED).map_err(db)?;
+            let Some(mut published) = table
+                .get(name)
+                .map_err(db)?
+                .map(|guard| serde_json::from_slice::<Published>(guard.value()))
+                .transpose()
+                .map_err(corrupt)?
+            else {
+                return Ok(false);
+            };
+            published.wraps = wraps.clone();
+            let json = serde_json::to_vec(&published).expect("a published file serialises");
+            table.insert(name, json.as_slice()).map_err(db)?;
+        }
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// The wrap `owner` (a contact's identity key) sent for its private manifest entries of
+    /// `blob` (PROTOCOL.md §11.5); `None` when none has arrived.
+    pub fn file_wrap(
+        &self,
+        owner: &PublicKey,
+        blob: &BlobHash,
+    ) -> Result<Option<ContentKey>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(FILE_WRAPS).map_err(db)?;
+        Ok(table
+            .get((*owner.as_bytes(), *blob.as_bytes()))
+            .map_err(db)?
+            .map(|guard| ContentKey::from_bytes(guard.value())))
     }
 
     /// Removes the published file `name` and returns it; `None` when there is none.
@@ -3659,5 +3762,90 @@ mod tests {
             )
             .unwrap();
         assert_eq!(store.origin(&key(BOB)).unwrap().as_deref(), Some("b.test"));
+    }
+
+    #[test]
+    fn a_file_key_is_kept_with_its_message_and_an_old_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        drop(store);
+        // What the previous version wrote: the same tables without the wraps.
+        {
+            let database = Database::create(&path).unwrap();
+            let tx = database.begin_write().unwrap();
+            assert!(tx.delete_table(FILE_WRAPS).unwrap());
+            tx.commit().unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        store
+            .pin("@bob@kez.test", &verified(&links(BOB, &["a"])), 10)
+            .unwrap();
+        let blob = BlobHash::from_bytes([7; 32]);
+        assert_eq!(store.file_wrap(&key(BOB), &blob).unwrap(), None);
+        let body = |wrap: u8| {
+            FileKey {
+                blob,
+                wrap: ContentKey::from_bytes([wrap; 32]),
+            }
+            .encode()
+            .to_vec()
+        };
+        let file_key = |from: u8, wrap: u8| {
+            let mut message = message(from, OWN_ID, "");
+            message.content_type = FILE_KEY_CONTENT_TYPE.into();
+            message.body = body(wrap);
+            message
+        };
+        // The message and its wrap are stored by the one transaction that moves the floor.
+        let from_bob = file_key(BOB, 1);
+        let from_stranger = file_key(9, 2);
+        let fresh = store
+            .record_incoming_all(
+                &[(from_bob.clone(), 1), (from_stranger.clone(), 2)],
+                InboxFloor { seq: 2, time: 5 },
+                100,
+            )
+            .unwrap();
+        assert_eq!(fresh, [true, true]);
+        assert!(store.is_seen(&from_bob.id).unwrap());
+        assert_eq!(store.inbox_floor().unwrap(), InboxFloor { seq: 2, time: 5 });
+        assert_eq!(
+            store.file_wrap(&key(BOB), &blob).unwrap(),
+            Some(ContentKey::from_bytes([1; 32]))
+        );
+        assert_eq!(
+            store.file_wrap(&key(9), &blob).unwrap(),
+            None,
+            "a stranger sets no wrap"
+        );
+        // Not a message a person sees; a redelivery changes nothing, a later key replaces.
+        assert!(
+            store
+                .history(&key(BOB))
+                .unwrap()
+                .iter()
+                .all(|m| !chat::is_message(&m.content_type))
+        );
+        let mut replay = file_key(BOB, 3);
+        replay.id = from_bob.id;
+        assert!(!store.record_incoming(&replay, 101).unwrap());
+        assert_eq!(
+            store.file_wrap(&key(BOB), &blob).unwrap(),
+            Some(ContentKey::from_bytes([1; 32]))
+        );
+        assert!(store.record_incoming(&file_key(BOB, 4), 102).unwrap());
+        assert_eq!(
+            store.file_wrap(&key(BOB), &blob).unwrap(),
+            Some(ContentKey::from_bytes([4; 32]))
+        );
+        // A malformed one is recorded as a message, and sets nothing.
+        let mut bad = file_key(BOB, 5);
+        bad.body = b"{}".to_vec();
+        assert!(store.record_incoming(&bad, 103).unwrap());
+        assert_eq!(
+            store.file_wrap(&key(BOB), &blob).unwrap(),
+            Some(ContentKey::from_bytes([4; 32]))
+        );
     }
 }

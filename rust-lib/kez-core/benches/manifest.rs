@@ -27,6 +27,7 @@ fn manifest(c: &mut Criterion) {
                 blob: BlobHash::from_bytes([i as u8; 32]),
                 cipher_size: ciphertext_len(i * 1000).expect("a small size"),
                 key: ContentKey::from_bytes([i as u8; 32]),
+                wrapped: false,
             },
             recipients: vec![if i % 2 == 0 {
                 reader.public_key()

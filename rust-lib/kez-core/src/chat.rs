@@ -807,12 +807,13 @@ pub enum ChangeKind {
 /// version does not know (shown as "a message this version cannot show"). Not: the chat
 /// types that change or describe other messages or the conversation (`kez.receipt`,
 /// `kez.edit`, `kez.delete`, `kez.reaction`, `kez.typing`, `kez.presence`, `kez.profile`,
-/// `kez.timer`), a sent copy (`kez.sent`, stored as the message it copies) or a pairing sync
-/// (`kez-pair-sync`).
+/// `kez.timer`), a resend request (`kez.resend`), a manifest entry's wrap (`kez.file-key`), a
+/// sent copy (`kez.sent`, stored as the message it copies) or a pairing sync (`kez-pair-sync`).
 pub fn is_message(content_type: &str) -> bool {
     content_type == REPLY_CONTENT_TYPE
         || !(CONTENT_TYPES.contains(&content_type)
             || content_type == RESEND_CONTENT_TYPE
+            || content_type == crate::manifest::FILE_KEY_CONTENT_TYPE
             || content_type == crate::copy::SENT_COPY_CONTENT_TYPE
             || content_type == crate::pair::SYNC_CONTENT_TYPE)
 }

@@ -164,8 +164,18 @@ pub struct ManifestEntry {
     pub blob: BlobHash,
     /// Size of the encrypted blob: [`file::ciphertext_len`] of `size`.
     pub cipher_size: u64,
-    /// The file's content key.
+    /// The file's content key; in a wrapped entry, the content key XOR the recipient's wrap
+    /// (§11.5), which arrived in a forward-secret [`FileKey`] message.
     pub key: ContentKey,
+    /// Whether `key` is wrapped: only in a private entry sealed to a device with an Olm key
+    /// (PROTOCOL.md §11.5). Absent (never `false`) when it is not, so an entry of an earlier
+    /// release keeps its one form.
+    #[serde(
+        default,
+        skip_serializing_if = "std::ops::Not::not",
+        deserialize_with = "only_true"
+    )]
+    pub wrapped: bool,
 }
 
 impl ManifestEntry {
@@ -185,8 +195,34 @@ impl ManifestEntry {
         Ok(())
     }
 
+    /// The entry with its key wrapped by `wrap` (`key XOR wrap`, `wrapped` set): what a box
+    /// for a device with an Olm key carries. Wrapping a wrapped entry is a bug.
+    pub fn wrap(&self, wrap: &ContentKey) -> ManifestEntry {
+        debug_assert!(!self.wrapped, "an entry is wrapped once");
+        ManifestEntry {
+            key: xor_keys(&self.key, wrap),
+            wrapped: true,
+            ..self.clone()
+        }
+    }
+
+    /// The entry with its key unwrapped by `wrap` (the [`FileKey`] that came for its blob),
+    /// `wrapped` cleared. An entry that is not wrapped comes back as it is.
+    pub fn unwrap_with(&self, wrap: &ContentKey) -> ManifestEntry {
+        if !self.wrapped {
+            return self.clone();
+        }
+        ManifestEntry {
+            key: xor_keys(&self.key, wrap),
+            wrapped: false,
+            ..self.clone()
+        }
+    }
+
     /// The entry as a file offer fetched from `providers` (the providers of the
-    /// `set_shared_files` link), so a download takes the same path as an offered file.
+    /// `set_shared_files` link), so a download takes the same path as an offered file. The
+    /// caller unwraps a wrapped entry first ([`ManifestEntry::unwrap_with`]): its key does not
+    /// decrypt the file.
     pub fn offer(&self, providers: Vec<String>) -> FileOffer {
         FileOffer {
             name: self.name.clone(),
@@ -476,11 +512,17 @@ fn check_count(what: &'static str, count: usize, limit: usize) -> Result<(), Man
     Ok(())
 }
 
-/// Validates public entries: each entry, then unique names.
+/// Validates public entries: each entry (never wrapped), then unique names.
 fn check_entries(entries: &[ManifestEntry]) -> Result<(), ManifestError> {
     let mut names = BTreeSet::new();
     for entry in entries {
         entry.validate()?;
+        if entry.wrapped {
+            return Err(ManifestError::Malformed(format!(
+                "public entry {:?} is wrapped; only a private entry may be",
+                entry.name
+            )));
+        }
         if !names.insert(entry.name.as_str()) {
             return Err(ManifestError::DuplicateName(entry.name.clone()));
         }
@@ -590,6 +632,76 @@ fn unpad_entry(padded: &[u8]) -> Result<ManifestEntry, ManifestError> {
     let entry = ManifestEntry::deserialize(&value).map_err(|err| bad(err.to_string()))?;
     entry.validate()?;
     Ok(entry)
+}
+
+/// `wrapped` as sent: `true` or absent. An explicit `false` is a second form of an entry that is
+/// not wrapped, and refused.
+fn only_true<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    match bool::deserialize(deserializer)? {
+        true => Ok(true),
+        false => Err(serde::de::Error::custom(
+            "`wrapped` is true or absent, never false",
+        )),
+    }
+}
+
+/// `key XOR wrap`, byte by byte.
+fn xor_keys(key: &ContentKey, wrap: &ContentKey) -> ContentKey {
+    let mut out = Zeroizing::new([0u8; 32]);
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = key.as_bytes()[i] ^ wrap.as_bytes()[i];
+    }
+    ContentKey::from_bytes(*out)
+}
+
+/// The envelope content type of a [`FileKey`] message (PROTOCOL.md §11.5). Not a message a
+/// person sees ([`crate::chat::is_message`]).
+pub const FILE_KEY_CONTENT_TYPE: &str = "kez.file-key";
+/// Largest [`FileKey`] body, in bytes: its one form is 149.
+pub const MAX_FILE_KEY_BYTES: usize = 256;
+
+/// The body of a [`FILE_KEY_CONTENT_TYPE`] message: the wrap of the sender's private manifest
+/// entries for the blob `blob` that are sealed to the recipient's devices with an Olm key
+/// (PROTOCOL.md §11.5). It travels in a forward-secret message, so a device key stolen later
+/// opens the box but not the file. The owner is the message's verified sender: a body names no
+/// owner, so no one can set the wrap of someone else's files. Canonical JSON, exactly
+/// `{"blob":"<64 hex>","wrap":"<64 hex>"}`. It holds key material: never log it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKey {
+    /// BLAKE3 hash of the encrypted blob whose entries it unwraps.
+    pub blob: BlobHash,
+    /// The wrap: a wrapped entry's key XOR it is the file's content key.
+    pub wrap: ContentKey,
+}
+
+impl FileKey {
+    /// This body's content type.
+    pub const CONTENT_TYPE: &'static str = FILE_KEY_CONTENT_TYPE;
+
+    /// The body's one form (canonical JSON), zeroized when dropped.
+    pub fn encode(&self) -> Zeroizing<Vec<u8>> {
+        let value = serde_json::to_value(self).expect("a file key serialises");
+        Zeroizing::new(canonical::encode(&value).expect("a file key has a canonical form"))
+    }
+
+    /// Reads a body: at most [`MAX_FILE_KEY_BYTES`], canonical JSON with exactly `blob` and
+    /// `wrap`, and nothing but its one form.
+    pub fn decode(bytes: &[u8]) -> Result<FileKey, ManifestError> {
+        let bad = |reason: String| ManifestError::Malformed(format!("file key: {reason}"));
+        if bytes.len() > MAX_FILE_KEY_BYTES {
+            return Err(bad(format!(
+                "{} bytes; the limit is {MAX_FILE_KEY_BYTES}",
+                bytes.len()
+            )));
+        }
+        let value = canonical::decode(bytes).map_err(|err| bad(err.to_string()))?;
+        let key = FileKey::deserialize(&value).map_err(|err| bad(err.to_string()))?;
+        if *key.encode() != bytes {
+            return Err(bad("not the body's one canonical form".into()));
+        }
+        Ok(key)
+    }
 }
 
 /// A uniform integer in `0..bound` (`bound` ≥ 1), by rejection so no value is favoured.

@@ -13,7 +13,10 @@ use kez_core::envelope::{
 };
 use kez_core::file::{self, ContentKey, FileOffer, SEGMENT_LEN};
 use kez_core::handle::{self, DOMAIN_MAX_LEN, NAME_MAX_LEN, NAME_MIN_LEN};
-use kez_core::manifest::{self, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest, ManifestError};
+use kez_core::manifest::{
+    self, FileKey, MAX_FILE_KEY_BYTES, MAX_PUBLIC_ENTRIES, MAX_SEALED_ENTRIES, Manifest,
+    ManifestEntry, ManifestError,
+};
 use kez_core::olm::{MAX_OLM_MESSAGE_BYTES, OLM_TYPE_NORMAL, OLM_TYPE_PRE_KEY, OlmMessage};
 use kez_core::pair::{PairRequest, REQUEST_PREFIX};
 use kez_core::prekey::OlmKey;
@@ -460,6 +463,33 @@ pub fn file_offer(data: &[u8]) -> bool {
     let again = FileOffer::from_json(&json).expect("an encoded offer parses");
     assert_eq!(again, offer);
     assert_eq!(*again.to_json().expect("encodes"), *json);
+    true
+}
+
+/// [`FileKey::decode`] on the input: a `kez.file-key` body (PROTOCOL.md §11.5), which a
+/// contact controls and the store decodes while recording the message.
+///
+/// Asserts: an accepted body fits [`MAX_FILE_KEY_BYTES`] and encodes back to the input exactly
+/// (its one form), and unwrapping a wrapped entry with it gives back the entry it wrapped.
+/// Returns whether the body was accepted.
+pub fn file_key(data: &[u8]) -> bool {
+    let Ok(file_key) = FileKey::decode(data) else {
+        return false;
+    };
+    assert!(data.len() <= MAX_FILE_KEY_BYTES);
+    assert_eq!(*file_key.encode(), data, "one form");
+    let entry = ManifestEntry {
+        name: "f".into(),
+        size: 0,
+        time: 0,
+        blob: file_key.blob,
+        cipher_size: file::ciphertext_len(0).expect("empty file"),
+        key: ContentKey::from_bytes([5; 32]),
+        wrapped: false,
+    };
+    let wrapped = entry.wrap(&file_key.wrap);
+    assert!(wrapped.wrapped);
+    assert_eq!(wrapped.unwrap_with(&file_key.wrap), entry);
     true
 }
 

@@ -19,8 +19,8 @@ pub mod seeds;
 mod server;
 
 pub use core_targets::{
-    PAIR_NOW, chat, envelope, envelope_v2, file_decrypt, file_offer, handle, manifest, olm_message,
-    pair_request, provider, public_key, sent_copy, sigchain, sigchain_olm_key,
+    PAIR_NOW, chat, envelope, envelope_v2, file_decrypt, file_key, file_offer, handle, manifest,
+    olm_message, pair_request, provider, public_key, sent_copy, sigchain, sigchain_olm_key,
 };
 pub use jwt::callout_jwt;
 pub use server::{
@@ -44,6 +44,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("file_decrypt", file_decrypt),
     ("file_offer", file_offer),
     ("manifest", manifest),
+    ("file_key", file_key),
     ("handle", handle),
     ("public_key", public_key),
     ("provider", provider),

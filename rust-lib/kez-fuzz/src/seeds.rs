@@ -196,6 +196,14 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
             seeds
         }
         "file_offer" => vec![sample_offer(), b"report (1).pdf".to_vec()],
+        "file_key" => vec![
+            kez_core::manifest::FileKey {
+                blob: BlobHash::from_bytes([9; 32]),
+                wrap: ContentKey::from_bytes([3; 32]),
+            }
+            .encode()
+            .to_vec(),
+        ],
         "pair_request" => {
             let request = kez_core::pair::PairRequest::new(
                 crate::keys::alice().public_key(),

@@ -125,6 +125,7 @@ fn manifest_rows(budget: Budget) -> Result<Vec<Row>, String> {
                 blob: BlobHash::from_bytes([i as u8; 32]),
                 cipher_size: ciphertext_len(i * 1000).expect("a small size"),
                 key: ContentKey::generate(),
+                wrapped: false,
             },
             recipients: vec![if i % 2 == 0 {
                 reader.public_key()

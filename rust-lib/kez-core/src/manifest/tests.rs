@@ -81,6 +81,7 @@ fn entry(name: &str, size: u64) -> ManifestEntry {
         blob: BlobHash::from_bytes(seed("blob", name)),
         cipher_size: file::ciphertext_len(size).unwrap(),
         key: ContentKey::from_bytes(seed("content key", name)),
+        wrapped: false,
     }
 }
 
@@ -408,7 +409,9 @@ fn limits_are_enforced_before_the_expensive_work() {
 
 #[test]
 fn the_largest_entry_fits_a_box() {
-    let mut big = entry(&"\"".repeat(255), file::MAX_PLAINTEXT_LEN);
+    // The largest entry is a wrapped one: `"wrapped":true` is its longest member.
+    let mut big = entry(&"\"".repeat(255), file::MAX_PLAINTEXT_LEN)
+        .wrap(&ContentKey::from_bytes(seed("wrap", "big")));
     big.time = (1 << 53) - 1;
     let bytes = build(
         &key("alice"),
@@ -693,4 +696,145 @@ fn committed_vectors_are_reproduced_and_name_each_failure() {
         .map(|vector| (vector.name.to_owned(), render(vector)))
         .collect();
     crate::committed_vectors::check("manifest", &rendered, |error| error);
+}
+
+#[test]
+fn a_wrapped_entry_round_trips_and_unwraps_to_the_content_key() {
+    let plain = entry("for-bob.pdf", 70_000);
+    let wrap = ContentKey::from_bytes(seed("wrap", "bob"));
+    let wrapped = plain.wrap(&wrap);
+    assert!(wrapped.wrapped);
+    assert_ne!(
+        wrapped.key, plain.key,
+        "a wrapped key is not the content key"
+    );
+    for i in 0..32 {
+        assert_eq!(
+            wrapped.key.as_bytes()[i],
+            plain.key.as_bytes()[i] ^ wrap.as_bytes()[i]
+        );
+    }
+    assert_eq!(wrapped.unwrap_with(&wrap), plain);
+    assert_eq!(
+        plain.unwrap_with(&wrap),
+        plain,
+        "a plain entry stays as it is"
+    );
+    // The one form: `"wrapped":true` when wrapped, no member when not.
+    let json = wrapped.to_canonical();
+    assert!(
+        std::str::from_utf8(&json)
+            .unwrap()
+            .ends_with(r#","wrapped":true}"#)
+    );
+    assert!(
+        !std::str::from_utf8(&plain.to_canonical())
+            .unwrap()
+            .contains("wrapped")
+    );
+    let mut explicit: Value = serde_json::from_slice(&plain.to_canonical()).unwrap();
+    explicit["wrapped"] = json!(false);
+    assert!(
+        ManifestEntry::deserialize(&explicit).is_err(),
+        "no second form"
+    );
+    // In a box: bob's device with an Olm key gets the wrapped entry, his older device (carol's
+    // key here) the plain one; each box is the one fixed size.
+    let bytes = build(
+        &key("alice"),
+        1,
+        T0,
+        &[],
+        &[
+            PrivateEntry {
+                entry: wrapped.clone(),
+                recipients: vec![key("bob").public_key()],
+            },
+            PrivateEntry {
+                entry: plain.clone(),
+                recipients: vec![key("carol").public_key()],
+            },
+        ],
+    )
+    .unwrap();
+    let manifest = open_as(&bytes, "alice").unwrap();
+    assert_eq!(manifest.sealed_count(), SEALED_BATCH);
+    for sealed in body_of(&bytes)["sealed"].as_array().unwrap() {
+        let raw = data_encoding::BASE64
+            .decode(sealed.as_str().unwrap().as_bytes())
+            .unwrap();
+        assert_eq!(raw.len(), SEALED_ENTRY_LEN);
+    }
+    assert_eq!(manifest.visible_to(&key("bob")).unwrap()[0].entry, wrapped);
+    assert_eq!(manifest.visible_to(&key("carol")).unwrap()[0].entry, plain);
+}
+
+#[test]
+fn a_public_entry_is_never_wrapped() {
+    let wrapped = entry("readme.txt", 17).wrap(&ContentKey::from_bytes(seed("wrap", "x")));
+    let err = build(&key("alice"), 1, T0, std::slice::from_ref(&wrapped), &[]).unwrap_err();
+    assert_eq!(err.code(), "malformed");
+    let mut body = body_of(&build(&key("alice"), 1, T0, &[], &[]).unwrap());
+    body["public"] = json!([wrapped]);
+    let bytes = sign_body(body, &key("alice"));
+    let err = open_as(&bytes, "alice").unwrap_err();
+    assert_eq!(err.code(), "malformed");
+    assert!(err.to_string().contains("wrapped"), "{err}");
+}
+
+#[test]
+fn a_file_key_body_has_one_form() {
+    let file_key = FileKey {
+        blob: BlobHash::from_bytes(seed("blob", "for-bob.pdf")),
+        wrap: ContentKey::from_bytes(seed("wrap", "bob")),
+    };
+    let body = file_key.encode();
+    let text = std::str::from_utf8(&body).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            r#"{{"blob":"{}","wrap":"{}"}}"#,
+            file_key.blob,
+            hex(file_key.wrap.as_bytes())
+        )
+    );
+    assert_eq!(body.len(), 149);
+    assert_eq!(FileKey::decode(&body).unwrap(), file_key);
+    let refused = |text: String| FileKey::decode(text.as_bytes()).unwrap_err().code();
+    let blob = file_key.blob.to_string();
+    let wrap = hex(file_key.wrap.as_bytes());
+    // Members reordered or spaced: not canonical.
+    assert_eq!(
+        refused(format!(r#"{{"wrap":"{wrap}","blob":"{blob}"}}"#)),
+        "malformed"
+    );
+    assert_eq!(
+        refused(format!(r#"{{"blob": "{blob}","wrap":"{wrap}"}}"#)),
+        "malformed"
+    );
+    // A member missing, unknown or extra (an owner is never named: the sender is).
+    assert_eq!(refused(format!(r#"{{"blob":"{blob}"}}"#)), "malformed");
+    assert_eq!(
+        refused(format!(
+            r#"{{"blob":"{blob}","owner":"x","wrap":"{wrap}"}}"#
+        )),
+        "malformed"
+    );
+    // Upper-case hex, short hex, too large.
+    assert_eq!(
+        refused(format!(
+            r#"{{"blob":"{blob}","wrap":"{}"}}"#,
+            wrap.to_uppercase()
+        )),
+        "malformed"
+    );
+    assert_eq!(
+        refused(format!(r#"{{"blob":"{blob}","wrap":"00"}}"#)),
+        "malformed"
+    );
+    assert_eq!(refused(format!("{text}{}", " ".repeat(200))), "malformed");
+    assert!(
+        !crate::chat::is_message(FILE_KEY_CONTENT_TYPE),
+        "never shown"
+    );
 }
