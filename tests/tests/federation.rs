@@ -149,9 +149,27 @@ async fn mail_for_a_server_that_is_down_waits_and_bounces_after_the_bound() {
     let bob = registered(&federation.home(B).url(), "bob").await;
     alice.ok(&["add", "@bob@b.localhost"]).await;
     bob.ok(&["add", "@alice@a.localhost"]).await;
+    // A first message needs a prekey from b's key service (a forward-secret session): never
+    // sealed without one while b is down. They have talked, so the session is there.
+    alice.ok(&["send", "@bob@b.localhost", "hello b"]).await;
+    arrives(&bob, "@alice@a.localhost", "hello b").await;
+    let carol = registered(&federation.home(B).url(), "carol").await;
+    alice.ok(&["add", "@carol@b.localhost"]).await;
 
     // b's broker is down: alice's server keeps the message and delivers it when b is back.
     federation.home_mut(B).nats.stop();
+    // To carol, with whom alice has no session yet, nothing is sent: it would not be forward
+    // secret. The error says why and what to do.
+    let refused = alice
+        .run(&["send", "@carol@b.localhost", "first words"])
+        .await;
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(
+        said.contains("cannot start a forward-secret session") && said.contains("try again later"),
+        "{said}"
+    );
+    drop(carol);
     alice
         .ok(&["send", "@bob@b.localhost", "sent while b was down"])
         .await;
