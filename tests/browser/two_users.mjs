@@ -144,6 +144,9 @@ await scenario('two_users', async ({ open }) => {
   await eventually(async () => (await sent.getAttribute('data-status')) === 'delivered',
     "alice's message shows ✓ delivered", { timeout: 30_000 });
   expect(await sent.locator('.status').textContent(), 'the delivered mark').toBe('✓');
+  // Both registered with this release: bob's device has an Olm key, so the header says so.
+  expect(await alice.locator('#secrecy-tag').textContent(), 'the conversation header').toContain('forward secret');
+  expect(await alice.locator('#secrecy-tag').getAttribute('class'), 'not the warning').not.toContain('warn');
   await snap(alice, 'alice-sent-delivered');
   const bobConv = bob.locator('.conv', { hasText: /Alice|alice/ });
   await bobConv.waitFor({ timeout: 30_000 });
