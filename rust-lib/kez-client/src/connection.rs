@@ -1296,22 +1296,23 @@ impl Connection {
                 false,
             )
             .await?;
-        let sealed = peers
-            .into_iter()
-            .map(|(device, sealed)| (device, true, sealed))
+        let sealed = (peers.envelopes.into_iter())
+            .map(|(device, sealed)| (device, true, sealed, peers.durable.clone()))
             .chain(
                 copies
+                    .envelopes
                     .into_iter()
-                    .map(|(device, sealed)| (device, false, sealed)),
+                    .map(|(device, sealed)| (device, false, sealed, copies.durable.clone())),
             );
         let answers = sealed
-            .map(|(device, for_peer, sealed)| {
+            .map(|(device, for_peer, sealed, durable)| {
                 let remote = remote.as_deref().filter(|_| for_peer);
                 let answer = match sealed {
                     Ok(sealed) => {
                         let (endpoint, request) = mail_request(remote, &device, &id, &sealed);
                         let connection = self.clone();
                         tokio::spawn(async move {
+                            durable.wait().await?;
                             connection.call_repeating(endpoint, request, None).await
                         })
                     }

@@ -795,7 +795,9 @@ pub struct Conversation {
 }
 
 mod olm;
-pub use olm::{OlmTarget, Prekeys, Received, RecordedBatch, UNDECRYPTABLE_CONTENT_TYPE};
+pub use olm::{
+    OlmTarget, Prekeys, Received, RecordedBatch, SealTicket, UNDECRYPTABLE_CONTENT_TYPE,
+};
 
 mod base64_bytes {
     use data_encoding::BASE64;
@@ -996,6 +998,8 @@ fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, ()> {
 #[derive(Clone)]
 pub struct Store {
     db: std::sync::Arc<Database>,
+    /// Group commit of the sending sessions (`olm::SealTicket`).
+    flush: std::sync::Arc<olm::Flush>,
 }
 
 impl std::fmt::Debug for Store {
@@ -1058,6 +1062,7 @@ impl Store {
         olm::create_tables(&database)?;
         Ok(Store {
             db: std::sync::Arc::new(database),
+            flush: std::sync::Arc::default(),
         })
     }
 

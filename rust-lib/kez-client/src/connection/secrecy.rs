@@ -14,7 +14,7 @@ use kez_proto::Endpoint;
 use kez_proto::keys::PublishRequest;
 
 use super::{ClientError, Connection, handle_domain, mail_request, now};
-use crate::store::{Contact, OlmTarget, Store, StoreError, StoredMessage};
+use crate::store::{Contact, OlmTarget, SealTicket, Store, StoreError, StoredMessage};
 
 /// One-time keys the key service should hold for this device: published up to this many...
 const ONE_TIME_KEYS: usize = 50;
@@ -29,6 +29,33 @@ pub enum ForwardSecrecy {
     /// The home server has no key service (an older server, or its broker configuration
     /// lacks the `kez.keys` import): messages are sealed as before.
     Unavailable(String),
+}
+
+/// What [`Connection::seal_for`] sealed: an envelope (or why not) per recipient, in their
+/// order, and what must be on disk before any of them leaves.
+pub(super) struct Sealed {
+    pub(super) envelopes: Vec<(PublicKey, Result<Vec<u8>, String>)>,
+    pub(super) durable: Durable,
+}
+
+/// The sending sessions an Olm seal saved without a disk sync, if any.
+#[derive(Clone)]
+pub(super) struct Durable(Option<(Store, SealTicket)>);
+
+impl Durable {
+    /// Waits until the sessions are on disk (one sync shared by concurrent sends).
+    pub(super) async fn wait(self) -> Result<(), ClientError> {
+        let Some((store, ticket)) = self.0 else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || store.make_durable(ticket))
+            .await
+            .map_err(|err| ClientError::BadAnswer {
+                subject: Endpoint::MailSend.subject().to_owned(),
+                reason: format!("saving the sending sessions failed: {err}"),
+            })?
+            .map_err(ClientError::from)
+    }
 }
 
 /// A device to seal one message for: its key, its bound Olm key if any, and the domain its
@@ -165,8 +192,9 @@ impl Connection {
         time: u64,
         id: MessageId,
         new_session: bool,
-    ) -> Result<Vec<(PublicKey, Result<Vec<u8>, String>)>, ClientError> {
+    ) -> Result<Sealed, ClientError> {
         let store = self.secrecy.get();
+        let mut ticket = None;
         let mut sealed: HashMap<PublicKey, Result<Vec<u8>, String>> = HashMap::new();
         let mut olm = Vec::new();
         for recipient in recipients {
@@ -229,20 +257,27 @@ impl Connection {
                     prekey: prekeys.get(&recipient.device).copied(),
                 })
                 .collect();
-            let results = store.seal_olm(&self.key, &targets, content_type, body, time, id)?;
-            for (target, result) in targets.iter().zip(results) {
-                sealed.insert(target.device, result);
+            if !targets.is_empty() {
+                let (results, sealed_with) =
+                    store.seal_olm(&self.key, &targets, content_type, body, time, id)?;
+                for (target, result) in targets.iter().zip(results) {
+                    sealed.insert(target.device, result);
+                }
+                ticket = Some((store.clone(), sealed_with));
             }
         }
-        Ok(recipients
-            .iter()
-            .map(|recipient| {
-                let result = sealed
-                    .remove(&recipient.device)
-                    .unwrap_or_else(|| Err("not sealed".into()));
-                (recipient.device, result)
-            })
-            .collect())
+        Ok(Sealed {
+            envelopes: recipients
+                .iter()
+                .map(|recipient| {
+                    let result = sealed
+                        .remove(&recipient.device)
+                        .unwrap_or_else(|| Err("not sealed".into()));
+                    (recipient.device, result)
+                })
+                .collect(),
+            durable: Durable(ticket),
+        })
     }
 
     /// The devices of `contact` to seal a message for, with their bound Olm keys; `domain`:
@@ -457,7 +492,8 @@ impl Connection {
                 new_session,
             )
             .await?;
-        let (_, envelope) = sealed.pop().expect("one recipient, one result");
+        sealed.durable.wait().await?;
+        let (_, envelope) = sealed.envelopes.pop().expect("one recipient, one result");
         let envelope = envelope.map_err(|reason| ClientError::Session {
             device: recipient.device,
             reason,

@@ -11,13 +11,15 @@
 //! store (its file lock): the home's service, which so owns the sessions.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kez_core::chat::Resend;
 use kez_core::envelope::{self, Message, MessageId, OlmEnvelope};
 use kez_core::olm::{OlmAccount, OlmMessage, OlmSession};
 use kez_core::prekey::{OlmKey, SignedPrekey};
 use kez_core::{PublicKey, SecretKey};
-use redb::{ReadableTable, TableDefinition};
+use redb::{Durability, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
@@ -37,6 +39,32 @@ const UNDECRYPTABLE: TableDefinition<[u8; 16], &[u8]> = TableDefinition::new("un
 const RESENT: TableDefinition<([u8; 32], [u8; 16]), u64> = TableDefinition::new("resent");
 /// [`META`] entry: the last value of the session use counter ([`SessionRecord::used`]).
 const SESSION_USES: &str = "olm_session_uses";
+
+/// [`META`] entry written by the durable commit of [`Store::make_durable`].
+const FLUSHED: &str = "olm_flushed";
+
+/// Group commit of sending sessions: [`Store::seal_olm`] commits without a disk sync and
+/// hands out a ticket; [`Store::make_durable`] syncs once for every ticket handed out before
+/// it (a later durable commit persists every earlier one, redb's `Durability::None`), so
+/// pipelined sends share one sync instead of one each.
+#[derive(Default)]
+pub(super) struct Flush {
+    /// The newest ticket handed out.
+    sealed: AtomicU64,
+    /// Every ticket up to this one is on disk.
+    durable: AtomicU64,
+    /// Held by the one thread syncing.
+    syncing: Mutex<()>,
+}
+
+/// One target's envelope from [`Store::seal_olm`], or why there is none.
+pub type SealedFor = Result<Vec<u8>, String>;
+
+/// What [`Store::seal_olm`] sealed must be on disk before its envelopes leave: pass this to
+/// [`Store::make_durable`] first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "the sessions must be made durable before the envelopes leave"]
+pub struct SealTicket(u64);
 
 /// The content type of the placeholder stored for a message that did not decrypt. It cannot
 /// come from a peer: `!` is not a content type character (PROTOCOL.md §8.1).
@@ -367,9 +395,11 @@ impl Store {
     }
 
     /// Seals one message (`id`, `time`) for each of `targets` with Olm (envelope version 2),
-    /// all in one transaction that saves the sessions before any envelope leaves: the newest
-    /// session with the device's bound key, or a new one from the claimed prekey. A target
-    /// without either gets its reason.
+    /// all in one transaction that saves the sessions: the newest session with the device's
+    /// bound key, or a new one from the claimed prekey. A target without either gets its
+    /// reason. The transaction is committed without a disk sync: call
+    /// [`Store::make_durable`] with the ticket before any envelope leaves, so that a crash can
+    /// never make a session seal two messages with one ratchet step.
     #[allow(clippy::too_many_arguments)]
     pub fn seal_olm(
         &self,
@@ -379,8 +409,9 @@ impl Store {
         body: &[u8],
         time: u64,
         id: MessageId,
-    ) -> Result<Vec<Result<Vec<u8>, String>>, StoreError> {
-        let tx = self.db.begin_write().map_err(db)?;
+    ) -> Result<(Vec<SealedFor>, SealTicket), StoreError> {
+        let mut tx = self.db.begin_write().map_err(db)?;
+        tx.set_durability(Durability::None);
         let account = read_account(&tx, key)?;
         let mut sealed = Vec::with_capacity(targets.len());
         for target in targets {
@@ -424,7 +455,35 @@ impl Store {
             sealed.push(result);
         }
         tx.commit().map_err(db)?;
-        Ok(sealed)
+        // Numbered after the commit: a sync that sees this number starts after it.
+        let ticket = self.flush.sealed.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((sealed, SealTicket(ticket)))
+    }
+
+    /// Makes what [`Store::seal_olm`] committed with `ticket` durable, with one disk sync for
+    /// every ticket handed out before it; returns at once when another call synced it already.
+    /// Blocks: call it off the async workers.
+    pub fn make_durable(&self, ticket: SealTicket) -> Result<(), StoreError> {
+        if self.flush.durable.load(Ordering::SeqCst) >= ticket.0 {
+            return Ok(());
+        }
+        let _syncing = self
+            .flush
+            .syncing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.flush.durable.load(Ordering::SeqCst) >= ticket.0 {
+            return Ok(());
+        }
+        let upto = self.flush.sealed.load(Ordering::SeqCst);
+        let tx = self.db.begin_write().map_err(db)?;
+        tx.open_table(META)
+            .map_err(db)?
+            .insert(FLUSHED, upto)
+            .map_err(db)?;
+        tx.commit().map_err(db)?;
+        self.flush.durable.fetch_max(upto, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Stores a fetched batch like [`Store::record_fetched`], decrypting its version 2
