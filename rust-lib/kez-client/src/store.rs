@@ -1,7 +1,9 @@
 //! The local store: contacts with their pinned keys, message history and the ids of messages
 //! already seen, in one redb database (`store.redb` in the home).
 //!
-//! Every change is one redb write transaction, committed durably before the call returns, so
+//! Every change is one redb write transaction, committed durably before the call returns (the
+//! one exception: `Store::seal_olm` commits sending sessions without a sync, and its caller
+//! makes them durable, one sync for many, before the envelopes leave), so
 //! a message is recorded as seen exactly when it is in the history, and the inbox floor (the
 //! highest inbox sequence stored) moves with the messages below it: a crash cannot separate
 //! them. That is what lets [`crate::Connection::receive`] acknowledge messages to the server
