@@ -367,34 +367,10 @@ pub fn seal_olm_outer_with_fixed_randomness(
     let mut outer = Zeroizing::new(Vec::with_capacity(32 + message.len()));
     outer.extend_from_slice(sender.as_bytes());
     outer.extend_from_slice(&message);
-    let size = ENVELOPE_V2_FRAME + outer.len();
-    if size > MAX_ENVELOPE_BYTES {
-        return Err(EnvelopeError::TooLarge { size });
-    }
-    let ephemeral_public =
-        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::from(*ephemeral)).to_bytes();
-    let (shared, recipient) = recipient
-        .x25519_agree(ephemeral)
-        .ok_or(EnvelopeError::WeakKey)?;
-    let (cipher, nonce) =
-        envelope_cipher(ENVELOPE_V2_KDF_INFO, &shared, &ephemeral_public, &recipient);
-    let mut aad = [0u8; 1 + ID_LEN + EPHEMERAL_LEN];
-    aad[0] = ENVELOPE_VERSION_OLM;
-    aad[1..1 + ID_LEN].copy_from_slice(id.as_bytes());
-    aad[1 + ID_LEN..].copy_from_slice(&ephemeral_public);
-    let ciphertext = cipher
-        .encrypt(
-            &nonce,
-            Payload {
-                msg: &outer,
-                aad: &aad,
-            },
-        )
-        .map_err(|_| EnvelopeError::TooLarge { size })?;
-    let mut envelope = Vec::with_capacity(size);
-    envelope.extend_from_slice(&aad);
-    envelope.extend_from_slice(&ciphertext);
-    Ok(envelope)
+    let mut clear = [0u8; 1 + ID_LEN];
+    clear[0] = ENVELOPE_VERSION_OLM;
+    clear[1..].copy_from_slice(id.as_bytes());
+    seal_outer(recipient, ephemeral, ENVELOPE_V2_KDF_INFO, &clear, &outer)
 }
 
 /// The message id a version 2 envelope carries in clear, read without decrypting anything, so
@@ -626,12 +602,32 @@ fn envelope_cipher(
     (cipher, *XNonce::from_slice(&okm[32..]))
 }
 
+/// Version 1's envelope around a signed plaintext (8.1).
 fn encrypt(
     recipient: &PublicKey,
     ephemeral: &[u8; 32],
     plaintext: &[u8],
 ) -> Result<Vec<u8>, EnvelopeError> {
-    let size = ENVELOPE_FRAME + plaintext.len();
+    seal_outer(
+        recipient,
+        ephemeral,
+        ENVELOPE_KDF_INFO,
+        &[ENVELOPE_VERSION],
+        plaintext,
+    )
+}
+
+/// Seals `plaintext` to `recipient` with the ephemeral secret given (8.1, 15.3): the envelope
+/// is `clear || E || ciphertext`, where `clear` is what goes before the ephemeral key in clear
+/// (the version, and version 2's id), and the AEAD's associated data is `clear || E`.
+fn seal_outer(
+    recipient: &PublicKey,
+    ephemeral: &[u8; 32],
+    info: &[u8],
+    clear: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, EnvelopeError> {
+    let size = clear.len() + EPHEMERAL_LEN + TAG_LEN + plaintext.len();
     if size > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::TooLarge { size });
     }
@@ -640,11 +636,10 @@ fn encrypt(
     let (shared, recipient) = recipient
         .x25519_agree(ephemeral)
         .ok_or(EnvelopeError::WeakKey)?;
-    let (cipher, nonce) =
-        envelope_cipher(ENVELOPE_KDF_INFO, &shared, &ephemeral_public, &recipient);
-    let mut aad = [0u8; 1 + EPHEMERAL_LEN];
-    aad[0] = ENVELOPE_VERSION;
-    aad[1..].copy_from_slice(&ephemeral_public);
+    let (cipher, nonce) = envelope_cipher(info, &shared, &ephemeral_public, &recipient);
+    let mut aad = Vec::with_capacity(clear.len() + EPHEMERAL_LEN);
+    aad.extend_from_slice(clear);
+    aad.extend_from_slice(&ephemeral_public);
     let ciphertext = cipher
         .encrypt(
             &nonce,
