@@ -109,31 +109,7 @@ impl Keys {
     ) -> Result<bool, ErrorAnswer> {
         let key = device.to_hex();
         let value = Bytes::from(serde_json::to_vec(entry).expect("prekeys serialise"));
-        let written = match revision {
-            Some(revision) => self
-                .bucket
-                .update(&key, value, revision)
-                .await
-                .map(|_| ())
-                .map_err(|err| match err.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => None,
-                    _ => Some(ErrorAnswer::unavailable(err)),
-                }),
-            None => self
-                .bucket
-                .create(&key, value)
-                .await
-                .map(|_| ())
-                .map_err(|err| match err.kind() {
-                    kv::CreateErrorKind::AlreadyExists => None,
-                    _ => Some(ErrorAnswer::unavailable(err)),
-                }),
-        };
-        match written {
-            Ok(()) => Ok(true),
-            Err(None) => Ok(false),
-            Err(Some(err)) => Err(err),
-        }
+        crate::store::compare_and_set(&self.bucket, &key, value, revision).await
     }
 
     /// Applies `change` to `device`'s entry with compare-and-set until it sticks (this

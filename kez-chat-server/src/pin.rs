@@ -279,31 +279,7 @@ impl Pinning {
         revision: Option<u64>,
     ) -> Result<bool, ErrorAnswer> {
         let value = Bytes::from(serde_json::to_vec(doc).expect("pins serialise"));
-        let written = match revision {
-            Some(revision) => self
-                .bucket
-                .update(owner, value, revision)
-                .await
-                .map(|_| ())
-                .map_err(|err| match err.kind() {
-                    kv::UpdateErrorKind::WrongLastRevision => None,
-                    _ => Some(ErrorAnswer::unavailable(err)),
-                }),
-            None => self
-                .bucket
-                .create(owner, value)
-                .await
-                .map(|_| ())
-                .map_err(|err| match err.kind() {
-                    kv::CreateErrorKind::AlreadyExists => None,
-                    _ => Some(ErrorAnswer::unavailable(err)),
-                }),
-        };
-        match written {
-            Ok(()) => Ok(true),
-            Err(None) => Ok(false),
-            Err(Some(err)) => Err(err),
-        }
+        crate::store::compare_and_set(&self.bucket, owner, value, revision).await
     }
 
     /// Applies `change` to the owner's pins with compare-and-set until it sticks: `change`

@@ -158,6 +158,40 @@ pub struct StoreSettings {
     pub inbox_max_bytes: Option<u64>,
 }
 
+/// Writes `value` under `key` of `bucket` if the entry is still at `revision` (`None`: only if
+/// there is none yet): `Ok(false)` when another write came first, so the caller reads again and
+/// retries (the prekeys' and the pins' compare-and-set).
+pub(crate) async fn compare_and_set(
+    bucket: &kv::Store,
+    key: &str,
+    value: Bytes,
+    revision: Option<u64>,
+) -> Result<bool, ErrorAnswer> {
+    let written = match revision {
+        Some(revision) => bucket
+            .update(key, value, revision)
+            .await
+            .map(|_| ())
+            .map_err(|err| match err.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => None,
+                _ => Some(ErrorAnswer::unavailable(err)),
+            }),
+        None => bucket
+            .create(key, value)
+            .await
+            .map(|_| ())
+            .map_err(|err| match err.kind() {
+                kv::CreateErrorKind::AlreadyExists => None,
+                _ => Some(ErrorAnswer::unavailable(err)),
+            }),
+    };
+    match written {
+        Ok(()) => Ok(true),
+        Err(None) => Ok(false),
+        Err(Some(err)) => Err(err),
+    }
+}
+
 impl Store {
     /// Creates the buckets and the inbox stream if missing (idempotent) and opens them, with
     /// `settings` applied to new and existing ones (what it leaves unset, existing ones keep:
