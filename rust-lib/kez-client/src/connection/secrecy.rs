@@ -138,16 +138,18 @@ impl Connection {
         Ok(())
     }
 
-    /// Publishes more one-time keys when the key service holds fewer than it should (after
-    /// pre-key messages used some).
+    /// After pre-key messages made sessions: publishes a new fallback key (one a claimer may
+    /// have got is not kept at the service for longer than that; the account still opens
+    /// pre-key messages in flight made from the one before) and more one-time keys when the
+    /// service holds fewer than it should.
     pub(super) async fn refill_prekeys(&self, store: &Store) -> Result<(), ClientError> {
-        let count = self.keys_count().await?;
-        let left = count.one_time as usize;
-        if left < REFILL_BELOW {
-            self.publish_prekeys(store, ONE_TIME_KEYS - left, !count.fallback)
-                .await?;
-        }
-        Ok(())
+        let left = usize::try_from(self.keys_count().await?.one_time).unwrap_or(usize::MAX);
+        let one_time = if left < REFILL_BELOW {
+            ONE_TIME_KEYS - left
+        } else {
+            0
+        };
+        self.publish_prekeys(store, one_time, true).await
     }
 
     /// A prekey of `device` claimed from the key service (through the home server, for
