@@ -1296,23 +1296,27 @@ impl Connection {
                 false,
             )
             .await?;
+        // The sessions are on disk before anything leaves (one sync shared with concurrent
+        // sends), and envelopes leave in the order they were sealed: a receiving session keeps
+        // only so many skipped message keys.
+        peers.durable.wait().await?;
+        copies.durable.wait().await?;
         let sealed = (peers.envelopes.into_iter())
-            .map(|(device, sealed)| (device, true, sealed, peers.durable.clone()))
+            .map(|(device, sealed)| (device, true, sealed))
             .chain(
                 copies
                     .envelopes
                     .into_iter()
-                    .map(|(device, sealed)| (device, false, sealed, copies.durable.clone())),
+                    .map(|(device, sealed)| (device, false, sealed)),
             );
         let answers = sealed
-            .map(|(device, for_peer, sealed, durable)| {
+            .map(|(device, for_peer, sealed)| {
                 let remote = remote.as_deref().filter(|_| for_peer);
                 let answer = match sealed {
                     Ok(sealed) => {
                         let (endpoint, request) = mail_request(remote, &device, &id, &sealed);
                         let connection = self.clone();
                         tokio::spawn(async move {
-                            durable.wait().await?;
                             connection.call_repeating(endpoint, request, None).await
                         })
                     }

@@ -167,6 +167,37 @@ fn read_account(
         .map_err(|err| olm_failure("the Olm account does not open with this home's key", err))
 }
 
+/// The account, read the first time an operation needs it: unpickling it recomputes the
+/// public key of every one-time key it holds (milliseconds), which most messages do not need.
+struct LazyAccount<'a> {
+    tx: &'a redb::WriteTransaction,
+    key: &'a SecretKey,
+    read: Option<Option<OlmAccount>>,
+}
+
+impl<'a> LazyAccount<'a> {
+    fn new(tx: &'a redb::WriteTransaction, key: &'a SecretKey) -> Self {
+        LazyAccount {
+            tx,
+            key,
+            read: None,
+        }
+    }
+
+    /// The account, `None` when this home has none.
+    fn get(&mut self) -> Result<Option<&mut OlmAccount>, StoreError> {
+        if self.read.is_none() {
+            self.read = Some(read_account(self.tx, self.key)?);
+        }
+        Ok(self.read.as_mut().and_then(Option::as_mut))
+    }
+
+    /// The account if it was read (and so may have changed).
+    fn loaded(&self) -> Option<&OlmAccount> {
+        self.read.as_ref().and_then(Option::as_ref)
+    }
+}
+
 fn write_account(
     tx: &redb::WriteTransaction,
     key: &SecretKey,
@@ -275,7 +306,7 @@ enum Decrypted {
 
 fn decrypt(
     tx: &redb::WriteTransaction,
-    account: &mut Option<OlmAccount>,
+    account: &mut LazyAccount<'_>,
     key: &SecretKey,
     outer: &OlmEnvelope,
     bound: Option<OlmKey>,
@@ -311,7 +342,7 @@ fn decrypt(
             "the sending device's Olm key is not the one its chain binds".into(),
         ));
     }
-    let Some(account) = account.as_mut() else {
+    let Some(account) = account.get()? else {
         return Ok(Decrypted::Failed("this device has no Olm account".into()));
     };
     match account.create_inbound(&claimed, &outer.message) {
@@ -412,15 +443,17 @@ impl Store {
     ) -> Result<(Vec<SealedFor>, SealTicket), StoreError> {
         let mut tx = self.db.begin_write().map_err(db)?;
         tx.set_durability(Durability::None);
-        let account = read_account(&tx, key)?;
+        let mut account = LazyAccount::new(&tx, key);
         let mut sealed = Vec::with_capacity(targets.len());
         for target in targets {
-            let session: Result<OlmSession, String> = match (target.prekey, account.as_ref()) {
-                (Some(prekey), Some(account)) => account
-                    .create_outbound(&target.identity, &prekey)
-                    .map_err(|err| err.to_string()),
-                (Some(_), None) => Err("this device has no Olm account".to_owned()),
-                (None, _) => {
+            let session: Result<OlmSession, String> = match target.prekey {
+                Some(prekey) => match account.get()? {
+                    Some(account) => account
+                        .create_outbound(&target.identity, &prekey)
+                        .map_err(|err| err.to_string()),
+                    None => Err("this device has no Olm account".to_owned()),
+                },
+                None => {
                     let newest = sessions_of(&tx, &target.device)?
                         .into_iter()
                         .find(|(_, record)| record.their_identity == target.identity);
@@ -503,7 +536,7 @@ impl Store {
     ) -> Result<RecordedBatch, StoreError> {
         let tx = self.db.begin_write().map_err(db)?;
         let me = key.public_key();
-        let mut account = read_account(&tx, key)?;
+        let mut account = LazyAccount::new(&tx, key);
         let mut account_changed = false;
         let bound = bound_olm_keys(&tx)?;
         let mut recorded = RecordedBatch::default();
@@ -576,7 +609,7 @@ impl Store {
                 }
             }
         }
-        if account_changed && let Some(account) = &account {
+        if account_changed && let Some(account) = account.loaded() {
             write_account(&tx, key, account)?;
         }
         let fresh = record_batch_in(&tx, &messages, &origins, bounces, now)?;
