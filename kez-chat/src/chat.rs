@@ -705,9 +705,16 @@ pub(crate) fn view_line(who: &str, view: &MessageView, ids: bool) -> String {
     format!("{id}[{}] {who}: {text}", clock(message.time))
 }
 
-/// Whether messages with `contact` are forward secret (PROTOCOL.md §15): every device they
-/// go to has an Olm key bound in its chain, or else which devices get today's envelope.
-pub(crate) fn secrecy_note(contact: &kez_client::Contact) -> String {
+/// Whether messages with `contact` are forward secret (PROTOCOL.md §15): this device has its
+/// Olm key bound (`bound_here`) and every device they go to has one in its chain, or else
+/// what is not.
+pub(crate) fn secrecy_note(contact: &kez_client::Contact, bound_here: bool) -> String {
+    if !bound_here {
+        return format!(
+            "note: messages with {} are not forward secret: this device has no Olm key in your sigchain yet (its server may have no key service: see the service's log)",
+            contact.handle
+        );
+    }
     let without = contact.without_olm_key();
     if without.is_empty() {
         return format!(

@@ -1785,10 +1785,21 @@ impl App {
         Ok(())
     }
 
+    /// Whether this device's Olm key is bound in the own chain as last verified: without it
+    /// nothing this device sends is forward secret (PROTOCOL.md §15.4).
+    fn olm_bound_here(&self, store: &Store) -> Result<bool, Failure> {
+        let me = self.key()?.public_key();
+        Ok(store
+            .own()
+            .map_err(Failure::store)?
+            .is_some_and(|own| own.olm_keys.contains_key(&me)))
+    }
+
     /// `contacts`.
     fn contacts(&self, json: bool) -> Result<(), Failure> {
         let store = self.store()?;
         let contacts = store.contacts().map_err(Failure::store)?;
+        let bound_here = self.olm_bound_here(&store)?;
         if json {
             let list: Vec<Value> = contacts
                 .iter()
@@ -1799,7 +1810,7 @@ impl App {
                         "key": c.key.to_string(),
                         "current_key": c.current_key.to_string(),
                         "added_at": c.added_at,
-                        "forward_secret": c.forward_secret(),
+                        "forward_secret": bound_here && c.forward_secret(),
                         "display_name": profile.as_ref().map(|(p, _)| p.display_name.clone()),
                         "avatar": profile.as_ref().and_then(|(p, _)| p.avatar.as_ref()).map(|a| json!({
                             "type": a.image_type.media_type(),
@@ -2055,7 +2066,10 @@ impl App {
             .contact_or_moved(&full.to_string())
             .map_err(Failure::store)?
         {
-            tell!("{}", chat::secrecy_note(&contact));
+            tell!(
+                "{}",
+                chat::secrecy_note(&contact, self.olm_bound_here(&store)?)
+            );
         }
         if messages.is_empty() {
             tell!("no messages with {full} yet");
