@@ -217,6 +217,7 @@ pub async fn handle(
             federation: ctx.federation.as_ref().map(|federation| FederationInfo {
                 key: federation.public_key(),
             }),
+            directory: true,
         }),
         Request::Pin(request) => {
             let Some(pinning) = &ctx.pin else {

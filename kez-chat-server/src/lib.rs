@@ -344,6 +344,7 @@ impl Server {
                 tasks_stopped,
             ))
         });
+        let backfill_task = tokio::spawn(backfill_directory(self.context.store.clone()));
         let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut in_flight = JoinSet::new();
         tokio::pin!(shutdown);
@@ -431,6 +432,8 @@ impl Server {
         if let Some(task) = blocks_task {
             let _ = task.await;
         }
+        // Idempotent: another start (of this or another instance) finishes it.
+        backfill_task.abort();
         // The answers are queued in the clients; make sure they are on the wire before they go.
         if broker_connected(&self.clients) {
             let drained =
@@ -482,6 +485,29 @@ pub async fn open_pins(config: &ServerConfig) -> Result<federation::Pins, StartE
     federation::Pins::open(&js, None).await.map_err(|err| {
         StartError::Federation(format!("bucket {}: {err}", federation::PEERS_BUCKET))
     })
+}
+
+/// Writes the directory entries a store of an earlier release lacks
+/// ([`Store::backfill_directory`]), trying again while JetStream fails.
+async fn backfill_directory(store: Store) {
+    let mut pause = Duration::from_secs(1);
+    loop {
+        match store.backfill_directory().await {
+            Ok(0) => return,
+            Ok(handles) => {
+                tracing::info!(
+                    handles,
+                    "directory: wrote the entries of the handles registered before it"
+                );
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err.message, "directory backfill failed; trying again in {pause:?}");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 /// Drops the pin node's orphaned tags every `interval` until `stopped` turns true.

@@ -27,6 +27,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use kez_proto::directory::DIRECT_GET_SUBJECTS;
 use kez_proto::endpoint::USER_SERVICES;
 use kez_proto::subjects::NEW_MAIL_SUBJECTS;
 use nkeys::KeyPair;
@@ -177,8 +178,8 @@ pub struct ExportedService {
     pub share: bool,
 }
 
-/// Every service users can reach: the kez services, nothing of JetStream (`APP` has no
-/// JetStream, and nats-server answers `$JS.API.>` there itself: "not enabled").
+/// Every service users can reach: the kez services, and of JetStream only the directory's
+/// direct get of one subject (PROTOCOL.md §5.7; `APP` has no JetStream of its own).
 pub fn exported_services() -> Vec<ExportedService> {
     USER_SERVICES
         .iter()
@@ -186,6 +187,10 @@ pub fn exported_services() -> Vec<ExportedService> {
             subject: service.wildcard(),
             share: true,
         })
+        .chain([ExportedService {
+            subject: DIRECT_GET_SUBJECTS.to_owned(),
+            share: false,
+        }])
         .collect()
 }
 

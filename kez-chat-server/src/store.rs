@@ -18,6 +18,11 @@
 //!   revocation. A crash in between leaves a device refused (`adding`), never a revoked one
 //!   admitted. A key holding a handle is never a device of another identity, and a device key
 //!   never registers a handle.
+//! - The directory (PROTOCOL.md §5.7) holds, per handle and per identity key, what a lookup
+//!   answers, sealed. It is written after what it is derived from (the handle record, the
+//!   stored link) and before the registration or append is answered, and never moved back (a
+//!   write that finds a later head keeps it): whoever was answered reads it current. A write
+//!   that fails fails the request, whose retry writes it.
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
@@ -30,7 +35,8 @@ use kez_proto::subjects::{INBOX_SUBJECTS, MAIL_STREAM, NEW_MAIL_DESTINATION, inb
 use serde::{Deserialize, Serialize};
 
 use kez_proto::ErrorAnswer;
-use kez_proto::answer::{ChainHead, HandleRecord};
+use kez_proto::answer::{ChainHead, HandleRecord, Profile};
+use kez_proto::directory::{DIRECTORY_BUCKET, MAX_ENTRY_BYTES, Slot};
 
 /// Bucket: handle name → [`HandleRecord`] (the `kez.registry.register` answer's JSON).
 pub const HANDLES_BUCKET: &str = "kez_handles";
@@ -53,6 +59,9 @@ const MAX_CHAIN_BYTES_PER_READ: usize = 1024 * 1024;
 pub const DEVICES_BUCKET: &str = "kez_devices";
 /// Bucket: key hex → [`DisabledRecord`], for keys an operator disabled.
 pub const DISABLED_BUCKET: &str = "kez_disabled";
+/// The directory's marker of a finished [`Store::backfill_directory`]; no entry's id (64 hex
+/// digits) is ever this.
+const DIRECTORY_BACKFILLED: &str = "kez-backfilled-v1";
 /// The key the health check reads: no bucket ever holds it (`-` is in no handle or key hex).
 const HEALTH_PROBE_KEY: &str = "kez-health-probe";
 
@@ -134,6 +143,7 @@ pub struct Store {
     links: kv::Store,
     heads: kv::Store,
     states: kv::Store,
+    directory: kv::Store,
     /// Where a device whose index entry this store turned `revoked` is handed on, to end its
     /// live connections ([`crate::kick`]); none without the server's system user.
     revocations: Option<tokio::sync::mpsc::Sender<PublicKey>>,
@@ -272,7 +282,7 @@ impl Store {
         // At once: each is a round of the cluster's meta layer.
         // A store of a release before devices has no devices bucket: it is made here like the
         // others, empty (that release had no devices to index).
-        let (devices, disabled, handles, keys, links, heads, states) = futures::try_join!(
+        let (devices, disabled, handles, keys, links, heads, states, directory) = futures::try_join!(
             open(bucket(
                 DEVICES_BUCKET,
                 "kez-chat: device key -> identity",
@@ -292,6 +302,11 @@ impl Store {
                 "kez-chat: verified sigchain states",
                 MAX_STATE_BYTES
             )),
+            open(bucket(
+                DIRECTORY_BUCKET,
+                "kez-chat: sealed lookup answers, read by clients with direct gets",
+                MAX_ENTRY_BYTES
+            )),
         )?;
         Ok(Store {
             js: js.clone(),
@@ -302,6 +317,7 @@ impl Store {
             links,
             heads,
             states,
+            directory,
             revocations: None,
         })
     }
@@ -366,6 +382,9 @@ impl Store {
                 let held: KeyRecord = decode(&entry.value)?;
                 match self.handle(&held.name).await? {
                     Some(record) if record.key == key && record.handle.name() == handle.name() => {
+                        // A retry: perhaps of one whose directory write failed.
+                        let head = self.head(key).await?;
+                        self.publish_directory(&record, head).await?;
                         return Ok(Registered::Existing(record));
                     }
                     Some(record) if record.key == key => {
@@ -412,7 +431,10 @@ impl Store {
             registered_at: now,
         };
         match self.handles.create(handle.name(), encode(&record)).await {
-            Ok(_) => Ok(Registered::New(record)),
+            Ok(_) => {
+                self.publish_directory(&record, None).await?;
+                Ok(Registered::New(record))
+            }
             Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
                 match self.handle(handle.name()).await? {
                     // A concurrent attempt by the same key for the same name finished first.
@@ -675,6 +697,7 @@ impl Store {
             &self.states,
             &self.disabled,
             &self.devices,
+            &self.directory,
         ];
         futures::future::try_join_all(
             buckets
@@ -1035,7 +1058,7 @@ impl Store {
     pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ErrorAnswer> {
         let parsed = kez_core::SignedLink::parse(link)?;
         let chain_id = parsed.link().chain;
-        if self.whois(chain_id).await?.is_none() {
+        let Some(record) = self.whois(chain_id).await? else {
             return Err(ErrorAnswer::new(
                 403,
                 "not_registered",
@@ -1043,7 +1066,7 @@ impl Store {
                     "{chain_id} has not registered a handle here; register before writing a sigchain"
                 ),
             ));
-        }
+        };
         let (state, revision) = self.verified_state(chain_id).await?;
         let seq = parsed.link().seq;
         let current = state.as_ref().map_or(0, Sigchain::seq);
@@ -1057,6 +1080,7 @@ impl Store {
                     head: parsed.hash(),
                 };
                 self.advance_head(chain_id, head).await?;
+                self.publish_directory(&record, Some(head)).await?;
                 if let Some(state) = &state {
                     self.keep_state(chain_id, state, revision).await;
                     // The first attempt may have failed to index its devices.
@@ -1114,11 +1138,93 @@ impl Store {
             });
         }
         self.advance_head(chain_id, head).await?;
+        // The link is stored: a failure from here on is 503, and the client's retry of the
+        // same link writes what is missing (the retry path above).
+        self.publish_directory(&record, Some(head)).await?;
         self.keep_state(chain_id, &next, revision).await;
-        // The link is stored: a failure here is 503, and the client's retry of the same link
-        // writes the index (the retry path above).
         self.index_devices(&next).await?;
         Ok(head)
+    }
+
+    /// Writes the directory entries of `record`, whose chain ends at `head`: one under its
+    /// handle, one under its key (PROTOCOL.md §5.7), unless they hold that head or a later one.
+    async fn publish_directory(
+        &self,
+        record: &HandleRecord,
+        head: Option<ChainHead>,
+    ) -> Result<(), ErrorAnswer> {
+        let profile = Profile::new(record.clone(), head);
+        let (by_handle, by_key) = (Slot::handle(record.handle.name()), Slot::key(&record.key));
+        futures::try_join!(
+            self.write_entry(&by_handle, &profile),
+            self.write_entry(&by_key, &profile),
+        )?;
+        Ok(())
+    }
+
+    /// One directory entry, by compare-and-set so that it never moves back: an entry of the
+    /// same handle and key at `profile`'s head or later is kept as it is.
+    async fn write_entry(&self, slot: &Slot, profile: &Profile) -> Result<(), ErrorAnswer> {
+        let seq = |profile: &Profile| profile.sigchain.map_or(0, |head| head.seq);
+        for _ in 0..HEAD_UPDATE_ATTEMPTS {
+            let entry = self
+                .directory
+                .entry(slot.id())
+                .await
+                .map_err(ErrorAnswer::unavailable)?;
+            if let Some(entry) = &entry
+                && entry.operation == kv::Operation::Put
+                && let Ok(held) = slot.open(&entry.value)
+                && held.handle == profile.handle
+                && held.key == profile.key
+                && seq(&held) >= seq(profile)
+            {
+                return Ok(());
+            }
+            let revision = entry.map(|entry| entry.revision);
+            let value = Bytes::from(slot.seal(profile));
+            if compare_and_set(&self.directory, slot.id(), value, revision).await? {
+                return Ok(());
+            }
+        }
+        Err(ErrorAnswer::unavailable(format!(
+            "the directory entry of {} kept changing",
+            profile.handle
+        )))
+    }
+
+    /// Writes the directory entries of every handle registered before the directory existed
+    /// (a store of an earlier release), once per store: a marker entry says it is done. Run in
+    /// the background at start; until it is done, clients find no entry and ask the service.
+    pub async fn backfill_directory(&self) -> Result<u64, ErrorAnswer> {
+        if self
+            .directory
+            .get(DIRECTORY_BACKFILLED)
+            .await
+            .map_err(ErrorAnswer::unavailable)?
+            .is_some()
+        {
+            return Ok(0);
+        }
+        let mut names = self
+            .handles
+            .keys()
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        let mut written = 0;
+        while let Some(name) = names.try_next().await.map_err(ErrorAnswer::unavailable)? {
+            let Some(record) = self.handle(&name).await? else {
+                continue;
+            };
+            let head = self.head(record.key).await?;
+            self.publish_directory(&record, head).await?;
+            written += 1;
+        }
+        self.directory
+            .put(DIRECTORY_BACKFILLED, Bytes::from_static(b"1"))
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        Ok(written)
     }
 
     /// Keeps `state` as `chain`'s verified state unless a later one is kept already. The link

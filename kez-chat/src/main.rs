@@ -90,8 +90,8 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use kez_client::{
-    ClientError, Config, Connection, Contact, Direction, Home, PinChange, Plaintext, Store,
-    StoredMessage, VerifiedChain, VerifiedContact, now,
+    CheckedContact, ClientError, Config, Connection, Contact, Direction, Home, PinChange,
+    Plaintext, Store, StoredMessage, VerifiedChain, VerifiedContact, now,
 };
 use kez_core::envelope::MessageId;
 use kez_core::file::{FILE_OFFER_CONTENT_TYPE, FileOffer};
@@ -2377,8 +2377,10 @@ async fn recipient(
     conn.own_devices(store, own)
         .await
         .map_err(Failure::client)?;
-    let verified = match conn.verify_contact(store, full).await {
-        Ok(verified) => verified,
+    // Verified again only when its chain moved since (PROTOCOL.md §5.7: one directory read).
+    let verified = match conn.check_contact(store, full).await {
+        Ok(CheckedContact::Unchanged(contact)) => return Ok(contact),
+        Ok(CheckedContact::Verified(verified)) => *verified,
         // Another domain's server that is down cannot say whether the chain moved: mail to the
         // devices verified before waits in the own server's outbox (and comes back as a bounce
         // if that server stays away), as an email would.

@@ -17,12 +17,14 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use kez_chat_server::store::LEGACY_INBOX_STREAM;
 use kez_core::SecretKey;
+use kez_proto::answer::Profile;
+use kez_proto::directory::{DIRECTORY_BUCKET, Slot};
 use kez_proto::mail::{FetchAnswer, FetchRequest};
 use kez_proto::subjects::{
     MAIL_STREAM, inbox_subject, live_subject, new_mail_subject, reply_prefix,
 };
 use kez_tests::callout::{CalloutStack, Violation, expect_violation, register};
-use kez_tests::kez_server::{ServiceError, call, call_ok};
+use kez_tests::kez_server::{ServiceError, TEST_DOMAIN, call, call_ok};
 use kez_tests::requests::mail;
 
 /// How long the broker gets to report a permission violation. It answers within milliseconds;
@@ -228,6 +230,50 @@ fn forbidden_rows(world: &World) -> Vec<Row> {
             Publish,
             format!("kez.live.{b_hex}"),
             "a live subject of the wrong shape",
+        ),
+        // The directory (PROTOCOL.md §5.7): only the direct get of one subject, no body form,
+        // no other bucket, no writes.
+        row(
+            A,
+            Request,
+            format!("{js}.DIRECT.GET.KV_{DIRECTORY_BUCKET}"),
+            "walk the directory by sequence (the body form of direct get)",
+        ),
+        row(
+            C,
+            Request,
+            format!("{js}.DIRECT.GET.KV_{DIRECTORY_BUCKET}"),
+            "walk the directory by sequence, unregistered",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.DIRECT.GET.KV_{DIRECTORY_BUCKET}.$KV.{DIRECTORY_BUCKET}.ab.cd"),
+            "a directory subject of two tokens",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.MSG.GET.KV_{DIRECTORY_BUCKET}"),
+            "read directory entries by sequence",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.STREAM.INFO.KV_{DIRECTORY_BUCKET}"),
+            "count the directory's entries",
+        ),
+        row(
+            A,
+            Request,
+            format!("{js}.DIRECT.GET.KV_kez_handles.$KV.kez_handles.bobby"),
+            "read the handles bucket itself",
+        ),
+        row(
+            A,
+            Publish,
+            format!("$KV.{DIRECTORY_BUCKET}.{}", Slot::handle("alice").id()),
+            "write a directory entry",
         ),
         // Reading the stream through the JetStream API: by sequence, by subject, its counts.
         row(
@@ -1222,4 +1268,100 @@ async fn reply_subjects_cannot_command_jetstream() {
         .await
         .unwrap();
     assert_eq!(bs.first().map(|(seq, _)| *seq), Some(b_seq));
+}
+
+/// A direct get of one directory subject, with `body`: the broker's answer.
+async fn direct_get(client: &Client, subject: &str, body: &'static [u8]) -> async_nats::Message {
+    tokio::time::timeout(
+        VIOLATION_WITHIN,
+        client.request(subject.to_owned(), Bytes::from_static(body)),
+    )
+    .await
+    .expect("the broker answers a direct get")
+    .expect("a direct get is allowed")
+}
+
+/// The directory (PROTOCOL.md §5.7) answers an empty direct get of one subject with exactly
+/// what the service answers, to registered and unregistered keys alike; the broker refuses
+/// every body that would walk it by sequence or batch. A wildcard token (which nats-server
+/// answers with the last entry any matching subject holds) yields one sealed entry that opens
+/// only under the name it is about.
+#[tokio::test]
+async fn the_directory_answers_exact_subjects_only_and_says_nothing_to_a_wildcard() {
+    let world = World::start().await;
+    let (a, mut a_errors) = world.stack.connect_as(&world.a).await.unwrap();
+    let (c, mut c_errors) = world.stack.connect_as(&world.c).await.unwrap();
+    for (name, key) in [("alice", &world.a), ("bobby", &world.b)] {
+        let by_service: Profile = serde_json::from_value(
+            call_ok(
+                &a,
+                "kez.registry.lookup",
+                serde_json::json!({ "handle": format!("@{name}@{TEST_DOMAIN}") }),
+            )
+            .await,
+        )
+        .unwrap();
+        for (slot, reader) in [
+            (Slot::handle(name), &a),
+            (Slot::key(&key.public_key()), &a),
+            (Slot::handle(name), &c),
+        ] {
+            let answer = direct_get(reader, &slot.direct_get_subject(), b"").await;
+            assert_eq!(answer.status, None, "{name}: {answer:?}");
+            assert_eq!(slot.open(&answer.payload).unwrap(), by_service, "{name}");
+        }
+    }
+    // Not registered: the broker's 404, the same as the service's not_found.
+    let nobody = direct_get(&a, &Slot::handle("nobody").direct_get_subject(), b"").await;
+    assert_eq!(nobody.status, Some(async_nats::StatusCode::NOT_FOUND));
+
+    let alice = Slot::handle("alice").direct_get_subject();
+    for body in [
+        &br#"{"seq":1}"#[..],
+        br#"{"batch":2}"#,
+        br#"{"seq":1,"batch":100}"#,
+        br#"{"next_by_subj":"$KV.kez_directory.>"}"#,
+        br#"{"last_by_subj":"$KV.kez_directory.>"}"#,
+        br#"{"multi_last":["$KV.kez_directory.>"]}"#,
+        br#"{"start_time":"2020-01-01T00:00:00Z"}"#,
+        br#"{"up_to_seq":100}"#,
+        b"not json",
+    ] {
+        let answer = direct_get(&a, &alice, body).await;
+        assert_eq!(
+            answer.status,
+            Some(async_nats::StatusCode::from_u16(408).unwrap()),
+            "body {}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(answer.payload.is_empty());
+    }
+
+    // nats-server answers a wildcard with the last entry written (bobby's, registered last):
+    // opaque to whoever does not know the name it is about.
+    for wildcard in ["*", ">"] {
+        let subject =
+            format!("$JS.API.DIRECT.GET.KV_{DIRECTORY_BUCKET}.$KV.{DIRECTORY_BUCKET}.{wildcard}");
+        let answer = direct_get(&c, &subject, b"").await;
+        let text = String::from_utf8_lossy(&answer.payload).into_owned();
+        for plain in [
+            "alice",
+            "bobby",
+            "@",
+            &world.a.public_key().to_hex(),
+            &world.b.public_key().to_hex(),
+        ] {
+            assert!(!text.contains(plain), "{wildcard} reveals {plain}");
+        }
+        let alices = [Slot::handle("alice"), Slot::key(&world.a.public_key())];
+        assert!(
+            alices
+                .iter()
+                .all(|slot| slot.open(&answer.payload).is_err())
+        );
+        let bobbys = [Slot::handle("bobby"), Slot::key(&world.b.public_key())];
+        assert!(bobbys.iter().any(|slot| slot.open(&answer.payload).is_ok()));
+    }
+    assert_no_errors("A", &mut a_errors);
+    assert_no_errors("C", &mut c_errors);
 }

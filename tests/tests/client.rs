@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use kez_client::{
-    ClientError, Config, Connection, Direction, Home, PinChange, StoreError, VerifiedChain,
+    CheckedContact, ClientError, Config, Connection, Direction, Home, PinChange, StoreError,
+    VerifiedChain,
 };
 use kez_core::envelope;
 use kez_core::sigchain::Endpoint;
@@ -1146,4 +1147,87 @@ async fn a_federating_home_server_relays_remote_mail_and_its_bounces_are_recorde
     assert_eq!(store.inbox_floor().unwrap().seq, 3);
     let view = store.message(&contact.key, &sent.id).unwrap().unwrap();
     assert_eq!(view.undelivered.len(), 1);
+}
+
+/// Lookups of the home server's own users read its directory (PROTOCOL.md §5.7) and answer
+/// exactly what the services answer, current right after each append; a send checks its
+/// contact with one lookup and fetches and verifies the chain again only when its head moved.
+#[tokio::test]
+async fn lookups_match_the_services_and_contacts_are_verified_again_only_when_their_chain_moves() {
+    let stack = CalloutStack::start().await;
+    let alice = User::register(&stack, "alice").await;
+    let bob = User::register(&stack, "bob").await;
+    let conn = alice.connect().await;
+    assert!(conn.home_server().await.unwrap().directory);
+    let bob_key = bob.key.public_key();
+    let as_the_services_say = |conn: Connection| async move {
+        let lookup: kez_client::Profile = serde_json::from_value(
+            kez_tests::kez_server::call_ok(
+                conn.nats(),
+                "kez.registry.lookup",
+                serde_json::json!({ "handle": "@bob" }),
+            )
+            .await,
+        )
+        .unwrap();
+        let whois: kez_client::Profile = serde_json::from_value(
+            kez_tests::kez_server::call_ok(
+                conn.nats(),
+                "kez.registry.whois",
+                serde_json::json!({ "key": bob_key.to_string() }),
+            )
+            .await,
+        )
+        .unwrap();
+        assert_eq!(lookup, whois);
+        lookup
+    };
+    let lookup = conn.lookup(&test_handle("@bob")).await.unwrap();
+    assert_eq!(lookup, as_the_services_say(conn.clone()).await);
+    assert_eq!(lookup.sigchain, None);
+    assert_eq!(conn.whois(&bob_key, None).await.unwrap(), lookup);
+
+    bob.start_sigchain().await;
+    let store = alice.home.store().unwrap();
+    let bob_handle = test_handle("@bob");
+    let check = || conn.check_contact(&store, &bob_handle);
+    let first = match check().await.unwrap() {
+        CheckedContact::Verified(verified) => *verified,
+        other => panic!("a new contact is verified: {other:?}"),
+    };
+    assert_eq!(first.change, PinChange::New);
+    for _ in 0..2 {
+        match check().await.unwrap() {
+            CheckedContact::Unchanged(contact) => assert_eq!(contact, first.contact),
+            other => panic!("bob's chain did not move: {other:?}"),
+        }
+    }
+
+    // bob appends: the very next lookup sees the new head, and the contact is verified again.
+    let bob_conn = bob.connect().await;
+    let next = bob_conn
+        .chain(&bob_key)
+        .await
+        .unwrap()
+        .next_link(kez_client::now(), nats_endpoint("second"))
+        .sign(&bob.key)
+        .unwrap();
+    let head = bob_conn.append(next.bytes()).await.unwrap();
+    let lookup = conn.lookup(&test_handle("@bob")).await.unwrap();
+    assert_eq!(lookup.sigchain, Some(head));
+    assert_eq!(lookup, as_the_services_say(conn.clone()).await);
+    assert_eq!(conn.whois(&bob_key, None).await.unwrap(), lookup);
+    assert_eq!(conn.head(&bob_key).await.unwrap(), head);
+    match check().await.unwrap() {
+        CheckedContact::Verified(verified) => {
+            assert_eq!(verified.change, PinChange::Same);
+            assert_eq!(verified.contact.chain_seq, 2);
+            assert_eq!(verified.chain.head(), next.hash());
+        }
+        other => panic!("bob's chain moved: {other:?}"),
+    }
+    assert!(matches!(
+        check().await.unwrap(),
+        CheckedContact::Unchanged(contact) if contact.chain_seq == 2
+    ));
 }

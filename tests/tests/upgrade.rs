@@ -17,6 +17,8 @@ use kez_chat_server::migrate::{Moved, move_legacy_inbox};
 use kez_client::{Connection, Home};
 use kez_core::sigchain::{DeviceKind, Endpoint};
 use kez_core::{Op, PublicKey, SecretKey};
+use kez_proto::answer::{ChainHead, HandleRecord, Profile};
+use kez_proto::directory::{DIRECTORY_BUCKET, Slot};
 use kez_tests::previous_release::{DevBroker, Fixture};
 use tempfile::TempDir;
 
@@ -451,6 +453,7 @@ async fn the_current_binaries_take_over_the_store_and_homes_the_previous_release
         js.get_stream(LEGACY_STREAM).await.is_err(),
         "KEZ_INBOX is gone"
     );
+    handles_of_0_1_are_in_the_directory(&js).await;
     let mut mail = js.get_stream(TARGET).await.unwrap();
     assert_eq!(mail.info().await.unwrap().state.consumer_count, 0);
     drop(first);
@@ -465,6 +468,38 @@ async fn the_current_binaries_take_over_the_store_and_homes_the_previous_release
     );
     assert!(inbox("alice", second.url.clone()).await.is_empty());
     assert!(inbox("bob", second.url.clone()).await.is_empty());
+}
+
+/// The handles 0.1 registered get their directory entries (PROTOCOL.md §5.7) at the first
+/// start, in the background: under handle and key, what the registry and the head index hold.
+async fn handles_of_0_1_are_in_the_directory(js: &jetstream::Context) {
+    let directory = js.get_key_value(DIRECTORY_BUCKET).await.unwrap();
+    let handles = js.get_key_value("kez_handles").await.unwrap();
+    let heads = js.get_key_value("kez_chain_heads").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while directory.get("kez-backfilled-v1").await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the directory was not backfilled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for name in ["alice", "bob", "carol"] {
+        let record: HandleRecord =
+            serde_json::from_slice(&handles.get(name).await.unwrap().unwrap()).unwrap();
+        let head: Option<ChainHead> = heads
+            .get(record.key.to_hex())
+            .await
+            .unwrap()
+            .map(|value| serde_json::from_slice(&value).unwrap());
+        for slot in [Slot::handle(name), Slot::key(&record.key)] {
+            let entry = directory.get(slot.id()).await.unwrap();
+            let profile = slot
+                .open(&entry.unwrap_or_else(|| panic!("no directory entry for {name}")))
+                .unwrap();
+            assert_eq!(profile, Profile::new(record.clone(), head), "{name}");
+        }
+    }
 }
 
 /// The server kept 0.1's chain states without devices; the owner of such a chain appends to it

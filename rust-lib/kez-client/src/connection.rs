@@ -18,6 +18,7 @@ use kez_proto::answer::{
     ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
     PinStatus, Profile, ServerInfo,
 };
+use kez_proto::directory::Slot;
 use kez_proto::federation::{BOUNCE_CONTENT_TYPE, Bounce, RelayRequest, not_federated};
 use kez_proto::mail::{
     FetchAnswer, FetchRequest, Fetched, MAX_FETCH_AFTER, MAX_FETCH_MESSAGES, SendRequest,
@@ -65,6 +66,9 @@ pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(15);
 pub const MAX_ABSENT_WAIT: Duration = Duration::from_secs(5);
 /// The pause between two requests that found no service.
 const NO_RESPONDERS_PAUSE: Duration = Duration::from_millis(250);
+/// How long a directory read may take before the connection asks the service instead (and
+/// from then on): an answer from the broker itself, normally a fraction of a millisecond.
+const DIRECTORY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The largest number of chain pages [`Connection::chain`] fetches before giving up on a
 /// server that keeps saying `more`.
@@ -210,6 +214,26 @@ pub struct VerifiedContact {
     pub chain: VerifiedChain,
     /// The contact's chain says it moved to another handle (PROTOCOL.md §14.6), found now.
     pub moved: Option<Moved>,
+}
+
+/// A contact as [`Connection::check_contact`] found it: as pinned, or verified again.
+#[derive(Debug, Clone)]
+pub enum CheckedContact {
+    /// The chain's head has not moved since the contact was last verified: the pinned contact
+    /// is current, and its chain was neither fetched nor verified again.
+    Unchanged(Contact),
+    /// The head moved (or the contact is new): the chain was fetched and verified.
+    Verified(Box<VerifiedContact>),
+}
+
+impl CheckedContact {
+    /// The contact as it stands now.
+    pub fn contact(&self) -> &Contact {
+        match self {
+            CheckedContact::Unchanged(contact) => contact,
+            CheckedContact::Verified(verified) => &verified.contact,
+        }
+    }
 }
 
 /// A contact's move, as [`Connection::verify_contact`] found it.
@@ -439,6 +463,9 @@ pub struct Connection {
     moves: Arc<std::sync::Mutex<Vec<Moved>>>,
     /// The home server's domain and federation key, asked once ([`Connection::home_server`]).
     home: Arc<tokio::sync::OnceCell<HomeServer>>,
+    /// Whether directory reads still answer on this connection: the first that fails turns
+    /// it off, and lookups ask the service from then on.
+    directory_works: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// What a connection knows of its home server from `kez.server.info`, asked once per
@@ -450,6 +477,9 @@ pub struct HomeServer {
     /// Its server key when it federates (PROTOCOL.md §14): the only signer a bounce is
     /// believed from. `None`: it does not federate, and no request names another domain.
     pub federation: Option<PublicKey>,
+    /// Whether it keeps the directory (PROTOCOL.md §5.7): lookups of its own users are then
+    /// one direct get.
+    pub directory: bool,
 }
 
 impl HomeServer {
@@ -473,6 +503,17 @@ impl HomeServer {
     pub fn federates(&self) -> bool {
         self.federation.is_some()
     }
+}
+
+/// The handle `handle` names now: the one its contact lives under when it moved since
+/// ([`Store::contact_or_moved`]), else itself.
+fn pinned_handle(store: &Store, handle: &Handle) -> Result<Handle, StoreError> {
+    if let Some(pinned) = store.contact_or_moved(&handle.to_string())?
+        && let Ok(now) = pinned.handle.parse::<Handle>()
+    {
+        return Ok(now);
+    }
+    Ok(handle.clone())
 }
 
 /// The service request that hands `sealed` (for `device`, with message `id`) to the home
@@ -596,6 +637,7 @@ impl Connection {
             secrecy: Arc::default(),
             moves: Arc::default(),
             home: Arc::default(),
+            directory_works: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -745,6 +787,7 @@ impl Connection {
                     Ok(domain) if domain == info.domain => Ok(HomeServer {
                         domain,
                         federation: info.federation.map(|federation| federation.key),
+                        directory: info.directory,
                     }),
                     _ => Err(ClientError::BadAnswer {
                         subject: Endpoint::Info.subject().into(),
@@ -898,13 +941,24 @@ impl Connection {
     /// Looks `handle` up (`kez.registry.lookup`). The answer must be about `handle` (else
     /// [`ClientError::BadAnswer`]); its key is the server's word: verify the key's chain with
     /// [`Connection::chain`] and pin it in the [`Store`].
+    ///
+    /// A handle of the home server's own domain is read from its directory with one direct
+    /// get when it keeps one (PROTOCOL.md §5.7); the service answers the rest, and whatever
+    /// the directory does not hold.
     pub async fn lookup(&self, handle: &Handle) -> Result<Profile, ClientError> {
-        let request = LookupRequest {
-            handle: handle.to_string(),
+        let profile = match self
+            .directory_entry(&Slot::handle(handle.name()), Some(handle.domain()))
+            .await
+        {
+            Some(profile) => profile,
+            None => {
+                let request = LookupRequest {
+                    handle: handle.to_string(),
+                };
+                self.call_json(Endpoint::Lookup, request_body(&request))
+                    .await?
+            }
         };
-        let profile: Profile = self
-            .call_json(Endpoint::Lookup, request_body(&request))
-            .await?;
         if profile.handle != *handle {
             return Err(ClientError::BadAnswer {
                 subject: Endpoint::Lookup.subject().into(),
@@ -942,15 +996,20 @@ impl Connection {
             Some(remote) => remote.clone(),
             None => self.home_server().await?.domain.clone(),
         };
-        let profile: Profile = self
-            .call_json(
-                Endpoint::Whois,
-                request_body(&KeyRequest {
-                    key: *key,
-                    domain: member,
-                }),
-            )
-            .await?;
+        // The directory holds identity keys only: a device's key is the service's to answer.
+        let profile = match self.directory_entry(&Slot::key(key), Some(&asked)).await {
+            Some(profile) if profile.key == *key => profile,
+            _ => {
+                self.call_json(
+                    Endpoint::Whois,
+                    request_body(&KeyRequest {
+                        key: *key,
+                        domain: member,
+                    }),
+                )
+                .await?
+            }
+        };
         if profile.handle.domain() != asked {
             return Err(ClientError::BadAnswer {
                 subject: Endpoint::Whois.subject().into(),
@@ -976,6 +1035,50 @@ impl Connection {
         Ok((profile, Some(chain)))
     }
 
+    /// The directory entry of `slot` on the home server, one direct get (PROTOCOL.md §5.7),
+    /// when `domain` is the home server's (`None`: it is) and it keeps a directory. `None` when it holds no
+    /// entry (not registered, or registered before the directory and not yet written), or
+    /// the read failed: the caller asks the service, which answers the same. After a failed
+    /// read (a broker whose configuration lacks the directory's import answers "no
+    /// responders") the connection asks the service from then on. The profile is the
+    /// server's word, like the service's: the caller checks it against what it asked.
+    async fn directory_entry(&self, slot: &Slot, domain: Option<&str>) -> Option<Profile> {
+        use std::sync::atomic::Ordering;
+        if !self.directory_works.load(Ordering::Relaxed) {
+            return None;
+        }
+        let home = self.home_server().await.ok()?;
+        if !home.directory || domain.is_some_and(|domain| domain != home.domain) {
+            return None;
+        }
+        let subject = slot.direct_get_subject();
+        let request = async_nats::Request::new()
+            .payload(Bytes::new())
+            .timeout(Some(DIRECTORY_TIMEOUT));
+        let failed = |reason: String| {
+            tracing::warn!(
+                subject,
+                "the directory does not answer ({reason}); asking the service from now on"
+            );
+            self.directory_works.store(false, Ordering::Relaxed);
+            None
+        };
+        match self.client.send_request(subject.clone(), request).await {
+            Ok(answer) => match answer.status {
+                None => match slot.open(&answer.payload) {
+                    Ok(profile) => Some(profile),
+                    Err(err) => {
+                        tracing::warn!(subject, error = %err, "a directory entry did not open; asking the service");
+                        None
+                    }
+                },
+                Some(async_nats::StatusCode::NOT_FOUND) => None,
+                Some(status) => failed(format!("status {status}")),
+            },
+            Err(err) => failed(err.to_string()),
+        }
+    }
+
     /// Appends a signed link (its exact bytes) to its chain (`kez.sigchain.append`); answers
     /// the chain's new head.
     pub async fn append(&self, link: &[u8]) -> Result<ChainHead, ClientError> {
@@ -984,7 +1087,14 @@ impl Connection {
 
     /// The head of `key`'s chain on the home server (`kez.sigchain.head`); `not_found` when it
     /// has none.
+    /// Read from the directory when the home server keeps one (PROTOCOL.md §5.7).
     pub async fn head(&self, key: &PublicKey) -> Result<ChainHead, ClientError> {
+        if let Some(profile) = self.directory_entry(&Slot::key(key), None).await
+            && profile.key == *key
+            && let Some(head) = profile.sigchain
+        {
+            return Ok(head);
+        }
         let answer: HeadAnswer = self
             .call_json(
                 Endpoint::Head,
@@ -1114,13 +1224,43 @@ impl Connection {
         store: &Store,
         handle: &Handle,
     ) -> Result<VerifiedContact, ClientError> {
-        let mut handle = handle.clone();
-        if let Some(pinned) = store.contact_or_moved(&handle.to_string())?
-            && let Ok(now) = pinned.handle.parse::<Handle>()
-        {
-            handle = now;
-        }
+        let handle = pinned_handle(store, handle)?;
         let profile = self.lookup(&handle).await?;
+        self.verify_profile(store, handle, &profile).await
+    }
+
+    /// [`Connection::verify_contact`] only when the contact's chain moved: a pinned contact
+    /// whose head the lookup answers unchanged (the same identity, seq and head, verified
+    /// with its devices) is current as pinned, without fetching or verifying its chain again.
+    /// What sending needs before each message: one lookup, a directory read on the home
+    /// server's own domain.
+    pub async fn check_contact(
+        &self,
+        store: &Store,
+        handle: &Handle,
+    ) -> Result<CheckedContact, ClientError> {
+        let handle = pinned_handle(store, handle)?;
+        let profile = self.lookup(&handle).await?;
+        if let Some(pinned) = store.contact(&handle.to_string())?
+            && pinned.key == profile.key
+            && !pinned.devices.is_empty()
+            && profile
+                .sigchain
+                .is_some_and(|head| head.seq == pinned.chain_seq && head.head == pinned.chain_head)
+        {
+            return Ok(CheckedContact::Unchanged(pinned));
+        }
+        let verified = self.verify_profile(store, handle, &profile).await?;
+        Ok(CheckedContact::Verified(Box::new(verified)))
+    }
+
+    /// The rest of [`Connection::verify_contact`] once `handle` was looked up (`profile`).
+    async fn verify_profile(
+        &self,
+        store: &Store,
+        mut handle: Handle,
+        profile: &Profile,
+    ) -> Result<VerifiedContact, ClientError> {
         let chain = self.chain_at(&profile.key, handle.domain()).await?;
         let name = handle.to_string();
         let before = store.contact(&name)?.map(|contact| contact.devices);
@@ -2039,6 +2179,7 @@ mod tests {
         HomeServer {
             domain: "a.test".into(),
             federation,
+            directory: true,
         }
     }
 

@@ -91,6 +91,10 @@ pub struct ServerInfo {
     /// Federation, when the server talks to other servers (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federation: Option<FederationInfo>,
+    /// Whether the server keeps the directory (PROTOCOL.md §5.7) and lets users read it with
+    /// direct gets (absent, false, from servers before it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub directory: bool,
 }
 
 /// What a federating server announces in [`ServerInfo`].

@@ -7,6 +7,7 @@
 //! in [`endpoint`] and [`request`].
 
 pub mod answer;
+pub mod directory;
 pub mod endpoint;
 pub mod error;
 pub mod federation;

@@ -10,6 +10,7 @@
 
 use kez_core::key::PublicKey;
 
+use crate::directory::DIRECT_GET_SUBJECTS;
 use crate::endpoint::{Endpoint, USER_SERVICES};
 
 /// The JetStream stream holding every device's undelivered messages (limits retention, no
@@ -53,9 +54,10 @@ pub fn reply_prefix(key: &PublicKey) -> String {
     format!("_INBOX.{}", key.to_hex())
 }
 
-/// What a key without a handle may publish (PROTOCOL.md §6.2): register, look handles up,
-/// read the server's information, and its own pairing exchange through the relay (which lets
-/// it touch only the slots of its own key, §5.6). It may subscribe only to [`reply_prefix`].
+/// What a key without a handle may publish (PROTOCOL.md §6.2): register, look handles up
+/// (also in the directory, [`DIRECT_GET_SUBJECTS`]), read the server's information, and its
+/// own pairing exchange through the relay (which lets it touch only the slots of its own key,
+/// §5.6). It may subscribe only to [`reply_prefix`].
 pub fn unregistered_publish() -> Vec<String> {
     [
         Endpoint::Register,
@@ -65,18 +67,21 @@ pub fn unregistered_publish() -> Vec<String> {
         Endpoint::PairGet,
     ]
     .map(|endpoint| endpoint.subject().to_owned())
-    .into()
+    .into_iter()
+    .chain([DIRECT_GET_SUBJECTS.to_owned()])
+    .collect()
 }
 
 /// What a registered key (or an active device) may publish (PROTOCOL.md §6.2): every kez
-/// service and the live notices of anyone's devices ([`LIVE_SUBJECTS`]), nothing else. Mail
-/// goes in through `kez.mail.send` and out through `kez.mail.fetch`; no user reaches the
+/// service, the live notices of anyone's devices ([`LIVE_SUBJECTS`]) and the directory's
+/// direct get of one subject ([`DIRECT_GET_SUBJECTS`]), nothing else. Mail goes in through
+/// `kez.mail.send` and out through `kez.mail.fetch`; no user reaches any other part of the
 /// JetStream API.
 pub fn registered_publish() -> Vec<String> {
     USER_SERVICES
         .iter()
         .map(|service| service.wildcard())
-        .chain([LIVE_SUBJECTS.to_owned()])
+        .chain([LIVE_SUBJECTS.to_owned(), DIRECT_GET_SUBJECTS.to_owned()])
         .collect()
 }
 
