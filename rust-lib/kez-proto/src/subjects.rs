@@ -171,22 +171,24 @@ mod tests {
         let allowed = registered_publish();
         assert!(allowed.contains(&"kez.mail.>".to_owned()));
         assert!(allowed.contains(&LIVE_SUBJECTS.to_owned()));
+        // Of JetStream, only the directory's direct get of one subject (PROTOCOL.md §5.7).
         assert!(
-            allowed
-                .iter()
-                .all(|subject| subject.starts_with("kez.") && !subject.starts_with("kez.inbox")),
+            allowed.iter().all(|subject| (subject.starts_with("kez.")
+                && !subject.starts_with("kez.inbox"))
+                || subject == DIRECT_GET_SUBJECTS),
             "{allowed:?}"
         );
+        assert!(allowed.contains(&DIRECT_GET_SUBJECTS.to_owned()));
         assert_eq!(
             unregistered_publish(),
             [
-                Endpoint::Register,
-                Endpoint::Lookup,
-                Endpoint::Info,
-                Endpoint::PairPut,
-                Endpoint::PairGet
+                Endpoint::Register.subject(),
+                Endpoint::Lookup.subject(),
+                Endpoint::Info.subject(),
+                Endpoint::PairPut.subject(),
+                Endpoint::PairGet.subject(),
+                DIRECT_GET_SUBJECTS,
             ]
-            .map(Endpoint::subject)
         );
         assert!(
             !unregistered_publish()
