@@ -1206,11 +1206,22 @@ impl Store {
         {
             return Ok(0);
         }
-        let mut names = self
+        // A new store has nothing to write: no consumer for it (a start does no JetStream work
+        // per registered user).
+        let handles = self
             .handles
-            .keys()
+            .status()
             .await
             .map_err(ErrorAnswer::unavailable)?;
+        let mut names = if handles.values() == 0 {
+            futures::stream::empty().boxed()
+        } else {
+            self.handles
+                .keys()
+                .await
+                .map_err(ErrorAnswer::unavailable)?
+                .boxed()
+        };
         let mut written = 0;
         while let Some(name) = names.try_next().await.map_err(ErrorAnswer::unavailable)? {
             let Some(record) = self.handle(&name).await? else {

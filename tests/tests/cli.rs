@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use kez_core::sigchain::DeviceKind;
 use kez_core::{Op, SecretKey};
+use kez_proto::directory::{DIRECTORY_BUCKET, Slot};
 use kez_proto::subjects::MAIL_STREAM;
 use kez_tests::callout::CalloutStack;
 use kez_tests::chat::inbox_held;
@@ -199,6 +200,20 @@ async fn two_people_chat_through_the_cli() {
     lie["key"] = record("carol").await["key"].clone();
     handles
         .put("bob", serde_json::to_vec(&lie).unwrap().into())
+        .await
+        .unwrap();
+    // The same lie in the directory (PROTOCOL.md §5.7), where clients look their own server's
+    // handles up: bob's handle with carol's key and chain head.
+    let directory = js.get_key_value(DIRECTORY_BUCKET).await.unwrap();
+    let carol_id: kez_core::PublicKey = lie["key"].as_str().unwrap().parse().unwrap();
+    let carol_slot = Slot::key(&carol_id);
+    let mut lying = carol_slot
+        .open(&directory.get(carol_slot.id()).await.unwrap().unwrap())
+        .unwrap();
+    lying.handle = kez_tests::kez_server::test_handle("@bob");
+    let bob_slot = Slot::handle("bob");
+    directory
+        .put(bob_slot.id(), bob_slot.seal(&lying).into())
         .await
         .unwrap();
     let err = alice.fails(&["add", "@bob"], 4).await;
@@ -1218,10 +1233,18 @@ async fn conversations_json_dates_and_columns_are_what_people_expect() {
         }
     };
     forget("kez_handles", "dave".into()).await;
+    forget(DIRECTORY_BUCKET, Slot::handle("dave").id().to_owned()).await;
+    forget(
+        DIRECTORY_BUCKET,
+        Slot::key(&me["key"].as_str().unwrap().parse().unwrap())
+            .id()
+            .to_owned(),
+    )
+    .await;
     forget("kez_keys", key_hex.clone()).await;
     forget("kez_chain_heads", key_hex.clone()).await;
     forget("kez_chain_states", key_hex.clone()).await;
-    for seq in 1..=2 {
+    for seq in 1..=me["sigchain"]["seq"].as_u64().unwrap() {
         forget("kez_chain_links", format!("{key_hex}.{seq}")).await;
     }
     let gone = alice.fails(&["profile", "@dave"], 3).await;
