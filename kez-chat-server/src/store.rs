@@ -24,6 +24,8 @@
 //!   write that finds a later head keeps it): whoever was answered reads it current. A write
 //!   that fails fails the request, whose retry writes it.
 
+use std::sync::Arc;
+
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -143,7 +145,9 @@ pub struct Store {
     links: kv::Store,
     heads: kv::Store,
     states: kv::Store,
-    directory: kv::Store,
+    /// Boxed: a `kv::Store` is tens of kilobytes (its stream's info), and every frame that
+    /// moves a `Store` carries all of them, which debug builds' small test stacks feel.
+    directory: Arc<kv::Store>,
     /// Where a device whose index entry this store turned `revoked` is handed on, to end its
     /// live connections ([`crate::kick`]); none without the server's system user.
     revocations: Option<tokio::sync::mpsc::Sender<PublicKey>>,
@@ -282,7 +286,7 @@ impl Store {
         // At once: each is a round of the cluster's meta layer.
         // A store of a release before devices has no devices bucket: it is made here like the
         // others, empty (that release had no devices to index).
-        let (devices, disabled, handles, keys, links, heads, states, directory) = futures::try_join!(
+        let (devices, disabled, handles, keys, links, heads, states) = futures::try_join!(
             open(bucket(
                 DEVICES_BUCKET,
                 "kez-chat: device key -> identity",
@@ -302,12 +306,16 @@ impl Store {
                 "kez-chat: verified sigchain states",
                 MAX_STATE_BYTES
             )),
+        )?;
+        // After them: an eighth in the same join makes its poll too deep for a small stack.
+        let directory = Arc::new(
             open(bucket(
                 DIRECTORY_BUCKET,
                 "kez-chat: sealed lookup answers, read by clients with direct gets",
-                MAX_ENTRY_BYTES
-            )),
-        )?;
+                MAX_ENTRY_BYTES,
+            ))
+            .await?,
+        );
         Ok(Store {
             js: js.clone(),
             devices,
@@ -384,7 +392,7 @@ impl Store {
                     Some(record) if record.key == key && record.handle.name() == handle.name() => {
                         // A retry: perhaps of one whose directory write failed.
                         let head = self.head(key).await?;
-                        self.publish_directory(&record, head).await?;
+                        Box::pin(self.publish_directory(&record, head)).await?;
                         return Ok(Registered::Existing(record));
                     }
                     Some(record) if record.key == key => {
@@ -432,7 +440,7 @@ impl Store {
         };
         match self.handles.create(handle.name(), encode(&record)).await {
             Ok(_) => {
-                self.publish_directory(&record, None).await?;
+                Box::pin(self.publish_directory(&record, None)).await?;
                 Ok(Registered::New(record))
             }
             Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -697,7 +705,7 @@ impl Store {
             &self.states,
             &self.disabled,
             &self.devices,
-            &self.directory,
+            &*self.directory,
         ];
         futures::future::try_join_all(
             buckets
@@ -1080,7 +1088,7 @@ impl Store {
                     head: parsed.hash(),
                 };
                 self.advance_head(chain_id, head).await?;
-                self.publish_directory(&record, Some(head)).await?;
+                Box::pin(self.publish_directory(&record, Some(head))).await?;
                 if let Some(state) = &state {
                     self.keep_state(chain_id, state, revision).await;
                     // The first attempt may have failed to index its devices.
@@ -1140,7 +1148,7 @@ impl Store {
         self.advance_head(chain_id, head).await?;
         // The link is stored: a failure from here on is 503, and the client's retry of the
         // same link writes what is missing (the retry path above).
-        self.publish_directory(&record, Some(head)).await?;
+        Box::pin(self.publish_directory(&record, Some(head))).await?;
         self.keep_state(chain_id, &next, revision).await;
         self.index_devices(&next).await?;
         Ok(head)
@@ -1228,7 +1236,7 @@ impl Store {
                 continue;
             };
             let head = self.head(record.key).await?;
-            self.publish_directory(&record, head).await?;
+            Box::pin(self.publish_directory(&record, head)).await?;
             written += 1;
         }
         self.directory

@@ -946,9 +946,11 @@ impl Connection {
     /// get when it keeps one (PROTOCOL.md §5.7); the service answers the rest, and whatever
     /// the directory does not hold.
     pub async fn lookup(&self, handle: &Handle) -> Result<Profile, ClientError> {
-        let profile = match self
-            .directory_entry(&Slot::handle(handle.name()), Some(handle.domain()))
-            .await
+        // Boxed, like the other directory reads: they sit in many callers' futures.
+        let profile = match Box::pin(
+            self.directory_entry(&Slot::handle(handle.name()), Some(handle.domain())),
+        )
+        .await
         {
             Some(profile) => profile,
             None => {
@@ -997,7 +999,7 @@ impl Connection {
             None => self.home_server().await?.domain.clone(),
         };
         // The directory holds identity keys only: a device's key is the service's to answer.
-        let profile = match self.directory_entry(&Slot::key(key), Some(&asked)).await {
+        let profile = match Box::pin(self.directory_entry(&Slot::key(key), Some(&asked))).await {
             Some(profile) if profile.key == *key => profile,
             _ => {
                 self.call_json(
@@ -1089,7 +1091,7 @@ impl Connection {
     /// has none.
     /// Read from the directory when the home server keeps one (PROTOCOL.md §5.7).
     pub async fn head(&self, key: &PublicKey) -> Result<ChainHead, ClientError> {
-        if let Some(profile) = self.directory_entry(&Slot::key(key), None).await
+        if let Some(profile) = Box::pin(self.directory_entry(&Slot::key(key), None)).await
             && profile.key == *key
             && let Some(head) = profile.sigchain
         {
@@ -1226,7 +1228,7 @@ impl Connection {
     ) -> Result<VerifiedContact, ClientError> {
         let handle = pinned_handle(store, handle)?;
         let profile = self.lookup(&handle).await?;
-        self.verify_profile(store, handle, &profile).await
+        Box::pin(self.verify_profile(store, handle, &profile)).await
     }
 
     /// [`Connection::verify_contact`] only when the contact's chain moved: a pinned contact
@@ -1250,7 +1252,7 @@ impl Connection {
         {
             return Ok(CheckedContact::Unchanged(pinned));
         }
-        let verified = self.verify_profile(store, handle, &profile).await?;
+        let verified = Box::pin(self.verify_profile(store, handle, &profile)).await?;
         Ok(CheckedContact::Verified(Box::new(verified)))
     }
 
