@@ -526,28 +526,7 @@ impl UiStack {
             ));
         }
         let js = async_nats::jetstream::new(self.stack.server_client().await);
-        let handles = js
-            .get_key_value("kez_handles")
-            .await
-            .map_err(|e| format!("no kez_handles bucket: {e}"))?;
-        let record = |name: String| {
-            let handles = handles.clone();
-            async move {
-                let bytes = handles
-                    .get(&name)
-                    .await
-                    .map_err(|e| format!("cannot read the record of {name}: {e}"))?
-                    .ok_or_else(|| format!("{name} is not registered"))?;
-                serde_json::from_slice::<serde_json::Value>(&bytes)
-                    .map_err(|e| format!("the record of {name} is not JSON: {e}"))
-            }
-        };
-        let mut lie = record(name.to_owned()).await?;
-        lie["key"] = record(format!("{name}_rekeyed")).await?["key"].clone();
-        handles
-            .put(name, serde_json::to_vec(&lie).expect("JSON").into())
-            .await
-            .map_err(|e| format!("cannot rewrite the record of {name}: {e}"))?;
+        crate::kez_server::swap_key(&js, name, &format!("{name}_rekeyed")).await?;
         Ok(())
     }
 

@@ -147,3 +147,60 @@ pub async fn call_ok(client: &Client, subject: &str, body: serde_json::Value) ->
         Err(err) => panic!("{subject} {body} failed: {err:?}"),
     }
 }
+
+/// Makes the server `js` belongs to lie about `name`: its handle record, and its directory
+/// entry (PROTOCOL.md §5.7) where clients look it up, now name the key (and chain head) of
+/// `impostor`, another registered handle — the stored data a compromised or broken registry
+/// would serve. Answers the impostor's key.
+pub async fn swap_key(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+    impostor: &str,
+) -> Result<kez_core::PublicKey, String> {
+    use kez_proto::answer::HandleRecord;
+    use kez_proto::directory::{DIRECTORY_BUCKET, Slot};
+    let bucket = |name: &'static str| async move {
+        js.get_key_value(name)
+            .await
+            .map_err(|e| format!("no {name} bucket: {e}"))
+    };
+    let (handles, directory) = (
+        bucket("kez_handles").await?,
+        bucket(DIRECTORY_BUCKET).await?,
+    );
+    let record = |name: String| {
+        let handles = handles.clone();
+        async move {
+            let bytes = handles
+                .get(&name)
+                .await
+                .map_err(|e| format!("cannot read the record of {name}: {e}"))?
+                .ok_or_else(|| format!("{name} is not registered"))?;
+            serde_json::from_slice::<HandleRecord>(&bytes)
+                .map_err(|e| format!("the record of {name} is not one: {e}"))
+        }
+    };
+    let mut lie = record(name.to_owned()).await?;
+    let key = record(impostor.to_owned()).await?.key;
+    lie.key = key;
+    handles
+        .put(name, serde_json::to_vec(&lie).expect("JSON").into())
+        .await
+        .map_err(|e| format!("cannot rewrite the record of {name}: {e}"))?;
+    let by_key = Slot::key(&key);
+    let entry = directory
+        .get(by_key.id())
+        .await
+        .map_err(|e| format!("cannot read the directory: {e}"))?
+        .ok_or_else(|| format!("{impostor} has no directory entry"))?;
+    let mut profile = by_key
+        .open(&entry)
+        .map_err(|e| format!("the directory entry of {impostor}: {e}"))?;
+    profile.handle = lie.handle;
+    let by_handle = Slot::handle(name);
+    directory
+        .put(by_handle.id(), by_handle.seal(&profile).into())
+        .await
+        .map_err(|e| format!("cannot rewrite the directory entry of {name}: {e}"))?;
+    Ok(key)
+}

@@ -188,34 +188,10 @@ async fn two_people_chat_through_the_cli() {
     // A lying server: bob's record now names carol's key (whose chain verifies). alice's `add`
     // refuses, says why, and keeps the pinned key.
     let js = async_nats::jetstream::new(stack.server_client().await);
-    let handles = js.get_key_value("kez_handles").await.unwrap();
-    let record = |name: &'static str| {
-        let handles = handles.clone();
-        async move {
-            let bytes = handles.get(name).await.unwrap().expect("a handle record");
-            serde_json::from_slice::<Value>(&bytes).unwrap()
-        }
-    };
-    let mut lie = record("bob").await;
-    lie["key"] = record("carol").await["key"].clone();
-    handles
-        .put("bob", serde_json::to_vec(&lie).unwrap().into())
+    let carol_key = kez_tests::kez_server::swap_key(&js, "bob", "carol")
         .await
-        .unwrap();
-    // The same lie in the directory (PROTOCOL.md §5.7), where clients look their own server's
-    // handles up: bob's handle with carol's key and chain head.
-    let directory = js.get_key_value(DIRECTORY_BUCKET).await.unwrap();
-    let carol_id: kez_core::PublicKey = lie["key"].as_str().unwrap().parse().unwrap();
-    let carol_slot = Slot::key(&carol_id);
-    let mut lying = carol_slot
-        .open(&directory.get(carol_slot.id()).await.unwrap().unwrap())
-        .unwrap();
-    lying.handle = kez_tests::kez_server::test_handle("@bob");
-    let bob_slot = Slot::handle("bob");
-    directory
-        .put(bob_slot.id(), bob_slot.seal(&lying).into())
-        .await
-        .unwrap();
+        .unwrap()
+        .to_string();
     let err = alice.fails(&["add", "@bob"], 4).await;
     assert!(err.contains("the key changed"), "{err}");
     assert!(err.contains("Nothing was changed"), "{err}");
@@ -233,7 +209,6 @@ async fn two_people_chat_through_the_cli() {
         "{err}"
     );
     assert!(err.contains("NOTHING WAS SENT"), "{err}");
-    let carol_key = record("carol").await["key"].as_str().unwrap().to_owned();
     assert!(
         err.contains(&format!(
             "kez-chat add @bob@kez.test --accept-key {carol_key}"
