@@ -18,7 +18,7 @@ use kez_proto::answer::{
     ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
     PinStatus, Profile, ServerInfo,
 };
-use kez_proto::directory::Slot;
+use kez_proto::directory::{EntryError, Slot};
 use kez_proto::federation::{BOUNCE_CONTENT_TYPE, Bounce, RelayRequest, not_federated};
 use kez_proto::mail::{
     FetchAnswer, FetchRequest, Fetched, MAX_FETCH_AFTER, MAX_FETCH_MESSAGES, SendRequest,
@@ -466,6 +466,38 @@ pub struct Connection {
     /// Whether directory reads still answer on this connection: the first that fails turns
     /// it off, and lookups ask the service from then on.
     directory_works: Arc<std::sync::atomic::AtomicBool>,
+    /// The directory entries opened on this connection.
+    directory: Arc<DirectoryCache>,
+}
+
+/// The directory entries (PROTOCOL.md §5.7) a connection opened, by slot: an answer with the
+/// very bytes of the last one is that entry (each is sealed with a fresh nonce), so it is not
+/// opened and parsed again. Parsing is most of a lookup's cost on the client: a key is
+/// checked to be a canonical, torsion-free point.
+#[derive(Debug, Default)]
+pub struct DirectoryCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (Bytes, Profile)>>,
+}
+
+/// How many slots a [`DirectoryCache`] keeps before it starts over.
+const DIRECTORY_CACHE_SLOTS: usize = 4096;
+
+impl DirectoryCache {
+    /// `entry`, an answer for `slot`, opened ([`Slot::open`]), or as it was opened before.
+    pub fn open(&self, slot: &Slot, entry: &Bytes) -> Result<Profile, EntryError> {
+        let mut entries = self.entries.lock().expect("directory cache lock");
+        if let Some((bytes, profile)) = entries.get(slot.id())
+            && bytes == entry
+        {
+            return Ok(profile.clone());
+        }
+        let profile = slot.open(entry)?;
+        if entries.len() >= DIRECTORY_CACHE_SLOTS {
+            entries.clear();
+        }
+        entries.insert(slot.id().to_owned(), (entry.clone(), profile.clone()));
+        Ok(profile)
+    }
 }
 
 /// What a connection knows of its home server from `kez.server.info`, asked once per
@@ -638,6 +670,7 @@ impl Connection {
             moves: Arc::default(),
             home: Arc::default(),
             directory_works: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            directory: Arc::default(),
         })
     }
 
@@ -1067,7 +1100,7 @@ impl Connection {
         };
         match self.client.send_request(subject.clone(), request).await {
             Ok(answer) => match answer.status {
-                None => match slot.open(&answer.payload) {
+                None => match self.directory.open(slot, &answer.payload) {
                     Ok(profile) => Some(profile),
                     Err(err) => {
                         tracing::warn!(subject, error = %err, "a directory entry did not open; asking the service");
@@ -2175,6 +2208,35 @@ mod tests {
         };
         let refused = open_fetched(&bob, &too_early, floor, &answer).err();
         assert!(refused.is_some_and(|reason| reason.contains("after sequence 10")));
+    }
+
+    /// An entry is opened once per slot while its bytes stay the same; other bytes (a new
+    /// entry) are opened again, and an entry of another slot never passes for this one.
+    #[test]
+    fn the_directory_cache_reopens_only_changed_entries() {
+        let profile = |seq: u64| Profile {
+            handle: "@alice@a.test".parse().unwrap(),
+            key: SecretKey::generate().public_key(),
+            registered_at: 1,
+            sigchain: Some(ChainHead {
+                seq,
+                head: kez_core::sigchain::LinkHash::of(b"link"),
+            }),
+        };
+        let (slot, other) = (Slot::handle("alice"), Slot::handle("bob"));
+        let cache = DirectoryCache::default();
+        let first = Bytes::from(slot.seal(&profile(1)));
+        assert_eq!(cache.open(&slot, &first).unwrap().sigchain.unwrap().seq, 1);
+        assert_eq!(cache.open(&slot, &first).unwrap().sigchain.unwrap().seq, 1);
+        let second = Bytes::from(slot.seal(&profile(2)));
+        assert_eq!(cache.open(&slot, &second).unwrap().sigchain.unwrap().seq, 2);
+        assert_eq!(cache.open(&other, &second), Err(EntryError::Seal));
+        let mut damaged = second.to_vec();
+        damaged[30] ^= 1;
+        assert_eq!(
+            cache.open(&slot, &Bytes::from(damaged)),
+            Err(EntryError::Seal)
+        );
     }
 
     fn home(federation: Option<PublicKey>) -> HomeServer {

@@ -47,8 +47,8 @@ pub mod store;
 
 pub use connection::secrecy::ForwardSecrecy;
 pub use connection::{
-    CheckedContact, ClientError, Connection, HomeServer, Moved, PIN_ADD_TIMEOUT, Pending,
-    Plaintext, Sent, ServiceError, UrlError, VerifiedContact, broker_urls, now,
+    CheckedContact, ClientError, Connection, DirectoryCache, HomeServer, Moved, PIN_ADD_TIMEOUT,
+    Pending, Plaintext, Sent, ServiceError, UrlError, VerifiedContact, broker_urls, now,
 };
 pub use home::{Config, Home, HomeError, resolve_home};
 /// A verified sigchain and the trust decision on a contact's chain (kez-core `trust`).

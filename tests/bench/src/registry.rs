@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use async_nats::Client;
 use bytes::Bytes;
 use futures::StreamExt;
+use kez_client::DirectoryCache;
 use kez_core::SecretKey;
 use kez_proto::answer::Profile;
 use kez_proto::directory::Slot;
@@ -43,10 +44,12 @@ struct Requests {
     check: fn(usize, &async_nats::Message, &Shared) -> Result<(), String>,
 }
 
-/// What the checks need: the handles asked for and their directory slots.
+/// What the checks need: the handles asked for, their directory slots, and kez-client's
+/// cache of opened entries, as a connection keeps it.
 struct Shared {
     handles: Vec<kez_core::Handle>,
     slots: Vec<Slot>,
+    opened: DirectoryCache,
 }
 
 /// An answer counts when it carries something.
@@ -58,10 +61,11 @@ fn not_empty(_: usize, answer: &async_nats::Message, _: &Shared) -> Result<(), S
 }
 
 /// A directory answer counts when it opens under the slot asked and names the handle asked,
-/// as kez-client checks it.
+/// as kez-client checks it (with its cache of opened entries).
 fn opens(index: usize, answer: &async_nats::Message, shared: &Shared) -> Result<(), String> {
-    let profile: Profile = shared.slots[index]
-        .open(&answer.payload)
+    let profile: Profile = shared
+        .opened
+        .open(&shared.slots[index], &answer.payload)
         .map_err(|e| format!("a directory entry did not open: {e} ({:?})", answer.status))?;
     if profile.handle != shared.handles[index] {
         return Err(format!(
@@ -97,6 +101,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let shared = Arc::new(Shared {
         slots: names.iter().map(|name| Slot::handle(name)).collect(),
         handles,
+        opened: DirectoryCache::default(),
     });
     let lookups = Requests {
         each: names
