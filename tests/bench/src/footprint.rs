@@ -3,8 +3,9 @@
 //! `kez-chat-server` binary answering it, `n` users registered through `kez.registry.register`:
 //!
 //! - nats-server's resident memory idle and with `n` users, and per registered user against a
-//!   broker of the same configuration holding the same key-value entries written raw, without
-//!   kez-chat-server: what a registered user costs the broker beyond its KV data;
+//!   broker of the same configuration holding the same key-value entries written raw (the
+//!   handle record, the reverse entry and the two directory entries), without kez-chat-server:
+//!   what a registered user costs the broker beyond its KV data;
 //! - the registration rate over the first and over the last [`RATE_WINDOW`] registrations;
 //! - a broker restart (stop, then start on the same store until JetStream is ready) and a
 //!   kez-chat-server start (spawn until it answers `kez.server.info`), with `n` users and with
@@ -28,7 +29,8 @@ use futures::{StreamExt, TryStreamExt};
 use kez_chat_server::store::{HANDLES_BUCKET, KEYS_BUCKET, KeyRecord, Store};
 use kez_core::envelope::MessageId;
 use kez_core::{Handle, SecretKey};
-use kez_proto::answer::HandleRecord;
+use kez_proto::answer::{HandleRecord, Profile};
+use kez_proto::directory::{DIRECTORY_BUCKET, Slot};
 use kez_proto::endpoint::Endpoint;
 use kez_proto::mail::{FetchAnswer, FetchRequest, MAX_FETCH_MESSAGES};
 use kez_proto::subjects::inbox_subject;
@@ -375,6 +377,7 @@ impl RawKv {
             }
         };
         let (handles, reverse) = (open(HANDLES_BUCKET).await?, open(KEYS_BUCKET).await?);
+        let directory = open(DIRECTORY_BUCKET).await?;
         tokio::time::sleep(SETTLE).await;
         let idle = rss(nats_pid(&nats)?, "nats-server")?;
         let disk_empty = disk_usage(&nats.store_dir());
@@ -385,6 +388,7 @@ impl RawKv {
         let mut tasks = Vec::with_capacity(CONCURRENCY);
         for _ in 0..CONCURRENCY {
             let (next, handles, reverse) = (next.clone(), handles.clone(), reverse.clone());
+            let directory = directory.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let index = next.fetch_add(1, Ordering::Relaxed);
@@ -408,9 +412,17 @@ impl RawKv {
                         registered_at: now,
                     };
                     handles
-                        .create(name, json(&record).into())
+                        .create(name.clone(), json(&record).into())
                         .await
                         .map_err(|e| format!("a handle record: {e}"))?;
+                    // The directory's two entries (PROTOCOL.md §5.7), as registration writes them.
+                    let profile = Profile::new(record, None);
+                    for slot in [Slot::handle(&name), Slot::key(&key)] {
+                        directory
+                            .create(slot.id(), slot.seal(&profile).into())
+                            .await
+                            .map_err(|e| format!("a directory entry: {e}"))?;
+                    }
                 }
             }));
         }
