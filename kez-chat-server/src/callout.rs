@@ -49,6 +49,47 @@ pub struct Callout {
     server_users: Vec<String>,
     /// Federation, when on: peers are let in.
     federation: Option<std::sync::Arc<Federation>>,
+    /// The registrations of keys seen connecting.
+    registrations: Registrations,
+}
+
+/// Most registrations [`Registrations`] remembers (~150 bytes each); past it, it starts afresh.
+const MAX_KNOWN_REGISTRATIONS: usize = 100_000;
+
+/// The handle records of keys this instance saw registered, so that their reconnects (a
+/// broker restart: every user at once) read two entries, their disabled state and device
+/// index entry, in one round trip instead of four in two. A registration, once complete (the
+/// handle record names the key), is never changed or deleted by any instance or command, so a
+/// remembered one never goes stale, across instances too. What can change at any moment,
+/// written by any instance or by the operator's `admin` process, is never remembered: whether
+/// the key is disabled and whether its chain revoked it are read at every connect, so a disable
+/// or a revocation refuses the next connect at once. Bounded, and cleared when full.
+#[derive(Debug, Default)]
+struct Registrations {
+    known: std::sync::Mutex<std::collections::HashMap<PublicKey, HandleRecord>>,
+}
+
+impl Registrations {
+    fn get(&self, key: &PublicKey) -> Option<HandleRecord> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Remembers `record`, read from the registry for its key just now.
+    fn remember(&self, record: &HandleRecord) {
+        let mut known = self.lock();
+        if known.len() >= MAX_KNOWN_REGISTRATIONS {
+            known.clear();
+        }
+        known.insert(record.key, record.clone());
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<PublicKey, HandleRecord>> {
+        self.known
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
 }
 
 /// What the callout decided, for logs and metrics.
@@ -123,6 +164,7 @@ impl Callout {
             legacy_proofs,
             server_users: Vec::new(),
             federation: None,
+            registrations: Registrations::default(),
         }
     }
 
@@ -216,18 +258,29 @@ impl Callout {
             self.legacy_proofs,
         )
         .map_err(|err| format!("kez: {err}"))?;
-        // Independent reads: all at once, so a connect waits for two round trips, not four.
-        let (record, disabled, device) = tokio::join!(
-            self.store.whois(key),
-            self.store.disabled(key),
-            self.store.device(key)
-        );
+        // Independent reads: all at once, so a connect waits for two round trips, not four;
+        // one when the registration is remembered. The standing is read every time.
         let unavailable = |err: ErrorAnswer| format!("kez: registry unavailable: {}", err.message);
+        let (record, disabled, device) = match self.registrations.get(&key) {
+            Some(record) => {
+                let (disabled, device) =
+                    tokio::join!(self.store.disabled(key), self.store.device(key));
+                (Ok(Some(record)), disabled, device)
+            }
+            None => tokio::join!(
+                self.store.whois(key),
+                self.store.disabled(key),
+                self.store.device(key)
+            ),
+        };
         let (record, mut disabled, device) = (
             record.map_err(unavailable)?,
             disabled.map_err(unavailable)?,
             device.map_err(unavailable)?,
         );
+        if let Some(record) = &record {
+            self.registrations.remember(record);
+        }
         // A device is out when its identity is.
         if record.is_none()
             && disabled.is_none()

@@ -805,6 +805,23 @@ async fn connect_system(
     Ok(None)
 }
 
+/// The longest wait between two reconnect attempts of the server's own connections.
+const SERVER_RECONNECT_MAX_DELAY: Duration = Duration::from_millis(10);
+
+/// How long the server's own connection waits before reconnect attempt `attempts`: at most
+/// [`SERVER_RECONNECT_MAX_DELAY`], where async-nats' default doubles up to 4 s. The callout
+/// answers every client's connect, so after a broker restart its `AUTH` connection must be
+/// back before the clients: one let in while it still waits out a backoff waits nats-server's
+/// whole 2 s authorization timeout and is refused, and then backs off itself (BENCHMARKS.md,
+/// storm). A few connections per instance asking every 10 ms are no load on a broker.
+fn server_reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        Duration::ZERO
+    } else {
+        SERVER_RECONNECT_MAX_DELAY
+    }
+}
+
 /// Connects to the broker at `url`, waiting as long as it takes: every failed attempt's cause
 /// (a refused connection, an unknown certificate authority, ...) is logged at WARN when it
 /// changes and is what `/healthz` says meanwhile. Refused credentials end the wait: they are
@@ -818,18 +835,18 @@ async fn connect(
     let mut pause = Duration::from_millis(250);
     let mut last_reason = String::new();
     loop {
-        let options =
-            async_nats::ConnectOptions::new()
-                .name(name)
-                .event_callback(|event| async move {
-                    match event {
-                        async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                        async_nats::Event::Disconnected => {
-                            tracing::warn!("disconnected from NATS; reconnecting")
-                        }
-                        other => tracing::info!(event = %other, "NATS"),
+        let options = async_nats::ConnectOptions::new()
+            .name(name)
+            .reconnect_delay_callback(server_reconnect_delay)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
                     }
-                });
+                    other => tracing::info!(event = %other, "NATS"),
+                }
+            });
         let options = match auth {
             NatsAuth::None => options,
             NatsAuth::UserPassword { user, password } => {

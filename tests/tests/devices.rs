@@ -544,3 +544,60 @@ async fn a_config_without_the_system_user_still_serves_and_refuses_revoked_devic
         "one warning only: {log}"
     );
 }
+
+/// The callout remembers registrations (ARCHITECTURE.md, connect flow), never a key's
+/// standing: with alice's registration remembered (her key connected), a disable written by
+/// another process (as `kez-chat-server admin disable` does, through a store of its own) and
+/// her chain revoking her own key each refuse her next connect at once, without a wait.
+#[tokio::test]
+async fn a_remembered_registration_is_refused_at_once_when_disabled_or_revoked() {
+    let stack = CalloutStack::start().await;
+    let mut alice = Identity::new(&stack, "alice").await;
+    let phone = alice.add_device("phone").await;
+    let (phone_client, _) = stack.connect_as(&phone).await.expect("the phone connects");
+    stack
+        .connect_as(&alice.key)
+        .await
+        .expect("alice connects: her registration is remembered now");
+
+    let config = CalloutStack::config(&stack.nats, &stack.keys_dir, &stack.keys);
+    let admin = kez_chat_server::open_store(&config).await.unwrap();
+    let disabled = kez_chat_server::store::DisabledRecord {
+        handle: kez_core::Handle::parse("alice", kez_tests::kez_server::TEST_DOMAIN).unwrap(),
+        since: now(),
+    };
+    admin
+        .set_disabled(alice.public_key(), Some(&disabled))
+        .await
+        .unwrap();
+    let refused = stack.connect_as(&alice.key).await.map(drop).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation,
+        "disabled: refused at the next connect ({refused})"
+    );
+    admin.set_disabled(alice.public_key(), None).await.unwrap();
+    stack
+        .connect_as(&alice.key)
+        .await
+        .expect("enabled again: connects");
+
+    // The phone revokes alice's own key; the handle stays hers, served to the phone.
+    let revoke = alice
+        .chain
+        .revoke_device_link(now(), &phone, alice.public_key(), None)
+        .unwrap();
+    append(&phone_client, &revoke)
+        .await
+        .expect("the phone revokes the identity key");
+    let refused = stack.connect_as(&alice.key).await.map(drop).unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        async_nats::ConnectErrorKind::AuthorizationViolation,
+        "revoked by its own chain: refused at the next connect ({refused})"
+    );
+    stack
+        .connect_as(&phone)
+        .await
+        .expect("the phone connects as before");
+}

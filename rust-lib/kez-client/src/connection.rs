@@ -594,7 +594,8 @@ impl Connection {
     /// broker's nonce signed under the KEZ connect tag (`with_auth_callback`,
     /// [`kez_core::connect::sign_nonce`]: a nonce no nats-server would send is not signed, and
     /// the connection fails; a broker that sends none, checking no keys, gets no proof), replies under the key's own prefix, only the servers the caller
-    /// names (never those a broker advertises), reconnects forever. Add to them (event
+    /// names (never those a broker advertises), reconnects forever after a random wait
+    /// ([`crate::reconnect`]). Add to them (event
     /// callbacks, `retry_on_initial_connect`, timeouts) and pass them to
     /// [`Connection::connect_with`]; do not replace the auth, the inbox prefix or the server list.
     pub fn options(key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
@@ -618,6 +619,7 @@ impl Connection {
         .custom_inbox_prefix(reply_prefix(&key.public_key()))
         .ignore_discovered_servers()
         .max_reconnects(None)
+        .reconnect_delay_callback(crate::reconnect::delay_callback())
     }
 
     /// Connects to the broker at `url` (or to any of several comma-separated URLs, the nodes

@@ -42,6 +42,7 @@ pub mod connection;
 pub mod files;
 pub mod home;
 pub mod live;
+pub mod reconnect;
 pub mod shared;
 pub mod store;
 

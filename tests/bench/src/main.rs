@@ -17,6 +17,7 @@ mod measure;
 mod registry;
 mod report;
 mod service;
+mod storm;
 mod ui;
 
 use std::future::Future;
@@ -44,6 +45,10 @@ struct Cli {
     /// Users the footprint section registers (default 100,000; 2,000 with --quick).
     #[arg(long, value_name = "N")]
     users: Option<usize>,
+    /// Clients the storm section connects and reconnects (default 10,000; 1,000 with
+    /// --quick). Each takes an open file in this process and in nats-server.
+    #[arg(long, value_name = "N")]
+    clients: Option<usize>,
     /// Where to write the results as JSON.
     #[arg(long, default_value = "target/bench/results.json")]
     out: PathBuf,
@@ -93,12 +98,14 @@ enum Section {
     Ui,
     /// 10: messages across two home servers against the same on one; the outbox's cost.
     Federation,
+    /// 11: a broker restart under N connected clients, all reconnecting through the callout.
+    Storm,
 }
 
 type Rows = Pin<Box<dyn Future<Output = Result<Vec<Row>, String>>>>;
 
 impl Section {
-    const ALL: [Section; 10] = [
+    const ALL: [Section; 11] = [
         Section::Chat,
         Section::Registry,
         Section::Callout,
@@ -109,6 +116,7 @@ impl Section {
         Section::Service,
         Section::Ui,
         Section::Federation,
+        Section::Storm,
     ];
 
     fn run(self, budget: Budget) -> Rows {
@@ -123,6 +131,7 @@ impl Section {
             Section::Service => Box::pin(service::run(budget)),
             Section::Ui => Box::pin(ui::run(budget)),
             Section::Federation => Box::pin(federation::run(budget)),
+            Section::Storm => Box::pin(storm::run(budget)),
         }
     }
 }
@@ -148,6 +157,7 @@ async fn main() -> ExitCode {
     let budget = Budget {
         quick: cli.quick,
         users: cli.users,
+        clients: cli.clients,
     };
     let sections: Vec<Section> = if cli.only.is_empty() {
         Section::ALL.to_vec()

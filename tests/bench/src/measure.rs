@@ -14,6 +14,8 @@ pub struct Budget {
     pub quick: bool,
     /// `--users`: registrations in the footprint section instead of the default.
     pub users: Option<usize>,
+    /// `--clients`: clients in the storm section instead of the default.
+    pub clients: Option<usize>,
 }
 
 impl Budget {
