@@ -11,8 +11,9 @@ use rand_core::RngCore as _;
 
 /// The window of the first attempt after the connection is lost.
 pub const RECONNECT_WINDOW: Duration = Duration::from_secs(1);
-/// The widest window: past a few failures every attempt waits a random time up to this long.
-pub const RECONNECT_MAX_WINDOW: Duration = Duration::from_secs(30);
+/// The widest window: past a few failures every attempt waits a random time up to this long
+/// (a person whose broker was away is back within this of its return).
+pub const RECONNECT_MAX_WINDOW: Duration = Duration::from_secs(8);
 
 /// The wait before connect attempt `attempts` (1: the first since the last success) after a
 /// loss: uniform in `[0, window)`, the window [`RECONNECT_WINDOW`] doubled for each earlier
