@@ -52,10 +52,12 @@ use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::fs::options::Options;
 use iroh_blobs::{BlobFormat, BlobsProtocol, HashAndFormat};
 
+mod follow;
 mod keyfile;
 mod provider;
 mod serving;
 
+pub use follow::{FollowReader, Following};
 pub use iroh::{EndpointAddr, EndpointId, RelayUrl};
 pub use iroh_blobs::Hash;
 pub use iroh_blobs::api::blobs::BlobReader;
@@ -666,6 +668,48 @@ impl BlobNode {
             }
         };
         Ok((BlockingBlobReader(inner), size))
+    }
+
+    /// Follows the blob `hash`, `size` bytes, while a [`download`](Self::download) brings it:
+    /// the reader reads every byte as soon as iroh verified and stored it, so a caller can
+    /// decrypt a file while it arrives. Stop the [`Following`] when the download fails, or the
+    /// reader waits for bytes that never come. Answers `None` for a blob the store keeps inline
+    /// (16 KiB or less): read those with [`blocking_reader`](Self::blocking_reader) once complete.
+    pub async fn follow(&self, hash: Hash, size: u64) -> Result<Option<(Following, FollowReader)>> {
+        if self.layout.is_inlined_data(size) {
+            return Ok(None);
+        }
+        let updates = self
+            .store
+            .blobs()
+            .observe(hash)
+            .stream()
+            .await
+            .map_err(store_err("watch a download"))?;
+        let shared = std::sync::Arc::new(follow::Shared::default());
+        let feeding = shared.clone();
+        let store = self.store.clone();
+        let task = tokio::spawn(async move {
+            let mut updates = std::pin::pin!(updates);
+            while let Some(bitfield) = updates.next().await {
+                if feeding.update(&bitfield) {
+                    return;
+                }
+            }
+            // The store ends the watch when it moves a blob out of memory, which may come
+            // right after the update that completed it: ask whether it did.
+            match store.blobs().status(hash).await {
+                Ok(BlobStatus::Complete { size }) => feeding.complete(size),
+                _ => feeding.stop("the blob store stopped reporting the download".to_owned()),
+            }
+        });
+        let reader = FollowReader {
+            shared: shared.clone(),
+            path: self.layout.path.data_path(&hash),
+            file: None,
+            position: 0,
+        };
+        Ok(Some((Following { shared, task }, reader)))
     }
 
     /// Deletes the tag `tag`. Returns whether it existed. The blob stays until garbage

@@ -225,6 +225,54 @@ pub async fn fetch_blob(
         .await?)
 }
 
+/// Fetches the offer's blob into `node` (as [`fetch`]) and decrypts it to `dest` while it
+/// arrives (as [`decrypt_to`]): every segment as soon as iroh verified and stored it, so the
+/// whole takes about as long as the slower of the two, not their sum. The file reaches `dest`
+/// only when the whole blob arrived and every segment authenticated. Answers the fetch's
+/// figures and the plaintext size.
+///
+/// A failed fetch answers its error ([`FileError::Blobs`], [`FileError::NoProviders`]) and
+/// leaves no file: what arrived stays in the store for a resume. Otherwise a decryption
+/// failure is answered as [`decrypt_to`] would. `fetched` is called as bytes arrive, last with
+/// the whole blob; `decrypted` with the plaintext bytes written.
+pub async fn download_to(
+    node: &BlobNode,
+    offer: &FileOffer,
+    dest: &Path,
+    fetched: impl FnMut(Progress),
+    decrypted: impl FnMut(u64),
+) -> Result<(DownloadStats, u64), FileError> {
+    let Some((following, reader)) = node.follow(blob_hash(offer), offer.cipher_size).await? else {
+        // A small blob, kept inline by the store: there is nothing to overlap.
+        let stats = fetch_reporting_all(node, offer, fetched).await?;
+        return Ok((stats, decrypt_to(node, offer, dest, decrypted).await?));
+    };
+    let fetching = async {
+        let outcome = fetch_reporting_all(node, offer, fetched).await;
+        if let Err(err) = &outcome {
+            // The reader then fails instead of waiting for bytes that do not come.
+            following.stop(&err.to_string());
+        }
+        outcome
+    };
+    let (stats, size) = tokio::join!(fetching, decrypt_from(reader, offer, dest, decrypted));
+    Ok((stats?, size?))
+}
+
+/// [`fetch`], reporting the whole blob last, also when it was complete here already.
+async fn fetch_reporting_all(
+    node: &BlobNode,
+    offer: &FileOffer,
+    mut fetched: impl FnMut(Progress),
+) -> Result<DownloadStats, FileError> {
+    let stats = fetch(node, offer, &mut fetched).await?;
+    fetched(Progress {
+        done: stats.total,
+        total: Some(stats.total),
+    });
+    Ok(stats)
+}
+
 /// Decrypts the offer's blob (complete in `node`) to `dest`: into a temporary file beside it,
 /// renamed into place only when the whole file authenticated. Returns the plaintext size.
 /// `progress` is called with the plaintext bytes written so far.
@@ -235,6 +283,16 @@ pub async fn decrypt_to(
     progress: impl FnMut(u64),
 ) -> Result<u64, FileError> {
     let (reader, _) = node.blocking_reader(blob_hash(offer)).await?;
+    decrypt_from(reader, offer, dest, progress).await
+}
+
+/// Decrypts the offer's ciphertext from `reader` to `dest`, as [`decrypt_to`] describes.
+async fn decrypt_from(
+    reader: impl io::Read + Send + 'static,
+    offer: &FileOffer,
+    dest: &Path,
+    progress: impl FnMut(u64),
+) -> Result<u64, FileError> {
     let temp = partial_path(dest);
     let target = dest.to_path_buf();
     let dest = dest.to_path_buf();
