@@ -52,10 +52,12 @@ use iroh_blobs::store::fs::FsStore;
 use iroh_blobs::store::fs::options::Options;
 use iroh_blobs::{BlobFormat, BlobsProtocol, HashAndFormat};
 
+mod follow;
 mod keyfile;
 mod provider;
 mod serving;
 
+pub use follow::{FollowReader, Following};
 pub use iroh::{EndpointAddr, EndpointId, RelayUrl};
 pub use iroh_blobs::Hash;
 pub use iroh_blobs::api::blobs::BlobReader;
@@ -257,11 +259,35 @@ pub struct StoreUsage {
     pub partial_blobs: u64,
 }
 
+/// A complete blob read with blocking reads, from [`BlobNode::blocking_reader`]: for a blocking
+/// thread, never the async runtime.
+#[derive(Debug)]
+pub struct BlockingBlobReader(Source);
+
+#[derive(Debug)]
+enum Source {
+    /// The store's data file, cut at the blob's size.
+    File(io::Take<std::fs::File>),
+    /// A small blob kept inline in the store's database.
+    Memory(io::Cursor<Bytes>),
+}
+
+impl io::Read for BlockingBlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match &mut self.0 {
+            Source::File(file) => file.read(buf),
+            Source::Memory(bytes) => bytes.read(buf),
+        }
+    }
+}
+
 /// An iroh endpoint with a blob store, serving the iroh-blobs protocol until shut down.
 #[derive(Debug)]
 pub struct BlobNode {
     router: Router,
     store: FsStore,
+    /// Where the store keeps a blob's data file, and which blobs it keeps inline instead.
+    layout: Options,
     config: NodeConfig,
     collector: std::sync::Arc<Collector>,
     /// The only strong sender of what is served (the handler holds a weak one), so that
@@ -425,6 +451,10 @@ impl BlobNode {
                 Box::pin(async move { outcome })
             })),
         });
+        let layout = Options {
+            gc: None,
+            ..options.clone()
+        };
         let store = FsStore::load_with_opts(store_dir.join("blobs.db"), options)
             .await
             .map_err(store_err("open the store"))?;
@@ -474,6 +504,7 @@ impl BlobNode {
         Ok(BlobNode {
             router,
             store,
+            layout,
             config,
             collector,
             served: std::sync::Mutex::new(Some(served)),
@@ -589,6 +620,96 @@ impl BlobNode {
     pub async fn reader(&self, hash: Hash) -> Result<BlobReader> {
         self.complete_size(hash).await?;
         Ok(self.store.blobs().reader(hash))
+    }
+
+    /// A blocking reader (`std::io::Read`) over the complete blob `hash`, for reading a large
+    /// blob whole on a blocking thread, e.g. to decrypt it; answers it with the blob's size.
+    ///
+    /// It reads the store's own data file, as iroh-blobs' export does, so a read costs one
+    /// system call however large: [`reader`](Self::reader) asks the store for every read and
+    /// gets the bytes back in 1 KiB messages, a few times slower than the disk. A small blob
+    /// the store keeps inline in its database is read into memory (at most 16 KiB). The data
+    /// of a complete blob never changes, and garbage collection removing it meanwhile (once
+    /// its tags are deleted) does not cut short a file already open.
+    pub async fn blocking_reader(&self, hash: Hash) -> Result<(BlockingBlobReader, u64)> {
+        let size = self.complete_size(hash).await?;
+        let path = self.layout.path.data_path(&hash);
+        let inner = match std::fs::File::open(&path) {
+            Ok(file) => {
+                let on_disk = file.metadata().map(|meta| meta.len());
+                if !on_disk.is_ok_and(|len| len >= size) {
+                    return Err(Error::Store {
+                        action: "read a blob",
+                        detail: format!(
+                            "its data file {} is shorter than the blob",
+                            path.display()
+                        ),
+                    });
+                }
+                Source::File(io::Read::take(file, size))
+            }
+            Err(err)
+                if err.kind() == io::ErrorKind::NotFound && self.layout.is_inlined_data(size) =>
+            {
+                let bytes = self
+                    .store
+                    .blobs()
+                    .get_bytes(hash)
+                    .await
+                    .map_err(store_err("read a blob"))?;
+                Source::Memory(io::Cursor::new(bytes))
+            }
+            Err(error) => {
+                return Err(Error::Io {
+                    action: "open the blob's data file",
+                    path,
+                    error,
+                });
+            }
+        };
+        Ok((BlockingBlobReader(inner), size))
+    }
+
+    /// Follows the blob `hash`, `size` bytes, while a [`download`](Self::download) brings it:
+    /// the reader reads every byte as soon as iroh verified and stored it, so a caller can
+    /// decrypt a file while it arrives. Stop the [`Following`] when the download fails, or the
+    /// reader waits for bytes that never come. Answers `None` for a blob the store keeps inline
+    /// (16 KiB or less): read those with [`blocking_reader`](Self::blocking_reader) once complete.
+    pub async fn follow(&self, hash: Hash, size: u64) -> Result<Option<(Following, FollowReader)>> {
+        if self.layout.is_inlined_data(size) {
+            return Ok(None);
+        }
+        let updates = self
+            .store
+            .blobs()
+            .observe(hash)
+            .stream()
+            .await
+            .map_err(store_err("watch a download"))?;
+        let shared = std::sync::Arc::new(follow::Shared::default());
+        let feeding = shared.clone();
+        let store = self.store.clone();
+        let task = tokio::spawn(async move {
+            let mut updates = std::pin::pin!(updates);
+            while let Some(bitfield) = updates.next().await {
+                if feeding.update(&bitfield) {
+                    return;
+                }
+            }
+            // The store ends the watch when it moves a blob out of memory, which may come
+            // right after the update that completed it: ask whether it did.
+            match store.blobs().status(hash).await {
+                Ok(BlobStatus::Complete { size }) => feeding.complete(size),
+                _ => feeding.stop("the blob store stopped reporting the download".to_owned()),
+            }
+        });
+        let reader = FollowReader {
+            shared: shared.clone(),
+            path: self.layout.path.data_path(&hash),
+            file: None,
+            position: 0,
+        };
+        Ok(Some((Following { shared, task }, reader)))
     }
 
     /// Deletes the tag `tag`. Returns whether it existed. The blob stays until garbage

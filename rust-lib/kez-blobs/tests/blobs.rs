@@ -490,3 +490,76 @@ async fn watch_served_sees_a_download_start_progress_and_complete() {
     .expect("closed at shutdown");
     assert_eq!(a.watch_served().recv().await, Err(RecvError::Closed));
 }
+
+/// Reads all of `reader` on a blocking thread.
+async fn read_blocking(mut reader: impl io::Read + Send + 'static) -> io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        reader.read_to_end(&mut out).map(|_| out)
+    })
+    .await
+    .expect("reading thread")
+}
+
+/// The blocking reader gives a complete blob's bytes, from its data file (8 MiB) or from the
+/// database (a blob the store keeps inline), and refuses a blob that is not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_reader_reads_large_and_inline_blobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = node(dir.path()).await;
+    for (len, seed) in [(8 * MIB, 11), (1000, 13)] {
+        let bytes = data(len, seed);
+        let (hash, _) = import(&a, &bytes, &format!("share/{len}")).await;
+        let (reader, size) = a.blocking_reader(hash).await.expect("reader");
+        assert_eq!(size, len as u64);
+        assert_eq!(read_blocking(reader).await.unwrap(), bytes);
+    }
+    let missing = Hash::new(b"not in this store");
+    assert!(matches!(
+        a.blocking_reader(missing).await,
+        Err(Error::NotComplete(h)) if h == missing
+    ));
+    a.shutdown().await.unwrap();
+}
+
+/// A reader following a download reads the same bytes as the blob, while it arrives; a small
+/// blob is not followed (the store keeps it inline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_download_reads_the_blob_as_it_arrives() {
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (node(dir_a.path()).await, node(dir_b.path()).await);
+    let bytes = data(16 * MIB, 17);
+    let (hash, size) = import(&a, &bytes, "share/followed").await;
+
+    let (following, reader) = b.follow(hash, size).await.unwrap().expect("followed");
+    let reading = tokio::spawn(read_blocking(reader));
+    b.download(hash, &[a.addr()], "dl/followed", size, |_| {})
+        .await
+        .expect("download");
+    let read = reading.await.unwrap().expect("read while downloading");
+    assert!(read == bytes, "the followed bytes differ from the blob");
+    drop(following);
+
+    assert!(b.follow(hash, 1000).await.unwrap().is_none());
+    a.shutdown().await.unwrap();
+    b.shutdown().await.unwrap();
+}
+
+/// A reader whose download stopped fails with the reason, instead of waiting for bytes that
+/// never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_follow_fails_the_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = node(dir.path()).await;
+    let hash = Hash::new(b"never downloaded");
+    let (following, reader) = b
+        .follow(hash, 8 * MIB as u64)
+        .await
+        .unwrap()
+        .expect("followed");
+    let reading = tokio::spawn(read_blocking(reader));
+    following.stop("the provider went away");
+    let err = reading.await.unwrap().expect_err("a stopped follow fails");
+    assert!(err.to_string().contains("the provider went away"), "{err}");
+    b.shutdown().await.unwrap();
+}

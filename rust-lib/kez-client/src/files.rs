@@ -225,6 +225,54 @@ pub async fn fetch_blob(
         .await?)
 }
 
+/// Fetches the offer's blob into `node` (as [`fetch`]) and decrypts it to `dest` while it
+/// arrives (as [`decrypt_to`]): every segment as soon as iroh verified and stored it, so the
+/// whole takes about as long as the slower of the two, not their sum. The file reaches `dest`
+/// only when the whole blob arrived and every segment authenticated. Answers the fetch's
+/// figures and the plaintext size.
+///
+/// A failed fetch answers its error ([`FileError::Blobs`], [`FileError::NoProviders`]) and
+/// leaves no file: what arrived stays in the store for a resume. Otherwise a decryption
+/// failure is answered as [`decrypt_to`] would. `fetched` is called as bytes arrive, last with
+/// the whole blob; `decrypted` with the plaintext bytes written.
+pub async fn download_to(
+    node: &BlobNode,
+    offer: &FileOffer,
+    dest: &Path,
+    fetched: impl FnMut(Progress),
+    decrypted: impl FnMut(u64),
+) -> Result<(DownloadStats, u64), FileError> {
+    let Some((following, reader)) = node.follow(blob_hash(offer), offer.cipher_size).await? else {
+        // A small blob, kept inline by the store: there is nothing to overlap.
+        let stats = fetch_reporting_all(node, offer, fetched).await?;
+        return Ok((stats, decrypt_to(node, offer, dest, decrypted).await?));
+    };
+    let fetching = async {
+        let outcome = fetch_reporting_all(node, offer, fetched).await;
+        if let Err(err) = &outcome {
+            // The reader then fails instead of waiting for bytes that do not come.
+            following.stop(&err.to_string());
+        }
+        outcome
+    };
+    let (stats, size) = tokio::join!(fetching, decrypt_from(reader, offer, dest, decrypted));
+    Ok((stats?, size?))
+}
+
+/// [`fetch`], reporting the whole blob last, also when it was complete here already.
+async fn fetch_reporting_all(
+    node: &BlobNode,
+    offer: &FileOffer,
+    mut fetched: impl FnMut(Progress),
+) -> Result<DownloadStats, FileError> {
+    let stats = fetch(node, offer, &mut fetched).await?;
+    fetched(Progress {
+        done: stats.total,
+        total: Some(stats.total),
+    });
+    Ok(stats)
+}
+
 /// Decrypts the offer's blob (complete in `node`) to `dest`: into a temporary file beside it,
 /// renamed into place only when the whole file authenticated. Returns the plaintext size.
 /// `progress` is called with the plaintext bytes written so far.
@@ -234,8 +282,17 @@ pub async fn decrypt_to(
     dest: &Path,
     progress: impl FnMut(u64),
 ) -> Result<u64, FileError> {
-    let reader = node.reader(blob_hash(offer)).await?;
-    let bridge = tokio_util::io::SyncIoBridge::new(reader);
+    let (reader, _) = node.blocking_reader(blob_hash(offer)).await?;
+    decrypt_from(reader, offer, dest, progress).await
+}
+
+/// Decrypts the offer's ciphertext from `reader` to `dest`, as [`decrypt_to`] describes.
+async fn decrypt_from(
+    reader: impl io::Read + Send + 'static,
+    offer: &FileOffer,
+    dest: &Path,
+    progress: impl FnMut(u64),
+) -> Result<u64, FileError> {
     let temp = partial_path(dest);
     let target = dest.to_path_buf();
     let dest = dest.to_path_buf();
@@ -243,7 +300,7 @@ pub async fn decrypt_to(
     let cipher_size = offer.cipher_size;
     let (written_tx, written_rx) = tokio::sync::watch::channel(0u64);
     let decrypting = tokio::task::spawn_blocking(move || {
-        let result = write_decrypted(&key, bridge, &temp, cipher_size, written_tx);
+        let result = write_decrypted(&key, reader, &temp, cipher_size, written_tx);
         match result {
             Ok(size) => {
                 std::fs::rename(&temp, &dest).map_err(|source| FileError::Io {
@@ -288,14 +345,67 @@ fn write_decrypted(
         }
     };
     let file = File::create(temp).map_err(io_error("create"))?;
-    let mut out = BufWriter::new(Counting::new(file, written));
-    let size = file::decrypt_exact(key, BufReader::new(ciphertext), &mut out, cipher_size)?;
-    let file = out
-        .into_inner()
-        .map_err(|err| io_error("write")(err.into_error()))?
-        .inner;
-    file.sync_all().map_err(io_error("write"))?;
-    Ok(size)
+    let syncing = file.try_clone().map_err(io_error("open"))?;
+    std::thread::scope(|scope| {
+        // The disk writes while the file is decrypted, not only once it all is: without this,
+        // the kernel holds the whole file in its cache until the final fsync, which then waits
+        // for all of it (about as long again as decrypting it).
+        let (due, due_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let syncer = scope.spawn(move || {
+            for () in due_rx {
+                syncing.sync_data()?;
+            }
+            Ok::<(), io::Error>(())
+        });
+        let early = EarlySync {
+            inner: Counting::new(file, written),
+            unsynced: 0,
+            due,
+        };
+        let mut out = BufWriter::new(early);
+        let decrypted = file::decrypt_exact(key, ciphertext, &mut out, cipher_size);
+        let file = out
+            .into_inner()
+            .map_err(|err| io_error("write")(err.into_error()))
+            .map(|early| early.inner.inner);
+        // The syncer ends when `due` is dropped, with `out`. Its first error is this file's
+        // (a failed background sync consumes the error the final one would have reported).
+        let synced = syncer
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the syncing thread panicked")));
+        let size = decrypted?;
+        let file = file?;
+        synced.map_err(io_error("write"))?;
+        file.sync_all().map_err(io_error("write"))?;
+        Ok(size)
+    })
+}
+
+/// Bytes written before the syncing thread is asked to flush them to the disk.
+const SYNC_EVERY: u64 = 16 * 1024 * 1024;
+
+/// A writer that asks a syncing thread to flush the file every [`SYNC_EVERY`] bytes, without
+/// waiting for it: one request may wait while a flush runs, and it covers any made meanwhile.
+struct EarlySync<W> {
+    inner: W,
+    unsynced: u64,
+    due: std::sync::mpsc::SyncSender<()>,
+}
+
+impl<W: io::Write> io::Write for EarlySync<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.unsynced += written as u64;
+        if self.unsynced >= SYNC_EVERY {
+            self.unsynced = 0;
+            let _ = self.due.try_send(());
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Where a download of `dest` is decrypted before it is renamed into place: a hidden file in

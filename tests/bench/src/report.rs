@@ -19,6 +19,8 @@ pub enum Goal {
     AddedBelow(f64),
     /// `ours` at most this, in the row's unit (memory).
     AtMost(f64),
+    /// `ours` at least this, in the row's unit (a throughput the issue names in MiB/s).
+    AtLeast(f64),
     /// `ours / baseline` at most this (lower is better: a time that must not grow with a count).
     RatioAtMost(f64),
 }
@@ -30,6 +32,7 @@ impl Goal {
             Goal::RatioAtLeast(ratio) => format!(">= {:.0}% of baseline", ratio * 100.0),
             Goal::AddedBelow(limit) => format!("adds < {limit}"),
             Goal::AtMost(limit) => format!("<= {limit}"),
+            Goal::AtLeast(limit) => format!(">= {limit}"),
             Goal::RatioAtMost(ratio) => format!("<= {ratio}x baseline"),
         }
     }
@@ -113,6 +116,7 @@ impl Row {
             Goal::RatioAtLeast(min) => self.ratio().map(|ratio| ratio >= min),
             Goal::AddedBelow(limit) => self.baseline.map(|baseline| self.ours - baseline < limit),
             Goal::AtMost(limit) => Some(self.ours <= limit),
+            Goal::AtLeast(limit) => Some(self.ours >= limit),
             Goal::RatioAtMost(max) => self.ratio().map(|ratio| ratio <= max),
         }
     }
@@ -310,6 +314,8 @@ mod tests {
             Row::info("s", "n", "u", 3.0).goal(Goal::AtMost(2.0)).pass(),
             Some(false)
         );
+        assert_eq!(row(150.0, 180.0, Goal::AtLeast(150.0)).pass(), Some(true));
+        assert_eq!(row(149.0, 180.0, Goal::AtLeast(150.0)).pass(), Some(false));
         assert_eq!(Row::info("s", "n", "u", 3.0).pass(), None);
     }
 }
