@@ -4,7 +4,8 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use kez_blobs::{BlobNode, DownloadStats, NodeConfig, RelayUrl, ServeEvent, Served};
 use kez_client::files::{self, FileError};
@@ -427,10 +428,36 @@ impl App {
             (u128::from(cipher) * u128::from(offer.size) / u128::from(offer.cipher_size.max(1)))
                 as u64
         };
-        let fetched = tokio::select! {
-            fetched = files::fetch(&node, offer, |progress| meter.set(plaintext_of(progress.done))) => fetched,
+        // The file is decrypted while it arrives; what is left once the fetch is done (the end,
+        // the sync to disk, or all of a small file) gets a meter of its own.
+        let fetch_done = AtomicBool::new(false);
+        let decrypt_meter = OnceLock::new();
+        let downloaded = tokio::select! {
+            downloaded = files::download_to(
+                &node,
+                offer,
+                &dest,
+                |progress| {
+                    meter.set(plaintext_of(progress.done));
+                    if progress.total == Some(progress.done) {
+                        fetch_done.store(true, Ordering::Relaxed);
+                    }
+                },
+                |done| {
+                    if fetch_done.load(Ordering::Relaxed) {
+                        decrypt_meter
+                            .get_or_init(|| Meter::new("verifying and decrypting", offer.size))
+                            .set(done);
+                    }
+                },
+            ) => downloaded,
             signal = term::interrupted() => {
                 meter.finish();
+                // The decryption stopped with the fetch; this process may end before its
+                // thread removes what it wrote.
+                for partial in files::partial_files(&dest) {
+                    let _ = std::fs::remove_file(partial);
+                }
                 return Err(Failure::new(
                     RUNTIME,
                     format!("download interrupted ({signal}): what arrived is kept; run the same command again to resume"),
@@ -438,12 +465,15 @@ impl App {
             }
         };
         meter.finish();
-        let stats = match fetched {
-            Ok(stats) => stats,
+        if let Some(meter) = decrypt_meter.get() {
+            meter.finish();
+        }
+        let (stats, size) = match downloaded {
+            Ok(done) => done,
             Err(err @ FileError::Blobs(kez_blobs::Error::TooLarge { .. })) => {
                 return Err(file_failure(err));
             }
-            Err(err) => {
+            Err(err @ (FileError::Blobs(_) | FileError::NoProviders(_))) => {
                 return Err(Failure::new(
                     RUNTIME,
                     format!(
@@ -451,11 +481,8 @@ impl App {
                     ),
                 ));
             }
+            Err(err) => return Err(file_failure(err)),
         };
-        let meter = Meter::new("verifying and decrypting", offer.size);
-        let decrypted = files::decrypt_to(&node, offer, &dest, |done| meter.set(done)).await;
-        meter.finish();
-        let size = decrypted.map_err(file_failure)?;
         let path = std::fs::canonicalize(&dest).unwrap_or(dest);
         let already = stats.total.saturating_sub(stats.bytes_transferred);
         tell!(

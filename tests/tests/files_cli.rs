@@ -219,7 +219,7 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
     assert!(err.contains("does not decrypt (auth_failed"), "{err}");
     assert!(err.contains("nothing was written"), "{err}");
     assert!(!target.exists());
-    assert!(!kez_client::files::partial_path(&target).exists());
+    assert!(kez_client::files::partial_files(&target).is_empty());
 
     // The offer that names the real blob but claims a smaller file: the download stops as soon
     // as the blob shows it is larger, and says so.
@@ -229,7 +229,7 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
         .await;
     assert!(err.contains("does not match the file it names"), "{err}");
     assert!(!target.exists());
-    assert!(!kez_client::files::partial_path(&target).exists());
+    assert!(kez_client::files::partial_files(&target).is_empty());
     stop(listening).await;
 
     // alice's stored ciphertext of another file is damaged: bob's download checks it against
@@ -251,7 +251,7 @@ async fn offers_from_strangers_and_tampered_blobs_are_refused_and_nothing_is_wri
         .await;
     assert!(!output.status.success(), "{output:?}");
     assert!(!target.exists(), "a damaged file is never written");
-    assert!(!kez_client::files::partial_path(&target).exists());
+    assert!(kez_client::files::partial_files(&target).is_empty());
     stop(listening).await;
 
     // An unknown offer id: a clear not-found.

@@ -293,7 +293,7 @@ async fn decrypt_from(
     dest: &Path,
     progress: impl FnMut(u64),
 ) -> Result<u64, FileError> {
-    let temp = partial_path(dest);
+    let temp = attempt_path(dest);
     let target = dest.to_path_buf();
     let dest = dest.to_path_buf();
     let key = offer.key.clone();
@@ -344,7 +344,14 @@ fn write_decrypted(
             source,
         }
     };
-    let file = File::create(temp).map_err(io_error("create"))?;
+    // A name of this attempt's own, made here: an earlier attempt's decryption (a download
+    // cancelled in the service, whose blocking thread runs until its reader fails) can never
+    // write into, or remove, this one's file.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp)
+        .map_err(io_error("create"))?;
     let syncing = file.try_clone().map_err(io_error("open"))?;
     std::thread::scope(|scope| {
         // The disk writes while the file is decrypted, not only once it all is: without this,
@@ -408,14 +415,39 @@ impl<W: io::Write> io::Write for EarlySync<W> {
     }
 }
 
-/// Where a download of `dest` is decrypted before it is renamed into place: a hidden file in
-/// the same directory (a rename across file systems would not be atomic).
-pub fn partial_path(dest: &Path) -> PathBuf {
+/// The prefix of the names a download of `dest` is decrypted under before it is renamed into
+/// place: hidden files in the same directory (a rename across file systems would not be
+/// atomic), `.<name>.kez-partial.<attempt>`, one per attempt.
+fn partial_prefix(dest: &Path) -> String {
     let name = dest
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dest.with_file_name(format!(".{name}.kez-partial"))
+    format!(".{name}.kez-partial.")
+}
+
+/// A new attempt's file for `dest` ([`partial_prefix`] and 16 random hex digits).
+fn attempt_path(dest: &Path) -> PathBuf {
+    use rand_core::RngCore as _;
+    let attempt = rand_core::OsRng.next_u64();
+    dest.with_file_name(format!("{}{attempt:016x}", partial_prefix(dest)))
+}
+
+/// The decryptions of `dest` not finished (or not cleaned up: a process killed while
+/// decrypting leaves its file), in the directory `dest` is downloaded to.
+pub fn partial_files(dest: &Path) -> Vec<PathBuf> {
+    let prefix = partial_prefix(dest);
+    let dir = match dest.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        Some(dir) => dir.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|entry| entry.path())
+        .collect()
 }
 
 /// The offer's blob hash as iroh's type.
