@@ -248,12 +248,17 @@ async fn a_service_killed_again_and_again_loses_nothing_acknowledged() {
     let stack = CalloutStack::start().await;
     let (alice, bob) = alice_and_bob(&stack.nats.url()).await;
     let sending = std::sync::atomic::AtomicBool::new(true);
+    let killed_count = std::sync::atomic::AtomicUsize::new(0);
     let sends = async {
         let mut sent = Vec::new();
-        for n in 0..30 {
+        // At least 30 messages, and on until the service was killed three times: how many
+        // sends that takes depends on how fast a send is.
+        let mut n = 0;
+        while n < 30 || killed_count.load(std::sync::atomic::Ordering::SeqCst) < 3 {
             let text = format!("through the kills {n}");
             alice.ok(&["send", "@bob", &text]).await;
             sent.push(text);
+            n += 1;
         }
         sending.store(false, std::sync::atomic::Ordering::SeqCst);
         sent
@@ -271,6 +276,7 @@ async fn a_service_killed_again_and_again_loses_nothing_acknowledged() {
                 .unwrap();
             assert!(killed.success());
             kills += 1;
+            killed_count.store(kills, std::sync::atomic::Ordering::SeqCst);
             // Until it is gone: a command that reaches a dying service's socket loses it (and
             // says so), which is not what this test is about. Gone is when its socket refuses:
             // a killed leader thread is a zombie while the other threads still hold the socket.
