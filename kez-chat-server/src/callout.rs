@@ -74,6 +74,13 @@ impl Registrations {
         self.lock().get(key).cloned()
     }
 
+    /// The key of a remembered registration whose bytes are `bytes`: checked when it was
+    /// registered, so a reconnect skips [`PublicKey::from_bytes`]' point checks (a scalar
+    /// multiplication and two field inversions, ~40 µs of every connect's callout).
+    fn key_of(&self, bytes: &[u8; 32]) -> Option<PublicKey> {
+        self.lock().get_key_value(bytes).map(|(key, _)| *key)
+    }
+
     /// Remembers `record`, read from the registry for its key just now.
     fn remember(&self, record: &HandleRecord) {
         let mut known = self.lock();
@@ -242,8 +249,11 @@ impl Callout {
         now: u64,
     ) -> Result<(String, Verdict), Refusal> {
         let proof = client_nonce_proof(request).map_err(|err| format!("kez: {err}"))?;
-        let key = PublicKey::from_bytes(&proof.ed25519)
-            .map_err(|err| format!("kez: client key refused: {err}"))?;
+        let key = match self.registrations.key_of(&proof.ed25519) {
+            Some(key) => key,
+            None => PublicKey::from_bytes(&proof.ed25519)
+                .map_err(|err| format!("kez: client key refused: {err}"))?,
+        };
         if self.server_users.contains(&key.to_nkey()) {
             return Err(format!(
                 "kez: {} is one of kez-chat-server's own users, which nats-server's config must list in auth_users: re-render it (kez-chat-server nats-conf) and reload nats-server",

@@ -261,6 +261,14 @@ impl PublicKey {
     }
 }
 
+/// A key is its 32 bytes (hashed and compared as they are), so maps of keys can be looked up
+/// by bytes not yet checked to be a key: only a key that was checked when it went in is found.
+impl std::borrow::Borrow<[u8; 32]> for PublicKey {
+    fn borrow(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
 impl fmt::Display for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{PUBLIC_KEY_PREFIX}{}", self.to_hex())
@@ -514,6 +522,20 @@ mod tests {
             PublicKey::from_bytes(&off_curve),
             Err(KeyError::InvalidPoint)
         );
+    }
+
+    #[test]
+    fn a_map_of_keys_finds_a_key_by_its_bytes_and_nothing_else() {
+        let key = SecretKey::generate().public_key();
+        let other = SecretKey::generate().public_key();
+        let known = std::collections::HashMap::from([(key, "known")]);
+        assert_eq!(known.get_key_value(key.as_bytes()), Some((&key, &"known")));
+        assert_eq!(known.get(other.as_bytes()), None);
+        // An alias of a known key's point is other bytes: not found, left to `from_bytes`.
+        let mut aliased = [0xffu8; 32];
+        aliased[0] = 0xf0;
+        aliased[31] = 0x7f;
+        assert_eq!(known.get(&aliased), None);
     }
 
     #[test]
