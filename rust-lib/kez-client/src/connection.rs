@@ -589,13 +589,20 @@ fn handle_domain(handle: &str) -> &str {
     handle.rsplit('@').next().unwrap_or_default()
 }
 
+/// How long one connect attempt (TCP, the broker's greeting, the callout's decision, the
+/// first pong) may take before the client hangs up and tries again later. async-nats' 5 s is
+/// too short in a reconnect storm: a broker restarted under thousands of clients takes seconds
+/// to greet each of them, and a client that hangs up after its authorization was decided
+/// wasted that work and comes back for more (BENCHMARKS.md, storm: 551 of 10,000 did).
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Connection {
     /// The async-nats options of a kez connection as `key`: nkey authentication with the
     /// broker's nonce signed under the KEZ connect tag (`with_auth_callback`,
     /// [`kez_core::connect::sign_nonce`]: a nonce no nats-server would send is not signed, and
     /// the connection fails; a broker that sends none, checking no keys, gets no proof), replies under the key's own prefix, only the servers the caller
     /// names (never those a broker advertises), reconnects forever after a random wait
-    /// ([`crate::reconnect`]). Add to them (event
+    /// ([`crate::reconnect`]), each attempt for up to [`CONNECT_TIMEOUT`]. Add to them (event
     /// callbacks, `retry_on_initial_connect`, timeouts) and pass them to
     /// [`Connection::connect_with`]; do not replace the auth, the inbox prefix or the server list.
     pub fn options(key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
@@ -620,6 +627,7 @@ impl Connection {
         .ignore_discovered_servers()
         .max_reconnects(None)
         .reconnect_delay_callback(crate::reconnect::delay_callback())
+        .connection_timeout(CONNECT_TIMEOUT)
     }
 
     /// Connects to the broker at `url` (or to any of several comma-separated URLs, the nodes
