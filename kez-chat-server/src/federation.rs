@@ -41,7 +41,8 @@ use crate::store::Store;
 pub const PEERS_BUCKET: &str = "kez_peers";
 /// How long finding a peer may take when this server connects to it.
 pub const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long the dialback of a connecting peer may take: nats-server waits 2 s for the callout.
+/// How long the dialback of a connecting peer may take: nats-server waits for the callout 5 s
+/// (the configs `nats_conf` renders), or 2 s (nats' default, older configs).
 pub const DIALBACK_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Largest WebFinger answer read from a peer.
 pub const MAX_DISCOVERY_BYTES: usize = 64 * 1024;

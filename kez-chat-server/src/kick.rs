@@ -38,9 +38,9 @@ const ANSWERS_QUIET: Duration = Duration::from_millis(250);
 /// How long one KICK may take to be answered.
 const KICK_TIMEOUT: Duration = Duration::from_secs(2);
 /// When the second look for the device's connections comes: past nats-server's authorization
-/// timeout (`authorization.timeout`, 2 s, nats_conf), so every connection the callout let in
-/// before the index changed is registered by then.
-pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(2500);
+/// timeout (`authorization.timeout`, 5 s in the configs `nats_conf` renders, 2 s in older
+/// ones), so every connection the callout let in before the index changed is registered by then.
+pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(5500);
 /// Revoked keys waiting for the worker; past that a revocation is logged and its connections
 /// end with their authorization.
 const QUEUE: usize = 1024;

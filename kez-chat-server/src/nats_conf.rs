@@ -268,8 +268,10 @@ accounts {{
 system_account: {SYSTEM_ACCOUNT}
 
 authorization {{
-  # How long nats-server waits for the callout's answer before refusing a client.
-  timeout: 2
+  # Seconds nats-server gives a client to send its CONNECT, and the callout to answer it,
+  # before refusing it: 5, not nats' 2, so that a broker restarted under many clients greets
+  # and authorizes them all instead of refusing those it could not reach in time.
+  timeout: 5
   auth_callout {{
     # Only authorizations signed by this key are accepted (kez-chat-server's issuer seed).
     issuer: "{issuer}"

@@ -324,7 +324,7 @@ async fn an_identitys_devices_share_one_send_budget() {
 const KICKED_WITHIN: Duration = Duration::from_secs(5);
 /// Past the server's second look for a revoked device's connections (`kick::SECOND_LOOK_AFTER`):
 /// by then it has done everything it would to any connection.
-const EVERY_LOOK_DONE: Duration = Duration::from_secs(4);
+const EVERY_LOOK_DONE: Duration = Duration::from_secs(7);
 
 /// Connects as `key` with the real client's options, reporting the connection's events
 /// (`Disconnected`, `Connected`, ...) on the returned channel.

@@ -439,7 +439,7 @@ async fn connection_floods_are_refused_and_others_keep_being_served() {
         admitted, 8,
         "10 unregistered connections per address, 2 used by the registrations"
     );
-    // Each of bob's connections needed the callout's answer within nats-server's 2 s timeout.
+    // Each of bob's connections needed the callout's answer within nats-server's authorization timeout.
     for (result, took) in &bobs {
         tally.count(result);
         assert!(

@@ -1,7 +1,7 @@
 //! When a lost connection tries again (PROTOCOL.md §6.1, reconnects): a random wait in a
 //! window that doubles with every failed attempt, so that the clients a broker restart drops
 //! all at once come back spread out instead of all in the same millisecond, each of them an
-//! authorization the callout has to answer within nats-server's 2 s.
+//! authorization the callout has to answer within nats-server's authorization timeout.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
