@@ -440,7 +440,7 @@ impl Store {
         };
         match self.handles.create(handle.name(), encode(&record)).await {
             Ok(_) => {
-                Box::pin(self.publish_directory(&record, None)).await?;
+                Box::pin(self.publish_new_directory(&record)).await?;
                 Ok(Registered::New(record))
             }
             Err(err) if err.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -1166,6 +1166,28 @@ impl Store {
         futures::try_join!(
             self.write_entry(&by_handle, &profile),
             self.write_entry(&by_key, &profile),
+        )?;
+        Ok(())
+    }
+
+    /// The directory entries of a handle registered just now: created without reading first
+    /// (a new handle and key have none, unless a retry or the backfill wrote them a moment
+    /// ago: then as [`Store::publish_directory`] does).
+    async fn publish_new_directory(&self, record: &HandleRecord) -> Result<(), ErrorAnswer> {
+        let profile = Profile::new(record.clone(), None);
+        let create = |slot: Slot| {
+            let profile = &profile;
+            async move {
+                let value = Bytes::from(slot.seal(profile));
+                if !compare_and_set(&self.directory, slot.id(), value, None).await? {
+                    self.write_entry(&slot, profile).await?;
+                }
+                Ok::<(), ErrorAnswer>(())
+            }
+        };
+        futures::try_join!(
+            create(Slot::handle(record.handle.name())),
+            create(Slot::key(&record.key)),
         )?;
         Ok(())
     }
