@@ -370,15 +370,24 @@ async fn pinned_files_download_after_the_dev_stack_restarts_and_after_its_pin_no
         .tempdir()
         .unwrap();
     let out = tempfile::tempdir().unwrap();
+    // Printed just after the banner's other lines, which `Dev::start_with` waits for.
     let pin_line = |dev: &Dev| {
-        dev.stdout()
-            .lines()
-            .find_map(|line| {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(provider) = dev.stdout().lines().find_map(|line| {
                 line.trim()
                     .strip_prefix("pin node")
                     .map(|rest| rest.trim().to_owned())
-            })
-            .expect("the banner names the pin node")
+            }) {
+                return provider;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the banner names the pin node: {}",
+                dev.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     };
     let mut dev = Dev::start_with(data.path(), 0, out.path(), "first", &["--pin"]).await;
     let provider = pin_line(&dev);
