@@ -18,7 +18,7 @@ use futures::{StreamExt, TryStreamExt};
 use kez_chat_server::store::LEGACY_INBOX_STREAM;
 use kez_core::SecretKey;
 use kez_proto::answer::Profile;
-use kez_proto::directory::{DIRECTORY_BUCKET, Slot};
+use kez_proto::directory::{DIRECT_GET_BODY, DIRECTORY_BUCKET, Slot};
 use kez_proto::mail::{FetchAnswer, FetchRequest};
 use kez_proto::subjects::{
     MAIL_STREAM, inbox_subject, live_subject, new_mail_subject, reply_prefix,
@@ -1281,7 +1281,7 @@ async fn direct_get(client: &Client, subject: &str, body: &'static [u8]) -> asyn
     .expect("a direct get is allowed")
 }
 
-/// The directory (PROTOCOL.md §5.7) answers an empty direct get of one subject with exactly
+/// The directory (PROTOCOL.md §5.7) answers a direct get of one subject with exactly
 /// what the service answers, to registered and unregistered keys alike; the broker refuses
 /// every body that would walk it by sequence or batch. A wildcard token (which nats-server
 /// answers with the last entry any matching subject holds) yields one sealed entry that opens
@@ -1306,14 +1306,22 @@ async fn the_directory_answers_exact_subjects_only_and_says_nothing_to_a_wildcar
             (Slot::key(&key.public_key()), &a),
             (Slot::handle(name), &c),
         ] {
-            let answer = direct_get(reader, &slot.direct_get_subject(), b"").await;
-            assert_eq!(answer.status, None, "{name}: {answer:?}");
-            assert_eq!(slot.open(&answer.payload).unwrap(), by_service, "{name}");
+            // The bodiless form, and the one clients send (without nats-server's headers).
+            let with_headers = direct_get(reader, &slot.direct_get_subject(), b"").await;
+            let bare = direct_get(reader, &slot.direct_get_subject(), DIRECT_GET_BODY).await;
+            assert!(with_headers.headers.is_some(), "{name}: {with_headers:?}");
+            assert!(bare.headers.is_none(), "{name}: {bare:?}");
+            for answer in [with_headers, bare] {
+                assert_eq!(answer.status, None, "{name}: {answer:?}");
+                assert_eq!(slot.open(&answer.payload).unwrap(), by_service, "{name}");
+            }
         }
     }
     // Not registered: the broker's 404, the same as the service's not_found.
-    let nobody = direct_get(&a, &Slot::handle("nobody").direct_get_subject(), b"").await;
-    assert_eq!(nobody.status, Some(async_nats::StatusCode::NOT_FOUND));
+    for body in [&b""[..], DIRECT_GET_BODY] {
+        let nobody = direct_get(&a, &Slot::handle("nobody").direct_get_subject(), body).await;
+        assert_eq!(nobody.status, Some(async_nats::StatusCode::NOT_FOUND));
+    }
 
     let alice = Slot::handle("alice").direct_get_subject();
     for body in [
@@ -1325,6 +1333,8 @@ async fn the_directory_answers_exact_subjects_only_and_says_nothing_to_a_wildcar
         br#"{"multi_last":["$KV.kez_directory.>"]}"#,
         br#"{"start_time":"2020-01-01T00:00:00Z"}"#,
         br#"{"up_to_seq":100}"#,
+        br#"{"no_hdr":true,"seq":1}"#,
+        br#"{"no_hdr":true,"batch":2}"#,
         b"not json",
     ] {
         let answer = direct_get(&a, &alice, body).await;

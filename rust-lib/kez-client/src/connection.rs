@@ -18,7 +18,7 @@ use kez_proto::answer::{
     ChainHead, ChainPage, Delivered, HandleRecord, HeadAnswer, PinList, PinRecord, PinRemoved,
     PinStatus, Profile, ServerInfo,
 };
-use kez_proto::directory::{EntryError, Slot};
+use kez_proto::directory::{DIRECT_GET_BODY, EntryError, Slot};
 use kez_proto::federation::{BOUNCE_CONTENT_TYPE, Bounce, RelayRequest, not_federated};
 use kez_proto::mail::{
     FetchAnswer, FetchRequest, Fetched, MAX_FETCH_AFTER, MAX_FETCH_MESSAGES, SendRequest,
@@ -1098,7 +1098,7 @@ impl Connection {
         }
         let subject = slot.direct_get_subject();
         let request = async_nats::Request::new()
-            .payload(Bytes::new())
+            .payload(Bytes::from_static(DIRECT_GET_BODY))
             .timeout(Some(DIRECTORY_TIMEOUT));
         let failed = |reason: String| {
             tracing::warn!(

@@ -18,7 +18,7 @@ use futures::StreamExt;
 use kez_client::DirectoryCache;
 use kez_core::SecretKey;
 use kez_proto::answer::Profile;
-use kez_proto::directory::Slot;
+use kez_proto::directory::{DIRECT_GET_BODY, Slot};
 use kez_tests::NatsServer;
 use kez_tests::process::KezServerProcess;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -139,7 +139,12 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         each: shared
             .slots
             .iter()
-            .map(|slot| (slot.direct_get_subject(), Bytes::new()))
+            .map(|slot| {
+                (
+                    slot.direct_get_subject(),
+                    Bytes::from_static(DIRECT_GET_BODY),
+                )
+            })
             .collect(),
         check: opens,
     };
