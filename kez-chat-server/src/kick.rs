@@ -14,13 +14,24 @@
 //! store has already written; a connection the callout authorized just before that write but
 //! which the broker had not yet registered when the first look came is caught by a second look,
 //! [`SECOND_LOOK_AFTER`] later.
+//!
+//! The same two services end connections whose authorization request went nowhere
+//! ([`spawn_missed_sweeper`]): nats-server sends a connection's request to the callout whether
+//! or not anyone subscribes, and waits its whole authorization timeout for an answer that
+//! cannot come. That is every connection a (re)started broker takes before this instance's
+//! `AUTH` connection is back and subscribed, and every one it takes while this instance is
+//! down. Each time that connection (re)connects, the sweeper lists the connections still
+//! waiting for their account (`$G`, where nats-server keeps them until the callout places them)
+//! that are older than the subscription, and closes them: their clients reconnect at once,
+//! instead of waiting out the timeout to be refused.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kez_core::PublicKey;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::nats_conf::APP_ACCOUNT;
 
@@ -46,6 +57,16 @@ pub const SECOND_LOOK_AFTER: Duration = Duration::from_millis(5500);
 const QUEUE: usize = 1024;
 /// Revoked keys handled at once.
 const PARALLEL: usize = 16;
+/// KICKs under way at once: each is a round trip through a broker that may be busy (a storm).
+const KICKS_AT_ONCE: usize = 64;
+/// The account nats-server keeps a client connection in until the callout has placed it (its
+/// global account; no user is placed there, so the connections in it are the waiting ones).
+pub const WAITING_ACCOUNT: &str = "$G";
+/// Most waiting connections of one server a sweep lists (and so closes). A restarted broker
+/// takes a few per millisecond before the callout is back; more are left to the timeout.
+pub const MAX_MISSED_PER_SERVER: usize = 1024;
+/// How long a sweep waits for the system connection, itself reconnecting after an outage.
+const SYSTEM_BACK_WITHIN: Duration = Duration::from_secs(2);
 
 /// One nats-server's answer to a CONNZ request (`ServerAPIConnzResponse`): which server, and
 /// the connections it lists, or its error.
@@ -79,6 +100,9 @@ struct ApiError {
 
 #[derive(Deserialize)]
 struct Connz {
+    /// When the server made the list, by its clock (RFC 3339).
+    #[serde(default)]
+    now: Option<String>,
     #[serde(default)]
     connections: Vec<ConnInfo>,
 }
@@ -86,6 +110,9 @@ struct Connz {
 #[derive(Deserialize)]
 struct ConnInfo {
     cid: u64,
+    /// When the server took the connection, by its clock (RFC 3339).
+    #[serde(default)]
+    start: Option<String>,
 }
 
 /// The CONNZ request body for the connections of `key` in `APP` (`ConnzEventOptions`: `acc`
@@ -100,8 +127,59 @@ pub fn connz_request(key: &PublicKey) -> Vec<u8> {
     .expect("a JSON object serialises")
 }
 
+/// The CONNZ request body for the connections waiting for the callout (account
+/// [`WAITING_ACCOUNT`]), oldest first.
+pub fn waiting_connz_request() -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "acc": WAITING_ACCOUNT,
+        "sort": "start",
+        "limit": MAX_MISSED_PER_SERVER,
+    }))
+    .expect("a JSON object serialises")
+}
+
 /// Reads one server's answer to [`connz_request`].
 pub fn parse_connz(body: &[u8]) -> Result<ConnzAnswer, String> {
+    let (server_id, connz) = read_connz(body)?;
+    let cids = connz
+        .map(|connz| connz.connections.into_iter().map(|conn| conn.cid).collect())
+        .unwrap_or_default();
+    Ok(ConnzAnswer { server_id, cids })
+}
+
+/// Reads one server's answer to [`waiting_connz_request`] sent `subscribed_for` after the
+/// callout subscribed (after the round trip that confirmed it began: the subscription went
+/// out just before it): the connections the server took before then (older, by the server's
+/// own clock, than `subscribed_for`), whose requests went out before anyone subscribed. The
+/// request takes a moment to arrive: the few connections taken in that moment, whose requests
+/// did come, are taken too, and reconnect. (A margin the other way would leave the last
+/// connections taken before the subscription, which are many in a storm.)
+pub fn parse_missed(body: &[u8], subscribed_for: Duration) -> Result<ConnzAnswer, String> {
+    let (server_id, connz) = read_connz(body)?;
+    let Some(connz) = connz else {
+        return Ok(ConnzAnswer {
+            server_id,
+            cids: Vec::new(),
+        });
+    };
+    let time = |text: Option<&String>, what: &str| {
+        text.and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+            .ok_or_else(|| format!("server {server_id}'s CONNZ answer has no readable {what}"))
+    };
+    let now = time(connz.now.as_ref(), "now")?;
+    let older_than = chrono::Duration::from_std(subscribed_for)
+        .map_err(|err| format!("a sweep after {subscribed_for:?}: {err}"))?;
+    let mut cids = Vec::new();
+    for conn in &connz.connections {
+        if now - time(conn.start.as_ref(), "start")? > older_than {
+            cids.push(conn.cid);
+        }
+    }
+    Ok(ConnzAnswer { server_id, cids })
+}
+
+/// One server's id and list, or its error.
+fn read_connz(body: &[u8]) -> Result<(String, Option<Connz>), String> {
     let answer: ApiResponse<Connz> =
         serde_json::from_slice(body).map_err(|err| format!("unreadable CONNZ answer: {err}"))?;
     let server_id = checked_server_id(answer.server.id)?;
@@ -111,11 +189,7 @@ pub fn parse_connz(body: &[u8]) -> Result<ConnzAnswer, String> {
             error.code, error.description
         ));
     }
-    let cids = answer
-        .data
-        .map(|connz| connz.connections.into_iter().map(|conn| conn.cid).collect())
-        .unwrap_or_default();
-    Ok(ConnzAnswer { server_id, cids })
+    Ok((server_id, answer.data))
 }
 
 /// The KICK request body for connection `cid` (`KickClientReq`).
@@ -194,18 +268,51 @@ impl Kicker {
     /// closed. Bounded: one CONNZ round of at most [`ANSWERS_WITHIN`], then at most
     /// [`MAX_CONNECTIONS_PER_SERVER`] KICKs per answering server, each within [`KICK_TIMEOUT`].
     pub async fn kick(&self, key: &PublicKey) -> Result<usize, String> {
-        let answers = self.connections(key).await?;
-        let mut closed = 0;
-        let mut failures = Vec::new();
-        for answer in &answers {
-            for &cid in &answer.cids {
-                match self.kick_one(&answer.server_id, cid).await {
-                    Ok(Kicked::Closed) => closed += 1,
-                    Ok(Kicked::Gone) => {}
-                    Err(err) => failures.push(err),
-                }
-            }
+        let answers = self.connections(connz_request(key), parse_connz).await?;
+        self.kick_all(&answers).await
+    }
+
+    /// Closes every connection each server took before the callout's subscription (made
+    /// `subscribed` ago) that still waits for its authorization: nats-server sent their
+    /// requests to no one ([`parse_missed`]). Answers how many it closed. Bounded like
+    /// [`Kicker::kick`], with [`MAX_MISSED_PER_SERVER`] per server.
+    pub async fn end_missed(&self, subscribed: Instant) -> Result<usize, String> {
+        // Measured as the request leaves: the answer may wait long behind the broker's own
+        // messages to this connection, while the server's `now` is when it made the list.
+        let subscribed_for = subscribed.elapsed();
+        let answers = self
+            .connections(waiting_connz_request(), |body| {
+                parse_missed(body, subscribed_for)
+            })
+            .await?;
+        for answer in answers.iter().filter(|answer| !answer.cids.is_empty()) {
+            tracing::info!(server = answer.server_id, cids = ?answer.cids, "closing connections that wait for an authorization request the broker sent before the callout had subscribed");
         }
+        self.kick_all(&answers).await
+    }
+
+    /// KICKs every connection `answers` lists, [`KICKS_AT_ONCE`] at a time.
+    async fn kick_all(&self, answers: &[ConnzAnswer]) -> Result<usize, String> {
+        let targets: Vec<(String, u64)> = answers
+            .iter()
+            .flat_map(|answer| {
+                let server_id = answer.server_id.clone();
+                answer.cids.iter().map(move |&cid| (server_id.clone(), cid))
+            })
+            .collect();
+        let results: Vec<Result<Kicked, String>> = futures::stream::iter(targets)
+            .map(|(server_id, cid)| async move { self.kick_one(&server_id, cid).await })
+            .buffer_unordered(KICKS_AT_ONCE)
+            .collect()
+            .await;
+        let closed = results
+            .iter()
+            .filter(|result| matches!(result, Ok(Kicked::Closed)))
+            .count();
+        let failures: Vec<&String> = results
+            .iter()
+            .filter_map(|result| result.as_ref().err())
+            .collect();
         match failures.first() {
             None => Ok(closed),
             Some(first) => Err(format!(
@@ -215,9 +322,14 @@ impl Kicker {
         }
     }
 
-    /// Every server's answer to a CONNZ request for `key`: all answers that come within
-    /// [`ANSWERS_WITHIN`], the wait ending early after a silence of [`ANSWERS_QUIET`].
-    async fn connections(&self, key: &PublicKey) -> Result<Vec<ConnzAnswer>, String> {
+    /// Every server's answer to the CONNZ request `request`, read by `parse`: all answers
+    /// that come within [`ANSWERS_WITHIN`], the wait ending early after a silence of
+    /// [`ANSWERS_QUIET`].
+    async fn connections(
+        &self,
+        request: Vec<u8>,
+        parse: impl Fn(&[u8]) -> Result<ConnzAnswer, String>,
+    ) -> Result<Vec<ConnzAnswer>, String> {
         let inbox = self.client.new_inbox();
         let mut replies = self
             .client
@@ -225,7 +337,7 @@ impl Kicker {
             .await
             .map_err(|err| format!("cannot subscribe for CONNZ answers: {err}"))?;
         self.client
-            .publish_with_reply(CONNZ_SUBJECT, inbox, connz_request(key).into())
+            .publish_with_reply(CONNZ_SUBJECT, inbox, request.into())
             .await
             .map_err(|err| format!("cannot send the CONNZ request: {err}"))?;
         let deadline = tokio::time::Instant::now() + ANSWERS_WITHIN;
@@ -236,7 +348,7 @@ impl Kicker {
                 false => deadline.min(tokio::time::Instant::now() + ANSWERS_QUIET),
             };
             match tokio::time::timeout_at(wait, replies.next()).await {
-                Ok(Some(message)) => match parse_connz(&message.payload) {
+                Ok(Some(message)) => match parse(&message.payload) {
                     Ok(answer) => answers.push(answer),
                     Err(err) => tracing::warn!(error = %err, "a CONNZ answer is of no use"),
                 },
@@ -292,6 +404,44 @@ pub fn spawn(kicker: Kicker) -> (mpsc::Sender<PublicKey>, tokio::task::JoinHandl
     (revoked, worker)
 }
 
+/// Starts the sweeper: each time `reconnected` is notified (the callout's `AUTH` connection
+/// `auth` connected), it waits until the broker has confirmed `auth`'s subscriptions, then
+/// closes the connections whose requests went nowhere meanwhile ([`Kicker::end_missed`]).
+pub fn spawn_missed_sweeper(
+    kicker: Kicker,
+    auth: async_nats::Client,
+    reconnected: Arc<Notify>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            reconnected.notified().await;
+            // A round trip after the subscriptions, which a reconnect sends first. The time it
+            // began stands for the subscription's: its answer may come late, behind the
+            // requests the broker already sends this connection.
+            let subscribed = Instant::now();
+            if let Err(err) = auth.flush().await {
+                tracing::debug!(error = %err, "the callout's connection is down again; sweeping at its next connect");
+                continue;
+            }
+            // The system connection comes back from the same outage on its own.
+            let system_back = tokio::time::timeout(SYSTEM_BACK_WITHIN, kicker.client.flush()).await;
+            if !matches!(system_back, Ok(Ok(()))) {
+                tracing::warn!(wait = ?SYSTEM_BACK_WITHIN, "the system connection is not back; connections the broker took before the callout subscribed wait out their authorization timeout");
+                continue;
+            }
+            match kicker.end_missed(subscribed).await {
+                Ok(0) => tracing::debug!(
+                    "no connection waits for an authorization request that went nowhere"
+                ),
+                Ok(closed) => tracing::info!(closed, "closed them; their clients reconnect"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot close the connections the broker took before the callout subscribed; they wait out their authorization timeout")
+                }
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,6 +455,38 @@ mod tests {
     /// Captured likewise: `$SYS.REQ.SERVER.<id>.KICK` with `{"cid":36}`, then the same again.
     const KICK_DONE: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":83,"time":"2026-12-06T01:00:04.141021441Z"}}"#;
     const KICK_GONE: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":85,"time":"2026-12-06T01:00:04.141458762Z"},"error":{"code":500,"description":"no such client or leafnode id"}}"#;
+
+    /// Shaped as nats-server 2.15.1 answers `{"acc":"$G","sort":"start","limit":1024}`: two
+    /// connections waiting for the callout, taken 900 ms and 100 ms before the list was made.
+    const CONNZ_WAITING: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","jetstream":true,"flags":7,"seq":12,"time":"2026-12-06T01:00:05.000000000Z"},"data":{"server_id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","now":"2026-12-06T01:00:05.000000000Z","num_connections":2,"total":2,"offset":0,"limit":1024,"connections":[{"cid":4,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42894,"start":"2026-12-06T01:00:04.1Z","last_activity":"2026-12-06T01:00:04.1Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0,"lang":"rust","version":"0.51.0"},{"cid":9,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42896,"start":"2026-12-06T01:00:04.9Z","last_activity":"2026-12-06T01:00:04.9Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0,"lang":"rust","version":"0.51.0"}]}}"#;
+
+    #[test]
+    fn only_connections_older_than_the_subscription_are_taken_for_missed() {
+        let missed = |after_ms| {
+            parse_missed(CONNZ_WAITING.as_bytes(), Duration::from_millis(after_ms))
+                .unwrap()
+                .cids
+        };
+        // Subscribed 50 ms before the list: both were taken before it.
+        assert_eq!(missed(50), vec![4, 9]);
+        // 500 ms before: the one taken 100 ms before the list came after the subscription.
+        assert_eq!(missed(500), vec![4]);
+        assert_eq!(missed(1000), Vec::<u64>::new());
+        // No times to go by: nothing is taken.
+        let undated = CONNZ_WAITING.replace("\"start\"", "\"begun\"");
+        assert!(parse_missed(undated.as_bytes(), Duration::ZERO).is_err());
+        assert_eq!(
+            waiting_connz_request(),
+            br#"{"acc":"$G","limit":1024,"sort":"start"}"#
+        );
+        // A list of none, as a server with no waiting connection answers.
+        assert_eq!(
+            parse_missed(CONNZ_EMPTY.as_bytes(), Duration::ZERO)
+                .unwrap()
+                .cids,
+            Vec::<u64>::new()
+        );
+    }
 
     #[test]
     fn reads_captured_connz_and_kick_answers() {

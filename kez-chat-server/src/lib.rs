@@ -78,8 +78,10 @@ pub struct Server {
     http_stop: watch::Sender<bool>,
     /// How often the pin node's orphaned tags are swept, when pinning is on.
     pin_gc_interval: Option<Duration>,
-    /// The task ending revoked devices' connections, when the system user is connected.
-    kick_worker: Option<tokio::task::JoinHandle<()>>,
+    /// The tasks ending connections through the system user, when it is connected: revoked
+    /// devices' (kick::spawn) and those whose authorization request went nowhere
+    /// (kick::spawn_missed_sweeper).
+    kick_workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Why the server could not start.
@@ -216,6 +218,9 @@ impl Server {
             Some(callout_config) => system_user(&callout_config.keys_dir)?,
             None => None,
         };
+        // Notified at each (re)connect of the callout's connection: the sweeper then ends
+        // the connections whose requests the broker sent to no one meanwhile (kick.rs).
+        let callout_connected = Arc::new(tokio::sync::Notify::new());
         let callout = match (&config.callout, issuer) {
             (Some(callout_config), Some(issuer)) => {
                 let callout =
@@ -234,17 +239,18 @@ impl Server {
                 let auth = NatsAuth::NkeySeedFile(
                     callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
                 );
-                let auth_client = connect(
+                let auth_client = connect_telling(
                     &config.nats_url,
                     &auth,
                     "kez-chat-server auth callout",
                     &phase,
+                    Some(callout_connected.clone()),
                 )
                 .await?;
                 add_service(&auth_client, &CALLOUT_SERVICE, &mut services, &mut requests).await?;
                 tracing::info!(issuer = %callout.issuer_public_key(), "auth callout serving");
-                clients.push(auth_client);
-                Some(callout)
+                clients.push(auth_client.clone());
+                Some((callout, auth_client))
             }
             _ => None,
         };
@@ -257,20 +263,31 @@ impl Server {
         // With a config older than the system user nats-server sends its connection to the
         // callout, which refuses the server's own key (or, this instance's own callout not
         // serving before the start ends, does not answer: refused as well).
-        let (store, kick_worker) = match system_user {
+        let (store, kick_workers) = match system_user {
             Some((seed_file, public)) => {
                 match connect_system(&config.nats_url, seed_file, &public, &phase).await? {
                     // Not among `clients`: it may publish only CONNZ and KICK requests, and
                     // has nothing to answer or flush at shutdown.
                     Some(system_client) => {
-                        let (revocations, worker) = kick::spawn(kick::Kicker::new(system_client));
-                        (store.with_revocations(revocations), Some(worker))
+                        let kicker = kick::Kicker::new(system_client);
+                        let mut workers = Vec::new();
+                        if let Some((_, auth_client)) = &callout {
+                            workers.push(kick::spawn_missed_sweeper(
+                                kicker.clone(),
+                                auth_client.clone(),
+                                callout_connected,
+                            ));
+                        }
+                        let (revocations, worker) = kick::spawn(kicker);
+                        workers.push(worker);
+                        (store.with_revocations(revocations), workers)
                     }
-                    None => (store, None),
+                    None => (store, Vec::new()),
                 }
             }
-            None => (store, None),
+            None => (store, Vec::new()),
         };
+        let callout = callout.map(|(callout, _)| callout);
         tracing::info!(domain = %config.domain, "kez-chat-server serving");
         let context = Arc::new(Context {
             client: clients[0].clone(),
@@ -295,7 +312,7 @@ impl Server {
             pin_gc_interval: config.pin.as_ref().map(|pin| pin.gc_interval),
             http,
             http_stop,
-            kick_worker,
+            kick_workers,
         })
     }
 
@@ -415,7 +432,7 @@ impl Server {
         let _ = self.http_stop.send(true);
         // No request is left to revoke anything; kicks under way end with the process (the
         // connections they were after end with their authorization).
-        if let Some(worker) = self.kick_worker.take() {
+        for worker in self.kick_workers.drain(..) {
             worker.abort();
         }
         if let Some(task) = http_task
@@ -832,19 +849,40 @@ async fn connect(
     name: &str,
     phase: &watch::Sender<http::Phase>,
 ) -> Result<async_nats::Client, StartError> {
+    connect_telling(url, auth, name, phase, None).await
+}
+
+/// [`connect`], notifying `connected` at every connect and reconnect (before the client has
+/// sent its subscriptions again).
+async fn connect_telling(
+    url: &str,
+    auth: &NatsAuth,
+    name: &str,
+    phase: &watch::Sender<http::Phase>,
+    connected: Option<Arc<tokio::sync::Notify>>,
+) -> Result<async_nats::Client, StartError> {
     let mut pause = Duration::from_millis(250);
     let mut last_reason = String::new();
     loop {
+        let connected = connected.clone();
         let options = async_nats::ConnectOptions::new()
             .name(name)
             .reconnect_delay_callback(server_reconnect_delay)
-            .event_callback(|event| async move {
-                match event {
-                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
-                    async_nats::Event::Disconnected => {
-                        tracing::warn!("disconnected from NATS; reconnecting")
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!("connected to NATS");
+                            if let Some(connected) = connected {
+                                connected.notify_one();
+                            }
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!("disconnected from NATS; reconnecting")
+                        }
+                        other => tracing::info!(event = %other, "NATS"),
                     }
-                    other => tracing::info!(event = %other, "NATS"),
                 }
             });
         let options = match auth {

@@ -599,3 +599,70 @@ fn seed_of(key: &SecretKey) -> [u8; 32] {
         .unwrap();
     seed
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}: {status}");
+}
+
+/// nats-server sends a connection's authorization request to the callout whether or not
+/// anyone subscribes, then waits its whole authorization timeout and refuses the connection
+/// (`-ERR 'Authorization Violation'`). A broker restarted while the server cannot answer (here:
+/// stopped) takes such a connection; when the server's callout connection is back, the server
+/// closes it at once (no `-ERR`), and a client reconnecting then is let in.
+#[tokio::test]
+async fn a_connect_the_broker_sent_to_no_callout_is_closed_when_the_callout_is_back() {
+    let mut stack = CalloutProcessStack::start().await;
+    let url = stack.nats.url();
+    let key = Arc::new(SecretKey::generate());
+    let offset = stack.server.log().len();
+    signal(stack.server.id(), "STOP");
+    stack.nats.restart();
+
+    // Connected while no callout is subscribed: the request goes to no one.
+    let stream = tokio::net::TcpStream::connect(url.trim_start_matches("nats://"))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let info = lines.next_line().await.unwrap().expect("INFO");
+    let info: serde_json::Value =
+        serde_json::from_str(info.strip_prefix("INFO ").expect("INFO line")).unwrap();
+    let nonce = info["nonce"].as_str().expect("the server sends a nonce");
+    let connect = serde_json::json!({
+        "verbose": false, "pedantic": false, "lang": "raw", "version": "0", "protocol": 1,
+        "nkey": key.public_key().to_nkey(),
+        "sig": BASE64.encode(&kez_core::connect::sign_nonce(&key, nonce.as_bytes()).unwrap().to_bytes()),
+    });
+    write
+        .write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(stack.server.id(), "CONT");
+
+    // Closed by the server's sweep; nats-server's own timer would say why first.
+    let mut answers = Vec::new();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+        .await
+        .expect("the broker ends the waiting connection")
+    {
+        answers.push(line);
+    }
+    assert!(
+        answers.iter().all(|line| line == "+OK" || line == "PING"),
+        "the waiting connection was answered {answers:?}, not closed"
+    );
+    let log = log_since(&stack, offset);
+    assert!(
+        log.contains("closing connections that wait for an authorization request"),
+        "the server did not say it closed the waiting connection:\n{log}"
+    );
+    // The same key, reconnecting, is let in.
+    let (client, _errors) = stack.connect_as(&key).await.unwrap();
+    client.flush().await.unwrap();
+}

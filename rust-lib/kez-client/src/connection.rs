@@ -57,6 +57,21 @@ pub const PIN_ADD_TIMEOUT: Duration = Duration::from_secs(120);
 /// reports the refusal: a server that is starting refuses everyone until its auth callout runs.
 pub const AUTHORIZATION_RETRY_WINDOW: Duration = Duration::from_secs(4);
 
+/// Whether a failed connect may be the broker's auth callout not serving yet rather than a
+/// decision about the key: a refusal, or the connection closed by the broker while it waited
+/// for its authorization (the home server closes those whose request reached no callout,
+/// PROTOCOL.md §6.1), as opposed to a broker that cannot be reached at all.
+fn not_decided_yet(err: &async_nats::ConnectError) -> bool {
+    match err.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation => true,
+        // async-nats' "connection closed unexpectedly" after CONNECT; an unreachable broker
+        // fails with the operating system's error instead.
+        async_nats::ConnectErrorKind::Io => std::error::Error::source(err)
+            .is_some_and(|source| source.downcast_ref::<std::io::Error>().is_none()),
+        _ => false,
+    }
+}
+
 /// How long a call keeps asking again a server that names when to (429 "slow down", 503
 /// "unavailable" while a cluster elects a leader, both with `Kez-Retry-After-Ms`) before it
 /// gives up with the server's answer.
@@ -656,7 +671,7 @@ impl Connection {
             match options.clone().connect(servers.clone()).await {
                 Ok(client) => break client,
                 Err(source)
-                    if source.kind() == async_nats::ConnectErrorKind::AuthorizationViolation
+                    if not_decided_yet(&source)
                         && started.elapsed() + pause <= AUTHORIZATION_RETRY_WINDOW =>
                 {
                     tokio::time::sleep(pause).await;
@@ -2134,6 +2149,28 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Errors as async-nats 0.51's connector makes them: a refusal and a connection the broker
+    /// closed after CONNECT are asked again; a broker that cannot be reached is not.
+    #[test]
+    fn a_connect_closed_while_waiting_is_asked_again_an_unreachable_broker_is_not() {
+        use async_nats::{ConnectError, ConnectErrorKind};
+        assert!(not_decided_yet(&ConnectError::new(
+            ConnectErrorKind::AuthorizationViolation
+        )));
+        assert!(not_decided_yet(&ConnectError::with_source(
+            ConnectErrorKind::Io,
+            "broken pipe"
+        )));
+        assert!(!not_decided_yet(&ConnectError::with_source(
+            ConnectErrorKind::Io,
+            std::io::Error::from(std::io::ErrorKind::ConnectionRefused)
+        )));
+        assert!(!not_decided_yet(&ConnectError::new(ConnectErrorKind::Io)));
+        assert!(!not_decided_yet(&ConnectError::new(
+            ConnectErrorKind::TimedOut
+        )));
+    }
 
     /// A batch larger than one thread's share opens on several threads and still comes back
     /// complete and in the inbox's order, past an envelope that does not open; the floor is
