@@ -65,6 +65,11 @@ pub const WAITING_ACCOUNT: &str = "$G";
 /// Most waiting connections of one server a sweep lists (and so closes). A restarted broker
 /// takes a few per millisecond before the callout is back; more are left to the timeout.
 pub const MAX_MISSED_PER_SERVER: usize = 1024;
+/// How long a sweep lets the connections it took for missed wait before it closes those still
+/// waiting: a busy broker reads some clients' CONNECT only after the callout subscribed, and
+/// the callout places those within this, as it answers. Well within the authorization
+/// timeout (5 s) the missed ones would otherwise wait out.
+const RECHECK_AFTER: Duration = Duration::from_secs(1);
 /// How long a sweep waits for the system connection, itself reconnecting after an outage.
 const SYSTEM_BACK_WITHIN: Duration = Duration::from_secs(2);
 
@@ -113,6 +118,9 @@ struct ConnInfo {
     /// When the server took the connection, by its clock (RFC 3339).
     #[serde(default)]
     start: Option<String>,
+    /// The client library's language, from its `CONNECT`: empty until the server has read it.
+    #[serde(default)]
+    lang: String,
 }
 
 /// The CONNZ request body for the connections of `key` in `APP` (`ConnzEventOptions`: `acc`
@@ -150,10 +158,12 @@ pub fn parse_connz(body: &[u8]) -> Result<ConnzAnswer, String> {
 /// Reads one server's answer to [`waiting_connz_request`] sent `subscribed_for` after the
 /// callout subscribed (after the round trip that confirmed it began: the subscription went
 /// out just before it): the connections the server took before then (older, by the server's
-/// own clock, than `subscribed_for`), whose requests went out before anyone subscribed. The
-/// request takes a moment to arrive: the few connections taken in that moment, whose requests
-/// did come, are taken too, and reconnect. (A margin the other way would leave the last
-/// connections taken before the subscription, which are many in a storm.)
+/// own clock, than `subscribed_for`) and whose `CONNECT` it has read (it names the client's
+/// `lang`), whose requests went out before anyone subscribed. Taken too, and reconnecting: the
+/// connections taken in the moment the CONNZ request takes to arrive, and those taken before
+/// the subscription whose `CONNECT` the server read only after it (a busy broker reads a
+/// client's first bytes late), whose requests did come. (A margin the other way would leave
+/// the last connections taken before the subscription, which are many in a storm.)
 pub fn parse_missed(body: &[u8], subscribed_for: Duration) -> Result<ConnzAnswer, String> {
     let (server_id, connz) = read_connz(body)?;
     let Some(connz) = connz else {
@@ -171,11 +181,36 @@ pub fn parse_missed(body: &[u8], subscribed_for: Duration) -> Result<ConnzAnswer
         .map_err(|err| format!("a sweep after {subscribed_for:?}: {err}"))?;
     let mut cids = Vec::new();
     for conn in &connz.connections {
-        if now - time(conn.start.as_ref(), "start")? > older_than {
+        // A connection whose CONNECT the server has not read yet has no request out: it
+        // reaches the callout when it comes.
+        if !conn.lang.is_empty() && now - time(conn.start.as_ref(), "start")? > older_than {
             cids.push(conn.cid);
         }
     }
     Ok(ConnzAnswer { server_id, cids })
+}
+
+/// The connections of `first` that `second` lists too, server by server.
+pub fn still_waiting(first: &[ConnzAnswer], second: &[ConnzAnswer]) -> Vec<ConnzAnswer> {
+    first
+        .iter()
+        .map(|answer| {
+            let now: std::collections::HashSet<u64> = second
+                .iter()
+                .filter(|later| later.server_id == answer.server_id)
+                .flat_map(|later| later.cids.iter().copied())
+                .collect();
+            ConnzAnswer {
+                server_id: answer.server_id.clone(),
+                cids: answer
+                    .cids
+                    .iter()
+                    .copied()
+                    .filter(|cid| now.contains(cid))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// One server's id and list, or its error.
@@ -273,18 +308,27 @@ impl Kicker {
     }
 
     /// Closes every connection each server took before the callout's subscription (made
-    /// `subscribed` ago) that still waits for its authorization: nats-server sent their
+    /// `subscribed` ago) that still waits for its authorization [`RECHECK_AFTER`] later: nats-server sent their
     /// requests to no one ([`parse_missed`]). Answers how many it closed. Bounded like
     /// [`Kicker::kick`], with [`MAX_MISSED_PER_SERVER`] per server.
     pub async fn end_missed(&self, subscribed: Instant) -> Result<usize, String> {
         // Measured as the request leaves: the answer may wait long behind the broker's own
         // messages to this connection, while the server's `now` is when it made the list.
         let subscribed_for = subscribed.elapsed();
-        let answers = self
+        let taken_before = self
             .connections(waiting_connz_request(), |body| {
                 parse_missed(body, subscribed_for)
             })
             .await?;
+        if taken_before.iter().all(|answer| answer.cids.is_empty()) {
+            return Ok(0);
+        }
+        // Those whose requests did come (read after the subscription) are placed meanwhile.
+        tokio::time::sleep(RECHECK_AFTER).await;
+        let waiting = self
+            .connections(waiting_connz_request(), parse_connz)
+            .await?;
+        let answers = still_waiting(&taken_before, &waiting);
         for answer in answers.iter().filter(|answer| !answer.cids.is_empty()) {
             tracing::info!(server = answer.server_id, cids = ?answer.cids, "closing connections that wait for an authorization request the broker sent before the callout had subscribed");
         }
@@ -456,9 +500,10 @@ mod tests {
     const KICK_DONE: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":83,"time":"2026-12-06T01:00:04.141021441Z"}}"#;
     const KICK_GONE: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","feature_flags":{"js_ack_fc_v2":false,"js_api_reply_v2":false,"js_raft_delete_range":true,"js_snapshot_sources":false},"jetstream":true,"flags":7,"seq":85,"time":"2026-12-06T01:00:04.141458762Z"},"error":{"code":500,"description":"no such client or leafnode id"}}"#;
 
-    /// Shaped as nats-server 2.15.1 answers `{"acc":"$G","sort":"start","limit":1024}`: two
-    /// connections waiting for the callout, taken 900 ms and 100 ms before the list was made.
-    const CONNZ_WAITING: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","jetstream":true,"flags":7,"seq":12,"time":"2026-12-06T01:00:05.000000000Z"},"data":{"server_id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","now":"2026-12-06T01:00:05.000000000Z","num_connections":2,"total":2,"offset":0,"limit":1024,"connections":[{"cid":4,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42894,"start":"2026-12-06T01:00:04.1Z","last_activity":"2026-12-06T01:00:04.1Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0,"lang":"rust","version":"0.51.0"},{"cid":9,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42896,"start":"2026-12-06T01:00:04.9Z","last_activity":"2026-12-06T01:00:04.9Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0,"lang":"rust","version":"0.51.0"}]}}"#;
+    /// Shaped as nats-server 2.15.1 answers `{"acc":"$G","sort":"start","limit":1024}`: three
+    /// connections waiting for the callout, taken 900 ms and 100 ms before the list was made
+    /// (their CONNECTs read), and one taken a second before whose CONNECT was not read yet.
+    const CONNZ_WAITING: &str = r#"{"server":{"name":"kez-test","host":"127.0.0.1","id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","ver":"2.15.1","jetstream":true,"flags":7,"seq":12,"time":"2026-12-06T01:00:05.000000000Z"},"data":{"server_id":"NCKOAS3QBEFLFYRQXU2KIV3RX6C6A74JGQSPCMOBIHLIWKZQLGH5OWSN","now":"2026-12-06T01:00:05.000000000Z","num_connections":3,"total":3,"offset":0,"limit":1024,"connections":[{"cid":4,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42894,"start":"2026-12-06T01:00:04.1Z","last_activity":"2026-12-06T01:00:04.1Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0,"lang":"rust","version":"0.51.0"},{"cid":9,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42896,"start":"2026-12-06T01:00:04.9Z","last_activity":"2026-12-06T01:00:04.9Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0,"lang":"rust","version":"0.51.0"},{"cid":11,"kind":"Client","type":"nats","ip":"127.0.0.1","port":42898,"start":"2026-12-06T01:00:04.0Z","last_activity":"2026-12-06T01:00:04.0Z","rtt":"0s","uptime":"0s","idle":"0s","pending_bytes":0,"in_msgs":0,"out_msgs":0,"in_bytes":0,"out_bytes":0,"subscriptions":0}]}}"#;
 
     #[test]
     fn only_connections_older_than_the_subscription_are_taken_for_missed() {
@@ -467,7 +512,7 @@ mod tests {
                 .unwrap()
                 .cids
         };
-        // Subscribed 50 ms before the list: both were taken before it.
+        // Subscribed 50 ms before the list: both were taken before it; 11 has no request out.
         assert_eq!(missed(50), vec![4, 9]);
         // 500 ms before: the one taken 100 ms before the list came after the subscription.
         assert_eq!(missed(500), vec![4]);
@@ -485,6 +530,21 @@ mod tests {
                 .unwrap()
                 .cids,
             Vec::<u64>::new()
+        );
+    }
+
+    #[test]
+    fn only_connections_in_both_lists_of_the_same_server_are_still_waiting() {
+        let answer = |server_id: &str, cids: &[u64]| ConnzAnswer {
+            server_id: server_id.into(),
+            cids: cids.to_vec(),
+        };
+        assert_eq!(
+            still_waiting(
+                &[answer("NA", &[1, 2, 3]), answer("NB", &[4])],
+                &[answer("NA", &[2, 3, 9]), answer("NC", &[4])],
+            ),
+            vec![answer("NA", &[2, 3]), answer("NB", &[])]
         );
     }
 
