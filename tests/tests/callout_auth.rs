@@ -101,9 +101,32 @@ async fn refusal_logged(
 /// line (`PONG` when admitted, `-ERR '...'` when refused).
 async fn raw_connect(
     url: &str,
-    mut connect: serde_json::Value,
+    connect: serde_json::Value,
     sig: impl FnOnce(&str) -> String,
 ) -> String {
+    let (mut lines, _write) = raw_connect_sent(url, connect, sig).await;
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
+            .await
+            .expect("the server answers CONNECT")
+            .unwrap()
+            .unwrap_or_else(|| "<closed>".to_owned());
+        if line != "+OK" {
+            return line;
+        }
+    }
+}
+
+/// The first half of [`raw_connect`]: INFO read, `CONNECT` and PING sent; the connection's
+/// lines to read and its write half (dropping it would end the connection).
+async fn raw_connect_sent(
+    url: &str,
+    mut connect: serde_json::Value,
+    sig: impl FnOnce(&str) -> String,
+) -> (
+    tokio::io::Lines<BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
     let address = url.trim_start_matches("nats://");
     let stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let (read, mut write) = stream.into_split();
@@ -117,16 +140,7 @@ async fn raw_connect(
         .write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
         .await
         .unwrap();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
-            .await
-            .expect("the server answers CONNECT")
-            .unwrap()
-            .unwrap_or_else(|| "<closed>".to_owned());
-        if line != "+OK" {
-            return line;
-        }
-    }
+    (lines, write)
 }
 
 /// Every way to connect without proving a registered or unregistered KEZ key is refused, and
@@ -624,24 +638,19 @@ async fn a_connect_the_broker_sent_to_no_callout_is_closed_when_the_callout_is_b
     stack.nats.restart();
 
     // Connected while no callout is subscribed: the request goes to no one.
-    let stream = tokio::net::TcpStream::connect(url.trim_start_matches("nats://"))
-        .await
-        .unwrap();
-    let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    let info = lines.next_line().await.unwrap().expect("INFO");
-    let info: serde_json::Value =
-        serde_json::from_str(info.strip_prefix("INFO ").expect("INFO line")).unwrap();
-    let nonce = info["nonce"].as_str().expect("the server sends a nonce");
     let connect = serde_json::json!({
         "verbose": false, "pedantic": false, "lang": "raw", "version": "0", "protocol": 1,
         "nkey": key.public_key().to_nkey(),
-        "sig": BASE64.encode(&kez_core::connect::sign_nonce(&key, nonce.as_bytes()).unwrap().to_bytes()),
     });
-    write
-        .write_all(format!("CONNECT {connect}\r\nPING\r\n").as_bytes())
-        .await
-        .unwrap();
+    let signer = key.clone();
+    let (mut lines, _write) = raw_connect_sent(&url, connect, move |nonce| {
+        BASE64.encode(
+            &kez_core::connect::sign_nonce(&signer, nonce.as_bytes())
+                .unwrap()
+                .to_bytes(),
+        )
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(stack.server.id(), "CONT");
 
