@@ -1972,10 +1972,15 @@ impl App {
         match self.held.fetch_now().await {
             Ok(true) => {}
             Ok(false) => return Err(Failure::new(RUNTIME, "`listen` runs in the service")),
-            Err(failure) => tell!(
-                "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
-                display::inline(&failure.message)
-            ),
+            // A broker restart now is also seen by the service's receiver: one line for both.
+            Err(failure) => {
+                if self.held.receiving_stopped() {
+                    tell!(
+                        "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
+                        display::inline(&failure.message)
+                    )
+                }
+            }
         }
         let stop = term::interrupted();
         tokio::pin!(stop);

@@ -122,6 +122,12 @@ impl Held {
         }
     }
 
+    /// Marks receiving as failing; whether it was working until now (then, and only then, a
+    /// line says it stopped: one per outage, whoever notices it first).
+    pub(crate) fn receiving_stopped(&self) -> bool {
+        !self.failing.swap(true, Ordering::SeqCst)
+    }
+
     /// The store, opened on first use.
     pub(crate) fn store(&self, home: &Home) -> Result<Arc<Store>, Failure> {
         let mut store = self.store.lock().expect("store lock");
@@ -719,7 +725,7 @@ async fn receive(service: Arc<Service>, mut fetches: Fetches) {
                 Ok(())
             }
             Err(err) => {
-                if !app.held.failing.swap(true, Ordering::SeqCst) {
+                if app.held.receiving_stopped() {
                     let _ = app.held.events.send(Event::Note(format!(
                         "kez-chat: receiving stopped ({}); reconnecting, messages wait on the server meanwhile",
                         crate::display::inline(&err.to_string())
