@@ -149,7 +149,14 @@ impl Server {
             }
             None => None,
         };
-        let client = connect(&config.nats_url, &config.auth, "kez-chat-server", &phase).await?;
+        let client = connect(
+            &config.nats_url,
+            &config.auth,
+            "kez-chat-server",
+            &phase,
+            None,
+        )
+        .await?;
         let store = open_store_on(
             &client,
             store::StoreSettings {
@@ -239,7 +246,7 @@ impl Server {
                 let auth = NatsAuth::NkeySeedFile(
                     callout_config.keys_dir.join(nats_conf::AUTH_USER_SEED_FILE),
                 );
-                let auth_client = connect_telling(
+                let auth_client = connect(
                     &config.nats_url,
                     &auth,
                     "kez-chat-server auth callout",
@@ -691,6 +698,7 @@ async fn admin_connection(
         &config.auth,
         "kez-chat-server admin",
         &phase,
+        None,
     )
     .await?;
     Ok((client, phase))
@@ -805,7 +813,7 @@ async fn connect_system(
     phase: &watch::Sender<http::Phase>,
 ) -> Result<Option<async_nats::Client>, StartError> {
     let auth = NatsAuth::NkeySeedFile(seed_file);
-    let refused = match connect(url, &auth, "kez-chat-server revocations", phase).await {
+    let refused = match connect(url, &auth, "kez-chat-server revocations", phase, None).await {
         // Connected is not enough: only an answer to CONNZ shows it is in the system account.
         Ok(client) => match kick::Kicker::new(client.clone()).check().await {
             Ok(()) => return Ok(Some(client)),
@@ -842,19 +850,10 @@ fn server_reconnect_delay(attempts: usize) -> Duration {
 /// Connects to the broker at `url`, waiting as long as it takes: every failed attempt's cause
 /// (a refused connection, an unknown certificate authority, ...) is logged at WARN when it
 /// changes and is what `/healthz` says meanwhile. Refused credentials end the wait: they are
-/// the operator's to fix. Once connected, the client reconnects on its own.
+/// the operator's to fix. Once connected, the client reconnects on its own, notifying
+/// `connected` (if given) at every connect and reconnect, before it sends its subscriptions
+/// again.
 async fn connect(
-    url: &str,
-    auth: &NatsAuth,
-    name: &str,
-    phase: &watch::Sender<http::Phase>,
-) -> Result<async_nats::Client, StartError> {
-    connect_telling(url, auth, name, phase, None).await
-}
-
-/// [`connect`], notifying `connected` at every connect and reconnect (before the client has
-/// sent its subscriptions again).
-async fn connect_telling(
     url: &str,
     auth: &NatsAuth,
     name: &str,

@@ -102,6 +102,11 @@ pub(crate) struct Held {
     fetch: Option<mpsc::Sender<oneshot::Sender<Result<(), Failure>>>>,
 }
 
+/// Marks receiving as failing; whether it was working until then (the one who flips it says so).
+fn stopped_now(failing: &AtomicBool) -> bool {
+    !failing.swap(true, Ordering::SeqCst)
+}
+
 impl Held {
     /// Resources for one command, released by [`Held::release`].
     pub(crate) fn own() -> Arc<Held> {
@@ -125,7 +130,7 @@ impl Held {
     /// Marks receiving as failing; whether it was working until now (then, and only then, a
     /// line says it stopped: one per outage, whoever notices it first).
     pub(crate) fn receiving_stopped(&self) -> bool {
-        !self.failing.swap(true, Ordering::SeqCst)
+        stopped_now(&self.failing)
     }
 
     /// The store, opened on first use.
@@ -210,7 +215,7 @@ impl Held {
         let failing = self.failing.clone();
         let events = self.events.clone();
         options.event_callback(move |event| {
-            if matches!(event, async_nats::Event::Disconnected) && !failing.swap(true, Ordering::SeqCst) {
+            if matches!(event, async_nats::Event::Disconnected) && stopped_now(&failing) {
                 let _ = events.send(Event::Note(
                     "kez-chat: receiving stopped (the connection to the broker was lost); reconnecting, messages wait on the server meanwhile".into(),
                 ));

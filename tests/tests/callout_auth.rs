@@ -271,7 +271,7 @@ async fn hostile_clients_are_refused_with_the_reason_logged() {
         (
             "key bytes that are not a curve point",
             hostile_options(user_nkey_of_raw(&not_a_point), |_| Some(vec![0u8; 64])),
-            "is not a valid nkey public key",
+            "are not a valid ed25519 public key",
         ),
         (
             "an account nkey (A...) with a valid signature",

@@ -46,7 +46,7 @@ pub fn decode_any(jwt: &str, expected_issuer: &str, now_unix: u64) -> Result<Dec
             found: clip(&parsed.claims.iss),
         });
     }
-    let (kind, _, _) = codec::parse_key("iss", expected_issuer)?;
+    let (kind, _) = codec::parse_key("iss", expected_issuer)?;
     parsed.verify_issuer(kind)?;
     parsed.claims.check_times(now_unix)?;
     let claims = parsed.claims;

@@ -350,7 +350,7 @@ pub fn client_nonce_proof(request: &AuthorizationRequest) -> Result<ClientNonceP
     if opts.nkey.is_empty() {
         return Err(JwtError::MissingClientKey);
     }
-    let (_, raw) = codec::expect_key("connect_opts.nkey", &opts.nkey, NkeyKind::User)?;
+    let raw = codec::expect_key("connect_opts.nkey", &opts.nkey, NkeyKind::User)?;
     if opts.sig.is_empty() {
         return Err(JwtError::MissingNonceSignature);
     }

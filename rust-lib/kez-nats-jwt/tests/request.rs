@@ -3,12 +3,17 @@
 
 mod common;
 
-use common::{HEADER, NOW, Setup, b64, sign, sign_raw};
+use common::{HEADER, NOW, Setup, b64, nkey_of_raw, not_a_point, sign, sign_raw};
 use kez_nats_jwt::{
     JwtError, JwtPart, MAX_JWT_LEN, NkeyKind, client_nonce_proof, decode_authorization_request,
 };
 use nkeys::KeyPair;
 use serde_json::json;
+
+/// The first byte of a server nkey (`N...`).
+const SERVER_PREFIX: u8 = 13 << 3;
+/// The first byte of a user nkey (`U...`).
+const USER_PREFIX: u8 = 20 << 3;
 
 fn decode(jwt: &str) -> Result<kez_nats_jwt::AuthorizationRequest, JwtError> {
     decode_authorization_request(jwt, NOW)
@@ -254,6 +259,16 @@ fn the_issuer_must_be_a_server_key() {
             found: "NOT-A-KEY".into()
         })
     );
+    // A server key's text whose bytes are no curve point: nothing can verify with it.
+    let off_curve = nkey_of_raw(SERVER_PREFIX, &not_a_point());
+    let off_curve_issuer = s.request_with(|c| c["iss"] = json!(off_curve));
+    assert_eq!(
+        decode(&off_curve_issuer),
+        Err(JwtError::InvalidKey {
+            field: "iss",
+            found: off_curve.clone()
+        })
+    );
     // Signed by an account key and naming it: valid signature, wrong kind of issuer.
     let account = KeyPair::new_account();
     let mut claims = s.claims();
@@ -367,6 +382,11 @@ fn the_user_nkey_must_be_a_user_key() {
             ..
         })
     ));
+    // Only named back (the response's subject), never verified with: its form is checked as
+    // nats-server's nkeys library checks it (prefix, CRC), not whether it is a curve point.
+    let off_curve = nkey_of_raw(USER_PREFIX, &not_a_point());
+    let named = s.request_with(|c| c["nats"]["user_nkey"] = json!(off_curve));
+    assert_eq!(decode(&named).unwrap().user_nkey, off_curve);
 }
 
 #[test]

@@ -30,6 +30,38 @@ pub fn sign(key: &KeyPair, claims: &Value) -> String {
     sign_raw(key, HEADER.as_bytes(), claims.to_string().as_bytes())
 }
 
+/// The nkey text (`prefix` byte, the 32 `raw` bytes, the CRC, base32) of any bytes, curve
+/// point or not, as nats-server's nkeys library encodes keys.
+pub fn nkey_of_raw(prefix: u8, raw: &[u8; 32]) -> String {
+    let mut bytes = vec![prefix];
+    bytes.extend_from_slice(raw);
+    let mut crc: u16 = 0;
+    for &byte in &bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    bytes.extend_from_slice(&crc.to_le_bytes());
+    data_encoding::BASE32_NOPAD.encode(&bytes)
+}
+
+/// 32 bytes that are no ed25519 curve point: the first small y off the curve.
+pub fn not_a_point() -> [u8; 32] {
+    (2u8..=255)
+        .map(|y| {
+            let mut raw = [0u8; 32];
+            raw[0] = y;
+            raw
+        })
+        .find(|raw| ed25519_dalek::VerifyingKey::from_bytes(raw).is_err())
+        .expect("some small y is off the curve")
+}
+
 /// The pieces of a synthetic request.
 pub struct Setup {
     /// The server's key (`N...`), which signs requests.
