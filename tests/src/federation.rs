@@ -331,12 +331,32 @@ pub fn federation_of(config: &mut ServerConfig) -> &mut FederationConfig {
         .expect("a federation home's config federates")
 }
 
-/// A free loopback port, found by binding port 0 and letting it go: the servers' WebFinger
-/// addresses must be known before any of them starts, since each names the others.
+/// A free loopback port for a server that starts later: the servers' WebFinger addresses must
+/// be known before any of them starts, since each names the others. Taken below the kernel's
+/// ephemeral range, at random: a port from `bind(0)` lies in that range, where any connection
+/// made meanwhile (the tests make many) may take it as its source port, and the server's bind
+/// then fails with "Address already in use" (CI saw it).
 pub fn reserve_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port");
-    listener.local_addr().expect("its address")
+    use rand_core::RngCore as _;
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    let below = ephemeral_from.clamp(RESERVED_PORTS_FROM + 1_000, u16::MAX);
+    (0..1_000)
+        .map(|_| {
+            let span = u32::from(below - RESERVED_PORTS_FROM);
+            RESERVED_PORTS_FROM + (rand_core::OsRng.next_u32() % span) as u16
+        })
+        .find_map(|port| {
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok()?;
+            listener.local_addr().ok()
+        })
+        .expect("a free loopback port below the ephemeral range")
 }
+
+/// The lowest port [`reserve_port`] takes: above the well-known and most registered services.
+const RESERVED_PORTS_FROM: u16 = 20_000;
 
 /// Waits up to `within` for `check` to answer `Some`, asking every 100 ms.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T

@@ -19,6 +19,7 @@ use async_nats::{Client, Event};
 use kez_core::SecretKey;
 use kez_tests::callout::CalloutProcessStack;
 use kez_tests::process::LIMITS_OFF;
+use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 use crate::measure::{Budget, cpu_of, nats_pid, per_sec};
 use crate::report::{Goal, Row};
@@ -38,7 +39,7 @@ const STORM_LIMIT: Duration = Duration::from_secs(600);
 const AUTHORIZATION_TIMEOUT_SECS: f64 = 5.0;
 /// How long the round trip that confirms a client is back may take.
 const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
-/// Open files the harness needs besides one per client (the stack's connections, logs, ...).
+/// Open files the harness needs besides two per client (the stack's connections, logs, ...).
 const SPARE_FILES: usize = 512;
 
 /// What the clients' event callbacks saw.
@@ -637,26 +638,44 @@ where
 /// Whether this process may hold a connection per client: nats-server, started by it, inherits
 /// the same limit.
 fn check_open_files(clients: usize) -> Result<(), String> {
-    let limits = std::fs::read_to_string("/proc/self/limits")
-        .map_err(|e| format!("reading /proc/self/limits: {e}"))?;
-    let soft = limits
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix("Max open files")?
-                .split_whitespace()
-                .next()?
-                .parse::<usize>()
-                .ok()
+    let needed = open_files_for(clients);
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_none_or(|soft| soft >= needed) {
+        return Ok(());
+    }
+    // Up to what this process may (beyond its hard limit when it runs as root, else up to
+    // it); the stack's nats-server and kez-chat-server, started next, inherit the limit.
+    let raised = [limit.maximum.map(|hard| hard.max(needed)), limit.maximum]
+        .into_iter()
+        .find_map(|maximum| {
+            let current = Some(maximum.map_or(needed, |hard| hard.min(needed)));
+            setrlimit(Resource::Nofile, Rlimit { current, maximum }).ok()?;
+            current
         })
-        .ok_or("no \"Max open files\" line in /proc/self/limits")?;
-    if clients + SPARE_FILES > soft {
+        .or(limit.current)
+        .unwrap_or(u64::MAX);
+    let at_least = u64::try_from(clients + SPARE_FILES).unwrap_or(u64::MAX);
+    if raised < at_least {
         return Err(format!(
-            "{clients} clients need {} open files in this process and in nats-server, but the \
-             limit is {soft}: raise it (`ulimit -n`) or pass a smaller --clients",
-            clients + SPARE_FILES
+            "{clients} clients need {needed} open files in this process (each holds its old \
+             connection while it connects again; {at_least} at the very least) and in \
+             nats-server, but the limit is {raised} and this process may not raise it: raise it \
+             (`ulimit -n`) or pass a smaller --clients"
         ));
     }
+    if raised < needed {
+        eprintln!(
+            "storm: {clients} clients may need {needed} open files, the limit is {raised}: \
+             the storm may fail with \"Too many open files\"; raise it (`ulimit -n`) to be sure"
+        );
+    }
     Ok(())
+}
+
+/// The open files the harness needs for `clients`: two sockets each (async-nats keeps a lost
+/// connection's socket until its next connect succeeds) and [`SPARE_FILES`].
+fn open_files_for(clients: usize) -> u64 {
+    u64::try_from(clients.saturating_mul(2).saturating_add(SPARE_FILES)).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
