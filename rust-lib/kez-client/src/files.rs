@@ -300,6 +300,7 @@ async fn decrypt_from(
     let cipher_size = offer.cipher_size;
     let (written_tx, written_rx) = tokio::sync::watch::channel(0u64);
     let decrypting = tokio::task::spawn_blocking(move || {
+        remove_abandoned_partials(&dest, std::time::SystemTime::now());
         let result = write_decrypted(&key, reader, &temp, cipher_size, written_tx);
         match result {
             Ok(size) => {
@@ -450,6 +451,27 @@ pub fn partial_files(dest: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// How long a partial file may go unwritten before a new download of the same name takes it
+/// for one a killed process left (a live decryption writes as its bytes arrive).
+const PARTIAL_ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the partial files of `dest` ([`partial_files`]) unwritten for
+/// [`PARTIAL_ABANDONED_AFTER`] at `now`: a process killed while decrypting cannot remove its
+/// own, and another download of the same name may be writing the recent ones.
+fn remove_abandoned_partials(dest: &Path, now: std::time::SystemTime) {
+    for partial in partial_files(dest) {
+        let abandoned = std::fs::metadata(&partial)
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| {
+                now.duration_since(modified)
+                    .is_ok_and(|unwritten| unwritten >= PARTIAL_ABANDONED_AFTER)
+            });
+        if abandoned {
+            let _ = std::fs::remove_file(&partial);
+        }
+    }
+}
+
 /// The offer's blob hash as iroh's type.
 pub fn blob_hash(offer: &FileOffer) -> Hash {
     Hash::from_bytes(*offer.blob.as_bytes())
@@ -547,5 +569,39 @@ mod tests {
         assert_eq!(with_current_pin_node(&recorded, None), recorded);
         let elsewhere = format!("iroh:{owner}a;ip=127.0.0.1:1");
         assert_eq!(with_current_pin_node(&recorded, Some(&elsewhere)), recorded);
+    }
+
+    #[test]
+    fn partial_files_left_unwritten_for_an_hour_are_removed_and_recent_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("report.pdf");
+        let now = std::time::SystemTime::now();
+        let made = |suffix: &str, age: std::time::Duration| {
+            let path = dir
+                .path()
+                .join(format!("{}{suffix}", partial_prefix(&dest)));
+            File::create(&path)
+                .unwrap()
+                .set_modified(now - age)
+                .unwrap();
+            path
+        };
+        let abandoned = made("00000000000000a1", PARTIAL_ABANDONED_AFTER);
+        let writing = made(
+            "00000000000000b2",
+            PARTIAL_ABANDONED_AFTER - std::time::Duration::from_secs(60),
+        );
+        let other_name = dir.path().join(".other.pdf.kez-partial.00000000000000c3");
+        File::create(&other_name)
+            .unwrap()
+            .set_modified(now - PARTIAL_ABANDONED_AFTER * 2)
+            .unwrap();
+
+        remove_abandoned_partials(&dest, now);
+
+        assert!(!abandoned.exists());
+        assert!(writing.exists());
+        assert!(other_name.exists());
+        assert_eq!(partial_files(&dest), [writing]);
     }
 }
