@@ -635,8 +635,9 @@ where
         .collect()
 }
 
-/// Whether this process may hold a connection per client: nats-server, started by it, inherits
-/// the same limit.
+/// Whether this process may hold two connections per client ([`open_files_for`]), raising its
+/// open-files limit as far as it may: nats-server, started by it, inherits the same limit.
+/// Refused below one per client; a warning between one and two.
 fn check_open_files(clients: usize) -> Result<(), String> {
     let needed = open_files_for(clients);
     let limit = getrlimit(Resource::Nofile);
