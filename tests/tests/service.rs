@@ -363,6 +363,21 @@ async fn another_local_user_is_refused() {
     assert_eq!(service_pid(&alice).await, pid, "the service goes on");
 }
 
+/// `command`'s output, its program a file written a moment ago: a child that another test
+/// thread forked meanwhile holds the file open for writing until it execs, and executing the
+/// file then fails with "Text file busy" (CI saw it); asked again then.
+async fn output_of_fresh_program(command: &mut tokio::process::Command) -> std::process::Output {
+    for _ in 0..100 {
+        match command.output().await {
+            Err(err) if err.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            output => return output.unwrap(),
+        }
+    }
+    panic!("{command:?} was still \"Text file busy\" after 2 s");
+}
+
 /// An upgrade replaces the kez-chat program while its service runs (a new file renamed over the
 /// old, as installers do): the service notices, stops cleanly and runs the new program in its
 /// place — the same pid, started anew — and the home's commands go on against it.
@@ -375,21 +390,21 @@ async fn a_replaced_program_restarts_its_service_in_place() {
     let programs = tempfile::tempdir().unwrap();
     let program = programs.path().join("kez-chat");
     std::fs::copy(kez_chat_binary(), &program).unwrap();
-    let started = tokio::process::Command::new(&program)
-        .arg("--home")
-        .arg(&alice.home)
-        .args(["service", "status", "--json"])
-        .output()
-        .await
-        .unwrap();
+    let started = output_of_fresh_program(
+        tokio::process::Command::new(&program)
+            .arg("--home")
+            .arg(&alice.home)
+            .args(["service", "status", "--json"]),
+    )
+    .await;
     assert!(!started.status.success(), "no service runs yet");
-    let output = tokio::process::Command::new(&program)
-        .arg("--home")
-        .arg(&alice.home)
-        .args(["contacts"])
-        .output()
-        .await
-        .unwrap();
+    let output = output_of_fresh_program(
+        tokio::process::Command::new(&program)
+            .arg("--home")
+            .arg(&alice.home)
+            .args(["contacts"]),
+    )
+    .await;
     assert!(output.status.success(), "{output:?}");
     let before = alice.json(&["service", "status"]).await;
     // The next second, so the new start is told from the old one.
