@@ -52,7 +52,8 @@ pub struct Served {
     /// What happened.
     pub event: ServeEvent,
     /// How far into the blob this request's transfer has reached: the end, in bytes, of the
-    /// last chunk sent (0 at the start).
+    /// last chunk reported sent (0 at the start, the blob's size once completed). iroh-blobs
+    /// drops progress reports it cannot queue, so a progress event may lag what was sent.
     pub offset: u64,
     /// The blob's size in bytes.
     pub size: u64,
@@ -207,9 +208,15 @@ impl Request {
                 self.reported = progress.end_offset;
                 ServeEvent::Progress
             }
-            RequestUpdate::Completed(done) => ServeEvent::Completed {
-                sent: done.stats.payload_bytes_sent,
-            },
+            RequestUpdate::Completed(done) => {
+                // The last progress report may have been dropped; a completed request leaves
+                // the peer holding the whole blob.
+                let served = self.current.as_mut()?;
+                served.offset = served.size;
+                ServeEvent::Completed {
+                    sent: done.stats.payload_bytes_sent,
+                }
+            }
             RequestUpdate::Aborted(aborted) => ServeEvent::Aborted {
                 sent: aborted.stats.payload_bytes_sent,
             },
@@ -217,5 +224,95 @@ impl Request {
         let served = self.current.as_mut()?;
         served.event = event;
         Some(served.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use iroh_blobs::provider::TransferStats;
+    use iroh_blobs::provider::events::{
+        TransferAborted, TransferCompleted, TransferProgress, TransferStarted,
+    };
+
+    use super::*;
+
+    const SIZE: u64 = 1000;
+
+    fn started(request: &mut Request) -> Served {
+        request
+            .on(RequestUpdate::Started(TransferStarted {
+                index: 0,
+                hash: Hash::new(b"blob"),
+                size: SIZE,
+            }))
+            .expect("a start is an event")
+    }
+
+    fn progress(request: &mut Request, end_offset: u64) -> Option<Served> {
+        request.on(RequestUpdate::Progress(TransferProgress { end_offset }))
+    }
+
+    fn stats(payload_bytes_sent: u64) -> Box<TransferStats> {
+        Box::new(TransferStats {
+            payload_bytes_sent,
+            other_bytes_sent: 0,
+            other_bytes_read: 0,
+            duration: Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn progress_is_reported_once_per_step_and_at_the_end() {
+        let mut request = Request::new(None, 1, 2);
+        let start = started(&mut request);
+        assert_eq!(
+            (start.event, start.offset, start.size),
+            (ServeEvent::Started, 0, SIZE)
+        );
+        assert_eq!(progress(&mut request, 5), None, "under 1% of the blob");
+        let step = progress(&mut request, 10).expect("1% of the blob");
+        assert_eq!((step.event, step.offset), (ServeEvent::Progress, 10));
+        assert_eq!(progress(&mut request, 19), None);
+        assert_eq!(progress(&mut request, SIZE).map(|s| s.offset), Some(SIZE));
+    }
+
+    #[test]
+    fn completion_reaches_the_end_though_the_last_progress_was_dropped() {
+        let mut request = Request::new(None, 1, 2);
+        started(&mut request);
+        progress(&mut request, 500).expect("half way");
+        let done = request
+            .on(RequestUpdate::Completed(TransferCompleted {
+                stats: stats(SIZE),
+            }))
+            .expect("completion is an event");
+        assert_eq!(done.event, ServeEvent::Completed { sent: SIZE });
+        assert_eq!(done.offset, SIZE);
+    }
+
+    #[test]
+    fn an_abort_keeps_how_far_it_got() {
+        let mut request = Request::new(None, 1, 2);
+        started(&mut request);
+        progress(&mut request, 300).expect("a third");
+        let aborted = request
+            .on(RequestUpdate::Aborted(TransferAborted {
+                stats: stats(300),
+            }))
+            .expect("an abort is an event");
+        assert_eq!(aborted.event, ServeEvent::Aborted { sent: 300 });
+        assert_eq!(aborted.offset, 300);
+    }
+
+    #[test]
+    fn updates_before_a_start_are_no_event() {
+        let mut request = Request::new(None, 1, 2);
+        assert_eq!(progress(&mut request, 10), None);
+        let done = request.on(RequestUpdate::Completed(TransferCompleted {
+            stats: stats(0),
+        }));
+        assert_eq!(done, None);
     }
 }

@@ -644,17 +644,27 @@ fn check_open_files(clients: usize) -> Result<(), String> {
     if limit.current.is_none_or(|soft| soft >= needed) {
         return Ok(());
     }
-    // Up to what this process may (beyond its hard limit when it runs as root, else up to
-    // it); the stack's nats-server and kez-chat-server, started next, inherit the limit.
-    let raised = [limit.maximum.map(|hard| hard.max(needed)), limit.maximum]
-        .into_iter()
-        .find_map(|maximum| {
-            let current = Some(maximum.map_or(needed, |hard| hard.min(needed)));
-            setrlimit(Resource::Nofile, Rlimit { current, maximum }).ok()?;
-            current
-        })
-        .or(limit.current)
-        .unwrap_or(u64::MAX);
+    // Up to what this process may: beyond its hard limit when it runs as root, else up to it.
+    // The stack's nats-server and kez-chat-server, started next, inherit the limit.
+    let set = |current: u64, maximum: Option<u64>| {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(current),
+                maximum,
+            },
+        )
+        .is_ok()
+    };
+    let raised = if set(needed, limit.maximum.map(|hard| hard.max(needed))) {
+        needed
+    } else if let Some(hard) = limit.maximum
+        && set(hard.min(needed), Some(hard))
+    {
+        hard.min(needed)
+    } else {
+        limit.current.unwrap_or(u64::MAX)
+    };
     let at_least = u64::try_from(clients + SPARE_FILES).unwrap_or(u64::MAX);
     if raised < at_least {
         return Err(format!(
