@@ -18,6 +18,7 @@ mod registry;
 mod report;
 mod service;
 mod storm;
+mod storm_clients;
 mod ui;
 
 use std::future::Future;
@@ -71,6 +72,20 @@ enum Command {
         /// The size of every answer.
         #[arg(long)]
         answer_bytes: usize,
+    },
+    /// The storm section's clients `first..first + count`, driven by the section over
+    /// standard input and output. Started by `kez-bench` itself.
+    #[command(hide = true)]
+    StormClients {
+        /// The first client's index of all.
+        #[arg(long)]
+        first: usize,
+        /// How many clients this process holds.
+        #[arg(long)]
+        count: usize,
+        /// First connects in flight at once.
+        #[arg(long)]
+        concurrency: usize,
     },
 }
 
@@ -139,19 +154,34 @@ impl Section {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::ServeEcho {
-        url,
-        subject,
-        answer_bytes,
-    }) = cli.command
-    {
-        return match registry::serve_echo(&url, &subject, answer_bytes).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("kez-bench serve-echo: {err}");
-                ExitCode::FAILURE
-            }
-        };
+    match cli.command {
+        Some(Command::ServeEcho {
+            url,
+            subject,
+            answer_bytes,
+        }) => {
+            return match registry::serve_echo(&url, &subject, answer_bytes).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("kez-bench serve-echo: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::StormClients {
+            first,
+            count,
+            concurrency,
+        }) => {
+            return match storm_clients::serve(first, count, concurrency).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("kez-bench storm-clients: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        None => {}
     }
 
     let budget = Budget {

@@ -10,25 +10,24 @@
 //! decided (the broker's authorization timer runs from the TCP connect, or the client hung up),
 //! or the callout's own refusal. And
 //! the CPU each process spent per reconnect: where the storm's time goes.
+//!
+//! The clients live in processes of their own ([`crate::storm_clients`]), as many as their
+//! open files need.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, Event};
-use kez_core::SecretKey;
 use kez_tests::callout::CalloutProcessStack;
 use kez_tests::process::LIMITS_OFF;
+use rand_core::RngCore as _;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 use crate::measure::{Budget, cpu_of, nats_pid, per_sec};
 use crate::report::{Goal, Row};
+use crate::storm_clients::{Backoff, ClientProcesses, client_key};
 
 const SECTION: &str = "storm";
 /// Registrations and first connects in flight at once.
 const CONCURRENCY: usize = 64;
-/// How often a client's first connect is tried before the section fails.
-const FIRST_CONNECT_ATTEMPTS: usize = 5;
 /// The user count the issue's goal is set for, to which the measured rate is extrapolated.
 const GOAL_USERS: usize = 100_000;
 /// The goal: a broker restart under [`GOAL_USERS`] absorbed within this time, seconds.
@@ -37,70 +36,22 @@ const GOAL_SECS: f64 = 60.0;
 const STORM_LIMIT: Duration = Duration::from_secs(600);
 /// nats-server's authorization timeout in the callout config (`nats_conf::render_auth`).
 const AUTHORIZATION_TIMEOUT_SECS: f64 = 5.0;
-/// How long the round trip that confirms a client is back may take.
-const CONFIRM_WITHIN: Duration = Duration::from_secs(10);
 /// Open files the harness needs besides two per client (the stack's connections, logs, ...).
 const SPARE_FILES: usize = 512;
-
-/// What the clients' event callbacks saw.
-struct Tally {
-    /// When the broker was stopped: connects from then on are reconnects.
-    stopped_at: OnceLock<Instant>,
-    /// Per client, when it was last connected after the stop (nanoseconds since the stop, plus
-    /// one); 0 while it is not. A connection async-nats calls connected may still be refused:
-    /// it takes any first answer to its CONNECT for the broker's PONG, the broker's own PING
-    /// too, which comes while the callout decides; then the refusal disconnects it again.
-    back: Box<[AtomicU64]>,
-    /// Connect attempts that failed after the stop, other than while the broker was down.
-    failed: AtomicUsize,
-}
-
-impl Tally {
-    fn new(clients: usize) -> Tally {
-        Tally {
-            stopped_at: OnceLock::new(),
-            back: (0..clients).map(|_| AtomicU64::new(0)).collect(),
-            failed: AtomicUsize::new(0),
-        }
-    }
-
-    /// How many clients are connected since the stop.
-    fn back(&self) -> usize {
-        self.back
-            .iter()
-            .filter(|at| at.load(Ordering::Relaxed) != 0)
-            .count()
-    }
-
-    /// When each client was last connected, since the stop, in order; `None` unless all are.
-    fn all_back(&self) -> Option<Vec<Duration>> {
-        let mut back = self
-            .back
-            .iter()
-            .map(|at| match at.load(Ordering::Relaxed) {
-                0 => None,
-                at => Some(Duration::from_nanos(at - 1)),
-            })
-            .collect::<Option<Vec<_>>>()?;
-        back.sort_unstable();
-        Some(back)
-    }
-}
 
 /// Runs measurement 11.
 pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let clients = budget.clients.unwrap_or(budget.pick(1_000, 10_000)).max(1);
-    check_open_files(clients)?;
+    let processes = client_processes(clients)?;
     let mut stack = CalloutProcessStack::start_with_args(&LIMITS_OFF).await;
     let admin = stack.server_client().await;
-    let keys: Arc<[Arc<SecretKey>]> = (0..clients)
-        .map(|_| Arc::new(SecretKey::generate()))
-        .collect();
+    let mut base = [0u8; 32];
+    rand_core::OsRng.fill_bytes(&mut base);
     let began = Instant::now();
-    in_parallel(keys.len(), {
-        let (admin, keys) = (admin.clone(), keys.clone());
+    in_parallel(clients, {
+        let admin = admin.clone();
         move |index| {
-            let (admin, key) = (admin.clone(), keys[index].clone());
+            let (admin, key) = (admin.clone(), client_key(&base, index));
             async move {
                 kez_tests::callout::register(&admin, &key, &format!("st{index}"))
                     .await
@@ -115,8 +66,10 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         began.elapsed()
     );
 
-    let baseline = storm(&mut stack, &keys, Backoff::AsyncNats).await?;
-    let ours = storm(&mut stack, &keys, Backoff::Kez).await?;
+    let mut held = ClientProcesses::start(&base, clients, processes, CONCURRENCY).await?;
+    let baseline = storm(&mut stack, &mut held, clients, Backoff::AsyncNats).await?;
+    let ours = storm(&mut stack, &mut held, clients, Backoff::Kez).await?;
+    drop(held);
     drop(stack);
 
     let per_reconnect = |cpu: Duration| cpu.as_secs_f64() * 1e6 / clients as f64;
@@ -282,16 +235,6 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     ])
 }
 
-/// Which reconnect delays the clients use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backoff {
-    /// kez-client's own ([`kez_client::reconnect`]).
-    Kez,
-    /// async-nats' default, what kez-client used before: the first attempt at once, then
-    /// 2 ms doubling up to 4 s, the same for every client.
-    AsyncNats,
-}
-
 /// What one storm measured.
 struct Storm {
     first_connects: Duration,
@@ -332,94 +275,51 @@ impl Storm {
     }
 }
 
-/// Connects a client per key, restarts the broker, waits until every client is back; then
+/// Connects every client, restarts the broker, waits until every client is back; then
 /// closes them.
 async fn storm(
     stack: &mut CalloutProcessStack,
-    keys: &Arc<[Arc<SecretKey>]>,
+    held: &mut ClientProcesses,
+    clients: usize,
     backoff: Backoff,
 ) -> Result<Storm, String> {
-    let clients = keys.len();
-    let tally = Arc::new(Tally::new(clients));
     let url = stack.nats.url();
-    let connected: Arc<Mutex<Vec<Client>>> = Arc::new(Mutex::new(Vec::with_capacity(clients)));
     let began = Instant::now();
-    in_parallel(clients, {
-        let (keys, tally, connected) = (keys.clone(), tally.clone(), connected.clone());
-        move |index| {
-            let (key, tally, connected, url) = (
-                keys[index].clone(),
-                tally.clone(),
-                connected.clone(),
-                url.clone(),
-            );
-            async move {
-                // On a machine busy with other work a first connect can miss nats-server's
-                // authorization timeout too (the previous storm's clients are still being closed): asked again,
-                // as `Connection::connect_with` does. Only the storm is measured.
-                let mut attempts = 0;
-                let client = loop {
-                    match connect(&url, &key, index, tally.clone(), backoff).await {
-                        Ok(client) => break client,
-                        Err(err) if attempts < FIRST_CONNECT_ATTEMPTS => {
-                            attempts += 1;
-                            eprintln!("storm: connecting st{index} again: {err}");
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        Err(err) => return Err(format!("connecting st{index}: {err}")),
-                    }
-                };
-                connected.lock().expect("no holder panics").push(client);
-                Ok(())
-            }
-        }
-    })
-    .await?;
+    held.connect(&url, backoff).await?;
     let first_connects = began.elapsed();
     eprintln!("storm ({backoff:?}): {clients} clients connected in {first_connects:.1?}");
 
     let server_pid = stack.server.id();
     let server_log_offset = stack.server.log().len();
-    let own_pid = std::process::id();
+    let mut own_pids = held.pids();
+    own_pids.push(std::process::id());
     let server_before = cpu_of(&[server_pid])?;
-    let own_before = cpu_of(&[own_pid])?;
+    let own_before = cpu_of(&own_pids)?;
+    // The clients time their return from this line's arrival, a fraction of a millisecond
+    // after `stopped_at`.
+    held.stop().await?;
     let stopped_at = Instant::now();
-    tally
-        .stopped_at
-        .set(stopped_at)
-        .map_err(|_| "the storm started twice".to_owned())?;
-    // The fixture waits synchronously; the clients' tasks keep running on the other workers.
+    // The fixture waits synchronously; the clients are in processes of their own.
     tokio::task::block_in_place(|| stack.nats.restart());
     let broker_back = stopped_at.elapsed();
     let deadline = stopped_at + STORM_LIMIT;
-    let back = loop {
-        if tally.back() >= clients {
-            // Every client says it is connected: one round trip each shows whether the broker
-            // agrees (a PONG comes only once the connection is authorized).
-            let everyone: Vec<Client> = connected.lock().expect("no holder panics").clone();
-            futures::future::join_all(
-                everyone
-                    .iter()
-                    .map(|client| tokio::time::timeout(CONFIRM_WITHIN, client.flush())),
-            )
-            .await;
-            if let Some(back) = tally.all_back() {
-                break back;
-            }
+    let (back, failed) = loop {
+        if held.back().await? >= clients
+            && let Some(confirmed) = held.confirm().await?
+        {
+            break confirmed;
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "only {} of {clients} clients reconnected within {STORM_LIMIT:?}; \
-                 failed attempts {}",
-                tally.back(),
-                tally.failed.load(Ordering::Relaxed),
+                "only {} of {clients} clients reconnected within {STORM_LIMIT:?}",
+                held.back().await?,
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let nats_cpu = cpu_of(&[nats_pid(&stack.nats)?])?;
     let server_cpu = cpu_of(&[server_pid])? - server_before;
-    let own_cpu = cpu_of(&[own_pid])? - own_before;
+    let own_cpu = cpu_of(&own_pids)? - own_before;
     let all_back = back.last().copied().unwrap_or_default();
     let half_back = back[back.len() / 2];
     let most_back = back[back.len() * 9 / 10];
@@ -435,7 +335,6 @@ async fn storm(
         closed_meanwhile,
         missed,
     } = Refusals::of(this_run, server_log.get(server_log_offset..).unwrap_or(""));
-    let failed = tally.failed.load(Ordering::Relaxed);
     eprintln!(
         "storm ({backoff:?}): {clients} back {all_back:.2?} after the stop (broker ready after \
          {broker_back:.2?}, half back at {half_back:.2?}, 90 % at {most_back:.2?}); CPU nats-server {nats_cpu:.2?}, \
@@ -444,8 +343,7 @@ async fn storm(
          {closed_meanwhile} closed while the callout decided, {missed} closed by the server for a \
          retry (their requests reached no callout)"
     );
-    let clients_gone = std::mem::take(&mut *connected.lock().expect("no holder panics"));
-    drop(clients_gone);
+    held.close().await?;
     Ok(Storm {
         first_connects,
         broker_back,
@@ -548,78 +446,6 @@ fn waited_out(took: &str) -> bool {
         .is_some_and(|seconds| seconds >= AUTHORIZATION_TIMEOUT_SECS)
 }
 
-/// Connects as `key`, client `index`, with kez-client's own options, reporting to `tally`.
-async fn connect(
-    url: &str,
-    key: &Arc<SecretKey>,
-    index: usize,
-    tally: Arc<Tally>,
-    backoff: Backoff,
-) -> Result<Client, String> {
-    let options = match backoff {
-        Backoff::Kez => kez_client::Connection::options(key),
-        Backoff::AsyncNats => {
-            kez_client::Connection::options(key).reconnect_delay_callback(async_nats_delay)
-        }
-    };
-    options
-        .local_address(source_address(index))
-        .event_callback(move |event| {
-            let tally = tally.clone();
-            async move {
-                let Some(stopped_at) = tally.stopped_at.get() else {
-                    return;
-                };
-                let at = &tally.back[index];
-                match event {
-                    Event::Connected => {
-                        let since =
-                            u64::try_from(stopped_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
-                        at.store(since.saturating_add(1), Ordering::Relaxed);
-                    }
-                    Event::Disconnected => at.store(0, Ordering::Relaxed),
-                    // A refused TCP connect (the broker is down: `IO error`) is not counted.
-                    Event::ClientError(async_nats::ClientError::Other(why))
-                        if why != "IO error" =>
-                    {
-                        tally.failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // A refusal of a connection async-nats had taken for established.
-                    Event::ServerError(_) => {
-                        tally.failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .connect(url)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// The loopback address client `index` connects from (port chosen by the kernel): one per
-/// client, as clients on other machines would have. From one address, 10,000 connections to
-/// the same broker port fill its ephemeral port range, and every connect then searches it for
-/// a free port (12 % of the storm's CPU, all the harness's, before this).
-fn source_address(index: usize) -> std::net::SocketAddr {
-    let [_, high, middle, low] = u32::try_from(index)
-        .unwrap_or(u32::MAX)
-        .saturating_add(1 << 16)
-        .min(0x00ff_fffe)
-        .to_be_bytes();
-    std::net::SocketAddr::from(([127, high, middle, low], 0))
-}
-
-/// async-nats' default reconnect delay (its `reconnect_delay_callback_default`, not public).
-fn async_nats_delay(attempts: usize) -> Duration {
-    if attempts <= 1 {
-        Duration::ZERO
-    } else {
-        let doublings = u32::try_from(attempts - 1).unwrap_or(u32::MAX);
-        Duration::from_millis(2_u64.saturating_pow(doublings)).min(Duration::from_secs(4))
-    }
-}
-
 /// Runs `task(0..count)`, [`CONCURRENCY`] at a time; the first error ends it.
 async fn in_parallel<F, T>(count: usize, task: F) -> Result<(), String>
 where
@@ -635,58 +461,63 @@ where
         .collect()
 }
 
-/// Whether this process may hold two connections per client ([`open_files_for`]), raising its
-/// open-files limit as far as it may: nats-server, started by it, inherits the same limit.
-/// Refused below one per client; a warning between one and two.
-fn check_open_files(clients: usize) -> Result<(), String> {
+/// How many clients processes hold `clients`: each client holds two open files in a storm
+/// (async-nats keeps a lost connection's socket until its next connect succeeds), nats-server
+/// one. Raises this process's open-file limit as far as it may (the stack's nats-server and
+/// kez-chat-server and the clients processes, started next, inherit it); refused when
+/// nats-server could not hold every client.
+fn client_processes(clients: usize) -> Result<usize, String> {
     let needed = open_files_for(clients);
     let limit = getrlimit(Resource::Nofile);
-    if limit.current.is_none_or(|soft| soft >= needed) {
-        return Ok(());
-    }
-    // Up to what this process may: beyond its hard limit when it runs as root, else up to it.
-    // The stack's nats-server and kez-chat-server, started next, inherit the limit.
-    let set = |current: u64, maximum: Option<u64>| {
-        setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: Some(current),
-                maximum,
-            },
+    let raised = match limit.current {
+        Some(soft) if soft < needed => {
+            // Beyond the hard limit when this process runs as root, else up to it.
+            let set = |current: u64, maximum: Option<u64>| {
+                setrlimit(
+                    Resource::Nofile,
+                    Rlimit {
+                        current: Some(current),
+                        maximum,
+                    },
+                )
+                .is_ok()
+            };
+            if set(needed, limit.maximum.map(|hard| hard.max(needed))) {
+                needed
+            } else if let Some(hard) = limit.maximum
+                && set(hard.min(needed), Some(hard))
+            {
+                hard.min(needed)
+            } else {
+                soft
+            }
+        }
+        _ => needed,
+    };
+    processes_for(clients, raised).ok_or_else(|| {
+        format!(
+            "{clients} clients need {} open files in nats-server, one each and {SPARE_FILES} \
+             more, but the limit is {raised} and this process may not raise it: raise it \
+             (`ulimit -n`) or pass a smaller --clients",
+            clients + SPARE_FILES
         )
-        .is_ok()
-    };
-    let raised = if set(needed, limit.maximum.map(|hard| hard.max(needed))) {
-        needed
-    } else if let Some(hard) = limit.maximum
-        && set(hard.min(needed), Some(hard))
-    {
-        hard.min(needed)
-    } else {
-        limit.current.unwrap_or(u64::MAX)
-    };
-    let at_least = u64::try_from(clients + SPARE_FILES).unwrap_or(u64::MAX);
-    if raised < at_least {
-        return Err(format!(
-            "{clients} clients need {needed} open files in this process (each holds its old \
-             connection while it connects again; {at_least} at the very least) and in \
-             nats-server, but the limit is {raised} and this process may not raise it: raise it \
-             (`ulimit -n`) or pass a smaller --clients"
-        ));
-    }
-    if raised < needed {
-        eprintln!(
-            "storm: {clients} clients may need {needed} open files, the limit is {raised}: \
-             the storm may fail with \"Too many open files\"; raise it (`ulimit -n`) to be sure"
-        );
-    }
-    Ok(())
+    })
 }
 
-/// The open files the harness needs for `clients`: two sockets each (async-nats keeps a lost
-/// connection's socket until its next connect succeeds) and [`SPARE_FILES`].
+/// The open files `clients` need in one process: two sockets each and [`SPARE_FILES`].
 fn open_files_for(clients: usize) -> u64 {
     u64::try_from(clients.saturating_mul(2).saturating_add(SPARE_FILES)).unwrap_or(u64::MAX)
+}
+
+/// The fewest processes that hold `clients` within `limit` open files each; `None` if
+/// nats-server could not hold them all within it.
+fn processes_for(clients: usize, limit: u64) -> Option<usize> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    if clients.saturating_add(SPARE_FILES) > limit {
+        return None;
+    }
+    let per_process = (limit - SPARE_FILES) / 2;
+    (per_process > 0).then(|| clients.div_ceil(per_process))
 }
 
 #[cfg(test)]
@@ -730,5 +561,19 @@ mod tests {
         assert!(waited_out("1m3s"));
         assert!(!waited_out("950ms"));
         assert!(!waited_out("4.999s"));
+    }
+
+    #[test]
+    fn clients_are_shared_among_the_fewest_processes_the_open_file_limit_allows() {
+        // Two open files per client in a process of its own, besides the spare ones.
+        assert_eq!(processes_for(1_000, 20_000), Some(1));
+        assert_eq!(processes_for(9_744, 20_000), Some(1));
+        assert_eq!(processes_for(9_745, 20_000), Some(2));
+        assert_eq!(processes_for(16_000, 20_000), Some(2));
+        assert_eq!(processes_for(16_000, 1_000_000), Some(1));
+        // nats-server holds one per client in one process: no more than the limit allows.
+        assert_eq!(processes_for(19_488, 20_000), Some(2));
+        assert_eq!(processes_for(19_489, 20_000), None);
+        assert_eq!(processes_for(1, 100), None);
     }
 }
