@@ -335,9 +335,13 @@ pub fn federation_of(config: &mut ServerConfig) -> &mut FederationConfig {
 /// be known before any of them starts, since each names the others. Taken below the kernel's
 /// ephemeral range, at random: a port from `bind(0)` lies in that range, where any connection
 /// made meanwhile (the tests make many) may take it as its source port, and the server's bind
-/// then fails with "Address already in use" (CI saw it).
+/// then fails with "Address already in use" (CI saw it). Never the same port twice in one
+/// process: tests running at once would otherwise both find a port free before either server
+/// binds it (CI saw that too).
 pub fn reserve_port() -> SocketAddr {
     use rand_core::RngCore as _;
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
@@ -349,8 +353,16 @@ pub fn reserve_port() -> SocketAddr {
             RESERVED_PORTS_FROM + (rand_core::OsRng.next_u32() % span) as u16
         })
         .find_map(|port| {
+            let mut handed_out = HANDED_OUT
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if handed_out.contains(&port) {
+                return None;
+            }
             let listener = std::net::TcpListener::bind(("127.0.0.1", port)).ok()?;
-            listener.local_addr().ok()
+            let address = listener.local_addr().ok()?;
+            handed_out.insert(port);
+            Some(address)
         })
         .expect("a free loopback port below the ephemeral range")
 }
@@ -374,5 +386,26 @@ where
             "{what}: not within {within:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_ports_are_below_the_ephemeral_range_and_never_handed_out_twice() {
+        let ports: Vec<u16> = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| scope.spawn(|| (0..50).map(|_| reserve_port().port()).collect::<Vec<_>>()))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!(distinct.len(), ports.len());
+        assert!(ports.iter().all(|&port| port >= RESERVED_PORTS_FROM));
     }
 }
