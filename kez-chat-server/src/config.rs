@@ -40,6 +40,9 @@ pub struct CalloutConfig {
     /// Whether connect proofs of clients older than this release (an untagged nonce
     /// signature, PROTOCOL.md §6.1) are accepted.
     pub legacy_proofs: kez_core::connect::LegacyProofs,
+    /// The authorizations per second the deployment sustains in a reconnect storm, from which
+    /// the reconnect window clients are told is worked out ([`crate::reconnect_window`]).
+    pub reconnects_per_sec: u32,
 }
 
 impl CalloutConfig {
@@ -50,6 +53,7 @@ impl CalloutConfig {
             keys_dir,
             issuer,
             legacy_proofs: kez_core::connect::LegacyProofs::Accept,
+            reconnects_per_sec: crate::reconnect_window::DEFAULT_RECONNECTS_PER_SEC,
         }
     }
 }
@@ -224,6 +228,12 @@ pub struct Settings {
     /// (kez_callout_legacy_proofs_total stays 0) [default: accepted]
     #[arg(long, env = "KEZ_REFUSE_LEGACY_CONNECT_PROOFS", num_args = 0..=1, default_missing_value = "true")]
     pub refuse_legacy_connect_proofs: Option<bool>,
+    /// Authorizations per second the deployment answers in a reconnect storm (`make bench`'s
+    /// storm section measures it): clients spread their reconnects after a broker restart over
+    /// the connections held divided by this, so that none waits past the authorization timeout
+    /// [default: 2000]
+    #[arg(long, env = "KEZ_RECONNECTS_PER_SEC")]
+    pub reconnects_per_sec: Option<u32>,
     /// Domain this server serves: handles are @name@<domain> [default: kez.lat]
     #[arg(long, env = "KEZ_DOMAIN")]
     pub domain: Option<String>,
@@ -428,6 +438,7 @@ impl Settings {
             refuse_legacy_connect_proofs: self
                 .refuse_legacy_connect_proofs
                 .or(fallback.refuse_legacy_connect_proofs),
+            reconnects_per_sec: self.reconnects_per_sec.or(fallback.reconnects_per_sec),
             domain: self.domain.or(fallback.domain),
             kv_replicas: self.kv_replicas.or(fallback.kv_replicas),
             http_listen: self.http_listen.or(fallback.http_listen),
@@ -603,12 +614,23 @@ impl Settings {
             (None, None) if self.refuse_legacy_connect_proofs.is_some() => {
                 return Err("--refuse-legacy-connect-proofs needs --keys-dir: it is a rule of the auth callout".into());
             }
+            (None, None) if self.reconnects_per_sec.is_some() => {
+                return Err(
+                    "--reconnects-per-sec needs --keys-dir: it is the auth callout's rate".into(),
+                );
+            }
             (None, None) => None,
+            (Some(_), Some(_)) if self.reconnects_per_sec == Some(0) => {
+                return Err("--reconnects-per-sec must be at least 1".into());
+            }
             (Some(keys_dir), Some(issuer)) => Some(CalloutConfig {
                 legacy_proofs: match self.refuse_legacy_connect_proofs {
                     Some(true) => kez_core::connect::LegacyProofs::Refuse,
                     _ => kez_core::connect::LegacyProofs::Accept,
                 },
+                reconnects_per_sec: self
+                    .reconnects_per_sec
+                    .unwrap_or(crate::reconnect_window::DEFAULT_RECONNECTS_PER_SEC),
                 ..CalloutConfig::new(keys_dir, issuer)
             }),
             (Some(_), None) => {
@@ -961,6 +983,47 @@ one_time_keys_burst = 3
         assert_eq!(
             file.resolve().unwrap().retired_settings,
             ["inbox_sweep_secs"]
+        );
+    }
+
+    #[test]
+    fn the_reconnect_rate_is_the_callouts_and_at_least_one() {
+        let callout = |rate: Option<u32>| Settings {
+            keys_dir: Some("/keys".into()),
+            callout_issuer: Some("A".into()),
+            reconnects_per_sec: rate,
+            ..Settings::default()
+        };
+        let rate = |settings: Settings| {
+            settings
+                .resolve()
+                .unwrap()
+                .callout
+                .unwrap()
+                .reconnects_per_sec
+        };
+        assert_eq!(
+            rate(callout(None)),
+            crate::reconnect_window::DEFAULT_RECONNECTS_PER_SEC
+        );
+        assert_eq!(rate(callout(Some(500))), 500);
+        let file: Settings = toml::from_str("reconnects_per_sec = 1500\n").unwrap();
+        assert_eq!(rate(file.or(callout(None))), 1500);
+        assert!(
+            callout(Some(0))
+                .resolve()
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        let without_callout = Settings {
+            reconnects_per_sec: Some(500),
+            ..Settings::default()
+        };
+        assert!(
+            without_callout
+                .resolve()
+                .unwrap_err()
+                .contains("--keys-dir")
         );
     }
 

@@ -366,45 +366,13 @@ impl Kicker {
         }
     }
 
-    /// Every server's answer to the CONNZ request `request`, read by `parse`: all answers
-    /// that come within [`ANSWERS_WITHIN`], the wait ending early after a silence of
-    /// [`ANSWERS_QUIET`].
+    /// Every server's answer to the CONNZ request `request`, read by `parse` ([`every_server`]).
     async fn connections(
         &self,
         request: Vec<u8>,
         parse: impl Fn(&[u8]) -> Result<ConnzAnswer, String>,
     ) -> Result<Vec<ConnzAnswer>, String> {
-        let inbox = self.client.new_inbox();
-        let mut replies = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|err| format!("cannot subscribe for CONNZ answers: {err}"))?;
-        self.client
-            .publish_with_reply(CONNZ_SUBJECT, inbox, request.into())
-            .await
-            .map_err(|err| format!("cannot send the CONNZ request: {err}"))?;
-        let deadline = tokio::time::Instant::now() + ANSWERS_WITHIN;
-        let mut answers = Vec::new();
-        loop {
-            let wait = match answers.is_empty() {
-                true => deadline,
-                false => deadline.min(tokio::time::Instant::now() + ANSWERS_QUIET),
-            };
-            match tokio::time::timeout_at(wait, replies.next()).await {
-                Ok(Some(message)) => match parse(&message.payload) {
-                    Ok(answer) => answers.push(answer),
-                    Err(err) => tracing::warn!(error = %err, "a CONNZ answer is of no use"),
-                },
-                Ok(None) | Err(_) => break,
-            }
-        }
-        if answers.is_empty() {
-            return Err(format!(
-                "no nats-server answered {CONNZ_SUBJECT} within {ANSWERS_WITHIN:?}: is the server's system user in nats-server's SYS account?"
-            ));
-        }
-        Ok(answers)
+        every_server(&self.client, CONNZ_SUBJECT, request, parse).await
     }
 
     async fn kick_one(&self, server_id: &str, cid: u64) -> Result<Kicked, String> {
@@ -484,6 +452,49 @@ pub fn spawn_missed_sweeper(
             }
         }
     })
+}
+
+/// Every nats-server's answer to `request` on `subject` (one of the system account's
+/// `$SYS.REQ.SERVER.PING.*` services), sent over `client` (a system account user) and read by
+/// `parse`: all answers that come within [`ANSWERS_WITHIN`], the wait ending early after a
+/// silence of [`ANSWERS_QUIET`]. An answer `parse` refuses is logged and left out; none at all
+/// is an error.
+pub(crate) async fn every_server<T>(
+    client: &async_nats::Client,
+    subject: &str,
+    request: Vec<u8>,
+    parse: impl Fn(&[u8]) -> Result<T, String>,
+) -> Result<Vec<T>, String> {
+    let inbox = client.new_inbox();
+    let mut replies = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|err| format!("cannot subscribe for the answers to {subject}: {err}"))?;
+    client
+        .publish_with_reply(subject.to_owned(), inbox, request.into())
+        .await
+        .map_err(|err| format!("cannot send the {subject} request: {err}"))?;
+    let deadline = tokio::time::Instant::now() + ANSWERS_WITHIN;
+    let mut answers = Vec::new();
+    loop {
+        let wait = match answers.is_empty() {
+            true => deadline,
+            false => deadline.min(tokio::time::Instant::now() + ANSWERS_QUIET),
+        };
+        match tokio::time::timeout_at(wait, replies.next()).await {
+            Ok(Some(message)) => match parse(&message.payload) {
+                Ok(answer) => answers.push(answer),
+                Err(err) => tracing::warn!(subject, error = %err, "an answer is of no use"),
+            },
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if answers.is_empty() {
+        return Err(format!(
+            "no nats-server answered {subject} within {ANSWERS_WITHIN:?}: is the server's system user in nats-server's SYS account, allowed to publish it?"
+        ));
+    }
+    Ok(answers)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod migrate;
 pub mod nats_conf;
 pub mod outbox;
 pub mod pin;
+pub mod reconnect_window;
 pub mod relay;
 pub mod store;
 
@@ -78,9 +79,9 @@ pub struct Server {
     http_stop: watch::Sender<bool>,
     /// How often the pin node's orphaned tags are swept, when pinning is on.
     pin_gc_interval: Option<Duration>,
-    /// The tasks ending connections through the system user, when it is connected: revoked
-    /// devices' (kick::spawn) and those whose authorization request went nowhere
-    /// (kick::spawn_missed_sweeper).
+    /// The tasks working through the system user, when it is connected: ending revoked
+    /// devices' connections (kick::spawn) and those whose authorization request went nowhere
+    /// (kick::spawn_missed_sweeper), and advertising the reconnect window (reconnect_window).
     kick_workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -273,11 +274,18 @@ impl Server {
         let (store, kick_workers) = match system_user {
             Some((seed_file, public)) => {
                 match connect_system(&config.nats_url, seed_file, &public, &phase).await? {
-                    // Not among `clients`: it may publish only CONNZ and KICK requests, and
+                    // Not among `clients`: it may publish only CONNZ, STATSZ and KICK requests, and
                     // has nothing to answer or flush at shutdown.
                     Some(system_client) => {
-                        let kicker = kick::Kicker::new(system_client);
                         let mut workers = Vec::new();
+                        if let (Some(_), Some(settings)) = (&callout, &config.callout) {
+                            workers.push(reconnect_window::spawn(
+                                system_client.clone(),
+                                store.clone(),
+                                settings.reconnects_per_sec,
+                            ));
+                        }
+                        let kicker = kick::Kicker::new(system_client);
                         if let Some((_, auth_client)) = &callout {
                             workers.push(kick::spawn_missed_sweeper(
                                 kicker.clone(),

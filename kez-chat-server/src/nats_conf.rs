@@ -8,7 +8,8 @@
 //!   the JetStream state. The callout places clients in `APP`, which imports those services;
 //! - the **system user** (`U...`, nats-server's system account `SYS`): the connection that ends
 //!   a revoked device's live connections (`$SYS.REQ.SERVER.PING.CONNZ`, then
-//!   `$SYS.REQ.SERVER.<id>.KICK`, [`crate::kick`]).
+//!   `$SYS.REQ.SERVER.<id>.KICK`, [`crate::kick`]) and counts the connections the brokers hold
+//!   (`$SYS.REQ.SERVER.PING.STATSZ`, [`crate::reconnect_window`]).
 //!
 //! The server users are listed in `auth_users`, so they bypass the callout. Their being nkey
 //! users also makes nats-server send every client a nonce to sign (it only does so when some nkey
@@ -214,7 +215,11 @@ pub fn render_auth(keys: &PublicKeys) -> String {
         server_user,
         system_user,
     } = keys;
-    let (connz, kick) = (crate::kick::CONNZ_SUBJECT, crate::kick::kick_subject("*"));
+    let (connz, statsz, kick) = (
+        crate::kick::CONNZ_SUBJECT,
+        crate::reconnect_window::STATSZ_SUBJECT,
+        crate::kick::kick_subject("*"),
+    );
     let mut exports = String::new();
     let mut imports = String::new();
     for service in exported_services() {
@@ -254,12 +259,12 @@ accounts {{
 {imports}    ]
   }}
   {SYSTEM_ACCOUNT}: {{
-    # kez-chat-server's system user may only list connections and close one, nothing else of
-    # the system account (no reload, no account or server changes).
+    # kez-chat-server's system user may only list connections, count them and close one,
+    # nothing else of the system account (no reload, no account or server changes).
     users: [ {{
       nkey: "{system_user}"
       permissions: {{
-        publish: [ "{connz}", "{kick}" ]
+        publish: [ "{connz}", "{statsz}", "{kick}" ]
         subscribe: [ "_INBOX.>" ]
       }}
     }} ]
@@ -486,7 +491,7 @@ mod tests {
         assert!(conf.contains(r#"auth_users: [ "UAUTH", "USERVER", "USYS" ]"#));
         assert!(conf.contains(r#"nkey: "USYS""#));
         assert!(
-            conf.contains(r#"publish: [ "$SYS.REQ.SERVER.PING.CONNZ", "$SYS.REQ.SERVER.*.KICK" ]"#)
+            conf.contains(r#"publish: [ "$SYS.REQ.SERVER.PING.CONNZ", "$SYS.REQ.SERVER.PING.STATSZ", "$SYS.REQ.SERVER.*.KICK" ]"#)
         );
         assert!(conf.contains("sync_interval: always"));
         assert!(conf.contains(r#"store_dir: "/var/lib/nats""#));

@@ -1268,6 +1268,32 @@ impl Store {
         Ok(written)
     }
 
+    /// The reconnect window the server last advertised (PROTOCOL.md §6.1), if any and readable.
+    pub async fn reconnect_window(&self) -> Result<Option<std::time::Duration>, ErrorAnswer> {
+        let entry = self
+            .directory
+            .get(kez_proto::reconnect::WINDOW_ID)
+            .await
+            .map_err(ErrorAnswer::unavailable)?;
+        Ok(entry.and_then(|value| kez_proto::reconnect::decode(&value).ok()))
+    }
+
+    /// Advertises `window` to clients: the directory's [`kez_proto::reconnect::WINDOW_ID`]
+    /// entry, which they read with a direct get.
+    pub async fn advertise_reconnect_window(
+        &self,
+        window: std::time::Duration,
+    ) -> Result<(), ErrorAnswer> {
+        self.directory
+            .put(
+                kez_proto::reconnect::WINDOW_ID,
+                Bytes::from(kez_proto::reconnect::encode(window)),
+            )
+            .await
+            .map(drop)
+            .map_err(ErrorAnswer::unavailable)
+    }
+
     /// Keeps `state` as `chain`'s verified state unless a later one is kept already. The link
     /// is stored by then, so this never fails the append: a state left behind is caught up from
     /// the links by the next append ([`Store::verified_state`]).

@@ -483,6 +483,20 @@ pub struct Connection {
     directory_works: Arc<std::sync::atomic::AtomicBool>,
     /// The directory entries opened on this connection.
     directory: Arc<DirectoryCache>,
+    /// The task reading the home server's reconnect window ([`crate::reconnect`]), ended when
+    /// the last clone of the connection is dropped (it holds a clone of the NATS client, which
+    /// would otherwise keep the connection open).
+    _window_reader: Arc<AbortOnDrop>,
+}
+
+/// A task aborted when this is dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The directory entries (PROTOCOL.md §5.7) a connection opened, by slot: an answer with the
@@ -685,7 +699,9 @@ impl Connection {
                 }
             }
         };
+        let window_reader = tokio::spawn(crate::reconnect::keep_learning(client.clone()));
         Ok(Connection {
+            _window_reader: Arc::new(AbortOnDrop(window_reader.abort_handle())),
             client,
             identity: key.public_key(),
             key,

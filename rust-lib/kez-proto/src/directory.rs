@@ -10,7 +10,8 @@
 //! wildcard token, with the last entry any matching subject holds: so that it says nothing,
 //! an entry's subject is a hash of the handle or key it is about, and its value is sealed
 //! under a key derived from that handle or key. Only who already knows a name can find and
-//! read its entry; a wildcard yields one opaque entry.
+//! read its entry; a wildcard yields one opaque entry, or the public reconnect window
+//! ([`crate::reconnect`]).
 //!
 //! Pure: the derivation, sealing and opening are functions of their inputs and the OS random
 //! number generator (the sealing nonce).

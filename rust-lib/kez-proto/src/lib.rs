@@ -15,6 +15,7 @@ pub mod keys;
 pub mod mail;
 pub mod pair;
 pub mod pin;
+pub mod reconnect;
 pub mod registry;
 pub mod request;
 pub mod subjects;

@@ -36,6 +36,9 @@ const GOAL_SECS: f64 = 60.0;
 const STORM_LIMIT: Duration = Duration::from_secs(600);
 /// nats-server's authorization timeout in the callout config (`nats_conf::render_auth`).
 const AUTHORIZATION_TIMEOUT_SECS: f64 = 5.0;
+/// How long the server may take to advertise the reconnect window for the clients connected:
+/// it counts connections every 5 s.
+const WINDOW_WITHIN: Duration = Duration::from_secs(30);
 /// Open files the harness needs besides two per client (the stack's connections, logs, ...).
 const SPARE_FILES: usize = 512;
 
@@ -77,7 +80,9 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     // footprint section), every reconnect at the rate the first 90 % came back at (the
     // callout's and the broker's work, per connect), then the last 10 %'s stragglers as long
     // as they took here: clients still waiting out a backoff window of at most 8 s, which
-    // does not grow with the clients.
+    // does not grow with the clients. With the window the server advertises, the bulk rate is
+    // the window's (the clients over it), so 100,000 at that rate is the whole window the
+    // server would advertise for 100,000, and the tail measured here is counted on top.
     let extrapolated = |storm: &Storm| {
         storm.broker_back.as_secs_f64()
             + GOAL_USERS as f64 / storm.bulk_rate(clients)
@@ -93,6 +98,12 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             "clients connected through the callout",
             "clients",
             clients as f64,
+        ),
+        Row::info(
+            SECTION,
+            "reconnect window the server advertised (kez clients spread their reconnects over it)",
+            "s",
+            ours.window.unwrap_or_default().as_secs_f64(),
         ),
         Row::versus(
             SECTION,
@@ -235,8 +246,44 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     ])
 }
 
+/// Waits until the server advertises the reconnect window for `clients` connections (it counts
+/// them every few seconds), then has the clients processes learn it, as each kez client does
+/// when it connects; answers it.
+async fn advertised_window(
+    stack: &CalloutProcessStack,
+    held: &mut ClientProcesses,
+    clients: usize,
+) -> Result<Duration, String> {
+    let expected = kez_proto::reconnect::window_for(
+        clients as u64,
+        kez_chat_server::reconnect_window::DEFAULT_RECONNECTS_PER_SEC,
+    );
+    let admin = stack.server_client().await;
+    let deadline = Instant::now() + WINDOW_WITHIN;
+    loop {
+        let window = kez_client::reconnect::learn_window(&admin).await?;
+        if window.is_some_and(|window| window >= expected) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the server advertises {window:?} for {clients} clients, not {expected:?}, after {WINDOW_WITHIN:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let learnt = held
+        .learn_window()
+        .await?
+        .ok_or("the clients processes found no reconnect window")?;
+    eprintln!("storm: the clients spread their reconnects over {learnt:.1?}");
+    Ok(learnt)
+}
+
 /// What one storm measured.
 struct Storm {
+    /// The reconnect window the clients learnt (kez's delays only).
+    window: Option<Duration>,
     first_connects: Duration,
     broker_back: Duration,
     all_back: Duration,
@@ -288,6 +335,10 @@ async fn storm(
     held.connect(&url, backoff).await?;
     let first_connects = began.elapsed();
     eprintln!("storm ({backoff:?}): {clients} clients connected in {first_connects:.1?}");
+    let window = match backoff {
+        Backoff::Kez => Some(advertised_window(stack, held, clients).await?),
+        Backoff::AsyncNats => None,
+    };
 
     let server_pid = stack.server.id();
     let server_log_offset = stack.server.log().len();
@@ -345,6 +396,7 @@ async fn storm(
     );
     held.close().await?;
     Ok(Storm {
+        window,
         first_connects,
         broker_back,
         all_back,

@@ -58,6 +58,10 @@ enum Command {
     /// `connect <url> <backoff>`: connects every client (first connects, a few at a time);
     /// answers `connected`.
     Connect(String, Backoff),
+    /// `window`: reads the reconnect window the server advertises over one client, which the
+    /// process's kez reconnect delays follow from then on ([`kez_client::reconnect`]); answers
+    /// `window <ms>`, or `window none` when none is advertised.
+    Window,
     /// `stop`: the broker is being stopped now, connects from here on are reconnects; no
     /// answer.
     Stop,
@@ -80,6 +84,7 @@ impl Command {
             ["connect", url, backoff] => Backoff::named(backoff)
                 .map(|backoff| Command::Connect((*url).to_owned(), backoff))
                 .ok_or_else(|| format!("no backoff named {backoff:?}")),
+            ["window"] => Ok(Command::Window),
             ["stop"] => Ok(Command::Stop),
             ["back"] => Ok(Command::Back),
             ["confirm"] => Ok(Command::Confirm),
@@ -199,6 +204,22 @@ impl ClientProcesses {
         Ok(())
     }
 
+    /// Has every process learn the reconnect window the server advertises; answers it (the
+    /// same for all), `None` when none is advertised.
+    pub async fn learn_window(&mut self) -> Result<Option<Duration>, String> {
+        let answers = self.ask("window", ANSWER_WITHIN).await?;
+        let windows: Vec<Option<Duration>> = answers
+            .iter()
+            .map(|answer| parse_window(answer))
+            .collect::<Result<_, _>>()?;
+        match windows.first() {
+            Some(first) if windows.iter().all(|window| window == first) => Ok(*first),
+            _ => Err(format!(
+                "the clients processes learnt different windows: {answers:?}"
+            )),
+        }
+    }
+
     /// Tells every process the broker is being stopped.
     pub async fn stop(&mut self) -> Result<(), String> {
         for process in &mut self.processes {
@@ -248,6 +269,17 @@ impl ClientProcesses {
             }
         }
         Ok(())
+    }
+}
+
+fn parse_window(answer: &str) -> Result<Option<Duration>, String> {
+    match answer.strip_prefix("window ") {
+        Some("none") => Ok(None),
+        Some(millis) => millis
+            .parse()
+            .map(|millis| Some(Duration::from_millis(millis)))
+            .map_err(|_| format!("not an answer to window: {answer:.80}")),
+        None => Err(format!("not an answer to window: {answer:.80}")),
     }
 }
 
@@ -325,6 +357,14 @@ pub async fn serve(first: usize, count: usize, concurrency: usize) -> Result<(),
                 tally = Arc::new(Tally::new(count));
                 connect_all(&url, &keys, first, concurrency, &tally, &connected, backoff).await?;
                 Some("connected".to_owned())
+            }
+            Command::Window => {
+                let client = connected.lock().expect("no holder panics").first().cloned();
+                let client = client.ok_or("no client connected to read the window over")?;
+                Some(match kez_client::reconnect::learn_window(&client).await? {
+                    Some(window) => format!("window {}", window.as_millis()),
+                    None => "window none".to_owned(),
+                })
             }
             Command::Stop => {
                 tally
@@ -541,6 +581,7 @@ mod tests {
         ));
         assert!(Command::parse("connect u other").is_err());
         assert!(matches!(Command::parse("confirm"), Ok(Command::Confirm)));
+        assert!(matches!(Command::parse("window"), Ok(Command::Window)));
         assert!(Command::parse("reboot").is_err());
     }
 
@@ -548,5 +589,12 @@ mod tests {
     fn answers_are_counted() {
         assert_eq!(count_back("back 12"), Ok(12));
         assert!(count_back("all 0 1 2").is_err());
+        assert_eq!(
+            parse_window("window 8000"),
+            Ok(Some(Duration::from_secs(8)))
+        );
+        assert_eq!(parse_window("window none"), Ok(None));
+        assert!(parse_window("window 8 s").is_err());
+        assert!(parse_window("back 3").is_err());
     }
 }
