@@ -231,7 +231,7 @@ pub struct Settings {
     /// Authorizations per second the deployment answers in a reconnect storm (`make bench`'s
     /// storm section measures it): clients spread their reconnects after a broker restart over
     /// the connections held divided by this, so that none waits past the authorization timeout
-    /// [default: 2000]
+    /// [default: 1800]
     #[arg(long, env = "KEZ_RECONNECTS_PER_SEC")]
     pub reconnects_per_sec: Option<u32>,
     /// Domain this server serves: handles are @name@<domain> [default: kez.lat]

@@ -151,9 +151,44 @@ impl Section {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match cli.command {
+        // The storm's clients share the machine's CPUs with the broker and the callout they
+        // measure: one thread per clients process, with no work handed between threads, costs
+        // them least.
+        Some(Command::StormClients {
+            first,
+            count,
+            concurrency,
+        }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            return match runtime.map_err(|e| e.to_string()).and_then(|runtime| {
+                runtime.block_on(storm_clients::serve(first, count, concurrency))
+            }) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("kez-bench storm-clients: {err}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    };
+    match runtime {
+        Ok(runtime) => runtime.block_on(run(cli)),
+        Err(err) => {
+            eprintln!("kez-bench: cannot start the async runtime: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Some(Command::ServeEcho {
             url,
@@ -168,19 +203,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::StormClients {
-            first,
-            count,
-            concurrency,
-        }) => {
-            return match storm_clients::serve(first, count, concurrency).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(err) => {
-                    eprintln!("kez-bench storm-clients: {err}");
-                    ExitCode::FAILURE
-                }
-            };
-        }
+        Some(Command::StormClients { .. }) => unreachable!("served before the runtime is built"),
         None => {}
     }
 

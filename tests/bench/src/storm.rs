@@ -21,9 +21,9 @@ use kez_tests::process::LIMITS_OFF;
 use rand_core::RngCore as _;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
-use crate::measure::{Budget, cpu_of, nats_pid, per_sec};
+use crate::measure::{Budget, Latencies, cpu_of, nats_pid, per_sec};
 use crate::report::{Goal, Row};
-use crate::storm_clients::{Backoff, ClientProcesses, client_key};
+use crate::storm_clients::{Backoff, ClientProcesses, Returned, client_key};
 
 const SECTION: &str = "storm";
 /// Registrations and first connects in flight at once.
@@ -91,6 +91,10 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     // The same, linear in the last client: its backoff wait counted as if every client's work.
     let extrapolated_linearly =
         |storm: &Storm| storm.broker_back.as_secs_f64() + GOAL_USERS as f64 / storm.rate(clients);
+    // The harness's clients share this machine's CPUs; a deployment's are elsewhere.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let node_alone =
+        |storm: &Storm| cores / (per_reconnect(storm.nats_cpu + storm.server_cpu) / 1e6);
     const BASELINE: &str = "async-nats' default reconnect delays";
     Ok(vec![
         Row::info(
@@ -182,6 +186,42 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         ),
         Row::versus(
             SECTION,
+            "a reconnect's wait (its attempt until let in), p50",
+            "ms",
+            ours.waits.p50_ms,
+            baseline.waits.p50_ms,
+            BASELINE,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            "a reconnect's wait, p99",
+            "ms",
+            ours.waits.p99_ms,
+            baseline.waits.p99_ms,
+            BASELINE,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            "a reconnect's wait, p99 of the first fifth back",
+            "ms",
+            ours.waits.first_fifth_p99_ms,
+            baseline.waits.first_fifth_p99_ms,
+            BASELINE,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
+            "a reconnect's wait, p99 of the last fifth back (above the first: a growing queue)",
+            "ms",
+            ours.waits.last_fifth_p99_ms,
+            baseline.waits.last_fifth_p99_ms,
+            BASELINE,
+            Goal::None,
+        ),
+        Row::versus(
+            SECTION,
             "connects refused by nats-server (its log), the storm",
             "conn",
             ours.refusals as f64,
@@ -215,6 +255,12 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             baseline.failed as f64,
             BASELINE,
             Goal::None,
+        ),
+        Row::info(
+            SECTION,
+            "reconnects/s the node's CPUs would authorize with nothing else on them (their count over nats-server's and kez-chat-server's CPU per reconnect): what --reconnects-per-sec may approach",
+            "conn/s",
+            node_alone(&ours),
         ),
         Row::versus(
             SECTION,
@@ -280,8 +326,42 @@ async fn advertised_window(
     Ok(learnt)
 }
 
+/// How long the clients' last connect attempts took, from the end of their reconnect wait until
+/// the broker let them in: the broker's greeting and the callout's decision, queued behind the
+/// others'. Milliseconds.
+struct Waits {
+    p50_ms: f64,
+    p99_ms: f64,
+    /// The 99th percentile among the first fifth of the clients to come back.
+    first_fifth_p99_ms: f64,
+    /// The same among the last fifth: a wait that grows from the first fifth to the last is a
+    /// queue that grows, clients coming faster than they are let in.
+    last_fifth_p99_ms: f64,
+}
+
+impl Waits {
+    /// Of clients `back` in the order they came back.
+    fn of(back: &[Returned]) -> Waits {
+        let waits = |returned: &[Returned]| {
+            let mut waits = Latencies::default();
+            for one in returned {
+                waits.push(one.wait);
+            }
+            waits
+        };
+        let fifth = back.len() / 5;
+        Waits {
+            p50_ms: waits(back).percentile_ms(50.0),
+            p99_ms: waits(back).percentile_ms(99.0),
+            first_fifth_p99_ms: waits(&back[..fifth]).percentile_ms(99.0),
+            last_fifth_p99_ms: waits(&back[back.len() - fifth..]).percentile_ms(99.0),
+        }
+    }
+}
+
 /// What one storm measured.
 struct Storm {
+    waits: Waits,
     /// The reconnect window the clients learnt (kez's delays only).
     window: Option<Duration>,
     first_connects: Duration,
@@ -371,9 +451,13 @@ async fn storm(
     let nats_cpu = cpu_of(&[nats_pid(&stack.nats)?])?;
     let server_cpu = cpu_of(&[server_pid])? - server_before;
     let own_cpu = cpu_of(&own_pids)? - own_before;
-    let all_back = back.last().copied().unwrap_or_default();
-    let half_back = back[back.len() / 2];
-    let most_back = back[back.len() * 9 / 10];
+    let all_back = back
+        .last()
+        .map(|returned| returned.back)
+        .unwrap_or_default();
+    let half_back = back[back.len() / 2].back;
+    let most_back = back[back.len() * 9 / 10].back;
+    let waits = Waits::of(&back);
 
     let log = stack.nats.log();
     let this_run = log
@@ -392,11 +476,14 @@ async fn storm(
          kez-chat-server {server_cpu:.2?}, clients {own_cpu:.2?}; failed attempts {failed}, \
          nats-server refused {refusals}: {timeouts} after its {AUTHORIZATION_TIMEOUT_SECS} s timeout, \
          {closed_meanwhile} closed while the callout decided, {missed} closed by the server for a \
-         retry (their requests reached no callout)"
+         retry (their requests reached no callout); a reconnect's wait p50 {:.0} ms, p99 {:.0} ms \
+         (the first fifth back {:.0} ms, the last {:.0} ms)",
+        waits.p50_ms, waits.p99_ms, waits.first_fifth_p99_ms, waits.last_fifth_p99_ms,
     );
     held.close().await?;
     Ok(Storm {
         window,
+        waits,
         first_connects,
         broker_back,
         all_back,

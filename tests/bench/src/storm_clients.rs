@@ -9,6 +9,7 @@
 //! The section drives each process by lines on its standard input, answered on its standard
 //! output: see [`Command`].
 
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -68,10 +69,11 @@ enum Command {
     /// `back`: answers `back <n>`, the clients connected since the stop.
     Back,
     /// `confirm`: one round trip per client (a PONG comes only once a connection is
-    /// authorized); answers `all <failed> <ns>...` with every client's time back (since the
-    /// stop, in nanoseconds, in order) and the connect attempts that failed after the stop
-    /// (other than a refused TCP connect while the broker was down), or `back <n>` when not
-    /// all are.
+    /// authorized); answers `all <failed> <back>/<wait>...` with, per client, its time back
+    /// (since the stop, in nanoseconds, in order) and how long its last attempt took until
+    /// then (nanoseconds: the broker's greeting and the callout's decision, queued behind the
+    /// others'), and the connect attempts that failed after the stop (other than a refused TCP
+    /// connect while the broker was down), or `back <n>` when not all are.
     Confirm,
     /// `close`: closes every client; answers `closed`.
     Close,
@@ -237,9 +239,10 @@ impl ClientProcesses {
             .sum()
     }
 
-    /// Every client's time back since the stop, in order, and the failed connect attempts;
-    /// `None` unless all are back, confirmed by a round trip.
-    pub async fn confirm(&mut self) -> Result<Option<(Vec<Duration>, usize)>, String> {
+    /// Every client's time back since the stop and its last attempt's wait, in the order they
+    /// came back, and the failed connect attempts; `None` unless all are back, confirmed by a
+    /// round trip.
+    pub async fn confirm(&mut self) -> Result<Option<(Vec<Returned>, usize)>, String> {
         let mut back = Vec::new();
         let mut failed = 0;
         for answer in self.ask("confirm", CONNECT_WITHIN).await? {
@@ -247,17 +250,16 @@ impl ClientProcesses {
                 count_back(&answer)?;
                 return Ok(None);
             };
-            let mut numbers = all.split_whitespace().map(str::parse::<u64>);
-            failed += numbers
+            let mut words = all.split_whitespace();
+            failed += words
                 .next()
-                .and_then(Result::ok)
+                .and_then(|count| count.parse::<u64>().ok())
                 .ok_or_else(|| format!("not an answer to confirm: {answer:.80}"))?;
-            for nanos in numbers {
-                let nanos = nanos.map_err(|e| format!("not a time: {e}"))?;
-                back.push(Duration::from_nanos(nanos));
+            for pair in words {
+                back.push(parse_returned(pair)?);
             }
         }
-        back.sort_unstable();
+        back.sort_unstable_by_key(|returned| returned.back);
         Ok(Some((back, usize::try_from(failed).unwrap_or(usize::MAX))))
     }
 
@@ -270,6 +272,27 @@ impl ClientProcesses {
         }
         Ok(())
     }
+}
+
+/// One client's return after the stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Returned {
+    /// When it was back, since the stop.
+    pub back: Duration,
+    /// How long its last connect attempt took: from the end of its reconnect wait until the
+    /// broker let it in.
+    pub wait: Duration,
+}
+
+fn parse_returned(pair: &str) -> Result<Returned, String> {
+    let (back, wait) = pair
+        .split_once('/')
+        .and_then(|(back, wait)| Some((back.parse().ok()?, wait.parse().ok()?)))
+        .ok_or_else(|| format!("not a client's return: {pair:.40}"))?;
+    Ok(Returned {
+        back: Duration::from_nanos(back),
+        wait: Duration::from_nanos(wait),
+    })
 }
 
 fn parse_window(answer: &str) -> Result<Option<Duration>, String> {
@@ -299,6 +322,9 @@ struct Tally {
     /// it takes any first answer to its CONNECT for the broker's PONG, the broker's own PING
     /// too, which comes while the callout decides; then the refusal disconnects it again.
     back: Box<[AtomicU64]>,
+    /// Per client, when its latest connect attempt after the stop began (its reconnect wait
+    /// over; nanoseconds since the stop, plus one); 0 before the first.
+    attempted: Box<[AtomicU64]>,
     /// Connect attempts that failed after the stop, other than while the broker was down.
     failed: AtomicUsize,
 }
@@ -308,6 +334,7 @@ impl Tally {
         Tally {
             stopped_at: OnceLock::new(),
             back: (0..clients).map(|_| AtomicU64::new(0)).collect(),
+            attempted: (0..clients).map(|_| AtomicU64::new(0)).collect(),
             failed: AtomicUsize::new(0),
         }
     }
@@ -320,12 +347,27 @@ impl Tally {
             .count()
     }
 
-    /// When each client was last connected, in nanoseconds since the stop; `None` unless all
-    /// are.
-    fn all_back(&self) -> Option<Vec<u64>> {
+    /// Nanoseconds since the stop, plus one.
+    fn since_stop(&self, later: Duration) -> Option<u64> {
+        let since = self.stopped_at.get()?.elapsed() + later;
+        Some(
+            u64::try_from(since.as_nanos())
+                .unwrap_or(u64::MAX)
+                .saturating_add(1),
+        )
+    }
+
+    /// When each client was last connected and how long its last attempt took until then, in
+    /// nanoseconds; `None` unless all are connected.
+    fn all_back(&self) -> Option<Vec<(u64, u64)>> {
         self.back
             .iter()
-            .map(|at| at.load(Ordering::Relaxed).checked_sub(1))
+            .zip(self.attempted.iter())
+            .map(|(back, attempted)| {
+                let back = back.load(Ordering::Relaxed).checked_sub(1)?;
+                let attempted = attempted.load(Ordering::Relaxed).saturating_sub(1);
+                Some((back, back.saturating_sub(attempted)))
+            })
             .collect()
     }
 }
@@ -461,8 +503,8 @@ async fn confirm(tally: &Tally, connected: &Mutex<Vec<Client>>) -> String {
         Some(mut back) => {
             back.sort_unstable();
             let mut answer = format!("all {}", tally.failed.load(Ordering::Relaxed));
-            for nanos in back {
-                answer.push_str(&format!(" {nanos}"));
+            for (nanos, wait) in back {
+                write!(answer, " {nanos}/{wait}").expect("writing to a String");
             }
             answer
         }
@@ -480,13 +522,20 @@ async fn connect(
     tally: Arc<Tally>,
     backoff: Backoff,
 ) -> Result<Client, String> {
-    let options = match backoff {
-        Backoff::Kez => kez_client::Connection::options(key),
-        Backoff::AsyncNats => {
-            kez_client::Connection::options(key).reconnect_delay_callback(async_nats_delay)
-        }
+    let delay: Box<dyn Fn(usize) -> Duration + Send + Sync> = match backoff {
+        Backoff::Kez => Box::new(kez_client::reconnect::delay_callback()),
+        Backoff::AsyncNats => Box::new(async_nats_delay),
     };
-    options
+    // The same delays, noting when each attempt begins (its wait over).
+    let noted = tally.clone();
+    kez_client::Connection::options(key)
+        .reconnect_delay_callback(move |attempts| {
+            let wait = delay(attempts);
+            if let Some(at) = noted.since_stop(wait) {
+                noted.attempted[slot].store(at, Ordering::Relaxed);
+            }
+            wait
+        })
         .local_address(source_address(index))
         .event_callback(move |event| {
             let tally = tally.clone();
@@ -589,6 +638,15 @@ mod tests {
     fn answers_are_counted() {
         assert_eq!(count_back("back 12"), Ok(12));
         assert!(count_back("all 0 1 2").is_err());
+        assert_eq!(
+            parse_returned("3000000000/250000000"),
+            Ok(Returned {
+                back: Duration::from_secs(3),
+                wait: Duration::from_millis(250),
+            })
+        );
+        assert!(parse_returned("3000000000").is_err());
+        assert!(parse_returned("3/x").is_err());
         assert_eq!(
             parse_window("window 8000"),
             Ok(Some(Duration::from_secs(8)))
