@@ -32,6 +32,25 @@ use crate::store::{DeviceRecord, DeviceState, DisabledRecord, Store};
 /// How long a granted authorization lasts. When it ends nats-server disconnects the client,
 /// whose reconnect runs the callout again: a disabled user is out within this time.
 pub const AUTHORIZATION_LIFETIME_SECS: u64 = 3600;
+
+/// When a granted authorization starts and ends, in seconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// When it was granted.
+    pub from: u64,
+    /// When nats-server ends it (and the connection).
+    pub until: u64,
+}
+
+impl Validity {
+    /// An authorization granted at `now` for `lifetime` seconds.
+    pub fn starting(now: u64, lifetime: u64) -> Validity {
+        Validity {
+            from: now,
+            until: now.saturating_add(lifetime),
+        }
+    }
+}
 /// Most subscriptions one user connection may hold.
 const MAX_SUBSCRIPTIONS: i64 = 1000;
 
@@ -51,6 +70,8 @@ pub struct Callout {
     federation: Option<std::sync::Arc<Federation>>,
     /// The registrations of keys seen connecting.
     registrations: Registrations,
+    /// How long a granted authorization lasts, in seconds.
+    lifetime: u64,
 }
 
 /// Most registrations [`Registrations`] remembers (~150 bytes each); past it, it starts afresh.
@@ -172,7 +193,15 @@ impl Callout {
             server_users: Vec::new(),
             federation: None,
             registrations: Registrations::default(),
+            lifetime: AUTHORIZATION_LIFETIME_SECS,
         }
+    }
+
+    /// The same callout, granting authorizations for `lifetime` instead of
+    /// [`AUTHORIZATION_LIFETIME_SECS`] (at least a second).
+    pub fn with_authorization_lifetime(mut self, lifetime: std::time::Duration) -> Self {
+        self.lifetime = lifetime.as_secs().max(1);
+        self
     }
 
     /// The same callout, letting in peer servers through `federation` (none: refusing them).
@@ -318,7 +347,8 @@ impl Callout {
             device: device.as_ref(),
             disabled: disabled.as_ref(),
         };
-        let (claims, verdict) = match grant(&request.user_nkey, &key, standing, now)? {
+        let validity = Validity::starting(now, self.lifetime);
+        let (claims, verdict) = match grant(&request.user_nkey, &key, standing, validity)? {
             Grant::Registered(claims) => (claims, Verdict::Registered(key, form)),
             Grant::Device(claims, identity) => (claims, Verdict::Device(key, identity, form)),
             Grant::Unregistered(claims) => {
@@ -430,7 +460,11 @@ impl Callout {
                     .map_err(|err| peer_refusal(domain, reason_of(&err), &err.message))?;
             }
         }
-        Ok(peer_profile(&request.user_nkey, key, now))
+        Ok(peer_profile(
+            &request.user_nkey,
+            key,
+            Validity::starting(now, self.lifetime),
+        ))
     }
 }
 
@@ -465,7 +499,7 @@ pub fn grant(
     user_nkey: &str,
     key: &PublicKey,
     standing: Standing<'_>,
-    now: u64,
+    validity: Validity,
 ) -> Result<Grant, String> {
     if let Some(disabled) = standing.disabled {
         return Err(format!(
@@ -479,10 +513,10 @@ pub fn grant(
                 "kez: {key} holds its handle, but its own chain revoked it as a device; connect with one of its active devices"
             ));
         }
-        (Some(record), _) => Grant::Registered(registered_profile(user_nkey, record, now)),
+        (Some(record), _) => Grant::Registered(registered_profile(user_nkey, record, validity)),
         (None, Some(device)) => match device.state {
             DeviceState::Active => Grant::Device(
-                device_profile(user_nkey, key, &device.identity, now),
+                device_profile(user_nkey, key, &device.identity, validity),
                 device.identity,
             ),
             DeviceState::Revoked => {
@@ -498,7 +532,7 @@ pub fn grant(
                 ));
             }
         },
-        (None, None) => Grant::Unregistered(unregistered_profile(user_nkey, key, now)),
+        (None, None) => Grant::Unregistered(unregistered_profile(user_nkey, key, validity)),
     })
 }
 
@@ -507,17 +541,17 @@ pub fn grant(
 /// `Nats-Request-Info` header it stamps on every request the user sends across a service
 /// import, so the kez services learn the caller's key from it (`kez.mail.fetch` serves that
 /// key's inbox; the limits count by it), not a name they would have to look up.
-fn base_claims(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
-    UserClaims::new(user_nkey, APP_ACCOUNT, now)
+fn base_claims(user_nkey: &str, key: &PublicKey, validity: Validity) -> UserClaims {
+    UserClaims::new(user_nkey, APP_ACCOUNT, validity.from)
         .with_name(key.to_nkey())
-        .with_expiry(now + AUTHORIZATION_LIFETIME_SECS)
+        .with_expiry(validity.until)
         .with_max_subscriptions(MAX_SUBSCRIPTIONS)
 }
 
 /// A key without a handle may register, look handles up, read server info, and hear replies on
 /// its own reply prefix. Nothing else.
-fn unregistered_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
-    base_claims(user_nkey, key, now)
+fn unregistered_profile(user_nkey: &str, key: &PublicKey, validity: Validity) -> UserClaims {
+    base_claims(user_nkey, key, validity)
         .allow_publish(unregistered_publish())
         .allow_subscribe(unregistered_subscribe(key))
 }
@@ -526,16 +560,16 @@ fn unregistered_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaim
 /// through `kez.mail.fetch`, never through JetStream) and send live notices to anyone's devices
 /// (core NATS, PROTOCOL.md §8.6), hear replies only on its own reply prefix, and hear of new
 /// mail and live notices only for its own inbox.
-fn registered_profile(user_nkey: &str, record: &HandleRecord, now: u64) -> UserClaims {
-    base_claims(user_nkey, &record.key, now)
+fn registered_profile(user_nkey: &str, record: &HandleRecord, validity: Validity) -> UserClaims {
+    base_claims(user_nkey, &record.key, validity)
         .allow_publish(registered_publish())
         .allow_subscribe(registered_subscribe(&record.key))
 }
 
 /// A peer server may hand over mail and read what anyone may read (`subjects::peer_publish`),
 /// and hear replies on its own reply prefix. Nothing else: no live notices, no registration.
-pub fn peer_profile(user_nkey: &str, key: &PublicKey, now: u64) -> UserClaims {
-    base_claims(user_nkey, key, now)
+pub fn peer_profile(user_nkey: &str, key: &PublicKey, validity: Validity) -> UserClaims {
+    base_claims(user_nkey, key, validity)
         .allow_publish(peer_publish())
         .allow_subscribe(unregistered_subscribe(key))
 }
@@ -546,9 +580,9 @@ fn device_profile(
     user_nkey: &str,
     device: &PublicKey,
     identity: &PublicKey,
-    now: u64,
+    validity: Validity,
 ) -> UserClaims {
-    base_claims(user_nkey, device, now)
+    base_claims(user_nkey, device, validity)
         .allow_publish(registered_publish())
         .allow_subscribe(device_subscribe(identity, device))
 }
@@ -560,11 +594,15 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_767_225_600;
+    const VALID: Validity = Validity {
+        from: NOW,
+        until: NOW + AUTHORIZATION_LIFETIME_SECS,
+    };
 
     #[test]
     fn a_peer_gets_the_federation_subjects_and_its_own_replies_only() {
         let key = SecretKey::from_seed(&[7; 32]).public_key();
-        let claims = peer_profile("UCONNECTION", &key, NOW);
+        let claims = peer_profile("UCONNECTION", &key, VALID);
         assert_eq!(claims.publish.allow, peer_publish());
         for endpoint in [
             kez_proto::Endpoint::MailDeliver,
@@ -613,7 +651,7 @@ mod tests {
         let user = "UCONNECTION";
 
         let nothing = Standing::default();
-        let Ok(Grant::Unregistered(narrow)) = grant(user, &key, nothing, NOW) else {
+        let Ok(Grant::Unregistered(narrow)) = grant(user, &key, nothing, VALID) else {
             panic!("a key without a handle gets the narrow profile");
         };
         assert_eq!(narrow.publish.allow, unregistered_publish());
@@ -626,7 +664,7 @@ mod tests {
             record: Some(&record),
             ..nothing
         };
-        let Ok(Grant::Registered(chat)) = grant(user, &key, registered, NOW) else {
+        let Ok(Grant::Registered(chat)) = grant(user, &key, registered, VALID) else {
             panic!("a registered key gets the chat profile");
         };
         assert_eq!(chat.publish.allow, registered_publish());
@@ -645,7 +683,7 @@ mod tests {
             device: Some(&active),
             ..nothing
         };
-        let Ok(Grant::Device(claims, identity)) = grant(user, &laptop, as_device, NOW) else {
+        let Ok(Grant::Device(claims, identity)) = grant(user, &laptop, as_device, VALID) else {
             panic!("an active device gets the device profile");
         };
         assert_eq!(identity, key);
@@ -690,7 +728,7 @@ mod tests {
                 device: Some(&record),
                 ..nothing
             };
-            let refused = grant(user, &laptop, standing, NOW).unwrap_err();
+            let refused = grant(user, &laptop, standing, VALID).unwrap_err();
             assert!(refused.contains(reason), "{refused}");
         }
         // The identity's own key, revoked by its chain, is refused although it holds the handle.
@@ -699,7 +737,7 @@ mod tests {
             device: Some(&revoked),
             ..registered
         };
-        let refused = grant(user, &key, revoked_identity, NOW).unwrap_err();
+        let refused = grant(user, &key, revoked_identity, VALID).unwrap_err();
         assert!(refused.contains("revoked it as a device"), "{refused}");
 
         let disabled = DisabledRecord { handle, since: NOW };
@@ -708,7 +746,7 @@ mod tests {
                 disabled: Some(&disabled),
                 ..standing
             };
-            let refused = grant(user, &key, standing, NOW).unwrap_err();
+            let refused = grant(user, &key, standing, VALID).unwrap_err();
             assert!(refused.contains("disabled by the operator"), "{refused}");
         }
     }

@@ -43,6 +43,9 @@ pub struct CalloutConfig {
     /// The authorizations per second the deployment sustains in a reconnect storm, from which
     /// the reconnect window clients are told is worked out ([`crate::reconnect_window`]).
     pub reconnects_per_sec: u32,
+    /// How long an authorization lasts ([`crate::callout::AUTHORIZATION_LIFETIME_SECS`]; not
+    /// settable from the command line; tests shrink it).
+    pub authorization_lifetime: Duration,
 }
 
 impl CalloutConfig {
@@ -54,6 +57,9 @@ impl CalloutConfig {
             issuer,
             legacy_proofs: kez_core::connect::LegacyProofs::Accept,
             reconnects_per_sec: crate::reconnect_window::DEFAULT_RECONNECTS_PER_SEC,
+            authorization_lifetime: Duration::from_secs(
+                crate::callout::AUTHORIZATION_LIFETIME_SECS,
+            ),
         }
     }
 }

@@ -233,6 +233,7 @@ impl Server {
             (Some(callout_config), Some(issuer)) => {
                 let callout =
                     callout::Callout::new(issuer, store.clone(), callout_config.legacy_proofs)
+                        .with_authorization_lifetime(callout_config.authorization_lifetime)
                         .with_federation(federation.clone())
                         .with_connect_limit(limits::Limiter::new(
                             config.limits.unregistered_connects_per_addr,

@@ -942,9 +942,8 @@ impl App {
     async fn connect(&self) -> Result<Connection, Failure> {
         let key = self.key()?;
         let url = self.server()?;
-        let options = Connection::options(&key);
         self.held
-            .connection(&url, options, async |options| {
+            .connection(&url, &key.clone(), async |options| {
                 self.connect_with(&url, key, options).await
             })
             .await

@@ -187,10 +187,9 @@ impl App {
             let _ = old.close().await;
         }
         let store = self.store()?;
-        let options = Connection::options(&key);
         let conn = self
             .held
-            .rehome(&new_url, &store, options, async |options| {
+            .rehome(&new_url, &store, &key, async |options| {
                 self.connect_with(&new_url, key.clone(), options).await
             })
             .await?;

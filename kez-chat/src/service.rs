@@ -23,7 +23,7 @@ use clap::Parser;
 use futures::StreamExt;
 use kez_blobs::BlobNode;
 use kez_client::{Connection, Home, Store, StoredMessage, now};
-use kez_core::PublicKey;
+use kez_core::{PublicKey, SecretKey};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OnceCell, broadcast, mpsc, oneshot, watch};
@@ -144,13 +144,12 @@ impl Held {
         Ok(opened)
     }
 
-    /// The connection to `url`, made by `connect` with `options` (and a callback that tells
-    /// the listeners when it drops) on first use; one to another URL than the held one is the
-    /// command's own.
+    /// The connection to `url` as `key`, made by `connect` with [`Held::options`] on first
+    /// use; one to another URL than the held one is the command's own.
     pub(crate) async fn connection<F>(
         &self,
         url: &str,
-        options: async_nats::ConnectOptions,
+        key: &Arc<SecretKey>,
         connect: F,
     ) -> Result<Connection, Failure>
     where
@@ -173,7 +172,7 @@ impl Held {
             }
             None => true,
         };
-        let conn = connect(self.noted(options)).await?;
+        let conn = connect(self.options(key)).await?;
         if replaces && let Some((_, old)) = held.replace((url.to_owned(), conn.clone())) {
             // Its users (the receiver) notice it closed and take the new one.
             tokio::spawn(old.close());
@@ -189,13 +188,13 @@ impl Held {
         &self,
         url: &str,
         store: &Store,
-        options: async_nats::ConnectOptions,
+        key: &Arc<SecretKey>,
         connect: F,
     ) -> Result<Connection, Failure>
     where
         F: AsyncFnOnce(async_nats::ConnectOptions) -> Result<Connection, Failure>,
     {
-        let conn = connect(self.noted(options)).await?;
+        let conn = connect(self.options(key)).await?;
         let old = self
             .conn
             .lock()
@@ -210,11 +209,12 @@ impl Held {
         Ok(conn)
     }
 
-    /// `options` with a callback that tells the listeners when the connection drops.
-    fn noted(&self, options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    /// The options of a connection as `key` ([`Connection::options_with_events`]), with a
+    /// callback that tells the listeners when it drops.
+    fn options(&self, key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
         let failing = self.failing.clone();
         let events = self.events.clone();
-        options.event_callback(move |event| {
+        Connection::options_with_events(key, move |event| {
             if matches!(event, async_nats::Event::Disconnected) && stopped_now(&failing) {
                 let _ = events.send(Event::Note(
                     "kez-chat: receiving stopped (the connection to the broker was lost); reconnecting, messages wait on the server meanwhile".into(),

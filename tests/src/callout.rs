@@ -145,17 +145,16 @@ pub async fn connect_as(
 ) -> Result<(Client, mpsc::UnboundedReceiver<ServerError>), async_nats::ConnectError> {
     let (errors, received) = mpsc::unbounded_channel();
     // The real client's options, so the tests exercise what kez-chat does.
-    let client = kez_client::Connection::options(key)
-        .event_callback(move |event| {
-            let errors = errors.clone();
-            async move {
-                if let async_nats::Event::ServerError(err) = event {
-                    let _ = errors.send(err);
-                }
+    let client = kez_client::Connection::options_with_events(key, move |event| {
+        let errors = errors.clone();
+        async move {
+            if let async_nats::Event::ServerError(err) = event {
+                let _ = errors.send(err);
             }
-        })
-        .connect(url)
-        .await?;
+        }
+    })
+    .connect(url)
+    .await?;
     Ok((client, received))
 }
 

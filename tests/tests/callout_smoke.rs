@@ -102,3 +102,88 @@ async fn a_broker_without_the_window_leaves_the_clients_own() {
     let client = async_nats::connect(nats.url()).await.unwrap();
     assert_eq!(kez_client::reconnect::learn_window(&client).await, Ok(None));
 }
+
+/// A connection whose authorization expired comes back at once, not after the reconnect window:
+/// nats-server says so (`-ERR 'User Authentication Expired'`) before it closes it, and only a
+/// broker restart drops everyone at the same time (PROTOCOL.md §6.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_authorization_expired_does_not_wait_out_the_window() {
+    const CLIENTS: usize = 10;
+    let stack = CalloutStack::start_configured(|config| {
+        let callout = config.callout.as_mut().expect("a callout stack");
+        callout.authorization_lifetime = std::time::Duration::from_secs(3);
+        // The server's own connections alone make a window of several seconds.
+        callout.reconnects_per_sec = 1;
+    })
+    .await;
+    let url = stack.nats.url();
+    let started = std::time::Instant::now();
+    // Per client: when it lost its connection and when it was back, seconds since `started`.
+    type LostAndBack = (Option<f64>, Option<f64>);
+    let times = Arc::new(std::sync::Mutex::new(vec![LostAndBack::default(); CLIENTS]));
+    let mut connections = Vec::new();
+    for slot in 0..CLIENTS {
+        let key = Arc::new(SecretKey::generate());
+        let times = times.clone();
+        let options = kez_client::Connection::options_with_events(&key, move |event| {
+            let now = started.elapsed().as_secs_f64();
+            let mut times = times.lock().unwrap();
+            match event {
+                async_nats::Event::Disconnected if times[slot].0.is_none() => {
+                    times[slot].0 = Some(now);
+                }
+                async_nats::Event::Connected if times[slot].0.is_some() => {
+                    times[slot].1.get_or_insert(now);
+                }
+                _ => {}
+            }
+            std::future::ready(())
+        });
+        let connection = kez_client::Connection::connect_with(
+            &url,
+            key,
+            options,
+            kez_client::Plaintext::LoopbackOnly,
+        )
+        .await
+        .expect("a new key connects");
+        connections.push(connection);
+    }
+    // Learnt by this process before the authorizations expire (the server counts at its start).
+    let window = loop {
+        let window = kez_client::reconnect::learn_window(connections[0].nats())
+            .await
+            .unwrap();
+        if let Some(window) = window.filter(|window| window.as_secs() >= 4) {
+            break window;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "no window of seconds advertised: {window:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+
+    let deadline = started + std::time::Duration::from_secs(20);
+    loop {
+        let done = times.lock().unwrap().iter().all(|(_, back)| back.is_some());
+        if done {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every connection came back after its authorization expired: {:?}",
+            times.lock().unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let times = times.lock().unwrap().clone();
+    for (lost, back) in &times {
+        let away = back.unwrap() - lost.unwrap();
+        // Its own 1 s window and a connect, not the advertised one.
+        assert!(
+            away < 1.6,
+            "away {away:.2} s of a {window:?} window after an expired authorization: {times:?}"
+        );
+    }
+}

@@ -573,18 +573,17 @@ async fn a_revoked_device_on_another_node_is_disconnected() {
     chain.append(add.bytes()).unwrap();
 
     let (disconnected, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let _laptop_client = kez_client::Connection::options(&laptop)
-        .event_callback(move |event| {
-            let disconnected = disconnected.clone();
-            async move {
-                if matches!(event, async_nats::Event::Disconnected) {
-                    let _ = disconnected.send(Instant::now());
-                }
+    let _laptop_client = kez_client::Connection::options_with_events(&laptop, move |event| {
+        let disconnected = disconnected.clone();
+        async move {
+            if matches!(event, async_nats::Event::Disconnected) {
+                let _ = disconnected.send(Instant::now());
             }
-        })
-        .connect(laptop_url)
-        .await
-        .expect("the laptop connects");
+        }
+    })
+    .connect(laptop_url)
+    .await
+    .expect("the laptop connects");
     let revoke = chain
         .revoke_device_link(now(), &alice, laptop.public_key(), None)
         .unwrap();

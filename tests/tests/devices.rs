@@ -333,16 +333,15 @@ async fn connect_watched(
     key: &Arc<SecretKey>,
 ) -> (Client, mpsc::UnboundedReceiver<async_nats::Event>) {
     let (events, received) = mpsc::unbounded_channel();
-    let client = kez_client::Connection::options(key)
-        .event_callback(move |event| {
-            let events = events.clone();
-            async move {
-                let _ = events.send(event);
-            }
-        })
-        .connect(url)
-        .await
-        .expect("an active key connects");
+    let client = kez_client::Connection::options_with_events(key, move |event| {
+        let events = events.clone();
+        async move {
+            let _ = events.send(event);
+        }
+    })
+    .connect(url)
+    .await
+    .expect("an active key connects");
     (client, received)
 }
 

@@ -631,12 +631,28 @@ impl Connection {
     /// [`kez_core::connect::sign_nonce`]: a nonce no nats-server would send is not signed, and
     /// the connection fails; a broker that sends none, checking no keys, gets no proof), replies under the key's own prefix, only the servers the caller
     /// names (never those a broker advertises), reconnects forever after a random wait
-    /// ([`crate::reconnect`]), each attempt for up to [`CONNECT_TIMEOUT`]. Add to them (event
-    /// callbacks, `retry_on_initial_connect`, timeouts) and pass them to
-    /// [`Connection::connect_with`]; do not replace the auth, the inbox prefix or the server list.
+    /// ([`crate::reconnect`]), each attempt for up to [`CONNECT_TIMEOUT`]. Add to them
+    /// (`retry_on_initial_connect`, timeouts) and pass them to [`Connection::connect_with`]; do
+    /// not replace the auth, the inbox prefix, the server list, the reconnect callbacks or the
+    /// event callback: for events of your own use [`Connection::options_with_events`].
     pub fn options(key: &Arc<SecretKey>) -> async_nats::ConnectOptions {
+        Connection::options_with_events(key, |_| std::future::ready(()))
+    }
+
+    /// [`Connection::options`] handing every connection event to `on_event` too (after the
+    /// reconnect pacing has taken note of it: an expired authorization comes back at once).
+    pub fn options_with_events<F, Fut>(
+        key: &Arc<SecretKey>,
+        on_event: F,
+    ) -> async_nats::ConnectOptions
+    where
+        F: Fn(async_nats::Event) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + Sync + 'static,
+    {
         let signer = key.clone();
-        async_nats::ConnectOptions::with_auth_callback(move |nonce| {
+        let pacing = Arc::new(crate::reconnect::Pacing::default());
+        let noting = pacing.clone();
+        let options = async_nats::ConnectOptions::with_auth_callback(move |nonce| {
             let signer = signer.clone();
             async move {
                 let mut auth = async_nats::Auth::new();
@@ -655,8 +671,12 @@ impl Connection {
         .custom_inbox_prefix(reply_prefix(&key.public_key()))
         .ignore_discovered_servers()
         .max_reconnects(None)
-        .reconnect_delay_callback(crate::reconnect::delay_callback())
         .connection_timeout(CONNECT_TIMEOUT)
+        .event_callback(move |event| {
+            noting.note(&event);
+            on_event(event)
+        });
+        pacing.pace(options)
     }
 
     /// Connects to the broker at `url` (or to any of several comma-separated URLs, the nodes

@@ -7,7 +7,9 @@
 //! its brokers hold over the authorizations per second it sustains), read by every connection
 //! when it connects and every [`WINDOW_REFRESH`] after, and at least [`RECONNECT_WINDOW`]
 //! doubled for each failed attempt up to [`RECONNECT_MAX_WINDOW`]. A process has one home
-//! broker, so the window it learnt is the process's: every connection of it waits by it.
+//! broker, so the window it learnt is the process's: every connection of it waits by it. A
+//! connection whose authorization expired (the broker says so before it closes it) is alone in
+//! coming back and does not wait out the window ([`Pacing`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,18 +63,79 @@ pub fn advertised_window() -> Option<Duration> {
     }
 }
 
-/// async-nats' `reconnect_delay_callback` for one connection's options: the first call, the
-/// connection's initial connect (async-nats asks the callback for that attempt too), does not
-/// wait, so a command connecting to send one message is not slowed down; every later one waits
-/// [`reconnect_delay`] with the [`advertised_window`].
-pub fn delay_callback() -> impl Fn(usize) -> Duration + Send + Sync + 'static {
-    let initial_done = Arc::new(AtomicBool::new(false));
-    move |attempts| {
-        if initial_done.swap(true, Ordering::Relaxed) {
-            reconnect_delay(attempts, advertised_window())
-        } else {
-            Duration::ZERO
+/// nats-server's `-ERR` when a connection's authorization ends (the home server grants them
+/// for an hour, PROTOCOL.md §6.1), right before it closes the connection.
+const AUTHORIZATION_EXPIRED: &str = "user authentication expired";
+/// How long a reconnect waits, before it draws its delay, for async-nats to hand the broker's
+/// last words (an expired authorization's `-ERR`) to the event callback, which runs on a task
+/// of its own. Should they come later, the connection waits as after a restart.
+const LAST_WORDS_SETTLE: Duration = Duration::from_millis(5);
+
+/// How one connection paces its reconnects: what its reconnect delays and its event callback
+/// share. [`Pacing::pace`] sets async-nats' callbacks; the connection's event callback must hand
+/// every event to [`Pacing::note`] ([`crate::Connection::options_with_events`] does).
+#[derive(Debug, Default)]
+pub struct Pacing {
+    /// Whether the initial connect was made: every later attempt is a reconnect.
+    initial_done: AtomicBool,
+    /// Whether the broker ended the connection's authorization since it was last connected.
+    expired: AtomicBool,
+}
+
+impl Pacing {
+    /// The wait before connect attempt `attempts` (async-nats counts from 1 after every
+    /// success): none for the initial connect, so a command connecting to send one message is
+    /// not slowed down; after an expired authorization, the first attempt waits as if no window
+    /// were advertised (the broker is up and only this connection is coming back:
+    /// authorizations expire one by one, an hour after each was granted); every other one
+    /// [`reconnect_delay`] with the [`advertised_window`].
+    pub fn delay(&self, attempts: usize) -> Duration {
+        self.delay_in(attempts, advertised_window())
+    }
+
+    /// [`Pacing::delay`] with `advertised` for the advertised window.
+    fn delay_in(&self, attempts: usize, advertised: Option<Duration>) -> Duration {
+        if !self.initial_done.swap(true, Ordering::Relaxed) {
+            return Duration::ZERO;
         }
+        if attempts <= 1 && self.expired.swap(false, Ordering::Relaxed) {
+            return reconnect_delay(attempts, None);
+        }
+        reconnect_delay(attempts, advertised)
+    }
+
+    /// Takes note of a connection event: an expired authorization, or a connection made.
+    pub fn note(&self, event: &async_nats::Event) {
+        match event {
+            async_nats::Event::ServerError(async_nats::ServerError::Other(text))
+                if text.trim().eq_ignore_ascii_case(AUTHORIZATION_EXPIRED) =>
+            {
+                self.expired.store(true, Ordering::Relaxed);
+            }
+            async_nats::Event::Connected => self.expired.store(false, Ordering::Relaxed),
+            _ => {}
+        }
+    }
+
+    /// `options` with this pacing's reconnect delays, each reconnect first letting the events
+    /// already received reach [`Pacing::note`] ([`LAST_WORDS_SETTLE`]).
+    pub fn pace(
+        self: &Arc<Self>,
+        options: async_nats::ConnectOptions,
+    ) -> async_nats::ConnectOptions {
+        let (delays, settle) = (self.clone(), self.clone());
+        options
+            .reconnect_delay_callback(move |attempts| delays.delay(attempts))
+            .reconnect_to_server_callback(move |_servers, _info| {
+                let reconnecting = settle.initial_done.load(Ordering::Relaxed);
+                async move {
+                    if reconnecting {
+                        tokio::time::sleep(LAST_WORDS_SETTLE).await;
+                    }
+                    // async-nats' own choice of server, then the delay above.
+                    None
+                }
+            })
     }
 }
 
@@ -166,9 +229,41 @@ mod tests {
 
     #[test]
     fn the_initial_connect_does_not_wait() {
-        let callback = delay_callback();
-        assert_eq!(callback(1), Duration::ZERO);
-        let later: Vec<_> = (0..50).map(|_| callback(1)).collect();
+        let pacing = Pacing::default();
+        assert_eq!(pacing.delay(1), Duration::ZERO);
+        let later: Vec<_> = (0..50).map(|_| pacing.delay(1)).collect();
         assert!(later.iter().any(|wait| !wait.is_zero()), "{later:?}");
+    }
+
+    #[test]
+    fn after_an_expired_authorization_the_first_attempt_does_not_wait_out_the_window() {
+        let expired = || {
+            async_nats::Event::ServerError(async_nats::ServerError::Other(
+                "User Authentication Expired".into(),
+            ))
+        };
+        let window = Some(Duration::from_secs(30));
+        let pacing = Pacing::default();
+        assert_eq!(pacing.delay_in(1, window), Duration::ZERO);
+        for _ in 0..200 {
+            pacing.note(&expired());
+            assert!(pacing.delay_in(1, window) < RECONNECT_WINDOW);
+        }
+        // Without the broker's word (a restart), the window.
+        let restart: Vec<Duration> = (0..200).map(|_| pacing.delay_in(1, window)).collect();
+        assert!(restart.iter().any(|wait| *wait >= Duration::from_secs(5)));
+        // Only the first attempt: a second one (the broker refused it) is paced as always, and
+        // a connection made forgets an expiry noted before it.
+        pacing.note(&expired());
+        pacing.note(&async_nats::Event::Connected);
+        assert!(!pacing.expired.load(Ordering::Relaxed));
+        pacing.note(&expired());
+        pacing.note(&async_nats::Event::Disconnected);
+        assert!(pacing.expired.load(Ordering::Relaxed));
+        pacing.note(&async_nats::Event::ServerError(
+            async_nats::ServerError::AuthorizationViolation,
+        ));
+        assert!(pacing.delay_in(1, window) < RECONNECT_WINDOW);
+        assert!(!pacing.expired.load(Ordering::Relaxed));
     }
 }

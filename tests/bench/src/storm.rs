@@ -258,7 +258,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
         ),
         Row::info(
             SECTION,
-            "reconnects/s the node's CPUs would authorize with nothing else on them (their count over nats-server's and kez-chat-server's CPU per reconnect): what --reconnects-per-sec may approach",
+            "reconnects/s the node would authorize alone (its CPUs over nats-server's and kez-chat-server's CPU per reconnect)",
             "conn/s",
             node_alone(&ours),
         ),

@@ -522,15 +522,17 @@ async fn connect(
     tally: Arc<Tally>,
     backoff: Backoff,
 ) -> Result<Client, String> {
-    let delay: Box<dyn Fn(usize) -> Duration + Send + Sync> = match backoff {
-        Backoff::Kez => Box::new(kez_client::reconnect::delay_callback()),
-        Backoff::AsyncNats => Box::new(async_nats_delay),
-    };
-    // The same delays, noting when each attempt begins (its wait over).
-    let noted = tally.clone();
-    kez_client::Connection::options(key)
+    // kez-client's pacing (or async-nats' delays), noting when each attempt begins (its wait
+    // over).
+    let pacing = Arc::new(kez_client::reconnect::Pacing::default());
+    let (delays, noted, noting) = (pacing.clone(), tally.clone(), pacing.clone());
+    pacing
+        .pace(kez_client::Connection::options(key))
         .reconnect_delay_callback(move |attempts| {
-            let wait = delay(attempts);
+            let wait = match backoff {
+                Backoff::Kez => delays.delay(attempts),
+                Backoff::AsyncNats => async_nats_delay(attempts),
+            };
             if let Some(at) = noted.since_stop(wait) {
                 noted.attempted[slot].store(at, Ordering::Relaxed);
             }
@@ -538,6 +540,7 @@ async fn connect(
         })
         .local_address(source_address(index))
         .event_callback(move |event| {
+            noting.note(&event);
             let tally = tally.clone();
             async move {
                 let Some(stopped_at) = tally.stopped_at.get() else {
