@@ -30,6 +30,9 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// How long a count is remembered: the window shrinks only once the brokers have held fewer
 /// connections for this long.
 pub const PEAK_SPAN: Duration = Duration::from_secs(600);
+/// The longest pause between two counts that failed: a broker whose configuration does not let
+/// the system user ask (a deployment not yet upgraded) logs each refusal.
+pub const FAILED_COUNT_PAUSE_MAX: Duration = Duration::from_secs(300);
 /// Default `--reconnects-per-sec`: what a 2-vCPU node authorizes per second in a reconnect storm
 /// with its waits staying flat, even with 16,000 clients sharing its CPUs (BENCHMARKS.md, storm:
 /// ~2,300 per second is all of its CPU, spent on nothing else).
@@ -105,25 +108,28 @@ pub fn spawn(
                 / 1000;
             peak.record(Instant::now(), held);
         }
-        let mut counted_before = true;
-        let mut ticks = tokio::time::interval(SAMPLE_EVERY);
-        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed_in_a_row = 0u32;
+        let mut pause = Duration::ZERO;
         loop {
-            ticks.tick().await;
+            tokio::time::sleep(pause).await;
+            pause = SAMPLE_EVERY;
             let counts =
                 crate::kick::every_server(&system, STATSZ_SUBJECT, b"{}".to_vec(), parse_statsz)
                     .await;
             let held = match counts {
                 Ok(counts) => counts.into_iter().max().unwrap_or(0),
                 Err(err) => {
-                    // Logged once per outage: a broker restart is when this fails, every tick.
-                    if std::mem::replace(&mut counted_before, false) {
+                    // Logged once per outage (a broker restart is one); asked again less and
+                    // less often, the window meanwhile as advertised.
+                    if failed_in_a_row == 0 {
                         tracing::warn!(error = %err, "cannot count the brokers' connections; the reconnect window stays as advertised");
                     }
+                    failed_in_a_row = failed_in_a_row.saturating_add(1);
+                    pause = failed_count_pause(failed_in_a_row);
                     continue;
                 }
             };
-            counted_before = true;
+            failed_in_a_row = 0;
             peak.record(Instant::now(), held);
             let window = kez_proto::reconnect::window_for(peak.highest(), reconnects_per_sec);
             if advertised == Some(window) {
@@ -146,9 +152,25 @@ pub fn spawn(
     })
 }
 
+/// The pause after `failed` counts in a row failed: [`SAMPLE_EVERY`] doubled for each, at most
+/// [`FAILED_COUNT_PAUSE_MAX`].
+fn failed_count_pause(failed: u32) -> Duration {
+    SAMPLE_EVERY
+        .saturating_mul(1 << failed.min(16))
+        .min(FAILED_COUNT_PAUSE_MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_counts_are_retried_less_and_less_often() {
+        assert_eq!(failed_count_pause(1), Duration::from_secs(10));
+        assert_eq!(failed_count_pause(2), Duration::from_secs(20));
+        assert_eq!(failed_count_pause(6), FAILED_COUNT_PAUSE_MAX);
+        assert_eq!(failed_count_pause(u32::MAX), FAILED_COUNT_PAUSE_MAX);
+    }
 
     /// Captured from nats-server 2.15.1: `$SYS.REQ.SERVER.PING.STATSZ` with `{}`, a broker
     /// holding three client connections (abridged: the members after `connections` are many).
