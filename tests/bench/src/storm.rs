@@ -91,6 +91,11 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     // The same, linear in the last client: its backoff wait counted as if every client's work.
     let extrapolated_linearly =
         |storm: &Storm| storm.broker_back.as_secs_f64() + GOAL_USERS as f64 / storm.rate(clients);
+    // Fewer clients than the advertised rate in one second come back over kez-client's own
+    // 1 s window, at most that many per second: 100,000 at that rate says nothing of a storm
+    // of 100,000, whose window the server makes 100,000 over the rate.
+    let window_bound =
+        clients < kez_chat_server::reconnect_window::DEFAULT_RECONNECTS_PER_SEC as usize;
     // The harness's clients share this machine's CPUs; a deployment's are elsewhere.
     let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
     let node_alone =
@@ -154,16 +159,30 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
             BASELINE,
             Goal::None,
         ),
-        Row::versus(
-            SECTION,
-            format!("time to all {GOAL_USERS} reconnected, extrapolated from {clients}"),
-            "s",
-            extrapolated(&ours),
-            extrapolated(&baseline),
-            BASELINE,
-            Goal::None,
-        )
-        .goal(Goal::AtMost(GOAL_SECS)),
+        if window_bound {
+            Row::versus(
+                SECTION,
+                format!(
+                    "time to all {GOAL_USERS} reconnected, extrapolated from {clients} (not judged: their window is kez-client's own 1 s, under one second of the advertised rate)"
+                ),
+                "s",
+                extrapolated(&ours),
+                extrapolated(&baseline),
+                BASELINE,
+                Goal::None,
+            )
+        } else {
+            Row::versus(
+                SECTION,
+                format!("time to all {GOAL_USERS} reconnected, extrapolated from {clients}"),
+                "s",
+                extrapolated(&ours),
+                extrapolated(&baseline),
+                BASELINE,
+                Goal::None,
+            )
+            .goal(Goal::AtMost(GOAL_SECS))
+        },
         Row::versus(
             SECTION,
             format!("time to all {GOAL_USERS} reconnected, linearly from the last of {clients}"),
