@@ -51,7 +51,7 @@ pub async fn run(budget: Budget) -> Result<Vec<Row>, String> {
     let mut base = [0u8; 32];
     rand_core::OsRng.fill_bytes(&mut base);
     let began = Instant::now();
-    in_parallel(clients, {
+    in_parallel(clients, CONCURRENCY, {
         let admin = admin.clone();
         move |index| {
             let (admin, key) = (admin.clone(), client_key(&base, index));
@@ -604,15 +604,20 @@ fn waited_out(took: &str) -> bool {
         .is_some_and(|seconds| seconds >= AUTHORIZATION_TIMEOUT_SECS)
 }
 
-/// Runs `task(0..count)`, [`CONCURRENCY`] at a time; the first error ends it.
-async fn in_parallel<F, T>(count: usize, task: F) -> Result<(), String>
+/// Runs `task(0..count)`, `concurrency` at a time (at least one); every task runs, and the
+/// answer is the first error among them, if any.
+pub(crate) async fn in_parallel<F, T>(
+    count: usize,
+    concurrency: usize,
+    task: F,
+) -> Result<(), String>
 where
     F: Fn(usize) -> T,
     T: std::future::Future<Output = Result<(), String>>,
 {
     use futures::StreamExt as _;
     futures::stream::iter((0..count).map(task))
-        .buffer_unordered(CONCURRENCY)
+        .buffer_unordered(concurrency.max(1))
         .collect::<Vec<_>>()
         .await
         .into_iter()

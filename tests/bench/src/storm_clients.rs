@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::{Client, Event};
-use futures::StreamExt as _;
 use kez_core::SecretKey;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout};
@@ -456,34 +455,30 @@ async fn connect_all(
     connected: &Arc<Mutex<Vec<Client>>>,
     backoff: Backoff,
 ) -> Result<(), String> {
-    let results: Vec<Result<(), String>> = futures::stream::iter(0..keys.len())
-        .map(|index| {
-            let (key, tally, connected) = (keys[index].clone(), tally.clone(), connected.clone());
-            async move {
-                // On a machine busy with other work a first connect can miss nats-server's
-                // authorization timeout too (the previous storm's clients are still being
-                // closed): asked again, as `Connection::connect_with` does. Only the storm is
-                // measured.
-                let mut attempts = 0;
-                let client = loop {
-                    match connect(url, &key, index, first + index, tally.clone(), backoff).await {
-                        Ok(client) => break client,
-                        Err(err) if attempts < FIRST_CONNECT_ATTEMPTS => {
-                            attempts += 1;
-                            eprintln!("storm: connecting st{} again: {err}", first + index);
-                            tokio::time::sleep(Duration::from_millis(250)).await;
-                        }
-                        Err(err) => return Err(format!("connecting st{}: {err}", first + index)),
+    crate::storm::in_parallel(keys.len(), concurrency, |index| {
+        let (key, tally, connected) = (keys[index].clone(), tally.clone(), connected.clone());
+        async move {
+            // On a machine busy with other work a first connect can miss nats-server's
+            // authorization timeout too (the previous storm's clients are still being
+            // closed): asked again, as `Connection::connect_with` does. Only the storm is
+            // measured.
+            let mut attempts = 0;
+            let client = loop {
+                match connect(url, &key, index, first + index, tally.clone(), backoff).await {
+                    Ok(client) => break client,
+                    Err(err) if attempts < FIRST_CONNECT_ATTEMPTS => {
+                        attempts += 1;
+                        eprintln!("storm: connecting st{} again: {err}", first + index);
+                        tokio::time::sleep(Duration::from_millis(250)).await;
                     }
-                };
-                connected.lock().expect("no holder panics").push(client);
-                Ok(())
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .collect()
-        .await;
-    results.into_iter().collect()
+                    Err(err) => return Err(format!("connecting st{}: {err}", first + index)),
+                }
+            };
+            connected.lock().expect("no holder panics").push(client);
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// `confirm`'s answer.
