@@ -188,3 +188,42 @@ async fn a_connection_whose_authorization_expired_does_not_wait_out_the_window()
         );
     }
 }
+
+/// A deployment whose broker config is the previous release's (the system user may not ask
+/// STATSZ): the server serves as before and advertises no window, and its clients keep their
+/// own (DEPLOY.md, Upgrades).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_config_of_the_previous_release_serves_without_a_window() {
+    let keys_dir = tempfile::Builder::new()
+        .prefix("kez-keys-")
+        .tempdir()
+        .unwrap();
+    let keys = kez_chat_server::nats_conf::keygen(keys_dir.path())
+        .unwrap()
+        .0;
+    let current = kez_chat_server::nats_conf::render_auth(&keys);
+    let previous = current.replace(
+        &format!(
+            "\"{}\", ",
+            kez_chat_server::reconnect_window::STATSZ_SUBJECT
+        ),
+        "",
+    );
+    assert_ne!(previous, current, "the previous release's SYS permissions");
+    let nats = kez_tests::NatsServer::start_with(&previous);
+    let server = kez_tests::kez_server::KezServer::start_with(&CalloutStack::config(
+        &nats, &keys_dir, &keys,
+    ))
+    .await;
+    let stack = CalloutStack {
+        server,
+        nats,
+        keys_dir,
+        keys,
+    };
+    // Serving: a new key registers and comes back with the chat profile.
+    let (_bob, client) = stack.registered("bob").await;
+    // Past the server's first count, which the broker refused.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert_eq!(kez_client::reconnect::learn_window(&client).await, Ok(None));
+}
